@@ -1,0 +1,3 @@
+from htcli.cli import app
+
+app(prog_name="htcli")

@@ -1,0 +1,185 @@
+"""H-attention against its dense oracle, and the properties the definition promises."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from htcli.attention import dense_h_attention, h_attention, num_levels, pair_levels
+
+CASES = [(1, 4), (5, 4), (100, 4), (100, 8), (100, 6), (1000, 16), (300, 128), (257, 128), (1000, 64)]
+
+
+def _qkv(n, *, b=2, h=2, d=8, dtype=torch.float64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, h, n, d, generator=gen, dtype=dtype) for _ in range(3)]
+
+
+def _mask(b, n, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    mask = torch.rand(b, n, generator=gen) > 0.3
+    mask[:, 0] = True
+    return mask
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("n,block", CASES)
+def test_equals_dense_oracle(n, block, causal, masked):
+    """Fast path equals the dense oracle: 1e-10 in fp64, 1e-5 in fp32."""
+    for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-5)):
+        q, k, v = _qkv(n, dtype=dtype)
+        mask = _mask(2, n) if masked else None
+        fast = h_attention(q, k, v, block_size=block, causal=causal, key_padding_mask=mask)
+        dense = dense_h_attention(q, k, v, block_size=block, causal=causal, key_padding_mask=mask)
+        assert fast.shape == q.shape
+        assert (fast - dense).abs().max().item() < tol
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_long_sequence_equals_oracle(causal):
+    """n = 3000 with block 32 crosses many levels and a ragged last block."""
+    q, k, v = _qkv(3000, b=1, h=1, d=4)
+    mask = _mask(1, 3000)
+    fast = h_attention(q, k, v, block_size=32, causal=causal, key_padding_mask=mask)
+    dense = dense_h_attention(q, k, v, block_size=32, causal=causal, key_padding_mask=mask)
+    assert (fast - dense).abs().max().item() < 1e-10
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_gradients_equal_oracle(causal):
+    """Gradients w.r.t. q, k, v match the oracle's in fp64."""
+    q, k, v = (t.requires_grad_() for t in _qkv(300, d=4))
+    mask = _mask(2, 300)
+    grad_out = torch.randn(q.shape, dtype=q.dtype)
+    grads = []
+    for fn in (h_attention, dense_h_attention):
+        out = fn(q, k, v, block_size=16, causal=causal, key_padding_mask=mask)
+        grads.append(torch.autograd.grad(out, (q, k, v), grad_out))
+    for fast, dense in zip(*grads):
+        assert (fast - dense).abs().max().item() < 1e-10
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_every_pair_scored_once(causal):
+    """Each pair (each j <= i when causal) has exactly one level; no future pair is scored."""
+    block, levels = 4, 4
+    length = block * 2**levels
+    level = pair_levels(length, block, levels, causal)
+    i = torch.arange(length)[:, None]
+    j = torch.arange(length)[None, :]
+    allowed = j <= i if causal else torch.ones(length, length, dtype=torch.bool)
+    assert torch.equal(level >= 0, allowed)
+    assert level.max().item() == levels - 1
+
+
+def test_num_levels():
+    """M = max(1, ceil(log2(ceil(n / Nr))))."""
+    assert [num_levels(n, 4) for n in (1, 4, 8, 9, 16, 17, 33)] == [1, 1, 1, 2, 2, 3, 4]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_constant_values(causal):
+    """Softmax weights sum to one: constant v comes back unchanged."""
+    q, k, _ = _qkv(777, dtype=torch.float32)
+    v = torch.full_like(q, 3.25)
+    out = h_attention(q, k, v, block_size=8, causal=causal, key_padding_mask=_mask(2, 777))
+    assert torch.allclose(out, v, atol=1e-5)
+
+
+def test_short_sequence_is_exact_attention():
+    """With n <= 2 * block_size nothing is coarsened: full softmax attention (non-causal)."""
+    for n in (7, 32, 64):
+        q, k, v = _qkv(n)
+        out = h_attention(q, k, v, block_size=32, causal=False)
+        exact = torch.softmax(q @ k.transpose(-1, -2) / 8**0.5, dim=-1) @ v
+        assert (out - exact).abs().max().item() < 1e-12
+
+
+def test_causal_gradients():
+    """out[i] has zero gradient from every input after i, non-zero from every input up to i."""
+    n = 150
+    q, k, v = (t.requires_grad_() for t in _qkv(n, b=1, h=1, d=4))
+    out = h_attention(q, k, v, block_size=4, causal=True)
+    for i in (0, 3, 4, 37, 64, 100, 149):
+        gq, gk, gv = torch.autograd.grad(out[0, 0, i].sum(), (q, k, v), retain_graph=True)
+        for g in (gq, gk, gv):
+            per_position = g[0, 0].abs().sum(-1)
+            assert (per_position[i + 1 :] == 0).all(), f"position {i} sees the future"
+        seen = (gk[0, 0].abs().sum(-1) + gv[0, 0].abs().sum(-1))[: i + 1]
+        assert (seen > 0).all(), f"position {i} misses earlier tokens"
+
+
+def test_non_causal_full_receptive_field():
+    """Every output depends on every real input, and on no padded one."""
+    n = 200
+    q, k, v = (t.requires_grad_() for t in _qkv(n, b=1, h=1, d=4))
+    mask = _mask(1, n)
+    out = h_attention(q, k, v, block_size=8, causal=False, key_padding_mask=mask)
+    for i in (0, 50, 199):
+        _, gk, gv = torch.autograd.grad(out[0, 0, i].sum(), (q, k, v), retain_graph=True)
+        seen = (gk[0, 0].abs().sum(-1) + gv[0, 0].abs().sum(-1)) > 0
+        assert torch.equal(seen, mask[0])
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_large_scores_stay_finite(causal):
+    """Scores of magnitude 1e4 in fp32 give finite results that match the fp64 oracle."""
+    q, k, v = _qkv(300, d=4, dtype=torch.float32)
+    q = q * 100
+    k = k * 100  # q.k / sqrt(d) ~ 1e4
+    out = h_attention(q, k, v, block_size=16, causal=causal)
+    assert torch.isfinite(out).all()
+    dense = dense_h_attention(q.double(), k.double(), v.double(), block_size=16, causal=causal)
+    assert (out.double() - dense).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_bf16_autocast(causal):
+    """Under bf16 autocast the result stays within bf16 tolerance of fp32."""
+    q, k, v = _qkv(500, d=16, dtype=torch.float32)
+    reference = h_attention(q, k, v, block_size=16, causal=causal)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = h_attention(q, k, v, block_size=16, causal=causal)
+    assert torch.isfinite(out).all()
+    assert (out.float() - reference).abs().max().item() < 0.05
+
+
+def test_bad_inputs():
+    """Mismatched shapes, odd block size and wrong masks give clear errors."""
+    q, k, v = _qkv(10)
+    with pytest.raises(ValueError, match="same shape"):
+        h_attention(q, k[:, :, :5], v, block_size=4)
+    with pytest.raises(ValueError, match="even"):
+        h_attention(q, k, v, block_size=5)
+    with pytest.raises(ValueError, match="key_padding_mask"):
+        h_attention(q, k, v, block_size=4, key_padding_mask=torch.ones(2, 9, dtype=torch.bool))
+
+
+def test_length_just_above_power_of_two_costs_no_double():
+    """Blocks of padding are not computed: n = 2^k + 1 block costs about as much as n = 2^k."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def flops(n):
+        q, k, v = _qkv(n, b=1, h=1, d=16, dtype=torch.float32)
+        with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
+            h_attention(q, k, v, block_size=32, causal=False)
+        return sum(e.flops for e in prof.key_averages())
+
+    assert flops(4096 + 32) < 1.2 * flops(4096)
+
+
+def test_long_sequence_memory():
+    """n = 65536 (fp32, one head, d 64) runs forward and backward within a few GB (own process)."""
+    script = (
+        "import resource, torch\n"
+        "from htcli.attention import h_attention\n"
+        "q, k, v = (torch.randn(1, 1, 65536, 64, requires_grad=True) for _ in range(3))\n"
+        "h_attention(q, k, v, block_size=128, causal=True).sum().backward()\n"
+        "assert torch.isfinite(q.grad).all()\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    peak_gb = int(result.stdout.split()[-1]) / 2**20
+    assert peak_gb < 3, f"peak RSS {peak_gb:.2f} GB"
