@@ -1,0 +1,107 @@
+"""The dense O(n^2) oracle of H-attention, written for clarity: tests compare the fast path to it.
+
+It builds the (L, L) score matrix of the definition level by level (each pair scored at exactly
+one level, `pair_levels`), masks padding, and takes one row softmax.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+NEG_INF = float("-inf")
+
+
+def num_levels(n: int, block_size: int) -> int:
+    """M = max(1, ceil(log2(ceil(n / block_size)))): levels 0 .. M-1."""
+    blocks = -(-n // block_size)
+    return max(1, (blocks - 1).bit_length())
+
+
+def check_inputs(q, k, v, block_size, key_padding_mask) -> None:
+    """Raise ValueError with a clear message for inputs h_attention cannot take."""
+    if q.ndim != 4 or q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(
+            "q, k, v must have the same shape (batch, heads, n, dim_head), got "
+            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if q.shape[2] < 1:
+        raise ValueError("sequence length must be at least 1")
+    if block_size < 2 or block_size % 2:
+        raise ValueError(f"block_size must be an even number >= 2, got {block_size}")
+    if key_padding_mask is not None:
+        b, _, n, _ = q.shape
+        if key_padding_mask.shape != (b, n) or key_padding_mask.dtype != torch.bool:
+            raise ValueError(
+                f"key_padding_mask must be a bool tensor of shape (batch, n) = ({b}, {n}), "
+                f"got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)}"
+            )
+
+
+def pair_levels(n_padded: int, block_size: int, levels: int, causal: bool) -> torch.Tensor:
+    """(L, L) int: the level at which query i scores key j, -1 where it never does."""
+    i = torch.arange(n_padded)[:, None]
+    j = torch.arange(n_padded)[None, :]
+    b_i, b_j = i // block_size, j // block_size
+    if causal:
+        level0 = ((b_i == b_j) & (j <= i)) | (b_j == b_i - 1)
+    else:
+        level0 = (b_i - b_j).abs() <= 1
+    level = torch.where(level0, 0, -1)
+    for lv in range(1, levels):
+        b_i, b_j = i // (block_size << lv), j // (block_size << lv)
+        hit = (b_j == b_i - 1) if causal else (b_i - b_j).abs() == 1
+        level = torch.where((level == -1) & hit, lv, level)
+    return level
+
+
+def _cluster_mean(t: torch.Tensor, weight: torch.Tensor, size: int) -> torch.Tensor:
+    """Mean of t over the real positions of each cluster of `size` positions (0 if none)."""
+    sums = rearrange(t * weight, "b h (c s) d -> b h c s d", s=size).sum(3)
+    count = rearrange(weight, "b h (c s) d -> b h c s d", s=size).sum(3)
+    return sums / count.clamp_min(1)
+
+
+def dense_h_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    block_size: int,
+    causal: bool = False,
+    key_padding_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The O(n^2) definition: an (L, L) score matrix filled level by level, one row softmax."""
+    check_inputs(q, k, v, block_size, key_padding_mask)
+    b, h, n, d = q.shape
+    levels = num_levels(n, block_size)
+    length = block_size * 2**levels
+    pad = length - n
+    real = torch.ones(b, n, dtype=torch.bool, device=q.device)
+    if key_padding_mask is not None:
+        real = key_padding_mask.to(q.device)
+    real = F.pad(real, (0, pad), value=False)
+    q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+    weight = real[:, None, :, None].to(q.dtype)  # b 1 L 1
+
+    level_of_pair = pair_levels(length, block_size, levels, causal).to(q.device)
+    scores = torch.full((b, h, length, length), NEG_INF, dtype=q.dtype, device=q.device)
+    position = torch.arange(length, device=q.device)
+    for lv in range(levels):
+        size = 2**lv
+
+        if lv == 0:  # level 0 is the sequence itself, padded queries included
+            coarse_q, coarse_k = q, k
+        else:
+            coarse_q = q[:, :, ::size] if causal else _cluster_mean(q, weight, size)
+            coarse_k = _cluster_mean(k, weight, size)
+        # every fine position carries its cluster's coarse query and key
+        fine_q = coarse_q[:, :, position >> lv]
+        fine_k = coarse_k[:, :, position >> lv]
+        level_scores = fine_q @ fine_k.transpose(-1, -2) * d**-0.5
+        scores = torch.where(level_of_pair == lv, level_scores, scores)
+    scores = scores.masked_fill(~real[:, None, None, :], NEG_INF)
+    seen = torch.isfinite(scores).any(-1, keepdim=True)
+    probs = torch.softmax(scores.masked_fill(~seen, 0.0), dim=-1) * seen
+    return (probs @ v)[:, :, :n]
