@@ -4,5 +4,5 @@ import warnings
 
 __version__ = "0.1.0"
 
-# torch warns at import when NumPy is absent; htcli never needs NumPy
+# torch warns at import when NumPy is absent; only saving checkpoints (safetensors) needs it
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy")

@@ -1,0 +1,51 @@
+"""All-or-nothing file writes: a temp file in the same folder, fsynced, then renamed over the target."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO
+
+
+def fsync_dir(path: Path) -> None:
+    """Make renames inside a folder durable (no-op where folders cannot be opened, e.g. Windows)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def temp_path(path: Path) -> Path:
+    """A hidden sibling of path that this process alone writes."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
+    """Open path for writing; readers see the old file until the block ends without an error."""
+    path = Path(path)
+    tmp = temp_path(path)
+    try:
+        with open(tmp, mode) as file:
+            yield file
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def write_json(path: str | os.PathLike, data: object) -> None:
+    """Atomically write data as indented JSON."""
+    with atomic_file(path, "w") as file:
+        json.dump(data, file, indent=2)
+        file.write("\n")

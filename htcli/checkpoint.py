@@ -1,0 +1,197 @@
+"""Checkpoints: safetensors files in a run directory, written so that a crash never loses the last one.
+
+    OUT/model.safetensors      weights; metadata: htcli_config (model config JSON), htcli_version,
+                               step, tokenizer ("bytes"), val_bpb
+    OUT/optimizer.safetensors  optimizer state; metadata: step, param_groups (JSON)
+    OUT/state.json             step, RNG states, data sampler state, gradient scaler state
+
+A save writes all three as hidden `.pending` files first (state.json's last, so its presence means the
+others are complete), then renames them over the old ones. A crash before that leaves the previous
+checkpoint; a crash during the renames is finished by the next load (`commit_pending`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from htcli import __version__
+from htcli.atomic import fsync_dir, write_json
+from htcli.errors import HtcliError
+from htcli.model import HTransformer1D, HTransformerConfig
+
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"
+STATE_FILE = "state.json"
+CHECKPOINT_FILES = (MODEL_FILE, OPTIMIZER_FILE, STATE_FILE)  # STATE_FILE last: it commits a save
+TOKENIZER = "bytes"
+
+
+@dataclass
+class CheckpointInfo:
+    path: Path  # the model.safetensors file
+    config: HTransformerConfig
+    step: int
+    val_bpb: float | None
+    version: str
+
+
+def _pending(out: Path, name: str) -> Path:
+    return out / f".{name}.pending"
+
+
+def has_checkpoint(out: Path) -> bool:
+    return any((out / name).exists() or _pending(out, name).exists() for name in CHECKPOINT_FILES)
+
+
+def commit_pending(out: Path) -> None:
+    """Finish a save that was interrupted while renaming; drop one interrupted while writing."""
+    if not _pending(out, STATE_FILE).exists():
+        for name in CHECKPOINT_FILES:
+            _pending(out, name).unlink(missing_ok=True)
+        return
+    for name in CHECKPOINT_FILES:
+        if _pending(out, name).exists():
+            os.replace(_pending(out, name), out / name)
+    fsync_dir(out)
+
+
+def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=metadata)
+    os.chmod(path, 0o644)  # safetensors creates files readable by their owner only
+    with open(path, "rb") as file:
+        os.fsync(file.fileno())
+
+
+def save_checkpoint(
+    out: Path,
+    model: HTransformer1D,
+    optimizer: torch.optim.Optimizer,
+    state: dict,
+    *,
+    step: int,
+    val_bpb: float | None,
+) -> None:
+    """Atomically replace the run's checkpoint by this one (see the module docstring)."""
+    out = Path(out)
+    commit_pending(out)
+    model_metadata = {
+        "htcli_config": json.dumps(model.config.to_dict()),
+        "htcli_version": __version__,
+        "step": str(step),
+        "tokenizer": TOKENIZER,
+        "val_bpb": json.dumps(val_bpb),
+    }
+    _save_safetensors(model.state_dict(), _pending(out, MODEL_FILE), model_metadata)
+    tensors, groups = _flatten_optimizer(optimizer.state_dict())
+    _save_safetensors(tensors, _pending(out, OPTIMIZER_FILE), {"step": str(step), "param_groups": groups})
+    write_json(
+        _pending(out, STATE_FILE), {**state, "step": step, "val_bpb": val_bpb, "htcli_version": __version__}
+    )
+    commit_pending(out)
+
+
+def _flatten_optimizer(state_dict: dict) -> tuple[dict[str, torch.Tensor], str]:
+    """Optimizer state as flat tensors `state.<param index>.<name>`, param groups as JSON."""
+    tensors = {}
+    for index, param_state in state_dict["state"].items():
+        for name, value in param_state.items():
+            tensors[f"state.{index}.{name}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    return tensors, json.dumps(state_dict["param_groups"])
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], groups: str) -> dict:
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        _, index, name = key.split(".", 2)
+        state.setdefault(int(index), {})[name] = value
+    return {"state": state, "param_groups": json.loads(groups)}
+
+
+def model_file(path: str | os.PathLike) -> Path:
+    """The weights file of a checkpoint given as a run directory or a .safetensors file."""
+    path = Path(path)
+    return path / MODEL_FILE if path.is_dir() else path
+
+
+def _read_metadata(file: Path, shown: str | os.PathLike) -> dict[str, str]:
+    if not file.exists():
+        raise HtcliError(f"no checkpoint at {shown}: train one with `htcli train`")
+    try:
+        with safe_open(str(file), framework="pt") as opened:
+            return opened.metadata() or {}
+    except PermissionError as error:
+        raise HtcliError(f"cannot read {file}: {error.strerror}") from None
+    except (SafetensorError, OSError, ValueError):
+        raise HtcliError(f"{file} is not a readable safetensors file (truncated or corrupt?)") from None
+
+
+def read_checkpoint_info(path: str | os.PathLike) -> CheckpointInfo:
+    """Check that path holds an htcli checkpoint and read its metadata (no weights)."""
+    file = model_file(path)
+    metadata = _read_metadata(file, path)
+    if "htcli_config" not in metadata or metadata.get("tokenizer") != TOKENIZER:
+        raise HtcliError(
+            f"{file} is not an htcli checkpoint (no htcli metadata): give one written by `htcli train`"
+        )
+    try:
+        config = HTransformerConfig.from_dict(json.loads(metadata["htcli_config"]))
+        step, val_bpb = int(metadata.get("step", 0)), json.loads(metadata.get("val_bpb", "null"))
+    except (ValueError, TypeError) as error:
+        raise HtcliError(f"{file} is not an htcli checkpoint (bad metadata: {error})") from None
+    return CheckpointInfo(file, config, step, val_bpb, metadata.get("htcli_version", "?"))
+
+
+def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError, ValueError):
+        raise HtcliError(f"{file} is not a readable safetensors file (truncated or corrupt?)") from None
+
+
+def load_model(
+    path: str | os.PathLike, device: torch.device | str = "cpu"
+) -> tuple[HTransformer1D, CheckpointInfo]:
+    """The model stored at path (a run directory or a .safetensors file), in eval mode on device."""
+    info = read_checkpoint_info(path)
+    model = HTransformer1D(info.config)
+    load_weights(model, _load_tensors(info.path), info.path)
+    return model.to(device).eval(), info
+
+
+def load_weights(model: HTransformer1D, tensors: dict[str, torch.Tensor], file: Path) -> None:
+    try:
+        model.load_state_dict(tensors)
+    except RuntimeError:
+        raise HtcliError(
+            f"{file} is not an htcli checkpoint: its weights do not match its model config"
+        ) from None
+
+
+def load_training_state(out: Path) -> tuple[CheckpointInfo, dict[str, torch.Tensor], dict, dict]:
+    """Everything a resumed run needs: (info, model tensors, optimizer state dict, state.json)."""
+    out = Path(out)
+    commit_pending(out)
+    info = read_checkpoint_info(out)
+    optimizer_file, state_file = out / OPTIMIZER_FILE, out / STATE_FILE
+    groups = _read_metadata(optimizer_file, optimizer_file).get("param_groups")
+    try:
+        state = json.loads(state_file.read_text())
+    except FileNotFoundError:
+        raise HtcliError(f"no training state at {state_file}: the run cannot be resumed") from None
+    except (OSError, ValueError):
+        raise HtcliError(f"{state_file} is not readable JSON (truncated or corrupt?)") from None
+    if groups is None:
+        raise HtcliError(f"{optimizer_file} is not an htcli optimizer state")
+    optimizer = _unflatten_optimizer(_load_tensors(optimizer_file), groups)
+    if state.get("step") != info.step:
+        raise HtcliError(
+            f"{out} holds files of different steps ({info.step} and {state.get('step')}): cannot resume"
+        )
+    return info, _load_tensors(info.path), optimizer, state

@@ -1,0 +1,103 @@
+"""A training run's configuration: one dataclass, validated when created, saved as OUT/config.json.
+
+Importing this module does not import torch, so the CLI can show these defaults in `--help` instantly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import TYPE_CHECKING
+
+from htcli.errors import HtcliError
+from htcli.presets import DEFAULT_PRESET, model_config
+
+if TYPE_CHECKING:
+    from htcli.model import HTransformerConfig
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+DTYPES = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclass
+class TrainConfig:
+    corpus: list[str]  # files, directories, glob patterns, .gz files: read as one byte string
+    out: str = "runs/htcli"  # run directory: checkpoint, log.jsonl, config.json
+    model: HTransformerConfig = field(default_factory=lambda: model_config(DEFAULT_PRESET))
+    val: list[str] = field(default_factory=list)  # held-out corpus; empty: the end of `corpus`
+    val_fraction: float = 0.01  # without `val`: this last fraction of the bytes (at least one window)
+    steps: int = 1000  # optimizer steps in the whole run (resumed runs included)
+    batch_size: int = 8  # windows of max_seq_len + 1 bytes per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 6e-4  # peak learning rate, reached after `warmup` steps
+    warmup: int = 100  # linear warmup steps
+    min_lr: float | None = None  # cosine decay ends here at the last step; None: lr / 10
+    weight_decay: float = 0.1  # AdamW decoupled weight decay (matrices only, not norms or biases)
+    clip: float = 1.0  # clip the gradient norm to this; 0: no clipping
+    eval_every: int = 100  # steps between validation evaluations (and at the last step); 0: last only
+    eval_batches: int = 8  # validation batches per evaluation
+    save_every: int = 500  # steps between checkpoints (and at the last step); 0: last only
+    sample_every: int = 500  # steps between generated samples; 0: never
+    sample_length: int = 200  # bytes generated per periodic sample
+    device: str = "auto"  # auto | cpu | cuda | mps
+    dtype: str = "auto"  # auto | fp32 | bf16 | fp16 (autocast; auto: bf16 on CUDA, else fp32)
+    compile: bool = False  # torch.compile the model
+    seed: int = 0  # model initialisation and data order
+
+    def __post_init__(self) -> None:
+        if isinstance(self.model, dict):
+            from htcli.model import HTransformerConfig
+
+            self.model = HTransformerConfig.from_dict(self.model)
+        if self.min_lr is None:
+            self.min_lr = self.lr / 10
+        if not self.corpus:
+            raise HtcliError("no corpus given: name at least one file, directory or glob pattern")
+        positive = ("steps", "batch_size", "grad_accum", "eval_batches")
+        non_negative = ("warmup", "eval_every", "save_every", "sample_every", "sample_length")
+        for name in positive + non_negative:
+            value = getattr(self, name)
+            low = 1 if name in positive else 0
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                kind = "a positive integer" if low else "an integer >= 0"
+                raise HtcliError(f"--{_flag(name)} must be {kind}, got {value!r}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise HtcliError(f"--lr must be a positive number, got {self.lr}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise HtcliError(f"--min-lr must be between 0 and --lr ({self.lr}), got {self.min_lr}")
+        if self.weight_decay < 0 or self.clip < 0:
+            raise HtcliError("--weight-decay and --clip must be >= 0")
+        if not 0 < self.val_fraction < 1:
+            raise HtcliError(f"--val-fraction must be between 0 and 1, got {self.val_fraction}")
+        check_choice("--device", self.device, DEVICES)
+        check_choice("--dtype", self.dtype, DTYPES)
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.grad_accum * self.model.max_seq_len
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "model": self.model.to_dict()}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise HtcliError(f"unknown training config keys: {', '.join(unknown)}")
+        return cls(**data)
+
+
+def check_choice(flag: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise HtcliError(f"unknown {flag} {value!r}: use one of {', '.join(choices)}")
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def train_default(name: str) -> object:
+    """The default of one TrainConfig field (for help texts)."""
+    spec = TrainConfig.__dataclass_fields__[name]
+    return spec.default_factory() if callable(spec.default_factory) else spec.default

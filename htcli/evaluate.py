@@ -1,0 +1,125 @@
+"""Bits per byte of a model on a corpus.
+
+`evaluate` scores every byte but the first exactly once. Its windows hold L = max_seq_len input bytes
+(fewer if the corpus is shorter). The first window scores all its L predictions, so byte i <= L is
+predicted from bytes 0..i-1; each later window moves `stride` bytes on and scores only its last
+`stride` predictions, each seeing at least L - stride earlier bytes; the last window ends at the last
+byte and scores what is left. The first byte is not scored: a byte model has no beginning-of-text token
+to predict it from. `validation_bpb` is the cheaper estimate used during training.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from htcli.data import ByteSpan, evenly_spaced
+from htcli.device import autocast
+from htcli.errors import HtcliError
+from htcli.model import HTransformer1D
+
+
+@dataclass
+class EvalResult:
+    bits_per_byte: float
+    nats_per_byte: float
+    bytes_scored: int  # the corpus's length minus its first byte
+    context: int  # input bytes per window
+    stride: int  # bytes scored per window after the first
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def plan_windows(num_bytes: int, context: int, stride: int) -> Iterator[tuple[int, int]]:
+    """(end, scored) per window: it predicts bytes end - length + 1 .. end and scores the last `scored`."""
+    length = min(context, num_bytes - 1)
+    scored_up_to, end = 0, length
+    while scored_up_to < num_bytes - 1:
+        yield end, end - scored_up_to
+        scored_up_to, end = end, min(end + stride, num_bytes - 1)
+
+
+def window_nats(
+    model: HTransformer1D, windows: torch.Tensor, scored: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """Summed negative log-likelihood (float64) of the last `scored` predictions of each window (b, n+1)."""
+    with autocast(windows.device, dtype):
+        logits = model(windows[:, :-1])
+    nll = byte_nll(logits, windows[:, 1:], reduction="none")  # (b, n)
+    n = nll.shape[1]
+    kept = torch.arange(n, device=nll.device) >= (n - scored.to(nll.device))[:, None]
+    return (nll.double() * kept).sum(1)
+
+
+def byte_nll(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy in nats of logits (b, n, vocab) against targets (b, n), computed in fp32."""
+    return F.cross_entropy(logits.float().transpose(1, 2), targets, reduction=reduction)
+
+
+@torch.no_grad()
+def evaluate(
+    model: HTransformer1D,
+    corpus: ByteSpan,
+    *,
+    stride: int | None = None,
+    batch_size: int = 8,
+    dtype: torch.dtype = torch.float32,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> EvalResult:
+    """Bits and nats per byte over every byte of corpus after the first (see the module docstring).
+
+    stride defaults to half the context; on_progress(bytes scored so far, bytes to score) follows along.
+    """
+    context = model.config.max_seq_len
+    stride = context // 2 if stride is None else stride
+    if not 1 <= stride <= context:
+        raise HtcliError(f"--stride must be between 1 and the model's context ({context}), got {stride}")
+    if len(corpus) < 2:
+        raise HtcliError(f"the corpus is {len(corpus)} bytes: it must be at least 2 bytes long to be scored")
+    if batch_size < 1:
+        raise HtcliError(f"--batch-size must be a positive integer, got {batch_size}")
+    device = next(model.parameters()).device
+    length = min(context, len(corpus) - 1)
+    to_score, scored_so_far, nats = len(corpus) - 1, 0, 0.0
+    started = time.perf_counter()
+    plan = plan_windows(len(corpus), context, stride)
+    while batch := list(itertools.islice(plan, batch_size)):
+        windows = corpus.windows([end - length for end, _ in batch], length + 1).to(device)
+        scored = torch.tensor([count for _, count in batch])
+        nats += window_nats(model, windows, scored, dtype).sum().item()
+        scored_so_far += int(scored.sum())
+        if on_progress is not None:
+            on_progress(scored_so_far, to_score)
+    nats_per_byte = nats / to_score
+    return EvalResult(
+        bits_per_byte=nats_per_byte / math.log(2),
+        nats_per_byte=nats_per_byte,
+        bytes_scored=to_score,
+        context=length,
+        stride=stride,
+        seconds=time.perf_counter() - started,
+    )
+
+
+@torch.no_grad()
+def validation_bpb(
+    model: HTransformer1D, corpus: ByteSpan, *, windows: int, batch_size: int, dtype: torch.dtype
+) -> tuple[float, float]:
+    """(nats, bits) per byte of up to `windows` full windows spread over corpus: the check in training."""
+    length = model.config.max_seq_len + 1
+    starts = evenly_spaced(len(corpus), length, windows)
+    device = next(model.parameters()).device
+    nats = 0.0
+    for first in range(0, len(starts), batch_size):
+        batch = corpus.windows(starts[first : first + batch_size], length).to(device)
+        nats += window_nats(model, batch, torch.full((len(batch),), length - 1), dtype).sum().item()
+    nats_per_byte = nats / (len(starts) * (length - 1))
+    return nats_per_byte, nats_per_byte / math.log(2)

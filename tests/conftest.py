@@ -1,0 +1,74 @@
+"""Shared helpers: a tiny model and training setup, a small corpus, and a CLI runner."""
+
+import random
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from htcli.cli import app
+from htcli.config import TrainConfig
+from htcli.presets import model_config
+
+# tiny tensors gain nothing from a second thread, and on a busy 2-core machine the threads' spin-waits
+# make each op 50x slower
+torch.set_num_threads(1)
+
+TINY_MODEL = dict(dim=32, depth=1, heads=2, dim_head=16, block_size=8, max_seq_len=64)
+TINY_FLAGS = ["--dim", "32", "--depth", "1", "--heads", "2", "--dim-head", "16", "--block-size", "8"]
+TINY_FLAGS += ["--seq-len", "64", "--batch-size", "2", "--eval-batches", "1", "--warmup", "0"]
+TINY_FLAGS += ["--sample-every", "0", "--device", "cpu", "--preset", "tiny"]
+WORDS = (
+    "the of and to a in that is was he for it with as his on be at by had not are but from or have".split()
+)
+
+
+def make_text(size: int, seed: int = 0) -> bytes:
+    """Deterministic pseudo-English of exactly `size` bytes."""
+    rng = random.Random(seed)
+    words, length = [], 0
+    while length < size:
+        word = rng.choice(WORDS) + ("\n" if rng.random() < 0.1 else " ")
+        words.append(word)
+        length += len(word)
+    return "".join(words).encode()[:size]
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    """A 20 kB text file."""
+    path = tmp_path / "corpus.txt"
+    path.write_bytes(make_text(20_000))
+    return path
+
+
+def tiny_config(corpus, out, **overrides) -> TrainConfig:
+    """A training config that runs in well under a second per few steps on a CPU."""
+    base = dict(
+        corpus=[str(corpus)],
+        out=str(out),
+        model=model_config("tiny", **TINY_MODEL),
+        steps=6,
+        batch_size=2,
+        warmup=2,
+        eval_every=3,
+        eval_batches=1,
+        save_every=3,
+        sample_every=0,
+        device="cpu",
+    )
+    return TrainConfig(**{**base, **overrides})
+
+
+def invoke(*args):
+    """Run the CLI in-process; stdout and stderr stay apart."""
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def assert_user_error(result, message: str) -> None:
+    """A handled error: non-zero exit, one line on stderr holding message, no traceback."""
+    assert result.exit_code != 0, result.output
+    assert isinstance(result.exception, SystemExit), result.exception
+    assert message in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "Traceback" not in result.output

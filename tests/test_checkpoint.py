@@ -1,0 +1,129 @@
+"""Checkpoints: round trips, validation of foreign or damaged files, saves that survive a crash."""
+
+import json
+
+import pytest
+import torch
+from conftest import TINY_MODEL
+from safetensors.torch import save_file
+
+from htcli import __version__, checkpoint
+from htcli.atomic import atomic_file
+from htcli.checkpoint import load_model, load_training_state, read_checkpoint_info, save_checkpoint
+from htcli.errors import HtcliError
+from htcli.model import HTransformer1D, HTransformerConfig
+
+
+def make_run(out, step: int = 5, seed: int = 0):
+    """A model and optimizer with some state, saved in out."""
+    torch.manual_seed(seed)
+    model = HTransformer1D(HTransformerConfig(**TINY_MODEL))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randint(0, 256, (1, 16))).sum().backward()
+    optimizer.step()
+    save_checkpoint(out, model, optimizer, {"sampler": {"x": step}}, step=step, val_bpb=3.5)
+    return model, optimizer
+
+
+def test_round_trip(tmp_path):
+    """Weights, metadata, optimizer state and state.json come back as saved."""
+    model, optimizer = make_run(tmp_path)
+    loaded, info = load_model(tmp_path)
+    for (name, saved), restored in zip(model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(saved, restored), name
+    assert (info.step, info.val_bpb, info.version, info.config) == (5, 3.5, __version__, model.config)
+    _, _, optimizer_state, state = load_training_state(tmp_path)
+    fresh = torch.optim.AdamW(loaded.parameters(), lr=1e-3)
+    fresh.load_state_dict(optimizer_state)
+    saved, restored = optimizer.state_dict()["state"], fresh.state_dict()["state"]
+    assert saved.keys() == restored.keys() and len(saved) > 0
+    for index in saved:
+        assert all(
+            torch.equal(saved[index][k], restored[index][k]) for k in ("step", "exp_avg", "exp_avg_sq")
+        )
+    assert state["sampler"] == {"x": 5} and state["step"] == 5
+
+
+def test_metadata_describes_the_model(tmp_path):
+    """model.safetensors alone says what it is: config JSON, version, step, tokenizer, val bpb."""
+    make_run(tmp_path)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as opened:
+        metadata = opened.metadata()
+    assert json.loads(metadata["htcli_config"]) == HTransformerConfig(**TINY_MODEL).to_dict()
+    assert (metadata["tokenizer"], metadata["step"], metadata["val_bpb"]) == ("bytes", "5", "3.5")
+    assert metadata["htcli_version"] == __version__
+
+
+def test_missing_checkpoint(tmp_path):
+    """A path without a checkpoint says how to make one."""
+    with pytest.raises(HtcliError, match="no checkpoint at .*: train one with `htcli train`"):
+        read_checkpoint_info(tmp_path / "nothing")
+    with pytest.raises(HtcliError, match="no checkpoint at"):
+        read_checkpoint_info(tmp_path)
+
+
+def test_truncated_and_foreign_files(tmp_path):
+    """Truncated or non-safetensors files and safetensors without htcli metadata are refused by name."""
+    make_run(tmp_path)
+    whole = (tmp_path / "model.safetensors").read_bytes()
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(HtcliError, match="not a readable safetensors file"):
+        read_checkpoint_info(truncated)
+    text = tmp_path / "notes.safetensors"
+    text.write_text("just some notes, not tensors")
+    with pytest.raises(HtcliError, match="not a readable safetensors file"):
+        read_checkpoint_info(text)
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"weight": torch.zeros(2, 2)}, str(foreign), metadata={"format": "pt"})
+    with pytest.raises(HtcliError, match="is not an htcli checkpoint"):
+        read_checkpoint_info(foreign)
+
+
+def test_crash_while_writing_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    """A save killed before its state file is written leaves the previous checkpoint whole."""
+    make_run(tmp_path, step=5)
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint, "write_json", crash)
+    with pytest.raises(KeyboardInterrupt):
+        make_run(tmp_path, step=6, seed=1)
+    monkeypatch.undo()
+    info, _, _, state = load_training_state(tmp_path)
+    assert info.step == state["step"] == 5
+    assert not list(tmp_path.glob(".*pending"))
+
+
+def test_crash_while_renaming_is_finished_on_load(tmp_path, monkeypatch):
+    """A save killed between its renames is completed by the next load: every file of the new step."""
+    make_run(tmp_path, step=5)
+    real_replace = checkpoint.os.replace
+
+    def crash_before_optimizer(src, dst):
+        if str(dst).endswith("optimizer.safetensors"):
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr(checkpoint.os, "replace", crash_before_optimizer)
+    with pytest.raises(KeyboardInterrupt):
+        model, _ = make_run(tmp_path, step=6, seed=1)
+    monkeypatch.undo()
+    assert read_checkpoint_info(tmp_path).step == 6  # the model file was already renamed: loadable
+    info, weights, _, state = load_training_state(tmp_path)
+    assert info.step == state["step"] == 6
+    assert not list(tmp_path.glob(".*pending"))
+
+
+def test_atomic_file_keeps_old_content_on_error(tmp_path):
+    """An error while writing leaves the old file as it was and no temp file."""
+    path = tmp_path / "f.txt"
+    path.write_text("old")
+    with pytest.raises(RuntimeError), atomic_file(path, "w") as file:
+        file.write("new, half written")
+        raise RuntimeError
+    assert path.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]

@@ -1,0 +1,142 @@
+"""Corpora: resolution of paths, memory-mapped concatenation, .gz cache, train/val split, sampler state."""
+
+import gzip
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from htcli import data
+from htcli.data import ByteCorpus, WindowSampler, resolve_corpus, split
+from htcli.errors import HtcliError
+
+
+def write(path: Path, content: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content)
+    return path
+
+
+def test_resolve_files_directories_and_globs(tmp_path):
+    """Files stay in the given order; directories give their files below, sorted; globs their matches."""
+    b = write(tmp_path / "d" / "b.txt", b"b")
+    a = write(tmp_path / "d" / "sub" / "a.txt", b"a")
+    c = write(tmp_path / "c.log", b"c")
+    z = write(tmp_path / "z.txt", b"z")
+    assert resolve_corpus([z, tmp_path / "d", str(tmp_path / "*.log")]) == [z, b, a, c]
+
+
+@pytest.mark.parametrize(
+    "make,message",
+    [
+        (lambda p: p / "missing.txt", "does not exist"),
+        (lambda p: (p / "empty_dir").mkdir() or p / "empty_dir", "has no files"),
+        (lambda p: p / "*.nothing", "no files match"),
+    ],
+)
+def test_resolve_errors(tmp_path, make, message):
+    """A missing path, a directory without files, a glob matching nothing: each a clear error."""
+    with pytest.raises(HtcliError, match=message):
+        resolve_corpus([make(tmp_path)])
+
+
+def test_concatenation_reads_across_files(tmp_path):
+    """Reads spanning file boundaries (and skipping empty files) equal the concatenated bytes."""
+    parts = [b"hello ", b"", b"wide ", b"world\n" * 50]
+    files = [write(tmp_path / f"{i}.txt", part) for i, part in enumerate(parts)]
+    whole = b"".join(parts)
+    with ByteCorpus(files) as corpus:
+        assert len(corpus) == len(whole)
+        for start, length in [(0, len(whole)), (3, 10), (6, 5), (10, 100), (len(whole) - 1, 1)]:
+            assert corpus.read(start, length) == whole[start : start + length]
+        windows = corpus.span(2, 40).windows([0, 5], 8)
+        assert windows.tolist() == [list(whole[2:10]), list(whole[7:15])]
+
+
+def test_empty_corpus_is_an_error(tmp_path):
+    """A corpus of empty files says it is empty."""
+    with pytest.raises(HtcliError, match=r"is empty \(0 bytes\)"):
+        ByteCorpus.open([write(tmp_path / "e.txt", b"")])
+
+
+def test_gz_is_decompressed_once_into_the_cache(tmp_path, monkeypatch):
+    """A .gz file reads as its content; a second open reuses the cache file instead of decompressing."""
+    monkeypatch.setenv("HTCLI_CACHE_DIR", str(tmp_path / "cache"))
+    content = b"compressed corpus " * 1000
+    gz = tmp_path / "c.txt.gz"
+    gz.write_bytes(gzip.compress(content))
+    with ByteCorpus.open([gz]) as corpus:
+        assert corpus.read(0, len(corpus)) == content
+    (cached,) = (tmp_path / "cache").iterdir()
+    monkeypatch.setattr(data.gzip, "GzipFile", None)  # decompressing again would fail
+    with ByteCorpus.open([gz]) as corpus:
+        assert corpus.read(0, len(corpus)) == content
+    assert list((tmp_path / "cache").iterdir()) == [cached]
+
+
+def test_corrupt_gz_is_an_error(tmp_path, monkeypatch):
+    """A truncated .gz file is reported as such and leaves no cache file behind."""
+    monkeypatch.setenv("HTCLI_CACHE_DIR", str(tmp_path / "cache"))
+    gz = write(tmp_path / "c.gz", gzip.compress(os.urandom(5000))[:-100])
+    with pytest.raises(HtcliError, match="not a readable gzip file"):
+        ByteCorpus.open([gz])
+    assert not any((tmp_path / "cache").iterdir())
+
+
+def test_split_holds_out_the_tail(tmp_path):
+    """Without --val the last val_fraction is held out, but never less than one window."""
+    with ByteCorpus([write(tmp_path / "c.txt", bytes(range(256)) * 40)]) as corpus:
+        train, val = split(corpus, None, 0.1, window=65)
+        assert (len(train), len(val)) == (9216, 1024)
+        assert val.read(0, 4) == corpus.read(9216, 4)
+        train, val = split(corpus, None, 0.001, window=65)
+        assert len(val) == 65
+
+
+def test_split_too_short_says_how_long(tmp_path):
+    """A corpus shorter than two windows names the length it needs."""
+    with ByteCorpus([write(tmp_path / "c.txt", b"x" * 100)]) as corpus:
+        with pytest.raises(HtcliError, match=r"100 bytes.*--seq-len 64 it must be at least 130 bytes"):
+            split(corpus, None, 0.01, window=65)
+
+
+def test_sampler_state_round_trip():
+    """A sampler restored from its state draws exactly what the original draws next."""
+    sampler = WindowSampler(10_000, 65, 4, seed=3)
+    sampler.starts()
+    state = sampler.state_dict()
+    expected = [sampler.starts() for _ in range(3)]
+    restored = WindowSampler(10_000, 65, 4, seed=99)
+    restored.load_state_dict(state)
+    assert [restored.starts() for _ in range(3)] == expected
+    assert all(0 <= s <= 10_000 - 65 for batch in expected for s in batch)
+
+
+def _rss_file_kb() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssFile:"):
+            return int(line.split()[1])
+    raise AssertionError("no RssFile in /proc/self/status")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
+def test_reading_a_whole_corpus_keeps_memory_small(tmp_path, monkeypatch):
+    """Reading every byte of a 256 MB corpus keeps the mapped pages resident in the process under 64 MB."""
+    monkeypatch.setattr(data, "RELEASE_EVERY", 32 << 20)
+    big = tmp_path / "big.bin"
+    with open(big, "wb") as file:
+        file.truncate(256 << 20)  # sparse: no disk needed
+    with ByteCorpus([big]) as corpus:
+        before, peak = _rss_file_kb(), 0
+        for start in range(0, len(corpus), 1 << 20):
+            assert corpus.read(start, 1 << 20)[-1:] == b"\0"
+            peak = max(peak, _rss_file_kb() - before)
+    assert peak < 64 << 10, f"{peak} kB of the corpus stayed resident"
+
+
+def test_windows_are_int64_tokens(tmp_path):
+    """Windows come out as int64 byte values, as the model's embedding expects."""
+    with ByteCorpus([write(tmp_path / "c.bin", bytes([0, 255, 7, 128]))]) as corpus:
+        windows = corpus.span().windows([0], 4)
+    assert windows.dtype == torch.int64 and windows.tolist() == [[0, 255, 7, 128]]

@@ -1,0 +1,91 @@
+"""Evaluation: every byte scored once, equal to a direct byte-by-byte computation."""
+
+import math
+
+import pytest
+import torch
+from conftest import make_text
+
+from htcli.data import ByteCorpus
+from htcli.errors import HtcliError
+from htcli.evaluate import evaluate, plan_windows, validation_bpb
+from htcli.model import HTransformer1D, HTransformerConfig
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    config = HTransformerConfig(dim=32, depth=2, heads=2, dim_head=16, block_size=4, max_seq_len=16)
+    return HTransformer1D(config).double().eval()
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    path = tmp_path / "c.txt"
+    path.write_bytes(make_text(61, seed=3))
+    with ByteCorpus([path]) as opened:
+        yield opened
+
+
+@pytest.mark.parametrize(
+    "n,context,stride", [(61, 16, 1), (61, 16, 5), (61, 16, 16), (10, 16, 4), (2, 16, 8)]
+)
+def test_windows_score_every_byte_once(n, context, stride):
+    """The windows' scored bytes are exactly 1 .. n-1, each once."""
+    scored = []
+    for end, count in plan_windows(n, context, stride):
+        assert count <= min(context, n - 1)
+        scored += range(end - count + 1, end + 1)
+    assert scored == list(range(1, n))
+
+
+def direct_bits(model, data: bytes, context_start) -> float:
+    """Bits per byte computed byte by byte: byte t predicted from data[context_start(t):t] alone."""
+    nats = 0.0
+    with torch.no_grad():
+        for t in range(1, len(data)):
+            context = torch.tensor([list(data[context_start(t) : t])])
+            nats -= torch.log_softmax(model(context)[0, -1], -1)[data[t]].item()
+    return nats / (len(data) - 1) / math.log(2)
+
+
+def test_stride_one_equals_direct_computation(model, corpus):
+    """With stride 1, byte t is predicted from the (up to) 16 bytes before it: same bits per byte."""
+    data = corpus.read(0, len(corpus))
+    expected = direct_bits(model, data, lambda t: max(0, t - 16))
+    result = evaluate(model, corpus.span(), stride=1, batch_size=7, dtype=torch.float64)
+    assert result.bytes_scored == 60
+    assert result.bits_per_byte == pytest.approx(expected, rel=1e-6)
+    assert result.nats_per_byte == pytest.approx(expected * math.log(2), rel=1e-6)
+
+
+def test_any_stride_equals_direct_computation(model, corpus):
+    """With stride 5, each byte's context starts where the documented window that scores it starts."""
+    data = corpus.read(0, len(corpus))
+
+    def window_start(t: int) -> int:
+        if t <= 16:
+            return 0  # the first window scores bytes 1..16
+        end = min(16 + 5 * math.ceil((t - 16) / 5), len(data) - 1)
+        return end - 16
+
+    expected = direct_bits(model, data, window_start)
+    result = evaluate(model, corpus.span(), stride=5, batch_size=3, dtype=torch.float64)
+    assert result.bits_per_byte == pytest.approx(expected, rel=1e-6)
+
+
+def test_validation_bpb_is_the_mean_over_full_windows(model, corpus):
+    """The training-time estimate over one window equals evaluate() on that window's bytes."""
+    span = corpus.span(0, 17)
+    _, bits = validation_bpb(model, span, windows=1, batch_size=1, dtype=torch.float64)
+    assert bits == pytest.approx(
+        evaluate(model, span, stride=16, dtype=torch.float64).bits_per_byte, rel=1e-12
+    )
+
+
+def test_bad_stride_and_tiny_corpus(model, corpus):
+    """A stride outside 1..context and a corpus under 2 bytes are refused."""
+    with pytest.raises(HtcliError, match="--stride must be between 1 and the model's context"):
+        evaluate(model, corpus.span(), stride=17)
+    with pytest.raises(HtcliError, match="at least 2 bytes"):
+        evaluate(model, corpus.span(0, 1))

@@ -1,0 +1,84 @@
+"""Sampling: probability shaping, determinism, the recompute path, UTF-8 streaming."""
+
+import pytest
+import torch
+from conftest import TINY_MODEL
+
+from htcli.errors import HtcliError
+from htcli.model import HTransformer1D, HTransformerConfig
+from htcli.sample import (
+    SamplingConfig,
+    Utf8Stream,
+    generate,
+    logits_to_probs,
+    next_token_logits,
+    sample_token,
+)
+
+
+def tiny_model(seed: int = 0) -> HTransformer1D:
+    torch.manual_seed(seed)
+    return HTransformer1D(HTransformerConfig(**TINY_MODEL)).eval()
+
+
+def test_top_k_and_top_p_cut_the_tail():
+    """top-k keeps the k most likely; top-p keeps the fewest most likely covering p."""
+    logits = torch.log(torch.tensor([0.5, 0.25, 0.15, 0.1]))
+    assert (logits_to_probs(logits, top_k=2) > 0).tolist() == [True, True, False, False]
+    assert (logits_to_probs(logits, top_p=0.7) > 0).tolist() == [True, True, False, False]
+    assert (logits_to_probs(logits, top_p=0.75) > 0).tolist() == [True, True, False, False]
+    assert (logits_to_probs(logits, top_p=0.76) > 0).tolist() == [True, True, True, False]
+    assert torch.allclose(logits_to_probs(logits), torch.tensor([0.5, 0.25, 0.15, 0.1]))
+
+
+def test_temperature_zero_is_greedy():
+    """Temperature 0 always picks the most likely token."""
+    logits = torch.tensor([0.1, 3.0, 2.9])
+    assert {sample_token(logits, temperature=0) for _ in range(5)} == {1}
+
+
+def test_same_seed_same_bytes():
+    """Generation is reproducible from its seed and depends on it."""
+    model = tiny_model()
+    run = lambda seed: list(generate(model, b"abc", SamplingConfig(40, temperature=1.0, seed=seed)))  # noqa: E731
+    assert run(1) == run(1)
+    assert run(1) != run(2)
+    assert all(0 <= t < 256 for t in run(1))
+
+
+def test_recompute_path_uses_the_last_context():
+    """Next-token logits come from the model run on the last max_seq_len tokens, however long the input."""
+    model = tiny_model()
+    tokens = torch.randint(0, 256, (1, 150))
+    with torch.no_grad():
+        expected = model(tokens[:, -64:])[0, -1]
+        assert torch.allclose(next_token_logits(model, tokens), expected)
+    greedy = list(generate(model, bytes(tokens[0].tolist()), SamplingConfig(5, temperature=0)))
+    assert greedy[0] == int(expected.argmax())
+
+
+def test_utf8_stream_never_splits_a_character():
+    """Multi-byte characters fed byte by byte come out whole; invalid bytes become U+FFFD."""
+    text = "héllo € 𝄞 end"
+    stream = Utf8Stream()
+    pieces = [stream.feed(b) for b in text.encode()] + [stream.flush()]
+    assert "".join(pieces) == text
+    assert all(piece.encode().decode() == piece for piece in pieces)
+    assert "".join([stream.feed(b"\xff"), stream.feed(b"ok"), stream.flush()]) == "\ufffdok"
+    tail = Utf8Stream()
+    assert tail.feed(b"\xe2\x82") == "" and tail.flush() == "\ufffd"
+
+
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        (dict(temperature=-1), "--temperature must be >= 0"),
+        (dict(top_k=0), "--top-k must be a positive integer"),
+        (dict(top_p=1.5), r"--top-p must be in \(0, 1\]"),
+        (dict(max_new_tokens=-1), "--max-new-tokens must be >= 0"),
+    ],
+)
+def test_sampling_config_validation(options, message):
+    """Impossible sampling options are refused with the flag's name."""
+    with pytest.raises(HtcliError, match=message):
+        SamplingConfig(**options)
