@@ -1,0 +1,125 @@
+"""What the terminal shows of a training run: a live view fed by train()'s events, and a summary table."""
+
+from __future__ import annotations
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.markup import escape
+from rich.panel import Panel
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+from rich.text import Text
+
+from htcli.train import TrainResult
+
+SMOOTHING = 0.9  # exponential moving average of tokens/s, so the number does not flicker
+
+
+def human(count: float) -> str:
+    """1234567 -> '1.23M'."""
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(count) >= size:
+            return f"{count / size:.3g}{unit}"
+    return f"{count:.3g}"
+
+
+class TrainDisplay:
+    """Progress bar with ETA, step, loss, validation bits per byte, learning rate, tokens/s, latest sample.
+
+    Call it with each event of `htcli.train.train`; use it as a context manager around the run. It
+    shows nothing before the run's "start" event, so errors in the inputs print alone.
+    """
+
+    def __init__(self, console: Console):
+        self.console = console
+        self.progress = Progress(
+            TextColumn("[bold]step"),
+            MofNCompleteColumn(),
+            BarColumn(),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            console=console,
+        )
+        self.task = self.progress.add_task("train", total=None)
+        self.stats = Text()
+        self.sample: Panel | None = None
+        self.loss = self.val_bpb = self.lr = self.tokens_per_s = None
+        self.live = Live(self._view(), console=console, refresh_per_second=4)
+
+    def _view(self) -> Group:
+        return Group(self.progress, self.stats, *([self.sample] if self.sample else []))
+
+    def __enter__(self) -> TrainDisplay:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.live.stop()
+
+    def __call__(self, event: dict) -> None:
+        kind = event["event"]
+        if kind == "start":
+            self.live.start()
+            self.progress.reset(self.task, total=event["steps"], completed=event["step"])
+            verb = f"resuming at step {event['step']}" if event["resumed"] else "training"
+            self.console.print(
+                f"{verb}: {human(event['params'])} parameters on {event['device']} ({event['dtype']}), "
+                f"{human(event['train_bytes'])}B to train on, {human(event['val_bytes'])}B held out, "
+                f"{human(event['tokens_per_step'])} bytes per step"
+            )
+        elif kind == "step":
+            self.progress.update(self.task, completed=event["step"])
+            self.loss, self.lr = event["loss"], event["lr"]
+            rate = event["tokens_per_s"]
+            self.tokens_per_s = (
+                rate if self.tokens_per_s is None else SMOOTHING * self.tokens_per_s + (1 - SMOOTHING) * rate
+            )
+        elif kind == "eval":
+            self.val_bpb = event["val_bpb"]
+            self.console.print(f"step {event['step']:>6}  loss {self.loss:.4f}  val bpb {self.val_bpb:.4f}")
+        elif kind == "sample":
+            text = Text(event["prompt"], style="dim") + Text(event["text"])
+            self.sample = Panel(text, title=f"sample at step {event['step']}", title_align="left")
+            self.live.update(self._view())
+        elif kind == "interrupt":
+            self.console.print(f"[yellow]interrupted at step {event['step']}: saving and stopping")
+        elif kind == "checkpoint":
+            self.console.print(f"[dim]saved checkpoint of step {event['step']} in {escape(event['path'])}")
+        self.stats.plain = self._stats_line()
+
+    def _stats_line(self) -> str:
+        parts = []
+        if self.loss is not None:
+            parts += [f"loss {self.loss:.4f}", f"lr {self.lr:.2e}", f"{human(self.tokens_per_s)} tok/s"]
+        if self.val_bpb is not None:
+            parts.append(f"val bpb {self.val_bpb:.4f}")
+        return "  ".join(parts)
+
+
+def train_summary(result: TrainResult) -> Table:
+    """The end-of-run table."""
+    table = Table(
+        title="interrupted run (saved)" if result.interrupted else "training run", show_header=False
+    )
+    table.add_column(style="bold")
+    table.add_column()
+    rows = [
+        ("run directory", str(result.out)),
+        ("steps", f"{result.step} of {result.steps}"),
+        ("parameters", human(result.params)),
+        ("time", f"{result.seconds:.1f} s"),
+        ("bytes trained on", human(result.tokens)),
+        ("tokens/s", human(result.tokens / result.seconds) if result.seconds else "-"),
+        ("train loss (nats/byte)", "-" if result.train_loss is None else f"{result.train_loss:.4f}"),
+        ("val bits per byte", "-" if result.val_bpb is None else f"{result.val_bpb:.4f}"),
+    ]
+    for name, value in rows:
+        table.add_row(name, escape(value))
+    return table

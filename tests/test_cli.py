@@ -1,0 +1,293 @@
+"""The command line end to end (train, sample, eval) and every bad input it must refuse cleanly."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import TINY_FLAGS, assert_user_error, invoke, make_text, tiny_config
+from safetensors.torch import load_file, save_file
+
+from htcli import data
+from htcli.checkpoint import load_model
+from htcli.data import ByteCorpus
+from htcli.evaluate import evaluate
+from htcli.train import train
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A run directory holding a 6-step tiny model, and its corpus."""
+    root = tmp_path_factory.mktemp("trained")
+    corpus = root / "corpus.txt"
+    corpus.write_bytes(make_text(20_000))
+    train(tiny_config(corpus, root / "run"))
+    return root / "run", corpus
+
+
+@pytest.fixture
+def run_copy(trained, tmp_path):
+    """A copy of the trained run that a test may try (and fail) to overwrite."""
+    run, corpus = trained
+    shutil.copytree(run, tmp_path / "run")
+    return tmp_path / "run", corpus
+
+
+def file_with(path, content: bytes):
+    path.write_bytes(content)
+    return path
+
+
+def snapshot(directory) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+def test_help_does_not_import_torch():
+    """`htcli --help` stays instant: importing the CLI does not import torch."""
+    code = "import sys, htcli.cli; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_train_writes_a_run(corpus, tmp_path):
+    """`htcli train` writes weights, optimizer, state, config and log, and prints a summary."""
+    result = invoke("train", corpus, "--out", tmp_path / "run", "--steps", 4, "--eval-every", 2, *TINY_FLAGS)
+    assert result.exit_code == 0, result.output
+    names = {p.name for p in (tmp_path / "run").iterdir()}
+    assert names == {"model.safetensors", "optimizer.safetensors", "state.json", "config.json", "log.jsonl"}
+    assert "val bits per byte" in result.stdout and "4 of 4" in result.stdout
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["model"]["dim"] == 32 and config["corpus"] == [str(corpus)]
+
+
+def test_resume_from_the_command_line_is_exact(corpus, tmp_path):
+    """--steps 4 then --resume --steps 8 gives the weights of one --steps 8 run (constant learning rate)."""
+    flags = [*TINY_FLAGS, "--lr", "1e-3", "--min-lr", "1e-3", "--eval-every", 0, "--save-every", 0]
+    assert invoke("train", corpus, "--out", tmp_path / "one", "--steps", 8, *flags).exit_code == 0
+    assert invoke("train", corpus, "--out", tmp_path / "two", "--steps", 4, *flags).exit_code == 0
+    resumed = invoke("train", "--out", tmp_path / "two", "--resume", "--steps", 8)
+    assert resumed.exit_code == 0, resumed.output
+    assert "resuming at step 4" in resumed.stderr
+    one, two = (
+        load_file(str(tmp_path / "one/model.safetensors")),
+        load_file(str(tmp_path / "two/model.safetensors")),
+    )
+    assert all(torch.equal(one[name], two[name]) for name in one)
+
+
+def test_sample_is_reproducible_and_reports_speed(trained):
+    """Same seed, same text on stdout; timing and tokens/s on stderr; the prompt is echoed."""
+    run, _ = trained
+    args = ["sample", run, "--prompt", "the ", "--max-new-tokens", 30, "--seed", 3, "--device", "cpu"]
+    first, second = invoke(*args), invoke(*args)
+    assert first.exit_code == 0, first.output
+    assert first.stdout == second.stdout and first.stdout.startswith("the ")
+    assert "30 bytes in" in first.stderr and "tokens/s" in first.stderr
+    other = invoke(*args[:-4], "--seed", 4, "--device", "cpu")
+    assert other.stdout != first.stdout
+
+
+def test_sample_from_a_file_and_several_samples(trained, tmp_path):
+    """--prompt-file continues a file's bytes; --num-samples prints that many continuations."""
+    run, _ = trained
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("of the ")
+    result = invoke("sample", run / "model.safetensors", "--prompt-file", prompt, "--num-samples", 2,
+                    "--max-new-tokens", 5, "--temperature", 0, "--device", "cpu")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert len(lines) == 2 and lines[0] == lines[1] and lines[0].startswith("of the ")
+
+
+def test_eval_json_matches_the_library(trained, tmp_path):
+    """`htcli eval --json` prints one object whose bits per byte equal evaluate() on the same corpus."""
+    run, _ = trained
+    corpus = tmp_path / "held_out.txt"
+    corpus.write_bytes(make_text(500, seed=9))
+    result = invoke("eval", run, corpus, "--stride", 32, "--json", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    model, _ = load_model(run)
+    with ByteCorpus([corpus]) as opened:
+        expected = evaluate(model, opened.span(), stride=32)
+    assert report["bits_per_byte"] == pytest.approx(expected.bits_per_byte, rel=1e-6)
+    assert report["bytes_scored"] == 499 and report["step"] == 6
+    assert report["nats_per_byte"] == pytest.approx(expected.nats_per_byte, rel=1e-6)
+    table = invoke("eval", run, corpus, "--stride", 32, "--device", "cpu")
+    assert "bits per byte" in table.stdout and f"{expected.bits_per_byte:.4f}" in table.stdout
+
+
+def test_ctrl_c_saves_and_exits_zero(corpus, tmp_path):
+    """A real SIGINT mid-run saves a checkpoint of the last finished step and exits 0."""
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "htcli", "train", str(corpus), "--out", str(out), "--steps", "100000"]
+    command += [*TINY_FLAGS, "--eval-every", "0", "--save-every", "0"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log, deadline = out / "log.jsonl", time.monotonic() + 60
+    while not (log.exists() and '"event": "step"' in log.read_text()):
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"training did not start: {process.communicate()[1]}")
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 0, stderr
+    assert "Traceback" not in stderr and "continue with: htcli train --resume" in stderr
+    state = json.loads((out / "state.json").read_text())
+    steps = [json.loads(line)["step"] for line in log.read_text().splitlines() if '"event": "step"' in line]
+    assert state["step"] == steps[-1] > 0
+    assert load_model(out)[1].step == state["step"]
+
+
+# ---------------------------------------------------------------------------
+# bad input: one line saying what to do, non-zero exit, no traceback, nothing overwritten
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "make_corpus,message",
+    [
+        (lambda p: p / "missing.txt", "does not exist"),
+        (lambda p: file_with(p / "empty.txt", b""), "is empty (0 bytes)"),
+        (
+            lambda p: file_with(p / "short.txt", b"x" * 100),
+            "100 bytes, shorter than a training window plus a "
+            "validation window: with --seq-len 64 it must be at least 130 bytes",
+        ),
+        (lambda p: (p / "dir").mkdir() or p / "dir", "has no files"),
+        (lambda p: p / "*.nothing", "no files match"),
+    ],
+)
+def test_bad_corpus(run_copy, tmp_path, make_corpus, message):
+    """Missing, empty, too short, empty directory, unmatched glob: a clear error, the run untouched."""
+    run, _ = run_copy
+    before = snapshot(run)
+    result = invoke("train", make_corpus(tmp_path), "--out", run, "--resume", "--steps", 10)
+    assert_user_error(result, message)
+    assert snapshot(run) == before
+
+
+def test_unreadable_corpus(run_copy, tmp_path, monkeypatch):
+    """A corpus file that cannot be opened names the file and the reason."""
+    run, _ = run_copy
+    locked = tmp_path / "locked.txt"
+    locked.write_bytes(make_text(5000))
+
+    def refuse(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(data, "open", refuse, raising=False)
+    before = snapshot(run)
+    result = invoke("train", locked, "--out", run, "--resume", "--steps", 10)
+    assert_user_error(result, f"cannot read {locked}: Permission denied")
+    assert snapshot(run) == before
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--block-size", "12"], "--seq-len (64) must be a multiple of --block-size (12)"),
+        (["--dim", "48"], "the model differs from its checkpoint (--dim 32 in the checkpoint, 48 asked)"),
+        (["--preset", "huge"], "unknown --preset 'huge'"),
+        (["--lr", "-1"], "--lr must be a positive number"),
+        (["--dtype", "fp8"], "unknown --dtype 'fp8'"),
+        (["--steps", "6"], "already at step 6 of --steps 6"),
+    ],
+)
+def test_impossible_options(run_copy, flags, message):
+    """Impossible or conflicting options: a clear error, the run untouched."""
+    run, corpus = run_copy
+    before = snapshot(run)
+    result = invoke("train", corpus, "--out", run, "--resume", "--steps", 10, *flags)
+    assert_user_error(result, message)
+    assert snapshot(run) == before
+
+
+def test_new_run_into_a_checkpoint_is_refused(run_copy):
+    """Training without --resume into a directory with a checkpoint refuses to overwrite it."""
+    run, corpus = run_copy
+    before = snapshot(run)
+    assert_user_error(invoke("train", corpus, "--out", run, *TINY_FLAGS), "already holds a checkpoint")
+    assert snapshot(run) == before
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+@pytest.mark.parametrize("command", ["train", "sample", "eval"])
+def test_cuda_without_gpu(run_copy, command):
+    """--device cuda on a machine without a GPU says to use the CPU."""
+    run, corpus = run_copy
+    before = snapshot(run)
+    args = {"train": ["train", corpus, "--out", run, "--resume", "--steps", 10], "sample": ["sample", run],
+            "eval": ["eval", run, corpus]}[command]  # fmt: skip
+    result = invoke(*args, "--device", "cuda")
+    assert_user_error(result, "CUDA was requested but no GPU is available; use --device cpu")
+    assert snapshot(run) == before
+
+
+def _write_truncated(p):
+    (p / "t.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}")
+    return p / "t.safetensors"
+
+
+def _write_foreign(p):
+    save_file({"w": torch.zeros(2)}, str(p / "f.safetensors"))
+    return p / "f.safetensors"
+
+
+@pytest.mark.parametrize("command", ["sample", "eval"])
+@pytest.mark.parametrize(
+    "make_checkpoint,message",
+    [
+        (lambda p: p / "nowhere", "no checkpoint at"),
+        (lambda p: p, "no checkpoint at"),
+        (_write_truncated, "is not a readable safetensors file (truncated or corrupt?)"),
+        (lambda p: file_with(p / "x.safetensors", b"hello"), "not a readable safetensors"),
+        (_write_foreign, "is not an htcli checkpoint"),
+    ],
+)
+def test_bad_checkpoint(trained, tmp_path, command, make_checkpoint, message):
+    """Missing, truncated, non-safetensors or foreign checkpoints: a clear error for sample and eval."""
+    _, corpus = trained
+    checkpoint = make_checkpoint(tmp_path)
+    args = ["sample", checkpoint] if command == "sample" else ["eval", checkpoint, corpus]
+    assert_user_error(invoke(*args, "--device", "cpu"), message)
+
+
+def test_truncated_real_checkpoint(trained, tmp_path):
+    """A real checkpoint cut in half is reported as truncated."""
+    run, _ = trained
+    whole = (run / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(whole[: len(whole) // 2])
+    assert_user_error(invoke("sample", tmp_path, "--device", "cpu"), "truncated or corrupt?")
+
+
+def test_bad_sample_options(trained, tmp_path):
+    """Conflicting or impossible sampling options are refused."""
+    run, _ = trained
+    assert_user_error(invoke("sample", run, "--prompt", "a", "--prompt-file", tmp_path), "not both")
+    assert_user_error(invoke("sample", run, "--top-p", "2"), "--top-p must be in (0, 1]")
+    assert_user_error(invoke("sample", run, "--prompt-file", tmp_path / "no.txt"), "prompt file")
+
+
+def test_errors_in_a_real_process_have_no_traceback(tmp_path):
+    """Run as a real program, a bad corpus prints one line to stderr and exits 1."""
+    command = [
+        sys.executable,
+        "-m",
+        "htcli",
+        "train",
+        str(tmp_path / "missing.txt"),
+        "--out",
+        str(tmp_path / "r"),
+    ]
+    process = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "COLUMNS": "40"})
+    assert process.returncode == 1
+    expected = (
+        f"error: corpus {tmp_path / 'missing.txt'} does not exist: give a file, a directory or a glob pattern"
+    )
+    assert process.stderr.strip().splitlines() == [expected]
+    assert not (tmp_path / "r").exists()

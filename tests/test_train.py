@@ -1,0 +1,131 @@
+"""Training: schedule, config checks, exact resume, Ctrl-C, divergence, logs, no overwriting."""
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+from conftest import tiny_config
+from safetensors.torch import load_file
+
+from htcli import train as train_module
+from htcli.config import TrainConfig
+from htcli.errors import HtcliError
+from htcli.train import config_from_options, learning_rate, train
+
+
+def weights(out) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "model.safetensors"))
+
+
+def test_learning_rate_schedule():
+    """Linear warmup to lr, then cosine decay reaching min_lr at the last step."""
+    config = TrainConfig(corpus=["x"], steps=11, warmup=2, lr=1.0, min_lr=0.1)
+    rates = [learning_rate(step, config) for step in range(11)]
+    assert rates[:3] == [0.5, 1.0, 1.0]
+    assert rates[-1] == pytest.approx(0.1)
+    assert rates[6] == pytest.approx(0.55)
+    assert all(a >= b for a, b in zip(rates[1:], rates[2:]))
+
+
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        (dict(steps=0), "--steps must be a positive integer"),
+        (dict(batch_size=-1), "--batch-size must be a positive integer"),
+        (dict(lr=0.0), "--lr must be a positive number"),
+        (dict(lr=1e-3, min_lr=1e-2), "--min-lr must be between 0 and --lr"),
+        (dict(val_fraction=1.5), "--val-fraction must be between 0 and 1"),
+        (dict(device="tpu"), "unknown --device 'tpu'"),
+        (dict(corpus=[]), "no corpus given"),
+    ],
+)
+def test_config_validation(options, message):
+    """Impossible training options are refused with the flag's name."""
+    with pytest.raises(HtcliError, match=message):
+        TrainConfig(**{"corpus": ["x"], **options})
+
+
+def test_impossible_model_options_name_the_flags(tmp_path):
+    """A block size that does not divide the sequence length is reported in command-line terms."""
+    with pytest.raises(HtcliError, match=r"--seq-len \(100\) must be a multiple of --block-size \(16\)"):
+        config_from_options(["c.txt"], out=str(tmp_path), preset="tiny", model=dict(max_seq_len=100))
+
+
+def test_interrupted_and_resumed_run_equals_one_run(corpus, tmp_path):
+    """6 steps in one run == 3 steps, a Ctrl-C (SIGINT), and a resume to 6: bitwise equal weights."""
+    whole = train(tiny_config(corpus, tmp_path / "whole"))
+    assert whole.step == 6 and not whole.interrupted
+
+    def interrupt_at_step_3(event):
+        if event["event"] == "step" and event["step"] == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    config = tiny_config(corpus, tmp_path / "split", save_every=0, eval_every=2)
+    first = train(config, on_event=interrupt_at_step_3)
+    assert first.interrupted and first.step == 3
+    assert json.loads((tmp_path / "split" / "state.json").read_text())["step"] == 3
+    second = train(config, resume=True)
+    assert second.step == 6 and not second.interrupted
+    expected, got = weights(tmp_path / "whole"), weights(tmp_path / "split")
+    assert all(torch.equal(expected[name], got[name]) for name in expected)
+    assert second.train_loss == whole.train_loss
+
+
+def test_log_and_config_files(corpus, tmp_path):
+    """log.jsonl has one line per step and per evaluation; config.json holds the resolved config."""
+    config = tiny_config(corpus, tmp_path)
+    train(config)
+    events = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in events if e["event"] == "step"] == [1, 2, 3, 4, 5, 6]
+    assert [e["step"] for e in events if e["event"] == "eval"] == [3, 6]
+    assert all(e["val_bpb"] > 0 for e in events if e["event"] == "eval")
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert TrainConfig.from_dict({k: v for k, v in saved.items() if k != "htcli_version"}) == config
+    assert saved["min_lr"] == pytest.approx(config.lr / 10)
+
+
+def test_divergence_stops_and_keeps_the_last_checkpoint(corpus, tmp_path, monkeypatch):
+    """A NaN loss stops training with a clear message; the checkpoint of the last save stays intact."""
+    real_step, calls = train_module._optimizer_step, []
+
+    def nan_at_step_5(*args, **kwargs):
+        calls.append(1)
+        loss, norm = real_step(*args, **kwargs)
+        return (float("nan") if len(calls) == 5 else loss), norm
+
+    monkeypatch.setattr(train_module, "_optimizer_step", nan_at_step_5)
+    with pytest.raises(HtcliError, match=r"training diverged at step 5 .*checkpoint of step 3 .* is intact"):
+        train(tiny_config(corpus, tmp_path))
+    state = json.loads((tmp_path / "state.json").read_text())
+    assert state["step"] == 3
+    assert set(weights(tmp_path)) and all(torch.isfinite(t).all() for t in weights(tmp_path).values())
+
+
+def test_existing_checkpoint_is_not_overwritten(corpus, tmp_path):
+    """Training into a directory that holds a checkpoint without --resume is refused, files untouched."""
+    train(tiny_config(corpus, tmp_path, steps=3))
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(HtcliError, match="already holds a checkpoint: pass --resume"):
+        train(tiny_config(corpus, tmp_path, steps=6))
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_resume_refuses_a_different_model(corpus, tmp_path):
+    """Resuming with model options that differ from the checkpoint names the difference."""
+    train(tiny_config(corpus, tmp_path, steps=3))
+    config = config_from_options([], out=str(tmp_path), resume=True, model=dict(dim=48), steps=6)
+    with pytest.raises(
+        HtcliError, match="model differs from its checkpoint .*--dim 32 in the checkpoint, 48 asked"
+    ):
+        train(config, resume=True)
+
+
+def test_resume_needs_a_checkpoint_and_more_steps(corpus, tmp_path):
+    """--resume without a checkpoint, or already at --steps, says what to do."""
+    with pytest.raises(HtcliError, match="no checkpoint at .*without --resume"):
+        config_from_options([str(corpus)], out=str(tmp_path / "none"), resume=True)
+    train(tiny_config(corpus, tmp_path, steps=3))
+    with pytest.raises(HtcliError, match="already at step 3 of --steps 3: pass a larger --steps"):
+        train(config_from_options([], out=str(tmp_path), resume=True), resume=True)
