@@ -267,7 +267,7 @@ def _backward_rows(q, k, v, real, out, grad_out, lse, targets, *, block_size, ca
     """Add the gradients of rows (padded to n0) into targets (dq, dk, dv), zero on entry."""
     rows, n0, d = q.shape
     stat = real.dtype
-    grad_out = grad_out.to(stat)
+    grad_out = grad_out.to(stat).contiguous()
     delta = torch.linalg.vecdot(grad_out, out.to(stat))
     cluster_min = lse
     for level, lq, lk, lv, bias in levels(q, k, v, real, block_size=block_size, causal=causal, count=count):
