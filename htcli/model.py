@@ -15,6 +15,7 @@ from rotary_embedding_torch import RotaryEmbedding
 from torch import nn
 
 from htcli.attention import h_attention
+from htcli.decode import HAttentionCache
 
 ATTENTION_KINDS = ("h", "exact")
 
@@ -82,6 +83,12 @@ class TokenShift(nn.Module):
             chunks[index] = shifted[:, : x.shape[1]] if shift > 0 else shifted[:, -shift:]
         return torch.cat(chunks, dim=-1)
 
+    def step(self, x: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:
+        """Causal shift of one token x (b, e) given the previous token's features (None at 0)."""
+        chunks = list(x.chunk(2, dim=-1))
+        chunks[0] = torch.zeros_like(chunks[0]) if previous is None else previous.chunk(2, dim=-1)[0]
+        return torch.cat(chunks, dim=-1)
+
 
 class Attention(nn.Module):
     def __init__(self, config: HTransformerConfig):
@@ -103,15 +110,36 @@ class Attention(nn.Module):
         q, k, v = rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=self.config.heads)
         return q, k, v
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, state: dict | None = None) -> torch.Tensor:
         cfg = self.config
         q, k, v = self.project(x)
         q, k = self.rotate(q), self.rotate(k)
+        if state is not None:  # prefill: the decode cache starts from this pass's q, k, v
+            b, h, _, d = q.shape
+            cache = HAttentionCache(
+                b,
+                h,
+                d,
+                block_size=cfg.block_size,
+                max_seq_len=cfg.max_seq_len,
+                device=q.device,
+                dtype=k.dtype,
+            )
+            cache.prefill(q, k, v)
+            state["cache"] = cache
         if cfg.attention == "h":
             out = h_attention(q, k, v, block_size=cfg.block_size, causal=cfg.causal, key_padding_mask=mask)
         else:
             out = exact_attention(q, k, v, causal=cfg.causal, key_padding_mask=mask)
         return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
+
+    def step(self, x: torch.Tensor, state: dict) -> torch.Tensor:
+        """One token x (b, e) at the cache's next position."""
+        cache: HAttentionCache = state["cache"]
+        q, k, v = self.project(x[:, None])
+        q, k = self.rotate(q, offset=cache.t), self.rotate(k, offset=cache.t)
+        out = cache.step(q[:, :, 0], k[:, :, 0], v[:, :, 0])
+        return self.to_out(rearrange(out, "b h d -> b (h d)"))
 
 
 def exact_attention(q, k, v, *, causal: bool, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
@@ -137,7 +165,10 @@ class FeedForward(nn.Module):
             nn.Linear(config.ff_mult * config.dim, config.dim),
         )
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, state: dict | None = None) -> torch.Tensor:
+        return self.net(x)
+
+    def step(self, x: torch.Tensor, state: dict) -> torch.Tensor:
         return self.net(x)
 
 
@@ -150,11 +181,21 @@ class PreNorm(nn.Module):
         self.shift = TokenShift(config.causal) if config.shift_tokens else None
         self.fn = fn
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, state: dict | None = None) -> torch.Tensor:
+        """state (decoding only): receives what step() needs to continue after this sequence."""
         x = self.norm(x)
         if self.shift is not None:
+            if state is not None:
+                state["previous"] = x[:, -1]
             x = self.shift(x, mask)
-        return self.fn(x, mask)
+        return self.fn(x, mask, state)
+
+    def step(self, x: torch.Tensor, state: dict) -> torch.Tensor:
+        """One token x (b, e), continuing from state."""
+        x = self.norm(x)
+        if self.shift is not None:
+            x, state["previous"] = self.shift.step(x, state.get("previous")), x
+        return self.fn.step(x, state)
 
 
 class _ReversibleFunction(torch.autograd.Function):
@@ -228,11 +269,21 @@ class Layers(nn.Module):
             for _ in range(config.depth)
         )
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, *, save_memory: bool = True):
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None,
+        *,
+        save_memory: bool = True,
+        states: list[tuple[dict, dict]] | None = None,
+    ):
+        """states (decoding only): one (attention, feed-forward) pair of dicts per layer, filled
+        with what step() needs to continue after this sequence."""
+        states = states or [(None, None)] * len(self.blocks)
         if not self.reversible:
-            for f, g in self.blocks:
-                x = x + f(x, mask)
-                x = x + g(x, mask)
+            for (f, g), (f_state, g_state) in zip(self.blocks, states):
+                x = x + f(x, mask, f_state)
+                x = x + g(x, mask, g_state)
             return x
         x = torch.cat([x, x], dim=-1)
         blocks = [(f, g) for f, g in self.blocks]
@@ -241,11 +292,24 @@ class Layers(nn.Module):
             x = _ReversibleFunction.apply(x, blocks, mask, *params)
         else:  # the same coupling through ordinary autograd
             x1, x2 = x.chunk(2, dim=-1)
-            for f, g in blocks:
-                x1 = x1 + f(x2, mask)
-                x2 = x2 + g(x1, mask)
+            for (f, g), (f_state, g_state) in zip(blocks, states):
+                x1 = x1 + f(x2, mask, f_state)
+                x2 = x2 + g(x1, mask, g_state)
             x = torch.cat([x1, x2], dim=-1)
         x1, x2 = x.chunk(2, dim=-1)
+        return (x1 + x2) / 2
+
+    def step(self, x: torch.Tensor, states: list[tuple[dict, dict]]) -> torch.Tensor:
+        """One token x (b, e) through every layer, continuing from states."""
+        if not self.reversible:
+            for (f, g), (f_state, g_state) in zip(self.blocks, states):
+                x = x + f.step(x, f_state)
+                x = x + g.step(x, g_state)
+            return x
+        x1 = x2 = x
+        for (f, g), (f_state, g_state) in zip(self.blocks, states):
+            x1 = x1 + f.step(x2, f_state)
+            x2 = x2 + g.step(x1, g_state)
         return (x1 + x2) / 2
 
 
@@ -285,3 +349,24 @@ class HTransformer1D(nn.Module):
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (b, n) int64, mask (b, n) bool True = real token -> logits (b, n, num_tokens)."""
         return self.forward_embeddings(self.token_emb(tokens), mask)
+
+    @property
+    def supports_decode_cache(self) -> bool:
+        """Exact incremental decoding needs causal H-attention."""
+        return self.config.causal and self.config.attention == "h"
+
+    def prefill(self, tokens: torch.Tensor) -> tuple[torch.Tensor, list]:
+        """The parallel forward over a prompt (b, n), also returning the decoding state after it."""
+        if not self.supports_decode_cache:
+            raise ValueError("incremental decoding needs a causal model with H-attention")
+        n = tokens.shape[1]
+        if not 1 <= n <= self.config.max_seq_len:
+            raise ValueError(f"prefill takes 1 to max_seq_len ({self.config.max_seq_len}) tokens, got {n}")
+        states = [({}, {}) for _ in self.layers.blocks]
+        x = self.layers(self.token_emb(tokens), None, states=states)
+        return self.to_logits(self.norm(x)), states
+
+    def decode_step(self, token: torch.Tensor, states: list) -> torch.Tensor:
+        """Logits (b, num_tokens) for the next position after feeding token (b,); updates states."""
+        x = self.layers.step(self.token_emb(token), states)
+        return self.to_logits(self.norm(x))
