@@ -34,10 +34,15 @@ import torch.nn.functional as F
 from htcli.attention_oracle import num_levels
 
 NEG_INF = float("-inf")
-# scores computed at once per chunk of windows: bounds working memory, keeps data in cache
-CHUNK_SCORES = 1 << 19
+# Scores computed at once per chunk of windows: bounds working memory. On a CPU small chunks
+# stay in cache; on a GPU large ones keep kernel launches few.
+CHUNK_SCORES = {"cpu": 1 << 19, "cuda": 1 << 26}
 # fine elements (rows * n * d) processed together, see _row_groups
-ROW_GROUP_ELEMENTS = 1 << 21
+ROW_GROUP_ELEMENTS = {"cpu": 1 << 21, "cuda": 1 << 27}
+
+
+def _budget(table: dict[str, int], device: torch.device) -> int:
+    return table.get(device.type, table["cpu"])
 
 
 def _pad_dim1(x: torch.Tensor, after: int, fill: float) -> torch.Tensor:
@@ -94,7 +99,7 @@ class Level:
         zero = torch.zeros((), device=q.device, dtype=bias.dtype)
         self.outside = torch.where((shifted < 0) | (shifted >= nb), zero + NEG_INF, zero)
         self.windows = rows * nb
-        self.chunk = max(1, CHUNK_SCORES // (r * r * len(self.offsets)))
+        self.chunk = max(1, _budget(CHUNK_SCORES, q.device) // (r * r * len(self.offsets)))
 
     def blocks(self, x: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
         """(rows, c, ...) -> (rows * nb, r, ...), padded with fill."""
@@ -187,10 +192,10 @@ def _geometry(n: int, block_size: int) -> tuple[int, int]:
     return count, -(-n // step) * step
 
 
-def _row_groups(rows: int, n: int, d: int):
+def _row_groups(rows: int, n: int, d: int, device: torch.device):
     """Rows are independent: take them a few at a time so that each level's working tensors
     stay small next to the inputs and outputs."""
-    step = max(1, ROW_GROUP_ELEMENTS // (n * d))
+    step = max(1, _budget(ROW_GROUP_ELEMENTS, device) // (n * d))
     for r0 in range(0, rows, step):
         yield slice(r0, min(r0 + step, rows))
 
@@ -202,7 +207,7 @@ def forward(q, k, v, real, *, block_size: int, causal: bool):
     count, n0 = _geometry(n, block_size)
     out = torch.empty((rows, n, d), dtype=real.dtype, device=q.device)
     lse = torch.empty((rows, n), dtype=real.dtype, device=q.device)
-    for group in _row_groups(rows, n0, d):
+    for group in _row_groups(rows, n0, d, q.device):
         padded = [_pad_dim1(t[group], n0 - n, 0.0) for t in (q, k, v, real)]
         m, den, num = _forward_rows(*padded, block_size=block_size, causal=causal, count=count)
         den = den[:, :n]
@@ -251,7 +256,7 @@ def backward(q, k, v, real, out, lse, grad_out, *, block_size: int, causal: bool
     rows, n, d = q.shape
     count, n0 = _geometry(n, block_size)
     grads = [torch.zeros((rows, n, d), dtype=real.dtype, device=q.device) for _ in range(3)]
-    for group in _row_groups(rows, n0, d):
+    for group in _row_groups(rows, n0, d, q.device):
         inputs = [_pad_dim1(t[group], n0 - n, 0.0) for t in (q, k, v, real, out, grad_out)]
         group_lse = _pad_dim1(lse[group], n0 - n, float("inf"))
         # level 0 writes straight into the gradients when no padding is needed
