@@ -61,7 +61,10 @@ class TrainDisplay:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.live.stop()
+        if self.live.is_started:
+            self.live.stop()
+            if not self.console.is_terminal:  # Live ends its last line only on terminals
+                self.console.line()
 
     def __call__(self, event: dict) -> None:
         kind = event["event"]

@@ -1,0 +1,34 @@
+"""Load a checkpoint, stream a continuation of a prompt, and measure bits per byte on a file.
+
+python examples/sample_and_eval.py runs/tiny "def " README.md
+"""
+
+import sys
+
+import torch
+
+from htcli.checkpoint import load_model
+from htcli.data import ByteCorpus
+from htcli.evaluate import evaluate
+from htcli.sample import SamplingConfig, Utf8Stream, generate
+
+
+def main(checkpoint: str, prompt: str, corpus: str) -> None:
+    model, info = load_model(checkpoint, device="cpu")
+    print(f"step {info.step} model, {sum(p.numel() for p in model.parameters()):,} parameters")
+
+    stream = Utf8Stream()  # bytes in, whole characters out
+    print(prompt, end="")
+    for token in generate(
+        model, prompt.encode(), SamplingConfig(max_new_tokens=200, temperature=0.7, seed=0)
+    ):
+        print(stream.feed(token), end="", flush=True)
+    print(stream.flush())
+
+    with ByteCorpus.open([corpus]) as data:
+        result = evaluate(model, data.span(), dtype=torch.float32)
+    print(f"{corpus}: {result.bits_per_byte:.3f} bits per byte over {result.bytes_scored:,} bytes")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:4])
