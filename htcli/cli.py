@@ -242,6 +242,14 @@ def sample(
     echo: Annotated[
         bool, typer.Option("--echo/--no-echo", help="Print the prompt before its continuation.")
     ] = True,
+    cache: Annotated[
+        bool,
+        typer.Option(
+            "--cache/--no-cache",
+            help="Decode with the hierarchical cache (constant cost per byte), or recompute the model for "
+            "every byte (slow; for comparison).",
+        ),
+    ] = True,
     seed: Seed = 0,
     device: Device = "auto",
     dtype: Dtype = "auto",
@@ -270,7 +278,7 @@ def sample(
             if echo:
                 _write(stream.feed(prompt_bytes))
             started, count = time.perf_counter(), 0
-            for token in generate(model, prompt_bytes, config, dtype=torch_dtype):
+            for token in generate(model, prompt_bytes, config, dtype=torch_dtype, cache=cache):
                 _write(stream.feed(token))
                 count += 1
             seconds = time.perf_counter() - started
@@ -354,3 +362,136 @@ def eval_(
         table.add_row("context / stride", f"{result.context} / {result.stride}")
         table.add_row("time", f"{result.seconds:.1f} s ({report['bytes_per_s'] or 0:,.0f} bytes/s)")
         console.print(table)
+
+
+def _int_list(values: list[str]) -> list[int]:
+    """--seq-len 8192 --seq-len 16384, or --seq-len 8192,16384."""
+    try:
+        return [int(part) for value in values for part in value.split(",") if part.strip()]
+    except ValueError:
+        raise HtcliError(f"--seq-len takes whole numbers, e.g. 8192,32768; got {' '.join(values)}") from None
+
+
+@app.command()
+def bench(
+    seq_len: Annotated[
+        list[str] | None, typer.Option(help="Sequence lengths: repeat the option or give a comma list.")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Batch size.")] = 1,
+    heads: Annotated[int, typer.Option(help="Attention heads.")] = 4,
+    dim_head: Annotated[int, typer.Option(help="Width of one head.")] = 64,
+    block_size: Annotated[int, typer.Option(help="H-attention block size.")] = 128,
+    causal: Annotated[
+        bool | None, typer.Option("--causal/--non-causal", help="Measure only causal or only non-causal.")
+    ] = None,
+    both: Annotated[bool, typer.Option("--both", help="Measure both modes (the default).")] = False,
+    warmup: Annotated[int, typer.Option(help="Untimed runs before timing.")] = 1,
+    repeats: Annotated[int, typer.Option(help="Timed runs; the median is reported.")] = 5,
+    max_seconds: Annotated[
+        float,
+        typer.Option(help="Time budget per method and length; past it the run is reported as a timeout."),
+    ] = 120.0,
+    model: Annotated[
+        bool, typer.Option("--model", help="Time a full training step of the model (H vs exact attention).")
+    ] = False,
+    preset: Annotated[str, typer.Option(help="Model preset for --model and --decode.")] = "small",
+    decode: Annotated[
+        bool, typer.Option("--decode", help="Sampling speed: decode cache vs recomputing the forward pass.")
+    ] = False,
+    json_path: Annotated[
+        Path | None, typer.Option("--json", help="Also write the results to this JSON file.")
+    ] = None,
+    plot_path: Annotated[
+        Path | None, typer.Option("--plot", help="Also plot time and memory to this PNG.")
+    ] = None,
+    device: Device = "auto",
+    dtype: Annotated[str, typer.Option("--dtype", help="fp32 (default), bf16 or fp16.")] = "fp32",
+) -> None:
+    """H-attention against exact attention (SDPA): speed and peak memory, side by side in one run."""
+    with _user_errors():
+        if decode:
+            _bench_decode(preset, device, dtype, json_path)
+            return
+        modes = [False, True] if both or causal is None else [causal]
+        _bench_attention(
+            seq_len, batch_size, heads, dim_head, block_size, modes, warmup, repeats, max_seconds,
+            model, preset, json_path, plot_path, device, dtype,
+        )  # fmt: skip
+
+
+def _bench_attention(
+    seq_len, batch_size, heads, dim_head, block_size, modes, warmup, repeats, max_seconds,
+    model, preset, json_path, plot_path, device, dtype,
+) -> None:  # fmt: skip
+    from rich.live import Live
+
+    from htcli.bench import BenchConfig, correctness, run_bench
+    from htcli.bench_report import bench_table, exponent_lines, plot, to_json, write_json
+    from htcli.device import resolve_device
+
+    config = BenchConfig(
+        seq_lens=_int_list(seq_len or ["8192"]), batch_size=batch_size, heads=heads, dim_head=dim_head,
+        block_size=block_size, modes=modes, device=device, dtype=dtype, warmup=warmup, repeats=repeats,
+        max_seconds=max_seconds, model=model, preset=preset,
+    )  # fmt: skip
+    torch_device = resolve_device(device)
+    name = torch_device.type
+    if name == "cuda":
+        import torch
+
+        name = torch.cuda.get_device_name(torch_device)
+    error = correctness(device, dtype, block_size)
+    err_console.print(f"correctness: max |h_attention - dense oracle| = {error:.2e} ({dtype}, {name})")
+    what = (
+        f"training step, {preset} preset"
+        if model
+        else f"batch {batch_size}, {heads} heads, dim_head {dim_head}"
+    )
+    title = f"{what}, block {block_size}, {dtype}, {name}"
+    rows = []
+    with Live(bench_table(rows, config, title), console=console, transient=True) as live:
+        for row in run_bench(config):
+            rows.append(row)
+            live.update(bench_table(rows, config, title))
+    console.print(bench_table(rows, config, title))
+    for line in exponent_lines(rows, config):
+        console.print(line)
+    if json_path is not None:
+        write_json(json_path, to_json(rows, config, error, name))
+    if plot_path is not None:
+        plot(rows, config, plot_path)
+        err_console.print(f"plot written to {plot_path}")
+
+
+def _bench_decode(preset: str, device: str, dtype: str, json_path: Path | None) -> None:
+    from rich.table import Table
+
+    from htcli.bench import decode_bench
+    from htcli.bench_report import write_json
+
+    err_console.print(f"decode bench: {preset} preset, random weights, batch 1, {dtype} ...")
+    result = decode_bench(preset, device_name=device, dtype_name=dtype)
+    table = Table(title=f"sampling, {preset} preset, {result['device']}, {dtype}", title_justify="left")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    table.add_row(
+        f"tokens/s, {result['new_tokens']} new after a {result['prompt_len']}-byte prompt: cache",
+        f"{result['cached_tokens_per_s']:.1f}",
+    )
+    table.add_row("tokens/s, recomputing the forward pass", f"{result['recompute_tokens_per_s']:.2f}")
+    table.add_row("speedup, cache vs recompute", f"{result['speedup']:.0f}x")
+    table.add_row(
+        f"time per token near position {result['early_position']}",
+        f"{result['token_s_near_1000'] * 1e3:.2f} ms",
+    )
+    table.add_row(
+        f"time per token near position {result['late_position']}",
+        f"{result['token_s_near_8000'] * 1e3:.2f} ms",
+    )
+    table.add_row("late / early", f"{result['late_over_early']:.2f}x")
+    table.add_row(f"prefill of {result['prompt_len']} bytes", f"{result['prefill_s']:.2f} s")
+    table.add_row("one forward pass, same length", f"{result['forward_s']:.2f} s")
+    table.add_row("prefill / forward", f"{result['prefill_over_forward']:.2f}x")
+    console.print(table)
+    if json_path is not None:
+        write_json(json_path, result)

@@ -1,7 +1,8 @@
 """Generating bytes from a model, one small function per stage (gpt-fast style).
 
-`generate` gets each next-token distribution from `next_token_logits`, which recomputes the model
-over the last max_seq_len tokens; an incremental decode cache would replace just that function.
+`generate` gets each next-token distribution from a `Decoder`: by default through the model's
+hierarchical decode cache (prefill once, then O(block_size * dim_head) per layer per byte), or
+by recomputing the model over the last max_seq_len bytes (`cache=False`, for comparison).
 """
 
 from __future__ import annotations
@@ -69,14 +70,54 @@ def sample_token(
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-def next_token_logits(model: HTransformer1D, tokens: torch.Tensor) -> torch.Tensor:
-    """Logits (vocab,) for the token after `tokens` (1, n): the model recomputed on the last max_seq_len."""
-    return model(tokens[:, -model.config.max_seq_len :])[0, -1]
+class Decoder:
+    """Feeds bytes to a model and holds the logits (vocab,) of the next one.
+
+    With the cache, a prompt is prefilled by one parallel forward pass and each byte after it
+    is one decode step. When the context reaches max_seq_len, it is cut to its last
+    max_seq_len // 2 bytes and prefilled again, so past the model's context every
+    max_seq_len // 2 new bytes cost one prefill; the model never sees more than max_seq_len.
+    Without the cache (or for a model that cannot use it), each byte recomputes the model over
+    the last max_seq_len bytes.
+    """
+
+    def __init__(self, model: HTransformer1D, tokens: torch.Tensor, *, cache: bool, dtype: torch.dtype):
+        self.model, self.dtype = model, dtype
+        self.window = model.config.max_seq_len
+        self.cached = cache and model.supports_decode_cache
+        self.context = tokens[:, -self.window :]
+        self.logits = self._start(self.context)
+
+    def _start(self, tokens: torch.Tensor) -> torch.Tensor:
+        with autocast(tokens.device, self.dtype):
+            if not self.cached:
+                return self.model(tokens)[0, -1]
+            logits, self.states = self.model.prefill(tokens)
+        self.position = tokens.shape[1]
+        return logits[0, -1]
+
+    def feed(self, token: int) -> None:
+        """Append one byte; self.logits then predicts the byte after it."""
+        new = self.context.new_tensor([[token]])
+        self.context = torch.cat([self.context, new], dim=1)[:, -self.window :]
+        if not self.cached:
+            self.logits = self._start(self.context)
+        elif self.position >= self.window:
+            self.logits = self._start(self.context[:, -(self.window // 2) :])
+        else:
+            with autocast(new.device, self.dtype):
+                self.logits = self.model.decode_step(new[:, 0], self.states)[0]
+            self.position += 1
 
 
 @torch.no_grad()
 def generate(
-    model: HTransformer1D, prompt: bytes, config: SamplingConfig, *, dtype: torch.dtype = torch.float32
+    model: HTransformer1D,
+    prompt: bytes,
+    config: SamplingConfig,
+    *,
+    dtype: torch.dtype = torch.float32,
+    cache: bool = True,
 ) -> Iterator[int]:
     """Yield config.max_new_tokens bytes continuing prompt (at least one byte). Same seed, same bytes."""
     if not prompt:
@@ -84,19 +125,18 @@ def generate(
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(config.seed)
     tokens = torch.tensor([list(prompt)], dtype=torch.long, device=device)
-    for _ in range(config.max_new_tokens):
-        with autocast(device, dtype):
-            logits = next_token_logits(model, tokens)
+    decoder = Decoder(model, tokens, cache=cache, dtype=dtype)
+    for index in range(config.max_new_tokens):
         token = sample_token(
-            logits,
+            decoder.logits,
             temperature=config.temperature,
             top_k=config.top_k,
             top_p=config.top_p,
             generator=generator,
         )
         yield token
-        # keep no more context than the model reads
-        tokens = torch.cat([tokens[:, 1 - model.config.max_seq_len :], tokens.new_tensor([[token]])], dim=1)
+        if index + 1 < config.max_new_tokens:
+            decoder.feed(token)
 
 
 class Utf8Stream:

@@ -10,8 +10,8 @@ from htcli.sample import (
     SamplingConfig,
     Utf8Stream,
     generate,
+    Decoder,
     logits_to_probs,
-    next_token_logits,
     sample_token,
 )
 
@@ -47,14 +47,44 @@ def test_same_seed_same_bytes():
 
 
 def test_recompute_path_uses_the_last_context():
-    """Next-token logits come from the model run on the last max_seq_len tokens, however long the input."""
+    """Without the cache, next-token logits come from the model run on the last max_seq_len tokens."""
     model = tiny_model()
     tokens = torch.randint(0, 256, (1, 150))
     with torch.no_grad():
         expected = model(tokens[:, -64:])[0, -1]
-        assert torch.allclose(next_token_logits(model, tokens), expected)
-    greedy = list(generate(model, bytes(tokens[0].tolist()), SamplingConfig(5, temperature=0)))
+        assert torch.allclose(Decoder(model, tokens, cache=False, dtype=torch.float32).logits, expected)
+    greedy = list(generate(model, bytes(tokens[0].tolist()), SamplingConfig(5, temperature=0), cache=False))
     assert greedy[0] == int(expected.argmax())
+
+
+def test_cache_and_recompute_agree_within_context():
+    """Within max_seq_len the decode cache and recomputation give the same logits, byte after byte."""
+    model = tiny_model()
+    tokens = torch.randint(0, 256, (1, 10))
+    with torch.no_grad():
+        cached = Decoder(model, tokens, cache=True, dtype=torch.float32)
+        recomputed = Decoder(model, tokens, cache=False, dtype=torch.float32)
+        for token in torch.randint(0, 256, (54,)).tolist():
+            assert torch.allclose(cached.logits, recomputed.logits, atol=1e-4)
+            cached.feed(token)
+            recomputed.feed(token)
+        assert torch.allclose(cached.logits, recomputed.logits, atol=1e-4)
+
+
+def test_cache_reprefills_past_context():
+    """At max_seq_len the cached decoder re-prefills the last max_seq_len // 2 bytes, and goes on."""
+    model = tiny_model()
+    window = model.config.max_seq_len
+    tokens = torch.randint(0, 256, (1, window))
+    with torch.no_grad():
+        decoder = Decoder(model, tokens, cache=True, dtype=torch.float32)
+        decoder.feed(7)
+        context = torch.cat([tokens, tokens.new_tensor([[7]])], dim=1)
+        assert torch.allclose(decoder.logits, model(context[:, -(window // 2) :])[0, -1], atol=1e-5)
+        decoder.feed(9)
+        context = torch.cat([context, context.new_tensor([[9]])], dim=1)
+        assert torch.allclose(decoder.logits, model(context[:, -(window // 2 + 1) :])[0, -1], atol=1e-4)
+    assert len(list(generate(model, b"x" * 70, SamplingConfig(80, temperature=1.0)))) == 80
 
 
 def test_utf8_stream_never_splits_a_character():

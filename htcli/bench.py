@@ -1,0 +1,398 @@
+"""Benchmarks: H-attention vs exact attention (SDPA), alone or inside a full training step.
+
+Every measurement runs in its own subprocess (`python -m htcli.bench --worker SPEC`), so that
+a run that exceeds its time budget or memory can be stopped and reported as such, and so
+that peak memory is measured cleanly: CUDA's max_memory_allocated, or on the CPU the peak
+resident set size (VmHWM, reset through /proc/self/clear_refs) above what the inputs hold.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+
+from htcli.errors import HtcliError
+
+METHODS = ("h", "sdpa")
+
+
+@dataclass
+class BenchConfig:
+    seq_lens: list[int] = field(default_factory=lambda: [8192])
+    batch_size: int = 1
+    heads: int = 4
+    dim_head: int = 64
+    block_size: int = 128
+    modes: list[bool] = field(default_factory=lambda: [False, True])  # causal flags
+    device: str = "auto"
+    dtype: str = "fp32"
+    warmup: int = 1
+    repeats: int = 5
+    max_seconds: float = 120.0  # per method and length: past it, reported as a timeout
+    model: bool = False  # benchmark a full training step of the model instead
+    preset: str = "small"  # model preset for --model
+
+    def __post_init__(self) -> None:
+        if not self.seq_lens or any(n < 1 for n in self.seq_lens):
+            raise HtcliError("--seq-len needs positive lengths, e.g. --seq-len 8192,32768")
+        for name in ("batch_size", "heads", "dim_head", "repeats"):
+            if getattr(self, name) < 1:
+                raise HtcliError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.warmup < 0:
+            raise HtcliError("--warmup must be 0 or more")
+        if self.block_size < 2 or self.block_size % 2:
+            raise HtcliError(f"--block-size must be an even number >= 2, got {self.block_size}")
+        if self.dtype not in ("fp32", "bf16", "fp16"):
+            raise HtcliError(f"--dtype must be fp32, bf16 or fp16 for bench, got {self.dtype}")
+
+
+# ---------------------------------------------------------------------------
+# In the worker process
+# ---------------------------------------------------------------------------
+
+
+def _rss_kb(field_name: str) -> int:
+    with open("/proc/self/status") as status:
+        return int(re.search(rf"{field_name}:\s+(\d+)", status.read()).group(1))
+
+
+class PeakMemory:
+    """Peak memory above the level at entry: CUDA allocator, or the process's RSS on a CPU."""
+
+    def __init__(self, device):
+        self.device = device
+
+    def __enter__(self) -> PeakMemory:
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            self.base = _rss_kb("VmRSS") * 1024
+            with open("/proc/self/clear_refs", "w") as refs:
+                refs.write("5")  # resets VmHWM to the current RSS
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated() - self.base
+        else:
+            self.peak = _rss_kb("VmHWM") * 1024 - self.base
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _timed(fn: Callable[[], None], device, warmup: int, repeats: int, budget: float) -> list[float]:
+    """Seconds per call; stops repeating once the budget is spent (at least one timed call)."""
+    start = time.perf_counter()
+    for _ in range(warmup):
+        fn()
+        _sync(device)
+    times: list[float] = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+        if time.perf_counter() - start > budget:
+            break
+    return times
+
+
+def _attention_step(spec: dict, device, dtype):
+    """Build inputs once; return (forward, forward+backward) callables for the spec's method."""
+    import torch
+    import torch.nn.functional as F
+
+    from htcli.attention import h_attention
+
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    shape = (spec["batch_size"], spec["heads"], spec["n"], spec["dim_head"])
+    q, k, v, grad = (torch.randn(shape, generator=gen).to(device=device, dtype=dtype) for _ in range(4))
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    causal = spec["causal"]
+    if spec["method"] == "h":
+
+        def attend():
+            return h_attention(q, k, v, block_size=spec["block_size"], causal=causal)
+    else:
+
+        def attend():
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+    def forward():
+        with torch.no_grad():
+            attend()
+
+    def forward_backward():
+        q.grad = k.grad = v.grad = None
+        attend().backward(grad)
+
+    return forward, forward_backward
+
+
+def _model_step(spec: dict, device, dtype):
+    """One training step (forward, backward, AdamW) of the small model with the spec's attention."""
+    import torch
+
+    from htcli.model import HTransformer1D
+    from htcli.presets import model_config
+
+    attention = "exact" if spec["method"] == "sdpa" else "h"
+    config = model_config(spec["preset"], max_seq_len=spec["n"], attention=attention)
+    torch.manual_seed(0)
+    model = HTransformer1D(config).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    tokens = torch.randint(0, 256, (spec["batch_size"], spec["n"] + 1), device=device)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+    def forward():
+        with torch.no_grad(), autocast:
+            model(tokens[:, :-1])
+
+    def step():
+        with autocast:
+            logits = model(tokens[:, :-1])
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return forward, step
+
+
+def run_worker(spec: dict) -> dict:
+    """Measure one (method, length, mode): median forward and forward+backward time, peak memory."""
+    import torch
+
+    from htcli.device import resolve_device
+
+    device = resolve_device(spec["device"])
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[spec["dtype"]]
+    torch.manual_seed(0)
+    build = _model_step if spec.get("model") else _attention_step
+    # a first call at a small size loads code and starts threads, which the peak should not count
+    small = 2 * spec["block_size"] if not spec.get("model") else spec["block_size"]
+    build({**spec, "n": small}, device, dtype)[1]()
+    forward, forward_backward = build(spec, device, dtype)
+    # peak memory of a first, cold forward+backward: nothing cached from earlier runs
+    with PeakMemory(device) as memory:
+        t0 = time.perf_counter()
+        forward_backward()
+        _sync(device)
+    first = time.perf_counter() - t0
+    budget = spec["max_seconds"] - first
+    fb = _timed(forward_backward, device, spec["warmup"], spec["repeats"], budget / 2)
+    fwd = _timed(forward, device, spec["warmup"], spec["repeats"], budget / 2)
+    return {
+        "status": "ok",
+        "forward_s": statistics.median(fwd),
+        "forward_backward_s": statistics.median(fb),
+        "peak_bytes": memory.peak,
+        "repeats": len(fb),
+    }
+
+
+# ---------------------------------------------------------------------------
+# In the parent process
+# ---------------------------------------------------------------------------
+
+
+def run_isolated(spec: dict, timeout: float) -> dict:
+    """Run one measurement in a subprocess; a timeout, a kill (out of memory) or a CUDA OOM is
+    reported in the result's status rather than raised."""
+    cmd = [sys.executable, "-m", "htcli.bench", "--worker", json.dumps(spec)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"status": "timeout"}
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode == 0 and lines:
+        return json.loads(lines[-1])
+    if "out of memory" in proc.stderr.lower() or proc.returncode in (-9, 137):
+        return {"status": "oom"}
+    last = proc.stderr.strip().splitlines()[-1:] or [f"exit code {proc.returncode}"]
+    return {"status": "error", "error": last[0]}
+
+
+def correctness(device_name: str, dtype_name: str, block_size: int) -> float:
+    """Max |h_attention - dense oracle| at a small size, causal and not, with padding, on the
+    bench's device and dtype (the oracle in fp64)."""
+    import torch
+
+    from htcli.attention import dense_h_attention, h_attention
+    from htcli.device import resolve_device
+
+    device = resolve_device(device_name)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
+    gen = torch.Generator().manual_seed(0)
+    n = 5 * block_size + 3
+    q, k, v = (torch.randn(2, 2, n, 32, generator=gen, dtype=torch.float64) for _ in range(3))
+    mask = torch.rand(2, n, generator=gen) > 0.2
+    worst = 0.0
+    for causal in (False, True):
+        expected = dense_h_attention(q, k, v, block_size=block_size, causal=causal, key_padding_mask=mask)
+        got = h_attention(
+            *(t.to(device=device, dtype=dtype) for t in (q, k, v)),
+            block_size=block_size,
+            causal=causal,
+            key_padding_mask=mask.to(device),
+        )
+        worst = max(worst, (got.double().cpu() - expected).abs().max().item())
+    return worst
+
+
+@dataclass
+class Row:
+    """One length and mode: both methods' measurements."""
+
+    n: int
+    causal: bool
+    results: dict[str, dict]
+
+    def ratio(self, key: str) -> float | None:
+        h, s = self.results.get("h", {}), self.results.get("sdpa", {})
+        if h.get("status") != "ok" or s.get("status") != "ok" or not h[key]:
+            return None
+        return s[key] / h[key]
+
+
+def run_bench(config: BenchConfig) -> Iterator[Row]:
+    """Measure every length and mode for both methods, yielding one row at a time."""
+    base = {k: v for k, v in asdict(config).items() if k not in ("seq_lens", "modes")}
+    for n in config.seq_lens:
+        for causal in config.modes:
+            results = {}
+            for method in METHODS:
+                spec = {**base, "n": n, "causal": causal, "method": method}
+                results[method] = run_isolated(spec, timeout=config.max_seconds + 60)
+            yield Row(n=n, causal=causal, results=results)
+
+
+def scaling_exponent(rows: list[Row], method: str, causal: bool) -> float | None:
+    """Least-squares slope a of log(time) against log(n): time ~ n^a."""
+    points = [
+        (math.log(r.n), math.log(r.results[method]["forward_backward_s"]))
+        for r in rows
+        if r.causal == causal and r.results.get(method, {}).get("status") == "ok"
+    ]
+    if len({x for x, _ in points}) < 2:
+        return None
+    mean_x = sum(x for x, _ in points) / len(points)
+    mean_y = sum(y for _, y in points) / len(points)
+    sxx = sum((x - mean_x) ** 2 for x, _ in points)
+    return sum((x - mean_x) * (y - mean_y) for x, y in points) / sxx
+
+
+def _worker_main() -> None:
+    os.environ.setdefault("PYTHONWARNINGS", "ignore")
+    spec = json.loads(sys.argv[sys.argv.index("--worker") + 1])
+    print(json.dumps(run_worker(spec)), flush=True)
+
+
+if __name__ == "__main__":
+    _worker_main()
+
+
+def decode_bench(
+    preset: str = "small",
+    *,
+    prompt_len: int = 7680,
+    new_tokens: int = 512,
+    recompute_tokens: int = 8,
+    device_name: str = "auto",
+    dtype_name: str = "fp32",
+) -> dict:
+    """Sampling speed with the hierarchical decode cache against recomputing the forward pass.
+
+    Random weights (speed does not depend on them), batch 1, greedy. The recompute path is
+    timed over `recompute_tokens` tokens only: each costs a whole forward pass.
+    """
+    import torch
+
+    from htcli.device import autocast, resolve_device
+    from htcli.model import HTransformer1D
+    from htcli.presets import model_config
+
+    device = resolve_device(device_name)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
+    config = model_config(preset)
+    if prompt_len + new_tokens > config.max_seq_len:
+        raise HtcliError(
+            f"prompt ({prompt_len}) + new tokens ({new_tokens}) exceed the {preset} preset's "
+            f"context of {config.max_seq_len}"
+        )
+    torch.manual_seed(0)
+    model = HTransformer1D(config).to(device).eval()
+    prompt = torch.randint(0, 256, (1, prompt_len), device=device)
+
+    def clock() -> float:
+        _sync(device)
+        return time.perf_counter()
+
+    with torch.no_grad(), autocast(device, dtype):
+        model(prompt[:, :256])  # warm-up
+        t0 = clock()
+        model(prompt)
+        forward_s = clock() - t0
+        t0 = clock()
+        logits, states = model.prefill(prompt)
+        prefill_s = clock() - t0
+        token = logits[:, -1].argmax(-1)
+        step_times = []
+        for _ in range(new_tokens):
+            t0 = clock()
+            token = model.decode_step(token, states).argmax(-1)
+            step_times.append(clock() - t0)
+        tokens = prompt
+        t0 = clock()
+        for _ in range(recompute_tokens):
+            nxt = model(tokens[:, -config.max_seq_len :])[:, -1].argmax(-1)
+            tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+        recompute_s = (clock() - t0) / recompute_tokens
+        # per-token cost early and late in the context, from a short prompt
+        early_prompt = min(1000, prompt_len - 1)
+        _, states = model.prefill(prompt[:, :early_prompt])
+        token = prompt[:, early_prompt]
+        early = []
+        for _ in range(64):
+            t0 = clock()
+            token = model.decode_step(token, states).argmax(-1)
+            early.append(clock() - t0)
+    cached_s = statistics.median(step_times)
+    late = statistics.median(step_times[-64:])
+    return {
+        "preset": preset,
+        "device": str(device),
+        "prompt_len": prompt_len,
+        "new_tokens": new_tokens,
+        "cached_tokens_per_s": 1 / cached_s,
+        "recompute_tokens_per_s": 1 / recompute_s,
+        "speedup": recompute_s / cached_s,
+        "early_position": early_prompt,
+        "token_s_near_1000": statistics.median(early),
+        "token_s_near_8000": late,
+        "late_over_early": late / statistics.median(early),
+        "late_position": prompt_len + new_tokens,
+        "prefill_s": prefill_s,
+        "forward_s": forward_s,
+        "prefill_over_forward": prefill_s / forward_s,
+    }

@@ -1,0 +1,148 @@
+"""Tables, JSON and plots of benchmark results (formatting only: measuring is in htcli.bench)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rich.table import Table
+
+from htcli.bench import METHODS, BenchConfig, Row, scaling_exponent
+from htcli.errors import HtcliError
+
+LABELS = {"h": "H-attn", "sdpa": "SDPA"}
+
+
+def _seconds(result: dict, key: str) -> str:
+    status = result.get("status")
+    if status == "ok":
+        value = result[key]
+        return f"{value * 1e3:.1f}ms" if value < 1 else f"{value:.2f}s"
+    return {"timeout": "timeout", "oom": "OOM"}.get(status, "error")
+
+
+def _memory(result: dict) -> str:
+    if result.get("status") != "ok":
+        return "-"
+    return f"{result['peak_bytes'] / 2**20:,.0f}MiB"
+
+
+def _tokens_per_s(result: dict, row: Row, config: BenchConfig) -> str:
+    if result.get("status") != "ok":
+        return "-"
+    tokens = row.n * config.batch_size
+    return f"{tokens / result['forward_backward_s']:,.0f}"
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def bench_table(rows: list[Row], config: BenchConfig, title: str) -> Table:
+    """One line per (length, mode, method), with the SDPA/H ratios on the H-attention line."""
+    step = "step" if config.model else "fwd+bwd"
+    table = Table(
+        title=title,
+        title_justify="left",
+        caption=f"speedup: SDPA {step} time / H-attn's; mem: H-attn peak / SDPA's",
+    )
+    for name in ("n", "mode", "method", "fwd", step, "tok/s", "peak mem", "speedup", "mem"):
+        table.add_column(name, justify="left" if name in ("mode", "method") else "right", no_wrap=True)
+    for row in rows:
+        for method in METHODS:
+            result = row.results[method]
+            is_h = method == "h"
+            memory_ratio = row.ratio("peak_bytes")
+            table.add_row(
+                f"{row.n:,}",
+                "causal" if row.causal else "non-c.",
+                LABELS[method],
+                _seconds(result, "forward_s"),
+                _seconds(result, "forward_backward_s"),
+                _tokens_per_s(result, row, config),
+                _memory(result),
+                _ratio(row.ratio("forward_backward_s")) if is_h else "",
+                _ratio(None if memory_ratio is None else 1 / memory_ratio) if is_h else "",
+                end_section=not is_h,
+            )
+    return table
+
+
+def exponent_lines(rows: list[Row], config: BenchConfig) -> list[str]:
+    """'time ~ n^a' per method and mode, when the sweep has two lengths or more."""
+    lines = []
+    for causal in config.modes:
+        for method in METHODS:
+            a = scaling_exponent(rows, method, causal)
+            if a is not None:
+                mode = "causal" if causal else "non-causal"
+                lines.append(f"{LABELS[method]:13s} {mode:10s} time ~ n^{a:.2f}")
+    return lines
+
+
+def to_json(rows: list[Row], config: BenchConfig, max_error: float, device: str) -> dict:
+    from dataclasses import asdict
+
+    return {
+        "config": asdict(config),
+        "device": device,
+        "oracle_max_error": max_error,
+        "rows": [
+            {
+                "n": r.n,
+                "causal": r.causal,
+                "results": r.results,
+                "speedup": r.ratio("forward_backward_s"),
+                "memory_ratio_h_over_sdpa": None
+                if r.ratio("peak_bytes") is None
+                else 1 / r.ratio("peak_bytes"),
+            }
+            for r in rows
+        ],
+        "exponents": {
+            f"{method}/{'causal' if causal else 'non-causal'}": scaling_exponent(rows, method, causal)
+            for causal in config.modes
+            for method in METHODS
+        },
+    }
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def plot(rows: list[Row], config: BenchConfig, path: Path) -> None:
+    """Time and memory against length, log-log, one line per method and mode."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise HtcliError(
+            "--plot needs matplotlib: pip install 'htcli[plot]' (or pip install matplotlib)"
+        ) from None
+    fig, (ax_time, ax_mem) = plt.subplots(1, 2, figsize=(11, 4))
+    for causal in config.modes:
+        for method in METHODS:
+            points = [
+                (r.n, r.results[method])
+                for r in rows
+                if r.causal == causal and r.results[method].get("status") == "ok"
+            ]
+            if not points:
+                continue
+            label = f"{LABELS[method]}, {'causal' if causal else 'non-causal'}"
+            ns = [n for n, _ in points]
+            ax_time.plot(ns, [res["forward_backward_s"] for _, res in points], marker="o", label=label)
+            ax_mem.plot(ns, [res["peak_bytes"] / 2**20 for _, res in points], marker="o", label=label)
+    for ax, ylabel in ((ax_time, "forward+backward (s)"), (ax_mem, "peak memory (MiB)")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

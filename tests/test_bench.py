@@ -1,0 +1,97 @@
+"""htcli bench: measurements in subprocesses, ratios, exponents, the decode figures, errors."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from htcli.bench import BenchConfig, Row, correctness, decode_bench, run_isolated, scaling_exponent
+from htcli.cli import app
+from htcli.errors import HtcliError
+
+
+def _spec(**overrides) -> dict:
+    base = dict(
+        n=256, causal=True, method="h", batch_size=1, heads=2, dim_head=16, block_size=16, device="cpu",
+        dtype="fp32", warmup=0, repeats=2, max_seconds=30.0, model=False, preset="tiny",
+    )  # fmt: skip
+    return {**base, **overrides}
+
+
+@pytest.mark.parametrize("method", ["h", "sdpa"])
+def test_worker_measures_time_and_memory(method):
+    """A worker subprocess reports positive times and a measured peak memory."""
+    result = run_isolated(_spec(method=method), timeout=120)
+    assert result["status"] == "ok"
+    assert 0 < result["forward_s"] and 0 < result["forward_backward_s"]
+    assert result["peak_bytes"] > 0
+
+
+def test_worker_timeout_is_reported():
+    """A measurement past its time limit is reported as a timeout, not a crash."""
+    assert run_isolated(_spec(n=4096), timeout=0.5) == {"status": "timeout"}
+
+
+def test_model_step_worker():
+    """--model times a full training step of the tiny preset with either attention."""
+    for method in ("h", "sdpa"):
+        result = run_isolated(_spec(model=True, method=method, n=128), timeout=120)
+        assert result["status"] == "ok", result
+
+
+def test_correctness_check():
+    """The bench's oracle check reports a tiny error in fp32."""
+    assert correctness("cpu", "fp32", 16) < 1e-5
+
+
+def test_scaling_exponent_and_ratio():
+    """The fitted exponent of time ~ n^a, and SDPA/H ratios, come out of the rows."""
+    rows = [
+        Row(n, True, {"h": {"status": "ok", "forward_backward_s": n * 1e-6, "peak_bytes": 10},
+                      "sdpa": {"status": "ok", "forward_backward_s": n * n * 1e-9, "peak_bytes": 20}})
+        for n in (1024, 2048, 4096)
+    ]  # fmt: skip
+    assert scaling_exponent(rows, "h", True) == pytest.approx(1.0)
+    assert scaling_exponent(rows, "sdpa", True) == pytest.approx(2.0)
+    assert rows[0].ratio("peak_bytes") == pytest.approx(2.0)
+    rows[1].results["sdpa"] = {"status": "timeout"}
+    assert rows[1].ratio("forward_backward_s") is None
+
+
+def test_decode_bench_figures():
+    """--decode reports cached and recomputed speed, per-token times and prefill cost."""
+    result = decode_bench("tiny", prompt_len=100, new_tokens=70, recompute_tokens=2, device_name="cpu")
+    assert result["speedup"] > 0 and result["prefill_s"] > 0
+    with pytest.raises(HtcliError, match="exceed"):
+        decode_bench("tiny", prompt_len=250, new_tokens=10, device_name="cpu")
+
+
+def test_bench_config_validation():
+    """Impossible bench options are refused with the flag named."""
+    with pytest.raises(HtcliError, match="--block-size"):
+        BenchConfig(block_size=7)
+    with pytest.raises(HtcliError, match="--seq-len"):
+        BenchConfig(seq_lens=[0])
+
+
+def test_bench_cli(tmp_path):
+    """`htcli bench` prints the correctness check and the table, and writes JSON."""
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(
+        app,
+        ["bench", "--seq-len", "128,256", "--heads", "1", "--dim-head", "16", "--block-size", "16",
+         "--causal", "--repeats", "1", "--warmup", "0", "--device", "cpu", "--json", str(out)],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "dense oracle" in result.output and "H-attn" in result.output
+    data = json.loads(out.read_text())
+    assert [r["n"] for r in data["rows"]] == [128, 256]
+    assert data["exponents"]["h/causal"] is not None
+
+
+def test_bench_cli_bad_seq_len():
+    """A malformed --seq-len is one clear error line, exit 1."""
+    result = CliRunner().invoke(app, ["bench", "--seq-len", "8k"])
+    assert result.exit_code == 1
+    assert "--seq-len takes whole numbers" in result.output
+    assert "Traceback" not in result.output
