@@ -7,10 +7,10 @@ from conftest import TINY_MODEL
 from htcli.errors import HtcliError
 from htcli.model import HTransformer1D, HTransformerConfig
 from htcli.sample import (
+    Decoder,
     SamplingConfig,
     Utf8Stream,
     generate,
-    Decoder,
     logits_to_probs,
     sample_token,
 )
