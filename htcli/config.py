@@ -6,7 +6,7 @@ Importing this module does not import torch, so the CLI can show these defaults 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
 from htcli.errors import HtcliError
@@ -81,11 +81,11 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise HtcliError(f"unknown training config keys: {', '.join(unknown)}")
-        return cls(**data)
+        """The config saved as config.json (its model as a dict); HtcliError for a foreign one."""
+        try:
+            return cls(**data)
+        except (TypeError, ValueError) as error:
+            raise HtcliError(f"not an htcli training config: {error}") from None
 
 
 def check_choice(flag: str, value: str, choices: tuple[str, ...]) -> None:

@@ -85,16 +85,19 @@ def config_from_options(
         )
     saved = _saved_config(Path(out))
     base = preset if preset is not None else saved.pop("model")
-    return TrainConfig(**{**saved, **options, "out": out, "model": model_config(base, **model)})
+    return TrainConfig.from_dict({**saved, **options, "out": out, "model": model_config(base, **model)})
 
 
 def _saved_config(out: Path) -> dict:
+    path = out / CONFIG_FILE
     try:
-        saved = json.loads((out / CONFIG_FILE).read_text())
+        saved = json.loads(path.read_text())
     except FileNotFoundError:
         raise HtcliError(f"no checkpoint at {out}: train one with `htcli train` (without --resume)") from None
     except (OSError, ValueError):
-        raise HtcliError(f"{out / CONFIG_FILE} is not readable JSON (truncated or corrupt?)") from None
+        raise HtcliError(f"{path} is not readable JSON (truncated or corrupt?)") from None
+    if not isinstance(saved, dict) or not isinstance(saved.get("model"), dict):
+        raise HtcliError(f"{path} is not an htcli training config")
     saved.pop("htcli_version", None)
     return saved
 

@@ -129,3 +129,15 @@ def test_resume_needs_a_checkpoint_and_more_steps(corpus, tmp_path):
     train(tiny_config(corpus, tmp_path, steps=3))
     with pytest.raises(HtcliError, match="already at step 3 of --steps 3: pass a larger --steps"):
         train(config_from_options([], out=str(tmp_path), resume=True), resume=True)
+
+
+def test_resume_refuses_a_foreign_config_json(corpus, tmp_path):
+    """A config.json that is not htcli's (unknown keys, or no model) is refused by name."""
+    train(tiny_config(corpus, tmp_path, steps=3))
+    saved = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**saved, "colour": "red"}))
+    with pytest.raises(HtcliError, match="not an htcli training config: .*colour"):
+        config_from_options([], out=str(tmp_path), resume=True, steps=6)
+    (tmp_path / "config.json").write_text(json.dumps({"steps": 3}))
+    with pytest.raises(HtcliError, match="config.json is not an htcli training config"):
+        config_from_options([], out=str(tmp_path), resume=True, steps=6)
