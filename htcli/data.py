@@ -1,8 +1,8 @@
 """Corpora as byte strings: resolve files, directories, globs and .gz files; memory-map them; sample windows.
 
 A corpus is never read into Python memory: files are memory-mapped, windows are copied out of the
-maps as they are needed, and pages already read are handed back to the OS every RELEASE_EVERY bytes,
-so resident memory stays small whatever the corpus size. `.gz` files are decompressed once,
+maps as they are needed, and the mapped pages are handed back to the OS every few reads, so
+resident memory stays small whatever the corpus size. `.gz` files are decompressed once,
 streaming, into a cache file (HTCLI_CACHE_DIR, else ~/.cache/htcli) that is then mapped.
 """
 
@@ -27,7 +27,11 @@ from htcli.atomic import atomic_file
 from htcli.errors import HtcliError
 
 GLOB_CHARACTERS = "*?["
-RELEASE_EVERY = 64 << 20  # bytes read between hand-backs of mapped pages to the OS
+# mapped pages are handed back to the OS after this many bytes read, or this many reads: a page fault
+# can map far more of a cached file than it reads (fault-around, large folios), so small random reads
+# need the second bound
+RELEASE_EVERY = 64 << 20
+RELEASE_EVERY_READS = 16
 
 
 def resolve_corpus(specs: Sequence[str | os.PathLike]) -> list[Path]:
@@ -97,7 +101,7 @@ class ByteCorpus:
         self._maps: list[mmap.mmap] = []
         self._offsets: list[int] = []  # where each map starts in the concatenation
         self._size = 0
-        self._read_since_release = 0
+        self._read_since_release = self._reads_since_release = 0
         for file in self.files:
             mapped = self._map(decompressed(file, cache) if file.suffix == ".gz" else file, shown=file)
             if mapped is not None:
@@ -144,13 +148,14 @@ class ByteCorpus:
             position += take
             index += 1
         self._read_since_release += length
-        if self._read_since_release >= RELEASE_EVERY:
+        self._reads_since_release += 1
+        if self._read_since_release >= RELEASE_EVERY or self._reads_since_release >= RELEASE_EVERY_READS:
             self.release()
         return b"".join(parts)
 
     def release(self) -> None:
         """Unmap the pages read so far from this process (the OS page cache may keep them)."""
-        self._read_since_release = 0
+        self._read_since_release = self._reads_since_release = 0
         for mapped in self._maps:
             if hasattr(mapped, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
                 mapped.madvise(mmap.MADV_DONTNEED)
@@ -217,15 +222,24 @@ def split(
 
 
 class WindowSampler:
-    """Uniformly random window starts. Its whole state is one torch.Generator, saved with checkpoints."""
+    """Uniformly random window starts. Its whole state is one torch.Generator, saved with checkpoints.
 
-    def __init__(self, num_bytes: int, window: int, batch_size: int, seed: int):
+    With shard=(i, n) it draws n batches at once and keeps the i-th: n samplers with the same seed split
+    one batch of n * batch_size windows between them, the windows one sampler would draw alone.
+    """
+
+    def __init__(
+        self, num_bytes: int, window: int, batch_size: int, seed: int, shard: tuple[int, int] = (0, 1)
+    ):
         self.num_starts = num_bytes - window + 1
         self.batch_size = batch_size
+        self.shard = shard
         self.generator = torch.Generator().manual_seed(seed)
 
     def starts(self) -> list[int]:
-        return torch.randint(self.num_starts, (self.batch_size,), generator=self.generator).tolist()
+        index, count = self.shard
+        drawn = torch.randint(self.num_starts, (self.batch_size * count,), generator=self.generator)
+        return drawn[index * self.batch_size : (index + 1) * self.batch_size].tolist()
 
     def state_dict(self) -> dict:
         return {"generator": encode_state(self.generator.get_state())}
