@@ -12,9 +12,11 @@ import json
 import math
 import os
 import re
+import selectors
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -22,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from htcli.errors import HtcliError
 
 METHODS = ("h", "sdpa")
+COLD_DONE = "cold run done"  # the worker's signal that its first forward+backward finished
 
 
 @dataclass
@@ -36,7 +39,7 @@ class BenchConfig:
     dtype: str = "fp32"
     warmup: int = 1
     repeats: int = 5
-    max_seconds: float = 120.0  # per method and length: past it, reported as a timeout
+    max_seconds: float = 120.0  # per method and length: a cold run past it is reported as a timeout
     model: bool = False  # benchmark a full training step of the model instead
     preset: str = "small"  # model preset for --model
 
@@ -100,10 +103,12 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def _timed(fn: Callable[[], None], device, warmup: int, repeats: int, budget: float) -> list[float]:
-    """Seconds per call; stops repeating once the budget is spent (at least one timed call)."""
-    start = time.perf_counter()
+def _timed(fn: Callable[[], None], device, warmup: int, repeats: int, deadline: float) -> list[float]:
+    """Seconds per call after `warmup` untimed calls; warm-up is skipped and repeating stops
+    once the deadline (a perf_counter time) has passed, but one call is always timed."""
     for _ in range(warmup):
+        if time.perf_counter() > deadline:
+            break
         fn()
         _sync(device)
     times: list[float] = []
@@ -112,7 +117,7 @@ def _timed(fn: Callable[[], None], device, warmup: int, repeats: int, budget: fl
         fn()
         _sync(device)
         times.append(time.perf_counter() - t0)
-        if time.perf_counter() - start > budget:
+        if time.perf_counter() > deadline:
             break
     return times
 
@@ -194,14 +199,14 @@ def run_worker(spec: dict) -> dict:
     build({**spec, "n": small}, device, dtype)[1]()
     forward, forward_backward = build(spec, device, dtype)
     # peak memory of a first, cold forward+backward: nothing cached from earlier runs
+    start = time.perf_counter()
     with PeakMemory(device) as memory:
-        t0 = time.perf_counter()
         forward_backward()
-        _sync(device)
-    first = time.perf_counter() - t0
-    budget = spec["max_seconds"] - first
-    fb = _timed(forward_backward, device, spec["warmup"], spec["repeats"], budget / 2)
-    fwd = _timed(forward, device, spec["warmup"], spec["repeats"], budget / 2)
+    print(COLD_DONE, flush=True)  # the parent's time limit for the cold run ends here
+    deadline = start + spec["max_seconds"]
+    # the cold run was the first warm-up
+    fb = _timed(forward_backward, device, spec["warmup"] - 1, spec["repeats"], deadline)
+    fwd = _timed(forward, device, spec["warmup"], spec["repeats"], deadline)
     return {
         "status": "ok",
         "forward_s": statistics.median(fwd),
@@ -216,20 +221,39 @@ def run_worker(spec: dict) -> dict:
 # ---------------------------------------------------------------------------
 
 
-def run_isolated(spec: dict, timeout: float) -> dict:
-    """Run one measurement in a subprocess; a timeout, a kill (out of memory) or a CUDA OOM is
-    reported in the result's status rather than raised."""
+def run_isolated(spec: dict, startup_seconds: float = 60.0) -> dict:
+    """Run one measurement in a subprocess. Its cold forward+backward must end within
+    spec["max_seconds"] (after `startup_seconds` for imports), the whole run within three
+    times that; past either it is killed and reported as a timeout. A kill by the system (out
+    of memory) or a CUDA out-of-memory error is reported as "oom"; nothing is raised."""
     cmd = [sys.executable, "-m", "htcli.bench", "--worker", json.dumps(spec)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"status": "timeout"}
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    if proc.returncode == 0 and lines:
-        return json.loads(lines[-1])
-    if "out of memory" in proc.stderr.lower() or proc.returncode in (-9, 137):
+    limit = spec["max_seconds"]
+    with tempfile.TemporaryFile(mode="w+") as stderr:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True)
+        started, cold_done, lines = time.monotonic(), False, []
+        with selectors.DefaultSelector() as selector:
+            selector.register(proc.stdout, selectors.EVENT_READ)
+            while True:
+                deadline = started + startup_seconds + (3 * limit if cold_done else limit)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not selector.select(timeout=remaining):
+                    proc.kill()
+                    proc.wait()
+                    return {"status": "timeout"}
+                line = proc.stdout.readline()
+                if not line:
+                    break
+                cold_done = cold_done or line.startswith(COLD_DONE)
+                lines.append(line)
+        proc.wait()
+        stderr.seek(0)
+        errors = stderr.read()
+    results = [line for line in lines if line.startswith("{")]
+    if proc.returncode == 0 and results:
+        return json.loads(results[-1])
+    if "out of memory" in errors.lower() or proc.returncode in (-9, 137):
         return {"status": "oom"}
-    last = proc.stderr.strip().splitlines()[-1:] or [f"exit code {proc.returncode}"]
+    last = errors.strip().splitlines()[-1:] or [f"exit code {proc.returncode}"]
     return {"status": "error", "error": last[0]}
 
 
@@ -283,7 +307,7 @@ def run_bench(config: BenchConfig) -> Iterator[Row]:
             results = {}
             for method in METHODS:
                 spec = {**base, "n": n, "causal": causal, "method": method}
-                results[method] = run_isolated(spec, timeout=config.max_seconds + 60)
+                results[method] = run_isolated(spec)
             yield Row(n=n, causal=causal, results=results)
 
 

@@ -21,7 +21,7 @@ def _spec(**overrides) -> dict:
 @pytest.mark.parametrize("method", ["h", "sdpa"])
 def test_worker_measures_time_and_memory(method):
     """A worker subprocess reports positive times and a measured peak memory."""
-    result = run_isolated(_spec(method=method), timeout=120)
+    result = run_isolated(_spec(method=method))
     assert result["status"] == "ok"
     assert 0 < result["forward_s"] and 0 < result["forward_backward_s"]
     assert result["peak_bytes"] > 0
@@ -29,13 +29,13 @@ def test_worker_measures_time_and_memory(method):
 
 def test_worker_timeout_is_reported():
     """A measurement past its time limit is reported as a timeout, not a crash."""
-    assert run_isolated(_spec(n=4096), timeout=0.5) == {"status": "timeout"}
+    assert run_isolated(_spec(n=4096, max_seconds=0.5), startup_seconds=0) == {"status": "timeout"}
 
 
 def test_model_step_worker():
     """--model times a full training step of the tiny preset with either attention."""
     for method in ("h", "sdpa"):
-        result = run_isolated(_spec(model=True, method=method, n=128), timeout=120)
+        result = run_isolated(_spec(model=True, method=method, n=128))
         assert result["status"] == "ok", result
 
 
