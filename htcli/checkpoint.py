@@ -16,6 +16,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -114,6 +115,16 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], groups: str) -> dict:
     return {"state": state, "param_groups": json.loads(groups)}
 
 
+def read_json(path: Path, *, missing: str) -> Any:
+    """A run's JSON file; HtcliError with `missing` if it is absent, another if it is unreadable."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise HtcliError(missing) from None
+    except (OSError, ValueError):
+        raise HtcliError(f"{path} is not readable JSON (truncated or corrupt?)") from None
+
+
 def model_file(path: str | os.PathLike) -> Path:
     """The weights file of a checkpoint given as a run directory or a .safetensors file."""
     path = Path(path)
@@ -181,12 +192,7 @@ def load_training_state(out: Path) -> tuple[CheckpointInfo, dict[str, torch.Tens
     info = read_checkpoint_info(out)
     optimizer_file, state_file = out / OPTIMIZER_FILE, out / STATE_FILE
     groups = _read_metadata(optimizer_file, optimizer_file).get("param_groups")
-    try:
-        state = json.loads(state_file.read_text())
-    except FileNotFoundError:
-        raise HtcliError(f"no training state at {state_file}: the run cannot be resumed") from None
-    except (OSError, ValueError):
-        raise HtcliError(f"{state_file} is not readable JSON (truncated or corrupt?)") from None
+    state = read_json(state_file, missing=f"no training state at {state_file}: the run cannot be resumed")
     if groups is None:
         raise HtcliError(f"{optimizer_file} is not an htcli optimizer state")
     optimizer = _unflatten_optimizer(_load_tensors(optimizer_file), groups)

@@ -21,7 +21,7 @@ import torch
 
 from htcli import __version__
 from htcli.atomic import write_json
-from htcli.checkpoint import has_checkpoint, load_training_state, load_weights, save_checkpoint
+from htcli.checkpoint import has_checkpoint, load_training_state, load_weights, read_json, save_checkpoint
 from htcli.config import TrainConfig
 from htcli.data import ByteCorpus, WindowSampler, decode_state, encode_state, split
 from htcli.device import autocast, dtype_name, resolve_device, resolve_dtype
@@ -90,12 +90,9 @@ def config_from_options(
 
 def _saved_config(out: Path) -> dict:
     path = out / CONFIG_FILE
-    try:
-        saved = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise HtcliError(f"no checkpoint at {out}: train one with `htcli train` (without --resume)") from None
-    except (OSError, ValueError):
-        raise HtcliError(f"{path} is not readable JSON (truncated or corrupt?)") from None
+    saved = read_json(
+        path, missing=f"no checkpoint at {out}: train one with `htcli train` (without --resume)"
+    )
     if not isinstance(saved, dict) or not isinstance(saved.get("model"), dict):
         raise HtcliError(f"{path} is not an htcli training config")
     saved.pop("htcli_version", None)
