@@ -12,6 +12,7 @@ checkpoint; a crash during the renames is finished by the next load (`commit_pen
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass
@@ -58,7 +59,8 @@ def commit_pending(out: Path) -> None:
             _pending(out, name).unlink(missing_ok=True)
         return
     for name in CHECKPOINT_FILES:
-        if _pending(out, name).exists():
+        # several ranks of a resumed run may finish the same save at once: a file gone was renamed by another
+        with contextlib.suppress(FileNotFoundError):
             os.replace(_pending(out, name), out / name)
     fsync_dir(out)
 

@@ -167,15 +167,26 @@ def train(
         bool | None, typer.Option("--compile/--no-compile", help="torch.compile the model (default off).")
     ] = None,
     seed: Annotated[int | None, SEED] = None,
+    split_global_batch: Annotated[
+        bool | None,
+        typer.Option(
+            "--split-global-batch/--no-split-global-batch",
+            help="Under torchrun: every process trains on its slice of one global batch drawn from --seed "
+            "(the data order of one process with the whole batch) instead of its own windows (default off).",
+            show_default=False,
+        ),
+    ] = None,
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue the run in --out exactly where its checkpoint left it.")
     ] = False,
 ) -> None:
     """Train a byte-level model on CORPUS, with checkpoints, log.jsonl and config.json in --out.
 
-    Ctrl-C saves a checkpoint and exits; --resume continues from it.
+    Ctrl-C saves a checkpoint and exits; --resume continues from it. On several GPUs or machines, start
+    it with torchrun: `torchrun --nproc-per-node 8 -m htcli train ...`.
     """
     from htcli.display import TrainDisplay, train_summary
+    from htcli.distributed import process_group
     from htcli.train import config_from_options
     from htcli.train import train as run_training
 
@@ -213,13 +224,16 @@ def train(
             dtype=dtype,
             compile=compile,
             seed=seed,
+            split_global_batch=split_global_batch,
         )
-        with TrainDisplay(err_console) as display:
+        with process_group(config.device) as launch, TrainDisplay(err_console) as display:
             result = run_training(config, resume=resume, on_event=display)
-        console.print(train_summary(result))
-        if result.interrupted:
+        if launch.main:
+            console.print(train_summary(result))
+        if launch.main and result.interrupted:
+            again = "torchrun ... -m htcli train" if launch.world_size > 1 else "htcli train"
             err_console.print(
-                f"stopped at step {result.step}; continue with: htcli train --resume --out {escape(out)}"
+                f"stopped at step {result.step}; continue with: {again} --resume --out {escape(out)}"
             )
 
 

@@ -43,6 +43,9 @@ class TrainConfig:
     dtype: str = "auto"  # auto | fp32 | bf16 | fp16 (autocast; auto: bf16 on CUDA, else fp32)
     compile: bool = False  # torch.compile the model
     seed: int = 0  # model initialisation and data order
+    # several processes (torchrun): False: each rank draws its own windows (seeded by rank); True: each
+    # takes its slice of one global batch drawn from `seed`, the windows of one process with the whole batch
+    split_global_batch: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):

@@ -77,6 +77,12 @@ class TrainDisplay:
                 f"{human(event['train_bytes'])}B to train on, {human(event['val_bytes'])}B held out, "
                 f"{human(event['tokens_per_step'])} bytes per step"
             )
+            if event.get("world_size", 1) > 1:
+                ranks, batch, accum = event["world_size"], event["batch_size"], event["grad_accum"]
+                self.console.print(
+                    f"global batch: {ranks} ranks x {batch} x {accum} accum = "
+                    f"{ranks * batch * accum} windows of {event['seq_len']} bytes"
+                )
         elif kind == "step":
             self.progress.update(self.task, completed=event["step"])
             self.loss, self.lr = event["loss"], event["lr"]

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from htcli import distributed
 from htcli.data import ByteSpan, evenly_spaced
 from htcli.device import autocast
 from htcli.errors import HtcliError
@@ -113,13 +114,17 @@ def evaluate(
 def validation_bpb(
     model: HTransformer1D, corpus: ByteSpan, *, windows: int, batch_size: int, dtype: torch.dtype
 ) -> tuple[float, float]:
-    """(nats, bits) per byte of up to `windows` full windows spread over corpus: the check in training."""
+    """(nats, bits) per byte of up to `windows` full windows spread over corpus: the check in training.
+
+    Under a process group each rank scores its share of the windows, and all get the result over all.
+    """
     length = model.config.max_seq_len + 1
-    starts = evenly_spaced(len(corpus), length, windows)
+    starts = evenly_spaced(len(corpus), length, windows)[distributed.rank() :: distributed.world_size()]
     device = next(model.parameters()).device
     nats = 0.0
     for first in range(0, len(starts), batch_size):
         batch = corpus.windows(starts[first : first + batch_size], length).to(device)
         nats += window_nats(model, batch, torch.full((len(batch),), length - 1), dtype).sum().item()
-    nats_per_byte = nats / (len(starts) * (length - 1))
+    nats, scored = distributed.all_sum([nats, len(starts) * (length - 1)], device)
+    nats_per_byte = nats / scored
     return nats_per_byte, nats_per_byte / math.log(2)

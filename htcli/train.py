@@ -1,13 +1,18 @@
 """Training: `train(config)` runs (or resumes) a run in config.out and returns its summary.
 
 Every event (start, step, eval, sample, checkpoint, end) goes to `on_event` as a dict and, as one JSON
-line, to OUT/log.jsonl. The loop takes its process's rank and the world size (1 for now) explicitly,
-so data-parallel training can be added: only the main process logs and saves, and each rank draws
-its own data. The first Ctrl-C (SIGINT) stops the run after the current step and saves it.
+line, to OUT/log.jsonl. The first Ctrl-C (SIGINT) stops the run after the current step and saves it.
+
+Inside a process group (`htcli.distributed.process_group`, under torchrun) the same function trains
+data-parallel: each rank draws its own windows, backward averages the gradients over ranks, evaluation
+is spread over them, and rank 0 alone logs, samples and saves (with every rank's data sampler state, so
+that --resume under torchrun continues exactly). Every step the ranks agree on the loss and on whether
+to stop, so a Ctrl-C or a divergence on one rank stops all of them at the same step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
@@ -19,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from htcli import __version__
+from htcli import __version__, distributed
 from htcli.atomic import write_json
 from htcli.checkpoint import has_checkpoint, load_training_state, load_weights, read_json, save_checkpoint
 from htcli.config import TrainConfig
@@ -151,8 +156,8 @@ def make_optimizer(model: HTransformer1D, config: TrainConfig) -> torch.optim.Ad
     return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95))
 
 
-def _check_resume(out: Path, config: TrainConfig) -> tuple:
-    """The checkpoint to resume from, checked against config."""
+def _check_resume(out: Path, config: TrainConfig, world_size: int) -> tuple:
+    """The checkpoint to resume from, checked against config and the number of processes."""
     if not has_checkpoint(out):
         raise HtcliError(f"no checkpoint at {out}: train one with `htcli train` (without --resume)")
     info, weights, optimizer_state, state = load_training_state(out)
@@ -170,7 +175,18 @@ def _check_resume(out: Path, config: TrainConfig) -> tuple:
         raise HtcliError(
             f"{out} is already at step {info.step} of --steps {config.steps}: pass a larger --steps"
         )
+    saved = state.get("world_size", 1)
+    if saved != world_size:
+        how = "without torchrun" if saved == 1 else f"under torchrun with {saved} processes in all"
+        raise HtcliError(
+            f"cannot resume {out} in {_processes(world_size)}: it was trained in {_processes(saved)}, "
+            f"each with its own data stream; resume it {how}"
+        )
     return info, weights, optimizer_state, state
+
+
+def _processes(count: int) -> str:
+    return "one process" if count == 1 else f"{count} processes"
 
 
 def train(
@@ -178,22 +194,21 @@ def train(
     *,
     resume: bool = False,
     on_event: Callable[[dict], None] | None = None,
-    rank: int = 0,
-    world_size: int = 1,
 ) -> TrainResult:
     """Train config.model on config.corpus, saving in config.out; resume continues that run exactly.
 
     Every input is checked before anything is written; a checkpoint already in config.out is only
-    ever replaced by a later one of the same run (resume).
+    ever replaced by a later one of the same run (resume). Inside a process group, every rank calls it.
     """
+    rank, world_size = distributed.rank(), distributed.world_size()
     main_process = rank == 0
     out = Path(config.out)
-    device = resolve_device(config.device)
+    device = distributed.local_device(resolve_device(config.device))
     dtype = resolve_dtype(config.dtype, device)
     if out.exists() and not out.is_dir():
         raise HtcliError(f"--out {out} is a file: give a directory for the run")
     if resume:
-        checkpoint = _check_resume(out, config)
+        checkpoint = _check_resume(out, config, world_size)
     elif has_checkpoint(out):
         raise HtcliError(
             f"{out} already holds a checkpoint: pass --resume to continue it, or choose another --out"
@@ -206,9 +221,7 @@ def train(
     torch.manual_seed(config.seed)
     model = HTransformer1D(config.model).to(device)
     optimizer = make_optimizer(model, config)
-    sampler = WindowSampler(
-        len(train_data), window, config.batch_size, seed=config.seed + RANK_SEED_STRIDE * rank
-    )
+    sampler = _sampler(len(train_data), window, config, rank, world_size)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     step, val_bpb = 0, None
     if resume:
@@ -216,12 +229,14 @@ def train(
         load_weights(model, weights, info.path)
         optimizer.load_state_dict(optimizer_state)
         step, val_bpb = info.step, state["val_bpb"]
-        _restore_random_state(state, sampler, scaler)
-    forward = torch.compile(model) if config.compile else model
+        _restore_random_state(state, rank, sampler, scaler, device)
+    parallel = distributed.data_parallel(model, device)
+    no_sync = parallel.no_sync if parallel is not model else contextlib.nullcontext
+    forward = torch.compile(parallel) if config.compile else parallel
     params = sum(p.numel() for p in model.parameters())
 
-    out.mkdir(parents=True, exist_ok=True)
     if main_process:
+        out.mkdir(parents=True, exist_ok=True)
         write_json(out / CONFIG_FILE, {"htcli_version": __version__, **config.to_dict()})
     log = RunLog(out / LOG_FILE, on_event, enabled=main_process)
     log(
@@ -235,26 +250,39 @@ def train(
         train_bytes=len(train_data),
         val_bytes=len(val_data),
         tokens_per_step=config.tokens_per_step * world_size,
+        world_size=world_size,
+        batch_size=config.batch_size,
+        grad_accum=config.grad_accum,
+        seq_len=config.model.max_seq_len,
     )
 
     def save() -> None:
+        ranks = distributed.all_gather(_rank_state(sampler, device))  # every rank takes part
         if main_process:
-            state = _random_state(sampler, scaler)
+            state = {"world_size": world_size, "ranks": ranks, "grad_scaler": scaler.state_dict()}
             save_checkpoint(out, model, optimizer, state, step=step, val_bpb=val_bpb)
             log("checkpoint", step=step, path=str(out))
+        distributed.barrier(device)  # nobody goes on (or exits) before the checkpoint is written
 
     started, tokens, loss, saved_step = time.perf_counter(), 0, None, step if resume else None
+    stopping = False
     with StopRequest() as stop:
         try:
-            while step < config.steps and not stop.requested:
+            while step < config.steps:
+                stopping = distributed.any_rank(stop.requested, device)
+                if stopping:
+                    break
                 lr = learning_rate(step, config)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 step_started = time.perf_counter()
                 batches = [train_data.windows(sampler.starts(), window) for _ in range(config.grad_accum)]
                 loss, grad_norm = _optimizer_step(
-                    forward, optimizer, scaler, batches, config.clip, device, dtype
+                    forward, optimizer, scaler, batches, config.clip, device, dtype, no_sync
                 )
+                # the mean over ranks: NaN on every rank if it is NaN on one (the gradient norm, of the
+                # averaged gradients, is the same on all)
+                loss = distributed.all_sum([loss], device)[0] / world_size
                 if not (math.isfinite(loss) and (scaler.is_enabled() or math.isfinite(grad_norm))):
                     log("diverged", step=step + 1, loss=loss, grad_norm=grad_norm)
                     kept = (
@@ -275,13 +303,13 @@ def train(
                 if last or (config.eval_every and step % config.eval_every == 0):
                     val_loss, val_bpb = _evaluate(model, val_data, config, dtype)
                     log("eval", step=step, val_loss=val_loss, val_bpb=val_bpb)
-                if config.sample_every and step % config.sample_every == 0:
+                if main_process and config.sample_every and step % config.sample_every == 0:
                     prompt, text = _sample(model, val_data, config, dtype)
                     log("sample", step=step, prompt=prompt, text=text)
                 if last or (config.save_every and step % config.save_every == 0):
                     save()
                     saved_step = step
-            if stop.requested:
+            if stopping:
                 log("interrupt", step=step)
                 if saved_step != step:
                     save()
@@ -290,23 +318,41 @@ def train(
             corpus.close()
             if val_corpus is not None:
                 val_corpus.close()
-    result = TrainResult(out, step, config.steps, loss, val_bpb, stop.requested, seconds, tokens, params)
-    log("end", step=step, interrupted=stop.requested, seconds=seconds, val_bpb=val_bpb, train_loss=loss)
+    result = TrainResult(out, step, config.steps, loss, val_bpb, stopping, seconds, tokens, params)
+    log("end", step=step, interrupted=stopping, seconds=seconds, val_bpb=val_bpb, train_loss=loss)
     log.close()
     return result
 
 
+def _sampler(num_bytes: int, window: int, config: TrainConfig, rank: int, world_size: int) -> WindowSampler:
+    """Rank r's windows: its own stream (seed + r * RANK_SEED_STRIDE) or its slice of one global batch."""
+    if config.split_global_batch:
+        return WindowSampler(num_bytes, window, config.batch_size, config.seed, shard=(rank, world_size))
+    return WindowSampler(num_bytes, window, config.batch_size, config.seed + RANK_SEED_STRIDE * rank)
+
+
 def _optimizer_step(
-    forward: Callable, optimizer, scaler, batches: list[torch.Tensor], clip: float, device, dtype
+    forward: Callable,
+    optimizer,
+    scaler,
+    batches: list[torch.Tensor],
+    clip: float,
+    device,
+    dtype,
+    no_sync: Callable = contextlib.nullcontext,
 ) -> tuple[float, float]:
-    """Forward and backward over the micro-batches, clip, update: (mean loss, gradient norm)."""
+    """Forward and backward over the micro-batches, clip, update: (mean loss, gradient norm).
+
+    Gradients are averaged over ranks once, in the last micro-batch's backward (no_sync before it).
+    """
     total = torch.zeros((), device=device)
-    for batch in batches:
+    for index, batch in enumerate(batches):
         batch = batch.to(device, non_blocking=True)
-        with autocast(device, dtype):
-            logits = forward(batch[:, :-1])
-        loss = byte_nll(logits, batch[:, 1:])
-        scaler.scale(loss / len(batches)).backward()
+        with no_sync() if index < len(batches) - 1 else contextlib.nullcontext():
+            with autocast(device, dtype):
+                logits = forward(batch[:, :-1])
+            loss = byte_nll(logits, batch[:, 1:])
+            scaler.scale(loss / len(batches)).backward()
         total += loss.detach()
     scaler.unscale_(optimizer)
     params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -339,24 +385,27 @@ def _sample(model, val_data, config: TrainConfig, dtype) -> tuple[str, str]:
     return prompt.decode("utf-8", errors="replace"), text
 
 
-def _random_state(sampler: WindowSampler, scaler) -> dict:
-    cuda = [encode_state(s) for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else []
+def _rank_state(sampler: WindowSampler, device: torch.device) -> dict:
+    """What this rank needs to continue exactly: its random number generators and data sampler."""
+    cuda = encode_state(torch.cuda.get_rng_state(device)) if device.type == "cuda" else None
     return {
         "torch_rng": encode_state(torch.get_rng_state()),
         "cuda_rng": cuda,
         "sampler": sampler.state_dict(),
-        "grad_scaler": scaler.state_dict(),
     }
 
 
-def _restore_random_state(state: dict, sampler: WindowSampler, scaler) -> None:
-    torch.set_rng_state(decode_state(state["torch_rng"]))
-    if (
-        state.get("cuda_rng")
-        and torch.cuda.is_available()
-        and len(state["cuda_rng"]) == torch.cuda.device_count()
-    ):
-        torch.cuda.set_rng_state_all([decode_state(s) for s in state["cuda_rng"]])
-    sampler.load_state_dict(state["sampler"])
+def _restore_random_state(
+    state: dict, rank: int, sampler: WindowSampler, scaler, device: torch.device
+) -> None:
+    """Put back rank's part of a saved state.json (one written before "ranks" existed holds it at the top)."""
+    mine = state["ranks"][rank] if "ranks" in state else state
+    torch.set_rng_state(decode_state(mine["torch_rng"]))
+    cuda = mine.get("cuda_rng")
+    if isinstance(cuda, str) and device.type == "cuda":
+        torch.cuda.set_rng_state(decode_state(cuda), device)
+    elif isinstance(cuda, list) and cuda and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([decode_state(s) for s in cuda])  # older runs saved every GPU's
+    sampler.load_state_dict(mine["sampler"])
     if state.get("grad_scaler"):
         scaler.load_state_dict(state["grad_scaler"])

@@ -1,0 +1,278 @@
+"""Data-parallel training under torchrun: real processes on the CPU (gloo), 2 ranks, a tiny model."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import TINY_FLAGS, TINY_MODEL, assert_user_error, invoke, make_text
+from safetensors.torch import load_file
+
+from htcli.model import HTransformer1D, HTransformerConfig
+
+# a constant learning rate, so that a run stopped at step 3 and resumed to 6 equals one run of 6
+FLAGS = [*TINY_FLAGS, "--lr", "1e-3", "--min-lr", "1e-3", "--eval-every", "3", "--save-every", "3"]
+RUN_FILES = {"model.safetensors", "optimizer.safetensors", "state.json", "config.json", "log.jsonl"}
+LAUNCH = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def environment(**variables) -> dict:
+    """This environment without launcher variables, one thread per process, and `variables`."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH}
+    return {**env, "OMP_NUM_THREADS": "1", "HTCLI_DIST_TIMEOUT": "60", **variables}
+
+
+def torchrun(*args) -> subprocess.CompletedProcess:
+    """`torchrun --nproc-per-node 2 -m htcli train ARGS` on this machine, waited for."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    command += ["--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "htcli", "train"]
+    process = subprocess.run(
+        [*command, *map(str, args)], capture_output=True, text=True, env=environment(), timeout=120
+    )
+    assert process.returncode == 0, process.stderr
+    return process
+
+
+def weights(run) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "model.safetensors"))
+
+
+def events(run, kind: str) -> list[dict]:
+    lines = (run / "log.jsonl").read_text().splitlines()
+    return [event for event in map(json.loads, lines) if event["event"] == kind]
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    """A 6-step run by 2 ranks (checkpoints at steps 3 and 6), its corpus and the launch's output."""
+    root = tmp_path_factory.mktemp("ddp")
+    corpus = root / "corpus.txt"
+    corpus.write_bytes(make_text(20_000))
+    process = torchrun(corpus, "--out", root / "run", "--steps", 6, *FLAGS)
+    return root / "run", corpus, process
+
+
+def test_torchrun_trains_and_writes_one_checkpoint(ddp_run):
+    """2 ranks train, exit 0; rank 0 alone prints, logs and saves; each rank drew its own data."""
+    run, _, process = ddp_run
+    assert {p.name for p in run.iterdir()} == RUN_FILES
+    assert "global batch: 2 ranks x 2 x 1 accum = 4 windows of 64 bytes" in process.stderr
+    assert process.stdout.count("training run") == 1 and "6 of 6" in process.stdout
+    assert [e["step"] for e in events(run, "step")] == [1, 2, 3, 4, 5, 6]
+    assert [e["step"] for e in events(run, "checkpoint")] == [3, 6]
+    assert events(run, "start")[0]["tokens_per_step"] == 2 * 2 * 64
+    state = json.loads((run / "state.json").read_text())
+    assert state["world_size"] == 2 and state["step"] == 6
+    first, second = (rank["sampler"] for rank in state["ranks"])
+    assert first != second
+    plain = HTransformer1D(HTransformerConfig(**TINY_MODEL)).state_dict()
+    assert set(weights(run)) == set(plain)  # the model's own names, no DDP "module." prefix
+
+
+def test_distributed_checkpoint_samples_and_evaluates_in_one_process(ddp_run):
+    """A checkpoint written by 2 ranks loads in a single-process `htcli sample` and `htcli eval`."""
+    run, corpus, _ = ddp_run
+    sampled = invoke("sample", run, "--prompt", "the ", "--max-new-tokens", 20, "--device", "cpu")
+    assert sampled.exit_code == 0, sampled.output
+    assert sampled.stdout.startswith("the ") and "20 bytes in" in sampled.stderr
+    evaluated = invoke("eval", run, corpus, "--json", "--device", "cpu")
+    assert evaluated.exit_code == 0, evaluated.output
+    report = json.loads(evaluated.stdout)
+    assert report["step"] == 6 and 0 < report["bits_per_byte"] < 8.5
+
+
+def test_two_ranks_equal_one_process_with_twice_the_batch(ddp_run, tmp_path):
+    """With --split-global-batch, 2 ranks x batch 2 x 2 micro-batches == 1 process x batch 4 (to 1e-5)."""
+    _, corpus, _ = ddp_run
+    flags = [*FLAGS, "--steps", 4, "--grad-accum", 2]
+    torchrun(corpus, "--out", tmp_path / "two", *flags, "--split-global-batch")
+    one = invoke("train", corpus, "--out", tmp_path / "one", *flags, "--batch-size", 4)
+    assert one.exit_code == 0, one.output
+    two, one = weights(tmp_path / "two"), weights(tmp_path / "one")
+    error = max((two[name] - one[name]).abs().max().item() for name in one)
+    print(f"max |2 ranks - 1 process| over all weights after 4 steps: {error:.2e}")
+    assert error < 1e-5
+    losses = [[e["loss"] for e in events(tmp_path / run, "step")] for run in ("two", "one")]
+    assert losses[0] == pytest.approx(losses[1], abs=1e-5)
+
+
+def test_resume_under_torchrun_is_exact(ddp_run, tmp_path):
+    """3 steps, then --resume to 6, both under torchrun: the weights and losses of one 6-step run."""
+    whole, corpus, _ = ddp_run
+    torchrun(corpus, "--out", tmp_path / "run", "--steps", 3, *FLAGS)
+    resumed = torchrun("--out", tmp_path / "run", "--resume", "--steps", 6)
+    assert "resuming at step 3" in resumed.stderr
+    expected, got = weights(whole), weights(tmp_path / "run")
+    assert all(torch.equal(expected[name], got[name]) for name in expected)
+    assert [e["loss"] for e in events(tmp_path / "run", "step")] == [e["loss"] for e in events(whole, "step")]
+
+
+def test_resume_in_another_number_of_processes_is_refused(ddp_run, tmp_path):
+    """A run of 2 ranks resumed in one process says how to resume it, and leaves it untouched."""
+    run = shutil.copytree(ddp_run[0], tmp_path / "run")
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    result = invoke("train", "--out", run, "--resume", "--steps", 9)
+    assert_user_error(result, "it was trained in 2 processes, each with its own data stream; resume it under")
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+
+
+@pytest.mark.parametrize(
+    "variables,message",
+    [
+        (dict(WORLD_SIZE="2"), "RANK is not set but WORLD_SIZE is: start htcli with torchrun"),
+        (dict(RANK="2", WORLD_SIZE="2", LOCAL_RANK="0"), "RANK 2 is outside 0..1 (WORLD_SIZE is 2)"),
+        (dict(RANK="one", WORLD_SIZE="2", LOCAL_RANK="0"), "RANK is 'one', not a whole number"),
+        (dict(RANK="1", WORLD_SIZE="2", LOCAL_RANK="2", LOCAL_WORLD_SIZE="2"), "LOCAL_RANK 2 must be below"),
+        (dict(RANK="1", WORLD_SIZE="2", LOCAL_RANK="1"), "MASTER_ADDR is not set, but WORLD_SIZE is 2"),
+        (dict(HTCLI_DIST_TIMEOUT="soon", RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+              MASTER_PORT="1"), "HTCLI_DIST_TIMEOUT must be a positive number of seconds, got 'soon'"),
+    ],
+)  # fmt: skip
+def test_inconsistent_launcher_environment(ddp_run, tmp_path, monkeypatch, variables, message):
+    """Missing or impossible launcher variables: one line naming the variable, exit 1, nothing written."""
+    for name in LAUNCH:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    result = invoke("train", ddp_run[1], "--out", tmp_path / "run", *FLAGS)
+    assert_user_error(result, message)
+    assert not (tmp_path / "run").exists()
+
+
+def test_inconsistent_launcher_environment_in_a_real_process(ddp_run, tmp_path):
+    """Run as a real program, RANK >= WORLD_SIZE prints one line and exits 1, with no traceback."""
+    variables = dict(RANK="3", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29500")
+    command = [sys.executable, "-m", "htcli", "train", str(ddp_run[1]), "--out", str(tmp_path / "run")]
+    process = subprocess.run(command, capture_output=True, text=True, env=environment(**variables))
+    assert process.returncode == 1
+    assert process.stderr.strip().splitlines() == [
+        "error: RANK 3 is outside 0..1 (WORLD_SIZE is 2): start htcli with torchrun, which sets RANK, "
+        "WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT"
+    ]
+
+
+def test_unreachable_rank_0_is_an_error_not_a_hang(ddp_run, tmp_path, monkeypatch):
+    """A rank that cannot reach MASTER_ADDR:MASTER_PORT gives up after HTCLI_DIST_TIMEOUT with one line."""
+    port = free_port()  # nobody listens there
+    variables = dict(RANK="1", WORLD_SIZE="2", LOCAL_RANK="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    for name, value in {**variables, "HTCLI_DIST_TIMEOUT": "2"}.items():
+        monkeypatch.setenv(name, value)
+    started = time.monotonic()
+    result = invoke("train", ddp_run[1], "--out", tmp_path / "run", *FLAGS)
+    assert_user_error(result, f"rank 1 could not join the other 1 processes at 127.0.0.1:{port} within 2 s")
+    assert time.monotonic() - started < 30
+
+
+# a program that is `htcli` except that rank 1's loss is NaN at its 5th step
+NAN_ON_RANK_1_AT_STEP_5 = """
+import os
+from htcli import train
+from htcli.cli import app
+
+real_step, calls = train._optimizer_step, []
+
+def nan_on_rank_1_at_step_5(*args, **kwargs):
+    calls.append(1)
+    loss, norm = real_step(*args, **kwargs)
+    return (float("nan") if os.environ["RANK"] == "1" and len(calls) == 5 else loss), norm
+
+train._optimizer_step = nan_on_rank_1_at_step_5
+app(prog_name="htcli")
+"""
+
+
+def start_ranks(*args, program: tuple = ("-m", "htcli"), **variables) -> list[subprocess.Popen]:
+    """Ranks 0 and 1 of `htcli train ARGS`, started by hand with the variables torchrun would set."""
+    shared = dict(WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), **variables)
+    return [
+        subprocess.Popen(
+            [sys.executable, *program, "train", *map(str, args)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=environment(**shared, RANK=str(rank), LOCAL_RANK=str(rank)),
+        )
+        for rank in (0, 1)
+    ]
+
+
+def wait_for_a_step(run, ranks: list[subprocess.Popen]) -> None:
+    log, deadline = run / "log.jsonl", time.monotonic() + 60
+    while not (log.exists() and '"event": "step"' in log.read_text()):
+        assert time.monotonic() < deadline and ranks[0].poll() is None, ranks[0].communicate()[1]
+        time.sleep(0.05)
+
+
+def finish(ranks: list[subprocess.Popen]) -> list[str]:
+    """Each rank's stderr once it has exited (killed after 60 s)."""
+    try:
+        return [process.communicate(timeout=60)[1] for process in ranks]
+    finally:
+        kill(ranks)
+
+
+def kill(ranks: list[subprocess.Popen]) -> None:
+    for process in ranks:
+        process.kill()
+        process.communicate()
+
+
+def test_ctrl_c_on_one_rank_stops_every_rank_at_the_same_step(ddp_run, tmp_path):
+    """A SIGINT to rank 1 alone: both ranks stop after the same step, rank 0 saves both, both exit 0."""
+    run = tmp_path / "run"
+    ranks = start_ranks(ddp_run[1], "--out", run, *FLAGS, "--steps", 100_000, "--eval-every", 0)
+    wait_for_a_step(run, ranks)
+    ranks[1].send_signal(signal.SIGINT)
+    errors = finish(ranks)
+    assert [process.returncode for process in ranks] == [0, 0], errors
+    assert "continue with: torchrun ... -m htcli train --resume" in errors[0]
+    state = json.loads((run / "state.json").read_text())
+    assert state["step"] == events(run, "step")[-1]["step"] == events(run, "interrupt")[0]["step"]
+    assert len(state["ranks"]) == 2
+
+
+def test_nan_on_one_rank_stops_every_rank(ddp_run, tmp_path):
+    """A NaN loss on rank 1 alone stops both ranks at that step with the divergence error; step 3 stays."""
+    run = tmp_path / "run"
+    program = ("-c", NAN_ON_RANK_1_AT_STEP_5)
+    errors = finish(start_ranks(ddp_run[1], "--out", run, *FLAGS, "--steps", 6, program=program))
+    for error in errors:
+        assert error.strip().splitlines()[-1].startswith("error: training diverged at step 5 (loss nan"), (
+            error
+        )
+        assert "the checkpoint of step 3" in error and "Traceback" not in error
+    assert json.loads((run / "state.json").read_text())["step"] == 3
+
+
+def test_a_hung_rank_stops_the_others_after_the_timeout(ddp_run, tmp_path):
+    """When rank 1 stops answering mid-run, rank 0 exits 1 after HTCLI_DIST_TIMEOUT with one clear line."""
+    run = tmp_path / "run"
+    args = [ddp_run[1], "--out", run, *FLAGS, "--steps", 100_000, "--eval-every", 0, "--save-every", 0]
+    ranks = start_ranks(*args, HTCLI_DIST_TIMEOUT="3")
+    wait_for_a_step(run, ranks)
+    ranks[1].send_signal(signal.SIGSTOP)
+    stopped = time.monotonic()
+    try:
+        stderr = ranks[0].communicate(timeout=60)[1]
+        waited = time.monotonic() - stopped
+    finally:
+        kill(ranks)
+    assert ranks[0].returncode == 1 and "Traceback" not in stderr
+    assert (
+        stderr.strip()
+        .splitlines()[-1]
+        .startswith("error: rank 0 lost contact with the other processes (Timed out waiting 3000ms")
+    )
+    assert 2 < waited < 30
