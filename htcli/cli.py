@@ -403,7 +403,10 @@ def bench(
     repeats: Annotated[int, typer.Option(help="Timed runs; the median is reported.")] = 5,
     max_seconds: Annotated[
         float,
-        typer.Option(help="Time budget per method and length; past it the run is reported as a timeout."),
+        typer.Option(
+            help="Seconds per method and length: a first forward+backward slower than this is "
+            "reported as a timeout; repeats stop once it is spent.",
+        ),
     ] = 120.0,
     model: Annotated[
         bool, typer.Option("--model", help="Time a full training step of the model (H vs exact attention).")
