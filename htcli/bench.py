@@ -188,10 +188,10 @@ def run_worker(spec: dict) -> dict:
     """Measure one (method, length, mode): median forward and forward+backward time, peak memory."""
     import torch
 
-    from htcli.device import resolve_device
+    from htcli.device import TORCH_DTYPES, resolve_device
 
     device = resolve_device(spec["device"])
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[spec["dtype"]]
+    dtype = TORCH_DTYPES[spec["dtype"]]
     torch.manual_seed(0)
     build = _model_step if spec.get("model") else _attention_step
     # a first call at a small size loads code and starts threads, which the peak should not count
@@ -263,10 +263,10 @@ def correctness(device_name: str, dtype_name: str, block_size: int) -> float:
     import torch
 
     from htcli.attention import dense_h_attention, h_attention
-    from htcli.device import resolve_device
+    from htcli.device import TORCH_DTYPES, resolve_device
 
     device = resolve_device(device_name)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
+    dtype = TORCH_DTYPES[dtype_name]
     gen = torch.Generator().manual_seed(0)
     n = 5 * block_size + 3
     q, k, v = (torch.randn(2, 2, n, 32, generator=gen, dtype=torch.float64) for _ in range(3))
@@ -352,12 +352,12 @@ def decode_bench(
     """
     import torch
 
-    from htcli.device import autocast, resolve_device
+    from htcli.device import TORCH_DTYPES, autocast, resolve_device
     from htcli.model import HTransformer1D
     from htcli.presets import model_config
 
     device = resolve_device(device_name)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
+    dtype = TORCH_DTYPES[dtype_name]
     config = model_config(preset)
     if prompt_len + new_tokens > config.max_seq_len:
         raise HtcliError(

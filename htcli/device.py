@@ -9,7 +9,7 @@ import torch
 from htcli.config import DEVICES, DTYPES, check_choice
 from htcli.errors import HtcliError
 
-_TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _mps_available() -> bool:
@@ -38,11 +38,11 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
         raise HtcliError(f"--dtype fp16 needs a CUDA GPU (device is {device.type}); use --dtype bf16 or fp32")
     if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise HtcliError("this GPU does not support bf16; use --dtype fp16 or fp32")
-    return _TORCH_DTYPES[name]
+    return TORCH_DTYPES[name]
 
 
 def dtype_name(dtype: torch.dtype) -> str:
-    return next(name for name, value in _TORCH_DTYPES.items() if value == dtype)
+    return next(name for name, value in TORCH_DTYPES.items() if value == dtype)
 
 
 def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
