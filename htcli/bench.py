@@ -42,6 +42,7 @@ class BenchConfig:
     max_seconds: float = 120.0  # per method and length: a cold run past it is reported as a timeout
     model: bool = False  # benchmark a full training step of the model instead
     preset: str = "small"  # model preset for --model
+    impl: str = ""  # H-attention implementation, "eager" or "triton"; "" = $HTCLI_ATTENTION, else eager
 
     def __post_init__(self) -> None:
         if not self.seq_lens or any(n < 1 for n in self.seq_lens):
@@ -53,6 +54,9 @@ class BenchConfig:
             raise HtcliError("--warmup must be 0 or more")
         if self.block_size < 2 or self.block_size % 2:
             raise HtcliError(f"--block-size must be an even number >= 2, got {self.block_size}")
+        self.impl = self.impl or os.environ.get("HTCLI_ATTENTION") or "eager"
+        if self.impl not in ("eager", "triton"):
+            raise HtcliError(f"--impl must be eager or triton, got {self.impl}")
         if self.dtype not in ("fp32", "bf16", "fp16"):
             raise HtcliError(f"--dtype must be fp32, bf16 or fp16 for bench, got {self.dtype}")
 
@@ -229,7 +233,8 @@ def run_isolated(spec: dict, startup_seconds: float = 60.0) -> dict:
     cmd = [sys.executable, "-m", "htcli.bench", "--worker", json.dumps(spec)]
     limit = spec["max_seconds"]
     with tempfile.TemporaryFile(mode="w+") as stderr:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True)
+        env = {**os.environ, "HTCLI_ATTENTION": spec.get("impl") or os.environ.get("HTCLI_ATTENTION", "")}
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env)
         started, cold_done, lines = time.monotonic(), False, []
         with selectors.DefaultSelector() as selector:
             selector.register(proc.stdout, selectors.EVENT_READ)
@@ -257,7 +262,7 @@ def run_isolated(spec: dict, startup_seconds: float = 60.0) -> dict:
     return {"status": "error", "error": last[0]}
 
 
-def correctness(device_name: str, dtype_name: str, block_size: int) -> float:
+def correctness(device_name: str, dtype_name: str, block_size: int, impl: str | None = None) -> float:
     """Max |h_attention - dense oracle| at a small size, causal and not, with padding, on the
     bench's device and dtype (the oracle in fp64)."""
     import torch
@@ -279,6 +284,7 @@ def correctness(device_name: str, dtype_name: str, block_size: int) -> float:
             block_size=block_size,
             causal=causal,
             key_padding_mask=mask.to(device),
+            impl=impl,
         )
         worst = max(worst, (got.double().cpu() - expected).abs().max().item())
     return worst

@@ -423,6 +423,12 @@ def bench(
     ] = None,
     device: Device = "auto",
     dtype: Annotated[str, typer.Option("--dtype", help="fp32 (default), bf16 or fp16.")] = "fp32",
+    impl: Annotated[
+        str,
+        typer.Option(
+            help="H-attention implementation: eager or triton (default: $HTCLI_ATTENTION, else eager)."
+        ),
+    ] = "",
 ) -> None:
     """H-attention against exact attention (SDPA): speed and peak memory, side by side in one run."""
     with _user_errors():
@@ -432,13 +438,13 @@ def bench(
         modes = [False, True] if both or causal is None else [causal]
         _bench_attention(
             seq_len, batch_size, heads, dim_head, block_size, modes, warmup, repeats, max_seconds,
-            model, preset, json_path, plot_path, device, dtype,
+            model, preset, json_path, plot_path, device, dtype, impl,
         )  # fmt: skip
 
 
 def _bench_attention(
     seq_len, batch_size, heads, dim_head, block_size, modes, warmup, repeats, max_seconds,
-    model, preset, json_path, plot_path, device, dtype,
+    model, preset, json_path, plot_path, device, dtype, impl,
 ) -> None:  # fmt: skip
     from rich.live import Live
 
@@ -449,7 +455,7 @@ def _bench_attention(
     config = BenchConfig(
         seq_lens=_int_list(seq_len or ["8192"]), batch_size=batch_size, heads=heads, dim_head=dim_head,
         block_size=block_size, modes=modes, device=device, dtype=dtype, warmup=warmup, repeats=repeats,
-        max_seconds=max_seconds, model=model, preset=preset,
+        max_seconds=max_seconds, model=model, preset=preset, impl=impl,
     )  # fmt: skip
     torch_device = resolve_device(device)
     name = torch_device.type
@@ -457,14 +463,14 @@ def _bench_attention(
         import torch
 
         name = torch.cuda.get_device_name(torch_device)
-    error = correctness(device, dtype, block_size)
+    error = correctness(device, dtype, block_size, config.impl)
     err_console.print(f"correctness: max |h_attention - dense oracle| = {error:.2e} ({dtype}, {name})")
     what = (
         f"training step, {preset} preset"
         if model
         else f"batch {batch_size}, {heads} heads, dim_head {dim_head}"
     )
-    title = f"{what}, block {block_size}, {dtype}, {name}"
+    title = f"{what}, block {block_size}, {dtype}, {name}, {config.impl} H-attn"
     rows = []
     with Live(bench_table(rows, config, title), console=console, transient=True) as live:
         for row in run_bench(config):

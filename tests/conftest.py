@@ -1,9 +1,14 @@
 """Shared helpers: a tiny model and training setup, a small corpus, and a CLI runner."""
 
+import os
 import random
 
 import pytest
 import torch
+
+# Without a GPU, Triton kernels run in Triton's CPU interpreter (decided before triton is imported)
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 from typer.testing import CliRunner
 
 from htcli.cli import app

@@ -8,9 +8,21 @@ from htcli.attention import dense_h_attention, h_attention
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
+def _has_triton() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+IMPLS = ["eager", pytest.param("triton", marks=pytest.mark.skipif(not _has_triton(), reason="needs triton"))]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
-def test_cuda_matches_oracle(causal, dtype, tol):
+def test_cuda_matches_oracle(causal, dtype, tol, impl):
     """On the GPU: outputs and gradients equal the fp64 CPU oracle (fp32 tight, bf16 loose)."""
     gen = torch.Generator().manual_seed(0)
     n, block = 1000, 64
@@ -21,7 +33,7 @@ def test_cuda_matches_oracle(causal, dtype, tol):
     expected = dense_h_attention(*ref_inputs, block_size=block, causal=causal, key_padding_mask=mask)
     expected.backward(grad)
     gpu = [t.to("cuda", dtype).requires_grad_() for t in (q, k, v)]
-    out = h_attention(*gpu, block_size=block, causal=causal, key_padding_mask=mask.cuda())
+    out = h_attention(*gpu, block_size=block, causal=causal, key_padding_mask=mask.cuda(), impl=impl)
     out.backward(grad.to("cuda", dtype))
     assert (out.double().cpu() - expected).abs().max().item() < tol
     for got, ref in zip(gpu, ref_inputs):
@@ -29,11 +41,27 @@ def test_cuda_matches_oracle(causal, dtype, tol):
         assert rel.item() < tol
 
 
-def test_cuda_autocast_bf16():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_cuda_autocast_bf16(impl):
     """Under bf16 autocast on the GPU the result stays within bf16 tolerance of fp32."""
     q, k, v = (torch.randn(2, 4, 4096, 64, device="cuda") for _ in range(3))
     reference = h_attention(q, k, v, block_size=128, causal=True)
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        out = h_attention(q, k, v, block_size=128, causal=True)
+        out = h_attention(q, k, v, block_size=128, causal=True, impl=impl)
     assert torch.isfinite(out).all()
     assert (out.float() - reference).abs().max().item() < 0.05
+
+
+@pytest.mark.skipif(not _has_triton(), reason="needs triton")
+@pytest.mark.parametrize("causal", [False, True])
+def test_cuda_triton_long_bf16_equals_eager(causal):
+    """At 65536 tokens (9 levels with block 128) the bf16 kernels agree with eager fp32 attention."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v, grad = (torch.randn(1, 2, 65536, 64, device="cuda", generator=gen) for _ in range(4))
+    results = []
+    for impl, dtype in (("eager", torch.float32), ("triton", torch.bfloat16)):
+        inputs = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+        out = h_attention(*inputs, block_size=128, causal=causal, impl=impl)
+        results.append([out.float(), *(g.float() for g in torch.autograd.grad(out, inputs, grad.to(dtype)))])
+    for eager, fused in zip(*results):
+        assert ((fused - eager).norm() / eager.norm()).item() < 2e-2

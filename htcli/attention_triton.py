@@ -1,0 +1,180 @@
+"""h_attention through Triton kernels: the level loops around attention_kernels.
+
+Same contract as attention_levels.forward / backward (q, k, v: (rows, n, d); real: (rows, n)
+fp32, 1 = real token), with the output and gradients in the inputs' dtype and the
+log-sum-exp in fp32.
+
+Forward: build every level's clusters, fine to coarse (one pooling launch per level), then
+attend coarse to fine (one launch per level): each level starts from its parent's softmax
+state, and level 0 writes the output. Nothing n x n, nothing per level kept afterwards.
+
+Backward: the clusters again, the per-cluster sums G, E and reference maxima fine to coarse,
+then per level, coarse to fine, one launch for dQ and one for dK, dV; each level adds its
+parent's gradients, so level 0 ends with the full gradients.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from htcli import attention_kernels as kernels
+from htcli.attention_oracle import num_levels
+
+POOL_BLOCK = 64
+# largest (query, key) tiles per kernel; a level's block size caps them
+MAX_TILES = {"forward": (128, 64), "dq": (128, 32), "dkdv": (32, 128)}
+MIN_TILE = 16  # tl.dot's smallest side
+
+
+def unsupported(q: torch.Tensor, block_size: int) -> str | None:
+    """Why these kernels cannot take q (rows, n, d) with this block size, or None if they can."""
+    d = q.shape[-1]
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"dtype {q.dtype} (float16, bfloat16 or float32 only)"
+    if block_size < MIN_TILE or block_size & (block_size - 1):
+        return f"block size {block_size} (a power of two >= {MIN_TILE} only)"
+    if d < MIN_TILE or d > 256 or d & (d - 1):
+        return f"dim_head {d} (a power of two from {MIN_TILE} to 256 only)"
+    return None
+
+
+def _launch_options(kind: str, r: int, q: torch.Tensor) -> dict:
+    block_q, block_k = (min(r, tile) for tile in MAX_TILES[kind])
+    return dict(
+        R=r,
+        BLOCK_Q=block_q,
+        BLOCK_K=block_k,
+        D=q.shape[-1],
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=8 if block_q * block_k >= 128 * 64 else 4,
+    )
+
+
+def _pyramid(q, k, v, real, *, block_size: int, causal: bool) -> list[tuple]:
+    """Every level's (Q, K, V, CNT), fine to coarse. Causal Q is a strided view of q."""
+    rows, n, d = q.shape
+    levels = [(q, k, v, real)]
+    for level in range(1, num_levels(n, block_size)):
+        q_prev, k_prev, v_prev, cnt_prev = levels[-1]
+        c_prev = cnt_prev.shape[1]
+        c = (c_prev + 1) // 2
+        k_l, v_l = (torch.empty((rows, c, d), dtype=q.dtype, device=q.device) for _ in range(2))
+        q_l = q[:, :: 2**level] if causal else torch.empty_like(k_l)
+        cnt = torch.empty((rows, c), dtype=torch.float32, device=q.device)
+        grid = (triton.cdiv(c, POOL_BLOCK), rows)
+        kernels.pool_kernel[grid](
+            q_prev,
+            k_prev,
+            v_prev,
+            cnt_prev,
+            q_l,
+            k_l,
+            v_l,
+            cnt,
+            c_prev,
+            c,
+            D=d,
+            BLOCK=POOL_BLOCK,
+            POOL_Q=not causal,
+        )
+        levels.append((q_l, k_l, v_l, cnt))
+    return levels
+
+
+def _grid(c: int, r: int, tile: int, rows: int) -> tuple[int, int]:
+    """Tiles of every block of a level of length c, for every row."""
+    return (triton.cdiv(c, r) * (r // tile), rows)
+
+
+def forward(q, k, v, real, *, block_size: int, causal: bool):
+    """Output (rows, n, d) in q's dtype and log-sum-exp (rows, n) fp32 (+inf, output 0, where a
+    position scores no key)."""
+    rows, n, d = q.shape
+    q, k, v = (t.contiguous() for t in (q, k, v))
+    real = real.to(torch.float32).contiguous()
+    levels = _pyramid(q, k, v, real, block_size=block_size, causal=causal)
+    out = torch.empty_like(q)
+    lse = torch.empty((rows, n), dtype=torch.float32, device=q.device)
+    options = _launch_options("forward", block_size, q)
+    parent = None
+    for level in reversed(range(len(levels))):
+        q_l, k_l, v_l, cnt = levels.pop()  # each level's clusters are freed after use
+        c = cnt.shape[1]
+        state = (lse, lse, lse)  # placeholders: level 0 writes out and lse instead
+        if level:
+            state = (
+                *(torch.empty((rows, c), dtype=torch.float32, device=q.device) for _ in range(2)),
+                torch.empty((rows, c, d), dtype=torch.float32, device=q.device),
+            )
+        p_m, p_den, p_acc, c_parent = parent if parent else (*state, 1)
+        kernels.forward_kernel[_grid(c, block_size, options["BLOCK_Q"], rows)](
+            q_l,
+            k_l,
+            v_l,
+            cnt,
+            p_m,
+            p_den,
+            p_acc,
+            *state,
+            out,
+            lse,
+            c,
+            triton.cdiv(c, block_size),
+            c_parent,
+            q_l.stride(0),
+            q_l.stride(1),
+            d**-0.5,
+            LEVEL0=level == 0,
+            CAUSAL=causal,
+            HAS_PARENT=parent is not None,
+            **options,
+        )
+        parent = (*state, c)
+    return out, lse
+
+
+def _backward_sums(grad_out, delta, lse, lengths: list[int]) -> list[tuple]:
+    """Per level (fine to coarse): G, E and the reference maximum REF of every cluster."""
+    rows, _, d = grad_out.shape
+    sums = [(grad_out, delta, lse)]
+    for c_prev, c in zip(lengths, lengths[1:]):
+        g = torch.empty((rows, c, d), dtype=torch.float32, device=grad_out.device)
+        e, ref = (torch.empty((rows, c), dtype=torch.float32, device=grad_out.device) for _ in range(2))
+        kernels.pool_grad_kernel[(triton.cdiv(c, POOL_BLOCK), rows)](
+            *sums[-1], g, e, ref, c_prev, c, D=d, BLOCK=POOL_BLOCK
+        )
+        sums.append((g, e, ref))
+    return sums
+
+
+def backward(q, k, v, real, out, lse, grad_out, *, block_size: int, causal: bool):
+    """Gradients (dq, dk, dv), each (rows, n, d) in q's dtype."""
+    rows, n, d = q.shape
+    q, k, v, grad_out = (t.contiguous() for t in (q, k, v, grad_out.to(q.dtype)))
+    real = real.to(torch.float32).contiguous()
+    delta = torch.linalg.vecdot(grad_out.float(), out.float())
+    levels = _pyramid(q, k, v, real, block_size=block_size, causal=causal)
+    sums = _backward_sums(grad_out, delta, lse, [level[3].shape[1] for level in levels])
+    q_options = _launch_options("dq", block_size, q)
+    kv_options = _launch_options("dkdv", block_size, q)
+    parent = None
+    for level in reversed(range(len(levels))):
+        q_l, k_l, v_l, cnt = levels.pop()
+        g, e, ref = sums.pop()
+        c = cnt.shape[1]
+        # coarse levels' gradients are fp32; level 0's, the result, are allocated last
+        dtype = q.dtype if level == 0 else torch.float32
+        own = [torch.empty((rows, c, d), dtype=dtype, device=q.device) for _ in range(3)]
+        p_dq, p_dk, p_dv, p_cnt = parent if parent else (*own, cnt)  # placeholders without a parent
+        c_parent = p_cnt.shape[1]
+        common = dict(LEVEL0=level == 0, CAUSAL=causal, HAS_PARENT=parent is not None)
+        geometry = (c, triton.cdiv(c, block_size), c_parent, q_l.stride(0), q_l.stride(1), d**-0.5)
+        kernels.dq_kernel[_grid(c, block_size, q_options["BLOCK_Q"], rows)](
+            q_l, k_l, v_l, cnt, g, e, ref, p_dq, p_cnt, own[0], *geometry, **common, **q_options
+        )
+        kernels.dkdv_kernel[_grid(c, block_size, kv_options["BLOCK_K"], rows)](
+            q_l, k_l, v_l, cnt, g, e, ref, p_dk, p_dv, p_cnt, *own[1:], *geometry, **common, **kv_options
+        )
+        parent = (*own, cnt)
+    return own

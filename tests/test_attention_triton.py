@@ -1,0 +1,138 @@
+"""The Triton kernels of h_attention against the dense oracle (on the CPU through Triton's interpreter)."""
+
+import pytest
+import torch
+
+from htcli import attention
+from htcli.attention import dense_h_attention, h_attention
+from htcli.errors import HtcliError
+
+pytest.importorskip("triton")
+from htcli import attention_triton  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# (n, block, dim_head, largest tile): ragged lengths, several levels, blocks cut into tiles
+CASES = [(5, 16, 16, None), (300, 16, 16, None), (200, 32, 32, None), (150, 32, 16, 16)]
+
+
+def _inputs(n, d, *, b=2, h=2, masked=False, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v, grad = (torch.randn(b, h, n, d, generator=gen, dtype=torch.float64) for _ in range(4))
+    mask = None
+    if masked:
+        mask = torch.rand(b, n, generator=gen) > 0.3
+        mask[:, 0] = True
+    return q, k, v, grad, mask
+
+
+def _oracle(q, k, v, grad, mask, block, causal):
+    inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = dense_h_attention(*inputs, block_size=block, causal=causal, key_padding_mask=mask)
+    return out.detach(), torch.autograd.grad(out, inputs, grad)
+
+
+def _triton(q, k, v, grad, mask, block, causal, dtype=torch.float32):
+    inputs = [t.to(DEVICE, dtype).requires_grad_() for t in (q, k, v)]
+    mask = None if mask is None else mask.to(DEVICE)
+    out = h_attention(*inputs, block_size=block, causal=causal, key_padding_mask=mask, impl="triton")
+    grads = torch.autograd.grad(out, inputs, grad.to(DEVICE, dtype))
+    return out.detach().double().cpu(), [g.double().cpu() for g in grads]
+
+
+@pytest.fixture
+def tiles(monkeypatch):
+    """Cap the kernels' tiles so that one block is worked through in several."""
+
+    def cap(size):
+        if size:
+            monkeypatch.setattr(
+                attention_triton, "MAX_TILES", {k: (size, size) for k in attention_triton.MAX_TILES}
+            )
+
+    return cap
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("n,block,d,tile", CASES)
+def test_triton_equals_oracle(n, block, d, tile, causal, tiles):
+    """Outputs and gradients of the kernels equal the oracle's (fp32), padding mask included."""
+    tiles(tile)
+    q, k, v, grad, mask = _inputs(n, d, b=1, masked=n > 100)
+    expected, expected_grads = _oracle(q, k, v, grad, mask, block, causal)
+    out, grads = _triton(q, k, v, grad, mask, block, causal)
+    assert (out - expected).abs().max().item() < 1e-5
+    for got, ref in zip(grads, expected_grads):
+        assert (got - ref).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_triton_half_precision(causal):
+    """fp16 inputs: matrix products in fp16, statistics in fp32, within half-precision tolerance."""
+    q, k, v, grad, mask = _inputs(100, 16, b=1)
+    expected, expected_grads = _oracle(q, k, v, grad, mask, 16, causal)
+    out, grads = _triton(q, k, v, grad, mask, 16, causal, dtype=torch.float16)
+    assert (out - expected).abs().max().item() < 1e-2
+    for got, ref in zip(grads, expected_grads):
+        assert ((got - ref).norm() / ref.norm()).item() < 1e-2
+
+
+def test_triton_equals_eager_where_nothing_is_scored():
+    """Causal positions whose keys are all padding: output 0 and finite gradients, as eager gives."""
+    q, k, v, grad, _ = _inputs(64, 16, b=1, h=1)
+    mask = torch.ones(1, 64, dtype=torch.bool)
+    mask[0, :3] = False
+    results = []
+    for impl in ("eager", "triton"):
+        inputs = [t.float().requires_grad_() for t in (q, k, v)]
+        out = h_attention(*inputs, block_size=16, causal=True, key_padding_mask=mask, impl=impl)
+        results.append((out, *torch.autograd.grad(out, inputs, grad.float())))
+    assert results[1][0][0, 0, :3].abs().max().item() == 0
+    for eager, fused in zip(*results):
+        assert torch.isfinite(fused).all()
+        assert (eager - fused).abs().max().item() < 1e-5
+
+
+def test_triton_large_scores_stay_finite():
+    """Scores of magnitude ~1e4 neither overflow nor produce NaN."""
+    q, k, v, grad, _ = _inputs(100, 16, b=1, h=1)
+    expected, _ = _oracle(q * 30, k * 30, v, grad, None, 16, False)
+    out, grads = _triton(q * 30, k * 30, v, grad, None, 16, False)
+    assert all(torch.isfinite(t).all() for t in (out, *grads))
+    assert (out - expected).abs().max().item() < 1e-4
+
+
+def test_model_with_triton_attention(monkeypatch):
+    """A whole model gives the same loss and gradients with either implementation."""
+    from htcli.model import HTransformer1D, HTransformerConfig
+
+    torch.manual_seed(0)
+    config = HTransformerConfig(
+        num_tokens=256, dim=32, depth=1, heads=2, dim_head=16, block_size=16, max_seq_len=128, causal=True
+    )
+    model = HTransformer1D(config)
+    tokens = torch.randint(0, 256, (1, 80))
+    results = []
+    for impl in ("eager", "triton"):
+        monkeypatch.setattr(attention, "DEFAULT_IMPLEMENTATION", impl)
+        model.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(tokens).transpose(1, 2), tokens)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    assert abs(results[0][0] - results[1][0]).item() < 1e-5
+    for eager, fused in zip(results[0][1], results[1][1]):
+        assert (eager - fused).abs().max().item() < 1e-4
+
+
+def test_triton_refuses_what_it_cannot_take(monkeypatch):
+    """Unknown implementation, odd block size, fp64, CPU tensors outside the interpreter: one clear error."""
+    q = torch.randn(1, 1, 32, 16)
+    with pytest.raises(HtcliError, match="must be one of eager, triton"):
+        h_attention(q, q, q, block_size=16, impl="fast")
+    with pytest.raises(HtcliError, match="block size 6"):
+        h_attention(q, q, q, block_size=6, impl="triton")
+    with pytest.raises(HtcliError, match="dtype torch.float64"):
+        h_attention(q.double(), q.double(), q.double(), block_size=16, impl="triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(HtcliError, match="needs CUDA tensors"):
+        h_attention(q, q, q, block_size=16, impl="triton")
