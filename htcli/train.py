@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from htcli import __version__, distributed
-from htcli.atomic import write_json
+from htcli.atomic import atomic_file, write_json
 from htcli.checkpoint import has_checkpoint, load_training_state, load_weights, read_json, save_checkpoint
 from htcli.config import TrainConfig
 from htcli.data import ByteCorpus, WindowSampler, decode_state, encode_state, split
@@ -38,6 +38,7 @@ from htcli.sample import SamplingConfig, generate
 
 CONFIG_FILE = "config.json"
 LOG_FILE = "log.jsonl"
+METRIC_EVENTS = ("step", "eval", "sample")  # events of one step, redone when a run resumes before it
 SAMPLE_PROMPT_BYTES = 64  # periodic samples continue the validation data's first bytes
 SAMPLE_TEMPERATURE = 0.8
 RANK_SEED_STRIDE = 1_000_003  # rank r draws data with seed + r * this
@@ -122,6 +123,24 @@ class RunLog:
     def close(self) -> None:
         if self.file is not None:
             self.file.close()
+
+
+def _trim_log(path: Path, step: int) -> None:
+    """Before a resume from `step`: drop the metric events of later steps, which a crash left and
+    the resumed run redoes, and any torn line, so that each step is logged once."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("event") in METRIC_EVENTS and record.get("step", 0) > step:
+            continue
+        kept.append(line + "\n")
+    with atomic_file(path, "w") as file:
+        file.writelines(kept)
 
 
 class StopRequest:
@@ -238,6 +257,8 @@ def train(
     if main_process:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / CONFIG_FILE, {"htcli_version": __version__, **config.to_dict()})
+    if resume and main_process:
+        _trim_log(out / LOG_FILE, step)
     log = RunLog(out / LOG_FILE, on_event, enabled=main_process)
     log(
         "start",

@@ -73,6 +73,25 @@ def test_interrupted_and_resumed_run_equals_one_run(corpus, tmp_path):
     assert second.train_loss == whole.train_loss
 
 
+def test_resume_after_a_crash_logs_each_step_once(corpus, tmp_path):
+    """A crash after the checkpoint of step 4 leaves step 5 in log.jsonl; the resume redoes it once."""
+
+    def crash_at_step_5(event):
+        if event["event"] == "step" and event["step"] == 5:
+            raise RuntimeError("power cut")
+
+    config = tiny_config(corpus, tmp_path, save_every=2, eval_every=1)
+    with pytest.raises(RuntimeError, match="power cut"):
+        train(config, on_event=crash_at_step_5)
+    with open(tmp_path / "log.jsonl", "a") as log:
+        log.write('{"event": "step", "st')  # a line torn by the crash
+    train(config, resume=True)
+    events = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in events if e["event"] == "step"] == [1, 2, 3, 4, 5, 6]
+    assert [e["step"] for e in events if e["event"] == "eval"] == [1, 2, 3, 4, 5, 6]
+    assert [e["resumed"] for e in events if e["event"] == "start"] == [False, True]
+
+
 def test_log_and_config_files(corpus, tmp_path):
     """log.jsonl has one line per step and per evaluation; config.json holds the resolved config."""
     config = tiny_config(corpus, tmp_path)
