@@ -80,13 +80,13 @@ def test_triton_half_precision(causal):
 def test_triton_equals_eager_where_nothing_is_scored():
     """Causal positions whose keys are all padding: output 0 and finite gradients, as eager gives."""
     q, k, v, grad, _ = _inputs(64, 16, b=1, h=1)
-    mask = torch.ones(1, 64, dtype=torch.bool)
+    mask = torch.ones(1, 64, dtype=torch.bool, device=DEVICE)
     mask[0, :3] = False
     results = []
     for impl in ("eager", "triton"):
-        inputs = [t.float().requires_grad_() for t in (q, k, v)]
+        inputs = [t.to(DEVICE, torch.float32).requires_grad_() for t in (q, k, v)]
         out = h_attention(*inputs, block_size=16, causal=True, key_padding_mask=mask, impl=impl)
-        results.append((out, *torch.autograd.grad(out, inputs, grad.float())))
+        results.append((out, *torch.autograd.grad(out, inputs, grad.to(DEVICE, torch.float32))))
     assert results[1][0][0, 0, :3].abs().max().item() == 0
     for eager, fused in zip(*results):
         assert torch.isfinite(fused).all()
@@ -110,8 +110,8 @@ def test_model_with_triton_attention(monkeypatch):
     config = HTransformerConfig(
         num_tokens=256, dim=32, depth=1, heads=2, dim_head=16, block_size=16, max_seq_len=128, causal=True
     )
-    model = HTransformer1D(config)
-    tokens = torch.randint(0, 256, (1, 80))
+    model = HTransformer1D(config).to(DEVICE)
+    tokens = torch.randint(0, 256, (1, 80), device=DEVICE)
     results = []
     for impl in ("eager", "triton"):
         monkeypatch.setattr(attention, "DEFAULT_IMPLEMENTATION", impl)
