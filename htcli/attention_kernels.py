@@ -133,7 +133,7 @@ def _forward_block(acc, m_i, l_i, q, i_loc, row, kb, nb, c, q_start, scale, K, V
     return acc, m_i, l_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["c", "nb", "c_parent"])  # one compiled kernel for every length
 def forward_kernel(Q, K, V, CNT, PM, PL, PACC, OM, OL, OACC, OUT, LSE, c, nb, c_parent, stride_qr, stride_qn,
                    scale, R: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, D: tl.constexpr,
                    LEVEL0: tl.constexpr, CAUSAL: tl.constexpr, HAS_PARENT: tl.constexpr,
@@ -191,7 +191,7 @@ def _weighted_pair(SRC, first, valid, has_second, w0, w1, D: tl.constexpr):
     return x + _load_rows(SRC, first + 1, has_second, D).to(tl.float32) * w1[:, None]
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["c_prev", "c"])  # one compiled kernel for every length
 def pool_kernel(QP, KP, VP, CNTP, Q, K, V, CNT, c_prev, c, D: tl.constexpr, BLOCK: tl.constexpr,
                 POOL_Q: tl.constexpr):
     """Level l from level l - 1: K, V (and Q, non-causal) are means over a cluster's real
@@ -208,7 +208,7 @@ def pool_kernel(QP, KP, VP, CNTP, Q, K, V, CNT, c_prev, c, D: tl.constexpr, BLOC
     tl.store(CNT + here, total, mask=valid)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["c_prev", "c"])  # one compiled kernel for every length
 def pool_grad_kernel(GP, EP, REFP, G, E, REF, c_prev, c, D: tl.constexpr, BLOCK: tl.constexpr):
     """Level l's backward sums from level l - 1's. Per cluster, REF = min of its positions'
     log-sum-exp (inf where none scores anything), G = sum_i exp(REF - lse_i) dO_i and
@@ -255,7 +255,7 @@ def _dq_block(dq, q, g, e, ref, i_loc, row, kb, nb, c, q_start, scale, K, V, CNT
     return dq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["c", "nb", "c_parent"])  # one compiled kernel for every length
 def dq_kernel(Q, K, V, CNT, G, E, REF, PDQ, PCNT, DQ, c, nb, c_parent, stride_qr, stride_qn, scale,
               R: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, D: tl.constexpr,
               LEVEL0: tl.constexpr, CAUSAL: tl.constexpr, HAS_PARENT: tl.constexpr, PRECISION: tl.constexpr):
@@ -299,7 +299,7 @@ def _dkdv_block(dk, dv, k, v, cnt, j_loc, row, qb, nb, c, k_start, scale, Q, G, 
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["c", "nb", "c_parent"])  # one compiled kernel for every length
 def dkdv_kernel(Q, K, V, CNT, G, E, REF, PDK, PDV, PCNT, DK, DV, c, nb, c_parent, stride_qr, stride_qn,
                 scale, R: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, D: tl.constexpr,
                 LEVEL0: tl.constexpr, CAUSAL: tl.constexpr, HAS_PARENT: tl.constexpr,

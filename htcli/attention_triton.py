@@ -10,7 +10,9 @@ state, and level 0 writes the output. Nothing n x n, nothing per level kept afte
 
 Backward: the clusters again, the per-cluster sums G, E and reference maxima fine to coarse,
 then per level, coarse to fine, one launch for dQ and one for dK, dV; each level adds its
-parent's gradients, so level 0 ends with the full gradients.
+parent's gradients, so level 0 ends with the full gradients. Coarse levels' G and gradients
+are kept in the inputs' dtype (what the kernels compute with) to save memory; softmax
+statistics are fp32 throughout.
 """
 
 from __future__ import annotations
@@ -94,52 +96,42 @@ def forward(q, k, v, real, *, block_size: int, causal: bool):
     q, k, v = (t.contiguous() for t in (q, k, v))
     real = real.to(torch.float32).contiguous()
     levels = _pyramid(q, k, v, real, block_size=block_size, causal=causal)
-    out = torch.empty_like(q)
     lse = torch.empty((rows, n), dtype=torch.float32, device=q.device)
     options = _launch_options("forward", block_size, q)
     parent = None
     for level in reversed(range(len(levels))):
         q_l, k_l, v_l, cnt = levels.pop()  # each level's clusters are freed after use
         c = cnt.shape[1]
-        state = (lse, lse, lse)  # placeholders: level 0 writes out and lse instead
-        if level:
+        if level:  # softmax state: max, denominator, numerator; no output yet (placeholder)
+            f32 = dict(dtype=torch.float32, device=q.device)
             state = (
-                *(torch.empty((rows, c), dtype=torch.float32, device=q.device) for _ in range(2)),
-                torch.empty((rows, c, d), dtype=torch.float32, device=q.device),
+                torch.empty((rows, c), **f32),
+                torch.empty((rows, c), **f32),
+                torch.empty((rows, c, d), **f32),
             )
+            out = lse
+        else:  # level 0 writes the output (allocated last: peak memory) and lse instead
+            state = (lse, lse, lse)
+            out = torch.empty_like(q)
         p_m, p_den, p_acc, c_parent = parent if parent else (*state, 1)
+        # fmt: off
         kernels.forward_kernel[_grid(c, block_size, options["BLOCK_Q"], rows)](
-            q_l,
-            k_l,
-            v_l,
-            cnt,
-            p_m,
-            p_den,
-            p_acc,
-            *state,
-            out,
-            lse,
-            c,
-            triton.cdiv(c, block_size),
-            c_parent,
-            q_l.stride(0),
-            q_l.stride(1),
-            d**-0.5,
-            LEVEL0=level == 0,
-            CAUSAL=causal,
-            HAS_PARENT=parent is not None,
-            **options,
+            q_l, k_l, v_l, cnt, p_m, p_den, p_acc, *state, out, lse, c, triton.cdiv(c, block_size), c_parent,
+            q_l.stride(0), q_l.stride(1), d**-0.5, LEVEL0=level == 0, CAUSAL=causal,
+            HAS_PARENT=parent is not None, **options,
         )
+        # fmt: on
         parent = (*state, c)
     return out, lse
 
 
 def _backward_sums(grad_out, delta, lse, lengths: list[int]) -> list[tuple]:
-    """Per level (fine to coarse): G, E and the reference maximum REF of every cluster."""
+    """Per level (fine to coarse): G (in dO's dtype, as the kernels use it), E and the reference
+    maximum REF of every cluster."""
     rows, _, d = grad_out.shape
     sums = [(grad_out, delta, lse)]
     for c_prev, c in zip(lengths, lengths[1:]):
-        g = torch.empty((rows, c, d), dtype=torch.float32, device=grad_out.device)
+        g = torch.empty((rows, c, d), dtype=grad_out.dtype, device=grad_out.device)
         e, ref = (torch.empty((rows, c), dtype=torch.float32, device=grad_out.device) for _ in range(2))
         kernels.pool_grad_kernel[(triton.cdiv(c, POOL_BLOCK), rows)](
             *sums[-1], g, e, ref, c_prev, c, D=d, BLOCK=POOL_BLOCK
@@ -163,9 +155,7 @@ def backward(q, k, v, real, out, lse, grad_out, *, block_size: int, causal: bool
         q_l, k_l, v_l, cnt = levels.pop()
         g, e, ref = sums.pop()
         c = cnt.shape[1]
-        # coarse levels' gradients are fp32; level 0's, the result, are allocated last
-        dtype = q.dtype if level == 0 else torch.float32
-        own = [torch.empty((rows, c, d), dtype=dtype, device=q.device) for _ in range(3)]
+        own = [torch.empty((rows, c, d), dtype=q.dtype, device=q.device) for _ in range(3)]
         p_dq, p_dk, p_dv, p_cnt = parent if parent else (*own, cnt)  # placeholders without a parent
         c_parent = p_cnt.shape[1]
         common = dict(LEVEL0=level == 0, CAUSAL=causal, HAS_PARENT=parent is not None)
