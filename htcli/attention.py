@@ -5,7 +5,7 @@ farther keys through clusters of 2**l positions (levels l >= 1), each pair at ex
 level; all levels share one softmax maximum. `dense_h_attention` is the O(n^2) oracle of that
 definition, `h_attention` the fast path, which equals it.
 
-The fast path is one autograd Function. Forward walks the levels, folding each level's
+The fast path is a custom op with its own backward. Forward walks the levels, folding each level's
 softmax statistics into per-position accumulators, and keeps only q, k, v, the output and
 the log-sum-exp per position. Backward recomputes each level's scores (as FlashAttention
 does), so no level's score matrix outlives its chunk of blocks.
@@ -60,23 +60,64 @@ def _implementation(name: str | None, q: torch.Tensor, block_size: int) -> str:
     return name
 
 
-class _HAttention(torch.autograd.Function):
-    """q, k, v: (batch * heads, n, d) in the compute dtype; real: (batch * heads, n) 0/1."""
+# h_attention's core as two custom ops with autograd: torch.compile sees each as one opaque
+# call (no tracing into the level loops or the Triton launches) and autograd pairs them.
+# q, k, v: (batch * heads, n, d) in the compute dtype; real: (batch * heads, n) 0/1 in the
+# stat dtype. The forward output is in the stat dtype (eager) or the compute dtype (triton).
+@torch.library.custom_op("htcli::h_attention_forward", mutates_args=())
+def _forward_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    real: torch.Tensor,
+    block_size: int,
+    causal: bool,
+    impl: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return tuple(_module(impl).forward(q, k, v, real, block_size=block_size, causal=causal))
 
-    @staticmethod
-    def forward(ctx, q, k, v, real, block_size: int, causal: bool, impl: str):
-        out, lse = _module(impl).forward(q, k, v, real, block_size=block_size, causal=causal)
-        ctx.save_for_backward(q, k, v, real, out, lse)
-        ctx.block_size, ctx.causal, ctx.impl = block_size, causal, impl
-        return out.to(q.dtype)
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        q, k, v, real, out, lse = ctx.saved_tensors
-        dq, dk, dv = _module(ctx.impl).backward(
-            q, k, v, real, out, lse, grad_out, block_size=ctx.block_size, causal=ctx.causal
-        )
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+@_forward_op.register_fake
+def _(q, k, v, real, block_size, causal, impl):
+    out_dtype = q.dtype if impl == "triton" else real.dtype
+    lse_dtype = torch.float32 if impl == "triton" else real.dtype
+    return q.new_empty(q.shape, dtype=out_dtype), q.new_empty(q.shape[:2], dtype=lse_dtype)
+
+
+@torch.library.custom_op("htcli::h_attention_backward", mutates_args=())
+def _backward_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    real: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    grad_out: torch.Tensor,
+    block_size: int,
+    causal: bool,
+    impl: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    grads = _module(impl).backward(q, k, v, real, out, lse, grad_out, block_size=block_size, causal=causal)
+    return tuple(g.to(q.dtype).contiguous() for g in grads)
+
+
+@_backward_op.register_fake
+def _(q, k, v, real, out, lse, grad_out, block_size, causal, impl):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, real, ctx.block_size, ctx.causal, ctx.impl = inputs
+    ctx.save_for_backward(q, k, v, real, *output)
+
+
+def _backward(ctx, grad_out, _grad_lse):
+    q, k, v, real, out, lse = ctx.saved_tensors
+    grads = _backward_op(q, k, v, real, out, lse, grad_out.contiguous(), ctx.block_size, ctx.causal, ctx.impl)
+    return *grads, None, None, None, None
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def h_attention(
@@ -103,12 +144,13 @@ def h_attention(
     if torch.is_autocast_enabled(device_type) and dtype in (torch.float32, torch.float64):
         dtype = torch.get_autocast_dtype(device_type)
     stat_dtype = torch.promote_types(dtype, torch.float32)
-    q, k, v = (t.to(dtype).reshape(b * h, n, d) for t in (q, k, v))
+    # contiguous rows: the ops are compiled (torch.compile) for the strides they were traced with
+    q, k, v = (t.to(dtype).reshape(b * h, n, d).contiguous() for t in (q, k, v))
     impl = _implementation(impl, q, block_size)
     if key_padding_mask is None:
         real = torch.ones(b * h, n, dtype=stat_dtype, device=q.device)
     else:
         real = key_padding_mask.to(device=q.device, dtype=stat_dtype).repeat_interleave(h, dim=0)
     with torch.autocast(device_type, enabled=False):
-        out = _HAttention.apply(q, k, v, real, block_size, causal, impl)
-    return out.view(b, h, n, d)
+        out, _ = _forward_op(q, k, v, real, block_size, causal, impl)
+    return out.to(q.dtype).view(b, h, n, d)

@@ -183,3 +183,13 @@ def test_long_sequence_memory():
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     peak_gb = int(result.stdout.split()[-1]) / 2**20
     assert peak_gb < 3, f"peak RSS {peak_gb:.2f} GB"
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_custom_op_registration(causal):
+    """The forward op's fake (shape-only) version, autograd and schema agree with the real one."""
+    from htcli.attention import _forward_op
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(4, 100, 16, generator=gen, requires_grad=True) for _ in range(3))
+    torch.library.opcheck(_forward_op, (q, k, v, torch.ones(4, 100), 16, causal, "eager"))

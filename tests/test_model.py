@@ -159,3 +159,20 @@ def test_exact_attention_baseline_runs():
     exact.load_state_dict(h_model.state_dict())
     tokens = torch.randint(0, 256, (2, 16))
     assert torch.allclose(h_model(tokens), exact(tokens), atol=1e-5)
+
+
+def test_compiled_model_equals_eager_model():
+    """torch.compile of a model (its attention one opaque op) gives the same outputs and gradients."""
+    torch.manual_seed(0)
+    config = HTransformerConfig(
+        dim=32, depth=2, heads=2, dim_head=16, block_size=16, max_seq_len=128, causal=True
+    )
+    model = HTransformer1D(config)
+    tokens = torch.randint(0, 256, (2, 128))
+    params = [p for p in model.parameters() if p.requires_grad]
+    results = []
+    for run in (model, torch.compile(model)):
+        logits = run(tokens)
+        results.append([logits, *torch.autograd.grad(logits.square().mean(), params)])
+    for eager, compiled in zip(*results):
+        assert ((compiled - eager).norm() / eager.norm()).item() < 1e-4
