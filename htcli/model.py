@@ -127,19 +127,34 @@ class Attention(nn.Module):
             )
             cache.prefill(q, k, v)
             state["cache"] = cache
+            state["rotary"] = self.rotary_tables(cache.capacity + 1, q.device) if self.rotary else None
         if cfg.attention == "h":
             out = h_attention(q, k, v, block_size=cfg.block_size, causal=cfg.causal, key_padding_mask=mask)
         else:
             out = exact_attention(q, k, v, causal=cfg.causal, key_padding_mask=mask)
         return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
 
+    def rotary_tables(self, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sign-folded sin (length, d), fp32, of the rotary embedding at positions
+        0..length-1, for `step`: x rotated = x * cos + swap_pairs(x) * sin, as rotate() does."""
+        freqs = self.rotary(self.rotary.get_seq_pos(length, device=device, dtype=torch.float32))
+        sin = freqs.sin()
+        sin[:, 0::2] = -sin[:, 0::2]  # rotate_half maps the pair (x1, x2) to (-x2, x1)
+        return freqs.cos(), sin
+
     def step(self, x: torch.Tensor, state: dict) -> torch.Tensor:
         """One token x (b, e) at the cache's next position."""
         cache: HAttentionCache = state["cache"]
-        q, k, v = self.project(x[:, None])
-        q, k = self.rotate(q, offset=cache.t), self.rotate(k, offset=cache.t)
-        out = cache.step(q[:, :, 0], k[:, :, 0], v[:, :, 0])
-        return self.to_out(rearrange(out, "b h d -> b (h d)"))
+        b, h, d = x.shape[0], self.config.heads, self.config.dim_head
+        qkv = self.to_qkv(x).view(b, 3, h, d)  # the (three h d) order of project()
+        qk, v = qkv[:, :2], qkv[:, 2]
+        if state["rotary"] is not None:  # q and k together, few ops: a decode step is launch-bound on a GPU
+            cos, sin = (table[cache.t] for table in state["rotary"])
+            qk = qk.float()
+            swapped = qk.view(b, 2, h, d // 2, 2).flip(-1).view(b, 2, h, d)
+            qk = (qk * cos + swapped * sin).to(qkv.dtype)
+        out = cache.step(qk[:, 0], qk[:, 1], v)
+        return self.to_out(out.reshape(b, h * d))
 
 
 def exact_attention(q, k, v, *, causal: bool, key_padding_mask: torch.Tensor | None) -> torch.Tensor:

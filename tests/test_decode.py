@@ -37,6 +37,20 @@ def test_prefill_then_steps_match_parallel_forward(overrides, prompt):
             assert (step_logits - expected[:, t]).abs().max().item() < 1e-4, f"position {t}"
 
 
+def test_decode_under_bf16_autocast():
+    """Under bf16 autocast the cached steps stay within bf16 rounding of the parallel forward."""
+    model = _model(block_size=8, max_seq_len=128)
+    tokens = torch.randint(0, 256, (2, 100), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = model(tokens).float()
+        logits, states = model.prefill(tokens[:, :40])
+        worst = (logits.float() - expected[:, :40]).abs().max().item()
+        for t in range(40, 100):
+            step_logits = model.decode_step(tokens[:, t], states).float()
+            worst = max(worst, (step_logits - expected[:, t]).abs().max().item())
+    assert worst < 0.02 * expected.abs().max().item()
+
+
 def test_cache_refuses_past_capacity():
     """Stepping past what the levels serve raises instead of silently degrading."""
     model = _model(max_seq_len=16)
