@@ -208,6 +208,15 @@ def pool_kernel(QP, KP, VP, CNTP, Q, K, V, CNT, c_prev, c, D: tl.constexpr, BLOC
     tl.store(CNT + here, total, mask=valid)
 
 
+@triton.jit(do_not_specialize=["count"])  # one compiled kernel for every length
+def delta_kernel(DOUT, OUT, DELTA, count, D: tl.constexpr, BLOCK: tl.constexpr):
+    """DELTA = dO . O per position (fp32), without an fp32 copy of either."""
+    places = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    valid = places < count
+    out = _load_rows(OUT, places, valid, D).to(tl.float32)
+    tl.store(DELTA + places, tl.sum(_load_rows(DOUT, places, valid, D).to(tl.float32) * out, 1), mask=valid)
+
+
 @triton.jit(do_not_specialize=["c_prev", "c"])  # one compiled kernel for every length
 def pool_grad_kernel(GP, EP, REFP, G, E, REF, c_prev, c, D: tl.constexpr, BLOCK: tl.constexpr):
     """Level l's backward sums from level l - 1's. Per cluster, REF = min of its positions'

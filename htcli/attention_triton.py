@@ -143,9 +143,12 @@ def _backward_sums(grad_out, delta, lse, lengths: list[int]) -> list[tuple]:
 def backward(q, k, v, real, out, lse, grad_out, *, block_size: int, causal: bool):
     """Gradients (dq, dk, dv), each (rows, n, d) in q's dtype."""
     rows, n, d = q.shape
-    q, k, v, grad_out = (t.contiguous() for t in (q, k, v, grad_out.to(q.dtype)))
+    q, k, v, out, grad_out = (t.contiguous() for t in (q, k, v, out, grad_out.to(q.dtype)))
     real = real.to(torch.float32).contiguous()
-    delta = torch.linalg.vecdot(grad_out.float(), out.float())
+    delta = torch.empty((rows, n), dtype=torch.float32, device=q.device)
+    kernels.delta_kernel[(triton.cdiv(rows * n, POOL_BLOCK),)](
+        grad_out, out, delta, rows * n, D=d, BLOCK=POOL_BLOCK
+    )
     levels = _pyramid(q, k, v, real, block_size=block_size, causal=causal)
     sums = _backward_sums(grad_out, delta, lse, [level[3].shape[1] for level in levels])
     q_options = _launch_options("dq", block_size, q)
