@@ -80,8 +80,7 @@ def _forward_op(
 @_forward_op.register_fake
 def _(q, k, v, real, block_size, causal, impl):
     out_dtype = q.dtype if impl == "triton" else real.dtype
-    lse_dtype = torch.float32 if impl == "triton" else real.dtype
-    return q.new_empty(q.shape, dtype=out_dtype), q.new_empty(q.shape[:2], dtype=lse_dtype)
+    return q.new_empty(q.shape, dtype=out_dtype), q.new_empty(q.shape[:2], dtype=real.dtype)
 
 
 @torch.library.custom_op("htcli::h_attention_backward", mutates_args=())

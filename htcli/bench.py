@@ -233,7 +233,7 @@ def run_isolated(spec: dict, startup_seconds: float = 60.0) -> dict:
     cmd = [sys.executable, "-m", "htcli.bench", "--worker", json.dumps(spec)]
     limit = spec["max_seconds"]
     with tempfile.TemporaryFile(mode="w+") as stderr:
-        env = {**os.environ, "HTCLI_ATTENTION": spec.get("impl") or os.environ.get("HTCLI_ATTENTION", "")}
+        env = {**os.environ, **({"HTCLI_ATTENTION": spec["impl"]} if spec.get("impl") else {})}
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env)
         started, cold_done, lines = time.monotonic(), False, []
         with selectors.DefaultSelector() as selector:

@@ -54,9 +54,9 @@ class HAttentionCache:
         b, h, r, d, levels = batch, heads, block_size, dim_head, self.levels
         zeros = lambda *shape, dtype=dtype: torch.zeros(shape, device=device, dtype=dtype)  # noqa: E731
         self.fine_k, self.fine_v = zeros(b, h, 2 * r, d), zeros(b, h, 2 * r, d)
-        # index = level; level 0's entry is unused (it has fine_k, fine_v)
+        # index = level; level 0 has fine_k, fine_v instead
         self.prev_k, self.prev_v, self.cur_k, self.cur_v = (
-            [zeros(b, h, r, d) for _ in range(levels)] for _ in range(4)
+            [None] + [zeros(b, h, r, d) for _ in range(1, levels)] for _ in range(4)
         )
         self.part_k, self.part_v = (zeros(levels - 1, b, h, d, dtype=torch.float32) for _ in range(2))
         self.m = torch.full((levels, b, h), NEG_INF, device=device)

@@ -89,6 +89,14 @@ def test_bench_cli(tmp_path):
     assert data["exponents"]["h/causal"] is not None
 
 
+def test_bench_cli_bad_impl():
+    """An unknown --impl is one clear error line, exit 1."""
+    result = CliRunner().invoke(app, ["bench", "--impl", "fast", "--device", "cpu"])
+    assert result.exit_code == 1
+    assert "--impl must be eager or triton, got fast" in result.output
+    assert "Traceback" not in result.output
+
+
 def test_bench_cli_bad_seq_len():
     """A malformed --seq-len is one clear error line, exit 1."""
     result = CliRunner().invoke(app, ["bench", "--seq-len", "8k"])
