@@ -294,18 +294,20 @@ class Layers(nn.Module):
     ):
         """states (decoding only): one (attention, feed-forward) pair of dicts per layer, filled
         with what step() needs to continue after this sequence."""
-        states = states or [(None, None)] * len(self.blocks)
         if not self.reversible:
+            states = states or [(None, None)] * len(self.blocks)
             for (f, g), (f_state, g_state) in zip(self.blocks, states):
                 x = x + f(x, mask, f_state)
                 x = x + g(x, mask, g_state)
             return x
         x = torch.cat([x, x], dim=-1)
         blocks = [(f, g) for f, g in self.blocks]
-        if save_memory and torch.is_grad_enabled():
+        filling = states is not None  # prefill: the states are filled on the way
+        if save_memory and torch.is_grad_enabled() and not filling:
             params = [p for f, g in blocks for p in (*f.parameters(), *g.parameters()) if p.requires_grad]
             x = _ReversibleFunction.apply(x, blocks, mask, *params)
         else:  # the same coupling through ordinary autograd
+            states = states or [(None, None)] * len(blocks)
             x1, x2 = x.chunk(2, dim=-1)
             for (f, g), (f_state, g_state) in zip(blocks, states):
                 x1 = x1 + f(x2, mask, f_state)
@@ -370,6 +372,7 @@ class HTransformer1D(nn.Module):
         """Exact incremental decoding needs causal H-attention."""
         return self.config.causal and self.config.attention == "h"
 
+    @torch.no_grad()
     def prefill(self, tokens: torch.Tensor) -> tuple[torch.Tensor, list]:
         """The parallel forward over a prompt (b, n), also returning the decoding state after it."""
         if not self.supports_decode_cache:
@@ -381,6 +384,7 @@ class HTransformer1D(nn.Module):
         x = self.layers(self.token_emb(tokens), None, states=states)
         return self.to_logits(self.norm(x)), states
 
+    @torch.no_grad()
     def decode_step(self, token: torch.Tensor, states: list) -> torch.Tensor:
         """Logits (b, num_tokens) for the next position after feeding token (b,); updates states."""
         x = self.layers.step(self.token_emb(token), states)

@@ -66,3 +66,19 @@ def test_non_causal_model_cannot_decode():
     model = _model(causal=False)
     with pytest.raises(ValueError, match="causal"):
         model.prefill(torch.zeros(1, 4, dtype=torch.long))
+
+
+@pytest.mark.parametrize(
+    "overrides", [{}, {"reversible": True}, {"reversible": True, "shift_tokens": True}, {"causal": True}]
+)
+def test_prefill_with_gradients_enabled(overrides):
+    """prefill and decode_step work outside torch.no_grad() (reversible models too) and equal the forward."""
+    model = _model(**overrides)
+    tokens = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = model(tokens)
+    logits, states = model.prefill(tokens[:, :30])
+    assert (logits - expected[:, :30]).abs().max().item() < 1e-4
+    for t in range(30, 40):
+        step_logits = model.decode_step(tokens[:, t], states)
+        assert (step_logits - expected[:, t]).abs().max().item() < 1e-4, f"position {t}"
