@@ -1,9 +1,10 @@
-"""Benchmarks: H-attention vs exact attention (SDPA), alone or inside a full training step.
+"""Benchmarks: H-attention vs exact attention (SDPA), alone or inside a full training step; sampling speed.
 
-Every measurement runs in its own subprocess (`python -m htcli.bench --worker SPEC`), so that
-a run that exceeds its time budget or memory can be stopped and reported as such, and so
+Every attention measurement runs in its own subprocess (`python -m htcli.bench --worker SPEC`), so
+that a run that exceeds its time budget or memory can be stopped and reported as such, and so
 that peak memory is measured cleanly: CUDA's max_memory_allocated, or on the CPU the peak
 resident set size (VmHWM, reset through /proc/self/clear_refs) above what the inputs hold.
+`decode_bench` times sampling with the decode cache against recomputing the forward pass.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
+from htcli.attention import IMPLEMENTATION_VARIABLE, check_block_size, check_implementation
+from htcli.device import PRECISIONS, check_choice
 from htcli.errors import HtcliError
 
 METHODS = ("h", "sdpa")
@@ -41,24 +44,25 @@ class BenchConfig:
     repeats: int = 5
     max_seconds: float = 120.0  # per method and length: a cold run past it is reported as a timeout
     model: bool = False  # benchmark a full training step of the model instead
-    preset: str = "small"  # model preset for --model
-    impl: str = ""  # H-attention implementation, "eager" or "triton"; "" = $HTCLI_ATTENTION, else eager
+    preset: str = "small"  # the model's preset, with `model`
+    impl: str = ""  # H-attention implementation, "eager" or "triton"; "": $HTCLI_ATTENTION, else eager
 
     def __post_init__(self) -> None:
         if not self.seq_lens or any(n < 1 for n in self.seq_lens):
-            raise HtcliError("--seq-len needs positive lengths, e.g. --seq-len 8192,32768")
+            raise HtcliError(
+                "seq_lens needs positive lengths, e.g. seq_lens 8192,32768", fields=("seq_lens",)
+            )
         for name in ("batch_size", "heads", "dim_head", "repeats"):
             if getattr(self, name) < 1:
-                raise HtcliError(f"--{name.replace('_', '-')} must be at least 1")
+                raise HtcliError(f"{name} must be at least 1", fields=(name,))
         if self.warmup < 0:
-            raise HtcliError("--warmup must be 0 or more")
-        if self.block_size < 2 or self.block_size % 2:
-            raise HtcliError(f"--block-size must be an even number >= 2, got {self.block_size}")
-        self.impl = self.impl or os.environ.get("HTCLI_ATTENTION") or "eager"
-        if self.impl not in ("eager", "triton"):
-            raise HtcliError(f"--impl must be eager or triton, got {self.impl}")
-        if self.dtype not in ("fp32", "bf16", "fp16"):
-            raise HtcliError(f"--dtype must be fp32, bf16 or fp16 for bench, got {self.dtype}")
+            raise HtcliError("warmup must be 0 or more", fields=("warmup",))
+        try:
+            check_block_size(self.block_size)
+        except ValueError as error:
+            raise HtcliError(str(error), fields=("block_size",)) from None
+        self.impl = check_implementation(self.impl)
+        check_choice("dtype", self.dtype, PRECISIONS)
 
 
 # ---------------------------------------------------------------------------
@@ -192,10 +196,10 @@ def run_worker(spec: dict) -> dict:
     """Measure one (method, length, mode): median forward and forward+backward time, peak memory."""
     import torch
 
-    from htcli.device import TORCH_DTYPES, resolve_device
+    from htcli.device import resolve_device, torch_dtype
 
     device = resolve_device(spec["device"])
-    dtype = TORCH_DTYPES[spec["dtype"]]
+    dtype = torch_dtype(spec["dtype"])
     torch.manual_seed(0)
     build = _model_step if spec.get("model") else _attention_step
     # a first call at a small size loads code and starts threads, which the peak should not count
@@ -233,7 +237,7 @@ def run_isolated(spec: dict, startup_seconds: float = 60.0) -> dict:
     cmd = [sys.executable, "-m", "htcli.bench", "--worker", json.dumps(spec)]
     limit = spec["max_seconds"]
     with tempfile.TemporaryFile(mode="w+") as stderr:
-        env = {**os.environ, **({"HTCLI_ATTENTION": spec["impl"]} if spec.get("impl") else {})}
+        env = {**os.environ, **({IMPLEMENTATION_VARIABLE: spec["impl"]} if spec.get("impl") else {})}
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env)
         started, cold_done, lines = time.monotonic(), False, []
         with selectors.DefaultSelector() as selector:
@@ -268,10 +272,10 @@ def correctness(device_name: str, dtype_name: str, block_size: int, impl: str | 
     import torch
 
     from htcli.attention import dense_h_attention, h_attention
-    from htcli.device import TORCH_DTYPES, resolve_device
+    from htcli.device import resolve_device, torch_dtype
 
     device = resolve_device(device_name)
-    dtype = TORCH_DTYPES[dtype_name]
+    dtype = torch_dtype(dtype_name)
     gen = torch.Generator().manual_seed(0)
     n = 5 * block_size + 3
     q, k, v = (torch.randn(2, 2, n, 32, generator=gen, dtype=torch.float64) for _ in range(3))
@@ -332,16 +336,6 @@ def scaling_exponent(rows: list[Row], method: str, causal: bool) -> float | None
     return sum((x - mean_x) * (y - mean_y) for x, y in points) / sxx
 
 
-def _worker_main() -> None:
-    os.environ.setdefault("PYTHONWARNINGS", "ignore")
-    spec = json.loads(sys.argv[sys.argv.index("--worker") + 1])
-    print(json.dumps(run_worker(spec)), flush=True)
-
-
-if __name__ == "__main__":
-    _worker_main()
-
-
 def decode_bench(
     preset: str = "small",
     *,
@@ -358,12 +352,12 @@ def decode_bench(
     """
     import torch
 
-    from htcli.device import TORCH_DTYPES, autocast, resolve_device
+    from htcli.device import autocast, resolve_device, torch_dtype
     from htcli.model import HTransformer1D
     from htcli.presets import model_config
 
     device = resolve_device(device_name)
-    dtype = TORCH_DTYPES[dtype_name]
+    dtype = torch_dtype(dtype_name)
     config = model_config(preset)
     if prompt_len + new_tokens > config.max_seq_len:
         raise HtcliError(
@@ -373,40 +367,13 @@ def decode_bench(
     torch.manual_seed(0)
     model = HTransformer1D(config).to(device).eval()
     prompt = torch.randint(0, 256, (1, prompt_len), device=device)
-
-    def clock() -> float:
-        _sync(device)
-        return time.perf_counter()
-
+    early_prompt = min(1000, prompt_len - 1)  # per-token cost early in the context, from a short prompt
     with torch.no_grad(), autocast(device, dtype):
         model(prompt[:, :256])  # warm-up
-        t0 = clock()
-        model(prompt)
-        forward_s = clock() - t0
-        t0 = clock()
-        logits, states = model.prefill(prompt)
-        prefill_s = clock() - t0
-        token = logits[:, -1].argmax(-1)
-        step_times = []
-        for _ in range(new_tokens):
-            t0 = clock()
-            token = model.decode_step(token, states).argmax(-1)
-            step_times.append(clock() - t0)
-        tokens = prompt
-        t0 = clock()
-        for _ in range(recompute_tokens):
-            nxt = model(tokens[:, -config.max_seq_len :])[:, -1].argmax(-1)
-            tokens = torch.cat([tokens, nxt[:, None]], dim=1)
-        recompute_s = (clock() - t0) / recompute_tokens
-        # per-token cost early and late in the context, from a short prompt
-        early_prompt = min(1000, prompt_len - 1)
-        _, states = model.prefill(prompt[:, :early_prompt])
-        token = prompt[:, early_prompt]
-        early = []
-        for _ in range(64):
-            t0 = clock()
-            token = model.decode_step(token, states).argmax(-1)
-            early.append(clock() - t0)
+        forward_s = _seconds(lambda: model(prompt), device)
+        prefill_s, step_times = _cached_decoding(model, prompt, new_tokens, device)
+        recompute_s = _seconds(lambda: _recompute(model, prompt, recompute_tokens), device) / recompute_tokens
+        _, early = _cached_decoding(model, prompt[:, :early_prompt], 64, device)
     cached_s = statistics.median(step_times)
     late = statistics.median(step_times[-64:])
     return {
@@ -426,3 +393,49 @@ def decode_bench(
         "forward_s": forward_s,
         "prefill_over_forward": prefill_s / forward_s,
     }
+
+
+def _clock(device) -> float:
+    """perf_counter once the device's queued work is done."""
+    _sync(device)
+    return time.perf_counter()
+
+
+def _seconds(fn: Callable[[], object], device) -> float:
+    """Wall time of one call, the device's queued work included."""
+    started = _clock(device)
+    fn()
+    return _clock(device) - started
+
+
+def _cached_decoding(model, prompt, new_tokens: int, device) -> tuple[float, list[float]]:
+    """Greedy decoding with the cache: the prefill's seconds and each step's."""
+    started = _clock(device)
+    logits, state = model.prefill(prompt)
+    prefill_s = _clock(device) - started
+    token, step_times = logits[:, -1].argmax(-1), []
+    for _ in range(new_tokens):
+        started = _clock(device)
+        token = model.decode_step(token, state).argmax(-1)
+        step_times.append(_clock(device) - started)
+    return prefill_s, step_times
+
+
+def _recompute(model, prompt, new_tokens: int) -> None:
+    """Greedy decoding without the cache: the whole forward pass for every new token."""
+    import torch
+
+    tokens = prompt
+    for _ in range(new_tokens):
+        following = model(tokens[:, -model.config.max_seq_len :])[:, -1].argmax(-1)
+        tokens = torch.cat([tokens, following[:, None]], dim=1)
+
+
+def _worker_main() -> None:
+    os.environ.setdefault("PYTHONWARNINGS", "ignore")
+    spec = json.loads(sys.argv[sys.argv.index("--worker") + 1])
+    print(json.dumps(run_worker(spec)), flush=True)
+
+
+if __name__ == "__main__":
+    _worker_main()

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from rich import box
 from rich.table import Table
 
 from htcli.bench import METHODS, BenchConfig, Row, scaling_exponent
+from htcli.display import human
 from htcli.errors import HtcliError
 
 LABELS = {"h": "H-attn", "sdpa": "SDPA"}
@@ -17,25 +18,35 @@ def _seconds(result: dict, key: str) -> str:
     status = result.get("status")
     if status == "ok":
         value = result[key]
-        return f"{value * 1e3:.1f}ms" if value < 1 else f"{value:.2f}s"
+        return f"{value * 1e3:.1f}ms" if value < 1 else f"{value:.2f}s" if value < 100 else f"{value:.0f}s"
     return {"timeout": "timeout", "oom": "OOM"}.get(status, "error")
 
 
 def _memory(result: dict) -> str:
     if result.get("status") != "ok":
         return "-"
-    return f"{result['peak_bytes'] / 2**20:,.0f}MiB"
+    mib = result["peak_bytes"] / 2**20
+    return f"{mib:.0f}MiB" if mib < 1000 else f"{mib / 1024:.2f}GiB"
 
 
 def _tokens_per_s(result: dict, row: Row, config: BenchConfig) -> str:
     if result.get("status") != "ok":
         return "-"
     tokens = row.n * config.batch_size
-    return f"{tokens / result['forward_backward_s']:,.0f}"
+    return human(tokens / result["forward_backward_s"])
 
 
 def _ratio(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}x"
+
+
+def bench_title(config: BenchConfig, device: str) -> str:
+    """What was measured, where."""
+    if config.model:
+        what = f"training step, {config.preset} preset"
+    else:
+        what = f"batch {config.batch_size}, {config.heads} heads, dim_head {config.dim_head}"
+    return f"{what}, block {config.block_size}, {config.dtype}, {device}, {config.impl} H-attn"
 
 
 def bench_table(rows: list[Row], config: BenchConfig, title: str) -> Table:
@@ -45,8 +56,12 @@ def bench_table(rows: list[Row], config: BenchConfig, title: str) -> Table:
         title=title,
         title_justify="left",
         caption=f"speedup: SDPA {step} time / H-attn's; mem: H-attn peak / SDPA's",
+        caption_justify="left",
+        box=box.SIMPLE_HEAD,  # no vertical rules: the table fits 80 columns
+        show_edge=False,
+        collapse_padding=True,
     )
-    for name in ("n", "mode", "method", "fwd", step, "tok/s", "peak mem", "speedup", "mem"):
+    for name in ("n", "mode", "method", "fwd", step, "tok/s", "peak", "speedup", "mem"):
         table.add_column(name, justify="left" if name in ("mode", "method") else "right", no_wrap=True)
     for row in rows:
         for method in METHODS:
@@ -107,10 +122,6 @@ def to_json(rows: list[Row], config: BenchConfig, max_error: float, device: str)
     }
 
 
-def write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2) + "\n")
-
-
 def plot(rows: list[Row], config: BenchConfig, path: Path) -> None:
     """Time and memory against length, log-log, one line per method and mode."""
     try:
@@ -120,7 +131,7 @@ def plot(rows: list[Row], config: BenchConfig, path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         raise HtcliError(
-            "--plot needs matplotlib: pip install 'htcli[plot]' (or pip install matplotlib)"
+            "plotting needs matplotlib: pip install 'htcli[plot]' (or pip install matplotlib)"
         ) from None
     fig, (ax_time, ax_mem) = plt.subplots(1, 2, figsize=(11, 4))
     for causal in config.modes:

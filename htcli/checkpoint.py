@@ -3,7 +3,8 @@
     OUT/model.safetensors      weights; metadata: htcli_config (model config JSON), htcli_version,
                                step, tokenizer ("bytes"), val_bpb
     OUT/optimizer.safetensors  optimizer state; metadata: step, param_groups (JSON)
-    OUT/state.json             step, RNG states, data sampler state, gradient scaler state
+    OUT/state.json             step, RNG states (as text: `rng_to_text`), data sampler state, gradient
+                               scaler state
 
 A save writes all three as hidden `.pending` files first (state.json's last, so its presence means the
 others are complete), then renames them over the old ones. A crash before that leaves the previous
@@ -12,20 +13,20 @@ checkpoint; a crash during the renames is finished by the next load (`commit_pen
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from htcli import __version__
-from htcli.atomic import fsync_dir, write_json
 from htcli.errors import HtcliError
+from htcli.files import fsync_dir, read_json, write_json
 from htcli.model import HTransformer1D, HTransformerConfig
 
 MODEL_FILE = "model.safetensors"
@@ -117,16 +118,6 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], groups: str) -> dict:
     return {"state": state, "param_groups": json.loads(groups)}
 
 
-def read_json(path: Path, *, missing: str) -> Any:
-    """A run's JSON file; HtcliError with `missing` if it is absent, another if it is unreadable."""
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise HtcliError(missing) from None
-    except (OSError, ValueError):
-        raise HtcliError(f"{path} is not readable JSON (truncated or corrupt?)") from None
-
-
 def model_file(path: str | os.PathLike) -> Path:
     """The weights file of a checkpoint given as a run directory or a .safetensors file."""
     path = Path(path)
@@ -194,7 +185,9 @@ def load_training_state(out: Path) -> tuple[CheckpointInfo, dict[str, torch.Tens
     info = read_checkpoint_info(out)
     optimizer_file, state_file = out / OPTIMIZER_FILE, out / STATE_FILE
     groups = _read_metadata(optimizer_file, optimizer_file).get("param_groups")
-    state = read_json(state_file, missing=f"no training state at {state_file}: the run cannot be resumed")
+    state = read_json(
+        state_file, missing=HtcliError(f"no training state at {state_file}: the run cannot be resumed")
+    )
     if groups is None:
         raise HtcliError(f"{optimizer_file} is not an htcli optimizer state")
     optimizer = _unflatten_optimizer(_load_tensors(optimizer_file), groups)
@@ -203,3 +196,13 @@ def load_training_state(out: Path) -> tuple[CheckpointInfo, dict[str, torch.Tens
             f"{out} holds files of different steps ({info.step} and {state.get('step')}): cannot resume"
         )
     return info, _load_tensors(info.path), optimizer, state
+
+
+def rng_to_text(state: torch.Tensor) -> str:
+    """A random number generator's state (a uint8 tensor) as text, for state.json."""
+    return base64.b64encode(bytes(state.tolist())).decode()
+
+
+def rng_from_text(text: str) -> torch.Tensor:
+    """The generator state that rng_to_text wrote."""
+    return torch.tensor(list(base64.b64decode(text)), dtype=torch.uint8)

@@ -1,15 +1,19 @@
 """The command-line interface: parses options, calls a library function, prints.
 
-torch and everything that imports it are imported inside the commands, so `htcli --help` is instant.
+The library names things by their config fields (`max_seq_len`); this module alone knows the flags
+that set them (`--seq-len`), through `flag()`, and respells the fields in the library's error
+messages as those flags. torch and everything that imports it are imported inside the commands, so
+`htcli --help` is instant.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import re
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -22,6 +26,9 @@ from htcli.config import train_default
 from htcli.errors import HtcliError
 from htcli.presets import DEFAULT_PRESET, PRESETS
 
+# the fields whose flag is not `--` + the field's name with dashes (`batch_size` -> `--batch-size`)
+FLAGS = {"max_seq_len": "--seq-len", "seq_lens": "--seq-len", "json_output": "--json", "plot_path": "--plot"}
+
 app = typer.Typer(
     name="htcli",
     help="Train, sample, evaluate and benchmark long-context H-Transformer-1D byte-level language models.",
@@ -31,6 +38,23 @@ app = typer.Typer(
 )
 console = Console()
 err_console = Console(stderr=True)
+
+
+def flag(field: str) -> str:
+    """The command-line flag that sets a config field."""
+    return FLAGS.get(field, "--" + field.replace("_", "-"))
+
+
+def respell(message: str, fields: Iterable[str]) -> str:
+    """A library message with the config fields it names written as their flags."""
+    for name in fields:
+        message = re.sub(rf"(?<![\w-]){re.escape(name)}(?![\w-])", flag(name), message)
+    return message
+
+
+def _default(name: str) -> str:
+    return f" (default {train_default(name)})"
+
 
 # options every command spells the same way (train's are None when not given, for --resume)
 DEVICE = typer.Option(
@@ -44,9 +68,11 @@ DTYPE = typer.Option(
     show_default=False,
 )
 SEED = typer.Option("--seed", help="Random seed (default 0): same seed, same result.", show_default=False)
+JSON = typer.Option(flag("json_output"), help="Print one JSON object on stdout instead of tables.")
 Device = Annotated[str, DEVICE]
 Dtype = Annotated[str, DTYPE]
 Seed = Annotated[int, SEED]
+JsonOutput = Annotated[bool, JSON]
 Checkpoint = Annotated[
     Path, typer.Argument(help="A run directory (as written by `htcli train --out`) or a .safetensors file.")
 ]
@@ -59,8 +85,14 @@ Corpus = Annotated[
 ]
 
 
-def _default(name: str) -> str:
-    return f" (default {train_default(name)})"
+def _option(help: str, field: str | None = None, **kwargs) -> typer.Option:
+    """A train option, None when not given (a resumed run keeps its saved value)."""
+    names = [flag(field)] if field else []
+    return typer.Option(*names, help=help + (_default(field) if field else ""), **kwargs)
+
+
+def _switch(name: str, help: str) -> typer.Option:
+    return typer.Option(f"--{name}/--no-{name}", help=help, show_default=False)
 
 
 @contextlib.contextmanager
@@ -69,7 +101,8 @@ def _user_errors() -> Iterator[None]:
     try:
         yield
     except HtcliError as error:
-        err_console.print(f"[red]error:[/] {escape(str(error))}", soft_wrap=True)
+        message = respell(str(error), error.fields)
+        err_console.print(f"[red]error:[/] {escape(message)}", soft_wrap=True)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         err_console.print(
@@ -93,139 +126,103 @@ def main(
     """htcli: hierarchical-attention transformers for long contexts, on one GPU or a CPU."""
 
 
+# train's options, None when not given (a resumed run keeps its saved value)
+OutDir = Annotated[str, typer.Option(help="Run directory: checkpoint, config.json, log.jsonl.")]
+Resume = Annotated[
+    bool, typer.Option("--resume", help="Continue the run in --out exactly where its checkpoint left it.")
+]
+Preset = Annotated[
+    str | None, typer.Option(help=f"Model size: {', '.join(PRESETS)} (default {DEFAULT_PRESET}).")
+]
+Val = Annotated[
+    list[str] | None, _option("Validation corpus (repeat for several); default: the end of CORPUS.")
+]
+ValFraction = Annotated[
+    float | None, _option("Without --val, hold out this last fraction of CORPUS", "val_fraction")
+]
+Dim = Annotated[int | None, _option("Model width (overrides the preset).")]
+Depth = Annotated[int | None, _option("Number of layers.")]
+Heads = Annotated[int | None, _option("Attention heads.")]
+DimHead = Annotated[int | None, _option("Width of one head.")]
+BlockSize = Annotated[int | None, _option("H-attention block size (even, divides --seq-len).")]
+SeqLen = Annotated[
+    int | None, typer.Option(flag("max_seq_len"), help="Context length in bytes: the training window.")
+]
+Reversible = Annotated[bool | None, _switch("reversible", "Reversible layers: less activation memory.")]
+ShiftTokens = Annotated[bool | None, _switch("shift-tokens", "Mix in the previous byte's features.")]
+Steps = Annotated[int | None, _option("Optimizer steps for the whole run", "steps")]
+BatchSize = Annotated[int | None, _option("Windows per micro-batch", "batch_size")]
+GradAccum = Annotated[int | None, _option("Micro-batches per optimizer step", "grad_accum")]
+Lr = Annotated[float | None, _option("Peak learning rate", "lr")]
+Warmup = Annotated[int | None, _option("Linear warmup steps", "warmup")]
+MinLr = Annotated[
+    float | None, _option("Learning rate at the last step, after cosine decay (default --lr / 10)")
+]
+WeightDecay = Annotated[float | None, _option("AdamW weight decay", "weight_decay")]
+Clip = Annotated[float | None, _option("Gradient norm clip, 0 for none", "clip")]
+EvalEvery = Annotated[int | None, _option("Steps between validations, 0: last only", "eval_every")]
+EvalBatches = Annotated[int | None, _option("Batches per validation", "eval_batches")]
+SaveEvery = Annotated[int | None, _option("Steps between checkpoints, 0: last only", "save_every")]
+SampleEvery = Annotated[int | None, _option("Steps between shown samples, 0: never", "sample_every")]
+Compile = Annotated[bool | None, _switch("compile", "torch.compile the model (default off).")]
+SplitGlobalBatch = Annotated[
+    bool | None,
+    _switch(
+        "split-global-batch",
+        "Under torchrun: every process trains on its slice of one global batch drawn from --seed "
+        "(the data order of one process with the whole batch) instead of its own windows (default off).",
+    ),
+]
+
+
 @app.command()
 def train(
     corpus: Corpus = None,
-    out: Annotated[
-        str, typer.Option(help="Run directory: checkpoint, config.json, log.jsonl.")
-    ] = "runs/htcli",
-    val: Annotated[
-        list[str] | None,
-        typer.Option(
-            help="Validation corpus (repeat for several); default: the end of CORPUS.", show_default=False
-        ),
-    ] = None,
-    val_fraction: Annotated[
-        float | None,
-        typer.Option(help="Without --val, hold out this last fraction of CORPUS" + _default("val_fraction")),
-    ] = None,
-    preset: Annotated[
-        str | None, typer.Option(help=f"Model size: {', '.join(PRESETS)} (default {DEFAULT_PRESET}).")
-    ] = None,
-    dim: Annotated[int | None, typer.Option(help="Model width (overrides the preset).")] = None,
-    depth: Annotated[int | None, typer.Option(help="Number of layers.")] = None,
-    heads: Annotated[int | None, typer.Option(help="Attention heads.")] = None,
-    dim_head: Annotated[int | None, typer.Option(help="Width of one head.")] = None,
-    block_size: Annotated[
-        int | None, typer.Option(help="H-attention block size (even, divides --seq-len).")
-    ] = None,
-    seq_len: Annotated[int | None, typer.Option(help="Context length in bytes: the training window.")] = None,
-    reversible: Annotated[
-        bool | None,
-        typer.Option("--reversible/--no-reversible", help="Reversible layers: less activation memory."),
-    ] = None,
-    shift_tokens: Annotated[
-        bool | None,
-        typer.Option("--shift-tokens/--no-shift-tokens", help="Mix in the previous byte's features."),
-    ] = None,
-    steps: Annotated[
-        int | None, typer.Option(help="Optimizer steps for the whole run" + _default("steps"))
-    ] = None,
-    batch_size: Annotated[
-        int | None, typer.Option(help="Windows per micro-batch" + _default("batch_size"))
-    ] = None,
-    grad_accum: Annotated[
-        int | None, typer.Option(help="Micro-batches per optimizer step" + _default("grad_accum"))
-    ] = None,
-    lr: Annotated[float | None, typer.Option(help="Peak learning rate" + _default("lr"))] = None,
-    warmup: Annotated[int | None, typer.Option(help="Linear warmup steps" + _default("warmup"))] = None,
-    min_lr: Annotated[
-        float | None,
-        typer.Option(help="Learning rate at the last step, after cosine decay (default --lr / 10)"),
-    ] = None,
-    weight_decay: Annotated[
-        float | None, typer.Option(help="AdamW weight decay" + _default("weight_decay"))
-    ] = None,
-    clip: Annotated[
-        float | None, typer.Option(help="Gradient norm clip, 0 for none" + _default("clip"))
-    ] = None,
-    eval_every: Annotated[
-        int | None, typer.Option(help="Steps between validations, 0: last step only" + _default("eval_every"))
-    ] = None,
-    eval_batches: Annotated[
-        int | None, typer.Option(help="Batches per validation" + _default("eval_batches"))
-    ] = None,
-    save_every: Annotated[
-        int | None, typer.Option(help="Steps between checkpoints, 0: last step only" + _default("save_every"))
-    ] = None,
-    sample_every: Annotated[
-        int | None, typer.Option(help="Steps between shown samples, 0: never" + _default("sample_every"))
-    ] = None,
+    out: OutDir = "runs/htcli",
+    resume: Resume = False,
+    preset: Preset = None,
+    # every parameter below is named like the TrainConfig or HTransformerConfig field it sets
+    val: Val = None,
+    val_fraction: ValFraction = None,
+    dim: Dim = None,
+    depth: Depth = None,
+    heads: Heads = None,
+    dim_head: DimHead = None,
+    block_size: BlockSize = None,
+    max_seq_len: SeqLen = None,
+    reversible: Reversible = None,
+    shift_tokens: ShiftTokens = None,
+    steps: Steps = None,
+    batch_size: BatchSize = None,
+    grad_accum: GradAccum = None,
+    lr: Lr = None,
+    warmup: Warmup = None,
+    min_lr: MinLr = None,
+    weight_decay: WeightDecay = None,
+    clip: Clip = None,
+    eval_every: EvalEvery = None,
+    eval_batches: EvalBatches = None,
+    save_every: SaveEvery = None,
+    sample_every: SampleEvery = None,
     device: Annotated[str | None, DEVICE] = None,
     dtype: Annotated[str | None, DTYPE] = None,
-    compile: Annotated[
-        bool | None, typer.Option("--compile/--no-compile", help="torch.compile the model (default off).")
-    ] = None,
+    compile: Compile = None,
     seed: Annotated[int | None, SEED] = None,
-    split_global_batch: Annotated[
-        bool | None,
-        typer.Option(
-            "--split-global-batch/--no-split-global-batch",
-            help="Under torchrun: every process trains on its slice of one global batch drawn from --seed "
-            "(the data order of one process with the whole batch) instead of its own windows (default off).",
-            show_default=False,
-        ),
-    ] = None,
-    resume: Annotated[
-        bool, typer.Option("--resume", help="Continue the run in --out exactly where its checkpoint left it.")
-    ] = False,
+    split_global_batch: SplitGlobalBatch = None,
 ) -> None:
     """Train a byte-level model on CORPUS, with checkpoints, log.jsonl and config.json in --out.
 
     Ctrl-C saves a checkpoint and exits; --resume continues from it. On several GPUs or machines, start
     it with torchrun: `torchrun --nproc-per-node 8 -m htcli train ...`.
     """
+    options = {k: v for k, v in locals().items() if k not in ("corpus", "out", "resume", "preset")}
+    from htcli.config import config_from_options
     from htcli.display import TrainDisplay, train_summary
     from htcli.distributed import process_group
-    from htcli.train import config_from_options
     from htcli.train import train as run_training
 
     with _user_errors():
-        config = config_from_options(
-            corpus or [],
-            out=out,
-            resume=resume,
-            preset=preset,
-            model=dict(
-                dim=dim,
-                depth=depth,
-                heads=heads,
-                dim_head=dim_head,
-                block_size=block_size,
-                max_seq_len=seq_len,
-                reversible=reversible,
-                shift_tokens=shift_tokens,
-            ),
-            val=val,
-            val_fraction=val_fraction,
-            steps=steps,
-            batch_size=batch_size,
-            grad_accum=grad_accum,
-            lr=lr,
-            warmup=warmup,
-            min_lr=min_lr,
-            weight_decay=weight_decay,
-            clip=clip,
-            eval_every=eval_every,
-            eval_batches=eval_batches,
-            save_every=save_every,
-            sample_every=sample_every,
-            device=device,
-            dtype=dtype,
-            compile=compile,
-            seed=seed,
-            split_global_batch=split_global_batch,
-        )
+        config = config_from_options(corpus or [], out=out, resume=resume, preset=preset, **options)
         with process_group(config.device) as launch, TrainDisplay(err_console) as display:
             result = run_training(config, resume=resume, on_event=display)
         if launch.main:
@@ -253,15 +250,13 @@ def sample(
     num_samples: Annotated[
         int, typer.Option(help="Independent samples (seeds --seed, --seed + 1, ...).")
     ] = 1,
-    echo: Annotated[
-        bool, typer.Option("--echo/--no-echo", help="Print the prompt before its continuation.")
-    ] = True,
+    echo: Annotated[bool, _switch("echo", "Print the prompt before its continuation (default on).")] = True,
     cache: Annotated[
         bool,
-        typer.Option(
-            "--cache/--no-cache",
-            help="Decode with the hierarchical cache (constant cost per byte), or recompute the model for "
-            "every byte (slow; for comparison).",
+        _switch(
+            "cache",
+            "Decode with the hierarchical cache (constant cost per byte; the default), or recompute the "
+            "model for every byte (slow; for comparison).",
         ),
     ] = True,
     seed: Seed = 0,
@@ -324,19 +319,17 @@ def eval_(
         int | None, typer.Option(help="Bytes scored per window after the first (default: half the context).")
     ] = None,
     batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 8,
-    json_output: Annotated[
-        bool, typer.Option("--json", help="Print one JSON object instead of a table.")
-    ] = False,
+    json_output: JsonOutput = False,
     device: Device = "auto",
     dtype: Dtype = "auto",
 ) -> None:
     """Bits (and nats) per byte of a checkpoint over every byte of CORPUS after the first."""
     from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
-    from rich.table import Table
 
     from htcli.checkpoint import load_model
     from htcli.data import ByteCorpus
     from htcli.device import dtype_name, resolve_device, resolve_dtype
+    from htcli.display import eval_table
     from htcli.evaluate import evaluate
 
     with _user_errors():
@@ -366,30 +359,23 @@ def eval_(
         }
         if json_output:
             print(json.dumps(report))
-            return
-        table = Table(show_header=False, title=f"{escape(str(info.path))} (step {info.step})")
-        table.add_column(style="bold")
-        table.add_column()
-        table.add_row("bits per byte", f"{result.bits_per_byte:.4f}")
-        table.add_row("nats per byte", f"{result.nats_per_byte:.4f}")
-        table.add_row("bytes scored", f"{result.bytes_scored:,} in {len(data.files)} files")
-        table.add_row("context / stride", f"{result.context} / {result.stride}")
-        table.add_row("time", f"{result.seconds:.1f} s ({report['bytes_per_s'] or 0:,.0f} bytes/s)")
-        console.print(table)
+        else:
+            console.print(eval_table(report))
 
 
-def _int_list(values: list[str]) -> list[int]:
-    """--seq-len 8192 --seq-len 16384, or --seq-len 8192,16384."""
-    try:
-        return [int(part) for value in values for part in value.split(",") if part.strip()]
-    except ValueError:
-        raise HtcliError(f"--seq-len takes whole numbers, e.g. 8192,32768; got {' '.join(values)}") from None
+# the bench options that time attention, which --decode (sampling speed) does not use
+ATTENTION_BENCH_OPTIONS = (
+    "seq_lens", "batch_size", "heads", "dim_head", "block_size", "causal", "both", "warmup", "repeats",
+    "max_seconds", "model", "plot_path", "impl",
+)  # fmt: skip
 
 
 @app.command()
 def bench(
-    seq_len: Annotated[
-        list[str] | None, typer.Option(help="Sequence lengths: repeat the option or give a comma list.")
+    ctx: typer.Context,
+    seq_lens: Annotated[
+        list[str] | None,
+        typer.Option(flag("seq_lens"), help="Sequence lengths: repeat the option or give a comma list."),
     ] = None,
     batch_size: Annotated[int, typer.Option(help="Batch size.")] = 1,
     heads: Annotated[int, typer.Option(help="Attention heads.")] = 4,
@@ -415,11 +401,9 @@ def bench(
     decode: Annotated[
         bool, typer.Option("--decode", help="Sampling speed: decode cache vs recomputing the forward pass.")
     ] = False,
-    json_path: Annotated[
-        Path | None, typer.Option("--json", help="Also write the results to this JSON file.")
-    ] = None,
+    json_output: JsonOutput = False,
     plot_path: Annotated[
-        Path | None, typer.Option("--plot", help="Also plot time and memory to this PNG.")
+        Path | None, typer.Option(flag("plot_path"), help="Also plot time and memory to this PNG.")
     ] = None,
     device: Device = "auto",
     dtype: Annotated[str, typer.Option("--dtype", help="fp32 (default), bf16 or fp16.")] = "fp32",
@@ -431,90 +415,73 @@ def bench(
     ] = "",
 ) -> None:
     """H-attention against exact attention (SDPA): speed and peak memory, side by side in one run."""
+    from htcli.bench import BenchConfig
+
     with _user_errors():
         if decode:
-            _bench_decode(preset, device, dtype, json_path)
+            _refuse_attention_options(ctx)
+            _bench_decode(preset, device, dtype, json_output)
             return
-        modes = [False, True] if both or causal is None else [causal]
-        _bench_attention(
-            seq_len, batch_size, heads, dim_head, block_size, modes, warmup, repeats, max_seconds,
-            model, preset, json_path, plot_path, device, dtype, impl,
+        config = BenchConfig(
+            seq_lens=_int_list(seq_lens or ["8192"]), batch_size=batch_size, heads=heads, dim_head=dim_head,
+            block_size=block_size, modes=[False, True] if both or causal is None else [causal], device=device,
+            dtype=dtype, warmup=warmup, repeats=repeats, max_seconds=max_seconds, model=model, preset=preset,
+            impl=impl,
         )  # fmt: skip
+        _bench_attention(config, json_output, plot_path)
 
 
-def _bench_attention(
-    seq_len, batch_size, heads, dim_head, block_size, modes, warmup, repeats, max_seconds,
-    model, preset, json_path, plot_path, device, dtype, impl,
-) -> None:  # fmt: skip
+def _refuse_attention_options(ctx: typer.Context) -> None:
+    """--decode with options that only the attention bench uses: an error naming them."""
+    sources = {name: ctx.get_parameter_source(name) for name in ATTENTION_BENCH_OPTIONS}  # click's
+    given = [name for name, source in sources.items() if source is not None and source.name != "DEFAULT"]
+    if given:
+        names = ", ".join(flag(name) for name in given)
+        raise HtcliError(f"--decode times sampling, not attention: drop {names}")
+
+
+def _int_list(values: list[str]) -> list[int]:
+    """--seq-len 8192 --seq-len 16384, or --seq-len 8192,16384."""
+    try:
+        return [int(part) for value in values for part in value.split(",") if part.strip()]
+    except ValueError:
+        raise HtcliError(f"--seq-len takes whole numbers, e.g. 8192,32768; got {' '.join(values)}") from None
+
+
+def _bench_attention(config, json_output: bool, plot_path: Path | None) -> None:
     from rich.live import Live
 
-    from htcli.bench import BenchConfig, correctness, run_bench
-    from htcli.bench_report import bench_table, exponent_lines, plot, to_json, write_json
-    from htcli.device import resolve_device
+    from htcli.bench import correctness, run_bench
+    from htcli.bench_report import bench_table, bench_title, exponent_lines, plot, to_json
+    from htcli.device import device_name
 
-    config = BenchConfig(
-        seq_lens=_int_list(seq_len or ["8192"]), batch_size=batch_size, heads=heads, dim_head=dim_head,
-        block_size=block_size, modes=modes, device=device, dtype=dtype, warmup=warmup, repeats=repeats,
-        max_seconds=max_seconds, model=model, preset=preset, impl=impl,
-    )  # fmt: skip
-    torch_device = resolve_device(device)
-    name = torch_device.type
-    if name == "cuda":
-        import torch
-
-        name = torch.cuda.get_device_name(torch_device)
-    error = correctness(device, dtype, block_size, config.impl)
-    err_console.print(f"correctness: max |h_attention - dense oracle| = {error:.2e} ({dtype}, {name})")
-    what = (
-        f"training step, {preset} preset"
-        if model
-        else f"batch {batch_size}, {heads} heads, dim_head {dim_head}"
-    )
-    title = f"{what}, block {block_size}, {dtype}, {name}, {config.impl} H-attn"
+    name = device_name(config.device)
+    error = correctness(config.device, config.dtype, config.block_size, config.impl)
+    err_console.print(f"correctness: max |h_attention - dense oracle| = {error:.2e} ({config.dtype}, {name})")
+    title = bench_title(config, name)
     rows = []
-    with Live(bench_table(rows, config, title), console=console, transient=True) as live:
+    with Live(console=err_console if json_output else console, transient=True) as live:
         for row in run_bench(config):
             rows.append(row)
             live.update(bench_table(rows, config, title))
-    console.print(bench_table(rows, config, title))
-    for line in exponent_lines(rows, config):
-        console.print(line)
-    if json_path is not None:
-        write_json(json_path, to_json(rows, config, error, name))
+    if json_output:
+        print(json.dumps(to_json(rows, config, error, name)))
+    else:
+        console.print(bench_table(rows, config, title))
+        for line in exponent_lines(rows, config):
+            console.print(line)
     if plot_path is not None:
         plot(rows, config, plot_path)
         err_console.print(f"plot written to {plot_path}")
 
 
-def _bench_decode(preset: str, device: str, dtype: str, json_path: Path | None) -> None:
-    from rich.table import Table
-
+def _bench_decode(preset: str, device: str, dtype: str, json_output: bool) -> None:
     from htcli.bench import decode_bench
-    from htcli.bench_report import write_json
+    from htcli.display import decode_table
 
     err_console.print(f"decode bench: {preset} preset, random weights, batch 1, {dtype} ...")
     result = decode_bench(preset, device_name=device, dtype_name=dtype)
-    table = Table(title=f"sampling, {preset} preset, {result['device']}, {dtype}", title_justify="left")
-    table.add_column("measure")
-    table.add_column("value", justify="right")
-    table.add_row(
-        f"tokens/s, {result['new_tokens']} new after a {result['prompt_len']}-byte prompt: cache",
-        f"{result['cached_tokens_per_s']:.1f}",
-    )
-    table.add_row("tokens/s, recomputing the forward pass", f"{result['recompute_tokens_per_s']:.2f}")
-    table.add_row("speedup, cache vs recompute", f"{result['speedup']:.0f}x")
-    table.add_row(
-        f"time per token near position {result['early_position']}",
-        f"{result['token_s_near_1000'] * 1e3:.2f} ms",
-    )
-    table.add_row(
-        f"time per token near position {result['late_position']}",
-        f"{result['token_s_near_8000'] * 1e3:.2f} ms",
-    )
-    table.add_row("late / early", f"{result['late_over_early']:.2f}x")
-    table.add_row(f"prefill of {result['prompt_len']} bytes", f"{result['prefill_s']:.2f} s")
-    table.add_row("one forward pass, same length", f"{result['forward_s']:.2f} s")
-    table.add_row("prefill / forward", f"{result['prefill_over_forward']:.2f}x")
-    console.print(table)
-    if json_path is not None:
-        write_json(json_path, result)
+    if json_output:
+        print(json.dumps(result))
+    else:
+        console.print(decode_table(result, dtype))

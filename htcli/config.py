@@ -6,17 +6,21 @@ Importing this module does not import torch, so the CLI can show these defaults 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import TYPE_CHECKING
 
+from htcli.device import DEVICES, DTYPES, check_choice
 from htcli.errors import HtcliError
+from htcli.files import read_json
 from htcli.presets import DEFAULT_PRESET, model_config
 
 if TYPE_CHECKING:
     from htcli.model import HTransformerConfig
 
-DEVICES = ("auto", "cpu", "cuda", "mps")
-DTYPES = ("auto", "fp32", "bf16", "fp16")
+CONFIG_FILE = "config.json"  # the resolved config of a run, in its directory
+POSITIVE = ("steps", "batch_size", "grad_accum", "eval_batches")
+NON_NEGATIVE = ("warmup", "eval_every", "save_every", "sample_every", "sample_length")
 
 
 @dataclass
@@ -48,32 +52,35 @@ class TrainConfig:
     split_global_batch: bool = False
 
     def __post_init__(self) -> None:
+        from htcli.data import check_corpus_given
+
         if isinstance(self.model, dict):
             from htcli.model import HTransformerConfig
 
             self.model = HTransformerConfig.from_dict(self.model)
         if self.min_lr is None:
             self.min_lr = self.lr / 10
-        if not self.corpus:
-            raise HtcliError("no corpus given: name at least one file, directory or glob pattern")
-        positive = ("steps", "batch_size", "grad_accum", "eval_batches")
-        non_negative = ("warmup", "eval_every", "save_every", "sample_every", "sample_length")
-        for name in positive + non_negative:
+        check_corpus_given(self.corpus)
+        for name in POSITIVE + NON_NEGATIVE:
             value = getattr(self, name)
-            low = 1 if name in positive else 0
+            low = 1 if name in POSITIVE else 0
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 kind = "a positive integer" if low else "an integer >= 0"
-                raise HtcliError(f"--{_flag(name)} must be {kind}, got {value!r}")
+                raise HtcliError(f"{name} must be {kind}, got {value!r}", fields=(name,))
         if not (math.isfinite(self.lr) and self.lr > 0):
-            raise HtcliError(f"--lr must be a positive number, got {self.lr}")
+            raise HtcliError(f"lr must be a positive number, got {self.lr}", fields=("lr",))
         if not 0 <= self.min_lr <= self.lr:
-            raise HtcliError(f"--min-lr must be between 0 and --lr ({self.lr}), got {self.min_lr}")
+            raise HtcliError(
+                f"min_lr must be between 0 and lr ({self.lr}), got {self.min_lr}", fields=("min_lr", "lr")
+            )
         if self.weight_decay < 0 or self.clip < 0:
-            raise HtcliError("--weight-decay and --clip must be >= 0")
+            raise HtcliError("weight_decay and clip must be >= 0", fields=("weight_decay", "clip"))
         if not 0 < self.val_fraction < 1:
-            raise HtcliError(f"--val-fraction must be between 0 and 1, got {self.val_fraction}")
-        check_choice("--device", self.device, DEVICES)
-        check_choice("--dtype", self.dtype, DTYPES)
+            raise HtcliError(
+                f"val_fraction must be between 0 and 1, got {self.val_fraction}", fields=("val_fraction",)
+            )
+        check_choice("device", self.device, DEVICES)
+        check_choice("dtype", self.dtype, DTYPES)
 
     @property
     def tokens_per_step(self) -> int:
@@ -91,16 +98,51 @@ class TrainConfig:
             raise HtcliError(f"not an htcli training config: {error}") from None
 
 
-def check_choice(flag: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise HtcliError(f"unknown {flag} {value!r}: use one of {', '.join(choices)}")
-
-
-def _flag(name: str) -> str:
-    return name.replace("_", "-")
-
-
 def train_default(name: str) -> object:
     """The default of one TrainConfig field (for help texts)."""
     spec = TrainConfig.__dataclass_fields__[name]
     return spec.default_factory() if callable(spec.default_factory) else spec.default
+
+
+def config_from_options(
+    corpus: list[str],
+    *,
+    out: str,
+    resume: bool = False,
+    preset: str | None = None,
+    **options,
+) -> TrainConfig:
+    """A run's config from options named like the fields of TrainConfig and of its model config
+    (HTransformerConfig), where None means "not given".
+
+    A new run: TrainConfig's defaults, the preset (default small) with the model options, the options.
+    Resuming: the run's saved config.json with the given options on top.
+    """
+    from htcli.model import HTransformerConfig
+
+    model_fields = {f.name for f in fields(HTransformerConfig)}
+    given = {k: v for k, v in options.items() if v is not None}
+    model = {k: given.pop(k) for k in list(given) if k in model_fields}
+    if corpus:
+        given["corpus"] = [str(Path(c).expanduser().absolute()) for c in corpus]
+    if given.get("val"):
+        given["val"] = [str(Path(c).expanduser().absolute()) for c in given["val"]]
+    if not resume:
+        base_model = model_config(preset or DEFAULT_PRESET, **model)
+        return TrainConfig(**{"corpus": [], **given, "out": out, "model": base_model})
+    saved = saved_config(Path(out))
+    base = preset if preset is not None else saved.pop("model")
+    return TrainConfig.from_dict({**saved, **given, "out": out, "model": model_config(base, **model)})
+
+
+def saved_config(out: Path) -> dict:
+    """The config.json of the run in out, as a dict (without the version that wrote it)."""
+    path = out / CONFIG_FILE
+    missing = HtcliError(
+        f"no checkpoint at {out}: start a new run there (without resume)", fields=("resume",)
+    )
+    saved = read_json(path, missing=missing)
+    if not isinstance(saved, dict) or not isinstance(saved.get("model"), dict):
+        raise HtcliError(f"{path} is not an htcli training config")
+    saved.pop("htcli_version", None)
+    return saved

@@ -8,7 +8,6 @@ streaming, into a cache file (HTCLI_CACHE_DIR, else ~/.cache/htcli) that is then
 
 from __future__ import annotations
 
-import base64
 import bisect
 import glob
 import gzip
@@ -23,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from htcli.atomic import atomic_file
 from htcli.errors import HtcliError
+from htcli.files import atomic_file
 
 GLOB_CHARACTERS = "*?["
 # mapped pages are handed back to the OS after this many bytes read, or this many reads: a page fault
@@ -34,10 +33,15 @@ RELEASE_EVERY = 64 << 20
 RELEASE_EVERY_READS = 16
 
 
-def resolve_corpus(specs: Sequence[str | os.PathLike]) -> list[Path]:
-    """Files named by specs, in order: a file, a directory's files below it (sorted), a glob's matches."""
+def check_corpus_given(specs: Sequence[str | os.PathLike]) -> None:
+    """HtcliError if specs names nothing."""
     if not specs:
         raise HtcliError("no corpus given: name at least one file, directory or glob pattern")
+
+
+def resolve_corpus(specs: Sequence[str | os.PathLike]) -> list[Path]:
+    """Files named by specs, in order: a file, a directory's files below it (sorted), a glob's matches."""
+    check_corpus_given(specs)
     files: list[Path] = []
     for spec in specs:
         path = Path(spec).expanduser()
@@ -201,11 +205,12 @@ def split(
     """Training and validation spans, each at least one window long; without `val`, the corpus's tail."""
     seq_len = window - 1
     if val is not None:
-        for name, part in (("training corpus", corpus), ("validation corpus (--val)", val)):
+        for name, part in (("training corpus", corpus), ("validation corpus (val)", val)):
             if len(part) < window:
                 raise HtcliError(
-                    f"the {name} is {len(part):,} bytes, shorter than one window: with --seq-len {seq_len} "
-                    f"it must be at least {window:,} bytes; add data or lower --seq-len"
+                    f"the {name} is {len(part):,} bytes, shorter than one window: with max_seq_len {seq_len} "
+                    f"it must be at least {window:,} bytes; add data or lower max_seq_len",
+                    fields=("max_seq_len", "val"),
                 )
         return corpus.span(), val.span()
     total = len(corpus)
@@ -215,8 +220,10 @@ def split(
         while need - max(math.ceil(need * val_fraction), window) < window:
             need += 1
         raise HtcliError(
-            f"the corpus is {total:,} bytes, shorter than a training window plus a validation window: with "
-            f"--seq-len {seq_len} it must be at least {need:,} bytes; add data, pass --val or lower --seq-len"
+            f"the corpus is {total:,} bytes, shorter than a training window plus a validation window: "
+            f"with max_seq_len {seq_len} it must be at least {need:,} bytes; add data, pass val or lower "
+            "max_seq_len",
+            fields=("max_seq_len", "val"),
         )
     return corpus.span(0, total - held_out), corpus.span(total - held_out)
 
@@ -242,10 +249,10 @@ class WindowSampler:
         return drawn[index * self.batch_size : (index + 1) * self.batch_size].tolist()
 
     def state_dict(self) -> dict:
-        return {"generator": encode_state(self.generator.get_state())}
+        return {"generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(decode_state(state["generator"]))
+        self.generator.set_state(state["generator"])
 
 
 def evenly_spaced(num_bytes: int, window: int, count: int) -> list[int]:
@@ -254,12 +261,3 @@ def evenly_spaced(num_bytes: int, window: int, count: int) -> list[int]:
     if count <= 1 or last == 0:
         return [0]
     return sorted({round(i * last / (count - 1)) for i in range(count)})
-
-
-def encode_state(state: torch.Tensor) -> str:
-    """A RNG state (uint8 tensor) as text for JSON."""
-    return base64.b64encode(bytes(state.tolist())).decode()
-
-
-def decode_state(text: str) -> torch.Tensor:
-    return torch.tensor(list(base64.b64decode(text)), dtype=torch.uint8)

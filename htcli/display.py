@@ -1,6 +1,9 @@
-"""What the terminal shows of a training run: a live view fed by train()'s events, and a summary table."""
+"""What the terminal shows: a training run's live view (fed by train()'s events) and summary, and the
+result tables of eval and bench --decode. Formatting only: nothing here computes or reads files."""
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 from rich.console import Console, Group
 from rich.live import Live
@@ -17,7 +20,8 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from htcli.train import TrainResult
+if TYPE_CHECKING:
+    from htcli.train import TrainResult
 
 SMOOTHING = 0.9  # exponential moving average of tokens/s, so the number does not flicker
 
@@ -114,21 +118,72 @@ class TrainDisplay:
 
 def train_summary(result: TrainResult) -> Table:
     """The end-of-run table."""
-    table = Table(
-        title="interrupted run (saved)" if result.interrupted else "training run", show_header=False
+    return _two_columns(
+        "interrupted run (saved)" if result.interrupted else "training run",
+        [
+            ("run directory", str(result.out)),
+            ("steps", f"{result.step} of {result.steps}"),
+            ("parameters", human(result.params)),
+            ("time", f"{result.seconds:.1f} s"),
+            ("bytes trained on", human(result.tokens)),
+            ("tokens/s", human(result.tokens / result.seconds) if result.seconds else "-"),
+            ("train loss (nats/byte)", "-" if result.train_loss is None else f"{result.train_loss:.4f}"),
+            ("val bits per byte", "-" if result.val_bpb is None else f"{result.val_bpb:.4f}"),
+        ],
     )
+
+
+def _two_columns(title: str, rows: list[tuple[str, str]]) -> Table:
+    table = Table(show_header=False, title=escape(title))
     table.add_column(style="bold")
     table.add_column()
-    rows = [
-        ("run directory", str(result.out)),
-        ("steps", f"{result.step} of {result.steps}"),
-        ("parameters", human(result.params)),
-        ("time", f"{result.seconds:.1f} s"),
-        ("bytes trained on", human(result.tokens)),
-        ("tokens/s", human(result.tokens / result.seconds) if result.seconds else "-"),
-        ("train loss (nats/byte)", "-" if result.train_loss is None else f"{result.train_loss:.4f}"),
-        ("val bits per byte", "-" if result.val_bpb is None else f"{result.val_bpb:.4f}"),
-    ]
     for name, value in rows:
         table.add_row(name, escape(value))
+    return table
+
+
+def eval_table(report: dict) -> Table:
+    """The result of `htcli eval` (its --json report)."""
+    files = len(report["corpus"])
+    return _two_columns(
+        f"{report['checkpoint']} (step {report['step']})",
+        [
+            ("bits per byte", f"{report['bits_per_byte']:.4f}"),
+            ("nats per byte", f"{report['nats_per_byte']:.4f}"),
+            ("bytes scored", f"{report['bytes_scored']:,} in {files} files"),
+            ("context / stride", f"{report['context']} / {report['stride']}"),
+            ("time", f"{report['seconds']:.1f} s ({report['bytes_per_s'] or 0:,.0f} bytes/s)"),
+        ],
+    )
+
+
+def decode_table(result: dict, dtype: str) -> Table:
+    """The result of `htcli bench --decode` (htcli.bench.decode_bench)."""
+    table = Table(
+        title=f"sampling, {result['preset']} preset, {result['device']}, {dtype}", title_justify="left"
+    )
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    rows = [
+        (
+            f"tokens/s, {result['new_tokens']} new after a {result['prompt_len']}-byte prompt: cache",
+            f"{result['cached_tokens_per_s']:.1f}",
+        ),
+        ("tokens/s, recomputing the forward pass", f"{result['recompute_tokens_per_s']:.2f}"),
+        ("speedup, cache vs recompute", f"{result['speedup']:.0f}x"),
+        (
+            f"time per token near position {result['early_position']}",
+            f"{result['token_s_near_1000'] * 1e3:.2f} ms",
+        ),
+        (
+            f"time per token near position {result['late_position']}",
+            f"{result['token_s_near_8000'] * 1e3:.2f} ms",
+        ),
+        ("late / early", f"{result['late_over_early']:.2f}x"),
+        (f"prefill of {result['prompt_len']} bytes", f"{result['prefill_s']:.2f} s"),
+        ("one forward pass, same length", f"{result['forward_s']:.2f} s"),
+        ("prefill / forward", f"{result['prefill_over_forward']:.2f}x"),
+    ]
+    for name, value in rows:
+        table.add_row(name, value)
     return table

@@ -119,7 +119,8 @@ def process_group(device_name: str = "auto") -> Iterator[Launch]:
     if device.type not in ("cuda", "cpu"):
         raise HtcliError(
             f"training in several processes runs on CUDA GPUs or the CPU, not {device.type}: "
-            "use --device cuda or --device cpu"
+            "use device cuda or cpu",
+            fields=("device",),
         )
     if device.type == "cuda":
         gpus = torch.cuda.device_count()

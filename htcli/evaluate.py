@@ -5,7 +5,7 @@
 predicted from bytes 0..i-1; each later window moves `stride` bytes on and scores only its last
 `stride` predictions, each seeing at least L - stride earlier bytes; the last window ends at the last
 byte and scores what is left. The first byte is not scored: a byte model has no beginning-of-text token
-to predict it from. `validation_bpb` is the cheaper estimate used during training.
+to predict it from. (Training's cheaper estimate is `htcli.train.validation_bpb`.)
 """
 
 from __future__ import annotations
@@ -19,8 +19,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from htcli import distributed
-from htcli.data import ByteSpan, evenly_spaced
+from htcli.data import ByteSpan
 from htcli.device import autocast
 from htcli.errors import HtcliError
 from htcli.model import HTransformer1D
@@ -82,11 +81,13 @@ def evaluate(
     context = model.config.max_seq_len
     stride = context // 2 if stride is None else stride
     if not 1 <= stride <= context:
-        raise HtcliError(f"--stride must be between 1 and the model's context ({context}), got {stride}")
+        raise HtcliError(
+            f"stride must be between 1 and the model's context ({context}), got {stride}", fields=("stride",)
+        )
     if len(corpus) < 2:
         raise HtcliError(f"the corpus is {len(corpus)} bytes: it must be at least 2 bytes long to be scored")
     if batch_size < 1:
-        raise HtcliError(f"--batch-size must be a positive integer, got {batch_size}")
+        raise HtcliError(f"batch_size must be a positive integer, got {batch_size}", fields=("batch_size",))
     device = next(model.parameters()).device
     length = min(context, len(corpus) - 1)
     to_score, scored_so_far, nats = len(corpus) - 1, 0, 0.0
@@ -108,23 +109,3 @@ def evaluate(
         stride=stride,
         seconds=time.perf_counter() - started,
     )
-
-
-@torch.no_grad()
-def validation_bpb(
-    model: HTransformer1D, corpus: ByteSpan, *, windows: int, batch_size: int, dtype: torch.dtype
-) -> tuple[float, float]:
-    """(nats, bits) per byte of up to `windows` full windows spread over corpus: the check in training.
-
-    Under a process group each rank scores its share of the windows, and all get the result over all.
-    """
-    length = model.config.max_seq_len + 1
-    starts = evenly_spaced(len(corpus), length, windows)[distributed.rank() :: distributed.world_size()]
-    device = next(model.parameters()).device
-    nats = 0.0
-    for first in range(0, len(starts), batch_size):
-        batch = corpus.windows(starts[first : first + batch_size], length).to(device)
-        nats += window_nats(model, batch, torch.full((len(batch),), length - 1), dtype).sum().item()
-    nats, scored = distributed.all_sum([nats, len(starts) * (length - 1)], device)
-    nats_per_byte = nats / scored
-    return nats_per_byte, nats_per_byte / math.log(2)

@@ -1,12 +1,16 @@
 """The H-Transformer-1D language model. Pure torch: no files, no printing.
 
+`HTransformer1D(config)` maps bytes (b, n) to next-byte logits (b, n, 256). For sampling,
+`prefill(tokens)` runs the parallel forward over a prompt and returns a `DecodingState`, and
+`decode_step(token, state)` continues one position at a time, equal to the parallel forward.
+
 einops legend: b batch, n positions, h heads, d dim_head, e model dim.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
@@ -14,21 +18,23 @@ from einops import rearrange
 from rotary_embedding_torch import RotaryEmbedding
 from torch import nn
 
-from htcli.attention import h_attention
-from htcli.decode import HAttentionCache
+from htcli.attention import HAttentionCache, check_block_size, h_attention
+from htcli.reversible import reversible_stack
 
 ATTENTION_KINDS = ("h", "exact")
 
 
 @dataclass
 class HTransformerConfig:
+    """The model's shape; the defaults are the `small` preset (4.9M parameters, 8k context)."""
+
     num_tokens: int = 256  # vocabulary size (256 for bytes)
-    dim: int = 512  # model width
+    dim: int = 256  # model width
     depth: int = 6  # number of attention + feed-forward layers
-    heads: int = 8  # attention heads
+    heads: int = 4  # attention heads
     dim_head: int = 64  # width of one head
     ff_mult: int = 4  # feed-forward hidden width = ff_mult * dim
-    block_size: int = 128  # H-attention block size N_r (even)
+    block_size: int = 64  # H-attention block size N_r (even)
     max_seq_len: int = 8192  # longest input the model accepts
     causal: bool = True  # autoregressive (language model) or bidirectional
     rotary: bool = True  # rotary position embedding on q and k
@@ -41,8 +47,7 @@ class HTransformerConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.block_size < 2 or self.block_size % 2:
-            raise ValueError(f"block_size must be an even number >= 2, got {self.block_size}")
+        check_block_size(self.block_size)
         if self.max_seq_len % self.block_size:
             raise ValueError(
                 f"max_seq_len ({self.max_seq_len}) must be a multiple of block_size ({self.block_size})"
@@ -62,6 +67,37 @@ class HTransformerConfig:
         if unknown:
             raise ValueError(f"unknown model config keys: {', '.join(unknown)}")
         return cls(**data)
+
+
+@dataclass
+class BranchState:
+    """A residual branch's decoding state: what it needs to continue after the positions seen so far."""
+
+    previous: torch.Tensor | None = None  # token shift: the last position's normalised features (b, e)
+
+
+@dataclass
+class AttentionState(BranchState):
+    cache: HAttentionCache | None = None  # every level's keys and values (set by prefill)
+    rotary: tuple[torch.Tensor, torch.Tensor] | None = None  # Attention.rotary_tables (rotary models)
+
+
+@dataclass
+class LayerState:
+    attention: AttentionState = field(default_factory=AttentionState)
+    feedforward: BranchState = field(default_factory=BranchState)
+
+
+@dataclass
+class DecodingState:
+    """Where a sequence stands after `prefill` and each `decode_step`: one LayerState per layer."""
+
+    layers: list[LayerState]
+
+    @property
+    def position(self) -> int:
+        """Positions seen so far (the next one's index)."""
+        return self.layers[0].attention.cache.t
 
 
 class TokenShift(nn.Module):
@@ -84,7 +120,7 @@ class TokenShift(nn.Module):
         return torch.cat(chunks, dim=-1)
 
     def step(self, x: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:
-        """Causal shift of one token x (b, e) given the previous token's features (None at 0)."""
+        """Causal shift of one position x (b, e) given the previous position's features (None at 0)."""
         chunks = list(x.chunk(2, dim=-1))
         chunks[0] = torch.zeros_like(chunks[0]) if previous is None else previous.chunk(2, dim=-1)[0]
         return torch.cat(chunks, dim=-1)
@@ -99,40 +135,36 @@ class Attention(nn.Module):
         self.to_out = nn.Linear(inner, config.dim)
         self.rotary = RotaryEmbedding(config.dim_head) if config.rotary else None
 
-    def rotate(self, t: torch.Tensor, offset: int = 0) -> torch.Tensor:
+    def rotate(self, t: torch.Tensor) -> torch.Tensor:
         """Rotary embedding on q or k (b h n d); positions computed in fp32 whatever t's dtype."""
         if self.rotary is None:
             return t
-        return self.rotary.rotate_queries_or_keys(t.float(), offset=offset).to(t.dtype)
+        return self.rotary.rotate_queries_or_keys(t.float()).to(t.dtype)
 
-    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        qkv = self.to_qkv(x)
-        q, k, v = rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=self.config.heads)
-        return q, k, v
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, state: dict | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None, state: AttentionState | None = None
+    ) -> torch.Tensor:
+        """state (prefill only): set to continue after these positions."""
         cfg = self.config
-        q, k, v = self.project(x)
+        q, k, v = rearrange(self.to_qkv(x), "b n (three h d) -> three b h n d", three=3, h=cfg.heads)
         q, k = self.rotate(q), self.rotate(k)
-        if state is not None:  # prefill: the decode cache starts from this pass's q, k, v
-            b, h, _, d = q.shape
-            cache = HAttentionCache(
-                b,
-                h,
-                d,
-                block_size=cfg.block_size,
-                max_seq_len=cfg.max_seq_len,
-                device=q.device,
-                dtype=k.dtype,
-            )
-            cache.prefill(q, k, v)
-            state["cache"] = cache
-            state["rotary"] = self.rotary_tables(cache.capacity + 1, q.device) if self.rotary else None
+        if state is not None:
+            self._start_decoding(q, k, v, state)
         if cfg.attention == "h":
             out = h_attention(q, k, v, block_size=cfg.block_size, causal=cfg.causal, key_padding_mask=mask)
         else:
             out = exact_attention(q, k, v, causal=cfg.causal, key_padding_mask=mask)
         return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
+
+    def _start_decoding(self, q, k, v, state: AttentionState) -> None:
+        """The decode cache from this pass's q, k, v (rotary applied), and the rotary tables."""
+        b, h, _, d = q.shape
+        cfg = self.config
+        state.cache = HAttentionCache(
+            b, h, d, block_size=cfg.block_size, max_seq_len=cfg.max_seq_len, device=q.device, dtype=k.dtype
+        )
+        state.cache.prefill(q, k, v)
+        state.rotary = self.rotary_tables(state.cache.capacity + 1, q.device) if self.rotary else None
 
     def rotary_tables(self, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sign-folded sin (length, d), fp32, of the rotary embedding at positions
@@ -142,14 +174,14 @@ class Attention(nn.Module):
         sin[:, 0::2] = -sin[:, 0::2]  # rotate_half maps the pair (x1, x2) to (-x2, x1)
         return freqs.cos(), sin
 
-    def step(self, x: torch.Tensor, state: dict) -> torch.Tensor:
-        """One token x (b, e) at the cache's next position."""
-        cache: HAttentionCache = state["cache"]
+    def step(self, x: torch.Tensor, state: AttentionState) -> torch.Tensor:
+        """One position x (b, e), the cache's next."""
+        cache = state.cache
         b, h, d = x.shape[0], self.config.heads, self.config.dim_head
-        qkv = self.to_qkv(x).view(b, 3, h, d)  # the (three h d) order of project()
+        qkv = self.to_qkv(x).view(b, 3, h, d)  # the (three h d) order of forward()
         qk, v = qkv[:, :2], qkv[:, 2]
-        if state["rotary"] is not None:  # q and k together, few ops: a decode step is launch-bound on a GPU
-            cos, sin = (table[cache.t] for table in state["rotary"])
+        if state.rotary is not None:  # q and k together, few ops: a decode step is launch-bound on a GPU
+            cos, sin = (table[cache.t] for table in state.rotary)
             qk = qk.float()
             swapped = qk.view(b, 2, h, d // 2, 2).flip(-1).view(b, 2, h, d)
             qk = (qk * cos + swapped * sin).to(qkv.dtype)
@@ -180,10 +212,10 @@ class FeedForward(nn.Module):
             nn.Linear(config.ff_mult * config.dim, config.dim),
         )
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, state: dict | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, state: BranchState | None = None):
         return self.net(x)
 
-    def step(self, x: torch.Tensor, state: dict) -> torch.Tensor:
+    def step(self, x: torch.Tensor, state: BranchState) -> torch.Tensor:
         return self.net(x)
 
 
@@ -196,81 +228,23 @@ class PreNorm(nn.Module):
         self.shift = TokenShift(config.causal) if config.shift_tokens else None
         self.fn = fn
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, state: dict | None = None) -> torch.Tensor:
-        """state (decoding only): receives what step() needs to continue after this sequence."""
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None, state: BranchState | None = None
+    ) -> torch.Tensor:
+        """state (prefill only): set to continue after these positions."""
         x = self.norm(x)
         if self.shift is not None:
             if state is not None:
-                state["previous"] = x[:, -1]
+                state.previous = x[:, -1]
             x = self.shift(x, mask)
         return self.fn(x, mask, state)
 
-    def step(self, x: torch.Tensor, state: dict) -> torch.Tensor:
-        """One token x (b, e), continuing from state."""
+    def step(self, x: torch.Tensor, state: BranchState) -> torch.Tensor:
+        """One position x (b, e), continuing from state."""
         x = self.norm(x)
         if self.shift is not None:
-            x, state["previous"] = self.shift.step(x, state.get("previous")), x
+            x, state.previous = self.shift.step(x, state.previous), x
         return self.fn.step(x, state)
-
-
-class _ReversibleFunction(torch.autograd.Function):
-    """Runs coupled blocks y1 = x1 + f(x2), y2 = x2 + g(y1) keeping only the final output;
-    backward reconstructs each block's input from its output (RevNet), so activation
-    memory does not grow with depth."""
-
-    @staticmethod
-    def forward(ctx, x, blocks, mask, *params):
-        ctx.blocks, ctx.mask = blocks, mask
-        # backward recomputes the blocks: under the same autocast as the forward
-        device = x.device.type
-        ctx.autocast = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
-        with torch.no_grad():
-            x1, x2 = x.chunk(2, dim=-1)
-            for f, g in blocks:
-                x1 = x1 + f(x2, mask)
-                x2 = x2 + g(x1, mask)
-            y = torch.cat([x1, x2], dim=-1)
-        ctx.save_for_backward(y)
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        (y,) = ctx.saved_tensors
-        blocks, mask = ctx.blocks, ctx.mask
-        y1, y2 = y.chunk(2, dim=-1)
-        dy1, dy2 = dy.chunk(2, dim=-1)
-        grads = {}
-        device, dtype, enabled = ctx.autocast
-        with torch.autocast(device, dtype=dtype, enabled=enabled):
-            dx = _reverse_blocks(blocks, mask, y1, y2, dy1, dy2, grads)
-        param_list = [p for f, g in blocks for p in (*f.parameters(), *g.parameters()) if p.requires_grad]
-        return (dx, None, None, *[grads.get(p) for p in param_list])
-
-
-def _reverse_blocks(blocks, mask, y1, y2, dy1, dy2, grads: dict) -> torch.Tensor:
-    """Walk the coupled blocks backwards, rebuilding inputs and accumulating grads; returns dx."""
-    for f, g in reversed(blocks):
-        with torch.enable_grad():
-            z1 = y1.detach().requires_grad_()
-            g_out = g(z1, mask)
-            g_params = [p for p in g.parameters() if p.requires_grad]
-            dz1, *dg = torch.autograd.grad(g_out, [z1, *g_params], dy2, allow_unused=True)
-        with torch.no_grad():
-            x2 = y2 - g_out
-            dx1 = dy1 + dz1
-        with torch.enable_grad():
-            z2 = x2.detach().requires_grad_()
-            f_out = f(z2, mask)
-            f_params = [p for p in f.parameters() if p.requires_grad]
-            dz2, *df = torch.autograd.grad(f_out, [z2, *f_params], dx1, allow_unused=True)
-        with torch.no_grad():
-            x1 = y1 - f_out
-            dx2 = dy2 + dz2
-        for p, grad in zip([*g_params, *f_params], [*dg, *df]):
-            if grad is not None:
-                grads[p] = grads[p] + grad if p in grads else grad
-        y1, y2, dy1, dy2 = x1, x2, dx1, dx2
-    return torch.cat([dy1, dy2], dim=-1)
 
 
 class Layers(nn.Module):
@@ -290,44 +264,34 @@ class Layers(nn.Module):
         mask: torch.Tensor | None,
         *,
         save_memory: bool = True,
-        states: list[tuple[dict, dict]] | None = None,
-    ):
-        """states (decoding only): one (attention, feed-forward) pair of dicts per layer, filled
-        with what step() needs to continue after this sequence."""
-        if not self.reversible:
-            states = states or [(None, None)] * len(self.blocks)
-            for (f, g), (f_state, g_state) in zip(self.blocks, states):
-                x = x + f(x, mask, f_state)
-                x = x + g(x, mask, g_state)
-            return x
-        x = torch.cat([x, x], dim=-1)
-        blocks = [(f, g) for f, g in self.blocks]
-        filling = states is not None  # prefill: the states are filled on the way
-        if save_memory and torch.is_grad_enabled() and not filling:
-            params = [p for f, g in blocks for p in (*f.parameters(), *g.parameters()) if p.requires_grad]
-            x = _ReversibleFunction.apply(x, blocks, mask, *params)
-        else:  # the same coupling through ordinary autograd
-            states = states or [(None, None)] * len(blocks)
-            x1, x2 = x.chunk(2, dim=-1)
-            for (f, g), (f_state, g_state) in zip(blocks, states):
+        states: list[LayerState] | None = None,
+    ) -> torch.Tensor:
+        """states (prefill only): one LayerState per layer, set to continue after these positions.
+        save_memory: a reversible stack keeps no activations for backward (RevNet)."""
+        if self.reversible and save_memory and torch.is_grad_enabled() and states is None:
+            return reversible_stack([(f, g) for f, g in self.blocks], x, mask)
+        x1 = x2 = x
+        for (f, g), state in zip(self.blocks, states or [None] * len(self.blocks)):
+            f_state, g_state = (state.attention, state.feedforward) if state else (None, None)
+            if self.reversible:  # the same coupling as reversible_stack, through ordinary autograd
                 x1 = x1 + f(x2, mask, f_state)
                 x2 = x2 + g(x1, mask, g_state)
-            x = torch.cat([x1, x2], dim=-1)
-        x1, x2 = x.chunk(2, dim=-1)
-        return (x1 + x2) / 2
+            else:
+                x1 = x1 + f(x1, mask, f_state)
+                x1 = x1 + g(x1, mask, g_state)
+        return (x1 + x2) / 2 if self.reversible else x1
 
-    def step(self, x: torch.Tensor, states: list[tuple[dict, dict]]) -> torch.Tensor:
-        """One token x (b, e) through every layer, continuing from states."""
-        if not self.reversible:
-            for (f, g), (f_state, g_state) in zip(self.blocks, states):
-                x = x + f.step(x, f_state)
-                x = x + g.step(x, g_state)
-            return x
+    def step(self, x: torch.Tensor, states: list[LayerState]) -> torch.Tensor:
+        """One position x (b, e) through every layer, continuing from states."""
         x1 = x2 = x
-        for (f, g), (f_state, g_state) in zip(self.blocks, states):
-            x1 = x1 + f.step(x2, f_state)
-            x2 = x2 + g.step(x1, g_state)
-        return (x1 + x2) / 2
+        for (f, g), state in zip(self.blocks, states):
+            if self.reversible:
+                x1 = x1 + f.step(x2, state.attention)
+                x2 = x2 + g.step(x1, state.feedforward)
+            else:
+                x1 = x1 + f.step(x1, state.attention)
+                x1 = x1 + g.step(x1, state.feedforward)
+        return (x1 + x2) / 2 if self.reversible else x1
 
 
 class HTransformer1D(nn.Module):
@@ -373,19 +337,19 @@ class HTransformer1D(nn.Module):
         return self.config.causal and self.config.attention == "h"
 
     @torch.no_grad()
-    def prefill(self, tokens: torch.Tensor) -> tuple[torch.Tensor, list]:
-        """The parallel forward over a prompt (b, n), also returning the decoding state after it."""
+    def prefill(self, tokens: torch.Tensor) -> tuple[torch.Tensor, DecodingState]:
+        """The parallel forward over a prompt (b, n): its logits, and the state to decode on from."""
         if not self.supports_decode_cache:
             raise ValueError("incremental decoding needs a causal model with H-attention")
         n = tokens.shape[1]
         if not 1 <= n <= self.config.max_seq_len:
             raise ValueError(f"prefill takes 1 to max_seq_len ({self.config.max_seq_len}) tokens, got {n}")
-        states = [({}, {}) for _ in self.layers.blocks]
-        x = self.layers(self.token_emb(tokens), None, states=states)
-        return self.to_logits(self.norm(x)), states
+        state = DecodingState([LayerState() for _ in self.layers.blocks])
+        x = self.layers(self.token_emb(tokens), None, states=state.layers)
+        return self.to_logits(self.norm(x)), state
 
     @torch.no_grad()
-    def decode_step(self, token: torch.Tensor, states: list) -> torch.Tensor:
-        """Logits (b, num_tokens) for the next position after feeding token (b,); updates states."""
-        x = self.layers.step(self.token_emb(token), states)
+    def decode_step(self, token: torch.Tensor, state: DecodingState) -> torch.Tensor:
+        """Logits (b, num_tokens) for the position after token (b,), fed at state.position; updates state."""
+        x = self.layers.step(self.token_emb(token), state.layers)
         return self.to_logits(self.norm(x))

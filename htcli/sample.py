@@ -28,13 +28,17 @@ class SamplingConfig:
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0:
-            raise HtcliError(f"--max-new-tokens must be >= 0, got {self.max_new_tokens}")
+            raise HtcliError(
+                f"max_new_tokens must be >= 0, got {self.max_new_tokens}", fields=("max_new_tokens",)
+            )
         if self.temperature < 0:
-            raise HtcliError(f"--temperature must be >= 0 (0: greedy), got {self.temperature}")
+            raise HtcliError(
+                f"temperature must be >= 0 (0: greedy), got {self.temperature}", fields=("temperature",)
+            )
         if self.top_k is not None and self.top_k < 1:
-            raise HtcliError(f"--top-k must be a positive integer, got {self.top_k}")
+            raise HtcliError(f"top_k must be a positive integer, got {self.top_k}", fields=("top_k",))
         if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise HtcliError(f"--top-p must be in (0, 1], got {self.top_p}")
+            raise HtcliError(f"top_p must be in (0, 1], got {self.top_p}", fields=("top_p",))
 
 
 def logits_to_probs(
@@ -92,8 +96,7 @@ class Decoder:
         with autocast(tokens.device, self.dtype):
             if not self.cached:
                 return self.model(tokens)[0, -1]
-            logits, self.states = self.model.prefill(tokens)
-        self.position = tokens.shape[1]
+            logits, self.state = self.model.prefill(tokens)
         return logits[0, -1]
 
     def feed(self, token: int) -> None:
@@ -102,12 +105,11 @@ class Decoder:
         self.context = torch.cat([self.context, new], dim=1)[:, -self.window :]
         if not self.cached:
             self.logits = self._start(self.context)
-        elif self.position >= self.window:
+        elif self.state.position >= self.window:
             self.logits = self._start(self.context[:, -(self.window // 2) :])
         else:
             with autocast(new.device, self.dtype):
-                self.logits = self.model.decode_step(new[:, 0], self.states)[0]
-            self.position += 1
+                self.logits = self.model.decode_step(new[:, 0], self.state)[0]
 
 
 @torch.no_grad()
@@ -144,10 +146,10 @@ class Utf8Stream:
     Invalid UTF-8 (a byte model can produce it) comes out as U+FFFD."""
 
     def __init__(self) -> None:
-        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def feed(self, data: bytes | int) -> str:
-        return self._decoder.decode(bytes([data]) if isinstance(data, int) else data)
+        return self._utf8.decode(bytes([data]) if isinstance(data, int) else data)
 
     def flush(self) -> str:
-        return self._decoder.decode(b"", final=True)
+        return self._utf8.decode(b"", final=True)

@@ -6,17 +6,14 @@ line, to OUT/log.jsonl. The first Ctrl-C (SIGINT) stops the run after the curren
 Inside a process group (`htcli.distributed.process_group`, under torchrun) the same function trains
 data-parallel: each rank draws its own windows, backward averages the gradients over ranks, evaluation
 is spread over them, and rank 0 alone logs, samples and saves (with every rank's data sampler state, so
-that --resume under torchrun continues exactly). Every step the ranks agree on the loss and on whether
+that a resume under torchrun continues exactly). Every step the ranks agree on the loss and on whether
 to stop, so a Ctrl-C or a divergence on one rank stops all of them at the same step.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import signal
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,20 +22,26 @@ from pathlib import Path
 import torch
 
 from htcli import __version__, distributed
-from htcli.atomic import atomic_file, write_json
-from htcli.checkpoint import has_checkpoint, load_training_state, load_weights, read_json, save_checkpoint
-from htcli.config import TrainConfig
-from htcli.data import ByteCorpus, WindowSampler, decode_state, encode_state, split
+from htcli.checkpoint import (
+    has_checkpoint,
+    load_training_state,
+    load_weights,
+    rng_from_text,
+    rng_to_text,
+    save_checkpoint,
+)
+from htcli.config import CONFIG_FILE, TrainConfig
+from htcli.data import ByteCorpus, ByteSpan, WindowSampler, evenly_spaced, split
 from htcli.device import autocast, dtype_name, resolve_device, resolve_dtype
 from htcli.errors import HtcliError
-from htcli.evaluate import byte_nll, validation_bpb
+from htcli.evaluate import byte_nll, window_nats
+from htcli.files import write_json
 from htcli.model import HTransformer1D
-from htcli.presets import DEFAULT_PRESET, FLAGS, model_config
+from htcli.optim import learning_rate, make_optimizer
+from htcli.runlog import LOG_FILE, RunLog, trim_log
 from htcli.sample import SamplingConfig, generate
+from htcli.stop import StopRequest
 
-CONFIG_FILE = "config.json"
-LOG_FILE = "log.jsonl"
-METRIC_EVENTS = ("step", "eval", "sample")  # events of one step, redone when a run resumes before it
 SAMPLE_PROMPT_BYTES = 64  # periodic samples continue the validation data's first bytes
 SAMPLE_TEMPERATURE = 0.8
 RANK_SEED_STRIDE = 1_000_003  # rank r draws data with seed + r * this
@@ -57,142 +60,244 @@ class TrainResult:
     params: int
 
 
-def learning_rate(step: int, config: TrainConfig) -> float:
-    """Linear warmup over `warmup` steps, then cosine decay from lr to min_lr at the last step."""
-    if step < config.warmup:
-        return config.lr * (step + 1) / config.warmup
-    progress = (step - config.warmup) / max(1, config.steps - 1 - config.warmup)
-    return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def config_from_options(
-    corpus: list[str],
+def train(
+    config: TrainConfig,
     *,
-    out: str,
     resume: bool = False,
-    preset: str | None = None,
-    model: dict | None = None,
-    **options,
-) -> TrainConfig:
-    """A run's config from command-line options, where None means "not given".
+    on_event: Callable[[dict], None] | None = None,
+) -> TrainResult:
+    """Train config.model on config.corpus, saving in config.out; resume continues that run exactly.
 
-    A new run: TrainConfig's defaults, the preset (default small) with the model options, the options.
-    Resuming: the run's saved config.json with the given options on top.
+    Every input is checked before anything is written; a checkpoint already in config.out is only
+    ever replaced by a later one of the same run (resume). Inside a process group, every rank calls it.
     """
-    model = {k: v for k, v in (model or {}).items() if v is not None}
-    options = {k: v for k, v in options.items() if v is not None}
-    if corpus:
-        options["corpus"] = [str(Path(c).expanduser().absolute()) for c in corpus]
-    if options.get("val"):
-        options["val"] = [str(Path(c).expanduser().absolute()) for c in options["val"]]
-    if not resume:
-        return TrainConfig(
-            **{"corpus": [], **options, "out": out, "model": model_config(preset or DEFAULT_PRESET, **model)}
-        )
-    saved = _saved_config(Path(out))
-    base = preset if preset is not None else saved.pop("model")
-    return TrainConfig.from_dict({**saved, **options, "out": out, "model": model_config(base, **model)})
-
-
-def _saved_config(out: Path) -> dict:
-    path = out / CONFIG_FILE
-    saved = read_json(
-        path, missing=f"no checkpoint at {out}: train one with `htcli train` (without --resume)"
+    run = Run(config, resume)
+    try:
+        run.write_config()
+        with RunLog(run.out / LOG_FILE, on_event, enabled=run.main) as log, StopRequest() as stop:
+            log("start", **run.start_fields())
+            started, first_step, loss = time.perf_counter(), run.step, None
+            while run.step < config.steps and not distributed.any_rank(stop.requested, run.device):
+                loss = run.train_step(log)
+                run.after_step(log)
+            interrupted = run.step < config.steps
+            if interrupted:
+                log("interrupt", step=run.step)
+                if run.saved_step != run.step:
+                    run.save(log)
+            seconds = time.perf_counter() - started
+            tokens = (run.step - first_step) * config.tokens_per_step * run.world_size
+            end = dict(interrupted=interrupted, seconds=seconds, val_bpb=run.val_bpb, train_loss=loss)
+            log("end", step=run.step, **end)
+    finally:
+        run.close()
+    return TrainResult(
+        run.out, run.step, config.steps, loss, run.val_bpb, interrupted, seconds, tokens, run.params
     )
-    if not isinstance(saved, dict) or not isinstance(saved.get("model"), dict):
-        raise HtcliError(f"{path} is not an htcli training config")
-    saved.pop("htcli_version", None)
-    return saved
 
 
-class RunLog:
-    """Events to a callback and, one JSON line each, to OUT/log.jsonl; silent on non-main processes."""
+def due(step: int, every: int, *, last: bool = False) -> bool:
+    """Whether something done every `every` steps (0: never) is due after `step`; always when `last`."""
+    return last or (every > 0 and step % every == 0)
 
-    def __init__(self, path: Path, on_event: Callable[[dict], None] | None, enabled: bool):
-        self.on_event = on_event
-        self.file = open(path, "a") if enabled else None
 
-    def __call__(self, event: str, **fields) -> None:
-        record = {"event": event, "time": round(time.time(), 3), **fields}
-        if self.file is not None:
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
-            if self.on_event is not None:
-                self.on_event(record)
+class Run:
+    """A run being trained: its data, model, optimizer and position, and the steps of training it."""
+
+    def __init__(self, config: TrainConfig, resume: bool):
+        self.config, self.resumed = config, resume
+        self.rank, self.world_size = distributed.rank(), distributed.world_size()
+        self.main = self.rank == 0  # rank 0 alone logs, samples and saves
+        self.out = Path(config.out)
+        self.device = distributed.local_device(resolve_device(config.device))
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        checkpoint = check_out(self.out, config, resume, self.world_size)
+        self.window = config.model.max_seq_len + 1
+        self.corpora: list[ByteCorpus] = []
+        self.train_data, self.val_data = self._open_data()
+        torch.manual_seed(config.seed)
+        self.model = HTransformer1D(config.model).to(self.device)
+        self.params = sum(p.numel() for p in self.model.parameters())
+        self.optimizer = make_optimizer(self.model, config)
+        self.sampler = rank_sampler(len(self.train_data), self.window, config, self.rank, self.world_size)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+        self.step, self.val_bpb, self.saved_step = 0, None, None
+        if checkpoint is not None:
+            self._restore(*checkpoint)
+        self.parallel = distributed.data_parallel(self.model, self.device)
+        self.forward = torch.compile(self.parallel) if config.compile else self.parallel
+
+    def _open_data(self) -> tuple[ByteSpan, ByteSpan]:
+        """The training and validation spans (the corpora stay open until close())."""
+        try:
+            corpus = ByteCorpus.open(self.config.corpus)
+            self.corpora.append(corpus)
+            val = ByteCorpus.open(self.config.val) if self.config.val else None
+            self.corpora += [val] if val else []
+            return split(corpus, val, self.config.val_fraction, self.window)
+        except BaseException:
+            self.close()
+            raise
+
+    def _restore(self, info, weights, optimizer_state, state) -> None:
+        """Continue exactly where the checkpoint left off: weights, optimizer, step, this rank's RNGs."""
+        load_weights(self.model, weights, info.path)
+        self.optimizer.load_state_dict(optimizer_state)
+        self.step, self.val_bpb, self.saved_step = info.step, state["val_bpb"], info.step
+        mine = state["ranks"][self.rank]
+        torch.set_rng_state(rng_from_text(mine["torch_rng"]))
+        if mine["cuda_rng"] is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng_from_text(mine["cuda_rng"]), self.device)
+        self.sampler.load_state_dict({"generator": rng_from_text(mine["sampler"])})
+        if state["grad_scaler"]:
+            self.scaler.load_state_dict(state["grad_scaler"])
+
+    def write_config(self) -> None:
+        """config.json (rank 0); a resumed run's log loses the events a crash left past its checkpoint."""
+        if not self.main:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        write_json(self.out / CONFIG_FILE, {"htcli_version": __version__, **self.config.to_dict()})
+        if self.resumed:
+            trim_log(self.out / LOG_FILE, self.step)
+
+    def start_fields(self) -> dict:
+        config = self.config
+        return dict(
+            step=self.step, steps=config.steps, resumed=self.resumed, params=self.params,
+            device=str(self.device), dtype=dtype_name(self.dtype), train_bytes=len(self.train_data),
+            val_bytes=len(self.val_data), tokens_per_step=config.tokens_per_step * self.world_size,
+            world_size=self.world_size, batch_size=config.batch_size, grad_accum=config.grad_accum,
+            seq_len=config.model.max_seq_len,
+        )  # fmt: skip
+
+    def train_step(self, log: RunLog) -> float:
+        """One optimizer step on fresh windows; logs it and returns its loss (the mean over ranks)."""
+        config = self.config
+        lr = learning_rate(self.step, config)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        started = time.perf_counter()
+        draw = self.sampler.starts
+        batches = [self.train_data.windows(draw(), self.window) for _ in range(config.grad_accum)]
+        no_sync = self.parallel.no_sync if self.parallel is not self.model else contextlib.nullcontext
+        loss, grad_norm = _optimizer_step(
+            self.forward, self.optimizer, self.scaler, batches, config.clip, self.device, self.dtype, no_sync
+        )
+        # NaN on every rank if it is NaN on one (the gradient norm, of the averaged gradients, is the same)
+        loss = distributed.all_sum([loss], self.device)[0] / self.world_size
+        if not (math.isfinite(loss) and (self.scaler.is_enabled() or math.isfinite(grad_norm))):
+            self._diverged(log, loss, grad_norm)
+        self.step += 1
+        step_seconds = time.perf_counter() - started
+        tokens_per_s = config.tokens_per_step * self.world_size / step_seconds
+        log("step", step=self.step, loss=loss, lr=lr, grad_norm=grad_norm, tokens_per_s=tokens_per_s)
+        return loss
+
+    def _diverged(self, log: RunLog, loss: float, grad_norm: float) -> None:
+        log("diverged", step=self.step + 1, loss=loss, grad_norm=grad_norm)
+        kept = "none saved yet"
+        if self.saved_step:
+            kept = f"the checkpoint of step {self.saved_step} in {self.out} is intact"
+        raise HtcliError(
+            f"training diverged at step {self.step + 1} (loss {loss}, gradient norm {grad_norm}); "
+            f"stopped without saving ({kept}): lower lr (now {self.config.lr:g}) or use dtype fp32",
+            fields=("lr", "dtype"),
+        )
+
+    def after_step(self, log: RunLog) -> None:
+        """Evaluate, sample and save where due."""
+        config, step = self.config, self.step
+        last = step == config.steps
+        if due(step, config.eval_every, last=last):
+            val_loss, self.val_bpb = self.validate()
+            log("eval", step=step, val_loss=val_loss, val_bpb=self.val_bpb)
+        if self.main and due(step, config.sample_every):
+            prompt, text = self.sample()
+            log("sample", step=step, prompt=prompt, text=text)
+        if due(step, config.save_every, last=last):
+            self.save(log)
+
+    def validate(self) -> tuple[float, float]:
+        """(nats, bits) per byte on the validation windows."""
+        self.model.eval()
+        try:
+            windows = self.config.eval_batches * self.config.batch_size
+            return validation_bpb(
+                self.model,
+                self.val_data,
+                windows=windows,
+                batch_size=self.config.batch_size,
+                dtype=self.dtype,
+            )
+        finally:
+            self.model.train()
+
+    def sample(self) -> tuple[str, str]:
+        """A continuation of the validation data's first bytes, from a fixed seed (no global RNG used)."""
+        prompt = self.val_data.read(0, min(SAMPLE_PROMPT_BYTES, len(self.val_data)))
+        config = self.config
+        self.model.eval()
+        try:
+            sampling = SamplingConfig(config.sample_length, temperature=SAMPLE_TEMPERATURE, seed=config.seed)
+            text = bytes(generate(self.model, prompt, sampling, dtype=self.dtype)).decode("utf-8", "replace")
+        finally:
+            self.model.train()
+        return prompt.decode("utf-8", errors="replace"), text
+
+    def save(self, log: RunLog) -> None:
+        """A checkpoint of this step, with every rank's random state (all ranks take part)."""
+        ranks = distributed.all_gather(self._rank_state())
+        if self.main:
+            state = {"world_size": self.world_size, "ranks": ranks, "grad_scaler": self.scaler.state_dict()}
+            save_checkpoint(self.out, self.model, self.optimizer, state, step=self.step, val_bpb=self.val_bpb)
+            log("checkpoint", step=self.step, path=str(self.out))
+        distributed.barrier(self.device)  # nobody goes on (or exits) before the checkpoint is written
+        self.saved_step = self.step
+
+    def _rank_state(self) -> dict:
+        """What this rank needs to continue exactly: its random number generators and data sampler."""
+        cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        return {
+            "torch_rng": rng_to_text(torch.get_rng_state()),
+            "cuda_rng": None if cuda is None else rng_to_text(cuda),
+            "sampler": rng_to_text(self.sampler.state_dict()["generator"]),
+        }
 
     def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
+        for corpus in self.corpora:
+            corpus.close()
 
 
-def _trim_log(path: Path, step: int) -> None:
-    """Before a resume from `step`: drop the metric events of later steps, which a crash left and
-    the resumed run redoes, and any torn line, so that each step is logged once."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if record.get("event") in METRIC_EVENTS and record.get("step", 0) > step:
-            continue
-        kept.append(line + "\n")
-    with atomic_file(path, "w") as file:
-        file.writelines(kept)
-
-
-class StopRequest:
-    """While active, the first SIGINT only asks the loop to stop (it saves first); a second one aborts."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous = None
-
-    def _handle(self, signum, frame) -> None:
-        self.requested = True
-        signal.signal(signal.SIGINT, self._previous)
-
-    def __enter__(self) -> StopRequest:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.getsignal(signal.SIGINT)
-            signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-
-
-def make_optimizer(model: HTransformer1D, config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices and embeddings only (not on norms and biases)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95))
-
-
-def _check_resume(out: Path, config: TrainConfig, world_size: int) -> tuple:
-    """The checkpoint to resume from, checked against config and the number of processes."""
+def check_out(out: Path, config: TrainConfig, resume: bool, world_size: int) -> tuple | None:
+    """The checkpoint to resume from (None for a new run), checked against config and the number of
+    processes; a new run into a directory that holds a checkpoint is refused."""
+    if out.exists() and not out.is_dir():
+        raise HtcliError(f"the run directory (out) {out} is a file: give a directory", fields=("out",))
+    if not resume:
+        if has_checkpoint(out):
+            raise HtcliError(
+                f"{out} already holds a checkpoint: pass resume to continue it, or choose another out",
+                fields=("resume", "out"),
+            )
+        return None
     if not has_checkpoint(out):
-        raise HtcliError(f"no checkpoint at {out}: train one with `htcli train` (without --resume)")
+        raise HtcliError(
+            f"no checkpoint at {out}: start a new run there (without resume)", fields=("resume",)
+        )
     info, weights, optimizer_state, state = load_training_state(out)
     if info.config != config.model:
         ours, theirs = config.model.to_dict(), info.config.to_dict()
-        changed = ", ".join(
-            f"{FLAGS.get(k, k)} {theirs[k]} in the checkpoint, {ours[k]} asked"
-            for k in ours
-            if ours[k] != theirs[k]
-        )
+        changed = [k for k in ours if ours[k] != theirs[k]]
+        differences = ", ".join(f"{k} {theirs[k]} in the checkpoint, {ours[k]} asked" for k in changed)
         raise HtcliError(
-            f"cannot resume {out}: the model differs from its checkpoint ({changed}); drop those options"
+            f"cannot resume {out}: the model differs from its checkpoint ({differences}); drop those options",
+            fields=changed,
         )
     if info.step >= config.steps:
         raise HtcliError(
-            f"{out} is already at step {info.step} of --steps {config.steps}: pass a larger --steps"
+            f"{out} is already at step {info.step} of steps {config.steps}: pass a larger steps",
+            fields=("steps",),
         )
     saved = state.get("world_size", 1)
     if saved != world_size:
@@ -208,144 +313,9 @@ def _processes(count: int) -> str:
     return "one process" if count == 1 else f"{count} processes"
 
 
-def train(
-    config: TrainConfig,
-    *,
-    resume: bool = False,
-    on_event: Callable[[dict], None] | None = None,
-) -> TrainResult:
-    """Train config.model on config.corpus, saving in config.out; resume continues that run exactly.
-
-    Every input is checked before anything is written; a checkpoint already in config.out is only
-    ever replaced by a later one of the same run (resume). Inside a process group, every rank calls it.
-    """
-    rank, world_size = distributed.rank(), distributed.world_size()
-    main_process = rank == 0
-    out = Path(config.out)
-    device = distributed.local_device(resolve_device(config.device))
-    dtype = resolve_dtype(config.dtype, device)
-    if out.exists() and not out.is_dir():
-        raise HtcliError(f"--out {out} is a file: give a directory for the run")
-    if resume:
-        checkpoint = _check_resume(out, config, world_size)
-    elif has_checkpoint(out):
-        raise HtcliError(
-            f"{out} already holds a checkpoint: pass --resume to continue it, or choose another --out"
-        )
-    window = config.model.max_seq_len + 1
-    corpus = ByteCorpus.open(config.corpus)
-    val_corpus = ByteCorpus.open(config.val) if config.val else None
-    train_data, val_data = split(corpus, val_corpus, config.val_fraction, window)
-
-    torch.manual_seed(config.seed)
-    model = HTransformer1D(config.model).to(device)
-    optimizer = make_optimizer(model, config)
-    sampler = _sampler(len(train_data), window, config, rank, world_size)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    step, val_bpb = 0, None
-    if resume:
-        info, weights, optimizer_state, state = checkpoint
-        load_weights(model, weights, info.path)
-        optimizer.load_state_dict(optimizer_state)
-        step, val_bpb = info.step, state["val_bpb"]
-        _restore_random_state(state, rank, sampler, scaler, device)
-    parallel = distributed.data_parallel(model, device)
-    no_sync = parallel.no_sync if parallel is not model else contextlib.nullcontext
-    forward = torch.compile(parallel) if config.compile else parallel
-    params = sum(p.numel() for p in model.parameters())
-
-    if main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(out / CONFIG_FILE, {"htcli_version": __version__, **config.to_dict()})
-    if resume and main_process:
-        _trim_log(out / LOG_FILE, step)
-    log = RunLog(out / LOG_FILE, on_event, enabled=main_process)
-    log(
-        "start",
-        step=step,
-        steps=config.steps,
-        resumed=resume,
-        params=params,
-        device=str(device),
-        dtype=dtype_name(dtype),
-        train_bytes=len(train_data),
-        val_bytes=len(val_data),
-        tokens_per_step=config.tokens_per_step * world_size,
-        world_size=world_size,
-        batch_size=config.batch_size,
-        grad_accum=config.grad_accum,
-        seq_len=config.model.max_seq_len,
-    )
-
-    def save() -> None:
-        ranks = distributed.all_gather(_rank_state(sampler, device))  # every rank takes part
-        if main_process:
-            state = {"world_size": world_size, "ranks": ranks, "grad_scaler": scaler.state_dict()}
-            save_checkpoint(out, model, optimizer, state, step=step, val_bpb=val_bpb)
-            log("checkpoint", step=step, path=str(out))
-        distributed.barrier(device)  # nobody goes on (or exits) before the checkpoint is written
-
-    started, tokens, loss, saved_step = time.perf_counter(), 0, None, step if resume else None
-    stopping = False
-    with StopRequest() as stop:
-        try:
-            while step < config.steps:
-                stopping = distributed.any_rank(stop.requested, device)
-                if stopping:
-                    break
-                lr = learning_rate(step, config)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                step_started = time.perf_counter()
-                batches = [train_data.windows(sampler.starts(), window) for _ in range(config.grad_accum)]
-                loss, grad_norm = _optimizer_step(
-                    forward, optimizer, scaler, batches, config.clip, device, dtype, no_sync
-                )
-                # the mean over ranks: NaN on every rank if it is NaN on one (the gradient norm, of the
-                # averaged gradients, is the same on all)
-                loss = distributed.all_sum([loss], device)[0] / world_size
-                if not (math.isfinite(loss) and (scaler.is_enabled() or math.isfinite(grad_norm))):
-                    log("diverged", step=step + 1, loss=loss, grad_norm=grad_norm)
-                    kept = (
-                        f"the checkpoint of step {saved_step} in {out} is intact"
-                        if saved_step
-                        else "none saved yet"
-                    )
-                    raise HtcliError(
-                        f"training diverged at step {step + 1} (loss {loss}, gradient norm {grad_norm}); "
-                        f"stopped without saving ({kept}): lower --lr (now {config.lr:g}) or use --dtype fp32"
-                    )
-                step += 1
-                seconds = time.perf_counter() - step_started
-                tokens += config.tokens_per_step * world_size
-                tokens_per_s = config.tokens_per_step * world_size / seconds
-                log("step", step=step, loss=loss, lr=lr, grad_norm=grad_norm, tokens_per_s=tokens_per_s)
-                last = step == config.steps
-                if last or (config.eval_every and step % config.eval_every == 0):
-                    val_loss, val_bpb = _evaluate(model, val_data, config, dtype)
-                    log("eval", step=step, val_loss=val_loss, val_bpb=val_bpb)
-                if main_process and config.sample_every and step % config.sample_every == 0:
-                    prompt, text = _sample(model, val_data, config, dtype)
-                    log("sample", step=step, prompt=prompt, text=text)
-                if last or (config.save_every and step % config.save_every == 0):
-                    save()
-                    saved_step = step
-            if stopping:
-                log("interrupt", step=step)
-                if saved_step != step:
-                    save()
-        finally:
-            seconds = time.perf_counter() - started
-            corpus.close()
-            if val_corpus is not None:
-                val_corpus.close()
-    result = TrainResult(out, step, config.steps, loss, val_bpb, stopping, seconds, tokens, params)
-    log("end", step=step, interrupted=stopping, seconds=seconds, val_bpb=val_bpb, train_loss=loss)
-    log.close()
-    return result
-
-
-def _sampler(num_bytes: int, window: int, config: TrainConfig, rank: int, world_size: int) -> WindowSampler:
+def rank_sampler(
+    num_bytes: int, window: int, config: TrainConfig, rank: int, world_size: int
+) -> WindowSampler:
     """Rank r's windows: its own stream (seed + r * RANK_SEED_STRIDE) or its slice of one global batch."""
     if config.split_global_batch:
         return WindowSampler(num_bytes, window, config.batch_size, config.seed, shard=(rank, world_size))
@@ -384,49 +354,21 @@ def _optimizer_step(
     return (total / len(batches)).item(), grad_norm.item()
 
 
-def _evaluate(model, val_data, config: TrainConfig, dtype) -> tuple[float, float]:
-    model.eval()
-    try:
-        windows = config.eval_batches * config.batch_size
-        return validation_bpb(model, val_data, windows=windows, batch_size=config.batch_size, dtype=dtype)
-    finally:
-        model.train()
+@torch.no_grad()
+def validation_bpb(
+    model: HTransformer1D, corpus: ByteSpan, *, windows: int, batch_size: int, dtype: torch.dtype
+) -> tuple[float, float]:
+    """(nats, bits) per byte of up to `windows` full windows spread over corpus: the check in training.
 
-
-def _sample(model, val_data, config: TrainConfig, dtype) -> tuple[str, str]:
-    """A short continuation of the validation data's first bytes, from a fixed seed (no global RNG used)."""
-    prompt = val_data.read(0, min(SAMPLE_PROMPT_BYTES, len(val_data)))
-    model.eval()
-    try:
-        sampling = SamplingConfig(config.sample_length, temperature=SAMPLE_TEMPERATURE, seed=config.seed)
-        tokens = generate(model, prompt, sampling, dtype=dtype)
-        text = bytes(tokens).decode("utf-8", errors="replace")
-    finally:
-        model.train()
-    return prompt.decode("utf-8", errors="replace"), text
-
-
-def _rank_state(sampler: WindowSampler, device: torch.device) -> dict:
-    """What this rank needs to continue exactly: its random number generators and data sampler."""
-    cuda = encode_state(torch.cuda.get_rng_state(device)) if device.type == "cuda" else None
-    return {
-        "torch_rng": encode_state(torch.get_rng_state()),
-        "cuda_rng": cuda,
-        "sampler": sampler.state_dict(),
-    }
-
-
-def _restore_random_state(
-    state: dict, rank: int, sampler: WindowSampler, scaler, device: torch.device
-) -> None:
-    """Put back rank's part of a saved state.json (one written before "ranks" existed holds it at the top)."""
-    mine = state["ranks"][rank] if "ranks" in state else state
-    torch.set_rng_state(decode_state(mine["torch_rng"]))
-    cuda = mine.get("cuda_rng")
-    if isinstance(cuda, str) and device.type == "cuda":
-        torch.cuda.set_rng_state(decode_state(cuda), device)
-    elif isinstance(cuda, list) and cuda and len(cuda) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all([decode_state(s) for s in cuda])  # older runs saved every GPU's
-    sampler.load_state_dict(mine["sampler"])
-    if state.get("grad_scaler"):
-        scaler.load_state_dict(state["grad_scaler"])
+    Under a process group each rank scores its share of the windows, and all get the result over all.
+    """
+    length = model.config.max_seq_len + 1
+    starts = evenly_spaced(len(corpus), length, windows)[distributed.rank() :: distributed.world_size()]
+    device = next(model.parameters()).device
+    nats = 0.0
+    for first in range(0, len(starts), batch_size):
+        batch = corpus.windows(starts[first : first + batch_size], length).to(device)
+        nats += window_nats(model, batch, torch.full((len(batch),), length - 1), dtype).sum().item()
+    nats, scored = distributed.all_sum([nats, len(starts) * (length - 1)], device)
+    nats_per_byte = nats / scored
+    return nats_per_byte, nats_per_byte / math.log(2)

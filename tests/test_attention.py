@@ -188,7 +188,7 @@ def test_long_sequence_memory():
 @pytest.mark.parametrize("causal", [False, True])
 def test_custom_op_registration(causal):
     """The forward op's fake (shape-only) version, autograd and schema agree with the real one."""
-    from htcli.attention import _forward_op
+    from htcli.attention.ops import _forward_op
 
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(4, 100, 16, generator=gen, requires_grad=True) for _ in range(3))

@@ -3,12 +3,11 @@
 import pytest
 import torch
 
-from htcli import attention
 from htcli.attention import dense_h_attention, h_attention
 from htcli.errors import HtcliError
 
 pytest.importorskip("triton")
-from htcli import attention_triton  # noqa: E402
+from htcli.attention import ops, triton_launch  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -47,7 +46,7 @@ def tiles(monkeypatch):
     def cap(size):
         if size:
             monkeypatch.setattr(
-                attention_triton, "MAX_TILES", {k: (size, size) for k in attention_triton.MAX_TILES}
+                triton_launch, "MAX_TILES", {k: (size, size) for k in triton_launch.MAX_TILES}
             )
 
     return cap
@@ -114,7 +113,7 @@ def test_model_with_triton_attention(monkeypatch):
     tokens = torch.randint(0, 256, (1, 80), device=DEVICE)
     results = []
     for impl in ("eager", "triton"):
-        monkeypatch.setattr(attention, "DEFAULT_IMPLEMENTATION", impl)
+        monkeypatch.setattr(ops, "DEFAULT_IMPLEMENTATION", impl)
         model.zero_grad()
         loss = torch.nn.functional.cross_entropy(model(tokens).transpose(1, 2), tokens)
         loss.backward()

@@ -67,24 +67,23 @@ def test_decode_bench_figures():
 
 
 def test_bench_config_validation():
-    """Impossible bench options are refused with the flag named."""
-    with pytest.raises(HtcliError, match="--block-size"):
+    """Impossible bench options are refused with the field named."""
+    with pytest.raises(HtcliError, match="block_size"):
         BenchConfig(block_size=7)
-    with pytest.raises(HtcliError, match="--seq-len"):
+    with pytest.raises(HtcliError, match="seq_lens"):
         BenchConfig(seq_lens=[0])
 
 
 def test_bench_cli(tmp_path):
-    """`htcli bench` prints the correctness check and the table, and writes JSON."""
-    out = tmp_path / "bench.json"
-    result = CliRunner().invoke(
-        app,
-        ["bench", "--seq-len", "128,256", "--heads", "1", "--dim-head", "16", "--block-size", "16",
-         "--causal", "--repeats", "1", "--warmup", "0", "--device", "cpu", "--json", str(out)],
-    )  # fmt: skip
+    """`htcli bench` prints the correctness check and the table, or with --json one JSON object."""
+    args = ["bench", "--seq-len", "128,256", "--heads", "1", "--dim-head", "16", "--block-size", "16",
+            "--causal", "--repeats", "1", "--warmup", "0", "--device", "cpu"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    assert "dense oracle" in result.output and "H-attn" in result.output
-    data = json.loads(out.read_text())
+    assert "dense oracle" in result.stderr and "H-attn" in result.stdout
+    result = CliRunner().invoke(app, [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
     assert [r["n"] for r in data["rows"]] == [128, 256]
     assert data["exponents"]["h/causal"] is not None
 
@@ -93,7 +92,7 @@ def test_bench_cli_bad_impl():
     """An unknown --impl is one clear error line, exit 1."""
     result = CliRunner().invoke(app, ["bench", "--impl", "fast", "--device", "cpu"])
     assert result.exit_code == 1
-    assert "--impl must be eager or triton, got fast" in result.output
+    assert "--impl must be one of eager, triton, got 'fast'" in result.output
     assert "Traceback" not in result.output
 
 
@@ -103,3 +102,29 @@ def test_bench_cli_bad_seq_len():
     assert result.exit_code == 1
     assert "--seq-len takes whole numbers" in result.output
     assert "Traceback" not in result.output
+
+
+def test_bench_decode_refuses_attention_options():
+    """--decode with options it would ignore is one clear error naming them, exit 1."""
+    result = CliRunner().invoke(
+        app, ["bench", "--decode", "--seq-len", "1024", "--heads", "2", "--plot", "p.png"]
+    )
+    assert result.exit_code == 1
+    assert "--decode times sampling, not attention: drop --seq-len, --heads, --plot" in result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_bench_table_fits_80_columns():
+    """The bench table, long lengths and timeouts included, is whole in an 80-column terminal."""
+    from rich.console import Console
+
+    from htcli.bench_report import bench_table
+
+    ok = {"status": "ok", "forward_s": 124.8, "forward_backward_s": 328.3, "peak_bytes": 1234 * 2**20}
+    rows = [Row(131072, causal, {"h": ok, "sdpa": {"status": "timeout"}}) for causal in (False, True)]
+    console = Console(width=80, record=True)
+    console.print(bench_table(rows, BenchConfig(model=True), "a title"))
+    text = console.export_text()
+    assert "…" not in text
+    for header in ("n", "mode", "method", "fwd", "step", "tok/s", "peak", "speedup", "mem", "timeout"):
+        assert header in text

@@ -8,9 +8,9 @@ from conftest import TINY_MODEL
 from safetensors.torch import save_file
 
 from htcli import __version__, checkpoint
-from htcli.atomic import atomic_file
 from htcli.checkpoint import load_model, load_training_state, read_checkpoint_info, save_checkpoint
 from htcli.errors import HtcliError
+from htcli.files import atomic_file
 from htcli.model import HTransformer1D, HTransformerConfig
 
 

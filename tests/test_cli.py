@@ -291,3 +291,25 @@ def test_errors_in_a_real_process_have_no_traceback(tmp_path):
     )
     assert process.stderr.strip().splitlines() == [expected]
     assert not (tmp_path / "r").exists()
+
+
+def test_library_fields_are_respelled_as_flags():
+    """The CLI writes the config fields an error names as the flags that set them, and nothing else."""
+    from htcli.cli import respell
+
+    message = "min_lr must be between 0 and lr (0.1), got 1.0"
+    assert respell(message, ["min_lr", "lr"]) == "--min-lr must be between 0 and --lr (0.1), got 1.0"
+    message = (
+        "the validation corpus (val) is short: with max_seq_len 64 add data, pass val or lower max_seq_len"
+    )
+    assert respell(message, ["max_seq_len", "val"]) == (
+        "the validation corpus (--val) is short: with --seq-len 64 add data, pass --val or lower --seq-len"
+    )
+    assert respell("steps must be a positive integer", []) == "steps must be a positive integer"
+
+
+def test_min_lr_error_names_both_flags(run_copy):
+    """A field error from the training config reaches the user in flags."""
+    run, corpus = run_copy
+    result = invoke("train", corpus, "--out", run, "--resume", "--steps", 10, "--min-lr", "1")
+    assert_user_error(result, "--min-lr must be between 0 and --lr (0.0006), got 1.0")

@@ -85,7 +85,7 @@ def test_corrupt_gz_is_an_error(tmp_path, monkeypatch):
 
 
 def test_split_holds_out_the_tail(tmp_path):
-    """Without --val the last val_fraction is held out, but never less than one window."""
+    """Without val the last val_fraction is held out, but never less than one window."""
     with ByteCorpus([write(tmp_path / "c.txt", bytes(range(256)) * 40)]) as corpus:
         train, val = split(corpus, None, 0.1, window=65)
         assert (len(train), len(val)) == (9216, 1024)
@@ -97,7 +97,7 @@ def test_split_holds_out_the_tail(tmp_path):
 def test_split_too_short_says_how_long(tmp_path):
     """A corpus shorter than two windows names the length it needs."""
     with ByteCorpus([write(tmp_path / "c.txt", b"x" * 100)]) as corpus:
-        with pytest.raises(HtcliError, match=r"100 bytes.*--seq-len 64 it must be at least 130 bytes"):
+        with pytest.raises(HtcliError, match=r"100 bytes.*max_seq_len 64 it must be at least 130 bytes"):
             split(corpus, None, 0.01, window=65)
 
 

@@ -8,8 +8,9 @@ from conftest import make_text
 
 from htcli.data import ByteCorpus
 from htcli.errors import HtcliError
-from htcli.evaluate import evaluate, plan_windows, validation_bpb
+from htcli.evaluate import evaluate, plan_windows
 from htcli.model import HTransformer1D, HTransformerConfig
+from htcli.train import validation_bpb
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +86,7 @@ def test_validation_bpb_is_the_mean_over_full_windows(model, corpus):
 
 def test_bad_stride_and_tiny_corpus(model, corpus):
     """A stride outside 1..context and a corpus under 2 bytes are refused."""
-    with pytest.raises(HtcliError, match="--stride must be between 1 and the model's context"):
+    with pytest.raises(HtcliError, match="stride must be between 1 and the model's context"):
         evaluate(model, corpus.span(), stride=17)
     with pytest.raises(HtcliError, match="at least 2 bytes"):
         evaluate(model, corpus.span(0, 1))

@@ -102,13 +102,13 @@ def test_utf8_stream_never_splits_a_character():
 @pytest.mark.parametrize(
     "options,message",
     [
-        (dict(temperature=-1), "--temperature must be >= 0"),
-        (dict(top_k=0), "--top-k must be a positive integer"),
-        (dict(top_p=1.5), r"--top-p must be in \(0, 1\]"),
-        (dict(max_new_tokens=-1), "--max-new-tokens must be >= 0"),
+        (dict(temperature=-1), "temperature must be >= 0"),
+        (dict(top_k=0), "top_k must be a positive integer"),
+        (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
+        (dict(max_new_tokens=-1), "max_new_tokens must be >= 0"),
     ],
 )
 def test_sampling_config_validation(options, message):
-    """Impossible sampling options are refused with the flag's name."""
+    """Impossible sampling options are refused with the field's name."""
     with pytest.raises(HtcliError, match=message):
         SamplingConfig(**options)

@@ -10,9 +10,10 @@ from conftest import tiny_config
 from safetensors.torch import load_file
 
 from htcli import train as train_module
-from htcli.config import TrainConfig
+from htcli.config import TrainConfig, config_from_options
 from htcli.errors import HtcliError
-from htcli.train import config_from_options, learning_rate, train
+from htcli.optim import learning_rate
+from htcli.train import train
 
 
 def weights(out) -> dict[str, torch.Tensor]:
@@ -32,25 +33,29 @@ def test_learning_rate_schedule():
 @pytest.mark.parametrize(
     "options,message",
     [
-        (dict(steps=0), "--steps must be a positive integer"),
-        (dict(batch_size=-1), "--batch-size must be a positive integer"),
-        (dict(lr=0.0), "--lr must be a positive number"),
-        (dict(lr=1e-3, min_lr=1e-2), "--min-lr must be between 0 and --lr"),
-        (dict(val_fraction=1.5), "--val-fraction must be between 0 and 1"),
-        (dict(device="tpu"), "unknown --device 'tpu'"),
+        (dict(steps=0), "steps must be a positive integer"),
+        (dict(batch_size=-1), "batch_size must be a positive integer"),
+        (dict(lr=0.0), "lr must be a positive number"),
+        (dict(lr=1e-3, min_lr=1e-2), "min_lr must be between 0 and lr"),
+        (dict(val_fraction=1.5), "val_fraction must be between 0 and 1"),
+        (dict(device="tpu"), "unknown device 'tpu'"),
         (dict(corpus=[]), "no corpus given"),
     ],
 )
 def test_config_validation(options, message):
-    """Impossible training options are refused with the flag's name."""
-    with pytest.raises(HtcliError, match=message):
+    """Impossible training options are refused with the field's name, which the error lists."""
+    with pytest.raises(HtcliError, match=message) as raised:
         TrainConfig(**{"corpus": ["x"], **options})
+    assert set(raised.value.fields) <= set(TrainConfig.__dataclass_fields__)
 
 
-def test_impossible_model_options_name_the_flags(tmp_path):
-    """A block size that does not divide the sequence length is reported in command-line terms."""
-    with pytest.raises(HtcliError, match=r"--seq-len \(100\) must be a multiple of --block-size \(16\)"):
-        config_from_options(["c.txt"], out=str(tmp_path), preset="tiny", model=dict(max_seq_len=100))
+def test_impossible_model_options_name_the_fields(tmp_path):
+    """A block size that does not divide the sequence length is reported in the config's terms."""
+    with pytest.raises(
+        HtcliError, match=r"max_seq_len \(100\) must be a multiple of block_size \(16\)"
+    ) as raised:
+        config_from_options(["c.txt"], out=str(tmp_path), preset="tiny", max_seq_len=100)
+    assert set(raised.value.fields) == {"max_seq_len", "block_size"}
 
 
 def test_interrupted_and_resumed_run_equals_one_run(corpus, tmp_path):
@@ -126,7 +131,7 @@ def test_existing_checkpoint_is_not_overwritten(corpus, tmp_path):
     """Training into a directory that holds a checkpoint without --resume is refused, files untouched."""
     train(tiny_config(corpus, tmp_path, steps=3))
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
-    with pytest.raises(HtcliError, match="already holds a checkpoint: pass --resume"):
+    with pytest.raises(HtcliError, match="already holds a checkpoint: pass resume"):
         train(tiny_config(corpus, tmp_path, steps=6))
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
@@ -134,19 +139,19 @@ def test_existing_checkpoint_is_not_overwritten(corpus, tmp_path):
 def test_resume_refuses_a_different_model(corpus, tmp_path):
     """Resuming with model options that differ from the checkpoint names the difference."""
     train(tiny_config(corpus, tmp_path, steps=3))
-    config = config_from_options([], out=str(tmp_path), resume=True, model=dict(dim=48), steps=6)
+    config = config_from_options([], out=str(tmp_path), resume=True, dim=48, steps=6)
     with pytest.raises(
-        HtcliError, match="model differs from its checkpoint .*--dim 32 in the checkpoint, 48 asked"
+        HtcliError, match="model differs from its checkpoint .*dim 32 in the checkpoint, 48 asked"
     ):
         train(config, resume=True)
 
 
 def test_resume_needs_a_checkpoint_and_more_steps(corpus, tmp_path):
     """--resume without a checkpoint, or already at --steps, says what to do."""
-    with pytest.raises(HtcliError, match="no checkpoint at .*without --resume"):
+    with pytest.raises(HtcliError, match="no checkpoint at .*without resume"):
         config_from_options([str(corpus)], out=str(tmp_path / "none"), resume=True)
     train(tiny_config(corpus, tmp_path, steps=3))
-    with pytest.raises(HtcliError, match="already at step 3 of --steps 3: pass a larger --steps"):
+    with pytest.raises(HtcliError, match="already at step 3 of steps 3: pass a larger steps"):
         train(config_from_options([], out=str(tmp_path), resume=True), resume=True)
 
 

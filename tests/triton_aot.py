@@ -5,7 +5,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from htcli import attention_kernels as kernels
+from htcli.attention import triton_kernels as kernels
 
 R, D, DTYPE = 128, 64, "bf16"
 INTS = {"c": "i32", "nb": "i32", "c_parent": "i32", "stride_qr": "i32", "stride_qn": "i32", "scale": "fp32"}

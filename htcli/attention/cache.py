@@ -24,9 +24,7 @@ import math
 
 import torch
 
-from htcli.attention_oracle import num_levels
-
-NEG_INF = float("-inf")
+from htcli.attention.geometry import NEG_INF, num_levels
 
 
 def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: float, m, den, num) -> None:

@@ -1,4 +1,6 @@
-"""The level-by-level computation behind `h_attention`: forward and hand-written backward.
+"""The eager implementation of `h_attention`: batched torch ops level by level, forward and backward.
+
+Runs on any device; the Triton kernels (triton_launch) compute the same on CUDA.
 
 Shapes: q, k, v are (rows, n, d) with rows = batch * heads; stat tensors are fp32 (fp64 for
 fp64 inputs) whatever the compute dtype.
@@ -26,14 +28,11 @@ dK = s dS^T Q. m_c = min of lse over the cluster keeps both exponents <= 0.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
-from htcli.attention_oracle import num_levels
+from htcli.attention.geometry import NEG_INF, num_levels, offsets, padded_length, static_bias
 
-NEG_INF = float("-inf")
 # Scores computed at once per chunk of windows: bounds working memory. On a CPU small chunks
 # stay in cache; on a GPU large ones keep kernel launches few.
 CHUNK_SCORES = {"cpu": 1 << 19, "cuda": 1 << 26}
@@ -50,35 +49,6 @@ def _pad_dim1(x: torch.Tensor, after: int, fill: float) -> torch.Tensor:
     if after == 0:
         return x
     return F.pad(x, [0, 0] * (x.ndim - 2) + [0, after], value=fill)
-
-
-def offsets(level: int, causal: bool) -> tuple[int, ...]:
-    """Block offsets of the key blocks a query block scores at this level."""
-    if level == 0:
-        return (-1, 0) if causal else (-1, 0, 1)
-    return (-1,) if causal else (-1, 1)
-
-
-def static_bias(level: int, causal: bool, r: int, device, dtype) -> torch.Tensor:
-    """(r, len(offsets) * r): -inf where a pair inside the window is not scored at this level.
-
-    Level 0 causal: within its own block a query sees keys up to itself. Coarse levels: each
-    half of a level-l block is one block of level l-1, so pairs that were neighbours there
-    were already scored: a first-half query skips the previous block's second half, a
-    second-half query (non-causal) the next block's first half.
-    """
-    half = r // 2
-    i = torch.arange(r, device=device)[:, None]
-    j = torch.arange(len(offsets(level, causal)) * r, device=device)[None, :]
-    if level == 0:
-        excluded = (j - r > i) if causal else (i < 0) & (j < 0)
-    else:
-        first = i < half
-        excluded = first & (j >= half) & (j < r)
-        if not causal:
-            excluded = excluded | (~first & (j >= r) & (j < r + half))
-    zero = torch.zeros((), device=device, dtype=dtype)
-    return torch.where(excluded, torch.full_like(zero, NEG_INF), zero)
 
 
 class Level:
@@ -185,13 +155,6 @@ def _clusters(x: torch.Tensor, size: int) -> torch.Tensor:
     return x.view(x.shape[0], x.shape[1] // size, size, *x.shape[2:])
 
 
-def _geometry(n: int, block_size: int) -> tuple[int, int]:
-    """(number of levels, padded length n0)."""
-    count = num_levels(n, block_size)
-    step = math.lcm(block_size, 2 ** (count - 1))
-    return count, -(-n // step) * step
-
-
 def _row_groups(rows: int, n: int, d: int, device: torch.device):
     """Rows are independent: take them a few at a time so that each level's working tensors
     stay small next to the inputs and outputs."""
@@ -204,7 +167,7 @@ def forward(q, k, v, real, *, block_size: int, causal: bool):
     """Output (rows, n, d) and log-sum-exp (rows, n) in stat dtype (lse = +inf, output 0,
     where a position scores no key at all)."""
     rows, n, d = q.shape
-    count, n0 = _geometry(n, block_size)
+    count, n0 = num_levels(n, block_size), padded_length(n, block_size)
     out = torch.empty((rows, n, d), dtype=real.dtype, device=q.device)
     lse = torch.empty((rows, n), dtype=real.dtype, device=q.device)
     for group in _row_groups(rows, n0, d, q.device):
@@ -254,7 +217,7 @@ def _merge_into(acc_m, acc_den, acc_num, m, den, num) -> None:
 def backward(q, k, v, real, out, lse, grad_out, *, block_size: int, causal: bool):
     """Gradients (dq, dk, dv), each (rows, n, d) in stat dtype."""
     rows, n, d = q.shape
-    count, n0 = _geometry(n, block_size)
+    count, n0 = num_levels(n, block_size), padded_length(n, block_size)
     grads = [torch.zeros((rows, n, d), dtype=real.dtype, device=q.device) for _ in range(3)]
     for group in _row_groups(rows, n0, d, q.device):
         inputs = [_pad_dim1(t[group], n0 - n, 0.0) for t in (q, k, v, real, out, grad_out)]

@@ -1,4 +1,5 @@
-"""All-or-nothing file writes: a temp file in the same folder, fsynced, then renamed over the target."""
+"""A run's small files: all-or-nothing writes (a temp file in the same folder, fsynced, then renamed
+over the target) and JSON reads that say what went wrong."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
+
+from htcli.errors import HtcliError
 
 
 def fsync_dir(path: Path) -> None:
@@ -49,3 +52,13 @@ def write_json(path: str | os.PathLike, data: object) -> None:
     with atomic_file(path, "w") as file:
         json.dump(data, file, indent=2)
         file.write("\n")
+
+
+def read_json(path: Path, *, missing: HtcliError) -> Any:
+    """A run's JSON file; raises `missing` if it is absent, another HtcliError if it is unreadable."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise missing from None
+    except (OSError, ValueError):
+        raise HtcliError(f"{path} is not readable JSON (truncated or corrupt?)") from None

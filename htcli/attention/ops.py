@@ -1,19 +1,14 @@
-"""Hierarchical attention (H-attention) of H-Transformer-1D in O(n) time and memory.
-
-A query sees the keys of its own and neighbouring blocks at full resolution (level 0) and
-farther keys through clusters of 2**l positions (levels l >= 1), each pair at exactly one
-level; all levels share one softmax maximum. `dense_h_attention` is the O(n^2) oracle of that
-definition, `h_attention` the fast path, which equals it.
+"""h_attention: the fast path of H-attention, as two torch custom ops, and the choice of implementation.
 
 The fast path is a custom op with its own backward. Forward walks the levels, folding each level's
 softmax statistics into per-position accumulators, and keeps only q, k, v, the output and
 the log-sum-exp per position. Backward recomputes each level's scores (as FlashAttention
 does), so no level's score matrix outlives its chunk of blocks.
 
-Two implementations compute the levels: "eager" (attention_levels: batched torch ops, any
-device) and "triton" (attention_triton: one fused kernel per level and pass, CUDA). The
-environment variable HTCLI_ATTENTION or the `impl` argument picks one; eager is the default
-until the Triton kernels have been checked and timed on a GPU.
+Two implementations compute the levels: "eager" (eager.py: batched torch ops, any device) and
+"triton" (triton_launch.py: one fused kernel per level and pass, CUDA). The `impl` argument or
+the environment variable HTCLI_ATTENTION picks one; eager is the default until the Triton
+kernels have been checked and timed on a GPU.
 """
 
 from __future__ import annotations
@@ -22,41 +17,54 @@ import os
 
 import torch
 
-from htcli import attention_levels
-from htcli.attention_oracle import check_inputs, dense_h_attention, num_levels, pair_levels
+from htcli.attention import eager
+from htcli.attention.geometry import check_inputs
 from htcli.errors import HtcliError
 
-__all__ = ["h_attention", "dense_h_attention", "num_levels", "pair_levels", "IMPLEMENTATIONS"]
-
 IMPLEMENTATIONS = ("eager", "triton")
+IMPLEMENTATION_VARIABLE = "HTCLI_ATTENTION"
 # read once: a compiled model must not look it up on every call
-DEFAULT_IMPLEMENTATION = os.environ.get("HTCLI_ATTENTION") or "eager"
+DEFAULT_IMPLEMENTATION = os.environ.get(IMPLEMENTATION_VARIABLE) or "eager"
+
+
+def check_implementation(name: str | None) -> str:
+    """The implementation `name` names (None or "": the default), checked against IMPLEMENTATIONS."""
+    chosen = name or DEFAULT_IMPLEMENTATION
+    if chosen not in IMPLEMENTATIONS:
+        where = "impl" if name else IMPLEMENTATION_VARIABLE
+        raise HtcliError(
+            f"{where} must be one of {', '.join(IMPLEMENTATIONS)}, got {chosen!r}", fields=(where,)
+        )
+    return chosen
 
 
 def _module(name: str):
     if name == "triton":
-        from htcli import attention_triton
+        from htcli.attention import triton_launch
 
-        return attention_triton
-    return attention_levels
+        return triton_launch
+    return eager
 
 
 def _implementation(name: str | None, q: torch.Tensor, block_size: int) -> str:
-    """The implementation to use, checked: "eager" or "triton"."""
-    name = name or DEFAULT_IMPLEMENTATION
-    if name not in IMPLEMENTATIONS:
-        raise HtcliError(f"HTCLI_ATTENTION must be one of {', '.join(IMPLEMENTATIONS)}, got {name!r}")
+    """The implementation to use for q, checked: "eager" or "triton"."""
+    name = check_implementation(name)
     if name == "eager":
         return name
     if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise HtcliError(f"the triton attention needs CUDA tensors, got {q.device.type}: use --device cuda")
+        raise HtcliError(
+            f"the triton attention needs CUDA tensors, got {q.device.type}: use device cuda",
+            fields=("device",),
+        )
     try:
-        from htcli import attention_triton
+        from htcli.attention import triton_launch
     except ImportError:
         raise HtcliError("the triton attention needs Triton: pip install triton") from None
-    reason = attention_triton.unsupported(q, block_size)
+    reason = triton_launch.unsupported(q, block_size)
     if reason:
-        raise HtcliError(f"the triton attention cannot take {reason}: unset HTCLI_ATTENTION")
+        raise HtcliError(
+            f"the triton attention cannot take {reason}: use the eager one (impl eager)", fields=("impl",)
+        )
     return name
 
 

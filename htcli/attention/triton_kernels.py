@@ -1,4 +1,4 @@
-"""Triton kernels of h_attention: one launch per level and pass (see attention_triton.py).
+"""Triton kernels of h_attention: one launch per level and pass (launched by triton_launch.py).
 
 Imported only where Triton is wanted (CUDA, or Triton's CPU interpreter in tests): nothing
 else in htcli needs Triton.
@@ -7,7 +7,7 @@ Every level l has tensors over its clusters: Q, K, V (rows, c, D) and CNT (rows,
 of real fine positions per cluster (0/1 at level 0), which enters the scores as log(CNT). A
 query tile of BLOCK_Q rows lies inside one block of R clusters and scores, tile by tile of
 BLOCK_K keys, the key blocks at the level's offsets (level 0: -1, 0, +1; coarse: -1, +1;
-causal drops +1), with the static masks of `attention_levels.static_bias`. Levels run from
+causal drops +1), with the static masks of `geometry.static_bias`. Levels run from
 coarse to fine: a level starts from its parent's (level l+1) softmax state and the finest
 writes the output, so the levels share one running maximum without a merge pass. Backward
 runs coarse to fine as well, each level adding its parent's cluster gradients (d mean / d

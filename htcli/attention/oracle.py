@@ -10,50 +10,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-NEG_INF = float("-inf")
-
-
-def num_levels(n: int, block_size: int) -> int:
-    """M = max(1, ceil(log2(ceil(n / block_size)))): levels 0 .. M-1."""
-    blocks = -(-n // block_size)
-    return max(1, (blocks - 1).bit_length())
-
-
-def check_inputs(q, k, v, block_size, key_padding_mask) -> None:
-    """Raise ValueError with a clear message for inputs h_attention cannot take."""
-    if q.ndim != 4 or q.shape != k.shape or q.shape != v.shape:
-        raise ValueError(
-            "q, k, v must have the same shape (batch, heads, n, dim_head), got "
-            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
-        )
-    if q.shape[2] < 1:
-        raise ValueError("sequence length must be at least 1")
-    if block_size < 2 or block_size % 2:
-        raise ValueError(f"block_size must be an even number >= 2, got {block_size}")
-    if key_padding_mask is not None:
-        b, _, n, _ = q.shape
-        if key_padding_mask.shape != (b, n) or key_padding_mask.dtype != torch.bool:
-            raise ValueError(
-                f"key_padding_mask must be a bool tensor of shape (batch, n) = ({b}, {n}), "
-                f"got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)}"
-            )
-
-
-def pair_levels(n_padded: int, block_size: int, levels: int, causal: bool) -> torch.Tensor:
-    """(L, L) int: the level at which query i scores key j, -1 where it never does."""
-    i = torch.arange(n_padded)[:, None]
-    j = torch.arange(n_padded)[None, :]
-    b_i, b_j = i // block_size, j // block_size
-    if causal:
-        level0 = ((b_i == b_j) & (j <= i)) | (b_j == b_i - 1)
-    else:
-        level0 = (b_i - b_j).abs() <= 1
-    level = torch.where(level0, 0, -1)
-    for lv in range(1, levels):
-        b_i, b_j = i // (block_size << lv), j // (block_size << lv)
-        hit = (b_j == b_i - 1) if causal else (b_i - b_j).abs() == 1
-        level = torch.where((level == -1) & hit, lv, level)
-    return level
+from htcli.attention.geometry import NEG_INF, check_inputs, num_levels, pair_levels
 
 
 def _cluster_mean(t: torch.Tensor, weight: torch.Tensor, size: int) -> torch.Tensor:

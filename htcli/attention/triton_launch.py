@@ -1,6 +1,6 @@
-"""h_attention through Triton kernels: the level loops around attention_kernels.
+"""h_attention through Triton kernels: the level loops that launch triton_kernels.
 
-Same contract as attention_levels.forward / backward (q, k, v: (rows, n, d); real: (rows, n)
+Same contract as eager.forward / backward (q, k, v: (rows, n, d); real: (rows, n)
 fp32, 1 = real token), with the output and gradients in the inputs' dtype and the
 log-sum-exp in fp32.
 
@@ -20,8 +20,8 @@ from __future__ import annotations
 import torch
 import triton
 
-from htcli import attention_kernels as kernels
-from htcli.attention_oracle import num_levels
+from htcli.attention import triton_kernels as kernels
+from htcli.attention.geometry import num_levels
 
 POOL_BLOCK = 64
 # largest (query, key) tiles per kernel; a level's block size caps them

@@ -1,0 +1,99 @@
+"""The level geometry of H-attention, shared by the oracle, both implementations and the decode cache.
+
+A sequence of n positions is cut into blocks of `block_size` (N_r) positions. Level 0 scores a
+query against the keys of its own and neighbouring blocks; level l >= 1 against clusters of 2**l
+positions in the neighbouring level-l blocks (blocks of N_r clusters) that no finer level scored.
+Causal: only the previous block at every level, and at level 0 the own block up to the query.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+NEG_INF = float("-inf")
+
+
+def check_block_size(block_size: int) -> None:
+    """ValueError unless block_size is an even number >= 2 (a level's block splits into two halves)."""
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 2 or block_size % 2:
+        raise ValueError(f"block_size must be an even number >= 2, got {block_size!r}")
+
+
+def num_levels(n: int, block_size: int) -> int:
+    """M = max(1, ceil(log2(ceil(n / block_size)))): levels 0 .. M-1."""
+    blocks = -(-n // block_size)
+    return max(1, (blocks - 1).bit_length())
+
+
+def padded_length(n: int, block_size: int) -> int:
+    """n rounded up to a multiple of both the block size and the coarsest cluster (2**(M-1)), so that
+    every level's clusters tile the sequence exactly."""
+    step = math.lcm(block_size, 2 ** (num_levels(n, block_size) - 1))
+    return -(-n // step) * step
+
+
+def check_inputs(q, k, v, block_size, key_padding_mask) -> None:
+    """Raise ValueError with a clear message for inputs h_attention cannot take."""
+    if q.ndim != 4 or q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(
+            "q, k, v must have the same shape (batch, heads, n, dim_head), got "
+            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if q.shape[2] < 1:
+        raise ValueError("sequence length must be at least 1")
+    check_block_size(block_size)
+    if key_padding_mask is not None:
+        b, _, n, _ = q.shape
+        if key_padding_mask.shape != (b, n) or key_padding_mask.dtype != torch.bool:
+            raise ValueError(
+                f"key_padding_mask must be a bool tensor of shape (batch, n) = ({b}, {n}), "
+                f"got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)}"
+            )
+
+
+def pair_levels(n_padded: int, block_size: int, levels: int, causal: bool) -> torch.Tensor:
+    """(L, L) int: the level at which query i scores key j, -1 where it never does."""
+    i = torch.arange(n_padded)[:, None]
+    j = torch.arange(n_padded)[None, :]
+    b_i, b_j = i // block_size, j // block_size
+    if causal:
+        level0 = ((b_i == b_j) & (j <= i)) | (b_j == b_i - 1)
+    else:
+        level0 = (b_i - b_j).abs() <= 1
+    level = torch.where(level0, 0, -1)
+    for lv in range(1, levels):
+        b_i, b_j = i // (block_size << lv), j // (block_size << lv)
+        hit = (b_j == b_i - 1) if causal else (b_i - b_j).abs() == 1
+        level = torch.where((level == -1) & hit, lv, level)
+    return level
+
+
+def offsets(level: int, causal: bool) -> tuple[int, ...]:
+    """Block offsets of the key blocks a query block scores at this level."""
+    if level == 0:
+        return (-1, 0) if causal else (-1, 0, 1)
+    return (-1,) if causal else (-1, 1)
+
+
+def static_bias(level: int, causal: bool, r: int, device, dtype) -> torch.Tensor:
+    """(r, len(offsets) * r): -inf where a pair inside the window is not scored at this level.
+
+    Level 0 causal: within its own block a query sees keys up to itself. Coarse levels: each
+    half of a level-l block is one block of level l-1, so pairs that were neighbours there
+    were already scored: a first-half query skips the previous block's second half, a
+    second-half query (non-causal) the next block's first half.
+    """
+    half = r // 2
+    i = torch.arange(r, device=device)[:, None]
+    j = torch.arange(len(offsets(level, causal)) * r, device=device)[None, :]
+    if level == 0:
+        excluded = (j - r > i) if causal else (i < 0) & (j < 0)
+    else:
+        first = i < half
+        excluded = first & (j >= half) & (j < r)
+        if not causal:
+            excluded = excluded | (~first & (j >= r) & (j < r + half))
+    zero = torch.zeros((), device=device, dtype=dtype)
+    return torch.where(excluded, torch.full_like(zero, NEG_INF), zero)
