@@ -11,6 +11,7 @@ or hangs brings the others down with an error instead of leaving them waiting fo
 from __future__ import annotations
 
 import contextlib
+import gc
 import inspect
 import math
 import os
@@ -152,6 +153,10 @@ def process_group(device_name: str = "auto") -> Iterator[Launch]:
             f"{TIMEOUT_VARIABLE} if it was only slow)"
         ) from None
     finally:
+        # the DistributedDataParallel wrapper sits in reference cycles that hold the group: free them
+        # first, so that the group's C++ threads end here and not at interpreter exit, where gloo's
+        # teardown can abort the process ("terminate called without an active exception")
+        gc.collect()
         dist.destroy_process_group()
 
 
