@@ -8,7 +8,7 @@ import sys
 import torch
 
 from htcli.checkpoint import load_model
-from htcli.data import ByteCorpus
+from htcli.corpus import ByteCorpus
 from htcli.evaluate import evaluate
 from htcli.sample import SamplingConfig, Utf8Stream, generate
 

@@ -79,7 +79,9 @@ Checkpoint = Annotated[
 Corpus = Annotated[
     list[str] | None,
     typer.Argument(
-        help="Text or binary files, directories (all files below), glob patterns, .gz files.",
+        help="Text or binary files, directories (the files below, hidden ones aside), glob patterns; "
+        ".gz and .zst files; JSONL (.jsonl, .jsonl.gz, .jsonl.zst) and Parquet files (a text field per "
+        "record).",
         show_default=False,
     ),
 ]
@@ -137,6 +139,18 @@ Preset = Annotated[
 Val = Annotated[
     list[str] | None, _option("Validation corpus (repeat for several); default: the end of CORPUS.")
 ]
+TextField = Annotated[
+    str | None, _option("JSONL and Parquet files: the field holding each record's text", "text_field")
+]
+SkipBadRecords = Annotated[
+    bool | None,
+    _switch(
+        "skip-bad-records", "JSONL and Parquet: leave out bad records (and say how many) instead of stopping."
+    ),
+]
+IncludeHidden = Annotated[
+    bool | None, _switch("include-hidden", "Read hidden files and directories (.*) inside named directories.")
+]
 ValFraction = Annotated[
     float | None, _option("Without --val, hold out this last fraction of CORPUS", "val_fraction")
 ]
@@ -184,6 +198,9 @@ def train(
     # every parameter below is named like the TrainConfig or HTransformerConfig field it sets
     val: Val = None,
     val_fraction: ValFraction = None,
+    text_field: TextField = None,
+    skip_bad_records: SkipBadRecords = None,
+    include_hidden: IncludeHidden = None,
     dim: Dim = None,
     depth: Depth = None,
     heads: Heads = None,
@@ -319,39 +336,48 @@ def eval_(
         int | None, typer.Option(help="Bytes scored per window after the first (default: half the context).")
     ] = None,
     batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 8,
+    text_field: Annotated[
+        str, typer.Option(help="JSONL and Parquet files: the field holding each record's text.")
+    ] = "text",
+    skip_bad_records: Annotated[
+        bool, _switch("skip-bad-records", "JSONL and Parquet: leave out bad records.")
+    ] = False,
+    include_hidden: Annotated[
+        bool, _switch("include-hidden", "Read hidden files inside named directories.")
+    ] = False,
     json_output: JsonOutput = False,
     device: Device = "auto",
     dtype: Dtype = "auto",
 ) -> None:
     """Bits (and nats) per byte of a checkpoint over every byte of CORPUS after the first."""
-    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
-
     from htcli.checkpoint import load_model
-    from htcli.data import ByteCorpus
+    from htcli.corpus import ByteCorpus, RecordOptions
     from htcli.device import dtype_name, resolve_device, resolve_dtype
-    from htcli.display import eval_table
+    from htcli.display import eval_table, progress_bar
     from htcli.evaluate import evaluate
 
     with _user_errors():
         torch_device = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, torch_device)
         model, info = load_model(checkpoint, torch_device)
-        with ByteCorpus.open(corpus or []) as data:
-            columns = (TextColumn("scoring"), BarColumn(), TaskProgressColumn(), TimeRemainingColumn())
-            with Progress(*columns, console=err_console, transient=True) as progress:
-                task = progress.add_task("eval", total=max(1, len(data) - 1))
+        records = RecordOptions(text_field, skip_bad_records)
+        with ByteCorpus.open(corpus or [], records=records, include_hidden=include_hidden) as data:
+            if data.skipped_records:
+                err_console.print(f"[yellow]left out {data.skipped_records:,} bad records of the corpus")
+            with progress_bar(err_console, "scoring", len(data) - 1) as advance:
                 result = evaluate(
                     model,
                     data.span(),
                     stride=stride,
                     batch_size=batch_size,
                     dtype=torch_dtype,
-                    on_progress=lambda done, total: progress.update(task, completed=done),
+                    on_progress=advance,
                 )
         report = {
             "checkpoint": str(info.path),
             "step": info.step,
             "corpus": [str(c) for c in data.files],
+            "skipped_records": data.skipped_records,
             **result.to_dict(),
             "bytes_per_s": result.bytes_scored / result.seconds if result.seconds else None,
             "device": str(torch_device),

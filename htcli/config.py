@@ -25,11 +25,14 @@ NON_NEGATIVE = ("warmup", "eval_every", "save_every", "sample_every", "sample_le
 
 @dataclass
 class TrainConfig:
-    corpus: list[str]  # files, directories, glob patterns, .gz files: read as one byte string
+    corpus: list[str]  # files, directories, glob patterns (htcli.corpus): read as one byte string
     out: str = "runs/htcli"  # run directory: checkpoint, log.jsonl, config.json
     model: HTransformerConfig = field(default_factory=lambda: model_config(DEFAULT_PRESET))
     val: list[str] = field(default_factory=list)  # held-out corpus; empty: the end of `corpus`
     val_fraction: float = 0.01  # without `val`: this last fraction of the bytes (at least one window)
+    text_field: str = "text"  # JSONL and Parquet files: the field of each record that holds its text
+    skip_bad_records: bool = False  # JSONL and Parquet: leave out (and count) bad records, not stop
+    include_hidden: bool = False  # read hidden files and directories (".*") inside named directories
     steps: int = 1000  # optimizer steps in the whole run (resumed runs included)
     batch_size: int = 8  # windows of max_seq_len + 1 bytes per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
@@ -52,7 +55,7 @@ class TrainConfig:
     split_global_batch: bool = False
 
     def __post_init__(self) -> None:
-        from htcli.data import check_corpus_given
+        from htcli.corpus import check_corpus_given
 
         if isinstance(self.model, dict):
             from htcli.model import HTransformerConfig

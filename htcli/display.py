@@ -3,6 +3,8 @@ result tables of eval and bench --decode. Formatting only: nothing here computes
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from rich.console import Console, Group
@@ -13,6 +15,7 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    TaskProgressColumn,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -81,6 +84,8 @@ class TrainDisplay:
                 f"{human(event['train_bytes'])}B to train on, {human(event['val_bytes'])}B held out, "
                 f"{human(event['tokens_per_step'])} bytes per step"
             )
+            if event.get("skipped_records"):
+                self.console.print(f"[yellow]left out {event['skipped_records']:,} bad records of the corpus")
             if event.get("world_size", 1) > 1:
                 ranks, batch, accum = event["world_size"], event["batch_size"], event["grad_accum"]
                 self.console.print(
@@ -131,6 +136,15 @@ def train_summary(result: TrainResult) -> Table:
             ("val bits per byte", "-" if result.val_bpb is None else f"{result.val_bpb:.4f}"),
         ],
     )
+
+
+@contextlib.contextmanager
+def progress_bar(console: Console, label: str, total: int) -> Iterator[Callable[[int, int], None]]:
+    """A transient progress bar with ETA; yields the callback (done, total) that moves it."""
+    columns = (TextColumn(label), BarColumn(), TaskProgressColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task(label, total=max(1, total))
+        yield lambda done, _total: progress.update(task, completed=done)
 
 
 def _two_columns(title: str, rows: list[tuple[str, str]]) -> Table:

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from htcli.data import ByteSpan
+from htcli.corpus import ByteSpan
 from htcli.device import autocast
 from htcli.errors import HtcliError
 from htcli.model import HTransformer1D

@@ -31,7 +31,8 @@ from htcli.checkpoint import (
     save_checkpoint,
 )
 from htcli.config import CONFIG_FILE, TrainConfig
-from htcli.data import ByteCorpus, ByteSpan, WindowSampler, evenly_spaced, split
+from htcli.corpus import ByteCorpus, ByteSpan, RecordOptions
+from htcli.data import WindowSampler, evenly_spaced, split
 from htcli.device import autocast, dtype_name, resolve_device, resolve_dtype
 from htcli.errors import HtcliError
 from htcli.evaluate import byte_nll, window_nats
@@ -129,12 +130,18 @@ class Run:
 
     def _open_data(self) -> tuple[ByteSpan, ByteSpan]:
         """The training and validation spans (the corpora stay open until close())."""
+        config = self.config
+        options = dict(
+            records=RecordOptions(config.text_field, config.skip_bad_records),
+            include_hidden=config.include_hidden,
+            exclude=[config.out],
+        )
         try:
-            corpus = ByteCorpus.open(self.config.corpus)
+            corpus = ByteCorpus.open(config.corpus, **options)
             self.corpora.append(corpus)
-            val = ByteCorpus.open(self.config.val) if self.config.val else None
+            val = ByteCorpus.open(config.val, **options) if config.val else None
             self.corpora += [val] if val else []
-            return split(corpus, val, self.config.val_fraction, self.window)
+            return split(corpus, val, config.val_fraction, self.window)
         except BaseException:
             self.close()
             raise
@@ -166,7 +173,8 @@ class Run:
         return dict(
             step=self.step, steps=config.steps, resumed=self.resumed, params=self.params,
             device=str(self.device), dtype=dtype_name(self.dtype), train_bytes=len(self.train_data),
-            val_bytes=len(self.val_data), tokens_per_step=config.tokens_per_step * self.world_size,
+            val_bytes=len(self.val_data), skipped_records=sum(c.skipped_records for c in self.corpora),
+            tokens_per_step=config.tokens_per_step * self.world_size,
             world_size=self.world_size, batch_size=config.batch_size, grad_accum=config.grad_accum,
             seq_len=config.model.max_seq_len,
         )  # fmt: skip

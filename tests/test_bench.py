@@ -128,3 +128,14 @@ def test_bench_table_fits_80_columns():
     assert "…" not in text
     for header in ("n", "mode", "method", "fwd", "step", "tok/s", "peak", "speedup", "mem", "timeout"):
         assert header in text
+
+
+def test_bench_plot_writes_a_png(tmp_path):
+    """--plot draws time and memory against length into a PNG (matplotlib, the plot extra)."""
+    from htcli.bench_report import plot
+
+    ok = {"status": "ok", "forward_s": 0.1, "forward_backward_s": 0.3, "peak_bytes": 2**20}
+    rows = [Row(n, True, {"h": ok, "sdpa": {**ok, "forward_backward_s": n / 1e4}}) for n in (1024, 2048)]
+    path = tmp_path / "bench.png"
+    plot(rows, BenchConfig(modes=[True]), path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

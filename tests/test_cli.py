@@ -13,9 +13,8 @@ import torch
 from conftest import TINY_FLAGS, assert_user_error, invoke, make_text, tiny_config
 from safetensors.torch import load_file, save_file
 
-from htcli import data
 from htcli.checkpoint import load_model
-from htcli.data import ByteCorpus
+from htcli.corpus import ByteCorpus, reader
 from htcli.evaluate import evaluate
 from htcli.train import train
 
@@ -180,7 +179,7 @@ def test_unreadable_corpus(run_copy, tmp_path, monkeypatch):
     def refuse(path, *args, **kwargs):
         raise PermissionError(13, "Permission denied", str(path))
 
-    monkeypatch.setattr(data, "open", refuse, raising=False)
+    monkeypatch.setattr(reader, "open", refuse, raising=False)
     before = snapshot(run)
     result = invoke("train", locked, "--out", run, "--resume", "--steps", 10)
     assert_user_error(result, f"cannot read {locked}: Permission denied")

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import make_text
 
-from htcli.data import ByteCorpus
+from htcli.corpus import ByteCorpus
 from htcli.errors import HtcliError
 from htcli.evaluate import evaluate, plan_windows
 from htcli.model import HTransformer1D, HTransformerConfig

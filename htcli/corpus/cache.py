@@ -1,0 +1,74 @@
+"""A machine-wide cache of corpus bytes made from other files: decompressed `.gz`/`.zst` files and the
+text of JSONL and Parquet records, each made once, streaming, and reused until its source changes.
+
+The cache lives in $HTCLI_CACHE_DIR, else $XDG_CACHE_HOME/htcli or ~/.cache/htcli. An entry is named
+by its source's name and a hash of the source's path, size, modification time and the way it was
+made. A lock file per entry makes concurrent makers wait for one another: the processes of a
+torchrun job on one machine make each entry once and share it. The entry's bytes appear (atomically)
+only when whole, after a small JSON file of facts about it (how many records, how many skipped).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO
+
+from htcli.errors import HtcliError
+from htcli.files import atomic_file, write_json
+
+
+def cache_dir() -> Path:
+    """Where made corpus bytes go: $HTCLI_CACHE_DIR, else $XDG_CACHE_HOME/htcli or ~/.cache/htcli."""
+    if os.environ.get("HTCLI_CACHE_DIR"):
+        return Path(os.environ["HTCLI_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "htcli"
+
+
+def cached(
+    source: Path, how: str, make: Callable[[IO[bytes]], dict], cache: Path | None = None
+) -> tuple[Path, dict]:
+    """The cache entry made from source by `make` (which writes the bytes to the file it is given and
+    returns facts about them), made now if there is none: (its path, the facts). `how` names the way
+    of making it (part of the entry's name: a change of options makes another entry)."""
+    cache = cache or cache_dir()
+    stat = source.stat()
+    identity = f"{source.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{how}"
+    target = cache / f"{source.name}.{hashlib.sha256(identity.encode()).hexdigest()[:20]}"
+    facts_file = target.with_name(target.name + ".json")
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        with _locked(target.with_name(target.name + ".lock")):
+            if not target.exists():
+                with atomic_file(target) as sink:
+                    facts = make(sink)
+                    write_json(facts_file, facts)
+            return target, _read_facts(facts_file)
+    except OSError as error:
+        raise HtcliError(
+            f"cannot make {source}'s bytes in the cache {cache}: {error.strerror or error}; "
+            "free some space or set HTCLI_CACHE_DIR elsewhere"
+        ) from None
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive lock held by this process while the block runs (released if it dies)."""
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _read_facts(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}

@@ -1,0 +1,216 @@
+"""The kinds of corpus file, by name, and how each becomes bytes to train on.
+
+- plain files (anything not below): their bytes, read in place;
+- `.gz`, `.zst`: their decompressed bytes;
+- JSONL (`.jsonl`, `.jsonl.gz`, `.jsonl.zst`) and Parquet (`.parquet`): the text of one field of
+  each record (`text_field`, default "text"), UTF-8, each record followed by RECORD_SEPARATOR.
+
+Everything but plain files is made once into the cache (htcli.corpus.cache), streaming: a record or
+a block of the file at a time, never the whole file. A record that is not JSON, not an object, lacks
+the field or holds something other than a string stops with an error naming the file and line (or
+row); with `skip_bad_records` it is left out and counted instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import io
+import json
+import shutil
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from htcli.corpus.cache import cached
+from htcli.errors import HtcliError
+
+COMPRESSIONS = {"gz": "gzip", "zst": "zstd"}
+RECORD_SEPARATOR = b"\x00"  # after every record's text: a byte text never holds, so the model sees
+# where one document ends and the next begins
+PARQUET_BATCH_ROWS = 1024
+
+
+@dataclass(frozen=True)
+class RecordOptions:
+    text_field: str = "text"  # the field of each JSONL or Parquet record whose text is the corpus
+    skip_bad_records: bool = False  # leave out (and count) bad records instead of stopping
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A corpus file ready to read: the file whose bytes it is (the source itself, or a cache entry)."""
+
+    source: Path  # the corpus file as named
+    path: Path  # the file holding its bytes
+    records: int | None = None  # JSONL/Parquet: records read
+    skipped: int = 0  # JSONL/Parquet: bad records left out
+
+
+def kind(path: Path) -> str:
+    """ "jsonl", "jsonl.gz", "jsonl.zst", "parquet", "gz", "zst" or "plain"."""
+    name = path.name.lower()
+    for suffix in ("jsonl.gz", "jsonl.zst", "jsonl", "parquet", "gz", "zst"):
+        if name.endswith("." + suffix):
+            return suffix
+    return "plain"
+
+
+def prepare(source: Path, options: RecordOptions, cache: Path | None = None) -> Prepared:
+    """The file to read source's bytes from, made into the cache first where it must be."""
+    what = kind(source)
+    if what == "plain":
+        return Prepared(source, source)
+    if what in ("gz", "zst"):
+        path, _ = cached(source, what, lambda sink: _decompress(source, what, sink), cache)
+        return Prepared(source, path)
+    how = f"{what}|field={options.text_field}|skip={options.skip_bad_records}|sep={RECORD_SEPARATOR.hex()}"
+    path, facts = cached(source, how, lambda sink: _extract(source, what, options, sink), cache)
+    return Prepared(source, path, facts.get("records"), facts.get("skipped", 0))
+
+
+def _decompress(source: Path, what: str, sink: IO[bytes]) -> dict:
+    with _opened(source, what) as stream:
+        try:
+            shutil.copyfileobj(stream, sink, 1 << 20)
+        except (EOFError, zlib.error, gzip.BadGzipFile, _zstd_error()):
+            raise HtcliError(
+                f"{source} is not a readable {COMPRESSIONS[what]} file (truncated or corrupt?)"
+            ) from None
+    return {}
+
+
+def _extract(source: Path, what: str, options: RecordOptions, sink: IO[bytes]) -> dict:
+    records = parquet_texts(source, options) if what == "parquet" else jsonl_texts(source, what, options)
+    count = skipped = 0
+    for text in records:
+        if text is None:
+            skipped += 1
+            continue
+        sink.write(text.encode("utf-8", "surrogatepass"))
+        sink.write(RECORD_SEPARATOR)
+        count += 1
+    return {"records": count, "skipped": skipped}
+
+
+def _bad(options: RecordOptions, where: str, problem: str) -> None:
+    """None (a record to skip) with skip_bad_records; else the error that stops the run."""
+    if not options.skip_bad_records:
+        raise HtcliError(
+            f"{where}: {problem}; fix the record or pass skip_bad_records to leave such records out",
+            fields=("skip_bad_records", "text_field"),
+        )
+
+
+def jsonl_texts(source: Path, what: str, options: RecordOptions) -> Iterator[str | None]:
+    """The text_field of each record of a JSONL file (None for a bad record that is skipped)."""
+    with _opened(source, what.removeprefix("jsonl").lstrip(".") or "plain") as stream:
+        try:
+            for number, line in enumerate(stream, 1):
+                if line.strip():
+                    yield _record_text(line, options, f"{source} line {number}")
+        except (EOFError, zlib.error, gzip.BadGzipFile, _zstd_error()):
+            raise HtcliError(f"{source} is not a readable {what} file (truncated or corrupt?)") from None
+
+
+def _record_text(line: bytes, options: RecordOptions, where: str) -> str | None:
+    field = options.text_field
+    try:
+        record = json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError:
+        return _bad(options, where, "not UTF-8 text")
+    except json.JSONDecodeError as error:
+        return _bad(options, where, f"not JSON ({error.msg})")
+    if not isinstance(record, dict):
+        return _bad(options, where, f"a JSON {type(record).__name__}, not an object")
+    if field not in record:
+        keys = ", ".join(list(record)[:5]) or "none"
+        return _bad(
+            options, where, f"no field {field!r} (its fields: {keys}; text_field names the one to read)"
+        )
+    text = record[field]
+    if not isinstance(text, str):
+        return _bad(options, where, f"field {field!r} holds a {type(text).__name__}, not a string")
+    return text
+
+
+def parquet_texts(source: Path, options: RecordOptions) -> Iterator[str | None]:
+    """The text_field of each row of a Parquet file, a batch of rows at a time."""
+    pq, pa = _pyarrow()
+    try:
+        table = pq.ParquetFile(source)
+    except (pa.ArrowException, OSError) as error:
+        raise HtcliError(f"{source} is not a readable Parquet file ({_first_line(error)})") from None
+    field = options.text_field
+    schema = table.schema_arrow
+    if field not in schema.names:
+        raise HtcliError(
+            f"{source} has no column {field!r} (its columns: {', '.join(schema.names[:8])}): "
+            "text_field names the one to read",
+            fields=("text_field",),
+        )
+    column_type = schema.field(field).type
+    if not (pa.types.is_string(column_type) or pa.types.is_large_string(column_type)):
+        raise HtcliError(f"{source}: column {field!r} holds {column_type}, not strings")
+    row = 0
+    try:
+        for batch in table.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[field]):
+            for text in batch.column(0).to_pylist():
+                row += 1
+                yield text if text is not None else _bad(options, f"{source} row {row}", f"{field!r} is null")
+    except (pa.ArrowException, OSError) as error:
+        raise HtcliError(f"{source} is not a readable Parquet file ({_first_line(error)})") from None
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def _pyarrow():
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise HtcliError(
+            "Parquet corpora need pyarrow: pip install 'htcli[parquet]' (or pip install pyarrow)"
+        ) from None
+    return pq, pa
+
+
+def _zstd():
+    try:
+        import zstandard
+    except ImportError:
+        raise HtcliError(
+            ".zst corpora need zstandard: pip install 'htcli[zstd]' (or pip install zstandard)"
+        ) from None
+    return zstandard
+
+
+def _zstd_error() -> type[Exception]:
+    """zstandard's error class where it is installed (a class nothing raises where it is not)."""
+    try:
+        import zstandard
+    except ImportError:
+        return type("NoZstandard", (Exception,), {})
+    return zstandard.ZstdError
+
+
+@contextlib.contextmanager
+def _opened(source: Path, compression: str) -> Iterator[IO[bytes]]:
+    """source's decompressed bytes as a buffered stream (lines can be iterated); closed on the way out."""
+    try:
+        raw = open(source, "rb")
+    except OSError as error:
+        raise HtcliError(f"cannot read {source}: {error.strerror or error}") from None
+    with raw:
+        if compression == "gz":
+            with gzip.GzipFile(fileobj=raw, mode="rb") as stream:
+                yield stream
+        elif compression == "zst":
+            with io.BufferedReader(_zstd().ZstdDecompressor().stream_reader(raw)) as stream:
+                yield stream
+        else:
+            yield raw

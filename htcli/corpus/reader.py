@@ -1,0 +1,170 @@
+"""A corpus read as one byte string: the concatenation of its files' bytes, never loaded whole.
+
+Reads go straight to the files (`os.pread`) through at most MAX_OPEN open descriptors, the most
+recently used, whatever the number of files: nothing is memory-mapped, so resident memory stays small
+whatever the corpus size, and a tree of 100,000 files needs no more descriptors than one file. A
+file that changes while it is read (truncated, or replaced by another) is an error that names it,
+never a crash or silently different data.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+from array import array
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import BinaryIO
+
+import torch
+
+from htcli.corpus.find import resolve_corpus
+from htcli.corpus.formats import Prepared, RecordOptions, prepare
+from htcli.errors import HtcliError
+
+MAX_OPEN = 16  # open files per corpus at the most
+
+
+class ByteCorpus:
+    """Files read as one concatenated byte string. Empty files contribute nothing."""
+
+    def __init__(
+        self, files: Sequence[Path], *, cache: Path | None = None, records: RecordOptions | None = None
+    ):
+        self.files = [str(file) for file in files]
+        # the non-empty files ("parts"), compactly (a corpus may have millions): the file each part's
+        # bytes are read from, where it starts in the concatenation, its inode and modification time
+        self._paths: list[str] = []
+        self._sources: dict[int, str] = {}  # parts read from the cache: the corpus file they come from
+        self._offsets, self._inodes, self._mtimes = array("q"), array("q"), array("q")
+        self._size = 0
+        self._open: OrderedDict[int, BinaryIO] = OrderedDict()  # part index -> open file, oldest first
+        self.skipped_records = 0  # JSONL and Parquet records left out (skip_bad_records)
+        for file in files:
+            prepared = prepare(Path(file), records or RecordOptions(), cache)
+            stat = _readable(prepared)
+            self.skipped_records += prepared.skipped
+            if stat.st_size:
+                if prepared.path != prepared.source:
+                    self._sources[len(self._paths)] = str(prepared.source)
+                self._paths.append(str(prepared.path))
+                self._offsets.append(self._size)
+                self._inodes.append(stat.st_ino)
+                self._mtimes.append(stat.st_mtime_ns)
+                self._size += stat.st_size
+        self._offsets.append(self._size)  # the end of the last part
+
+    @classmethod
+    def open(
+        cls,
+        specs: Sequence[str | os.PathLike],
+        *,
+        cache: Path | None = None,
+        records: RecordOptions | None = None,
+        include_hidden: bool = False,
+        exclude: Iterable[str | os.PathLike] = (),
+    ) -> ByteCorpus:
+        """Resolve specs (htcli.corpus.find) and index every file; an empty corpus is an error."""
+        corpus = cls(resolve_corpus(specs, include_hidden=include_hidden, exclude=exclude), cache=cache,
+                     records=records)  # fmt: skip
+        if len(corpus) == 0:
+            names = ", ".join(str(s) for s in specs)
+            raise HtcliError(f"corpus {names} is empty (0 bytes): give files with some content")
+        return corpus
+
+    def __len__(self) -> int:
+        return self._size
+
+    def read(self, start: int, length: int) -> bytes:
+        """Bytes [start, start + length) of the concatenation."""
+        if start < 0 or length < 0 or start + length > self._size:
+            raise IndexError(f"bytes [{start}, {start + length}) outside a corpus of {self._size}")
+        parts = []
+        index = bisect.bisect_right(self._offsets, start) - 1
+        position, end = start, start + length
+        while position < end:
+            offset = position - self._offsets[index]
+            take = min(end - position, self._offsets[index + 1] - position)
+            parts.append(self._pread(index, take, offset))
+            position += take
+            index += 1
+        return b"".join(parts)
+
+    def _pread(self, index: int, length: int, offset: int) -> bytes:
+        data = os.pread(self._file(index).fileno(), length, offset)
+        if len(data) < length:
+            self._changed(index, "it is shorter than when training started")
+        return data
+
+    def _file(self, index: int) -> BinaryIO:
+        """Part `index` opened, checked to be the file indexed; the least recently used one is closed
+        past MAX_OPEN."""
+        if index in self._open:
+            self._open.move_to_end(index)
+            return self._open[index]
+        try:
+            file = open(self._paths[index], "rb", buffering=0)
+        except OSError as error:
+            raise HtcliError(f"cannot read {self._source(index)}: {error.strerror or error}") from None
+        stat = os.fstat(file.fileno())
+        expected = (self._inodes[index], self._offsets[index + 1] - self._offsets[index], self._mtimes[index])
+        if (stat.st_ino, stat.st_size, stat.st_mtime_ns) != expected:
+            file.close()
+            self._changed(index, "it was replaced or modified")
+        self._open[index] = file
+        if len(self._open) > MAX_OPEN:
+            self._open.popitem(last=False)[1].close()
+        return file
+
+    def _source(self, index: int) -> str:
+        """The corpus file part `index` comes from."""
+        return self._sources.get(index, self._paths[index])
+
+    def _changed(self, index: int, how: str) -> None:
+        raise HtcliError(
+            f"corpus file {self._source(index)} changed while in use ({how}): leave a corpus as it is "
+            "while training or evaluating, then run again (a training run resumes from its last checkpoint)"
+        )
+
+    def span(self, start: int = 0, stop: int | None = None) -> ByteSpan:
+        return ByteSpan(self, start, self._size if stop is None else stop)
+
+    def close(self) -> None:
+        while self._open:
+            self._open.popitem()[1].close()
+
+    def __enter__(self) -> ByteCorpus:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _readable(prepared: Prepared) -> os.stat_result:
+    """The file's facts, once it is known to open (every input is checked before training starts)."""
+    try:
+        with open(prepared.path, "rb", buffering=0) as file:
+            return os.fstat(file.fileno())
+    except OSError as error:
+        raise HtcliError(f"cannot read {prepared.source}: {error.strerror or error}") from None
+
+
+class ByteSpan:
+    """Bytes [start, stop) of a corpus, e.g. its training or its validation part."""
+
+    def __init__(self, corpus: ByteCorpus, start: int, stop: int):
+        self.corpus, self.start, self.stop = corpus, start, stop
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def read(self, start: int, length: int) -> bytes:
+        if start < 0 or start + length > len(self):
+            raise IndexError(f"bytes [{start}, {start + length}) outside a span of {len(self)}")
+        return self.corpus.read(self.start + start, length)
+
+    def windows(self, starts: Sequence[int], length: int) -> torch.Tensor:
+        """(len(starts), length) int64 tokens: the bytes at each start."""
+        buffer = bytearray(b"".join(self.read(start, length) for start in starts))
+        return torch.frombuffer(buffer, dtype=torch.uint8).view(len(starts), length).long()

@@ -1,0 +1,290 @@
+"""Real corpora: many files, hidden files, JSONL and Parquet records, files that change, the cache."""
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from conftest import TINY_FLAGS, assert_user_error, invoke, make_text, tiny_config
+
+from htcli.corpus import RECORD_SEPARATOR, ByteCorpus, RecordOptions, reader, resolve_corpus
+from htcli.errors import HtcliError
+from htcli.train import train
+
+
+def write(path, content: bytes):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content)
+    return path
+
+
+def jsonl(*records) -> bytes:
+    return b"".join(json.dumps(record).encode() + b"\n" for record in records)
+
+
+def texts(*parts: str) -> bytes:
+    """What records with these texts read as: each followed by the record separator."""
+    return b"".join(part.encode() + RECORD_SEPARATOR for part in parts)
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("HTCLI_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@pytest.fixture
+def tree(tmp_path):
+    """3,000 small files in 30 directories: 60 kB of text."""
+    root = tmp_path / "tree"
+    for index in range(3000):
+        write(root / f"d{index % 30:02d}" / f"f{index:04d}.txt", make_text(20, seed=index))
+    return root
+
+
+def test_many_files_under_a_low_descriptor_limit(tree, tmp_path):
+    """`htcli train` on a tree of 3,000 files runs with only 64 descriptors allowed."""
+    script = textwrap.dedent(
+        """
+        import resource, sys
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+        from htcli.cli import app
+        app(sys.argv[1:], prog_name="htcli")
+        """
+    )
+    args = ["train", tree, "--out", tmp_path / "run", "--steps", 2, *TINY_FLAGS]
+    process = subprocess.run([sys.executable, "-c", script, *map(str, args)], capture_output=True, text=True)
+    assert process.returncode == 0, process.stderr
+    assert "2 of 2" in process.stdout
+
+
+def test_open_files_stay_bounded(tree):
+    """Reading every byte of a 3,000-file corpus keeps at most MAX_OPEN files open, and equals the files."""
+    files = resolve_corpus([tree])
+    with ByteCorpus(files) as corpus:
+        assert corpus.read(0, len(corpus)) == b"".join(path.read_bytes() for path in files)
+        for start in range(0, len(corpus) - 100, 997):
+            corpus.read(start, 100)
+        assert len(corpus._open) <= reader.MAX_OPEN
+        descriptors = len(os.listdir("/proc/self/fd")) if os.path.exists("/proc/self/fd") else 0
+    assert descriptors < 100
+
+
+def test_hidden_files_are_skipped_unless_asked(tmp_path):
+    """Inside a named directory, .git, .venv, .env and swap files are skipped; include_hidden reads them;
+    a hidden file named on its own is read."""
+    root = tmp_path / "project"
+    shown = write(root / "main.py", b"print()")
+    sub = write(root / "pkg" / "mod.py", b"x = 1")
+    hidden = [
+        write(root / ".git" / "config", b"[core]"),
+        write(root / ".venv" / "lib" / "site.py", b"venv"),
+        write(root / ".env", b"SECRET=1"),
+        write(root / "pkg" / ".mod.py.swp", b"swap"),
+    ]
+    assert resolve_corpus([root]) == [shown, sub]
+    assert set(resolve_corpus([root], include_hidden=True)) == {shown, sub, *hidden}
+    assert resolve_corpus([root / ".env"]) == [root / ".env"]
+
+
+def test_only_hidden_files_is_a_clear_error(tmp_path):
+    """A directory whose files are all hidden says so, naming the option that reads them."""
+    write(tmp_path / "d" / ".hidden", b"x")
+    with pytest.raises(HtcliError, match="has no files .hidden ones aside: include_hidden reads them"):
+        resolve_corpus([tmp_path / "d"])
+
+
+def test_the_run_directory_is_never_corpus(tmp_path):
+    """Training on a directory that holds the run's --out reads the corpus files only, even on resume."""
+    root = tmp_path / "data"
+    write(root / "a.txt", make_text(20_000))
+    config = tiny_config(root, root / "run", steps=2)
+    train(config)
+    files = resolve_corpus([root], exclude=[root / "run"])
+    assert files == [root / "a.txt"]
+    with pytest.raises(HtcliError, match="is in the run directory"):
+        resolve_corpus([root / "run"], exclude=[root / "run"])
+    result = invoke("train", "--out", root / "run", "--resume", "--steps", 3)
+    assert result.exit_code == 0, result.output
+    start = [json.loads(line) for line in (root / "run" / "log.jsonl").read_text().splitlines()][-1]
+    assert start["event"] == "end"
+    events = [json.loads(line) for line in (root / "run" / "log.jsonl").read_text().splitlines()]
+    assert {e["train_bytes"] + e["val_bytes"] for e in events if e["event"] == "start"} == {20_000}
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz", ".jsonl.zst"])
+def test_jsonl_records(tmp_path, suffix):
+    """JSONL (plain, gzip, zstd): each record's text field, followed by the separator; blank lines skipped."""
+    content = jsonl({"text": "first doc", "id": 1}, {"text": "ünïcode\n"}, {"text": ""}) + b"\n"
+    if suffix.endswith(".gz"):
+        content = gzip.compress(content)
+    elif suffix.endswith(".zst"):
+        import zstandard
+
+        content = zstandard.ZstdCompressor().compress(content)
+    path = write(tmp_path / f"shard{suffix}", content)
+    with ByteCorpus.open([path]) as corpus:
+        assert corpus.read(0, len(corpus)) == texts("first doc", "ünïcode\n", "")
+
+
+def test_another_text_field(tmp_path):
+    """--text-field picks the field; a record without it names the file, the line and the fields it has."""
+    path = write(tmp_path / "c.jsonl", jsonl({"content": "abc", "meta": 1}, {"content": "de"}))
+    with ByteCorpus.open([path], records=RecordOptions(text_field="content")) as corpus:
+        assert corpus.read(0, len(corpus)) == texts("abc", "de")
+    with pytest.raises(HtcliError, match=r"c.jsonl line 1: no field 'text' \(its fields: content, meta;"):
+        ByteCorpus.open([path])
+
+
+@pytest.mark.parametrize(
+    "line,problem",
+    [
+        (b"{not json", "not JSON"),
+        (b"[1, 2]", "a JSON list, not an object"),
+        (b'{"text": 42}', "field 'text' holds a int, not a string"),
+        (b'{"text": null}', "field 'text' holds a NoneType, not a string"),
+        (b'{"text": "\xff"}', "not UTF-8 text"),
+    ],
+)
+def test_bad_records_stop_with_file_and_line(tmp_path, line, problem):
+    """A malformed line, a non-object, a non-string field: an error naming the file and line, no cache;
+    with skip_bad_records the record is left out and counted."""
+    path = write(tmp_path / "bad.jsonl", jsonl({"text": "good"}) + line + b"\n" + jsonl({"text": "also"}))
+    with pytest.raises(HtcliError, match=f"bad.jsonl line 2: {problem}.*skip_bad_records"):
+        ByteCorpus.open([path])
+    with ByteCorpus.open([path], records=RecordOptions(skip_bad_records=True)) as corpus:
+        assert corpus.read(0, len(corpus)) == texts("good", "also")
+        assert corpus.skipped_records == 1
+
+
+def test_bad_record_through_the_cli(tmp_path):
+    """The CLI says it in flags, and --skip-bad-records trains, reporting how many were left out."""
+    path = write(
+        tmp_path / "c.jsonl",
+        jsonl(*({"text": make_text(300, seed=i).decode()} for i in range(60))) + b"oops\n",
+    )
+    result = invoke("train", path, "--out", tmp_path / "run", "--steps", 1, *TINY_FLAGS)
+    assert_user_error(result, "c.jsonl line 61: not JSON")
+    assert "--skip-bad-records" in result.stderr and not (tmp_path / "run").exists()
+    result = invoke("train", path, "--out", tmp_path / "run", "--steps", 1, "--skip-bad-records", *TINY_FLAGS)
+    assert result.exit_code == 0, result.output
+    assert "left out 1 bad records" in result.stderr
+    held_out = write(tmp_path / "held.jsonl", jsonl({"text": "the of and"}, {"t": 1}))
+    result = invoke("eval", tmp_path / "run", held_out, "--skip-bad-records", "--json", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["skipped_records"] == 1 and report["bytes_scored"] == len(texts("the of and")) - 1
+
+
+def test_parquet_records(tmp_path):
+    """Parquet: the text column of every row, across row groups; nulls and a missing column are errors."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [f"row {i}" for i in range(2500)]
+    path = tmp_path / "data.parquet"
+    pq.write_table(pa.table({"text": rows, "n": list(range(2500))}), path, row_group_size=1000)
+    with ByteCorpus.open([path]) as corpus:
+        assert corpus.read(0, len(corpus)) == texts(*rows)
+    with pytest.raises(HtcliError, match=r"data.parquet has no column 'body' \(its columns: text, n\)"):
+        ByteCorpus.open([path], records=RecordOptions(text_field="body"))
+    with pytest.raises(HtcliError, match="column 'n' holds int64, not strings"):
+        ByteCorpus.open([path], records=RecordOptions(text_field="n"))
+    nulls = tmp_path / "nulls.parquet"
+    pq.write_table(pa.table({"text": ["a", None, "b"]}), nulls)
+    with pytest.raises(HtcliError, match="nulls.parquet row 2: 'text' is null"):
+        ByteCorpus.open([nulls])
+    with ByteCorpus.open([nulls], records=RecordOptions(skip_bad_records=True)) as corpus:
+        assert corpus.read(0, len(corpus)) == texts("a", "b") and corpus.skipped_records == 1
+
+
+def test_parquet_without_pyarrow_names_the_install(tmp_path, monkeypatch):
+    """Without pyarrow, a Parquet corpus is one line naming the install command."""
+    path = write(tmp_path / "data.parquet", b"PAR1")
+    monkeypatch.setitem(sys.modules, "pyarrow", None)
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    result = invoke("train", path, "--out", tmp_path / "run", *TINY_FLAGS)
+    assert_user_error(result, "Parquet corpora need pyarrow: pip install 'htcli[parquet]'")
+
+
+def test_zst_file_is_decompressed(tmp_path):
+    """A .zst file reads as its content, like a .gz file."""
+    import zstandard
+
+    content = make_text(5000)
+    path = write(tmp_path / "c.txt.zst", zstandard.ZstdCompressor().compress(content))
+    with ByteCorpus.open([path]) as corpus:
+        assert corpus.read(0, len(corpus)) == content
+
+
+def test_truncated_file_while_reading(tmp_path):
+    """A corpus file cut short after the corpus was opened is an error naming it, not a crash."""
+    path = write(tmp_path / "c.txt", make_text(5000))
+    with ByteCorpus.open([path]) as corpus:
+        corpus.read(0, 10)
+        os.truncate(path, 1000)
+        with pytest.raises(HtcliError, match=f"corpus file {path} changed while in use .it is shorter"):
+            corpus.read(2000, 100)
+
+
+def test_replaced_file_while_reading(tmp_path):
+    """A corpus file replaced by another after the corpus was indexed is an error naming it."""
+    path = write(tmp_path / "c.txt", make_text(5000))
+    with ByteCorpus.open([path]) as corpus:
+        replacement = write(tmp_path / "new.txt", make_text(5000, seed=1))
+        os.replace(replacement, path)
+        with pytest.raises(HtcliError, match=f"corpus file {path} changed while in use .it was replaced"):
+            corpus.read(0, 100)
+
+
+def test_training_stops_cleanly_when_the_corpus_is_truncated(tmp_path):
+    """Truncating the corpus mid-run stops training with a clear error; the last checkpoint stays whole."""
+    path = write(tmp_path / "c.txt", make_text(20_000))
+    config = tiny_config(path, tmp_path / "run", steps=50, save_every=2, eval_every=0)
+
+    def truncate_at_step_3(event):
+        if event["event"] == "step" and event["step"] == 3:
+            os.truncate(path, 500)
+
+    with pytest.raises(HtcliError, match="changed while in use"):
+        train(config, on_event=truncate_at_step_3)
+    state = json.loads((tmp_path / "run" / "state.json").read_text())
+    assert state["step"] == 2
+    from htcli.checkpoint import load_training_state
+
+    assert load_training_state(tmp_path / "run")[0].step == 2
+
+
+COUNTING_OPENER = """
+import sys, time
+from htcli.corpus import ByteCorpus, formats
+made = formats._decompress
+def slow_decompress(*args):
+    with open(sys.argv[2], "a") as log:
+        log.write("made\\n")
+    time.sleep(1.5)
+    return made(*args)
+formats._decompress = slow_decompress
+with ByteCorpus.open([sys.argv[1]]) as corpus:
+    print(len(corpus))
+"""
+
+
+def test_concurrent_processes_decompress_once(tmp_path, cache):
+    """Two processes (as the ranks of one machine) opening the same .gz at once decompress it once."""
+    content = make_text(100_000)
+    path = write(tmp_path / "c.txt.gz", gzip.compress(content))
+    log = tmp_path / "made.log"
+    env = {**os.environ, "HTCLI_CACHE_DIR": str(cache)}
+    ranks = [
+        subprocess.Popen([sys.executable, "-c", COUNTING_OPENER, str(path), str(log)], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]  # fmt: skip
+    outputs = [rank.communicate(timeout=60) for rank in ranks]
+    assert [rank.returncode for rank in ranks] == [0, 0], outputs
+    assert [out.strip() for out, _ in outputs] == [str(len(content))] * 2
+    assert log.read_text() == "made\n"
