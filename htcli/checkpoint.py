@@ -25,6 +25,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from htcli import __version__
+from htcli.checkpoint_checks import check_finite, check_state, check_weights_header
 from htcli.errors import HtcliError
 from htcli.files import fsync_dir, read_json, write_json
 from htcli.model import HTransformer1D, HTransformerConfig
@@ -34,6 +35,7 @@ OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "state.json"
 CHECKPOINT_FILES = (MODEL_FILE, OPTIMIZER_FILE, STATE_FILE)  # STATE_FILE last: it commits a save
 TOKENIZER = "bytes"
+NUM_TOKENS = 256  # a byte-level model's vocabulary
 
 
 @dataclass
@@ -67,10 +69,22 @@ def commit_pending(out: Path) -> None:
 
 
 def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=metadata)
-    os.chmod(path, 0o644)  # safetensors creates files readable by their owner only
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as error:  # how safetensors reports a failed write (a full disk, say)
+        raise OSError(str(error).split("I/O error: ")[-1]) from None
+    os.chmod(
+        path, 0o666 & ~_umask()
+    )  # safetensors makes files readable by their owner only, whatever the umask
     with open(path, "rb") as file:
         os.fsync(file.fileno())
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def save_checkpoint(
@@ -85,6 +99,16 @@ def save_checkpoint(
     """Atomically replace the run's checkpoint by this one (see the module docstring)."""
     out = Path(out)
     commit_pending(out)
+    try:
+        _write_pending(out, model, optimizer, state, step=step, val_bpb=val_bpb)
+    except BaseException:
+        for name in CHECKPOINT_FILES:  # a save cut short (a full disk, a Ctrl-C) leaves no half files
+            _pending(out, name).unlink(missing_ok=True)
+        raise
+    commit_pending(out)
+
+
+def _write_pending(out: Path, model, optimizer, state: dict, *, step: int, val_bpb: float | None) -> None:
     model_metadata = {
         "htcli_config": json.dumps(model.config.to_dict()),
         "htcli_version": __version__,
@@ -98,7 +122,6 @@ def save_checkpoint(
     write_json(
         _pending(out, STATE_FILE), {**state, "step": step, "val_bpb": val_bpb, "htcli_version": __version__}
     )
-    commit_pending(out)
 
 
 def _flatten_optimizer(state_dict: dict) -> tuple[dict[str, torch.Tensor], str]:
@@ -110,12 +133,20 @@ def _flatten_optimizer(state_dict: dict) -> tuple[dict[str, torch.Tensor], str]:
     return tensors, json.dumps(state_dict["param_groups"])
 
 
-def _unflatten_optimizer(tensors: dict[str, torch.Tensor], groups: str) -> dict:
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], groups: str, file: Path) -> dict:
     state: dict[int, dict] = {}
-    for key, value in tensors.items():
-        _, index, name = key.split(".", 2)
-        state.setdefault(int(index), {})[name] = value
-    return {"state": state, "param_groups": json.loads(groups)}
+    try:
+        for key, value in tensors.items():
+            prefix, index, name = key.split(".", 2)
+            if prefix != "state":
+                raise ValueError(key)
+            state.setdefault(int(index), {})[name] = value
+        param_groups = json.loads(groups)
+        if not isinstance(param_groups, list) or not all(isinstance(g, dict) for g in param_groups):
+            raise ValueError("param_groups")
+    except ValueError as error:
+        raise HtcliError(f"{file} is not an htcli optimizer state (malformed: {error})") from None
+    return {"state": state, "param_groups": param_groups}
 
 
 def model_file(path: str | os.PathLike) -> Path:
@@ -145,10 +176,21 @@ def read_checkpoint_info(path: str | os.PathLike) -> CheckpointInfo:
             f"{file} is not an htcli checkpoint (no htcli metadata): give one written by `htcli train`"
         )
     try:
-        config = HTransformerConfig.from_dict(json.loads(metadata["htcli_config"]))
+        saved = json.loads(metadata["htcli_config"])
+        if not isinstance(saved, dict):
+            raise ValueError("the model config is not an object")
+        config = HTransformerConfig.from_dict(saved)
         step, val_bpb = int(metadata.get("step", 0)), json.loads(metadata.get("val_bpb", "null"))
+        if step < 0 or not (val_bpb is None or isinstance(val_bpb, float | int)):
+            raise ValueError(f"step {step}, val_bpb {val_bpb!r}")
     except (ValueError, TypeError) as error:
         raise HtcliError(f"{file} is not an htcli checkpoint (bad metadata: {error})") from None
+    if config.num_tokens != NUM_TOKENS:
+        raise HtcliError(
+            f"{file} is not an htcli checkpoint: a byte model has {NUM_TOKENS} tokens, "
+            f"its config {config.num_tokens}"
+        )
+    check_weights_header(file, config)
     return CheckpointInfo(file, config, step, val_bpb, metadata.get("htcli_version", "?"))
 
 
@@ -164,8 +206,10 @@ def load_model(
 ) -> tuple[HTransformer1D, CheckpointInfo]:
     """The model stored at path (a run directory or a .safetensors file), in eval mode on device."""
     info = read_checkpoint_info(path)
+    tensors = _load_tensors(info.path)
+    check_finite(tensors, info.path)
     model = HTransformer1D(info.config)
-    load_weights(model, _load_tensors(info.path), info.path)
+    load_weights(model, tensors, info.path)
     return model.to(device).eval(), info
 
 
@@ -178,24 +222,31 @@ def load_weights(model: HTransformer1D, tensors: dict[str, torch.Tensor], file: 
         ) from None
 
 
-def load_training_state(out: Path) -> tuple[CheckpointInfo, dict[str, torch.Tensor], dict, dict]:
-    """Everything a resumed run needs: (info, model tensors, optimizer state dict, state.json)."""
+def load_training_state(
+    out: Path, *, commit: bool = True
+) -> tuple[CheckpointInfo, dict[str, torch.Tensor], dict, dict]:
+    """Everything a resumed run needs, checked as one unit: (info, model tensors, optimizer state dict,
+    state.json), all of the same step. commit: first finish a save cut short between its renames (the
+    run's one writer does; the other processes of a distributed run only read)."""
     out = Path(out)
-    commit_pending(out)
+    if commit:
+        commit_pending(out)
     info = read_checkpoint_info(out)
     optimizer_file, state_file = out / OPTIMIZER_FILE, out / STATE_FILE
-    groups = _read_metadata(optimizer_file, optimizer_file).get("param_groups")
-    state = read_json(
-        state_file, missing=HtcliError(f"no training state at {state_file}: the run cannot be resumed")
-    )
+    metadata = _read_metadata(optimizer_file, optimizer_file)
+    groups = metadata.get("param_groups")
     if groups is None:
         raise HtcliError(f"{optimizer_file} is not an htcli optimizer state")
-    optimizer = _unflatten_optimizer(_load_tensors(optimizer_file), groups)
-    if state.get("step") != info.step:
+    if metadata.get("step") != str(info.step):
         raise HtcliError(
-            f"{out} holds files of different steps ({info.step} and {state.get('step')}): cannot resume"
+            f"{out} holds files of different steps ({info.step} and {metadata.get('step')}): cannot resume"
         )
-    return info, _load_tensors(info.path), optimizer, state
+    missing = HtcliError(f"no training state at {state_file}: the run cannot be resumed")
+    state = check_state(read_json(state_file, missing=missing), state_file, info.step)
+    optimizer = _unflatten_optimizer(_load_tensors(optimizer_file), groups, optimizer_file)
+    weights = _load_tensors(info.path)
+    check_finite(weights, info.path)
+    return info, weights, optimizer, state
 
 
 def rng_to_text(state: torch.Tensor) -> str:

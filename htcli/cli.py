@@ -20,12 +20,14 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.markup import escape
+from typer.core import TyperCommand
 
 from htcli import __version__
 from htcli.config import train_default
 from htcli.errors import HtcliError
 from htcli.presets import DEFAULT_PRESET, PRESETS
 
+PREEMPTED = 75  # exit code of a run stopped (and saved) by SIGTERM: EX_TEMPFAIL, "try again later"
 # the fields whose flag is not `--` + the field's name with dashes (`batch_size` -> `--batch-size`)
 FLAGS = {"max_seq_len": "--seq-len", "seq_lens": "--seq-len", "json_output": "--json", "plot_path": "--plot"}
 
@@ -131,7 +133,14 @@ def main(
 # train's options, None when not given (a resumed run keeps its saved value)
 OutDir = Annotated[str, typer.Option(help="Run directory: checkpoint, config.json, log.jsonl.")]
 Resume = Annotated[
-    bool, typer.Option("--resume", help="Continue the run in --out exactly where its checkpoint left it.")
+    str | None,
+    typer.Option(
+        "--resume",
+        metavar="[auto]",
+        help="Continue the run in --out exactly where its checkpoint left it (an error if it has none); "
+        "--resume auto: continue if --out holds a checkpoint, else start it (one command to requeue).",
+        show_default=False,
+    ),
 ]
 Preset = Annotated[
     str | None, typer.Option(help=f"Model size: {', '.join(PRESETS)} (default {DEFAULT_PRESET}).")
@@ -189,11 +198,22 @@ SplitGlobalBatch = Annotated[
 ]
 
 
-@app.command()
+class _TrainCommand(TyperCommand):
+    """`htcli train`, whose --resume takes an optional value: `--resume` alone, or `--resume auto`."""
+
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        given = [
+            "--resume=yes" if arg == "--resume" and args[index + 1 : index + 2] != ["auto"] else arg
+            for index, arg in enumerate(args)
+        ]
+        return super().parse_args(ctx, given)
+
+
+@app.command(cls=_TrainCommand)
 def train(
     corpus: Corpus = None,
     out: OutDir = "runs/htcli",
-    resume: Resume = False,
+    resume: Resume = None,
     preset: Preset = None,
     # every parameter below is named like the TrainConfig or HTransformerConfig field it sets
     val: Val = None,
@@ -239,16 +259,28 @@ def train(
     from htcli.train import train as run_training
 
     with _user_errors():
-        config = config_from_options(corpus or [], out=out, resume=resume, preset=preset, **options)
+        resume_as = {None: False, "yes": True, "auto": "auto"}.get(resume)
+        if resume_as is None:
+            raise HtcliError(f"--resume takes no value or auto, got {resume!r}")
+        config = config_from_options(corpus or [], out=out, resume=resume_as, preset=preset, **options)
         with process_group(config.device) as launch, TrainDisplay(err_console) as display:
-            result = run_training(config, resume=resume, on_event=display)
+            result = run_training(config, resume=resume_as, on_event=display)
         if launch.main:
             console.print(train_summary(result))
-        if launch.main and result.interrupted:
-            again = "torchrun ... -m htcli train" if launch.world_size > 1 else "htcli train"
-            err_console.print(
-                f"stopped at step {result.step}; continue with: {again} --resume --out {escape(out)}"
-            )
+            _how_to_continue(result, launch.world_size)
+        if result.stopped_by == "SIGTERM":
+            raise typer.Exit(PREEMPTED)
+
+
+def _how_to_continue(result, world_size: int) -> None:
+    """After a stop on request: the command that continues the run."""
+    if result.interrupted:
+        again = "torchrun ... -m htcli train" if world_size > 1 else "htcli train"
+        err_console.print(
+            f"stopped at step {result.step} by {result.stopped_by}; continue with: "
+            f"{again} --resume --out {escape(str(result.out))}",
+            soft_wrap=True,
+        )
 
 
 @app.command()
@@ -283,43 +315,43 @@ def sample(
     """Generate text from a checkpoint, streamed to stdout; timing and tokens/s go to stderr."""
     from htcli.checkpoint import load_model
     from htcli.device import resolve_device, resolve_dtype
-    from htcli.sample import SamplingConfig, Utf8Stream, generate
+    from htcli.sample import SamplingConfig, generate, read_prompt
 
     with _user_errors():
         if prompt is not None and prompt_file is not None:
             raise HtcliError("give --prompt or --prompt-file, not both")
         if num_samples < 1:
             raise HtcliError(f"--num-samples must be a positive integer, got {num_samples}")
-        prompt_bytes = _read_prompt(prompt_file) if prompt_file is not None else (prompt or "\n").encode()
         configs = [
             SamplingConfig(max_new_tokens, temperature, top_k, top_p, seed + i) for i in range(num_samples)
         ]
         torch_device = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, torch_device)
         model, _ = load_model(checkpoint, torch_device)
+        context = model.config.max_seq_len
+        prompt_bytes = read_prompt(prompt_file, context) if prompt_file else (prompt or "\n").encode()
         for index, config in enumerate(configs):
             if num_samples > 1:
                 err_console.rule(f"sample {index + 1} of {num_samples} (seed {config.seed})")
-            stream = Utf8Stream()
-            if echo:
-                _write(stream.feed(prompt_bytes))
-            started, count = time.perf_counter(), 0
-            for token in generate(model, prompt_bytes, config, dtype=torch_dtype, cache=cache):
-                _write(stream.feed(token))
-                count += 1
-            seconds = time.perf_counter() - started
-            _write(stream.flush() + "\n")
-            rate = count / seconds if seconds > 0 else 0.0
-            err_console.print(f"[dim]{count} bytes in {seconds:.2f} s ({rate:.1f} tokens/s)")
+            tokens = generate(model, prompt_bytes, config, dtype=torch_dtype, cache=cache)
+            _stream_sample(tokens, prompt_bytes if echo else b"")
 
 
-def _read_prompt(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise HtcliError(f"prompt file {path} does not exist") from None
-    except OSError as error:
-        raise HtcliError(f"cannot read prompt file {path}: {error.strerror or error}") from None
+def _stream_sample(tokens: Iterator[int], prompt: bytes) -> None:
+    """The prompt and each new byte to stdout as they come (whole UTF-8 characters), then the speed to
+    stderr."""
+    from htcli.sample import Utf8Stream
+
+    stream = Utf8Stream()
+    _write(stream.feed(prompt))
+    started, count = time.perf_counter(), 0
+    for token in tokens:
+        _write(stream.feed(token))
+        count += 1
+    seconds = time.perf_counter() - started
+    _write(stream.flush() + "\n")
+    rate = count / seconds if seconds > 0 else 0.0
+    err_console.print(f"[dim]{count} bytes in {seconds:.2f} s ({rate:.1f} tokens/s)")
 
 
 def _write(text: str) -> None:

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from htcli.model import HTransformerConfig
 
 CONFIG_FILE = "config.json"  # the resolved config of a run, in its directory
+MAX_SEED = 2**63  # seeds are below it (torch takes 64 bits; distributed ranks add to the seed)
 POSITIVE = ("steps", "batch_size", "grad_accum", "eval_batches")
 NON_NEGATIVE = ("warmup", "eval_every", "save_every", "sample_every", "sample_length")
 
@@ -55,15 +56,42 @@ class TrainConfig:
     split_global_batch: bool = False
 
     def __post_init__(self) -> None:
-        from htcli.corpus import check_corpus_given
-
         if isinstance(self.model, dict):
             from htcli.model import HTransformerConfig
 
             self.model = HTransformerConfig.from_dict(self.model)
-        if self.min_lr is None:
+        if self.min_lr is None and isinstance(self.lr, int | float):
             self.min_lr = self.lr / 10
+        self._check_types()
+        self._check_values()
+
+    def _check_types(self) -> None:
+        """Each field holds what it should (a config.json may come from anywhere)."""
+        from htcli.corpus import check_corpus_given
+
+        for name in ("corpus", "val"):
+            value = getattr(self, name)
+            if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+                raise HtcliError(f"{name} must be a list of paths, got {value!r}", fields=(name,))
         check_corpus_given(self.corpus)
+        if not isinstance(self.out, str) or not self.out.strip():
+            raise HtcliError(f"out must name the run directory, got {self.out!r}", fields=("out",))
+        for name in ("compile", "split_global_batch", "skip_bad_records", "include_hidden"):
+            if not isinstance(getattr(self, name), bool):
+                raise HtcliError(f"{name} must be true or false, got {getattr(self, name)!r}", fields=(name,))
+        for name in ("lr", "min_lr", "weight_decay", "clip", "val_fraction"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                raise HtcliError(f"{name} must be a number, got {value!r}", fields=(name,))
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < MAX_SEED:
+            raise HtcliError(
+                f"seed must be a whole number from 0 to 2**63 - 1, got {self.seed!r}", fields=("seed",)
+            )
+        if not isinstance(self.text_field, str) or not self.text_field:
+            raise HtcliError(f"text_field must name a field, got {self.text_field!r}", fields=("text_field",))
+
+    def _check_values(self) -> None:
+        """Values a run can use."""
         for name in POSITIVE + NON_NEGATIVE:
             value = getattr(self, name)
             low = 1 if name in POSITIVE else 0
@@ -111,7 +139,7 @@ def config_from_options(
     corpus: list[str],
     *,
     out: str,
-    resume: bool = False,
+    resume: bool | str = False,
     preset: str | None = None,
     **options,
 ) -> TrainConfig:
@@ -119,7 +147,8 @@ def config_from_options(
     (HTransformerConfig), where None means "not given".
 
     A new run: TrainConfig's defaults, the preset (default small) with the model options, the options.
-    Resuming: the run's saved config.json with the given options on top.
+    Resuming: the run's saved config.json with the given options on top. resume "auto": resuming when
+    out holds a run's config.json, else a new run.
     """
     from htcli.model import HTransformerConfig
 
@@ -130,6 +159,8 @@ def config_from_options(
         given["corpus"] = [str(Path(c).expanduser().absolute()) for c in corpus]
     if given.get("val"):
         given["val"] = [str(Path(c).expanduser().absolute()) for c in given["val"]]
+    if resume == "auto":
+        resume = (Path(out) / CONFIG_FILE).exists()
     if not resume:
         base_model = model_config(preset or DEFAULT_PRESET, **model)
         return TrainConfig(**{"corpus": [], **given, "out": out, "model": base_model})

@@ -29,6 +29,7 @@ from htcli.errors import HtcliError
 LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")  # any of these: we were started by a launcher
 ADDRESS_VARIABLES = ("MASTER_ADDR", "MASTER_PORT")  # where rank 0 waits for the others
 TIMEOUT_VARIABLE = "HTCLI_DIST_TIMEOUT"
+MAX_TIMEOUT = 30 * 24 * 3600.0  # a wait the collectives' clocks can hold
 DEFAULT_TIMEOUT = 300.0  # seconds a collective waits for the slowest rank (rank 0 saving, sampling)
 LAUNCH_HINT = (
     "start htcli with torchrun, which sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT"
@@ -99,8 +100,11 @@ def timeout_from_env(environ: Mapping[str, str] = os.environ) -> float:
         seconds = float(text)
     except ValueError:
         seconds = math.nan
-    if not (math.isfinite(seconds) and seconds > 0):
-        raise HtcliError(f"{TIMEOUT_VARIABLE} must be a positive number of seconds, got {text!r}")
+    if not (math.isfinite(seconds) and 0 < seconds <= MAX_TIMEOUT):
+        raise HtcliError(
+            f"{TIMEOUT_VARIABLE} must be a positive number of seconds, got {text!r} "
+            f"(at most {MAX_TIMEOUT:.0f}: 30 days)"
+        )
     return seconds
 
 
@@ -220,6 +224,14 @@ def all_gather(value: object) -> list:
     values = [None] * dist.get_world_size()
     dist.all_gather_object(values, value)
     return values
+
+
+def raise_together(error: HtcliError | None) -> None:
+    """Raise on every rank the first rank's error, if any rank has one (a collective: all ranks call it)."""
+    errors = all_gather(None if error is None else (str(error), error.fields))
+    for found in errors:
+        if found is not None:
+            raise HtcliError(found[0], fields=found[1])
 
 
 def barrier(device: torch.device) -> None:

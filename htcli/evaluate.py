@@ -78,6 +78,11 @@ def evaluate(
 
     stride defaults to half the context; on_progress(bytes scored so far, bytes to score) follows along.
     """
+    if not model.config.causal:
+        raise HtcliError(
+            "the model is bidirectional (causal false): its predictions see the bytes they predict, so bits "
+            "per byte mean nothing; evaluate a causal model"
+        )
     context = model.config.max_seq_len
     stride = context // 2 if stride is None else stride
     if not 1 <= stride <= context:
@@ -101,6 +106,12 @@ def evaluate(
         if on_progress is not None:
             on_progress(scored_so_far, to_score)
     nats_per_byte = nats / to_score
+    if not math.isfinite(nats_per_byte):
+        raise HtcliError(
+            f"the model's predictions are not finite ({nats_per_byte}): its weights overflow in this "
+            "number format; try dtype fp32",
+            fields=("dtype",),
+        )
     return EvalResult(
         bits_per_byte=nats_per_byte / math.log(2),
         nats_per_byte=nats_per_byte,

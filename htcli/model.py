@@ -22,6 +22,17 @@ from htcli.attention import HAttentionCache, check_block_size, h_attention
 from htcli.reversible import reversible_stack
 
 ATTENTION_KINDS = ("h", "exact")
+# the largest value of each size field: far beyond any model htcli trains, and small enough that a
+# config read from a file cannot ask for absurd allocations (dim 10**9) before anything is checked
+LIMITS = {
+    "num_tokens": 1 << 20,
+    "dim": 1 << 16,
+    "depth": 1 << 10,
+    "heads": 1 << 10,
+    "dim_head": 1 << 12,
+    "ff_mult": 64,
+    "max_seq_len": 1 << 24,
+}
 
 
 @dataclass
@@ -43,10 +54,13 @@ class HTransformerConfig:
     attention: str = "h"  # "h" (hierarchical) or "exact" (softmax attention via SDPA, a baseline)
 
     def __post_init__(self) -> None:
-        for name in ("num_tokens", "dim", "depth", "heads", "dim_head", "ff_mult", "max_seq_len"):
+        for name, limit in LIMITS.items():
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= limit:
+                raise ValueError(f"{name} must be a positive integer up to {limit:,}, got {value!r}")
+        for name in ("causal", "rotary", "reversible", "shift_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         check_block_size(self.block_size)
         if self.max_seq_len % self.block_size:
             raise ValueError(

@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from htcli.errors import HtcliError
 from htcli.files import atomic_file
 
 LOG_FILE = "log.jsonl"
@@ -38,18 +39,45 @@ class RunLog:
 
 
 def trim_log(path: Path, step: int) -> None:
-    """Before a resume from `step`: drop the metric events of later steps, which a crash left and
-    the resumed run redoes, and any torn line, so that each step is logged once."""
+    """Before a resume from `step`: drop the metric events of later steps, which a crash left and the
+    resumed run redoes, so that each step is logged once. A last line that a crash cut short is
+    dropped too; any other line that is not an event (not UTF-8, not a JSON object) is an error, and
+    the file is left as it was."""
     if not path.exists():
         return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if record.get("event") in METRIC_EVENTS and record.get("step", 0) > step:
-            continue
-        kept.append(line + "\n")
+    try:
+        lines = path.read_bytes().split(b"\n")
+    except OSError as error:
+        raise HtcliError(f"cannot read {path}: {error.strerror or error}") from None
+    last = lines.pop()  # after the last newline: nothing, or a line cut short (kept if whole)
+    events = []
+    for number, line in enumerate(lines, 1):
+        record = _event(line)
+        if record is None:
+            raise HtcliError(
+                f"{path} line {number} is not an htcli event (not a JSON object in UTF-8): repair or "
+                "move the file, then resume"
+            )
+        events.append(record)
+    if _event(last) is not None:
+        events.append(_event(last))
+    kept = [
+        json.dumps(record) + "\n"
+        for record in events
+        if not (record.get("event") in METRIC_EVENTS and _after(record.get("step"), step))
+    ]
     with atomic_file(path, "w") as file:
         file.writelines(kept)
+
+
+def _after(value: object, step: int) -> bool:
+    return isinstance(value, int | float) and value > step
+
+
+def _event(line: bytes) -> dict | None:
+    """A log line's event, or None if the line is not one."""
+    try:
+        record = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return record if isinstance(record, dict) else None

@@ -8,11 +8,16 @@ by recomputing the model over the last max_seq_len bytes (`cache=False`, for com
 from __future__ import annotations
 
 import codecs
+import math
+import os
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+from htcli.config import MAX_SEED
 from htcli.device import autocast
 from htcli.errors import HtcliError
 from htcli.model import HTransformer1D
@@ -27,6 +32,14 @@ class SamplingConfig:
     seed: int = 0  # same seed, same bytes
 
     def __post_init__(self) -> None:
+        if not math.isfinite(self.temperature):
+            raise HtcliError(
+                f"temperature must be a number >= 0, got {self.temperature}", fields=("temperature",)
+            )
+        if not 0 <= self.seed < MAX_SEED:
+            raise HtcliError(
+                f"seed must be a whole number from 0 to 2**63 - 1, got {self.seed}", fields=("seed",)
+            )
         if self.max_new_tokens < 0:
             raise HtcliError(
                 f"max_new_tokens must be >= 0, got {self.max_new_tokens}", fields=("max_new_tokens",)
@@ -139,6 +152,30 @@ def generate(
         yield token
         if index + 1 < config.max_new_tokens:
             decoder.feed(token)
+
+
+def read_prompt(path: Path, context: int) -> bytes:
+    """The last `context` bytes of a regular file (all a model of that context sees of a prompt): only
+    those are read. Anything but a regular file (a FIFO, /dev/zero) is refused, so nothing hangs."""
+    try:
+        with open(path, "rb", opener=_opener_without_blocking) as file:
+            facts = os.fstat(file.fileno())
+            if not stat.S_ISREG(facts.st_mode):
+                raise HtcliError(f"prompt file {path} is not a regular file: give a file of text")
+            file.seek(max(0, facts.st_size - context))
+            return file.read(context)
+    except FileNotFoundError:
+        raise HtcliError(f"prompt file {path} does not exist") from None
+    except IsADirectoryError:
+        raise HtcliError(f"prompt file {path} is a directory: give a file of text") from None
+    except OSError as error:
+        raise HtcliError(f"cannot read prompt file {path}: {error.strerror or error}") from None
+
+
+def _opener_without_blocking(path: str, flags: int) -> int:
+    """open(2) that returns at once for a FIFO without a writer (O_NONBLOCK; the read itself never
+    happens, a FIFO is refused first)."""
+    return os.open(path, flags | getattr(os, "O_NONBLOCK", 0))
 
 
 class Utf8Stream:

@@ -23,13 +23,14 @@ import torch
 
 from htcli import __version__, distributed
 from htcli.checkpoint import (
-    has_checkpoint,
-    load_training_state,
+    OPTIMIZER_FILE,
+    STATE_FILE,
     load_weights,
     rng_from_text,
     rng_to_text,
     save_checkpoint,
 )
+from htcli.checkpoint_checks import check_optimizer_state
 from htcli.config import CONFIG_FILE, TrainConfig
 from htcli.corpus import ByteCorpus, ByteSpan, RecordOptions
 from htcli.data import WindowSampler, evenly_spaced, split
@@ -39,6 +40,8 @@ from htcli.evaluate import byte_nll, window_nats
 from htcli.files import write_json
 from htcli.model import HTransformer1D
 from htcli.optim import learning_rate, make_optimizer
+from htcli.rundir import open_run, resolve_resume
+from htcli.runlock import RunLock
 from htcli.runlog import LOG_FILE, RunLog, trim_log
 from htcli.sample import SamplingConfig, generate
 from htcli.stop import StopRequest
@@ -55,46 +58,56 @@ class TrainResult:
     steps: int  # the step count it was asked to reach
     train_loss: float | None  # last step's loss (nats per byte)
     val_bpb: float | None  # last validation bits per byte
-    interrupted: bool  # stopped by Ctrl-C before `steps` (and saved)
+    interrupted: bool  # stopped by Ctrl-C or SIGTERM before `steps` (and saved)
     seconds: float  # this invocation's training time
     tokens: int  # bytes trained on in this invocation
     params: int
+    stopped_by: str | None = None  # "SIGINT" or "SIGTERM" when interrupted (on any rank)
 
 
 def train(
     config: TrainConfig,
     *,
-    resume: bool = False,
+    resume: bool | str = False,
     on_event: Callable[[dict], None] | None = None,
 ) -> TrainResult:
-    """Train config.model on config.corpus, saving in config.out; resume continues that run exactly.
+    """Train config.model on config.corpus, saving in config.out; resume continues that run exactly
+    ("auto": resume when config.out holds a checkpoint, else start).
 
     Every input is checked before anything is written; a checkpoint already in config.out is only
-    ever replaced by a later one of the same run (resume). Inside a process group, every rank calls it.
+    ever replaced by a later one of the same run (resume), and only this process writes into config.out
+    while it trains. The first Ctrl-C or SIGTERM saves and stops. Inside a process group, every rank
+    calls it.
     """
-    run = Run(config, resume)
+    run = Run(config, resolve_resume(resume, Path(config.out)))
     try:
         run.write_config()
         with RunLog(run.out / LOG_FILE, on_event, enabled=run.main) as log, StopRequest() as stop:
             log("start", **run.start_fields())
-            started, first_step, loss = time.perf_counter(), run.step, None
-            while run.step < config.steps and not distributed.any_rank(stop.requested, run.device):
+            started, first_step, loss, stopped_by = time.perf_counter(), run.step, None, None
+            while run.step < config.steps and not (stopped_by := _agreed_stop(stop, run.device)):
                 loss = run.train_step(log)
                 run.after_step(log)
-            interrupted = run.step < config.steps
-            if interrupted:
-                log("interrupt", step=run.step)
+            if stopped_by:
+                log("interrupt", step=run.step, signal=stopped_by)
                 if run.saved_step != run.step:
                     run.save(log)
             seconds = time.perf_counter() - started
             tokens = (run.step - first_step) * config.tokens_per_step * run.world_size
-            end = dict(interrupted=interrupted, seconds=seconds, val_bpb=run.val_bpb, train_loss=loss)
+            end = dict(interrupted=bool(stopped_by), seconds=seconds, val_bpb=run.val_bpb, train_loss=loss)
             log("end", step=run.step, **end)
     finally:
         run.close()
-    return TrainResult(
-        run.out, run.step, config.steps, loss, run.val_bpb, interrupted, seconds, tokens, run.params
-    )
+    return TrainResult(run.out, run.step, config.steps, loss, run.val_bpb, bool(stopped_by), seconds, tokens,
+                       run.params, stopped_by)  # fmt: skip
+
+
+def _agreed_stop(stop: StopRequest, device) -> str | None:
+    """The signal that stops every rank at this step: SIGTERM if any rank got one, else SIGINT if any
+    did, else None (a collective: all ranks call it every step)."""
+    got = stop.signal.name if stop.signal else None
+    term, interrupt = distributed.all_sum([got == "SIGTERM", got == "SIGINT"], device)
+    return "SIGTERM" if term else "SIGINT" if interrupt else None
 
 
 def due(step: int, every: int, *, last: bool = False) -> bool:
@@ -112,9 +125,19 @@ class Run:
         self.out = Path(config.out)
         self.device = distributed.local_device(resolve_device(config.device))
         self.dtype = resolve_dtype(config.dtype, self.device)
-        checkpoint = check_out(self.out, config, resume, self.world_size)
+        self.lock, self.corpora = RunLock(self.out), []  # let go of by close()
         self.window = config.model.max_seq_len + 1
-        self.corpora: list[ByteCorpus] = []
+        try:
+            self._prepare(resume)
+        except BaseException:
+            self.close()
+            raise
+
+    def _prepare(self, resume: bool) -> None:
+        """The run directory checked (and locked), the data opened, the model and optimizer built: new,
+        or as the checkpoint left them."""
+        config = self.config
+        checkpoint = open_run(self.out, config, resume, self.lock, main=self.main)
         self.train_data, self.val_data = self._open_data()
         torch.manual_seed(config.seed)
         self.model = HTransformer1D(config.model).to(self.device)
@@ -136,37 +159,50 @@ class Run:
             include_hidden=config.include_hidden,
             exclude=[config.out],
         )
-        try:
-            corpus = ByteCorpus.open(config.corpus, **options)
-            self.corpora.append(corpus)
-            val = ByteCorpus.open(config.val, **options) if config.val else None
-            self.corpora += [val] if val else []
-            return split(corpus, val, config.val_fraction, self.window)
-        except BaseException:
-            self.close()
-            raise
+        corpus = ByteCorpus.open(config.corpus, **options)
+        self.corpora.append(corpus)
+        val = ByteCorpus.open(config.val, **options) if config.val else None
+        self.corpora += [val] if val else []
+        return split(corpus, val, config.val_fraction, self.window)
 
     def _restore(self, info, weights, optimizer_state, state) -> None:
         """Continue exactly where the checkpoint left off: weights, optimizer, step, this rank's RNGs."""
         load_weights(self.model, weights, info.path)
-        self.optimizer.load_state_dict(optimizer_state)
-        self.step, self.val_bpb, self.saved_step = info.step, state["val_bpb"], info.step
+        optimizer_file = self.out / OPTIMIZER_FILE
+        try:
+            self.optimizer.load_state_dict(optimizer_state)
+        except (ValueError, KeyError, TypeError, RuntimeError) as error:
+            raise HtcliError(f"{optimizer_file} is not the optimizer state of this model ({error})") from None
+        check_optimizer_state(self.optimizer, info.step, not state["grad_scaler"], optimizer_file)
+        self.step, self.val_bpb, self.saved_step = info.step, state.get("val_bpb"), info.step
         mine = state["ranks"][self.rank]
-        torch.set_rng_state(rng_from_text(mine["torch_rng"]))
-        if mine["cuda_rng"] is not None and self.device.type == "cuda":
-            torch.cuda.set_rng_state(rng_from_text(mine["cuda_rng"]), self.device)
-        self.sampler.load_state_dict({"generator": rng_from_text(mine["sampler"])})
-        if state["grad_scaler"]:
-            self.scaler.load_state_dict(state["grad_scaler"])
+        try:
+            torch.set_rng_state(rng_from_text(mine["torch_rng"]))
+            if mine.get("cuda_rng") is not None and self.device.type == "cuda":
+                torch.cuda.set_rng_state(rng_from_text(mine["cuda_rng"]), self.device)
+            self.sampler.load_state_dict({"generator": rng_from_text(mine["sampler"])})
+            if state["grad_scaler"]:
+                self.scaler.load_state_dict(state["grad_scaler"])
+        except (ValueError, RuntimeError, KeyError, TypeError):
+            raise HtcliError(
+                f"{self.out / STATE_FILE} holds damaged random or scaler states: cannot resume"
+            ) from None
 
     def write_config(self) -> None:
-        """config.json (rank 0); a resumed run's log loses the events a crash left past its checkpoint."""
+        """config.json (rank 0), once the run directory is locked; a resumed run's log first loses the
+        events a crash left past its checkpoint (a damaged log stops the run before anything is written)."""
         if not self.main:
             return
-        self.out.mkdir(parents=True, exist_ok=True)
-        write_json(self.out / CONFIG_FILE, {"htcli_version": __version__, **self.config.to_dict()})
-        if self.resumed:
-            trim_log(self.out / LOG_FILE, self.step)
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.lock.acquire()
+            if self.resumed:
+                trim_log(self.out / LOG_FILE, self.step)
+            write_json(self.out / CONFIG_FILE, {"htcli_version": __version__, **self.config.to_dict()})
+        except OSError as error:
+            raise HtcliError(
+                f"cannot write the run directory {self.out}: {error.strerror or error}"
+            ) from None
 
     def start_fields(self) -> dict:
         config = self.config
@@ -258,7 +294,21 @@ class Run:
         ranks = distributed.all_gather(self._rank_state())
         if self.main:
             state = {"world_size": self.world_size, "ranks": ranks, "grad_scaler": self.scaler.state_dict()}
-            save_checkpoint(self.out, self.model, self.optimizer, state, step=self.step, val_bpb=self.val_bpb)
+            try:
+                save_checkpoint(
+                    self.out, self.model, self.optimizer, state, step=self.step, val_bpb=self.val_bpb
+                )
+            except OSError as error:
+                kept = (
+                    f"the checkpoint of step {self.saved_step} is intact"
+                    if self.saved_step
+                    else "none saved yet"
+                )
+                reason = error.strerror or error
+                raise HtcliError(
+                    f"cannot save the checkpoint of step {self.step} in {self.out}: {reason} ({kept}); "
+                    "free some space, then resume"
+                ) from None
             log("checkpoint", step=self.step, path=str(self.out))
         distributed.barrier(self.device)  # nobody goes on (or exits) before the checkpoint is written
         self.saved_step = self.step
@@ -275,50 +325,7 @@ class Run:
     def close(self) -> None:
         for corpus in self.corpora:
             corpus.close()
-
-
-def check_out(out: Path, config: TrainConfig, resume: bool, world_size: int) -> tuple | None:
-    """The checkpoint to resume from (None for a new run), checked against config and the number of
-    processes; a new run into a directory that holds a checkpoint is refused."""
-    if out.exists() and not out.is_dir():
-        raise HtcliError(f"the run directory (out) {out} is a file: give a directory", fields=("out",))
-    if not resume:
-        if has_checkpoint(out):
-            raise HtcliError(
-                f"{out} already holds a checkpoint: pass resume to continue it, or choose another out",
-                fields=("resume", "out"),
-            )
-        return None
-    if not has_checkpoint(out):
-        raise HtcliError(
-            f"no checkpoint at {out}: start a new run there (without resume)", fields=("resume",)
-        )
-    info, weights, optimizer_state, state = load_training_state(out)
-    if info.config != config.model:
-        ours, theirs = config.model.to_dict(), info.config.to_dict()
-        changed = [k for k in ours if ours[k] != theirs[k]]
-        differences = ", ".join(f"{k} {theirs[k]} in the checkpoint, {ours[k]} asked" for k in changed)
-        raise HtcliError(
-            f"cannot resume {out}: the model differs from its checkpoint ({differences}); drop those options",
-            fields=changed,
-        )
-    if info.step >= config.steps:
-        raise HtcliError(
-            f"{out} is already at step {info.step} of steps {config.steps}: pass a larger steps",
-            fields=("steps",),
-        )
-    saved = state.get("world_size", 1)
-    if saved != world_size:
-        how = "without torchrun" if saved == 1 else f"under torchrun with {saved} processes in all"
-        raise HtcliError(
-            f"cannot resume {out} in {_processes(world_size)}: it was trained in {_processes(saved)}, "
-            f"each with its own data stream; resume it {how}"
-        )
-    return info, weights, optimizer_state, state
-
-
-def _processes(count: int) -> str:
-    return "one process" if count == 1 else f"{count} processes"
+        self.lock.release()
 
 
 def rank_sampler(

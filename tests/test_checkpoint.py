@@ -14,6 +14,12 @@ from htcli.files import atomic_file
 from htcli.model import HTransformer1D, HTransformerConfig
 
 
+def training_state(marker: int) -> dict:
+    """A state.json as one process writes it (its sampler's state marked)."""
+    rank = {"torch_rng": "cng=", "cuda_rng": None, "sampler": f"sampler-{marker}"}
+    return {"world_size": 1, "ranks": [rank], "grad_scaler": {}}
+
+
 def make_run(out, step: int = 5, seed: int = 0):
     """A model and optimizer with some state, saved in out."""
     torch.manual_seed(seed)
@@ -21,7 +27,7 @@ def make_run(out, step: int = 5, seed: int = 0):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     model(torch.randint(0, 256, (1, 16))).sum().backward()
     optimizer.step()
-    save_checkpoint(out, model, optimizer, {"sampler": {"x": step}}, step=step, val_bpb=3.5)
+    save_checkpoint(out, model, optimizer, training_state(step), step=step, val_bpb=3.5)
     return model, optimizer
 
 
@@ -41,7 +47,7 @@ def test_round_trip(tmp_path):
         assert all(
             torch.equal(saved[index][k], restored[index][k]) for k in ("step", "exp_avg", "exp_avg_sq")
         )
-    assert state["sampler"] == {"x": 5} and state["step"] == 5
+    assert state["ranks"][0]["sampler"] == "sampler-5" and state["step"] == 5
 
 
 def test_metadata_describes_the_model(tmp_path):

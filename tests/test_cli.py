@@ -57,7 +57,14 @@ def test_train_writes_a_run(corpus, tmp_path):
     result = invoke("train", corpus, "--out", tmp_path / "run", "--steps", 4, "--eval-every", 2, *TINY_FLAGS)
     assert result.exit_code == 0, result.output
     names = {p.name for p in (tmp_path / "run").iterdir()}
-    assert names == {"model.safetensors", "optimizer.safetensors", "state.json", "config.json", "log.jsonl"}
+    assert names == {
+        "model.safetensors",
+        "optimizer.safetensors",
+        "state.json",
+        "config.json",
+        "log.jsonl",
+        ".lock",
+    }
     assert "val bits per byte" in result.stdout and "4 of 4" in result.stdout
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["model"]["dim"] == 32 and config["corpus"] == [str(corpus)]

@@ -18,7 +18,7 @@ from htcli.model import HTransformer1D, HTransformerConfig
 
 # a constant learning rate, so that a run stopped at step 3 and resumed to 6 equals one run of 6
 FLAGS = [*TINY_FLAGS, "--lr", "1e-3", "--min-lr", "1e-3", "--eval-every", "3", "--save-every", "3"]
-RUN_FILES = {"model.safetensors", "optimizer.safetensors", "state.json", "config.json", "log.jsonl"}
+RUN_FILES = {"model.safetensors", "optimizer.safetensors", "state.json", "config.json", "log.jsonl", ".lock"}
 LAUNCH = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -241,6 +241,21 @@ def test_ctrl_c_on_one_rank_stops_every_rank_at_the_same_step(ddp_run, tmp_path)
     state = json.loads((run / "state.json").read_text())
     assert state["step"] == events(run, "step")[-1]["step"] == events(run, "interrupt")[0]["step"]
     assert len(state["ranks"]) == 2
+
+
+def test_sigterm_on_one_rank_stops_every_rank_as_preempted(ddp_run, tmp_path):
+    """A SIGTERM to rank 1 alone (a scheduler preempting): both ranks stop after the same step, rank 0
+    saves, both exit 75 (preempted), and --resume continues under torchrun."""
+    run = tmp_path / "run"
+    ranks = start_ranks(ddp_run[1], "--out", run, *FLAGS, "--steps", 100_000, "--eval-every", 0)
+    wait_for_a_step(run, ranks)
+    ranks[1].send_signal(signal.SIGTERM)
+    errors = finish(ranks)
+    assert [process.returncode for process in ranks] == [75, 75], errors
+    assert "by SIGTERM; continue with: torchrun ... -m htcli train --resume" in errors[0]
+    state = json.loads((run / "state.json").read_text())
+    assert state["step"] == events(run, "step")[-1]["step"] == events(run, "interrupt")[0]["step"]
+    assert events(run, "interrupt")[0]["signal"] == "SIGTERM"
 
 
 def test_nan_on_one_rank_stops_every_rank(ddp_run, tmp_path):

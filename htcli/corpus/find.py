@@ -84,8 +84,16 @@ def _walk(root: Path, include_hidden: bool, excluded: list[Path]) -> Iterable[Pa
         for name in names:
             if include_hidden or not name.startswith("."):
                 path = Path(directory, name)
-                if path.is_file():
+                if _is_file(path):
                     yield path
+
+
+def _is_file(path: Path) -> bool:
+    """Whether path is a regular file (or a link to one); an entry that cannot be looked at is an error."""
+    try:
+        return path.is_file()
+    except OSError as error:
+        raise HtcliError(f"cannot read {path}: {error.strerror or error}") from None
 
 
 def _under_any(path: Path, roots: list[Path]) -> bool:

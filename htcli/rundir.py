@@ -1,0 +1,95 @@
+"""A run directory before training starts in it: can it be written, is it free, what does it hold.
+
+`open_run` is every check that training makes of `config.out` before it writes anything: the path
+is a directory (or can become one), no other process trains into it (htcli.runlock), and it holds a
+checkpoint exactly when the run resumes, one that matches the config and the number of processes.
+In a distributed run rank 0 takes the lock and finishes a save cut short while every other rank
+waits, then all read the checkpoint; an error on rank 0 is raised on every rank.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from htcli import distributed
+from htcli.checkpoint import commit_pending, has_checkpoint, load_training_state
+from htcli.config import TrainConfig
+from htcli.errors import HtcliError
+from htcli.runlock import RunLock
+
+
+def resolve_resume(resume: bool | str, out: Path) -> bool:
+    """resume as asked: True, False, or "auto" (True exactly when out holds a checkpoint)."""
+    if resume == "auto":
+        return has_checkpoint(Path(out))
+    if isinstance(resume, bool):
+        return resume
+    raise HtcliError(f"resume must be true, false or auto, got {resume!r}", fields=("resume",))
+
+
+def check_out_path(out: Path) -> None:
+    """out is a directory, or can become one: no part of it is a file."""
+    for path in (out, *out.parents):
+        if path.exists():
+            if not path.is_dir():
+                where = "is a file" if path == out else f"is under {path}, a file"
+                raise HtcliError(f"the run directory (out) {out} {where}: give a directory", fields=("out",))
+            return
+
+
+def open_run(out: Path, config: TrainConfig, resume: bool, lock: RunLock, *, main: bool) -> tuple | None:
+    """The checkpoint to resume from (None for a new run), everything about out checked (see the
+    module docstring). rank 0 (`main`) holds `lock` afterwards where out existed already; a new
+    directory is locked when it is made."""
+    check_out_path(out)
+    failure = None
+    if main and out.is_dir():
+        try:
+            lock.acquire()
+            if resume:
+                commit_pending(out)
+        except HtcliError as error:
+            failure = error
+    distributed.raise_together(failure)
+    if not resume:
+        if has_checkpoint(out):
+            raise HtcliError(
+                f"{out} already holds a checkpoint: pass resume to continue it, or choose another out",
+                fields=("resume", "out"),
+            )
+        return None
+    if not has_checkpoint(out):
+        raise HtcliError(
+            f"no checkpoint at {out}: start a new run there (without resume)", fields=("resume",)
+        )
+    checkpoint = load_training_state(out, commit=False)
+    _check_fits(out, config, *checkpoint)
+    return checkpoint
+
+
+def _check_fits(out: Path, config: TrainConfig, info, weights, optimizer_state, state) -> None:
+    """The checkpoint continues this config: the same model, steps left, the same number of processes."""
+    if info.config != config.model:
+        ours, theirs = config.model.to_dict(), info.config.to_dict()
+        changed = [k for k in ours if ours[k] != theirs[k]]
+        differences = ", ".join(f"{k} {theirs[k]} in the checkpoint, {ours[k]} asked" for k in changed)
+        raise HtcliError(
+            f"cannot resume {out}: the model differs from its checkpoint ({differences}); drop those options",
+            fields=changed,
+        )
+    if info.step >= config.steps:
+        raise HtcliError(
+            f"{out} is already at step {info.step} of steps {config.steps}: pass a larger steps",
+            fields=("steps",),
+        )
+    saved, world_size = state["world_size"], distributed.world_size()
+    if saved != world_size:
+        how = "without torchrun" if saved == 1 else f"under torchrun with {saved} processes in all"
+        raise HtcliError(
+            f"cannot resume {out} in {_processes(world_size)}: it was trained in {_processes(saved)}, "
+            f"each with its own data stream; resume it {how}"
+        )
+
+
+def _processes(count: int) -> str:
+    return "one process" if count == 1 else f"{count} processes"

@@ -1,0 +1,68 @@
+"""One writer per run directory: an exclusive lock on OUT/.lock, held while a process trains into OUT.
+
+The lock is the operating system's (flock): it dies with its process, so a lock left by a process
+that crashed or was killed never blocks the next run. A second process is refused at once with the
+holder's process id where the system says it (Linux: /proc/locks). Nothing is written to take or
+hold the lock: the empty lock file is the only trace.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+
+from htcli.errors import HtcliError
+
+LOCK_FILE = ".lock"
+
+
+class RunLock:
+    """The lock of one run directory, taken by `acquire()`, let go by `release()` (or the process's end)."""
+
+    def __init__(self, out: Path):
+        self.path = Path(out) / LOCK_FILE
+        self._file = None
+
+    def acquire(self) -> RunLock:
+        """Take the lock, or raise an HtcliError naming the process that holds it."""
+        if self._file is not None:
+            return self
+        try:
+            file = open(self.path, "a")
+        except OSError as error:
+            raise HtcliError(
+                f"cannot write the run directory {self.path.parent}: {error.strerror or error}"
+            ) from None
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder(os.fstat(file.fileno()).st_ino)
+            file.close()
+            who = f"process {holder}" if holder else "another process"
+            raise HtcliError(
+                f"{self.path.parent} is being trained into by {who}: wait for it to end, or choose "
+                "another out",
+                fields=("out",),
+            ) from None
+        self._file = file
+        return self
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()  # closing the file lets go of the lock
+            self._file = None
+
+
+def _holder(inode: int) -> int | None:
+    """The id of the process holding a flock on the file with this inode, where /proc/locks tells."""
+    try:
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.split()
+        # "1: FLOCK  ADVISORY  WRITE 4242 fd:01:1234567 0 EOF"
+        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5].rsplit(":", 1)[-1] == str(inode):
+            return int(fields[4]) if fields[4].isdigit() and fields[4] != "0" else None
+    return None

@@ -1,0 +1,284 @@
+"""Untrusted and damaged files and options: one line, exit 1, no traceback, no file changed, and nothing
+huge allocated before the check."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+from conftest import TINY_FLAGS, assert_user_error, invoke, make_text, tiny_config
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from htcli.train import train
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("damaged")
+    corpus = root / "corpus.txt"
+    corpus.write_bytes(make_text(20_000))
+    train(tiny_config(corpus, root / "run", steps=2, save_every=2))
+    return root / "run", corpus
+
+
+@pytest.fixture
+def run(trained, tmp_path):
+    """A copy of a 2-step run that a test may damage."""
+    shutil.copytree(trained[0], tmp_path / "run")
+    return tmp_path / "run", trained[1]
+
+
+def snapshot(directory) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+def metadata_of(path) -> dict:
+    with safe_open(str(path), "pt") as opened:
+        return opened.metadata()
+
+
+def rewrite_model(path, config_changes=None, tensors=None, metadata=None) -> None:
+    """model.safetensors with its config (or tensors, or metadata) changed."""
+    meta = metadata_of(path)
+    config = json.loads(meta["htcli_config"])
+    meta["htcli_config"] = json.dumps({**config, **(config_changes or {})})
+    save_file(
+        tensors if tensors is not None else load_file(str(path)),
+        str(path),
+        metadata={**meta, **(metadata or {})},
+    )
+
+
+def peak_rss_of_sample(checkpoint) -> tuple[int, str]:
+    """(peak RSS in MiB, stderr) of `htcli sample CHECKPOINT` in its own process."""
+    script = (
+        "import resource, sys\n"
+        "from htcli.cli import app\n"
+        "try:\n    app(sys.argv[1:], prog_name='htcli')\n"
+        "finally:\n    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n"
+    )
+    args = ["sample", str(checkpoint), "--max-new-tokens", "2", "--device", "cpu"]
+    process = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True)
+    lines = process.stderr.strip().splitlines()
+    return int(lines[-1]) // 1024, "\n".join(lines[:-1])
+
+
+@pytest.mark.parametrize("claim", [dict(dim=2048, depth=64, heads=32), dict(dim=10**9)])
+def test_a_small_file_claiming_a_huge_model_is_refused_cheaply(run, claim):
+    """A checkpoint whose metadata claims dim 2048 x depth 64 (13 GB) or dim 10**9 is refused before anything
+    is allocated: peak memory stays that of a normal small checkpoint."""
+    out, _ = run
+    normal, _ = peak_rss_of_sample(out)
+    fake = out.parent / "fake.safetensors"
+    save_file({"w": torch.zeros(2)}, str(fake), metadata={**metadata_of(out / "model.safetensors")})
+    meta = metadata_of(fake)
+    meta["htcli_config"] = json.dumps({**json.loads(meta["htcli_config"]), **claim})
+    save_file({"w": torch.zeros(2)}, str(fake), metadata=meta)
+    assert fake.stat().st_size < 1000
+    peak, stderr = peak_rss_of_sample(fake)
+    assert stderr.startswith("error: ") and len(stderr.splitlines()) == 1, stderr
+    assert "tensors do not match its model config" in stderr or "up to" in stderr
+    assert peak < normal + 64, f"{peak} MiB to refuse, {normal} MiB to sample a real checkpoint"
+
+
+@pytest.mark.parametrize(
+    "changes,message",
+    [
+        (dict(block_size=16.0), "block_size must be an even number >= 2, got 16.0"),
+        (dict(causal="no"), "causal must be true or false, got 'no'"),
+        (dict(num_tokens=300), "a byte model has 256 tokens, its config 300"),
+        (dict(depth="2"), "depth must be a positive integer"),
+    ],
+)
+@pytest.mark.parametrize("command", ["sample", "eval"])
+def test_wrongly_typed_model_configs(run, changes, message, command):
+    """Config values of the wrong type or a vocabulary other than bytes: refused by name."""
+    out, corpus = run
+    rewrite_model(out / "model.safetensors", changes)
+    args = ["sample", out] if command == "sample" else ["eval", out, corpus]
+    assert_user_error(invoke(*args, "--device", "cpu"), message)
+
+
+@pytest.mark.parametrize("command", ["sample", "eval"])
+def test_nan_weights(run, command):
+    """A checkpoint holding NaN weights is refused by sample and eval, naming a tensor."""
+    out, corpus = run
+    tensors = load_file(str(out / "model.safetensors"))
+    tensors["norm.weight"] = torch.full_like(tensors["norm.weight"], float("nan"))
+    rewrite_model(out / "model.safetensors", tensors=tensors)
+    args = ["sample", out] if command == "sample" else ["eval", out, corpus, "--json"]
+    result = invoke(*args, "--device", "cpu")
+    assert_user_error(result, "holds NaN or infinite weights (in norm.weight)")
+    assert "NaN" not in result.stdout
+
+
+def test_a_bidirectional_model_is_not_evaluated(run):
+    """eval refuses a non-causal model, whose predictions see the bytes they predict."""
+    out, corpus = run
+    rewrite_model(out / "model.safetensors", dict(causal=False))
+    assert_user_error(invoke("eval", out, corpus, "--device", "cpu"), "the model is bidirectional")
+
+
+@pytest.mark.parametrize(
+    "state,message",
+    [
+        ("[1, 2]", "is not an htcli training state (not a JSON object)"),
+        ('{"step": 2, "val_bpb": 1.0}', "'world_size' missing"),
+        ('{"step": 2, "world_size": 1, "ranks": [{}], "grad_scaler": {}}', "not one state per process"),
+    ],
+)
+def test_damaged_state_json(run, state, message):
+    """A state.json that is not an object, or misses keys: the resume is refused, nothing written."""
+    out, _ = run
+    (out / "state.json").write_text(state)
+    before = snapshot(out)
+    assert_user_error(invoke("train", "--out", out, "--resume", "--steps", 4), message)
+    assert snapshot(out) == before
+
+
+def test_config_json_with_a_string_corpus(run):
+    """A config.json whose corpus is a string (not a list) is refused; config.json and log.jsonl unchanged."""
+    out, corpus = run
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "corpus": str(corpus)}))
+    before = snapshot(out)
+    assert_user_error(
+        invoke("train", "--out", out, "--resume", "--steps", 4), "corpus must be a list of paths"
+    )
+    assert snapshot(out) == before
+
+
+@pytest.mark.parametrize("line", [b'{"event": "step", "step": 1, "x": "\xff"}', b"[1, 2]", b'"text"'])
+def test_damaged_log(run, line):
+    """A log.jsonl with a line that is not UTF-8 or not an object: refused before config.json or the log
+    is written."""
+    out, _ = run
+    with open(out / "log.jsonl", "ab") as log:
+        log.write(line + b"\n")
+    before = snapshot(out)
+    assert_user_error(invoke("train", "--out", out, "--resume", "--steps", 4), "is not an htcli event")
+    assert snapshot(out) == before
+
+
+def test_out_under_a_file_or_empty(run, tmp_path):
+    """--out below a regular file, or empty: one line each, nothing created."""
+    _, corpus = run
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("x")
+    assert_user_error(invoke("train", corpus, "--out", blocker / "run", *TINY_FLAGS), "is under")
+    assert_user_error(invoke("train", corpus, "--out", "", *TINY_FLAGS), "--out must name the run directory")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt", "run"]
+
+
+def without_root_override() -> list[str]:
+    """A command prefix that runs a program without the power to ignore file permissions (root's
+    CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH), so that permission bits hold as for any user."""
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    assert setpriv, "running as root, these tests need setpriv (util-linux) to drop the permission override"
+    drop = "-dac_override,-dac_read_search"
+    return [setpriv, f"--inh-caps={drop}", f"--bounding-set={drop}"]
+
+
+def htcli_without_override(*args) -> subprocess.CompletedProcess:
+    command = [*without_root_override(), sys.executable, "-m", "htcli", *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120)
+
+
+def owned_by_nobody(path, mode: int):
+    os.chown(path, 65534, 65534) if os.geteuid() == 0 else None
+    os.chmod(path, mode)
+    return path
+
+
+def test_read_only_out(run, tmp_path):
+    """An --out that cannot be written: one line, exit 1, nothing written."""
+    _, corpus = run
+    locked = owned_by_nobody(tmp_path / "locked", 0o555) if (tmp_path / "locked").mkdir() is None else None
+    process = htcli_without_override("train", corpus, "--out", locked / "run", *TINY_FLAGS)
+    assert process.returncode == 1, process.stderr
+    assert process.stderr.startswith(
+        f"error: cannot write the run directory {locked / 'run'}: Permission denied"
+    )
+    assert len(process.stderr.strip().splitlines()) == 1
+    assert list(locked.iterdir()) == []
+
+
+def test_directory_entry_that_cannot_be_looked_at(run, tmp_path):
+    """A corpus directory whose entries cannot be stat'ed (readable, not searchable): one line naming it."""
+    _, corpus = run
+    tree = tmp_path / "tree"
+    (tree / "blind").mkdir(parents=True)
+    (tree / "a.txt").write_bytes(make_text(20_000))
+    (tree / "blind" / "b.txt").write_bytes(b"x")
+    owned_by_nobody(tree / "blind", 0o644)
+    process = htcli_without_override("train", tree, "--out", tmp_path / "new", *TINY_FLAGS)
+    assert process.returncode == 1, process.stderr
+    assert process.stderr.strip() == f"error: cannot read {tree / 'blind' / 'b.txt'}: Permission denied"
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["train", "CORPUS", "--seed", str(2**70)], "--seed must be a whole number from 0 to 2**63 - 1"),
+        (["sample", "RUN", "--seed", str(2**70)], "--seed must be a whole number from 0 to 2**63 - 1"),
+        (["sample", "RUN", "--temperature", "nan"], "--temperature must be a number >= 0, got nan"),
+    ],
+)
+def test_impossible_numbers(run, args, message):
+    """A seed beyond 64 bits, a NaN temperature: refused by the flag's name."""
+    out, corpus = run
+    args = [{"CORPUS": corpus, "RUN": out}.get(arg, arg) for arg in args]
+    extra = TINY_FLAGS + ["--out", out.parent / "new"] if args[0] == "train" else ["--device", "cpu"]
+    assert_user_error(invoke(*args, *extra), message)
+
+
+def test_huge_distributed_timeout(run, monkeypatch, tmp_path):
+    """HTCLI_DIST_TIMEOUT of 1e308 is refused with the largest it takes."""
+    _, corpus = run
+    for name, value in dict(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1").items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("MASTER_PORT", "29999")
+    monkeypatch.setenv("HTCLI_DIST_TIMEOUT", "1e308")
+    result = invoke("train", corpus, "--out", tmp_path / "new", *TINY_FLAGS)
+    assert_user_error(result, "HTCLI_DIST_TIMEOUT must be a positive number of seconds, got '1e308' (at most")
+
+
+def test_prompt_file_reads_only_the_context(run, tmp_path):
+    """--prompt-file uses (and reads) only its last context's worth of bytes: a 1 GB sparse file is quick."""
+    out, _ = run
+    big = tmp_path / "big.txt"
+    with open(big, "wb") as file:
+        file.truncate(1 << 30)
+        file.seek((1 << 30) - 10)
+        file.write(b"the end.\n!")
+    result = invoke("sample", out, "--prompt-file", big, "--max-new-tokens", 1, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.encode().endswith(b"the end.\n!" + result.stdout.encode()[-2:])
+    assert len(result.stdout.encode()) <= 64 + 1 + 4 + 1  # context, new byte (<= 4 as UTF-8), newline
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev_zero"])
+def test_prompt_file_that_is_not_a_file(run, tmp_path, kind):
+    """A FIFO (no writer) or /dev/zero as --prompt-file is refused at once instead of hanging."""
+    out, _ = run
+    if kind == "fifo":
+        path = tmp_path / "fifo"
+        os.mkfifo(path)
+    else:
+        path = "/dev/zero"
+    outcome = {}
+    worker = threading.Thread(
+        target=lambda: outcome.update(result=invoke("sample", out, "--prompt-file", path))
+    )
+    worker.start()
+    worker.join(timeout=60)
+    assert not worker.is_alive(), "sample hung on the prompt file"
+    assert_user_error(outcome["result"], "is not a regular file")

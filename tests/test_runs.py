@@ -1,0 +1,226 @@
+"""Runs that survive a cluster: SIGTERM, --resume auto, one writer per run, checkpoints checked as one
+unit, the user's umask. Real processes, real signals, real files."""
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import TINY_FLAGS, TINY_MODEL, assert_user_error, invoke, tiny_config
+from safetensors.torch import load_file, save_file
+
+from htcli.presets import model_config
+from htcli.train import train
+
+LONG_RUN = [*TINY_FLAGS, "--steps", "100000", "--eval-every", "0", "--save-every", "0"]
+
+
+def start(*args, **popen) -> subprocess.Popen:
+    """`htcli ARGS` as a real process."""
+    command = [sys.executable, "-m", "htcli", *map(str, args)]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+
+
+def wait_for_a_step(out, process) -> None:
+    log, deadline = out / "log.jsonl", time.monotonic() + 60
+    while not (log.exists() and '"event": "step"' in log.read_text()):
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"training did not start: {process.communicate()[1]}")
+        time.sleep(0.05)
+
+
+def events(out, kind: str) -> list[dict]:
+    return [e for e in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if e["event"] == kind]
+
+
+def test_sigterm_saves_and_exits_75(corpus, tmp_path):
+    """SIGTERM finishes the step, saves it, says how to continue and exits 75 (preempted); --resume
+    continues from there."""
+    out = tmp_path / "run"
+    process = start("train", corpus, "--out", out, *LONG_RUN)
+    wait_for_a_step(out, process)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 75, stderr
+    assert "by SIGTERM; continue with: htcli train --resume --out" in stderr and "Traceback" not in stderr
+    step = json.loads((out / "state.json").read_text())["step"]
+    assert step == events(out, "step")[-1]["step"] == events(out, "interrupt")[0]["step"] > 0
+    resumed = invoke("train", "--out", out, "--resume", "--steps", step + 2)
+    assert resumed.exit_code == 0, resumed.output
+    assert f"resuming at step {step}" in resumed.stderr
+
+
+def test_resume_auto_starts_then_continues(corpus, tmp_path):
+    """--resume auto: a fresh --out starts a run, one with a checkpoint continues it; --resume alone
+    still needs a checkpoint."""
+    out = tmp_path / "run"
+    assert_user_error(invoke("train", corpus, "--out", out, "--resume", *TINY_FLAGS), "no checkpoint at")
+    first = invoke("train", corpus, "--out", out, "--resume", "auto", "--steps", 2, *TINY_FLAGS)
+    assert first.exit_code == 0, first.output
+    again = invoke("train", corpus, "--out", out, "--resume", "auto", "--steps", 4, *TINY_FLAGS)
+    assert again.exit_code == 0, again.output
+    assert "resuming at step 2" in again.stderr
+    assert [e["resumed"] for e in events(out, "start")] == [False, True]
+    assert [e["step"] for e in events(out, "step")] == [1, 2, 3, 4]
+    assert_user_error(invoke("train", "--out", out, "--resume=sometimes"), "--resume takes no value or auto")
+
+
+def test_one_writer_per_run_directory(corpus, tmp_path):
+    """A second train (new or --resume) on an --out a live process trains into is refused at once, naming
+    that process, and touches nothing; once the first is killed (no clean exit), its lock is gone."""
+    out = tmp_path / "run"
+    train(tiny_config(corpus, out, steps=2))
+    first = start(
+        "train", "--out", out, "--resume", "--steps", "100000", "--save-every", "1", "--eval-every", "0"
+    )
+    try:
+        wait_for_a_step_after(out, first, 2)
+        before = sorted(p.name for p in out.iterdir())
+        for args in (["--resume", "--steps", 10**6], [corpus, *TINY_FLAGS]):
+            started = time.monotonic()
+            result = invoke("train", "--out", out, *args)
+            assert_user_error(
+                result, f"{out} is being trained into by process {first.pid}: wait for it to end"
+            )
+            assert time.monotonic() - started < 10
+        assert first.poll() is None
+        assert "model.safetensors" in before
+    finally:
+        first.kill()
+        first.communicate()
+    step = json.loads((out / "state.json").read_text())["step"]
+    resumed = invoke("train", "--out", out, "--resume", "--steps", step + 1)
+    assert resumed.exit_code == 0, resumed.output
+
+
+def wait_for_a_step_after(out, process, step: int) -> None:
+    deadline = time.monotonic() + 60
+    while not (out / "log.jsonl").exists() or not any(e["step"] > step for e in events(out, "step")):
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"training did not go on: {process.communicate()[1]}")
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def two_runs(corpus, tmp_path):
+    """A run at step 4 and one of another model at step 2."""
+    train(tiny_config(corpus, tmp_path / "run", steps=4, save_every=4))
+    train(tiny_config(corpus, tmp_path / "other", steps=2, model=dict_model(dim=48)))
+    return tmp_path / "run", tmp_path / "other"
+
+
+def dict_model(**overrides):
+    return model_config("tiny", **{**TINY_MODEL, **overrides})
+
+
+def snapshot(directory) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+def test_optimizer_of_another_step_is_refused(corpus, two_runs, tmp_path):
+    """An optimizer file of another step of the same run: the checkpoint's files are not one unit."""
+    run, _ = two_runs
+    earlier = tmp_path / "earlier"
+    train(tiny_config(corpus, earlier, steps=2))
+    shutil.copy(earlier / "optimizer.safetensors", run / "optimizer.safetensors")
+    before = snapshot(run)
+    assert_user_error(
+        invoke("train", "--out", run, "--resume", "--steps", 8), "holds files of different steps (4 and 2)"
+    )
+    assert snapshot(run) == before
+
+
+def test_optimizer_whose_own_steps_differ_is_refused(two_runs):
+    """An optimizer file whose metadata says step 4 but whose AdamW took 2 steps is refused."""
+    run, _ = two_runs
+    tensors = load_file(str(run / "optimizer.safetensors"))
+    from safetensors import safe_open
+
+    with safe_open(str(run / "optimizer.safetensors"), "pt") as opened:
+        metadata = opened.metadata()
+    tensors = {k: (torch.tensor(2.0) if k.endswith(".step") else v) for k, v in tensors.items()}
+    save_file(tensors, str(run / "optimizer.safetensors"), metadata=metadata)
+    before = snapshot(run)
+    result = invoke("train", "--out", run, "--resume", "--steps", 8)
+    assert_user_error(result, "is from another step: its optimizer took 2 steps, the checkpoint is of step 4")
+    assert snapshot(run) == before
+
+
+def test_optimizer_of_another_model_is_refused(two_runs):
+    """An optimizer state whose moments have other shapes (another model's) is refused."""
+    run, other = two_runs
+    from safetensors import safe_open
+
+    with safe_open(str(run / "optimizer.safetensors"), "pt") as opened:
+        metadata = opened.metadata()
+    save_file(
+        load_file(str(other / "optimizer.safetensors")), str(run / "optimizer.safetensors"), metadata=metadata
+    )
+    before = snapshot(run)
+    result = invoke("train", "--out", run, "--resume", "--steps", 8)
+    assert_user_error(result, "is not the optimizer state of this model")
+    assert snapshot(run) == before
+
+
+def test_malformed_optimizer_keys_are_refused(two_runs):
+    """Optimizer tensors under names htcli never writes are refused by name."""
+    run, _ = two_runs
+    from safetensors import safe_open
+
+    with safe_open(str(run / "optimizer.safetensors"), "pt") as opened:
+        metadata = opened.metadata()
+    save_file({"weights.x": torch.zeros(2)}, str(run / "optimizer.safetensors"), metadata=metadata)
+    before = snapshot(run)
+    assert_user_error(
+        invoke("train", "--out", run, "--resume", "--steps", 8), "is not an htcli optimizer state"
+    )
+    assert snapshot(run) == before
+
+
+def test_files_follow_the_umask(corpus, tmp_path):
+    """Every file a run writes has the permissions the user's umask gives (077: owner only; 022: all read)."""
+    for mask, mode in ((0o077, 0o600), (0o022, 0o644)):
+        out = tmp_path / f"run{mask:o}"
+        script = (
+            f"import os, sys; os.umask({mask}); from htcli.cli import app; app(sys.argv[1:], prog_name='x')"
+        )
+        args = ["train", corpus, "--out", out, "--steps", 2, *TINY_FLAGS]
+        process = subprocess.run(
+            [sys.executable, "-c", script, *map(str, args)], capture_output=True, text=True
+        )
+        assert process.returncode == 0, process.stderr
+        modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+        assert set(modes.values()) == {mode}, modes
+
+
+def test_full_disk_while_saving(corpus, tmp_path):
+    """A save that cannot be written (a file size limit stands in for a full disk) stops with one line,
+    exit 1; the previous checkpoint stays whole and no half-written file is left."""
+    out = tmp_path / "run"
+    train(tiny_config(corpus, out, steps=2))
+    before = snapshot(out)
+    size = (out / "model.safetensors").stat().st_size
+    script = (
+        "import resource, signal, sys\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        f"resource.setrlimit(resource.RLIMIT_FSIZE, ({size // 2}, {size // 2}))\n"
+        "from htcli.cli import app\n"
+        "app(sys.argv[1:], prog_name='htcli')\n"
+    )
+    args = ["train", "--out", out, "--resume", "--steps", 4, "--save-every", 1]
+    process = subprocess.run([sys.executable, "-c", script, *map(str, args)], capture_output=True, text=True)
+    assert process.returncode == 1, process.stderr
+    line = process.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: cannot save the checkpoint of step 3 in") and "File too large" in line
+    assert "the checkpoint of step 2 is intact" in line and "Traceback" not in process.stderr
+    after = snapshot(out)
+    assert {k: v for k, v in after.items() if k.endswith(".safetensors") or k == "state.json"} == {
+        k: v for k, v in before.items() if k.endswith(".safetensors") or k == "state.json"
+    }
+    assert not [name for name in after if name.endswith(".pending")]
