@@ -9,7 +9,7 @@ from rich.table import Table
 
 from htcli.bench import METHODS, BenchConfig, Row, scaling_exponent
 from htcli.display import human
-from htcli.errors import HtcliError
+from htcli.plots import pyplot
 
 LABELS = {"h": "H-attn", "sdpa": "SDPA"}
 
@@ -124,15 +124,7 @@ def to_json(rows: list[Row], config: BenchConfig, max_error: float, device: str)
 
 def plot(rows: list[Row], config: BenchConfig, path: Path) -> None:
     """Time and memory against length, log-log, one line per method and mode."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise HtcliError(
-            "plotting needs matplotlib: pip install 'htcli[plot]' (or pip install matplotlib)"
-        ) from None
+    plt = pyplot()
     fig, (ax_time, ax_mem) = plt.subplots(1, 2, figsize=(11, 4))
     for causal in config.modes:
         for method in METHODS:

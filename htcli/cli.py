@@ -171,6 +171,13 @@ BlockSize = Annotated[int | None, _option("H-attention block size (even, divides
 SeqLen = Annotated[
     int | None, typer.Option(flag("max_seq_len"), help="Context length in bytes: the training window.")
 ]
+AttentionKind = Annotated[
+    str | None,
+    _option(
+        "Attention: h (hierarchical, O(n): the default) or exact (softmax attention through SDPA, O(n^2): "
+        "the baseline to compare with)."
+    ),
+]
 Reversible = Annotated[bool | None, _switch("reversible", "Reversible layers: less activation memory.")]
 ShiftTokens = Annotated[bool | None, _switch("shift-tokens", "Mix in the previous byte's features.")]
 Steps = Annotated[int | None, _option("Optimizer steps for the whole run", "steps")]
@@ -178,6 +185,17 @@ BatchSize = Annotated[int | None, _option("Windows per micro-batch", "batch_size
 GradAccum = Annotated[int | None, _option("Micro-batches per optimizer step", "grad_accum")]
 Lr = Annotated[float | None, _option("Peak learning rate", "lr")]
 Warmup = Annotated[int | None, _option("Linear warmup steps", "warmup")]
+ContextWarmup = Annotated[
+    float | None,
+    _option(
+        "Fraction of the steps that train on short windows first (--context-warmup-start bytes, the same "
+        "bytes per step), before --seq-len",
+        "context_warmup",
+    ),
+]
+ContextWarmupStart = Annotated[
+    int | None, _option("Window length that --context-warmup starts from", "context_warmup_start")
+]
 MinLr = Annotated[
     float | None, _option("Learning rate at the last step, after cosine decay (default --lr / 10)")
 ]
@@ -227,6 +245,7 @@ def train(
     dim_head: DimHead = None,
     block_size: BlockSize = None,
     max_seq_len: SeqLen = None,
+    attention: AttentionKind = None,
     reversible: Reversible = None,
     shift_tokens: ShiftTokens = None,
     steps: Steps = None,
@@ -234,6 +253,8 @@ def train(
     grad_accum: GradAccum = None,
     lr: Lr = None,
     warmup: Warmup = None,
+    context_warmup: ContextWarmup = None,
+    context_warmup_start: ContextWarmupStart = None,
     min_lr: MinLr = None,
     weight_decay: WeightDecay = None,
     clip: Clip = None,
@@ -253,16 +274,18 @@ def train(
     it with torchrun: `torchrun --nproc-per-node 8 -m htcli train ...`.
     """
     options = {k: v for k, v in locals().items() if k not in ("corpus", "out", "resume", "preset")}
+    _train(corpus or [], out, resume, preset, options)
+
+
+def _train(corpus: list[str], out: str, resume: str | None, preset: str | None, options: dict) -> None:
     from htcli.config import config_from_options
     from htcli.display import TrainDisplay, train_summary
     from htcli.distributed import process_group
     from htcli.train import train as run_training
 
     with _user_errors():
-        resume_as = {None: False, "yes": True, "auto": "auto"}.get(resume)
-        if resume_as is None:
-            raise HtcliError(f"--resume takes no value or auto, got {resume!r}")
-        config = config_from_options(corpus or [], out=out, resume=resume_as, preset=preset, **options)
+        resume_as = _resume_as(resume)
+        config = config_from_options(corpus, out=out, resume=resume_as, preset=preset, **options)
         with process_group(config.device) as launch, TrainDisplay(err_console) as display:
             result = run_training(config, resume=resume_as, on_event=display)
         if launch.main:
@@ -270,6 +293,14 @@ def train(
             _how_to_continue(result, launch.world_size)
         if result.stopped_by == "SIGTERM":
             raise typer.Exit(PREEMPTED)
+
+
+def _resume_as(resume: str | None) -> bool | str:
+    """--resume's value as train() takes it: absent False, alone True, "auto"."""
+    value = {None: False, "yes": True, "auto": "auto"}.get(resume)
+    if value is None:
+        raise HtcliError(f"--resume takes no value or auto, got {resume!r}")
+    return value
 
 
 def _how_to_continue(result, world_size: int) -> None:
@@ -360,23 +391,37 @@ def _write(text: str) -> None:
         sys.stdout.flush()
 
 
+Stride = Annotated[
+    int | None,
+    typer.Option(
+        help="Bytes scored per window after the first (default: half the context; all of it with "
+        "--by-position)."
+    ),
+]
+ByPosition = Annotated[
+    bool,
+    typer.Option(
+        "--by-position",
+        help="Also bits per byte by position in the window (doubling buckets): "
+        "does the model use its context?",
+    ),
+]
+PositionPlot = Annotated[
+    Path | None, typer.Option(flag("plot_path"), help="With --by-position: draw the curve to this PNG.")
+]
+
+
 @app.command("eval")
 def eval_(
     checkpoint: Checkpoint,
     corpus: Corpus = None,
-    stride: Annotated[
-        int | None, typer.Option(help="Bytes scored per window after the first (default: half the context).")
-    ] = None,
+    stride: Stride = None,
+    by_position: ByPosition = False,
+    plot_path: PositionPlot = None,
     batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 8,
-    text_field: Annotated[
-        str, typer.Option(help="JSONL and Parquet files: the field holding each record's text.")
-    ] = "text",
-    skip_bad_records: Annotated[
-        bool, _switch("skip-bad-records", "JSONL and Parquet: leave out bad records.")
-    ] = False,
-    include_hidden: Annotated[
-        bool, _switch("include-hidden", "Read hidden files inside named directories.")
-    ] = False,
+    text_field: TextField = None,
+    skip_bad_records: SkipBadRecords = None,
+    include_hidden: IncludeHidden = None,
     json_output: JsonOutput = False,
     device: Device = "auto",
     dtype: Dtype = "auto",
@@ -385,40 +430,41 @@ def eval_(
     from htcli.checkpoint import load_model
     from htcli.corpus import ByteCorpus, RecordOptions
     from htcli.device import dtype_name, resolve_device, resolve_dtype
-    from htcli.display import eval_table, progress_bar
+    from htcli.display import by_position_table, eval_table, progress_bar
     from htcli.evaluate import evaluate
 
     with _user_errors():
+        if plot_path is not None and not by_position:
+            raise HtcliError("--plot draws the by-position curve: add --by-position")
         torch_device = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, torch_device)
         model, info = load_model(checkpoint, torch_device)
-        records = RecordOptions(text_field, skip_bad_records)
-        with ByteCorpus.open(corpus or [], records=records, include_hidden=include_hidden) as data:
+        records = RecordOptions(text_field or "text", bool(skip_bad_records))
+        with ByteCorpus.open(corpus or [], records=records, include_hidden=bool(include_hidden)) as data:
             if data.skipped_records:
                 err_console.print(f"[yellow]left out {data.skipped_records:,} bad records of the corpus")
             with progress_bar(err_console, "scoring", len(data) - 1) as advance:
                 result = evaluate(
-                    model,
-                    data.span(),
-                    stride=stride,
-                    batch_size=batch_size,
-                    dtype=torch_dtype,
-                    on_progress=advance,
-                )
+                    model, data.span(), stride=stride, batch_size=batch_size, dtype=torch_dtype,
+                    by_position=by_position, on_progress=advance,
+                )  # fmt: skip
         report = {
-            "checkpoint": str(info.path),
-            "step": info.step,
-            "corpus": [str(c) for c in data.files],
-            "skipped_records": data.skipped_records,
-            **result.to_dict(),
+            "checkpoint": str(info.path), "step": info.step, "corpus": data.files,
+            "skipped_records": data.skipped_records, **result.to_dict(),
             "bytes_per_s": result.bytes_scored / result.seconds if result.seconds else None,
-            "device": str(torch_device),
-            "dtype": dtype_name(torch_dtype),
-        }
+            "device": str(torch_device), "dtype": dtype_name(torch_dtype),
+        }  # fmt: skip
+        if plot_path is not None:
+            from htcli.plots import by_position_plot
+
+            by_position_plot({info.path.parent.name or str(info.path): result.by_position}, plot_path)
+            err_console.print(f"plot written to {plot_path}")
         if json_output:
-            print(json.dumps(report))
+            print(json.dumps(report, allow_nan=False))
         else:
             console.print(eval_table(report))
+            if by_position:
+                console.print(by_position_table(report))
 
 
 # the bench options that time attention, which --decode (sampling speed) does not use

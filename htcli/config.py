@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 CONFIG_FILE = "config.json"  # the resolved config of a run, in its directory
 MAX_SEED = 2**63  # seeds are below it (torch takes 64 bits; distributed ranks add to the seed)
 POSITIVE = ("steps", "batch_size", "grad_accum", "eval_batches")
-NON_NEGATIVE = ("warmup", "eval_every", "save_every", "sample_every", "sample_length")
+NON_NEGATIVE = ("warmup", "context_warmup_start", "eval_every", "save_every", "sample_every", "sample_length")
 
 
 @dataclass
@@ -39,6 +39,10 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per optimizer step
     lr: float = 6e-4  # peak learning rate, reached after `warmup` steps
     warmup: int = 100  # linear warmup steps
+    # the first context_warmup fraction of the steps trains on windows of context_warmup_start bytes (as
+    # many more per step), the rest on max_seq_len: a long-context model learns faster at equal bytes
+    context_warmup: float = 0.0
+    context_warmup_start: int = 256
     min_lr: float | None = None  # cosine decay ends here at the last step; None: lr / 10
     weight_decay: float = 0.1  # AdamW decoupled weight decay (matrices only, not norms or biases)
     clip: float = 1.0  # clip the gradient norm to this; 0: no clipping
@@ -79,7 +83,7 @@ class TrainConfig:
         for name in ("compile", "split_global_batch", "skip_bad_records", "include_hidden"):
             if not isinstance(getattr(self, name), bool):
                 raise HtcliError(f"{name} must be true or false, got {getattr(self, name)!r}", fields=(name,))
-        for name in ("lr", "min_lr", "weight_decay", "clip", "val_fraction"):
+        for name in ("lr", "min_lr", "weight_decay", "clip", "val_fraction", "context_warmup"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
                 raise HtcliError(f"{name} must be a number, got {value!r}", fields=(name,))
@@ -106,6 +110,11 @@ class TrainConfig:
             )
         if self.weight_decay < 0 or self.clip < 0:
             raise HtcliError("weight_decay and clip must be >= 0", fields=("weight_decay", "clip"))
+        if not 0 <= self.context_warmup <= 1:
+            raise HtcliError(
+                f"context_warmup must be a fraction of the steps, 0 to 1, got {self.context_warmup}",
+                fields=("context_warmup",),
+            )
         if not 0 < self.val_fraction < 1:
             raise HtcliError(
                 f"val_fraction must be between 0 and 1, got {self.val_fraction}", fields=("val_fraction",)

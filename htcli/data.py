@@ -52,15 +52,16 @@ class WindowSampler:
     def __init__(
         self, num_bytes: int, window: int, batch_size: int, seed: int, shard: tuple[int, int] = (0, 1)
     ):
-        self.num_starts = num_bytes - window + 1
-        self.batch_size = batch_size
+        self.num_bytes, self.window, self.batch_size = num_bytes, window, batch_size
         self.shard = shard
         self.generator = torch.Generator().manual_seed(seed)
 
-    def starts(self) -> list[int]:
+    def starts(self, window: int | None = None, batch_size: int | None = None) -> list[int]:
+        """Starts of the next batch of windows (by default of the sampler's window and batch size)."""
+        window, batch_size = window or self.window, batch_size or self.batch_size
         index, count = self.shard
-        drawn = torch.randint(self.num_starts, (self.batch_size * count,), generator=self.generator)
-        return drawn[index * self.batch_size : (index + 1) * self.batch_size].tolist()
+        drawn = torch.randint(self.num_bytes - window + 1, (batch_size * count,), generator=self.generator)
+        return drawn[index * batch_size : (index + 1) * batch_size].tolist()
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state()}

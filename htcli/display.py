@@ -171,6 +171,21 @@ def eval_table(report: dict) -> Table:
     )
 
 
+def by_position_table(report: dict) -> Table:
+    """Bits per byte by position in the window, from an `htcli eval --by-position` report."""
+    table = Table(title="bits per byte by position in the window", title_justify="left")
+    for name in ("positions", "bytes scored", "bits per byte"):
+        table.add_column(name, justify="right")
+    for bucket in report["by_position"]:
+        bits = bucket["bits_per_byte"]
+        table.add_row(
+            f"{bucket['first']:,}-{bucket['last']:,}",
+            f"{bucket['bytes']:,}",
+            "-" if bits is None else f"{bits:.4f}",
+        )
+    return table
+
+
 def decode_table(result: dict, dtype: str) -> Table:
     """The result of `htcli bench --decode` (htcli.bench.decode_bench)."""
     table = Table(

@@ -33,6 +33,9 @@ class EvalResult:
     context: int  # input bytes per window
     stride: int  # bytes scored per window after the first
     seconds: float
+    # by position in the window (evaluate's by_position): a bucket per doubling of the position, each
+    # {"first": position, "last": position, "bytes": scored there, "bits_per_byte": ...}
+    by_position: list[dict] | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -51,12 +54,29 @@ def window_nats(
     model: HTransformer1D, windows: torch.Tensor, scored: torch.Tensor, dtype: torch.dtype
 ) -> torch.Tensor:
     """Summed negative log-likelihood (float64) of the last `scored` predictions of each window (b, n+1)."""
+    return position_nats(model, windows, scored, dtype).sum(1)
+
+
+def position_nats(
+    model: HTransformer1D, windows: torch.Tensor, scored: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """(b, n) negative log-likelihood (float64) of each window's predictions, 0 where not scored: the
+    prediction at position p of a window (b, n+1) sees its first p + 1 bytes."""
     with autocast(windows.device, dtype):
         logits = model(windows[:, :-1])
     nll = byte_nll(logits, windows[:, 1:], reduction="none")  # (b, n)
     n = nll.shape[1]
     kept = torch.arange(n, device=nll.device) >= (n - scored.to(nll.device))[:, None]
-    return (nll.double() * kept).sum(1)
+    return nll.double() * kept
+
+
+def position_buckets(length: int, first: int = 64) -> list[tuple[int, int]]:
+    """Positions 0..length-1 in doubling buckets: (0, 63), (64, 127), (128, 255), ... (inclusive)."""
+    buckets, start, end = [], 0, first
+    while start < length:
+        buckets.append((start, min(end, length) - 1))
+        start, end = end, end * 2
+    return buckets
 
 
 def byte_nll(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -72,40 +92,35 @@ def evaluate(
     stride: int | None = None,
     batch_size: int = 8,
     dtype: torch.dtype = torch.float32,
+    by_position: bool = False,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> EvalResult:
     """Bits and nats per byte over every byte of corpus after the first (see the module docstring).
 
-    stride defaults to half the context; on_progress(bytes scored so far, bytes to score) follows along.
+    stride defaults to half the context (by_position: the whole context, so that every position of a
+    window is scored as often); by_position also gives bits per byte by position in the window, in
+    doubling buckets. on_progress(bytes scored so far, bytes to score) follows along.
     """
-    if not model.config.causal:
-        raise HtcliError(
-            "the model is bidirectional (causal false): its predictions see the bytes they predict, so bits "
-            "per byte mean nothing; evaluate a causal model"
-        )
     context = model.config.max_seq_len
-    stride = context // 2 if stride is None else stride
-    if not 1 <= stride <= context:
-        raise HtcliError(
-            f"stride must be between 1 and the model's context ({context}), got {stride}", fields=("stride",)
-        )
-    if len(corpus) < 2:
-        raise HtcliError(f"the corpus is {len(corpus)} bytes: it must be at least 2 bytes long to be scored")
-    if batch_size < 1:
-        raise HtcliError(f"batch_size must be a positive integer, got {batch_size}", fields=("batch_size",))
+    if stride is None:
+        stride = context if by_position else context // 2
+    _check_inputs(model, corpus, stride, batch_size)
     device = next(model.parameters()).device
     length = min(context, len(corpus) - 1)
-    to_score, scored_so_far, nats = len(corpus) - 1, 0, 0.0
+    to_score, scored_so_far = len(corpus) - 1, 0
+    nats = torch.zeros(length, dtype=torch.float64)  # by position
+    counts = torch.zeros(length, dtype=torch.int64)
     started = time.perf_counter()
     plan = plan_windows(len(corpus), context, stride)
     while batch := list(itertools.islice(plan, batch_size)):
         windows = corpus.windows([end - length for end, _ in batch], length + 1).to(device)
         scored = torch.tensor([count for _, count in batch])
-        nats += window_nats(model, windows, scored, dtype).sum().item()
+        nats += position_nats(model, windows, scored, dtype).sum(0).cpu()
+        counts += (torch.arange(length) >= (length - scored)[:, None]).sum(0)
         scored_so_far += int(scored.sum())
         if on_progress is not None:
             on_progress(scored_so_far, to_score)
-    nats_per_byte = nats / to_score
+    nats_per_byte = nats.sum().item() / to_score
     if not math.isfinite(nats_per_byte):
         raise HtcliError(
             f"the model's predictions are not finite ({nats_per_byte}): its weights overflow in this "
@@ -119,4 +134,31 @@ def evaluate(
         context=length,
         stride=stride,
         seconds=time.perf_counter() - started,
+        by_position=_buckets(nats, counts) if by_position else None,
     )
+
+
+def _check_inputs(model: HTransformer1D, corpus: ByteSpan, stride: int, batch_size: int) -> None:
+    context = model.config.max_seq_len
+    if not model.config.causal:
+        raise HtcliError(
+            "the model is bidirectional (causal false): its predictions see the bytes they predict, so bits "
+            "per byte mean nothing; evaluate a causal model"
+        )
+    if not 1 <= stride <= context:
+        raise HtcliError(
+            f"stride must be between 1 and the model's context ({context}), got {stride}", fields=("stride",)
+        )
+    if len(corpus) < 2:
+        raise HtcliError(f"the corpus is {len(corpus)} bytes: it must be at least 2 bytes long to be scored")
+    if batch_size < 1:
+        raise HtcliError(f"batch_size must be a positive integer, got {batch_size}", fields=("batch_size",))
+
+
+def _buckets(nats: torch.Tensor, counts: torch.Tensor) -> list[dict]:
+    rows = []
+    for first, last in position_buckets(len(nats)):
+        scored = int(counts[first : last + 1].sum())
+        bits = nats[first : last + 1].sum().item() / scored / math.log(2) if scored else None
+        rows.append({"first": first, "last": last, "bytes": scored, "bits_per_byte": bits})
+    return rows

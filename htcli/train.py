@@ -39,7 +39,7 @@ from htcli.errors import HtcliError
 from htcli.evaluate import byte_nll, window_nats
 from htcli.files import write_json
 from htcli.model import HTransformer1D
-from htcli.optim import learning_rate, make_optimizer
+from htcli.optim import context_length, learning_rate, make_optimizer
 from htcli.rundir import open_run, resolve_resume
 from htcli.runlock import RunLock
 from htcli.runlog import LOG_FILE, RunLog, trim_log
@@ -222,8 +222,12 @@ class Run:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         started = time.perf_counter()
-        draw = self.sampler.starts
-        batches = [self.train_data.windows(draw(), self.window) for _ in range(config.grad_accum)]
+        length = context_length(self.step, config)
+        batch_size = config.batch_size * config.model.max_seq_len // length  # the same bytes per step
+        batches = [
+            self.train_data.windows(self.sampler.starts(length + 1, batch_size), length + 1)
+            for _ in range(config.grad_accum)
+        ]
         no_sync = self.parallel.no_sync if self.parallel is not self.model else contextlib.nullcontext
         loss, grad_norm = _optimizer_step(
             self.forward, self.optimizer, self.scaler, batches, config.clip, self.device, self.dtype, no_sync
@@ -235,7 +239,15 @@ class Run:
         self.step += 1
         step_seconds = time.perf_counter() - started
         tokens_per_s = config.tokens_per_step * self.world_size / step_seconds
-        log("step", step=self.step, loss=loss, lr=lr, grad_norm=grad_norm, tokens_per_s=tokens_per_s)
+        log(
+            "step",
+            step=self.step,
+            loss=loss,
+            lr=lr,
+            grad_norm=grad_norm,
+            tokens_per_s=tokens_per_s,
+            context=length,
+        )
         return loss
 
     def _diverged(self, log: RunLog, loss: float, grad_norm: float) -> None:

@@ -319,3 +319,35 @@ def test_min_lr_error_names_both_flags(run_copy):
     run, corpus = run_copy
     result = invoke("train", corpus, "--out", run, "--resume", "--steps", 10, "--min-lr", "1")
     assert_user_error(result, "--min-lr must be between 0 and --lr (0.0006), got 1.0")
+
+
+def test_eval_by_position(trained, tmp_path):
+    """eval --by-position: buckets in the table and in --json (their bytes add up), a PNG with --plot."""
+    run, _ = trained
+    held_out = tmp_path / "held_out.txt"
+    held_out.write_bytes(make_text(3000, seed=9))
+    result = invoke(
+        "eval", run, held_out, "--by-position", "--json", "--plot", tmp_path / "p.png", "--device", "cpu"
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["stride"] == 64 and [b["first"] for b in report["by_position"]] == [0]
+    assert sum(b["bytes"] for b in report["by_position"]) == report["bytes_scored"] == 2999
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = invoke("eval", run, held_out, "--by-position", "--device", "cpu")
+    assert "by position" in table.stdout and "0-63" in table.stdout
+    assert_user_error(invoke("eval", run, held_out, "--plot", tmp_path / "q.png"), "add --by-position")
+
+
+def test_exact_attention_run(corpus, tmp_path):
+    """--attention exact trains the same model with softmax attention; sample and eval use it."""
+    out = tmp_path / "exact"
+    result = invoke("train", corpus, "--out", out, "--attention", "exact", "--steps", 2, *TINY_FLAGS)
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "config.json").read_text())["model"]["attention"] == "exact"
+    sampled = invoke("sample", out, "--max-new-tokens", 5, "--device", "cpu")
+    assert sampled.exit_code == 0 and "5 bytes in" in sampled.stderr
+    evaluated = invoke("eval", out, corpus, "--json", "--device", "cpu")
+    assert evaluated.exit_code == 0 and json.loads(evaluated.stdout)["bits_per_byte"] > 0
+    assert_user_error(invoke("train", corpus, "--out", tmp_path / "x", "--attention", "full", *TINY_FLAGS),
+                      "--attention must be one of")  # fmt: skip

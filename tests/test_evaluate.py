@@ -8,7 +8,7 @@ from conftest import make_text
 
 from htcli.corpus import ByteCorpus
 from htcli.errors import HtcliError
-from htcli.evaluate import evaluate, plan_windows
+from htcli.evaluate import evaluate, plan_windows, position_buckets
 from htcli.model import HTransformer1D, HTransformerConfig
 from htcli.train import validation_bpb
 
@@ -90,3 +90,30 @@ def test_bad_stride_and_tiny_corpus(model, corpus):
         evaluate(model, corpus.span(), stride=17)
     with pytest.raises(HtcliError, match="at least 2 bytes"):
         evaluate(model, corpus.span(0, 1))
+
+
+def test_position_buckets_double():
+    """Buckets 0-63, 64-127, 128-255, ... end at the context."""
+    assert position_buckets(16) == [(0, 15)]
+    assert position_buckets(300) == [(0, 63), (64, 127), (128, 255), (256, 299)]
+
+
+def test_by_position_equals_direct_computation(model, corpus):
+    """By position (stride = context): each bucket's bits per byte is the mean over the windows' predictions
+    at those positions, computed byte by byte; the buckets' bytes add up to every byte scored."""
+    data = corpus.read(0, len(corpus))
+    result = evaluate(model, corpus.span(), by_position=True, batch_size=3, dtype=torch.float64)
+    assert result.stride == 16
+    ends = [end for end, _ in plan_windows(len(data), 16, 16)]
+    expected = []
+    with torch.no_grad():
+        for end in ends:
+            start = end - 16
+            window = torch.tensor([list(data[start : end + 1])])
+            nll = -torch.log_softmax(model(window[:, :-1]), -1)[0].gather(1, window[0, 1:, None])[:, 0]
+            scored = end - (ends[ends.index(end) - 1] if ends.index(end) else 0)
+            expected += [(p, nll[p].item()) for p in range(16 - scored, 16)]
+    (bucket,) = result.by_position
+    assert bucket["bytes"] == len(expected) == result.bytes_scored
+    assert bucket["bits_per_byte"] == pytest.approx(sum(n for _, n in expected) / len(expected) / math.log(2))
+    assert bucket["bits_per_byte"] == pytest.approx(result.bits_per_byte)

@@ -8,7 +8,14 @@ PACKAGE = Path(__file__).parent.parent / "htcli"
 # bottom to top: a module imports only modules of lower layers (imports for type checking aside)
 LAYERS = [
     ("htcli", "errors"),
-    ("files", "device", "stop", "display", "corpus.find"),  # run files, devices, Ctrl-C, terminal output
+    (
+        "files",
+        "device",
+        "stop",
+        "display",
+        "plots",
+        "corpus.find",
+    ),  # run files, devices, Ctrl-C, terminal output
     ("attention.geometry", "attention.triton_kernels", "corpus.cache"),
     ("attention.oracle", "attention.eager", "attention.cache", "attention.triton_launch", "corpus.formats"),
     ("attention.ops", "corpus.reader"),

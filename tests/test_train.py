@@ -165,3 +165,34 @@ def test_resume_refuses_a_foreign_config_json(corpus, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"steps": 3}))
     with pytest.raises(HtcliError, match="config.json is not an htcli training config"):
         config_from_options([], out=str(tmp_path), resume=True, steps=6)
+
+
+def test_context_warmup_schedule():
+    """context_warmup: short windows for that fraction of the steps, then the whole context."""
+    from htcli.optim import context_length
+
+    config = TrainConfig(corpus=["x"], steps=300, context_warmup=0.5, context_warmup_start=256)
+    assert config.model.max_seq_len == 8192
+    lengths = [context_length(step, config) for step in range(300)]
+    assert set(lengths[:150]) == {256} and set(lengths[150:]) == {8192}
+    plain = TrainConfig(corpus=["x"], steps=300)
+    assert {context_length(step, plain) for step in range(300)} == {8192}
+
+
+def test_context_warmup_trains_on_short_windows_and_resumes_exactly(corpus, tmp_path):
+    """A warmed-up run logs its window lengths, keeps the bytes per step, and resumes bitwise."""
+    options = dict(steps=6, save_every=0, eval_every=0, context_warmup=0.5, context_warmup_start=16)
+    whole = train(tiny_config(corpus, tmp_path / "whole", **options))
+    events = [json.loads(line) for line in (tmp_path / "whole" / "log.jsonl").read_text().splitlines()]
+    assert [e["context"] for e in events if e["event"] == "step"] == [16, 16, 16, 64, 64, 64]
+
+    def interrupt_at_step_2(event):
+        if event["event"] == "step" and event["step"] == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    config = tiny_config(corpus, tmp_path / "split", **options)
+    assert train(config, on_event=interrupt_at_step_2).step == 2
+    train(config, resume=True)
+    expected, got = weights(tmp_path / "whole"), weights(tmp_path / "split")
+    assert all(torch.equal(expected[name], got[name]) for name in expected)
+    assert whole.step == 6

@@ -1,0 +1,122 @@
+"""Does a long context pay? Train several variants at equal bytes per step and steps, then score each on
+held-out files (bits per byte, every byte seeing at least half a window) and by position in the window.
+
+    python examples/long_context.py TRAIN_CORPUS HELD_OUT OUT [VARIANT ...]
+
+Each variant is a name from VARIANTS (default: all), trained with `htcli train` into OUT/NAME (kept:
+a variant already trained is only scored again), scored with `htcli eval`. Prints a table of held-out
+bits per byte and training time, and draws every by-position curve into OUT/by_position.png.
+Budget: dim 128, depth 4, 4 heads x 32, block 32, AdamW lr 1e-3, 300 steps of 16 KiB, on the CPU.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BYTES_PER_STEP = 16 * 1024
+MODEL = ["--dim", "128", "--depth", "4", "--heads", "4", "--dim-head", "32", "--block-size", "32"]
+RECIPE = ["--lr", "1e-3", "--steps", "300", "--eval-every", "0", "--sample-every", "0", "--save-every", "0"]
+
+
+def variant(context: int, *flags: str) -> list[str]:
+    batch = BYTES_PER_STEP // context
+    return ["--seq-len", str(context), "--batch-size", str(batch), *flags]
+
+
+# a diagnostic: 256-byte windows, 64 per step as "h-256", but drawn as 8 runs of 8 adjacent windows, so
+# that a step sees as few independent places of the corpus as a step of 8 windows of 2048 bytes
+GROUPED = """
+import sys
+from htcli import data
+from htcli.cli import app
+draw = data.WindowSampler.starts
+def grouped(self, window=None, batch_size=None):
+    window, batch_size = window or self.window, batch_size or self.batch_size
+    runs = draw(self, (window - 1) * 8 + 1, batch_size // 8)
+    return [start + (window - 1) * k for start in runs for k in range(8)]
+data.WindowSampler.starts = grouped
+app(sys.argv[1:], prog_name="htcli")
+"""
+
+# a trial: during the context warm-up, the learning rate scaled by sqrt(windows per step / the first
+# stage's), as Adam's square-root rule scales it with the batch size
+SQRT_LR = """
+import sys
+from htcli import optim, train
+from htcli.cli import app
+rate = optim.learning_rate
+def scaled(step, config):
+    return rate(step, config) * (config.context_warmup_start / optim.context_length(step, config)) ** 0.5
+train.learning_rate = scaled
+app(sys.argv[1:], prog_name="htcli")
+"""
+
+VARIANTS = {
+    "h-256": variant(256),
+    "h-2048": variant(2048),
+    "exact-2048": variant(2048, "--attention", "exact"),
+    "h-4096": variant(4096),
+    "h-256-grouped": variant(256),  # a diagnostic (GROUPED)
+    "h-2048-cw80-sqrtlr": variant(2048, "--context-warmup", "0.8"),  # a trial (SQRT_LR)
+    "h-2048-cw50": variant(2048, "--context-warmup", "0.5"),
+    "h-2048-cw90": variant(2048, "--context-warmup", "0.9"),
+    "exact-2048-cw90": variant(2048, "--attention", "exact", "--context-warmup", "0.9"),
+    "h-4096-cw90": variant(4096, "--context-warmup", "0.9"),
+}
+
+
+def htcli(*args: str, program: tuple[str, ...] = ("-m", "htcli")) -> subprocess.CompletedProcess:
+    command = [sys.executable, *program, *args]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        sys.exit(f"failed: {' '.join(command)}\n{result.stderr}")
+    return result
+
+
+def run_variant(name: str, train_corpus: str, held_out: str, out: Path) -> dict:
+    run = out / name
+    if not (run / "model.safetensors").exists():
+        trials = {"grouped": GROUPED, "sqrtlr": SQRT_LR}
+        trial = trials.get(name.split("-")[-1])
+        program = ("-c", trial) if trial else ("-m", "htcli")
+        args = ["train", train_corpus, "--out", str(run), *MODEL, *RECIPE, *VARIANTS[name], "--device", "cpu"]
+        htcli(*args, program=program)
+    end = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()][-1]
+    scored = json.loads(htcli("eval", str(run), held_out, "--json", "--device", "cpu").stdout)
+    curve = json.loads(htcli("eval", str(run), held_out, "--by-position", "--json", "--device", "cpu").stdout)
+    return {
+        "variant": name,
+        "flags": " ".join(VARIANTS[name]),
+        "train_seconds": end["seconds"],
+        "held_out_bpb": scored["bits_per_byte"],
+        "by_position": curve["by_position"],
+    }
+
+
+def main(train_corpus: str, held_out: str, out: str, *names: str) -> None:
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = []
+    for name in names or VARIANTS:
+        results.append(run_variant(name, train_corpus, held_out, out_dir))
+        (out_dir / f"{name}.json").write_text(json.dumps(results[-1], indent=1))
+        row = results[-1]
+        print(f"{name:>22}  held-out {row['held_out_bpb']:.3f} bpb  {row['train_seconds']:.0f} s", flush=True)
+    print("\n| variant | flags | held-out bpb | train time (s) |\n|---|---|---|---|")
+    for row in results:
+        bpb, seconds = row["held_out_bpb"], row["train_seconds"]
+        print(f"| {row['variant']} | `{row['flags']}` | {bpb:.3f} | {seconds:.0f} |")
+    print("\nbits per byte by position (bucket start: bpb)")
+    for row in results:
+        print(
+            f"{row['variant']:>22}  "
+            + "  ".join(f"{b['first']}:{b['bits_per_byte']:.2f}" for b in row["by_position"])
+        )
+    from htcli.plots import by_position_plot
+
+    by_position_plot({row["variant"]: row["by_position"] for row in results}, out_dir / "by_position.png")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

@@ -1,0 +1,45 @@
+"""Figures as PNG files (matplotlib, the `plot` extra): evaluation by position in the window.
+
+`pyplot()` is the one way htcli imports matplotlib: without a screen (Agg), and with a one-line error
+naming the install command where it is missing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from htcli.errors import HtcliError
+
+
+def pyplot():
+    """matplotlib.pyplot, drawing to files."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise HtcliError(
+            "plotting needs matplotlib: pip install 'htcli[plot]' (or pip install matplotlib)"
+        ) from None
+    return plt
+
+
+def by_position_plot(curves: dict[str, list[dict]], path: Path) -> None:
+    """Bits per byte against position in the window (log scale), one line per label; each curve is
+    an EvalResult.by_position."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, buckets in curves.items():
+        points = [
+            (b["first"] + (b["last"] - b["first"]) / 2, b["bits_per_byte"]) for b in buckets if b["bytes"]
+        ]
+        ax.plot([max(x, 1) for x, _ in points], [y for _, y in points], marker="o", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("position in the window (bytes of context)")
+    ax.set_ylabel("bits per byte")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
