@@ -9,6 +9,7 @@ messages as those flags. torch and everything that imports it are imported insid
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import re
 import sys
@@ -29,7 +30,14 @@ from htcli.presets import DEFAULT_PRESET, PRESETS
 
 PREEMPTED = 75  # exit code of a run stopped (and saved) by SIGTERM: EX_TEMPFAIL, "try again later"
 # the fields whose flag is not `--` + the field's name with dashes (`batch_size` -> `--batch-size`)
-FLAGS = {"max_seq_len": "--seq-len", "seq_lens": "--seq-len", "json_output": "--json", "plot_path": "--plot"}
+FLAGS = {
+    "max_seq_len": "--seq-len",
+    "seq_lens": "--seq-len",
+    "json_output": "--json",
+    "plot_path": "--plot",
+    "loggers": "--logger",
+    "config_file": "--config",
+}
 
 app = typer.Typer(
     name="htcli",
@@ -131,7 +139,34 @@ def main(
 
 
 # train's options, None when not given (a resumed run keeps its saved value)
-OutDir = Annotated[str, typer.Option(help="Run directory: checkpoint, config.json, log.jsonl.")]
+DEFAULT_OUT = "runs/htcli"
+OutDir = Annotated[
+    str | None,
+    typer.Option(
+        help=f"Run directory: checkpoint, config.json, log.jsonl (default {DEFAULT_OUT}).", show_default=False
+    ),
+]
+ConfigFile = Annotated[
+    Path | None,
+    typer.Option(
+        flag("config_file"),
+        help="Options from a TOML file (keys spelled like the options: seq-len = 2048) or a run's "
+        "config.json; options given here override it.",
+        show_default=False,
+    ),
+]
+PrintConfig = Annotated[
+    bool, typer.Option("--print-config", help="Print the resolved configuration as TOML and exit.")
+]
+Loggers = Annotated[
+    list[str] | None,
+    typer.Option(
+        flag("loggers"),
+        help="Also log to tensorboard (event files in --out) or wandb (Weights & Biases); repeat for "
+        "both. log.jsonl is always written.",
+        show_default=False,
+    ),
+]
 Resume = Annotated[
     str | None,
     typer.Option(
@@ -230,8 +265,10 @@ class _TrainCommand(TyperCommand):
 @app.command(cls=_TrainCommand)
 def train(
     corpus: Corpus = None,
-    out: OutDir = "runs/htcli",
+    out: OutDir = None,
     resume: Resume = None,
+    config_file: ConfigFile = None,
+    print_config: PrintConfig = False,
     preset: Preset = None,
     # every parameter below is named like the TrainConfig or HTransformerConfig field it sets
     val: Val = None,
@@ -267,17 +304,18 @@ def train(
     compile: Compile = None,
     seed: Annotated[int | None, SEED] = None,
     split_global_batch: SplitGlobalBatch = None,
+    loggers: Loggers = None,
 ) -> None:
     """Train a byte-level model on CORPUS, with checkpoints, log.jsonl and config.json in --out.
 
     Ctrl-C saves a checkpoint and exits; --resume continues from it. On several GPUs or machines, start
     it with torchrun: `torchrun --nproc-per-node 8 -m htcli train ...`.
     """
-    options = {k: v for k, v in locals().items() if k not in ("corpus", "out", "resume", "preset")}
-    _train(corpus or [], out, resume, preset, options)
+    options = {k: v for k, v in locals().items() if k not in ("resume", "config_file", "print_config")}
+    _train(options, resume, config_file, print_config)
 
 
-def _train(corpus: list[str], out: str, resume: str | None, preset: str | None, options: dict) -> None:
+def _train(options: dict, resume: str | None, config_file: Path | None, print_config: bool) -> None:
     from htcli.config import config_from_options
     from htcli.display import TrainDisplay, train_summary
     from htcli.distributed import process_group
@@ -285,7 +323,16 @@ def _train(corpus: list[str], out: str, resume: str | None, preset: str | None, 
 
     with _user_errors():
         resume_as = _resume_as(resume)
-        config = config_from_options(corpus, out=out, resume=resume_as, preset=preset, **options)
+        options = _with_config_file(options, config_file)
+        config = config_from_options(
+            options.pop("corpus", None) or [], out=_given(options.pop("out", None), DEFAULT_OUT),
+            resume=resume_as, preset=options.pop("preset", None), **options,
+        )  # fmt: skip
+        if print_config:
+            from htcli.config_file import write_toml
+
+            print(write_toml(config, lambda field: flag(field)[2:]), end="")
+            return
         with process_group(config.device) as launch, TrainDisplay(err_console) as display:
             result = run_training(config, resume=resume_as, on_event=display)
         if launch.main:
@@ -293,6 +340,21 @@ def _train(corpus: list[str], out: str, resume: str | None, preset: str | None, 
             _how_to_continue(result, launch.world_size)
         if result.stopped_by == "SIGTERM":
             raise typer.Exit(PREEMPTED)
+
+
+def _given(value, default):
+    return default if value is None else value
+
+
+def _with_config_file(options: dict, path: Path | None) -> dict:
+    """The options given on the command line (None: not given) over those of the config file."""
+    if path is None:
+        return options
+    from htcli.config_file import read_options
+
+    from_file = read_options(path, lambda field: flag(field)[2:])
+    given = {k: v for k, v in options.items() if v is not None and v != []}
+    return {**from_file, **given}
 
 
 def _resume_as(resume: str | None) -> bool | str:
@@ -365,10 +427,10 @@ def sample(
             if num_samples > 1:
                 err_console.rule(f"sample {index + 1} of {num_samples} (seed {config.seed})")
             tokens = generate(model, prompt_bytes, config, dtype=torch_dtype, cache=cache)
-            _stream_sample(tokens, prompt_bytes if echo else b"")
+            _stream_sample(tokens, prompt_bytes if echo else b"", len(prompt_bytes))
 
 
-def _stream_sample(tokens: Iterator[int], prompt: bytes) -> None:
+def _stream_sample(tokens: Iterator[int], prompt: bytes, prompt_length: int) -> None:
     """The prompt and each new byte to stdout as they come (whole UTF-8 characters), then the speed to
     stderr."""
     from htcli.sample import Utf8Stream
@@ -376,7 +438,9 @@ def _stream_sample(tokens: Iterator[int], prompt: bytes) -> None:
     stream = Utf8Stream()
     _write(stream.feed(prompt))
     started, count = time.perf_counter(), 0
-    for token in tokens:
+    with err_console.status(f"reading the prompt ({prompt_length:,} bytes)", spinner="dots"):
+        first = next(tokens, None)  # generation starts by reading the whole prompt: long ones take a while
+    for token in itertools.chain([] if first is None else [first], tokens):
         _write(stream.feed(token))
         count += 1
     seconds = time.perf_counter() - started
@@ -553,7 +617,9 @@ def _int_list(values: list[str]) -> list[int]:
 
 
 def _bench_attention(config, json_output: bool, plot_path: Path | None) -> None:
+    from rich.console import Group
     from rich.live import Live
+    from rich.spinner import Spinner
 
     from htcli.bench import correctness, run_bench
     from htcli.bench_report import bench_table, bench_title, exponent_lines, plot, to_json
@@ -563,11 +629,13 @@ def _bench_attention(config, json_output: bool, plot_path: Path | None) -> None:
     error = correctness(config.device, config.dtype, config.block_size, config.impl)
     err_console.print(f"correctness: max |h_attention - dense oracle| = {error:.2e} ({config.dtype}, {name})")
     title = bench_title(config, name)
-    rows = []
-    with Live(console=err_console if json_output else console, transient=True) as live:
+    rows, total = [], len(config.seq_lens) * len(config.modes)
+    waiting = Spinner("dots", text=f"measuring 1 of {total}")
+    with Live(waiting, console=err_console, transient=True) as live:  # progress: on terminals only
         for row in run_bench(config):
             rows.append(row)
-            live.update(bench_table(rows, config, title))
+            waiting.text = f"measuring {min(len(rows) + 1, total)} of {total}"
+            live.update(Group(bench_table(rows, config, title), waiting))
     if json_output:
         print(json.dumps(to_json(rows, config, error, name)))
     else:
@@ -589,3 +657,26 @@ def _bench_decode(preset: str, device: str, dtype: str, json_output: bool) -> No
         print(json.dumps(result))
     else:
         console.print(decode_table(result, dtype))
+
+
+@app.command()
+def plot(
+    runs: Annotated[list[Path], typer.Argument(help="Run directories (as written by `htcli train --out`).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="The PNG to write.")] = Path("curves.png"),
+    x: Annotated[
+        str, typer.Option("--x", help="Against: step, bytes (trained on) or time (of training).")
+    ] = "step",
+) -> None:
+    """Validation bits per byte and training loss of runs on one figure, from their log.jsonl (finished,
+    running or crashed); a table of where each run is goes to stdout."""
+    from htcli.curves import X_AXES, read_curves, run_names
+    from htcli.device import check_choice
+    from htcli.display import runs_table
+    from htcli.plots import curves_plot
+
+    with _user_errors():
+        check_choice("x", x, X_AXES)
+        curves = [read_curves(run, name) for run, name in zip(runs, run_names(runs))]
+        curves_plot(curves, x, output)
+        console.print(runs_table(curves))
+        err_console.print(f"plot written to {escape(str(output))}", soft_wrap=True)

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 CONFIG_FILE = "config.json"  # the resolved config of a run, in its directory
 MAX_SEED = 2**63  # seeds are below it (torch takes 64 bits; distributed ranks add to the seed)
 POSITIVE = ("steps", "batch_size", "grad_accum", "eval_batches")
+LOGGERS = ("tensorboard", "wandb")  # where a run's metrics go besides log.jsonl
 NON_NEGATIVE = ("warmup", "context_warmup_start", "eval_every", "save_every", "sample_every", "sample_length")
 
 
@@ -58,6 +59,7 @@ class TrainConfig:
     # several processes (torchrun): False: each rank draws its own windows (seeded by rank); True: each
     # takes its slice of one global batch drawn from `seed`, the windows of one process with the whole batch
     split_global_batch: bool = False
+    loggers: list[str] = field(default_factory=list)  # LOGGERS that also get the metrics (rank 0)
 
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):
@@ -73,10 +75,11 @@ class TrainConfig:
         """Each field holds what it should (a config.json may come from anywhere)."""
         from htcli.corpus import check_corpus_given
 
-        for name in ("corpus", "val"):
+        for name in ("corpus", "val", "loggers"):
             value = getattr(self, name)
             if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
-                raise HtcliError(f"{name} must be a list of paths, got {value!r}", fields=(name,))
+                what = "names" if name == "loggers" else "paths"
+                raise HtcliError(f"{name} must be a list of {what}, got {value!r}", fields=(name,))
         check_corpus_given(self.corpus)
         if not isinstance(self.out, str) or not self.out.strip():
             raise HtcliError(f"out must name the run directory, got {self.out!r}", fields=("out",))
@@ -119,6 +122,9 @@ class TrainConfig:
             raise HtcliError(
                 f"val_fraction must be between 0 and 1, got {self.val_fraction}", fields=("val_fraction",)
             )
+        for logger in self.loggers:
+            check_choice("loggers", logger, LOGGERS)
+        self.loggers = list(dict.fromkeys(self.loggers))
         check_choice("device", self.device, DEVICES)
         check_choice("dtype", self.dtype, DTYPES)
 

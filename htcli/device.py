@@ -92,3 +92,16 @@ def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractCon
     if dtype not in (torch.bfloat16, torch.float16):
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
+
+
+def peak_memory(device: torch.device) -> int:
+    """Bytes at the high-water mark so far: the CUDA allocator's on a GPU, else the process's RSS."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB

@@ -216,3 +216,23 @@ def decode_table(result: dict, dtype: str) -> Table:
     for name, value in rows:
         table.add_row(name, value)
     return table
+
+
+def runs_table(runs: list) -> Table:
+    """Where each run is (htcli.curves.Curves): its step, bytes trained on, training time, and its
+    last and best validation bits per byte."""
+    table = Table(title="runs", title_justify="left")
+    for name in ("run", "step", "bytes", "time", "last val bpb", "best val bpb (step)"):
+        table.add_column(name, justify="left" if name == "run" else "right")
+    for run in runs:
+        last, best = run.last, run.best_val
+        final = run.val[-1] if run.val else None
+        table.add_row(
+            escape(run.name),
+            "-" if last is None else f"{last.step:,}",
+            "-" if last is None else human(last.bytes),
+            "-" if last is None else f"{last.seconds:,.0f} s",
+            "-" if final is None else f"{final.value:.4f}",
+            "-" if best is None else f"{best.value:.4f} ({best.step:,})",
+        )
+    return table

@@ -43,3 +43,30 @@ def by_position_plot(curves: dict[str, list[dict]], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+X_LABELS = {"step": "step", "bytes": "bytes trained on", "time": "training time (s)"}
+
+
+def curves_plot(runs: list, x: str, path: Path) -> None:
+    """Validation bits per byte and training loss (bits per byte) of several runs (htcli.curves.Curves)
+    side by side, against x: "step", "bytes" or "time" (seconds)."""
+    plt = pyplot()
+    fig, (val_ax, train_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    axis = {"step": "step", "bytes": "bytes", "time": "seconds"}[x]
+    for index, run in enumerate(runs):
+        color = f"C{index % 10}"
+        if run.val:
+            xs = [getattr(p, axis) for p in run.val]
+            val_ax.plot(xs, [p.value for p in run.val], marker="o", markersize=3, color=color, label=run.name)
+        if run.train:
+            xs = [getattr(p, axis) for p in run.train]
+            train_ax.plot(xs, [p.value for p in run.train], color=color, alpha=0.8, label=run.name)
+    for ax, title in ((val_ax, "validation bits per byte"), (train_ax, "training loss (bits per byte)")):
+        ax.set_title(title)
+        ax.set_xlabel(X_LABELS[x])
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,4 +1,5 @@
-"""A run's event log: every event to a callback and, as one JSON line, to OUT/log.jsonl."""
+"""A run's event log: every event to a callback, to the loggers (htcli.loggers) and, as one JSON line,
+to OUT/log.jsonl."""
 
 from __future__ import annotations
 
@@ -16,17 +17,23 @@ METRIC_EVENTS = ("step", "eval", "sample")  # events of one step, redone when a 
 
 class RunLog:
     """Events to a callback and, one JSON line each, to a file; silent where not enabled (every
-    process of a distributed run but rank 0). A context manager: the file is closed on the way out."""
+    process of a distributed run but rank 0). A context manager: the file and the loggers (objects with
+    __call__(event) and close()) are closed on the way out."""
 
-    def __init__(self, path: Path, on_event: Callable[[dict], None] | None, *, enabled: bool):
+    def __init__(
+        self, path: Path, on_event: Callable[[dict], None] | None, *, enabled: bool, loggers: list = ()
+    ):
         self.on_event = on_event
         self.file = open(path, "a") if enabled else None
+        self.loggers = list(loggers)
 
     def __call__(self, event: str, **fields) -> None:
         record = {"event": event, "time": round(time.time(), 3), **fields}
         if self.file is not None:
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
+            for logger in self.loggers:
+                logger(record)
             if self.on_event is not None:
                 self.on_event(record)
 
@@ -34,8 +41,12 @@ class RunLog:
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.file is not None:
-            self.file.close()
+        try:
+            for logger in self.loggers:
+                logger.close()
+        finally:
+            if self.file is not None:
+                self.file.close()
 
 
 def trim_log(path: Path, step: int) -> None:
@@ -52,15 +63,15 @@ def trim_log(path: Path, step: int) -> None:
     last = lines.pop()  # after the last newline: nothing, or a line cut short (kept if whole)
     events = []
     for number, line in enumerate(lines, 1):
-        record = _event(line)
+        record = parse_event(line)
         if record is None:
             raise HtcliError(
                 f"{path} line {number} is not an htcli event (not a JSON object in UTF-8): repair or "
                 "move the file, then resume"
             )
         events.append(record)
-    if _event(last) is not None:
-        events.append(_event(last))
+    if parse_event(last) is not None:
+        events.append(parse_event(last))
     kept = [
         json.dumps(record) + "\n"
         for record in events
@@ -74,7 +85,7 @@ def _after(value: object, step: int) -> bool:
     return isinstance(value, int | float) and value > step
 
 
-def _event(line: bytes) -> dict | None:
+def parse_event(line: bytes) -> dict | None:
     """A log line's event, or None if the line is not one."""
     try:
         record = json.loads(line.decode("utf-8"))

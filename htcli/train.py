@@ -34,10 +34,12 @@ from htcli.checkpoint_checks import check_optimizer_state
 from htcli.config import CONFIG_FILE, TrainConfig
 from htcli.corpus import ByteCorpus, ByteSpan, RecordOptions
 from htcli.data import WindowSampler, evenly_spaced, split
-from htcli.device import autocast, dtype_name, resolve_device, resolve_dtype
+from htcli.device import autocast, dtype_name, peak_memory, resolve_device, resolve_dtype
 from htcli.errors import HtcliError
 from htcli.evaluate import byte_nll, window_nats
 from htcli.files import write_json
+from htcli.flops import peak_bf16_flops, train_flops
+from htcli.loggers import check_loggers, open_loggers
 from htcli.model import HTransformer1D
 from htcli.optim import context_length, learning_rate, make_optimizer
 from htcli.rundir import open_run, resolve_resume
@@ -82,7 +84,11 @@ def train(
     run = Run(config, resolve_resume(resume, Path(config.out)))
     try:
         run.write_config()
-        with RunLog(run.out / LOG_FILE, on_event, enabled=run.main) as log, StopRequest() as stop:
+        loggers = open_loggers(config.loggers, run.out, config.to_dict(), run.step) if run.main else []
+        with (
+            RunLog(run.out / LOG_FILE, on_event, enabled=run.main, loggers=loggers) as log,
+            StopRequest() as stop,
+        ):
             log("start", **run.start_fields())
             started, first_step, loss, stopped_by = time.perf_counter(), run.step, None, None
             while run.step < config.steps and not (stopped_by := _agreed_stop(stop, run.device)):
@@ -127,6 +133,8 @@ class Run:
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.lock, self.corpora = RunLock(self.out), []  # let go of by close()
         self.window = config.model.max_seq_len + 1
+        on_gpu = self.device.type == "cuda"
+        self.peak_flops = peak_bf16_flops(torch.cuda.get_device_name(self.device)) if on_gpu else None
         try:
             self._prepare(resume)
         except BaseException:
@@ -137,6 +145,7 @@ class Run:
         """The run directory checked (and locked), the data opened, the model and optimizer built: new,
         or as the checkpoint left them."""
         config = self.config
+        check_loggers(config.loggers)
         checkpoint = open_run(self.out, config, resume, self.lock, main=self.main)
         self.train_data, self.val_data = self._open_data()
         torch.manual_seed(config.seed)
@@ -237,18 +246,24 @@ class Run:
         if not (math.isfinite(loss) and (self.scaler.is_enabled() or math.isfinite(grad_norm))):
             self._diverged(log, loss, grad_norm)
         self.step += 1
-        step_seconds = time.perf_counter() - started
-        tokens_per_s = config.tokens_per_step * self.world_size / step_seconds
-        log(
-            "step",
-            step=self.step,
-            loss=loss,
-            lr=lr,
-            grad_norm=grad_norm,
-            tokens_per_s=tokens_per_s,
-            context=length,
-        )
+        seconds = time.perf_counter() - started
+        log("step", step=self.step, loss=loss, lr=lr, grad_norm=grad_norm, context=length,
+            **self._speed(seconds, batch_size * config.grad_accum, length))  # fmt: skip
         return loss
+
+    def _speed(self, seconds: float, windows: int, length: int) -> dict:
+        """A step's time, bytes/s (all ranks), this process's model TFLOP/s and peak memory, and
+        model FLOPs utilisation against the GPU's bf16 peak where known."""
+        flops = train_flops(self.config.model, windows, length) / seconds
+        speed = dict(
+            step_seconds=seconds,
+            tokens_per_s=self.config.tokens_per_step * self.world_size / seconds,
+            tflops=flops / 1e12,
+            peak_memory=peak_memory(self.device),
+        )
+        if self.peak_flops:
+            speed["mfu"] = flops / self.peak_flops
+        return speed
 
     def _diverged(self, log: RunLog, loss: float, grad_norm: float) -> None:
         log("diverged", step=self.step + 1, loss=loss, grad_norm=grad_norm)

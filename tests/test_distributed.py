@@ -60,14 +60,16 @@ def ddp_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
     corpus = root / "corpus.txt"
     corpus.write_bytes(make_text(20_000))
-    process = torchrun(corpus, "--out", root / "run", "--steps", 6, *FLAGS)
+    process = torchrun(corpus, "--out", root / "run", "--steps", 6, *FLAGS, "--logger", "tensorboard")
     return root / "run", corpus, process
 
 
 def test_torchrun_trains_and_writes_one_checkpoint(ddp_run):
-    """2 ranks train, exit 0; rank 0 alone prints, logs and saves; each rank drew its own data."""
+    """2 ranks train, exit 0; rank 0 alone prints, logs (TensorBoard too) and saves; each rank drew its
+    own data."""
     run, _, process = ddp_run
-    assert {p.name for p in run.iterdir()} == RUN_FILES
+    assert {p.name for p in run.iterdir()} == RUN_FILES | {"tensorboard"}
+    assert len(list((run / "tensorboard").iterdir())) == 1  # one writer: rank 0
     assert "global batch: 2 ranks x 2 x 1 accum = 4 windows of 64 bytes" in process.stderr
     assert process.stdout.count("training run") == 1 and "6 of 6" in process.stdout
     assert [e["step"] for e in events(run, "step")] == [1, 2, 3, 4, 5, 6]
@@ -122,10 +124,10 @@ def test_resume_under_torchrun_is_exact(ddp_run, tmp_path):
 def test_resume_in_another_number_of_processes_is_refused(ddp_run, tmp_path):
     """A run of 2 ranks resumed in one process says how to resume it, and leaves it untouched."""
     run = shutil.copytree(ddp_run[0], tmp_path / "run")
-    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     result = invoke("train", "--out", run, "--resume", "--steps", 9)
     assert_user_error(result, "it was trained in 2 processes, each with its own data stream; resume it under")
-    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,133 @@
+"""Training options kept in a file: TOML written by hand, or the config.json a run writes.
+
+TOML because Python reads it without another package (tomllib) and its values are typed as written
+(`lr = 1e-3` is a number, `"1e-3"` a string; YAML reads `no` as false and `1e3` as a string). A file
+holds the options of `htcli train`, each key spelled as a caller says (the command line: as its flag
+without the dashes, `seq-len`) or as its config field (`max_seq_len`, as config.json has them); a
+`model` table (as in config.json) holds model fields. `write_toml` writes a config back as TOML that
+`read_options` reads again unchanged.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import fields
+from pathlib import Path
+
+from htcli.config import TrainConfig
+from htcli.errors import HtcliError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+# the value each field takes, from its annotation; "model" is its fields, flattened
+KINDS = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
+NOT_IN_FILES = ("resume", "config", "print_config")  # actions of one command, not settings of a run
+IGNORED = ("htcli_version",)  # written into config.json, not an option
+
+
+def option_fields() -> dict[str, str]:
+    """Every field a config file may set, with its annotation: TrainConfig's (its model aside), the
+    model config's, and the preset."""
+    from htcli.model import HTransformerConfig
+
+    train = {f.name: str(f.type) for f in fields(TrainConfig) if f.name != "model"}
+    model = {f.name: str(f.type) for f in fields(HTransformerConfig)}
+    return {**train, **model, "preset": "str"}
+
+
+def read_options(path: Path, spell: Callable[[str], str]) -> dict[str, object]:
+    """The options in a TOML or JSON file as {field: value}; spell(field) is how a caller writes the
+    field (a key may be spelled that way or as the field). HtcliError, naming the key, for a key that
+    is not an option or a value of the wrong type."""
+    data = _load(path)
+    known = option_fields()
+    spellings = {spell(name): name for name in known} | {name: name for name in known}
+    model = data.pop("model", {})
+    if not isinstance(model, dict):
+        raise HtcliError(f"{path}: model must be a table of model options, got {model!r}")
+    options = {}
+    for key, value in [*data.items(), *model.items()]:
+        if key in IGNORED:
+            continue
+        name = spellings.get(key)
+        if name is None:
+            raise HtcliError(f"{path}: {_unknown(key, spellings)}")
+        options[name] = _checked(path, key, value, known[name])
+    return options
+
+
+def _load(path: Path) -> dict:
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise HtcliError(f"config file {path} does not exist") from None
+    except IsADirectoryError:
+        raise HtcliError(f"config file {path} is a directory: give a .toml or config.json file") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise HtcliError(
+            f"cannot read config file {path}: {getattr(error, 'strerror', None) or error}"
+        ) from None
+    try:
+        data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as error:
+        kind = "JSON" if path.suffix == ".json" else "TOML"
+        raise HtcliError(f"config file {path} is not valid {kind}: {error}") from None
+    if not isinstance(data, dict):
+        raise HtcliError(f"config file {path} must hold a table of options, got {type(data).__name__}")
+    return data
+
+
+def _unknown(key: str, spellings: dict[str, str]) -> str:
+    field = key.replace("-", "_")
+    if field in NOT_IN_FILES:
+        return f"{key} is given on the command line, not in a config file"
+    close = difflib.get_close_matches(key, list(spellings), n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return f"{key} is not an option of htcli train{hint}"
+
+
+def _checked(path: Path, key: str, value: object, annotation: str) -> object:
+    """value if it has the field's type (an integer where a number is asked, a single path where a
+    list is); HtcliError naming the key otherwise."""
+    kind = annotation.split(" | ")[0]
+    if kind == "list[str]":
+        if isinstance(value, str):
+            return [value]
+        if isinstance(value, list) and all(isinstance(item, str) for item in value):
+            return value
+        raise HtcliError(f"{path}: {key} must be a path or a list of paths, got {value!r}")
+    if value is None and "None" in annotation:
+        return None
+    fits = {
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "float": isinstance(value, int | float) and not isinstance(value, bool),
+        "bool": isinstance(value, bool),
+        "str": isinstance(value, str),
+    }[kind]
+    if not fits:
+        raise HtcliError(f"{path}: {key} must be {KINDS[kind]}, got {value!r}")
+    return float(value) if kind == "float" else value
+
+
+def write_toml(config: TrainConfig, spell: Callable[[str], str]) -> str:
+    """config as TOML, one `key = value` line per field (model fields included), keys as spell() writes
+    them: a file that read_options turns back into the same config."""
+    values = {k: v for k, v in config.to_dict().items() if k != "model"} | config.model.to_dict()
+    lines = [f"{spell(name)} = {_toml_value(value)}" for name, value in values.items() if value is not None]
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a TOML basic string
+    return repr(value)

@@ -1,0 +1,101 @@
+"""A run's learning curves, read back from its log.jsonl: of a finished, running or crashed run.
+
+Each point carries the step, the bytes trained on so far and the training time so far (over every
+session of a resumed run, the pauses between them left out), so runs of different batch sizes or
+speeds can be compared on any of the three.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from htcli.errors import HtcliError
+from htcli.runlog import LOG_FILE, parse_event
+
+X_AXES = ("step", "bytes", "time")  # what curves can be drawn against
+
+
+@dataclass
+class Point:
+    step: int
+    bytes: int  # trained on, up to and including this step
+    seconds: float  # training time up to this event
+    value: float
+
+
+@dataclass
+class Curves:
+    name: str
+    train: list[Point] = field(default_factory=list)  # training loss, bits per byte
+    val: list[Point] = field(default_factory=list)  # validation bits per byte
+
+    @property
+    def best_val(self) -> Point | None:
+        return min(self.val, key=lambda p: p.value, default=None)
+
+    @property
+    def last(self) -> Point | None:
+        """The latest point of either curve (where the run is)."""
+        return max(self.train + self.val, key=lambda p: (p.step, p.seconds), default=None)
+
+
+def read_curves(run: Path, name: str | None = None) -> Curves:
+    """The curves in run's log.jsonl (lines that are not events, such as one a crash cut short, are
+    skipped)."""
+    path = run / LOG_FILE
+    try:
+        lines = path.read_bytes().split(b"\n")
+    except FileNotFoundError:
+        raise HtcliError(f"{run} has no {LOG_FILE}: give run directories written by htcli train") from None
+    except OSError as error:
+        raise HtcliError(f"cannot read {path}: {error.strerror or error}") from None
+    curves = Curves(name or run.name)
+    session = {"step": 0, "bytes": 0, "seconds": 0.0, "time": None, "per_step": 0}
+    done = {"bytes": 0, "seconds": 0.0}
+    for event in filter(None, map(parse_event, lines)):
+        if not _numbers(event, "time", "step"):
+            continue
+        if event.get("event") == "start" and _numbers(event, "tokens_per_step"):
+            session = {
+                "step": event["step"],
+                "time": event["time"],
+                "per_step": event["tokens_per_step"],
+                **done,
+            }
+            continue
+        if session["time"] is None:
+            continue
+        point = _point(event, session)
+        done = {"bytes": point.bytes, "seconds": point.seconds}
+        if event.get("event") == "step" and _numbers(event, "loss"):
+            curves.train.append(_with(point, event["loss"] / math.log(2)))
+        elif event.get("event") == "eval" and _numbers(event, "val_bpb"):
+            curves.val.append(_with(point, event["val_bpb"]))
+    return curves
+
+
+def _numbers(event: dict, *keys: str) -> bool:
+    return all(isinstance(event.get(k), int | float) and not isinstance(event.get(k), bool) for k in keys)
+
+
+def _point(event: dict, session: dict) -> Point:
+    steps = event["step"] - session["step"]
+    return Point(
+        step=event["step"],
+        bytes=session["bytes"] + steps * session["per_step"],
+        seconds=session["seconds"] + event["time"] - session["time"],
+        value=math.nan,
+    )
+
+
+def _with(point: Point, value: float) -> Point:
+    point.value = value
+    return point
+
+
+def run_names(runs: list[Path]) -> list[str]:
+    """A label per run: its directory's name, or the path as given where names repeat."""
+    names = [run.resolve().name or str(run) for run in runs]
+    return [name if names.count(name) == 1 else str(run) for name, run in zip(names, runs)]

@@ -1,0 +1,123 @@
+"""Where a run's metrics go besides log.jsonl: TensorBoard event files, Weights & Biases.
+
+Each logger takes the run's events (the dicts of htcli.runlog) and sends their numbers under one tag
+each (`train/loss`, `val/bpb`, ...) at the event's step. A resumed run continues the same curves:
+TensorBoard drops what a crash left past the checkpoint (purge_step), W&B resumes the same run (its
+id kept in the run directory) and never takes a step twice. The libraries are optional extras,
+imported only when asked for.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import secrets
+from pathlib import Path
+
+from htcli.errors import HtcliError
+from htcli.files import atomic_file
+
+TENSORBOARD_DIR = "tensorboard"  # event files, under the run directory
+WANDB_ID_FILE = "wandb-id"  # the W&B run id of a run directory, so that a resume continues that run
+WANDB_PROJECT = "htcli"  # the W&B project unless WANDB_PROJECT says otherwise
+INSTALL = {
+    "tensorboard": ("tensorboard", "pip install 'htcli[tensorboard]' (or pip install tensorboard)"),
+    "wandb": ("wandb", "pip install 'htcli[wandb]' (or pip install wandb)"),
+}
+# the numbers of each event, by tag
+TAGS = {
+    "step": {
+        "loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
+        "tokens_per_s": "train/tokens_per_s", "step_seconds": "train/step_seconds", "tflops": "train/tflops",
+        "mfu": "train/mfu", "peak_memory": "train/peak_memory_bytes", "context": "train/context",
+    },
+    "eval": {"val_bpb": "val/bpb", "val_loss": "val/loss"},
+}  # fmt: skip
+
+
+def check_loggers(names: list[str]) -> None:
+    """HtcliError naming the install command for a logger whose library is missing."""
+    for name in names:
+        module, install = INSTALL[name]
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            raise HtcliError(
+                f"loggers {name} needs the {module} package: {install}", fields=("loggers",)
+            ) from None
+
+
+def scalars(record: dict) -> dict[str, float]:
+    """The numbers of an event, by tag (none for events without a step)."""
+    tags = TAGS.get(record.get("event"), {})
+    return {tag: record[key] for key, tag in tags.items() if isinstance(record.get(key), int | float)}
+
+
+def open_loggers(names: list[str], out: Path, config: dict, step: int) -> list:
+    """The loggers named, writing into (or next to) the run directory out; step is the step the run
+    starts from (0 for a new run)."""
+    makers = {"tensorboard": TensorBoardLogger, "wandb": WandbLogger}
+    loggers = []
+    try:
+        for name in names:
+            loggers.append(makers[name](out, config, step))
+    except BaseException:
+        for logger in loggers:
+            logger.close()
+        raise
+    return loggers
+
+
+class TensorBoardLogger:
+    """Event files in OUT/tensorboard: `tensorboard --logdir OUT` (or a folder of runs) shows them."""
+
+    def __init__(self, out: Path, config: dict, step: int):
+        from torch.utils.tensorboard import SummaryWriter
+
+        # on resume, events past the checkpoint (written before a crash) are dropped when read
+        self.writer = SummaryWriter(str(out / TENSORBOARD_DIR), purge_step=step + 1 if step else None)
+
+    def __call__(self, record: dict) -> None:
+        step, walltime = record.get("step"), record.get("time")
+        for tag, value in scalars(record).items():
+            self.writer.add_scalar(tag, value, step, walltime=walltime)
+        if record.get("event") == "sample":
+            self.writer.add_text("sample", record["text"], step, walltime=walltime)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WandbLogger:
+    """A W&B run (project WANDB_PROJECT, default htcli; named after the run directory; files in
+    OUT/wandb). WANDB_MODE=offline keeps it on disk for `wandb sync`."""
+
+    def __init__(self, out: Path, config: dict, step: int):
+        import wandb
+
+        settings = wandb.Settings(console="off", silent=True, disable_git=True, save_code=False)
+        self.run = wandb.init(
+            project=os.environ.get("WANDB_PROJECT", WANDB_PROJECT), name=out.name, id=wandb_id(out),
+            resume="allow", dir=str(out), config=config, settings=settings,
+        )  # fmt: skip
+
+    def __call__(self, record: dict) -> None:
+        metrics = scalars(record)
+        step = record.get("step")
+        # a resumed run redoes the steps past its checkpoint: W&B keeps what it has of them
+        if metrics and step >= self.run.step:
+            self.run.log(metrics, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+def wandb_id(out: Path) -> str:
+    """The W&B run id of the run directory: made once, kept in OUT/wandb-id."""
+    path = out / WANDB_ID_FILE
+    if path.exists():
+        return path.read_text().strip()
+    run_id = secrets.token_hex(4)
+    with atomic_file(path, "w") as file:
+        file.write(run_id + "\n")
+    return run_id

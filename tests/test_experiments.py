@@ -1,0 +1,361 @@
+"""Experiments people keep: config files, TensorBoard and W&B loggers, model FLOPs, `htcli plot`, and
+progress on terminals only."""
+
+import glob
+import json
+import os
+import pty
+import shutil
+import struct
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from htcli.attention import eager
+from htcli.config_file import read_options, write_toml
+from htcli.flops import attention_flops, dense_flops_per_token, peak_bf16_flops
+from htcli.model import HTransformer1D, HTransformerConfig
+from tests.conftest import TINY_FLAGS, assert_user_error, invoke, tiny_config
+
+SPELL = {"max_seq_len": "seq-len", "loggers": "logger"}
+
+
+def spell(field: str) -> str:
+    return SPELL.get(field, field.replace("_", "-"))
+
+
+def events(run, kind):
+    lines = (run / "log.jsonl").read_text().splitlines()
+    return [e for e in map(json.loads, lines) if e["event"] == kind]
+
+
+def resolved(*args) -> str:
+    result = invoke("train", *args, "--print-config")
+    assert result.exit_code == 0, result.output
+    return result.stdout
+
+
+# config files
+
+
+def test_print_config_reads_back_as_the_same_config(corpus, tmp_path):
+    """--print-config writes TOML that, given as --config, resolves to the same configuration."""
+    first = resolved(
+        corpus, *TINY_FLAGS, "--lr", "0.002", "--out", tmp_path / "run", "--logger", "tensorboard"
+    )
+    assert 'logger = ["tensorboard"]' in first and "seq-len = 64" in first and "lr = 0.002" in first
+    (tmp_path / "run.toml").write_text(first)
+    assert resolved("--config", tmp_path / "run.toml") == first
+    config = tiny_config(corpus, tmp_path / "run")
+    assert read_options_round_trip(config, tmp_path) == config
+
+
+def read_options_round_trip(config, tmp_path):
+    from htcli.config import TrainConfig
+
+    path = tmp_path / "written.toml"
+    path.write_text(write_toml(config, spell))
+    options = read_options(path, spell)
+    model = {k: options.pop(k) for k in list(options) if k in HTransformerConfig.__dataclass_fields__}
+    return TrainConfig(**options, model=HTransformerConfig(**model))
+
+
+def test_flags_override_the_file_and_the_file_overrides_defaults(corpus, tmp_path):
+    path = tmp_path / "exp.toml"
+    path.write_text(f'corpus = "{corpus}"\npreset = "tiny"\nseq-len = 128\nlr = 1e-3\nsteps = 7\n')
+    text = resolved("--config", path, "--steps", "9", "--out", tmp_path / "x")
+    assert "steps = 9" in text and "lr = 0.001" in text and "seq-len = 128" in text and "dim = 64" in text
+    assert "warmup = 100" in text  # neither file nor flag: the default
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("bath-size = 3", "exp.toml: bath-size is not an option of htcli train (did you mean batch-size?)"),
+        ('steps = "ten"', "exp.toml: steps must be an integer, got 'ten'"),
+        ("lr = true", "exp.toml: lr must be a number, got True"),
+        ("corpus = 3", "exp.toml: corpus must be a path or a list of paths, got 3"),
+        ("[model]\ndepth = 1.5", "exp.toml: depth must be an integer, got 1.5"),
+        ("resume = true", "exp.toml: resume is given on the command line, not in a config file"),
+        ("steps = ", "exp.toml is not valid TOML"),
+        ("steps = 0", "--steps must be a positive integer, got 0"),
+        ('logger = ["mlflow"]', "unknown --logger 'mlflow': use one of tensorboard, wandb"),
+    ],
+)
+def test_bad_config_files_are_one_line_errors_naming_the_key(corpus, tmp_path, content, message):
+    path = tmp_path / "exp.toml"
+    path.write_text(content + "\n")
+    assert_user_error(invoke("train", corpus, "--config", path, "--out", tmp_path / "r"), message)
+
+
+def test_missing_config_file_is_an_error(corpus, tmp_path):
+    result = invoke("train", corpus, "--config", tmp_path / "none.toml")
+    assert_user_error(result, "none.toml does not exist")
+
+
+def test_a_runs_config_json_repeats_the_run_with_one_flag_changed(corpus, tmp_path):
+    """--config A/config.json --out B --lr X: the run A was, with another learning rate."""
+    first = invoke("train", corpus, *TINY_FLAGS, "--steps", "2", "--out", tmp_path / "a")
+    assert first.exit_code == 0, first.output
+    again = invoke(
+        "train", "--config", tmp_path / "a" / "config.json", "--out", tmp_path / "b", "--lr", "0.003"
+    )
+    assert again.exit_code == 0, again.output
+    a, b = (json.loads((tmp_path / name / "config.json").read_text()) for name in "ab")
+    assert b["lr"] == 0.003 and b["out"] == str(tmp_path / "b")
+    assert {k: v for k, v in a.items() if k not in ("lr", "min_lr", "out")} == {
+        k: v for k, v in b.items() if k not in ("lr", "min_lr", "out")
+    }
+    # without --out, the file's out holds run a: the usual refusal, not an overwrite
+    refused = invoke("train", "--config", tmp_path / "a" / "config.json")
+    assert_user_error(refused, "already holds a checkpoint: pass --resume to continue it")
+
+
+def test_resume_takes_the_saved_config_then_the_file_then_flags(corpus, tmp_path):
+    run = tmp_path / "run"
+    assert invoke("train", corpus, *TINY_FLAGS, "--steps", "2", "--out", run).exit_code == 0
+    path = tmp_path / "more.toml"
+    path.write_text("steps = 6\neval-every = 3\n")
+    text = resolved("--resume", "--out", run, "--config", path, "--steps", "4")
+    assert "steps = 4" in text and "eval-every = 3" in text and "dim = 32" in text  # flag, file, saved
+    path.write_text("steps = 4\ndim = 64\n")
+    refused = invoke("train", "--resume", "--out", run, "--config", path)
+    assert_user_error(refused, "the model differs from its checkpoint (--dim 32 in the checkpoint, 64 asked)")
+
+
+# model FLOPs
+
+
+@pytest.mark.parametrize("attention", ["h", "exact"])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("length", [128, 100, 40])
+def test_flop_count_matches_torch_flop_counter(attention, causal, length):
+    """The analytic count against torch.utils.flop_counter: the dense layers in a model forward (its
+    linear layers' mm/addmm), the attention in the attention computation itself (H: htcli's eager
+    implementation; exact: SDPA's math backend)."""
+    shape = dict(dim=64, depth=2, heads=2, dim_head=32, block_size=16, max_seq_len=128)
+    config = HTransformerConfig(**shape, causal=causal, attention=attention)
+    batch = 3
+    with FlopCounterMode(display=False) as counter:
+        HTransformer1D(config)(torch.randint(0, 256, (batch, length)))
+    counted = counter.get_flop_counts()["Global"]
+    dense = sum(count for op, count in counted.items() if op.__name__.split(".")[0] in ("mm", "addmm"))
+    assert dense == batch * length * dense_flops_per_token(config)
+    # bf16 inputs take eager's bmm path (the flop counter does not see the in-place baddbmm_ of fp32)
+    q, k, v = torch.randn(3, batch * config.heads, length, config.dim_head, dtype=torch.bfloat16).unbind(0)
+    with FlopCounterMode(display=False) as counter:
+        if attention == "h":
+            eager.forward(q, k, v, torch.ones(batch * config.heads, length), block_size=16, causal=causal)
+        else:
+            shape = (batch, config.heads, length, config.dim_head)
+            with sdpa_kernel(SDPBackend.MATH):
+                F.scaled_dot_product_attention(*(t.view(shape) for t in (q, k, v)), is_causal=causal)
+    assert counter.get_total_flops() == batch * attention_flops(config, length)
+
+
+def test_h_attention_flops_grow_linearly_and_exact_quadratically():
+    h = HTransformerConfig(block_size=64, max_seq_len=65536)
+    exact = HTransformerConfig(block_size=64, max_seq_len=65536, attention="exact")
+    assert attention_flops(h, 65536) / attention_flops(h, 8192) < 8 * 1.05
+    assert attention_flops(exact, 65536) == 64 * attention_flops(exact, 8192)
+
+
+def test_peak_rates_by_gpu_name():
+    assert peak_bf16_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert peak_bf16_flops("NVIDIA H100 PCIe") == 756e12
+    assert peak_bf16_flops("NVIDIA A100-SXM4-80GB") == 312e12
+    assert peak_bf16_flops("NVIDIA L4") == 121e12
+    assert peak_bf16_flops("Tesla V100-SXM2-16GB") is None
+
+
+def test_step_events_carry_speed_memory_and_tflops(corpus, tmp_path):
+    run = tmp_path / "run"
+    assert invoke("train", corpus, *TINY_FLAGS, "--steps", "2", "--out", run).exit_code == 0
+    for step in events(run, "step"):
+        assert step["step_seconds"] > 0 and step["tokens_per_s"] > 0 and step["tflops"] > 0
+        assert step["peak_memory"] > 10 * 2**20  # the process's RSS on the CPU
+        assert "mfu" not in step  # only against a GPU's known peak
+
+
+# loggers
+
+
+def scalars(run, tag) -> list[tuple[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(run / "tensorboard"))
+    accumulator.Reload()
+    return [(event.step, event.value) for event in accumulator.Scalars(tag)]
+
+
+def test_tensorboard_event_files_hold_the_metrics(corpus, tmp_path):
+    run = tmp_path / "run"
+    result = invoke("train", corpus, *TINY_FLAGS, "--steps", "4", "--eval-every", "2", "--out", run,
+                    "--logger", "tensorboard")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    losses = scalars(run, "train/loss")
+    assert [step for step, _ in losses] == [1, 2, 3, 4]
+    assert [value for _, value in losses] == pytest.approx([e["loss"] for e in events(run, "step")])
+    assert [step for step, _ in scalars(run, "val/bpb")] == [2, 4]
+    for tag in (
+        "train/lr",
+        "train/grad_norm",
+        "train/tokens_per_s",
+        "train/tflops",
+        "train/peak_memory_bytes",
+    ):
+        assert len(scalars(run, tag)) == 4
+
+
+def test_tensorboard_curves_continue_after_a_crash_without_duplicate_steps(corpus, tmp_path):
+    """Steps 3 and 4 logged, then a crash before their checkpoint: the resume from step 2 redoes them,
+    and TensorBoard shows each step once."""
+    run, saved = tmp_path / "run", tmp_path / "saved"
+    flags = [*TINY_FLAGS, "--out", run, "--logger", "tensorboard", "--eval-every", "1"]
+    assert invoke("train", corpus, *flags, "--steps", "2").exit_code == 0
+    saved.mkdir()
+    for name in ("model.safetensors", "optimizer.safetensors", "state.json"):
+        shutil.copy(run / name, saved / name)
+    assert invoke("train", *flags, "--resume", "--steps", "4").exit_code == 0
+    for name in ("model.safetensors", "optimizer.safetensors", "state.json"):  # the crash: back to step 2
+        shutil.copy(saved / name, run / name)
+    assert invoke("train", *flags, "--resume", "--steps", "4").exit_code == 0
+    assert [step for step, _ in scalars(run, "train/loss")] == [1, 2, 3, 4]
+    assert [step for step, _ in scalars(run, "val/bpb")] == [1, 2, 3, 4]
+
+
+def wandb_history(path) -> list[dict]:
+    """The history rows of a W&B run file (.wandb: LevelDB-log records of protobuf Records)."""
+    from wandb.proto import wandb_internal_pb2
+
+    data, rows, position, pending = open(path, "rb").read(), [], 7, b""
+    assert data[:4] == b":W&B"
+    while position + 7 <= len(data):
+        left = 32768 - position % 32768
+        if left < 7:  # a block's tail too short for a record header is padding
+            position += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[position : position + 7])
+        pending += data[position + 7 : position + 7 + length]
+        position += 7 + length
+        if kind in (1, 4):  # a whole record, or the last piece of one
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            pending = b""
+            if record.WhichOneof("record_type") == "history":
+                rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                             for item in record.history.item})  # fmt: skip
+    return rows
+
+
+def test_wandb_offline_run_continues_on_resume(corpus, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run = tmp_path / "run"
+    flags = [*TINY_FLAGS, "--out", run, "--logger", "wandb"]
+    assert invoke("train", corpus, *flags, "--steps", "3").exit_code == 0
+    assert invoke("train", *flags, "--resume", "--steps", "5").exit_code == 0
+    run_id = (run / "wandb-id").read_text().strip()
+    files = sorted(glob.glob(str(run / "wandb" / f"offline-run-*-{run_id}" / f"run-{run_id}.wandb")))
+    assert len(files) == 2  # one per session, one W&B run id
+    steps = [[row["_step"] for row in wandb_history(path) if "train/loss" in row] for path in files]
+    assert steps == [[1, 2, 3], [4, 5]]
+    last = wandb_history(files[1])[-1]
+    assert last["train/loss"] == pytest.approx(events(run, "step")[-1]["loss"])
+    assert last["val/bpb"] == pytest.approx(events(run, "eval")[-1]["val_bpb"])
+
+
+@pytest.mark.parametrize(("logger", "package"), [("wandb", "wandb"), ("tensorboard", "tensorboard")])
+def test_missing_logger_package_names_the_install_command(corpus, tmp_path, logger, package):
+    """In a process where the package cannot be imported: a one-line error, nothing written."""
+    hide = f"import sys; sys.modules[{package!r}] = None; from htcli.cli import app; app(sys.argv[1:])"
+    args = ["train", str(corpus), *map(str, TINY_FLAGS), "--out", str(tmp_path / "run"), "--logger", logger]
+    result = subprocess.run([sys.executable, "-c", hide, *args], capture_output=True, text=True)
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        f"error: --logger {logger} needs the {package} package: pip install 'htcli[{logger}]' "
+        f"(or pip install {package})"
+    )
+    assert not (tmp_path / "run").exists()
+
+
+# htcli plot
+
+
+def test_plot_draws_runs_and_tables_them(corpus, tmp_path):
+    import matplotlib.image
+
+    for name, lr in (("fast", "0.01"), ("slow", "0.001")):
+        result = invoke("train", corpus, *TINY_FLAGS, "--steps", "4", "--eval-every", "2", "--lr", lr,
+                        "--out", tmp_path / name)  # fmt: skip
+        assert result.exit_code == 0, result.output
+    # a crashed run: its log ends in a line cut short
+    with open(tmp_path / "slow" / "log.jsonl", "a") as log:
+        log.write('{"event": "step", "ti')
+    for x in ("step", "bytes", "time"):
+        png = tmp_path / f"curves-{x}.png"
+        result = invoke("plot", tmp_path / "fast", tmp_path / "slow", "-o", png, "--x", x)
+        assert result.exit_code == 0, result.output
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert matplotlib.image.imread(png).shape[:2] == (480, 1320)
+    lines = result.stdout.splitlines()
+    fast = events(tmp_path / "fast", "eval")
+    row = next(line for line in lines if "fast" in line)
+    assert "4" in row and f"{fast[-1]['val_bpb']:.4f}" in row and "512" in row  # step, val bpb, bytes
+    assert any("slow" in line for line in lines)
+
+
+def test_plot_errors(corpus, tmp_path):
+    assert_user_error(
+        invoke("plot", tmp_path), "has no log.jsonl: give run directories written by htcli train"
+    )
+    assert_user_error(
+        invoke("plot", tmp_path, "--x", "epochs"), "unknown --x 'epochs': use one of step, bytes"
+    )
+
+
+# progress
+
+
+def run_on_a_terminal(*args) -> tuple[str, str]:
+    """htcli ARGS with stderr on a pseudo-terminal: (stdout, what the terminal showed)."""
+    leader, follower = pty.openpty()
+    env = {**os.environ, "COLUMNS": "100", "TERM": "xterm"}
+    process = subprocess.Popen([sys.executable, "-m", "htcli", *map(str, args)], stdout=subprocess.PIPE,
+                               stderr=follower, env=env)  # fmt: skip
+    os.close(follower)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # the process closed the terminal
+            break
+        if not chunk:
+            break
+        shown += chunk
+    stdout = process.communicate()[0]
+    os.close(leader)
+    assert process.returncode == 0, shown
+    return stdout.decode(), shown.decode(errors="replace")
+
+
+def test_progress_shows_on_terminals_and_not_in_pipes(corpus, tmp_path):
+    run = tmp_path / "run"
+    assert invoke("train", corpus, *TINY_FLAGS, "--steps", "1", "--out", run).exit_code == 0
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_bytes(corpus.read_bytes()[:60])
+    sample = ["sample", run, "--prompt-file", prompt, "--max-new-tokens", "5", "--device", "cpu"]
+    evaluate = ["eval", run, corpus, "--device", "cpu"]
+    _, shown = run_on_a_terminal(*sample)
+    assert "reading the prompt (60 bytes)" in shown
+    _, shown = run_on_a_terminal(*evaluate)
+    assert "scoring" in shown
+    for args in (sample, evaluate):
+        piped = subprocess.run(
+            [sys.executable, "-m", "htcli", *map(str, args)], capture_output=True, text=True
+        )
+        assert "reading the prompt" not in piped.stderr and "scoring" not in piped.stderr
