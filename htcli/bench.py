@@ -336,6 +336,9 @@ def scaling_exponent(rows: list[Row], method: str, causal: bool) -> float | None
     return sum((x - mean_x) * (y - mean_y) for x, y in points) / sxx
 
 
+DECODE_CONTEXTS = (8192, 32768)  # where bench --decode compares the H-cache with exact attention's KV cache
+
+
 def decode_bench(
     preset: str = "small",
     *,
@@ -344,12 +347,12 @@ def decode_bench(
     recompute_tokens: int = 8,
     device_name: str = "auto",
     dtype_name: str = "fp32",
+    contexts: tuple[int, ...] = (),
+    batch: int = 8,
 ) -> dict:
-    """Sampling speed with the hierarchical decode cache against recomputing the forward pass.
-
-    Random weights (speed does not depend on them), batch 1, greedy. The recompute path is
-    timed over `recompute_tokens` tokens only: each costs a whole forward pass.
-    """
+    """Sampling speed with the hierarchical decode cache against recomputing the forward pass (timed
+    over `recompute_tokens` tokens: each costs a forward pass), and at each of `contexts` the H-cache
+    against exact attention's KV cache (_cache_rows). Random weights, greedy."""
     import torch
 
     from htcli.device import autocast, resolve_device, torch_dtype
@@ -376,7 +379,10 @@ def decode_bench(
         _, early = _cached_decoding(model, prompt[:, :early_prompt], 64, device)
     cached_s = statistics.median(step_times)
     late = statistics.median(step_times[-64:])
+    caches = _cache_rows(preset, contexts, new_tokens, batch, device, dtype)
     return {
+        "caches": caches,
+        "batch": batch,
         "preset": preset,
         "device": str(device),
         "prompt_len": prompt_len,
@@ -419,6 +425,55 @@ def _cached_decoding(model, prompt, new_tokens: int, device) -> tuple[float, lis
         token = model.decode_step(token, state).argmax(-1)
         step_times.append(_clock(device) - started)
     return prefill_s, step_times
+
+
+def _cache_rows(preset: str, contexts, new_tokens: int, batch: int, device, dtype) -> list[dict]:
+    """cache_figures of the preset with H-attention and with exact attention at each context."""
+    from htcli.model import HTransformer1D
+    from htcli.presets import model_config
+
+    caches = []
+    for index, context in enumerate(contexts):
+        for attention in ("h", "exact"):
+            other = (
+                HTransformer1D(model_config(preset, max_seq_len=context, attention=attention))
+                .to(device)
+                .eval()
+            )
+            figures = cache_figures(
+                other, context - new_tokens, new_tokens, batch if index == 0 else 1, device, dtype
+            )
+            caches.append({"context": context, "attention": attention, **figures})
+    return caches
+
+
+def cache_figures(model, prompt_len: int, new_tokens: int, batch: int, device, dtype) -> dict:
+    """Decoding speed of one model with its cache after a random prompt of prompt_len bytes: the first
+    byte's latency (prefill included), bytes/s and per-byte times early and late at batch 1, and bytes/s
+    of `batch` samples at once (batch > 1)."""
+    import torch
+
+    from htcli.device import autocast
+
+    prompt = torch.randint(0, 256, (batch, prompt_len), device=device)
+    with torch.no_grad(), autocast(device, dtype):
+        _cached_decoding(model, prompt[:1, :256], 8, device)  # warm-up
+        started = _clock(device)
+        _cached_decoding(model, prompt[:1], 1, device)
+        first_byte_s = _clock(device) - started
+        prefill_s, steps = _cached_decoding(model, prompt[:1], new_tokens, device)
+        _, early = _cached_decoding(model, prompt[:1, : min(1000, prompt_len - 1)], 64, device)
+        figures = {
+            "prompt_len": prompt_len, "first_byte_s": first_byte_s, "prefill_s": prefill_s,
+            "bytes_per_s": 1 / statistics.median(steps), "token_s_early": statistics.median(early),
+            "token_s_late": statistics.median(steps[-64:]),
+        }  # fmt: skip
+        figures["late_over_early"] = figures["token_s_late"] / figures["token_s_early"]
+        if batch > 1:
+            _, together = _cached_decoding(model, prompt, new_tokens // 4, device)
+            figures["batch_bytes_per_s"] = batch / statistics.median(together)
+            figures["batch_speedup"] = figures["batch_bytes_per_s"] / figures["bytes_per_s"]
+    return figures
 
 
 def _recompute(model, prompt, new_tokens: int) -> None:

@@ -18,7 +18,8 @@ from htcli.model import HTransformer1D, HTransformerConfig
 
 STATE_KEYS = {"step": int, "world_size": int, "ranks": list, "grad_scaler": dict}
 RANK_KEYS = {"torch_rng": str, "sampler": str}
-OPTIMIZER_STATE_NAMES = ("step", "exp_avg", "exp_avg_sq")  # AdamW's, per parameter
+# per parameter: AdamW's step count and moments, Muon's momentum
+OPTIMIZER_STATE_NAMES = ("step", "exp_avg", "exp_avg_sq", "momentum_buffer")
 
 
 def model_shapes(config: HTransformerConfig) -> dict[str, tuple[int, ...]]:
@@ -85,21 +86,23 @@ def check_state(state: object, file: Path, step: int) -> dict:
 
 def check_optimizer_state(optimizer: torch.optim.Optimizer, step: int, exact_steps: bool, file: Path) -> None:
     """The optimizer state loaded from file fits the model's parameters and the checkpoint's step: every
-    parameter's moments have its shape, and its own step count is the checkpoint's (at most, where a
-    gradient scaler may have skipped steps)."""
+    parameter's moments have its shape, and its own step count (AdamW's) is the checkpoint's (at most,
+    where a gradient scaler may have skipped steps)."""
     for group in optimizer.param_groups:
         for param in group["params"]:
             state = optimizer.state.get(param, {})
             if set(state) - set(OPTIMIZER_STATE_NAMES):
                 raise HtcliError(
-                    f"{file} is not an AdamW state of this model (unknown entries {sorted(state)})"
+                    f"{file} is not an optimizer state of this model (unknown entries {sorted(state)})"
                 )
-            for name in ("exp_avg", "exp_avg_sq"):
+            for name in ("exp_avg", "exp_avg_sq", "momentum_buffer"):
                 if name in state and tuple(state[name].shape) != tuple(param.shape):
                     raise HtcliError(
                         f"{file} is not the optimizer state of this model: a parameter of shape "
                         f"{list(param.shape)} has {name} of shape {list(state[name].shape)}"
                     )
+            if "ns_steps" in group:
+                continue  # a Muon group: no step count (AdamW's parameters carry the run's)
             count = state.get("step", torch.zeros(()))
             if not torch.is_tensor(count) or count.numel() != 1:
                 raise HtcliError(f"{file} is not an AdamW state (a step count that is not one number)")

@@ -214,6 +214,17 @@ AttentionKind = Annotated[
     ),
 ]
 Reversible = Annotated[bool | None, _switch("reversible", "Reversible layers: less activation memory.")]
+Norm = Annotated[str | None, _option("Normalisation: rms (RMSNorm) or layer (LayerNorm).")]
+QkNorm = Annotated[bool | None, _switch("qk-norm", "RMSNorm of each head's queries and keys.")]
+Activation = Annotated[str | None, _option("Feed-forward activation: relu2 (ReLU squared) or gelu.")]
+LogitSoftcap = Annotated[
+    float | None, _option("Soft-cap the logits at this value (c * tanh(x / c)); 0: none.")
+]
+ZeroInit = Annotated[bool | None, _switch("zero-init", "Residual output projections start at zero.")]
+Optimizer = Annotated[
+    str | None,
+    _option("muon (Muon for the layers' matrices, AdamW for the rest) or adamw (AdamW for all)", "optimizer"),
+]
 ShiftTokens = Annotated[bool | None, _switch("shift-tokens", "Mix in the previous byte's features.")]
 Steps = Annotated[int | None, _option("Optimizer steps for the whole run", "steps")]
 BatchSize = Annotated[int | None, _option("Windows per micro-batch", "batch_size")]
@@ -285,7 +296,13 @@ def train(
     attention: AttentionKind = None,
     reversible: Reversible = None,
     shift_tokens: ShiftTokens = None,
+    norm: Norm = None,
+    qk_norm: QkNorm = None,
+    activation: Activation = None,
+    logit_softcap: LogitSoftcap = None,
+    zero_init: ZeroInit = None,
     steps: Steps = None,
+    optimizer: Optimizer = None,
     batch_size: BatchSize = None,
     grad_accum: GradAccum = None,
     lr: Lr = None,
@@ -390,8 +407,15 @@ def sample(
         float | None, typer.Option(help="Draw only from the top bytes holding this probability.")
     ] = None,
     num_samples: Annotated[
-        int, typer.Option(help="Independent samples (seeds --seed, --seed + 1, ...).")
+        int, typer.Option(help="Independent samples (seeds --seed, --seed + 1, ...), decoded together.")
     ] = 1,
+    stop: Annotated[
+        list[str] | None,
+        typer.Option(help="End a sample once it produces this text (it ends with it); repeatable."),
+    ] = None,
+    json_output: Annotated[
+        bool, typer.Option(flag("json_output"), help="One JSON object per sample on stdout (JSON lines).")
+    ] = False,
     echo: Annotated[bool, _switch("echo", "Print the prompt before its continuation (default on).")] = True,
     cache: Annotated[
         bool,
@@ -408,7 +432,7 @@ def sample(
     """Generate text from a checkpoint, streamed to stdout; timing and tokens/s go to stderr."""
     from htcli.checkpoint import load_model
     from htcli.device import resolve_device, resolve_dtype
-    from htcli.sample import SamplingConfig, generate, read_prompt
+    from htcli.sample import SamplingConfig, generate_batch, read_prompt
 
     with _user_errors():
         if prompt is not None and prompt_file is not None:
@@ -423,30 +447,53 @@ def sample(
         model, _ = load_model(checkpoint, torch_device)
         context = model.config.max_seq_len
         prompt_bytes = read_prompt(prompt_file, context) if prompt_file else (prompt or "\n").encode()
-        for index, config in enumerate(configs):
-            if num_samples > 1:
-                err_console.rule(f"sample {index + 1} of {num_samples} (seed {config.seed})")
-            tokens = generate(model, prompt_bytes, config, dtype=torch_dtype, cache=cache)
-            _stream_sample(tokens, prompt_bytes if echo else b"", len(prompt_bytes))
+        stops = [s.encode() for s in stop or []]
+        steps = generate_batch(model, prompt_bytes, configs, dtype=torch_dtype, cache=cache, stop=stops)
+        samples = _print_samples(
+            steps, prompt_bytes, configs, echo=echo and not json_output, json_output=json_output
+        )
+        if json_output:
+            _print_json_samples(configs, samples, stops)
 
 
-def _stream_sample(tokens: Iterator[int], prompt: bytes, prompt_length: int) -> None:
-    """The prompt and each new byte to stdout as they come (whole UTF-8 characters), then the speed to
-    stderr."""
+def _print_json_samples(configs: list, samples: list[bytes], stops: list[bytes]) -> None:
+    for index, (config, text) in enumerate(zip(configs, samples)):
+        ended = next((s.decode() for s in stops if text.endswith(s)), None)
+        record = {"sample": index + 1, "seed": config.seed, "text": text.decode("utf-8", "replace"),
+                  "bytes": len(text), "stop": ended}  # fmt: skip
+        print(json.dumps(record, ensure_ascii=False))
+
+
+def _print_samples(
+    steps: Iterator[list], prompt: bytes, configs: list, *, echo: bool, json_output: bool
+) -> list[bytes]:
+    """Each sample's bytes: the first streamed to stdout as they come (whole UTF-8 characters; after the
+    prompt when echo), the others printed after it, each under a rule on stderr (nothing on stdout with
+    json_output); then the speed to stderr."""
     from htcli.sample import Utf8Stream
 
-    stream = Utf8Stream()
-    _write(stream.feed(prompt))
-    started, count = time.perf_counter(), 0
-    with err_console.status(f"reading the prompt ({prompt_length:,} bytes)", spinner="dots"):
-        first = next(tokens, None)  # generation starts by reading the whole prompt: long ones take a while
-    for token in itertools.chain([] if first is None else [first], tokens):
-        _write(stream.feed(token))
-        count += 1
+    samples, stream, many = [bytearray() for _ in configs], Utf8Stream(), len(configs) > 1
+    show = (lambda text: None) if json_output else _write
+    if many and not json_output:
+        err_console.rule(f"sample 1 of {len(configs)} (seed {configs[0].seed})")
+    show(stream.feed(prompt if echo else b""))
+    started = time.perf_counter()
+    with err_console.status(f"reading the prompt ({len(prompt):,} bytes)", spinner="dots"):
+        first = next(steps, None)  # generation starts by reading the whole prompt: long ones take a while
+    for step in itertools.chain([] if first is None else [first], steps):
+        for sample, token in zip(samples, step):
+            sample.extend([] if token is None else [token])
+        show(stream.feed(b"" if step[0] is None else bytes([step[0]])))
     seconds = time.perf_counter() - started
-    _write(stream.flush() + "\n")
+    show(stream.flush() + "\n")
+    for index, (config, sample) in enumerate(zip(configs[1:], samples[1:]), 2):
+        if not json_output:
+            err_console.rule(f"sample {index} of {len(configs)} (seed {config.seed})")
+        show((prompt if echo else b"").decode("utf-8", "replace") + sample.decode("utf-8", "replace") + "\n")
+    count = sum(map(len, samples))
     rate = count / seconds if seconds > 0 else 0.0
-    err_console.print(f"[dim]{count} bytes in {seconds:.2f} s ({rate:.1f} tokens/s)")
+    err_console.print(f"[dim]{count} bytes in {seconds:.2f} s ({rate:.1f} bytes/s)")
+    return [bytes(sample) for sample in samples]
 
 
 def _write(text: str) -> None:
@@ -648,15 +695,17 @@ def _bench_attention(config, json_output: bool, plot_path: Path | None) -> None:
 
 
 def _bench_decode(preset: str, device: str, dtype: str, json_output: bool) -> None:
-    from htcli.bench import decode_bench
-    from htcli.display import decode_table
+    from htcli.bench import DECODE_CONTEXTS, decode_bench
+    from htcli.display import cache_table, decode_table
 
-    err_console.print(f"decode bench: {preset} preset, random weights, batch 1, {dtype} ...")
-    result = decode_bench(preset, device_name=device, dtype_name=dtype)
+    err_console.print(f"decode bench: {preset} preset, random weights, greedy, {dtype} ...")
+    with err_console.status("measuring", spinner="dots"):
+        result = decode_bench(preset, device_name=device, dtype_name=dtype, contexts=DECODE_CONTEXTS)
     if json_output:
         print(json.dumps(result))
     else:
         console.print(decode_table(result, dtype))
+        console.print(cache_table(result))
 
 
 @app.command()

@@ -22,6 +22,7 @@ CONFIG_FILE = "config.json"  # the resolved config of a run, in its directory
 MAX_SEED = 2**63  # seeds are below it (torch takes 64 bits; distributed ranks add to the seed)
 POSITIVE = ("steps", "batch_size", "grad_accum", "eval_batches")
 LOGGERS = ("tensorboard", "wandb")  # where a run's metrics go besides log.jsonl
+OPTIMIZERS = ("muon", "adamw")  # Muon for the layers' matrices (AdamW for the rest), or AdamW for all
 NON_NEGATIVE = ("warmup", "context_warmup_start", "eval_every", "save_every", "sample_every", "sample_length")
 
 
@@ -38,6 +39,7 @@ class TrainConfig:
     steps: int = 1000  # optimizer steps in the whole run (resumed runs included)
     batch_size: int = 8  # windows of max_seq_len + 1 bytes per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
+    optimizer: str = "adamw"  # OPTIMIZERS
     lr: float = 6e-4  # peak learning rate, reached after `warmup` steps
     warmup: int = 100  # linear warmup steps
     # the first context_warmup fraction of the steps trains on windows of context_warmup_start bytes (as
@@ -125,6 +127,7 @@ class TrainConfig:
         for logger in self.loggers:
             check_choice("loggers", logger, LOGGERS)
         self.loggers = list(dict.fromkeys(self.loggers))
+        check_choice("optimizer", self.optimizer, OPTIMIZERS)
         check_choice("device", self.device, DEVICES)
         check_choice("dtype", self.dtype, DTYPES)
 
@@ -180,6 +183,12 @@ def config_from_options(
         base_model = model_config(preset or DEFAULT_PRESET, **model)
         return TrainConfig(**{"corpus": [], **given, "out": out, "model": base_model})
     saved = saved_config(Path(out))
+    if given.get("optimizer", saved["optimizer"]) != saved["optimizer"]:
+        raise HtcliError(
+            f"cannot resume a run trained with {saved['optimizer']} with optimizer {given['optimizer']}: "
+            "drop optimizer",
+            fields=("optimizer",),
+        )
     base = preset if preset is not None else saved.pop("model")
     return TrainConfig.from_dict({**saved, **given, "out": out, "model": model_config(base, **model)})
 
@@ -194,4 +203,5 @@ def saved_config(out: Path) -> dict:
     if not isinstance(saved, dict) or not isinstance(saved.get("model"), dict):
         raise HtcliError(f"{path} is not an htcli training config")
     saved.pop("htcli_version", None)
+    saved.setdefault("optimizer", "adamw")  # a run from before the choice trained with AdamW
     return saved

@@ -218,6 +218,27 @@ def decode_table(result: dict, dtype: str) -> Table:
     return table
 
 
+def cache_table(result: dict) -> Table:
+    """`htcli bench --decode`'s H-cache against exact attention's KV cache, per context."""
+    table = Table(title=f"decode caches, {result['preset']} preset, {result['device']}", title_justify="left")
+    for name in ("context", "attention", "first byte", "bytes/s", "ms/byte early", "ms/byte late",
+                 "late/early", f"bytes/s, {result['batch']} at once"):  # fmt: skip
+        table.add_column(name, justify="right")
+    for row in result["caches"]:
+        together = row.get("batch_bytes_per_s")
+        table.add_row(
+            f"{row['context']:,}",
+            row["attention"],
+            f"{row['first_byte_s']:.2f} s",
+            f"{row['bytes_per_s']:.0f}",
+            f"{row['token_s_early'] * 1e3:.2f}",
+            f"{row['token_s_late'] * 1e3:.2f}",
+            f"{row['late_over_early']:.2f}x",
+            "-" if together is None else f"{together:.0f} ({row['batch_speedup']:.1f}x)",
+        )
+    return table
+
+
 def runs_table(runs: list) -> Table:
     """Where each run is (htcli.curves.Curves): its step, bytes trained on, training time, and its
     last and best validation bits per byte."""

@@ -18,10 +18,21 @@ from einops import rearrange
 from rotary_embedding_torch import RotaryEmbedding
 from torch import nn
 
-from htcli.attention import HAttentionCache, check_block_size, h_attention
+from htcli.attention import HAttentionCache, KVCache, check_block_size, h_attention
 from htcli.reversible import reversible_stack
 
 ATTENTION_KINDS = ("h", "exact")
+NORMS = ("rms", "layer")  # RMSNorm, or LayerNorm (with bias)
+ACTIVATIONS = ("relu2", "gelu")  # of the feed-forward layers: ReLU squared, or GELU
+# the recipe fields a config written before them leaves out: such a model was built like this
+# (from_dict fills them in, so an old checkpoint loads as the model it is)
+FIRST_RECIPE = {
+    "norm": "layer",
+    "qk_norm": False,
+    "activation": "gelu",
+    "logit_softcap": 0.0,
+    "zero_init": False,
+}
 # the largest value of each size field: far beyond any model htcli trains, and small enough that a
 # config read from a file cannot ask for absurd allocations (dim 10**9) before anything is checked
 LIMITS = {
@@ -52,13 +63,19 @@ class HTransformerConfig:
     reversible: bool = False  # reversible residual stack: activation memory independent of depth
     shift_tokens: bool = False  # shift part of each token's features from its neighbour(s)
     attention: str = "h"  # "h" (hierarchical) or "exact" (softmax attention via SDPA, a baseline)
+    # the training recipe's model side (README, "Recipe")
+    norm: str = "layer"  # NORMS
+    qk_norm: bool = False  # RMSNorm of each head's q and k before attention
+    activation: str = "gelu"  # ACTIVATIONS
+    logit_softcap: float = 0.0  # logits = c * tanh(logits / c); 0: none
+    zero_init: bool = False  # residual output projections start at zero (else small, GPT-2 style)
 
     def __post_init__(self) -> None:
         for name, limit in LIMITS.items():
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= limit:
                 raise ValueError(f"{name} must be a positive integer up to {limit:,}, got {value!r}")
-        for name in ("causal", "rotary", "reversible", "shift_tokens"):
+        for name in ("causal", "rotary", "reversible", "shift_tokens", "qk_norm", "zero_init"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         check_block_size(self.block_size)
@@ -68,19 +85,38 @@ class HTransformerConfig:
             )
         if self.rotary and self.dim_head % 2:
             raise ValueError(f"rotary embedding needs an even dim_head, got {self.dim_head}")
-        if self.attention not in ATTENTION_KINDS:
-            raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {self.attention!r}")
+        for name, kinds in (("attention", ATTENTION_KINDS), ("norm", NORMS), ("activation", ACTIVATIONS)):
+            if getattr(self, name) not in kinds:
+                raise ValueError(f"{name} must be one of {kinds}, got {getattr(self, name)!r}")
+        cap = self.logit_softcap
+        if isinstance(cap, bool) or not isinstance(cap, int | float) or not 0 <= cap < math.inf:
+            raise ValueError(f"logit_softcap must be a number >= 0 (0: none), got {cap!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> HTransformerConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown model config keys: {', '.join(unknown)}")
-        return cls(**data)
+        return cls(**complete(data))
+
+
+def complete(data: dict) -> dict:
+    """A model config dict with the recipe fields that a config written before them lacks set as such
+    a model was built (FIRST_RECIPE); ValueError for keys that are not fields."""
+    known = {f.name for f in fields(HTransformerConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"unknown model config keys: {', '.join(unknown)}")
+    return {**FIRST_RECIPE, **data}
+
+
+def make_norm(config: HTransformerConfig, dim: int) -> nn.Module:
+    return nn.RMSNorm(dim) if config.norm == "rms" else nn.LayerNorm(dim)
+
+
+class ReluSquared(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x).square()
 
 
 @dataclass
@@ -92,7 +128,7 @@ class BranchState:
 
 @dataclass
 class AttentionState(BranchState):
-    cache: HAttentionCache | None = None  # every level's keys and values (set by prefill)
+    cache: HAttentionCache | KVCache | None = None  # the keys and values decoding needs (set by prefill)
     rotary: tuple[torch.Tensor, torch.Tensor] | None = None  # Attention.rotary_tables (rotary models)
 
 
@@ -148,6 +184,14 @@ class Attention(nn.Module):
         self.to_qkv = nn.Linear(config.dim, 3 * inner, bias=False)
         self.to_out = nn.Linear(inner, config.dim)
         self.rotary = RotaryEmbedding(config.dim_head) if config.rotary else None
+        self.q_norm = nn.RMSNorm(config.dim_head) if config.qk_norm else None
+        self.k_norm = nn.RMSNorm(config.dim_head) if config.qk_norm else None
+
+    def normed(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q and k with QK-norm, where the config has it (over the last dim: any layout)."""
+        if self.q_norm is None:
+            return q, k
+        return self.q_norm(q), self.k_norm(k)
 
     def rotate(self, t: torch.Tensor) -> torch.Tensor:
         """Rotary embedding on q or k (b h n d); positions computed in fp32 whatever t's dtype."""
@@ -161,6 +205,7 @@ class Attention(nn.Module):
         """state (prefill only): set to continue after these positions."""
         cfg = self.config
         q, k, v = rearrange(self.to_qkv(x), "b n (three h d) -> three b h n d", three=3, h=cfg.heads)
+        q, k = self.normed(q, k)
         q, k = self.rotate(q), self.rotate(k)
         if state is not None:
             self._start_decoding(q, k, v, state)
@@ -174,9 +219,18 @@ class Attention(nn.Module):
         """The decode cache from this pass's q, k, v (rotary applied), and the rotary tables."""
         b, h, _, d = q.shape
         cfg = self.config
-        state.cache = HAttentionCache(
-            b, h, d, block_size=cfg.block_size, max_seq_len=cfg.max_seq_len, device=q.device, dtype=k.dtype
-        )
+        if cfg.attention == "exact":
+            state.cache = KVCache(b, h, d, max_seq_len=cfg.max_seq_len, device=q.device, dtype=k.dtype)
+        else:
+            state.cache = HAttentionCache(
+                b,
+                h,
+                d,
+                block_size=cfg.block_size,
+                max_seq_len=cfg.max_seq_len,
+                device=q.device,
+                dtype=k.dtype,
+            )
         state.cache.prefill(q, k, v)
         state.rotary = self.rotary_tables(state.cache.capacity + 1, q.device) if self.rotary else None
 
@@ -194,6 +248,8 @@ class Attention(nn.Module):
         b, h, d = x.shape[0], self.config.heads, self.config.dim_head
         qkv = self.to_qkv(x).view(b, 3, h, d)  # the (three h d) order of forward()
         qk, v = qkv[:, :2], qkv[:, 2]
+        if self.q_norm is not None:
+            qk = torch.stack(self.normed(qk[:, 0], qk[:, 1]), dim=1)
         if state.rotary is not None:  # q and k together, few ops: a decode step is launch-bound on a GPU
             cos, sin = (table[cache.t] for table in state.rotary)
             qk = qk.float()
@@ -222,7 +278,7 @@ class FeedForward(nn.Module):
         super().__init__()
         self.net = nn.Sequential(
             nn.Linear(config.dim, config.ff_mult * config.dim),
-            nn.GELU(),
+            ReluSquared() if config.activation == "relu2" else nn.GELU(),
             nn.Linear(config.ff_mult * config.dim, config.dim),
         )
 
@@ -234,11 +290,12 @@ class FeedForward(nn.Module):
 
 
 class PreNorm(nn.Module):
-    """LayerNorm, optional token shift, then the wrapped function: one residual branch."""
+    """The norm (RMSNorm or LayerNorm), optional token shift, then the wrapped function: one residual
+    branch."""
 
     def __init__(self, config: HTransformerConfig, fn: nn.Module):
         super().__init__()
-        self.norm = nn.LayerNorm(config.dim)
+        self.norm = make_norm(config, config.dim)
         self.shift = TokenShift(config.causal) if config.shift_tokens else None
         self.fn = fn
 
@@ -314,13 +371,23 @@ class HTransformer1D(nn.Module):
         self.config = config
         self.token_emb = nn.Embedding(config.num_tokens, config.dim)
         self.layers = Layers(config)
-        self.norm = nn.LayerNorm(config.dim)
+        self.norm = make_norm(config, config.dim)
         self.to_logits = nn.Linear(config.dim, config.num_tokens, bias=False)
         self.apply(self._init_weights)
-        # residual output projections scaled down so the stack starts near identity (GPT-2)
+        # residual output projections: zero (each branch starts switched off) or scaled down so the
+        # stack starts near identity (GPT-2)
         for name, param in self.named_parameters():
             if name.endswith("to_out.weight") or name.endswith("net.2.weight"):
-                nn.init.normal_(param, std=0.02 / math.sqrt(2 * config.depth))
+                if config.zero_init:
+                    nn.init.zeros_(param)
+                else:
+                    nn.init.normal_(param, std=0.02 / math.sqrt(2 * config.depth))
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Next-byte logits from the last layer's output (soft-capped where the config says)."""
+        logits = self.to_logits(self.norm(x))
+        cap = self.config.logit_softcap
+        return cap * torch.tanh(logits / cap) if cap else logits
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -339,7 +406,7 @@ class HTransformer1D(nn.Module):
         if n > self.config.max_seq_len:
             raise ValueError(f"input length {n} exceeds max_seq_len {self.config.max_seq_len}")
         x = self.layers(x, mask, save_memory=save_memory)
-        return self.to_logits(self.norm(x))
+        return self.logits(x)
 
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (b, n) int64, mask (b, n) bool True = real token -> logits (b, n, num_tokens)."""
@@ -347,23 +414,23 @@ class HTransformer1D(nn.Module):
 
     @property
     def supports_decode_cache(self) -> bool:
-        """Exact incremental decoding needs causal H-attention."""
-        return self.config.causal and self.config.attention == "h"
+        """Exact incremental decoding: a causal model (H-attention's cache, or exact attention's KV cache)."""
+        return self.config.causal
 
     @torch.no_grad()
     def prefill(self, tokens: torch.Tensor) -> tuple[torch.Tensor, DecodingState]:
         """The parallel forward over a prompt (b, n): its logits, and the state to decode on from."""
         if not self.supports_decode_cache:
-            raise ValueError("incremental decoding needs a causal model with H-attention")
+            raise ValueError("incremental decoding needs a causal model")
         n = tokens.shape[1]
         if not 1 <= n <= self.config.max_seq_len:
             raise ValueError(f"prefill takes 1 to max_seq_len ({self.config.max_seq_len}) tokens, got {n}")
         state = DecodingState([LayerState() for _ in self.layers.blocks])
         x = self.layers(self.token_emb(tokens), None, states=state.layers)
-        return self.to_logits(self.norm(x)), state
+        return self.logits(x), state
 
     @torch.no_grad()
     def decode_step(self, token: torch.Tensor, state: DecodingState) -> torch.Tensor:
         """Logits (b, num_tokens) for the position after token (b,), fed at state.position; updates state."""
         x = self.layers.step(self.token_emb(token), state.layers)
-        return self.to_logits(self.norm(x))
+        return self.logits(x)

@@ -29,11 +29,71 @@ def context_length(step: int, config: TrainConfig) -> int:
     return full
 
 
-def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices and embeddings only (not on norms and biases)."""
-    params = [p for p in model.parameters() if p.requires_grad]
+def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer | MuonAdamW:
+    """AdamW with weight decay on matrices and embeddings only (not on norms and biases); with
+    config.optimizer "muon", Muon for the matrices inside the layers and AdamW for the rest (the
+    embedding, the output head, norms and biases), as in the nanoGPT speedrun."""
+    hidden = set()
+    if config.optimizer == "muon":
+        hidden = {id(p) for p in model.layers.parameters() if p.ndim == 2 and p.requires_grad}
+    params = [p for p in model.parameters() if p.requires_grad and id(p) not in hidden]
     groups = [
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95))
+    adamw = torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95))
+    if not hidden:
+        return adamw
+    matrices = [p for p in model.layers.parameters() if id(p) in hidden]
+    # the update's RMS matched to AdamW's, so that both follow one learning rate
+    muon = torch.optim.Muon(
+        matrices, lr=config.lr, weight_decay=config.weight_decay, adjust_lr_fn="match_rms_adamw"
+    )
+    return MuonAdamW(muon, adamw)
+
+
+class MuonAdamW:
+    """Two torch optimizers stepped as one, with one state dict: its parameter indices are Muon's,
+    then AdamW's, as param_groups lists them (what training and checkpoints need of an optimizer)."""
+
+    def __init__(self, muon: torch.optim.Optimizer, adamw: torch.optim.Optimizer):
+        self.parts = (muon, adamw)
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [group for part in self.parts for group in part.param_groups]
+
+    @property
+    def state(self) -> dict:
+        return {**self.parts[0].state, **self.parts[1].state}
+
+    def step(self) -> None:
+        for part in self.parts:
+            part.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for part in self.parts:
+            part.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        offset, states, groups = 0, {}, []
+        for part in self.parts:
+            own = part.state_dict()
+            states.update({index + offset: value for index, value in own["state"].items()})
+            groups += [{**g, "params": [i + offset for i in g["params"]]} for g in own["param_groups"]]
+            offset += sum(len(g["params"]) for g in own["param_groups"])
+        return {"state": states, "param_groups": groups}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        groups, offset = list(state_dict["param_groups"]), 0
+        if len(groups) != len(self.param_groups):
+            raise ValueError("the state has another number of parameter groups")
+        for part in self.parts:
+            own = groups[: len(part.param_groups)]
+            groups = groups[len(part.param_groups) :]
+            indices = [i for g in own for i in g["params"]]
+            part.load_state_dict({
+                "state": {i - offset: state_dict["state"][i] for i in indices if i in state_dict["state"]},
+                "param_groups": [{**g, "params": [i - offset for i in g["params"]]} for g in own],
+            })  # fmt: skip
+            offset += len(indices)

@@ -34,13 +34,14 @@ def model_config(base: str | dict, **overrides) -> HTransformerConfig:
 
     Raises HtcliError, naming the config's fields, if the result is impossible.
     """
-    from htcli.model import HTransformerConfig
+    from htcli.model import HTransformerConfig, complete
 
     if isinstance(base, str):
         check_choice("preset", base, tuple(PRESETS))
-    values = {**(PRESETS[base] if isinstance(base, str) else base)}
-    values.update({k: v for k, v in overrides.items() if v is not None})
     try:
+        # a saved config (dict) from before a recipe field: that field as such a model was built
+        values = {**(PRESETS[base] if isinstance(base, str) else complete(base))}
+        values.update({k: v for k, v in overrides.items() if v is not None})
         return HTransformerConfig(**values)
     except (TypeError, ValueError) as error:
         message = str(error)

@@ -88,7 +88,8 @@ def sample_token(
 
 
 class Decoder:
-    """Feeds bytes to a model and holds the logits (vocab,) of the next one.
+    """Feeds bytes to a model, a batch of sequences at a time, and holds the logits (b, vocab) of the
+    next byte of each.
 
     With the cache, a prompt is prefilled by one parallel forward pass and each byte after it
     is one decode step. When the context reaches max_seq_len, it is cut to its last
@@ -108,13 +109,13 @@ class Decoder:
     def _start(self, tokens: torch.Tensor) -> torch.Tensor:
         with autocast(tokens.device, self.dtype):
             if not self.cached:
-                return self.model(tokens)[0, -1]
+                return self.model(tokens)[:, -1]
             logits, self.state = self.model.prefill(tokens)
-        return logits[0, -1]
+        return logits[:, -1]
 
-    def feed(self, token: int) -> None:
-        """Append one byte; self.logits then predicts the byte after it."""
-        new = self.context.new_tensor([[token]])
+    def feed(self, tokens: list[int]) -> None:
+        """Append one byte to each sequence; self.logits then predicts the bytes after them."""
+        new = self.context.new_tensor(tokens)[:, None]
         self.context = torch.cat([self.context, new], dim=1)[:, -self.window :]
         if not self.cached:
             self.logits = self._start(self.context)
@@ -122,10 +123,9 @@ class Decoder:
             self.logits = self._start(self.context[:, -(self.window // 2) :])
         else:
             with autocast(new.device, self.dtype):
-                self.logits = self.model.decode_step(new[:, 0], self.state)[0]
+                self.logits = self.model.decode_step(new[:, 0], self.state)
 
 
-@torch.no_grad()
 def generate(
     model: HTransformer1D,
     prompt: bytes,
@@ -133,25 +133,55 @@ def generate(
     *,
     dtype: torch.dtype = torch.float32,
     cache: bool = True,
+    stop: list[bytes] = (),
 ) -> Iterator[int]:
-    """Yield config.max_new_tokens bytes continuing prompt (at least one byte). Same seed, same bytes."""
+    """Yield up to config.max_new_tokens bytes continuing prompt (at least one byte), ending early after
+    a stop string. Same seed, same bytes."""
+    for tokens in generate_batch(model, prompt, [config], dtype=dtype, cache=cache, stop=stop):
+        yield tokens[0]
+
+
+def generate_batch(
+    model: HTransformer1D,
+    prompt: bytes,
+    configs: list[SamplingConfig],
+    *,
+    dtype: torch.dtype = torch.float32,
+    cache: bool = True,
+    stop: list[bytes] = (),
+) -> Iterator[list[int | None]]:
+    """Continue prompt once per config, all decoded together (one prefill, then one batched step per
+    byte). Yields, for each step, every sample's next byte: None for a sample that has ended (its
+    max_new_tokens reached, or, after it produced one of the stop strings, which it ends with).
+    Each sample draws from its own generator seeded by its config's seed, as it would alone."""
     if not prompt:
         raise HtcliError("the prompt is empty: generation needs at least one byte to continue")
+    if any(not s for s in stop):
+        raise HtcliError("a stop string is empty: give at least one character", fields=("stop",))
+    return _decode(model, prompt, configs, dtype, cache, stop)
+
+
+@torch.no_grad()
+def _decode(model, prompt: bytes, configs: list[SamplingConfig], dtype, cache: bool, stop) -> Iterator[list]:
     device = next(model.parameters()).device
-    generator = torch.Generator().manual_seed(config.seed)
-    tokens = torch.tensor([list(prompt)], dtype=torch.long, device=device)
+    generators = [torch.Generator().manual_seed(config.seed) for config in configs]
+    tokens = torch.tensor([list(prompt)] * len(configs), dtype=torch.long, device=device)
     decoder = Decoder(model, tokens, cache=cache, dtype=dtype)
-    for index in range(config.max_new_tokens):
-        token = sample_token(
-            decoder.logits,
-            temperature=config.temperature,
-            top_k=config.top_k,
-            top_p=config.top_p,
-            generator=generator,
-        )
-        yield token
-        if index + 1 < config.max_new_tokens:
-            decoder.feed(token)
+    tails, live = [b""] * len(configs), [config.max_new_tokens > 0 for config in configs]
+    longest = max((len(s) for s in stop), default=0)
+    for index in range(max((config.max_new_tokens for config in configs), default=0)):
+        step = []
+        for row, config in enumerate(configs):
+            token = sample_token(decoder.logits[row], temperature=config.temperature, top_k=config.top_k,
+                                 top_p=config.top_p, generator=generators[row])  # fmt: skip
+            step.append(token if live[row] else None)
+            tails[row] = (tails[row] + bytes([token]))[-longest:] if longest else b""
+            ended = index + 1 >= config.max_new_tokens or any(tails[row].endswith(s) for s in stop)
+            live[row] = live[row] and not ended
+        yield step
+        if not any(live):
+            return
+        decoder.feed([token if token is not None else 0 for token in step])
 
 
 def read_prompt(path: Path, context: int) -> bytes:

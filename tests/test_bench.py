@@ -60,8 +60,21 @@ def test_scaling_exponent_and_ratio():
 
 def test_decode_bench_figures():
     """--decode reports cached and recomputed speed, per-token times and prefill cost."""
-    result = decode_bench("tiny", prompt_len=100, new_tokens=70, recompute_tokens=2, device_name="cpu")
+    result = decode_bench("tiny", prompt_len=100, new_tokens=70, recompute_tokens=2, device_name="cpu",
+                          contexts=(128, 256), batch=4)  # fmt: skip
     assert result["speedup"] > 0 and result["prefill_s"] > 0
+    caches = result["caches"]
+    assert [(c["context"], c["attention"]) for c in caches] == [
+        (128, "h"),
+        (128, "exact"),
+        (256, "h"),
+        (256, "exact"),
+    ]
+    assert all(
+        c["bytes_per_s"] > 0 and c["first_byte_s"] > 0 and c["prompt_len"] == c["context"] - 70
+        for c in caches
+    )
+    assert caches[0]["batch_bytes_per_s"] > 0 and "batch_bytes_per_s" not in caches[2]
     with pytest.raises(HtcliError, match="exceed"):
         decode_bench("tiny", prompt_len=250, new_tokens=10, device_name="cpu")
 

@@ -86,13 +86,13 @@ def test_resume_from_the_command_line_is_exact(corpus, tmp_path):
 
 
 def test_sample_is_reproducible_and_reports_speed(trained):
-    """Same seed, same text on stdout; timing and tokens/s on stderr; the prompt is echoed."""
+    """Same seed, same text on stdout; timing and bytes/s on stderr; the prompt is echoed."""
     run, _ = trained
     args = ["sample", run, "--prompt", "the ", "--max-new-tokens", 30, "--seed", 3, "--device", "cpu"]
     first, second = invoke(*args), invoke(*args)
     assert first.exit_code == 0, first.output
     assert first.stdout == second.stdout and first.stdout.startswith("the ")
-    assert "30 bytes in" in first.stderr and "tokens/s" in first.stderr
+    assert "30 bytes in" in first.stderr and "bytes/s" in first.stderr
     other = invoke(*args[:-4], "--seed", 4, "--device", "cpu")
     assert other.stdout != first.stdout
 
@@ -107,6 +107,31 @@ def test_sample_from_a_file_and_several_samples(trained, tmp_path):
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
     assert len(lines) == 2 and lines[0] == lines[1] and lines[0].startswith("of the ")
+
+
+def test_several_samples_at_once_as_json_lines_equal_each_seed_alone(trained):
+    run, _ = trained
+    args = ["sample", run, "--prompt", "the ", "--max-new-tokens", 20, "--device", "cpu", "--json"]
+    together = invoke(*args, "--num-samples", 3, "--seed", 5)
+    assert together.exit_code == 0, together.output
+    records = [json.loads(line) for line in together.stdout.splitlines()]
+    assert [r["seed"] for r in records] == [5, 6, 7] and [r["sample"] for r in records] == [1, 2, 3]
+    for record in records:
+        alone = json.loads(invoke(*args, "--seed", record["seed"]).stdout)
+        assert alone["text"] == record["text"] and record["bytes"] == 20 and record["stop"] is None
+
+
+def test_stop_ends_a_sample_with_the_stop_string(trained):
+    run, _ = trained
+    args = ["sample", run, "--prompt", "the ", "--max-new-tokens", 60, "--seed", 1, "--device", "cpu"]
+    free = json.loads(invoke(*args, "--json").stdout)["text"]
+    stop = next(
+        c for c in free[10:] if c.isascii() and c.isprintable()
+    )  # (a tiny model's text is not all UTF-8)
+    record = json.loads(invoke(*args, "--json", "--stop", stop, "--stop", "\x00never").stdout)
+    assert record["text"] == free[: free.find(stop) + len(stop)] and record["stop"] == stop
+    plain = invoke(*args, "--stop", stop)
+    assert plain.stdout == "the " + record["text"] + "\n"
 
 
 def test_eval_json_matches_the_library(trained, tmp_path):

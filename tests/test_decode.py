@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from htcli.model import HTransformer1D, HTransformerConfig
+from htcli.model import FIRST_RECIPE, HTransformer1D, HTransformerConfig
 
 
 def _model(**overrides) -> HTransformer1D:
@@ -20,6 +20,9 @@ def _model(**overrides) -> HTransformer1D:
         {"shift_tokens": True},
         {"reversible": True, "shift_tokens": True, "block_size": 8},
         {"block_size": 6, "max_seq_len": 192},
+        FIRST_RECIPE,  # htcli 0.1's model: LayerNorm, GELU
+        {"norm": "rms", "qk_norm": True, "activation": "relu2", "logit_softcap": 3.0},
+        {"norm": "rms", "qk_norm": True, "logit_softcap": 3.0, "reversible": True, "shift_tokens": True},
     ],
 )
 @pytest.mark.parametrize("prompt", [1, 7, 64])

@@ -17,7 +17,14 @@ LAYERS = [
         "corpus.find",
     ),  # run files, devices, Ctrl-C, terminal output
     ("attention.geometry", "attention.triton_kernels", "corpus.cache", "loggers"),
-    ("attention.oracle", "attention.eager", "attention.cache", "attention.triton_launch", "corpus.formats"),
+    (
+        "attention.oracle",
+        "attention.eager",
+        "attention.cache",
+        "attention.kv_cache",
+        "attention.triton_launch",
+        "corpus.formats",
+    ),
     ("attention.ops", "corpus.reader"),
     ("attention", "reversible", "corpus"),
     ("model",),

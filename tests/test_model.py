@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from htcli.model import HTransformer1D, HTransformerConfig
+from htcli.model import FIRST_RECIPE, HTransformer1D, HTransformerConfig
 
 
 def tiny(**overrides) -> HTransformerConfig:
@@ -55,10 +55,11 @@ def test_causal_model_receptive_field(reversible, shift_tokens):
         assert (per_position[: i + 1] > 0).all(), f"logits[{i}] miss an earlier token"
 
 
-def test_reversible_matches_plain_autograd():
+@pytest.mark.parametrize("recipe", [FIRST_RECIPE, {"norm": "rms", "qk_norm": True, "logit_softcap": 5.0}])
+def test_reversible_matches_plain_autograd(recipe):
     """The memory-saving reversible backward gives the plain-autograd outputs and gradients (fp64)."""
     torch.manual_seed(0)
-    model = HTransformer1D(tiny(depth=3, reversible=True, shift_tokens=True)).double()
+    model = HTransformer1D(tiny(depth=3, reversible=True, shift_tokens=True, **recipe)).double()
     x = torch.randn(2, 50, 32, dtype=torch.float64, requires_grad=True)
     mask = torch.ones(2, 50, dtype=torch.bool)
     mask[1, 40:] = False

@@ -11,6 +11,7 @@ from htcli.sample import (
     SamplingConfig,
     Utf8Stream,
     generate,
+    generate_batch,
     logits_to_probs,
     sample_token,
 )
@@ -52,7 +53,7 @@ def test_recompute_path_uses_the_last_context():
     tokens = torch.randint(0, 256, (1, 150))
     with torch.no_grad():
         expected = model(tokens[:, -64:])[0, -1]
-        assert torch.allclose(Decoder(model, tokens, cache=False, dtype=torch.float32).logits, expected)
+        assert torch.allclose(Decoder(model, tokens, cache=False, dtype=torch.float32).logits[0], expected)
     greedy = list(generate(model, bytes(tokens[0].tolist()), SamplingConfig(5, temperature=0), cache=False))
     assert greedy[0] == int(expected.argmax())
 
@@ -66,24 +67,26 @@ def test_cache_and_recompute_agree_within_context():
         recomputed = Decoder(model, tokens, cache=False, dtype=torch.float32)
         for token in torch.randint(0, 256, (54,)).tolist():
             assert torch.allclose(cached.logits, recomputed.logits, atol=1e-4)
-            cached.feed(token)
-            recomputed.feed(token)
+            cached.feed([token])
+            recomputed.feed([token])
         assert torch.allclose(cached.logits, recomputed.logits, atol=1e-4)
 
 
-def test_cache_reprefills_past_context():
+@pytest.mark.parametrize("attention", ["h", "exact"])
+def test_cache_reprefills_past_context(attention):
     """At max_seq_len the cached decoder re-prefills the last max_seq_len // 2 bytes, and goes on."""
-    model = tiny_model()
+    torch.manual_seed(0)
+    model = HTransformer1D(HTransformerConfig(**{**TINY_MODEL, "attention": attention})).eval()
     window = model.config.max_seq_len
     tokens = torch.randint(0, 256, (1, window))
     with torch.no_grad():
         decoder = Decoder(model, tokens, cache=True, dtype=torch.float32)
-        decoder.feed(7)
+        decoder.feed([7])
         context = torch.cat([tokens, tokens.new_tensor([[7]])], dim=1)
-        assert torch.allclose(decoder.logits, model(context[:, -(window // 2) :])[0, -1], atol=1e-5)
-        decoder.feed(9)
+        assert torch.allclose(decoder.logits[0], model(context[:, -(window // 2) :])[0, -1], atol=1e-5)
+        decoder.feed([9])
         context = torch.cat([context, context.new_tensor([[9]])], dim=1)
-        assert torch.allclose(decoder.logits, model(context[:, -(window // 2 + 1) :])[0, -1], atol=1e-4)
+        assert torch.allclose(decoder.logits[0], model(context[:, -(window // 2 + 1) :])[0, -1], atol=1e-4)
     assert len(list(generate(model, b"x" * 70, SamplingConfig(80, temperature=1.0)))) == 80
 
 
@@ -112,3 +115,45 @@ def test_sampling_config_validation(options, message):
     """Impossible sampling options are refused with the field's name."""
     with pytest.raises(HtcliError, match=message):
         SamplingConfig(**options)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+@pytest.mark.parametrize("attention", ["h", "exact"])
+def test_samples_decoded_together_equal_samples_decoded_alone(temperature, attention):
+    """Four samples in one batch (one prefill, batched steps) are the four samples of their seeds."""
+    torch.manual_seed(0)
+    model = HTransformer1D(HTransformerConfig(**{**TINY_MODEL, "attention": attention})).eval()
+    configs = [SamplingConfig(50, temperature=temperature, top_k=50, seed=seed) for seed in range(4)]
+    together = list(zip(*generate_batch(model, b"the cat ", configs)))
+    assert [list(row) for row in together] == [list(generate(model, b"the cat ", c)) for c in configs]
+
+
+def test_stop_strings_end_each_sample_on_its_own():
+    model = tiny_model()
+    configs = [SamplingConfig(60, temperature=1.0, seed=seed) for seed in range(3)]
+    free = [bytes(generate(model, b"ab", c)) for c in configs]
+    stop = free[0][10:12]  # a stop string sample 0 produces at byte 12 (or before)
+    ended = [
+        bytes(t for t in row if t is not None)
+        for row in zip(*generate_batch(model, b"ab", configs, stop=[stop]))
+    ]
+    for alone, stopped in zip(free, ended):
+        cut = alone.find(stop)
+        assert stopped == (alone if cut < 0 else alone[: cut + len(stop)])
+    assert ended[0].endswith(stop) and len(ended[0]) <= 12
+
+
+def test_exact_attention_kv_cache_equals_recomputation():
+    """The exact-attention model decodes with its KV cache: logits equal the parallel forward at every
+    position, and greedy samples equal recomputation within the context."""
+    torch.manual_seed(0)
+    model = HTransformer1D(HTransformerConfig(**{**TINY_MODEL, "attention": "exact"})).eval()
+    tokens = torch.randint(0, 256, (2, 64))
+    with torch.no_grad():
+        expected = model(tokens)
+        logits, state = model.prefill(tokens[:, :5])
+        assert (logits - expected[:, :5]).abs().max() < 1e-4
+        for t in range(5, 64):
+            assert (model.decode_step(tokens[:, t], state) - expected[:, t]).abs().max() < 1e-4
+    greedy = SamplingConfig(64 - 5, temperature=0)
+    assert list(generate(model, b"hello", greedy)) == list(generate(model, b"hello", greedy, cache=False))

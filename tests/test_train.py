@@ -58,16 +58,18 @@ def test_impossible_model_options_name_the_fields(tmp_path):
     assert set(raised.value.fields) == {"max_seq_len", "block_size"}
 
 
-def test_interrupted_and_resumed_run_equals_one_run(corpus, tmp_path):
-    """6 steps in one run == 3 steps, a Ctrl-C (SIGINT), and a resume to 6: bitwise equal weights."""
-    whole = train(tiny_config(corpus, tmp_path / "whole"))
+@pytest.mark.parametrize("optimizer", ["muon", "adamw"])
+def test_interrupted_and_resumed_run_equals_one_run(corpus, tmp_path, optimizer):
+    """6 steps in one run == 3 steps, a Ctrl-C (SIGINT), and a resume to 6: bitwise equal weights
+    (Muon's momentum and AdamW's moments saved and restored exactly)."""
+    whole = train(tiny_config(corpus, tmp_path / "whole", optimizer=optimizer))
     assert whole.step == 6 and not whole.interrupted
 
     def interrupt_at_step_3(event):
         if event["event"] == "step" and event["step"] == 3:
             os.kill(os.getpid(), signal.SIGINT)
 
-    config = tiny_config(corpus, tmp_path / "split", save_every=0, eval_every=2)
+    config = tiny_config(corpus, tmp_path / "split", save_every=0, eval_every=2, optimizer=optimizer)
     first = train(config, on_event=interrupt_at_step_3)
     assert first.interrupted and first.step == 3
     assert json.loads((tmp_path / "split" / "state.json").read_text())["step"] == 3

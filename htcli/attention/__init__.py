@@ -13,10 +13,12 @@ causal sequence one position at a time, equal to both.
     triton_launch.py   the levels in Triton kernels (CUDA): launches ...
     triton_kernels.py  ... these kernels (imported only when Triton is wanted)
     cache.py           HAttentionCache: incremental decoding, O(block_size * d) per position
+    kv_cache.py        KVCache: incremental decoding of exact attention (the baseline), O(n * d)
 """
 
 from htcli.attention.cache import HAttentionCache
 from htcli.attention.geometry import check_block_size, num_levels, pair_levels
+from htcli.attention.kv_cache import KVCache
 from htcli.attention.ops import IMPLEMENTATION_VARIABLE, IMPLEMENTATIONS, check_implementation, h_attention
 from htcli.attention.oracle import dense_h_attention
 
@@ -24,6 +26,7 @@ __all__ = [
     "IMPLEMENTATION_VARIABLE",
     "IMPLEMENTATIONS",
     "HAttentionCache",
+    "KVCache",
     "check_block_size",
     "check_implementation",
     "dense_h_attention",

@@ -1,0 +1,111 @@
+"""Which training recipe gives the best model for the same compute? Train variants of the recipe at one
+budget and score each on held-out text, side by side in one run.
+
+    python examples/recipe.py CORPUS OUT [VARIANT ...]
+
+CORPUS (a file or a directory: htcli reads it as one byte string) is split 90/10: `htcli train` on
+the first 90%, `htcli eval` on the last 10%. Each variant (a name from VARIANTS; default: all) trains
+into OUT/NAME (kept: a variant already trained is only scored again). Prints a table of held-out
+bits per byte and training time.
+
+Budget: dim 128, depth 4, 4 heads x 32, block 32, context 1024, batch 8, 400 steps, on the CPU; all
+else as `htcli train` does by default (evaluations every 100 steps included in the time).
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+MODEL = ["--dim", "128", "--depth", "4", "--heads", "4", "--dim-head", "32", "--block-size", "32"]
+BUDGET = ["--seq-len", "1024", "--batch-size", "8", "--steps", "400", "--device", "cpu"]
+# the recipe of htcli 0.1 (GPT-2 of 2019): what `htcli train` did before the recipe options
+FIRST = {
+    "--optimizer": "adamw", "--norm": "layer", "--qk-norm": None, "--activation": "gelu",
+    "--logit-softcap": "0", "--zero-init": None, "--lr": "6e-4", "--warmup": "100",
+}  # fmt: skip
+
+
+def first_recipe(**changes) -> list[str]:
+    """FIRST's flags with some changed (a switch: "--qk-norm" on, "--no-qk-norm" off)."""
+    flags = {**FIRST, **{"--" + k.replace("_", "-"): v for k, v in changes.items()}}
+    args = []
+    for flag, value in flags.items():
+        if flag in ("--qk-norm", "--zero-init"):
+            args.append(flag if value else "--no-" + flag[2:])
+        else:
+            args += [flag, value]
+    return args
+
+
+VARIANTS = {
+    "first": first_recipe(),
+    "first +muon": first_recipe(optimizer="muon"),
+    "first +lr 2e-3": first_recipe(lr="2e-3"),
+    "first +muon, lr 2e-3": first_recipe(optimizer="muon", lr="2e-3"),
+    "first +rmsnorm": first_recipe(norm="rms"),
+    "first +qk-norm": first_recipe(qk_norm=True),
+    "first +relu2": first_recipe(activation="relu2"),
+    "first +zero-init": first_recipe(zero_init=True),
+    "first +softcap 30": first_recipe(logit_softcap="30"),
+    "default": [],  # the recipe `htcli train` uses without recipe options
+    "default, exact attention": ["--attention", "exact"],
+    "first, exact attention": [*first_recipe(), "--attention", "exact"],
+}
+
+
+def htcli(*args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "htcli", *args]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        sys.exit(f"failed: {' '.join(command)}\n{result.stderr}")
+    return result
+
+
+def split(corpus: str, out: Path) -> tuple[Path, Path]:
+    """The corpus's first 90% and last 10% as two files in out (made once)."""
+    train, held_out = out / "train.bin", out / "held_out.bin"
+    if not held_out.exists():
+        from htcli.corpus import ByteCorpus
+
+        with ByteCorpus.open([corpus]) as data:
+            everything = data.read(0, len(data))
+        cut = len(everything) * 9 // 10
+        train.write_bytes(everything[:cut])
+        held_out.write_bytes(everything[cut:])
+    return train, held_out
+
+
+def run_variant(name: str, train: Path, held_out: Path, out: Path) -> dict:
+    run = out / name.replace(" ", "").replace(",", "-")
+    if not (run / "model.safetensors").exists():
+        htcli("train", str(train), "--out", str(run), *MODEL, *BUDGET, *VARIANTS[name])
+    end = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()][-1]
+    scored = json.loads(htcli("eval", str(run), str(held_out), "--json", "--device", "cpu").stdout)
+    return {"variant": name, "held_out_bpb": scored["bits_per_byte"], "train_seconds": end["seconds"]}
+
+
+def main(corpus: str, out: str, *names: str) -> None:
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    train, held_out = split(corpus, out_dir)
+    print(f"{corpus}: {train.stat().st_size:,} bytes to train on, {held_out.stat().st_size:,} held out")
+    rows = []
+    for name in names or VARIANTS:
+        rows.append(run_variant(name, train, held_out, out_dir))
+        print(
+            f"{name:>28}  held-out {rows[-1]['held_out_bpb']:.3f} bpb  {rows[-1]['train_seconds']:.0f} s",
+            flush=True,
+        )
+    (out_dir / "results.json").write_text(json.dumps(rows, indent=1))
+    base = rows[0]
+    print(f"\n| variant | held-out bpb | vs {base['variant']} | train time (s) |\n|---|---|---|---|")
+    for row in rows:
+        change = row["held_out_bpb"] - base["held_out_bpb"]
+        print(
+            f"| {row['variant']} | {row['held_out_bpb']:.3f} | {change:+.3f} | {row['train_seconds']:.0f} |"
+        )
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

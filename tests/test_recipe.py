@@ -1,0 +1,111 @@
+"""The training recipe: Muon, the model options, and checkpoints of the first recipe (htcli 0.1)."""
+
+import json
+
+import pytest
+import torch
+from conftest import TINY_FLAGS, assert_user_error, invoke, tiny_config
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from htcli.checkpoint import load_model
+from htcli.model import FIRST_RECIPE, HTransformer1D, HTransformerConfig
+from htcli.optim import MuonAdamW, make_optimizer
+
+RECIPE_KEYS = list(FIRST_RECIPE)
+
+
+def test_muon_takes_the_layers_matrices_and_adamw_the_rest(corpus, tmp_path):
+    config = tiny_config(corpus, tmp_path, optimizer="muon")
+    model = HTransformer1D(config.model)
+    optimizer = make_optimizer(model, config)
+    assert isinstance(optimizer, MuonAdamW)
+    muon, adamw = optimizer.parts
+    matrices = {id(p) for p in model.layers.parameters() if p.ndim == 2}
+    assert {id(p) for g in muon.param_groups for p in g["params"]} == matrices
+    rest = {id(p) for g in adamw.param_groups for p in g["params"]}
+    assert id(model.token_emb.weight) in rest and id(model.to_logits.weight) in rest
+    trained = {id(p) for p in model.parameters() if p.requires_grad}  # (rotary frequencies are fixed)
+    assert rest | matrices == trained and not rest & matrices
+
+
+def test_muon_state_dict_round_trips(corpus, tmp_path):
+    config = tiny_config(corpus, tmp_path, optimizer="muon")
+    model = HTransformer1D(config.model)
+    optimizer = make_optimizer(model, config)
+    model(torch.randint(0, 256, (2, 64))).logsumexp(-1).mean().backward()
+    optimizer.step()
+    saved = optimizer.state_dict()
+    again = make_optimizer(HTransformer1D(config.model), config)
+    again.load_state_dict(saved)
+    restored = again.state_dict()
+    assert saved["param_groups"] == restored["param_groups"]
+    for index, state in saved["state"].items():
+        assert all(torch.equal(value, restored["state"][index][name]) for name, value in state.items())
+
+
+def test_a_run_keeps_its_optimizer_on_resume(corpus, tmp_path):
+    run = tmp_path / "run"
+    assert (
+        invoke("train", corpus, *TINY_FLAGS, "--steps", "2", "--out", run, "--optimizer", "muon").exit_code
+        == 0
+    )
+    result = invoke("train", "--out", run, "--resume", "--steps", "4", "--optimizer", "adamw")
+    assert_user_error(
+        result, "cannot resume a run trained with muon with --optimizer adamw: drop --optimizer"
+    )
+
+
+def strip_recipe(run) -> None:
+    """Make run's files as htcli 0.1 wrote them: no recipe fields in any config, no optimizer choice."""
+    path = run / "model.safetensors"
+    with safe_open(str(path), "pt") as file:
+        metadata = file.metadata()
+        tensors = {name: file.get_tensor(name) for name in file.keys()}
+    config = json.loads(metadata["htcli_config"])
+    metadata["htcli_config"] = json.dumps({k: v for k, v in config.items() if k not in RECIPE_KEYS})
+    save_file(tensors, str(path), metadata)
+    saved = json.loads((run / "config.json").read_text())
+    saved["model"] = {k: v for k, v in saved["model"].items() if k not in RECIPE_KEYS}
+    del saved["optimizer"]
+    (run / "config.json").write_text(json.dumps(saved))
+
+
+def test_first_recipe_checkpoints_load_sample_and_resume_as_what_they_are(corpus, tmp_path):
+    """A checkpoint whose config predates the recipe fields is the model it was: LayerNorm, GELU, no
+    QK-norm, no soft-cap, trained with AdamW; it loads, samples, evaluates and resumes as such."""
+    run = tmp_path / "run"
+    first = ["--optimizer", "adamw", "--norm", "layer", "--no-qk-norm", "--activation", "gelu"]
+    first += ["--logit-softcap", "0", "--no-zero-init"]
+    assert invoke("train", corpus, *TINY_FLAGS, "--steps", "2", "--out", run, *first).exit_code == 0
+    expected, _ = load_model(run, torch.device("cpu"))
+    strip_recipe(run)
+    model, _ = load_model(run, torch.device("cpu"))
+    assert {k: getattr(model.config, k) for k in RECIPE_KEYS} == FIRST_RECIPE
+    tokens = torch.randint(0, 256, (1, 64))
+    assert torch.equal(model(tokens), expected(tokens))
+    sampled = invoke("sample", run, "--prompt", "the ", "--max-new-tokens", "5", "--device", "cpu")
+    assert sampled.exit_code == 0, sampled.output
+    assert invoke("eval", run, corpus, "--device", "cpu").exit_code == 0
+    resumed = invoke("train", "--out", run, "--resume", "--steps", "3")
+    assert resumed.exit_code == 0, resumed.output
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["optimizer"] == "adamw" and saved["model"]["norm"] == "layer"
+
+
+def test_a_model_config_from_the_future_is_refused(corpus, tmp_path):
+    with pytest.raises(ValueError, match="unknown model config keys: mixture_of_experts"):
+        HTransformerConfig.from_dict({**HTransformerConfig().to_dict(), "mixture_of_experts": 8})
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--norm", "batch"], "--norm must be one of ('rms', 'layer'), got 'batch'"),
+        (["--activation", "swish"], "--activation must be one of ('relu2', 'gelu'), got 'swish'"),
+        (["--logit-softcap", "-1"], "--logit-softcap must be a number >= 0 (0: none), got -1.0"),
+        (["--optimizer", "sgd"], "unknown --optimizer 'sgd': use one of muon, adamw"),
+    ],
+)
+def test_bad_recipe_options(corpus, tmp_path, flags, message):
+    assert_user_error(invoke("train", corpus, *TINY_FLAGS, "--out", tmp_path / "r", *flags), message)
