@@ -40,14 +40,18 @@ def first_recipe(**changes) -> list[str]:
 
 VARIANTS = {
     "first": first_recipe(),
+    # one change at a time
     "first +muon": first_recipe(optimizer="muon"),
-    "first +lr 2e-3": first_recipe(lr="2e-3"),
     "first +muon, lr 2e-3": first_recipe(optimizer="muon", lr="2e-3"),
-    "first +rmsnorm": first_recipe(norm="rms"),
-    "first +qk-norm": first_recipe(qk_norm=True),
-    "first +relu2": first_recipe(activation="relu2"),
-    "first +zero-init": first_recipe(zero_init=True),
-    "first +softcap 30": first_recipe(logit_softcap="30"),
+    "first +lr 2e-3": first_recipe(lr="2e-3"),
+    "first +lr 3e-3": first_recipe(lr="3e-3"),
+    # each change on top of the higher learning rate
+    "lr 2e-3 +rmsnorm": first_recipe(lr="2e-3", norm="rms"),
+    "lr 2e-3 +qk-norm": first_recipe(lr="2e-3", qk_norm=True),
+    "lr 2e-3 +relu2": first_recipe(lr="2e-3", activation="relu2"),
+    "lr 2e-3 +zero-init": first_recipe(lr="2e-3", zero_init=True),
+    "lr 2e-3 +softcap 30": first_recipe(lr="2e-3", logit_softcap="30"),
+    "first +muon, lr 6e-3": first_recipe(optimizer="muon", lr="6e-3"),
     "default": [],  # the recipe `htcli train` uses without recipe options
     "default, exact attention": ["--attention", "exact"],
     "first, exact attention": [*first_recipe(), "--attention", "exact"],
