@@ -52,6 +52,13 @@ VARIANTS = {
     "lr 2e-3 +zero-init": first_recipe(lr="2e-3", zero_init=True),
     "lr 2e-3 +softcap 30": first_recipe(lr="2e-3", logit_softcap="30"),
     "first +muon, lr 6e-3": first_recipe(optimizer="muon", lr="6e-3"),
+    # together
+    "muon, lr 6e-3, qk-norm, relu2": first_recipe(
+        optimizer="muon", lr="6e-3", qk_norm=True, activation="relu2"
+    ),
+    "lr 3e-3, qk-norm, relu2": first_recipe(lr="3e-3", qk_norm=True, activation="relu2"),
+    "muon, lr 6e-3, qk-norm": first_recipe(optimizer="muon", lr="6e-3", qk_norm=True),
+    "muon, lr 6e-3, relu2": first_recipe(optimizer="muon", lr="6e-3", activation="relu2"),
     "default": [],  # the recipe `htcli train` uses without recipe options
     "default, exact attention": ["--attention", "exact"],
     "first, exact attention": [*first_recipe(), "--attention", "exact"],

@@ -229,7 +229,7 @@ ShiftTokens = Annotated[bool | None, _switch("shift-tokens", "Mix in the previou
 Steps = Annotated[int | None, _option("Optimizer steps for the whole run", "steps")]
 BatchSize = Annotated[int | None, _option("Windows per micro-batch", "batch_size")]
 GradAccum = Annotated[int | None, _option("Micro-batches per optimizer step", "grad_accum")]
-Lr = Annotated[float | None, _option("Peak learning rate", "lr")]
+Lr = Annotated[float | None, _option("Peak learning rate (default 6e-3 with muon, 3e-3 with adamw).")]
 Warmup = Annotated[int | None, _option("Linear warmup steps", "warmup")]
 ContextWarmup = Annotated[
     float | None,

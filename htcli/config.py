@@ -23,6 +23,7 @@ MAX_SEED = 2**63  # seeds are below it (torch takes 64 bits; distributed ranks a
 POSITIVE = ("steps", "batch_size", "grad_accum", "eval_batches")
 LOGGERS = ("tensorboard", "wandb")  # where a run's metrics go besides log.jsonl
 OPTIMIZERS = ("muon", "adamw")  # Muon for the layers' matrices (AdamW for the rest), or AdamW for all
+DEFAULT_LR = {"muon": 6e-3, "adamw": 3e-3}  # the best of each on README's recipe benchmark
 NON_NEGATIVE = ("warmup", "context_warmup_start", "eval_every", "save_every", "sample_every", "sample_length")
 
 
@@ -39,8 +40,8 @@ class TrainConfig:
     steps: int = 1000  # optimizer steps in the whole run (resumed runs included)
     batch_size: int = 8  # windows of max_seq_len + 1 bytes per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
-    optimizer: str = "adamw"  # OPTIMIZERS
-    lr: float = 6e-4  # peak learning rate, reached after `warmup` steps
+    optimizer: str = "muon"  # OPTIMIZERS
+    lr: float | None = None  # peak learning rate, reached after `warmup` steps; None: DEFAULT_LR
     warmup: int = 100  # linear warmup steps
     # the first context_warmup fraction of the steps trains on windows of context_warmup_start bytes (as
     # many more per step), the rest on max_seq_len: a long-context model learns faster at equal bytes
@@ -68,6 +69,9 @@ class TrainConfig:
             from htcli.model import HTransformerConfig
 
             self.model = HTransformerConfig.from_dict(self.model)
+        if self.lr is None:
+            check_choice("optimizer", self.optimizer, OPTIMIZERS)
+            self.lr = DEFAULT_LR[self.optimizer]
         if self.min_lr is None and isinstance(self.lr, int | float):
             self.min_lr = self.lr / 10
         self._check_types()

@@ -65,8 +65,8 @@ class HTransformerConfig:
     attention: str = "h"  # "h" (hierarchical) or "exact" (softmax attention via SDPA, a baseline)
     # the training recipe's model side (README, "Recipe")
     norm: str = "layer"  # NORMS
-    qk_norm: bool = False  # RMSNorm of each head's q and k before attention
-    activation: str = "gelu"  # ACTIVATIONS
+    qk_norm: bool = True  # RMSNorm of each head's q and k before attention
+    activation: str = "relu2"  # ACTIVATIONS
     logit_softcap: float = 0.0  # logits = c * tanh(logits / c); 0: none
     zero_init: bool = False  # residual output projections start at zero (else small, GPT-2 style)
 

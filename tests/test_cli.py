@@ -343,7 +343,7 @@ def test_min_lr_error_names_both_flags(run_copy):
     """A field error from the training config reaches the user in flags."""
     run, corpus = run_copy
     result = invoke("train", corpus, "--out", run, "--resume", "--steps", 10, "--min-lr", "1")
-    assert_user_error(result, "--min-lr must be between 0 and --lr (0.0006), got 1.0")
+    assert_user_error(result, "--min-lr must be between 0 and --lr (0.006), got 1.0")
 
 
 def test_eval_by_position(trained, tmp_path):

@@ -95,19 +95,22 @@ def test_distributed_checkpoint_samples_and_evaluates_in_one_process(ddp_run):
     assert report["step"] == 6 and 0 < report["bits_per_byte"] < 8.5
 
 
-def test_two_ranks_equal_one_process_with_twice_the_batch(ddp_run, tmp_path):
-    """With --split-global-batch, 2 ranks x batch 2 x 2 micro-batches == 1 process x batch 4 (to 1e-5)."""
+@pytest.mark.parametrize(("optimizer", "tolerance"), [("adamw", 1e-5), ("muon", 5e-4)])
+def test_two_ranks_equal_one_process_with_twice_the_batch(ddp_run, tmp_path, optimizer, tolerance):
+    """With --split-global-batch, 2 ranks x batch 2 x 2 micro-batches == 1 process x batch 4: to 1e-5
+    with AdamW; Muon's Newton-Schulz iteration magnifies the rounding differences of the summed
+    gradients (to ~1e-4 after 4 steps), so to 5e-4 there."""
     _, corpus, _ = ddp_run
-    flags = [*FLAGS, "--steps", 4, "--grad-accum", 2]
+    flags = [*FLAGS, "--steps", 4, "--grad-accum", 2, "--optimizer", optimizer]
     torchrun(corpus, "--out", tmp_path / "two", *flags, "--split-global-batch")
     one = invoke("train", corpus, "--out", tmp_path / "one", *flags, "--batch-size", 4)
     assert one.exit_code == 0, one.output
     two, one = weights(tmp_path / "two"), weights(tmp_path / "one")
     error = max((two[name] - one[name]).abs().max().item() for name in one)
     print(f"max |2 ranks - 1 process| over all weights after 4 steps: {error:.2e}")
-    assert error < 1e-5
+    assert error < tolerance
     losses = [[e["loss"] for e in events(tmp_path / run, "step")] for run in ("two", "one")]
-    assert losses[0] == pytest.approx(losses[1], abs=1e-5)
+    assert losses[0] == pytest.approx(losses[1], abs=tolerance)
 
 
 def test_resume_under_torchrun_is_exact(ddp_run, tmp_path):
