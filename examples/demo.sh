@@ -12,7 +12,7 @@ htcli() { "$PYTHON" -m htcli "$@"; }
 
 echo "== htcli train: the standard library's top-level modules ($STDLIB/*.py)"
 rm -rf "$OUT"
-htcli train "$STDLIB/*.py" --out "$OUT" --preset tiny --steps 1200 --batch-size 16 --lr 3e-3 --warmup 50 \
+htcli train "$STDLIB/*.py" --out "$OUT" --preset tiny --steps 1200 --batch-size 16 --warmup 50 \
     --eval-every 200 --save-every 400 --sample-every 400 --device cpu "$@"
 
 echo "== htcli sample"

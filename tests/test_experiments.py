@@ -9,6 +9,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -258,6 +259,7 @@ def test_wandb_offline_run_continues_on_resume(corpus, tmp_path, monkeypatch):
     run = tmp_path / "run"
     flags = [*TINY_FLAGS, "--out", run, "--logger", "wandb"]
     assert invoke("train", corpus, *flags, "--steps", "3").exit_code == 0
+    time.sleep(1.1)  # W&B names an offline session's directory by the second it started in
     assert invoke("train", *flags, "--resume", "--steps", "5").exit_code == 0
     run_id = (run / "wandb-id").read_text().strip()
     files = sorted(glob.glob(str(run / "wandb" / f"offline-run-*-{run_id}" / f"run-{run_id}.wandb")))
