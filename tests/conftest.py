@@ -2,6 +2,7 @@
 
 import os
 import random
+import time
 
 import pytest
 import torch
@@ -77,3 +78,14 @@ def assert_user_error(result, message: str) -> None:
     assert message in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "Traceback" not in result.output
+
+
+def wait_for_a_step(out, process) -> None:
+    """Until the training process writing into out has logged a step (it fails the test if the
+    process ends first or nothing comes within a minute)."""
+    log, deadline = out / "log.jsonl", time.monotonic() + 60
+    while not (log.exists() and '"event": "step"' in log.read_text()):
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"training did not start: {process.communicate()[1]}")
+        time.sleep(0.05)

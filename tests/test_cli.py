@@ -6,11 +6,10 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
-from conftest import TINY_FLAGS, assert_user_error, invoke, make_text, tiny_config
+from conftest import TINY_FLAGS, assert_user_error, invoke, make_text, tiny_config, wait_for_a_step
 from safetensors.torch import load_file, save_file
 
 from htcli.checkpoint import load_model
@@ -158,18 +157,14 @@ def test_ctrl_c_saves_and_exits_zero(corpus, tmp_path):
     command = [sys.executable, "-m", "htcli", "train", str(corpus), "--out", str(out), "--steps", "100000"]
     command += [*TINY_FLAGS, "--eval-every", "0", "--save-every", "0"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    log, deadline = out / "log.jsonl", time.monotonic() + 60
-    while not (log.exists() and '"event": "step"' in log.read_text()):
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            pytest.fail(f"training did not start: {process.communicate()[1]}")
-        time.sleep(0.05)
+    wait_for_a_step(out, process)
     process.send_signal(signal.SIGINT)
     stdout, stderr = process.communicate(timeout=60)
     assert process.returncode == 0, stderr
     assert "Traceback" not in stderr and "continue with: htcli train --resume" in stderr
     state = json.loads((out / "state.json").read_text())
-    steps = [json.loads(line)["step"] for line in log.read_text().splitlines() if '"event": "step"' in line]
+    log = (out / "log.jsonl").read_text().splitlines()
+    steps = [json.loads(line)["step"] for line in log if '"event": "step"' in line]
     assert state["step"] == steps[-1] > 0
     assert load_model(out)[1].step == state["step"]
 

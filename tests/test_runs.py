@@ -10,7 +10,7 @@ import time
 
 import pytest
 import torch
-from conftest import TINY_FLAGS, TINY_MODEL, assert_user_error, invoke, tiny_config
+from conftest import TINY_FLAGS, TINY_MODEL, assert_user_error, invoke, tiny_config, wait_for_a_step
 from safetensors.torch import load_file, save_file
 
 from htcli.presets import model_config
@@ -25,13 +25,13 @@ def start(*args, **popen) -> subprocess.Popen:
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
 
 
-def wait_for_a_step(out, process) -> None:
-    log, deadline = out / "log.jsonl", time.monotonic() + 60
-    while not (log.exists() and '"event": "step"' in log.read_text()):
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            pytest.fail(f"training did not start: {process.communicate()[1]}")
-        time.sleep(0.05)
+def replace_optimizer_tensors(run, tensors: dict) -> None:
+    """Rewrite run's optimizer.safetensors with these tensors, its metadata kept."""
+    from safetensors import safe_open
+
+    with safe_open(str(run / "optimizer.safetensors"), "pt") as opened:
+        metadata = opened.metadata()
+    save_file(tensors, str(run / "optimizer.safetensors"), metadata=metadata)
 
 
 def events(out, kind: str) -> list[dict]:
@@ -140,12 +140,9 @@ def test_optimizer_whose_own_steps_differ_is_refused(two_runs):
     """An optimizer file whose metadata says step 4 but whose AdamW took 2 steps is refused."""
     run, _ = two_runs
     tensors = load_file(str(run / "optimizer.safetensors"))
-    from safetensors import safe_open
-
-    with safe_open(str(run / "optimizer.safetensors"), "pt") as opened:
-        metadata = opened.metadata()
-    tensors = {k: (torch.tensor(2.0) if k.endswith(".step") else v) for k, v in tensors.items()}
-    save_file(tensors, str(run / "optimizer.safetensors"), metadata=metadata)
+    replace_optimizer_tensors(
+        run, {k: (torch.tensor(2.0) if k.endswith(".step") else v) for k, v in tensors.items()}
+    )
     before = snapshot(run)
     result = invoke("train", "--out", run, "--resume", "--steps", 8)
     assert_user_error(result, "is from another step: its optimizer took 2 steps, the checkpoint is of step 4")
@@ -155,13 +152,7 @@ def test_optimizer_whose_own_steps_differ_is_refused(two_runs):
 def test_optimizer_of_another_model_is_refused(two_runs):
     """An optimizer state whose moments have other shapes (another model's) is refused."""
     run, other = two_runs
-    from safetensors import safe_open
-
-    with safe_open(str(run / "optimizer.safetensors"), "pt") as opened:
-        metadata = opened.metadata()
-    save_file(
-        load_file(str(other / "optimizer.safetensors")), str(run / "optimizer.safetensors"), metadata=metadata
-    )
+    replace_optimizer_tensors(run, load_file(str(other / "optimizer.safetensors")))
     before = snapshot(run)
     result = invoke("train", "--out", run, "--resume", "--steps", 8)
     assert_user_error(result, "is not the optimizer state of this model")
@@ -171,11 +162,7 @@ def test_optimizer_of_another_model_is_refused(two_runs):
 def test_malformed_optimizer_keys_are_refused(two_runs):
     """Optimizer tensors under names htcli never writes are refused by name."""
     run, _ = two_runs
-    from safetensors import safe_open
-
-    with safe_open(str(run / "optimizer.safetensors"), "pt") as opened:
-        metadata = opened.metadata()
-    save_file({"weights.x": torch.zeros(2)}, str(run / "optimizer.safetensors"), metadata=metadata)
+    replace_optimizer_tensors(run, {"weights.x": torch.zeros(2)})
     before = snapshot(run)
     assert_user_error(
         invoke("train", "--out", run, "--resume", "--steps", 8), "is not an htcli optimizer state"
