@@ -1,41 +1,70 @@
 #!/usr/bin/env bash
-# On a machine with a CUDA GPU: the CUDA tests, the GPU bench tables that README quotes, and every
-# command (train with bf16 autocast and resume, --compile, sample with and without the decode
-# cache, eval) on the GPU with the Triton H-attention kernels, then with the eager one.
-# Usage: bash examples/gpu_check.sh [WORKDIR]; PYTHON=interpreter overrides. Goes on past a
-# failing step and exits non-zero if any failed.
+# On a machine with a CUDA GPU, in order of what matters most: the CUDA tests, a tile/warp sweep of
+# the Triton kernels (its fastest setting is used for the rest), the bench tables (attention and
+# training step, Triton then eager, SDPA beside), every command (train with bf16 autocast and
+# resume, --compile, sample with and without the decode cache, eval) with Triton and with eager,
+# bench --decode and a profile of the decode step.
+# Usage: bash examples/gpu_check.sh [WORKDIR]; PYTHON=interpreter overrides; GPU_CHECK_SECONDS=N
+# skips the steps that would start past N seconds and cuts the others short (a device lease).
+# Goes on past a failing step and exits non-zero if any failed or was skipped.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 WORK=${1:-$(mktemp -d)}
+BUDGET=${GPU_CHECK_SECONDS:-100000}
 STDLIB=$("$PYTHON" -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')
+export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # htcli from this checkout, installed or not
 failed=()
-step() {
-    echo "== $*"
-    "$@" || failed+=("$*")
+started=$SECONDS
+step() {  # step LIMIT_SECONDS COMMAND...
+    local limit=$1 left=$((BUDGET - (SECONDS - started)))
+    shift
+    if ((left < 20)); then
+        echo "== SKIPPED (budget spent): $*"
+        failed+=("skipped: $*")
+        return
+    fi
+    ((limit > left)) && limit=$left
+    echo "== [$((SECONDS - started)) s] $*"
+    timeout -k 5 "$limit" "$@" || failed+=("$*")
 }
-htcli() { "$PYTHON" -m htcli "$@"; }
-bench() { htcli bench --device cuda --dtype bf16 --batch-size 4 "$@"; }
+HT=("$PYTHON" -m htcli)
+bench() { step "$1" "${HT[@]}" bench --device cuda --dtype bf16 --batch-size 4 "${@:2}"; }
+commands() {  # the CLI's commands on CUDA under one implementation (name for the run directory)
+    local run="$WORK/small-$1"
+    step 120 "${HT[@]}" train "$STDLIB/*.py" --out "$run" --preset small --steps 40 --eval-every 20 \
+        --save-every 20 --sample-every 0 --device cuda
+    step 60 "${HT[@]}" train --out "$run" --resume --steps 60
+    step 60 "${HT[@]}" sample "$run" --prompt "def " --max-new-tokens 200 --seed 1
+    step 60 "${HT[@]}" sample "$run" --prompt "def " --max-new-tokens 50 --seed 1 --no-cache
+    step 60 "${HT[@]}" eval "$run" "$STDLIB/json/*.py"
+    step 150 "${HT[@]}" train "$STDLIB/*.py" --out "$WORK/compiled-$1" --preset tiny --steps 30 \
+        --eval-every 0 --sample-every 0 --compile --device cuda
+}
 
-step "$PYTHON" -m pytest -q tests/test_cuda.py tests/test_attention_triton.py
-for impl in triton eager; do
-    step bench --heads 8 --seq-len 8192,65536 --repeats 5 --impl "$impl"
-    step bench --model --preset small --seq-len 8192 --repeats 5 --impl "$impl"
-    step bench --model --preset base --seq-len 8192 --repeats 5 --impl "$impl"
-done
-for impl in triton eager; do
-    export HTCLI_ATTENTION=$impl
-    run="$WORK/small-$impl"
-    step htcli train "$STDLIB/*.py" --out "$run" --preset small --steps 40 --eval-every 20 --save-every 20 \
-        --sample-every 0 --device cuda
-    step htcli train --out "$run" --resume --steps 60
-    step htcli sample "$run" --prompt "def " --max-new-tokens 200 --seed 1
-    step htcli sample "$run" --prompt "def " --max-new-tokens 50 --seed 1 --no-cache
-    step htcli eval "$run" "$STDLIB/json/*.py"
-    step htcli train "$STDLIB/*.py" --out "$WORK/compiled-$impl" --preset tiny --steps 30 --eval-every 0 \
-        --sample-every 0 --compile --device cuda
-done
-step htcli bench --decode --device cuda
+nvidia-smi -L
+"$PYTHON" -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'
+xdist=()
+"$PYTHON" -c 'import xdist' 2>/dev/null && xdist=(-n 8)
+step 180 "$PYTHON" -m pytest -q "${xdist[@]}" tests/test_cuda.py tests/test_attention_triton.py
+step 150 "$PYTHON" examples/triton_sweep.py --seq-len 8192 --max-seconds 120 --out "$WORK/tuning.json"
+if [[ -s $WORK/tuning.json ]]; then
+    export HTCLI_TRITON_TUNING=$(cat "$WORK/tuning.json")
+    echo "HTCLI_TRITON_TUNING=$HTCLI_TRITON_TUNING"
+fi
+bench 150 --heads 8 --seq-len 8192,65536 --repeats 5 --impl triton
+bench 100 --model --preset small --seq-len 8192 --repeats 5 --impl triton
+bench 120 --model --preset base --seq-len 8192 --repeats 5 --impl triton
+HTCLI_ATTENTION=triton commands triton
+step 120 "${HT[@]}" bench --decode --device cuda
+step 60 "$PYTHON" examples/decode_profile.py --device cuda
+bench 150 --heads 8 --seq-len 8192,65536 --repeats 5 --impl eager
+bench 100 --model --preset small --seq-len 8192 --repeats 5 --impl eager
+bench 80 --heads 8 --seq-len 8192 --block-size 64 --repeats 5 --impl triton
+bench 80 --heads 8 --seq-len 8192 --dim-head 128 --repeats 5 --impl triton
+HTCLI_ATTENTION=eager commands eager
+echo "== [$((SECONDS - started)) s] done"
 if ((${#failed[@]})); then
     printf 'FAILED: %s\n' "${failed[@]}"
     exit 1

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
-from htcli.attention import IMPLEMENTATION_VARIABLE, check_block_size, check_implementation
+from htcli.attention import IMPLEMENTATION_VARIABLE, check_block_size, resolve_implementation
 from htcli.device import PRECISIONS, check_choice
 from htcli.errors import HtcliError
 
@@ -45,7 +45,7 @@ class BenchConfig:
     max_seconds: float = 120.0  # per method and length: a cold run past it is reported as a timeout
     model: bool = False  # benchmark a full training step of the model instead
     preset: str = "small"  # the model's preset, with `model`
-    impl: str = ""  # H-attention implementation, "eager" or "triton"; "": $HTCLI_ATTENTION, else eager
+    impl: str = ""  # H-attention implementation, auto, eager or triton; "": $HTCLI_ATTENTION, else auto
 
     def __post_init__(self) -> None:
         if not self.seq_lens or any(n < 1 for n in self.seq_lens):
@@ -61,8 +61,11 @@ class BenchConfig:
             check_block_size(self.block_size)
         except ValueError as error:
             raise HtcliError(str(error), fields=("block_size",)) from None
-        self.impl = check_implementation(self.impl)
         check_choice("dtype", self.dtype, PRECISIONS)
+        from htcli.device import resolve_device
+
+        # auto resolved here: the title names what ran, and every worker runs the same
+        self.impl = resolve_implementation(self.impl, resolve_device(self.device).type)
 
 
 # ---------------------------------------------------------------------------

@@ -625,7 +625,8 @@ def bench(
     impl: Annotated[
         str,
         typer.Option(
-            help="H-attention implementation: eager or triton (default: $HTCLI_ATTENTION, else eager)."
+            help="H-attention implementation: auto, eager or triton (default: $HTCLI_ATTENTION, else auto:"
+            " triton on CUDA, eager elsewhere)."
         ),
     ] = "",
 ) -> None:

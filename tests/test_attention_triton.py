@@ -126,15 +126,29 @@ def test_model_with_triton_attention(monkeypatch):
 def test_triton_refuses_what_it_cannot_take(monkeypatch):
     """Unknown implementation, odd block size, fp64, CPU tensors outside the interpreter: one clear error."""
     q = torch.randn(1, 1, 32, 16)
-    with pytest.raises(HtcliError, match="must be one of eager, triton"):
+    with pytest.raises(HtcliError, match="must be one of auto, eager, triton"):
         h_attention(q, q, q, block_size=16, impl="fast")
+    here = q.to(DEVICE)  # the kernels' own limits, where they can run
     with pytest.raises(HtcliError, match="block size 6"):
-        h_attention(q, q, q, block_size=6, impl="triton")
+        h_attention(here, here, here, block_size=6, impl="triton")
     with pytest.raises(HtcliError, match="dtype torch.float64"):
-        h_attention(q.double(), q.double(), q.double(), block_size=16, impl="triton")
+        h_attention(here.double(), here.double(), here.double(), block_size=16, impl="triton")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(HtcliError, match="needs CUDA tensors"):
         h_attention(q, q, q, block_size=16, impl="triton")
+
+
+def test_auto_takes_the_cuda_choice_on_cuda_only(monkeypatch):
+    """The default implementation: CUDA_IMPLEMENTATION for CUDA tensors (Triton is installed here),
+    eager elsewhere; an explicit choice is kept."""
+    monkeypatch.setattr(ops, "CUDA_IMPLEMENTATION", "triton")
+    assert ops.resolve_implementation("auto", "cuda") == "triton"
+    assert ops.resolve_implementation("auto", "cpu") == "eager"
+    assert ops.resolve_implementation("eager", "cuda") == "eager"
+    assert ops.resolve_implementation("triton", "cpu") == "triton"
+    q = torch.randn(1, 1, 32, 16)
+    expected = h_attention(q, q, q, block_size=16, impl="eager")
+    assert torch.equal(h_attention(q, q, q, block_size=16, impl="auto"), expected)
 
 
 def test_triton_kernels_compile_for_an_h100():
@@ -149,3 +163,18 @@ def test_triton_kernels_compile_for_an_h100():
     result = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("compiled") == 15
+
+
+def test_tuning_variable_sets_tiles_and_warps(monkeypatch):
+    """HTCLI_TRITON_TUNING's JSON sets a kernel's largest tiles and warps; anything else is refused."""
+    monkeypatch.setattr(triton_launch, "MAX_TILES", dict(triton_launch.MAX_TILES))
+    monkeypatch.setattr(triton_launch, "NUM_WARPS", {})
+    triton_launch._read_tuning('{"dq": [64, 64, 4]}')
+    options = triton_launch._launch_options("dq", 128, torch.zeros(1, 8, 64))
+    assert (options["BLOCK_Q"], options["BLOCK_K"], options["num_warps"]) == (64, 64, 4)
+    assert triton_launch._launch_options("dkdv", 128, torch.zeros(1, 8, 64))["num_warps"] == 8
+    with pytest.raises(HtcliError, match="unknown kernel 'fwd'"):
+        triton_launch._read_tuning('{"fwd": [64, 64, 4]}')
+    for bad in ("[64", '{"dq": 64}', '{"dq": [64, 64]}'):
+        with pytest.raises(HtcliError, match="HTCLI_TRITON_TUNING"):
+            triton_launch._read_tuning(bad)

@@ -105,7 +105,7 @@ def test_bench_cli_bad_impl():
     """An unknown --impl is one clear error line, exit 1."""
     result = CliRunner().invoke(app, ["bench", "--impl", "fast", "--device", "cpu"])
     assert result.exit_code == 1
-    assert "--impl must be one of eager, triton, got 'fast'" in result.output
+    assert "--impl must be one of auto, eager, triton, got 'fast'" in result.output
     assert "Traceback" not in result.output
 
 

@@ -23,3 +23,14 @@ def test_library_examples(tmp_path):
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     assert used.stdout.startswith("step 3 model") and "bits per byte over 9,999 bytes" in used.stdout
+
+
+def test_decode_profile_runs_on_the_cpu():
+    """decode_profile.py times a few decode steps and counts the operations in them."""
+    result = subprocess.run(
+        [sys.executable, EXAMPLES / "decode_profile.py", "--preset", "tiny", "--prompt-len", "100",
+         "--steps", "4", "--device", "cpu"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert "tiny preset, cpu" in result.stdout
+    assert "ms/byte" in result.stdout and "aten ops/byte" in result.stdout

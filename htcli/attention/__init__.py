@@ -19,7 +19,13 @@ causal sequence one position at a time, equal to both.
 from htcli.attention.cache import HAttentionCache
 from htcli.attention.geometry import check_block_size, num_levels, pair_levels
 from htcli.attention.kv_cache import KVCache
-from htcli.attention.ops import IMPLEMENTATION_VARIABLE, IMPLEMENTATIONS, check_implementation, h_attention
+from htcli.attention.ops import (
+    IMPLEMENTATION_VARIABLE,
+    IMPLEMENTATIONS,
+    check_implementation,
+    h_attention,
+    resolve_implementation,
+)
 from htcli.attention.oracle import dense_h_attention
 
 __all__ = [
@@ -29,6 +35,7 @@ __all__ = [
     "KVCache",
     "check_block_size",
     "check_implementation",
+    "resolve_implementation",
     "dense_h_attention",
     "h_attention",
     "num_levels",

@@ -7,8 +7,9 @@ does), so no level's score matrix outlives its chunk of blocks.
 
 Two implementations compute the levels: "eager" (eager.py: batched torch ops, any device) and
 "triton" (triton_launch.py: one fused kernel per level and pass, CUDA). The `impl` argument or
-the environment variable HTCLI_ATTENTION picks one; eager is the default until the Triton
-kernels have been checked and timed on a GPU.
+the environment variable HTCLI_ATTENTION picks one. "auto" (the default) takes CUDA_IMPLEMENTATION
+for CUDA tensors (Triton's kernels where they can take the inputs, once proven on a GPU) and eager
+elsewhere (CPU, MPS, CI).
 """
 
 from __future__ import annotations
@@ -21,10 +22,15 @@ from htcli.attention import eager
 from htcli.attention.geometry import check_inputs
 from htcli.errors import HtcliError
 
-IMPLEMENTATIONS = ("eager", "triton")
+IMPLEMENTATIONS = ("auto", "eager", "triton")
 IMPLEMENTATION_VARIABLE = "HTCLI_ATTENTION"
 # read once: a compiled model must not look it up on every call
-DEFAULT_IMPLEMENTATION = os.environ.get(IMPLEMENTATION_VARIABLE) or "eager"
+DEFAULT_IMPLEMENTATION = os.environ.get(IMPLEMENTATION_VARIABLE) or "auto"
+# What "auto" takes on CUDA. Eager until the kernels pass tests/test_cuda.py on a GPU: on an H200
+# (2026-11-26) they ran every command and were 15-22x faster than SDPA at 65,536 tokens, but their bf16
+# gradients at 65,536 were 2.5% off fp32 attention (eager bf16 on a CPU: 0.6%) and two runs at 8,192
+# differed (examples/gpu_check.sh, the issue-18 note).
+CUDA_IMPLEMENTATION = "eager"
 
 
 def check_implementation(name: str | None) -> str:
@@ -38,6 +44,23 @@ def check_implementation(name: str | None) -> str:
     return chosen
 
 
+def _has_triton() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_implementation(name: str | None, device_type: str) -> str:
+    """The implementation `name` (None, "" or "auto": the default) runs on a device type: "eager" or
+    "triton". Auto takes CUDA_IMPLEMENTATION on CUDA where Triton is installed, else eager."""
+    name = check_implementation(name)
+    if name != "auto":
+        return name
+    return CUDA_IMPLEMENTATION if device_type == "cuda" and _has_triton() else "eager"
+
+
 def _module(name: str):
     if name == "triton":
         from htcli.attention import triton_launch
@@ -48,9 +71,14 @@ def _module(name: str):
 
 def _implementation(name: str | None, q: torch.Tensor, block_size: int) -> str:
     """The implementation to use for q, checked: "eager" or "triton"."""
-    name = check_implementation(name)
+    asked = check_implementation(name)
+    name = resolve_implementation(asked, q.device.type)
     if name == "eager":
         return name
+    if asked == "auto":  # the kernels where they can take q, quietly eager where they cannot
+        from htcli.attention import triton_launch
+
+        return "eager" if triton_launch.unsupported(q, block_size) else name
     if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise HtcliError(
             f"the triton attention needs CUDA tensors, got {q.device.type}: use device cuda",
@@ -141,8 +169,8 @@ def h_attention(
     inside; key_padding_mask: (batch, n) bool, True = real token. Returns (batch, heads, n, dim_head).
 
     Under autocast the matrix products run in the autocast dtype; softmax maxima, exponent sums
-    and the final division stay in fp32. impl: "eager" or "triton" (default: $HTCLI_ATTENTION
-    as it was at import, else eager).
+    and the final division stay in fp32. impl: "auto", "eager" or "triton" (default:
+    $HTCLI_ATTENTION as it was at import, else auto: triton for CUDA tensors, eager elsewhere).
     """
     check_inputs(q, k, v, block_size, key_padding_mask)
     b, h, n, d = q.shape

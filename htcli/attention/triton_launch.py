@@ -13,20 +13,51 @@ then per level, coarse to fine, one launch for dQ and one for dK, dV; each level
 parent's gradients, so level 0 ends with the full gradients. Coarse levels' G and gradients
 are kept in the inputs' dtype (what the kernels compute with) to save memory; softmax
 statistics are fp32 throughout.
+
+Tiles and warps per kernel: MAX_TILES and NUM_WARPS below; the environment variable
+HTCLI_TRITON_TUNING (JSON, e.g. {"forward": [128, 64, 8]}: largest query and key tiles, warps)
+overrides them, for tuning sweeps (examples/triton_sweep.py).
 """
 
 from __future__ import annotations
+
+import json
+import os
 
 import torch
 import triton
 
 from htcli.attention import triton_kernels as kernels
 from htcli.attention.geometry import num_levels
+from htcli.errors import HtcliError
 
 POOL_BLOCK = 64
 # largest (query, key) tiles per kernel; a level's block size caps them
 MAX_TILES = {"forward": (128, 64), "dq": (128, 32), "dkdv": (32, 128)}
 MIN_TILE = 16  # tl.dot's smallest side
+# warps per kernel; absent: 8 where a tile side is 128 (4 spill registers there: ptxas, sm_90), else 4
+NUM_WARPS: dict[str, int] = {}
+TUNING_VARIABLE = "HTCLI_TRITON_TUNING"
+
+
+def _read_tuning(text: str) -> None:
+    """Apply HTCLI_TRITON_TUNING: {"kind": [block_q, block_k, warps], ...}."""
+    example = '{"forward": [128, 64, 8]}'
+    try:
+        tuning = json.loads(text)
+        settings = {kind: tuple(int(x) for x in tuning[kind]) for kind in tuning}
+    except (ValueError, TypeError, AttributeError):
+        raise HtcliError(f"{TUNING_VARIABLE} must be JSON such as {example}, got {text!r}") from None
+    for kind, setting in settings.items():
+        if kind not in MAX_TILES:
+            raise HtcliError(f"{TUNING_VARIABLE}: unknown kernel {kind!r} (one of {', '.join(MAX_TILES)})")
+        if len(setting) != 3:
+            raise HtcliError(f"{TUNING_VARIABLE}: {kind} needs [block_q, block_k, warps], e.g. {example}")
+        MAX_TILES[kind], NUM_WARPS[kind] = setting[:2], setting[2]
+
+
+if os.environ.get(TUNING_VARIABLE):
+    _read_tuning(os.environ[TUNING_VARIABLE])
 
 
 def unsupported(q: torch.Tensor, block_size: int) -> str | None:
@@ -49,7 +80,7 @@ def _launch_options(kind: str, r: int, q: torch.Tensor) -> dict:
         BLOCK_K=block_k,
         D=q.shape[-1],
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=8 if max(block_q, block_k) >= 128 else 4,  # 4 spill registers at 128 (ptxas, sm_90)
+        num_warps=NUM_WARPS.get(kind, 8 if max(block_q, block_k) >= 128 else 4),
     )
 
 
