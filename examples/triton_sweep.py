@@ -1,11 +1,16 @@
-"""Tune the Triton H-attention kernels on a CUDA GPU: time tile and warp variants of each kernel and
-print a table, SDPA's time beside, and the fastest setting as HTCLI_TRITON_TUNING JSON.
+"""Check and tune the Triton H-attention kernels on a CUDA GPU: for tile, warp and pipelining variants
+of each kernel, whether it is deterministic and as accurate as eager attention, and its time; a
+table, SDPA's time beside, and the fastest good setting as HTCLI_TRITON_TUNING JSON.
 
     python examples/triton_sweep.py [--seq-len 8192] [--out tuning.json]
 
+(`--device cpu` runs it through Triton's interpreter, with TRITON_INTERPRET=1, as a smoke test.)
+
 One kernel at a time, the others at their best so far: the forward kernel by forward time, then the
-dq and dk/dv kernels by forward+backward time, each summed over non-causal and causal, bf16. Each
-variant's output and gradients are checked against the first variant's before it is timed.
+dq and dk/dv kernels by forward+backward time, each summed over non-causal and causal, bf16. A
+variant is good when two runs give the same bits (with the allocator's free memory filled with NaN
+between them) and its output and gradients are within 1.5x (+1e-3) of eager bf16's relative error
+against eager fp32 attention.
 """
 
 from __future__ import annotations
@@ -21,24 +26,28 @@ from triton.testing import do_bench
 from htcli.attention import h_attention
 from htcli.attention import triton_launch as launch
 
-# (largest query tile, largest key tile, warps); the first of each list is today's setting
+# (largest query tile, largest key tile, warps, pipelining stages; 0: Triton's default); the first
+# of each list is today's setting
 VARIANTS = {
-    "forward": [(128, 64, 8), (128, 64, 4), (64, 64, 4), (128, 128, 8), (64, 128, 4)],
-    "dq": [(128, 32, 8), (64, 32, 4), (64, 64, 4), (128, 64, 8)],
-    "dkdv": [(32, 128, 8), (64, 128, 8), (32, 64, 4), (64, 64, 4)],
+    "forward": [(128, 64, 8, 0), (128, 64, 8, 1), (64, 64, 4, 0), (64, 64, 4, 1), (128, 128, 8, 0)],
+    "dq": [(128, 32, 8, 0), (128, 32, 8, 1), (64, 32, 4, 0), (64, 64, 4, 0), (64, 64, 4, 1)],
+    "dkdv": [(32, 128, 8, 0), (32, 128, 8, 1), (64, 64, 4, 0), (32, 64, 4, 0), (32, 64, 4, 1)],
 }
+MODES = (False, True)  # non-causal, causal
+DTYPE = torch.bfloat16  # of the kernels (--dtype)
 
 
 def _inputs(args):
-    gen = torch.Generator(device="cuda").manual_seed(0)
+    gen = torch.Generator(device=args.device).manual_seed(0)
     shape = (args.batch_size, args.heads, args.seq_len, args.dim_head)
-    return [torch.randn(shape, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(4)]
+    return [torch.randn(shape, device=args.device, generator=gen) for _ in range(4)]
 
 
-def _run(q, k, v, grad, block_size, causal, backward, attend=None):
-    inputs = [t.detach().requires_grad_(backward) for t in (q, k, v)]
+def _run(tensors, block_size, causal, backward, *, impl="triton", dtype=None, attend=None):
+    q, k, v, grad = (t.detach().to(dtype or DTYPE) for t in tensors)
+    inputs = [t.requires_grad_(backward) for t in (q, k, v)]
     if attend is None:
-        out = h_attention(*inputs, block_size=block_size, causal=causal, impl="triton")
+        out = h_attention(*inputs, block_size=block_size, causal=causal, impl=impl)
     else:
         out = attend(*inputs, is_causal=causal)
     if not backward:
@@ -46,22 +55,52 @@ def _run(q, k, v, grad, block_size, causal, backward, attend=None):
     return [out, *torch.autograd.grad(out, inputs, grad)]
 
 
+def _all_modes(tensors, args, **options) -> list[torch.Tensor]:
+    return [t.float() for causal in MODES for t in _run(tensors, args.block_size, causal, True, **options)]
+
+
+def _errors(got, reference) -> list[float]:
+    return [((a - b).norm() / b.norm()).item() for a, b in zip(got, reference)]
+
+
 def _milliseconds(tensors, args, backward, attend=None) -> float:
-    """Summed over non-causal and causal."""
-    return sum(
-        do_bench(lambda c=causal: _run(*tensors, args.block_size, c, backward, attend), warmup=10, rep=60)
-        for causal in (False, True)
-    )
+    """Summed over the modes; inputs cast once, outside the timed calls."""
+    cast = [t.to(DTYPE) for t in tensors]
+    total = 0.0
+    for causal in MODES:
+        call = lambda c=causal: _run(cast, args.block_size, c, backward, attend=attend)  # noqa: E731
+        if args.device == "cuda":
+            total += do_bench(call, warmup=10, rep=60)
+        else:  # the interpreter: one call
+            started = time.perf_counter()
+            call()
+            total += (time.perf_counter() - started) * 1e3
+    return total
 
 
-def _set(kind: str, variant: tuple[int, int, int]) -> None:
+def _set(kind: str, variant: tuple[int, int, int, int]) -> None:
     launch.MAX_TILES[kind] = variant[:2]
     launch.NUM_WARPS[kind] = variant[2]
+    if variant[3]:
+        launch.NUM_STAGES[kind] = variant[3]
+    else:
+        launch.NUM_STAGES.pop(kind, None)
 
 
-def _max_error(tensors, args, reference) -> float:
-    got = [t.float() for causal in (False, True) for t in _run(*tensors, args.block_size, causal, True)]
-    return max(((a - b).norm() / b.norm()).item() for a, b in zip(got, reference))
+def _check(tensors, args, reference, bars) -> str:
+    """'' if the current setting is good, else what is wrong with it."""
+    first = _all_modes(tensors, args)
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
+        junk = torch.full((1 << 28,), float("nan"), device="cuda")  # freed blocks now hold NaN
+        del junk
+    second = _all_modes(tensors, args)
+    if not all(torch.equal(a, b) for a, b in zip(first, second)):
+        worst = max((a - b).abs().max().item() for a, b in zip(first, second))
+        return f"NOT DETERMINISTIC (runs differ by up to {worst:.1e})"
+    errors = _errors(first, reference)
+    bad = [f"{e:.1e} > {bar:.1e}" for e, bar in zip(errors, bars) if not e <= bar]
+    return f"INACCURATE ({'; '.join(bad)})" if bad else ""
 
 
 def main() -> None:
@@ -72,46 +111,52 @@ def main() -> None:
     parser.add_argument("--dim-head", type=int, default=64)
     parser.add_argument("--block-size", type=int, default=128)
     parser.add_argument("--max-seconds", type=float, default=150.0, help="stop trying variants after this")
-    parser.add_argument("--out", help="write the fastest setting (JSON) here")
+    parser.add_argument("--out", help="write the fastest good setting (JSON) here")
+    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp16"), help="fp16 in the interpreter")
     args = parser.parse_args()
+    global DTYPE
+    DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     started = time.monotonic()
     tensors = _inputs(args)
+    reference = _all_modes(tensors, args, impl="eager", dtype=torch.float32)
+    eager_errors = _errors(_all_modes(tensors, args, impl="eager"), reference)  # in DTYPE
+    bars = [1.5 * e + 1e-3 for e in eager_errors]
+    sdpa = {b: _milliseconds(tensors, args, b, F.scaled_dot_product_attention) for b in (False, True)}
+    name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU (Triton's interpreter)"
+    print(
+        f"{name}, n={args.seq_len}, batch {args.batch_size}, {args.heads} heads, "
+        f"dim_head {args.dim_head}, block {args.block_size}, {args.dtype}; times: non-causal + causal"
+    )
+    print(f"SDPA: forward {sdpa[False]:.3f} ms, forward+backward {sdpa[True]:.3f} ms")
+    print(f"eager {args.dtype}'s relative errors (out, dq, dk, dv; non-causal then causal): "
+          + " ".join(f"{e:.1e}" for e in eager_errors))  # fmt: skip
+    print(f"{'kernel':8} {'tiles':>9} {'warps':>5} {'stages':>6} {'ms':>9} {'SDPA/H':>7}")
     best = {kind: variants[0] for kind, variants in VARIANTS.items()}
     for kind, variant in best.items():
         _set(kind, variant)
-    reference = [t.float() for causal in (False, True) for t in _run(*tensors, args.block_size, causal, True)]
-    sdpa_fwd = _milliseconds(tensors, args, False, F.scaled_dot_product_attention)
-    sdpa_fb = _milliseconds(tensors, args, True, F.scaled_dot_product_attention)
-    print(
-        f"{torch.cuda.get_device_name()}, n={args.seq_len}, batch {args.batch_size}, {args.heads} heads, "
-        f"dim_head {args.dim_head}, block {args.block_size}, bf16; times summed over non-causal + causal"
-    )
-    print(f"SDPA: forward {sdpa_fwd:.3f} ms, forward+backward {sdpa_fb:.3f} ms")
-    print(f"{'kernel':8} {'tiles':>9} {'warps':>5} {'ms':>9} {'SDPA/H':>7} {'rel err':>8}")
     for kind, variants in VARIANTS.items():
         backward = kind != "forward"
-        sdpa = sdpa_fb if backward else sdpa_fwd
         times = {}
         for variant in variants:
             if time.monotonic() - started > args.max_seconds:
                 print(f"{kind:8} (time is up: remaining variants not tried)")
                 break
             _set(kind, variant)
-            error = _max_error(tensors, args, reference)
-            if error > 2e-2:
-                print(f"{kind:8} {variant[0]:>4}x{variant[1]:<4} {variant[2]:>5} WRONG (rel err {error:.1e})")
+            label = f"{kind:8} {variant[0]:>4}x{variant[1]:<4} {variant[2]:>5} {variant[3] or 'auto':>6}"
+            wrong = _check(tensors, args, reference, bars)
+            if wrong:
+                print(f"{label} {wrong}", flush=True)
                 continue
-            times[variant] = _milliseconds(tensors, args, backward)
-            ms = times[variant]
-            print(
-                f"{kind:8} {variant[0]:>4}x{variant[1]:<4} {variant[2]:>5} {ms:9.3f} {sdpa / ms:6.2f}x "
-                f"{error:8.1e}",
-                flush=True,
-            )
-        best[kind] = min(times, key=times.get) if times else best[kind]
+            times[variant] = ms = _milliseconds(tensors, args, backward)
+            print(f"{label} {ms:9.3f} {sdpa[backward] / ms:6.2f}x", flush=True)
+        if not times:
+            print(f"no good setting for the {kind} kernel: nothing written")
+            return
+        best[kind] = min(times, key=times.get)
         _set(kind, best[kind])
-    setting = {kind: list(variant) for kind, variant in best.items()}
-    print(f"fastest: HTCLI_TRITON_TUNING='{json.dumps(setting)}'")
+    setting = {kind: [*v[:3], v[3]] if v[3] else list(v[:3]) for kind, v in best.items()}
+    print(f"fastest good setting: HTCLI_TRITON_TUNING='{json.dumps(setting)}'")
     if args.out:
         with open(args.out, "w") as file:
             json.dump(setting, file)

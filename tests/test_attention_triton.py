@@ -169,12 +169,15 @@ def test_tuning_variable_sets_tiles_and_warps(monkeypatch):
     """HTCLI_TRITON_TUNING's JSON sets a kernel's largest tiles and warps; anything else is refused."""
     monkeypatch.setattr(triton_launch, "MAX_TILES", dict(triton_launch.MAX_TILES))
     monkeypatch.setattr(triton_launch, "NUM_WARPS", {})
-    triton_launch._read_tuning('{"dq": [64, 64, 4]}')
+    monkeypatch.setattr(triton_launch, "NUM_STAGES", {})
+    triton_launch._read_tuning('{"dq": [64, 64, 4], "forward": [64, 32, 4, 1]}')
     options = triton_launch._launch_options("dq", 128, torch.zeros(1, 8, 64))
     assert (options["BLOCK_Q"], options["BLOCK_K"], options["num_warps"]) == (64, 64, 4)
+    assert "num_stages" not in options
+    assert triton_launch._launch_options("forward", 128, torch.zeros(1, 8, 64))["num_stages"] == 1
     assert triton_launch._launch_options("dkdv", 128, torch.zeros(1, 8, 64))["num_warps"] == 8
     with pytest.raises(HtcliError, match="unknown kernel 'fwd'"):
         triton_launch._read_tuning('{"fwd": [64, 64, 4]}')
-    for bad in ("[64", '{"dq": 64}', '{"dq": [64, 64]}'):
+    for bad in ("[64", '{"dq": 64}', '{"dq": [64, 64]}', '{"dq": [64, 64, 4, 1, 1]}'):
         with pytest.raises(HtcliError, match="HTCLI_TRITON_TUNING"):
             triton_launch._read_tuning(bad)

@@ -1,9 +1,12 @@
 """The example scripts stay runnable: a short training run, then sampling and evaluation from it."""
 
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import make_text
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
@@ -34,3 +37,18 @@ def test_decode_profile_runs_on_the_cpu():
     )  # fmt: skip
     assert "tiny preset, cpu" in result.stdout
     assert "ms/byte" in result.stdout and "aten ops/byte" in result.stdout
+
+
+def test_triton_sweep_runs_in_the_interpreter(tmp_path):
+    """triton_sweep.py (a GPU script) checks, times and picks variants; here through Triton's
+    interpreter at a tiny size, so that a GPU session does not find it broken."""
+    pytest.importorskip("triton")
+    out = tmp_path / "tuning.json"
+    result = subprocess.run(
+        [sys.executable, EXAMPLES / "triton_sweep.py", "--device", "cpu", "--dtype", "fp16",
+         "--seq-len", "96", "--batch-size", "1", "--heads", "1", "--dim-head", "16", "--block-size", "16",
+         "--out", out],
+        capture_output=True, text=True, check=True, env={**os.environ, "TRITON_INTERPRET": "1"},
+    )  # fmt: skip
+    assert "fastest good setting: HTCLI_TRITON_TUNING=" in result.stdout
+    assert set(json.loads(out.read_text())) == {"forward", "dq", "dkdv"}

@@ -15,8 +15,8 @@ are kept in the inputs' dtype (what the kernels compute with) to save memory; so
 statistics are fp32 throughout.
 
 Tiles and warps per kernel: MAX_TILES and NUM_WARPS below; the environment variable
-HTCLI_TRITON_TUNING (JSON, e.g. {"forward": [128, 64, 8]}: largest query and key tiles, warps)
-overrides them, for tuning sweeps (examples/triton_sweep.py).
+HTCLI_TRITON_TUNING (JSON, e.g. {"forward": [128, 64, 8]}: largest query and key tiles, warps,
+and optionally software-pipelining stages) overrides them, for tuning sweeps (examples/triton_sweep.py).
 """
 
 from __future__ import annotations
@@ -37,11 +37,13 @@ MAX_TILES = {"forward": (128, 64), "dq": (128, 32), "dkdv": (32, 128)}
 MIN_TILE = 16  # tl.dot's smallest side
 # warps per kernel; absent: 8 where a tile side is 128 (4 spill registers there: ptxas, sm_90), else 4
 NUM_WARPS: dict[str, int] = {}
+# software-pipelining stages per kernel (1: none); absent: Triton's default (3 on CUDA)
+NUM_STAGES: dict[str, int] = {}
 TUNING_VARIABLE = "HTCLI_TRITON_TUNING"
 
 
 def _read_tuning(text: str) -> None:
-    """Apply HTCLI_TRITON_TUNING: {"kind": [block_q, block_k, warps], ...}."""
+    """Apply HTCLI_TRITON_TUNING: {"kind": [block_q, block_k, warps] or [..., stages], ...}."""
     example = '{"forward": [128, 64, 8]}'
     try:
         tuning = json.loads(text)
@@ -51,9 +53,13 @@ def _read_tuning(text: str) -> None:
     for kind, setting in settings.items():
         if kind not in MAX_TILES:
             raise HtcliError(f"{TUNING_VARIABLE}: unknown kernel {kind!r} (one of {', '.join(MAX_TILES)})")
-        if len(setting) != 3:
-            raise HtcliError(f"{TUNING_VARIABLE}: {kind} needs [block_q, block_k, warps], e.g. {example}")
+        if len(setting) not in (3, 4):
+            raise HtcliError(
+                f"{TUNING_VARIABLE}: {kind} needs [block_q, block_k, warps(, stages)], e.g. {example}"
+            )
         MAX_TILES[kind], NUM_WARPS[kind] = setting[:2], setting[2]
+        if len(setting) == 4:
+            NUM_STAGES[kind] = setting[3]
 
 
 if os.environ.get(TUNING_VARIABLE):
@@ -81,6 +87,7 @@ def _launch_options(kind: str, r: int, q: torch.Tensor) -> dict:
         D=q.shape[-1],
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=NUM_WARPS.get(kind, 8 if max(block_q, block_k) >= 128 else 4),
+        **({"num_stages": NUM_STAGES[kind]} if kind in NUM_STAGES else {}),
     )
 
 
