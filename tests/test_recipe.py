@@ -109,3 +109,16 @@ def test_a_model_config_from_the_future_is_refused(corpus, tmp_path):
 )
 def test_bad_recipe_options(corpus, tmp_path, flags, message):
     assert_user_error(invoke("train", corpus, *TINY_FLAGS, "--out", tmp_path / "r", *flags), message)
+
+
+def test_relu_squared_and_its_gradient():
+    """The fused ReLU² equals relu(x)**2 and its gradient 2 relu(x) (gradcheck in fp64, zeros included)."""
+    from htcli.model import ReluSquared
+
+    x = torch.randn(6, 10, dtype=torch.float64)
+    x[0, :3] = 0.0
+    x.requires_grad_()
+    assert torch.equal(ReluSquared()(x), torch.relu(x) ** 2)
+    assert torch.autograd.gradcheck(ReluSquared(), (x,))
+    (grad,) = torch.autograd.grad(ReluSquared()(x).sum(), x)
+    assert torch.equal(grad, 2 * torch.relu(x))
