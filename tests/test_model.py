@@ -177,3 +177,18 @@ def test_compiled_model_equals_eager_model():
         results.append([logits, *torch.autograd.grad(logits.square().mean(), params)])
     for eager, compiled in zip(*results):
         assert ((compiled - eager).norm() / eager.norm()).item() < 1e-4
+
+
+def test_rotary_equals_rotary_embedding_torch_and_its_gradient_is_the_transpose():
+    """Attention.rotate (our fused rotation) gives rotary-embedding-torch's rotate_queries_or_keys, and
+    its gradient is the rotation's transpose (gradcheck in fp64)."""
+    from htcli.model import Attention, _Rotate
+
+    attention = Attention(HTransformerConfig(dim=32, heads=2, dim_head=16, block_size=16, max_seq_len=64))
+    t = torch.randn(2, 2, 40, 16)
+    tables = attention.rotary_tables(40, t.device)
+    expected = attention.rotary.rotate_queries_or_keys(t)
+    assert (attention.rotate(t, tables) - expected).abs().max().item() < 1e-5
+    x = torch.randn(1, 2, 5, 16, dtype=torch.float64, requires_grad=True)
+    cos, sin = (table[:5].double() for table in tables)
+    assert torch.autograd.gradcheck(_Rotate.apply, (x, cos, sin))
