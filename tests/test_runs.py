@@ -13,6 +13,7 @@ import torch
 from conftest import TINY_FLAGS, TINY_MODEL, assert_user_error, invoke, tiny_config, wait_for_a_step
 from safetensors.torch import load_file, save_file
 
+from htcli.checkpoint import commit_pending
 from htcli.presets import model_config
 from htcli.train import train
 
@@ -93,6 +94,7 @@ def test_one_writer_per_run_directory(corpus, tmp_path):
     finally:
         first.kill()
         first.communicate()
+    commit_pending(out)  # as the resume will: the kill may have cut a save between its renames
     step = json.loads((out / "state.json").read_text())["step"]
     resumed = invoke("train", "--out", out, "--resume", "--steps", step + 1)
     assert resumed.exit_code == 0, resumed.output
