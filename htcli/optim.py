@@ -46,67 +46,10 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.O
         return adamw
     matrices = [p for p in model.layers.parameters() if id(p) in hidden]
     # the update's RMS matched to AdamW's, so that both follow one learning rate
-    muon = Muon(matrices, lr=config.lr, weight_decay=config.weight_decay, adjust_lr_fn="match_rms_adamw")
+    muon = torch.optim.Muon(
+        matrices, lr=config.lr, weight_decay=config.weight_decay, adjust_lr_fn="match_rms_adamw"
+    )
     return MuonAdamW(muon, adamw)
-
-
-class Muon(torch.optim.Muon):
-    """torch.optim.Muon with its Newton-Schulz iterations batched over the matrices of one shape (one
-    batched product per iteration for all the layers' same-shaped weights instead of one per weight):
-    the same update, bit for bit here (tested), in 60% of the time on a CPU for a 4-layer model, and
-    fewer kernel launches on a GPU. Its state is torch's: a momentum buffer per matrix."""
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            for p in params:
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            grads = [p.grad for p in params]
-            buffers = [self.state[p]["momentum_buffer"] for p in params]
-            torch._foreach_lerp_(buffers, grads, 1 - group["momentum"])
-            updates = torch._foreach_lerp(grads, buffers, group["momentum"]) if group["nesterov"] else buffers
-            shapes: dict[tuple[int, int], list[int]] = {}
-            for index, p in enumerate(params):
-                shapes.setdefault(tuple(p.shape), []).append(index)
-            for shape, indices in shapes.items():
-                stacked = torch.stack([updates[i] for i in indices])
-                ortho = _newton_schulz(stacked, group["ns_coefficients"], group["ns_steps"], group["eps"])
-                lr = _muon_lr(group["lr"], group["adjust_lr_fn"], shape)
-                for row, index in enumerate(indices):
-                    params[index].mul_(1 - group["lr"] * group["weight_decay"])
-                    params[index].add_(ortho[row], alpha=-lr)
-        return loss
-
-
-def _newton_schulz(g: torch.Tensor, coefficients, steps: int, eps: float) -> torch.Tensor:
-    """torch.optim.Muon's quintic Newton-Schulz orthogonalisation (in bf16) of each matrix of g (k, A, B)."""
-    a, b, c = coefficients
-    x = g.bfloat16()
-    tall = g.size(-2) > g.size(-1)
-    if tall:
-        x = x.mT
-    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
-    for _ in range(steps):
-        gram = x @ x.mT
-        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-    return x.mT if tall else x
-
-
-def _muon_lr(lr: float, adjust: str | None, shape: tuple[int, int]) -> float:
-    """torch.optim.Muon's learning rate for a matrix of this shape."""
-    rows, cols = shape
-    if adjust == "match_rms_adamw":
-        return lr * 0.2 * math.sqrt(max(rows, cols))
-    return lr * math.sqrt(max(1, rows / cols))
 
 
 class MuonAdamW:

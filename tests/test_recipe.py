@@ -122,24 +122,3 @@ def test_relu_squared_and_its_gradient():
     assert torch.autograd.gradcheck(ReluSquared(), (x,))
     (grad,) = torch.autograd.grad(ReluSquared()(x).sum(), x)
     assert torch.equal(grad, 2 * torch.relu(x))
-
-
-@pytest.mark.parametrize("adjust", ["match_rms_adamw", "original"])
-def test_batched_muon_equals_torch_muon(adjust):
-    """htcli's Muon (Newton-Schulz batched over same-shaped matrices) gives torch.optim.Muon's parameters."""
-    from htcli.optim import Muon
-
-    shapes = [(48, 16), (16, 16), (16, 48)] * 2
-    grads = [[torch.randn(s) for s in shapes] for _ in range(3)]
-    results = []
-    for kind in (torch.optim.Muon, Muon):
-        torch.manual_seed(0)
-        params = [torch.nn.Parameter(torch.randn(s) * 0.02) for s in shapes]
-        optimizer = kind(params, lr=6e-3, weight_decay=0.1, adjust_lr_fn=adjust)
-        for step in grads:
-            for p, g in zip(params, step):
-                p.grad = g.clone()
-            optimizer.step()
-        results.append(params)
-    for ours, theirs in zip(*results):
-        assert torch.allclose(ours, theirs, rtol=0, atol=1e-6)
