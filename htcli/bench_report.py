@@ -42,11 +42,14 @@ def _ratio(value: float | None) -> str:
 
 def bench_title(config: BenchConfig, device: str) -> str:
     """What was measured, where."""
-    if config.model:
-        what = f"training step, {config.preset} preset"
+    if config.model:  # the preset's own block size, not the attention bench's
+        from htcli.presets import model_config
+
+        what = f"training step, {config.preset} preset, block {model_config(config.preset).block_size}"
     else:
         what = f"batch {config.batch_size}, {config.heads} heads, dim_head {config.dim_head}"
-    return f"{what}, block {config.block_size}, {config.dtype}, {device}, {config.impl} H-attn"
+        what += f", block {config.block_size}"
+    return f"{what}, {config.dtype}, {device}, {config.impl} H-attn"
 
 
 def bench_table(rows: list[Row], config: BenchConfig, title: str) -> Table:
