@@ -274,7 +274,7 @@ class Attention(nn.Module):
 
     def rotary_tables(self, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sign-folded sin (length, d), fp32, of the rotary embedding at positions
-        0..length-1, for `step`: x rotated = x * cos + swap_pairs(x) * sin, as rotate() does."""
+        0..length-1, for rotate(): x rotated = x * cos + swap_pairs(x) * sin (forward and `step`)."""
         freqs = self.rotary(self.rotary.get_seq_pos(length, device=device, dtype=torch.float32))
         sin = freqs.sin()
         sin[:, 0::2] = -sin[:, 0::2]  # rotate_half maps the pair (x1, x2) to (-x2, x1)
@@ -289,9 +289,7 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             qk = torch.stack(self.normed(qk[:, 0], qk[:, 1]), dim=1)
         if state.rotary is not None:  # q and k together, few ops: a decode step is launch-bound on a GPU
-            cos, sin = (table[cache.t] for table in state.rotary)
-            qk = qk.float()
-            qk = (qk * cos + swap_pairs(qk) * sin).to(qkv.dtype)
+            qk = self.rotate(qk, tuple(table[cache.t] for table in state.rotary))
         out = cache.step(qk[:, 0], qk[:, 1], v)
         return self.to_out(out.reshape(b, h * d))
 
