@@ -19,6 +19,7 @@ from rotary_embedding_torch import RotaryEmbedding
 from torch import nn
 
 from htcli.attention import HAttentionCache, KVCache, check_block_size, h_attention
+from htcli.fused import ReluSquared, RMSNorm, rms_norm, rotate, rotate_one
 from htcli.reversible import reversible_stack
 
 ATTENTION_KINDS = ("h", "exact")
@@ -111,48 +112,7 @@ def complete(data: dict) -> dict:
 
 
 def make_norm(config: HTransformerConfig, dim: int) -> nn.Module:
-    return nn.RMSNorm(dim) if config.norm == "rms" else nn.LayerNorm(dim)
-
-
-class _ReluSquared(torch.autograd.Function):
-    """relu(x)**2 in one allocation forward and one backward (autograd's relu then square makes four
-    passes and three tensors, 2x GELU's time on a CPU); saves x, which the layer computed anyway."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x)
-        return torch.relu(x).square_()
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        (x,) = ctx.saved_tensors
-        return torch.relu(x).mul_(grad).mul_(2)
-
-
-def swap_pairs(t: torch.Tensor) -> torch.Tensor:
-    """(x0, x1, x2, x3, ...) -> (x1, x0, x3, x2, ...) over the last dim (a copy)."""
-    return t.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
-
-
-class _Rotate(torch.autograd.Function):
-    """Rotary embedding as x * cos + swap_pairs(x) * sin (sin sign-folded: Attention.rotary_tables):
-    three passes forward and four backward (the rotation's transpose), half the time of
-    rotary-embedding-torch's rotate_queries_or_keys (autograd through rotate_half) on a CPU."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(cos, sin)
-        return torch.addcmul(x * cos, swap_pairs(x), sin)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        cos, sin = ctx.saved_tensors
-        return torch.add(grad * cos, swap_pairs(grad * sin)), None, None
-
-
-class ReluSquared(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _ReluSquared.apply(x)
+    return RMSNorm(dim) if config.norm == "rms" else nn.LayerNorm(dim)
 
 
 @dataclass
@@ -165,7 +125,8 @@ class BranchState:
 @dataclass
 class AttentionState(BranchState):
     cache: HAttentionCache | KVCache | None = None  # the keys and values decoding needs (set by prefill)
-    rotary: tuple[torch.Tensor, torch.Tensor] | None = None  # Attention.rotary_tables (rotary models)
+    rotary: torch.Tensor | None = None  # Attention.rotary_turns for every position (rotary models)
+    qk_weight: torch.Tensor | None = None  # QK-norm's q and k weights stacked (2, 1, d) (qk_norm models)
 
 
 @dataclass
@@ -220,8 +181,8 @@ class Attention(nn.Module):
         self.to_qkv = nn.Linear(config.dim, 3 * inner, bias=False)
         self.to_out = nn.Linear(inner, config.dim)
         self.rotary = RotaryEmbedding(config.dim_head) if config.rotary else None
-        self.q_norm = nn.RMSNorm(config.dim_head) if config.qk_norm else None
-        self.k_norm = nn.RMSNorm(config.dim_head) if config.qk_norm else None
+        self.q_norm = RMSNorm(config.dim_head) if config.qk_norm else None
+        self.k_norm = RMSNorm(config.dim_head) if config.qk_norm else None
 
     def normed(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q and k with QK-norm, where the config has it (over the last dim: any layout)."""
@@ -234,7 +195,7 @@ class Attention(nn.Module):
         whatever t's dtype."""
         if tables is None:
             return t
-        return _Rotate.apply(t.float(), *tables).to(t.dtype)
+        return rotate(t, *tables)
 
     def forward(
         self, x: torch.Tensor, mask: torch.Tensor | None, state: AttentionState | None = None
@@ -270,7 +231,9 @@ class Attention(nn.Module):
                 dtype=k.dtype,
             )
         state.cache.prefill(q, k, v)
-        state.rotary = self.rotary_tables(state.cache.capacity + 1, q.device) if self.rotary else None
+        state.rotary = self.rotary_turns(state.cache.capacity + 1, q.device) if self.rotary else None
+        if self.q_norm is not None:
+            state.qk_weight = torch.stack([self.q_norm.weight, self.k_norm.weight])[:, None]
 
     def rotary_tables(self, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sign-folded sin (length, d), fp32, of the rotary embedding at positions
@@ -280,18 +243,26 @@ class Attention(nn.Module):
         sin[:, 0::2] = -sin[:, 0::2]  # rotate_half maps the pair (x1, x2) to (-x2, x1)
         return freqs.cos(), sin
 
+    def rotary_turns(self, length: int, device) -> torch.Tensor:
+        """The rotations of rotary_tables as complex numbers cos + i sin (length, d/2), for
+        fused.rotate_one (the decode step)."""
+        cos, sin = self.rotary_tables(length, device)
+        return torch.complex(cos[:, 0::2], sin[:, 1::2])
+
     def step(self, x: torch.Tensor, state: AttentionState) -> torch.Tensor:
         """One position x (b, e), the cache's next."""
         cache = state.cache
         b, h, d = x.shape[0], self.config.heads, self.config.dim_head
-        qkv = self.to_qkv(x).view(b, 3, h, d)  # the (three h d) order of forward()
+        # (modules' forward called directly here and below: their __call__ costs more than a small op)
+        qkv = self.to_qkv.forward(x).view(b, 3, h, d)  # the (three h d) order of forward()
         qk, v = qkv[:, :2], qkv[:, 2]
+        # q and k together, as few operations as can be: a decode step is bound by their number
         if self.q_norm is not None:
-            qk = torch.stack(self.normed(qk[:, 0], qk[:, 1]), dim=1)
-        if state.rotary is not None:  # q and k together, few ops: a decode step is launch-bound on a GPU
-            qk = self.rotate(qk, tuple(table[cache.t] for table in state.rotary))
+            qk = rms_norm(qk, state.qk_weight, self.q_norm.epsilon)
+        if state.rotary is not None:
+            qk = rotate_one(qk, state.rotary[cache.t])
         out = cache.step(qk[:, 0], qk[:, 1], v)
-        return self.to_out(out.reshape(b, h * d))
+        return self.to_out.forward(out.reshape(b, h * d))
 
 
 def exact_attention(q, k, v, *, causal: bool, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
@@ -321,7 +292,8 @@ class FeedForward(nn.Module):
         return self.net(x)
 
     def step(self, x: torch.Tensor, state: BranchState) -> torch.Tensor:
-        return self.net(x)
+        first, activation, second = self.net
+        return second.forward(activation.forward(first.forward(x)))
 
 
 class PreNorm(nn.Module):
@@ -347,7 +319,7 @@ class PreNorm(nn.Module):
 
     def step(self, x: torch.Tensor, state: BranchState) -> torch.Tensor:
         """One position x (b, e), continuing from state."""
-        x = self.norm(x)
+        x = self.norm.forward(x)
         if self.shift is not None:
             x, state.previous = self.shift.step(x, state.previous), x
         return self.fn.step(x, state)

@@ -26,7 +26,7 @@ LAYERS = [
         "corpus.formats",
     ),
     ("attention.ops", "corpus.reader"),
-    ("attention", "reversible", "corpus"),
+    ("attention", "reversible", "fused", "corpus"),
     ("model",),
     ("presets", "data", "distributed", "runlog", "flops"),
     ("config", "checkpoint_checks", "evaluate", "runlock", "curves"),

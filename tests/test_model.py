@@ -182,7 +182,8 @@ def test_compiled_model_equals_eager_model():
 def test_rotary_equals_rotary_embedding_torch_and_its_gradient_is_the_transpose():
     """Attention.rotate (our fused rotation) gives rotary-embedding-torch's rotate_queries_or_keys, and
     its gradient is the rotation's transpose (gradcheck in fp64)."""
-    from htcli.model import Attention, _Rotate
+    from htcli.fused import _Rotate
+    from htcli.model import Attention
 
     attention = Attention(HTransformerConfig(dim=32, heads=2, dim_head=16, block_size=16, max_seq_len=64))
     t = torch.randn(2, 2, 40, 16)

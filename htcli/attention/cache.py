@@ -16,9 +16,11 @@ cluster, bias its log-sum-exp. A softmax over all the slots is then exactly the 
 Cache per layer (fp32 whatever the model's dtype):
   kv: (b, h, 2, 2r + levels - 1, d) keys, values: the ring, then one slot per coarse level;
   bias: (b, h, 1, 2r + levels - 1) the slots' score biases;
-  prev, cur: per level l >= 1, (b, h, r, 2d) cluster keys and values side by side of the previous and the
+  prev, cur: per level l >= 1, ((b h), r, 2, d) cluster keys and values of the previous and the
       current level-l block (the current one filled as its clusters complete);
-  part: (levels - 1, b, h, 2d) running sums of each level's current, incomplete cluster.
+  part: (levels - 1, (b h), 2, d) running sums of each level's current, incomplete cluster.
+Views of every slot are made once (a step writes through them: one operation each), and batch and
+heads are one dim where a step multiplies (torch.bmm, no broadcasting to set up).
 
 einops legend: b batch, h heads, r block positions, d dim_head.
 """
@@ -49,17 +51,31 @@ class HAttentionCache:
         self.kv = zeros(b, h, 2, 2 * r + levels - 1, d)
         self.bias = torch.full((b, h, 1, 2 * r + levels - 1), NEG_INF, device=device)
         # index = level (level 0 has the ring instead)
-        self.prev, self.cur = ([None] + [zeros(b, h, r, 2 * d) for _ in range(1, levels)] for _ in range(2))
-        self.part = zeros(levels - 1, b, h, 2 * d)
+        self.prev, self.cur = ([None] + [zeros(b * h, r, 2, d) for _ in range(1, levels)] for _ in range(2))
+        self.part = zeros(levels - 1, b * h, 2, d)
+        # per ring slot: its keys and values ((b h), 2, d), its key alone, its value alone, its bias
+        kv = self.kv
+        self._slots = [
+            (kv[:, :, :, s].view(b * h, 2, d), kv[:, :, 0, s], kv[:, :, 1, s], self.bias[..., s])
+            for s in range(2 * r)
+        ]
+        # per coarse level (index = level): its slot's value ((b h), d) and bias ((b h), 1)
+        self._level_slots = [None] + [
+            (kv[:, :, 1, slot].view(b * h, d), self.bias[..., slot].view(b * h, 1))
+            for slot in range(2 * r, 2 * r + levels - 1)
+        ]
+        self._keys, self._values = self.kv[:, :, 0], self.kv[:, :, 1]
 
     # -- one token -----------------------------------------------------------------------
 
     def step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q, k, v: (b, h, d) of position t = self.t (rotary applied). Returns (b, h, d)."""
-        with torch.autocast(q.device.type, enabled=False):  # the softmax state is fp32
-            return self._step(q.float(), torch.cat([k, v], -1).float())
+        if torch.is_autocast_enabled(q.device.type):
+            with torch.autocast(q.device.type, enabled=False):  # the softmax state is fp32
+                return self._step(q, k, v)
+        return self._step(q, k, v)
 
-    def _step(self, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+    def _step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         t, r = self.t, self.r
         if t >= self.capacity:
             raise ValueError(
@@ -68,9 +84,12 @@ class HAttentionCache:
         slot = t % (2 * r)
         if t % r == 0 and t > 0:  # a new block: its half of the ring holds the block before last
             self.bias[..., slot : slot + r] = NEG_INF
-        self.kv[:, :, :, slot] = kv.view(*kv.shape[:2], 2, self.d)
-        self.bias[..., slot] = 0.0
+        kv, key, value, bias = self._slots[slot]
+        key.copy_(k)
+        value.copy_(v)
+        bias.fill_(0.0)
         self.part += kv
+        q = q.float()
         scaled = None
         for level in range(1, self.levels):
             size = 2**level
@@ -78,27 +97,31 @@ class HAttentionCache:
             if within == 0:  # a new cluster begins: its query is this one
                 if cluster % r == 0 and cluster > 0:
                     self.prev[level], self.cur[level] = self.cur[level], self.prev[level]
-                scaled = q * self.d**-0.5 if scaled is None else scaled
+                scaled = (q * self.d**-0.5).view(-1, self.d, 1) if scaled is None else scaled
                 self._coarse(level, scaled, cluster)
             if within == size - 1:  # the cluster is complete
-                torch.div(self.part[level - 1], size, out=self.cur[level][:, :, cluster % r])
+                torch.div(self.part[level - 1], size, out=self.cur[level][:, cluster % r])
                 self.part[level - 1].zero_()
         self.t += 1
-        out = F.scaled_dot_product_attention(q[:, :, None], self.kv[:, :, 0], self.kv[:, :, 1], self.bias)
-        return out[:, :, 0].to(self.dtype)
+        out = F.scaled_dot_product_attention(q.unsqueeze(2), self._keys, self._values, self.bias)
+        return out.squeeze(2) if out.dtype == self.dtype else out.squeeze(2).to(self.dtype)
 
     def _coarse(self, level: int, q: torch.Tensor, cluster: int) -> None:
-        """Level l's slot for a cluster: its first query (scaled) against the previous level-l
-        block's clusters (a first-half cluster skips that block's second half, seen at level l-1)."""
-        r, d, slot = self.r, self.d, 2 * self.r + level - 1
+        """Level l's slot for a cluster: its first query q ((b h), d, 1), scaled, against the previous
+        level-l block's clusters (a first-half cluster skips that block's second half, seen at level
+        l-1): the slot's value is their softmax average, its bias their log-sum-exp."""
+        r = self.r
+        value, bias = self._level_slots[level]
         if cluster < r:  # nothing to score at this level yet
-            self.bias[..., slot] = NEG_INF
+            bias.fill_(NEG_INF)
             return
         width = r // 2 if cluster % r < r // 2 else r
-        clusters = self.prev[level][:, :, :width]
-        scores = torch.matmul(clusters[..., :d], q[..., None])[..., 0]  # (b, h, width)
-        self.bias[..., 0, slot] = torch.logsumexp(scores, -1) + math.log(2**level)
-        self.kv[:, :, 1, slot] = torch.matmul(scores.softmax(-1)[..., None, :], clusters[..., d:])[..., 0, :]
+        clusters = self.prev[level][:, :width]
+        scores = torch.bmm(clusters[:, :, 0], q)  # ((b h), width, 1)
+        log_p = scores.log_softmax(1)
+        # log-sum-exp = score - log p at every cluster: their mean, exact to rounding
+        torch.add((scores - log_p).mean(1), math.log(2**level), out=bias)
+        value.copy_(torch.bmm(log_p.exp_().transpose(1, 2), clusters[:, :, 1]).squeeze(1))
 
     # -- a whole prompt ------------------------------------------------------------------
 
@@ -106,7 +129,7 @@ class HAttentionCache:
         """Set the state after positions 0..T-1; q, k, v: (b, h, T, d) as the parallel forward
         computed them (rotary applied)."""
         with torch.autocast(q.device.type, enabled=False):
-            self._prefill(q.float(), torch.cat([k, v], -1).float())
+            self._prefill(q.float(), torch.stack([k, v], 3).float())
 
     def _prefill(self, q: torch.Tensor, kv: torch.Tensor) -> None:
         T, r = q.shape[2], self.r
@@ -115,7 +138,7 @@ class HAttentionCache:
         self.t = T
         first = max(0, ((T - 1) // r - 1) * r)  # level 0 sees the previous and the current block
         slots = torch.arange(first, T, device=q.device) % (2 * r)
-        self.kv[:, :, :, slots] = kv[:, :, first:T].unflatten(-1, (2, self.d)).transpose(2, 3)
+        self.kv[:, :, :, slots] = kv[:, :, first:T].transpose(2, 3)
         self.bias[..., slots] = 0.0
         scaled = q * self.d**-0.5
         for level in range(1, self.levels):
@@ -128,8 +151,8 @@ class HAttentionCache:
                 self._fill_block(self.prev[level], kv, level, block - 1, complete)
             start = cluster << level
             # (when the cluster is complete, the next step starts a new one and replaces this)
-            self.part[level - 1] = kv[:, :, start:T].sum(2) if T % size else 0.0
-            self._coarse(level, scaled[:, :, start], cluster)
+            self.part[level - 1] = kv[:, :, start:T].sum(2).flatten(0, 1) if T % size else 0.0
+            self._coarse(level, scaled[:, :, start].reshape(-1, self.d, 1), cluster)
 
     def _fill_block(
         self, target: torch.Tensor, kv: torch.Tensor, level: int, block: int, complete: int
@@ -140,5 +163,5 @@ class HAttentionCache:
         target.zero_()
         clusters = max(0, (stop - start) // size)
         if clusters:
-            chunk = kv[:, :, start : start + clusters * size]
-            target[:, :, :clusters] = chunk.reshape(*chunk.shape[:2], clusters, size, chunk.shape[-1]).mean(3)
+            chunk = kv[:, :, start : start + clusters * size].flatten(0, 1)  # ((b h), n, 2, d)
+            target[:, :clusters] = chunk.reshape(chunk.shape[0], clusters, size, 2, self.d).mean(2)
