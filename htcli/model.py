@@ -424,7 +424,7 @@ class HTransformer1D(nn.Module):
         """Exact incremental decoding: a causal model (H-attention's cache, or exact attention's KV cache)."""
         return self.config.causal
 
-    @torch.no_grad()
+    @torch.inference_mode()  # (not just no_grad: each of the many small ops of decoding costs less)
     def prefill(self, tokens: torch.Tensor) -> tuple[torch.Tensor, DecodingState]:
         """The parallel forward over a prompt (b, n): its logits, and the state to decode on from."""
         if not self.supports_decode_cache:
@@ -436,7 +436,7 @@ class HTransformer1D(nn.Module):
         x = self.layers(self.token_emb(tokens), None, states=state.layers)
         return self.logits(x), state
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def decode_step(self, token: torch.Tensor, state: DecodingState) -> torch.Tensor:
         """Logits (b, num_tokens) for the position after token (b,), fed at state.position; updates state."""
         x = self.layers.step(self.token_emb(token), state.layers)

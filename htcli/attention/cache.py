@@ -16,18 +16,21 @@ cluster, bias its log-sum-exp. A softmax over all the slots is then exactly the 
 Cache per layer (fp32 whatever the model's dtype):
   kv: (b, h, 2, 2r + levels - 1, d) keys, values: the ring, then one slot per coarse level;
   bias: (b, h, 1, 2r + levels - 1) the slots' score biases;
-  prev, cur: per level l >= 1, ((b h), r, 2, d) cluster keys and values of the previous and the
-      current level-l block (the current one filled as its clusters complete);
+  prev, cur: (levels - 1, (b h), r, 2, d) per level l >= 1 (index l - 1), cluster keys and values
+      of the previous and the current level-l block (the current one filled as its clusters
+      complete; copied to prev when the next block begins);
+  mask: (levels - 1, 1, r) per level, 0 or -inf: the previous block's clusters the current
+      cluster's query scores (a first-half cluster skips the second half, seen at level l-1);
   part: (levels - 1, (b h), 2, d) running sums of each level's current, incomplete cluster.
 Views of every slot are made once (a step writes through them: one operation each), and batch and
-heads are one dim where a step multiplies (torch.bmm, no broadcasting to set up).
+heads are one dim where a step multiplies (torch.bmm, no broadcasting to set up). The levels
+whose clusters begin at the same position (1 to m at a position divisible by 2^m) share its
+query and are computed together: one batch of tensor operations, not m.
 
 einops legend: b batch, h heads, r block positions, d dim_head.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -51,7 +54,8 @@ class HAttentionCache:
         self.kv = zeros(b, h, 2, 2 * r + levels - 1, d)
         self.bias = torch.full((b, h, 1, 2 * r + levels - 1), NEG_INF, device=device)
         # index = level (level 0 has the ring instead)
-        self.prev, self.cur = ([None] + [zeros(b * h, r, 2, d) for _ in range(1, levels)] for _ in range(2))
+        self.prev, self.cur = zeros(levels - 1, b * h, r, 2, d), zeros(levels - 1, b * h, r, 2, d)
+        self.mask = zeros(levels - 1, 1, r)
         self.part = zeros(levels - 1, b * h, 2, d)
         # per ring slot: its keys and values ((b h), 2, d), its key alone, its value alone, its bias
         kv = self.kv
@@ -59,12 +63,15 @@ class HAttentionCache:
             (kv[:, :, :, s].view(b * h, 2, d), kv[:, :, 0, s], kv[:, :, 1, s], self.bias[..., s])
             for s in range(2 * r)
         ]
-        # per coarse level (index = level): its slot's value ((b h), d) and bias ((b h), 1)
-        self._level_slots = [None] + [
-            (kv[:, :, 1, slot].view(b * h, d), self.bias[..., slot].view(b * h, 1))
-            for slot in range(2 * r, 2 * r + levels - 1)
-        ]
         self._keys, self._values = self.kv[:, :, 0], self.kv[:, :, 1]
+        # the coarse levels' slots: values ((b h), levels - 1, d) and biases ((b h), levels - 1)
+        coarse = slice(2 * r, 2 * r + levels - 1)
+        self._level_values = kv[:, :, 1].view(b * h, -1, d)[:, coarse]
+        self._level_biases = self.bias.view(b * h, -1)[:, coarse]
+        # per level l >= 1 (index l - 1): log of its cluster size (its slot's score bias, (levels - 1, 1)),
+        # and, as 0-dim tensors (an operation with a Python number converts it first), 1 / its size
+        sizes = torch.tensor([2.0**level for level in range(1, levels)], device=device)
+        self._log_sizes, self._inverse_sizes = sizes.log()[:, None], list(1 / sizes)
 
     # -- one token -----------------------------------------------------------------------
 
@@ -90,38 +97,50 @@ class HAttentionCache:
         bias.fill_(0.0)
         self.part += kv
         q = q.float()
-        scaled = None
+        scored = 0  # the levels 1..scored begin a cluster here and have a previous block to score
         for level in range(1, self.levels):
             size = 2**level
             cluster, within = t >> level, t % size
             if within == 0:  # a new cluster begins: its query is this one
-                if cluster % r == 0 and cluster > 0:
-                    self.prev[level], self.cur[level] = self.cur[level], self.prev[level]
-                scaled = (q * self.d**-0.5).view(-1, self.d, 1) if scaled is None else scaled
-                self._coarse(level, scaled, cluster)
+                self._begin_cluster(level, cluster)
+                scored = level if cluster >= r else scored
             if within == size - 1:  # the cluster is complete
-                torch.div(self.part[level - 1], size, out=self.cur[level][:, cluster % r])
-                self.part[level - 1].zero_()
+                part = self.part[level - 1]
+                torch.mul(part, self._inverse_sizes[level - 1], out=self.cur[level - 1, :, cluster % r])
+                part.zero_()
+        if scored:
+            self._coarse(1, scored, (q * self.d**-0.5).reshape(-1, self.d, 1))
         self.t += 1
         out = F.scaled_dot_product_attention(q.unsqueeze(2), self._keys, self._values, self.bias)
         return out.squeeze(2) if out.dtype == self.dtype else out.squeeze(2).to(self.dtype)
 
-    def _coarse(self, level: int, q: torch.Tensor, cluster: int) -> None:
-        """Level l's slot for a cluster: its first query q ((b h), d, 1), scaled, against the previous
-        level-l block's clusters (a first-half cluster skips that block's second half, seen at level
-        l-1): the slot's value is their softmax average, its bias their log-sum-exp."""
-        r = self.r
-        value, bias = self._level_slots[level]
-        if cluster < r:  # nothing to score at this level yet
-            bias.fill_(NEG_INF)
-            return
-        width = r // 2 if cluster % r < r // 2 else r
-        clusters = self.prev[level][:, :width]
-        scores = torch.bmm(clusters[:, :, 0], q)  # ((b h), width, 1)
-        log_p = scores.log_softmax(1)
-        # log-sum-exp = score - log p at every cluster: their mean, exact to rounding
-        torch.add((scores - log_p).mean(1), math.log(2**level), out=bias)
-        value.copy_(torch.bmm(log_p.exp_().transpose(1, 2), clusters[:, :, 1]).squeeze(1))
+    def _begin_cluster(self, level: int, cluster: int) -> None:
+        """Level l's bookkeeping where a cluster begins: a new block's start makes the current block
+        the previous one; the mask follows which half of that block the cluster's query scores."""
+        r, index = self.r, level - 1
+        within_block = cluster % r
+        if within_block == 0:
+            if cluster > 0:
+                self.prev[index].copy_(self.cur[index])
+            self.mask[index, :, r // 2 :] = NEG_INF
+        elif within_block == r // 2:
+            self.mask[index, :, r // 2 :] = 0.0
+
+    def _coarse(self, first: int, last: int, q: torch.Tensor) -> None:
+        """The slots of levels first..last, whose clusters begin at the position of query q ((b h), d,
+        1), scaled: each level's query against its previous block's clusters (masked); the slot's
+        value is their softmax average, its bias their log-sum-exp."""
+        levels = slice(first - 1, last)
+        m, bh, r, d = last - first + 1, *self.prev.shape[1:3], self.d
+        blocks = self.prev[levels].flatten(0, 1)  # ((m b h), r, 2, d)
+        queries = q.view(1, bh, d).expand(m, bh, d).reshape(m * bh, d, 1) if m > 1 else q
+        scores = torch.bmm(blocks[:, :, 0], queries).view(m, bh, r).add_(self.mask[levels])
+        log_p = scores.log_softmax(-1)
+        # log-sum-exp = score - log p, at any cluster (the first's, never masked), exact to rounding
+        lse = torch.sub(scores[..., 0], log_p[..., 0]).add_(self._log_sizes[levels])  # (m, (b h))
+        self._level_biases[:, levels].copy_(lse.T)
+        values = torch.bmm(log_p.exp_().view(m * bh, 1, r), blocks[:, :, 1]).view(m, bh, d)
+        self._level_values[:, levels].copy_(values.transpose(0, 1))
 
     # -- a whole prompt ------------------------------------------------------------------
 
@@ -146,13 +165,15 @@ class HAttentionCache:
             cluster = (T - 1) >> level
             block = cluster // r
             complete = T if T % size == 0 else (cluster << level)  # positions in complete clusters
-            self._fill_block(self.cur[level], kv, level, block, complete)
+            self._fill_block(self.cur[level - 1], kv, level, block, complete)
             if block >= 1:
-                self._fill_block(self.prev[level], kv, level, block - 1, complete)
+                self._fill_block(self.prev[level - 1], kv, level, block - 1, complete)
+            self.mask[level - 1, :, r // 2 :] = NEG_INF if cluster % r < r // 2 else 0.0
             start = cluster << level
             # (when the cluster is complete, the next step starts a new one and replaces this)
             self.part[level - 1] = kv[:, :, start:T].sum(2).flatten(0, 1) if T % size else 0.0
-            self._coarse(level, scaled[:, :, start].reshape(-1, self.d, 1), cluster)
+            if block >= 1:  # (else nothing to score yet: the slot's bias stays -inf)
+                self._coarse(level, level, scaled[:, :, start].reshape(-1, self.d, 1))
 
     def _fill_block(
         self, target: torch.Tensor, kv: torch.Tensor, level: int, block: int, complete: int
