@@ -52,3 +52,22 @@ def test_triton_sweep_runs_in_the_interpreter(tmp_path):
     )  # fmt: skip
     assert "fastest good setting: HTCLI_TRITON_TUNING=" in result.stdout
     assert set(json.loads(out.read_text())) == {"forward", "dq", "dkdv"}
+
+
+def test_long_context_names_its_recipes_and_refuses_unknown_variants(tmp_path):
+    """long_context.py: "new-NAME" is NAME with the default recipe, a plain name the first recipe's
+    pinned flags; an unknown name stops it before anything trains."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("long_context", EXAMPLES / "long_context.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.recipe_of("new-h-2048-cw90") == ("h-2048-cw90", [])
+    base, flags = script.recipe_of("h-256")
+    assert base == "h-256" and flags[:2] == ["--optimizer", "adamw"] and "--lr" in flags
+    refused = subprocess.run(
+        [sys.executable, EXAMPLES / "long_context.py", "corpus", "held", tmp_path / "out", "new-h-9999"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert refused.returncode != 0 and "unknown variant new-h-9999" in refused.stderr
+    assert not (tmp_path / "out").exists()
