@@ -91,7 +91,7 @@ class _RMSNorm(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         normed, rstd, weight = ctx.saved_tensors
         grad = grad.to(normed.dtype)
-        grad_weight = (grad * normed).reshape(-1, normed.shape[-1]).sum(0).to(weight.dtype)
+        grad_weight = (grad * normed).sum_to_size(weight.shape).to(weight.dtype)
         grad_normed = grad * weight
         # d normed_j / d x_i = rstd (delta_ij - normed_i normed_j / d)
         inner = (grad_normed * normed).mean(-1, keepdim=True)

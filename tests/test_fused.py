@@ -52,6 +52,9 @@ def test_rms_norm_broadcasts_a_stacked_weight():
     both = rms_norm(torch.stack([q, k], 1), torch.stack([wq, wk])[:, None], 1e-6)
     assert torch.equal(both[:, 0], rms_norm(q, wq, 1e-6))
     assert torch.equal(both[:, 1], rms_norm(k, wk, 1e-6))
+    x = torch.randn(2, 2, 3, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 1, 8, dtype=torch.float64, requires_grad=True)  # and its gradient has its shape
+    assert torch.autograd.gradcheck(lambda x, w: _RMSNorm.apply(x, w, 1e-6), (x, w))
 
 
 def test_rotate_one_equals_rotate_at_each_position():

@@ -53,7 +53,7 @@ class HAttentionCache:
         zeros = lambda *shape: torch.zeros(shape, device=device, dtype=torch.float32)  # noqa: E731
         self.kv = zeros(b, h, 2, 2 * r + levels - 1, d)
         self.bias = torch.full((b, h, 1, 2 * r + levels - 1), NEG_INF, device=device)
-        # index = level (level 0 has the ring instead)
+        # index = level - 1 (level 0 has the ring instead)
         self.prev, self.cur = zeros(levels - 1, b * h, r, 2, d), zeros(levels - 1, b * h, r, 2, d)
         self.mask = zeros(levels - 1, 1, r)
         self.part = zeros(levels - 1, b * h, 2, d)
