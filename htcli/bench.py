@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
 from htcli.attention import IMPLEMENTATION_VARIABLE, check_block_size, resolve_implementation
-from htcli.device import PRECISIONS, check_choice
+from htcli.device import PRECISIONS, check_choice, resolve_device
 from htcli.errors import HtcliError
 
 METHODS = ("h", "sdpa")
@@ -62,8 +62,6 @@ class BenchConfig:
         except ValueError as error:
             raise HtcliError(str(error), fields=("block_size",)) from None
         check_choice("dtype", self.dtype, PRECISIONS)
-        from htcli.device import resolve_device
-
         # auto resolved here: the title names what ran, and every worker runs the same
         self.impl = resolve_implementation(self.impl, resolve_device(self.device).type)
 

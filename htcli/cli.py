@@ -626,7 +626,7 @@ def bench(
         str,
         typer.Option(
             help="H-attention implementation: auto, eager or triton (default: $HTCLI_ATTENTION, else auto:"
-            " triton on CUDA, eager elsewhere)."
+            " eager, until the Triton kernels pass their GPU tests; then triton on CUDA)."
         ),
     ] = "",
 ) -> None:

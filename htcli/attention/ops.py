@@ -170,7 +170,8 @@ def h_attention(
 
     Under autocast the matrix products run in the autocast dtype; softmax maxima, exponent sums
     and the final division stay in fp32. impl: "auto", "eager" or "triton" (default:
-    $HTCLI_ATTENTION as it was at import, else auto: triton for CUDA tensors, eager elsewhere).
+    $HTCLI_ATTENTION as it was at import, else auto: CUDA_IMPLEMENTATION for CUDA tensors, eager
+    elsewhere).
     """
     check_inputs(q, k, v, block_size, key_padding_mask)
     b, h, n, d = q.shape
