@@ -94,6 +94,26 @@ def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractCon
     return torch.autocast(device.type, dtype=dtype)
 
 
+def keep_freed_memory() -> None:
+    """Let glibc's malloc keep freed blocks of up to 32 MiB for reuse instead of handing them back to
+    the kernel (Linux; elsewhere a no-op). A training step on the CPU allocates and frees the same
+    large activations every step; handed back, each returns as fresh pages that fault in on first
+    touch (measured: 5-9% of a small model's step on 2 cores). jemalloc and tcmalloc, which PyTorch's
+    CPU tuning guide recommends, do the same; this needs no library. The process keeps its peak
+    memory instead of shrinking between steps."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+    if mallopt is None:
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    mallopt(m_mmap_threshold, 32 << 20)  # served from the heap, where freed blocks are reused
+    mallopt(m_trim_threshold, 1 << 30)  # the heap's top is not given back either
+
+
 def peak_memory(device: torch.device) -> int:
     """Bytes at the high-water mark so far: the CUDA allocator's on a GPU, else the process's RSS."""
     import torch

@@ -19,7 +19,7 @@ from rotary_embedding_torch import RotaryEmbedding
 from torch import nn
 
 from htcli.attention import HAttentionCache, KVCache, check_block_size, h_attention
-from htcli.fused import ReluSquared, RMSNorm, rms_norm, rotate, rotate_one
+from htcli.fused import ReluSquared, RMSNorm, norm_rotate, rms_norm, rotate
 from htcli.reversible import reversible_stack
 
 ATTENTION_KINDS = ("h", "exact")
@@ -184,18 +184,15 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(config.dim_head) if config.qk_norm else None
         self.k_norm = RMSNorm(config.dim_head) if config.qk_norm else None
 
-    def normed(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q and k with QK-norm, where the config has it (over the last dim: any layout)."""
-        if self.q_norm is None:
-            return q, k
-        return self.q_norm(q), self.k_norm(k)
-
-    def rotate(self, t: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-        """Rotary embedding on q or k (b h n d) with rotary_tables(n) (None: none); computed in fp32
-        whatever t's dtype."""
-        if tables is None:
-            return t
-        return rotate(t, *tables)
+    def prepared(self, t: torch.Tensor, which: int, turns: torch.Tensor | None) -> torch.Tensor:
+        """q (which 0) or k (which 1), (..., n, d) with any layout, with QK-norm and the rotary embedding
+        (turns: rotary_turns(n)) where the config has them."""
+        norm = (self.q_norm, self.k_norm)[which]
+        if norm is not None and turns is not None:
+            return norm_rotate(t, norm.weight, turns, norm.epsilon)
+        if norm is not None:
+            return norm(t)
+        return t if turns is None else rotate(t, turns)
 
     def forward(
         self, x: torch.Tensor, mask: torch.Tensor | None, state: AttentionState | None = None
@@ -203,9 +200,8 @@ class Attention(nn.Module):
         """state (prefill only): set to continue after these positions."""
         cfg = self.config
         q, k, v = rearrange(self.to_qkv(x), "b n (three h d) -> three b h n d", three=3, h=cfg.heads)
-        q, k = self.normed(q, k)
-        tables = self.rotary_tables(q.shape[2], q.device) if self.rotary else None
-        q, k = self.rotate(q, tables), self.rotate(k, tables)
+        turns = self.rotary_turns(q.shape[2], q.device) if self.rotary else None
+        q, k = self.prepared(q, 0, turns), self.prepared(k, 1, turns)
         if state is not None:
             self._start_decoding(q, k, v, state)
         if cfg.attention == "h":
@@ -235,19 +231,13 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             state.qk_weight = torch.stack([self.q_norm.weight, self.k_norm.weight])[:, None]
 
-    def rotary_tables(self, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sign-folded sin (length, d), fp32, of the rotary embedding at positions
-        0..length-1, for rotate(): x rotated = x * cos + swap_pairs(x) * sin (forward and `step`)."""
-        freqs = self.rotary(self.rotary.get_seq_pos(length, device=device, dtype=torch.float32))
-        sin = freqs.sin()
-        sin[:, 0::2] = -sin[:, 0::2]  # rotate_half maps the pair (x1, x2) to (-x2, x1)
-        return freqs.cos(), sin
-
     def rotary_turns(self, length: int, device) -> torch.Tensor:
-        """The rotations of rotary_tables as complex numbers cos + i sin (length, d/2), for
-        fused.rotate_one (the decode step)."""
-        cos, sin = self.rotary_tables(length, device)
-        return torch.complex(cos[:, 0::2], sin[:, 1::2])
+        """The rotary embedding's rotations at positions 0..length-1 as complex numbers cos + i sin
+        (length, d/2), fp32, for fused.rotate and norm_rotate: rotary-embedding-torch's angles (each
+        repeated for the pair (x1, x2), which its rotate_half maps to (-x2, x1))."""
+        freqs = self.rotary(self.rotary.get_seq_pos(length, device=device, dtype=torch.float32))
+        angles = freqs[:, 0::2]
+        return torch.complex(angles.cos(), angles.sin())
 
     def step(self, x: torch.Tensor, state: AttentionState) -> torch.Tensor:
         """One position x (b, e), the cache's next."""
@@ -257,10 +247,13 @@ class Attention(nn.Module):
         qkv = self.to_qkv.forward(x).view(b, 3, h, d)  # the (three h d) order of forward()
         qk, v = qkv[:, :2], qkv[:, 2]
         # q and k together, as few operations as can be: a decode step is bound by their number
-        if self.q_norm is not None:
+        turn = None if state.rotary is None else state.rotary[cache.t]
+        if self.q_norm is not None and turn is not None:
+            qk = norm_rotate(qk, state.qk_weight, turn, self.q_norm.epsilon)
+        elif self.q_norm is not None:
             qk = rms_norm(qk, state.qk_weight, self.q_norm.epsilon)
-        if state.rotary is not None:
-            qk = rotate_one(qk, state.rotary[cache.t])
+        elif turn is not None:
+            qk = rotate(qk, turn)
         out = cache.step(qk[:, 0], qk[:, 1], v)
         return self.to_out.forward(out.reshape(b, h * d))
 

@@ -34,7 +34,14 @@ from htcli.checkpoint_checks import check_optimizer_state
 from htcli.config import CONFIG_FILE, TrainConfig
 from htcli.corpus import ByteCorpus, ByteSpan, RecordOptions
 from htcli.data import WindowSampler, evenly_spaced, split
-from htcli.device import autocast, dtype_name, peak_memory, resolve_device, resolve_dtype
+from htcli.device import (
+    autocast,
+    dtype_name,
+    keep_freed_memory,
+    peak_memory,
+    resolve_device,
+    resolve_dtype,
+)
 from htcli.errors import HtcliError
 from htcli.evaluate import byte_nll, window_nats
 from htcli.files import write_json
@@ -131,6 +138,8 @@ class Run:
         self.out = Path(config.out)
         self.device = distributed.local_device(resolve_device(config.device))
         self.dtype = resolve_dtype(config.dtype, self.device)
+        if self.device.type == "cpu":
+            keep_freed_memory()
         self.lock, self.corpora = RunLock(self.out), []  # let go of by close()
         self.window = config.model.max_seq_len + 1
         on_gpu = self.device.type == "cuda"

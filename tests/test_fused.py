@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from htcli.fused import RMSNorm, _RMSNorm, rms_norm, rotate, rotate_one
+from htcli.fused import RMSNorm, _NormRotate, _RMSNorm, _Rotate, norm_rotate, rms_norm, rotate
 from htcli.model import Attention, HTransformerConfig
 
 
@@ -57,15 +57,66 @@ def test_rms_norm_broadcasts_a_stacked_weight():
     assert torch.autograd.gradcheck(lambda x, w: _RMSNorm.apply(x, w, 1e-6), (x, w))
 
 
-def test_rotate_one_equals_rotate_at_each_position():
-    """The decode step's complex-number rotation equals the parallel forward's, position by position."""
-    attention = Attention(HTransformerConfig(dim=32, heads=2, dim_head=16, block_size=16, max_seq_len=64))
+def _rotary(n: int, dim_head: int = 16) -> torch.Tensor:
+    config = HTransformerConfig(dim=32, heads=2, dim_head=dim_head, block_size=16, max_seq_len=64)
+    return Attention(config).rotary_turns(n, torch.device("cpu"))
+
+
+def test_rotate_at_one_position_equals_rotate_over_all():
+    """The decode step rotates one position with its turn: the parallel forward's rotation there."""
     x = torch.randn(2, 2, 40, 16)
-    cos, sin = attention.rotary_tables(40, x.device)
-    turns = attention.rotary_turns(40, x.device)
-    expected = rotate(x, cos, sin)
+    turns = _rotary(40)
+    expected = rotate(x, turns)
     for position in (0, 1, 17, 39):
-        got = rotate_one(x[:, :, position], turns[position])
+        got = rotate(x[:, :, position], turns[position])
         assert (got - expected[:, :, position]).abs().max().item() < 1e-6
     half = x.to(torch.bfloat16)
-    assert rotate_one(half[:, :, 3], turns[3]).dtype == torch.bfloat16
+    assert rotate(half[:, :, 3], turns[3]).dtype == torch.bfloat16
+
+
+def test_rotate_gradient_is_the_rotations_transpose():
+    """_Rotate's backward (the conjugate turns) is the forward's derivative (fp64 gradcheck)."""
+    x = torch.randn(1, 2, 5, 16, dtype=torch.float64, requires_grad=True)
+    turns = _rotary(5).to(torch.complex128)
+    assert torch.autograd.gradcheck(_Rotate.apply, (x, turns))
+
+
+def test_norm_rotate_equals_rms_norm_then_rotate():
+    """QK-norm and rotary fused: the output and both gradients of rms_norm then rotate, also when the
+    input is a strided view (q, k and v are slices of one projection), and without autograd."""
+    torch.manual_seed(0)
+    qkv = torch.randn(2, 40, 3 * 2 * 16, requires_grad=True)
+    q = qkv.view(2, 40, 3, 2, 16)[:, :, 1].transpose(1, 2)  # (b h n d), not contiguous
+    w = torch.randn(16, requires_grad=True)
+    turns = _rotary(40)
+    grad = torch.randn(2, 2, 40, 16)
+    expected = rotate(rms_norm(q, w, 1e-6), turns)
+    expected_grads = torch.autograd.grad(expected, (qkv, w), grad)
+    got = norm_rotate(q, w, turns, 1e-6)
+    grads = torch.autograd.grad(got, (qkv, w), grad)
+    assert (got - expected).abs().max().item() < 1e-5
+    for ours, theirs in zip(grads, expected_grads):
+        assert (ours - theirs).abs().max().item() < 1e-4
+    with torch.no_grad():
+        assert (norm_rotate(q, w, turns, 1e-6) - expected).abs().max().item() < 1e-5
+
+
+def test_norm_rotate_gradcheck():
+    """_NormRotate's hand-written backward is the forward's derivative, for x and the weight (fp64)."""
+    x = torch.randn(2, 2, 5, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(8, dtype=torch.float64, requires_grad=True)
+    turns = _rotary(5, dim_head=8).to(torch.complex128)
+    assert torch.autograd.gradcheck(lambda x, w: _NormRotate.apply(x, w, turns, 1e-6), (x, w))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_norm_rotate_of_low_precision_input_computes_in_fp32(dtype):
+    """A bf16/fp16 q or k is normalised and rotated in fp32 and returned in its dtype, gradient too."""
+    x = torch.randn(2, 2, 6, 16).to(dtype).requires_grad_()
+    w = torch.randn(16, requires_grad=True)
+    turns = _rotary(6)
+    got = norm_rotate(x, w, turns, 1e-6)
+    assert got.dtype == dtype
+    assert torch.equal(got, norm_rotate(x.detach().float(), w.detach(), turns, 1e-6).to(dtype))
+    (grad,) = torch.autograd.grad(got.float().sum(), x)
+    assert grad.dtype == dtype
