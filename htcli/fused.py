@@ -50,12 +50,15 @@ def _complex(x: torch.Tensor) -> torch.Tensor:
 
 
 def _turn(x: torch.Tensor, turns: torch.Tensor, *, back: bool = False) -> torch.Tensor:
-    """x (..., n, d) with each pair (x0, x1) rotated by the complex number of its position and pair in
-    turns (n, d/2) (back: by its conjugate, the inverse rotation): one multiplication, a new tensor.
-    Under torch.compile, in real arithmetic (the compiler neither traces nor generates complex views)."""
+    """x (..., n, d) with each pair (x0, x1) rotated by its position's and pair's angle, given as turns
+    (n, d/2, 2): (cos, sin) (back: by minus the angle, the inverse rotation). One complex product,
+    (x0 + i x1)(cos + i sin), a new tensor; under torch.compile in real arithmetic (the compiler
+    neither traces complex views nor generates code for complex numbers)."""
     if not torch.compiler.is_compiling():
-        return torch.view_as_real(_complex(x) * (turns.conj() if back else turns)).flatten(-2)
-    cos, sin = turns.real, -turns.imag if back else turns.imag
+        turn = torch.view_as_complex(turns)
+        return torch.view_as_real(_complex(x) * (turn.conj() if back else turn)).flatten(-2)
+    cos, sin = turns.unbind(-1)
+    sin = -sin if back else sin
     x0, x1 = x.unflatten(-1, (-1, 2)).unbind(-1)
     return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), -1).flatten(-2)
 
@@ -114,10 +117,10 @@ class _NormRotate(torch.autograd.Function):
 
 
 def rotate(x: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
-    """x (..., n, d) with the rotary embedding whose rotations at positions 0..n-1 are turns (n, d/2),
-    complex numbers cos + i sin (model.Attention.rotary_turns): each pair (x0, x1) becomes the product
-    (x0 + i x1) * turn. fp32 inside whatever x's dtype, returned in x's. Also one position at a time:
-    x (..., d) with turns (d/2,)."""
+    """x (..., n, d) with the rotary embedding whose rotations at positions 0..n-1 are turns (n, d/2, 2),
+    each pair's cos and sin (model.Attention.rotary_turns): each pair (x0, x1) becomes the complex
+    product (x0 + i x1)(cos + i sin). fp32 inside whatever x's dtype, returned in x's. Also one
+    position at a time: x (..., d) with turns (d/2, 2)."""
     if _needs_grad(x):
         return _Rotate.apply(x, turns)
     return _as(_turn(_promoted(x), turns), x.dtype)

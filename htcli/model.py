@@ -232,12 +232,12 @@ class Attention(nn.Module):
             state.qk_weight = torch.stack([self.q_norm.weight, self.k_norm.weight])[:, None]
 
     def rotary_turns(self, length: int, device) -> torch.Tensor:
-        """The rotary embedding's rotations at positions 0..length-1 as complex numbers cos + i sin
-        (length, d/2), fp32, for fused.rotate and norm_rotate: rotary-embedding-torch's angles (each
-        repeated for the pair (x1, x2), which its rotate_half maps to (-x2, x1))."""
+        """The rotary embedding's rotations at positions 0..length-1, (length, d/2, 2): each pair's
+        cos and sin, for fused.rotate and norm_rotate. rotary-embedding-torch's angles, each of which
+        it repeats for a pair (x1, x2) that its rotate_half maps to (-x2, x1)."""
         freqs = self.rotary(self.rotary.get_seq_pos(length, device=device, dtype=torch.float32))
-        angles = freqs[:, 0::2]
-        return torch.complex(angles.cos(), angles.sin())
+        angles = freqs[:, 0::2].float()  # (fp32 whatever dtype the module was moved to)
+        return torch.stack((angles.cos(), angles.sin()), -1)
 
     def step(self, x: torch.Tensor, state: AttentionState) -> torch.Tensor:
         """One position x (b, e), the cache's next."""

@@ -77,7 +77,7 @@ def test_rotate_at_one_position_equals_rotate_over_all():
 def test_rotate_gradient_is_the_rotations_transpose():
     """_Rotate's backward (the conjugate turns) is the forward's derivative (fp64 gradcheck)."""
     x = torch.randn(1, 2, 5, 16, dtype=torch.float64, requires_grad=True)
-    turns = _rotary(5).to(torch.complex128)
+    turns = _rotary(5).double()
     assert torch.autograd.gradcheck(_Rotate.apply, (x, turns))
 
 
@@ -105,7 +105,7 @@ def test_norm_rotate_gradcheck():
     """_NormRotate's hand-written backward is the forward's derivative, for x and the weight (fp64)."""
     x = torch.randn(2, 2, 5, 8, dtype=torch.float64, requires_grad=True)
     w = torch.randn(8, dtype=torch.float64, requires_grad=True)
-    turns = _rotary(5, dim_head=8).to(torch.complex128)
+    turns = _rotary(5, dim_head=8).double()
     assert torch.autograd.gradcheck(lambda x, w: _NormRotate.apply(x, w, turns, 1e-6), (x, w))
 
 
