@@ -115,11 +115,33 @@ def make_norm(config: HTransformerConfig, dim: int) -> nn.Module:
     return RMSNorm(dim) if config.norm == "rms" else nn.LayerNorm(dim)
 
 
+class StepLinear:
+    """A linear layer as a decode step applies it, to a few rows x (b, in): as W @ x^T with at least two
+    columns (a single row is repeated), the product MKL does fastest. Measured on this project's CPU, the
+    25 matrix products of a small-preset step: 0.46 ms this way against 0.93-1.0 ms for F.linear at one
+    row (its matrix-vector path), 1.18 against 1.38 ms at eight rows."""
+
+    def __init__(self, linear: nn.Linear):
+        self.weight = linear.weight  # (out, in)
+        self.bias = None if linear.bias is None else linear.bias[:, None]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.shape[0]
+        columns = (x.expand(2, -1) if rows == 1 else x).contiguous().t()  # (in, max(b, 2))
+        out = (
+            torch.mm(self.weight, columns)
+            if self.bias is None
+            else torch.addmm(self.bias, self.weight, columns)
+        )
+        return out.t()[:rows]  # (b, out), a strided view
+
+
 @dataclass
 class BranchState:
     """A residual branch's decoding state: what it needs to continue after the positions seen so far."""
 
     previous: torch.Tensor | None = None  # token shift: the last position's normalised features (b, e)
+    linears: list[StepLinear] = field(default_factory=list)  # the branch's linear layers, for steps
 
 
 @dataclass
@@ -140,6 +162,7 @@ class DecodingState:
     """Where a sequence stands after `prefill` and each `decode_step`: one LayerState per layer."""
 
     layers: list[LayerState]
+    head: StepLinear | None = None  # the output head, for steps
 
     @property
     def position(self) -> int:
@@ -227,6 +250,7 @@ class Attention(nn.Module):
                 dtype=k.dtype,
             )
         state.cache.prefill(q, k, v)
+        state.linears = [StepLinear(self.to_qkv), StepLinear(self.to_out)]
         state.rotary = self.rotary_turns(state.cache.capacity + 1, q.device) if self.rotary else None
         if self.q_norm is not None:
             state.qk_weight = torch.stack([self.q_norm.weight, self.k_norm.weight])[:, None]
@@ -243,8 +267,8 @@ class Attention(nn.Module):
         """One position x (b, e), the cache's next."""
         cache = state.cache
         b, h, d = x.shape[0], self.config.heads, self.config.dim_head
-        # (modules' forward called directly here and below: their __call__ costs more than a small op)
-        qkv = self.to_qkv.forward(x).view(b, 3, h, d)  # the (three h d) order of forward()
+        to_qkv, to_out = state.linears
+        qkv = to_qkv(x).view(b, 3, h, d)  # the (three h d) order of forward()
         qk, v = qkv[:, :2], qkv[:, 2]
         # q and k together, as few operations as can be: a decode step is bound by their number
         turn = None if state.rotary is None else state.rotary[cache.t]
@@ -255,7 +279,7 @@ class Attention(nn.Module):
         elif turn is not None:
             qk = rotate(qk, turn)
         out = cache.step(qk[:, 0], qk[:, 1], v)
-        return self.to_out.forward(out.reshape(b, h * d))
+        return to_out(out.reshape(b, h * d))
 
 
 def exact_attention(q, k, v, *, causal: bool, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
@@ -282,11 +306,15 @@ class FeedForward(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, state: BranchState | None = None):
+        """state (prefill only): set to continue after these positions."""
+        if state is not None:
+            state.linears = [StepLinear(self.net[0]), StepLinear(self.net[2])]
         return self.net(x)
 
     def step(self, x: torch.Tensor, state: BranchState) -> torch.Tensor:
-        first, activation, second = self.net
-        return second.forward(activation.forward(first.forward(x)))
+        first, second = state.linears
+        # (a module's forward called directly: its __call__ costs more than a small op)
+        return second(self.net[1].forward(first(x)))
 
 
 class PreNorm(nn.Module):
@@ -383,9 +411,10 @@ class HTransformer1D(nn.Module):
                 else:
                     nn.init.normal_(param, std=0.02 / math.sqrt(2 * config.depth))
 
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Next-byte logits from the last layer's output (soft-capped where the config says)."""
-        logits = self.to_logits(self.norm(x))
+    def logits(self, x: torch.Tensor, head: StepLinear | None = None) -> torch.Tensor:
+        """Next-byte logits from the last layer's output (soft-capped where the config says); head:
+        the output head as a decode step applies it."""
+        logits = (head or self.to_logits)(self.norm(x))
         cap = self.config.logit_softcap
         return cap * torch.tanh(logits / cap) if cap else logits
 
@@ -425,7 +454,7 @@ class HTransformer1D(nn.Module):
         n = tokens.shape[1]
         if not 1 <= n <= self.config.max_seq_len:
             raise ValueError(f"prefill takes 1 to max_seq_len ({self.config.max_seq_len}) tokens, got {n}")
-        state = DecodingState([LayerState() for _ in self.layers.blocks])
+        state = DecodingState([LayerState() for _ in self.layers.blocks], StepLinear(self.to_logits))
         x = self.layers(self.token_emb(tokens), None, states=state.layers)
         return self.logits(x), state
 
@@ -433,4 +462,4 @@ class HTransformer1D(nn.Module):
     def decode_step(self, token: torch.Tensor, state: DecodingState) -> torch.Tensor:
         """Logits (b, num_tokens) for the position after token (b,), fed at state.position; updates state."""
         x = self.layers.step(self.token_emb(token), state.layers)
-        return self.logits(x)
+        return self.logits(x, state.head)

@@ -189,3 +189,16 @@ def test_rotary_equals_rotary_embedding_torch():
     t = torch.randn(2, 2, 40, 16)
     expected = attention.rotary.rotate_queries_or_keys(t)
     assert (rotate(t, attention.rotary_turns(40, t.device)) - expected).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("rows", [1, 2, 8])
+@pytest.mark.parametrize("bias", [True, False])
+def test_step_linear_equals_the_layer(rows, bias):
+    """A decode step's linear layer (W @ x^T, one row repeated) gives the layer's output."""
+    from htcli.model import StepLinear
+
+    layer = torch.nn.Linear(24, 40, bias=bias)
+    x = torch.randn(rows, 24)
+    got = StepLinear(layer)(x)
+    assert got.shape == (rows, 40)
+    assert (got - layer(x)).abs().max().item() < 1e-5
