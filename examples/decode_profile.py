@@ -1,10 +1,11 @@
-"""Where a decode step's time goes: host (Python and dispatch) against device, and operations per byte.
+"""Where a decode step's time goes: host (Python and dispatch) against device, and operations per step.
 
-    python examples/decode_profile.py [--preset small] [--prompt-len 7680] [--device cuda]
+    python examples/decode_profile.py [--preset small] [--prompt-len 7680] [--batch 1] [--device cuda]
 
-Random weights, greedy, batch 1, the hierarchical decode cache; prints milliseconds per byte of
-wall time, the host time of launching the step's work (without waiting for the device), the
-device's busy time per byte, and the number of device kernels (CUDA) or torch operations per byte.
+Random weights, greedy, `--batch` sequences at once, the hierarchical decode cache; prints per step
+(one byte of each sequence) the milliseconds of wall time (and the bytes/s they make), the host time of
+launching the step's work (without waiting for the device), the device's busy time, and the number
+of device kernels (CUDA) or torch operations.
 """
 
 from __future__ import annotations
@@ -30,13 +31,14 @@ def main() -> None:
     parser.add_argument("--preset", default="small")
     parser.add_argument("--prompt-len", type=int, default=7680)
     parser.add_argument("--steps", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
     device = resolve_device(args.device)
     dtype = resolve_dtype("auto", device)
     torch.manual_seed(0)
     model = HTransformer1D(model_config(args.preset)).to(device).eval()
-    prompt = torch.randint(0, 256, (1, args.prompt_len), device=device)
+    prompt = torch.randint(0, 256, (args.batch, args.prompt_len), device=device)
     with torch.no_grad(), autocast(device, dtype):
         logits, state = model.prefill(prompt)
         token = logits[:, -1].argmax(-1)
@@ -67,11 +69,12 @@ def main() -> None:
     else:
         kernels = sum(e.count for e in events if e.key.startswith("aten::"))
         busy = float("nan")
-    print(f"{args.preset} preset, {device}, {dtype}, prompt {args.prompt_len}, {args.steps} steps")
+    per_step = f"{'kernels' if device.type == 'cuda' else 'aten ops'}/step"
+    print(f"{args.preset} preset, {device}, {dtype}, batch {args.batch}, prompt {args.prompt_len}")
     print(
-        f"wall {wall * 1e3:.3f} ms/byte ({1 / wall:.0f} bytes/s); host launching {host * 1e3:.3f} ms/byte; "
-        f"device busy {busy / args.steps:.3f} ms/byte; {kernels / args.steps:.0f} "
-        f"{'kernels' if device.type == 'cuda' else 'aten ops'}/byte"
+        f"wall {wall * 1e3:.3f} ms/step ({args.batch / wall:.0f} bytes/s); host launching "
+        f"{host * 1e3:.3f} ms/step; device busy {busy / args.steps:.3f} ms/step; "
+        f"{kernels / args.steps:.0f} {per_step}"
     )
     print(events.table(sort_by="self_cpu_time_total", row_limit=12))
 

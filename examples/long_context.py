@@ -70,6 +70,9 @@ VARIANTS = {
     "h-2048-cw90": variant(2048, "--context-warmup", "0.9"),
     "exact-2048-cw90": variant(2048, "--attention", "exact", "--context-warmup", "0.9"),
     "h-4096-cw90": variant(4096, "--context-warmup", "0.9"),
+    # the last 3% of the steps (9) at the full length: as long-context language models are trained
+    "h-2048-cw97": variant(2048, "--context-warmup", "0.97"),
+    "h-4096-cw97": variant(4096, "--context-warmup", "0.97"),
 }
 
 

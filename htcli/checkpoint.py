@@ -17,7 +17,7 @@ import base64
 import contextlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -202,13 +202,27 @@ def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
 
 
 def load_model(
-    path: str | os.PathLike, device: torch.device | str = "cpu"
+    path: str | os.PathLike, device: torch.device | str = "cpu", *, context: int | None = None
 ) -> tuple[HTransformer1D, CheckpointInfo]:
-    """The model stored at path (a run directory or a .safetensors file), in eval mode on device."""
+    """The model stored at path (a run directory or a .safetensors file), in eval mode on device.
+    context: the longest input it takes, instead of the one it trained with (no weight depends on it;
+    whether the model extrapolates to a longer one is what evaluating it there shows)."""
     info = read_checkpoint_info(path)
+    config = info.config
+    if context is not None:
+        if not (isinstance(context, int) and context > 0 and context % config.block_size == 0):
+            raise HtcliError(
+                f"context must be a positive multiple of the model's block size ({config.block_size}), "
+                f"got {context}",
+                fields=("context",),
+            )
+        try:
+            config = replace(config, max_seq_len=context)
+        except ValueError as error:
+            raise HtcliError(str(error).replace("max_seq_len", "context"), fields=("context",)) from None
     tensors = _load_tensors(info.path)
     check_finite(tensors, info.path)
-    model = HTransformer1D(info.config)
+    model = HTransformer1D(config)
     load_weights(model, tensors, info.path)
     return model.to(device).eval(), info
 

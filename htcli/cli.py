@@ -517,6 +517,13 @@ ByPosition = Annotated[
         "does the model use its context?",
     ),
 ]
+EvalContext = Annotated[
+    int | None,
+    typer.Option(
+        help="Windows of this many bytes instead of the model's context: a longer one shows whether "
+        "the model extrapolates past the length it trained on."
+    ),
+]
 PositionPlot = Annotated[
     Path | None, typer.Option(flag("plot_path"), help="With --by-position: draw the curve to this PNG.")
 ]
@@ -529,6 +536,7 @@ def eval_(
     stride: Stride = None,
     by_position: ByPosition = False,
     plot_path: PositionPlot = None,
+    context: EvalContext = None,
     batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 8,
     text_field: TextField = None,
     skip_bad_records: SkipBadRecords = None,
@@ -549,7 +557,7 @@ def eval_(
             raise HtcliError("--plot draws the by-position curve: add --by-position")
         torch_device = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, torch_device)
-        model, info = load_model(checkpoint, torch_device)
+        model, info = load_model(checkpoint, torch_device, context=context)
         records = RecordOptions(text_field or "text", bool(skip_bad_records))
         with ByteCorpus.open(corpus or [], records=records, include_hidden=bool(include_hidden)) as data:
             if data.skipped_records:

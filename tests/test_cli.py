@@ -371,3 +371,19 @@ def test_exact_attention_run(corpus, tmp_path):
     assert evaluated.exit_code == 0 and json.loads(evaluated.stdout)["bits_per_byte"] > 0
     assert_user_error(invoke("train", corpus, "--out", tmp_path / "x", "--attention", "full", *TINY_FLAGS),
                       "--attention must be one of")  # fmt: skip
+
+
+def test_eval_with_another_context(trained, tmp_path):
+    """eval --context scores windows longer (or shorter) than the model trained on; a context that is
+    not a multiple of the block size is refused in the flag's name."""
+    run, _ = trained
+    held_out = tmp_path / "held_out.txt"
+    held_out.write_bytes(make_text(3000, seed=9))
+    result = invoke("eval", run, held_out, "--context", 256, "--by-position", "--json", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["context"] == 256 and [b["first"] for b in report["by_position"]] == [0, 64, 128]
+    assert sum(b["bytes"] for b in report["by_position"]) == report["bytes_scored"] == 2999
+    short = json.loads(invoke("eval", run, held_out, "--context", 32, "--json", "--device", "cpu").stdout)
+    assert short["context"] == 32 and short["stride"] == 16
+    assert_user_error(invoke("eval", run, held_out, "--context", 36), "--context must be a positive multiple")

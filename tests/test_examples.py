@@ -32,11 +32,11 @@ def test_decode_profile_runs_on_the_cpu():
     """decode_profile.py times a few decode steps and counts the operations in them."""
     result = subprocess.run(
         [sys.executable, EXAMPLES / "decode_profile.py", "--preset", "tiny", "--prompt-len", "100",
-         "--steps", "4", "--device", "cpu"],
+         "--steps", "4", "--device", "cpu", "--batch", "2"],
         capture_output=True, text=True, check=True,
     )  # fmt: skip
-    assert "tiny preset, cpu" in result.stdout
-    assert "ms/byte" in result.stdout and "aten ops/byte" in result.stdout
+    assert "tiny preset, cpu" in result.stdout and "batch 2" in result.stdout
+    assert "ms/step" in result.stdout and "aten ops/step" in result.stdout
 
 
 def test_triton_sweep_runs_in_the_interpreter(tmp_path):
