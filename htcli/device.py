@@ -99,16 +99,17 @@ def keep_freed_memory() -> None:
     the kernel (Linux; elsewhere a no-op). A training step on the CPU allocates and frees the same
     large activations every step; handed back, each returns as fresh pages that fault in on first
     touch (measured: 5-9% of a small model's step on 2 cores). jemalloc and tcmalloc, which PyTorch's
-    CPU tuning guide recommends, do the same; this needs no library. The process keeps its peak
-    memory instead of shrinking between steps."""
+    CPU tuning guide recommends, do the same; this needs no library. For the whole process, for
+    good: it keeps its peak memory instead of shrinking between steps."""
     import ctypes
     import sys
 
     if not sys.platform.startswith("linux"):
         return
     mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
-    if mallopt is None:
+    if mallopt is None:  # (musl has none; other libcs ignore glibc's parameter numbers)
         return
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
     mallopt(m_mmap_threshold, 32 << 20)  # served from the heap, where freed blocks are reused
     mallopt(m_trim_threshold, 1 << 30)  # the heap's top is not given back either

@@ -8,6 +8,8 @@ gradcheck in the tests), and takes a shortcut without autograd when no gradient 
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -63,10 +65,19 @@ def _turn(x: torch.Tensor, turns: torch.Tensor, *, back: bool = False) -> torch.
     return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), -1).flatten(-2)
 
 
+def _no_autocast(x: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Autocast off where it is on: the matrix products below stay in x's precision (autocast would
+    run them in bf16/fp16)."""
+    device = x.device.type
+    enabled = torch.is_autocast_enabled(device)
+    return torch.autocast(device, enabled=False) if enabled else contextlib.nullcontext()
+
+
 def _rstd(x: torch.Tensor, eps: float) -> torch.Tensor:
     """1 / sqrt(mean(x^2) + eps) over the last dim, keepdim. The sum of squares as a batched matrix
     product: on a CPU, 4x faster than a reduction over a short last dim (a head's 32 or 64)."""
-    squares = (x.unsqueeze(-2) @ x.unsqueeze(-1)).squeeze(-1)
+    with _no_autocast(x):
+        squares = (x.unsqueeze(-2) @ x.unsqueeze(-1)).squeeze(-1)
     return squares.div_(x.shape[-1]).add_(eps).rsqrt_()
 
 
@@ -110,8 +121,9 @@ class _NormRotate(torch.autograd.Function):
         rotated_back = _turn(_promoted(grad).contiguous(), turns, back=True)  # R^T grad
         # with h = weight * R^T grad: dL/dx = rstd * (h - x * rstd^2 * <h, x> / d)
         product = xf * rotated_back
-        coef = (product @ weight.to(rstd.dtype))[..., None].mul_(rstd.square()).div_(-d)
-        grad_weight = (rstd.reshape(1, -1) @ product.reshape(-1, d)).reshape(weight.shape)
+        with _no_autocast(xf):  # (a reversible stack's backward runs under autocast)
+            coef = (product @ weight.to(xf.dtype))[..., None].mul_(rstd.square()).div_(-d)
+            grad_weight = (rstd.reshape(1, -1) @ product.reshape(-1, d)).reshape(weight.shape)
         grad_x = rotated_back.mul_(weight).addcmul_(xf, coef).mul_(rstd)
         return _as(grad_x, ctx.dtype), grad_weight.to(weight.dtype), None, None
 

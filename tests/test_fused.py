@@ -120,3 +120,20 @@ def test_norm_rotate_of_low_precision_input_computes_in_fp32(dtype):
     assert torch.equal(got, norm_rotate(x.detach().float(), w.detach(), turns, 1e-6).to(dtype))
     (grad,) = torch.autograd.grad(got.float().sum(), x)
     assert grad.dtype == dtype
+
+
+def test_norm_rotate_under_autocast_computes_in_fp32():
+    """Under bf16 autocast (training on a GPU) the sums of squares and the backward's matrix products
+    stay in fp32: the output is the fp32 one rounded, and the gradients are fp32's."""
+    torch.manual_seed(0)
+    x = (torch.randn(2, 2, 6, 16) * 40).requires_grad_()  # rows whose squares overflow fp16
+    w = torch.randn(16, requires_grad=True)
+    turns = _rotary(6)
+    expected = norm_rotate(x, w, turns, 1e-6)
+    expected_grads = torch.autograd.grad(expected.sum(), (x, w))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = norm_rotate(x, w, turns, 1e-6)
+        grads = torch.autograd.grad(got.sum(), (x, w))  # (inside autocast, as a reversible backward is)
+    assert torch.equal(got, expected)
+    for ours, theirs in zip(grads, expected_grads):
+        assert ours.dtype == torch.float32 and torch.allclose(ours, theirs, atol=1e-5)

@@ -202,3 +202,30 @@ def test_step_linear_equals_the_layer(rows, bias):
     got = StepLinear(layer)(x)
     assert got.shape == (rows, 40)
     assert (got - layer(x)).abs().max().item() < 1e-5
+
+
+def test_default_model_trains_under_bf16_autocast():
+    """A training step of the default model (QK-norm, rotary) under bf16 autocast, as on a GPU, gives
+    finite fp32 gradients close to fp32's."""
+    torch.manual_seed(0)
+    model = HTransformer1D(HTransformerConfig(dim=32, heads=2, dim_head=16, block_size=16, max_seq_len=64))
+    tokens = torch.randint(0, 256, (2, 64))
+    params = [p for p in model.parameters() if p.requires_grad]
+    expected = torch.autograd.grad(model(tokens).logsumexp(-1).mean(), params)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(tokens).float().logsumexp(-1).mean()
+    grads = torch.autograd.grad(loss, params)
+    for ours, theirs in zip(grads, expected):
+        assert ours.dtype == torch.float32 and torch.isfinite(ours).all()
+        assert (ours - theirs).norm() <= 0.1 * theirs.norm() + 1e-6
+
+
+def test_keep_freed_memory_is_harmless():
+    """Telling malloc to keep freed memory (training on the CPU) can be done twice and leaves tensors
+    working."""
+    from htcli.device import keep_freed_memory
+
+    keep_freed_memory()
+    keep_freed_memory()
+    big = torch.ones(3 << 20)
+    assert big.sum().item() == 3 << 20
