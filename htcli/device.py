@@ -94,6 +94,17 @@ def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractCon
     return torch.autocast(device.type, dtype=dtype)
 
 
+def without_autocast(device_type: str) -> contextlib.AbstractContextManager:
+    """Autocast switched off where it is on, so that what runs inside keeps its inputs' precision (a
+    matrix product under autocast runs in bf16/fp16); where it is off, a no-op that costs less than
+    entering torch.autocast (a decode step's hot path)."""
+    import torch
+
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def keep_freed_memory() -> None:
     """Let glibc's malloc keep freed blocks of up to 32 MiB for reuse instead of handing them back to
     the kernel (Linux; elsewhere a no-op). A training step on the CPU allocates and frees the same

@@ -8,10 +8,10 @@ gradcheck in the tests), and takes a shortcut without autograd when no gradient 
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch import nn
+
+from htcli.device import without_autocast
 
 
 def _needs_grad(*tensors: torch.Tensor) -> bool:
@@ -43,46 +43,37 @@ class ReluSquared(nn.Module):
         return _ReluSquared.apply(x) if _needs_grad(x) else torch.relu(x).square_()
 
 
-def _complex(x: torch.Tensor) -> torch.Tensor:
-    """x (..., d) as d/2 complex numbers x0 + i x1, x2 + i x3, ... (a view where x's layout allows)."""
-    pairs = x.unflatten(-1, (-1, 2))
-    if pairs.stride(-1) != 1 or pairs.storage_offset() % 2 or any(s % 2 for s in pairs.stride()[:-1]):
-        pairs = pairs.contiguous()
-    return torch.view_as_complex(pairs)
-
-
 def _turn(x: torch.Tensor, turns: torch.Tensor, *, back: bool = False) -> torch.Tensor:
-    """x (..., n, d) with each pair (x0, x1) rotated by its position's and pair's angle, given as turns
-    (n, d/2, 2): (cos, sin) (back: by minus the angle, the inverse rotation). One complex product,
-    (x0 + i x1)(cos + i sin), a new tensor; under torch.compile in real arithmetic (the compiler
-    neither traces complex views nor generates code for complex numbers)."""
+    """x (..., n, d), contiguous, with each pair (x0, x1) rotated by its position's and pair's angle,
+    given as turns (n, d/2, 2): (cos, sin) (back: by minus the angle, the inverse rotation). One
+    complex product, (x0 + i x1)(cos + i sin), a new tensor; under torch.compile in real arithmetic
+    (the compiler neither traces complex views nor generates code for complex numbers)."""
     if not torch.compiler.is_compiling():
         turn = torch.view_as_complex(turns)
-        return torch.view_as_real(_complex(x) * (turn.conj() if back else turn)).flatten(-2)
+        pairs = torch.view_as_complex(x.unflatten(-1, (-1, 2)))  # x0 + i x1, x2 + i x3, ...
+        return torch.view_as_real(pairs * (turn.conj() if back else turn)).flatten(-2)
     cos, sin = turns.unbind(-1)
     sin = -sin if back else sin
     x0, x1 = x.unflatten(-1, (-1, 2)).unbind(-1)
     return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), -1).flatten(-2)
 
 
-def _no_autocast(x: torch.Tensor) -> contextlib.AbstractContextManager:
-    """Autocast off where it is on: the matrix products below stay in x's precision (autocast would
-    run them in bf16/fp16)."""
-    device = x.device.type
-    enabled = torch.is_autocast_enabled(device)
-    return torch.autocast(device, enabled=False) if enabled else contextlib.nullcontext()
-
-
 def _rstd(x: torch.Tensor, eps: float) -> torch.Tensor:
     """1 / sqrt(mean(x^2) + eps) over the last dim, keepdim. The sum of squares as a batched matrix
     product: on a CPU, 4x faster than a reduction over a short last dim (a head's 32 or 64)."""
-    with _no_autocast(x):
+    with without_autocast(x.device.type):
         squares = (x.unsqueeze(-2) @ x.unsqueeze(-1)).squeeze(-1)
     return squares.div_(x.shape[-1]).add_(eps).rsqrt_()
 
 
 def _promoted(x: torch.Tensor) -> torch.Tensor:
     return _as(x, torch.promote_types(x.dtype, torch.float32))  # bf16/fp16 in fp32 (fp64 stays)
+
+
+def _dense(x: torch.Tensor) -> torch.Tensor:
+    """x promoted and contiguous: q and k are slices of one projection, and a pass over such a
+    strided slice takes ~10x longer on a CPU than the copy that makes it contiguous."""
+    return _promoted(x).contiguous()
 
 
 class _Rotate(torch.autograd.Function):
@@ -93,12 +84,12 @@ class _Rotate(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(turns)
         ctx.dtype = x.dtype
-        return _as(_turn(_promoted(x).contiguous(), turns), x.dtype)
+        return _as(_turn(_dense(x), turns), x.dtype)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (turns,) = ctx.saved_tensors
-        return _as(_turn(_promoted(grad).contiguous(), turns, back=True), ctx.dtype), None
+        return _as(_turn(_dense(grad), turns, back=True), ctx.dtype), None
 
 
 class _NormRotate(torch.autograd.Function):
@@ -108,7 +99,7 @@ class _NormRotate(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, turns: torch.Tensor, eps: float) -> torch.Tensor:
-        xf = _promoted(x).contiguous()  # q and k are slices of one projection: strided passes are slow
+        xf = _dense(x)
         rstd = _rstd(xf, eps)
         ctx.save_for_backward(xf, weight, turns, rstd)
         ctx.dtype = x.dtype
@@ -118,10 +109,10 @@ class _NormRotate(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         xf, weight, turns, rstd = ctx.saved_tensors
         d = xf.shape[-1]
-        rotated_back = _turn(_promoted(grad).contiguous(), turns, back=True)  # R^T grad
+        rotated_back = _turn(_dense(grad), turns, back=True)  # R^T grad
         # with h = weight * R^T grad: dL/dx = rstd * (h - x * rstd^2 * <h, x> / d)
         product = xf * rotated_back
-        with _no_autocast(xf):  # (a reversible stack's backward runs under autocast)
+        with without_autocast(xf.device.type):  # (a reversible stack's backward runs under autocast)
             coef = (product @ weight.to(xf.dtype))[..., None].mul_(rstd.square()).div_(-d)
             grad_weight = (rstd.reshape(1, -1) @ product.reshape(-1, d)).reshape(weight.shape)
         grad_x = rotated_back.mul_(weight).addcmul_(xf, coef).mul_(rstd)
@@ -135,7 +126,7 @@ def rotate(x: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
     position at a time: x (..., d) with turns (d/2, 2)."""
     if _needs_grad(x):
         return _Rotate.apply(x, turns)
-    return _as(_turn(_promoted(x), turns), x.dtype)
+    return _as(_turn(_dense(x), turns), x.dtype)
 
 
 def norm_rotate(x: torch.Tensor, weight: torch.Tensor, turns: torch.Tensor, eps: float) -> torch.Tensor:
@@ -143,7 +134,7 @@ def norm_rotate(x: torch.Tensor, weight: torch.Tensor, turns: torch.Tensor, eps:
     them). Without autograd, weight may be any shape that broadcasts against x (q and k stacked)."""
     if _needs_grad(x, weight):
         return _NormRotate.apply(x, weight, turns, eps)
-    xf = _promoted(x)
+    xf = _dense(x)
     return _as(_turn(xf * weight, turns).mul_(_rstd(xf, eps)), x.dtype)
 
 
@@ -170,8 +161,8 @@ class _RMSNorm(torch.autograd.Function):
 
 
 def _normalise(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    x = _as(x, torch.promote_types(x.dtype, torch.float32))  # bf16/fp16 in fp32 (fp64 stays)
-    rstd = x.square().mean(-1, keepdim=True).add_(eps).rsqrt_()
+    x = _promoted(x)
+    rstd = _rstd(x, eps)
     return x * rstd, rstd
 
 

@@ -209,14 +209,15 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(config.dim_head) if config.qk_norm else None
         self.k_norm = RMSNorm(config.dim_head) if config.qk_norm else None
 
-    def prepared(self, t: torch.Tensor, which: int, turns: torch.Tensor | None) -> torch.Tensor:
-        """q (which 0) or k (which 1), (..., n, d) with any layout, with QK-norm and the rotary embedding
-        (turns: rotary_turns(n)) where the config has them."""
-        norm = (self.q_norm, self.k_norm)[which]
-        if norm is not None and turns is not None:
-            return norm_rotate(t, norm.weight, turns, norm.epsilon)
-        if norm is not None:
-            return norm(t)
+    def prepared(
+        self, t: torch.Tensor, weight: torch.Tensor | None, turns: torch.Tensor | None
+    ) -> torch.Tensor:
+        """q or k (any layout, last dim d) with QK-norm by weight (None: no QK-norm; q and k stacked
+        take their weights stacked) and the rotary embedding by turns (None: none)."""
+        if weight is not None and turns is not None:
+            return norm_rotate(t, weight, turns, self.q_norm.epsilon)
+        if weight is not None:
+            return rms_norm(t, weight, self.q_norm.epsilon)
         return t if turns is None else rotate(t, turns)
 
     def forward(
@@ -226,7 +227,8 @@ class Attention(nn.Module):
         cfg = self.config
         q, k, v = rearrange(self.to_qkv(x), "b n (three h d) -> three b h n d", three=3, h=cfg.heads)
         turns = self.rotary_turns(q.shape[2], q.device) if self.rotary else None
-        q, k = self.prepared(q, 0, turns), self.prepared(k, 1, turns)
+        q_weight, k_weight = (None, None) if self.q_norm is None else (self.q_norm.weight, self.k_norm.weight)
+        q, k = self.prepared(q, q_weight, turns), self.prepared(k, k_weight, turns)
         if state is not None:
             self._start_decoding(q, k, v, state)
         if cfg.attention == "h":
@@ -273,13 +275,7 @@ class Attention(nn.Module):
         qkv = to_qkv(x).view(b, 3, h, d)  # the (three h d) order of forward()
         qk, v = qkv[:, :2], qkv[:, 2]
         # q and k together, as few operations as can be: a decode step is bound by their number
-        turn = None if state.rotary is None else state.rotary[cache.t]
-        if self.q_norm is not None and turn is not None:
-            qk = norm_rotate(qk, state.qk_weight, turn, self.q_norm.epsilon)
-        elif self.q_norm is not None:
-            qk = rms_norm(qk, state.qk_weight, self.q_norm.epsilon)
-        elif turn is not None:
-            qk = rotate(qk, turn)
+        qk = self.prepared(qk, state.qk_weight, None if state.rotary is None else state.rotary[cache.t])
         out = cache.step(qk[:, 0], qk[:, 1], v)
         return to_out(out.reshape(b, h * d))
 

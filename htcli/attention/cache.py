@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from htcli.attention.geometry import NEG_INF, num_levels
+from htcli.device import without_autocast
 
 
 class HAttentionCache:
@@ -77,10 +78,8 @@ class HAttentionCache:
 
     def step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q, k, v: (b, h, d) of position t = self.t (rotary applied). Returns (b, h, d)."""
-        if torch.is_autocast_enabled(q.device.type):
-            with torch.autocast(q.device.type, enabled=False):  # the softmax state is fp32
-                return self._step(q, k, v)
-        return self._step(q, k, v)
+        with without_autocast(q.device.type):  # the softmax state is fp32
+            return self._step(q, k, v)
 
     def _step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         t, r = self.t, self.r
