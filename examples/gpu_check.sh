@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# On a machine with a CUDA GPU, in order of what matters most: the CUDA tests, a tile/warp sweep of
+# On a machine with a CUDA GPU, in order of what matters most: the CUDA tests, the kernels' errors
+# beside eager's and whether they repeat their bits (triton_precision.py), a tile/warp sweep of
 # the Triton kernels (its fastest setting is used for the rest), the bench tables (attention and
 # training step, Triton then eager, SDPA beside), every command (train with bf16 autocast and
 # resume, --compile, sample with and without the decode cache, eval) with Triton and with eager,
@@ -48,6 +49,7 @@ nvidia-smi -L
 xdist=()
 "$PYTHON" -c 'import xdist' 2>/dev/null && xdist=(-n 8)
 step 180 "$PYTHON" -m pytest -q "${xdist[@]}" tests/test_cuda.py tests/test_attention_triton.py
+step 120 "$PYTHON" examples/triton_precision.py --lengths 2048,65536 --dtypes bf16
 step 150 "$PYTHON" examples/triton_sweep.py --seq-len 8192 --max-seconds 120 --out "$WORK/tuning.json"
 if [[ -s $WORK/tuning.json ]]; then
     export HTCLI_TRITON_TUNING=$(cat "$WORK/tuning.json")

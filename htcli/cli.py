@@ -634,7 +634,7 @@ def bench(
         str,
         typer.Option(
             help="H-attention implementation: auto, eager or triton (default: $HTCLI_ATTENTION, else auto:"
-            " eager, until the Triton kernels pass their GPU tests; then triton on CUDA)."
+            " triton on CUDA where the kernels take the shapes, else eager)."
         ),
     ] = "",
 ) -> None:

@@ -54,6 +54,19 @@ def test_triton_sweep_runs_in_the_interpreter(tmp_path):
     assert set(json.loads(out.read_text())) == {"forward", "dq", "dkdv"}
 
 
+def test_triton_precision_runs_in_the_interpreter():
+    """triton_precision.py (a GPU script) compares the kernels with eager attention and repeats them;
+    here through Triton's interpreter at a tiny size."""
+    pytest.importorskip("triton")
+    result = subprocess.run(
+        [sys.executable, EXAMPLES / "triton_precision.py", "--device", "cpu", "--lengths", "64",
+         "--dtypes", "fp32,fp16", "--dim-head", "16", "--block-size", "16", "--repeat-shape", "1,2,64"],
+        capture_output=True, text=True, check=True, env={**os.environ, "TRITON_INTERPRET": "1"},
+    )  # fmt: skip
+    assert "n=    64 causal fp16: eager" in result.stdout and "arithmetic: eager" in result.stdout
+    assert result.stdout.count("two runs equal; last row alone equal") == 4
+
+
 def test_long_context_names_its_recipes_and_refuses_unknown_variants(tmp_path):
     """long_context.py: "new-NAME" is NAME with the default recipe, a plain name the first recipe's
     pinned flags; an unknown name stops it before anything trains."""

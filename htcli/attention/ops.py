@@ -8,7 +8,7 @@ does), so no level's score matrix outlives its chunk of blocks.
 Two implementations compute the levels: "eager" (eager.py: batched torch ops, any device) and
 "triton" (triton_launch.py: one fused kernel per level and pass, CUDA). The `impl` argument or
 the environment variable HTCLI_ATTENTION picks one. "auto" (the default) takes CUDA_IMPLEMENTATION
-for CUDA tensors (Triton's kernels where they can take the inputs, once proven on a GPU) and eager
+for CUDA tensors (Triton's kernels where they can take the inputs, eager where they cannot) and eager
 elsewhere (CPU, MPS, CI).
 """
 
@@ -26,11 +26,10 @@ IMPLEMENTATIONS = ("auto", "eager", "triton")
 IMPLEMENTATION_VARIABLE = "HTCLI_ATTENTION"
 # read once: a compiled model must not look it up on every call
 DEFAULT_IMPLEMENTATION = os.environ.get(IMPLEMENTATION_VARIABLE) or "auto"
-# What "auto" takes on CUDA. Eager until the kernels pass tests/test_cuda.py on a GPU: on an H200
-# (2026-11-26) they ran every command and were 15-22x faster than SDPA at 65,536 tokens, but their bf16
-# gradients at 65,536 were 2.5% off fp32 attention (eager bf16 on a CPU: 0.6%) and two runs at 8,192
-# differed (examples/gpu_check.sh, the issue-18 note).
-CUDA_IMPLEMENTATION = "eager"
+# What "auto" takes on CUDA: the Triton kernels, which pass tests/test_cuda.py on an H200 (fp32 oracle,
+# bf16 as close to fp32 as eager bf16, two runs the same bits) since their dK, dV kernel runs
+# unpipelined (triton_launch.NUM_STAGES).
+CUDA_IMPLEMENTATION = "triton"
 
 
 def check_implementation(name: str | None) -> str:

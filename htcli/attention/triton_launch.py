@@ -10,9 +10,9 @@ state, and level 0 writes the output. Nothing n x n, nothing per level kept afte
 
 Backward: the clusters again, the per-cluster sums G, E and reference maxima fine to coarse,
 then per level, coarse to fine, one launch for dQ and one for dK, dV; each level adds its
-parent's gradients, so level 0 ends with the full gradients. Coarse levels' G and gradients
-are kept in the inputs' dtype (what the kernels compute with) to save memory; softmax
-statistics are fp32 throughout.
+parent's gradients, so level 0 ends with the full gradients. Coarse levels' G are kept in the
+inputs' dtype (what the kernels compute with), level 1's gradients too (memory), coarser levels'
+gradients in fp32 (FP32_FROM_LEVEL); softmax statistics are fp32 throughout.
 
 Tiles and warps per kernel: MAX_TILES and NUM_WARPS below; the environment variable
 HTCLI_TRITON_TUNING (JSON, e.g. {"forward": [128, 64, 8]}: largest query and key tiles, warps,
@@ -37,9 +37,18 @@ MAX_TILES = {"forward": (128, 64), "dq": (128, 32), "dkdv": (32, 128)}
 MIN_TILE = 16  # tl.dot's smallest side
 # warps per kernel; absent: 8 where a tile side is 128 (4 spill registers there: ptxas, sm_90), else 4
 NUM_WARPS: dict[str, int] = {}
-# software-pipelining stages per kernel (1: none); absent: Triton's default (3 on CUDA)
-NUM_STAGES: dict[str, int] = {}
+# software-pipelining stages per kernel (1: none); absent: Triton's default (3 on CUDA). The dK, dV
+# kernel runs unpipelined: pipelined (Triton 3.6, H200, bf16 and fp16) its dK was 2-5% off and changed
+# from run to run (a race on the query tiles it loads in its loop), while dV, fp32 and the other
+# kernels were exact; with one stage two runs give the same bits (examples/triton_precision.py).
+# The dQ kernel is fastest unpipelined too (H200, n 8192: 4.9 against 6.1 ms, examples/triton_sweep.py).
+NUM_STAGES: dict[str, int] = {"dq": 1, "dkdv": 1}
 TUNING_VARIABLE = "HTCLI_TRITON_TUNING"
+# Backward keeps the gradients of levels >= this in fp32: each level adds its parent's, so rounding
+# every level to bf16 made dV at 65,536 tokens 1.8x as far from fp32 attention as eager bf16 (which
+# accumulates in fp32); from level 2 on it is ~1.4x (fp16 in Triton's interpreter: 1.76x -> 1.38x),
+# and peak memory is unchanged: level 1 in the inputs' dtype is what is held beside level 0.
+FP32_FROM_LEVEL = 2
 
 
 def _read_tuning(text: str) -> None:
@@ -194,7 +203,8 @@ def backward(q, k, v, real, out, lse, grad_out, *, block_size: int, causal: bool
         q_l, k_l, v_l, cnt = levels.pop()
         g, e, ref = sums.pop()
         c = cnt.shape[1]
-        own = [torch.empty((rows, c, d), dtype=q.dtype, device=q.device) for _ in range(3)]
+        kept = torch.float32 if level >= FP32_FROM_LEVEL else q.dtype
+        own = [torch.empty((rows, c, d), dtype=kept, device=q.device) for _ in range(3)]
         p_dq, p_dk, p_dv, p_cnt = parent if parent else (*own, cnt)  # placeholders without a parent
         c_parent = p_cnt.shape[1]
         common = dict(LEVEL0=level == 0, CAUSAL=causal, HAS_PARENT=parent is not None)
