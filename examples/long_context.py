@@ -59,6 +59,49 @@ train.learning_rate = scaled
 app(sys.argv[1:], prog_name="htcli")
 """
 
+# a trial: after the context warm-up, each step keeps most of its bytes in short windows (many places of
+# the corpus, as in the warm-up) and puts LONG_WINDOWS whole-context windows beside them, the loss
+# weighted by bytes, instead of switching every window to the whole context
+MIXED = """
+import sys, time
+from htcli import train
+from htcli.cli import app
+from htcli.device import autocast
+from htcli.evaluate import byte_nll
+LONG_WINDOWS = %d
+plain = train.Run.train_step
+def mixed(self, log):
+    config, started = self.config, time.perf_counter()
+    full, short = config.model.max_seq_len, config.context_warmup_start
+    if train.context_length(self.step, config) != full:
+        return plain(self, log)
+    for group in self.optimizer.param_groups:
+        group["lr"] = train.learning_rate(self.step, config)
+    shorts = (config.batch_size - LONG_WINDOWS) * full // short
+    parts = [(short, shorts), (full, LONG_WINDOWS)]
+    total = shorts * short + LONG_WINDOWS * full
+    loss_sum = 0.0
+    for length, count in parts:
+        batch = self.train_data.windows(self.sampler.starts(length + 1, count), length + 1).to(self.device)
+        with autocast(self.device, self.dtype):
+            logits = self.forward(batch[:, :-1])
+        loss = byte_nll(logits, batch[:, 1:]) * (count * length / total)
+        loss.backward()
+        loss_sum += loss.item()
+    params = [p for group in self.optimizer.param_groups for p in group["params"]]
+    clip = config.clip if config.clip > 0 else float("inf")
+    torch_norm = train.torch.nn.utils.clip_grad_norm_(params, clip)
+    self.optimizer.step()
+    self.optimizer.zero_grad(set_to_none=True)
+    self.step += 1
+    speed = self._speed(time.perf_counter() - started, total // full, full)
+    lr = self.optimizer.param_groups[0]["lr"]
+    log("step", step=self.step, loss=loss_sum, lr=lr, grad_norm=torch_norm.item(), context=full, **speed)
+    return loss_sum
+train.Run.train_step = mixed
+app(sys.argv[1:], prog_name="htcli")
+"""
+
 VARIANTS = {
     "h-256": variant(256),
     "h-2048": variant(2048),
@@ -73,6 +116,12 @@ VARIANTS = {
     # the last 3% of the steps (9) at the full length: as long-context language models are trained
     "h-2048-cw97": variant(2048, "--context-warmup", "0.97"),
     "h-4096-cw97": variant(4096, "--context-warmup", "0.97"),
+    # a trial (MIXED): the last 10% of the steps with 1 or 2 whole windows beside many short ones
+    "h-2048-cw90-mixed1": variant(2048, "--context-warmup", "0.9"),
+    "h-2048-cw90-mixed2": variant(2048, "--context-warmup", "0.9"),
+    "h-2048-cw50-mixed1": variant(2048, "--context-warmup", "0.5"),
+    "h-2048-cw50-mixed2": variant(2048, "--context-warmup", "0.5"),
+    "h-2048-mixed1": variant(2048),
 }
 
 
@@ -95,7 +144,7 @@ def run_variant(name: str, train_corpus: str, held_out: str, out: Path) -> dict:
     base, recipe = recipe_of(name)
     run = out / name
     if not (run / "model.safetensors").exists():
-        trials = {"grouped": GROUPED, "sqrtlr": SQRT_LR}
+        trials = {"grouped": GROUPED, "sqrtlr": SQRT_LR, "mixed1": MIXED % 1, "mixed2": MIXED % 2}
         trial = trials.get(base.split("-")[-1])
         program = ("-c", trial) if trial else ("-m", "htcli")
         args = ["train", train_corpus, "--out", str(run), *MODEL, *recipe, *BUDGET, *VARIANTS[base]]

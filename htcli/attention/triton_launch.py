@@ -39,8 +39,8 @@ MIN_TILE = 16  # tl.dot's smallest side
 NUM_WARPS: dict[str, int] = {}
 # software-pipelining stages per kernel (1: none); absent: Triton's default (3 on CUDA). The dK, dV
 # kernel runs unpipelined: pipelined (Triton 3.6, H200, bf16 and fp16) its dK was 2-5% off and changed
-# from run to run (a race on the query tiles it loads in its loop), while dV, fp32 and the other
-# kernels were exact; with one stage two runs give the same bits (examples/triton_precision.py).
+# from run to run (a race: a row alone also differed from the same row in a batch), while dV, fp32 and
+# the other kernels were right; with one stage two runs give the same bits (examples/triton_precision.py).
 # The dQ kernel is fastest unpipelined too (H200, n 8192: 4.9 against 6.1 ms, examples/triton_sweep.py).
 NUM_STAGES: dict[str, int] = {"dq": 1, "dkdv": 1}
 TUNING_VARIABLE = "HTCLI_TRITON_TUNING"
