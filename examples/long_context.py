@@ -61,9 +61,12 @@ app(sys.argv[1:], prog_name="htcli")
 
 # a trial: after the context warm-up, each step keeps most of its bytes in short windows (many places of
 # the corpus, as in the warm-up) and puts LONG_WINDOWS whole-context windows beside them, the loss
-# weighted by bytes, instead of switching every window to the whole context
+# weighted by bytes, instead of switching every window to the whole context. For these CPU runs only:
+# one process, no grad accumulation, no gradient scaler, no divergence check; the logged FLOP/s count
+# the step as whole-context windows
 MIXED = """
 import sys, time
+import torch
 from htcli import train
 from htcli.cli import app
 from htcli.device import autocast
@@ -90,13 +93,13 @@ def mixed(self, log):
         loss_sum += loss.item()
     params = [p for group in self.optimizer.param_groups for p in group["params"]]
     clip = config.clip if config.clip > 0 else float("inf")
-    torch_norm = train.torch.nn.utils.clip_grad_norm_(params, clip)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
     self.optimizer.step()
     self.optimizer.zero_grad(set_to_none=True)
     self.step += 1
     speed = self._speed(time.perf_counter() - started, total // full, full)
     lr = self.optimizer.param_groups[0]["lr"]
-    log("step", step=self.step, loss=loss_sum, lr=lr, grad_norm=torch_norm.item(), context=full, **speed)
+    log("step", step=self.step, loss=loss_sum, lr=lr, grad_norm=grad_norm.item(), context=full, **speed)
     return loss_sum
 train.Run.train_step = mixed
 app(sys.argv[1:], prog_name="htcli")

@@ -9,8 +9,10 @@ inputs as rounded to the dtype ("arithmetic": the error of the computation alone
 
 Part 2, repetition (`--repeat-shape`, batch 4 x 8 heads x 8192 by default): forward and backward
 called twice on the same inputs, with the allocator's free memory filled with NaN in between; which
-of out, lse, dq, dk, dv differ, with Triton's default software pipelining and with none
-(num_stages 1 for every kernel). Also each row computed alone against the same row inside the batch.
+of out, lse, dq, dk, dv differ, with the pipelining htcli ships (triton_launch.NUM_STAGES), with
+Triton's default software pipelining everywhere and with none (num_stages 1 for every kernel); also
+each row computed alone against the same row inside the batch. A diagnostic: it prints, and exits 0
+whatever it finds.
 
 (`--device cpu` runs it through Triton's interpreter, with TRITON_INTERPRET=1; bf16 there is not
 meaningful.)
@@ -85,32 +87,37 @@ def repetition(args) -> None:
     )
     real = torch.ones(b * h, n, device=args.device)
     names = ("out", "lse", "dq", "dk", "dv")
-    settings = dict(launch.NUM_STAGES)
-    for stages in (None, 1):
+    shipped = dict(launch.NUM_STAGES)
+    variants = {  # pipelining stages per kernel
+        "as shipped": shipped,
+        "all pipelined (Triton's default)": {},
+        "all unpipelined": {kind: 1 for kind in launch.MAX_TILES},
+    }
+    try:
+        for pipelining, stages in variants.items():
+            launch.NUM_STAGES.clear()
+            launch.NUM_STAGES.update(stages)
+            for causal in (False, True):
+                first = _once(q, k, v, grad, real, causal, args.block_size)
+                _fill_free_memory(args.device)
+                second = _once(q, k, v, grad, real, causal, args.block_size)
+                differ = [
+                    f"{name} (max {(x.float() - y.float()).abs().max().item():.1e}, "
+                    f"{(x != y).float().mean().item():.1e} of entries)"
+                    for name, x, y in zip(names, first, second)
+                    if not torch.equal(x, y)
+                ]
+                alone = _once(*(t[-1:] for t in (q, k, v, grad, real)), causal, args.block_size)
+                apart = [name for name, x, y in zip(names, first, alone) if not torch.equal(x[-1:], y)]
+                label = f"{dtype} {b}x{h}x{n} {'causal' if causal else 'non-c.'} {pipelining}"
+                print(
+                    f"{label}: two runs {'differ in ' + ', '.join(differ) if differ else 'equal'}; "
+                    f"last row alone {'differs in ' + ', '.join(apart) if apart else 'equal'}",
+                    flush=True,
+                )
+    finally:
         launch.NUM_STAGES.clear()
-        if stages:
-            launch.NUM_STAGES.update({kind: stages for kind in launch.MAX_TILES})
-        for causal in (False, True):
-            first = _once(q, k, v, grad, real, causal, args.block_size)
-            _fill_free_memory(args.device)
-            second = _once(q, k, v, grad, real, causal, args.block_size)
-            differ = [
-                f"{name} (max {(a.float() - b_.float()).abs().max().item():.1e}, "
-                f"{(a != b_).float().mean().item():.1e} of entries)"
-                for name, a, b_ in zip(names, first, second)
-                if not torch.equal(a, b_)
-            ]
-            alone = _once(*(t[-1:] for t in (q, k, v, grad, real)), causal, args.block_size)
-            apart = [name for name, a, b_ in zip(names, first, alone) if not torch.equal(a[-1:], b_)]
-            pipelining = "unpipelined" if stages else "pipelined (Triton's default)"
-            label = f"{dtype} {b}x{h}x{n} {'causal' if causal else 'non-c.'} {pipelining}"
-            print(
-                f"{label}: two runs {'differ in ' + ', '.join(differ) if differ else 'equal'}; "
-                f"last row alone {'differs in ' + ', '.join(apart) if apart else 'equal'}",
-                flush=True,
-            )
-    launch.NUM_STAGES.clear()
-    launch.NUM_STAGES.update(settings)
+        launch.NUM_STAGES.update(shipped)
 
 
 def main() -> None:

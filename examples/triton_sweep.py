@@ -161,7 +161,7 @@ def main() -> None:
             return
         best[kind] = min(times, key=times.get)
         _set(kind, best[kind])
-    setting = {kind: [*v[:3], v[3]] if v[3] else list(v[:3]) for kind, v in best.items()}
+    setting = {kind: list(v) for kind, v in best.items()}  # stages 0: Triton's default
     print(f"fastest good setting: HTCLI_TRITON_TUNING='{json.dumps(setting)}'")
     if args.out:
         with open(args.out, "w") as file:

@@ -634,7 +634,7 @@ def bench(
         str,
         typer.Option(
             help="H-attention implementation: auto, eager or triton (default: $HTCLI_ATTENTION, else auto:"
-            " triton on CUDA where the kernels take the shapes, else eager)."
+            " triton on CUDA where Triton is installed and the kernels take the shapes, else eager)."
         ),
     ] = "",
 ) -> None:

@@ -78,8 +78,8 @@ def test_triton_half_precision(causal):
 
 def test_triton_many_levels_half_precision_as_close_as_eager():
     """Seven levels in fp16: the kernels' output and gradients are as close to fp32 attention as eager
-    fp16's (within 1.4x). Coarse gradients each add their parent's; rounded to fp16 at every level,
-    dV was 1.5x as far off as eager's (triton_launch.FP32_FROM_LEVEL)."""
+    fp16's (within 1.45x; 1.27x measured here). Coarse gradients each add their parent's; rounded to fp16
+    at every level, dV was 1.49x as far off as eager's (triton_launch.FP32_FROM_LEVEL)."""
     gen = torch.Generator().manual_seed(0)
     q, k, v, grad = (torch.randn(1, 1, 2048, 16, generator=gen).to(DEVICE) for _ in range(4))
 
@@ -92,7 +92,7 @@ def test_triton_many_levels_half_precision_as_close_as_eager():
     eager, fused = attend("eager", torch.float16), attend("triton", torch.float16)
     for name, e, f, r in zip(("out", "dq", "dk", "dv"), eager, fused, reference):
         ratio = ((f - r).norm() / (e - r).norm()).item()
-        assert ratio < 1.4, f"{name}: {ratio:.2f}x eager fp16's error"
+        assert ratio < 1.45, f"{name}: {ratio:.2f}x eager fp16's error"
 
 
 def test_triton_equals_eager_where_nothing_is_scored():
@@ -181,7 +181,7 @@ def test_triton_kernels_compile_for_an_h100():
     script = Path(__file__).with_name("triton_aot.py")
     result = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("compiled") == 15
+    assert result.stdout.count("compiled") == 19
 
 
 def test_tuning_variable_sets_tiles_and_warps(monkeypatch):
@@ -195,6 +195,9 @@ def test_tuning_variable_sets_tiles_and_warps(monkeypatch):
     assert "num_stages" not in options
     assert triton_launch._launch_options("forward", 128, torch.zeros(1, 8, 64))["num_stages"] == 1
     assert triton_launch._launch_options("dkdv", 128, torch.zeros(1, 8, 64))["num_warps"] == 8
+    triton_launch.NUM_STAGES["dkdv"] = 1
+    triton_launch._read_tuning('{"dkdv": [32, 64, 4, 0]}')  # stages 0: Triton's own default
+    assert "num_stages" not in triton_launch._launch_options("dkdv", 128, torch.zeros(1, 8, 64))
     with pytest.raises(HtcliError, match="unknown kernel 'fwd'"):
         triton_launch._read_tuning('{"fwd": [64, 64, 4]}')
     for bad in ("[64", '{"dq": 64}', '{"dq": [64, 64]}', '{"dq": [64, 64, 4, 1, 1]}'):

@@ -6,10 +6,11 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from htcli.attention import triton_kernels as kernels
+from htcli.attention import triton_launch as launch
 
 R, D, DTYPE = 128, 64, "bf16"
 INTS = {"c": "i32", "nb": "i32", "c_parent": "i32", "stride_qr": "i32", "stride_qn": "i32", "scale": "fp32"}
-LOW = {  # pointers in the inputs' dtype; every other pointer is fp32
+LOW = {  # pointers in the inputs' dtype (except those a job widens); every other pointer is fp32
     "forward_kernel": ("Q", "K", "V", "OUT"),
     "dq_kernel": ("Q", "K", "V", "G", "PDQ", "DQ"),
     "dkdv_kernel": ("Q", "K", "V", "G", "PDK", "PDV", "DK", "DV"),
@@ -20,7 +21,16 @@ LOW = {  # pointers in the inputs' dtype; every other pointer is fp32
 TILES = {"forward_kernel": (128, 64), "dq_kernel": (128, 32), "dkdv_kernel": (32, 128)}
 
 
-def source(fn, constants: dict) -> ASTSource:
+# coarse levels' gradients: level 1 adds level 2's, kept in fp32; levels >= 2 keep theirs in fp32 too
+# (triton_launch.FP32_FROM_LEVEL); level 0 adds level 1's, in the inputs' dtype
+WIDE = {
+    "dq_kernel": [("PDQ",), ("PDQ", "DQ")],
+    "dkdv_kernel": [("PDK", "PDV"), ("PDK", "PDV", "DK", "DV")],
+    "forward_kernel": [()],
+}
+
+
+def source(fn, constants: dict, wide: tuple = ()) -> ASTSource:
     types = {}
     for name in fn.arg_names:
         if name in constants:
@@ -28,27 +38,34 @@ def source(fn, constants: dict) -> ASTSource:
         elif name in INTS or name in ("c_prev", "count"):
             types[name] = INTS.get(name, "i32")
         else:
-            types[name] = "*" + (DTYPE if name in LOW[fn.__name__] else "fp32")
+            low = name in LOW[fn.__name__] and name not in wide
+            types[name] = "*" + (DTYPE if low else "fp32")
     return ASTSource(fn, types, {(fn.arg_names.index(k),): v for k, v in constants.items()})
 
 
 def main() -> None:
     target = GPUTarget("cuda", 90, 32)
     jobs = [
-        (kernels.pool_kernel, dict(D=D, BLOCK=64, POOL_Q=True)),
-        (kernels.pool_grad_kernel, dict(D=D, BLOCK=64)),
-        (kernels.delta_kernel, dict(D=D, BLOCK=64)),
+        (kernels.pool_kernel, dict(D=D, BLOCK=64, POOL_Q=True), ()),
+        (kernels.pool_grad_kernel, dict(D=D, BLOCK=64), ()),
+        (kernels.delta_kernel, dict(D=D, BLOCK=64), ()),
     ]
     for name, (block_q, block_k) in TILES.items():
         for causal in (False, True):
             for level0 in (False, True):
                 constants = dict(R=R, BLOCK_Q=block_q, BLOCK_K=block_k, D=D, LEVEL0=level0, CAUSAL=causal,
                                  HAS_PARENT=True, PRECISION="tf32")  # fmt: skip
-                jobs.append((getattr(kernels, name), constants))
-    for fn, constants in jobs:
-        compiled = triton.compile(source(fn, constants), target=target, options={"num_warps": 8})
+                for wide in [()] if level0 else WIDE[name]:
+                    jobs.append((getattr(kernels, name), constants, wide))
+    for fn, constants, wide in jobs:
+        kind = {"forward_kernel": "forward", "dq_kernel": "dq", "dkdv_kernel": "dkdv"}.get(fn.__name__)
+        options = {
+            "num_warps": 8,
+            **({"num_stages": launch.NUM_STAGES[kind]} if kind in launch.NUM_STAGES else {}),
+        }
+        compiled = triton.compile(source(fn, constants, wide), target=target, options=options)
         assert "cubin" in compiled.asm
-        print("compiled", fn.__name__, constants.get("CAUSAL"), constants.get("LEVEL0"), flush=True)
+        print("compiled", fn.__name__, constants.get("CAUSAL"), constants.get("LEVEL0"), wide, flush=True)
 
 
 if __name__ == "__main__":

@@ -9,8 +9,8 @@ causal sequence one position at a time, equal to both.
     geometry.py        levels, padding, which pairs each level scores, input checks
     oracle.py          dense_h_attention: the definition, O(n^2), for tests
     ops.py             h_attention: custom ops with autograd, the choice of implementation
-    eager.py           the levels in batched torch ops (any device; the default)
-    triton_launch.py   the levels in Triton kernels (CUDA): launches ...
+    eager.py           the levels in batched torch ops (any device; the default off CUDA)
+    triton_launch.py   the levels in Triton kernels (CUDA, the default there): launches ...
     triton_kernels.py  ... these kernels (imported only when Triton is wanted)
     cache.py           HAttentionCache: incremental decoding, O(block_size * d) per position
     kv_cache.py        KVCache: incremental decoding of exact attention (the baseline), O(n * d)

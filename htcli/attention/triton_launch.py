@@ -46,13 +46,16 @@ NUM_STAGES: dict[str, int] = {"dq": 1, "dkdv": 1}
 TUNING_VARIABLE = "HTCLI_TRITON_TUNING"
 # Backward keeps the gradients of levels >= this in fp32: each level adds its parent's, so rounding
 # every level to bf16 made dV at 65,536 tokens 1.8x as far from fp32 attention as eager bf16 (which
-# accumulates in fp32); from level 2 on it is ~1.4x (fp16 in Triton's interpreter: 1.76x -> 1.38x),
-# and peak memory is unchanged: level 1 in the inputs' dtype is what is held beside level 0.
+# accumulates in fp32); from level 2 on: 1.56x (bf16, H200; fp16 in Triton's interpreter 1.76x -> 1.38x).
+# Level 1, which is held beside level 0's gradients, stays in the inputs' dtype: the causal peak is
+# unchanged; non-causal, level 2's step may hold up to 1.5 * rows * n * d bytes more (computed, not
+# measured), as its pooled queries are kept too. (All levels in fp32: 1.29x, +25% backward memory.)
 FP32_FROM_LEVEL = 2
 
 
 def _read_tuning(text: str) -> None:
-    """Apply HTCLI_TRITON_TUNING: {"kind": [block_q, block_k, warps] or [..., stages], ...}."""
+    """Apply HTCLI_TRITON_TUNING: {"kind": [block_q, block_k, warps] or [..., stages], ...}; stages 0:
+    Triton's own default (pipelined), absent: NUM_STAGES's."""
     example = '{"forward": [128, 64, 8]}'
     try:
         tuning = json.loads(text)
@@ -67,8 +70,10 @@ def _read_tuning(text: str) -> None:
                 f"{TUNING_VARIABLE}: {kind} needs [block_q, block_k, warps(, stages)], e.g. {example}"
             )
         MAX_TILES[kind], NUM_WARPS[kind] = setting[:2], setting[2]
-        if len(setting) == 4:
+        if len(setting) == 4 and setting[3]:
             NUM_STAGES[kind] = setting[3]
+        elif len(setting) == 4:
+            NUM_STAGES.pop(kind, None)
 
 
 if os.environ.get(TUNING_VARIABLE):
