@@ -146,7 +146,7 @@ class HAttentionCache:
     def prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Set the state after positions 0..T-1; q, k, v: (b, h, T, d) as the parallel forward
         computed them (rotary applied)."""
-        with torch.autocast(q.device.type, enabled=False):
+        with without_autocast(q.device.type):
             self._prefill(q.float(), torch.stack([k, v], 3).float())
 
     def _prefill(self, q: torch.Tensor, kv: torch.Tensor) -> None:

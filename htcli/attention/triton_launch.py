@@ -72,7 +72,7 @@ def _read_tuning(text: str) -> None:
         MAX_TILES[kind], NUM_WARPS[kind] = setting[:2], setting[2]
         if len(setting) == 4 and setting[3]:
             NUM_STAGES[kind] = setting[3]
-        elif len(setting) == 4:
+        elif len(setting) == 4:  # 0: Triton's own default
             NUM_STAGES.pop(kind, None)
 
 
