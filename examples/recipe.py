@@ -22,7 +22,7 @@ BUDGET = ["--seq-len", "1024", "--batch-size", "8", "--steps", "400", "--device"
 # the recipe of htcli 0.1 (GPT-2 of 2019): what `htcli train` did before the recipe options
 FIRST = {
     "--optimizer": "adamw", "--norm": "layer", "--qk-norm": None, "--activation": "gelu",
-    "--logit-softcap": "0", "--zero-init": None, "--lr": "6e-4", "--warmup": "100",
+    "--logit-softcap": "0", "--zero-init": None, "--lr": "6e-4", "--warmup": "100", "--level-decay": "0",
 }  # fmt: skip
 
 
@@ -60,6 +60,7 @@ VARIANTS = {
     "muon, lr 6e-3, qk-norm": first_recipe(optimizer="muon", lr="6e-3", qk_norm=True),
     "muon, lr 6e-3, relu2": first_recipe(optimizer="muon", lr="6e-3", activation="relu2"),
     "default": [],  # the recipe `htcli train` uses without recipe options
+    "default, no level decay": ["--level-decay", "0"],
     "default, exact attention": ["--attention", "exact"],
     "first, exact attention": [*first_recipe(), "--attention", "exact"],
 }

@@ -221,6 +221,14 @@ LogitSoftcap = Annotated[
     float | None, _option("Soft-cap the logits at this value (c * tanh(x / c)); 0: none.")
 ]
 ZeroInit = Annotated[bool | None, _switch("zero-init", "Residual output projections start at zero.")]
+LevelDecay = Annotated[
+    float | None,
+    _option(
+        "H-attention's locality prior: each coarser level's keys weigh 2^-x less per key for the first "
+        "head, 2^-1 for the last, heads between spaced geometrically; 0: none (default 4; 0 with "
+        "--attention exact)."
+    ),
+]
 Optimizer = Annotated[
     str | None,
     _option("muon (Muon for the layers' matrices, AdamW for the rest) or adamw (AdamW for all)", "optimizer"),
@@ -301,6 +309,7 @@ def train(
     activation: Activation = None,
     logit_softcap: LogitSoftcap = None,
     zero_init: ZeroInit = None,
+    level_decay: LevelDecay = None,
     steps: Steps = None,
     optimizer: Optimizer = None,
     batch_size: BatchSize = None,

@@ -23,6 +23,8 @@ from htcli.fused import ReluSquared, RMSNorm, norm_rotate, rms_norm, rotate
 from htcli.reversible import reversible_stack
 
 ATTENTION_KINDS = ("h", "exact")
+# a new H-attention model's level_decay: measured on code and prose (README, "Long context")
+DEFAULT_LEVEL_DECAY = 4.0
 NORMS = ("rms", "layer")  # RMSNorm, or LayerNorm (with bias)
 ACTIVATIONS = ("relu2", "gelu")  # of the feed-forward layers: ReLU squared, or GELU
 # the recipe fields a config written before them leaves out: such a model was built like this
@@ -33,6 +35,7 @@ FIRST_RECIPE = {
     "activation": "gelu",
     "logit_softcap": 0.0,
     "zero_init": False,
+    "level_decay": 0.0,
 }
 # the largest value of each size field: far beyond any model htcli trains, and small enough that a
 # config read from a file cannot ask for absurd allocations (dim 10**9) before anything is checked
@@ -70,6 +73,10 @@ class HTransformerConfig:
     activation: str = "relu2"  # ACTIVATIONS
     logit_softcap: float = 0.0  # logits = c * tanh(logits / c); 0: none
     zero_init: bool = False  # residual output projections start at zero (else small, GPT-2 style)
+    # H-attention's locality prior (level_decays): the first head's keys weigh 2**-level_decay times
+    # less per key at each coarser level, the last head's 2**-1, the heads between spaced geometrically;
+    # 0: none. None: DEFAULT_LEVEL_DECAY for attention "h", 0 for "exact"
+    level_decay: float | None = None
 
     def __post_init__(self) -> None:
         for name, limit in LIMITS.items():
@@ -92,6 +99,14 @@ class HTransformerConfig:
         cap = self.logit_softcap
         if isinstance(cap, bool) or not isinstance(cap, int | float) or not 0 <= cap < math.inf:
             raise ValueError(f"logit_softcap must be a number >= 0 (0: none), got {cap!r}")
+        if self.level_decay is None:
+            self.level_decay = DEFAULT_LEVEL_DECAY if self.attention == "h" else 0.0
+        decay = self.level_decay
+        if isinstance(decay, bool) or not isinstance(decay, int | float) or not 0 <= decay < math.inf:
+            raise ValueError(f"level_decay must be a number >= 0 (0: none), got {decay!r}")
+        if decay and self.attention != "h":
+            raise ValueError(f"level_decay is H-attention's: with attention {self.attention} it must be 0")
+        self.level_decay = float(decay)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -99,6 +114,17 @@ class HTransformerConfig:
     @classmethod
     def from_dict(cls, data: dict) -> HTransformerConfig:
         return cls(**complete(data))
+
+
+def level_decays(config: HTransformerConfig) -> tuple[float, ...] | None:
+    """Each head's level decay (bits per level): config.level_decay for the first head, 1 for the last,
+    geometrically spaced between; None without level decay."""
+    first, heads = config.level_decay, config.heads
+    if not first:
+        return None
+    if heads == 1:
+        return (first,)
+    return tuple(first ** ((heads - 1 - i) / (heads - 1)) for i in range(heads))
 
 
 def complete(data: dict) -> dict:
@@ -208,6 +234,7 @@ class Attention(nn.Module):
         self.rotary = RotaryEmbedding(config.dim_head) if config.rotary else None
         self.q_norm = RMSNorm(config.dim_head) if config.qk_norm else None
         self.k_norm = RMSNorm(config.dim_head) if config.qk_norm else None
+        self.level_decay = level_decays(config)
 
     def prepared(
         self, t: torch.Tensor, weight: torch.Tensor | None, turns: torch.Tensor | None
@@ -232,7 +259,15 @@ class Attention(nn.Module):
         if state is not None:
             self._start_decoding(q, k, v, state)
         if cfg.attention == "h":
-            out = h_attention(q, k, v, block_size=cfg.block_size, causal=cfg.causal, key_padding_mask=mask)
+            out = h_attention(
+                q,
+                k,
+                v,
+                block_size=cfg.block_size,
+                causal=cfg.causal,
+                key_padding_mask=mask,
+                level_decay=self.level_decay,
+            )
         else:
             out = exact_attention(q, k, v, causal=cfg.causal, key_padding_mask=mask)
         return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
@@ -252,6 +287,7 @@ class Attention(nn.Module):
                 max_seq_len=cfg.max_seq_len,
                 device=q.device,
                 dtype=k.dtype,
+                level_decay=self.level_decay,
             )
         state.cache.prefill(q, k, v)
         state.linears = [StepLinear(self.to_qkv), StepLinear(self.to_out)]

@@ -62,6 +62,54 @@ def test_gradients_equal_oracle(causal):
 
 
 @pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("n,block", [(100, 4), (1000, 16), (257, 128)])
+def test_level_decay_equals_oracle(n, block, causal):
+    """With a level decay per head, outputs and gradients equal the oracle's (fp64), and the decay
+    lowers each coarser level's scores by decay * level * ln 2: more weight stays near."""
+    q, k, v = (t.requires_grad_() for t in _qkv(n, h=3, d=4))
+    mask = _mask(2, n)
+    decay = [4.0, 1.0, 0.25]
+    grad_out = torch.randn(q.shape, dtype=q.dtype, generator=torch.Generator().manual_seed(2))
+    results = []
+    for fn in (h_attention, dense_h_attention):
+        out = fn(q, k, v, block_size=block, causal=causal, key_padding_mask=mask, level_decay=decay)
+        results.append((out, *torch.autograd.grad(out, (q, k, v), grad_out)))
+    for fast, dense in zip(*results):
+        assert (fast - dense).abs().max().item() < 1e-10
+    plain = h_attention(q, k, v, block_size=block, causal=causal, key_padding_mask=mask)
+    zero = h_attention(q, k, v, block_size=block, causal=causal, key_padding_mask=mask, level_decay=[0.0] * 3)
+    assert torch.equal(plain, zero)
+    if n > 2 * block:  # coarse levels exist: the decay changes the output
+        assert (results[0][0] - plain).abs().max().item() > 1e-3
+
+
+def test_level_decay_weights_levels_as_defined():
+    """One query, keys constant per level: with decay s the weight of level l's keys is 2**(-s l) per
+    key relative to level 0's (so a value that is 1 on level l's keys reads their weight share)."""
+    block, n = 4, 64
+    q = torch.zeros(1, 1, n, 2, dtype=torch.float64)
+    k = torch.zeros_like(q)  # every score 0: weights are the counts and the decay only
+    levels = pair_levels(n, block, num_levels(n, block), causal=True)[n - 1]  # the last query's levels
+    for decay in (0.0, 1.0, 2.5):
+        for lv in range(1, num_levels(n, block)):
+            v = torch.zeros_like(q)
+            v[0, 0, levels == lv, 0] = 1.0
+            out = h_attention(q, k, v, block_size=block, causal=True, level_decay=[decay])[0, 0, -1, 0]
+            counts = {level: (levels == level).sum().item() for level in range(num_levels(n, block))}
+            weights = {level: count * 2.0 ** (-decay * level) for level, count in counts.items()}
+            assert abs(out.item() - weights[lv] / sum(weights.values())) < 1e-12
+
+
+def test_level_decay_is_checked():
+    q, k, v = _qkv(10, h=2)
+    for bad in ([1.0], [1.0, -1.0], [1.0, float("nan")], [1.0, float("inf")]):
+        with pytest.raises(ValueError, match="level_decay"):
+            h_attention(q, k, v, block_size=4, level_decay=bad)
+        with pytest.raises(ValueError, match="level_decay"):
+            dense_h_attention(q, k, v, block_size=4, level_decay=bad)
+
+
+@pytest.mark.parametrize("causal", [False, True])
 def test_every_pair_scored_once(causal):
     """Each pair (each j <= i when causal) has exactly one level; no future pair is scored."""
     block, levels = 4, 4
@@ -185,11 +233,12 @@ def test_long_sequence_memory():
     assert peak_gb < 3, f"peak RSS {peak_gb:.2f} GB"
 
 
+@pytest.mark.parametrize("decay", [None, torch.tensor([2.0, 1.0, 3.0, 0.5])])
 @pytest.mark.parametrize("causal", [False, True])
-def test_custom_op_registration(causal):
+def test_custom_op_registration(causal, decay):
     """The forward op's fake (shape-only) version, autograd and schema agree with the real one."""
     from htcli.attention.ops import _forward_op
 
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(4, 100, 16, generator=gen, requires_grad=True) for _ in range(3))
-    torch.library.opcheck(_forward_op, (q, k, v, torch.ones(4, 100), 16, causal, "eager"))
+    torch.library.opcheck(_forward_op, (q, k, v, torch.ones(4, 100), decay, 16, causal, "eager"))

@@ -66,6 +66,29 @@ def test_triton_equals_oracle(n, block, d, tile, causal, tiles):
 
 
 @pytest.mark.parametrize("causal", [False, True])
+def test_triton_level_decay_equals_oracle(causal, tiles):
+    """With a level decay per head (the default model's locality prior), the kernels equal the oracle."""
+    tiles(16)
+    q, k, v, grad, mask = _inputs(300, 16, b=1, h=3, masked=True)
+    decay = [4.0, 1.0, 0.25]
+    inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = dense_h_attention(*inputs, block_size=32, causal=causal, key_padding_mask=mask, level_decay=decay)
+    expected = [out.detach(), *torch.autograd.grad(out, inputs, grad)]
+    inputs = [t.to(DEVICE, torch.float32).requires_grad_() for t in (q, k, v)]
+    out = h_attention(
+        *inputs,
+        block_size=32,
+        causal=causal,
+        key_padding_mask=mask.to(DEVICE),
+        level_decay=decay,
+        impl="triton",
+    )
+    got = [out.detach(), *torch.autograd.grad(out, inputs, grad.to(DEVICE, torch.float32))]
+    for tolerance, a, b in zip((1e-5, 1e-4, 1e-4, 1e-4), got, expected):
+        assert (a.double().cpu() - b).abs().max().item() < tolerance
+
+
+@pytest.mark.parametrize("causal", [False, True])
 def test_triton_half_precision(causal):
     """fp16 inputs: matrix products in fp16, statistics in fp32, within half-precision tolerance."""
     q, k, v, grad, mask = _inputs(100, 16, b=1)

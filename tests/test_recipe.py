@@ -76,7 +76,7 @@ def test_first_recipe_checkpoints_load_sample_and_resume_as_what_they_are(corpus
     QK-norm, no soft-cap, trained with AdamW; it loads, samples, evaluates and resumes as such."""
     run = tmp_path / "run"
     first = ["--optimizer", "adamw", "--norm", "layer", "--no-qk-norm", "--activation", "gelu"]
-    first += ["--logit-softcap", "0", "--no-zero-init"]
+    first += ["--logit-softcap", "0", "--no-zero-init", "--level-decay", "0"]
     assert invoke("train", corpus, *TINY_FLAGS, "--steps", "2", "--out", run, *first).exit_code == 0
     expected, _ = load_model(run, torch.device("cpu"))
     strip_recipe(run)
@@ -105,10 +105,30 @@ def test_a_model_config_from_the_future_is_refused(corpus, tmp_path):
         (["--activation", "swish"], "--activation must be one of ('relu2', 'gelu'), got 'swish'"),
         (["--logit-softcap", "-1"], "--logit-softcap must be a number >= 0 (0: none), got -1.0"),
         (["--optimizer", "sgd"], "unknown --optimizer 'sgd': use one of muon, adamw"),
+        (["--level-decay", "-1"], "--level-decay must be a number >= 0 (0: none), got -1.0"),
+        (
+            ["--attention", "exact", "--level-decay", "2"],
+            "--level-decay is H-attention's: with --attention exact it must be 0",
+        ),
     ],
 )
 def test_bad_recipe_options(corpus, tmp_path, flags, message):
     assert_user_error(invoke("train", corpus, *TINY_FLAGS, "--out", tmp_path / "r", *flags), message)
+
+
+def test_level_decay_per_head_and_in_old_configs():
+    """New H-models get the default level decay (first head 4 bits per level, last 1, geometric between);
+    exact-attention models none; a config written before the field (the recipe's fields present) is
+    read as a model without it, as it was built."""
+    from htcli.model import level_decays
+
+    config = HTransformerConfig(heads=3)
+    assert config.level_decay == 4.0 and level_decays(config) == pytest.approx((4.0, 2.0, 1.0))
+    assert level_decays(HTransformerConfig(heads=1, level_decay=2.5)) == (2.5,)
+    assert level_decays(HTransformerConfig(level_decay=0)) is None
+    assert HTransformerConfig(attention="exact").level_decay == 0.0
+    before = {k: v for k, v in HTransformerConfig().to_dict().items() if k != "level_decay"}
+    assert HTransformerConfig.from_dict(before).level_decay == 0.0
 
 
 def test_relu_squared_and_its_gradient():

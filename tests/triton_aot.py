@@ -54,7 +54,7 @@ def main() -> None:
         for causal in (False, True):
             for level0 in (False, True):
                 constants = dict(R=R, BLOCK_Q=block_q, BLOCK_K=block_k, D=D, LEVEL0=level0, CAUSAL=causal,
-                                 HAS_PARENT=True, PRECISION="tf32")  # fmt: skip
+                                 HAS_PARENT=True, HAS_DECAY=not level0, PRECISION="tf32")  # fmt: skip
                 for wide in [()] if level0 else WIDE[name]:
                     jobs.append((getattr(kernels, name), constants, wide))
     for fn, constants, wide in jobs:

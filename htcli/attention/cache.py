@@ -10,8 +10,8 @@ One softmax per step (a decode step is bound by the number of tensor operations,
 arithmetic, so it does as few as it can): level 0's keys and values sit in a ring of 2r slots
 (position p in slot p % 2r; a bias of -inf hides the slots of no current position), and each
 coarse level l >= 1 is one more slot: key 0, value the level's softmax output for the current
-cluster, bias its log-sum-exp. A softmax over all the slots is then exactly the merge of level
-0 with every coarse level under one maximum.
+cluster, bias its log-sum-exp (plus the head's level decay, if any). A softmax over all the slots
+is then exactly the merge of level 0 with every coarse level under one maximum.
 
 Cache per layer (fp32 whatever the model's dtype):
   kv: (b, h, 2, 2r + levels - 1, d) keys, values: the ring, then one slot per coarse level;
@@ -35,7 +35,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from htcli.attention.geometry import NEG_INF, num_levels
+from htcli.attention.geometry import NEG_INF, check_level_decay, decay_bias, num_levels
 from htcli.device import without_autocast
 
 
@@ -43,8 +43,19 @@ class HAttentionCache:
     """Decoding state of one causal H-attention layer."""
 
     def __init__(
-        self, batch: int, heads: int, dim_head: int, *, block_size: int, max_seq_len: int, device, dtype
+        self,
+        batch: int,
+        heads: int,
+        dim_head: int,
+        *,
+        block_size: int,
+        max_seq_len: int,
+        device,
+        dtype,
+        level_decay=None,
     ):
+        """level_decay: None, or per head the bits per level of h_attention's level_decay."""
+        check_level_decay(level_decay, heads)
         self.r, self.d = block_size, dim_head
         self.levels = num_levels(max_seq_len, block_size)
         self.t = 0  # tokens seen
@@ -69,10 +80,15 @@ class HAttentionCache:
         coarse = slice(2 * r, 2 * r + levels - 1)
         self._level_values = kv[:, :, 1].view(b * h, -1, d)[:, coarse]
         self._level_biases = self.bias.view(b * h, -1)[:, coarse]
-        # per level l >= 1 (index l - 1): log of its cluster size (its slot's score bias, (levels - 1, 1)),
-        # and, as 0-dim tensors (an operation with a Python number converts it first), 1 / its size
+        # per level l >= 1 (index l - 1): its slot's score bias, log of its cluster size plus the level's
+        # decay bias of each (b h) row ((levels - 1, 1) without decay, else (levels - 1, (b h))), and, as
+        # 0-dim tensors (an operation with a Python number converts it first), 1 / its size
         sizes = torch.tensor([2.0**level for level in range(1, levels)], device=device)
         self._log_sizes, self._inverse_sizes = sizes.log()[:, None], list(1 / sizes)
+        if level_decay is not None and levels > 1:
+            rows = torch.as_tensor(level_decay, dtype=torch.float32, device=device).repeat(b)
+            decays = torch.stack([decay_bias(rows, level) for level in range(1, levels)])
+            self._log_sizes = self._log_sizes + decays
 
     # -- one token -----------------------------------------------------------------------
 

@@ -16,9 +16,9 @@ gets bias -inf. Neighbours are therefore slices of the flat list, never a loop o
 and each level is worked through in chunks of windows so no score matrix outlives its chunk.
 
 Level l >= 1 works on clusters of 2**l positions: K, V are means over the cluster's real
-positions and every key carries the bias log(count); Q is the cluster mean (non-causal) or
-the cluster's first position (causal). Each level's softmax statistics are merged into
-per-position accumulators under one running maximum.
+positions and every key carries the bias log(count) (plus the row's level decay, if any); Q is
+the cluster mean (non-causal) or the cluster's first position (causal). Each level's softmax
+statistics are merged into per-position accumulators under one running maximum.
 
 Backward (per level, all fine positions i of a query cluster c share the level's scores):
 with w_i = exp(m_c - lse_i), G_c = sum_i w_i dO_i and E_c = sum_i w_i (dO_i . O_i), and
@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from htcli.attention.geometry import NEG_INF, num_levels, offsets, padded_length, static_bias
+from htcli.attention.geometry import NEG_INF, decay_bias, num_levels, offsets, padded_length, static_bias
 
 # Scores computed at once per chunk of windows: bounds working memory. On a CPU small chunks
 # stay in cache; on a GPU large ones keep kernel launches few.
@@ -131,10 +131,10 @@ def _pair_weighted_sum(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return out.addcmul_(x[:, 1::2], weight[:, 1::2, None])
 
 
-def levels(q, k, v, real, *, block_size: int, causal: bool, count: int):
-    """Yield (level, Q, K, V, bias) from fine to coarse; bias = log(count), -inf when empty.
-    Each level is built from the previous one (means re-weighted by counts), so only one
-    level is held at a time."""
+def levels(q, k, v, real, *, block_size: int, causal: bool, count: int, decay=None):
+    """Yield (level, Q, K, V, bias) from fine to coarse; bias = log(count), -inf when empty, plus
+    the level's decay bias of each row (decay: (rows,) bits per level, or None). Each level is built
+    from the previous one (means re-weighted by counts), so only one level is held at a time."""
     yield 0, q, k, v, torch.log(real)
     clusters_q, clusters_k, clusters_v, weight = q, k, v, real
     for level in range(1, count):
@@ -147,7 +147,14 @@ def levels(q, k, v, real, *, block_size: int, causal: bool, count: int):
         else:
             clusters_q = (_pair_weighted_sum(clusters_q, weight) / denom).to(q.dtype)
         weight = total
-        yield level, clusters_q, clusters_k, clusters_v, torch.log(total)
+        bias = torch.log(total)
+        yield (
+            level,
+            clusters_q,
+            clusters_k,
+            clusters_v,
+            bias if decay is None else bias.add_(decay_bias(decay, level)[:, None]),
+        )
 
 
 def _clusters(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -163,27 +170,31 @@ def _row_groups(rows: int, n: int, d: int, device: torch.device):
         yield slice(r0, min(r0 + step, rows))
 
 
-def forward(q, k, v, real, *, block_size: int, causal: bool):
+def forward(q, k, v, real, *, block_size: int, causal: bool, decay=None):
     """Output (rows, n, d) and log-sum-exp (rows, n) in stat dtype (lse = +inf, output 0,
-    where a position scores no key at all)."""
+    where a position scores no key at all). decay: (rows,) level decay in stat dtype, or None."""
     rows, n, d = q.shape
     count, n0 = num_levels(n, block_size), padded_length(n, block_size)
     out = torch.empty((rows, n, d), dtype=real.dtype, device=q.device)
     lse = torch.empty((rows, n), dtype=real.dtype, device=q.device)
     for group in _row_groups(rows, n0, d, q.device):
         padded = [_pad_dim1(t[group], n0 - n, 0.0) for t in (q, k, v, real)]
-        m, den, num = _forward_rows(*padded, block_size=block_size, causal=causal, count=count)
+        rows_decay = None if decay is None else decay[group]
+        m, den, num = _forward_rows(
+            *padded, block_size=block_size, causal=causal, count=count, decay=rows_decay
+        )
         den = den[:, :n]
         out[group] = num[:, :n] / torch.where(den > 0, den, torch.ones_like(den))[..., None]
         lse[group] = torch.where(den > 0, m[:, :n] + torch.log(den), torch.full_like(den, float("inf")))
     return out, lse
 
 
-def _forward_rows(q, k, v, real, *, block_size: int, causal: bool, count: int):
+def _forward_rows(q, k, v, real, *, block_size: int, causal: bool, count: int, decay):
     """Row max, denominator and numerator per position, all levels merged."""
     rows, n0, d = q.shape
     acc = None
-    for level, lq, lk, lv, bias in levels(q, k, v, real, block_size=block_size, causal=causal, count=count):
+    pyramid = levels(q, k, v, real, block_size=block_size, causal=causal, count=count, decay=decay)
+    for level, lq, lk, lv, bias in pyramid:
         lvl = Level(level, lq, lk, lv, bias, r=block_size, causal=causal, scale=d**-0.5)
         m = torch.empty(lvl.bias.shape, dtype=real.dtype, device=q.device)
         den = torch.empty_like(m)
@@ -214,8 +225,8 @@ def _merge_into(acc_m, acc_den, acc_num, m, den, num) -> None:
     acc_m.copy_(new_m)
 
 
-def backward(q, k, v, real, out, lse, grad_out, *, block_size: int, causal: bool):
-    """Gradients (dq, dk, dv), each (rows, n, d) in stat dtype."""
+def backward(q, k, v, real, out, lse, grad_out, *, block_size: int, causal: bool, decay=None):
+    """Gradients (dq, dk, dv), each (rows, n, d) in stat dtype (decay: as forward's)."""
     rows, n, d = q.shape
     count, n0 = num_levels(n, block_size), padded_length(n, block_size)
     grads = [torch.zeros((rows, n, d), dtype=real.dtype, device=q.device) for _ in range(3)]
@@ -224,21 +235,25 @@ def backward(q, k, v, real, out, lse, grad_out, *, block_size: int, causal: bool
         group_lse = _pad_dim1(lse[group], n0 - n, float("inf"))
         # level 0 writes straight into the gradients when no padding is needed
         targets = [g[group] for g in grads] if n0 == n else [_pad_dim1(g[group], n0 - n, 0.0) for g in grads]
-        _backward_rows(*inputs, group_lse, targets, block_size=block_size, causal=causal, count=count)
+        rows_decay = None if decay is None else decay[group]
+        _backward_rows(
+            *inputs, group_lse, targets, block_size=block_size, causal=causal, count=count, decay=rows_decay
+        )
         if n0 != n:
             for grad, target in zip(grads, targets):
                 grad[group] = target[:, :n]
     return grads
 
 
-def _backward_rows(q, k, v, real, out, grad_out, lse, targets, *, block_size, causal, count) -> None:
+def _backward_rows(q, k, v, real, out, grad_out, lse, targets, *, block_size, causal, count, decay) -> None:
     """Add the gradients of rows (padded to n0) into targets (dq, dk, dv), zero on entry."""
     rows, n0, d = q.shape
     stat = real.dtype
     grad_out = grad_out.to(stat).contiguous()
     delta = torch.linalg.vecdot(grad_out, out.to(stat))
     cluster_min = lse
-    for level, lq, lk, lv, bias in levels(q, k, v, real, block_size=block_size, causal=causal, count=count):
+    pyramid = levels(q, k, v, real, block_size=block_size, causal=causal, count=count, decay=decay)
+    for level, lq, lk, lv, bias in pyramid:
         size = 2**level
         if level == 0:  # w_i = 1 (0 where nothing is scored, and there P is 0 anyway)
             g, e = grad_out, delta

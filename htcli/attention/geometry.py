@@ -4,6 +4,10 @@ A sequence of n positions is cut into blocks of `block_size` (N_r) positions. Le
 query against the keys of its own and neighbouring blocks; level l >= 1 against clusters of 2**l
 positions in the neighbouring level-l blocks (blocks of N_r clusters) that no finer level scored.
 Causal: only the previous block at every level, and at level 0 the own block up to the query.
+
+Level decay (optional, per head): a head with decay s (bits per level) scores every key of level l
+s * l * ln 2 lower, so each coarser level's keys weigh 2**-s times the previous level's per key: a
+locality prior that is the same for every length (ALiBi's idea, by level instead of by distance).
 """
 
 from __future__ import annotations
@@ -13,6 +17,22 @@ import math
 import torch
 
 NEG_INF = float("-inf")
+
+
+def decay_bias(decay: torch.Tensor, level: int) -> torch.Tensor:
+    """The score bias of level `level` for heads (or rows) with these decays (bits per level)."""
+    return decay * (-level * math.log(2))
+
+
+def check_level_decay(level_decay, heads: int) -> None:
+    """ValueError unless level_decay is None or one finite number >= 0 per head."""
+    if level_decay is None:
+        return
+    values = list(level_decay.tolist() if isinstance(level_decay, torch.Tensor) else level_decay)
+    if len(values) != heads or not all(
+        isinstance(x, int | float) and not isinstance(x, bool) and 0 <= x < math.inf for x in values
+    ):
+        raise ValueError(f"level_decay must be one number >= 0 per head ({heads}), got {values!r}")
 
 
 def check_block_size(block_size: int) -> None:

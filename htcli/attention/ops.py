@@ -19,7 +19,7 @@ import os
 import torch
 
 from htcli.attention import eager
-from htcli.attention.geometry import check_inputs
+from htcli.attention.geometry import check_inputs, check_level_decay
 from htcli.errors import HtcliError
 
 IMPLEMENTATIONS = ("auto", "eager", "triton")
@@ -98,22 +98,24 @@ def _implementation(name: str | None, q: torch.Tensor, block_size: int) -> str:
 # h_attention's core as two custom ops with autograd: torch.compile sees each as one opaque
 # call (no tracing into the level loops or the Triton launches) and autograd pairs them.
 # q, k, v: (batch * heads, n, d) in the compute dtype; real: (batch * heads, n) 0/1 in the
-# stat dtype. The forward output is in the stat dtype (eager) or the compute dtype (triton).
+# stat dtype; decay: None or (batch * heads,) each row's level decay in the stat dtype. The
+# forward output is in the stat dtype (eager) or the compute dtype (triton).
 @torch.library.custom_op("htcli::h_attention_forward", mutates_args=())
 def _forward_op(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     real: torch.Tensor,
+    decay: torch.Tensor | None,
     block_size: int,
     causal: bool,
     impl: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return tuple(_module(impl).forward(q, k, v, real, block_size=block_size, causal=causal))
+    return tuple(_module(impl).forward(q, k, v, real, block_size=block_size, causal=causal, decay=decay))
 
 
 @_forward_op.register_fake
-def _(q, k, v, real, block_size, causal, impl):
+def _(q, k, v, real, decay, block_size, causal, impl):
     out_dtype = q.dtype if impl == "triton" else real.dtype
     return q.new_empty(q.shape, dtype=out_dtype), q.new_empty(q.shape[:2], dtype=real.dtype)
 
@@ -124,6 +126,7 @@ def _backward_op(
     k: torch.Tensor,
     v: torch.Tensor,
     real: torch.Tensor,
+    decay: torch.Tensor | None,
     out: torch.Tensor,
     lse: torch.Tensor,
     grad_out: torch.Tensor,
@@ -131,24 +134,28 @@ def _backward_op(
     causal: bool,
     impl: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    grads = _module(impl).backward(q, k, v, real, out, lse, grad_out, block_size=block_size, causal=causal)
+    grads = _module(impl).backward(
+        q, k, v, real, out, lse, grad_out, block_size=block_size, causal=causal, decay=decay
+    )
     return tuple(g.to(q.dtype).contiguous() for g in grads)
 
 
 @_backward_op.register_fake
-def _(q, k, v, real, out, lse, grad_out, block_size, causal, impl):
+def _(q, k, v, real, decay, out, lse, grad_out, block_size, causal, impl):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, real, ctx.block_size, ctx.causal, ctx.impl = inputs
-    ctx.save_for_backward(q, k, v, real, *output)
+    q, k, v, real, decay, ctx.block_size, ctx.causal, ctx.impl = inputs
+    ctx.save_for_backward(q, k, v, real, decay, *output)  # (decay: a constant, no gradient)
 
 
 def _backward(ctx, grad_out, _grad_lse):
-    q, k, v, real, out, lse = ctx.saved_tensors
-    grads = _backward_op(q, k, v, real, out, lse, grad_out.contiguous(), ctx.block_size, ctx.causal, ctx.impl)
-    return *grads, None, None, None, None
+    q, k, v, real, decay, out, lse = ctx.saved_tensors
+    grads = _backward_op(
+        q, k, v, real, decay, out, lse, grad_out.contiguous(), ctx.block_size, ctx.causal, ctx.impl
+    )
+    return *grads, None, None, None, None, None
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -162,10 +169,13 @@ def h_attention(
     block_size: int,
     causal: bool = False,
     key_padding_mask: torch.Tensor | None = None,
+    level_decay=None,
     impl: str | None = None,
 ) -> torch.Tensor:
     """Hierarchical attention. q, k, v: (batch, heads, n, dim_head), scaled by dim_head**-0.5
     inside; key_padding_mask: (batch, n) bool, True = real token. Returns (batch, heads, n, dim_head).
+    level_decay: None, or per head (a sequence or a tensor of heads numbers >= 0) the bits per
+    level by which each coarser level's scores are lowered (geometry.decay_bias).
 
     Under autocast the matrix products run in the autocast dtype; softmax maxima, exponent sums
     and the final division stay in fp32. impl: "auto", "eager" or "triton" (default:
@@ -174,6 +184,7 @@ def h_attention(
     """
     check_inputs(q, k, v, block_size, key_padding_mask)
     b, h, n, d = q.shape
+    check_level_decay(level_decay, h)
     dtype = q.dtype
     device_type = q.device.type
     if torch.is_autocast_enabled(device_type) and dtype in (torch.float32, torch.float64):
@@ -186,6 +197,9 @@ def h_attention(
         real = torch.ones(b * h, n, dtype=stat_dtype, device=q.device)
     else:
         real = key_padding_mask.to(device=q.device, dtype=stat_dtype).repeat_interleave(h, dim=0)
+    decay = None  # rows are (batch, heads) with heads inner
+    if level_decay is not None:
+        decay = torch.as_tensor(level_decay, dtype=stat_dtype, device=q.device).repeat(b)
     with torch.autocast(device_type, enabled=False):
-        out, _ = _forward_op(q, k, v, real, block_size, causal, impl)
+        out, _ = _forward_op(q, k, v, real, decay, block_size, causal, impl)
     return out.to(q.dtype).view(b, h, n, d)

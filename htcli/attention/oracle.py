@@ -10,7 +10,14 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from htcli.attention.geometry import NEG_INF, check_inputs, num_levels, pair_levels
+from htcli.attention.geometry import (
+    NEG_INF,
+    check_inputs,
+    check_level_decay,
+    decay_bias,
+    num_levels,
+    pair_levels,
+)
 
 
 def _cluster_mean(t: torch.Tensor, weight: torch.Tensor, size: int) -> torch.Tensor:
@@ -28,10 +35,13 @@ def dense_h_attention(
     block_size: int,
     causal: bool = False,
     key_padding_mask: torch.Tensor | None = None,
+    level_decay=None,
 ) -> torch.Tensor:
-    """The O(n^2) definition: an (L, L) score matrix filled level by level, one row softmax."""
+    """The O(n^2) definition: an (L, L) score matrix filled level by level, one row softmax.
+    level_decay: None, or per head the bits per level that each level's scores lose (geometry)."""
     check_inputs(q, k, v, block_size, key_padding_mask)
     b, h, n, d = q.shape
+    check_level_decay(level_decay, h)
     levels = num_levels(n, block_size)
     length = block_size * 2**levels
     pad = length - n
@@ -57,6 +67,9 @@ def dense_h_attention(
         fine_q = coarse_q[:, :, position >> lv]
         fine_k = coarse_k[:, :, position >> lv]
         level_scores = fine_q @ fine_k.transpose(-1, -2) * d**-0.5
+        if level_decay is not None:
+            decay = torch.as_tensor(level_decay, dtype=q.dtype, device=q.device)
+            level_scores = level_scores + decay_bias(decay, lv)[:, None, None]
         scores = torch.where(level_of_pair == lv, level_scores, scores)
     scores = scores.masked_fill(~real[:, None, None, :], NEG_INF)
     seen = torch.isfinite(scores).any(-1, keepdim=True)

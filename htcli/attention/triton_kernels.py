@@ -4,7 +4,8 @@ Imported only where Triton is wanted (CUDA, or Triton's CPU interpreter in tests
 else in htcli needs Triton.
 
 Every level l has tensors over its clusters: Q, K, V (rows, c, D) and CNT (rows, c), the number
-of real fine positions per cluster (0/1 at level 0), which enters the scores as log(CNT). A
+of real fine positions per cluster (0/1 at level 0), which enters the scores as log(CNT) (at a
+coarse level of a model with level decay, plus the row's score bias LVB[row]: geometry.decay_bias). A
 query tile of BLOCK_Q rows lies inside one block of R clusters and scores, tile by tile of
 BLOCK_K keys, the key blocks at the level's offsets (level 0: -1, 0, +1; coarse: -1, +1;
 causal drops +1), with the static masks of `geometry.static_bias`. Levels run from
@@ -73,18 +74,26 @@ def _load_query_side(Q, G, E, REF, places, valid, stride_qn, D: tl.constexpr):
 
 
 @triton.jit
+def _row_bias(LVB, row, HAS_DECAY: tl.constexpr):
+    """This row's score bias at this level (0.0 without level decay)."""
+    if HAS_DECAY:
+        return tl.load(LVB + row)
+    return 0.0
+
+
+@triton.jit
 def _log_count(cnt):
     """log(cnt), -inf for an empty cluster (without taking log(0))."""
     return tl.where(cnt > 0, tl.log(tl.maximum(cnt, 1.0)), float("-inf"))
 
 
 @triton.jit
-def _scores(q, k, cnt, i_loc, j_loc, scale, HALF: tl.constexpr, LEVEL0: tl.constexpr, CAUSAL: tl.constexpr,
-            OFFSET: tl.constexpr, PRECISION: tl.constexpr):
-    """fp32 scores (queries, keys) of one pair of tiles, biased by log(count), -inf where the
+def _scores(q, k, cnt, bias, i_loc, j_loc, scale, HALF: tl.constexpr, LEVEL0: tl.constexpr,
+            CAUSAL: tl.constexpr, OFFSET: tl.constexpr, PRECISION: tl.constexpr):
+    """fp32 scores (queries, keys) of one pair of tiles, biased by log(count) + bias, -inf where the
     pair is not scored at this level (i_loc, j_loc: places in their blocks; OFFSET: key
     block - query block)."""
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale + _log_count(cnt)[None, :]
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale + (_log_count(cnt) + bias)[None, :]
     if LEVEL0:
         if CAUSAL and OFFSET == 0:
             s = tl.where(j_loc[None, :] <= i_loc[:, None], s, float("-inf"))
@@ -107,23 +116,23 @@ def _key_range(kb, nb, q_start, R: tl.constexpr, BLOCK_Q: tl.constexpr, LEVEL0: 
 
 
 @triton.jit
-def _key_tile(q, i_loc, j0, kb, c, scale, K, V, CNT, R: tl.constexpr, BLOCK_K: tl.constexpr,
+def _key_tile(q, i_loc, j0, kb, c, scale, K, V, CNT, bias, R: tl.constexpr, BLOCK_K: tl.constexpr,
               D: tl.constexpr, LEVEL0: tl.constexpr, CAUSAL: tl.constexpr, OFFSET: tl.constexpr,
               PRECISION: tl.constexpr):
     """Keys and values of the key tile at j0 of block kb, and the query tile's scores on them."""
     j_loc = j0 + tl.arange(0, BLOCK_K)
     k, v, cnt = _load_keys(K, V, CNT, kb * R + j_loc, kb * R + j_loc < c, D)
-    return k, v, _scores(q, k, cnt, i_loc, j_loc, scale, R // 2, LEVEL0, CAUSAL, OFFSET, PRECISION)
+    return k, v, _scores(q, k, cnt, bias, i_loc, j_loc, scale, R // 2, LEVEL0, CAUSAL, OFFSET, PRECISION)
 
 
 @triton.jit
-def _forward_block(acc, m_i, l_i, q, i_loc, kb, nb, c, q_start, scale, K, V, CNT,
+def _forward_block(acc, m_i, l_i, q, i_loc, kb, nb, c, q_start, scale, K, V, CNT, bias,
                    R: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, D: tl.constexpr,
                    LEVEL0: tl.constexpr, CAUSAL: tl.constexpr, OFFSET: tl.constexpr, PRECISION: tl.constexpr):
     """Online softmax of a query tile over the keys of block kb."""
     for j0 in range(0, _key_range(kb, nb, q_start, R, BLOCK_Q, LEVEL0, CAUSAL, OFFSET), BLOCK_K):
-        k, v, s = _key_tile(q, i_loc, j0, kb, c, scale, K, V, CNT, R, BLOCK_K, D, LEVEL0, CAUSAL, OFFSET,
-                            PRECISION)
+        k, v, s = _key_tile(q, i_loc, j0, kb, c, scale, K, V, CNT, bias, R, BLOCK_K, D, LEVEL0, CAUSAL,
+                            OFFSET, PRECISION)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp(m_i - m_safe)
@@ -135,15 +144,16 @@ def _forward_block(acc, m_i, l_i, q, i_loc, kb, nb, c, q_start, scale, K, V, CNT
 
 
 @triton.jit(do_not_specialize=["c", "nb", "c_parent"])  # one compiled kernel for every length
-def forward_kernel(Q, K, V, CNT, PM, PL, PACC, OM, OL, OACC, OUT, LSE, c, nb, c_parent, stride_qr, stride_qn,
-                   scale, R: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, D: tl.constexpr,
-                   LEVEL0: tl.constexpr, CAUSAL: tl.constexpr, HAS_PARENT: tl.constexpr,
-                   PRECISION: tl.constexpr):
+def forward_kernel(Q, K, V, CNT, LVB, PM, PL, PACC, OM, OL, OACC, OUT, LSE, c, nb, c_parent, stride_qr,
+                   stride_qn, scale, R: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
+                   D: tl.constexpr, LEVEL0: tl.constexpr, CAUSAL: tl.constexpr, HAS_PARENT: tl.constexpr,
+                   HAS_DECAY: tl.constexpr, PRECISION: tl.constexpr):
     """One level, one query tile: start from the parent's softmax state (max, denominator,
     numerator), add this level's keys, write the state (coarse levels) or the output and
     log-sum-exp (level 0)."""
     row, block, q_start, i_loc = _tile(BLOCK_Q, R)
     Q, K, V, CNT = Q + row * stride_qr, K + row * c * D, V + row * c * D, CNT + row * c
+    bias = _row_bias(LVB, row, HAS_DECAY)
     queries = block * R + i_loc
     valid = queries < c
     q = _load_queries(Q, queries, valid, stride_qn, D)
@@ -158,13 +168,13 @@ def forward_kernel(Q, K, V, CNT, PM, PL, PACC, OM, OL, OACC, OUT, LSE, c, nb, c_
         l_i = tl.zeros([BLOCK_Q], tl.float32)
         acc = tl.zeros([BLOCK_Q, D], tl.float32)
     acc, m_i, l_i = _forward_block(acc, m_i, l_i, q, i_loc, block - 1, nb, c, q_start, scale, K, V, CNT,
-                                   R, BLOCK_Q, BLOCK_K, D, LEVEL0, CAUSAL, -1, PRECISION)
+                                   bias, R, BLOCK_Q, BLOCK_K, D, LEVEL0, CAUSAL, -1, PRECISION)
     if LEVEL0:
         acc, m_i, l_i = _forward_block(acc, m_i, l_i, q, i_loc, block, nb, c, q_start, scale, K, V, CNT,
-                                       R, BLOCK_Q, BLOCK_K, D, LEVEL0, CAUSAL, 0, PRECISION)
+                                       bias, R, BLOCK_Q, BLOCK_K, D, LEVEL0, CAUSAL, 0, PRECISION)
     if not CAUSAL:
         acc, m_i, l_i = _forward_block(acc, m_i, l_i, q, i_loc, block + 1, nb, c, q_start, scale, K, V,
-                                       CNT, R, BLOCK_Q, BLOCK_K, D, LEVEL0, CAUSAL, 1, PRECISION)
+                                       CNT, bias, R, BLOCK_Q, BLOCK_K, D, LEVEL0, CAUSAL, 1, PRECISION)
     if LEVEL0:
         scored = l_i > 0
         _store_rows(OUT + row * c * D, queries, acc / tl.where(scored, l_i, 1.0)[:, None], valid, D)
@@ -261,13 +271,13 @@ def _from_parent(grad, PARENT, PCNT, CNT, places, valid, D: tl.constexpr, FIRST_
 
 
 @triton.jit
-def _dq_block(dq, q, g, e, ref, i_loc, kb, nb, c, q_start, scale, K, V, CNT,
+def _dq_block(dq, q, g, e, ref, i_loc, kb, nb, c, q_start, scale, K, V, CNT, bias,
               R: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, D: tl.constexpr,
               LEVEL0: tl.constexpr, CAUSAL: tl.constexpr, OFFSET: tl.constexpr, PRECISION: tl.constexpr):
     """dS K of a query tile over the keys of block kb (the caller applies the scale)."""
     for j0 in range(0, _key_range(kb, nb, q_start, R, BLOCK_Q, LEVEL0, CAUSAL, OFFSET), BLOCK_K):
-        k, v, s = _key_tile(q, i_loc, j0, kb, c, scale, K, V, CNT, R, BLOCK_K, D, LEVEL0, CAUSAL, OFFSET,
-                            PRECISION)
+        k, v, s = _key_tile(q, i_loc, j0, kb, c, scale, K, V, CNT, bias, R, BLOCK_K, D, LEVEL0, CAUSAL,
+                            OFFSET, PRECISION)
         p = tl.exp(s - ref[:, None])
         ds = p * (tl.dot(g, tl.trans(v), input_precision=PRECISION) - e[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
@@ -275,24 +285,26 @@ def _dq_block(dq, q, g, e, ref, i_loc, kb, nb, c, q_start, scale, K, V, CNT,
 
 
 @triton.jit(do_not_specialize=["c", "nb", "c_parent"])  # one compiled kernel for every length
-def dq_kernel(Q, K, V, CNT, G, E, REF, PDQ, PCNT, DQ, c, nb, c_parent, stride_qr, stride_qn, scale,
+def dq_kernel(Q, K, V, CNT, LVB, G, E, REF, PDQ, PCNT, DQ, c, nb, c_parent, stride_qr, stride_qn, scale,
               R: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, D: tl.constexpr,
-              LEVEL0: tl.constexpr, CAUSAL: tl.constexpr, HAS_PARENT: tl.constexpr, PRECISION: tl.constexpr):
+              LEVEL0: tl.constexpr, CAUSAL: tl.constexpr, HAS_PARENT: tl.constexpr, HAS_DECAY: tl.constexpr,
+              PRECISION: tl.constexpr):
     """Gradient w.r.t. this level's queries of one query tile, plus the parent level's share."""
     row, block, q_start, i_loc = _tile(BLOCK_Q, R)
     Q, K, V, CNT = Q + row * stride_qr, K + row * c * D, V + row * c * D, CNT + row * c
     G, E, REF = G + row * c * D, E + row * c, REF + row * c
+    bias = _row_bias(LVB, row, HAS_DECAY)
     queries = block * R + i_loc
     valid = queries < c
     q, g, e, ref = _load_query_side(Q, G, E, REF, queries, valid, stride_qn, D)
     dq = tl.zeros([BLOCK_Q, D], tl.float32)
-    dq = _dq_block(dq, q, g, e, ref, i_loc, block - 1, nb, c, q_start, scale, K, V, CNT,
+    dq = _dq_block(dq, q, g, e, ref, i_loc, block - 1, nb, c, q_start, scale, K, V, CNT, bias,
                    R, BLOCK_Q, BLOCK_K, D, LEVEL0, CAUSAL, -1, PRECISION)
     if LEVEL0:
-        dq = _dq_block(dq, q, g, e, ref, i_loc, block, nb, c, q_start, scale, K, V, CNT,
+        dq = _dq_block(dq, q, g, e, ref, i_loc, block, nb, c, q_start, scale, K, V, CNT, bias,
                        R, BLOCK_Q, BLOCK_K, D, LEVEL0, CAUSAL, 0, PRECISION)
     if not CAUSAL:
-        dq = _dq_block(dq, q, g, e, ref, i_loc, block + 1, nb, c, q_start, scale, K, V, CNT,
+        dq = _dq_block(dq, q, g, e, ref, i_loc, block + 1, nb, c, q_start, scale, K, V, CNT, bias,
                        R, BLOCK_Q, BLOCK_K, D, LEVEL0, CAUSAL, 1, PRECISION)
     dq = dq * scale
     if HAS_PARENT:
@@ -301,7 +313,7 @@ def dq_kernel(Q, K, V, CNT, G, E, REF, PDQ, PCNT, DQ, c, nb, c_parent, stride_qr
 
 
 @triton.jit
-def _dkdv_block(dk, dv, k, v, cnt, j_loc, qb, nb, c, k_start, scale, Q, G, E, REF, stride_qn,
+def _dkdv_block(dk, dv, k, v, cnt, bias, j_loc, qb, nb, c, k_start, scale, Q, G, E, REF, stride_qn,
                 R: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, D: tl.constexpr,
                 LEVEL0: tl.constexpr, CAUSAL: tl.constexpr, OFFSET: tl.constexpr, PRECISION: tl.constexpr):
     """P^T G and dS^T Q of a key tile over the queries of block qb (its block - OFFSET)."""
@@ -312,7 +324,7 @@ def _dkdv_block(dk, dv, k, v, cnt, j_loc, qb, nb, c, k_start, scale, Q, G, E, RE
         i_loc = i0 + tl.arange(0, BLOCK_Q)
         queries = qb * R + i_loc
         q, g, e, ref = _load_query_side(Q, G, E, REF, queries, queries < c, stride_qn, D)
-        s = _scores(q, k, cnt, i_loc, j_loc, scale, R // 2, LEVEL0, CAUSAL, OFFSET, PRECISION)
+        s = _scores(q, k, cnt, bias, i_loc, j_loc, scale, R // 2, LEVEL0, CAUSAL, OFFSET, PRECISION)
         p = tl.exp(s - ref[:, None])
         dv += tl.dot(tl.trans(p.to(g.dtype)), g, input_precision=PRECISION)
         ds = p * (tl.dot(g, tl.trans(v), input_precision=PRECISION) - e[:, None])
@@ -321,9 +333,9 @@ def _dkdv_block(dk, dv, k, v, cnt, j_loc, qb, nb, c, k_start, scale, Q, G, E, RE
 
 
 @triton.jit(do_not_specialize=["c", "nb", "c_parent"])  # one compiled kernel for every length
-def dkdv_kernel(Q, K, V, CNT, G, E, REF, PDK, PDV, PCNT, DK, DV, c, nb, c_parent, stride_qr, stride_qn,
+def dkdv_kernel(Q, K, V, CNT, LVB, G, E, REF, PDK, PDV, PCNT, DK, DV, c, nb, c_parent, stride_qr, stride_qn,
                 scale, R: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, D: tl.constexpr,
-                LEVEL0: tl.constexpr, CAUSAL: tl.constexpr, HAS_PARENT: tl.constexpr,
+                LEVEL0: tl.constexpr, CAUSAL: tl.constexpr, HAS_PARENT: tl.constexpr, HAS_DECAY: tl.constexpr,
                 PRECISION: tl.constexpr):
     """Gradients w.r.t. this level's keys and values of one key tile, plus the parent's share."""
     row, block, k_start, j_loc = _tile(BLOCK_K, R)
@@ -332,16 +344,17 @@ def dkdv_kernel(Q, K, V, CNT, G, E, REF, PDK, PDV, PCNT, DK, DV, c, nb, c_parent
     keys = block * R + j_loc
     valid = keys < c
     k, v, cnt = _load_keys(K, V, CNT, keys, valid, D)
+    bias = _row_bias(LVB, row, HAS_DECAY)
     dk = tl.zeros([BLOCK_K, D], tl.float32)
     dv = tl.zeros([BLOCK_K, D], tl.float32)
     # the key block is the query block's previous (OFFSET -1), its own (0) or its next (+1)
-    dk, dv = _dkdv_block(dk, dv, k, v, cnt, j_loc, block + 1, nb, c, k_start, scale, Q, G, E, REF,
+    dk, dv = _dkdv_block(dk, dv, k, v, cnt, bias, j_loc, block + 1, nb, c, k_start, scale, Q, G, E, REF,
                          stride_qn, R, BLOCK_Q, BLOCK_K, D, LEVEL0, CAUSAL, -1, PRECISION)
     if LEVEL0:
-        dk, dv = _dkdv_block(dk, dv, k, v, cnt, j_loc, block, nb, c, k_start, scale, Q, G, E, REF,
+        dk, dv = _dkdv_block(dk, dv, k, v, cnt, bias, j_loc, block, nb, c, k_start, scale, Q, G, E, REF,
                              stride_qn, R, BLOCK_Q, BLOCK_K, D, LEVEL0, CAUSAL, 0, PRECISION)
     if not CAUSAL:
-        dk, dv = _dkdv_block(dk, dv, k, v, cnt, j_loc, block - 1, nb, c, k_start, scale, Q, G, E, REF,
+        dk, dv = _dkdv_block(dk, dv, k, v, cnt, bias, j_loc, block - 1, nb, c, k_start, scale, Q, G, E, REF,
                              stride_qn, R, BLOCK_Q, BLOCK_K, D, LEVEL0, CAUSAL, 1, PRECISION)
     dk = dk * scale
     if HAS_PARENT:

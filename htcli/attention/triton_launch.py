@@ -28,7 +28,7 @@ import torch
 import triton
 
 from htcli.attention import triton_kernels as kernels
-from htcli.attention.geometry import num_levels
+from htcli.attention.geometry import decay_bias, num_levels
 from htcli.errors import HtcliError
 
 POOL_BLOCK = 64
@@ -141,9 +141,16 @@ def _grid(c: int, r: int, tile: int, rows: int) -> tuple[int, int]:
     return (triton.cdiv(c, r) * (r // tile), rows)
 
 
-def forward(q, k, v, real, *, block_size: int, causal: bool):
+def _level_bias(decay, level: int):
+    """The per-row score bias of a coarse level (fp32, contiguous), or None (no decay, or level 0)."""
+    if decay is None or level == 0:
+        return None
+    return decay_bias(decay.to(torch.float32), level).contiguous()
+
+
+def forward(q, k, v, real, *, block_size: int, causal: bool, decay=None):
     """Output (rows, n, d) in q's dtype and log-sum-exp (rows, n) fp32 (+inf, output 0, where a
-    position scores no key)."""
+    position scores no key). decay: None or (rows,) each row's level decay."""
     rows, n, d = q.shape
     q, k, v = (t.contiguous() for t in (q, k, v))
     real = real.to(torch.float32).contiguous()
@@ -166,11 +173,12 @@ def forward(q, k, v, real, *, block_size: int, causal: bool):
             state = (lse, lse, lse)
             out = torch.empty_like(q)
         p_m, p_den, p_acc, c_parent = parent if parent else (*state, 1)
+        bias = _level_bias(decay, level)
         # fmt: off
         kernels.forward_kernel[_grid(c, block_size, options["BLOCK_Q"], rows)](
-            q_l, k_l, v_l, cnt, p_m, p_den, p_acc, *state, out, lse, c, triton.cdiv(c, block_size), c_parent,
-            q_l.stride(0), q_l.stride(1), d**-0.5, LEVEL0=level == 0, CAUSAL=causal,
-            HAS_PARENT=parent is not None, **options,
+            q_l, k_l, v_l, cnt, cnt if bias is None else bias, p_m, p_den, p_acc, *state, out, lse, c,
+            triton.cdiv(c, block_size), c_parent, q_l.stride(0), q_l.stride(1), d**-0.5, LEVEL0=level == 0,
+            CAUSAL=causal, HAS_PARENT=parent is not None, HAS_DECAY=bias is not None, **options,
         )
         # fmt: on
         parent = (*state, c)
@@ -192,8 +200,8 @@ def _backward_sums(grad_out, delta, lse, lengths: list[int]) -> list[tuple]:
     return sums
 
 
-def backward(q, k, v, real, out, lse, grad_out, *, block_size: int, causal: bool):
-    """Gradients (dq, dk, dv), each (rows, n, d) in q's dtype."""
+def backward(q, k, v, real, out, lse, grad_out, *, block_size: int, causal: bool, decay=None):
+    """Gradients (dq, dk, dv), each (rows, n, d) in q's dtype (decay: as forward's)."""
     rows, n, d = q.shape
     q, k, v, out, grad_out = (t.contiguous() for t in (q, k, v, out, grad_out.to(q.dtype)))
     real = real.to(torch.float32).contiguous()
@@ -212,13 +220,31 @@ def backward(q, k, v, real, out, lse, grad_out, *, block_size: int, causal: bool
         own = [torch.empty((rows, c, d), dtype=kept, device=q.device) for _ in range(3)]
         p_dq, p_dk, p_dv, p_cnt = parent if parent else (*own, cnt)  # placeholders without a parent
         c_parent = p_cnt.shape[1]
-        common = dict(LEVEL0=level == 0, CAUSAL=causal, HAS_PARENT=parent is not None)
+        bias = _level_bias(decay, level)
+        common = dict(
+            LEVEL0=level == 0, CAUSAL=causal, HAS_PARENT=parent is not None, HAS_DECAY=bias is not None
+        )
         geometry = (c, triton.cdiv(c, block_size), c_parent, q_l.stride(0), q_l.stride(1), d**-0.5)
+        level_bias = cnt if bias is None else bias  # (a placeholder pointer without decay)
         kernels.dq_kernel[_grid(c, block_size, q_options["BLOCK_Q"], rows)](
-            q_l, k_l, v_l, cnt, g, e, ref, p_dq, p_cnt, own[0], *geometry, **common, **q_options
+            q_l, k_l, v_l, cnt, level_bias, g, e, ref, p_dq, p_cnt, own[0], *geometry, **common, **q_options
         )
         kernels.dkdv_kernel[_grid(c, block_size, kv_options["BLOCK_K"], rows)](
-            q_l, k_l, v_l, cnt, g, e, ref, p_dk, p_dv, p_cnt, *own[1:], *geometry, **common, **kv_options
+            q_l,
+            k_l,
+            v_l,
+            cnt,
+            level_bias,
+            g,
+            e,
+            ref,
+            p_dk,
+            p_dv,
+            p_cnt,
+            *own[1:],
+            *geometry,
+            **common,
+            **kv_options,
         )
         parent = (*own, cnt)
     return own
