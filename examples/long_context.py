@@ -130,6 +130,10 @@ VARIANTS = {
     "h-2048-cw50-mixed1": variant(2048, "--context-warmup", "0.5"),
     "h-2048-cw50-mixed2": variant(2048, "--context-warmup", "0.5"),
     "h-2048-mixed1": variant(2048),
+    # with H-attention's level decay (the default recipe has 4): more steps at the full length, another decay
+    "h-2048-cw80": variant(2048, "--context-warmup", "0.8"),
+    "h-256-ld8": variant(256, "--level-decay", "8"),
+    "h-2048-cw90-ld8": variant(2048, "--context-warmup", "0.9", "--level-decay", "8"),
 }
 
 
