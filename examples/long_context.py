@@ -22,9 +22,8 @@ BYTES_PER_STEP = 16 * 1024
 MODEL = ["--dim", "128", "--depth", "4", "--heads", "4", "--dim-head", "32", "--block-size", "32"]
 # the recipe these runs were measured with (htcli 0.1's: AdamW, LayerNorm, GELU, no QK-norm), pinned so
 # that the table stays reproducible now that `htcli train`'s default recipe is another (README, "Recipe")
-FIRST_RECIPE = [
-    *("--optimizer", "adamw", "--norm", "layer", "--no-qk-norm", "--activation", "gelu", "--level-decay", "0")
-]
+FIRST_RECIPE = ["--optimizer", "adamw", "--norm", "layer", "--no-qk-norm", "--activation", "gelu"]
+FIRST_RECIPE += ["--level-decay", "0"]
 BUDGET = ["--steps", "300", "--eval-every", "0", "--sample-every", "0", "--save-every", "0"]
 # "new": what `htcli train` does by default; "new0": the same without H-attention's level decay (the
 # default recipe before the decay, as the README's earlier "new-" rows were measured)
@@ -132,8 +131,14 @@ VARIANTS = {
     "h-2048-mixed1": variant(2048),
     # with H-attention's level decay (the default recipe has 4): more steps at the full length, another decay
     "h-2048-cw80": variant(2048, "--context-warmup", "0.8"),
+    "h-2048-cw95": variant(2048, "--context-warmup", "0.95"),
+    "h-256-ld2": variant(256, "--level-decay", "2"),
+    "h-2048-cw90-ld2": variant(2048, "--context-warmup", "0.9", "--level-decay", "2"),
     "h-256-ld8": variant(256, "--level-decay", "8"),
     "h-2048-cw90-ld8": variant(2048, "--context-warmup", "0.9", "--level-decay", "8"),
+    "h-4096-cw90-ld8": variant(4096, "--context-warmup", "0.9", "--level-decay", "8"),
+    "h-256-ld16": variant(256, "--level-decay", "16"),
+    "h-2048-cw90-ld16": variant(2048, "--context-warmup", "0.9", "--level-decay", "16"),
 }
 
 

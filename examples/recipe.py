@@ -61,6 +61,8 @@ VARIANTS = {
     "muon, lr 6e-3, relu2": first_recipe(optimizer="muon", lr="6e-3", activation="relu2"),
     "default": [],  # the recipe `htcli train` uses without recipe options
     "default, no level decay": ["--level-decay", "0"],
+    "default, level decay 8": ["--level-decay", "8"],
+    "default, level decay 16": ["--level-decay", "16"],
     "default, exact attention": ["--attention", "exact"],
     "first, exact attention": [*first_recipe(), "--attention", "exact"],
 }

@@ -224,8 +224,8 @@ ZeroInit = Annotated[bool | None, _switch("zero-init", "Residual output projecti
 LevelDecay = Annotated[
     float | None,
     _option(
-        "H-attention's locality prior: each coarser level's keys weigh 2^-x less per key for the first "
-        "head, 2^-1 for the last, heads between spaced geometrically; 0: none (default 4; 0 with "
+        "H-attention's locality prior A: at each coarser level a key weighs 2^-A as much for the first "
+        "head, 2^-1 as much for the last, heads between spaced geometrically; 0: none (default 4; 0 with "
         "--attention exact)."
     ),
 ]

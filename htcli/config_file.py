@@ -51,6 +51,10 @@ def read_options(path: Path, spell: Callable[[str], str]) -> dict[str, object]:
     model = data.pop("model", {})
     if not isinstance(model, dict):
         raise HtcliError(f"{path}: model must be a table of model options, got {model!r}")
+    if "htcli_version" in data:  # a run's config.json: its model as that run built it
+        from htcli.model import FIRST_RECIPE
+
+        model = {**FIRST_RECIPE, **model}
     options = {}
     for key, value in [*data.items(), *model.items()]:
         if key in IGNORED:

@@ -23,8 +23,10 @@ from htcli.fused import ReluSquared, RMSNorm, norm_rotate, rms_norm, rotate
 from htcli.reversible import reversible_stack
 
 ATTENTION_KINDS = ("h", "exact")
-# a new H-attention model's level_decay: measured on code and prose (README, "Long context")
+# a new H-attention model's level_decay, measured on code and prose against none (README, "Long
+# context"); beyond the largest, a coarse level's weight is below fp32's resolution anyway
 DEFAULT_LEVEL_DECAY = 4.0
+MAX_LEVEL_DECAY = 64.0
 NORMS = ("rms", "layer")  # RMSNorm, or LayerNorm (with bias)
 ACTIVATIONS = ("relu2", "gelu")  # of the feed-forward layers: ReLU squared, or GELU
 # the recipe fields a config written before them leaves out: such a model was built like this
@@ -73,9 +75,9 @@ class HTransformerConfig:
     activation: str = "relu2"  # ACTIVATIONS
     logit_softcap: float = 0.0  # logits = c * tanh(logits / c); 0: none
     zero_init: bool = False  # residual output projections start at zero (else small, GPT-2 style)
-    # H-attention's locality prior (level_decays): the first head's keys weigh 2**-level_decay times
-    # less per key at each coarser level, the last head's 2**-1, the heads between spaced geometrically;
-    # 0: none. None: DEFAULT_LEVEL_DECAY for attention "h", 0 for "exact"
+    # H-attention's locality prior (level_decays): at each coarser level a key weighs 2**-level_decay as
+    # much for the first head, 2**-1 as much for the last, the heads between spaced geometrically between
+    # the two; 0: none. None: DEFAULT_LEVEL_DECAY for attention "h", 0 for "exact"
     level_decay: float | None = None
 
     def __post_init__(self) -> None:
@@ -102,10 +104,12 @@ class HTransformerConfig:
         if self.level_decay is None:
             self.level_decay = DEFAULT_LEVEL_DECAY if self.attention == "h" else 0.0
         decay = self.level_decay
-        if isinstance(decay, bool) or not isinstance(decay, int | float) or not 0 <= decay < math.inf:
-            raise ValueError(f"level_decay must be a number >= 0 (0: none), got {decay!r}")
+        if isinstance(decay, bool) or not isinstance(decay, int | float) or not 0 <= decay <= MAX_LEVEL_DECAY:
+            raise ValueError(
+                f"level_decay must be a number from 0 (none) to {MAX_LEVEL_DECAY}, got {decay!r}"
+            )
         if decay and self.attention != "h":
-            raise ValueError(f"level_decay is H-attention's: with attention {self.attention} it must be 0")
+            raise ValueError(f"level_decay is H-attention's: with attention {self.attention} set it to 0")
         self.level_decay = float(decay)
 
     def to_dict(self) -> dict:
@@ -234,7 +238,10 @@ class Attention(nn.Module):
         self.rotary = RotaryEmbedding(config.dim_head) if config.rotary else None
         self.q_norm = RMSNorm(config.dim_head) if config.qk_norm else None
         self.k_norm = RMSNorm(config.dim_head) if config.qk_norm else None
-        self.level_decay = level_decays(config)
+        decays = level_decays(config)  # a buffer (not saved: the config holds it), on the model's device
+        self.register_buffer(
+            "level_decays", None if decays is None else torch.tensor(decays), persistent=False
+        )
 
     def prepared(
         self, t: torch.Tensor, weight: torch.Tensor | None, turns: torch.Tensor | None
@@ -266,7 +273,7 @@ class Attention(nn.Module):
                 block_size=cfg.block_size,
                 causal=cfg.causal,
                 key_padding_mask=mask,
-                level_decay=self.level_decay,
+                level_decay=self.level_decays,
             )
         else:
             out = exact_attention(q, k, v, causal=cfg.causal, key_padding_mask=mask)
@@ -287,7 +294,7 @@ class Attention(nn.Module):
                 max_seq_len=cfg.max_seq_len,
                 device=q.device,
                 dtype=k.dtype,
-                level_decay=self.level_decay,
+                level_decay=self.level_decays,
             )
         state.cache.prefill(q, k, v)
         state.linears = [StepLinear(self.to_qkv), StepLinear(self.to_out)]

@@ -83,6 +83,22 @@ def test_level_decay_equals_oracle(n, block, causal):
         assert (results[0][0] - plain).abs().max().item() > 1e-3
 
 
+def test_level_decay_follows_rows_through_row_groups(monkeypatch):
+    """The eager path works through rows a few at a time: each row keeps its own head's decay."""
+    from htcli.attention import eager
+
+    monkeypatch.setattr(eager, "ROW_GROUP_ELEMENTS", {"cpu": 1})  # one row at a time
+    q, k, v = (t.requires_grad_() for t in _qkv(200, b=2, h=3, d=4))
+    decay = [4.0, 1.0, 0.25]
+    grad_out = torch.randn(q.shape, dtype=q.dtype, generator=torch.Generator().manual_seed(2))
+    results = []
+    for fn in (h_attention, dense_h_attention):
+        out = fn(q, k, v, block_size=8, causal=True, level_decay=decay)
+        results.append((out, *torch.autograd.grad(out, (q, k, v), grad_out)))
+    for fast, dense in zip(*results):
+        assert (fast - dense).abs().max().item() < 1e-10
+
+
 def test_level_decay_weights_levels_as_defined():
     """One query, keys constant per level: with decay s the weight of level l's keys is 2**(-s l) per
     key relative to level 0's (so a value that is 1 on level l's keys reads their weight share)."""

@@ -69,7 +69,7 @@ def test_triton_equals_oracle(n, block, d, tile, causal, tiles):
 def test_triton_level_decay_equals_oracle(causal, tiles):
     """With a level decay per head (the default model's locality prior), the kernels equal the oracle."""
     tiles(16)
-    q, k, v, grad, mask = _inputs(300, 16, b=1, h=3, masked=True)
+    q, k, v, grad, mask = _inputs(300, 16, b=2, h=3, masked=True)
     decay = [4.0, 1.0, 0.25]
     inputs = [t.clone().requires_grad_() for t in (q, k, v)]
     out = dense_h_attention(*inputs, block_size=32, causal=causal, key_padding_mask=mask, level_decay=decay)
@@ -204,7 +204,7 @@ def test_triton_kernels_compile_for_an_h100():
     script = Path(__file__).with_name("triton_aot.py")
     result = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("compiled") == 19
+    assert result.stdout.count("compiled") == 29
 
 
 def test_tuning_variable_sets_tiles_and_warps(monkeypatch):

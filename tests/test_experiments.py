@@ -117,6 +117,23 @@ def test_a_runs_config_json_repeats_the_run_with_one_flag_changed(corpus, tmp_pa
     assert_user_error(refused, "already holds a checkpoint: pass --resume to continue it")
 
 
+def test_an_old_runs_config_json_repeats_the_model_it_built(corpus, tmp_path):
+    """A run's config.json written before a model field existed (here level_decay, or the recipe's
+    fields) gives, as --config, the model that run built (read as such: no level decay), not today's
+    default for the field."""
+    first = invoke(
+        "train", corpus, *TINY_FLAGS, "--steps", "2", "--out", tmp_path / "a", "--level-decay", "0"
+    )
+    assert first.exit_code == 0, first.output
+    path = tmp_path / "a" / "config.json"
+    saved = json.loads(path.read_text())
+    del saved["model"]["level_decay"]
+    path.write_text(json.dumps(saved))
+    again = invoke("train", "--config", path, "--out", tmp_path / "b", "--steps", "2")
+    assert again.exit_code == 0, again.output
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["model"]["level_decay"] == 0.0
+
+
 def test_resume_takes_the_saved_config_then_the_file_then_flags(corpus, tmp_path):
     run = tmp_path / "run"
     assert invoke("train", corpus, *TINY_FLAGS, "--steps", "2", "--out", run).exit_code == 0

@@ -53,10 +53,12 @@ def main() -> None:
     for name, (block_q, block_k) in TILES.items():
         for causal in (False, True):
             for level0 in (False, True):
-                constants = dict(R=R, BLOCK_Q=block_q, BLOCK_K=block_k, D=D, LEVEL0=level0, CAUSAL=causal,
-                                 HAS_PARENT=True, HAS_DECAY=not level0, PRECISION="tf32")  # fmt: skip
-                for wide in [()] if level0 else WIDE[name]:
-                    jobs.append((getattr(kernels, name), constants, wide))
+                # coarse levels with and without level decay (models without it: old ones, --level-decay 0)
+                for decay in (False,) if level0 else (True, False):
+                    constants = dict(R=R, BLOCK_Q=block_q, BLOCK_K=block_k, D=D, LEVEL0=level0, CAUSAL=causal,
+                                     HAS_PARENT=True, HAS_DECAY=decay, PRECISION="tf32")  # fmt: skip
+                    for wide in [()] if level0 else WIDE[name]:
+                        jobs.append((getattr(kernels, name), constants, wide))
     for fn, constants, wide in jobs:
         kind = {"forward_kernel": "forward", "dq_kernel": "dq", "dkdv_kernel": "dkdv"}.get(fn.__name__)
         options = {

@@ -35,7 +35,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from htcli.attention.geometry import NEG_INF, check_level_decay, decay_bias, num_levels
+from htcli.attention.geometry import NEG_INF, check_level_decay, decay_bias, decay_rows, num_levels
 from htcli.device import without_autocast
 
 
@@ -85,10 +85,9 @@ class HAttentionCache:
         # 0-dim tensors (an operation with a Python number converts it first), 1 / its size
         sizes = torch.tensor([2.0**level for level in range(1, levels)], device=device)
         self._log_sizes, self._inverse_sizes = sizes.log()[:, None], list(1 / sizes)
-        if level_decay is not None and levels > 1:
-            rows = torch.as_tensor(level_decay, dtype=torch.float32, device=device).repeat(b)
-            decays = torch.stack([decay_bias(rows, level) for level in range(1, levels)])
-            self._log_sizes = self._log_sizes + decays
+        rows = decay_rows(level_decay, b, torch.float32, device)
+        if rows is not None and levels > 1:
+            self._log_sizes = self._log_sizes + torch.stack([decay_bias(rows, lv) for lv in range(1, levels)])
 
     # -- one token -----------------------------------------------------------------------
 

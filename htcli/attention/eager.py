@@ -148,13 +148,9 @@ def levels(q, k, v, real, *, block_size: int, causal: bool, count: int, decay=No
             clusters_q = (_pair_weighted_sum(clusters_q, weight) / denom).to(q.dtype)
         weight = total
         bias = torch.log(total)
-        yield (
-            level,
-            clusters_q,
-            clusters_k,
-            clusters_v,
-            bias if decay is None else bias.add_(decay_bias(decay, level)[:, None]),
-        )
+        if decay is not None:
+            bias.add_(decay_bias(decay, level)[:, None])
+        yield level, clusters_q, clusters_k, clusters_v, bias
 
 
 def _clusters(x: torch.Tensor, size: int) -> torch.Tensor:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 
 import torch
+from einops import repeat
 
 NEG_INF = float("-inf")
 
@@ -25,14 +26,31 @@ def decay_bias(decay: torch.Tensor, level: int) -> torch.Tensor:
 
 
 def check_level_decay(level_decay, heads: int) -> None:
-    """ValueError unless level_decay is None or one finite number >= 0 per head."""
+    """ValueError unless level_decay is None, one finite number >= 0 per head, or a tensor of one
+    value per head (a tensor's values are its maker's to check: reading them would wait for its
+    device; the model's come from its checked config)."""
     if level_decay is None:
         return
-    values = list(level_decay.tolist() if isinstance(level_decay, torch.Tensor) else level_decay)
+    if isinstance(level_decay, torch.Tensor):
+        if level_decay.shape != (heads,):
+            raise ValueError(
+                f"level_decay must hold one value per head ({heads}), got {tuple(level_decay.shape)}"
+            )
+        return
+    values = list(level_decay)
     if len(values) != heads or not all(
         isinstance(x, int | float) and not isinstance(x, bool) and 0 <= x < math.inf for x in values
     ):
         raise ValueError(f"level_decay must be one number >= 0 per head ({heads}), got {values!r}")
+
+
+def decay_rows(level_decay, batch: int, dtype: torch.dtype, device) -> torch.Tensor | None:
+    """Each row's level decay, (batch * heads,) in dtype, rows ordered as h_attention's (batch, heads)
+    with heads inner; None without decay. A tensor already on device is not copied from the host."""
+    if level_decay is None:
+        return None
+    per_head = torch.as_tensor(level_decay, device=device).to(dtype)
+    return repeat(per_head, "h -> (b h)", b=batch)
 
 
 def check_block_size(block_size: int) -> None:

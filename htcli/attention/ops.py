@@ -19,7 +19,7 @@ import os
 import torch
 
 from htcli.attention import eager
-from htcli.attention.geometry import check_inputs, check_level_decay
+from htcli.attention.geometry import check_inputs, check_level_decay, decay_rows
 from htcli.errors import HtcliError
 
 IMPLEMENTATIONS = ("auto", "eager", "triton")
@@ -174,8 +174,8 @@ def h_attention(
 ) -> torch.Tensor:
     """Hierarchical attention. q, k, v: (batch, heads, n, dim_head), scaled by dim_head**-0.5
     inside; key_padding_mask: (batch, n) bool, True = real token. Returns (batch, heads, n, dim_head).
-    level_decay: None, or per head (a sequence or a tensor of heads numbers >= 0) the bits per
-    level by which each coarser level's scores are lowered (geometry.decay_bias).
+    level_decay: None, or per head (a sequence of heads numbers >= 0, or such a tensor, best on q's
+    device) the bits per level by which each coarser level's scores are lowered (geometry.decay_bias).
 
     Under autocast the matrix products run in the autocast dtype; softmax maxima, exponent sums
     and the final division stay in fp32. impl: "auto", "eager" or "triton" (default:
@@ -197,9 +197,7 @@ def h_attention(
         real = torch.ones(b * h, n, dtype=stat_dtype, device=q.device)
     else:
         real = key_padding_mask.to(device=q.device, dtype=stat_dtype).repeat_interleave(h, dim=0)
-    decay = None  # rows are (batch, heads) with heads inner
-    if level_decay is not None:
-        decay = torch.as_tensor(level_decay, dtype=stat_dtype, device=q.device).repeat(b)
+    decay = decay_rows(level_decay, b, stat_dtype, q.device)
     with torch.autocast(device_type, enabled=False):
         out, _ = _forward_op(q, k, v, real, decay, block_size, causal, impl)
     return out.to(q.dtype).view(b, h, n, d)

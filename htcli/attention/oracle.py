@@ -42,6 +42,7 @@ def dense_h_attention(
     check_inputs(q, k, v, block_size, key_padding_mask)
     b, h, n, d = q.shape
     check_level_decay(level_decay, h)
+    decay = None if level_decay is None else torch.as_tensor(level_decay, device=q.device).to(q.dtype)
     levels = num_levels(n, block_size)
     length = block_size * 2**levels
     pad = length - n
@@ -67,8 +68,7 @@ def dense_h_attention(
         fine_q = coarse_q[:, :, position >> lv]
         fine_k = coarse_k[:, :, position >> lv]
         level_scores = fine_q @ fine_k.transpose(-1, -2) * d**-0.5
-        if level_decay is not None:
-            decay = torch.as_tensor(level_decay, dtype=q.dtype, device=q.device)
+        if decay is not None:
             level_scores = level_scores + decay_bias(decay, lv)[:, None, None]
         scores = torch.where(level_of_pair == lv, level_scores, scores)
     scores = scores.masked_fill(~real[:, None, None, :], NEG_INF)

@@ -141,11 +141,12 @@ def _grid(c: int, r: int, tile: int, rows: int) -> tuple[int, int]:
     return (triton.cdiv(c, r) * (r // tile), rows)
 
 
-def _level_bias(decay, level: int):
-    """The per-row score bias of a coarse level (fp32, contiguous), or None (no decay, or level 0)."""
+def _level_bias(decay, level: int, placeholder: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """The kernels' LVB pointer at a level and whether they read it (HAS_DECAY): the per-row score bias
+    of a coarse level (fp32), or the placeholder (any tensor) without decay and at level 0."""
     if decay is None or level == 0:
-        return None
-    return decay_bias(decay.to(torch.float32), level).contiguous()
+        return placeholder, False
+    return decay_bias(decay.to(torch.float32), level).contiguous(), True
 
 
 def forward(q, k, v, real, *, block_size: int, causal: bool, decay=None):
@@ -173,12 +174,12 @@ def forward(q, k, v, real, *, block_size: int, causal: bool, decay=None):
             state = (lse, lse, lse)
             out = torch.empty_like(q)
         p_m, p_den, p_acc, c_parent = parent if parent else (*state, 1)
-        bias = _level_bias(decay, level)
+        bias, has_decay = _level_bias(decay, level, cnt)
         # fmt: off
         kernels.forward_kernel[_grid(c, block_size, options["BLOCK_Q"], rows)](
-            q_l, k_l, v_l, cnt, cnt if bias is None else bias, p_m, p_den, p_acc, *state, out, lse, c,
-            triton.cdiv(c, block_size), c_parent, q_l.stride(0), q_l.stride(1), d**-0.5, LEVEL0=level == 0,
-            CAUSAL=causal, HAS_PARENT=parent is not None, HAS_DECAY=bias is not None, **options,
+            q_l, k_l, v_l, cnt, bias, p_m, p_den, p_acc, *state, out, lse, c, triton.cdiv(c, block_size),
+            c_parent, q_l.stride(0), q_l.stride(1), d**-0.5, LEVEL0=level == 0, CAUSAL=causal,
+            HAS_PARENT=parent is not None, HAS_DECAY=has_decay, **options,
         )
         # fmt: on
         parent = (*state, c)
@@ -220,31 +221,15 @@ def backward(q, k, v, real, out, lse, grad_out, *, block_size: int, causal: bool
         own = [torch.empty((rows, c, d), dtype=kept, device=q.device) for _ in range(3)]
         p_dq, p_dk, p_dv, p_cnt = parent if parent else (*own, cnt)  # placeholders without a parent
         c_parent = p_cnt.shape[1]
-        bias = _level_bias(decay, level)
-        common = dict(
-            LEVEL0=level == 0, CAUSAL=causal, HAS_PARENT=parent is not None, HAS_DECAY=bias is not None
-        )
+        bias, has_decay = _level_bias(decay, level, cnt)
+        common = dict(LEVEL0=level == 0, CAUSAL=causal, HAS_PARENT=parent is not None, HAS_DECAY=has_decay)
         geometry = (c, triton.cdiv(c, block_size), c_parent, q_l.stride(0), q_l.stride(1), d**-0.5)
-        level_bias = cnt if bias is None else bias  # (a placeholder pointer without decay)
+        level_side = (q_l, k_l, v_l, cnt, bias, g, e, ref)  # what both kernels read of the level
         kernels.dq_kernel[_grid(c, block_size, q_options["BLOCK_Q"], rows)](
-            q_l, k_l, v_l, cnt, level_bias, g, e, ref, p_dq, p_cnt, own[0], *geometry, **common, **q_options
+            *level_side, p_dq, p_cnt, own[0], *geometry, **common, **q_options
         )
         kernels.dkdv_kernel[_grid(c, block_size, kv_options["BLOCK_K"], rows)](
-            q_l,
-            k_l,
-            v_l,
-            cnt,
-            level_bias,
-            g,
-            e,
-            ref,
-            p_dk,
-            p_dv,
-            p_cnt,
-            *own[1:],
-            *geometry,
-            **common,
-            **kv_options,
+            *level_side, p_dk, p_dv, p_cnt, *own[1:], *geometry, **common, **kv_options
         )
         parent = (*own, cnt)
     return own
