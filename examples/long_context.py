@@ -129,7 +129,12 @@ VARIANTS = {
     "h-2048-cw50-mixed1": variant(2048, "--context-warmup", "0.5"),
     "h-2048-cw50-mixed2": variant(2048, "--context-warmup", "0.5"),
     "h-2048-mixed1": variant(2048),
-    # with H-attention's level decay (the default recipe has 4): more steps at the full length, another decay
+    # H-attention's level decay (the default recipe's is 16; these rows of README were measured at 4, 8, 16
+    # and 32), and more steps at the full length
+    "h-256-ld4": variant(256, "--level-decay", "4"),
+    "h-2048-cw90-ld4": variant(2048, "--context-warmup", "0.9", "--level-decay", "4"),
+    "h-4096-cw90-ld4": variant(4096, "--context-warmup", "0.9", "--level-decay", "4"),
+    "h-2048-cw80-ld4": variant(2048, "--context-warmup", "0.8", "--level-decay", "4"),
     "h-2048-cw80": variant(2048, "--context-warmup", "0.8"),
     "h-2048-cw95": variant(2048, "--context-warmup", "0.95"),
     "h-256-ld2": variant(256, "--level-decay", "2"),
@@ -139,6 +144,9 @@ VARIANTS = {
     "h-4096-cw90-ld8": variant(4096, "--context-warmup", "0.9", "--level-decay", "8"),
     "h-256-ld16": variant(256, "--level-decay", "16"),
     "h-2048-cw90-ld16": variant(2048, "--context-warmup", "0.9", "--level-decay", "16"),
+    "h-4096-cw90-ld16": variant(4096, "--context-warmup", "0.9", "--level-decay", "16"),
+    "h-256-ld32": variant(256, "--level-decay", "32"),
+    "h-2048-cw90-ld32": variant(2048, "--context-warmup", "0.9", "--level-decay", "32"),
 }
 
 

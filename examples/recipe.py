@@ -62,7 +62,8 @@ VARIANTS = {
     "default": [],  # the recipe `htcli train` uses without recipe options
     "default, no level decay": ["--level-decay", "0"],
     "default, level decay 8": ["--level-decay", "8"],
-    "default, level decay 16": ["--level-decay", "16"],
+    "default, level decay 4": ["--level-decay", "4"],
+    "default, level decay 32": ["--level-decay", "32"],
     "default, exact attention": ["--attention", "exact"],
     "first, exact attention": [*first_recipe(), "--attention", "exact"],
 }

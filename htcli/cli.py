@@ -225,7 +225,7 @@ LevelDecay = Annotated[
     float | None,
     _option(
         "H-attention's locality prior A: at each coarser level a key weighs 2^-A as much for the first "
-        "head, 2^-1 as much for the last, heads between spaced geometrically; 0: none (default 4; 0 with "
+        "head, 2^-1 as much for the last, heads between spaced geometrically; 0: none (default 16; 0 with "
         "--attention exact)."
     ),
 ]

@@ -23,9 +23,10 @@ from htcli.fused import ReluSquared, RMSNorm, norm_rotate, rms_norm, rotate
 from htcli.reversible import reversible_stack
 
 ATTENTION_KINDS = ("h", "exact")
-# a new H-attention model's level_decay, measured on code and prose against none (README, "Long
-# context"); beyond the largest, a coarse level's weight is below fp32's resolution anyway
-DEFAULT_LEVEL_DECAY = 4.0
+# a new H-attention model's level_decay: the best of those measured on code and on prose at the
+# recipe's budgets (README, "Long context" and "Recipe"); beyond the largest, a coarse level's weight
+# is below fp32's resolution anyway
+DEFAULT_LEVEL_DECAY = 16.0
 MAX_LEVEL_DECAY = 64.0
 NORMS = ("rms", "layer")  # RMSNorm, or LayerNorm (with bias)
 ACTIVATIONS = ("relu2", "gelu")  # of the feed-forward layers: ReLU squared, or GELU

@@ -118,13 +118,13 @@ def test_bad_recipe_options(corpus, tmp_path, flags, message):
 
 
 def test_level_decay_per_head_and_in_old_configs():
-    """New H-models get the default level decay (first head 4 bits per level, last 1, geometric between);
+    """New H-models get the default level decay (first head 16 bits per level, last 1, geometric between);
     exact-attention models none; a config written before the field (the recipe's fields present) is
     read as a model without it, as it was built."""
     from htcli.model import level_decays
 
     config = HTransformerConfig(heads=3)
-    assert config.level_decay == 4.0 and level_decays(config) == pytest.approx((4.0, 2.0, 1.0))
+    assert config.level_decay == 16.0 and level_decays(config) == pytest.approx((16.0, 4.0, 1.0))
     assert level_decays(HTransformerConfig(heads=1, level_decay=2.5)) == (2.5,)
     assert level_decays(HTransformerConfig(level_decay=0)) is None
     assert HTransformerConfig(attention="exact").level_decay == 0.0
