@@ -7,7 +7,8 @@ Each variant is a name from VARIANTS (default: all), or such a name prefixed wit
 htcli's default recipe (Muon, QK-norm, ReLU^2, H-attention's level decay and its default learning rate)
 instead of the first one, or with "new0-" for the default recipe without the level decay; it is
 trained with `htcli train` into OUT/NAME (kept: a variant already trained is only scored again), scored
-with `htcli eval`. Prints a table of held-out
+with `htcli eval`. A name may end in "@SEED" (e.g. new-h-256@1) to train it with that --seed instead of 0
+(OUT/NAME@SEED). Prints a table of held-out
 bits per byte and training time, and draws every by-position curve into OUT/by_position.png.
 Budget: dim 128, depth 4, 4 heads x 32, block 32, AdamW lr 1e-3 (the first recipe), 300 steps of 16 KiB,
 on the CPU.
@@ -156,11 +157,17 @@ def htcli(*args: str, program: tuple[str, ...] = ("-m", "htcli")) -> subprocess.
 
 
 def recipe_of(name: str) -> tuple[str, list[str]]:
-    """The VARIANTS entry a name stands for and the recipe's flags."""
-    prefix, _, base = name.partition("-")
+    """The VARIANTS entry a name stands for and the recipe's flags (a seed, "@SEED", is left to seed_of)."""
+    prefix, _, base = name.partition("@")[0].partition("-")
     if prefix in ("new", "new0"):
         return base, RECIPES[prefix]
-    return name, RECIPES["first"]
+    return name.partition("@")[0], RECIPES["first"]
+
+
+def seed_of(name: str) -> list[str]:
+    """The --seed flag a name ending in "@SEED" asks for (none: htcli's default, 0)."""
+    seed = name.partition("@")[2]
+    return ["--seed", seed] if seed else []
 
 
 def run_variant(name: str, train_corpus: str, held_out: str, out: Path) -> dict:
@@ -171,7 +178,7 @@ def run_variant(name: str, train_corpus: str, held_out: str, out: Path) -> dict:
         trial = trials.get(base.split("-")[-1])
         program = ("-c", trial) if trial else ("-m", "htcli")
         args = ["train", train_corpus, "--out", str(run), *MODEL, *recipe, *BUDGET, *VARIANTS[base]]
-        args += ["--device", "cpu"]
+        args += [*seed_of(name), "--device", "cpu"]
         htcli(*args, program=program)
     end = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()][-1]
     scored = json.loads(htcli("eval", str(run), held_out, "--json", "--device", "cpu").stdout)
@@ -179,7 +186,7 @@ def run_variant(name: str, train_corpus: str, held_out: str, out: Path) -> dict:
     return {
         "variant": name,
         "recipe": next(key for key, flags in RECIPES.items() if flags is recipe),
-        "flags": " ".join(VARIANTS[base]),
+        "flags": " ".join([*VARIANTS[base], *seed_of(name)]),
         "train_seconds": end["seconds"],
         "held_out_bpb": scored["bits_per_byte"],
         "by_position": curve["by_position"],
@@ -187,7 +194,12 @@ def run_variant(name: str, train_corpus: str, held_out: str, out: Path) -> dict:
 
 
 def main(train_corpus: str, held_out: str, out: str, *names: str) -> None:
-    unknown = [name for name in names if recipe_of(name)[0] not in VARIANTS]
+    seeds = [name.partition("@")[2] for name in names]
+    unknown = [
+        name
+        for name, seed in zip(names, seeds)
+        if recipe_of(name)[0] not in VARIANTS or "@" in name and not seed.isdigit()
+    ]
     if unknown:
         sys.exit(f"unknown variant {', '.join(unknown)}: choose from {', '.join(VARIANTS)} (or new-NAME)")
     out_dir = Path(out)

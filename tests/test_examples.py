@@ -69,13 +69,18 @@ def test_triton_precision_runs_in_the_interpreter():
 
 def test_long_context_names_its_recipes_and_refuses_unknown_variants(tmp_path):
     """long_context.py: "new-NAME" is NAME with the default recipe, a plain name the first recipe's
-    pinned flags; an unknown name stops it before anything trains."""
+    pinned flags, "@SEED" a seed; an unknown name (or seed) stops it before anything trains."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("long_context", EXAMPLES / "long_context.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     assert script.recipe_of("new-h-2048-cw90") == ("h-2048-cw90", [])
+    assert script.recipe_of("new-h-256@2") == ("h-256", []) and script.seed_of("new-h-256@2") == [
+        "--seed",
+        "2",
+    ]
+    assert script.seed_of("h-256") == [] and script.recipe_of("h-256@1")[0] == "h-256"
     base, flags = script.recipe_of("h-256")
     assert base == "h-256" and flags[:2] == ["--optimizer", "adamw"] and "--lr" in flags
     refused = subprocess.run(
@@ -83,4 +88,9 @@ def test_long_context_names_its_recipes_and_refuses_unknown_variants(tmp_path):
         capture_output=True, text=True,
     )  # fmt: skip
     assert refused.returncode != 0 and "unknown variant new-h-9999" in refused.stderr
+    no_seed = subprocess.run(
+        [sys.executable, EXAMPLES / "long_context.py", "corpus", "held", tmp_path / "out", "new-h-256@x"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert no_seed.returncode != 0 and "unknown variant new-h-256@x" in no_seed.stderr
     assert not (tmp_path / "out").exists()
