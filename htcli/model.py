@@ -489,16 +489,29 @@ class HTransformer1D(nn.Module):
         return self.config.causal
 
     @torch.inference_mode()  # (not just no_grad: each of the many small ops of decoding costs less)
-    def prefill(self, tokens: torch.Tensor) -> tuple[torch.Tensor, DecodingState]:
-        """The parallel forward over a prompt (b, n): its logits, and the state to decode on from."""
+    def prefill(self, tokens: torch.Tensor, copies: int = 1) -> tuple[torch.Tensor, DecodingState]:
+        """The parallel forward over a prompt (b, n): its logits, and the state to decode on from.
+        copies > 1 (a prompt of one sequence, b = 1): the state of that many sequences, each this one
+        (several samples of one prompt; the forward runs once), and the logits of each (copies, n)."""
         if not self.supports_decode_cache:
             raise ValueError("incremental decoding needs a causal model")
-        n = tokens.shape[1]
+        b, n = tokens.shape
         if not 1 <= n <= self.config.max_seq_len:
             raise ValueError(f"prefill takes 1 to max_seq_len ({self.config.max_seq_len}) tokens, got {n}")
+        if copies < 1 or copies > 1 and b != 1:
+            raise ValueError(
+                f"copies of a prompt need a prompt of one sequence and copies >= 1, got {b}, {copies}"
+            )
         state = DecodingState([LayerState() for _ in self.layers.blocks], StepLinear(self.to_logits))
         x = self.layers(self.token_emb(tokens), None, states=state.layers)
-        return self.logits(x), state
+        if copies > 1:
+            for layer in state.layers:
+                layer.attention.cache.repeat(copies)
+                for branch in (layer.attention, layer.feedforward):
+                    if branch.previous is not None:
+                        branch.previous = branch.previous.repeat(copies, 1)
+        logits = self.logits(x)
+        return (logits.expand(copies, -1, -1) if copies > 1 else logits), state
 
     @torch.inference_mode()
     def decode_step(self, token: torch.Tensor, state: DecodingState) -> torch.Tensor:

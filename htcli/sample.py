@@ -54,44 +54,89 @@ class SamplingConfig:
             raise HtcliError(f"top_p must be in (0, 1], got {self.top_p}", fields=("top_p",))
 
 
+# a row's uniforms are drawn from its generator this many at a time (one tensor operation per row per
+# UNIFORMS_AT_ONCE bytes instead of one per byte)
+UNIFORMS_AT_ONCE = 64
+# the largest uniform used: u * total stays below the total probability by far more than rounding, so the
+# inverse CDF never lands past the last token that has any probability
+MAX_UNIFORM = 1.0 - 2.0**-24
+
+
 def logits_to_probs(
     logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None
 ) -> torch.Tensor:
-    """Next-token probabilities (vocab,) from logits, sharpened by temperature and cut to top-k / top-p."""
+    """Next-token probabilities (..., vocab) from logits (..., vocab), sharpened by temperature and cut to
+    top-k / top-p (each row on its own)."""
     logits = logits.float() / max(temperature, 1e-5)
     if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k).values[-1]
+        kth = torch.topk(logits, top_k).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
         cumulative = sorted_logits.softmax(-1).cumsum(-1)
         # drop a token once the ones before it already cover top_p; the most likely always stays
         drop_sorted = cumulative - sorted_logits.softmax(-1) >= top_p
-        drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits.softmax(-1)
 
 
-def sample_token(
-    logits: torch.Tensor,
-    *,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    generator: torch.Generator | None = None,
-) -> int:
-    """One token from logits (vocab,): the most likely when temperature is 0, else drawn with generator."""
+class TokenSampler:
+    """Draws every row's next token at once, each row from its own generator (seeded by its config's
+    seed) and with its own config's temperature, top-k and top-p: a row's tokens are the same whatever
+    rows it is drawn beside. A draw is the inverse CDF of the row's probabilities at one uniform number
+    (fp64), taken from the row's generator UNIFORMS_AT_ONCE at a time; temperature 0 is the most likely
+    token (its row's uniforms are drawn all the same)."""
+
+    def __init__(self, configs: list[SamplingConfig]):
+        self.generators = [torch.Generator().manual_seed(config.seed) for config in configs]
+        groups: dict[tuple, list[int]] = {}
+        for row, config in enumerate(configs):
+            groups.setdefault((config.temperature, config.top_k, config.top_p), []).append(row)
+        # rows sharing their options are drawn together (all of them, as with --num-samples, in one go)
+        self.groups = [
+            (key, None if len(rows) == len(configs) else torch.tensor(rows)) for key, rows in groups.items()
+        ]
+        self.uniforms, self.used = torch.empty(0), UNIFORMS_AT_ONCE  # (UNIFORMS_AT_ONCE, rows) once drawn
+
+    def __call__(self, logits: torch.Tensor) -> list[int]:
+        """One token per row of logits (rows, vocab)."""
+        if self.used == UNIFORMS_AT_ONCE:
+            draws = [torch.rand(UNIFORMS_AT_ONCE, dtype=torch.float64, generator=g) for g in self.generators]
+            self.uniforms, self.used = torch.stack(draws, 1), 0
+        uniform = self.uniforms[self.used]
+        self.used += 1
+        logits = logits.float().cpu()
+        (options, rows), *others = self.groups
+        if not others and rows is None:
+            return _draw(logits, uniform, *options).tolist()
+        tokens = torch.empty(len(self.generators), dtype=torch.long)
+        for options, rows in self.groups:
+            tokens[rows] = _draw(logits[rows], uniform[rows], *options)
+        return tokens.tolist()
+
+
+def _draw(logits: torch.Tensor, uniform: torch.Tensor, temperature: float, top_k, top_p) -> torch.Tensor:
+    """Each row's token (rows,): the most likely at temperature 0, else inverse_cdf at its uniform."""
     if temperature == 0:
-        return int(logits.argmax())
-    probs = logits_to_probs(logits, temperature, top_k, top_p).cpu()
-    return int(torch.multinomial(probs, 1, generator=generator))
+        return logits.argmax(-1)
+    return inverse_cdf(logits_to_probs(logits, temperature, top_k, top_p), uniform)
+
+
+def inverse_cdf(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """Per row of probs (rows, vocab), the token whose interval of the cumulative sum holds uniform (rows,)
+    in [0, 1) times the row's total: token i with probability probs[i] / total, never one of probability 0."""
+    cdf = probs.double().cumsum(-1)
+    scaled = uniform.clamp(max=MAX_UNIFORM) * cdf[:, -1]
+    return torch.searchsorted(cdf, scaled[:, None], right=True)[:, 0]
 
 
 class Decoder:
     """Feeds bytes to a model, a batch of sequences at a time, and holds the logits (b, vocab) of the
     next byte of each.
 
-    With the cache, a prompt is prefilled by one parallel forward pass and each byte after it
+    With the cache, a prompt is prefilled by one parallel forward pass (one for all the sequences
+    when they start from the same prompt: its state is copied) and each byte after it
     is one decode step. When the context reaches max_seq_len, it is cut to its last
     max_seq_len // 2 bytes and prefilled again, so past the model's context every
     max_seq_len // 2 new bytes cost one prefill; the model never sees more than max_seq_len.
@@ -104,13 +149,16 @@ class Decoder:
         self.window = model.config.max_seq_len
         self.cached = cache and model.supports_decode_cache
         self.context = tokens[:, -self.window :]
-        self.logits = self._start(self.context)
+        # several samples of one prompt: its forward pass runs once, for all of them
+        same = len(tokens) > 1 and bool((self.context == self.context[:1]).all())
+        self.logits = self._start(self.context[:1], copies=len(tokens)) if same else self._start(self.context)
 
-    def _start(self, tokens: torch.Tensor) -> torch.Tensor:
+    def _start(self, tokens: torch.Tensor, copies: int = 1) -> torch.Tensor:
+        """Logits of the byte after tokens (b, n), the state to go on from; copies: of one sequence."""
         with autocast(tokens.device, self.dtype):
             if not self.cached:
-                return self.model(tokens)[:, -1]
-            logits, self.state = self.model.prefill(tokens)
+                return self.model(tokens)[:, -1].expand(copies, -1)
+            logits, self.state = self.model.prefill(tokens, copies)
         return logits[:, -1]
 
     def feed(self, tokens: list[int]) -> None:
@@ -164,16 +212,14 @@ def generate_batch(
 @torch.no_grad()
 def _decode(model, prompt: bytes, configs: list[SamplingConfig], dtype, cache: bool, stop) -> Iterator[list]:
     device = next(model.parameters()).device
-    generators = [torch.Generator().manual_seed(config.seed) for config in configs]
+    draw = TokenSampler(configs)
     tokens = torch.tensor([list(prompt)] * len(configs), dtype=torch.long, device=device)
     decoder = Decoder(model, tokens, cache=cache, dtype=dtype)
     tails, live = [b""] * len(configs), [config.max_new_tokens > 0 for config in configs]
     longest = max((len(s) for s in stop), default=0)
     for index in range(max((config.max_new_tokens for config in configs), default=0)):
         step = []
-        for row, config in enumerate(configs):
-            token = sample_token(decoder.logits[row], temperature=config.temperature, top_k=config.top_k,
-                                 top_p=config.top_p, generator=generators[row])  # fmt: skip
+        for row, (config, token) in enumerate(zip(configs, draw(decoder.logits))):
             step.append(token if live[row] else None)
             tails[row] = (tails[row] + bytes([token]))[-longest:] if longest else b""
             ended = index + 1 >= config.max_new_tokens or any(tails[row].endswith(s) for s in stop)

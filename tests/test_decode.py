@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from htcli.attention.cache import HAttentionCache
+from htcli.attention.oracle import dense_h_attention
 from htcli.model import FIRST_RECIPE, HTransformer1D, HTransformerConfig
 
 
@@ -85,3 +87,50 @@ def test_prefill_with_gradients_enabled(overrides):
     for t in range(30, 40):
         step_logits = model.decode_step(tokens[:, t], states)
         assert (step_logits - expected[:, t]).abs().max().item() < 1e-4, f"position {t}"
+
+
+@pytest.mark.parametrize("decay", [None, torch.tensor([3.0, 1.0])])
+@pytest.mark.parametrize("prompt", [1, 6, 16, 37])
+def test_cache_steps_equal_the_dense_oracle(decay, prompt):
+    """The cache alone, on random unit-scale q, k, v (2 sequences x 2 heads, 64 positions, block 4:
+    four coarse levels): every step's output equals the dense oracle's causal output within 1e-5
+    (the cache computes in fp32), with and without the level decay, after prompts that end inside,
+    at the end of and past the first blocks and clusters."""
+    b, h, n, d, r = 2, 2, 64, 8, 4
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(b, h, n, d, generator=generator, dtype=torch.float64) for _ in range(3))
+    expected = dense_h_attention(q, k, v, block_size=r, causal=True, level_decay=decay)
+    cache = HAttentionCache(
+        b, h, d, block_size=r, max_seq_len=n, device="cpu", dtype=torch.float64, level_decay=decay
+    )
+    cache.prefill(q[:, :, :prompt], k[:, :, :prompt], v[:, :, :prompt])
+    for t in range(prompt, n):
+        out = cache.step(q[:, :, t], k[:, :, t], v[:, :, t])
+        assert (out - expected[:, :, t]).abs().max().item() < 1e-5, f"position {t}"
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"shift_tokens": True},
+        {"attention": "exact"},
+        {"reversible": True, "shift_tokens": True, "level_decay": 4.0},
+    ],
+)
+def test_one_prefill_for_copies_of_a_prompt(overrides):
+    """prefill(prompt, copies=3): each copy then decodes on its own, as that sequence's parallel forward
+    says (the H-cache with and without decay, the token shift's state, the exact model's KV cache); a
+    prompt of several sequences cannot be copied."""
+    model = _model(**overrides)
+    generator = torch.Generator().manual_seed(2)
+    prompt = torch.randint(0, 256, (1, 37), generator=generator)
+    rest = torch.randint(0, 256, (3, 40), generator=generator)
+    with torch.no_grad():
+        expected = model(torch.cat([prompt.expand(3, -1), rest], 1))
+        logits, state = model.prefill(prompt, copies=3)
+        assert logits.shape[0] == 3 and (logits - expected[:, :37]).abs().max().item() < 1e-4
+        for t in range(40):
+            step_logits = model.decode_step(rest[:, t], state)
+            assert (step_logits - expected[:, 37 + t]).abs().max().item() < 1e-4, f"position {37 + t}"
+        with pytest.raises(ValueError, match="copies of a prompt need a prompt of one sequence"):
+            model.prefill(rest, copies=2)

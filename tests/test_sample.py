@@ -9,11 +9,12 @@ from htcli.model import HTransformer1D, HTransformerConfig
 from htcli.sample import (
     Decoder,
     SamplingConfig,
+    TokenSampler,
     Utf8Stream,
     generate,
     generate_batch,
+    inverse_cdf,
     logits_to_probs,
-    sample_token,
 )
 
 
@@ -32,10 +33,49 @@ def test_top_k_and_top_p_cut_the_tail():
     assert torch.allclose(logits_to_probs(logits), torch.tensor([0.5, 0.25, 0.15, 0.1]))
 
 
+def test_top_k_and_top_p_cut_each_row_on_its_own():
+    logits = torch.log(torch.tensor([[0.5, 0.25, 0.15, 0.1], [0.1, 0.15, 0.25, 0.5]]))
+    assert (logits_to_probs(logits, top_k=2) > 0).tolist() == [
+        [True, True, False, False],
+        [False, False, True, True],
+    ]
+    assert (logits_to_probs(logits, top_p=0.76) > 0).tolist() == [
+        [True, True, True, False],
+        [False, True, True, True],
+    ]
+
+
 def test_temperature_zero_is_greedy():
     """Temperature 0 always picks the most likely token."""
-    logits = torch.tensor([0.1, 3.0, 2.9])
-    assert {sample_token(logits, temperature=0) for _ in range(5)} == {1}
+    logits = torch.tensor([[0.1, 3.0, 2.9], [5.0, 3.0, 2.9]])
+    draw = TokenSampler([SamplingConfig(temperature=0, seed=seed) for seed in range(2)])
+    assert {tuple(draw(logits)) for _ in range(5)} == {(1, 0)}
+
+
+def test_inverse_cdf_lands_only_on_tokens_with_probability():
+    """The ends of [0, 1) and the edges between intervals land on the right tokens, never on one of
+    probability 0 (first or last), whatever the row's total."""
+    probs = torch.tensor([[0.0, 0.5, 0.5, 0.0], [0.0, 0.2, 0.2, 0.0]])
+    for uniform, expected in [(0.0, [1, 1]), (0.4999, [1, 1]), (0.5, [2, 2]), (1 - 2**-53, [2, 2])]:
+        assert inverse_cdf(probs, torch.tensor([uniform, uniform], dtype=torch.float64)).tolist() == expected
+
+
+def test_draws_follow_the_probabilities():
+    """20,000 draws of one row: each token's frequency within 5 standard errors of its probability
+    (after temperature and top-k), tokens cut by top-k never drawn; a second row beside it is drawn
+    from its own generator (the same tokens as alone)."""
+    logits = torch.log(torch.tensor([0.4, 0.3, 0.2, 0.06, 0.04]))
+    config = SamplingConfig(temperature=0.7, top_k=4, seed=3)
+    expected = logits_to_probs(logits, 0.7, 4)
+    alone, pair = TokenSampler([config]), TokenSampler([config, SamplingConfig(temperature=1.0, seed=9)])
+    draws = []
+    for _ in range(20_000):
+        token = alone(logits[None])[0]
+        assert pair(torch.stack([logits, logits.flip(0)]))[0] == token
+        draws.append(token)
+    counts = torch.bincount(torch.tensor(draws), minlength=5).double() / len(draws)
+    tolerance = 5 * (expected * (1 - expected) / len(draws)).sqrt() + 1e-9
+    assert counts[4] == 0 and ((counts - expected).abs() <= tolerance).all(), (counts, expected)
 
 
 def test_same_seed_same_bytes():

@@ -31,6 +31,12 @@ class KVCache:
         self.v[:, :, :length] = v
         self.t = length
 
+    def repeat(self, copies: int) -> None:
+        """Hold `copies` sequences, each this one (a cache of one sequence)."""
+        if self.k.shape[0] != 1:
+            raise ValueError(f"only a cache of one sequence repeats, this one holds {self.k.shape[0]}")
+        self.k, self.v = self.k.repeat(copies, 1, 1, 1), self.v.repeat(copies, 1, 1, 1)
+
     def step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q, k, v: (b, h, d) of position t (rotary applied). Returns its attention output (b, h, d)."""
         t = self.t
