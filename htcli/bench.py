@@ -415,10 +415,11 @@ def _seconds(fn: Callable[[], object], device) -> float:
     return _clock(device) - started
 
 
-def _cached_decoding(model, prompt, new_tokens: int, device) -> tuple[float, list[float]]:
-    """Greedy decoding with the cache: the prefill's seconds and each step's."""
+def _cached_decoding(model, prompt, new_tokens: int, device, copies: int = 1) -> tuple[float, list[float]]:
+    """Greedy decoding with the cache: the prefill's seconds and each step's (copies: of a prompt of one
+    sequence, decoded together from its one prefill, as `htcli sample --num-samples` does)."""
     started = _clock(device)
-    logits, state = model.prefill(prompt)
+    logits, state = model.prefill(prompt, copies)
     prefill_s = _clock(device) - started
     token, step_times = logits[:, -1].argmax(-1), []
     for _ in range(new_tokens):
@@ -450,13 +451,13 @@ def _cache_rows(preset: str, contexts, new_tokens: int, batch: int, device, dtyp
 
 def cache_figures(model, prompt_len: int, new_tokens: int, batch: int, device, dtype) -> dict:
     """Decoding speed of one model with its cache after a random prompt of prompt_len bytes: the first
-    byte's latency (prefill included), bytes/s and per-byte times early and late at batch 1, and bytes/s
-    of `batch` samples at once (batch > 1)."""
+    byte's latency (prefill included), bytes/s and per-byte times early and late at batch 1, and the
+    first byte's latency and bytes/s of `batch` samples of the prompt at once (batch > 1)."""
     import torch
 
     from htcli.device import autocast
 
-    prompt = torch.randint(0, 256, (batch, prompt_len), device=device)
+    prompt = torch.randint(0, 256, (1, prompt_len), device=device)
     with torch.no_grad(), autocast(device, dtype):
         _cached_decoding(model, prompt[:1, :256], 8, device)  # warm-up
         started = _clock(device)
@@ -471,7 +472,10 @@ def cache_figures(model, prompt_len: int, new_tokens: int, batch: int, device, d
         }  # fmt: skip
         figures["late_over_early"] = figures["token_s_late"] / figures["token_s_early"]
         if batch > 1:
-            _, together = _cached_decoding(model, prompt, new_tokens // 4, device)
+            started = _clock(device)
+            _cached_decoding(model, prompt, 1, device, copies=batch)
+            figures["batch_first_byte_s"] = _clock(device) - started
+            _, together = _cached_decoding(model, prompt, new_tokens // 4, device, copies=batch)
             figures["batch_bytes_per_s"] = batch / statistics.median(together)
             figures["batch_speedup"] = figures["batch_bytes_per_s"] / figures["bytes_per_s"]
     return figures

@@ -221,8 +221,9 @@ def decode_table(result: dict, dtype: str) -> Table:
 def cache_table(result: dict) -> Table:
     """`htcli bench --decode`'s H-cache against exact attention's KV cache, per context."""
     table = Table(title=f"decode caches, {result['preset']} preset, {result['device']}", title_justify="left")
+    together = f"{result['batch']} at once"
     for name in ("context", "attention", "first byte", "bytes/s", "ms/byte early", "ms/byte late",
-                 "late/early", f"bytes/s, {result['batch']} at once"):  # fmt: skip
+                 "late/early", f"first byte, {together}", f"bytes/s, {together}"):  # fmt: skip
         table.add_column(name, justify="right")
     for row in result["caches"]:
         together = row.get("batch_bytes_per_s")
@@ -234,6 +235,7 @@ def cache_table(result: dict) -> Table:
             f"{row['token_s_early'] * 1e3:.2f}",
             f"{row['token_s_late'] * 1e3:.2f}",
             f"{row['late_over_early']:.2f}x",
+            "-" if together is None else f"{row['batch_first_byte_s']:.2f} s",
             "-" if together is None else f"{together:.0f} ({row['batch_speedup']:.1f}x)",
         )
     return table

@@ -75,6 +75,7 @@ def test_decode_bench_figures():
         for c in caches
     )
     assert caches[0]["batch_bytes_per_s"] > 0 and "batch_bytes_per_s" not in caches[2]
+    assert caches[0]["batch_first_byte_s"] > 0 and "batch_first_byte_s" not in caches[2]
     with pytest.raises(HtcliError, match="exceed"):
         decode_bench("tiny", prompt_len=250, new_tokens=10, device_name="cpu")
 
