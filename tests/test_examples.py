@@ -39,6 +39,17 @@ def test_decode_profile_runs_on_the_cpu():
     assert "ms/step" in result.stdout and "aten ops/step" in result.stdout
 
 
+def test_recipe_parts_times_every_variant():
+    """recipe_parts.py steps each variant of the recipe in turn and prints its median step time."""
+    result = subprocess.run(
+        [sys.executable, EXAMPLES / "recipe_parts.py", "--rounds", "1", "--seq-len", "64"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    lines = result.stdout.splitlines()
+    assert len(lines) == 7 and all("ms/step" in line for line in lines)
+    assert "first: " in lines[0] and "(1.000x first)" in lines[0] and "default, AdamW" in result.stdout
+
+
 def test_triton_sweep_runs_in_the_interpreter(tmp_path):
     """triton_sweep.py (a GPU script) checks, times and picks variants; here through Triton's
     interpreter at a tiny size, so that a GPU session does not find it broken."""

@@ -1,0 +1,76 @@
+"""What each part of the default recipe costs a training step, side by side in one process.
+
+    python examples/recipe_parts.py [--rounds 16] [--seq-len 1024]
+
+The recipe benchmark's model (dim 128, depth 4, 4 heads x 32, block 32, 8 windows a step) in each
+variant below, with its optimizer, stepped in turn on random bytes (forward, backward, clipping, the
+optimizer's step) for --rounds rounds after 3 warm-up steps; prints each variant's median ms per step.
+Turns take the machine's drift in common, which separate runs do not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from htcli.config import TrainConfig
+from htcli.device import keep_freed_memory
+from htcli.evaluate import byte_nll
+from htcli.model import HTransformer1D, HTransformerConfig
+from htcli.optim import make_optimizer
+
+MODEL = dict(dim=128, depth=4, heads=4, dim_head=32, block_size=32)
+FIRST = dict(norm="layer", qk_norm=False, activation="gelu", level_decay=0.0)
+# name: (model config fields over the default's, optimizer)
+VARIANTS = {
+    "first": (FIRST, "adamw"),
+    "default": ({}, "muon"),
+    "default, AdamW": ({}, "adamw"),
+    "default, no QK-norm": ({"qk_norm": False}, "muon"),
+    "default, no level decay": ({"level_decay": 0.0}, "muon"),
+    "default, GELU": ({"activation": "gelu"}, "muon"),
+    "first, Muon": (FIRST, "muon"),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=1024)
+    args = parser.parse_args()
+    keep_freed_memory()  # as `htcli train` does on the CPU
+    data = torch.randint(0, 256, (8, args.seq_len + 1), generator=torch.Generator().manual_seed(0))
+    runs = {}
+    for name, (fields, optimizer) in VARIANTS.items():
+        torch.manual_seed(0)
+        model = HTransformer1D(HTransformerConfig(**MODEL, max_seq_len=args.seq_len, **fields))
+        config = TrainConfig(corpus=["-"], model=model.config, optimizer=optimizer)
+        runs[name] = (model, make_optimizer(model, config))
+
+    def step(model, optimizer) -> None:
+        byte_nll(model(data[:, :-1]), data[:, 1:]).backward()
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for model, optimizer in runs.values():
+        for _ in range(3):
+            step(model, optimizer)
+    times = {name: [] for name in runs}
+    for _ in range(args.rounds):
+        for name, (model, optimizer) in runs.items():
+            started = time.perf_counter()
+            step(model, optimizer)
+            times[name].append(time.perf_counter() - started)
+    first = statistics.median(times["first"])
+    for name, seconds in times.items():
+        median = statistics.median(seconds)
+        print(f"{name:>24}: {median * 1e3:6.1f} ms/step ({median / first:.3f}x first)")
+
+
+if __name__ == "__main__":
+    main()
