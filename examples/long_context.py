@@ -15,6 +15,7 @@ on the CPU.
 """
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -198,7 +199,7 @@ def main(train_corpus: str, held_out: str, out: str, *names: str) -> None:
     unknown = [
         name
         for name, seed in zip(names, seeds)
-        if recipe_of(name)[0] not in VARIANTS or "@" in name and not seed.isdigit()
+        if recipe_of(name)[0] not in VARIANTS or "@" in name and not re.fullmatch(r"[0-9]{1,18}", seed)
     ]
     if unknown:
         sys.exit(f"unknown variant {', '.join(unknown)}: choose from {', '.join(VARIANTS)} (or new-NAME)")

@@ -57,9 +57,6 @@ class SamplingConfig:
 # a row's uniforms are drawn from its generator this many at a time (one tensor operation per row per
 # UNIFORMS_AT_ONCE bytes instead of one per byte)
 UNIFORMS_AT_ONCE = 64
-# the largest uniform used: u * total stays below the total probability by far more than rounding, so the
-# inverse CDF never lands past the last token that has any probability
-MAX_UNIFORM = 1.0 - 2.0**-24
 
 
 def logits_to_probs(
@@ -83,10 +80,10 @@ def logits_to_probs(
 
 class TokenSampler:
     """Draws every row's next token at once, each row from its own generator (seeded by its config's
-    seed) and with its own config's temperature, top-k and top-p: a row's tokens are the same whatever
-    rows it is drawn beside. A draw is the inverse CDF of the row's probabilities at one uniform number
-    (fp64), taken from the row's generator UNIFORMS_AT_ONCE at a time; temperature 0 is the most likely
-    token (its row's uniforms are drawn all the same)."""
+    seed) and with its own config's temperature, top-k and top-p: given the same logits, a row's tokens
+    are the same whatever rows it is drawn beside. A draw is the inverse CDF of the row's probabilities
+    at one uniform number (fp64), taken from the row's generator UNIFORMS_AT_ONCE at a time; temperature
+    0 is the most likely token (its row's uniforms are drawn all the same)."""
 
     def __init__(self, configs: list[SamplingConfig]):
         self.generators = [torch.Generator().manual_seed(config.seed) for config in configs]
@@ -125,9 +122,11 @@ def _draw(logits: torch.Tensor, uniform: torch.Tensor, temperature: float, top_k
 
 def inverse_cdf(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     """Per row of probs (rows, vocab), the token whose interval of the cumulative sum holds uniform (rows,)
-    in [0, 1) times the row's total: token i with probability probs[i] / total, never one of probability 0."""
+    in [0, 1) times the row's total: token i with probability probs[i] / total, never one of probability 0.
+    (uniform is fp64, at most 1 - 2**-53, and then u * total < total for every positive fp64 total: the
+    search never runs past the last token with any probability.)"""
     cdf = probs.double().cumsum(-1)
-    scaled = uniform.clamp(max=MAX_UNIFORM) * cdf[:, -1]
+    scaled = uniform * cdf[:, -1]
     return torch.searchsorted(cdf, scaled[:, None], right=True)[:, 0]
 
 
@@ -157,7 +156,8 @@ class Decoder:
         """Logits of the byte after tokens (b, n), the state to go on from; copies: of one sequence."""
         with autocast(tokens.device, self.dtype):
             if not self.cached:
-                return self.model(tokens)[:, -1].expand(copies, -1)
+                logits = self.model(tokens)[:, -1]
+                return logits.expand(copies, -1) if copies > 1 else logits
             logits, self.state = self.model.prefill(tokens, copies)
         return logits[:, -1]
 
@@ -201,7 +201,9 @@ def generate_batch(
     """Continue prompt once per config, all decoded together (one prefill, then one batched step per
     byte). Yields, for each step, every sample's next byte: None for a sample that has ended (its
     max_new_tokens reached, or, after it produced one of the stop strings, which it ends with).
-    Each sample draws from its own generator seeded by its config's seed, as it would alone."""
+    Each sample draws from its own generator seeded by its config's seed, as it would alone (the same
+    bytes, up to floating-point differences between the batched step's logits and one sequence's, which
+    can flip a near-tie now and then)."""
     if not prompt:
         raise HtcliError("the prompt is empty: generation needs at least one byte to continue")
     if any(not s for s in stop):

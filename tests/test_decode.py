@@ -93,7 +93,7 @@ def test_prefill_with_gradients_enabled(overrides):
 @pytest.mark.parametrize("prompt", [1, 6, 16, 37])
 def test_cache_steps_equal_the_dense_oracle(decay, prompt):
     """The cache alone, on random unit-scale q, k, v (2 sequences x 2 heads, 64 positions, block 4:
-    four coarse levels): every step's output equals the dense oracle's causal output within 1e-5
+    three coarse levels): every step's output equals the dense oracle's causal output within 1e-5
     (the cache computes in fp32), with and without the level decay, after prompts that end inside,
     at the end of and past the first blocks and clusters."""
     b, h, n, d, r = 2, 2, 64, 8, 4

@@ -159,13 +159,16 @@ def test_sampling_config_validation(options, message):
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 @pytest.mark.parametrize("attention", ["h", "exact"])
-def test_samples_decoded_together_equal_samples_decoded_alone(temperature, attention):
-    """Four samples in one batch (one prefill, batched steps) are the four samples of their seeds."""
+@pytest.mark.parametrize("cache", [True, False])
+def test_samples_decoded_together_equal_samples_decoded_alone(temperature, attention, cache):
+    """Four samples in one batch (one prefill, batched steps; or recomputed, without the cache) are the
+    four samples of their seeds, past the model's context too (re-prefilled)."""
     torch.manual_seed(0)
     model = HTransformer1D(HTransformerConfig(**{**TINY_MODEL, "attention": attention})).eval()
-    configs = [SamplingConfig(50, temperature=temperature, top_k=50, seed=seed) for seed in range(4)]
-    together = list(zip(*generate_batch(model, b"the cat ", configs)))
-    assert [list(row) for row in together] == [list(generate(model, b"the cat ", c)) for c in configs]
+    configs = [SamplingConfig(80, temperature=temperature, top_k=50, seed=seed) for seed in range(4)]
+    together = list(zip(*generate_batch(model, b"the cat " * 25, configs, cache=cache)))
+    alone = [list(generate(model, b"the cat " * 25, c, cache=cache)) for c in configs]
+    assert [list(row) for row in together] == alone
 
 
 def test_stop_strings_end_each_sample_on_its_own():

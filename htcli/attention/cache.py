@@ -18,7 +18,8 @@ sequences a step is bound by reading memory, and the slots past it are a quarter
 Cache per layer (fp32 whatever the model's dtype):
   kv: (b, h, 2, levels - 1 + 2r, d) keys, values: the coarse levels' slots, the previous block's,
       the current block's;
-  bias: (b, h, 1, levels - 1 + 2r) the slots' score biases (-inf: nothing there yet);
+  bias: (b, h, 1, levels - 1 + 2r) the slots' score biases (-inf: nothing there yet; 0 on
+      the current block's slots, which are read only up to the position);
   cur: (levels - 1, (b h), r, 2, d) per level l >= 1 (index l - 1), cluster keys and values of the
       current level-l block, filled as its clusters complete;
   prev: (levels - 1, (b h), 2, r * d) the same of the previous level-l block (cur, copied when the
@@ -76,7 +77,7 @@ class HAttentionCache:
         self.kv = zeros(b, h, 2, current + r, d)
         self.bias = torch.full((b, h, 1, current + r), NEG_INF, device=device)
         self.bias[..., current:] = 0.0  # (the current block's slots past the position are never read)
-        # index = level - 1 (level 0 has the ring instead)
+        # index = level - 1 (level 0 has its slots in kv instead)
         self.prev, self.cur = zeros(levels - 1, b * h, 2, r * d), zeros(levels - 1, b * h, r, 2, d)
         self.mask = zeros(levels - 1, 1, r)
         self.first_half = [False] * (levels - 1)
