@@ -39,6 +39,7 @@ commands() {  # the CLI's commands on CUDA under one implementation (name for th
     step 60 "${HT[@]}" train --out "$run" --resume --steps 60
     step 60 "${HT[@]}" sample "$run" --prompt "def " --max-new-tokens 200 --seed 1
     step 60 "${HT[@]}" sample "$run" --prompt "def " --max-new-tokens 50 --seed 1 --no-cache
+    step 60 "${HT[@]}" sample "$run" --prompt "def " --max-new-tokens 200 --num-samples 8 --json
     step 60 "${HT[@]}" eval "$run" "$STDLIB/json/*.py"
     step 150 "${HT[@]}" train "$STDLIB/*.py" --out "$WORK/compiled-$1" --preset tiny --steps 30 \
         --eval-every 0 --sample-every 0 --compile --device cuda
