@@ -159,10 +159,11 @@ def htcli(*args: str, program: tuple[str, ...] = ("-m", "htcli")) -> subprocess.
 
 def recipe_of(name: str) -> tuple[str, list[str]]:
     """The VARIANTS entry a name stands for and the recipe's flags (a seed, "@SEED", is left to seed_of)."""
-    prefix, _, base = name.partition("@")[0].partition("-")
+    name = name.partition("@")[0]
+    prefix, _, base = name.partition("-")
     if prefix in ("new", "new0"):
         return base, RECIPES[prefix]
-    return name.partition("@")[0], RECIPES["first"]
+    return name, RECIPES["first"]
 
 
 def seed_of(name: str) -> list[str]:
@@ -195,11 +196,12 @@ def run_variant(name: str, train_corpus: str, held_out: str, out: Path) -> dict:
 
 
 def main(train_corpus: str, held_out: str, out: str, *names: str) -> None:
-    seeds = [name.partition("@")[2] for name in names]
     unknown = [
         name
-        for name, seed in zip(names, seeds)
-        if recipe_of(name)[0] not in VARIANTS or "@" in name and not re.fullmatch(r"[0-9]{1,18}", seed)
+        for name in names
+        if recipe_of(name)[0] not in VARIANTS
+        or "@" in name
+        and not re.fullmatch(r"[0-9]{1,18}", name.partition("@")[2])
     ]
     if unknown:
         sys.exit(f"unknown variant {', '.join(unknown)}: choose from {', '.join(VARIANTS)} (or new-NAME)")

@@ -91,9 +91,7 @@ class TokenSampler:
         for row, config in enumerate(configs):
             groups.setdefault((config.temperature, config.top_k, config.top_p), []).append(row)
         # rows sharing their options are drawn together (all of them, as with --num-samples, in one go)
-        self.groups = [
-            (key, None if len(rows) == len(configs) else torch.tensor(rows)) for key, rows in groups.items()
-        ]
+        self.groups = [(key, torch.tensor(rows)) for key, rows in groups.items()]
         self.uniforms, self.used = torch.empty(0), UNIFORMS_AT_ONCE  # (UNIFORMS_AT_ONCE, rows) once drawn
 
     def __call__(self, logits: torch.Tensor) -> list[int]:
@@ -104,9 +102,8 @@ class TokenSampler:
         uniform = self.uniforms[self.used]
         self.used += 1
         logits = logits.float().cpu()
-        (options, rows), *others = self.groups
-        if not others and rows is None:
-            return _draw(logits, uniform, *options).tolist()
+        if len(self.groups) == 1:  # (every row: no gathering)
+            return _draw(logits, uniform, *self.groups[0][0]).tolist()
         tokens = torch.empty(len(self.generators), dtype=torch.long)
         for options, rows in self.groups:
             tokens[rows] = _draw(logits[rows], uniform[rows], *options)
@@ -134,8 +131,8 @@ class Decoder:
     """Feeds bytes to a model, a batch of sequences at a time, and holds the logits (b, vocab) of the
     next byte of each.
 
-    With the cache, a prompt is prefilled by one parallel forward pass (one for all the sequences
-    when they start from the same prompt: its state is copied) and each byte after it
+    With the cache, a prompt is prefilled by one parallel forward pass (one for all `copies` of a
+    prompt of one sequence: its state is copied) and each byte after it
     is one decode step. When the context reaches max_seq_len, it is cut to its last
     max_seq_len // 2 bytes and prefilled again, so past the model's context every
     max_seq_len // 2 new bytes cost one prefill; the model never sees more than max_seq_len.
@@ -143,14 +140,17 @@ class Decoder:
     the last max_seq_len bytes.
     """
 
-    def __init__(self, model: HTransformer1D, tokens: torch.Tensor, *, cache: bool, dtype: torch.dtype):
+    def __init__(
+        self, model: HTransformer1D, tokens: torch.Tensor, *, cache: bool, dtype: torch.dtype, copies: int = 1
+    ):
+        """tokens: (b, n) prompts; copies > 1: that many sequences of one prompt (b = 1), whose forward
+        pass runs once for all of them."""
         self.model, self.dtype = model, dtype
         self.window = model.config.max_seq_len
         self.cached = cache and model.supports_decode_cache
-        self.context = tokens[:, -self.window :]
-        # several samples of one prompt: its forward pass runs once, for all of them
-        same = len(tokens) > 1 and bool((self.context == self.context[:1]).all())
-        self.logits = self._start(self.context[:1], copies=len(tokens)) if same else self._start(self.context)
+        prompt = tokens[:, -self.window :]
+        self.logits = self._start(prompt, copies)
+        self.context = prompt.expand(copies, -1) if copies > 1 else prompt
 
     def _start(self, tokens: torch.Tensor, copies: int = 1) -> torch.Tensor:
         """Logits of the byte after tokens (b, n), the state to go on from; copies: of one sequence."""
@@ -215,8 +215,8 @@ def generate_batch(
 def _decode(model, prompt: bytes, configs: list[SamplingConfig], dtype, cache: bool, stop) -> Iterator[list]:
     device = next(model.parameters()).device
     draw = TokenSampler(configs)
-    tokens = torch.tensor([list(prompt)] * len(configs), dtype=torch.long, device=device)
-    decoder = Decoder(model, tokens, cache=cache, dtype=dtype)
+    tokens = torch.tensor([list(prompt)], dtype=torch.long, device=device)
+    decoder = Decoder(model, tokens, cache=cache, dtype=dtype, copies=len(configs))
     tails, live = [b""] * len(configs), [config.max_new_tokens > 0 for config in configs]
     longest = max((len(s) for s in stop), default=0)
     for index in range(max((config.max_new_tokens for config in configs), default=0)):
