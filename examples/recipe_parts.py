@@ -29,11 +29,23 @@ VARIANTS = {
     "first": (FIRST, "adamw"),
     "default": ({}, "muon"),
     "default, AdamW": ({}, "adamw"),
+    "default, torch's Muon": ({}, "torch-muon"),
     "default, no QK-norm": ({"qk_norm": False}, "muon"),
     "default, no level decay": ({"level_decay": 0.0}, "muon"),
     "default, GELU": ({"activation": "gelu"}, "muon"),
     "first, Muon": (FIRST, "muon"),
 }
+
+
+def optimizer_for(model: HTransformer1D, name: str):
+    """The optimizer `htcli train --optimizer name` makes; "torch-muon": muon's, with torch.optim.Muon
+    itself (every matrix orthogonalised alone) in place of htcli's Muon (same-shaped ones together)."""
+    config = TrainConfig(corpus=["-"], model=model.config, optimizer="muon" if name == "torch-muon" else name)
+    optimizer = make_optimizer(model, config)
+    if name == "torch-muon":
+        ours, adamw = optimizer.parts
+        optimizer.parts = (torch.optim.Muon(ours.param_groups[0]["params"], **ours.defaults), adamw)
+    return optimizer
 
 
 def main() -> None:
@@ -47,8 +59,7 @@ def main() -> None:
     for name, (fields, optimizer) in VARIANTS.items():
         torch.manual_seed(0)
         model = HTransformer1D(HTransformerConfig(**MODEL, max_seq_len=args.seq_len, **fields))
-        config = TrainConfig(corpus=["-"], model=model.config, optimizer=optimizer)
-        runs[name] = (model, make_optimizer(model, config))
+        runs[name] = (model, optimizer_for(model, optimizer))
 
     def step(model, optimizer) -> None:
         byte_nll(model(data[:, :-1]), data[:, 1:]).backward()

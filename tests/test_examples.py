@@ -46,8 +46,9 @@ def test_recipe_parts_times_every_variant():
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     lines = result.stdout.splitlines()
-    assert len(lines) == 7 and all("ms/step" in line for line in lines)
+    assert len(lines) == 8 and all("ms/step" in line for line in lines)
     assert "first: " in lines[0] and "(1.000x first)" in lines[0] and "default, AdamW" in result.stdout
+    assert "default, torch's Muon" in result.stdout
 
 
 def test_triton_sweep_runs_in_the_interpreter(tmp_path):

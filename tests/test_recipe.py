@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 from htcli.checkpoint import load_model
 from htcli.model import FIRST_RECIPE, HTransformer1D, HTransformerConfig
-from htcli.optim import MuonAdamW, make_optimizer
+from htcli.optim import Muon, MuonAdamW, make_optimizer
 
 RECIPE_KEYS = list(FIRST_RECIPE)
 
@@ -42,6 +42,35 @@ def test_muon_state_dict_round_trips(corpus, tmp_path):
     assert saved["param_groups"] == restored["param_groups"]
     for index, state in saved["state"].items():
         assert all(torch.equal(value, restored["state"][index][name]) for name, value in state.items())
+
+
+@pytest.mark.parametrize(("nesterov", "adjust_lr_fn"), [(True, "match_rms_adamw"), (False, "original")])
+def test_muon_batched_by_shape_updates_as_torchs_muon(nesterov, adjust_lr_fn):
+    """htcli's Muon orthogonalises the matrices of one shape as one batch: the same parameters and
+    momentum as torch.optim.Muon, step after step, for wide, tall and square matrices of several
+    shapes, and their state dicts are interchangeable."""
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(24, 8), (8, 24), (16, 16), (24, 8), (8, 24), (16, 16), (24, 8), (5, 7)]
+    start = [torch.randn(shape, generator=generator) for shape in shapes]
+    options = dict(lr=0.02, weight_decay=0.1, nesterov=nesterov, adjust_lr_fn=adjust_lr_fn)
+    theirs = [p.clone().requires_grad_() for p in start]
+    ours = [p.clone().requires_grad_() for p in start]
+    reference, batched = torch.optim.Muon(theirs, **options), Muon(ours, **options)
+    for _ in range(4):
+        for a, b in zip(theirs, ours):
+            a.grad = torch.randn(a.shape, generator=generator)
+            b.grad = a.grad.clone()
+        reference.step()
+        batched.step()
+        for a, b in zip(theirs, ours):
+            torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
+    assert max((a - s).abs().max() for a, s in zip(theirs, start)) > 0.01  # (the steps did move them)
+    saved = reference.state_dict()
+    for index, state in batched.state_dict()["state"].items():
+        torch.testing.assert_close(state["momentum_buffer"], saved["state"][index]["momentum_buffer"])
+    resumed = Muon([p.detach().clone().requires_grad_() for p in theirs], **options)
+    resumed.load_state_dict(saved)
+    assert resumed.state_dict()["param_groups"] == saved["param_groups"]
 
 
 def test_a_run_keeps_its_optimizer_on_resume(corpus, tmp_path):
