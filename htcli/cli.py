@@ -118,9 +118,27 @@ def _user_errors() -> Iterator[None]:
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         err_console.print(
-            "[yellow]interrupted: stopped without saving; the last checkpoint is intact", soft_wrap=True
+            "[yellow]interrupted: stopped without saving; a checkpoint saved before is intact", soft_wrap=True
         )
         raise typer.Exit(130) from None
+    except (MemoryError, RuntimeError) as error:
+        if not _out_of_memory(error):
+            raise
+        err_console.print(
+            "[red]error:[/] out of memory: use a smaller --batch-size (with --grad-accum to keep the bytes"
+            " per step), --seq-len, --num-samples or model; a checkpoint saved before is intact",
+            soft_wrap=True,
+        )
+        raise typer.Exit(1) from None
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    """Whether error is an allocation that failed: Python's MemoryError, torch's on a GPU
+    (torch.OutOfMemoryError, a RuntimeError) or on the CPU (a RuntimeError from its allocator)."""
+    if isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError":
+        return True
+    message = str(error)
+    return any(sign in message for sign in ("can't allocate memory", "std::bad_alloc", "out of memory"))
 
 
 def _version(value: bool) -> None:

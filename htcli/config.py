@@ -20,11 +20,11 @@ if TYPE_CHECKING:
 
 CONFIG_FILE = "config.json"  # the resolved config of a run, in its directory
 MAX_SEED = 2**63  # seeds are below it (torch takes 64 bits; distributed ranks add to the seed)
-POSITIVE = ("steps", "batch_size", "grad_accum", "eval_batches")
+POSITIVE = ("steps", "batch_size", "grad_accum", "eval_batches", "context_warmup_start")
 LOGGERS = ("tensorboard", "wandb")  # where a run's metrics go besides log.jsonl
 OPTIMIZERS = ("muon", "adamw")  # Muon for the layers' matrices (AdamW for the rest), or AdamW for all
 DEFAULT_LR = {"muon": 6e-3, "adamw": 3e-3}  # the best of each on README's recipe benchmark
-NON_NEGATIVE = ("warmup", "context_warmup_start", "eval_every", "save_every", "sample_every", "sample_length")
+NON_NEGATIVE = ("warmup", "eval_every", "save_every", "sample_every", "sample_length")
 
 
 @dataclass
@@ -123,6 +123,13 @@ class TrainConfig:
             raise HtcliError(
                 f"context_warmup must be a fraction of the steps, 0 to 1, got {self.context_warmup}",
                 fields=("context_warmup",),
+            )
+        full, start = self.model.max_seq_len, self.context_warmup_start
+        if self.context_warmup and start < full and full % start:
+            raise HtcliError(
+                f"context_warmup_start ({start}) must divide the context length ({full}): each full window"
+                " is trained as that many short ones",
+                fields=("context_warmup_start", "max_seq_len"),
             )
         if not 0 < self.val_fraction < 1:
             raise HtcliError(

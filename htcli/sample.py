@@ -73,6 +73,7 @@ def logits_to_probs(
         cumulative = sorted_logits.softmax(-1).cumsum(-1)
         # drop a token once the ones before it already cover top_p; the most likely always stays
         drop_sorted = cumulative - sorted_logits.softmax(-1) >= top_p
+        drop_sorted[..., 0] = False  # (also where top_p rounds to 0 in fp32)
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits.softmax(-1)

@@ -233,6 +233,29 @@ def test_impossible_options(run_copy, flags, message):
     assert snapshot(run) == before
 
 
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--context-warmup", "0.5", "--context-warmup-start", "0"], "warmup-start must be a positive"),
+        (["--context-warmup", "0.5", "--context-warmup-start", "24"], "(24) must divide the context"),
+    ],
+)
+def test_impossible_new_runs(corpus, tmp_path, flags, message):
+    """A window length the context warm-up cannot cut windows into: one line that says what to do."""
+    result = invoke("train", corpus, *TINY_FLAGS, "--steps", "2", "--out", tmp_path / "run", *flags)
+    assert_user_error(result, message)
+
+
+def test_out_of_memory_is_an_error_not_a_traceback(corpus, tmp_path):
+    """A batch no memory holds fails at its first step (after the progress lines) with an error line
+    that says what to do, exit code 1, no traceback."""
+    flags = ["--steps", "2", "--batch-size", "1000000000000000", "--out", tmp_path / "run"]
+    result = invoke("train", corpus, *TINY_FLAGS, *flags)
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
+    assert "error: out of memory: use a smaller --batch-size" in result.stderr.splitlines()[-1]
+    assert "Traceback" not in result.output
+
+
 def test_new_run_into_a_checkpoint_is_refused(run_copy):
     """Training without --resume into a directory with a checkpoint refuses to overwrite it."""
     run, corpus = run_copy

@@ -31,6 +31,8 @@ def test_top_k_and_top_p_cut_the_tail():
     assert (logits_to_probs(logits, top_p=0.75) > 0).tolist() == [True, True, False, False]
     assert (logits_to_probs(logits, top_p=0.76) > 0).tolist() == [True, True, True, False]
     assert torch.allclose(logits_to_probs(logits), torch.tensor([0.5, 0.25, 0.15, 0.1]))
+    # a top_p below fp32's smallest number (0 there) still keeps the most likely
+    assert (logits_to_probs(logits, top_p=1e-46) > 0).tolist() == [True, False, False, False]
 
 
 def test_top_k_and_top_p_cut_each_row_on_its_own():
