@@ -70,9 +70,9 @@ def logits_to_probs(
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        sorted_probs = sorted_logits.softmax(-1)
         # drop a token once the ones before it already cover top_p; the most likely always stays
-        drop_sorted = cumulative - sorted_logits.softmax(-1) >= top_p
+        drop_sorted = sorted_probs.cumsum(-1) - sorted_probs >= top_p
         drop_sorted[..., 0] = False  # (also where top_p rounds to 0 in fp32)
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
