@@ -582,6 +582,10 @@ def eval_(
     with _user_errors():
         if plot_path is not None and not by_position:
             raise HtcliError("--plot draws the by-position curve: add --by-position")
+        if plot_path is not None:
+            from htcli.plots import check_plot_path
+
+            check_plot_path(plot_path, "--plot")
         torch_device = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, torch_device)
         model, info = load_model(checkpoint, torch_device, context=context)
@@ -604,7 +608,7 @@ def eval_(
             from htcli.plots import by_position_plot
 
             by_position_plot({info.path.parent.name or str(info.path): result.by_position}, plot_path)
-            err_console.print(f"plot written to {plot_path}")
+            err_console.print(f"plot written to {escape(str(plot_path))}", soft_wrap=True)
         if json_output:
             print(json.dumps(report, allow_nan=False))
         else:
@@ -679,6 +683,10 @@ def bench(
             dtype=dtype, warmup=warmup, repeats=repeats, max_seconds=max_seconds, model=model, preset=preset,
             impl=impl,
         )  # fmt: skip
+        if plot_path is not None:
+            from htcli.plots import check_plot_path
+
+            check_plot_path(plot_path, "--plot")
         _bench_attention(config, json_output, plot_path)
 
 
@@ -727,7 +735,7 @@ def _bench_attention(config, json_output: bool, plot_path: Path | None) -> None:
             console.print(line)
     if plot_path is not None:
         plot(rows, config, plot_path)
-        err_console.print(f"plot written to {plot_path}")
+        err_console.print(f"plot written to {escape(str(plot_path))}", soft_wrap=True)
 
 
 def _bench_decode(preset: str, device: str, dtype: str, json_output: bool) -> None:
@@ -757,10 +765,11 @@ def plot(
     from htcli.curves import X_AXES, read_curves, run_names
     from htcli.device import check_choice
     from htcli.display import runs_table
-    from htcli.plots import curves_plot
+    from htcli.plots import check_plot_path, curves_plot
 
     with _user_errors():
         check_choice("x", x, X_AXES)
+        check_plot_path(output, "--output")
         curves = [read_curves(run, name) for run, name in zip(runs, run_names(runs))]
         curves_plot(curves, x, output)
         console.print(runs_table(curves))

@@ -132,7 +132,7 @@ def evaluate(
         nats_per_byte=nats_per_byte,
         bytes_scored=to_score,
         context=length,
-        stride=stride,
+        stride=min(stride, length),  # (one window when the corpus is shorter than the context)
         seconds=time.perf_counter() - started,
         by_position=_buckets(nats, counts) if by_position else None,
     )

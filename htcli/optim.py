@@ -72,6 +72,8 @@ class Muon(torch.optim.Muon):
             self._init_group(group, params, grads, buffers)
             if not params:
                 continue
+            if group["ns_steps"] >= 100 or any(param.ndim != 2 for param in params):  # (as torch's refuses)
+                raise ValueError("Muon takes 2-D matrices and fewer than 100 Newton-Schulz steps")
             momentum, lr = group["momentum"], group["lr"]
             torch._foreach_lerp_(buffers, grads, 1 - momentum)
             updates = torch._foreach_lerp(grads, buffers, momentum) if group["nesterov"] else buffers

@@ -1,11 +1,13 @@
 """Figures as PNG files (matplotlib, the `plot` extra): evaluation by position in the window.
 
 `pyplot()` is the one way htcli imports matplotlib: without a screen (Agg), and with a one-line error
-naming the install command where it is missing.
+naming the install command where it is missing. `check_plot_path` is run before the work whose figure
+it is, so that a path matplotlib cannot write is refused before minutes of evaluation or measuring.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from htcli.errors import HtcliError
@@ -23,6 +25,26 @@ def pyplot():
             "plotting needs matplotlib: pip install 'htcli[plot]' (or pip install matplotlib)"
         ) from None
     return plt
+
+
+def check_plot_path(path: Path, option: str) -> None:
+    """path can take a figure: a file (not a directory) in an existing, writable directory, with an
+    extension matplotlib writes (its format: .png, .pdf, .svg, ...)."""
+    plt = pyplot()
+    if path.is_dir():
+        raise HtcliError(f"{option} {path} is a directory: give a file name, e.g. {path / 'plot.png'}")
+    folder = path.parent
+    if not folder.is_dir():
+        raise HtcliError(f"{option} {path}: the directory {folder} does not exist (create it first)")
+    if not os.access(folder, os.W_OK):
+        raise HtcliError(f"{option} {path}: the directory {folder} is not writable")
+    formats = plt.figure().canvas.get_supported_filetypes()
+    plt.close("all")
+    if path.suffix.lower().lstrip(".") not in formats:
+        raise HtcliError(
+            f"{option} {path}: give a file name ending in .png, .pdf or .svg "
+            f"(the extension chooses the format; {path.suffix or 'none'} is not one matplotlib writes)"
+        )
 
 
 def by_position_plot(curves: dict[str, list[dict]], path: Path) -> None:

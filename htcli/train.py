@@ -187,10 +187,16 @@ class Run:
         """Continue exactly where the checkpoint left off: weights, optimizer, step, this rank's RNGs."""
         load_weights(self.model, weights, info.path)
         optimizer_file = self.out / OPTIMIZER_FILE
+        # the hyperparameters come from this run's config (a resume may change --weight-decay, as it may
+        # --lr), never from the file: only the moments and step counts are the checkpoint's
+        groups = self.optimizer.param_groups
+        settings = [{k: v for k, v in group.items() if k != "params"} for group in groups]
         try:
             self.optimizer.load_state_dict(optimizer_state)
         except (ValueError, KeyError, TypeError, RuntimeError) as error:
             raise HtcliError(f"{optimizer_file} is not the optimizer state of this model ({error})") from None
+        for group, own in zip(self.optimizer.param_groups, settings, strict=True):
+            group.update(own)
         check_optimizer_state(self.optimizer, info.step, not state["grad_scaler"], optimizer_file)
         self.step, self.val_bpb, self.saved_step = info.step, state.get("val_bpb"), info.step
         mine = state["ranks"][self.rank]

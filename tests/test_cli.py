@@ -169,6 +169,24 @@ def test_ctrl_c_saves_and_exits_zero(corpus, tmp_path):
     assert load_model(out)[1].step == state["step"]
 
 
+def test_ctrl_c_while_sampling_exits_130_with_one_line(trained):
+    """A real SIGINT while a sample streams: exit 130, one line that nothing was saved (sampling
+    writes nothing) and that earlier checkpoints are intact; no traceback; the run is untouched."""
+    run, _ = trained
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    command = [sys.executable, "-m", "htcli", "sample", str(run), "--prompt", "a", "--device", "cpu"]
+    command += ["--max-new-tokens", "10000000"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert process.stdout.read(1)  # streaming has begun
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    lines = stderr.decode().strip().splitlines()
+    assert process.returncode == 130
+    assert "Traceback" not in stderr.decode()
+    assert lines[-1] == "interrupted: stopped without saving; a checkpoint saved before is intact"
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+
+
 # ---------------------------------------------------------------------------
 # bad input: one line saying what to do, non-zero exit, no traceback, nothing overwritten
 # ---------------------------------------------------------------------------
@@ -380,6 +398,18 @@ def test_eval_by_position(trained, tmp_path):
     table = invoke("eval", run, held_out, "--by-position", "--device", "cpu")
     assert "by position" in table.stdout and "0-63" in table.stdout
     assert_user_error(invoke("eval", run, held_out, "--plot", tmp_path / "q.png"), "add --by-position")
+    # a path matplotlib cannot write is refused before the evaluation, not after it
+    for path, message in [
+        (tmp_path, f"--plot {tmp_path} is a directory: give a file name"),
+        (tmp_path / "no" / "p.png", f"the directory {tmp_path / 'no'} does not exist"),
+        (tmp_path / "p.xyz", "give a file name ending in .png, .pdf or .svg"),
+        (tmp_path / "p", "give a file name ending in .png"),
+    ]:
+        assert_user_error(invoke("eval", run, held_out, "--by-position", "--plot", path), message)
+    assert_user_error(
+        invoke("bench", "--seq-len", "64", "--plot", tmp_path / "b.xyz", "--device", "cpu"), "ending in .png"
+    )
+    assert not (tmp_path / "no").exists() and not (tmp_path / "p.xyz").exists()
 
 
 def test_exact_attention_run(corpus, tmp_path):

@@ -75,6 +75,14 @@ def test_any_stride_equals_direct_computation(model, corpus):
     assert result.bits_per_byte == pytest.approx(expected, rel=1e-6)
 
 
+def test_a_corpus_shorter_than_the_context_reports_what_was_used(model, corpus):
+    """11 bytes under a 16-byte context: one window of 10 inputs, reported as context 10, and a stride
+    at most that (a stride of 16 was shown as "context / stride 10 / 16")."""
+    result = evaluate(model, corpus.span(0, 11), stride=16, dtype=torch.float64)
+    assert (result.context, result.stride, result.bytes_scored) == (10, 10, 10)
+    assert evaluate(model, corpus.span(0, 11), dtype=torch.float64).stride == 8
+
+
 def test_validation_bpb_is_the_mean_over_full_windows(model, corpus):
     """The training-time estimate over one window equals evaluate() on that window's bytes."""
     span = corpus.span(0, 17)

@@ -335,6 +335,8 @@ def test_plot_errors(corpus, tmp_path):
     assert_user_error(
         invoke("plot", tmp_path, "--x", "epochs"), "unknown --x 'epochs': use one of step, bytes"
     )
+    assert_user_error(invoke("plot", tmp_path, "-o", tmp_path), f"--output {tmp_path} is a directory")
+    assert_user_error(invoke("plot", tmp_path, "-o", tmp_path / "c.txt"), "ending in .png, .pdf or .svg")
 
 
 # progress

@@ -73,6 +73,22 @@ def test_muon_batched_by_shape_updates_as_torchs_muon(nesterov, adjust_lr_fn):
     assert resumed.state_dict()["param_groups"] == saved["param_groups"]
 
 
+def test_muon_refuses_what_torchs_refuses():
+    """A vector added to a Muon group, or 100 Newton-Schulz steps: ValueError as from torch's Muon
+    (was an IndexError, and a silent run of 100 iterations)."""
+    muon = Muon([torch.nn.Parameter(torch.ones(4, 4))], lr=0.1)
+    muon.add_param_group({"params": [torch.nn.Parameter(torch.ones(4))]})
+    for group in muon.param_groups:
+        for param in group["params"]:
+            param.grad = torch.ones_like(param)
+    with pytest.raises(ValueError, match="2-D matrices"):
+        muon.step()
+    slow = Muon([torch.nn.Parameter(torch.ones(4, 4))], lr=0.1, ns_steps=100)
+    slow.param_groups[0]["params"][0].grad = torch.ones(4, 4)
+    with pytest.raises(ValueError, match="fewer than 100"):
+        slow.step()
+
+
 def test_a_run_keeps_its_optimizer_on_resume(corpus, tmp_path):
     run = tmp_path / "run"
     assert (

@@ -80,6 +80,43 @@ def test_interrupted_and_resumed_run_equals_one_run(corpus, tmp_path, optimizer)
     assert second.train_loss == whole.train_loss
 
 
+def rewrite_optimizer_groups(out, change) -> None:
+    """Rewrite out's optimizer.safetensors with change(group) applied to every saved parameter group."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(out / "optimizer.safetensors"), "pt") as opened:
+        metadata = opened.metadata()
+        tensors = {name: opened.get_tensor(name) for name in opened.keys()}  # noqa: SIM118
+    groups = json.loads(metadata["param_groups"])
+    metadata["param_groups"] = json.dumps([change(group) for group in groups])
+    save_file(tensors, str(out / "optimizer.safetensors"), metadata=metadata)
+
+
+def test_resume_takes_hyperparameters_from_the_config_not_the_optimizer_file(corpus, tmp_path):
+    """The optimizer file gives a resume its moments and step counts only: hyperparameters edited in
+    the file (nonsense ones included) are ignored, and a resume that changes weight_decay uses the new
+    value (as a changed lr does through the schedule), where torch's load_state_dict would keep the file's."""
+    train(tiny_config(corpus, tmp_path / "whole"))
+    whole = weights(tmp_path / "whole")
+    split = tiny_config(corpus, tmp_path / "split", steps=3)
+    train(split)
+    saved = {p.name: p.read_bytes() for p in (tmp_path / "split").iterdir() if p.is_file()}
+    rewrite_optimizer_groups(
+        tmp_path / "split",
+        lambda g: {**g, "weight_decay": 123.0, "momentum": None, "ns_steps": "5", "betas": [2, 2], "eps": -1},
+    )
+    train(tiny_config(corpus, tmp_path / "split", steps=6), resume=True)
+    got = weights(tmp_path / "split")
+    assert all(torch.equal(whole[name], got[name]) for name in whole)
+
+    for name, content in saved.items():  # back to step 3, then resume with another weight decay
+        (tmp_path / "split" / name).write_bytes(content)
+    train(tiny_config(corpus, tmp_path / "split", steps=6, weight_decay=0.5), resume=True)
+    changed = weights(tmp_path / "split")
+    assert not all(torch.equal(whole[name], changed[name]) for name in whole)
+
+
 def test_resume_after_a_crash_logs_each_step_once(corpus, tmp_path):
     """A crash after the checkpoint of step 4 leaves step 5 in log.jsonl; the resume redoes it once."""
 
