@@ -65,6 +65,10 @@ VARIANTS = {
     "default, level decay 4": ["--level-decay", "4"],
     "default, level decay 32": ["--level-decay", "32"],
     "default, exact attention": ["--attention", "exact"],
+    # the default less one of its parts (is each still paying, on this corpus?)
+    "default, no qk-norm": ["--no-qk-norm"],
+    "default, gelu": ["--activation", "gelu"],
+    "default, adamw": ["--optimizer", "adamw"],
     "first, exact attention": [*first_recipe(), "--attention", "exact"],
 }
 

@@ -161,6 +161,20 @@ def test_optimizer_of_another_model_is_refused(two_runs):
     assert snapshot(run) == before
 
 
+def test_optimizer_moments_with_nan_are_refused(two_runs):
+    """A NaN in the saved moments would make the first resumed step diverge ("lower --lr", wrongly):
+    the file is refused as damaged instead, before anything is trained or written."""
+    run, _ = two_runs
+    tensors = load_file(str(run / "optimizer.safetensors"))
+    name = next(k for k in tensors if k.endswith("exp_avg_sq"))
+    tensors[name] = tensors[name].clone().fill_(float("nan"))
+    replace_optimizer_tensors(run, tensors)
+    before = snapshot(run)
+    result = invoke("train", "--out", run, "--resume", "--steps", 8)
+    assert_user_error(result, "holds NaN or infinite optimizer moments")
+    assert snapshot(run) == before
+
+
 def test_malformed_optimizer_keys_are_refused(two_runs):
     """Optimizer tensors under names htcli never writes are refused by name."""
     run, _ = two_runs
