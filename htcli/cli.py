@@ -683,10 +683,6 @@ def bench(
             dtype=dtype, warmup=warmup, repeats=repeats, max_seconds=max_seconds, model=model, preset=preset,
             impl=impl,
         )  # fmt: skip
-        if plot_path is not None:
-            from htcli.plots import check_plot_path
-
-            check_plot_path(plot_path, "--plot")
         _bench_attention(config, json_output, plot_path)
 
 
@@ -715,7 +711,10 @@ def _bench_attention(config, json_output: bool, plot_path: Path | None) -> None:
     from htcli.bench import correctness, run_bench
     from htcli.bench_report import bench_table, bench_title, exponent_lines, plot, to_json
     from htcli.device import device_name
+    from htcli.plots import check_plot_path
 
+    if plot_path is not None:
+        check_plot_path(plot_path, "--plot")  # before minutes of measuring
     name = device_name(config.device)
     error = correctness(config.device, config.dtype, config.block_size, config.impl)
     err_console.print(f"correctness: max |h_attention - dense oracle| = {error:.2e} ({config.dtype}, {name})")

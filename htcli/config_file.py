@@ -82,6 +82,8 @@ def _load(path: Path) -> dict:
     except (json.JSONDecodeError, tomllib.TOMLDecodeError) as error:
         kind = "JSON" if path.suffix == ".json" else "TOML"
         raise HtcliError(f"config file {path} is not valid {kind}: {error}") from None
+    except (RecursionError, ValueError):  # nested thousands deep, or a number of thousands of digits
+        raise HtcliError(f"config file {path} is not a config: values nested too deep or too long") from None
     if not isinstance(data, dict):
         raise HtcliError(f"config file {path} must hold a table of options, got {type(data).__name__}")
     return data

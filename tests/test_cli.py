@@ -176,7 +176,10 @@ def test_ctrl_c_while_sampling_exits_130_with_one_line(trained):
     before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
     command = [sys.executable, "-m", "htcli", "sample", str(run), "--prompt", "a", "--device", "cpu"]
     command += ["--max-new-tokens", "10000000"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # SIGINT as a terminal leaves it (a shell's background job, as a CI runner may be, starts ignoring it)
+    default_sigint = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
+    pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process = subprocess.Popen(command, **pipes, preexec_fn=default_sigint)
     assert process.stdout.read(1)  # streaming has begun
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=60)

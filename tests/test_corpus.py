@@ -144,9 +144,11 @@ def test_another_text_field(tmp_path):
     [
         (b"{not json", "not JSON"),
         (b"[1, 2]", "a JSON list, not an object"),
-        (b'{"text": 42}', "field 'text' holds a int, not a string"),
+        (b'{"text": 42}', "field 'text' holds an int, not a string"),
         (b'{"text": null}', "field 'text' holds a NoneType, not a string"),
         (b'{"text": "\xff"}', "not UTF-8 text"),
+        (b"[" * 100_000, "not JSON that can be read"),  # (json's RecursionError)
+        (b'{"text": "a", "n": ' + b"1" * 5000 + b"}", "not JSON that can be read"),  # (int digits limit)
     ],
 )
 def test_bad_records_stop_with_file_and_line(tmp_path, line, problem):
@@ -193,6 +195,10 @@ def test_parquet_records(tmp_path):
         ByteCorpus.open([path], records=RecordOptions(text_field="body"))
     with pytest.raises(HtcliError, match="column 'n' holds int64, not strings"):
         ByteCorpus.open([path], records=RecordOptions(text_field="n"))
+    latin = tmp_path / "latin.parquet"
+    pq.write_table(pa.table({"text": pa.array([b"ok", b"caf\xe9"], pa.binary()).view(pa.string())}), latin)
+    with pytest.raises(HtcliError, match="latin.parquet: column 'text' is not UTF-8 text"):
+        ByteCorpus.open([latin])
     nulls = tmp_path / "nulls.parquet"
     pq.write_table(pa.table({"text": ["a", None, "b"]}), nulls)
     with pytest.raises(HtcliError, match="nulls.parquet row 2: 'text' is null"):
@@ -218,6 +224,23 @@ def test_zst_file_is_decompressed(tmp_path):
     path = write(tmp_path / "c.txt.zst", zstandard.ZstdCompressor().compress(content))
     with ByteCorpus.open([path]) as corpus:
         assert corpus.read(0, len(corpus)) == content
+
+
+def test_zst_files_of_several_frames_read_whole_and_truncated_ones_are_refused(tmp_path):
+    """Every frame of a .zst file is read, one after another; a file cut inside a frame (a download
+    cut short) is refused by name, where zstandard's reader had ended there silently (half a corpus)."""
+    import zstandard
+
+    content = make_text(300_000)
+    compress = zstandard.ZstdCompressor().compress
+    frames = compress(content[:1000]) + compress(content)
+    path = write(tmp_path / "two.txt.zst", frames)
+    with ByteCorpus.open([path]) as corpus:
+        assert corpus.read(0, len(corpus)) == content[:1000] + content
+    whole = compress(content)
+    cut = write(tmp_path / "cut.txt.zst", whole[: len(whole) // 2])
+    with pytest.raises(HtcliError, match=r"cut.txt.zst is not a readable zstd file \(truncated or corrupt"):
+        ByteCorpus.open([cut])
 
 
 def test_truncated_file_while_reading(tmp_path):

@@ -123,6 +123,8 @@ def _record_text(line: bytes, options: RecordOptions, where: str) -> str | None:
         return _bad(options, where, "not UTF-8 text")
     except json.JSONDecodeError as error:
         return _bad(options, where, f"not JSON ({error.msg})")
+    except (RecursionError, ValueError):  # arrays nested thousands deep, a number of thousands of digits
+        return _bad(options, where, "not JSON that can be read (nested too deep, or a number too long)")
     if not isinstance(record, dict):
         return _bad(options, where, f"a JSON {type(record).__name__}, not an object")
     if field not in record:
@@ -132,7 +134,9 @@ def _record_text(line: bytes, options: RecordOptions, where: str) -> str | None:
         )
     text = record[field]
     if not isinstance(text, str):
-        return _bad(options, where, f"field {field!r} holds a {type(text).__name__}, not a string")
+        name = type(text).__name__
+        article = "an" if name[0] in "aeiou" else "a"
+        return _bad(options, where, f"field {field!r} holds {article} {name}, not a string")
     return text
 
 
@@ -162,6 +166,8 @@ def parquet_texts(source: Path, options: RecordOptions) -> Iterator[str | None]:
                 yield text if text is not None else _bad(options, f"{source} row {row}", f"{field!r} is null")
     except (pa.ArrowException, OSError) as error:
         raise HtcliError(f"{source} is not a readable Parquet file ({_first_line(error)})") from None
+    except UnicodeDecodeError:
+        raise HtcliError(f"{source}: column {field!r} is not UTF-8 text (from row {row + 1})") from None
 
 
 def _first_line(error: BaseException) -> str:
@@ -210,7 +216,42 @@ def _opened(source: Path, compression: str) -> Iterator[IO[bytes]]:
             with gzip.GzipFile(fileobj=raw, mode="rb") as stream:
                 yield stream
         elif compression == "zst":
-            with io.BufferedReader(_zstd().ZstdDecompressor().stream_reader(raw)) as stream:
+            with io.BufferedReader(_ZstdFrames(raw), 1 << 20) as stream:
                 yield stream
         else:
             yield raw
+
+
+class _ZstdFrames(io.RawIOBase):
+    """The decompressed bytes of every frame of a zstd stream, one after another; EOFError where the
+    stream ends inside a frame (a truncated file: zstandard's stream reader ends there silently)."""
+
+    def __init__(self, raw: IO[bytes]):
+        self.raw, self.frame = raw, None
+        self.out, self.offset = b"", 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while self.offset == len(self.out):
+            chunk = self.raw.read(1 << 20)
+            if not chunk:
+                if self.frame is not None:
+                    raise EOFError("the stream ends inside a zstd frame")
+                return 0
+            self.out, self.offset = self._decompress(chunk), 0
+        count = min(len(buffer), len(self.out) - self.offset)
+        buffer[:count] = self.out[self.offset : self.offset + count]
+        self.offset += count
+        return count
+
+    def _decompress(self, data: bytes) -> bytes:
+        parts = []
+        while data:
+            self.frame = self.frame or _zstd().ZstdDecompressor().decompressobj()
+            parts.append(self.frame.decompress(data))
+            data = b""
+            if self.frame.eof:  # the frame is complete: what follows begins the next one
+                data, self.frame = self.frame.unused_data, None
+        return b"".join(parts)
