@@ -90,6 +90,19 @@ def test_hidden_files_are_skipped_unless_asked(tmp_path):
     assert resolve_corpus([root / ".env"]) == [root / ".env"]
 
 
+def test_globs_do_not_follow_links_to_directories(tmp_path):
+    """As a directory's walk, a glob's wildcards do not go through links to directories: a link to a
+    parent made `**` read the tree dozens of times over (the held-out part a copy of the training
+    part); a link named before the wildcards is followed, as asked."""
+    tree = tmp_path / "tree"
+    write(tree / "a.txt", b"a" * 100)
+    write(tree / "sub" / "b.txt", b"b" * 100)
+    (tree / "loop").symlink_to(tree)
+    assert resolve_corpus([str(tree / "**" / "*.txt")]) == [tree / "a.txt", tree / "sub" / "b.txt"]
+    assert resolve_corpus([str(tree)]) == [tree / "a.txt", tree / "sub" / "b.txt"]
+    assert resolve_corpus([str(tree / "loop" / "*.txt")]) == [tree / "loop" / "a.txt"]
+
+
 def test_only_hidden_files_is_a_clear_error(tmp_path):
     """A directory whose files are all hidden says so, naming the option that reads them."""
     write(tmp_path / "d" / ".hidden", b"x")

@@ -61,11 +61,34 @@ def _files_of(spec: str | os.PathLike, include_hidden: bool, excluded: list[Path
     if any(c in str(spec) for c in GLOB_CHARACTERS):
         hidden = {"include_hidden": True} if include_hidden else {}
         matches = (Path(p) for p in glob.glob(str(path), recursive=True, **hidden))
-        found = sorted(p for p in matches if p.is_file() and not _under_any(p, excluded))
+        fixed = len(_fixed_prefix(path).parts)
+        found = sorted(
+            p
+            for p in matches
+            if p.is_file() and not _under_any(p, excluded) and not _through_a_linked_directory(p, fixed)
+        )
         if not found:
             raise HtcliError(f"no files match {spec}: check the pattern (quote it so the shell leaves it)")
         return found
     raise HtcliError(f"corpus {spec} does not exist: give a file, a directory or a glob pattern")
+
+
+def _fixed_prefix(pattern: Path) -> Path:
+    """The directories of a glob pattern before its first wildcard."""
+    parts = []
+    for part in pattern.parts:
+        if any(c in part for c in GLOB_CHARACTERS):
+            break
+        parts.append(part)
+    return Path(*parts) if parts else Path()
+
+
+def _through_a_linked_directory(match: Path, fixed: int) -> bool:
+    """Whether a glob match lies below a symbolic link to a directory that the wildcards went through
+    (as for a directory, links to directories are not followed: a link to a parent would repeat the
+    tree, dozens of times over, until the system's limit on links)."""
+    parents = match.parents
+    return any(parents[i].is_symlink() for i in range(len(match.parts) - fixed - 1))
 
 
 def _walk(root: Path, include_hidden: bool, excluded: list[Path]) -> Iterable[Path]:
