@@ -84,6 +84,12 @@ class TrainDisplay:
                 f"{human(event['train_bytes'])}B to train on, {human(event['val_bytes'])}B held out, "
                 f"{human(event['tokens_per_step'])} bytes per step"
             )
+            if event.get("corpus_was"):
+                train, val = event["corpus_was"]
+                self.console.print(
+                    f"[yellow]the corpus changed since the checkpoint ({human(train)}B to train on, "
+                    f"{human(val)}B held out then): the run goes on with the new split, not as it would have"
+                )
             if event.get("skipped_records"):
                 self.console.print(f"[yellow]left out {event['skipped_records']:,} bad records of the corpus")
             if event.get("world_size", 1) > 1:

@@ -164,6 +164,7 @@ class Run:
         self.sampler = rank_sampler(len(self.train_data), self.window, config, self.rank, self.world_size)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.step, self.val_bpb, self.saved_step = 0, None, None
+        self.corpus_was = None  # [train, val] bytes at the checkpoint, where a resume finds others
         if checkpoint is not None:
             self._restore(*checkpoint)
         self.parallel = distributed.data_parallel(self.model, self.device)
@@ -199,6 +200,9 @@ class Run:
             group.update(own)
         check_optimizer_state(self.optimizer, info.step, not state["grad_scaler"], optimizer_file)
         self.step, self.val_bpb, self.saved_step = info.step, state.get("val_bpb"), info.step
+        now, then = [len(self.train_data), len(self.val_data)], state.get("corpus_bytes")
+        if isinstance(then, list) and len(then) == 2 and then != now:  # (older checkpoints: not known)
+            self.corpus_was = then
         mine = state["ranks"][self.rank]
         try:
             torch.set_rng_state(rng_from_text(mine["torch_rng"]))
@@ -236,7 +240,7 @@ class Run:
             val_bytes=len(self.val_data), skipped_records=sum(c.skipped_records for c in self.corpora),
             tokens_per_step=config.tokens_per_step * self.world_size,
             world_size=self.world_size, batch_size=config.batch_size, grad_accum=config.grad_accum,
-            seq_len=config.model.max_seq_len,
+            seq_len=config.model.max_seq_len, corpus_was=self.corpus_was,
         )  # fmt: skip
 
     def train_step(self, log: RunLog) -> float:
@@ -336,6 +340,7 @@ class Run:
         ranks = distributed.all_gather(self._rank_state())
         if self.main:
             state = {"world_size": self.world_size, "ranks": ranks, "grad_scaler": self.scaler.state_dict()}
+            state["corpus_bytes"] = [len(self.train_data), len(self.val_data)]  # (a resume compares)
             try:
                 save_checkpoint(
                     self.out, self.model, self.optimizer, state, step=self.step, val_bpb=self.val_bpb

@@ -169,6 +169,25 @@ def test_ctrl_c_saves_and_exits_zero(corpus, tmp_path):
     assert load_model(out)[1].step == state["step"]
 
 
+def test_resume_says_when_the_corpus_changed(tmp_path):
+    """A corpus that grew since the checkpoint cannot continue the run exactly (another split, other
+    windows): the resume says so, and log.jsonl's start event keeps what it was; unchanged, nothing."""
+    corpus = tmp_path / "c.txt"
+    corpus.write_bytes(make_text(20_000))
+    out = tmp_path / "run"
+    assert invoke("train", corpus, "--out", out, *TINY_FLAGS, "--steps", 2).exit_code == 0
+    same = invoke("train", corpus, "--out", out, "--resume", "--steps", 3)
+    assert same.exit_code == 0 and "corpus changed" not in same.stderr
+    with open(corpus, "ab") as grown:
+        grown.write(make_text(5_000, seed=1))
+    result = invoke("train", corpus, "--out", out, "--resume", "--steps", 4)
+    assert result.exit_code == 0, result.output
+    assert "the corpus changed since the checkpoint" in result.stderr
+    events = map(json.loads, (out / "log.jsonl").read_text().splitlines())
+    starts = [e for e in events if e["event"] == "start"]
+    assert [e["corpus_was"] is not None for e in starts] == [False, False, True]
+
+
 def test_ctrl_c_while_sampling_exits_130_with_one_line(trained):
     """A real SIGINT while a sample streams: exit 130, one line that nothing was saved (sampling
     writes nothing) and that earlier checkpoints are intact; no traceback; the run is untouched."""
