@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 from conftest import TINY_FLAGS, assert_user_error, invoke, make_text, tiny_config
@@ -292,6 +293,23 @@ def test_training_stops_cleanly_when_the_corpus_is_truncated(tmp_path):
     from htcli.checkpoint import load_training_state
 
     assert load_training_state(tmp_path / "run")[0].step == 2
+
+
+def test_training_stops_when_the_corpus_is_rewritten_in_place(tmp_path):
+    """A file overwritten at the same size while open (nothing to see on a read) stops the run at the
+    next batch: it trained on (and scored a val bpb of 0 for) the new bytes before."""
+    path = write(tmp_path / "c.txt", make_text(20_000))
+    config = tiny_config(path, tmp_path / "run", steps=50, save_every=2, eval_every=0)
+
+    def rewrite_at_step_3(event):
+        if event["event"] == "step" and event["step"] == 3:
+            with open(path, "r+b") as file:
+                file.write(b"Z" * 20_000)
+            os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))  # (a coarse clock: surely later)
+
+    with pytest.raises(HtcliError, match=r"c.txt changed while in use \(it was modified\)"):
+        train(config, on_event=rewrite_at_step_3)
+    assert json.loads((tmp_path / "run" / "state.json").read_text())["step"] == 2
 
 
 COUNTING_OPENER = """

@@ -117,6 +117,15 @@ class ByteCorpus:
             self._open.popitem(last=False)[1].close()
         return file
 
+    def check_unchanged(self) -> None:
+        """Each open file still as indexed (size, modification time): a file rewritten in place at the
+        same size is caught here, where the check on opening never runs again (a corpus of up to
+        MAX_OPEN files stays open the whole run)."""
+        for index, file in self._open.items():
+            stat, size = os.fstat(file.fileno()), self._offsets[index + 1] - self._offsets[index]
+            if (stat.st_size, stat.st_mtime_ns) != (size, self._mtimes[index]):
+                self._changed(index, "it was modified")
+
     def _source(self, index: int) -> str:
         """The corpus file part `index` comes from."""
         return self._sources.get(index, self._paths[index])
@@ -167,4 +176,5 @@ class ByteSpan:
     def windows(self, starts: Sequence[int], length: int) -> torch.Tensor:
         """(len(starts), length) int64 tokens: the bytes at each start."""
         buffer = bytearray(b"".join(self.read(start, length) for start in starts))
+        self.corpus.check_unchanged()  # (a few fstat calls: microseconds a batch)
         return torch.frombuffer(buffer, dtype=torch.uint8).view(len(starts), length).long()
