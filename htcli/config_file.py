@@ -135,5 +135,7 @@ def _toml_value(value: object) -> str:
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(item) for item in value) + "]"
     if isinstance(value, str):
-        return json.dumps(value)  # a JSON string is a TOML basic string
+        # a JSON string is a TOML basic string, with characters past U+FFFF as themselves (TOML has no
+        # surrogate pairs) and DEL escaped (TOML's one control character that JSON leaves as it is)
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
     return repr(value)

@@ -188,6 +188,18 @@ def test_resume_says_when_the_corpus_changed(tmp_path):
     assert [e["corpus_was"] is not None for e in starts] == [False, False, True]
 
 
+def test_arguments_that_are_not_utf8_are_bytes(trained):
+    """A byte-level model takes a prompt and a stop string that are not UTF-8 byte for byte (they were
+    a UnicodeEncodeError traceback: Python hands such arguments over as surrogates)."""
+    run, _ = trained
+    command = [sys.executable, "-m", "htcli", "sample", str(run), "--device", "cpu", "--json"]
+    command = [os.fsencode(part) for part in command]
+    command += [b"--prompt", b"ab\xff", b"--stop", b"\xfe\xff", b"--max-new-tokens", b"4"]
+    result = subprocess.run(command, capture_output=True, timeout=120)
+    assert result.returncode == 0, result.stderr.decode()
+    assert json.loads(result.stdout)["bytes"] <= 4
+
+
 def test_ctrl_c_while_sampling_exits_130_with_one_line(trained):
     """A real SIGINT while a sample streams: exit 130, one line that nothing was saved (sampling
     writes nothing) and that earlier checkpoints are intact; no traceback; the run is untouched."""

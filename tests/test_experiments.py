@@ -54,6 +54,8 @@ def test_print_config_reads_back_as_the_same_config(corpus, tmp_path):
     assert resolved("--config", tmp_path / "run.toml") == first
     config = tiny_config(corpus, tmp_path / "run")
     assert read_options_round_trip(config, tmp_path) == config
+    odd = tiny_config(corpus, tmp_path / 'run \U0001f600 \x7f \\ " \u00e9')  # (was not valid TOML)
+    assert read_options_round_trip(odd, tmp_path) == odd
 
 
 def read_options_round_trip(config, tmp_path):
