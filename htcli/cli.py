@@ -474,9 +474,8 @@ def sample(
         torch_dtype = resolve_dtype(dtype, torch_device)
         model, _ = load_model(checkpoint, torch_device)
         context = model.config.max_seq_len
-        # the bytes as given (os.fsencode: an argument that is not UTF-8 comes back byte for byte)
         prompt_bytes = read_prompt(prompt_file, context) if prompt_file else os.fsencode(prompt or "\n")
-        stops = [os.fsencode(s) for s in stop or []]
+        stops = [os.fsencode(s) for s in stop or []]  # (fsencode: arguments not UTF-8 byte for byte)
         steps = generate_batch(model, prompt_bytes, configs, dtype=torch_dtype, cache=cache, stop=stops)
         samples = _print_samples(
             steps, prompt_bytes, configs, echo=echo and not json_output, json_output=json_output

@@ -137,5 +137,9 @@ def _toml_value(value: object) -> str:
     if isinstance(value, str):
         # a JSON string is a TOML basic string, with characters past U+FFFF as themselves (TOML has no
         # surrogate pairs) and DEL escaped (TOML's one control character that JSON leaves as it is)
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise HtcliError(f"{value!r} is not UTF-8 text: TOML cannot hold it (rename the path)") from None
         return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
     return repr(value)

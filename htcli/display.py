@@ -87,8 +87,9 @@ class TrainDisplay:
             if event.get("corpus_was"):
                 train, val = event["corpus_was"]
                 self.console.print(
-                    f"[yellow]the corpus changed since the checkpoint ({human(train)}B to train on, "
-                    f"{human(val)}B held out then): the run goes on with the new split, not as it would have"
+                    f"[yellow]the corpus or its split changed since the checkpoint ({human(train)}B to train "
+                    f"on, {human(val)}B held out then): the run goes on, not exactly as an uninterrupted "
+                    "run would"
                 )
             if event.get("skipped_records"):
                 self.console.print(f"[yellow]left out {event['skipped_records']:,} bad records of the corpus")

@@ -197,11 +197,14 @@ class Run:
         except (ValueError, KeyError, TypeError, RuntimeError) as error:
             raise HtcliError(f"{optimizer_file} is not the optimizer state of this model ({error})") from None
         for group, own in zip(self.optimizer.param_groups, settings, strict=True):
-            group.update(own)
+            params = group["params"]
+            group.clear()  # (keys the file adds go too)
+            group.update(own, params=params)
         check_optimizer_state(self.optimizer, info.step, not state["grad_scaler"], optimizer_file)
         self.step, self.val_bpb, self.saved_step = info.step, state.get("val_bpb"), info.step
         now, then = [len(self.train_data), len(self.val_data)], state.get("corpus_bytes")
-        if isinstance(then, list) and len(then) == 2 and then != now:  # (older checkpoints: not known)
+        known = isinstance(then, list) and len(then) == 2 and all(type(n) is int for n in then)
+        if known and then != now:  # (older checkpoints: not known)
             self.corpus_was = then
         mine = state["ranks"][self.rank]
         try:

@@ -182,7 +182,7 @@ def test_resume_says_when_the_corpus_changed(tmp_path):
         grown.write(make_text(5_000, seed=1))
     result = invoke("train", corpus, "--out", out, "--resume", "--steps", 4)
     assert result.exit_code == 0, result.output
-    assert "the corpus changed since the checkpoint" in result.stderr
+    assert "the corpus or its split changed since the checkpoint" in result.stderr
     events = map(json.loads, (out / "log.jsonl").read_text().splitlines())
     starts = [e for e in events if e["event"] == "start"]
     assert [e["corpus_was"] is not None for e in starts] == [False, False, True]
@@ -207,10 +207,13 @@ def test_ctrl_c_while_sampling_exits_130_with_one_line(trained):
     before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
     command = [sys.executable, "-m", "htcli", "sample", str(run), "--prompt", "a", "--device", "cpu"]
     command += ["--max-new-tokens", "10000000"]
-    # SIGINT as a terminal leaves it (a shell's background job, as a CI runner may be, starts ignoring it)
-    default_sigint = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
-    pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    process = subprocess.Popen(command, **pipes, preexec_fn=default_sigint)
+    # SIGINT as a terminal leaves it (a shell's background job, as a CI runner may be, starts ignoring it;
+    # a signal the parent handles starts at its default in the child)
+    ours = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    finally:
+        signal.signal(signal.SIGINT, ours)
     assert process.stdout.read(1)  # streaming has begun
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=60)

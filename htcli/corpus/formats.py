@@ -28,6 +28,7 @@ from htcli.corpus.cache import cached
 from htcli.errors import HtcliError
 
 COMPRESSIONS = {"gz": "gzip", "zst": "zstd"}
+ZSTD_SLICE = 2048  # compressed bytes fed to the decompressor at a time (its output has no bound)
 RECORD_SEPARATOR = b"\x00"  # after every record's text: a byte text never holds, so the model sees
 # where one document ends and the next begins
 PARQUET_BATCH_ROWS = 1024
@@ -247,11 +248,13 @@ class _ZstdFrames(io.RawIOBase):
         return count
 
     def _decompress(self, data: bytes) -> bytes:
-        parts = []
+        """data's decompressed bytes, fed 2 KiB at a time and returned once there are some: at zstd's
+        largest ratio (~32,000) a slice makes at most ~64 MiB, where a whole chunk could make gigabytes."""
+        parts, data = [], memoryview(data)
         while data:
             self.frame = self.frame or _zstd().ZstdDecompressor().decompressobj()
-            parts.append(self.frame.decompress(data))
-            data = b""
+            parts.append(self.frame.decompress(data[:ZSTD_SLICE]))
+            data = data[ZSTD_SLICE:]
             if self.frame.eof:  # the frame is complete: what follows begins the next one
-                data, self.frame = self.frame.unused_data, None
+                data, self.frame = memoryview(bytes(self.frame.unused_data) + bytes(data)), None
         return b"".join(parts)
