@@ -8,7 +8,7 @@ directory's files come sorted by path; symbolic links to directories are not fol
 
 from __future__ import annotations
 
-import glob
+import fnmatch
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -59,14 +59,7 @@ def _files_of(spec: str | os.PathLike, include_hidden: bool, excluded: list[Path
             raise HtcliError(f"{spec} is not a regular file: give files, directories or glob patterns")
         return [path]
     if any(c in str(spec) for c in GLOB_CHARACTERS):
-        hidden = {"include_hidden": True} if include_hidden else {}
-        matches = (Path(p) for p in glob.glob(str(path), recursive=True, **hidden))
-        fixed = len(_fixed_prefix(path).parts)
-        found = sorted(
-            p
-            for p in matches
-            if p.is_file() and not _under_any(p, excluded) and not _through_a_linked_directory(p, fixed)
-        )
+        found = sorted(p for p in _glob(path, include_hidden) if not _under_any(p, excluded))
         if not found:
             raise HtcliError(f"no files match {spec}: check the pattern (quote it so the shell leaves it)")
         return found
@@ -83,12 +76,40 @@ def _fixed_prefix(pattern: Path) -> Path:
     return Path(*parts) if parts else Path()
 
 
-def _through_a_linked_directory(match: Path, fixed: int) -> bool:
-    """Whether a glob match lies below a symbolic link to a directory that the wildcards went through
-    (as for a directory, links to directories are not followed: a link to a parent would repeat the
-    tree, dozens of times over, until the system's limit on links)."""
-    parents = match.parents
-    return any(parents[i].is_symlink() for i in range(len(match.parts) - fixed - 1))
+def _glob(pattern: Path, include_hidden: bool) -> Iterable[Path]:
+    """The regular files (or links to them) that pattern matches: `*`, `?`, `[...]` within a name, `**`
+    any number of directories. The wildcards go through no link to a directory, as a directory's walk
+    does not (Python's glob follows them under `**`: a link to a parent repeats the tree dozens of
+    times, two such links exponentially many), and match hidden names only with include_hidden."""
+    prefix = _fixed_prefix(pattern)
+    wild = pattern.parts[len(prefix.parts) :]
+    root = str(prefix) if prefix.parts else os.curdir
+    if not wild or not os.path.isdir(root):
+        return
+    deepest = None if "**" in wild else len(wild) - 1  # (directories below it cannot match)
+    for directory, subdirectories, names in os.walk(root):
+        where = Path(directory).relative_to(root).parts
+        if deepest is not None and len(where) >= deepest:
+            subdirectories[:] = []
+        for name in names:
+            if _matches((*where, name), wild, include_hidden) and (prefix / Path(*where, name)).is_file():
+                yield prefix / Path(*where, name)
+
+
+def _matches(parts: tuple[str, ...], wild: tuple[str, ...], include_hidden: bool) -> bool:
+    """Whether the names parts match the pattern's components wild, one by one (`**`: any number)."""
+    if not wild:
+        return not parts
+    head = wild[0]
+    if head == "**":
+        return any(
+            _matches(parts[skip:], wild[1:], include_hidden)
+            for skip in range(len(parts) + 1)
+            if include_hidden or not any(part.startswith(".") for part in parts[:skip])
+        )
+    if not parts or (parts[0].startswith(".") and not head.startswith(".") and not include_hidden):
+        return False
+    return fnmatch.fnmatchcase(parts[0], head) and _matches(parts[1:], wild[1:], include_hidden)
 
 
 def _walk(root: Path, include_hidden: bool, excluded: list[Path]) -> Iterable[Path]:
