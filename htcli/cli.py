@@ -771,6 +771,8 @@ def plot(
         check_choice("x", x, X_AXES)
         check_plot_path(output, "--output")
         curves = [read_curves(run, name) for run, name in zip(runs, run_names(runs))]
+        if not any(run.train or run.val for run in curves):
+            raise HtcliError("nothing to plot: no run has logged a step or an evaluation yet")
         curves_plot(curves, x, output)
         console.print(runs_table(curves))
         err_console.print(f"plot written to {escape(str(output))}", soft_wrap=True)

@@ -45,6 +45,8 @@ def read_curves(run: Path, name: str | None = None) -> Curves:
     """The curves in run's log.jsonl (lines that are not events, such as one a crash cut short, are
     skipped)."""
     path = run / LOG_FILE
+    if run.is_file():
+        raise HtcliError(f"{run} is a file: give the run directory that holds it ({run.parent})")
     try:
         lines = path.read_bytes().split(b"\n")
     except FileNotFoundError:

@@ -339,6 +339,14 @@ def test_plot_errors(corpus, tmp_path):
         invoke("plot", tmp_path, "--x", "epochs"), "unknown --x 'epochs': use one of step, bytes"
     )
     assert_user_error(invoke("plot", tmp_path, "-o", tmp_path), f"--output {tmp_path} is a directory")
+    (tmp_path / "log.jsonl").write_text('{"event": "start"}\n{torn\n')
+    assert_user_error(
+        invoke("plot", tmp_path, "-o", tmp_path / "c.png"), "nothing to plot: no run has logged"
+    )
+    assert not (tmp_path / "c.png").exists()
+    assert_user_error(
+        invoke("plot", tmp_path / "log.jsonl"), "is a file: give the run directory that holds it"
+    )
     assert_user_error(invoke("plot", tmp_path, "-o", tmp_path / "c.txt"), "ending in .png, .pdf or .svg")
 
 
