@@ -257,7 +257,9 @@ def load_training_state(
         )
     missing = HtcliError(f"no training state at {state_file}: the run cannot be resumed")
     state = check_state(read_json(state_file, missing=missing), state_file, info.step)
-    optimizer = _unflatten_optimizer(_load_tensors(optimizer_file), groups, optimizer_file)
+    moments = _load_tensors(optimizer_file)
+    check_finite(moments, optimizer_file, "optimizer moments")  # (NaN there would read as divergence)
+    optimizer = _unflatten_optimizer(moments, groups, optimizer_file)
     weights = _load_tensors(info.path)
     check_finite(weights, info.path)
     return info, weights, optimizer, state

@@ -52,12 +52,13 @@ def check_weights_header(file: Path, config: HTransformerConfig) -> None:
     raise HtcliError(f"{file} is not an htcli checkpoint: its tensors do not match its model config ({what})")
 
 
-def check_finite(tensors: dict[str, torch.Tensor], file: Path) -> None:
-    """No NaN or infinite value in any floating-point tensor."""
+def check_finite(tensors: dict[str, torch.Tensor], file: Path, what: str = "weights") -> None:
+    """No NaN or infinite value in any floating-point tensor (what: the file's tensors, as named in
+    the error)."""
     for name, tensor in tensors.items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise HtcliError(
-                f"{file} holds NaN or infinite weights (in {name}): it cannot be used; "
+                f"{file} holds NaN or infinite {what} (in {name}): it cannot be used; "
                 "take an earlier checkpoint"
             )
 
@@ -86,8 +87,8 @@ def check_state(state: object, file: Path, step: int) -> dict:
 
 def check_optimizer_state(optimizer: torch.optim.Optimizer, step: int, exact_steps: bool, file: Path) -> None:
     """The optimizer state loaded from file fits the model's parameters and the checkpoint's step: every
-    parameter's moments have its shape and are finite, and its own step count (AdamW's) is the
-    checkpoint's (at most, where a gradient scaler may have skipped steps)."""
+    parameter's moments have its shape, and its own step count (AdamW's) is the checkpoint's (at most,
+    where a gradient scaler may have skipped steps)."""
     for group in optimizer.param_groups:
         for param in group["params"]:
             state = optimizer.state.get(param, {})
@@ -100,11 +101,6 @@ def check_optimizer_state(optimizer: torch.optim.Optimizer, step: int, exact_ste
                     raise HtcliError(
                         f"{file} is not the optimizer state of this model: a parameter of shape "
                         f"{list(param.shape)} has {name} of shape {list(state[name].shape)}"
-                    )
-                if name in state and not bool(torch.isfinite(state[name]).all()):
-                    raise HtcliError(
-                        f"{file} holds NaN or infinite optimizer moments ({name}): it cannot be resumed; "
-                        "take an earlier checkpoint"
                     )
             if "ns_steps" in group:
                 continue  # a Muon group: no step count (AdamW's parameters carry the run's)

@@ -92,8 +92,10 @@ def _glob(pattern: Path, include_hidden: bool) -> Iterable[Path]:
         if deepest is not None and len(where) >= deepest:
             subdirectories[:] = []
         for name in names:
-            if _matches((*where, name), wild, include_hidden) and (prefix / Path(*where, name)).is_file():
-                yield prefix / Path(*where, name)
+            if _matches((*where, name), wild, include_hidden):
+                match = prefix.joinpath(*where, name)
+                if match.is_file():
+                    yield match
 
 
 def _matches(parts: tuple[str, ...], wild: tuple[str, ...], include_hidden: bool) -> bool:

@@ -250,11 +250,13 @@ class _ZstdFrames(io.RawIOBase):
     def _decompress(self, data: bytes) -> bytes:
         """data's decompressed bytes, fed 2 KiB at a time and returned once there are some: at zstd's
         largest ratio (~32,000) a slice makes at most ~64 MiB, where a whole chunk could make gigabytes."""
-        parts, data = [], memoryview(data)
-        while data:
-            self.frame = self.frame or _zstd().ZstdDecompressor().decompressobj()
-            parts.append(self.frame.decompress(data[:ZSTD_SLICE]))
-            data = data[ZSTD_SLICE:]
-            if self.frame.eof:  # the frame is complete: what follows begins the next one
-                data, self.frame = memoryview(bytes(self.frame.unused_data) + bytes(data)), None
+        parts, rest = [], memoryview(data)
+        while rest:
+            piece, rest = rest[:ZSTD_SLICE], rest[ZSTD_SLICE:]
+            while piece:
+                self.frame = self.frame or _zstd().ZstdDecompressor().decompressobj()
+                parts.append(self.frame.decompress(piece))
+                piece = b""
+                if self.frame.eof:  # the frame is complete: the slice's rest begins the next one
+                    piece, self.frame = self.frame.unused_data, None
         return b"".join(parts)

@@ -107,9 +107,7 @@ class ByteCorpus:
             file = open(self._paths[index], "rb", buffering=0)
         except OSError as error:
             raise HtcliError(f"cannot read {self._source(index)}: {error.strerror or error}") from None
-        stat = os.fstat(file.fileno())
-        expected = (self._inodes[index], self._offsets[index + 1] - self._offsets[index], self._mtimes[index])
-        if (stat.st_ino, stat.st_size, stat.st_mtime_ns) != expected:
+        if not self._as_indexed(index, file):
             file.close()
             self._changed(index, "it was replaced or modified")
         self._open[index] = file
@@ -122,9 +120,14 @@ class ByteCorpus:
         same size is caught here, where the check on opening never runs again (a corpus of up to
         MAX_OPEN files stays open the whole run)."""
         for index, file in self._open.items():
-            stat, size = os.fstat(file.fileno()), self._offsets[index + 1] - self._offsets[index]
-            if (stat.st_size, stat.st_mtime_ns) != (size, self._mtimes[index]):
+            if not self._as_indexed(index, file):
                 self._changed(index, "it was modified")
+
+    def _as_indexed(self, index: int, file: BinaryIO) -> bool:
+        """Whether the open file is part `index` as indexed: the same inode, size and modification time."""
+        stat = os.fstat(file.fileno())
+        expected = (self._inodes[index], self._offsets[index + 1] - self._offsets[index], self._mtimes[index])
+        return (stat.st_ino, stat.st_size, stat.st_mtime_ns) == expected
 
     def _source(self, index: int) -> str:
         """The corpus file part `index` comes from."""
