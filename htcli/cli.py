@@ -28,6 +28,7 @@ from htcli import __version__
 from htcli.config import train_default
 from htcli.errors import HtcliError
 from htcli.presets import DEFAULT_PRESET, PRESETS
+from htcli.stop import Terminated, terminate_unwinds
 
 PREEMPTED = 75  # exit code of a run stopped (and saved) by SIGTERM: EX_TEMPFAIL, "try again later"
 # the fields whose flag is not `--` + the field's name with dashes (`batch_size` -> `--batch-size`)
@@ -110,9 +111,12 @@ def _switch(name: str, help: str) -> typer.Option:
 
 @contextlib.contextmanager
 def _user_errors() -> Iterator[None]:
-    """An HtcliError becomes one red line on stderr and exit code 1; a second Ctrl-C exits 130."""
+    """An HtcliError becomes one red line on stderr and exit code 1; a second Ctrl-C exits 130, a SIGTERM
+    outside a training loop's save-and-stop 143 (128 + 15, as the signal's default action), both after
+    removing what they left half written."""
     try:
-        yield
+        with terminate_unwinds():
+            yield
     except HtcliError as error:
         message = respell(str(error), error.fields)
         err_console.print(f"[red]error:[/] {escape(message)}", soft_wrap=True)
@@ -122,6 +126,12 @@ def _user_errors() -> Iterator[None]:
             "[yellow]interrupted: stopped without saving; a checkpoint saved before is intact", soft_wrap=True
         )
         raise typer.Exit(130) from None
+    except Terminated:
+        err_console.print(
+            "[yellow]terminated (SIGTERM): stopped without saving; a checkpoint saved before is intact",
+            soft_wrap=True,
+        )
+        raise typer.Exit(143) from None
     except (MemoryError, RuntimeError) as error:
         if not _out_of_memory(error):
             raise

@@ -218,7 +218,7 @@ def test_ctrl_c_while_sampling_exits_130_with_one_line(trained):
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=60)
     lines = stderr.decode().strip().splitlines()
-    assert process.returncode == 130
+    assert process.returncode == 130, stderr.decode()
     assert "Traceback" not in stderr.decode()
     assert lines[-1] == "interrupted: stopped without saving; a checkpoint saved before is intact"
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before

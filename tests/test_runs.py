@@ -2,6 +2,7 @@
 unit, the user's umask. Real processes, real signals, real files."""
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -54,6 +55,28 @@ def test_sigterm_saves_and_exits_75(corpus, tmp_path):
     resumed = invoke("train", "--out", out, "--resume", "--steps", step + 2)
     assert resumed.exit_code == 0, resumed.output
     assert f"resuming at step {step}" in resumed.stderr
+
+
+def test_sigterm_while_a_corpus_is_cached_leaves_no_partial_file(tmp_path):
+    """A SIGTERM while a compressed JSONL corpus is made into the cache (before any training): exit 143
+    with one line, and neither the half-made entry nor its temporary file is left in the cache (the
+    next run would otherwise find gigabytes of garbage there)."""
+    import zstandard
+
+    corpus = tmp_path / "records.jsonl.zst"
+    corpus.write_bytes(zstandard.ZstdCompressor().compress(b'{"text": "abc"}\n' * 1_500_000))
+    cache = tmp_path / "cache"
+    env = {**os.environ, "HTCLI_CACHE_DIR": str(cache)}
+    process = start("train", corpus, "--out", tmp_path / "run", *LONG_RUN, env=env)
+    deadline = time.monotonic() + 60
+    while not list(cache.glob(".*.tmp")) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert process.poll() is None, "the cache entry was made before the signal could be sent"
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 143, stderr
+    assert "terminated (SIGTERM): stopped without saving" in stderr and "Traceback" not in stderr
+    assert sorted(path.name for path in cache.iterdir() if not path.name.endswith(".lock")) == []
 
 
 def test_resume_auto_starts_then_continues(corpus, tmp_path):
