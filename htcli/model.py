@@ -10,6 +10,7 @@ einops legend: b batch, n positions, h heads, d dim_head, e model dim.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
@@ -147,25 +148,53 @@ def make_norm(config: HTransformerConfig, dim: int) -> nn.Module:
 
 
 class StepLinear:
-    """A linear layer as a decode step applies it, to a few rows x (b, in): as W @ x^T with at least two
-    columns (a single row is repeated), the product MKL does fastest. Measured on this project's CPU, the
-    25 matrix products of a small-preset step: 0.46 ms this way against 0.93-1.0 ms for F.linear at one
-    row (its matrix-vector path), 1.18 against 1.38 ms at eight rows. Holds the layer's parameters
-    (the weight, a view of the bias), no copies: as the DecodingState it belongs to, it is made for the
-    weights of one prefill."""
+    """A linear layer as a decode step applies it, to a few rows x (b, in), in the faster of two exact
+    forms on this machine: F.linear, or W @ x^T with at least two columns (a single row repeated). Which is
+    faster depends on the CPU's BLAS: on one machine of this project the small preset's 25 products of a
+    step took 0.46 ms as W @ x^T against 0.93-1.0 ms by F.linear at one row (its matrix-vector path); on
+    another, 0.92 ms against 0.26 ms. So the first step of each shape and number of rows times both on the
+    layer's weights and keeps the faster for the process (W @ x^T only when clearly faster, so that a near
+    tie does not change the rounding from one run to the next); elsewhere than on a CPU, F.linear. Holds
+    the layer's parameters (the weight, a view of the bias), no copies: as the DecodingState it belongs to,
+    it is made for the weights of one prefill."""
+
+    COLUMNS_MARGIN = 1.3  # W @ x^T is chosen when it takes less than 1/1.3 of F.linear's time
+    _chosen: dict[tuple, bool] = {}  # (device type, dtype, weight shape, rows) -> W @ x^T is faster
 
     def __init__(self, linear: nn.Linear):
         self.weight = linear.weight  # (out, in)
-        self.bias = None if linear.bias is None else linear.bias[:, None]
+        self.bias = linear.bias
+        self.bias_column = None if linear.bias is None else linear.bias[:, None]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        key = (x.device.type, x.dtype, tuple(self.weight.shape), x.shape[0])
+        columns = self._chosen.get(key)
+        if columns is None:
+            columns = self._chosen[key] = x.device.type == "cpu" and self._columns_faster(x)
+        return self.as_columns(x) if columns else F.linear(x, self.weight, self.bias)
+
+    def as_columns(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.shape[0]
         columns = (x.expand(2, -1) if rows == 1 else x).contiguous().t()  # (in, max(b, 2))
-        if self.bias is None:
+        if self.bias_column is None:
             out = torch.mm(self.weight, columns)
         else:
-            out = torch.addmm(self.bias, self.weight, columns)
+            out = torch.addmm(self.bias_column, self.weight, columns)
         return out.t()[:rows]  # (b, out), a strided view
+
+    def _columns_faster(self, x: torch.Tensor, rounds: int = 5, calls: int = 4) -> bool:
+        """Whether W @ x^T beats F.linear on x by COLUMNS_MARGIN: the best of `rounds` alternating timings
+        of `calls` calls each (a few ms, once per shape in a process)."""
+        forms = {"linear": lambda: F.linear(x, self.weight, self.bias), "columns": lambda: self.as_columns(x)}
+        best = dict.fromkeys(forms, math.inf)
+        for counted in [False] + [True] * rounds:  # the first round warms both up
+            for name, form in forms.items():
+                started = time.perf_counter()
+                for _ in range(calls):
+                    form()
+                if counted:
+                    best[name] = min(best[name], time.perf_counter() - started)
+        return best["columns"] * self.COLUMNS_MARGIN < best["linear"]
 
 
 @dataclass
