@@ -76,7 +76,7 @@ def main() -> None:
         f"{host * 1e3:.3f} ms/step; device busy {busy / args.steps:.3f} ms/step; "
         f"{kernels / args.steps:.0f} {per_step}"
     )
-    print(events.table(sort_by="self_cpu_time_total", row_limit=12))
+    print(events.table(sort_by="self_cpu_time_total", row_limit=30))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ gradcheck in the tests), and takes a shortcut without autograd when no gradient 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from htcli.device import without_autocast
@@ -136,6 +137,17 @@ def norm_rotate(x: torch.Tensor, weight: torch.Tensor, turns: torch.Tensor, eps:
         return _NormRotate.apply(x, weight, turns, eps)
     xf = _dense(x)
     return _as(_turn(xf * weight, turns).mul_(_rstd(xf, eps)), x.dtype)
+
+
+def norm_rotate_step(x: torch.Tensor, weight: torch.Tensor, turns: torch.Tensor, eps: float | None):
+    """norm_rotate for a decode step's q and k (one position, no autograd) in as few operations as can
+    be, a step being bound by their number: torch's one-call RMSNorm (whose reduction over a short last
+    dim, slow over a long sequence, costs nothing here), the weight, one complex product. The same
+    result to rounding."""
+    xf = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    normed = F.rms_norm(xf, (xf.shape[-1],), eps=eps) * weight
+    rotated = torch.view_as_complex(normed.unflatten(-1, (-1, 2))) * torch.view_as_complex(turns)
+    return _as(torch.view_as_real(rotated).flatten(-2), x.dtype)
 
 
 class _RMSNorm(torch.autograd.Function):

@@ -20,7 +20,7 @@ from rotary_embedding_torch import RotaryEmbedding
 from torch import nn
 
 from htcli.attention import HAttentionCache, KVCache, check_block_size, h_attention
-from htcli.fused import ReluSquared, RMSNorm, norm_rotate, rms_norm, rotate
+from htcli.fused import ReluSquared, RMSNorm, norm_rotate, norm_rotate_step, rms_norm, rotate
 from htcli.reversible import reversible_stack
 
 ATTENTION_KINDS = ("h", "exact")
@@ -165,12 +165,16 @@ class StepLinear:
         self.weight = linear.weight  # (out, in)
         self.bias = linear.bias
         self.bias_column = None if linear.bias is None else linear.bias[:, None]
+        self._by_rows: dict[int, bool] = {}  # this layer's choice by number of rows (x's dtype is fixed)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        key = (x.device.type, x.dtype, tuple(self.weight.shape), x.shape[0])
-        columns = self._chosen.get(key)
+        rows = x.shape[0]
+        columns = self._by_rows.get(rows)  # (one lookup: a step is bound by its operations)
         if columns is None:
-            columns = self._chosen[key] = x.device.type == "cpu" and self._columns_faster(x)
+            key = (x.device.type, x.dtype, tuple(self.weight.shape), rows)
+            if key not in self._chosen:
+                self._chosen[key] = x.device.type == "cpu" and self._columns_faster(x)
+            columns = self._by_rows[rows] = self._chosen[key]
         return self.as_columns(x) if columns else F.linear(x, self.weight, self.bias)
 
     def as_columns(self, x: torch.Tensor) -> torch.Tensor:
@@ -348,7 +352,11 @@ class Attention(nn.Module):
         qkv = to_qkv(x).view(b, 3, h, d)  # the (three h d) order of forward()
         qk, v = qkv[:, :2], qkv[:, 2]
         # q and k together, as few operations as can be: a decode step is bound by their number
-        qk = self.prepared(qk, state.qk_weight, None if state.rotary is None else state.rotary[cache.t])
+        turns = None if state.rotary is None else state.rotary[cache.t]
+        if state.qk_weight is not None and turns is not None:
+            qk = norm_rotate_step(qk, state.qk_weight, turns, self.q_norm.epsilon)
+        else:
+            qk = self.prepared(qk, state.qk_weight, turns)
         out = cache.step(qk[:, 0], qk[:, 1], v)
         return to_out(out.reshape(b, h * d))
 

@@ -3,7 +3,16 @@
 import pytest
 import torch
 
-from htcli.fused import RMSNorm, _NormRotate, _RMSNorm, _Rotate, norm_rotate, rms_norm, rotate
+from htcli.fused import (
+    RMSNorm,
+    _NormRotate,
+    _RMSNorm,
+    _Rotate,
+    norm_rotate,
+    norm_rotate_step,
+    rms_norm,
+    rotate,
+)
 from htcli.model import Attention, HTransformerConfig
 
 
@@ -99,6 +108,20 @@ def test_norm_rotate_equals_rms_norm_then_rotate():
         assert (ours - theirs).abs().max().item() < 1e-4
     with torch.no_grad():
         assert (norm_rotate(q, w, turns, 1e-6) - expected).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_norm_rotate_step_equals_norm_rotate(dtype):
+    """A decode step's QK-norm and rotary (one position, q and k stacked with their weights stacked, a
+    strided slice of the projection) equals norm_rotate's, in the input's dtype."""
+    torch.manual_seed(0)
+    qkv = torch.randn(3, 3, 2, 16).to(dtype)  # (b, q k v, h, d) of one position
+    qk, w = qkv[:, :2], torch.randn(2, 1, 16, dtype=torch.float64 if dtype == torch.float64 else None)
+    turns = _rotary(7)[5].to(w.dtype)  # position 5's (d/2, 2)
+    got, expected = norm_rotate_step(qk, w, turns, 1e-6), norm_rotate(qk, w, turns, 1e-6)
+    assert got.dtype == expected.dtype == dtype and got.shape == qk.shape
+    tolerance = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 2e-2}[dtype]
+    assert (got.double() - expected.double()).abs().max().item() < tolerance
 
 
 def test_norm_rotate_gradcheck():

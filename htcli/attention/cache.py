@@ -111,6 +111,14 @@ class HAttentionCache:
         # the coarse levels' slots: values ((b h), levels - 1, d) and biases ((b h), levels - 1)
         self._level_values = kv[:, :, 1].view(b * h, -1, d)[:, :coarse]
         self._level_biases = self.bias.view(b * h, -1)[:, :coarse]
+        # per level l >= 1: its running sum, its current block's clusters, and the previous blocks of
+        # levels 1..l as _coarse reads them (all of each block, and only its first half)
+        self._parts = list(self.part)
+        self._clusters = [list(level.unbind(1)) for level in self.cur]
+        blocks = [self._blocks(1, last) for last in range(1, self.levels)]
+        self._coarse_blocks = [
+            (keys, values, keys[..., : r // 2], values[:, : r // 2]) for keys, values in blocks
+        ]
 
     def repeat(self, copies: int) -> None:
         """Hold `copies` sequences, each this one (a cache of one sequence): several samples of one prompt
@@ -145,7 +153,7 @@ class HAttentionCache:
         key.copy_(k)
         value.copy_(v)
         self.part += kv
-        q = q.float()
+        q = q if q.dtype == torch.float32 else q.float()
         scored = 0  # the levels 1..scored begin a cluster here and have a previous block to score
         for level in range(1, self.levels):
             size = 2**level
@@ -154,8 +162,8 @@ class HAttentionCache:
                 self._begin_cluster(level, cluster)
                 scored = level if cluster >= r else scored
             if within == size - 1:  # the cluster is complete: its mean key and value
-                part = self.part[level - 1]
-                torch.mul(part, self._inverse_sizes[level - 1], out=self.cur[level - 1, :, cluster % r])
+                part = self._parts[level - 1]
+                torch.mul(part, self._inverse_sizes[level - 1], out=self._clusters[level - 1][cluster % r])
                 part.zero_()
         if scored:
             self._coarse(1, scored, (q * self.d**-0.5).reshape(-1, 1, self.d))
@@ -197,12 +205,15 @@ class HAttentionCache:
         value is their softmax average, its bias their log-sum-exp."""
         levels = slice(first - 1, last)
         m, bh, r, d = last - first + 1, self.prev.shape[1], self.r, self.d
-        keys, values = self._blocks(first, last)
-        queries = q.view(1, bh, d).expand(m, bh, d).reshape(m * bh, 1, d) if m > 1 else q
         halves = self.first_half[levels]
+        if first == 1:  # (a step's: views made once)
+            keys, values, first_keys, first_values = self._coarse_blocks[last - 1]
+        else:
+            keys, values = self._blocks(first, last)
+            first_keys, first_values = keys[..., : r // 2], values[:, : r // 2]
+        queries = q.view(1, bh, d).expand(m, bh, d).reshape(m * bh, 1, d) if m > 1 else q
         if all(halves):  # (the clusters the queries score, without the mask)
-            r = r // 2
-            keys, values = keys[..., :r], values[:, :r]
+            r, keys, values = r // 2, first_keys, first_values
         scores = torch.bmm(queries, keys).view(m, bh, r)
         if any(halves) and not all(halves):
             scores.add_(self.mask[levels])
