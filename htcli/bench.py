@@ -57,6 +57,13 @@ class BenchConfig:
                 raise HtcliError(f"{name} must be at least 1", fields=(name,))
         if self.warmup < 0:
             raise HtcliError("warmup must be 0 or more", fields=("warmup",))
+        if not 0 < self.max_seconds < math.inf:
+            raise HtcliError(
+                f"max_seconds must be a positive number, got {self.max_seconds}", fields=("max_seconds",)
+            )
+        self.seq_lens = list(dict.fromkeys(self.seq_lens))  # each length once, in the order given
+        if self.model:
+            self._check_model_lengths()
         try:
             check_block_size(self.block_size)
         except ValueError as error:
@@ -64,6 +71,19 @@ class BenchConfig:
         check_choice("dtype", self.dtype, PRECISIONS)
         # auto resolved here: the title names what ran, and every worker runs the same
         self.impl = resolve_implementation(self.impl, resolve_device(self.device).type)
+
+    def _check_model_lengths(self) -> None:
+        """With `model`, every length must make a model of the preset (a multiple of its block size):
+        refused here, in one line, rather than as an "error" cell per length."""
+        from htcli.presets import model_config
+
+        for n in self.seq_lens:
+            try:
+                model_config(self.preset, max_seq_len=n)
+            except HtcliError as error:
+                message = str(error).removeprefix("impossible model options: ")
+                message = message.replace("max_seq_len", "--seq-len").replace("block_size", "its block size")
+                raise HtcliError(f"--model with the {self.preset} preset: {message}") from None
 
 
 # ---------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from htcli.errors import HtcliError
 from htcli.presets import DEFAULT_PRESET, PRESETS
 from htcli.stop import Terminated, terminate_unwinds
 
+MAX_SAMPLES = 4096  # sample --num-samples: one batch, one decode cache per sample
 PREEMPTED = 75  # exit code of a run stopped (and saved) by SIGTERM: EX_TEMPFAIL, "try again later"
 # the fields whose flag is not `--` + the field's name with dashes (`batch_size` -> `--batch-size`)
 FLAGS = {
@@ -475,8 +476,11 @@ def sample(
     with _user_errors():
         if prompt is not None and prompt_file is not None:
             raise HtcliError("give --prompt or --prompt-file, not both")
-        if num_samples < 1:
-            raise HtcliError(f"--num-samples must be a positive integer, got {num_samples}")
+        if not 1 <= num_samples <= MAX_SAMPLES:
+            raise HtcliError(
+                f"--num-samples must be 1 to {MAX_SAMPLES:,} (they decode as one batch), got {num_samples}; "
+                "for more, run again with another --seed"
+            )
         configs = [
             SamplingConfig(max_new_tokens, temperature, top_k, top_p, seed + i) for i in range(num_samples)
         ]
@@ -588,7 +592,7 @@ def eval_(
     from htcli.corpus import ByteCorpus, RecordOptions
     from htcli.device import dtype_name, resolve_device, resolve_dtype
     from htcli.display import by_position_table, eval_table, progress_bar
-    from htcli.evaluate import evaluate
+    from htcli.evaluate import check_options, evaluate
 
     with _user_errors():
         if plot_path is not None and not by_position:
@@ -600,6 +604,7 @@ def eval_(
         torch_device = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, torch_device)
         model, info = load_model(checkpoint, torch_device, context=context)
+        check_options(model, stride, batch_size)  # before a long corpus is opened
         records = RecordOptions(text_field or "text", bool(skip_bad_records))
         with ByteCorpus.open(corpus or [], records=records, include_hidden=bool(include_hidden)) as data:
             if data.skipped_records:
@@ -688,6 +693,10 @@ def bench(
             _refuse_attention_options(ctx)
             _bench_decode(preset, device, dtype, json_output)
             return
+        if model and (given := _given_options(ctx, ("heads", "dim_head", "block_size"))):
+            raise HtcliError(f"--model times the preset's model (--preset {preset}): drop {given}")
+        if both and causal is not None:
+            raise HtcliError("--both measures both modes: give it or --causal/--non-causal, not both")
         config = BenchConfig(
             seq_lens=_int_list(seq_lens or ["8192"]), batch_size=batch_size, heads=heads, dim_head=dim_head,
             block_size=block_size, modes=[False, True] if both or causal is None else [causal], device=device,
@@ -699,11 +708,15 @@ def bench(
 
 def _refuse_attention_options(ctx: typer.Context) -> None:
     """--decode with options that only the attention bench uses: an error naming them."""
-    sources = {name: ctx.get_parameter_source(name) for name in ATTENTION_BENCH_OPTIONS}  # click's
+    if given := _given_options(ctx, ATTENTION_BENCH_OPTIONS):
+        raise HtcliError(f"--decode times sampling, not attention: drop {given}")
+
+
+def _given_options(ctx: typer.Context, names: Iterable[str]) -> str:
+    """The flags among names given on the command line, as a list in words ("" if none)."""
+    sources = {name: ctx.get_parameter_source(name) for name in names}  # click's
     given = [name for name, source in sources.items() if source is not None and source.name != "DEFAULT"]
-    if given:
-        names = ", ".join(flag(name) for name in given)
-        raise HtcliError(f"--decode times sampling, not attention: drop {names}")
+    return ", ".join(flag(name) for name in given)
 
 
 def _int_list(values: list[str]) -> list[int]:

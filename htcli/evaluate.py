@@ -138,21 +138,27 @@ def evaluate(
     )
 
 
-def _check_inputs(model: HTransformer1D, corpus: ByteSpan, stride: int, batch_size: int) -> None:
+def check_options(model: HTransformer1D, stride: int | None, batch_size: int) -> None:
+    """evaluate's checks that need no corpus (a CLI makes them before it opens a long one); stride None:
+    evaluate's default."""
     context = model.config.max_seq_len
     if not model.config.causal:
         raise HtcliError(
             "the model is bidirectional (causal false): its predictions see the bytes they predict, so bits "
             "per byte mean nothing; evaluate a causal model"
         )
-    if not 1 <= stride <= context:
+    if stride is not None and not 1 <= stride <= context:
         raise HtcliError(
             f"stride must be between 1 and the model's context ({context}), got {stride}", fields=("stride",)
         )
-    if len(corpus) < 2:
-        raise HtcliError(f"the corpus is {len(corpus)} bytes: it must be at least 2 bytes long to be scored")
     if batch_size < 1:
         raise HtcliError(f"batch_size must be a positive integer, got {batch_size}", fields=("batch_size",))
+
+
+def _check_inputs(model: HTransformer1D, corpus: ByteSpan, stride: int, batch_size: int) -> None:
+    check_options(model, stride, batch_size)
+    if len(corpus) < 2:
+        raise HtcliError(f"the corpus is {len(corpus)} bytes: it must be at least 2 bytes long to be scored")
 
 
 def _buckets(nats: torch.Tensor, counts: torch.Tensor) -> list[dict]:

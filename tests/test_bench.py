@@ -128,6 +128,38 @@ def test_bench_decode_refuses_attention_options():
     assert "Traceback" not in result.output
 
 
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (
+            ["--model", "--preset", "tiny", "--seq-len", "100"],
+            "--model with the tiny preset: --seq-len (100) must",
+        ),
+        (
+            ["--model", "--preset", "tiny", "--block-size", "64"],
+            "--model times the preset's model (--preset tiny)",
+        ),
+        (["--both", "--causal"], "--both measures both modes"),
+        (["--max-seconds", "0"], "--max-seconds must be a positive number, got 0.0"),
+        (["--max-seconds", "-1"], "--max-seconds must be a positive number"),
+        (["--max-seconds", "nan"], "--max-seconds must be a positive number"),
+    ],
+)
+def test_bench_refuses_impossible_options(args, message):
+    """Options bench cannot honour are one line before any work (a model length that is no multiple of the
+    preset's block size was an "error" cell per length and exit 0; --block-size was ignored with --model,
+    --causal with --both, and --max-seconds 0 timed nothing)."""
+    result = CliRunner().invoke(app, ["bench", *args, "--device", "cpu"])
+    assert result.exit_code == 1, result.output
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in result.output
+
+
+def test_bench_measures_each_length_once():
+    """--seq-len 64,64,32 measures 64 and 32, once each, in that order."""
+    assert BenchConfig(seq_lens=[64, 64, 32], device="cpu").seq_lens == [64, 32]
+
+
 def test_bench_table_fits_80_columns():
     """The bench table, long lengths and timeouts included, is whole in an 80-column terminal."""
     from rich.console import Console
