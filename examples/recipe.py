@@ -70,6 +70,9 @@ VARIANTS = {
     "default, gelu": ["--activation", "gelu"],
     "default, adamw": ["--optimizer", "adamw"],
     "first, exact attention": [*first_recipe(), "--attention", "exact"],
+    # mixed precision on the CPU (bf16 matrix products: AMX on recent Xeons)
+    "default, bf16": ["--dtype", "bf16"],
+    "first, bf16": [*first_recipe(), "--dtype", "bf16"],
 }
 
 
