@@ -82,8 +82,9 @@ class BenchConfig:
                 model_config(self.preset, max_seq_len=n)
             except HtcliError as error:
                 message = str(error).removeprefix("impossible model options: ")
-                message = message.replace("max_seq_len", "--seq-len").replace("block_size", "its block size")
-                raise HtcliError(f"--model with the {self.preset} preset: {message}") from None
+                message = message.replace("max_seq_len", "seq_lens").replace("block_size", "its block size")
+                fields = ("model", "seq_lens")
+                raise HtcliError(f"model with the {self.preset} preset: {message}", fields=fields) from None
 
 
 # ---------------------------------------------------------------------------

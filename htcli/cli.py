@@ -474,13 +474,7 @@ def sample(
     from htcli.sample import SamplingConfig, generate_batch, read_prompt
 
     with _user_errors():
-        if prompt is not None and prompt_file is not None:
-            raise HtcliError("give --prompt or --prompt-file, not both")
-        if not 1 <= num_samples <= MAX_SAMPLES:
-            raise HtcliError(
-                f"--num-samples must be 1 to {MAX_SAMPLES:,} (they decode as one batch), got {num_samples}; "
-                "for more, run again with another --seed"
-            )
+        _check_sample_options(prompt, prompt_file, num_samples)
         configs = [
             SamplingConfig(max_new_tokens, temperature, top_k, top_p, seed + i) for i in range(num_samples)
         ]
@@ -496,6 +490,16 @@ def sample(
         )
         if json_output:
             _print_json_samples(configs, samples, stops)
+
+
+def _check_sample_options(prompt: str | None, prompt_file: Path | None, num_samples: int) -> None:
+    if prompt is not None and prompt_file is not None:
+        raise HtcliError("give --prompt or --prompt-file, not both")
+    if not 1 <= num_samples <= MAX_SAMPLES:
+        raise HtcliError(
+            f"--num-samples must be 1 to {MAX_SAMPLES:,} (they decode as one batch), got {num_samples}; "
+            "for more, run again with another --seed"
+        )
 
 
 def _print_json_samples(configs: list, samples: list[bytes], stops: list[bytes]) -> None:
@@ -693,10 +697,7 @@ def bench(
             _refuse_attention_options(ctx)
             _bench_decode(preset, device, dtype, json_output)
             return
-        if model and (given := _given_options(ctx, ("heads", "dim_head", "block_size"))):
-            raise HtcliError(f"--model times the preset's model (--preset {preset}): drop {given}")
-        if both and causal is not None:
-            raise HtcliError("--both measures both modes: give it or --causal/--non-causal, not both")
+        _check_bench_options(ctx, model, preset, both, causal)
         config = BenchConfig(
             seq_lens=_int_list(seq_lens or ["8192"]), batch_size=batch_size, heads=heads, dim_head=dim_head,
             block_size=block_size, modes=[False, True] if both or causal is None else [causal], device=device,
@@ -704,6 +705,16 @@ def bench(
             impl=impl,
         )  # fmt: skip
         _bench_attention(config, json_output, plot_path)
+
+
+def _check_bench_options(
+    ctx: typer.Context, model: bool, preset: str, both: bool, causal: bool | None
+) -> None:
+    """Options of the attention bench that contradict one another."""
+    if model and (given := _given_options(ctx, ("heads", "dim_head", "block_size"))):
+        raise HtcliError(f"--model times the preset's model (--preset {preset}): drop {given}")
+    if both and causal is not None:
+        raise HtcliError("--both measures both modes: give it or --causal/--non-causal, not both")
 
 
 def _refuse_attention_options(ctx: typer.Context) -> None:

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from htcli.model import HTransformerConfig
 
 CONFIG_FILE = "config.json"  # the resolved config of a run, in its directory
+MAX_COUNT = 2**53  # steps, batch sizes, intervals: whole numbers a float holds exactly (schedules divide)
 MAX_SEED = 2**63  # seeds are below it (torch takes 64 bits; distributed ranks add to the seed)
 POSITIVE = ("steps", "batch_size", "grad_accum", "eval_batches", "context_warmup_start")
 LOGGERS = ("tensorboard", "wandb")  # where a run's metrics go besides log.jsonl
@@ -108,9 +109,9 @@ class TrainConfig:
         for name in POSITIVE + NON_NEGATIVE:
             value = getattr(self, name)
             low = 1 if name in POSITIVE else 0
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= MAX_COUNT:
                 kind = "a positive integer" if low else "an integer >= 0"
-                raise HtcliError(f"{name} must be {kind}, got {value!r}", fields=(name,))
+                raise HtcliError(f"{name} must be {kind} up to 2**53, got {value!r}", fields=(name,))
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise HtcliError(f"lr must be a positive number, got {self.lr}", fields=("lr",))
         if not 0 <= self.min_lr <= self.lr:

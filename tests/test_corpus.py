@@ -342,3 +342,16 @@ def test_concurrent_processes_decompress_once(tmp_path, cache):
     assert [rank.returncode for rank in ranks] == [0, 0], outputs
     assert [out.strip() for out, _ in outputs] == [str(len(content))] * 2
     assert log.read_text() == "made\n"
+
+
+def test_a_cache_that_is_not_a_directory_is_named(tmp_path, monkeypatch):
+    """HTCLI_CACHE_DIR set to a file: one line that says so and what to do (was "File exists; free some
+    space"), and the file is left as it was."""
+    not_a_directory = tmp_path / "cache"
+    not_a_directory.write_text("mine")
+    monkeypatch.setenv("HTCLI_CACHE_DIR", str(not_a_directory))
+    corpus = tmp_path / "c.txt.gz"
+    corpus.write_bytes(gzip.compress(make_text(4000)))
+    result = invoke("train", corpus, "--out", tmp_path / "run", *TINY_FLAGS, "--steps", 1)
+    assert_user_error(result, f"the cache {not_a_directory} is not a directory; set HTCLI_CACHE_DIR to a")
+    assert not_a_directory.read_text() == "mine"

@@ -87,7 +87,11 @@ def test_flags_override_the_file_and_the_file_overrides_defaults(corpus, tmp_pat
         ("resume = true", "exp.toml: resume is given on the command line, not in a config file"),
         ("steps = ", "exp.toml is not valid TOML"),
         ("steps = " + "[" * 5000, "exp.toml is not "),  # (nested too deep: RecursionError or a depth limit)
-        ("steps = 0", "--steps must be a positive integer, got 0"),
+        ("steps = 0", "--steps must be a positive integer up to 2**53, got 0"),
+        (
+            "steps = 9223372036854775808",
+            "--steps must be a positive integer up to 2**53, got 9223372036854775808",
+        ),
         ('logger = ["mlflow"]', "unknown --logger 'mlflow': use one of tensorboard, wandb"),
     ],
 )

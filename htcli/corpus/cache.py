@@ -11,6 +11,7 @@ only when whole, after a small JSON file of facts about it (how many records, ho
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -50,10 +51,12 @@ def cached(
                     write_json(facts_file, facts)
             return target, _read_facts(facts_file)
     except OSError as error:
-        raise HtcliError(
-            f"cannot make {source}'s bytes in the cache {cache}: {error.strerror or error}; "
-            "free some space or set HTCLI_CACHE_DIR elsewhere"
-        ) from None
+        if error.errno in (errno.EEXIST, errno.ENOTDIR) and not cache.is_dir():
+            what = f"the cache {cache} is not a directory"
+        else:
+            what = f"cannot make {source}'s bytes in the cache {cache}: {error.strerror or error}"
+        fix = "free some space or " if error.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+        raise HtcliError(f"{what}; {fix}set HTCLI_CACHE_DIR to a directory that can take them") from None
 
 
 @contextlib.contextmanager
