@@ -261,22 +261,25 @@ def run_isolated(spec: dict, startup_seconds: float = 60.0) -> dict:
     with tempfile.TemporaryFile(mode="w+") as stderr:
         env = {**os.environ, **({IMPLEMENTATION_VARIABLE: spec["impl"]} if spec.get("impl") else {})}
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env)
-        started, cold_done, lines = time.monotonic(), False, []
-        with selectors.DefaultSelector() as selector:
-            selector.register(proc.stdout, selectors.EVENT_READ)
-            while True:
-                deadline = started + startup_seconds + (3 * limit if cold_done else limit)
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or not selector.select(timeout=remaining):
-                    proc.kill()
-                    proc.wait()
-                    return {"status": "timeout"}
-                line = proc.stdout.readline()
-                if not line:
-                    break
-                cold_done = cold_done or line.startswith(COLD_DONE)
-                lines.append(line)
-        proc.wait()
+        started, cold_done, lines, ended = time.monotonic(), False, [], False
+        try:
+            with selectors.DefaultSelector() as selector:
+                selector.register(proc.stdout, selectors.EVENT_READ)
+                while True:
+                    deadline = started + startup_seconds + (3 * limit if cold_done else limit)
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0 or not selector.select(timeout=remaining):
+                        return {"status": "timeout"}
+                    line = proc.stdout.readline()
+                    if not line:
+                        break
+                    cold_done = cold_done or line.startswith(COLD_DONE)
+                    lines.append(line)
+            ended = True  # (its output closed: it is ending by itself)
+        finally:  # a timeout, or this process stopped (Ctrl-C, SIGTERM): the worker goes too
+            if not ended:
+                proc.kill()
+            proc.wait()
         stderr.seek(0)
         errors = stderr.read()
     results = [line for line in lines if line.startswith("{")]

@@ -474,7 +474,7 @@ def sample(
     from htcli.sample import SamplingConfig, generate_batch, read_prompt
 
     with _user_errors():
-        _check_sample_options(prompt, prompt_file, num_samples)
+        _check_sample_options(prompt, prompt_file, num_samples, seed)
         configs = [
             SamplingConfig(max_new_tokens, temperature, top_k, top_p, seed + i) for i in range(num_samples)
         ]
@@ -492,13 +492,14 @@ def sample(
             _print_json_samples(configs, samples, stops)
 
 
-def _check_sample_options(prompt: str | None, prompt_file: Path | None, num_samples: int) -> None:
+def _check_sample_options(prompt: str | None, prompt_file: Path | None, num_samples: int, seed: int) -> None:
     if prompt is not None and prompt_file is not None:
         raise HtcliError("give --prompt or --prompt-file, not both")
     if not 1 <= num_samples <= MAX_SAMPLES:
+        more = f"; for more, run {MAX_SAMPLES:,} at a time, the next with --seed {seed + MAX_SAMPLES}"
         raise HtcliError(
-            f"--num-samples must be 1 to {MAX_SAMPLES:,} (they decode as one batch), got {num_samples}; "
-            "for more, run again with another --seed"
+            f"--num-samples must be 1 to {MAX_SAMPLES:,} (they decode as one batch), got {num_samples}"
+            + (more if num_samples > MAX_SAMPLES else "")
         )
 
 

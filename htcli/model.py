@@ -10,6 +10,7 @@ einops legend: b batch, n positions, h heads, d dim_head, e model dim.
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field, fields
 
@@ -20,6 +21,7 @@ from rotary_embedding_torch import RotaryEmbedding
 from torch import nn
 
 from htcli.attention import HAttentionCache, KVCache, check_block_size, h_attention
+from htcli.errors import HtcliError
 from htcli.fused import ReluSquared, RMSNorm, norm_rotate, norm_rotate_step, rms_norm, rotate
 from htcli.reversible import reversible_stack
 
@@ -153,12 +155,15 @@ class StepLinear:
     faster depends on the CPU's BLAS: on one machine of this project the small preset's 25 products of a
     step took 0.46 ms as W @ x^T against 0.93-1.0 ms by F.linear at one row (its matrix-vector path); on
     another, 0.92 ms against 0.26 ms. So the first step of each shape and number of rows times both on the
-    layer's weights and keeps the faster for the process (W @ x^T only when clearly faster, so that a near
-    tie does not change the rounding from one run to the next); elsewhere than on a CPU, F.linear. Holds
-    the layer's parameters (the weight, a view of the bias), no copies: as the DecodingState it belongs to,
-    it is made for the weights of one prefill."""
+    layer's weights and keeps the faster for the process (W @ x^T only when 1.3x faster); elsewhere than
+    on a CPU, F.linear. The two round differently (by ~1e-6), so on a machine where they are about 1.3x
+    apart two runs may choose differently and a sample drawn with one seed may then differ; the
+    environment variable HTCLI_STEP_PRODUCT (linear or columns) fixes the choice. Holds the layer's
+    parameters (the weight, a view of the bias), no copies: as the DecodingState it belongs to, it is made
+    for the weights of one prefill."""
 
     COLUMNS_MARGIN = 1.3  # W @ x^T is chosen when it takes less than 1/1.3 of F.linear's time
+    CHOICE_VARIABLE = "HTCLI_STEP_PRODUCT"  # linear or columns: that form always, not the faster
     _chosen: dict[tuple, bool] = {}  # (device type, dtype, weight shape, rows) -> W @ x^T is faster
 
     def __init__(self, linear: nn.Linear):
@@ -173,7 +178,7 @@ class StepLinear:
         if columns is None:
             key = (x.device.type, x.dtype, tuple(self.weight.shape), rows)
             if key not in self._chosen:
-                self._chosen[key] = x.device.type == "cpu" and self._columns_faster(x)
+                self._chosen[key] = self._choose(x)
             columns = self._by_rows[rows] = self._chosen[key]
         return self.as_columns(x) if columns else F.linear(x, self.weight, self.bias)
 
@@ -185,6 +190,15 @@ class StepLinear:
         else:
             out = torch.addmm(self.bias_column, self.weight, columns)
         return out.t()[:rows]  # (b, out), a strided view
+
+    def _choose(self, x: torch.Tensor) -> bool:
+        """Whether this layer's steps at x's shape use W @ x^T (else F.linear)."""
+        fixed = os.environ.get(self.CHOICE_VARIABLE, "")
+        if fixed not in ("", "linear", "columns"):
+            raise HtcliError(f"{self.CHOICE_VARIABLE} must be linear or columns (or unset), got {fixed!r}")
+        if fixed:
+            return fixed == "columns"
+        return x.device.type == "cpu" and self._columns_faster(x)
 
     def _columns_faster(self, x: torch.Tensor, rounds: int = 5, calls: int = 4) -> bool:
         """Whether W @ x^T beats F.linear on x by COLUMNS_MARGIN: the best of `rounds` alternating timings

@@ -1,6 +1,11 @@
 """htcli bench: measurements in subprocesses, ratios, exponents, the decode figures, errors."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 from typer.testing import CliRunner
@@ -185,3 +190,35 @@ def test_bench_plot_writes_a_png(tmp_path):
     path = tmp_path / "bench.png"
     plot(rows, BenchConfig(modes=[True]), path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _bench_workers(marker: str) -> list[int]:
+    """Process ids of live bench workers whose command line holds marker."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
+                words = cmdline.read().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if b"--worker" in words and any(marker.encode() in word for word in words):
+            found.append(int(entry))
+    return found
+
+
+def test_sigterm_to_bench_stops_its_worker():
+    """A SIGTERM to bench while a measurement runs in its worker process: one line, exit 143, and the
+    worker is stopped too (it ran on for minutes after its parent had gone)."""
+    marker = "4160"  # a length no other test measures: it names this test's workers
+    command = [sys.executable, "-m", "htcli", "bench", "--seq-len", marker, "--block-size", "64"]
+    command += ["--device", "cpu", "--repeats", "1000", "--max-seconds", "100"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not _bench_workers(marker) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _bench_workers(marker), "no worker started"
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 143, stderr
+    assert "terminated (SIGTERM)" in stderr and "Traceback" not in stderr
+    assert not _bench_workers(marker)

@@ -355,3 +355,26 @@ def test_a_cache_that_is_not_a_directory_is_named(tmp_path, monkeypatch):
     result = invoke("train", corpus, "--out", tmp_path / "run", *TINY_FLAGS, "--steps", 1)
     assert_user_error(result, f"the cache {not_a_directory} is not a directory; set HTCLI_CACHE_DIR to a")
     assert not_a_directory.read_text() == "mine"
+
+
+def test_a_cache_entry_that_fails_at_its_last_step_leaves_no_facts(tmp_path, monkeypatch):
+    """An entry whose bytes cannot be put in place (here os.replace fails; a SIGTERM during its fsync
+    is the same) leaves neither the bytes nor the small file of facts written before them."""
+    from htcli import files
+    from htcli.corpus.cache import cached
+    from htcli.errors import HtcliError
+
+    source = tmp_path / "c.txt"
+    source.write_bytes(b"abc")
+
+    real_replace = os.replace
+
+    def refuse(source, target):  # the facts are put in place, the entry's bytes are not
+        if str(target).endswith(".json"):
+            return real_replace(source, target)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(files.os, "replace", refuse)
+    with pytest.raises(HtcliError, match="No space left on device; free some space or set HTCLI_CACHE_DIR"):
+        cached(source, "copy", lambda sink: sink.write(b"abc") and {"records": 1}, tmp_path / "cache")
+    assert [p.name for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".lock")] == []

@@ -191,6 +191,28 @@ def test_rotary_equals_rotary_embedding_torch():
     assert (rotate(t, attention.rotary_turns(40, t.device)) - expected).abs().max().item() < 1e-5
 
 
+@pytest.mark.parametrize("form", ["linear", "columns", "nonsense"])
+def test_step_linear_form_fixed_by_the_environment(monkeypatch, form):
+    """HTCLI_STEP_PRODUCT fixes a decode step's product (reproducible samples on any machine); another
+    value is an error naming the variable."""
+    from htcli.errors import HtcliError
+    from htcli.model import StepLinear
+
+    monkeypatch.setattr(StepLinear, "_chosen", {})  # (no choice made earlier in this process)
+    monkeypatch.setenv("HTCLI_STEP_PRODUCT", form)
+    layer, x = torch.nn.Linear(24, 40), torch.randn(1, 24)
+    step = StepLinear(layer)
+    if form == "nonsense":
+        with pytest.raises(HtcliError, match="HTCLI_STEP_PRODUCT must be linear or columns"):
+            step(x)
+        return
+    expected = (
+        step.as_columns(x) if form == "columns" else torch.nn.functional.linear(x, layer.weight, layer.bias)
+    )
+    assert torch.equal(step(x), expected)
+    assert step._by_rows == {1: form == "columns"}
+
+
 @pytest.mark.parametrize("rows", [1, 2, 8])
 @pytest.mark.parametrize("bias", [True, False])
 def test_step_linear_equals_the_layer(rows, bias):

@@ -46,17 +46,31 @@ def cached(
         cache.mkdir(parents=True, exist_ok=True)
         with _locked(target.with_name(target.name + ".lock")):
             if not target.exists():
-                with atomic_file(target) as sink:
-                    facts = make(sink)
-                    write_json(facts_file, facts)
+                try:
+                    with atomic_file(target) as sink:
+                        facts = make(sink)
+                        write_json(facts_file, facts)
+                except BaseException:  # (the entry is not made: neither are its facts)
+                    facts_file.unlink(missing_ok=True)
+                    raise
             return target, _read_facts(facts_file)
     except OSError as error:
-        if error.errno in (errno.EEXIST, errno.ENOTDIR) and not cache.is_dir():
-            what = f"the cache {cache} is not a directory"
+        if error.errno in (errno.EEXIST, errno.ENOTDIR) and (blocker := _not_a_directory(cache)):
+            what = f"the cache {cache} cannot be made: {blocker} is not a directory"
+            if blocker == cache:
+                what = f"the cache {cache} is not a directory"
         else:
             what = f"cannot make {source}'s bytes in the cache {cache}: {error.strerror or error}"
         fix = "free some space or " if error.errno in (errno.ENOSPC, errno.EDQUOT) else ""
         raise HtcliError(f"{what}; {fix}set HTCLI_CACHE_DIR to a directory that can take them") from None
+
+
+def _not_a_directory(path: Path) -> Path | None:
+    """path, or the first of its parents, that exists and is not a directory (None if there is none)."""
+    for candidate in reversed([path, *path.parents]):
+        if candidate.exists() and not candidate.is_dir():
+            return candidate
+    return None
 
 
 @contextlib.contextmanager
