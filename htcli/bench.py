@@ -25,9 +25,14 @@ from dataclasses import asdict, dataclass, field
 from htcli.attention import IMPLEMENTATION_VARIABLE, check_block_size, resolve_implementation
 from htcli.device import PRECISIONS, check_choice, resolve_device
 from htcli.errors import HtcliError
+from htcli.presets import PRESETS
 
 METHODS = ("h", "sdpa")
 COLD_DONE = "cold run done"  # the worker's signal that its first forward+backward finished
+
+
+MAX_LENGTH = 2**24  # the longest --seq-len measured (as a model's context is bounded)
+MAX_COUNT = 2**20  # the most heads, width of one, windows in a batch, repeats
 
 
 @dataclass
@@ -48,18 +53,26 @@ class BenchConfig:
     impl: str = ""  # H-attention implementation, auto, eager or triton; "": $HTCLI_ATTENTION, else auto
 
     def __post_init__(self) -> None:
-        if not self.seq_lens or any(n < 1 for n in self.seq_lens):
+        if not self.seq_lens or any(not 1 <= n <= MAX_LENGTH for n in self.seq_lens):
             raise HtcliError(
-                "seq_lens needs positive lengths, e.g. seq_lens 8192,32768", fields=("seq_lens",)
+                f"seq_lens needs lengths from 1 to {MAX_LENGTH:,}, e.g. seq_lens 8192,32768",
+                fields=("seq_lens",),
             )
         for name in ("batch_size", "heads", "dim_head", "repeats"):
-            if getattr(self, name) < 1:
-                raise HtcliError(f"{name} must be at least 1", fields=(name,))
+            if not 1 <= getattr(self, name) <= MAX_COUNT:
+                raise HtcliError(f"{name} must be 1 to {MAX_COUNT:,}", fields=(name,))
         if self.warmup < 0:
             raise HtcliError("warmup must be 0 or more", fields=("warmup",))
-        if not 0 < self.max_seconds < math.inf:
+        if not 0 < self.max_seconds <= 1e6:
             raise HtcliError(
-                f"max_seconds must be a positive number, got {self.max_seconds}", fields=("max_seconds",)
+                f"max_seconds must be a positive number up to 1e6, got {self.max_seconds}",
+                fields=("max_seconds",),
+            )
+        check_choice("preset", self.preset, tuple(PRESETS))
+        if not self.model and self.block_size > max(128, *self.seq_lens):  # (128: the default)
+            raise HtcliError(
+                f"block_size ({self.block_size}) is longer than every length measured: lower it",
+                fields=("block_size", "seq_lens"),
             )
         self.seq_lens = list(dict.fromkeys(self.seq_lens))  # each length once, in the order given
         if self.model:

@@ -501,11 +501,15 @@ def _check_sample_options(prompt: str | None, prompt_file: Path | None, num_samp
             f"--num-samples must be 1 to {MAX_SAMPLES:,} (they decode as one batch), got {num_samples}"
             + (more if num_samples > MAX_SAMPLES else "")
         )
+    if 0 <= seed < 2**63 <= seed + num_samples - 1:
+        raise HtcliError(
+            f"--seed {seed} with --num-samples {num_samples} takes seeds past 2**63 - 1: lower --seed"
+        )
 
 
 def _print_json_samples(configs: list, samples: list[bytes], stops: list[bytes]) -> None:
     for index, (config, text) in enumerate(zip(configs, samples)):
-        ended = next((s.decode() for s in stops if text.endswith(s)), None)
+        ended = next((s.decode("utf-8", "replace") for s in stops if text.endswith(s)), None)
         record = {"sample": index + 1, "seed": config.seed, "text": text.decode("utf-8", "replace"),
                   "bytes": len(text), "stop": ended}  # fmt: skip
         print(json.dumps(record, ensure_ascii=False))
@@ -775,7 +779,10 @@ def _bench_attention(config, json_output: bool, plot_path: Path | None) -> None:
 
 def _bench_decode(preset: str, device: str, dtype: str, json_output: bool) -> None:
     from htcli.bench import DECODE_CONTEXTS, decode_bench
+    from htcli.device import PRECISIONS, check_choice
     from htcli.display import cache_table, decode_table
+
+    check_choice("dtype", dtype, PRECISIONS)
 
     err_console.print(f"decode bench: {preset} preset, random weights, greedy, {dtype} ...")
     with err_console.status("measuring", spinner="dots"):

@@ -28,6 +28,14 @@ DEFAULT_LR = {"muon": 6e-3, "adamw": 3e-3}  # the best of each on README's recip
 NON_NEGATIVE = ("warmup", "eval_every", "save_every", "sample_every", "sample_length")
 
 
+def _finite(value: int | float) -> bool:
+    """Whether value is a finite float (an integer too large for one is not)."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 @dataclass
 class TrainConfig:
     corpus: list[str]  # files, directories, glob patterns (htcli.corpus): read as one byte string
@@ -95,7 +103,7 @@ class TrainConfig:
                 raise HtcliError(f"{name} must be true or false, got {getattr(self, name)!r}", fields=(name,))
         for name in ("lr", "min_lr", "weight_decay", "clip", "val_fraction", "context_warmup"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            if isinstance(value, bool) or not isinstance(value, int | float) or not _finite(value):
                 raise HtcliError(f"{name} must be a number, got {value!r}", fields=(name,))
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < MAX_SEED:
             raise HtcliError(

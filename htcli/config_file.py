@@ -118,7 +118,12 @@ def _checked(path: Path, key: str, value: object, annotation: str) -> object:
     }[kind]
     if not fits:
         raise HtcliError(f"{path}: {key} must be {KINDS[kind]}, got {value!r}")
-    return float(value) if kind == "float" else value
+    if kind != "float":
+        return value
+    try:
+        return float(value)
+    except OverflowError:
+        raise HtcliError(f"{path}: {key} is too large a number, got {str(value)[:20]}...") from None
 
 
 def write_toml(config: TrainConfig, spell: Callable[[str], str]) -> str:

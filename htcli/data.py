@@ -75,4 +75,6 @@ def evenly_spaced(num_bytes: int, window: int, count: int) -> list[int]:
     last = num_bytes - window
     if count <= 1 or last == 0:
         return [0]
+    if count > last:  # every start (asked for more than there are)
+        return list(range(last + 1))
     return sorted({round(i * last / (count - 1)) for i in range(count)})

@@ -151,8 +151,10 @@ def check_options(model: HTransformer1D, stride: int | None, batch_size: int) ->
         raise HtcliError(
             f"stride must be between 1 and the model's context ({context}), got {stride}", fields=("stride",)
         )
-    if batch_size < 1:
-        raise HtcliError(f"batch_size must be a positive integer, got {batch_size}", fields=("batch_size",))
+    if not 1 <= batch_size <= 2**53:
+        raise HtcliError(
+            f"batch_size must be a positive integer up to 2**53, got {batch_size}", fields=("batch_size",)
+        )
 
 
 def _check_inputs(model: HTransformer1D, corpus: ByteSpan, stride: int, batch_size: int) -> None:

@@ -43,7 +43,7 @@ def model_config(base: str | dict, **overrides) -> HTransformerConfig:
         values = {**(PRESETS[base] if isinstance(base, str) else complete(base))}
         values.update({k: v for k, v in overrides.items() if v is not None})
         return HTransformerConfig(**values)
-    except (TypeError, ValueError) as error:
+    except (TypeError, ValueError, OverflowError) as error:
         message = str(error)
         named = [f.name for f in fields(HTransformerConfig) if re.search(rf"\b{f.name}\b", message)]
         raise HtcliError(f"impossible model options: {message}", fields=named) from None

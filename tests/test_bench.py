@@ -145,7 +145,14 @@ def test_bench_decode_refuses_attention_options():
             "--model times the preset's model (--preset tiny)",
         ),
         (["--both", "--causal"], "--both measures both modes"),
-        (["--max-seconds", "0"], "--max-seconds must be a positive number, got 0.0"),
+        (["--max-seconds", "0"], "--max-seconds must be a positive number up to 1e6, got 0.0"),
+        (["--max-seconds", "3e6"], "--max-seconds must be a positive number up to 1e6"),  # (was a traceback)
+        (["--block-size", "512", "--seq-len", "256"], "--block-size (512) is longer than every length"),
+        (["--block-size", "1048576"], "--block-size (1048576) is longer than every length"),  # (hung)
+        (["--seq-len", "99999999999999999999999"], "--seq-len needs lengths from 1 to 16,777,216"),
+        (["--heads", "99999999999999999999"], "--heads must be 1 to 1,048,576"),
+        (["--preset", "nosuch"], "unknown --preset 'nosuch'"),
+        (["--decode", "--dtype", "fp64"], "unknown --dtype 'fp64'"),  # (was a KeyError traceback)
         (["--max-seconds", "-1"], "--max-seconds must be a positive number"),
         (["--max-seconds", "nan"], "--max-seconds must be a positive number"),
     ],

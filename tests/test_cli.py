@@ -379,6 +379,12 @@ def test_bad_sample_options(trained, tmp_path):
     assert_user_error(invoke("sample", run, "--prompt-file", tmp_path / "no.txt"), "prompt file")
     for count in (0, 4097, 10**10):  # (ten billion was taken, and memory grew until the machine ran out)
         assert_user_error(invoke("sample", run, "--num-samples", count), "--num-samples must be 1 to 4,096")
+    too_far = invoke("sample", run, "--seed", 2**63 - 1, "--num-samples", 2)
+    assert_user_error(too_far, "--seed 9223372036854775807 with --num-samples 2 takes seeds past 2**63 - 1")
+    # a --stop that is not UTF-8 (taken byte for byte) with --json: the record's stop field has U+FFFD
+    lines = invoke("sample", run, "--max-new-tokens", 5, "--stop", "\udcff", "--json", "--device", "cpu")
+    assert lines.exit_code == 0, lines.output
+    assert [json.loads(line)["sample"] for line in lines.stdout.splitlines()] == [1]
 
 
 def test_errors_in_a_real_process_have_no_traceback(tmp_path):
@@ -440,7 +446,7 @@ def test_eval_by_position(trained, tmp_path):
     assert "by position" in table.stdout and "0-63" in table.stdout
     assert_user_error(invoke("eval", run, held_out, "--plot", tmp_path / "q.png"), "add --by-position")
     # options are checked before the corpus is opened (a long compressed one takes minutes), in one line
-    for option, value in (("--stride", 0), ("--stride", 10**6), ("--batch-size", 0)):
+    for option, value in (("--stride", 0), ("--stride", 10**6), ("--batch-size", 0), ("--batch-size", 2**63)):
         result = invoke("eval", run, tmp_path / "missing.txt", option, value, "--device", "cpu")
         assert_user_error(result, option)
         assert result.stderr.startswith("error:"), result.stderr  # (no blank line first)

@@ -378,3 +378,27 @@ def test_a_cache_entry_that_fails_at_its_last_step_leaves_no_facts(tmp_path, mon
     with pytest.raises(HtcliError, match="No space left on device; free some space or set HTCLI_CACHE_DIR"):
         cached(source, "copy", lambda sink: sink.write(b"abc") and {"records": 1}, tmp_path / "cache")
     assert [p.name for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".lock")] == []
+
+
+def test_a_cache_entry_stopped_after_it_is_in_place_keeps_its_facts(tmp_path, monkeypatch):
+    """A stop (Ctrl-C, SIGTERM) after the entry's bytes are in place, in the directory's fsync: the
+    entry stays whole, with its facts (the next run read its skipped records as 0)."""
+    from htcli import files
+    from htcli.corpus.cache import cached
+
+    source = tmp_path / "c.txt"
+    source.write_bytes(b"abc")
+
+    calls = []
+
+    def stopped(path):  # the facts' fsync passes, the entry's (second) is interrupted
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(files, "fsync_dir", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        cached(source, "copy", lambda sink: sink.write(b"abc") and {"skipped": 80}, tmp_path / "cache")
+    monkeypatch.undo()
+    entry, facts = cached(source, "copy", lambda sink: pytest.fail("made again"), tmp_path / "cache")
+    assert entry.read_bytes() == b"abc" and facts == {"skipped": 80}

@@ -168,3 +168,13 @@ def test_windows_are_int64_tokens(tmp_path):
     with ByteCorpus([write(tmp_path / "c.bin", bytes([0, 255, 7, 128]))]) as corpus:
         windows = corpus.span().windows([0], 4)
     assert windows.dtype == torch.int64 and windows.tolist() == [[0, 255, 7, 128]]
+
+
+def test_evenly_spaced_asked_for_more_windows_than_there_are():
+    """More windows than a corpus holds (--eval-batches 2**53) gives every start once, at once (it
+    looped over every window asked for)."""
+    from htcli.data import evenly_spaced
+
+    assert evenly_spaced(100, 10, 2**53) == list(range(91))
+    assert evenly_spaced(100, 10, 91) == list(range(91))
+    assert evenly_spaced(100, 10, 3) == [0, 45, 90]

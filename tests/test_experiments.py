@@ -93,6 +93,7 @@ def test_flags_override_the_file_and_the_file_overrides_defaults(corpus, tmp_pat
             "--steps must be a positive integer up to 2**53, got 9223372036854775808",
         ),
         ('logger = ["mlflow"]', "unknown --logger 'mlflow': use one of tensorboard, wandb"),
+        ("lr = 1" + "0" * 400, "exp.toml: lr is too large a number"),  # (was an OverflowError traceback)
     ],
 )
 def test_bad_config_files_are_one_line_errors_naming_the_key(corpus, tmp_path, content, message):

@@ -51,7 +51,8 @@ def cached(
                         facts = make(sink)
                         write_json(facts_file, facts)
                 except BaseException:  # (the entry is not made: neither are its facts)
-                    facts_file.unlink(missing_ok=True)
+                    if not target.exists():  # (stopped after the entry was put in place: both stay)
+                        facts_file.unlink(missing_ok=True)
                     raise
             return target, _read_facts(facts_file)
     except OSError as error:
