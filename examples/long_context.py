@@ -138,6 +138,10 @@ VARIANTS = {
     "h-4096-cw90-ld4": variant(4096, "--context-warmup", "0.9", "--level-decay", "4"),
     "h-2048-cw80-ld4": variant(2048, "--context-warmup", "0.8", "--level-decay", "4"),
     "h-2048-cw95": variant(2048, "--context-warmup", "0.95"),
+    # token shift (half of each position's features from the previous byte's): a bias toward the
+    # previous-token features that copying far context (induction) needs
+    "h-256-shift": variant(256, "--shift-tokens"),
+    "h-2048-cw95-shift": variant(2048, "--context-warmup", "0.95", "--shift-tokens"),
     "h-4096-cw95": variant(4096, "--context-warmup", "0.95"),
     "h-256-ld8": variant(256, "--level-decay", "8"),
     "h-2048-cw90-ld8": variant(2048, "--context-warmup", "0.9", "--level-decay", "8"),
