@@ -25,12 +25,13 @@ from dataclasses import asdict, dataclass, field
 from htcli.attention import IMPLEMENTATION_VARIABLE, check_block_size, resolve_implementation
 from htcli.device import PRECISIONS, check_choice, resolve_device
 from htcli.errors import HtcliError
-from htcli.presets import PRESETS
+from htcli.presets import PRESETS, model_config
 
 METHODS = ("h", "sdpa")
 COLD_DONE = "cold run done"  # the worker's signal that its first forward+backward finished
 
 
+DEFAULT_BLOCK_SIZE = 128
 MAX_LENGTH = 2**24  # the longest --seq-len measured (as a model's context is bounded)
 MAX_COUNT = 2**20  # the most heads, width of one, windows in a batch, repeats
 
@@ -41,7 +42,7 @@ class BenchConfig:
     batch_size: int = 1
     heads: int = 4
     dim_head: int = 64
-    block_size: int = 128
+    block_size: int = DEFAULT_BLOCK_SIZE
     modes: list[bool] = field(default_factory=lambda: [False, True])  # causal flags
     device: str = "auto"
     dtype: str = "fp32"
@@ -69,7 +70,7 @@ class BenchConfig:
                 fields=("max_seconds",),
             )
         check_choice("preset", self.preset, tuple(PRESETS))
-        if not self.model and self.block_size > max(128, *self.seq_lens):  # (128: the default)
+        if not self.model and self.block_size > max(DEFAULT_BLOCK_SIZE, *self.seq_lens):
             raise HtcliError(
                 f"block_size ({self.block_size}) is longer than every length measured: lower it",
                 fields=("block_size", "seq_lens"),
@@ -88,8 +89,6 @@ class BenchConfig:
     def _check_model_lengths(self) -> None:
         """With `model`, every length must make a model of the preset (a multiple of its block size):
         refused here, in one line, rather than as an "error" cell per length."""
-        from htcli.presets import model_config
-
         for n in self.seq_lens:
             try:
                 model_config(self.preset, max_seq_len=n)

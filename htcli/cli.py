@@ -25,7 +25,7 @@ from rich.markup import escape
 from typer.core import TyperCommand
 
 from htcli import __version__
-from htcli.config import train_default
+from htcli.config import MAX_SEED, train_default
 from htcli.errors import HtcliError
 from htcli.presets import DEFAULT_PRESET, PRESETS
 from htcli.stop import Terminated, terminate_unwinds
@@ -501,7 +501,7 @@ def _check_sample_options(prompt: str | None, prompt_file: Path | None, num_samp
             f"--num-samples must be 1 to {MAX_SAMPLES:,} (they decode as one batch), got {num_samples}"
             + (more if num_samples > MAX_SAMPLES else "")
         )
-    if 0 <= seed < 2**63 <= seed + num_samples - 1:
+    if 0 <= seed < MAX_SEED <= seed + num_samples - 1:
         raise HtcliError(
             f"--seed {seed} with --num-samples {num_samples} takes seeds past 2**63 - 1: lower --seed"
         )

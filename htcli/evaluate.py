@@ -151,7 +151,7 @@ def check_options(model: HTransformer1D, stride: int | None, batch_size: int) ->
         raise HtcliError(
             f"stride must be between 1 and the model's context ({context}), got {stride}", fields=("stride",)
         )
-    if not 1 <= batch_size <= 2**53:
+    if not 1 <= batch_size <= 2**53:  # (config.MAX_COUNT, which this module is below)
         raise HtcliError(
             f"batch_size must be a positive integer up to 2**53, got {batch_size}", fields=("batch_size",)
         )

@@ -57,9 +57,8 @@ def cached(
             return target, _read_facts(facts_file)
     except OSError as error:
         if error.errno in (errno.EEXIST, errno.ENOTDIR) and (blocker := _not_a_directory(cache)):
-            what = f"the cache {cache} cannot be made: {blocker} is not a directory"
-            if blocker == cache:
-                what = f"the cache {cache} is not a directory"
+            made = "" if blocker == cache else f" cannot be made: {blocker}"
+            what = f"the cache {cache}{made} is not a directory"
         else:
             what = f"cannot make {source}'s bytes in the cache {cache}: {error.strerror or error}"
         fix = "free some space or " if error.errno in (errno.ENOSPC, errno.EDQUOT) else ""
