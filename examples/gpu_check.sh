@@ -4,7 +4,8 @@
 # the Triton kernels (its fastest setting is used for the rest), the bench tables (attention and
 # training step, Triton then eager, SDPA beside), every command (train with bf16 autocast and
 # resume, --compile, sample with and without the decode cache, eval) with Triton and with eager,
-# bench --decode and a profile of the decode step.
+# profiles of the attention at 8k with and without CUDA graphs, bench --decode with and without
+# them and a profile of the decode step.
 # Usage: bash examples/gpu_check.sh [WORKDIR]; PYTHON=interpreter overrides; GPU_CHECK_SECONDS=N
 # skips the steps that would start past N seconds and cuts the others short (a device lease).
 # Goes on past a failing step and exits non-zero if any failed or was skipped.
@@ -56,12 +57,19 @@ if [[ -s $WORK/tuning.json ]]; then
     export HTCLI_TRITON_TUNING=$(cat "$WORK/tuning.json")
     echo "HTCLI_TRITON_TUNING=$HTCLI_TRITON_TUNING"
 fi
-bench 150 --heads 8 --seq-len 8192,65536 --repeats 5 --impl triton
+for causal in --no-causal --causal; do  # launch-bound at 8k: CUDA graphs on and off, side by side
+    step 60 "$PYTHON" examples/attention_profile.py $causal --rows 15
+    HTCLI_ATTENTION_GRAPHS=0 step 60 "$PYTHON" examples/attention_profile.py $causal --rows 0
+done
+# (each measurement in a fresh process: ~15-20 s each on an H200 VM, more than 140 s for both lengths)
+bench 240 --heads 8 --seq-len 8192 --repeats 5 --impl triton
+bench 240 --heads 8 --seq-len 65536 --repeats 5 --impl triton
 bench 100 --model --preset small --seq-len 8192 --repeats 5 --impl triton
 bench 120 --model --preset base --seq-len 8192 --repeats 5 --impl triton
 HTCLI_ATTENTION=triton commands triton
 step 120 "${HT[@]}" bench --decode --device cuda
 step 60 "$PYTHON" examples/decode_profile.py --device cuda
+HTCLI_DECODE_GRAPH=0 step 120 "${HT[@]}" bench --decode --device cuda
 bench 150 --heads 8 --seq-len 8192,65536 --repeats 5 --impl eager
 bench 100 --model --preset small --seq-len 8192 --repeats 5 --impl eager
 bench 80 --heads 8 --seq-len 8192 --block-size 64 --repeats 5 --impl triton

@@ -396,9 +396,7 @@ def decode_bench(
     from htcli.model import HTransformer1D
     from htcli.presets import model_config
 
-    device = resolve_device(device_name)
-    dtype = torch_dtype(dtype_name)
-    config = model_config(preset)
+    device, dtype, config = resolve_device(device_name), torch_dtype(dtype_name), model_config(preset)
     if prompt_len + new_tokens > config.max_seq_len:
         raise HtcliError(
             f"prompt ({prompt_len}) + new tokens ({new_tokens}) exceed the {preset} preset's "
@@ -411,9 +409,9 @@ def decode_bench(
     with torch.no_grad(), autocast(device, dtype):
         model(prompt[:, :256])  # warm-up
         forward_s = _seconds(lambda: model(prompt), device)
-        prefill_s, step_times = _cached_decoding(model, prompt, new_tokens, device)
+        prefill_s, step_times, steps = _cached_decoding(model, prompt, new_tokens, device, dtype)
         recompute_s = _seconds(lambda: _recompute(model, prompt, recompute_tokens), device) / recompute_tokens
-        _, early = _cached_decoding(model, prompt[:, :early_prompt], 64, device)
+        _, early, _ = _cached_decoding(model, prompt[:, :early_prompt], 64, device, dtype)
     cached_s = statistics.median(step_times)
     late = statistics.median(step_times[-64:])
     caches = _cache_rows(preset, contexts, new_tokens, batch, device, dtype)
@@ -435,6 +433,7 @@ def decode_bench(
         "prefill_s": prefill_s,
         "forward_s": forward_s,
         "prefill_over_forward": prefill_s / forward_s,
+        "steps": steps,
     }
 
 
@@ -451,18 +450,24 @@ def _seconds(fn: Callable[[], object], device) -> float:
     return _clock(device) - started
 
 
-def _cached_decoding(model, prompt, new_tokens: int, device, copies: int = 1) -> tuple[float, list[float]]:
-    """Greedy decoding with the cache: the prefill's seconds and each step's (copies: of a prompt of one
-    sequence, decoded together from its one prefill, as `htcli sample --num-samples` does)."""
+def _cached_decoding(
+    model, prompt, new_tokens: int, device, dtype, copies: int = 1
+) -> tuple[float, list[float], str]:
+    """Greedy decoding with the cache, as `htcli sample` decodes (on CUDA, steps replayed from a CUDA
+    graph): the prefill's seconds, each step's, and how the steps ran (DecodeSteps.kind) (copies: of a
+    prompt of one sequence, decoded together from its one prefill, as `htcli sample --num-samples` does)."""
+    from htcli.decode_steps import DecodeSteps
+
     started = _clock(device)
     logits, state = model.prefill(prompt, copies)
+    steps = DecodeSteps(model, state, dtype)
     prefill_s = _clock(device) - started
     token, step_times = logits[:, -1].argmax(-1), []
     for _ in range(new_tokens):
         started = _clock(device)
-        token = model.decode_step(token, state).argmax(-1)
+        token = steps(token).argmax(-1)
         step_times.append(_clock(device) - started)
-    return prefill_s, step_times
+    return prefill_s, step_times, steps.kind
 
 
 def _cache_rows(preset: str, contexts, new_tokens: int, batch: int, device, dtype) -> list[dict]:
@@ -495,12 +500,12 @@ def cache_figures(model, prompt_len: int, new_tokens: int, batch: int, device, d
 
     prompt = torch.randint(0, 256, (1, prompt_len), device=device)
     with torch.no_grad(), autocast(device, dtype):
-        _cached_decoding(model, prompt[:1, :256], 8, device)  # warm-up
+        _cached_decoding(model, prompt[:1, :256], 8, device, dtype)  # warm-up
         started = _clock(device)
-        _cached_decoding(model, prompt[:1], 1, device)
+        _cached_decoding(model, prompt[:1], 1, device, dtype)
         first_byte_s = _clock(device) - started
-        prefill_s, steps = _cached_decoding(model, prompt[:1], new_tokens, device)
-        _, early = _cached_decoding(model, prompt[:1, : min(1000, prompt_len - 1)], 64, device)
+        prefill_s, steps, _ = _cached_decoding(model, prompt[:1], new_tokens, device, dtype)
+        _, early, _ = _cached_decoding(model, prompt[:1, : min(1000, prompt_len - 1)], 64, device, dtype)
         figures = {
             "prompt_len": prompt_len, "first_byte_s": first_byte_s, "prefill_s": prefill_s,
             "bytes_per_s": 1 / statistics.median(steps), "token_s_early": statistics.median(early),
@@ -509,9 +514,9 @@ def cache_figures(model, prompt_len: int, new_tokens: int, batch: int, device, d
         figures["late_over_early"] = figures["token_s_late"] / figures["token_s_early"]
         if batch > 1:
             started = _clock(device)
-            _cached_decoding(model, prompt, 1, device, copies=batch)
+            _cached_decoding(model, prompt, 1, device, dtype, copies=batch)
             figures["batch_first_byte_s"] = _clock(device) - started
-            _, together = _cached_decoding(model, prompt, new_tokens // 4, device, copies=batch)
+            _, together, _ = _cached_decoding(model, prompt, new_tokens // 4, device, dtype, copies=batch)
             figures["batch_bytes_per_s"] = batch / statistics.median(together)
             figures["batch_speedup"] = figures["batch_bytes_per_s"] / figures["bytes_per_s"]
     return figures

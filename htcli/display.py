@@ -219,6 +219,7 @@ def decode_table(result: dict, dtype: str) -> Table:
         (f"prefill of {result['prompt_len']} bytes", f"{result['prefill_s']:.2f} s"),
         ("one forward pass, same length", f"{result['forward_s']:.2f} s"),
         ("prefill / forward", f"{result['prefill_over_forward']:.2f}x"),
+        ("decode steps", result["steps"]),
     ]
     for name, value in rows:
         table.add_row(name, value)

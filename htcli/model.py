@@ -20,7 +20,8 @@ from einops import rearrange
 from rotary_embedding_torch import RotaryEmbedding
 from torch import nn
 
-from htcli.attention import HAttentionCache, KVCache, check_block_size, h_attention
+from htcli.attention import HAttentionCache, KVCache, check_block_size, h_attention, static_step
+from htcli.attention.static_step import StepPlan
 from htcli.errors import HtcliError
 from htcli.fused import ReluSquared, RMSNorm, norm_rotate, norm_rotate_step, rms_norm, rotate
 from htcli.reversible import reversible_stack
@@ -249,6 +250,11 @@ class DecodingState:
         """Positions seen so far (the next one's index)."""
         return self.layers[0].attention.cache.t
 
+    def count_step(self) -> None:
+        """Count a step taken with a StepPlan (which leaves the caches' counts to its caller)."""
+        for layer in self.layers:
+            layer.attention.cache.t += 1
+
 
 class TokenShift(nn.Module):
     """Mix in neighbours' features: a slice of channels comes from position i-1 (and, when
@@ -358,20 +364,26 @@ class Attention(nn.Module):
         angles = positions[:, None] * self.rotary.freqs.float()  # in fp32 whatever the module's dtype
         return torch.stack((angles.cos(), angles.sin()), -1)
 
-    def step(self, x: torch.Tensor, state: AttentionState) -> torch.Tensor:
-        """One position x (b, e), the cache's next."""
+    def step(self, x: torch.Tensor, state: AttentionState, plan: StepPlan | None = None) -> torch.Tensor:
+        """One position x (b, e), the cache's next; plan: the step with static operations (for a CUDA
+        graph: the position from plan, and the cache's count of positions left to the caller)."""
         cache = state.cache
         b, h, d = x.shape[0], self.config.heads, self.config.dim_head
         to_qkv, to_out = state.linears
         qkv = to_qkv(x).view(b, 3, h, d)  # the (three h d) order of forward()
         qk, v = qkv[:, :2], qkv[:, 2]
         # q and k together, as few operations as can be: a decode step is bound by their number
-        turns = None if state.rotary is None else state.rotary[cache.t]
+        turns = None
+        if state.rotary is not None:
+            turns = state.rotary[cache.t] if plan is None else state.rotary.index_select(0, plan.index)[0]
         if state.qk_weight is not None and turns is not None:
             qk = norm_rotate_step(qk, state.qk_weight, turns, self.q_norm.epsilon)
         else:
             qk = self.prepared(qk, state.qk_weight, turns)
-        out = cache.step(qk[:, 0], qk[:, 1], v)
+        if plan is None:
+            out = cache.step(qk[:, 0], qk[:, 1], v)
+        else:
+            out = static_step.step(cache, plan, qk[:, 0], qk[:, 1], v)
         return to_out(out.reshape(b, h * d))
 
 
@@ -404,7 +416,7 @@ class FeedForward(nn.Module):
             state.linears = [StepLinear(self.net[0]), StepLinear(self.net[2])]
         return self.net(x)
 
-    def step(self, x: torch.Tensor, state: BranchState) -> torch.Tensor:
+    def step(self, x: torch.Tensor, state: BranchState, plan: StepPlan | None = None) -> torch.Tensor:
         first, second = state.linears
         # (a module's forward called directly: its __call__ costs more than a small op)
         return second(self.net[1].forward(first(x)))
@@ -431,12 +443,17 @@ class PreNorm(nn.Module):
             x = self.shift(x, mask)
         return self.fn(x, mask, state)
 
-    def step(self, x: torch.Tensor, state: BranchState) -> torch.Tensor:
-        """One position x (b, e), continuing from state."""
+    def step(self, x: torch.Tensor, state: BranchState, plan: StepPlan | None = None) -> torch.Tensor:
+        """One position x (b, e), continuing from state; plan: as Attention.step's."""
         x = self.norm.forward(x)
         if self.shift is not None:
-            x, state.previous = self.shift.step(x, state.previous), x
-        return self.fn.step(x, state)
+            shifted = self.shift.step(x, state.previous)
+            if plan is None:
+                state.previous = x
+            else:  # (in place: a replayed graph reads and writes the same memory every step)
+                state.previous.copy_(x)
+            x = shifted
+        return self.fn.step(x, state, plan)
 
 
 class Layers(nn.Module):
@@ -473,16 +490,16 @@ class Layers(nn.Module):
                 x1 = x1 + g(x1, mask, g_state)
         return (x1 + x2) / 2 if self.reversible else x1
 
-    def step(self, x: torch.Tensor, states: list[LayerState]) -> torch.Tensor:
-        """One position x (b, e) through every layer, continuing from states."""
+    def step(self, x: torch.Tensor, states: list[LayerState], plan: StepPlan | None = None) -> torch.Tensor:
+        """One position x (b, e) through every layer, continuing from states; plan: as Attention.step's."""
         x1 = x2 = x
         for (f, g), state in zip(self.blocks, states):
             if self.reversible:
-                x1 = x1 + f.step(x2, state.attention)
-                x2 = x2 + g.step(x1, state.feedforward)
+                x1 = x1 + f.step(x2, state.attention, plan)
+                x2 = x2 + g.step(x1, state.feedforward, plan)
             else:
-                x1 = x1 + f.step(x1, state.attention)
-                x1 = x1 + g.step(x1, state.feedforward)
+                x1 = x1 + f.step(x1, state.attention, plan)
+                x1 = x1 + g.step(x1, state.feedforward, plan)
         return (x1 + x2) / 2 if self.reversible else x1
 
 
@@ -565,7 +582,15 @@ class HTransformer1D(nn.Module):
         return (logits.expand(copies, -1, -1) if copies > 1 else logits), state
 
     @torch.inference_mode()
-    def decode_step(self, token: torch.Tensor, state: DecodingState) -> torch.Tensor:
-        """Logits (b, num_tokens) for the position after token (b,), fed at state.position; updates state."""
-        x = self.layers.step(self.token_emb(token), state.layers)
+    def decode_step(
+        self, token: torch.Tensor, state: DecodingState, plan: StepPlan | None = None
+    ) -> torch.Tensor:
+        """Logits (b, num_tokens) for the position after token (b,), fed at state.position; updates state.
+        plan (H-attention models): the step with the same operations at every position, from
+        plan.position, which it advances; the caller then counts the step (state.count_step())."""
+        if plan is not None:
+            plan.update()
+        x = self.layers.step(self.token_emb(token), state.layers, plan)
+        if plan is not None:
+            plan.advance()
         return self.logits(x, state.head)

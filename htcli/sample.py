@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from htcli.config import MAX_SEED
+from htcli.decode_steps import DecodeSteps
 from htcli.device import autocast
 from htcli.errors import HtcliError
 from htcli.model import HTransformer1D
@@ -133,9 +134,9 @@ class Decoder:
     next byte of each.
 
     With the cache, a prompt is prefilled by one parallel forward pass (one for all `copies` of a
-    prompt of one sequence: its state is copied) and each byte after it
-    is one decode step. When the context reaches max_seq_len, it is cut to its last
-    max_seq_len // 2 bytes and prefilled again, so past the model's context every
+    prompt of one sequence: its state is copied) and each byte after it is one decode step
+    (DecodeSteps: on a CUDA GPU replayed from a CUDA graph). When the context reaches max_seq_len, it
+    is cut to its last max_seq_len // 2 bytes and prefilled again, so past the model's context every
     max_seq_len // 2 new bytes cost one prefill; the model never sees more than max_seq_len.
     Without the cache (or for a model that cannot use it), each byte recomputes the model over
     the last max_seq_len bytes.
@@ -160,6 +161,7 @@ class Decoder:
                 logits = self.model(tokens)[:, -1]
                 return logits.expand(copies, -1) if copies > 1 else logits
             logits, self.state = self.model.prefill(tokens, copies)
+        self.steps = DecodeSteps(self.model, self.state, self.dtype)
         return logits[:, -1]
 
     def feed(self, tokens: list[int]) -> None:
@@ -171,8 +173,7 @@ class Decoder:
         elif self.state.position >= self.window:
             self.logits = self._start(self.context[:, -(self.window // 2) :])
         else:
-            with autocast(new.device, self.dtype):
-                self.logits = self.model.decode_step(new[:, 0], self.state)
+            self.logits = self.steps(new[:, 0])
 
 
 def generate(

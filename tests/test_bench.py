@@ -64,10 +64,11 @@ def test_scaling_exponent_and_ratio():
 
 
 def test_decode_bench_figures():
-    """--decode reports cached and recomputed speed, per-token times and prefill cost."""
+    """--decode reports cached and recomputed speed, per-token times, prefill cost and how the steps ran
+    (on a CPU: the ordinary steps, no CUDA graph)."""
     result = decode_bench("tiny", prompt_len=100, new_tokens=70, recompute_tokens=2, device_name="cpu",
                           contexts=(128, 256), batch=4)  # fmt: skip
-    assert result["speedup"] > 0 and result["prefill_s"] > 0
+    assert result["speedup"] > 0 and result["prefill_s"] > 0 and result["steps"] == "ordinary"
     caches = result["caches"]
     assert [(c["context"], c["attention"]) for c in caches] == [
         (128, "h"),

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from htcli.attention import static_step
 from htcli.attention.cache import HAttentionCache
 from htcli.attention.oracle import dense_h_attention
 from htcli.model import FIRST_RECIPE, HTransformer1D, HTransformerConfig
@@ -89,13 +90,15 @@ def test_prefill_with_gradients_enabled(overrides):
         assert (step_logits - expected[:, t]).abs().max().item() < 1e-4, f"position {t}"
 
 
+@pytest.mark.parametrize("static", [False, True])
 @pytest.mark.parametrize("decay", [None, torch.tensor([3.0, 1.0])])
 @pytest.mark.parametrize("prompt", [1, 6, 16, 37])
-def test_cache_steps_equal_the_dense_oracle(decay, prompt):
+def test_cache_steps_equal_the_dense_oracle(decay, prompt, static):
     """The cache alone, on random unit-scale q, k, v (2 sequences x 2 heads, 64 positions, block 4:
     three coarse levels): every step's output equals the dense oracle's causal output within 1e-5
     (the cache computes in fp32), with and without the level decay, after prompts that end inside,
-    at the end of and past the first blocks and clusters."""
+    at the end of and past the first blocks and clusters; the ordinary step and the static one (a
+    CUDA graph's: static_step with a StepPlan)."""
     b, h, n, d, r = 2, 2, 64, 8, 4
     generator = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(b, h, n, d, generator=generator, dtype=torch.float64) for _ in range(3))
@@ -104,8 +107,15 @@ def test_cache_steps_equal_the_dense_oracle(decay, prompt):
         b, h, d, block_size=r, max_seq_len=n, device="cpu", dtype=torch.float64, level_decay=decay
     )
     cache.prefill(q[:, :, :prompt], k[:, :, :prompt], v[:, :, :prompt])
+    plan = static_step.StepPlan(cache)
     for t in range(prompt, n):
-        out = cache.step(q[:, :, t], k[:, :, t], v[:, :, t])
+        if static:
+            plan.update()
+            out = static_step.step(cache, plan, q[:, :, t], k[:, :, t], v[:, :, t])
+            plan.advance()
+        else:
+            out = cache.step(q[:, :, t], k[:, :, t], v[:, :, t])
+        assert out.dtype == torch.float64
         assert (out - expected[:, :, t]).abs().max().item() < 1e-5, f"position {t}"
 
 
@@ -134,3 +144,52 @@ def test_one_prefill_for_copies_of_a_prompt(overrides):
             assert (step_logits - expected[:, 37 + t]).abs().max().item() < 1e-4, f"position {37 + t}"
         with pytest.raises(ValueError, match="copies of a prompt need a prompt of one sequence"):
             model.prefill(rest, copies=2)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"reversible": True, "shift_tokens": True},
+        {"block_size": 6, "max_seq_len": 192},
+        {"max_seq_len": 8},
+    ],
+)
+@pytest.mark.parametrize("prompt", [1, 7, 64])
+def test_static_steps_match_parallel_forward(overrides, prompt):
+    """The steps a CUDA graph replays (static_step: the same operations at every position, the position
+    a tensor) give the parallel forward's logits at every position, as the ordinary steps do; the model
+    leaves the caches' counts to its caller."""
+    model = _model(**overrides)
+    n = model.config.max_seq_len
+    prompt = min(prompt, n - 1)
+    tokens = torch.randint(0, 256, (3, n), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(tokens)
+        _, state = model.prefill(tokens[:, :prompt])
+        plan = static_step.StepPlan(state.layers[0].attention.cache)
+        for t in range(prompt, n):
+            step_logits = model.decode_step(tokens[:, t], state, plan)
+            assert (step_logits - expected[:, t]).abs().max().item() < 1e-4, f"position {t}"
+            assert state.position == t
+            state.count_step()
+    assert plan.position.item() == n
+
+
+def test_decode_graphs_only_on_cuda_unless_switched_off(monkeypatch):
+    """CUDA graphs for decode steps on CUDA devices only, and not with HTCLI_DECODE_GRAPH=0; elsewhere
+    DecodeSteps takes the model's ordinary steps (equal to the parallel forward)."""
+    from htcli.decode_steps import DecodeSteps, graphs_wanted
+
+    assert graphs_wanted(torch.device("cuda")) and not graphs_wanted(torch.device("cpu"))
+    monkeypatch.setenv("HTCLI_DECODE_GRAPH", "0")
+    assert not graphs_wanted(torch.device("cuda"))
+    model = _model()
+    tokens = torch.randint(0, 256, (2, 60), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = model(tokens)
+        _, state = model.prefill(tokens[:, :20])
+    steps = DecodeSteps(model, state, torch.float32)
+    assert not steps.graphed
+    for t in range(20, 60):
+        assert (steps(tokens[:, t]) - expected[:, t]).abs().max().item() < 1e-4

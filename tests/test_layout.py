@@ -16,7 +16,7 @@ LAYERS = [
         "plots",
         "corpus.find",
     ),  # run files, devices, Ctrl-C, terminal output
-    ("attention.geometry", "attention.triton_kernels", "corpus.cache", "loggers"),
+    ("attention.geometry", "attention.triton_kernels", "attention.graphed", "corpus.cache", "loggers"),
     (
         "attention.oracle",
         "attention.eager",
@@ -25,10 +25,10 @@ LAYERS = [
         "attention.triton_launch",
         "corpus.formats",
     ),
-    ("attention.ops", "corpus.reader"),
+    ("attention.ops", "attention.static_step", "corpus.reader"),
     ("attention", "reversible", "fused", "corpus"),
     ("model",),
-    ("presets", "data", "distributed", "runlog", "flops"),
+    ("presets", "data", "distributed", "runlog", "flops", "decode_steps"),
     ("config", "checkpoint_checks", "evaluate", "runlock", "curves"),
     ("checkpoint", "sample", "optim", "config_file"),
     ("rundir",),

@@ -18,7 +18,7 @@ import os
 
 import torch
 
-from htcli.attention import eager
+from htcli.attention import eager, graphed
 from htcli.attention.geometry import check_inputs, check_level_decay, decay_rows
 from htcli.errors import HtcliError
 
@@ -111,7 +111,14 @@ def _forward_op(
     causal: bool,
     impl: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return tuple(_module(impl).forward(q, k, v, real, block_size=block_size, causal=causal, decay=decay))
+    module = _module(impl)
+
+    def forward(q, k, v, real, decay):
+        return tuple(module.forward(q, k, v, real, block_size=block_size, causal=causal, decay=decay))
+
+    if impl == "triton" and q.is_cuda and graphed.wanted(q):
+        return graphed.replay("forward", forward, [q, k, v, real, decay], (block_size, causal))
+    return forward(q, k, v, real, decay)
 
 
 @_forward_op.register_fake
@@ -134,10 +141,18 @@ def _backward_op(
     causal: bool,
     impl: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    grads = _module(impl).backward(
-        q, k, v, real, out, lse, grad_out, block_size=block_size, causal=causal, decay=decay
-    )
-    return tuple(g.to(q.dtype).contiguous() for g in grads)
+    module = _module(impl)
+
+    def backward(q, k, v, real, decay, out, lse, grad_out):
+        grads = module.backward(
+            q, k, v, real, out, lse, grad_out, block_size=block_size, causal=causal, decay=decay
+        )
+        return tuple(g.to(q.dtype).contiguous() for g in grads)
+
+    tensors = [q, k, v, real, decay, out, lse, grad_out]
+    if impl == "triton" and q.is_cuda and graphed.wanted(q):
+        return graphed.replay("backward", backward, tensors, (block_size, causal))
+    return backward(*tensors)
 
 
 @_backward_op.register_fake

@@ -1,0 +1,76 @@
+"""Where H-attention's forward+backward time goes on a GPU: its kernels, by total device time.
+
+    python examples/attention_profile.py [--seq-len 8192] [--batch 4] [--heads 8] [--dim-head 64]
+        [--block-size 128] [--impl triton] [--causal | --no-causal] [--rows 25]
+
+bf16 inputs, as `htcli bench --device cuda --dtype bf16` times them; prints the time per
+forward+backward (CUDA events around ten), SDPA's beside it, and the profiler's table of kernels (and
+the torch operations that launched them) sorted by device time, so that a missed speed target can be
+traced to what takes it. HTCLI_ATTENTION_GRAPHS=0 times the passes launched kernel by kernel instead
+of replayed from CUDA graphs.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+
+from htcli.attention import h_attention
+
+
+def _timed(fn, repeats: int = 10) -> float:
+    """Milliseconds per call of fn (CUDA events, after two warm-up calls)."""
+    for _ in range(2):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / repeats
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seq-len", type=int, default=8192)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--dim-head", type=int, default=64)
+    parser.add_argument("--block-size", type=int, default=128)
+    parser.add_argument("--impl", default="triton")
+    parser.add_argument("--causal", action=argparse.BooleanOptionalAction, default=False)
+    parser.add_argument("--rows", type=int, default=25, help="kernels in the table (0: no profile)")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("error: this profile needs a CUDA GPU")
+    shape = (args.batch, args.heads, args.seq_len, args.dim_head)
+    q, k, v, grad = (torch.randn(shape, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+    inputs = [t.requires_grad_() for t in (q, k, v)]
+
+    def h_pass():
+        out = h_attention(*inputs, block_size=args.block_size, causal=args.causal, impl=args.impl)
+        torch.autograd.grad(out, inputs, grad)
+
+    def sdpa_pass():
+        out = F.scaled_dot_product_attention(*inputs, is_causal=args.causal)
+        torch.autograd.grad(out, inputs, grad)
+
+    mode = "causal" if args.causal else "non-causal"
+    print(f"{mode}, {args.impl}, (b, h, n, d) = {shape}, block {args.block_size}, bf16")
+    print(f"forward+backward: H-attention {_timed(h_pass):.3f} ms, SDPA {_timed(sdpa_pass):.3f} ms")
+    if args.rows <= 0:
+        return
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            h_pass()
+        torch.cuda.synchronize()
+    print("per forward+backward x 5:")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    main()

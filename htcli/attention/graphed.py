@@ -1,0 +1,71 @@
+"""The Triton path's forward and backward replayed from CUDA graphs where they are bound by launching.
+
+Each pass launches ~20-30 kernels (per level: pooling, forward or dQ and dK/dV) and allocates their
+buffers from Python; at 8,192 tokens (batch 4, 8 heads, dim_head 64) the host took ~3 ms per forward
+and backward against ~1.2 ms of GPU work (an H200, examples/attention_profile.py). A CUDA graph of a
+pass launches all of it at once. A graph replays on the memory it was captured with, so a call
+copies its inputs into the graph's own, replays, and returns copies of its outputs (they must
+outlive the next call: autograd keeps them): a few memory-bound copies, against milliseconds of
+launches. Above MAX_ELEMENTS per input the kernels' own time hides the launches and the copies
+would cost more than they save, so larger inputs launch as before.
+
+One graph per pass and shape (dtype, block size, causal, mask and decay present or not), shared by
+every layer of a model; at most MAX_GRAPHS kept (each holds its inputs, outputs and intermediates).
+Not inside another capture (torch.compile's mode="reduce-overhead" captures the whole step itself).
+HTCLI_ATTENTION_GRAPHS=0 turns them off.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from collections.abc import Callable
+
+import torch
+
+GRAPHS_VARIABLE = "HTCLI_ATTENTION_GRAPHS"
+ENABLED = os.environ.get(GRAPHS_VARIABLE, "1") != "0"  # read once, as ops.DEFAULT_IMPLEMENTATION
+MAX_ELEMENTS = 2**25  # per input (batch * heads * n * dim_head): 8,192 tokens x 64 rows of 64
+MAX_GRAPHS = 4
+_graphs: OrderedDict[tuple, _Captured] = OrderedDict()
+
+
+def wanted(q: torch.Tensor) -> bool:
+    """Whether a pass over q (a CUDA tensor) replays from a graph."""
+    return ENABLED and q.numel() <= MAX_ELEMENTS and not torch.cuda.is_current_stream_capturing()
+
+
+class _Captured:
+    """fn on static copies of its first inputs, captured after one warm-up call on a side stream."""
+
+    def __init__(self, fn: Callable[..., tuple], tensors: list[torch.Tensor | None]):
+        self.inputs = [None if t is None else t.clone() for t in tensors]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # (compiles the kernels, sets up cuBLAS and the allocator)
+            fn(*self.inputs)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.outputs = fn(*self.inputs)
+
+    def __call__(self, tensors: list[torch.Tensor | None]) -> tuple[torch.Tensor, ...]:
+        for static, tensor in zip(self.inputs, tensors):
+            if tensor is not None:
+                static.copy_(tensor)
+        self.graph.replay()
+        return tuple(output.clone() for output in self.outputs)
+
+
+def replay(name: str, fn: Callable[..., tuple], tensors: list[torch.Tensor | None], options: tuple) -> tuple:
+    """fn(*tensors) (a tuple of tensors), computed by replaying its graph for this shape (captured at the
+    first call). options: the other arguments fn was made with (part of the graph's key)."""
+    shapes = tuple(None if t is None else (t.shape, t.dtype, t.device) for t in tensors)
+    key = (name, options, shapes, torch.is_inference_mode_enabled())
+    captured = _graphs.get(key)
+    if captured is None:
+        while len(_graphs) >= MAX_GRAPHS:
+            _graphs.popitem(last=False)
+        captured = _graphs[key] = _Captured(fn, tensors)
+    _graphs.move_to_end(key)
+    return captured(tensors)
