@@ -1,6 +1,6 @@
 """What each part of the default recipe costs a training step, side by side in one process.
 
-    python examples/recipe_parts.py [--rounds 16] [--seq-len 1024]
+    python examples/recipe_parts.py [--rounds 16] [--seq-len 1024] [--only default --only "default, GELU" ...]
 
 The recipe benchmark's model (dim 128, depth 4, 4 heads x 32, block 32, 8 windows a step) in each
 variant below, with its optimizer, stepped in turn on random bytes (forward, backward, clipping, the
@@ -34,6 +34,7 @@ VARIANTS = {
     "default, no level decay": ({"level_decay": 0.0}, "muon"),
     "default, GELU": ({"activation": "gelu"}, "muon"),
     "first, Muon": (FIRST, "muon"),
+    "default, shift tokens": ({"shift_tokens": True}, "muon"),
 }
 
 
@@ -52,11 +53,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument(
+        "--only", action="append", help="a variant to time (repeatable; first is always timed)"
+    )
     args = parser.parse_args()
+    chosen = ["first", *args.only] if args.only else list(VARIANTS)
+    unknown = [name for name in chosen if name not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variants {unknown}: choose from {list(VARIANTS)}")
     keep_freed_memory()  # as `htcli train` does on the CPU
     data = torch.randint(0, 256, (8, args.seq_len + 1), generator=torch.Generator().manual_seed(0))
     runs = {}
-    for name, (fields, optimizer) in VARIANTS.items():
+    for name in dict.fromkeys(chosen):
+        fields, optimizer = VARIANTS[name]
         torch.manual_seed(0)
         model = HTransformer1D(HTransformerConfig(**MODEL, max_seq_len=args.seq_len, **fields))
         runs[name] = (model, optimizer_for(model, optimizer))

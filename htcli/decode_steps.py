@@ -56,8 +56,8 @@ class DecodeSteps:
             raise ValueError(
                 f"the decode cache holds {self.cache.capacity} positions: re-prefill a shorter context"
             )
-        self.token.copy_(token)
-        with self._autocast():
+        with torch.inference_mode(), self._autocast():  # (the state's tensors are the prefill's)
+            self.token.copy_(token)
             if self.graph is None and self.taken >= WARMUP_STEPS and self.graph_failure is None:
                 self._capture()
             logits = self._side_stream_step() if self.graph is None else self._replay()
@@ -67,10 +67,15 @@ class DecodeSteps:
 
     @property
     def kind(self) -> str:
-        """How the steps run: "CUDA graph", "ordinary", or why a capture failed."""
+        """How the steps ran: "ordinary", "CUDA graph", "static, no graph yet" (before the capture), or
+        why the capture failed."""
         if not self.graphed:
             return "ordinary"
-        return "CUDA graph" if self.graph_failure is None else f"no CUDA graph ({self.graph_failure})"
+        if self.graph is not None:
+            return "CUDA graph"
+        return (
+            "static, no graph yet" if self.graph_failure is None else f"no CUDA graph ({self.graph_failure})"
+        )
 
     def _autocast(self):
         """Mixed precision without autocast's cache of cast weights (freed when autocast exits: a graph

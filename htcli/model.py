@@ -438,8 +438,8 @@ class PreNorm(nn.Module):
         """state (prefill only): set to continue after these positions."""
         x = self.norm(x)
         if self.shift is not None:
-            if state is not None:
-                state.previous = x[:, -1]
+            if state is not None:  # (a copy: a view would keep the whole prefill's activation)
+                state.previous = x[:, -1].clone()
             x = self.shift(x, mask)
         return self.fn(x, mask, state)
 

@@ -258,3 +258,39 @@ def test_custom_op_registration(causal, decay):
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(4, 100, 16, generator=gen, requires_grad=True) for _ in range(3))
     torch.library.opcheck(_forward_op, (q, k, v, torch.ones(4, 100), decay, 16, causal, "eager"))
+
+
+def test_graphed_passes_capture_at_the_second_sight_and_fall_back(monkeypatch):
+    """attention.graphed's bookkeeping (its CUDA graphs themselves are tested in test_cuda.py, against
+    launched passes): a key's first call launches, its second captures and replays, later ones replay;
+    a capture that fails leaves its key launching; at most MAX_GRAPHS kept, the least recently used
+    dropped first. Here a stand-in records what would be captured (no CUDA on this machine)."""
+    from htcli.attention import graphed
+
+    captured = []
+
+    class StandIn:
+        def __init__(self, fn, tensors):
+            if tensors[0].numel() == 99:
+                raise RuntimeError("CUDA out of memory (test)")
+            captured.append(tensors[0].numel())
+            self.fn = fn
+
+        def __call__(self, tensors):
+            return ("replayed", *self.fn(*tensors))
+
+    for name, value in (("_Captured", StandIn), ("_graphs", type(graphed._graphs)()), ("_seen", set()),
+                        ("_failed", {})):  # fmt: skip
+        monkeypatch.setattr(graphed, name, value)
+
+    def call(size: int):
+        return graphed.replay("pass", lambda x: (x * 2,), [torch.ones(size)], (64, True))
+
+    assert call(3)[0].tolist() == [2.0] * 3 and not captured
+    assert call(3)[0] == "replayed" and call(3)[0] == "replayed" and captured == [3]
+    assert len(call(99)) == 1 and len(call(99)) == 1 and len(call(99)) == 1 and 99 not in captured
+    assert list(graphed._failed.values()) == ["RuntimeError: CUDA out of memory (test)"]
+    for size in range(4, 4 + graphed.MAX_GRAPHS):
+        call(size), call(size)
+    assert len(graphed._graphs) == graphed.MAX_GRAPHS and captured[0] == 3
+    assert call(3)[0] == "replayed" and captured[-1] == 3  # (dropped first: captured again)

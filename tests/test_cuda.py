@@ -184,23 +184,25 @@ def test_cuda_sampling_past_the_context_with_graphs(monkeypatch):
 @pytest.mark.parametrize("causal", [False, True])
 def test_cuda_graphed_triton_passes_equal_launched_ones(causal, monkeypatch):
     """The Triton passes replayed from CUDA graphs (attention.graphed) give the bits of the launched
-    ones, for consecutive calls on different inputs (each call's inputs copied in, its outputs copied
-    out: the first call's results survive the second), with a padding mask and level decay, in grad
-    mode and in inference mode."""
+    ones, over four consecutive calls with different inputs, padding masks and level decays (the first
+    launches, the second captures, the others replay: each call's inputs copied in, its outputs copied
+    out, so that earlier results survive later calls); inference mode launches."""
     from htcli.attention import graphed
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     shape = (2, 4, 2048, 64)
-    decay = torch.tensor([8.0, 4.0, 2.0, 0.0], device="cuda")
-    mask = torch.rand(2, 2048, device="cuda", generator=gen) > 0.1
-    calls = [[torch.randn(shape, device="cuda", generator=gen) for _ in range(4)] for _ in range(2)]
-
-    monkeypatch.setattr(graphed, "_graphs", type(graphed._graphs)())
+    calls = [
+        [torch.randn(shape, device="cuda", generator=gen) for _ in range(4)]
+        + [torch.rand(2, 2048, device="cuda", generator=gen) > 0.1, torch.rand(4, device="cuda") * 8]
+        for _ in range(4)
+    ]
+    for name, value in (("_graphs", type(graphed._graphs)()), ("_seen", set()), ("_failed", {})):
+        monkeypatch.setattr(graphed, name, value)
 
     def results(enabled: bool):
         monkeypatch.setattr(graphed, "ENABLED", enabled)
         kept = []
-        for q, k, v, grad in calls:
+        for q, k, v, grad, mask, decay in calls:
             inputs = [t.to(torch.bfloat16).requires_grad_() for t in (q, k, v)]
             out = h_attention(
                 *inputs, block_size=64, causal=causal, key_padding_mask=mask, level_decay=decay, impl="triton"
@@ -213,7 +215,29 @@ def test_cuda_graphed_triton_passes_equal_launched_ones(causal, monkeypatch):
     launched = results(False)
     assert not graphed._graphs
     replayed = results(True)
-    assert len(graphed._graphs) == 3  # forward, backward, inference forward
+    assert len(graphed._graphs) == 2 and not graphed._failed  # forward and backward
     for call, (a, b) in enumerate(zip(launched, replayed)):
         for name, x, y in zip(("out", "dq", "dk", "dv", "inference out"), a, b):
             assert torch.equal(x, y), f"call {call}, {name}: differs by {(x - y).abs().max().item():.2e}"
+
+
+def test_cuda_decode_steps_go_on_when_the_capture_fails(monkeypatch):
+    """A CUDA graph capture that fails leaves the steps static and ungraphed, equal to the ordinary
+    steps; kind says so (and, before the capture, that there is no graph yet)."""
+    from htcli.decode_steps import DecodeSteps
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("capture refused (test)")
+
+    model = _recipe_model()
+    tokens = torch.randint(0, 256, (1, 300), device="cuda", generator=torch.Generator("cuda").manual_seed(2))
+    with torch.no_grad():
+        expected = model(tokens)
+        _, state = model.prefill(tokens[:, :100])
+    steps = DecodeSteps(model, state, torch.float32)
+    monkeypatch.setattr(torch.cuda, "graph", refuse)
+    for t in range(100, 300):
+        assert (steps(tokens[:, t]) - expected[:, t]).abs().max().item() < 1e-3, f"position {t}"
+        if t == 100:
+            assert steps.kind == "static, no graph yet"
+    assert steps.graph is None and steps.kind == "no CUDA graph (RuntimeError: capture refused (test))"

@@ -120,17 +120,19 @@ def test_cache_steps_equal_the_dense_oracle(decay, prompt, static):
 
 
 @pytest.mark.parametrize(
-    "overrides",
+    "overrides,static",
     [
-        {"shift_tokens": True},
-        {"attention": "exact"},
-        {"reversible": True, "shift_tokens": True, "level_decay": 4.0},
+        ({"shift_tokens": True}, False),
+        ({"attention": "exact"}, False),
+        ({"reversible": True, "shift_tokens": True, "level_decay": 4.0}, False),
+        ({"shift_tokens": True}, True),
+        ({"reversible": True, "shift_tokens": True, "level_decay": 4.0}, True),
     ],
 )
-def test_one_prefill_for_copies_of_a_prompt(overrides):
+def test_one_prefill_for_copies_of_a_prompt(overrides, static):
     """prefill(prompt, copies=3): each copy then decodes on its own, as that sequence's parallel forward
-    says (the H-cache with and without decay, the token shift's state, the exact model's KV cache); a
-    prompt of several sequences cannot be copied."""
+    says (the H-cache with and without decay, the token shift's state, the exact model's KV cache), by
+    ordinary steps and by static ones (a CUDA graph's); a prompt of several sequences cannot be copied."""
     model = _model(**overrides)
     generator = torch.Generator().manual_seed(2)
     prompt = torch.randint(0, 256, (1, 37), generator=generator)
@@ -139,8 +141,11 @@ def test_one_prefill_for_copies_of_a_prompt(overrides):
         expected = model(torch.cat([prompt.expand(3, -1), rest], 1))
         logits, state = model.prefill(prompt, copies=3)
         assert logits.shape[0] == 3 and (logits - expected[:, :37]).abs().max().item() < 1e-4
+        plan = static_step.StepPlan(state.layers[0].attention.cache) if static else None
         for t in range(40):
-            step_logits = model.decode_step(rest[:, t], state)
+            step_logits = model.decode_step(rest[:, t], state, plan)
+            if static:
+                state.count_step()
             assert (step_logits - expected[:, 37 + t]).abs().max().item() < 1e-4, f"position {37 + t}"
         with pytest.raises(ValueError, match="copies of a prompt need a prompt of one sequence"):
             model.prefill(rest, copies=2)
@@ -173,7 +178,13 @@ def test_static_steps_match_parallel_forward(overrides, prompt):
             assert (step_logits - expected[:, t]).abs().max().item() < 1e-4, f"position {t}"
             assert state.position == t
             state.count_step()
-    assert plan.position.item() == n
+        assert plan.position.item() == n
+        if n > prompt + 1:  # a cache that took static steps refuses ordinary ones (it keeps its own state)
+            _, state = model.prefill(tokens[:, :prompt])
+            model.decode_step(tokens[:, prompt], state, static_step.StepPlan(state.layers[0].attention.cache))
+            state.count_step()
+            with pytest.raises(ValueError, match="static steps"):
+                model.decode_step(tokens[:, prompt + 1], state)
 
 
 def test_decode_graphs_only_on_cuda_unless_switched_off(monkeypatch):

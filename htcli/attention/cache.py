@@ -69,6 +69,7 @@ class HAttentionCache:
         self.r, self.d = block_size, dim_head
         self.levels = num_levels(max_seq_len, block_size)
         self.t = 0  # tokens seen
+        self.static = False  # set by static_step.StepPlan: its steps keep the state their own way
         self.capacity = block_size * 2**self.levels  # positions the levels can serve exactly
         self.dtype = dtype  # of the outputs
         b, h, r, d, levels = batch, heads, block_size, dim_head, self.levels
@@ -142,6 +143,8 @@ class HAttentionCache:
 
     def _step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         t, r = self.t, self.r
+        if self.static:
+            raise ValueError("this cache has taken static steps (a CUDA graph's): go on with static_step")
         if t >= self.capacity:
             raise ValueError(
                 f"the decode cache holds {self.capacity} positions: re-prefill a shorter context"

@@ -9,10 +9,13 @@ outlive the next call: autograd keeps them): a few memory-bound copies, against 
 launches. Above MAX_ELEMENTS per input the kernels' own time hides the launches and the copies
 would cost more than they save, so larger inputs launch as before.
 
-One graph per pass and shape (dtype, block size, causal, mask and decay present or not), shared by
-every layer of a model; at most MAX_GRAPHS kept (each holds its inputs, outputs and intermediates).
-Not inside another capture (torch.compile's mode="reduce-overhead" captures the whole step itself).
-HTCLI_ATTENTION_GRAPHS=0 turns them off.
+One graph per pass and shape (dtype, block size, causal, level decay or none), shared by every layer
+of a model, captured the second time its key is seen (a shape seen once, as while sampling without
+the cache, launches as before; a capture costs a few passes); at most MAX_GRAPHS kept (each holds its
+inputs, outputs and intermediates; `clear` frees them). Not in inference mode (a prefill's shape is
+the prompt's: seldom the same twice), nor inside another capture (torch.compile's
+mode="reduce-overhead" captures the whole step itself). A capture that fails (out of memory, say)
+leaves its key to launch as before. HTCLI_ATTENTION_GRAPHS=0 turns graphs off.
 """
 
 from __future__ import annotations
@@ -28,11 +31,24 @@ ENABLED = os.environ.get(GRAPHS_VARIABLE, "1") != "0"  # read once, as ops.DEFAU
 MAX_ELEMENTS = 2**25  # per input (batch * heads * n * dim_head): 8,192 tokens x 64 rows of 64
 MAX_GRAPHS = 4
 _graphs: OrderedDict[tuple, _Captured] = OrderedDict()
+_seen: set[tuple] = set()  # keys seen once (captured at the second sight)
+_failed: dict[tuple, str] = {}  # keys whose capture failed, and why: they launch
 
 
 def wanted(q: torch.Tensor) -> bool:
-    """Whether a pass over q (a CUDA tensor) replays from a graph."""
-    return ENABLED and q.numel() <= MAX_ELEMENTS and not torch.cuda.is_current_stream_capturing()
+    """Whether a pass over q (a CUDA tensor) may replay from a graph."""
+    return (
+        ENABLED
+        and q.numel() <= MAX_ELEMENTS
+        and not torch.is_inference_mode_enabled()
+        and not torch.cuda.is_current_stream_capturing()
+    )
+
+
+def clear() -> None:
+    """Free every graph (and its memory); the next calls of a shape capture it again."""
+    _graphs.clear()
+    _seen.clear()
 
 
 class _Captured:
@@ -61,11 +77,19 @@ def replay(name: str, fn: Callable[..., tuple], tensors: list[torch.Tensor | Non
     """fn(*tensors) (a tuple of tensors), computed by replaying its graph for this shape (captured at the
     first call). options: the other arguments fn was made with (part of the graph's key)."""
     shapes = tuple(None if t is None else (t.shape, t.dtype, t.device) for t in tensors)
-    key = (name, options, shapes, torch.is_inference_mode_enabled())
+    key = (name, options, shapes)
     captured = _graphs.get(key)
     if captured is None:
+        if key not in _seen or key in _failed:
+            _seen.add(key)
+            return fn(*tensors)
         while len(_graphs) >= MAX_GRAPHS:
             _graphs.popitem(last=False)
-        captured = _graphs[key] = _Captured(fn, tensors)
+        try:
+            captured = _Captured(fn, tensors)
+        except RuntimeError as error:  # (torch.OutOfMemoryError is one)
+            _failed[key] = f"{type(error).__name__}: {error}".splitlines()[0]
+            return fn(*tensors)
+        _graphs[key] = captured
     _graphs.move_to_end(key)
     return captured(tensors)

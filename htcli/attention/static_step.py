@@ -6,12 +6,14 @@ begin or end there, which of them to score) and does only that. Here the positio
 device and every step does all of it, each update kept or dropped by a flag computed from the
 position (torch.where): the softmax reads every slot, those past the position biased -inf; the
 previous block's slots are copied from the current block's at every step, kept only where a block
-begins; every level's coarse query is scored, kept only where its cluster begins. The values are
-those of HAttentionCache.step (the same state, in the same buffers; equal to rounding: the softmax
-sums over more slots, each past the position adding an exact 0).
+begins; every level's coarse query is scored, kept only where its cluster begins. The outputs are
+those of HAttentionCache.step (equal to rounding: the softmax sums over more slots, each past the
+position adding an exact 0), from the state prefill made, in the same buffers; but the state is kept
+in its own way (the current block's slots past the position at -inf, no mask per level), so a cache
+that has taken a static step refuses ordinary ones.
 
 StepPlan holds the position and the flags of a step, computed once per step for all layers (they
-depend only on the position); `step` updates one layer's cache. Neither changes Python state: the
+depend only on the position); `step` updates one layer's cache. Neither keeps a count in Python: the
 caller counts the step (HAttentionCache.t) outside what is replayed.
 """
 
@@ -30,6 +32,7 @@ class StepPlan:
     every layer of a model (one block size and number of levels)."""
 
     def __init__(self, cache: HAttentionCache):
+        """The plan of the steps after the position of cache (any of the model's layers')."""
         device, r, coarse = cache.kv.device, cache.r, cache.levels - 1
         self.r, self.coarse = r, coarse
         self.position = torch.tensor(cache.t, device=device)
@@ -70,6 +73,7 @@ class StepPlan:
 def step(cache: HAttentionCache, plan: StepPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     """HAttentionCache.step's output (b, h, d) for q, k, v (b, h, d) of position plan.position, with the
     same operations at every position (plan.update() done). Leaves cache.t as it is."""
+    cache.static = True  # (HAttentionCache.step refuses from now on)
     with without_autocast(q.device.type):
         new = torch.stack([k, v], 2).float()  # (b, h, 2, d)
         q = q.float()
@@ -91,8 +95,8 @@ def _coarse(cache: HAttentionCache, plan: StepPlan, q: torch.Tensor, new: torch.
     begins = plan.block_start[:, None, None, None]
     torch.where(begins, cache.cur[:, :, :, 0].transpose(2, 3), keys, out=keys)
     torch.where(begins, cache.cur[:, :, :, 1], values, out=values)
-    # running sums; the cluster's mean so far in its slot (final at its last position), then a sum
-    # that ends there starts again
+    # running sums; each divided by its cluster's size into the cluster's slot (its mean once the
+    # cluster's last position is in), then a sum that ends there starts again
     cache.part.add_(new.view(1, bh, 2, d))
     levels_index, within = plan.cluster_slot
     cache.cur.transpose(1, 2).index_put_((levels_index, within), cache.part * plan.inverse_sizes)
