@@ -33,8 +33,11 @@ RECIPES = {"first": [*FIRST_RECIPE, "--lr", "1e-3"], "new": [], "new0": ["--leve
 
 
 def variant(context: int, *flags: str) -> list[str]:
+    """The flags of a run at this context (token shift off unless flags turn it on: these runs were
+    measured before it became the default)."""
     batch = BYTES_PER_STEP // context
-    return ["--seq-len", str(context), "--batch-size", str(batch), *flags]
+    shift = [] if "--shift-tokens" in flags else ["--no-shift-tokens"]
+    return ["--seq-len", str(context), "--batch-size", str(batch), *shift, *flags]
 
 
 # a diagnostic: 256-byte windows, 64 per step as "h-256", but drawn as 8 runs of 8 adjacent windows, so

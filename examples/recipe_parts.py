@@ -23,7 +23,7 @@ from htcli.model import HTransformer1D, HTransformerConfig
 from htcli.optim import make_optimizer
 
 MODEL = dict(dim=128, depth=4, heads=4, dim_head=32, block_size=32)
-FIRST = dict(norm="layer", qk_norm=False, activation="gelu", level_decay=0.0)
+FIRST = dict(norm="layer", qk_norm=False, activation="gelu", level_decay=0.0, shift_tokens=False)
 # name: (model config fields over the default's, optimizer)
 VARIANTS = {
     "first": (FIRST, "adamw"),
@@ -34,7 +34,7 @@ VARIANTS = {
     "default, no level decay": ({"level_decay": 0.0}, "muon"),
     "default, GELU": ({"activation": "gelu"}, "muon"),
     "first, Muon": (FIRST, "muon"),
-    "default, shift tokens": ({"shift_tokens": True}, "muon"),
+    "default, no token shift": ({"shift_tokens": False}, "muon"),
 }
 
 

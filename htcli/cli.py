@@ -263,7 +263,10 @@ Optimizer = Annotated[
     str | None,
     _option("muon (Muon for the layers' matrices, AdamW for the rest) or adamw (AdamW for all)", "optimizer"),
 ]
-ShiftTokens = Annotated[bool | None, _switch("shift-tokens", "Mix in the previous byte's features.")]
+ShiftTokens = Annotated[
+    bool | None,
+    _switch("shift-tokens", "Half of each byte's features from the previous byte's (default: on)."),
+]
 Steps = Annotated[int | None, _option("Optimizer steps for the whole run", "steps")]
 BatchSize = Annotated[int | None, _option("Windows per micro-batch", "batch_size")]
 GradAccum = Annotated[int | None, _option("Micro-batches per optimizer step", "grad_accum")]

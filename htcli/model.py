@@ -72,7 +72,9 @@ class HTransformerConfig:
     causal: bool = True  # autoregressive (language model) or bidirectional
     rotary: bool = True  # rotary position embedding on q and k
     reversible: bool = False  # reversible residual stack: activation memory independent of depth
-    shift_tokens: bool = False  # shift part of each token's features from its neighbour(s)
+    shift_tokens: bool = (
+        True  # half of each position's features from the previous position's (README, Recipe)
+    )
     attention: str = "h"  # "h" (hierarchical) or "exact" (softmax attention via SDPA, a baseline)
     # the training recipe's model side (README, "Recipe")
     norm: str = "layer"  # NORMS
@@ -263,6 +265,7 @@ class TokenShift(nn.Module):
     def __init__(self, causal: bool):
         super().__init__()
         self.shifts = (1,) if causal else (1, -1)
+        self._first_half: torch.Tensor | None = None  # step's: (e,) True on the channels shifted
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         if mask is not None:
@@ -276,10 +279,14 @@ class TokenShift(nn.Module):
         return torch.cat(chunks, dim=-1)
 
     def step(self, x: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:
-        """Causal shift of one position x (b, e) given the previous position's features (None at 0)."""
-        chunks = list(x.chunk(2, dim=-1))
-        chunks[0] = torch.zeros_like(chunks[0]) if previous is None else previous.chunk(2, dim=-1)[0]
-        return torch.cat(chunks, dim=-1)
+        """Causal shift of one position x (b, e) given the previous position's features (None at 0): one
+        operation (a decode step is bound by their number), the channels of forward's first chunk from
+        previous, the others from x."""
+        shifted = self._first_half
+        if shifted is None or shifted.shape[0] != x.shape[-1] or shifted.device != x.device:
+            first = x.chunk(2, dim=-1)[0].shape[-1]
+            shifted = self._first_half = torch.arange(x.shape[-1], device=x.device) < first
+        return torch.where(shifted, 0.0 if previous is None else previous, x)
 
 
 class Attention(nn.Module):

@@ -20,7 +20,7 @@ def _model(**overrides) -> HTransformer1D:
     [
         {},
         {"reversible": True},
-        {"shift_tokens": True},
+        {"shift_tokens": False},
         {"reversible": True, "shift_tokens": True, "block_size": 8},
         {"block_size": 6, "max_seq_len": 192},
         FIRST_RECIPE,  # htcli 0.1's model: LayerNorm, GELU
@@ -75,7 +75,7 @@ def test_non_causal_model_cannot_decode():
 
 
 @pytest.mark.parametrize(
-    "overrides", [{}, {"reversible": True}, {"reversible": True, "shift_tokens": True}, {"causal": True}]
+    "overrides", [{}, {"reversible": True}, {"reversible": True, "shift_tokens": False}, {"causal": True}]
 )
 def test_prefill_with_gradients_enabled(overrides):
     """prefill and decode_step work outside torch.no_grad() (reversible models too) and equal the forward."""
@@ -122,7 +122,7 @@ def test_cache_steps_equal_the_dense_oracle(decay, prompt, static):
 @pytest.mark.parametrize(
     "overrides,static",
     [
-        ({"shift_tokens": True}, False),
+        ({"shift_tokens": False}, False),
         ({"attention": "exact"}, False),
         ({"reversible": True, "shift_tokens": True, "level_decay": 4.0}, False),
         ({"shift_tokens": True}, True),

@@ -1,5 +1,6 @@
 """The example scripts stay runnable: a short training run, then sampling and evaluation from it."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -40,15 +41,21 @@ def test_decode_profile_runs_on_the_cpu():
 
 
 def test_recipe_parts_times_every_variant():
-    """recipe_parts.py steps each variant of the recipe in turn and prints its median step time."""
-    result = subprocess.run(
-        [sys.executable, EXAMPLES / "recipe_parts.py", "--rounds", "1", "--seq-len", "64"],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
+    """recipe_parts.py steps each variant of the recipe in turn and prints its median step time; --only
+    picks some (beside the first), and an unknown one is refused."""
+    spec = importlib.util.spec_from_file_location("recipe_parts", EXAMPLES / "recipe_parts.py")
+    recipe_parts = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe_parts)
+    command = [sys.executable, EXAMPLES / "recipe_parts.py", "--rounds", "1", "--seq-len", "64"]
+    result = subprocess.run(command, capture_output=True, text=True, check=True)
     lines = result.stdout.splitlines()
-    assert len(lines) == 8 and all("ms/step" in line for line in lines)
+    assert len(lines) == len(recipe_parts.VARIANTS) and all("ms/step" in line for line in lines)
     assert "first: " in lines[0] and "(1.000x first)" in lines[0] and "default, AdamW" in result.stdout
-    assert "default, torch's Muon" in result.stdout
+    assert "default, torch's Muon" in result.stdout and "default, no token shift" in result.stdout
+    only = subprocess.run([*command, "--only", "default, GELU"], capture_output=True, text=True, check=True)
+    assert [line.split(":")[0].strip() for line in only.stdout.splitlines()] == ["first", "default, GELU"]
+    unknown = subprocess.run([*command, "--only", "defualt"], capture_output=True, text=True)
+    assert unknown.returncode == 2 and "unknown variants ['defualt']" in unknown.stderr
 
 
 def test_triton_sweep_runs_in_the_interpreter(tmp_path):
