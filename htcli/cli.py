@@ -26,6 +26,7 @@ from typer.core import TyperCommand
 
 from htcli import __version__
 from htcli.config import MAX_SEED, train_default
+from htcli.environment import check_environment
 from htcli.errors import HtcliError
 from htcli.presets import DEFAULT_PRESET, PRESETS
 from htcli.stop import Terminated, terminate_unwinds
@@ -166,6 +167,8 @@ def main(
     ] = False,
 ) -> None:
     """htcli: hierarchical-attention transformers for long contexts, on one GPU or a CPU."""
+    with _user_errors():
+        check_environment()
 
 
 # train's options, None when not given (a resumed run keeps its saved value)

@@ -18,12 +18,13 @@ import os
 
 import torch
 
+from htcli import environment
 from htcli.attention import HAttentionCache
 from htcli.attention.static_step import StepPlan
 from htcli.device import autocast
 from htcli.model import DecodingState, HTransformer1D
 
-GRAPH_VARIABLE = "HTCLI_DECODE_GRAPH"  # 0: no CUDA graphs
+GRAPH_VARIABLE = environment.DECODE_GRAPH  # 0: no CUDA graphs
 WARMUP_STEPS = 2
 
 

@@ -20,6 +20,7 @@ from einops import rearrange
 from rotary_embedding_torch import RotaryEmbedding
 from torch import nn
 
+from htcli import environment
 from htcli.attention import HAttentionCache, KVCache, check_block_size, h_attention, static_step
 from htcli.attention.static_step import StepPlan
 from htcli.errors import HtcliError
@@ -166,7 +167,7 @@ class StepLinear:
     for the weights of one prefill."""
 
     COLUMNS_MARGIN = 1.3  # W @ x^T is chosen when it takes less than 1/1.3 of F.linear's time
-    CHOICE_VARIABLE = "HTCLI_STEP_PRODUCT"  # linear or columns: that form always, not the faster
+    CHOICE_VARIABLE = environment.STEP_PRODUCT  # linear or columns: that form always, not the faster
     _chosen: dict[tuple, bool] = {}  # (device type, dtype, weight shape, rows) -> W @ x^T is faster
 
     def __init__(self, linear: nn.Linear):

@@ -492,3 +492,25 @@ def test_eval_with_another_context(trained, tmp_path):
     short = json.loads(invoke("eval", run, held_out, "--context", 32, "--json", "--device", "cpu").stdout)
     assert short["context"] == 32 and short["stride"] == 16
     assert_user_error(invoke("eval", run, held_out, "--context", 36), "--context must be a positive multiple")
+
+
+@pytest.mark.parametrize(
+    "variable,value,message",
+    [
+        ("HTCLI_DECODE_GRAPH", "false", "HTCLI_DECODE_GRAPH must be 0 or 1 (or unset), got 'false'"),
+        ("HTCLI_ATTENTION_GRAPHS", "off", "HTCLI_ATTENTION_GRAPHS must be 0 or 1 (or unset), got 'off'"),
+        ("HTCLI_STEP_PRODUCT", "fast", "HTCLI_STEP_PRODUCT must be linear or columns (or unset), got 'fast'"),
+        (
+            "HTCLI_ATTENTION",
+            "flash",
+            "HTCLI_ATTENTION must be auto or eager or triton (or unset), got 'flash'",
+        ),
+    ],
+)
+def test_environment_variables_checked_before_any_work(tmp_path, monkeypatch, variable, value, message):
+    """A variable of htcli's set to a value it does not take is one error line before any work (sample
+    echoed its prompt and then failed at the first step; a misspelt switch was taken as on)."""
+    monkeypatch.setenv(variable, value)
+    result = invoke("sample", tmp_path / "no-run", "--prompt", "def ")
+    assert_user_error(result, message)
+    assert result.stdout == ""

@@ -10,6 +10,7 @@ LAYERS = [
     ("htcli", "errors"),
     (
         "files",
+        "environment",
         "device",
         "stop",
         "display",

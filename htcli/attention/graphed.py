@@ -26,7 +26,9 @@ from collections.abc import Callable
 
 import torch
 
-GRAPHS_VARIABLE = "HTCLI_ATTENTION_GRAPHS"
+from htcli import environment
+
+GRAPHS_VARIABLE = environment.ATTENTION_GRAPHS
 ENABLED = os.environ.get(GRAPHS_VARIABLE, "1") != "0"  # read once, as ops.DEFAULT_IMPLEMENTATION
 MAX_ELEMENTS = 2**25  # per input (batch * heads * n * dim_head): 8,192 tokens x 64 rows of 64
 MAX_GRAPHS = 4

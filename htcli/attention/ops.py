@@ -18,12 +18,13 @@ import os
 
 import torch
 
+from htcli import environment
 from htcli.attention import eager, graphed
 from htcli.attention.geometry import check_inputs, check_level_decay, decay_rows
 from htcli.errors import HtcliError
 
-IMPLEMENTATIONS = ("auto", "eager", "triton")
-IMPLEMENTATION_VARIABLE = "HTCLI_ATTENTION"
+IMPLEMENTATION_VARIABLE = environment.IMPLEMENTATION
+IMPLEMENTATIONS = environment.CHOICES[IMPLEMENTATION_VARIABLE]  # ("auto", "eager", "triton")
 # read once: a compiled model must not look it up on every call
 DEFAULT_IMPLEMENTATION = os.environ.get(IMPLEMENTATION_VARIABLE) or "auto"
 # What "auto" takes on CUDA: the Triton kernels, which pass tests/test_cuda.py on an H200 (fp32 oracle,
