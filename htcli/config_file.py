@@ -68,15 +68,22 @@ def read_options(path: Path, spell: Callable[[str], str]) -> dict[str, object]:
 
 def _load(path: Path) -> dict:
     try:
-        text = path.read_bytes().decode("utf-8")
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise HtcliError(f"config file {path} does not exist") from None
     except IsADirectoryError:
         raise HtcliError(f"config file {path} is a directory: give a .toml or config.json file") from None
-    except (OSError, UnicodeDecodeError) as error:
+    except OSError as error:
+        raise HtcliError(f"cannot read config file {path}: {error.strerror or error}") from None
+    try:
+        # (a NUL: binary, such as a safetensors header's length, which is valid UTF-8)
+        text = raw.decode("utf-8") if b"\x00" not in raw else None
+    except UnicodeDecodeError:
+        text = None
+    if text is None:
         raise HtcliError(
-            f"cannot read config file {path}: {getattr(error, 'strerror', None) or error}"
-        ) from None
+            f"config file {path} is not text (a checkpoint?): give a .toml file or a run's config.json"
+        )
     try:
         data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
     except (json.JSONDecodeError, tomllib.TOMLDecodeError) as error:

@@ -14,6 +14,7 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -105,6 +106,14 @@ def test_bad_config_files_are_one_line_errors_naming_the_key(corpus, tmp_path, c
 def test_missing_config_file_is_an_error(corpus, tmp_path):
     result = invoke("train", corpus, "--config", tmp_path / "none.toml")
     assert_user_error(result, "none.toml does not exist")
+
+
+def test_a_checkpoint_as_config_file_is_named_as_such(corpus, tmp_path):
+    """--config model.safetensors (a run's other file) says what --config takes, not a decoding error."""
+    path = tmp_path / "model.safetensors"
+    save_file({"w": torch.zeros(3)}, path)
+    result = invoke("train", corpus, "--config", path, "--out", tmp_path / "r")
+    assert_user_error(result, "is not text (a checkpoint?): give a .toml file or a run's config.json")
 
 
 def test_a_runs_config_json_repeats_the_run_with_one_flag_changed(corpus, tmp_path):
