@@ -73,9 +73,7 @@ class HTransformerConfig:
     causal: bool = True  # autoregressive (language model) or bidirectional
     rotary: bool = True  # rotary position embedding on q and k
     reversible: bool = False  # reversible residual stack: activation memory independent of depth
-    shift_tokens: bool = (
-        True  # half of each position's features from the previous position's (README, Recipe)
-    )
+    shift_tokens: bool = True  # half of each position's features from the previous one's (README, Recipe)
     attention: str = "h"  # "h" (hierarchical) or "exact" (softmax attention via SDPA, a baseline)
     # the training recipe's model side (README, "Recipe")
     norm: str = "layer"  # NORMS
