@@ -201,7 +201,6 @@ def _model_step(spec: dict, device, dtype):
     import torch
 
     from htcli.model import HTransformer1D
-    from htcli.presets import model_config
 
     attention = "exact" if spec["method"] == "sdpa" else "h"
     config = model_config(spec["preset"], max_seq_len=spec["n"], attention=attention)
@@ -394,7 +393,6 @@ def decode_bench(
 
     from htcli.device import autocast, resolve_device, torch_dtype
     from htcli.model import HTransformer1D
-    from htcli.presets import model_config
 
     device, dtype, config = resolve_device(device_name), torch_dtype(dtype_name), model_config(preset)
     if prompt_len + new_tokens > config.max_seq_len:
@@ -473,7 +471,6 @@ def _cached_decoding(
 def _cache_rows(preset: str, contexts, new_tokens: int, batch: int, device, dtype) -> list[dict]:
     """cache_figures of the preset with H-attention and with exact attention at each context."""
     from htcli.model import HTransformer1D
-    from htcli.presets import model_config
 
     caches = []
     for index, context in enumerate(contexts):

@@ -19,7 +19,7 @@ import os
 import torch
 
 from htcli import environment
-from htcli.attention import HAttentionCache
+from htcli.attention import HAttentionCache, graphed
 from htcli.attention.static_step import StepPlan
 from htcli.device import autocast
 from htcli.model import DecodingState, HTransformer1D
@@ -53,10 +53,7 @@ class DecodeSteps:
         if not self.graphed:
             with autocast(token.device, self.dtype):
                 return self.model.decode_step(token, self.state)
-        if self.cache.t >= self.cache.capacity:
-            raise ValueError(
-                f"the decode cache holds {self.cache.capacity} positions: re-prefill a shorter context"
-            )
+        self.cache.check_room()
         with torch.inference_mode(), self._autocast():  # (the state's tensors are the prefill's)
             self.token.copy_(token)
             if self.graph is None and self.taken >= WARMUP_STEPS and self.graph_failure is None:
@@ -86,12 +83,7 @@ class DecodeSteps:
         return torch.autocast("cuda", dtype=self.dtype, cache_enabled=False)
 
     def _side_stream_step(self) -> torch.Tensor:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            logits = self.model.decode_step(self.token, self.state, self.plan)
-        torch.cuda.current_stream().wait_stream(stream)
-        return logits
+        return graphed.on_side_stream(self.model.decode_step, self.token, self.state, self.plan)
 
     def _capture(self) -> None:
         graph = torch.cuda.CUDAGraph()
@@ -99,7 +91,7 @@ class DecodeSteps:
             with torch.cuda.graph(graph):
                 self.logits = self.model.decode_step(self.token, self.state, self.plan)
         except RuntimeError as error:  # (nothing ran: the state is as it was)
-            self.graph_failure = f"{type(error).__name__}: {error}".splitlines()[0]
+            self.graph_failure = graphed.failure(error)
             return
         self.graph = graph
 

@@ -28,10 +28,16 @@ CHOICES = {
 }
 
 
+def read(name: str, environ: Mapping[str, str] = os.environ) -> str:
+    """The value of variable `name` of CHOICES ("": unset or empty, the default); HtcliError for one it does
+    not take."""
+    value, choices = environ.get(name, ""), CHOICES[name]
+    if value and value not in choices:
+        raise HtcliError(f"{name} must be {' or '.join(choices)} (or unset), got {value!r}")
+    return value
+
+
 def check_environment(environ: Mapping[str, str] = os.environ) -> None:
-    """HtcliError naming the first of CHOICES' variables set to a value it does not take (unset or empty:
-    the default)."""
-    for name, choices in CHOICES.items():
-        value = environ.get(name, "")
-        if value and value not in choices:
-            raise HtcliError(f"{name} must be {' or '.join(choices)} (or unset), got {value!r}")
+    """HtcliError naming the first of CHOICES' variables set to a value it does not take."""
+    for name in CHOICES:
+        read(name, environ)

@@ -10,7 +10,6 @@ einops legend: b batch, n positions, h heads, d dim_head, e model dim.
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field, fields
 
@@ -23,7 +22,6 @@ from torch import nn
 from htcli import environment
 from htcli.attention import HAttentionCache, KVCache, check_block_size, h_attention, static_step
 from htcli.attention.static_step import StepPlan
-from htcli.errors import HtcliError
 from htcli.fused import ReluSquared, RMSNorm, norm_rotate, norm_rotate_step, rms_norm, rotate
 from htcli.reversible import reversible_stack
 
@@ -195,9 +193,7 @@ class StepLinear:
 
     def _choose(self, x: torch.Tensor) -> bool:
         """Whether this layer's steps at x's shape use W @ x^T (else F.linear)."""
-        fixed = os.environ.get(self.CHOICE_VARIABLE, "")
-        if fixed not in ("", "linear", "columns"):
-            raise HtcliError(f"{self.CHOICE_VARIABLE} must be linear or columns (or unset), got {fixed!r}")
+        fixed = environment.read(self.CHOICE_VARIABLE)
         if fixed:
             return fixed == "columns"
         return x.device.type == "cpu" and self._columns_faster(x)

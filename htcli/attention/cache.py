@@ -69,7 +69,7 @@ class HAttentionCache:
         self.r, self.d = block_size, dim_head
         self.levels = num_levels(max_seq_len, block_size)
         self.t = 0  # tokens seen
-        self.static = False  # set by static_step.StepPlan: its steps keep the state their own way
+        self.static = False  # set by static_step.step: its steps keep the state their own way
         self.capacity = block_size * 2**self.levels  # positions the levels can serve exactly
         self.dtype = dtype  # of the outputs
         b, h, r, d, levels = batch, heads, block_size, dim_head, self.levels
@@ -141,14 +141,18 @@ class HAttentionCache:
         with without_autocast(q.device.type):  # the softmax state is fp32
             return self._step(q, k, v)
 
+    def check_room(self) -> None:
+        """ValueError if the levels cannot serve the next position exactly (a step there is refused)."""
+        if self.t >= self.capacity:
+            raise ValueError(
+                f"the decode cache holds {self.capacity} positions: re-prefill a shorter context"
+            )
+
     def _step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         t, r = self.t, self.r
         if self.static:
             raise ValueError("this cache has taken static steps (a CUDA graph's): go on with static_step")
-        if t >= self.capacity:
-            raise ValueError(
-                f"the decode cache holds {self.capacity} positions: re-prefill a shorter context"
-            )
+        self.check_room()
         if t % r == 0 and t > 0:  # a new block: the current one becomes the previous one
             self._previous.copy_(self._current)
             self._previous_bias.fill_(0.0)

@@ -53,16 +53,29 @@ def clear() -> None:
     _seen.clear()
 
 
+def on_side_stream(fn: Callable, *args):
+    """fn(*args) on a stream of its own, after the current stream's work and before its next: how work
+    runs before a CUDA graph captures it (lazy set-up, such as cuBLAS's or a kernel's compilation, must
+    not land in the capture)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        result = fn(*args)
+    torch.cuda.current_stream().wait_stream(stream)
+    return result
+
+
+def failure(error: BaseException) -> str:
+    """A failed capture's error in one line."""
+    return f"{type(error).__name__}: {error}".splitlines()[0]
+
+
 class _Captured:
     """fn on static copies of its first inputs, captured after one warm-up call on a side stream."""
 
     def __init__(self, fn: Callable[..., tuple], tensors: list[torch.Tensor | None]):
         self.inputs = [None if t is None else t.clone() for t in tensors]
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # (compiles the kernels, sets up cuBLAS and the allocator)
-            fn(*self.inputs)
-        torch.cuda.current_stream().wait_stream(stream)
+        on_side_stream(fn, *self.inputs)  # (compiles the kernels, sets up cuBLAS and the allocator)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.outputs = fn(*self.inputs)
@@ -76,8 +89,9 @@ class _Captured:
 
 
 def replay(name: str, fn: Callable[..., tuple], tensors: list[torch.Tensor | None], options: tuple) -> tuple:
-    """fn(*tensors) (a tuple of tensors), computed by replaying its graph for this shape (captured at the
-    first call). options: the other arguments fn was made with (part of the graph's key)."""
+    """fn(*tensors) (a tuple of tensors): launched the first time its shape comes, then computed by replaying
+    its graph for this shape (captured the second time). options: the other arguments fn was made with
+    (part of the graph's key)."""
     shapes = tuple(None if t is None else (t.shape, t.dtype, t.device) for t in tensors)
     key = (name, options, shapes)
     captured = _graphs.get(key)
@@ -90,7 +104,7 @@ def replay(name: str, fn: Callable[..., tuple], tensors: list[torch.Tensor | Non
         try:
             captured = _Captured(fn, tensors)
         except RuntimeError as error:  # (torch.OutOfMemoryError is one)
-            _failed[key] = f"{type(error).__name__}: {error}".splitlines()[0]
+            _failed[key] = failure(error)
             return fn(*tensors)
         _graphs[key] = captured
     _graphs.move_to_end(key)
