@@ -33,11 +33,12 @@ RECIPES = {"first": [*FIRST_RECIPE, "--lr", "1e-3"], "new": [], "new0": ["--leve
 
 
 def variant(context: int, *flags: str) -> list[str]:
-    """The flags of a run at this context (token shift off unless flags turn it on: these runs were
-    measured before it became the default)."""
+    """The flags of a run at this context (token shift off unless flags turn it on, fp32 unless they name
+    a dtype: these runs were measured before token shift and bf16 training on AMX CPUs were defaults)."""
     batch = BYTES_PER_STEP // context
     shift = [] if "--shift-tokens" in flags else ["--no-shift-tokens"]
-    return ["--seq-len", str(context), "--batch-size", str(batch), *shift, *flags]
+    dtype = [] if "--dtype" in flags else ["--dtype", "fp32"]
+    return ["--seq-len", str(context), "--batch-size", str(batch), *shift, *dtype, *flags]
 
 
 # a diagnostic: 256-byte windows, 64 per step as "h-256", but drawn as 8 runs of 8 adjacent windows, so
@@ -145,6 +146,7 @@ VARIANTS = {
     # previous-token features that copying far context (induction) needs
     "h-256-shift": variant(256, "--shift-tokens"),
     "h-2048-cw95-shift": variant(2048, "--context-warmup", "0.95", "--shift-tokens"),
+    "h-4096-cw95-shift": variant(4096, "--context-warmup", "0.95", "--shift-tokens"),
     "h-4096-cw95": variant(4096, "--context-warmup", "0.95"),
     "h-256-ld8": variant(256, "--level-decay", "8"),
     "h-2048-cw90-ld8": variant(2048, "--context-warmup", "0.9", "--level-decay", "8"),

@@ -78,7 +78,8 @@ DEVICE = typer.Option(
 )
 DTYPE = typer.Option(
     "--dtype",
-    help="Mixed precision: auto (the default: bf16 on a CUDA GPU with bf16, else fp32), fp32, bf16, fp16.",
+    help="Mixed precision: auto (the default: bf16 on a CUDA GPU with bf16, and for training on a CPU with"
+    " AMX; else fp32), fp32, bf16, fp16.",
     show_default=False,
 )
 SEED = typer.Option("--seed", help="Random seed (default 0): same seed, same result.", show_default=False)

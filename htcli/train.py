@@ -137,7 +137,7 @@ class Run:
         self.main = self.rank == 0  # rank 0 alone logs, samples and saves
         self.out = Path(config.out)
         self.device = distributed.local_device(resolve_device(config.device))
-        self.dtype = resolve_dtype(config.dtype, self.device)
+        self.dtype = resolve_dtype(config.dtype, self.device, training=True)
         if self.device.type == "cpu":
             keep_freed_memory()
         self.lock, self.corpora = RunLock(self.out), []  # let go of by close()
