@@ -5,7 +5,8 @@
 The recipe benchmark's model (dim 128, depth 4, 4 heads x 32, block 32, 8 windows a step) in each
 variant below, with its optimizer, stepped in turn on random bytes (forward, backward, clipping, the
 optimizer's step) for --rounds rounds after 3 warm-up steps; prints each variant's median ms per step.
-Turns take the machine's drift in common, which separate runs do not.
+Turns take the machine's drift in common, which separate runs do not. In fp32 (no autocast): the
+recipe's parts compared in one precision (`htcli train` trains in bf16 on a CPU with AMX).
 """
 
 from __future__ import annotations

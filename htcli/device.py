@@ -70,8 +70,8 @@ def device_name(name: str) -> str:
 def resolve_dtype(name: str, device: torch.device, *, training: bool = False) -> torch.dtype:
     """The compute dtype for autocast: `auto` is bf16 on a CUDA GPU that supports it and, for training,
     on a CPU that multiplies bf16 matrices in hardware (cpu_multiplies_bf16); else fp32. (Off a GPU,
-    sampling and evaluation stay fp32: a decode step's few rows are slower in bf16, and fp32 scores
-    are what the tables compare.)"""
+    the sample, eval and bench commands stay fp32: a decode step's few rows are slower in bf16, and fp32
+    scores are what the tables compare.)"""
     import torch
 
     check_choice("dtype", name, DTYPES)

@@ -35,6 +35,7 @@ from htcli.config import CONFIG_FILE, TrainConfig
 from htcli.corpus import ByteCorpus, ByteSpan, RecordOptions
 from htcli.data import WindowSampler, evenly_spaced, split
 from htcli.device import (
+    PRECISIONS,
     autocast,
     dtype_name,
     keep_freed_memory,
@@ -156,6 +157,8 @@ class Run:
         config = self.config
         check_loggers(config.loggers)
         checkpoint = open_run(self.out, config, resume, self.lock, main=self.main)
+        if checkpoint is not None:
+            self.dtype = self._resumed_dtype(checkpoint[-1])
         self.train_data, self.val_data = self._open_data()
         torch.manual_seed(config.seed)
         self.model = HTransformer1D(config.model).to(self.device)
@@ -183,6 +186,21 @@ class Run:
         val = ByteCorpus.open(config.val, **options) if config.val else None
         self.corpora += [val] if val else []
         return split(corpus, val, config.val_fraction, self.window)
+
+    def _resumed_dtype(self, state: dict) -> torch.dtype:
+        """The precision a resumed run goes on in: with dtype auto, the one it trained in (its state.json's;
+        before htcli saved it, auto meant fp32 on a CPU), where this device can use it, so that a run
+        started in fp32 (before auto meant bf16 on an AMX CPU, or on a CPU without AMX) goes on exactly
+        as it began; an explicit dtype, as given."""
+        saved = state.get("dtype")
+        if saved is None and self.device.type == "cpu":
+            saved = "fp32"
+        if self.config.dtype != "auto" or saved not in PRECISIONS:
+            return self.dtype
+        try:
+            return resolve_dtype(saved, self.device)
+        except HtcliError:  # (say, fp16 from a GPU, resumed on a CPU: auto's choice here)
+            return self.dtype
 
     def _restore(self, info, weights, optimizer_state, state) -> None:
         """Continue exactly where the checkpoint left off: weights, optimizer, step, this rank's RNGs."""
@@ -344,6 +362,7 @@ class Run:
         if self.main:
             state = {"world_size": self.world_size, "ranks": ranks, "grad_scaler": self.scaler.state_dict()}
             state["corpus_bytes"] = [len(self.train_data), len(self.val_data)]  # (a resume compares)
+            state["dtype"] = dtype_name(self.dtype)  # (a resume with dtype auto keeps it)
             try:
                 save_checkpoint(
                     self.out, self.model, self.optimizer, state, step=self.step, val_bpb=self.val_bpb

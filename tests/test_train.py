@@ -9,6 +9,7 @@ import torch
 from conftest import tiny_config
 from safetensors.torch import load_file
 
+from htcli import device
 from htcli import train as train_module
 from htcli.config import TrainConfig, config_from_options
 from htcli.device import cpu_multiplies_bf16, resolve_dtype
@@ -155,12 +156,45 @@ def test_auto_dtype_trains_in_bf16_on_a_cpu_that_multiplies_it(corpus, tmp_path,
     """dtype auto trains under bf16 autocast on a CPU with AMX (7-37% faster steps measured), in fp32 on
     one without; sampling and evaluation on a CPU stay fp32 either way."""
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_init_amx", lambda: amx)  # (its own check, in C++, on a CPU without AMX)
     assert cpu_multiplies_bf16() is amx
     train(tiny_config(corpus, tmp_path))
     events = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [e["dtype"] for e in events if e["event"] == "start"] == ["bf16" if amx else "fp32"]
     assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
     assert resolve_dtype("fp32", torch.device("cpu"), training=True) == torch.float32
+
+
+@pytest.mark.parametrize(
+    ("amx_before", "amx_after", "old_state"),
+    [(False, True, False), (True, False, False), (False, True, True)],
+)
+def test_resume_with_auto_dtype_goes_on_in_the_precision_it_began(
+    corpus, tmp_path, monkeypatch, amx_before, amx_after, old_state
+):
+    """dtype auto: a run begun in fp32 (a CPU without AMX, or htcli before auto meant bf16 on one: its
+    state.json names no dtype) and resumed where auto means bf16 goes on in fp32, bitwise as one run; one
+    begun in bf16 goes on in bf16 anywhere."""
+    monkeypatch.setattr(device, "cpu_multiplies_bf16", lambda: amx_before)
+    whole = train(tiny_config(corpus, tmp_path / "whole"))
+    config = tiny_config(corpus, tmp_path / "split", save_every=0)
+
+    def stop(event):
+        if event["event"] == "step" and event["step"] == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    assert train(config, on_event=stop).step == 3
+    if old_state:
+        state = json.loads((tmp_path / "split" / "state.json").read_text())
+        (tmp_path / "split" / "state.json").write_text(
+            json.dumps({k: v for k, v in state.items() if k != "dtype"})
+        )
+    monkeypatch.setattr(device, "cpu_multiplies_bf16", lambda: amx_after)
+    assert train(config, resume=True).train_loss == whole.train_loss
+    expected, got = weights(tmp_path / "whole"), weights(tmp_path / "split")
+    assert all(torch.equal(expected[name], got[name]) for name in expected)
+    events = [json.loads(line) for line in (tmp_path / "split" / "log.jsonl").read_text().splitlines()]
+    assert [e["dtype"] for e in events if e["event"] == "start"] == ["bf16" if amx_before else "fp32"] * 2
 
 
 def test_cpu_bf16_detection_without_torchs_check(monkeypatch):
