@@ -4,7 +4,7 @@
                                step, tokenizer ("bytes"), val_bpb
     OUT/optimizer.safetensors  optimizer state; metadata: step, param_groups (JSON)
     OUT/state.json             step, RNG states (as text: `rng_to_text`), data sampler state, gradient
-                               scaler state
+                               scaler state, the training's byte counts and precision (train.py's)
 
 A save writes all three as hidden `.pending` files first (state.json's last, so its presence means the
 others are complete), then renames them over the old ones. A crash before that leaves the previous
