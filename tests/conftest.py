@@ -1,5 +1,6 @@
 """Shared helpers: a tiny model and training setup, a small corpus, and a CLI runner."""
 
+import json
 import os
 import random
 import time
@@ -46,6 +47,12 @@ def corpus(tmp_path):
     path = tmp_path / "corpus.txt"
     path.write_bytes(make_text(20_000))
     return path
+
+
+def events(run, kind: str) -> list[dict]:
+    """The events of one kind ("start", "step", "eval", ...) in a run directory's log.jsonl, in order."""
+    lines = (run / "log.jsonl").read_text().splitlines()
+    return [event for event in map(json.loads, lines) if event["event"] == kind]
 
 
 def tiny_config(corpus, out, **overrides) -> TrainConfig:

@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from conftest import TINY_FLAGS, TINY_MODEL, assert_user_error, invoke, make_text
+from conftest import TINY_FLAGS, TINY_MODEL, assert_user_error, events, invoke, make_text
 from safetensors.torch import load_file
 
 from htcli.model import HTransformer1D, HTransformerConfig
@@ -47,11 +47,6 @@ def torchrun(*args) -> subprocess.CompletedProcess:
 
 def weights(run) -> dict[str, torch.Tensor]:
     return load_file(str(run / "model.safetensors"))
-
-
-def events(run, kind: str) -> list[dict]:
-    lines = (run / "log.jsonl").read_text().splitlines()
-    return [event for event in map(json.loads, lines) if event["event"] == kind]
 
 
 @pytest.fixture(scope="module")

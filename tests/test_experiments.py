@@ -22,18 +22,13 @@ from htcli.attention import eager
 from htcli.config_file import read_options, write_toml
 from htcli.flops import attention_flops, dense_flops_per_token, peak_bf16_flops
 from htcli.model import HTransformer1D, HTransformerConfig
-from tests.conftest import TINY_FLAGS, assert_user_error, invoke, tiny_config
+from tests.conftest import TINY_FLAGS, assert_user_error, events, invoke, tiny_config
 
 SPELL = {"max_seq_len": "seq-len", "loggers": "logger"}
 
 
 def spell(field: str) -> str:
     return SPELL.get(field, field.replace("_", "-"))
-
-
-def events(run, kind):
-    lines = (run / "log.jsonl").read_text().splitlines()
-    return [e for e in map(json.loads, lines) if e["event"] == kind]
 
 
 def resolved(*args) -> str:

@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from conftest import TINY_FLAGS, TINY_MODEL, assert_user_error, invoke, tiny_config, wait_for_a_step
+from conftest import TINY_FLAGS, TINY_MODEL, assert_user_error, events, invoke, tiny_config, wait_for_a_step
 from safetensors.torch import load_file, save_file
 
 from htcli.checkpoint import commit_pending
@@ -34,10 +34,6 @@ def replace_optimizer_tensors(run, tensors: dict) -> None:
     with safe_open(str(run / "optimizer.safetensors"), "pt") as opened:
         metadata = opened.metadata()
     save_file(tensors, str(run / "optimizer.safetensors"), metadata=metadata)
-
-
-def events(out, kind: str) -> list[dict]:
-    return [e for e in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if e["event"] == kind]
 
 
 def test_sigterm_saves_and_exits_75(corpus, tmp_path):

@@ -6,7 +6,7 @@ import signal
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import events, tiny_config
 from safetensors.torch import load_file
 
 from htcli import device
@@ -159,8 +159,7 @@ def test_auto_dtype_trains_in_bf16_on_a_cpu_that_multiplies_it(corpus, tmp_path,
     monkeypatch.setattr(torch.cpu, "_init_amx", lambda: amx)  # (its own check, in C++, on a CPU without AMX)
     assert cpu_multiplies_bf16() is amx
     train(tiny_config(corpus, tmp_path))
-    events = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
-    assert [e["dtype"] for e in events if e["event"] == "start"] == ["bf16" if amx else "fp32"]
+    assert [e["dtype"] for e in events(tmp_path, "start")] == ["bf16" if amx else "fp32"]
     assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
     assert resolve_dtype("fp32", torch.device("cpu"), training=True) == torch.float32
 
@@ -193,8 +192,7 @@ def test_resume_with_auto_dtype_goes_on_in_the_precision_it_began(
     assert train(config, resume=True).train_loss == whole.train_loss
     expected, got = weights(tmp_path / "whole"), weights(tmp_path / "split")
     assert all(torch.equal(expected[name], got[name]) for name in expected)
-    events = [json.loads(line) for line in (tmp_path / "split" / "log.jsonl").read_text().splitlines()]
-    assert [e["dtype"] for e in events if e["event"] == "start"] == ["bf16" if amx_before else "fp32"] * 2
+    assert [e["dtype"] for e in events(tmp_path / "split", "start")] == ["bf16" if amx_before else "fp32"] * 2
 
 
 def test_cpu_bf16_detection_without_torchs_check(monkeypatch):
