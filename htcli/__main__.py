@@ -1,3 +1,15 @@
-from htcli.cli import app
+"""`htcli` and `python -m htcli`: the command line, with Ctrl-C and SIGTERM answered by one line from the
+process's first moment (importing the command line takes a second)."""
 
-app(prog_name="htcli")
+from htcli.stop import quit_until_started
+
+
+def main() -> None:
+    quit_until_started()  # until the command's callback: cli.main calls stop.started()
+    from htcli.cli import app
+
+    app(prog_name="htcli")
+
+
+if __name__ == "__main__":
+    main()

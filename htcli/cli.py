@@ -29,7 +29,7 @@ from htcli.config import MAX_SEED, train_default
 from htcli.environment import check_environment
 from htcli.errors import HtcliError
 from htcli.presets import DEFAULT_PRESET, PRESETS
-from htcli.stop import Terminated, terminate_unwinds
+from htcli.stop import Terminated, started, terminate_unwinds
 
 MAX_SAMPLES = 4096  # sample --num-samples: one batch, one decode cache per sample
 PREEMPTED = 75  # exit code of a run stopped (and saved) by SIGTERM: EX_TEMPFAIL, "try again later"
@@ -168,6 +168,7 @@ def main(
     ] = False,
 ) -> None:
     """htcli: hierarchical-attention transformers for long contexts, on one GPU or a CPU."""
+    started()  # from here a signal is the command's to answer (htcli.__main__)
     with _user_errors():
         check_environment()
 
@@ -379,12 +380,12 @@ def train(
 
 
 def _train(options: dict, resume: str | None, config_file: Path | None, print_config: bool) -> None:
-    from htcli.config import config_from_options
-    from htcli.display import TrainDisplay, train_summary
-    from htcli.distributed import process_group
-    from htcli.train import train as run_training
-
     with _user_errors():
+        from htcli.config import config_from_options
+        from htcli.display import TrainDisplay, train_summary
+        from htcli.distributed import process_group
+        from htcli.train import train as run_training
+
         resume_as = _resume_as(resume)
         options = _with_config_file(options, config_file)
         config = config_from_options(
@@ -476,11 +477,11 @@ def sample(
     dtype: Dtype = "auto",
 ) -> None:
     """Generate text from a checkpoint, streamed to stdout; timing and tokens/s go to stderr."""
-    from htcli.checkpoint import load_model
-    from htcli.device import resolve_device, resolve_dtype
-    from htcli.sample import SamplingConfig, generate_batch, read_prompt
-
     with _user_errors():
+        from htcli.checkpoint import load_model
+        from htcli.device import resolve_device, resolve_dtype
+        from htcli.sample import SamplingConfig, generate_batch, read_prompt
+
         _check_sample_options(prompt, prompt_file, num_samples, seed)
         configs = [
             SamplingConfig(max_new_tokens, temperature, top_k, top_p, seed + i) for i in range(num_samples)
@@ -604,13 +605,13 @@ def eval_(
     dtype: Dtype = "auto",
 ) -> None:
     """Bits (and nats) per byte of a checkpoint over every byte of CORPUS after the first."""
-    from htcli.checkpoint import load_model
-    from htcli.corpus import ByteCorpus, RecordOptions
-    from htcli.device import dtype_name, resolve_device, resolve_dtype
-    from htcli.display import by_position_table, eval_table, progress_bar
-    from htcli.evaluate import check_options, evaluate
-
     with _user_errors():
+        from htcli.checkpoint import load_model
+        from htcli.corpus import ByteCorpus, RecordOptions
+        from htcli.device import dtype_name, resolve_device, resolve_dtype
+        from htcli.display import by_position_table, eval_table, progress_bar
+        from htcli.evaluate import check_options, evaluate
+
         if plot_path is not None and not by_position:
             raise HtcliError("--plot draws the by-position curve: add --by-position")
         if plot_path is not None:
@@ -702,9 +703,9 @@ def bench(
     ] = "",
 ) -> None:
     """H-attention against exact attention (SDPA): speed and peak memory, side by side in one run."""
-    from htcli.bench import BenchConfig
-
     with _user_errors():
+        from htcli.bench import BenchConfig
+
         if decode:
             _refuse_attention_options(ctx)
             _bench_decode(preset, device, dtype, json_output)
@@ -811,12 +812,12 @@ def plot(
 ) -> None:
     """Validation bits per byte and training loss of runs on one figure, from their log.jsonl (finished,
     running or crashed); a table of where each run is goes to stdout."""
-    from htcli.curves import X_AXES, read_curves, run_names
-    from htcli.device import check_choice
-    from htcli.display import runs_table
-    from htcli.plots import check_plot_path, curves_plot
-
     with _user_errors():
+        from htcli.curves import X_AXES, read_curves, run_names
+        from htcli.device import check_choice
+        from htcli.display import runs_table
+        from htcli.plots import check_plot_path, curves_plot
+
         check_choice("x", x, X_AXES)
         check_plot_path(output, "--output")
         curves = [read_curves(run, name) for run, name in zip(runs, run_names(runs))]

@@ -1,7 +1,8 @@
 """Stopping a run on request: the first Ctrl-C (SIGINT) or SIGTERM (what schedulers such as SLURM and
 Kubernetes, and `timeout`, send before they kill) asks the training loop to save and stop. Outside a
 training loop, SIGTERM unwinds like Ctrl-C, so that files half written (a corpus cache entry, a
-checkpoint) are removed and the old ones kept."""
+checkpoint) are removed and the old ones kept. Before the command line has started (its imports and
+parsing, where nothing is written), either signal ends the process at once with one line."""
 
 from __future__ import annotations
 
@@ -70,3 +71,34 @@ def terminate_unwinds() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+_BEFORE_START: dict[int, object] = {}  # the handlers quit_until_started replaced
+
+
+def _quit_before_start(signum, frame) -> None:
+    what = "interrupted" if signum == signal.SIGINT else "terminated (SIGTERM)"
+    os.write(2, f"{what}: stopped before starting; nothing was written\n".encode())
+    os._exit(128 + signum)
+
+
+def quit_until_started() -> None:
+    """Until `started()`, SIGINT and SIGTERM end the process at once with one line on stderr and exit code
+    128 + the signal's number (130, 143): for the command line's first second (importing and parsing),
+    where nothing is written yet and Python's own handling prints a traceback (Ctrl-C) or nothing
+    (SIGTERM). A signal that the process ignores (a background job's SIGINT) stays ignored."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for number in SIGNALS:
+        previous = signal.getsignal(number)
+        if previous is not signal.SIG_IGN and previous is not _quit_before_start:
+            _BEFORE_START[number] = previous
+            signal.signal(number, _quit_before_start)
+
+
+def started() -> None:
+    """The handlers that quit_until_started replaced, back (where its own are still installed)."""
+    for number, previous in list(_BEFORE_START.items()):
+        if signal.getsignal(number) is _quit_before_start:
+            signal.signal(number, previous)
+        del _BEFORE_START[number]

@@ -6,6 +6,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -224,6 +225,61 @@ def test_ctrl_c_while_sampling_exits_130_with_one_line(trained):
     assert "Traceback" not in stderr.decode()
     assert lines[-1] == "interrupted: stopped without saving; a checkpoint saved before is intact"
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+
+
+# `htcli ARGS...` whose import of MODULE takes a minute, so that a signal surely comes while it imports
+SLOW_IMPORT = """
+import importlib.abc, pathlib, sys, time
+marker, module, args = pathlib.Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
+class Slow(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == module:
+            marker.touch()
+            time.sleep(60)
+sys.meta_path.insert(0, Slow())
+sys.argv[1:] = args
+from htcli.__main__ import main
+main()
+"""
+BEFORE_ANY_COMMAND = "stopped before starting; nothing was written"
+INSIDE_A_COMMAND = "stopped without saving; a checkpoint saved before is intact"
+
+
+@pytest.mark.parametrize(
+    "module,args,said",
+    [("typer", ["--version"], BEFORE_ANY_COMMAND), ("torch", ["eval", "run", "a.txt"], INSIDE_A_COMMAND)],
+)
+@pytest.mark.parametrize(
+    "signum,code,what", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated (SIGTERM)")]
+)
+def test_a_signal_while_the_command_line_starts_ends_with_one_line(
+    tmp_path, module, args, said, signum, code, what
+):
+    """Ctrl-C or SIGTERM in a process's first second, while it imports the command line (before any
+    command runs) or torch (in a command): one line, exit 130 or 143, no traceback (Python's own Ctrl-C
+    would print one; SIGTERM would end it without a word)."""
+    marker = tmp_path / "importing"
+    ours = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in the test above
+    try:
+        command = [sys.executable, "-c", SLOW_IMPORT, str(marker), module, *args]
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    finally:
+        signal.signal(signal.SIGINT, ours)
+    deadline = time.monotonic() + 60
+    while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=30)
+    assert process.returncode == code, stderr
+    assert stderr == f"{what}: {said}\n"
+
+
+def test_the_htcli_command_starts_where_signals_are_answered():
+    """The installed `htcli` runs htcli.__main__.main, which answers signals before importing anything."""
+    from importlib.metadata import entry_points
+
+    (script,) = entry_points(group="console_scripts", name="htcli")
+    assert script.value == "htcli.__main__:main"
 
 
 # ---------------------------------------------------------------------------
