@@ -221,6 +221,24 @@ def test_parquet_records(tmp_path):
         assert corpus.read(0, len(corpus)) == texts("a", "b") and corpus.skipped_records == 1
 
 
+def test_parquet_text_as_dictionary_or_string_view(tmp_path):
+    """A text column that is dictionary-encoded (a pandas categorical) or of string views (as newer Arrow
+    writers make) reads as the same text as plain strings; a dictionary of numbers is refused."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [f"row {i % 7}" for i in range(2500)]
+    columns = {"codes": pa.array(rows).dictionary_encode(), "views": pa.array(rows, pa.string_view())}
+    columns["numbers"] = pa.array([i % 3 for i in range(2500)]).dictionary_encode()
+    path = tmp_path / "data.parquet"
+    pq.write_table(pa.table(columns), path, row_group_size=1000)
+    for field in ("codes", "views"):
+        with ByteCorpus.open([path], records=RecordOptions(text_field=field)) as corpus:
+            assert corpus.read(0, len(corpus)) == texts(*rows)
+    with pytest.raises(HtcliError, match="column 'numbers' holds .*int64.*, not strings"):
+        ByteCorpus.open([path], records=RecordOptions(text_field="numbers"))
+
+
 def test_parquet_without_pyarrow_names_the_install(tmp_path, monkeypatch):
     """Without pyarrow, a Parquet corpus is one line naming the install command."""
     path = write(tmp_path / "data.parquet", b"PAR1")

@@ -157,7 +157,7 @@ def parquet_texts(source: Path, options: RecordOptions) -> Iterator[str | None]:
             fields=("text_field",),
         )
     column_type = schema.field(field).type
-    if not (pa.types.is_string(column_type) or pa.types.is_large_string(column_type)):
+    if not _holds_text(pa, column_type):
         raise HtcliError(f"{source}: column {field!r} holds {column_type}, not strings")
     row = 0
     try:
@@ -169,6 +169,15 @@ def parquet_texts(source: Path, options: RecordOptions) -> Iterator[str | None]:
         raise HtcliError(f"{source} is not a readable Parquet file ({_first_line(error)})") from None
     except UnicodeDecodeError:
         raise HtcliError(f"{source}: column {field!r} is not UTF-8 text (from row {row + 1})") from None
+
+
+def _holds_text(pa, column_type) -> bool:
+    """Whether a Parquet column of this Arrow type holds text: strings, large strings or string views,
+    plain or dictionary-encoded (as pandas writes a categorical column)."""
+    if pa.types.is_dictionary(column_type):
+        column_type = column_type.value_type
+    is_view = getattr(pa.types, "is_string_view", lambda _: False)  # pyarrow >= 16
+    return pa.types.is_string(column_type) or pa.types.is_large_string(column_type) or is_view(column_type)
 
 
 def _first_line(error: BaseException) -> str:
