@@ -161,6 +161,10 @@ def test_another_text_field(tmp_path):
         (b'{"text": 42}', "field 'text' holds an int, not a string"),
         (b'{"text": null}', "field 'text' holds a NoneType, not a string"),
         (b'{"text": "\xff"}', "not UTF-8 text"),
+        (
+            b'{"text": "a\\u0000b"}',
+            r"field 'text' holds a NUL character \(\\u0000\), the byte that ends each",
+        ),
         (b"[" * 100_000, "not JSON that can be read"),  # (json's RecursionError)
         (b'{"text": "a", "n": ' + b"1" * 5000 + b"}", "not JSON that can be read"),  # (int digits limit)
     ],
@@ -214,11 +218,14 @@ def test_parquet_records(tmp_path):
     with pytest.raises(HtcliError, match="latin.parquet: column 'text' is not UTF-8 text"):
         ByteCorpus.open([latin])
     nulls = tmp_path / "nulls.parquet"
-    pq.write_table(pa.table({"text": ["a", None, "b"]}), nulls)
+    pq.write_table(pa.table({"text": ["a", None, "b", "c\x00d"]}), nulls)
     with pytest.raises(HtcliError, match="nulls.parquet row 2: 'text' is null"):
         ByteCorpus.open([nulls])
     with ByteCorpus.open([nulls], records=RecordOptions(skip_bad_records=True)) as corpus:
-        assert corpus.read(0, len(corpus)) == texts("a", "b") and corpus.skipped_records == 1
+        assert corpus.read(0, len(corpus)) == texts("a", "b") and corpus.skipped_records == 2
+    pq.write_table(pa.table({"text": ["a", "c\x00d"]}), nulls)
+    with pytest.raises(HtcliError, match="nulls.parquet row 2: field 'text' holds a NUL character"):
+        ByteCorpus.open([nulls])
 
 
 def test_parquet_text_as_dictionary_or_string_view(tmp_path):

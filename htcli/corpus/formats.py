@@ -30,7 +30,8 @@ from htcli.errors import HtcliError
 COMPRESSIONS = {"gz": "gzip", "zst": "zstd"}
 ZSTD_SLICE = 2048  # compressed bytes fed to the decompressor at a time (its output has no bound)
 RECORD_SEPARATOR = b"\x00"  # after every record's text: a byte text never holds, so the model sees
-# where one document ends and the next begins
+# where one document ends and the next begins (a record whose text holds it is a bad record)
+SEPARATOR_CHARACTER = RECORD_SEPARATOR.decode()
 PARQUET_BATCH_ROWS = 1024
 
 
@@ -68,6 +69,7 @@ def prepare(source: Path, options: RecordOptions, cache: Path | None = None) -> 
         path, _ = cached(source, what, lambda sink: _decompress(source, what, sink), cache)
         return Prepared(source, path)
     how = f"{what}|field={options.text_field}|skip={options.skip_bad_records}|sep={RECORD_SEPARATOR.hex()}"
+    how += "|separator-in-text=bad"  # (entries made before such records were refused are made again)
     path, facts = cached(source, how, lambda sink: _extract(source, what, options, sink), cache)
     return Prepared(source, path, facts.get("records"), facts.get("skipped", 0))
 
@@ -138,7 +140,13 @@ def _record_text(line: bytes, options: RecordOptions, where: str) -> str | None:
         name = type(text).__name__
         article = "an" if name[0] in "aeiou" else "a"
         return _bad(options, where, f"field {field!r} holds {article} {name}, not a string")
+    if SEPARATOR_CHARACTER in text:
+        return _bad(options, where, _separator_inside(field))
     return text
+
+
+def _separator_inside(field: str) -> str:
+    return f"field {field!r} holds a NUL character (\\u0000), the byte that ends each record"
 
 
 def parquet_texts(source: Path, options: RecordOptions) -> Iterator[str | None]:
@@ -164,7 +172,12 @@ def parquet_texts(source: Path, options: RecordOptions) -> Iterator[str | None]:
         for batch in table.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[field]):
             for text in batch.column(0).to_pylist():
                 row += 1
-                yield text if text is not None else _bad(options, f"{source} row {row}", f"{field!r} is null")
+                if text is None:
+                    yield _bad(options, f"{source} row {row}", f"{field!r} is null")
+                elif SEPARATOR_CHARACTER in text:
+                    yield _bad(options, f"{source} row {row}", _separator_inside(field))
+                else:
+                    yield text
     except (pa.ArrowException, OSError) as error:
         raise HtcliError(f"{source} is not a readable Parquet file ({_first_line(error)})") from None
     except UnicodeDecodeError:
