@@ -215,8 +215,10 @@ def test_parquet_records(tmp_path):
         ByteCorpus.open([path], records=RecordOptions(text_field="n"))
     latin = tmp_path / "latin.parquet"
     pq.write_table(pa.table({"text": pa.array([b"ok", b"caf\xe9"], pa.binary()).view(pa.string())}), latin)
-    with pytest.raises(HtcliError, match="latin.parquet: column 'text' is not UTF-8 text"):
+    with pytest.raises(HtcliError, match="latin.parquet row 2: not UTF-8 text; fix the record or pass"):
         ByteCorpus.open([latin])
+    with ByteCorpus.open([latin], records=RecordOptions(skip_bad_records=True)) as corpus:
+        assert corpus.read(0, len(corpus)) == texts("ok") and corpus.skipped_records == 1
     nulls = tmp_path / "nulls.parquet"
     pq.write_table(pa.table({"text": ["a", None, "b", "c\x00d"]}), nulls)
     with pytest.raises(HtcliError, match="nulls.parquet row 2: 'text' is null"):

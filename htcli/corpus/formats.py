@@ -170,18 +170,42 @@ def parquet_texts(source: Path, options: RecordOptions) -> Iterator[str | None]:
     row = 0
     try:
         for batch in table.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[field]):
-            for text in batch.column(0).to_pylist():
+            for text in _batch_texts(pa, batch.column(0)):
                 row += 1
-                if text is None:
-                    yield _bad(options, f"{source} row {row}", f"{field!r} is null")
-                elif SEPARATOR_CHARACTER in text:
-                    yield _bad(options, f"{source} row {row}", _separator_inside(field))
-                else:
-                    yield text
+                yield _row_text(text, options, f"{source} row {row}", field)
     except (pa.ArrowException, OSError) as error:
         raise HtcliError(f"{source} is not a readable Parquet file ({_first_line(error)})") from None
+
+
+NOT_UTF8 = object()  # a row of _batch_texts whose bytes are not UTF-8
+
+
+def _batch_texts(pa, column) -> list:
+    """A batch's texts as str, None for a null, NOT_UTF8 for bytes that are not UTF-8 (Arrow does not
+    check them when it reads a file, only when it converts them)."""
+    try:
+        return column.to_pylist()
     except UnicodeDecodeError:
-        raise HtcliError(f"{source}: column {field!r} is not UTF-8 text (from row {row + 1})") from None
+        if pa.types.is_dictionary(column.type):
+            column = column.dictionary_decode()
+        return [_decoded(raw) for raw in column.cast(pa.large_binary()).to_pylist()]
+
+
+def _decoded(raw: bytes | None):
+    try:
+        return None if raw is None else raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return NOT_UTF8
+
+
+def _row_text(text, options: RecordOptions, where: str, field: str) -> str | None:
+    if text is None:
+        return _bad(options, where, f"{field!r} is null")
+    if text is NOT_UTF8:
+        return _bad(options, where, "not UTF-8 text")
+    if SEPARATOR_CHARACTER in text:
+        return _bad(options, where, _separator_inside(field))
+    return text
 
 
 def _holds_text(pa, column_type) -> bool:
