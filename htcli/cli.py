@@ -113,10 +113,14 @@ def _switch(name: str, help: str) -> typer.Option:
 
 
 @contextlib.contextmanager
-def _user_errors() -> Iterator[None]:
+def _user_errors(*, start: bool = True) -> Iterator[None]:
     """An HtcliError becomes one red line on stderr and exit code 1; a second Ctrl-C exits 130, a SIGTERM
     outside a training loop's save-and-stop 143 (128 + 15, as the signal's default action), both after
-    removing what they left half written."""
+    removing what they left half written. start: the command starts here (until then, from the process's
+    first moment, a signal ends it at once: htcli.__main__); the callback that runs before every command
+    does not start it."""
+    if start:
+        started()
     try:
         with terminate_unwinds():
             yield
@@ -168,8 +172,7 @@ def main(
     ] = False,
 ) -> None:
     """htcli: hierarchical-attention transformers for long contexts, on one GPU or a CPU."""
-    started()  # from here a signal is the command's to answer (htcli.__main__)
-    with _user_errors():
+    with _user_errors(start=False):
         check_environment()
 
 

@@ -78,7 +78,10 @@ _BEFORE_START: dict[int, object] = {}  # the handlers quit_until_started replace
 
 def _quit_before_start(signum, frame) -> None:
     what = "interrupted" if signum == signal.SIGINT else "terminated (SIGTERM)"
-    os.write(2, f"{what}: stopped before starting; nothing was written\n".encode())
+    try:
+        os.write(2, f"{what}: stopped before starting; nothing was written\n".encode())
+    except OSError:  # (stderr closed, or a pipe nobody reads: end all the same)
+        pass
     os._exit(128 + signum)
 
 
@@ -86,12 +89,13 @@ def quit_until_started() -> None:
     """Until `started()`, SIGINT and SIGTERM end the process at once with one line on stderr and exit code
     128 + the signal's number (130, 143): for the command line's first second (importing and parsing),
     where nothing is written yet and Python's own handling prints a traceback (Ctrl-C) or nothing
-    (SIGTERM). A signal that the process ignores (a background job's SIGINT) stays ignored."""
+    (SIGTERM). A signal that the process ignores (a background job's SIGINT) stays ignored, as does one
+    whose handler Python did not install (which could not be put back)."""
     if threading.current_thread() is not threading.main_thread():
         return
     for number in SIGNALS:
         previous = signal.getsignal(number)
-        if previous is not signal.SIG_IGN and previous is not _quit_before_start:
+        if previous not in (signal.SIG_IGN, None) and previous is not _quit_before_start:
             _BEFORE_START[number] = previous
             signal.signal(number, _quit_before_start)
 

@@ -232,20 +232,29 @@ def test_parquet_records(tmp_path):
 
 def test_parquet_text_as_dictionary_or_string_view(tmp_path):
     """A text column that is dictionary-encoded (a pandas categorical) or of string views (as newer Arrow
-    writers make) reads as the same text as plain strings; a dictionary of numbers is refused."""
+    writers make) reads as the same text as plain strings, a value that is not UTF-8 a bad row of it; a
+    dictionary of numbers is refused."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     rows = [f"row {i % 7}" for i in range(2500)]
-    columns = {"codes": pa.array(rows).dictionary_encode(), "views": pa.array(rows, pa.string_view())}
+    columns = {"codes": pa.array(rows).dictionary_encode()}
+    if hasattr(pa, "string_view"):  # (pyarrow >= 16)
+        columns["views"] = pa.array(rows, pa.string_view())
     columns["numbers"] = pa.array([i % 3 for i in range(2500)]).dictionary_encode()
+    latin = pa.array([b"caf\xe9" if i == 1500 else row.encode() for i, row in enumerate(rows)], pa.binary())
+    columns["latin"] = latin.view(pa.string()).dictionary_encode()
     path = tmp_path / "data.parquet"
     pq.write_table(pa.table(columns), path, row_group_size=1000)
-    for field in ("codes", "views"):
+    for field in set(columns) - {"numbers", "latin"}:
         with ByteCorpus.open([path], records=RecordOptions(text_field=field)) as corpus:
             assert corpus.read(0, len(corpus)) == texts(*rows)
     with pytest.raises(HtcliError, match="column 'numbers' holds .*int64.*, not strings"):
         ByteCorpus.open([path], records=RecordOptions(text_field="numbers"))
+    with pytest.raises(HtcliError, match="data.parquet row 1501: not UTF-8 text"):
+        ByteCorpus.open([path], records=RecordOptions(text_field="latin"))
+    with ByteCorpus.open([path], records=RecordOptions(text_field="latin", skip_bad_records=True)) as corpus:
+        assert corpus.read(0, len(corpus)) == texts(*(rows[:1500] + rows[1501:]))
 
 
 def test_parquet_without_pyarrow_names_the_install(tmp_path, monkeypatch):
