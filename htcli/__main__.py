@@ -5,7 +5,7 @@ from htcli.stop import quit_until_started
 
 
 def main() -> None:
-    quit_until_started()  # until the command's callback: cli.main calls stop.started()
+    quit_until_started()  # until a command starts: cli._user_errors calls stop.started()
     from htcli.cli import app
 
     app(prog_name="htcli")

@@ -201,6 +201,17 @@ def test_arguments_that_are_not_utf8_are_bytes(trained):
     assert json.loads(result.stdout)["bytes"] <= 4
 
 
+def start_interruptible(command: list, **popen) -> subprocess.Popen:
+    """command as a real process that takes SIGINT as a terminal leaves it (a shell's background job, as
+    a CI runner may be, starts ignoring it; a signal the parent handles starts at its default in the
+    child)."""
+    ours = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
+    finally:
+        signal.signal(signal.SIGINT, ours)
+
+
 def test_ctrl_c_while_sampling_exits_130_with_one_line(trained):
     """A real SIGINT while a sample streams: exit 130, one line that nothing was saved (sampling
     writes nothing) and that earlier checkpoints are intact; no traceback; the run is untouched."""
@@ -208,13 +219,7 @@ def test_ctrl_c_while_sampling_exits_130_with_one_line(trained):
     before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
     command = [sys.executable, "-m", "htcli", "sample", str(run), "--prompt", "a", "--device", "cpu"]
     command += ["--max-new-tokens", "10000000"]
-    # SIGINT as a terminal leaves it (a shell's background job, as a CI runner may be, starts ignoring it;
-    # a signal the parent handles starts at its default in the child)
-    ours = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    finally:
-        signal.signal(signal.SIGINT, ours)
+    process = start_interruptible(command)
     assert process.stdout.read(1)  # streaming has begun
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=60)
@@ -260,14 +265,8 @@ def test_a_signal_while_the_command_line_starts_ends_with_one_line(
     would print one; SIGTERM would end it without a word)."""
     marker = tmp_path / "importing"
     env = {name: value for name, value in os.environ.items() if name not in ("FORCE_COLOR", "PYTHONWARNINGS")}
-    ours = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in the test above
-    try:
-        command = [sys.executable, "-c", SLOW_IMPORT, str(marker), module, *args]
-        process = subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
-        )
-    finally:
-        signal.signal(signal.SIGINT, ours)
+    command = [sys.executable, "-c", SLOW_IMPORT, str(marker), module, *args]
+    process = start_interruptible(command, text=True, env=env)
     try:
         deadline = time.monotonic() + 60
         while not marker.exists() and process.poll() is None and time.monotonic() < deadline:

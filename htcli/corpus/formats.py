@@ -140,13 +140,16 @@ def _record_text(line: bytes, options: RecordOptions, where: str) -> str | None:
         name = type(text).__name__
         article = "an" if name[0] in "aeiou" else "a"
         return _bad(options, where, f"field {field!r} holds {article} {name}, not a string")
-    if SEPARATOR_CHARACTER in text:
-        return _bad(options, where, _separator_inside(field))
-    return text
+    return _without_separator(text, options, where, field)
 
 
-def _separator_inside(field: str) -> str:
-    return f"field {field!r} holds a NUL character (\\u0000), the byte that ends each record"
+def _without_separator(text: str, options: RecordOptions, where: str, field: str) -> str | None:
+    """A record's text, unless it holds the record separator (then a bad record), JSONL's or Parquet's."""
+    if SEPARATOR_CHARACTER not in text:
+        return text
+    return _bad(
+        options, where, f"field {field!r} holds a NUL character (\\u0000), the byte that ends each record"
+    )
 
 
 def parquet_texts(source: Path, options: RecordOptions) -> Iterator[str | None]:
@@ -203,9 +206,7 @@ def _row_text(text, options: RecordOptions, where: str, field: str) -> str | Non
         return _bad(options, where, f"{field!r} is null")
     if text is NOT_UTF8:
         return _bad(options, where, "not UTF-8 text")
-    if SEPARATOR_CHARACTER in text:
-        return _bad(options, where, _separator_inside(field))
-    return text
+    return _without_separator(text, options, where, field)
 
 
 def _holds_text(pa, column_type) -> bool:
