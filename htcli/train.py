@@ -159,6 +159,7 @@ class Run:
         checkpoint = open_run(self.out, config, resume, self.lock, main=self.main)
         if checkpoint is not None:
             self.dtype = self._resumed_dtype(checkpoint[-1])
+        self.dtype = self._agreed_dtype()
         self.train_data, self.val_data = self._open_data()
         torch.manual_seed(config.seed)
         self.model = HTransformer1D(config.model).to(self.device)
@@ -201,6 +202,20 @@ class Run:
             return resolve_dtype(saved, self.device)
         except HtcliError:  # (say, fp16 from a GPU, resumed on a CPU: auto's choice here)
             return self.dtype
+
+    def _agreed_dtype(self) -> torch.dtype:
+        """Rank 0's precision, on every rank (a collective): dtype auto resolves per machine (bf16 on a CPU
+        with AMX, fp32 on one without), and ranks on unlike machines would otherwise average gradients
+        computed in different precisions. HtcliError on every rank if one cannot compute in it."""
+        if not distributed.is_distributed():
+            return self.dtype
+        chosen, error = distributed.all_gather(dtype_name(self.dtype))[0], None
+        try:
+            agreed = resolve_dtype(chosen, self.device)
+        except HtcliError as found:
+            agreed, error = self.dtype, found
+        distributed.raise_together(error)
+        return agreed
 
     def _restore(self, info, weights, optimizer_state, state) -> None:
         """Continue exactly where the checkpoint left off: weights, optimizer, step, this rank's RNGs."""

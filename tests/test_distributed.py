@@ -194,6 +194,21 @@ app(prog_name="htcli")
 """
 
 
+# rank 1 on a CPU without AMX (dtype auto: fp32 there, bf16 on rank 0); each rank says what it computes in
+UNLIKE_CPUS = """
+import os, sys
+from htcli import device, train
+from htcli.cli import app
+device.cpu_multiplies_bf16 = lambda: os.environ["RANK"] == "0"
+prepare = train.Run._prepare
+def said(self, resume):
+    prepare(self, resume)
+    print(f"rank {os.environ['RANK']} computes in {self.dtype}", file=sys.stderr)
+train.Run._prepare = said
+app(prog_name="htcli")
+"""
+
+
 def start_ranks(*args, program: tuple = ("-m", "htcli"), **variables) -> list[subprocess.Popen]:
     """Ranks 0 and 1 of `htcli train ARGS`, started by hand with the variables torchrun would set."""
     shared = dict(WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), **variables)
@@ -270,6 +285,18 @@ def test_nan_on_one_rank_stops_every_rank(ddp_run, tmp_path):
         )
         assert "the checkpoint of step 3" in error and "Traceback" not in error
     assert json.loads((run / "state.json").read_text())["step"] == 3
+
+
+def test_ranks_on_unlike_cpus_compute_in_rank_0s_precision(ddp_run, tmp_path):
+    """dtype auto resolves per machine: rank 1 on a CPU without AMX trains in bf16 as rank 0 does (on
+    AMX), not in fp32, so that the ranks' gradients are computed alike."""
+    program = ("-c", UNLIKE_CPUS)
+    ranks = start_ranks(ddp_run[1], "--out", tmp_path / "run", *FLAGS, "--steps", 1, program=program)
+    errors = finish(ranks)
+    assert [process.returncode for process in ranks] == [0, 0], errors
+    for rank, error in enumerate(errors):
+        assert f"rank {rank} computes in torch.bfloat16" in error, error
+    assert json.loads((tmp_path / "run" / "state.json").read_text())["dtype"] == "bf16"
 
 
 def test_a_hung_rank_stops_the_others_after_the_timeout(ddp_run, tmp_path):
