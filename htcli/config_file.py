@@ -55,14 +55,20 @@ def read_options(path: Path, spell: Callable[[str], str]) -> dict[str, object]:
         from htcli.model import FIRST_RECIPE
 
         model = {**FIRST_RECIPE, **model}
-    options = {}
+    options, keys = {}, {}
     for key, value in [*data.items(), *model.items()]:
         if key in IGNORED:
             continue
         name = spellings.get(key)
         if name is None:
             raise HtcliError(f"{path}: {_unknown(key, spellings)}")
-        options[name] = _checked(path, key, value, known[name])
+        checked = _checked(path, key, value, known[name])
+        if name in options and options[name] != checked:  # (seq-len and max_seq_len, say)
+            raise HtcliError(
+                f"{path}: {keys[name]} and {key} are the same option, given {options[name]!r} and "
+                f"{checked!r}: keep one"
+            )
+        options[name], keys[name] = checked, key
     return options
 
 

@@ -90,6 +90,11 @@ def test_flags_override_the_file_and_the_file_overrides_defaults(corpus, tmp_pat
         ),
         ('logger = ["mlflow"]', "unknown --logger 'mlflow': use one of tensorboard, wandb"),
         ("lr = 1" + "0" * 400, "exp.toml: lr is too large a number"),  # (was an OverflowError traceback)
+        (  # (the last of the two was taken without a word)
+            "seq-len = 64\n[model]\nmax_seq_len = 128",
+            "exp.toml: seq-len and max_seq_len are the same option, given 64 and 128: keep one",
+        ),
+        ("batch-size = 2\nbatch_size = 3", "exp.toml: batch-size and batch_size are the same option"),
     ],
 )
 def test_bad_config_files_are_one_line_errors_naming_the_key(corpus, tmp_path, content, message):
