@@ -51,12 +51,9 @@ def read_options(path: Path, spell: Callable[[str], str]) -> dict[str, object]:
     model = data.pop("model", {})
     if not isinstance(model, dict):
         raise HtcliError(f"{path}: model must be a table of model options, got {model!r}")
-    if "htcli_version" in data:  # a run's config.json: its model as that run built it
-        from htcli.model import FIRST_RECIPE
-
-        model = {**FIRST_RECIPE, **model}
     options, keys = {}, {}
-    for key, value in [*data.items(), *model.items()]:
+    given = [(key, key, value) for key, value in data.items()]
+    for key, where, value in given + [(key, f"model.{key}", value) for key, value in model.items()]:
         if key in IGNORED:
             continue
         name = spellings.get(key)
@@ -65,10 +62,15 @@ def read_options(path: Path, spell: Callable[[str], str]) -> dict[str, object]:
         checked = _checked(path, key, value, known[name])
         if name in options and options[name] != checked:  # (seq-len and max_seq_len, say)
             raise HtcliError(
-                f"{path}: {keys[name]} and {key} are the same option, given {options[name]!r} and "
+                f"{path}: {keys[name]} and {where} are the same option, given {options[name]!r} and "
                 f"{checked!r}: keep one"
             )
-        options[name], keys[name] = checked, key
+        options[name], keys[name] = checked, where
+    if "htcli_version" in data:  # a run's config.json: its model as that run built it
+        from htcli.model import FIRST_RECIPE
+
+        for name, value in FIRST_RECIPE.items():  # (fields added since: as such a model was built)
+            options.setdefault(name, value)
     return options
 
 

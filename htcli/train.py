@@ -204,18 +204,14 @@ class Run:
             return self.dtype
 
     def _agreed_dtype(self) -> torch.dtype:
-        """Rank 0's precision, on every rank (a collective): dtype auto resolves per machine (bf16 on a CPU
-        with AMX, fp32 on one without), and ranks on unlike machines would otherwise average gradients
-        computed in different precisions. HtcliError on every rank if one cannot compute in it."""
+        """One precision on every rank (a collective): dtype auto resolves per machine (bf16 on a CPU with
+        AMX, fp32 on one without or on a GPU without bf16), and ranks on unlike machines would otherwise
+        average gradients computed in different precisions; where the ranks' choices differ, all take
+        fp32, which every device computes in at its own speed (bf16 on a CPU without AMX is emulated)."""
         if not distributed.is_distributed():
             return self.dtype
-        chosen, error = distributed.all_gather(dtype_name(self.dtype))[0], None
-        try:
-            agreed = resolve_dtype(chosen, self.device)
-        except HtcliError as found:
-            agreed, error = self.dtype, found
-        distributed.raise_together(error)
-        return agreed
+        names = distributed.all_gather(dtype_name(self.dtype))
+        return self.dtype if len(set(names)) == 1 else torch.float32
 
     def _restore(self, info, weights, optimizer_state, state) -> None:
         """Continue exactly where the checkpoint left off: weights, optimizer, step, this rank's RNGs."""

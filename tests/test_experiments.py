@@ -92,7 +92,7 @@ def test_flags_override_the_file_and_the_file_overrides_defaults(corpus, tmp_pat
         ("lr = 1" + "0" * 400, "exp.toml: lr is too large a number"),  # (was an OverflowError traceback)
         (  # (the last of the two was taken without a word)
             "seq-len = 64\n[model]\nmax_seq_len = 128",
-            "exp.toml: seq-len and max_seq_len are the same option, given 64 and 128: keep one",
+            "exp.toml: seq-len and model.max_seq_len are the same option, given 64 and 128: keep one",
         ),
         ("batch-size = 2\nbatch_size = 3", "exp.toml: batch-size and batch_size are the same option"),
     ],
@@ -149,6 +149,17 @@ def test_an_old_runs_config_json_repeats_the_model_it_built(corpus, tmp_path):
     again = invoke("train", "--config", path, "--out", tmp_path / "b", "--steps", "2")
     assert again.exit_code == 0, again.output
     assert json.loads((tmp_path / "b" / "config.json").read_text())["model"]["level_decay"] == 0.0
+    # a key set at the top level (as a flag's spelling) where the old file lacks the field: taken, not
+    # refused as a second value beside the old model's own (the recipe the file's model was built with)
+    saved["level-decay"] = 4.0
+    path.write_text(json.dumps(saved))
+    assert "level-decay = 4.0" in resolved("--config", path, "--out", tmp_path / "c")
+
+
+def test_one_option_given_twice_with_one_value_is_taken(corpus, tmp_path):
+    path = tmp_path / "exp.toml"
+    path.write_text(f'corpus = "{corpus}"\nseq-len = 128\n[model]\nmax_seq_len = 128\n')
+    assert "seq-len = 128" in resolved("--config", path, "--out", tmp_path / "x")
 
 
 def test_resume_takes_the_saved_config_then_the_file_then_flags(corpus, tmp_path):
