@@ -93,7 +93,12 @@ def _load(path: Path) -> dict:
             f"config file {path} is not text (a checkpoint?): give a .toml file or a run's config.json"
         )
     try:
-        data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+        if path.suffix == ".json":
+            data = json.loads(text, object_pairs_hook=_unique_keys)
+        else:
+            data = tomllib.loads(text)
+    except _TwiceGiven as error:
+        raise HtcliError(f"config file {path} gives the key {error} twice: keep one") from None
     except (json.JSONDecodeError, tomllib.TOMLDecodeError) as error:
         kind = "JSON" if path.suffix == ".json" else "TOML"
         raise HtcliError(f"config file {path} is not valid {kind}: {error}") from None
@@ -101,6 +106,21 @@ def _load(path: Path) -> dict:
         raise HtcliError(f"config file {path} is not a config: values nested too deep or too long") from None
     if not isinstance(data, dict):
         raise HtcliError(f"config file {path} must hold a table of options, got {type(data).__name__}")
+    return data
+
+
+class _TwiceGiven(ValueError):
+    """A JSON object holds this key twice."""
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """A JSON object as a dict; _TwiceGiven for a key it holds twice (json takes the last without a word,
+    where TOML refuses it)."""
+    data = {}
+    for key, value in pairs:
+        if key in data:
+            raise _TwiceGiven(repr(key))
+        data[key] = value
     return data
 
 

@@ -103,6 +103,14 @@ def test_bad_config_files_are_one_line_errors_naming_the_key(corpus, tmp_path, c
     assert_user_error(invoke("train", corpus, "--config", path, "--out", tmp_path / "r"), message)
 
 
+def test_a_json_key_given_twice_is_an_error(corpus, tmp_path):
+    """json.loads keeps the last of two equal keys without a word (TOML refuses them): refused too."""
+    path = tmp_path / "exp.json"
+    path.write_text('{"steps": 5, "lr": 0.001, "steps": 7}')
+    message = f"config file {path} gives the key 'steps' twice: keep one"
+    assert_user_error(invoke("train", corpus, "--config", path, "--out", tmp_path / "r"), message)
+
+
 def test_missing_config_file_is_an_error(corpus, tmp_path):
     result = invoke("train", corpus, "--config", tmp_path / "none.toml")
     assert_user_error(result, "none.toml does not exist")
