@@ -62,10 +62,14 @@ def open_loggers(names: list[str], out: Path, config: dict, step: int) -> list:
         for name in names:
             loggers.append(makers[name](out, config, step))
     except BaseException:
-        for logger in loggers:
-            logger.close()
+        close_loggers(loggers)
         raise
     return loggers
+
+
+def close_loggers(loggers: list) -> None:
+    for logger in loggers:
+        logger.close()
 
 
 class TensorBoardLogger:
@@ -96,10 +100,18 @@ class WandbLogger:
         import wandb
 
         settings = wandb.Settings(console="off", silent=True, disable_git=True, save_code=False)
-        self.run = wandb.init(
-            project=os.environ.get("WANDB_PROJECT", WANDB_PROJECT), name=out.name, id=wandb_id(out),
-            resume="allow", dir=str(out), config=config, settings=settings,
-        )  # fmt: skip
+        try:
+            self.run = wandb.init(
+                project=os.environ.get("WANDB_PROJECT", WANDB_PROJECT), name=out.name, id=wandb_id(out),
+                resume="allow", dir=str(out), config=config, settings=settings,
+            )  # fmt: skip
+        except Exception as error:  # (wandb's own: no login, no network, a bad project name, ...)
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise HtcliError(
+                f"loggers wandb could not start ({reason}): run `wandb login` or set WANDB_API_KEY, or "
+                "WANDB_MODE=offline to log on disk",
+                fields=("loggers",),
+            ) from None
 
     def __call__(self, record: dict) -> None:
         metrics = scalars(record)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,7 +47,7 @@ from htcli.errors import HtcliError
 from htcli.evaluate import byte_nll, window_nats
 from htcli.files import write_json
 from htcli.flops import peak_bf16_flops, train_flops
-from htcli.loggers import check_loggers, open_loggers
+from htcli.loggers import check_loggers, close_loggers, open_loggers
 from htcli.model import HTransformer1D
 from htcli.optim import context_length, learning_rate, make_optimizer
 from htcli.rundir import open_run, resolve_resume
@@ -91,8 +91,15 @@ def train(
     """
     run = Run(config, resolve_resume(resume, Path(config.out)))
     try:
-        run.write_config()
+        # the loggers first: one that cannot start (W&B without a login) leaves the run's config.json as it
+        # was, so that a resume without that logger goes on as before
+        run.claim_directory()
         loggers = open_loggers(config.loggers, run.out, config.to_dict(), run.step) if run.main else []
+        try:
+            run.write_config()
+        except BaseException:
+            close_loggers(loggers)
+            raise
         with (
             RunLog(run.out / LOG_FILE, on_event, enabled=run.main, loggers=loggers) as log,
             StopRequest() as stop,
@@ -127,6 +134,15 @@ def _agreed_stop(stop: StopRequest, device) -> str | None:
 def due(step: int, every: int, *, last: bool = False) -> bool:
     """Whether something done every `every` steps (0: never) is due after `step`; always when `last`."""
     return last or (every > 0 and step % every == 0)
+
+
+@contextlib.contextmanager
+def _writing(out: Path) -> Iterator[None]:
+    """An OSError inside as HtcliError naming the run directory."""
+    try:
+        yield
+    except OSError as error:
+        raise HtcliError(f"cannot write the run directory {out}: {error.strerror or error}") from None
 
 
 class Run:
@@ -248,21 +264,21 @@ class Run:
                 f"{self.out / STATE_FILE} holds damaged random or scaler states: cannot resume"
             ) from None
 
+    def claim_directory(self) -> None:
+        """The run directory made and locked (rank 0); a resumed run's log loses the events a crash left
+        past its checkpoint (a damaged log stops the run before anything is written)."""
+        if self.main:
+            with _writing(self.out):
+                self.out.mkdir(parents=True, exist_ok=True)
+                self.lock.acquire()
+                if self.resumed:
+                    trim_log(self.out / LOG_FILE, self.step)
+
     def write_config(self) -> None:
-        """config.json (rank 0), once the run directory is locked; a resumed run's log first loses the
-        events a crash left past its checkpoint (a damaged log stops the run before anything is written)."""
-        if not self.main:
-            return
-        try:
-            self.out.mkdir(parents=True, exist_ok=True)
-            self.lock.acquire()
-            if self.resumed:
-                trim_log(self.out / LOG_FILE, self.step)
-            write_json(self.out / CONFIG_FILE, {"htcli_version": __version__, **self.config.to_dict()})
-        except OSError as error:
-            raise HtcliError(
-                f"cannot write the run directory {self.out}: {error.strerror or error}"
-            ) from None
+        """config.json (rank 0), in the claimed run directory."""
+        if self.main:
+            with _writing(self.out):
+                write_json(self.out / CONFIG_FILE, {"htcli_version": __version__, **self.config.to_dict()})
 
     def start_fields(self) -> dict:
         config = self.config

@@ -324,6 +324,36 @@ def test_wandb_offline_run_continues_on_resume(corpus, tmp_path, monkeypatch):
     assert last["val/bpb"] == pytest.approx(events(run, "eval")[-1]["val_bpb"])
 
 
+def test_a_logger_that_cannot_start_is_one_line_and_leaves_the_run_as_it_was(corpus, tmp_path):
+    """W&B online without a login (was a 59-line traceback, after config.json had taken the new options,
+    so that every resume failed again): one line saying what to do; a resumed run's config.json as it
+    was, so that it resumes without the logger; a new run's directory without a config, started again.
+    (Real processes: W&B keeps a login it found for the life of a process.)"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(WANDB_MODE="online", HOME=str(tmp_path), WANDB_CONFIG_DIR=str(tmp_path / "wandb-config"))
+
+    def without_login(*args):
+        command = [sys.executable, "-m", "htcli", "train", *map(str, args), "--logger", "wandb"]
+        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+        assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+        assert done.stderr.strip().splitlines() == [
+            "error: --logger wandb could not start (No API key configured. Use `wandb login` to log in.): "
+            "run `wandb login` or set WANDB_API_KEY, or WANDB_MODE=offline to log on disk"
+        ]
+
+    run, fresh = tmp_path / "run", tmp_path / "fresh"
+    assert invoke("train", corpus, *TINY_FLAGS, "--out", run, "--steps", "2").exit_code == 0
+    saved = (run / "config.json").read_bytes()
+    resumed = [*TINY_FLAGS, "--out", run, "--resume", "--steps", "4"]
+    without_login(*resumed)
+    assert (run / "config.json").read_bytes() == saved
+    assert invoke("train", *resumed).exit_code == 0
+    new = [corpus, *TINY_FLAGS, "--out", fresh, "--steps", "2"]
+    without_login(*new)
+    assert not (fresh / "config.json").exists()
+    assert invoke("train", *new).exit_code == 0
+
+
 @pytest.mark.parametrize(("logger", "package"), [("wandb", "wandb"), ("tensorboard", "tensorboard")])
 def test_missing_logger_package_names_the_install_command(corpus, tmp_path, logger, package):
     """In a process where the package cannot be imported: a one-line error, nothing written."""
