@@ -134,7 +134,13 @@ class TrainConfig:
                 fields=("context_warmup",),
             )
         full, start = self.model.max_seq_len, self.context_warmup_start
-        if self.context_warmup and start < full and full % start:
+        if self.context_warmup and start >= full:  # (was taken as no warm-up, without a word)
+            raise HtcliError(
+                f"context_warmup_start ({start}) must be shorter than the context length ({full}) for a "
+                "context warm-up: lower it, or drop context_warmup",
+                fields=("context_warmup_start", "max_seq_len", "context_warmup"),
+            )
+        if self.context_warmup and full % start:
             raise HtcliError(
                 f"context_warmup_start ({start}) must divide the context length ({full}): each full window"
                 " is trained as that many short ones",

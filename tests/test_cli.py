@@ -356,6 +356,8 @@ def test_impossible_options(run_copy, flags, message):
     [
         (["--context-warmup", "0.5", "--context-warmup-start", "0"], "warmup-start must be a positive"),
         (["--context-warmup", "0.5", "--context-warmup-start", "24"], "(24) must divide the context"),
+        (["--context-warmup", "0.5"], "--context-warmup-start (256) must be shorter than the context length"),
+        (["--context-warmup", "0.5", "--context-warmup-start", "64"], "(64) must be shorter than the"),
     ],
 )
 def test_impossible_new_runs(corpus, tmp_path, flags, message):
