@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -136,6 +137,17 @@ def due(step: int, every: int, *, last: bool = False) -> bool:
     return last or (every > 0 and step % every == 0)
 
 
+def _check_held_out(corpus: ByteCorpus, val: ByteCorpus) -> None:
+    """HtcliError if a file of val is also one of the corpus (its val bpb would be on trained bytes)."""
+    shared = set(map(os.path.abspath, corpus.files)).intersection(map(os.path.abspath, val.files))
+    if shared:
+        raise HtcliError(
+            f"{min(shared)} is both in the corpus and in val: held-out bytes must not be trained on; "
+            "give val other files (or leave it out: val_fraction holds out the corpus's end)",
+            fields=("val",),
+        )
+
+
 @contextlib.contextmanager
 def _writing(out: Path) -> Iterator[None]:
     """An OSError inside as HtcliError naming the run directory."""
@@ -202,6 +214,8 @@ class Run:
         self.corpora.append(corpus)
         val = ByteCorpus.open(config.val, **options) if config.val else None
         self.corpora += [val] if val else []
+        if val:
+            _check_held_out(corpus, val)
         return split(corpus, val, config.val_fraction, self.window)
 
     def _resumed_dtype(self, state: dict) -> torch.dtype:

@@ -104,6 +104,21 @@ def test_globs_do_not_follow_links_to_directories(tmp_path):
     assert resolve_corpus([str(tree / "loop" / "*.txt")]) == [tree / "loop" / "a.txt"]
 
 
+def test_a_file_named_twice_is_refused(tmp_path, corpus):
+    """A file that two specs name (itself twice, or a directory and a file in it) was read twice, its
+    bytes trained on twice; the same file as --val and corpus was scored as held out. Both refused."""
+    tree = tmp_path / "tree"
+    write(tree / "a.txt", b"a" * 100)
+    write(tree / "b.txt", b"b" * 100)
+    with pytest.raises(HtcliError, match=r"a.txt is named twice in the corpus: name each file once"):
+        resolve_corpus([tree / "a.txt", tree / "a.txt"])
+    with pytest.raises(HtcliError, match=r"b.txt is named twice in the corpus \(by .*tree and by .*b.txt\)"):
+        resolve_corpus([tree, tree / "b.txt"])
+    result = invoke("train", corpus, *TINY_FLAGS, "--val", corpus, "--out", tmp_path / "run", "--steps", "2")
+    assert_user_error(result, f"{corpus} is both in the corpus and in --val: held-out bytes must not be")
+    assert not (tmp_path / "run").exists()
+
+
 def test_only_hidden_files_is_a_clear_error(tmp_path):
     """A directory whose files are all hidden says so, naming the option that reads them."""
     write(tmp_path / "d" / ".hidden", b"x")

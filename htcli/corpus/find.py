@@ -34,8 +34,15 @@ def resolve_corpus(
     check_corpus_given(specs)
     excluded = [Path(path).expanduser().resolve() for path in exclude]
     files: list[Path] = []
+    named: dict[str, str] = {}  # each file's absolute path: the spec that named it
     for spec in specs:
-        files += _files_of(spec, include_hidden, excluded)
+        for file in _files_of(spec, include_hidden, excluded):
+            where = os.path.abspath(file)
+            if where in named:  # (its bytes would be trained on twice)
+                by = f" (by {named[where]} and by {spec})" if named[where] != str(spec) else ""
+                raise HtcliError(f"{file} is named twice in the corpus{by}: name each file once")
+            named[where] = str(spec)
+            files.append(file)
     return files
 
 
