@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from htcli import __version__
 from htcli.checkpoint_checks import check_finite, check_state, check_weights_header
 from htcli.errors import HtcliError
-from htcli.files import fsync_dir, read_json, write_json
+from htcli.files import check_not_special, fsync_dir, read_json, write_json
 from htcli.model import HTransformer1D, HTransformerConfig
 
 MODEL_FILE = "model.safetensors"
@@ -158,6 +158,7 @@ def model_file(path: str | os.PathLike) -> Path:
 def _read_metadata(file: Path, shown: str | os.PathLike) -> dict[str, str]:
     if not file.exists():
         raise HtcliError(f"no checkpoint at {shown}: train one with `htcli train`")
+    check_not_special(file)
     try:
         with safe_open(str(file), framework="pt") as opened:
             return opened.metadata() or {}

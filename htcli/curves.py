@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from htcli.errors import HtcliError
+from htcli.files import check_not_special
 from htcli.runlog import LOG_FILE, parse_event
 
 X_AXES = ("step", "bytes", "time")  # what curves can be drawn against
@@ -47,6 +48,7 @@ def read_curves(run: Path, name: str | None = None) -> Curves:
     path = run / LOG_FILE
     if run.is_file():
         raise HtcliError(f"{run} is a file: give the run directory that holds it ({run.parent})")
+    check_not_special(path)
     try:
         lines = path.read_bytes().split(b"\n")
     except FileNotFoundError:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -54,8 +55,20 @@ def write_json(path: str | os.PathLike, data: object) -> None:
         file.write("\n")
 
 
+def check_not_special(path: Path) -> None:
+    """HtcliError if path is neither a regular file nor a directory: reading a FIFO blocks until a writer
+    comes (and a signal's handler cannot end the wait), a device may never end. Nothing is opened."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return  # (absent or unreadable: the read that follows says which)
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise HtcliError(f"{path} is not a regular file (a pipe or a device?): give the file htcli wrote")
+
+
 def read_json(path: Path, *, missing: HtcliError) -> Any:
     """A run's JSON file; raises `missing` if it is absent, another HtcliError if it is unreadable."""
+    check_not_special(path)
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:

@@ -284,3 +284,31 @@ def test_prompt_file_that_is_not_a_file(run, tmp_path, kind):
     worker.join(timeout=60)
     assert not worker.is_alive(), "sample hung on the prompt file"
     assert_user_error(outcome["result"], "is not a regular file")
+
+
+@pytest.mark.parametrize(
+    ("name", "command"),
+    [
+        ("model.safetensors", ["sample", "{out}", "--max-new-tokens", "1", "--device", "cpu"]),
+        ("model.safetensors", ["eval", "{out}", "{corpus}", "--device", "cpu"]),
+        ("log.jsonl", ["plot", "{out}", "-o", "{out}.png"]),
+        ("config.json", ["train", "--out", "{out}", "--resume", "--steps", "4"]),
+    ],
+)
+def test_run_files_that_are_fifos_are_refused(run, name, command):
+    """A FIFO where a run's file belongs was opened and waited on for ever (no writer comes), deaf to
+    Ctrl-C and SIGTERM: refused at once, in one line (a real process, killed if it hangs)."""
+    out, corpus = run
+    (out / name).unlink()
+    os.mkfifo(out / name)
+    args = [part.format(out=out, corpus=corpus) for part in command]
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "htcli", *args], capture_output=True, text=True, timeout=60
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"htcli {command[0]} hung on a FIFO as {name}")
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        f"error: {out / name} is not a regular file (a pipe or a device?): give the file htcli wrote"
+    ]
