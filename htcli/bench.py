@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
 from htcli.attention import IMPLEMENTATION_VARIABLE, check_block_size, resolve_implementation
-from htcli.device import PRECISIONS, check_choice, resolve_device
+from htcli.device import PRECISIONS, check_choice, resolve_device, resolve_dtype
 from htcli.errors import HtcliError
 from htcli.presets import PRESETS, model_config
 
@@ -83,8 +83,10 @@ class BenchConfig:
         except ValueError as error:
             raise HtcliError(str(error), fields=("block_size",)) from None
         check_choice("dtype", self.dtype, PRECISIONS)
+        device = resolve_device(self.device)
+        resolve_dtype(self.dtype, device)  # (fp16 needs a CUDA GPU, as for sample and eval)
         # auto resolved here: the title names what ran, and every worker runs the same
-        self.impl = resolve_implementation(self.impl, resolve_device(self.device).type)
+        self.impl = resolve_implementation(self.impl, device.type)
 
     def _check_model_lengths(self) -> None:
         """With `model`, every length must make a model of the preset (a multiple of its block size):
@@ -391,10 +393,12 @@ def decode_bench(
     against exact attention's KV cache (_cache_rows). Random weights, greedy."""
     import torch
 
-    from htcli.device import autocast, resolve_device, torch_dtype
+    from htcli.device import autocast, resolve_device, resolve_dtype
     from htcli.model import HTransformer1D
 
-    device, dtype, config = resolve_device(device_name), torch_dtype(dtype_name), model_config(preset)
+    check_choice("dtype", dtype_name, PRECISIONS)
+    device, config = resolve_device(device_name), model_config(preset)
+    dtype = resolve_dtype(dtype_name, device)  # (fp16 needs a CUDA GPU, as for sample and eval)
     if prompt_len + new_tokens > config.max_seq_len:
         raise HtcliError(
             f"prompt ({prompt_len}) + new tokens ({new_tokens}) exceed the {preset} preset's "

@@ -154,6 +154,9 @@ def test_bench_decode_refuses_attention_options():
         (["--heads", "99999999999999999999"], "--heads must be 1 to 1,048,576"),
         (["--preset", "nosuch"], "unknown --preset 'nosuch'"),
         (["--decode", "--dtype", "fp64"], "unknown --dtype 'fp64'"),  # (was a KeyError traceback)
+        (["--model", "--preset", "tiny", "--seq-len", "256", "--dtype", "fp16"], "--dtype fp16 needs a CUDA"),
+        (["--dtype", "fp16"], "--dtype fp16 needs a CUDA GPU (device is cpu)"),  # (ran; sample, eval refused)
+        (["--decode", "--dtype", "fp16"], "--dtype fp16 needs a CUDA GPU (device is cpu)"),
         (["--max-seconds", "-1"], "--max-seconds must be a positive number"),
         (["--max-seconds", "nan"], "--max-seconds must be a positive number"),
     ],
