@@ -36,14 +36,22 @@ def resolve_corpus(
     files: list[Path] = []
     named: dict[str, str] = {}  # each file's absolute path: the spec that named it
     for spec in specs:
-        for file in _files_of(spec, include_hidden, excluded):
-            where = os.path.abspath(file)
-            if where in named:  # (its bytes would be trained on twice)
-                by = f" (by {named[where]} and by {spec})" if named[where] != str(spec) else ""
-                raise HtcliError(f"{file} is named twice in the corpus{by}: name each file once")
-            named[where] = str(spec)
-            files.append(file)
+        found = _files_of(spec, include_hidden, excluded)
+        if len(specs) > 1:  # (one spec names a file once: a walk or a glob lists each path once)
+            _name_once(found, str(spec), named)
+        files += found
     return files
+
+
+def _name_once(found: list[Path], spec: str, named: dict[str, str]) -> None:
+    """HtcliError for a file of found that an earlier spec (or this one) named (its bytes would be trained
+    on twice); else each is added to named (absolute path: spec)."""
+    for file in found:
+        where = os.path.abspath(file)
+        if where in named:
+            by = f" (by {named[where]} and by {spec})" if named[where] != spec else ""
+            raise HtcliError(f"{file} is named twice in the corpus{by}: name each file once")
+        named[where] = spec
 
 
 def _files_of(spec: str | os.PathLike, include_hidden: bool, excluded: list[Path]) -> list[Path]:
