@@ -10,6 +10,7 @@ from pathlib import Path
 
 from htcli.errors import HtcliError
 from htcli.files import atomic_file
+from htcli.loggers import close_loggers
 
 LOG_FILE = "log.jsonl"
 METRIC_EVENTS = ("step", "eval", "sample")  # events of one step, redone when a run resumes before it
@@ -42,8 +43,7 @@ class RunLog:
 
     def __exit__(self, *exc) -> None:
         try:
-            for logger in self.loggers:
-                logger.close()
+            close_loggers(self.loggers)
         finally:
             if self.file is not None:
                 self.file.close()
