@@ -6,9 +6,9 @@ from htcli.stop import quit_until_started
 
 def main() -> None:
     quit_until_started()  # until a command starts: cli._user_errors calls stop.started()
-    from htcli.cli import app
+    from htcli.cli import run
 
-    app(prog_name="htcli")
+    run()
 
 
 if __name__ == "__main__":

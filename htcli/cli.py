@@ -150,6 +150,30 @@ def _user_errors(*, start: bool = True) -> Iterator[None]:
         raise typer.Exit(1) from None
 
 
+# click's errors, from typer's own click (typer 0.24 and later vendor one) or the click package
+_CLICK_ERROR = next(cls for cls in typer.BadParameter.__mro__ if cls.__name__ == "ClickException")
+
+
+def run(args: list[str] | None = None) -> None:
+    """The command line as the `htcli` script runs it (args: sys.argv[1:] when None), with click's own
+    errors (an unknown option or command, a value of the wrong type, a missing argument) as one line on
+    stderr that names the command's --help, exit code 2, instead of typer's box of four lines or more."""
+    try:
+        code = app(args, prog_name="htcli", standalone_mode=False)
+    except _CLICK_ERROR as error:
+        if type(error).__name__ == "NoArgsIsHelpError":  # typer has printed the help
+            sys.exit(2)
+        context = getattr(error, "ctx", None)
+        help_command = f"{context.command_path if context else 'htcli'} --help"
+        message = " ".join(error.format_message().split())
+        err_console.print(f"[red]error:[/] {escape(message)} (see {help_command})", soft_wrap=True)
+        sys.exit(error.exit_code)
+    except typer.Abort:
+        err_console.print("[yellow]aborted", soft_wrap=True)
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
 def _out_of_memory(error: BaseException) -> bool:
     """Whether error is an allocation that failed: Python's MemoryError, torch's on a GPU
     (torch.OutOfMemoryError, a RuntimeError) or on the CPU (a RuntimeError from its allocator)."""

@@ -470,6 +470,38 @@ def test_errors_in_a_real_process_have_no_traceback(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.parametrize(
+    "args,said,command",
+    [
+        (["train", "a.txt", "--steps", "abc"], "error: Invalid value for '--steps': ", "htcli train"),
+        (["train", "a.txt", "--stepz", "3"], "error: No such option: --stepz", "htcli train"),
+        (["sampel"], "error: No such command 'sampel'. Did you mean 'sample'?", "htcli"),
+        (["sample"], "error: Missing argument 'checkpoint'.", "htcli sample"),
+    ],
+)
+def test_usage_errors_are_one_line_naming_the_help(tmp_path, args, said, command):
+    """click's own errors (a value of the wrong type, an unknown option or command, a missing argument),
+    run as a real program: one line naming the command's --help, exit 2, nothing written; typer drew a box
+    of four lines or more."""
+    env = {**os.environ, "COLUMNS": "40"}
+    process = subprocess.run(
+        [sys.executable, "-m", "htcli", *args], capture_output=True, text=True, env=env, cwd=tmp_path
+    )
+    assert process.returncode == 2, process.stderr
+    lines = process.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(said), process.stderr
+    assert lines[0].endswith(f"(see {command} --help)") and process.stdout == ""
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("args,code", [([], 2), (["--help"], 0), (["eval", "--help"], 0), (["--version"], 0)])
+def test_help_and_version_as_a_real_program(args, code):
+    """`htcli` alone prints the help and exits 2 (as typer does); --help and --version exit 0."""
+    process = subprocess.run([sys.executable, "-m", "htcli", *args], capture_output=True, text=True)
+    assert process.returncode == code and process.stderr == "", process.stderr
+    assert ("htcli 0." if args == ["--version"] else "Usage: htcli") in process.stdout
+
+
 def test_library_fields_are_respelled_as_flags():
     """The CLI writes the config fields an error names as the flags that set them, and nothing else."""
     from htcli.cli import respell
