@@ -27,13 +27,20 @@ from safetensors.torch import load_file, save_file
 from htcli import __version__
 from htcli.checkpoint_checks import check_finite, check_state, check_weights_header
 from htcli.errors import HtcliError
-from htcli.files import check_not_special, fsync_dir, read_json, write_json
+from htcli.files import (
+    CHECKPOINT_FILES,
+    MODEL_FILE,
+    OPTIMIZER_FILE,
+    STATE_FILE,
+    check_not_special,
+    fsync_dir,
+    missing_checkpoint_files,
+    pending_file,
+    read_json,
+    write_json,
+)
 from htcli.model import HTransformer1D, HTransformerConfig
 
-MODEL_FILE = "model.safetensors"
-OPTIMIZER_FILE = "optimizer.safetensors"
-STATE_FILE = "state.json"
-CHECKPOINT_FILES = (MODEL_FILE, OPTIMIZER_FILE, STATE_FILE)  # STATE_FILE last: it commits a save
 TOKENIZER = "bytes"
 NUM_TOKENS = 256  # a byte-level model's vocabulary
 
@@ -47,24 +54,21 @@ class CheckpointInfo:
     version: str
 
 
-def _pending(out: Path, name: str) -> Path:
-    return out / f".{name}.pending"
-
-
 def has_checkpoint(out: Path) -> bool:
-    return any((out / name).exists() or _pending(out, name).exists() for name in CHECKPOINT_FILES)
+    """Whether out holds a checkpoint's files, or some of them."""
+    return len(missing_checkpoint_files(out)) < len(CHECKPOINT_FILES)
 
 
 def commit_pending(out: Path) -> None:
     """Finish a save that was interrupted while renaming; drop one interrupted while writing."""
-    if not _pending(out, STATE_FILE).exists():
+    if not pending_file(out, STATE_FILE).exists():
         for name in CHECKPOINT_FILES:
-            _pending(out, name).unlink(missing_ok=True)
+            pending_file(out, name).unlink(missing_ok=True)
         return
     for name in CHECKPOINT_FILES:
         # several ranks of a resumed run may finish the same save at once: a file gone was renamed by another
         with contextlib.suppress(FileNotFoundError):
-            os.replace(_pending(out, name), out / name)
+            os.replace(pending_file(out, name), out / name)
     fsync_dir(out)
 
 
@@ -103,7 +107,7 @@ def save_checkpoint(
         _write_pending(out, model, optimizer, state, step=step, val_bpb=val_bpb)
     except BaseException:
         for name in CHECKPOINT_FILES:  # a save cut short (a full disk, a Ctrl-C) leaves no half files
-            _pending(out, name).unlink(missing_ok=True)
+            pending_file(out, name).unlink(missing_ok=True)
         raise
     commit_pending(out)
 
@@ -116,11 +120,12 @@ def _write_pending(out: Path, model, optimizer, state: dict, *, step: int, val_b
         "tokenizer": TOKENIZER,
         "val_bpb": json.dumps(val_bpb),
     }
-    _save_safetensors(model.state_dict(), _pending(out, MODEL_FILE), model_metadata)
+    _save_safetensors(model.state_dict(), pending_file(out, MODEL_FILE), model_metadata)
     tensors, groups = _flatten_optimizer(optimizer.state_dict())
-    _save_safetensors(tensors, _pending(out, OPTIMIZER_FILE), {"step": str(step), "param_groups": groups})
+    _save_safetensors(tensors, pending_file(out, OPTIMIZER_FILE), {"step": str(step), "param_groups": groups})
     write_json(
-        _pending(out, STATE_FILE), {**state, "step": step, "val_bpb": val_bpb, "htcli_version": __version__}
+        pending_file(out, STATE_FILE),
+        {**state, "step": step, "val_bpb": val_bpb, "htcli_version": __version__},
     )
 
 

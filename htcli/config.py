@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from htcli.device import DEVICES, DTYPES, check_choice
 from htcli.errors import HtcliError
-from htcli.files import read_json
+from htcli.files import CHECKPOINT_FILES, missing_checkpoint_files, read_json
 from htcli.presets import DEFAULT_PRESET, model_config
 
 if TYPE_CHECKING:
@@ -225,6 +225,13 @@ def saved_config(out: Path) -> dict:
     missing = HtcliError(
         f"no checkpoint at {out}: start a new run there (without resume)", fields=("resume",)
     )
+    if len(missing_checkpoint_files(out)) < len(CHECKPOINT_FILES):
+        missing = HtcliError(
+            f"cannot continue {out}: its {CONFIG_FILE} (the run's options) is missing, its checkpoint is"
+            " there: give the corpus and the run's options again with resume auto (which takes the weights,"
+            " optimizer and step from the checkpoint), or start a new run in another out",
+            fields=("resume", "out"),
+        )
     saved = read_json(path, missing=missing)
     if not isinstance(saved, dict) or not isinstance(saved.get("model"), dict):
         raise HtcliError(f"{path} is not an htcli training config")

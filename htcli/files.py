@@ -1,5 +1,5 @@
-"""A run's small files: all-or-nothing writes (a temp file in the same folder, fsynced, then renamed
-over the target) and JSON reads that say what went wrong."""
+"""A run's small files: the names of its checkpoint's files, all-or-nothing writes (a temp file in the
+same folder, fsynced, then renamed over the target) and JSON reads that say what went wrong."""
 
 from __future__ import annotations
 
@@ -12,6 +12,28 @@ from pathlib import Path
 from typing import IO, Any
 
 from htcli.errors import HtcliError
+
+# a checkpoint: the model's weights (all that sample and eval read), the optimizer's state, and the step,
+# data position and random states (written last: it commits a save)
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"
+STATE_FILE = "state.json"
+CHECKPOINT_FILES = (MODEL_FILE, OPTIMIZER_FILE, STATE_FILE)
+
+
+def pending_file(out: Path, name: str) -> Path:
+    """Where a save writes the checkpoint file `name` before renaming it into place."""
+    return out / f".{name}.pending"
+
+
+def missing_checkpoint_files(out: Path) -> list[str]:
+    """The files of a checkpoint that the directory out lacks, neither in place nor written by a save cut
+    short (all of them where it holds no checkpoint)."""
+    return [
+        name
+        for name in CHECKPOINT_FILES
+        if not (out / name).exists() and not pending_file(out, name).exists()
+    ]
 
 
 def fsync_dir(path: Path) -> None:

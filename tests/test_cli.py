@@ -384,6 +384,33 @@ def test_new_run_into_a_checkpoint_is_refused(run_copy):
     assert snapshot(run) == before
 
 
+@pytest.mark.parametrize("lost", ["optimizer.safetensors", "state.json", "model.safetensors"])
+def test_an_incomplete_checkpoint_is_named_as_such(run_copy, lost):
+    """A run directory that lost one of its checkpoint's files: a new run and --resume both say so (the
+    resume said "no checkpoint ... start a new run", the new run "already holds a checkpoint")."""
+    run, corpus = run_copy
+    (run / lost).unlink()
+    before = snapshot(run)
+    said = f"{run} holds an incomplete checkpoint ({lost} missing): it cannot be resumed; start the run in"
+    for resume in ([], ["--resume"], ["--resume", "auto"]):
+        assert_user_error(invoke("train", corpus, "--out", run, *TINY_FLAGS, *resume), said)
+    assert snapshot(run) == before
+
+
+def test_a_lost_config_json_says_how_to_resume(run_copy):
+    """A checkpoint without its config.json: --resume says to give the options again with --resume auto,
+    and that resumes it."""
+    run, corpus = run_copy
+    (run / "config.json").unlink()
+    refused = invoke("train", "--out", run, "--resume", "--steps", 8)
+    assert_user_error(refused, f"cannot continue {run}: its config.json (the run's options) is missing")
+    assert "with --resume auto" in refused.stderr
+    flags = [*TINY_FLAGS, "--seq-len", 64, "--batch-size", 2, "--steps", 8, "--device", "cpu"]
+    resumed = invoke("train", corpus, "--out", run, "--resume", "auto", *flags)
+    assert resumed.exit_code == 0 and "resuming at step 6" in resumed.stderr, resumed.output
+    assert (run / "config.json").exists()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 @pytest.mark.parametrize("command", ["train", "sample", "eval"])
 def test_cuda_without_gpu(run_copy, command):
