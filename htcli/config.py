@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from htcli.device import DEVICES, DTYPES, check_choice
 from htcli.errors import HtcliError
-from htcli.files import CHECKPOINT_FILES, missing_checkpoint_files, read_json
+from htcli.files import CHECKPOINT_FILES, check_out_path, missing_checkpoint_files, read_json
 from htcli.presets import DEFAULT_PRESET, model_config
 
 if TYPE_CHECKING:
@@ -221,6 +221,7 @@ def config_from_options(
 
 def saved_config(out: Path) -> dict:
     """The config.json of the run in out, as a dict (without the version that wrote it)."""
+    check_out_path(out)
     path = out / CONFIG_FILE
     missing = HtcliError(
         f"no checkpoint at {out}: start a new run there (without resume)", fields=("resume",)

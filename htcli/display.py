@@ -171,7 +171,7 @@ def eval_table(report: dict) -> Table:
         [
             ("bits per byte", f"{report['bits_per_byte']:.4f}"),
             ("nats per byte", f"{report['nats_per_byte']:.4f}"),
-            ("bytes scored", f"{report['bytes_scored']:,} in {files} files"),
+            ("bytes scored", f"{report['bytes_scored']:,} in {files} file{'' if files == 1 else 's'}"),
             ("context / stride", f"{report['context']} / {report['stride']}"),
             ("time", f"{report['seconds']:.1f} s ({report['bytes_per_s'] or 0:,.0f} bytes/s)"),
         ],

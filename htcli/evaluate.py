@@ -160,7 +160,8 @@ def check_options(model: HTransformer1D, stride: int | None, batch_size: int) ->
 def _check_inputs(model: HTransformer1D, corpus: ByteSpan, stride: int, batch_size: int) -> None:
     check_options(model, stride, batch_size)
     if len(corpus) < 2:
-        raise HtcliError(f"the corpus is {len(corpus)} bytes: it must be at least 2 bytes long to be scored")
+        size = f"{len(corpus)} byte" + ("" if len(corpus) == 1 else "s")
+        raise HtcliError(f"the corpus is {size} long: it must be at least 2 bytes long to be scored")
 
 
 def _buckets(nats: torch.Tensor, counts: torch.Tensor) -> list[dict]:

@@ -97,3 +97,13 @@ def read_json(path: Path, *, missing: HtcliError) -> Any:
         raise missing from None
     except (OSError, ValueError):
         raise HtcliError(f"{path} is not readable JSON (truncated or corrupt?)") from None
+
+
+def check_out_path(out: Path) -> None:
+    """out is a directory, or can become one: no part of it is a file."""
+    for path in (out, *out.parents):
+        if path.exists():
+            if not path.is_dir():
+                where = "is a file" if path == out else f"is under {path}, a file"
+                raise HtcliError(f"the run directory (out) {out} {where}: give a directory", fields=("out",))
+            return

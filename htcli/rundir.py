@@ -15,7 +15,7 @@ from htcli import distributed
 from htcli.checkpoint import commit_pending, has_checkpoint, load_training_state
 from htcli.config import TrainConfig
 from htcli.errors import HtcliError
-from htcli.files import MODEL_FILE, missing_checkpoint_files
+from htcli.files import MODEL_FILE, check_out_path, missing_checkpoint_files
 from htcli.runlock import RunLock
 
 
@@ -26,16 +26,6 @@ def resolve_resume(resume: bool | str, out: Path) -> bool:
     if isinstance(resume, bool):
         return resume
     raise HtcliError(f"resume must be true, false or auto, got {resume!r}", fields=("resume",))
-
-
-def check_out_path(out: Path) -> None:
-    """out is a directory, or can become one: no part of it is a file."""
-    for path in (out, *out.parents):
-        if path.exists():
-            if not path.is_dir():
-                where = "is a file" if path == out else f"is under {path}, a file"
-                raise HtcliError(f"the run directory (out) {out} {where}: give a directory", fields=("out",))
-            return
 
 
 def open_run(out: Path, config: TrainConfig, resume: bool, lock: RunLock, *, main: bool) -> tuple | None:

@@ -384,6 +384,17 @@ def test_new_run_into_a_checkpoint_is_refused(run_copy):
     assert snapshot(run) == before
 
 
+@pytest.mark.parametrize("resume", [[], ["--resume"], ["--resume", "auto"]])
+def test_a_run_directory_that_is_a_file(tmp_path, corpus, resume):
+    """--out naming a file (or a path under one): one line saying so, new run or resumed (--resume said
+    the file's config.json was not readable JSON)."""
+    file = tmp_path / "notes.txt"
+    file.write_bytes(b"mine")
+    for out, where in ((file, "is a file"), (file / "run", f"is under {file}, a file")):
+        assert_user_error(invoke("train", corpus, "--out", out, *resume), f"(--out) {out} {where}: give a")
+    assert file.read_bytes() == b"mine"
+
+
 @pytest.mark.parametrize("lost", ["optimizer.safetensors", "state.json", "model.safetensors"])
 def test_an_incomplete_checkpoint_is_named_as_such(run_copy, lost):
     """A run directory that lost one of its checkpoint's files: a new run and --resume both say so (the

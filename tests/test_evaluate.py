@@ -96,7 +96,7 @@ def test_bad_stride_and_tiny_corpus(model, corpus):
     """A stride outside 1..context and a corpus under 2 bytes are refused."""
     with pytest.raises(HtcliError, match="stride must be between 1 and the model's context"):
         evaluate(model, corpus.span(), stride=17)
-    with pytest.raises(HtcliError, match="at least 2 bytes"):
+    with pytest.raises(HtcliError, match="the corpus is 1 byte long: it must be at least 2 bytes"):
         evaluate(model, corpus.span(0, 1))
 
 
