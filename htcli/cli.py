@@ -848,6 +848,15 @@ def plot(
         check_choice("x", x, X_AXES)
         check_plot_path(output, "--output")
         curves = [read_curves(run, name) for run, name in zip(runs, run_names(runs))]
+        for run, read in zip(runs, curves):
+            if read.skipped:
+                said = (
+                    f"{read.skipped} lines are not htcli events"
+                    if read.skipped > 1
+                    else "a line is not an htcli event"
+                )
+                where = escape(str(run / "log.jsonl"))
+                err_console.print(f"[yellow]warning:[/] {where}: {said} (skipped)", soft_wrap=True)
         if not any(run.train or run.val for run in curves):
             raise HtcliError("nothing to plot: no run has logged a step or an evaluation yet")
         curves_plot(curves, x, output)

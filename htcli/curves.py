@@ -31,10 +31,12 @@ class Curves:
     name: str
     train: list[Point] = field(default_factory=list)  # training loss, bits per byte
     val: list[Point] = field(default_factory=list)  # validation bits per byte
+    skipped: int = 0  # lines of the log that are not events these curves can use (a last one cut short aside)
 
     @property
     def best_val(self) -> Point | None:
-        return min(self.val, key=lambda p: p.value, default=None)
+        """The lowest validation bits per byte (a NaN one is never the best)."""
+        return min((p for p in self.val if math.isfinite(p.value)), key=lambda p: p.value, default=None)
 
     @property
     def last(self) -> Point | None:
@@ -43,8 +45,8 @@ class Curves:
 
 
 def read_curves(run: Path, name: str | None = None) -> Curves:
-    """The curves in run's log.jsonl (lines that are not events, such as one a crash cut short, are
-    skipped)."""
+    """The curves in run's log.jsonl. Lines that are not events, or events without the numbers they
+    should hold, are skipped and counted (Curves.skipped), except a last line a crash cut short."""
     path = run / LOG_FILE
     if run.is_file():
         raise HtcliError(f"{run} is a file: give the run directory that holds it ({run.parent})")
@@ -58,10 +60,15 @@ def read_curves(run: Path, name: str | None = None) -> Curves:
     curves = Curves(name or run.name)
     session = {"step": 0, "bytes": 0, "seconds": 0.0, "time": None, "per_step": 0}
     done = {"bytes": 0, "seconds": 0.0}
-    for event in filter(None, map(parse_event, lines)):
-        if not _numbers(event, "time", "step"):
+    last = len(lines) - 1  # (lines[last] is empty unless a crash cut the last line short)
+    for index, line in enumerate(lines):
+        if not line.strip():
             continue
-        if event.get("event") == "start" and _numbers(event, "tokens_per_step"):
+        event = parse_event(line)
+        if event is None or not _usable(event):
+            curves.skipped += index != last
+            continue
+        if event["event"] == "start":
             session = {
                 "step": event["step"],
                 "time": event["time"],
@@ -73,11 +80,19 @@ def read_curves(run: Path, name: str | None = None) -> Curves:
             continue
         point = _point(event, session)
         done = {"bytes": point.bytes, "seconds": point.seconds}
-        if event.get("event") == "step" and _numbers(event, "loss"):
+        if event["event"] == "step":
             curves.train.append(_with(point, event["loss"] / math.log(2)))
-        elif event.get("event") == "eval" and _numbers(event, "val_bpb"):
+        elif event["event"] == "eval":
             curves.val.append(_with(point, event["val_bpb"]))
     return curves
+
+
+def _usable(event: dict) -> bool:
+    """Whether an event (of any kind) holds the numbers that the curves read from it."""
+    needs = {"start": ("tokens_per_step",), "step": ("loss",), "eval": ("val_bpb",)}
+    return isinstance(event.get("event"), str) and _numbers(
+        event, "time", "step", *needs.get(event["event"], ())
+    )
 
 
 def _numbers(event: dict, *keys: str) -> bool:

@@ -88,7 +88,10 @@ def curves_plot(runs: list, x: str, path: Path) -> None:
         ax.set_title(title)
         ax.set_xlabel(X_LABELS[x])
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:  # (a run's first steps have no evaluation yet)
+            ax.legend(fontsize=8)
+        else:
+            ax.text(0.5, 0.5, "none logged yet", ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

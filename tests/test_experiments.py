@@ -3,6 +3,7 @@ progress on terminals only."""
 
 import glob
 import json
+import math
 import os
 import pty
 import shutil
@@ -10,6 +11,7 @@ import struct
 import subprocess
 import sys
 import time
+import warnings
 
 import pytest
 import torch
@@ -394,6 +396,36 @@ def test_plot_draws_runs_and_tables_them(corpus, tmp_path):
     assert any("slow" in line for line in lines)
 
 
+def test_plot_says_which_lines_it_skipped(corpus, tmp_path):
+    """Lines of a log that are not events, or events without their numbers (a string val_bpb), are counted
+    in a warning, a last line a crash cut short is not; a NaN evaluation is never the best; a run with no
+    evaluation yet draws without matplotlib's warning about an empty legend."""
+    run = tmp_path / "run"
+    assert (
+        invoke("train", corpus, *TINY_FLAGS, "--steps", "4", "--eval-every", "2", "--out", run).exit_code == 0
+    )
+    log = run / "log.jsonl"
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    evals = [r for r in records if r["event"] == "eval"]
+    evals[-1]["val_bpb"] = math.nan
+    log.write_text("".join(json.dumps(r) + "\n" for r in records) + 'not json\n{"event": "eval", "ti')
+    result = invoke("plot", run, "-o", tmp_path / "a.png")
+    assert result.exit_code == 0, result.output
+    assert result.stderr.splitlines()[0] == f"warning: {log}: a line is not an htcli event (skipped)"
+    assert f"{evals[0]['val_bpb']:.4f} (2)" in result.stdout  # the best: the first, not the NaN
+    # no evaluation yet: the val_bpb of each a string
+    log.write_text(
+        "".join(json.dumps({**r, "val_bpb": "x"} if r["event"] == "eval" else r) + "\n" for r in records)
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = invoke("plot", run, "-o", tmp_path / "b.png")
+    assert result.exit_code == 0, result.output
+    assert (
+        result.stderr.splitlines()[0] == f"warning: {log}: {len(evals)} lines are not htcli events (skipped)"
+    )
+
+
 def test_plot_errors(corpus, tmp_path):
     assert_user_error(
         invoke("plot", tmp_path), "has no log.jsonl: give run directories written by htcli train"
@@ -403,9 +435,12 @@ def test_plot_errors(corpus, tmp_path):
     )
     assert_user_error(invoke("plot", tmp_path, "-o", tmp_path), f"--output {tmp_path} is a directory")
     (tmp_path / "log.jsonl").write_text('{"event": "start"}\n{torn\n')
-    assert_user_error(
-        invoke("plot", tmp_path, "-o", tmp_path / "c.png"), "nothing to plot: no run has logged"
-    )
+    result = invoke("plot", tmp_path, "-o", tmp_path / "c.png")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.stderr.splitlines() == [
+        f"warning: {tmp_path / 'log.jsonl'}: 2 lines are not htcli events (skipped)",
+        "error: nothing to plot: no run has logged a step or an evaluation yet",
+    ]
     assert not (tmp_path / "c.png").exists()
     assert_user_error(
         invoke("plot", tmp_path / "log.jsonl"), "is a file: give the run directory that holds it"
