@@ -17,6 +17,7 @@ import base64
 import contextlib
 import json
 import os
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -186,10 +187,18 @@ def read_checkpoint_info(path: str | os.PathLike) -> CheckpointInfo:
         if not isinstance(saved, dict):
             raise ValueError("the model config is not an object")
         config = HTransformerConfig.from_dict(saved)
-        step, val_bpb = int(metadata.get("step", 0)), json.loads(metadata.get("val_bpb", "null"))
-        if step < 0 or not (val_bpb is None or isinstance(val_bpb, float | int)):
-            raise ValueError(f"step {step}, val_bpb {val_bpb!r}")
+        step, val_bpb = metadata.get("step", "0"), json.loads(metadata.get("val_bpb", "null"))
+        if not (step.isascii() and step.isdigit()):
+            raise ValueError(f"step {step!r} is not a whole number")
+        if not (val_bpb is None or isinstance(val_bpb, float | int)):
+            raise ValueError(f"val_bpb {val_bpb!r} is not a number")
     except (ValueError, TypeError) as error:
+        version = metadata.get("htcli_version", "?")
+        if _newer(version):  # (a field or value this version does not know)
+            raise HtcliError(
+                f"{file} was written by htcli {version}, newer than this htcli {__version__}, and this one"
+                f" cannot read it ({error}): upgrade htcli (pip install -U htcli)"
+            ) from None
         raise HtcliError(f"{file} is not an htcli checkpoint (bad metadata: {error})") from None
     if config.num_tokens != NUM_TOKENS:
         raise HtcliError(
@@ -197,7 +206,15 @@ def read_checkpoint_info(path: str | os.PathLike) -> CheckpointInfo:
             f"its config {config.num_tokens}"
         )
     check_weights_header(file, config)
-    return CheckpointInfo(file, config, step, val_bpb, metadata.get("htcli_version", "?"))
+    return CheckpointInfo(file, config, int(step), val_bpb, metadata.get("htcli_version", "?"))
+
+
+def _newer(version: str) -> bool:
+    """Whether version (as a checkpoint's metadata holds it: "0.2.1", "?") names a release after this
+    htcli's."""
+    found = re.match(r"\d+(\.\d+)*", version)
+    ours = [int(number) for number in re.match(r"\d+(\.\d+)*", __version__).group().split(".")]
+    return found is not None and [int(number) for number in found.group().split(".")] > ours
 
 
 def _load_tensors(file: Path) -> dict[str, torch.Tensor]:

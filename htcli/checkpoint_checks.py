@@ -22,6 +22,9 @@ RANK_KEYS = {"torch_rng": str, "sampler": str}
 OPTIMIZER_STATE_NAMES = ("step", "exp_avg", "exp_avg_sq", "momentum_buffer")
 
 
+FLOAT_KINDS = ("F64", "F32", "F16", "BF16")  # safetensors' names of the dtypes a model's weights may have
+
+
 def model_shapes(config: HTransformerConfig) -> dict[str, tuple[int, ...]]:
     """The model's tensors by name and shape, without allocating them."""
     with torch.device("meta"):
@@ -33,9 +36,17 @@ def check_weights_header(file: Path, config: HTransformerConfig) -> None:
     """The file holds exactly the model's tensors, by name and shape (read from its header only)."""
     try:
         with safe_open(str(file), framework="pt") as opened:
-            found = {name: tuple(opened.get_slice(name).get_shape()) for name in opened.keys()}  # noqa: SIM118
+            slices = {name: opened.get_slice(name) for name in opened.keys()}  # noqa: SIM118
+            found = {name: tuple(part.get_shape()) for name, part in slices.items()}
+            kinds = {name: part.get_dtype() for name, part in slices.items()}
     except (SafetensorError, OSError, ValueError):
         raise HtcliError(f"{file} is not a readable safetensors file (truncated or corrupt?)") from None
+    not_float = sorted(name for name, kind in kinds.items() if kind not in FLOAT_KINDS)
+    if not_float:
+        raise HtcliError(
+            f"{file} is not an htcli checkpoint: its tensor {not_float[0]} holds {kinds[not_float[0]]}"
+            " values, where a model's weights are floating-point numbers"
+        )
     expected = model_shapes(config)
     if found == expected:
         return

@@ -133,6 +133,11 @@ class TrainConfig:
                 f"context_warmup must be a fraction of the steps, 0 to 1, got {self.context_warmup}",
                 fields=("context_warmup",),
             )
+        if self.model.causal is not True:  # (only a config file or config.json can set it)
+            raise HtcliError(
+                "the model is bidirectional (model.causal false): htcli trains next-byte language models,"
+                " whose predictions must not see the bytes they predict; drop causal from the config"
+            )
         full, start = self.model.max_seq_len, self.context_warmup_start
         if self.context_warmup and start >= full:  # (was taken as no warm-up, without a word)
             raise HtcliError(

@@ -206,6 +206,11 @@ def generate_batch(
     Each sample draws from its own generator seeded by its config's seed, as it would alone (the same
     bytes, up to floating-point differences between the batched step's logits and one sequence's, which
     can flip a near-tie now and then)."""
+    if not model.config.causal:
+        raise HtcliError(
+            "the model is bidirectional (causal false): it learned to predict bytes it could see, so it"
+            " cannot continue a text; sample a causal model"
+        )
     if not prompt:
         raise HtcliError("the prompt is empty: generation needs at least one byte to continue")
     if any(not s for s in stop):

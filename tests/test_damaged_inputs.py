@@ -117,11 +117,66 @@ def test_nan_weights(run, command):
     assert "NaN" not in result.stdout
 
 
-def test_a_bidirectional_model_is_not_evaluated(run):
-    """eval refuses a non-causal model, whose predictions see the bytes they predict."""
+def test_a_bidirectional_model_is_not_evaluated_sampled_or_trained(run, tmp_path):
+    """eval and sample refuse a non-causal model, whose predictions see the bytes they predict (sample
+    drew bytes from it); train refuses to make one (a config file could: it trained on next bytes it saw)."""
     out, corpus = run
     rewrite_model(out / "model.safetensors", dict(causal=False))
     assert_user_error(invoke("eval", out, corpus, "--device", "cpu"), "the model is bidirectional")
+    assert_user_error(invoke("sample", out, "--device", "cpu"), "the model is bidirectional (causal false)")
+    config = tmp_path / "bidirectional.toml"
+    config.write_text("[model]\ncausal = false\n")
+    made = invoke("train", corpus, "--out", tmp_path / "new", "--config", config, *TINY_FLAGS)
+    assert_user_error(made, "the model is bidirectional (model.causal false): htcli trains next-byte")
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("kind", [torch.int64, torch.bool, torch.uint8])
+@pytest.mark.parametrize("command", ["sample", "eval"])
+def test_weights_that_are_not_numbers_of_a_model(run, kind, command):
+    """A tensor of integers or booleans where a weight belongs: refused, naming it (they were converted)."""
+    out, corpus = run
+    tensors = load_file(str(out / "model.safetensors"))
+    tensors["norm.weight"] = tensors["norm.weight"].to(kind)
+    rewrite_model(out / "model.safetensors", tensors=tensors)
+    args = ["sample", out] if command == "sample" else ["eval", out, corpus]
+    said = (
+        f"its tensor norm.weight holds {safe_name(kind)} values, where a model's weights are floating-point"
+    )
+    assert_user_error(invoke(*args, "--device", "cpu"), said)
+
+
+def safe_name(kind: torch.dtype) -> str:
+    return {torch.int64: "I64", torch.bool: "BOOL", torch.uint8: "U8"}[kind]
+
+
+@pytest.mark.parametrize(
+    "version,changes,message",
+    [
+        ("9.1.0", dict(window="sliding"), "was written by htcli 9.1.0, newer than this htcli 0."),
+        ("0.1.0", dict(window="sliding"), "is not an htcli checkpoint (bad metadata:"),
+        ("?", dict(window="sliding"), "is not an htcli checkpoint (bad metadata:"),
+        ("9.1.0", {}, None),  # a newer htcli's checkpoint that this one can read: read
+    ],
+)
+def test_a_checkpoint_from_a_newer_htcli(run, version, changes, message):
+    """A model config this htcli cannot read, from a newer htcli: it says to upgrade."""
+    out, _ = run
+    rewrite_model(out / "model.safetensors", changes, metadata={"htcli_version": version})
+    result = invoke("sample", out, "--device", "cpu", "--max-new-tokens", 3)
+    if message is None:
+        assert result.exit_code == 0, result.output
+    else:
+        assert_user_error(result, message)
+        assert ("upgrade htcli" in result.stderr) == version.startswith("9")
+
+
+@pytest.mark.parametrize("step", ["abc", "-1", "1.5", "٣"])
+def test_a_step_that_is_not_a_whole_number(run, step):
+    out, _ = run
+    rewrite_model(out / "model.safetensors", metadata={"step": step})
+    said = f"is not an htcli checkpoint (bad metadata: step {step!r} is not a whole number)"
+    assert_user_error(invoke("sample", out, "--device", "cpu"), said)
 
 
 @pytest.mark.parametrize(
