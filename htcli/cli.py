@@ -113,14 +113,19 @@ def _switch(name: str, help: str) -> typer.Option:
 
 
 @contextlib.contextmanager
-def _user_errors(*, start: bool = True) -> Iterator[None]:
+def _user_errors(*, start: bool = True, saves: bool = False) -> Iterator[None]:
     """An HtcliError becomes one red line on stderr and exit code 1; a second Ctrl-C exits 130, a SIGTERM
     outside a training loop's save-and-stop 143 (128 + 15, as the signal's default action), both after
     removing what they left half written. start: the command starts here (until then, from the process's
     first moment, a signal ends it at once: htcli.__main__); the callback that runs before every command
-    does not start it."""
+    does not start it. saves: the command writes checkpoints (train), and its messages say what is kept."""
     if start:
         started()
+    kept = (
+        "stopped without saving; a checkpoint saved before is intact"
+        if saves
+        else "stopped; no file was changed"
+    )
     try:
         with terminate_unwinds():
             yield
@@ -129,24 +134,21 @@ def _user_errors(*, start: bool = True) -> Iterator[None]:
         err_console.print(f"[red]error:[/] {escape(message)}", soft_wrap=True)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
-        err_console.print(
-            "[yellow]interrupted: stopped without saving; a checkpoint saved before is intact", soft_wrap=True
-        )
+        err_console.print(f"[yellow]interrupted: {kept}", soft_wrap=True)
         raise typer.Exit(130) from None
     except Terminated:
-        err_console.print(
-            "[yellow]terminated (SIGTERM): stopped without saving; a checkpoint saved before is intact",
-            soft_wrap=True,
-        )
+        err_console.print(f"[yellow]terminated (SIGTERM): {kept}", soft_wrap=True)
         raise typer.Exit(143) from None
     except (MemoryError, RuntimeError) as error:
         if not _out_of_memory(error):
             raise
-        err_console.print(
-            "[red]error:[/] out of memory: use a smaller --batch-size (with --grad-accum to keep the bytes"
-            " per step), --seq-len, --num-samples or model; a checkpoint saved before is intact",
-            soft_wrap=True,
+        smaller = (
+            "--batch-size (with --grad-accum to keep the bytes per step), --seq-len or model; a checkpoint"
+            " saved before is intact"
+            if saves
+            else "--batch-size, --num-samples, --seq-len or model"
         )
+        err_console.print(f"[red]error:[/] out of memory: use a smaller {smaller}", soft_wrap=True)
         raise typer.Exit(1) from None
 
 
@@ -407,7 +409,7 @@ def train(
 
 
 def _train(options: dict, resume: str | None, config_file: Path | None, print_config: bool) -> None:
-    with _user_errors():
+    with _user_errors(saves=True):
         from htcli.config import config_from_options
         from htcli.display import TrainDisplay, train_summary
         from htcli.distributed import process_group
