@@ -12,13 +12,12 @@ from typing import TYPE_CHECKING
 
 from htcli.device import DEVICES, DTYPES, check_choice
 from htcli.errors import HtcliError
-from htcli.files import CHECKPOINT_FILES, check_out_path, missing_checkpoint_files, read_json
+from htcli.files import CHECKPOINT_FILES, CONFIG_FILE, check_out_path, missing_checkpoint_files, read_json
 from htcli.presets import DEFAULT_PRESET, model_config
 
 if TYPE_CHECKING:
     from htcli.model import HTransformerConfig
 
-CONFIG_FILE = "config.json"  # the resolved config of a run, in its directory
 MAX_COUNT = 2**53  # steps, batch sizes, intervals: whole numbers a float holds exactly (schedules divide)
 MAX_SEED = 2**63  # seeds are below it (torch takes 64 bits; distributed ranks add to the seed)
 POSITIVE = ("steps", "batch_size", "grad_accum", "eval_batches", "context_warmup_start")

@@ -13,12 +13,19 @@ from typing import IO, Any
 
 from htcli.errors import HtcliError
 
+CONFIG_FILE = "config.json"  # the resolved config of a run
+LOCK_FILE = ".lock"  # locked by the process training into the run directory (htcli.runlock)
 # a checkpoint: the model's weights (all that sample and eval read), the optimizer's state, and the step,
 # data position and random states (written last: it commits a save)
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "state.json"
 CHECKPOINT_FILES = (MODEL_FILE, OPTIMIZER_FILE, STATE_FILE)
+
+
+def is_run_directory(path: Path) -> bool:
+    """Whether path is (likely) an htcli run directory: it holds a lock file and a config.json."""
+    return (path / LOCK_FILE).is_file() and (path / CONFIG_FILE).is_file()
 
 
 def pending_file(out: Path, name: str) -> Path:

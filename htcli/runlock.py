@@ -13,8 +13,7 @@ import os
 from pathlib import Path
 
 from htcli.errors import HtcliError
-
-LOCK_FILE = ".lock"
+from htcli.files import LOCK_FILE
 
 
 class RunLock:

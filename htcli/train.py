@@ -25,7 +25,7 @@ import torch
 from htcli import __version__, distributed
 from htcli.checkpoint import load_weights, rng_from_text, rng_to_text, save_checkpoint
 from htcli.checkpoint_checks import check_optimizer_state
-from htcli.config import CONFIG_FILE, TrainConfig
+from htcli.config import TrainConfig
 from htcli.corpus import ByteCorpus, ByteSpan, RecordOptions
 from htcli.data import WindowSampler, evenly_spaced, split
 from htcli.device import (
@@ -39,7 +39,7 @@ from htcli.device import (
 )
 from htcli.errors import HtcliError
 from htcli.evaluate import byte_nll, window_nats
-from htcli.files import OPTIMIZER_FILE, STATE_FILE, write_json
+from htcli.files import CONFIG_FILE, OPTIMIZER_FILE, STATE_FILE, write_json
 from htcli.flops import peak_bf16_flops, train_flops
 from htcli.loggers import check_loggers, close_loggers, open_loggers
 from htcli.model import HTransformer1D

@@ -91,6 +91,23 @@ def test_hidden_files_are_skipped_unless_asked(tmp_path):
     assert resolve_corpus([root / ".env"]) == [root / ".env"]
 
 
+def test_runs_inside_a_corpus_directory_are_not_corpus(tmp_path):
+    """`htcli train . --out run1`, then `htcli train . --out run2`: run2 read run1's weights, optimizer and
+    log as text to train on; another run's directory found in a walk is now skipped (the run's own was
+    already); a run directory named itself is read."""
+    data = tmp_path / "data"
+    text = write(data / "text.txt", make_text(20_000))
+    train(tiny_config(text, data / "run1", steps=2))
+    run_files = sorted(p for p in (data / "run1").iterdir() if not p.name.startswith("."))
+    assert [p.name for p in run_files] == [
+        "config.json", "log.jsonl", "model.safetensors", "optimizer.safetensors", "state.json"
+    ]  # fmt: skip
+    assert resolve_corpus([data]) == [text]
+    assert resolve_corpus([data / "run1"]) == run_files
+    (data / "run1" / ".lock").unlink()  # a directory with a config.json alone is not a run's
+    assert resolve_corpus([data]) == [*run_files, text]
+
+
 def test_globs_do_not_follow_links_to_directories(tmp_path):
     """As a directory's walk, a glob's wildcards do not go through links to directories: a link to a
     parent made `**` read the tree dozens of times over (the held-out part a copy of the training

@@ -15,9 +15,15 @@ LAYERS = [
         "stop",
         "display",
         "plots",
-        "corpus.find",
     ),  # run files, devices, Ctrl-C, terminal output
-    ("attention.geometry", "attention.triton_kernels", "attention.graphed", "corpus.cache", "loggers"),
+    (
+        "attention.geometry",
+        "attention.triton_kernels",
+        "attention.graphed",
+        "corpus.cache",
+        "corpus.find",
+        "loggers",
+    ),
     (
         "attention.oracle",
         "attention.eager",

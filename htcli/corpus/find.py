@@ -2,8 +2,10 @@
 
 Inside a named directory (or a `**` pattern) hidden files and directories, whose names start with
 ".", are skipped (`.git`, `.venv`, `.env`, editor swap files) unless `include_hidden`; a file named
-on its own is always read. Paths under `exclude` (a run's own directory) are never corpus. A
-directory's files come sorted by path; symbolic links to directories are not followed.
+on its own is always read. Paths under `exclude` (a run's own directory) are never corpus, nor are
+the directories of other htcli runs found inside a named directory (their weights and logs are not
+text to train on; a run directory named itself is read). A directory's files come sorted by path;
+symbolic links to directories are not followed.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from htcli.errors import HtcliError
+from htcli.files import is_run_directory
 
 GLOB_CHARACTERS = "*?["
 
@@ -130,7 +133,8 @@ def _matches(parts: tuple[str, ...], wild: tuple[str, ...], include_hidden: bool
 
 
 def _walk(root: Path, include_hidden: bool, excluded: list[Path]) -> Iterable[Path]:
-    """Every regular file below root (hidden ones only with include_hidden), none under excluded."""
+    """Every regular file below root (hidden ones only with include_hidden), none under excluded or in a
+    run directory below root."""
 
     def refuse(error: OSError) -> None:
         raise HtcliError(f"cannot read directory {error.filename}: {error.strerror}") from None
@@ -141,6 +145,7 @@ def _walk(root: Path, include_hidden: bool, excluded: list[Path]) -> Iterable[Pa
             for name in subdirectories
             if (include_hidden or not name.startswith("."))
             and not _under_any(Path(directory, name), excluded)
+            and not is_run_directory(Path(directory, name))
         ]
         for name in names:
             if include_hidden or not name.startswith("."):
