@@ -532,6 +532,12 @@ def sample(
 def _check_sample_options(prompt: str | None, prompt_file: Path | None, num_samples: int, seed: int) -> None:
     if prompt is not None and prompt_file is not None:
         raise HtcliError("give --prompt or --prompt-file, not both")
+    if (
+        prompt == ""
+    ):  # (it started from a newline, as no --prompt does, where an empty --prompt-file is refused)
+        raise HtcliError(
+            "--prompt is empty: give at least one character, or leave it out to start from a newline"
+        )
     if not 1 <= num_samples <= MAX_SAMPLES:
         more = f"; for more, run {MAX_SAMPLES:,} at a time, the next with --seed {seed + MAX_SAMPLES}"
         raise HtcliError(

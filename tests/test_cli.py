@@ -483,6 +483,10 @@ def test_bad_sample_options(trained, tmp_path):
     assert_user_error(invoke("sample", run, "--prompt", "a", "--prompt-file", tmp_path), "not both")
     assert_user_error(invoke("sample", run, "--top-p", "2"), "--top-p must be in (0, 1]")
     assert_user_error(invoke("sample", run, "--prompt-file", tmp_path / "no.txt"), "prompt file")
+    # an empty --prompt (it started from a newline, as no --prompt does), as an empty --prompt-file
+    assert_user_error(invoke("sample", run, "--prompt", ""), "--prompt is empty: give at least one character")
+    (tmp_path / "empty.txt").write_bytes(b"")
+    assert_user_error(invoke("sample", run, "--prompt-file", tmp_path / "empty.txt"), "the prompt is empty")
     for count in (0, 4097, 10**10):  # (ten billion was taken, and memory grew until the machine ran out)
         assert_user_error(invoke("sample", run, "--num-samples", count), "--num-samples must be 1 to 4,096")
     too_far = invoke("sample", run, "--seed", 2**63 - 1, "--num-samples", 2)
