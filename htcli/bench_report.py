@@ -9,7 +9,7 @@ from rich.table import Table
 
 from htcli.bench import METHODS, BenchConfig, Row, scaling_exponent
 from htcli.display import human
-from htcli.plots import pyplot
+from htcli.plots import pyplot, save_figure
 
 LABELS = {"h": "H-attn", "sdpa": "SDPA"}
 
@@ -150,5 +150,5 @@ def plot(rows: list[Row], config: BenchConfig, path: Path) -> None:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
     plt.close(fig)

@@ -190,6 +190,7 @@ def read_checkpoint_info(path: str | os.PathLike) -> CheckpointInfo:
         step, val_bpb = metadata.get("step", "0"), json.loads(metadata.get("val_bpb", "null"))
         if not (step.isascii() and step.isdigit()):
             raise ValueError(f"step {step!r} is not a whole number")
+        step = int(step)
         if not (val_bpb is None or isinstance(val_bpb, float | int)):
             raise ValueError(f"val_bpb {val_bpb!r} is not a number")
     except (ValueError, TypeError) as error:
@@ -206,13 +207,13 @@ def read_checkpoint_info(path: str | os.PathLike) -> CheckpointInfo:
             f"its config {config.num_tokens}"
         )
     check_weights_header(file, config)
-    return CheckpointInfo(file, config, int(step), val_bpb, metadata.get("htcli_version", "?"))
+    return CheckpointInfo(file, config, step, val_bpb, metadata.get("htcli_version", "?"))
 
 
 def _newer(version: str) -> bool:
     """Whether version (as a checkpoint's metadata holds it: "0.2.1", "?") names a release after this
     htcli's."""
-    found = re.match(r"\d+(\.\d+)*", version)
+    found = re.match(r"\d{1,9}(\.\d{1,9}){0,3}(?![\d.])", version)
     ours = [int(number) for number in re.match(r"\d+(\.\d+)*", __version__).group().split(".")]
     return found is not None and [int(number) for number in found.group().split(".")] > ours
 

@@ -60,9 +60,10 @@ def flag(field: str) -> str:
 
 
 def respell(message: str, fields: Iterable[str]) -> str:
-    """A library message with the config fields it names written as their flags."""
+    """A library message with the config fields it names written as their flags (a word of a path, as out in
+    runs/out or runs/out.txt, is not a field)."""
     for name in fields:
-        message = re.sub(rf"(?<![\w-]){re.escape(name)}(?![\w-])", flag(name), message)
+        message = re.sub(rf"(?<![\w./-]){re.escape(name)}(?![\w-]|[./]\w)", flag(name), message)
     return message
 
 
@@ -113,12 +114,13 @@ def _switch(name: str, help: str) -> typer.Option:
 
 
 @contextlib.contextmanager
-def _user_errors(*, start: bool = True, saves: bool = False) -> Iterator[None]:
+def _user_errors(*, start: bool = True, saves: bool = False, smaller: str = "model") -> Iterator[None]:
     """An HtcliError becomes one red line on stderr and exit code 1; a second Ctrl-C exits 130, a SIGTERM
     outside a training loop's save-and-stop 143 (128 + 15, as the signal's default action), both after
     removing what they left half written. start: the command starts here (until then, from the process's
     first moment, a signal ends it at once: htcli.__main__); the callback that runs before every command
-    does not start it. saves: the command writes checkpoints (train), and its messages say what is kept."""
+    does not start it. saves: the command writes checkpoints (train), and its messages say what is kept.
+    smaller: what out of memory says to make smaller (the command's options)."""
     if start:
         started()
     kept = (
@@ -142,13 +144,8 @@ def _user_errors(*, start: bool = True, saves: bool = False) -> Iterator[None]:
     except (MemoryError, RuntimeError) as error:
         if not _out_of_memory(error):
             raise
-        smaller = (
-            "--batch-size (with --grad-accum to keep the bytes per step), --seq-len or model; a checkpoint"
-            " saved before is intact"
-            if saves
-            else "--batch-size, --num-samples, --seq-len or model"
-        )
-        err_console.print(f"[red]error:[/] out of memory: use a smaller {smaller}", soft_wrap=True)
+        kept_too = "; a checkpoint saved before is intact" if saves else ""
+        err_console.print(f"[red]error:[/] out of memory: use a smaller {smaller}{kept_too}", soft_wrap=True)
         raise typer.Exit(1) from None
 
 
@@ -409,7 +406,9 @@ def train(
 
 
 def _train(options: dict, resume: str | None, config_file: Path | None, print_config: bool) -> None:
-    with _user_errors(saves=True):
+    with _user_errors(
+        saves=True, smaller="--batch-size (with --grad-accum to keep the bytes per step), --seq-len or model"
+    ):
         from htcli.config import config_from_options
         from htcli.display import TrainDisplay, train_summary
         from htcli.distributed import process_group
@@ -506,7 +505,7 @@ def sample(
     dtype: Dtype = "auto",
 ) -> None:
     """Generate text from a checkpoint, streamed to stdout; timing and tokens/s go to stderr."""
-    with _user_errors():
+    with _user_errors(smaller="--num-samples or model"):
         from htcli.checkpoint import load_model
         from htcli.device import resolve_device, resolve_dtype
         from htcli.sample import SamplingConfig, generate_batch, read_prompt
@@ -532,9 +531,8 @@ def sample(
 def _check_sample_options(prompt: str | None, prompt_file: Path | None, num_samples: int, seed: int) -> None:
     if prompt is not None and prompt_file is not None:
         raise HtcliError("give --prompt or --prompt-file, not both")
-    if (
-        prompt == ""
-    ):  # (it started from a newline, as no --prompt does, where an empty --prompt-file is refused)
+    # (an empty --prompt started from a newline, as no --prompt does, where an empty --prompt-file is refused)
+    if prompt == "":
         raise HtcliError(
             "--prompt is empty: give at least one character, or leave it out to start from a newline"
         )
@@ -640,7 +638,7 @@ def eval_(
     dtype: Dtype = "auto",
 ) -> None:
     """Bits (and nats) per byte of a checkpoint over every byte of CORPUS after the first."""
-    with _user_errors():
+    with _user_errors(smaller="--batch-size or --context"):
         from htcli.checkpoint import load_model
         from htcli.corpus import ByteCorpus, RecordOptions
         from htcli.device import dtype_name, resolve_device, resolve_dtype
@@ -738,7 +736,7 @@ def bench(
     ] = "",
 ) -> None:
     """H-attention against exact attention (SDPA): speed and peak memory, side by side in one run."""
-    with _user_errors():
+    with _user_errors(smaller="--seq-len or --batch-size"):
         from htcli.bench import BenchConfig
 
         if decode:
@@ -852,6 +850,7 @@ def plot(
         from htcli.device import check_choice
         from htcli.display import runs_table
         from htcli.plots import check_plot_path, curves_plot
+        from htcli.runlog import LOG_FILE
 
         check_choice("x", x, X_AXES)
         check_plot_path(output, "--output")
@@ -863,7 +862,7 @@ def plot(
                     if read.skipped > 1
                     else "a line is not an htcli event"
                 )
-                where = escape(str(run / "log.jsonl"))
+                where = escape(str(run / LOG_FILE))
                 err_console.print(f"[yellow]warning:[/] {where}: {said} (skipped)", soft_wrap=True)
         if not any(run.train or run.val for run in curves):
             raise HtcliError("nothing to plot: no run has logged a step or an evaluation yet")

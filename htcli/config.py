@@ -12,7 +12,14 @@ from typing import TYPE_CHECKING
 
 from htcli.device import DEVICES, DTYPES, check_choice
 from htcli.errors import HtcliError
-from htcli.files import CHECKPOINT_FILES, CONFIG_FILE, check_out_path, missing_checkpoint_files, read_json
+from htcli.files import (
+    CHECKPOINT_FILES,
+    CONFIG_FILE,
+    check_complete_checkpoint,
+    check_out_path,
+    missing_checkpoint_files,
+    read_json,
+)
 from htcli.presets import DEFAULT_PRESET, model_config
 
 if TYPE_CHECKING:
@@ -135,7 +142,8 @@ class TrainConfig:
         if self.model.causal is not True:  # (only a config file or config.json can set it)
             raise HtcliError(
                 "the model is bidirectional (model.causal false): htcli trains next-byte language models,"
-                " whose predictions must not see the bytes they predict; drop causal from the config"
+                " whose predictions must not see the bytes they predict; remove causal = false from the"
+                " config file (a run that trained so cannot be continued)"
             )
         full, start = self.model.max_seq_len, self.context_warmup_start
         if self.context_warmup and start >= full:  # (was taken as no warm-up, without a word)
@@ -230,7 +238,8 @@ def saved_config(out: Path) -> dict:
     missing = HtcliError(
         f"no checkpoint at {out}: start a new run there (without resume)", fields=("resume",)
     )
-    if len(missing_checkpoint_files(out)) < len(CHECKPOINT_FILES):
+    if not path.exists() and len(missing_checkpoint_files(out)) < len(CHECKPOINT_FILES):
+        check_complete_checkpoint(out)
         missing = HtcliError(
             f"cannot continue {out}: its {CONFIG_FILE} (the run's options) is missing, its checkpoint is"
             " there: give the corpus and the run's options again with resume auto (which takes the weights,"

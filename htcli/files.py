@@ -24,8 +24,12 @@ CHECKPOINT_FILES = (MODEL_FILE, OPTIMIZER_FILE, STATE_FILE)
 
 
 def is_run_directory(path: Path) -> bool:
-    """Whether path is (likely) an htcli run directory: it holds a lock file and a config.json."""
-    return (path / LOCK_FILE).is_file() and (path / CONFIG_FILE).is_file()
+    """Whether path is (likely) an htcli run directory: it holds a lock file, a config.json and a log
+    (False where its entries cannot be looked at)."""
+    try:
+        return all((path / name).is_file() for name in (LOCK_FILE, CONFIG_FILE, "log.jsonl"))
+    except OSError:
+        return False
 
 
 def pending_file(out: Path, name: str) -> Path:
@@ -34,13 +38,27 @@ def pending_file(out: Path, name: str) -> Path:
 
 
 def missing_checkpoint_files(out: Path) -> list[str]:
-    """The files of a checkpoint that the directory out lacks, neither in place nor written by a save cut
-    short (all of them where it holds no checkpoint)."""
+    """The files of a checkpoint that the directory out lacks, neither in place nor written by a save that
+    a crash cut short between its renames (all of them where it holds no checkpoint). A save cut short
+    while writing (no pending state.json) counts for nothing: the next save or resume drops its files."""
+    renaming = pending_file(out, STATE_FILE).exists()
     return [
         name
         for name in CHECKPOINT_FILES
-        if not (out / name).exists() and not pending_file(out, name).exists()
+        if not (out / name).exists() and not (renaming and pending_file(out, name).exists())
     ]
+
+
+def check_complete_checkpoint(out: Path) -> None:
+    """HtcliError if out holds some of a checkpoint's files but not all (deleted, or never written)."""
+    missing = missing_checkpoint_files(out)
+    if missing and len(missing) < len(CHECKPOINT_FILES):
+        readable = f" (sample and eval read its {MODEL_FILE} alone)" if (out / MODEL_FILE).exists() else ""
+        raise HtcliError(
+            f"{out} holds an incomplete checkpoint ({' and '.join(missing)} missing): it cannot be resumed;"
+            f" start the run in another out{readable}",
+            fields=("out",),
+        )
 
 
 def fsync_dir(path: Path) -> None:

@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 from htcli.errors import HtcliError
+from htcli.files import atomic_file
 
 
 def pyplot():
@@ -47,6 +48,13 @@ def check_plot_path(path: Path, option: str) -> None:
         )
 
 
+def save_figure(fig, path: Path) -> None:
+    """fig written to path whole or not at all (a Ctrl-C while matplotlib writes it leaves the file as it
+    was), in the format its extension names."""
+    with atomic_file(path) as file:
+        fig.savefig(file, dpi=120, format=Path(path).suffix.lstrip(".").lower())
+
+
 def by_position_plot(curves: dict[str, list[dict]], path: Path) -> None:
     """Bits per byte against position in the window (log scale), one line per label; each curve is
     an EvalResult.by_position."""
@@ -63,7 +71,7 @@ def by_position_plot(curves: dict[str, list[dict]], path: Path) -> None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -93,5 +101,5 @@ def curves_plot(runs: list, x: str, path: Path) -> None:
         else:
             ax.text(0.5, 0.5, "none logged yet", ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
     plt.close(fig)

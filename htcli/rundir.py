@@ -15,7 +15,7 @@ from htcli import distributed
 from htcli.checkpoint import commit_pending, has_checkpoint, load_training_state
 from htcli.config import TrainConfig
 from htcli.errors import HtcliError
-from htcli.files import MODEL_FILE, check_out_path, missing_checkpoint_files
+from htcli.files import check_complete_checkpoint, check_out_path
 from htcli.runlock import RunLock
 
 
@@ -44,7 +44,7 @@ def open_run(out: Path, config: TrainConfig, resume: bool, lock: RunLock, *, mai
     distributed.raise_together(failure)
     if not resume:
         if has_checkpoint(out):
-            _check_complete(out)
+            check_complete_checkpoint(out)
             raise HtcliError(
                 f"{out} already holds a checkpoint: pass resume to continue it, or choose another out",
                 fields=("resume", "out"),
@@ -54,23 +54,10 @@ def open_run(out: Path, config: TrainConfig, resume: bool, lock: RunLock, *, mai
         raise HtcliError(
             f"no checkpoint at {out}: start a new run there (without resume)", fields=("resume",)
         )
-    _check_complete(out)
+    check_complete_checkpoint(out)
     checkpoint = load_training_state(out, commit=False)
     _check_fits(out, config, *checkpoint)
     return checkpoint
-
-
-def _check_complete(out: Path) -> None:
-    """out's checkpoint has all its files (after a save cut short is finished: a file lacking now was
-    deleted, or never written)."""
-    missing = missing_checkpoint_files(out)
-    if missing:
-        readable = "" if MODEL_FILE in missing else f" (sample and eval read its {MODEL_FILE} alone)"
-        raise HtcliError(
-            f"{out} holds an incomplete checkpoint ({' and '.join(missing)} missing): it cannot be resumed;"
-            f" start the run in another out{readable}",
-            fields=("out",),
-        )
 
 
 def _check_fits(out: Path, config: TrainConfig, info, weights, optimizer_state, state) -> None:

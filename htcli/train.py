@@ -85,15 +85,7 @@ def train(
     """
     run = Run(config, resolve_resume(resume, Path(config.out)))
     try:
-        # the loggers first: one that cannot start (W&B without a login) leaves the run's config.json as it
-        # was, so that a resume without that logger goes on as before
-        run.claim_directory()
-        loggers = open_loggers(config.loggers, run.out, config.to_dict(), run.step) if run.main else []
-        try:
-            run.write_config()
-        except BaseException:
-            close_loggers(loggers)
-            raise
+        loggers = _start_writing(run)
         with (
             RunLog(run.out / LOG_FILE, on_event, enabled=run.main, loggers=loggers) as log,
             StopRequest() as stop,
@@ -115,6 +107,30 @@ def train(
         run.close()
     return TrainResult(run.out, run.step, config.steps, loss, run.val_bpb, bool(stopped_by), seconds, tokens,
                        run.params, stopped_by)  # fmt: skip
+
+
+def _start_writing(run: Run) -> list:
+    """Rank 0's first writes: the run directory claimed, the loggers started (rank 0's, returned), then
+    config.json (so that a logger that cannot start, W&B without a login, leaves a resumed run's config as
+    it was, and a resume without that logger goes on as before). Every rank stops with an error that rank 0
+    meets here (the others waited for it at the first step, then said they had lost contact)."""
+    loggers: list = []
+    try:
+        failure = None
+        try:
+            run.claim_directory()
+            if run.main:
+                loggers = open_loggers(run.config.loggers, run.out, run.config.to_dict(), run.step)
+            run.write_config()
+        except HtcliError as error:
+            if not distributed.is_distributed():
+                raise
+            failure = error
+        distributed.raise_together(failure)
+        return loggers
+    except BaseException:
+        close_loggers(loggers)
+        raise
 
 
 def _agreed_stop(stop: StopRequest, device) -> str | None:

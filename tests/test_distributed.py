@@ -299,6 +299,23 @@ def test_ranks_on_unlike_cpus_compute_in_one_precision(ddp_run, tmp_path):
     assert json.loads((tmp_path / "run" / "state.json").read_text())["dtype"] == "fp32"
 
 
+def test_an_error_of_rank_0_alone_stops_every_rank_at_once(ddp_run, tmp_path):
+    """A logger that cannot start (W&B online without a login) opens on rank 0 alone: every rank stops
+    with its one line (rank 1 waited at the first step, and said it had lost contact with the others once
+    rank 0 had exited)."""
+    wandb = dict(WANDB_MODE="online", HOME=str(tmp_path), WANDB_CONFIG_DIR=str(tmp_path / "wandb-config"))
+    args = [ddp_run[1], "--out", tmp_path / "run", *FLAGS, "--steps", 2, "--logger", "wandb"]
+    ranks = start_ranks(*args, HTCLI_DIST_TIMEOUT="600", **wandb)
+    errors = finish(ranks)
+    assert [process.returncode for process in ranks] == [1, 1], errors
+    for error in errors:
+        assert error.strip().splitlines() == [
+            "error: --logger wandb could not start (No API key configured. Use `wandb login` to log in.): "
+            "run `wandb login` or set WANDB_API_KEY, or WANDB_MODE=offline to log on disk"
+        ], error
+    assert not (tmp_path / "run" / "config.json").exists()
+
+
 def test_a_hung_rank_stops_the_others_after_the_timeout(ddp_run, tmp_path):
     """When rank 1 stops answering mid-run, rank 0 exits 1 after HTCLI_DIST_TIMEOUT with one clear line."""
     run = tmp_path / "run"

@@ -426,6 +426,32 @@ def test_plot_says_which_lines_it_skipped(corpus, tmp_path):
     )
 
 
+def test_a_figure_cut_short_leaves_the_file_as_it_was(tmp_path, monkeypatch):
+    """A Ctrl-C while matplotlib writes a figure (plot -o, eval --plot, bench --plot wrote straight onto the
+    path): the earlier figure stays whole, and no temporary file is left."""
+    from matplotlib.figure import Figure
+
+    from htcli.plots import pyplot, save_figure
+
+    path = tmp_path / "curves.png"
+    path.write_bytes(b"an earlier figure")
+    plt = pyplot()
+    fig = plt.figure()
+
+    def cut_short(self, file, **kwargs):
+        file.write(b"\x89PNG half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Figure, "savefig", cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        save_figure(fig, path)
+    monkeypatch.undo()
+    assert path.read_bytes() == b"an earlier figure" and [p.name for p in tmp_path.iterdir()] == [path.name]
+    save_figure(fig, path)
+    plt.close(fig)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_plot_errors(corpus, tmp_path):
     assert_user_error(
         invoke("plot", tmp_path), "has no log.jsonl: give run directories written by htcli train"

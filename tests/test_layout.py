@@ -14,7 +14,6 @@ LAYERS = [
         "device",
         "stop",
         "display",
-        "plots",
     ),  # run files, devices, Ctrl-C, terminal output
     (
         "attention.geometry",
@@ -23,6 +22,7 @@ LAYERS = [
         "corpus.cache",
         "corpus.find",
         "loggers",
+        "plots",
     ),
     (
         "attention.oracle",
