@@ -3,6 +3,7 @@ to OUT/log.jsonl."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Callable
@@ -14,6 +15,10 @@ from htcli.loggers import close_loggers
 
 LOG_FILE = "log.jsonl"
 METRIC_EVENTS = ("step", "eval", "sample")  # events of one step, redone when a run resumes before it
+
+
+class LogError(HtcliError):
+    """The log (or a logger) could not be written: a full disk, a failed device."""
 
 
 class RunLog:
@@ -29,24 +34,38 @@ class RunLog:
         self.loggers = list(loggers)
 
     def __call__(self, event: str, **fields) -> None:
+        """Log an event; LogError where the file or a logger cannot take it."""
         record = {"event": event, "time": round(time.time(), 3), **fields}
         if self.file is not None:
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
+            with self._writing(self.file.name):
+                self.file.write(json.dumps(record) + "\n")
+                self.file.flush()
             for logger in self.loggers:
-                logger(record)
+                with self._writing(f"the {type(logger).__name__}'s files"):
+                    logger(record)
             if self.on_event is not None:
                 self.on_event(record)
+
+    @contextlib.contextmanager
+    def _writing(self, what: str):
+        try:
+            yield
+        except OSError as error:
+            raise LogError(f"cannot write {what}: {error.strerror or error}") from None
 
     def __enter__(self) -> RunLog:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, kind, *exc) -> None:
         try:
             close_loggers(self.loggers)
         finally:
             if self.file is not None:
-                self.file.close()
+                try:
+                    self.file.close()
+                except OSError as error:  # (the rest of a line that could not be written)
+                    if kind is None:
+                        raise LogError(f"cannot write {self.file.name}: {error.strerror or error}") from None
 
 
 def trim_log(path: Path, step: int) -> None:

@@ -46,7 +46,7 @@ from htcli.model import HTransformer1D
 from htcli.optim import context_length, learning_rate, make_optimizer
 from htcli.rundir import open_run, resolve_resume
 from htcli.runlock import RunLock
-from htcli.runlog import LOG_FILE, RunLog, trim_log
+from htcli.runlog import LOG_FILE, LogError, RunLog, trim_log
 from htcli.sample import SamplingConfig, generate
 from htcli.stop import StopRequest
 
@@ -103,6 +103,8 @@ def train(
             tokens = (run.step - first_step) * config.tokens_per_step * run.world_size
             end = dict(interrupted=bool(stopped_by), seconds=seconds, val_bpb=run.val_bpb, train_loss=loss)
             log("end", step=run.step, **end)
+    except LogError as error:  # (a full disk: the log's file or a logger's)
+        raise HtcliError(f"{error}; stopped ({run.kept()}): free some space, then resume") from None
     finally:
         run.close()
     return TrainResult(run.out, run.step, config.steps, loss, run.val_bpb, bool(stopped_by), seconds, tokens,
@@ -418,19 +420,19 @@ class Run:
                     self.out, self.model, self.optimizer, state, step=self.step, val_bpb=self.val_bpb
                 )
             except OSError as error:
-                kept = (
-                    f"the checkpoint of step {self.saved_step} is intact"
-                    if self.saved_step
-                    else "none saved yet"
-                )
                 reason = error.strerror or error
                 raise HtcliError(
-                    f"cannot save the checkpoint of step {self.step} in {self.out}: {reason} ({kept}); "
-                    "free some space, then resume"
+                    f"cannot save the checkpoint of step {self.step} in {self.out}: {reason}"
+                    f" ({self.kept()}); free some space, then resume"
                 ) from None
+            self.saved_step = self.step  # (before the log says so, which may fail)
             log("checkpoint", step=self.step, path=str(self.out))
         distributed.barrier(self.device)  # nobody goes on (or exits) before the checkpoint is written
         self.saved_step = self.step
+
+    def kept(self) -> str:
+        """What a run that stops here keeps: its last checkpoint."""
+        return f"the checkpoint of step {self.saved_step} is intact" if self.saved_step else "none saved yet"
 
     def _rank_state(self) -> dict:
         """What this rank needs to continue exactly: its random number generators and data sampler."""

@@ -221,6 +221,38 @@ def test_files_follow_the_umask(corpus, tmp_path):
         assert set(modes.values()) == {mode}, modes
 
 
+def test_full_disk_while_logging(corpus, tmp_path):
+    """log.jsonl that cannot grow (a file size limit stands in for a full disk) between saves: one line
+    naming it and the checkpoint that is intact, exit 1 (a traceback); the run resumes from it once there is
+    room, the line cut short dropped."""
+    out = tmp_path / "run"
+    train(tiny_config(corpus, out, steps=2))
+    before = snapshot(out)
+    limit = (out / "log.jsonl").stat().st_size + 3000
+    script = (
+        "import resource, signal, sys\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))\n"
+        "from htcli.cli import app\n"
+        "app(sys.argv[1:], prog_name='htcli')\n"
+    )
+    args = ["train", "--out", out, "--resume", "--steps", 400, "--save-every", 1000, "--eval-every", 0]
+    process = subprocess.run([sys.executable, "-c", script, *map(str, args)], capture_output=True, text=True)
+    assert process.returncode == 1 and "Traceback" not in process.stderr, process.stderr
+    assert process.stderr.strip().splitlines()[-1] == (
+        f"error: cannot write {out / 'log.jsonl'}: File too large; stopped (the checkpoint of step 2 is"
+        " intact): free some space, then resume"
+    )
+    after = snapshot(out)
+    assert all(
+        after[name] == before[name] for name in ("model.safetensors", "optimizer.safetensors", "state.json")
+    )
+    assert not after["log.jsonl"].endswith(b"\n")  # a line cut short
+    resumed = invoke("train", "--out", out, "--resume", "--steps", 4)
+    assert resumed.exit_code == 0, resumed.output
+    assert [e["step"] for e in events(out, "step")] == [1, 2, 3, 4]
+
+
 def test_full_disk_while_saving(corpus, tmp_path):
     """A save that cannot be written (a file size limit stands in for a full disk) stops with one line,
     exit 1; the previous checkpoint stays whole and no half-written file is left."""
