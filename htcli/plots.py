@@ -50,9 +50,12 @@ def check_plot_path(path: Path, option: str) -> None:
 
 def save_figure(fig, path: Path) -> None:
     """fig written to path whole or not at all (a Ctrl-C while matplotlib writes it leaves the file as it
-    was), in the format its extension names."""
-    with atomic_file(path) as file:
-        fig.savefig(file, dpi=120, format=Path(path).suffix.lstrip(".").lower())
+    was), in the format its extension names; HtcliError where it cannot be written (a full disk)."""
+    try:
+        with atomic_file(path) as file:
+            fig.savefig(file, dpi=120, format=Path(path).suffix.lstrip(".").lower())
+    except OSError as error:
+        raise HtcliError(f"cannot write the figure {path}: {error.strerror or error}") from None
 
 
 def by_position_plot(curves: dict[str, list[dict]], path: Path) -> None:

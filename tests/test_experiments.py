@@ -22,6 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from htcli.attention import eager
 from htcli.config_file import read_options, write_toml
+from htcli.errors import HtcliError
 from htcli.flops import attention_flops, dense_flops_per_token, peak_bf16_flops
 from htcli.model import HTransformer1D, HTransformerConfig
 from tests.conftest import TINY_FLAGS, assert_user_error, events, invoke, tiny_config
@@ -428,7 +429,8 @@ def test_plot_says_which_lines_it_skipped(corpus, tmp_path):
 
 def test_a_figure_cut_short_leaves_the_file_as_it_was(tmp_path, monkeypatch):
     """A Ctrl-C while matplotlib writes a figure (plot -o, eval --plot, bench --plot wrote straight onto the
-    path): the earlier figure stays whole, and no temporary file is left."""
+    path), or a full disk (a traceback): the earlier figure stays whole, no temporary file is left, and a
+    full disk is one line."""
     from matplotlib.figure import Figure
 
     from htcli.plots import pyplot, save_figure
@@ -442,8 +444,15 @@ def test_a_figure_cut_short_leaves_the_file_as_it_was(tmp_path, monkeypatch):
         file.write(b"\x89PNG half")
         raise KeyboardInterrupt
 
+    def full(self, file, **kwargs):
+        file.write(b"\x89PNG half")
+        raise OSError(28, "No space left on device")
+
     monkeypatch.setattr(Figure, "savefig", cut_short)
     with pytest.raises(KeyboardInterrupt):
+        save_figure(fig, path)
+    monkeypatch.setattr(Figure, "savefig", full)
+    with pytest.raises(HtcliError, match=f"cannot write the figure {path}: No space left on device"):
         save_figure(fig, path)
     monkeypatch.undo()
     assert path.read_bytes() == b"an earlier figure" and [p.name for p in tmp_path.iterdir()] == [path.name]
