@@ -9,14 +9,18 @@ waits, then all read the checkpoint; an error on rank 0 is raised on every rank.
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 from htcli import distributed
 from htcli.checkpoint import commit_pending, has_checkpoint, load_training_state
 from htcli.config import TrainConfig
 from htcli.errors import HtcliError
-from htcli.files import check_complete_checkpoint, check_out_path
+from htcli.files import CHECKPOINT_FILES, CONFIG_FILE, LOCK_FILE, check_complete_checkpoint, check_out_path
+from htcli.loggers import TENSORBOARD_DIR, WANDB_ID_FILE
 from htcli.runlock import RunLock
+from htcli.runlog import LOG_FILE, parse_event
 
 
 def resolve_resume(resume: bool | str, out: Path) -> bool:
@@ -36,6 +40,8 @@ def open_run(out: Path, config: TrainConfig, resume: bool, lock: RunLock, *, mai
     failure = None
     if main and out.is_dir():
         try:
+            if not resume:
+                check_only_run_files(out)
             lock.acquire()
             if resume:
                 commit_pending(out)
@@ -58,6 +64,49 @@ def open_run(out: Path, config: TrainConfig, resume: bool, lock: RunLock, *, mai
     checkpoint = load_training_state(out, commit=False)
     _check_fits(out, config, *checkpoint)
     return checkpoint
+
+
+def check_only_run_files(out: Path) -> None:
+    """A new run's directory that exists holds nothing but a run's own files (a run that never saved:
+    its lock, config.json, log.jsonl, loggers' files, a save or write cut short), nothing that the run
+    would overwrite (a config.json) or add to (a log.jsonl) of someone else's."""
+    names = os.listdir(out)
+    hidden_ours = [name for name in names if name == LOCK_FILE or name.endswith((".pending", ".tmp"))]
+    ours = {*CHECKPOINT_FILES, CONFIG_FILE, LOG_FILE, TENSORBOARD_DIR, "wandb", WANDB_ID_FILE, *hidden_ours}
+    others = sorted(set(names) - ours)
+    if not others and CONFIG_FILE in names:
+        others = [] if _is_htcli_config(out / CONFIG_FILE) else [CONFIG_FILE]
+    if not others and LOG_FILE in names:
+        others = [] if _is_htcli_log(out / LOG_FILE) else [LOG_FILE]
+    if others:
+        shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+        raise HtcliError(
+            f"{out} holds files that are not an htcli run's ({shown}), which a new run would overwrite or"
+            " mix with its own: choose a new or empty out",
+            fields=("out",),
+        )
+
+
+def _is_htcli_config(path: Path) -> bool:
+    if not path.is_file():  # (a FIFO would block the read)
+        return False
+    try:
+        saved = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return False
+    return isinstance(saved, dict) and "htcli_version" in saved
+
+
+def _is_htcli_log(path: Path) -> bool:
+    """Whether a log's first line is an htcli event (an empty log is a run's that stopped at once)."""
+    if not path.is_file():
+        return False
+    try:
+        with open(path, "rb") as file:
+            first = file.readline(1 << 16)
+    except OSError:
+        return False
+    return not first.strip() or "event" in (parse_event(first) or {})
 
 
 def _check_fits(out: Path, config: TrainConfig, info, weights, optimizer_state, state) -> None:

@@ -400,6 +400,35 @@ def test_a_run_directory_that_is_a_file(tmp_path, corpus, resume):
     assert file.read_bytes() == b"mine"
 
 
+@pytest.mark.parametrize(
+    "files,named",
+    [
+        ({"notes.txt": b"mine"}, "notes.txt"),
+        ({"config.json": b'{"theme": "dark"}'}, "config.json"),
+        ({"log.jsonl": b"12:00 started\n"}, "log.jsonl"),
+        ({".git/HEAD": b"ref", "a": b"", "b": b"", "c": b""}, ".git, a, b and 1 more"),
+    ],
+)
+def test_a_new_run_into_a_directory_of_other_files_is_refused(corpus, tmp_path, files, named):
+    """A new run into an existing directory holding files that are not a run's: refused, nothing written
+    there (it replaced a config.json, appended to a log.jsonl and wrote its checkpoint beside them; --out /
+    wrote into the root). An empty directory, and a run's that never saved, are taken."""
+    out = tmp_path / "project"
+    for name, content in files.items():
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_bytes(content)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    said = f"{out} holds files that are not an htcli run's ({named}), which a new run would overwrite or mix"
+    assert_user_error(invoke("train", corpus, "--out", out, *TINY_FLAGS, "--steps", 1), said)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    (tmp_path / "empty").mkdir()
+    assert invoke("train", corpus, "--out", tmp_path / "empty", *TINY_FLAGS, "--steps", 1).exit_code == 0
+    never_saved = tmp_path / "empty"
+    for name in ("model.safetensors", "optimizer.safetensors", "state.json"):
+        (never_saved / name).unlink()
+    assert invoke("train", corpus, "--out", never_saved, *TINY_FLAGS, "--steps", 1).exit_code == 0
+
+
 @pytest.mark.parametrize("lost", ["optimizer.safetensors", "state.json", "model.safetensors"])
 def test_an_incomplete_checkpoint_is_named_as_such(run_copy, lost):
     """A run directory that lost one of its checkpoint's files: a new run and --resume both say so (the

@@ -121,18 +121,19 @@ def test_resume_takes_hyperparameters_from_the_config_not_the_optimizer_file(cor
 
 def test_resume_after_a_crash_logs_each_step_once(corpus, tmp_path):
     """A crash after the checkpoint of step 4 leaves step 5 in log.jsonl; the resume redoes it once."""
+    run = tmp_path / "run"
 
     def crash_at_step_5(event):
         if event["event"] == "step" and event["step"] == 5:
             raise RuntimeError("power cut")
 
-    config = tiny_config(corpus, tmp_path, save_every=2, eval_every=1)
+    config = tiny_config(corpus, run, save_every=2, eval_every=1)
     with pytest.raises(RuntimeError, match="power cut"):
         train(config, on_event=crash_at_step_5)
-    with open(tmp_path / "log.jsonl", "a") as log:
+    with open(run / "log.jsonl", "a") as log:
         log.write('{"event": "step", "st')  # a line torn by the crash
     train(config, resume=True)
-    events = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    events = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [e["step"] for e in events if e["event"] == "step"] == [1, 2, 3, 4, 5, 6]
     assert [e["step"] for e in events if e["event"] == "eval"] == [1, 2, 3, 4, 5, 6]
     assert [e["resumed"] for e in events if e["event"] == "start"] == [False, True]
@@ -140,13 +141,14 @@ def test_resume_after_a_crash_logs_each_step_once(corpus, tmp_path):
 
 def test_log_and_config_files(corpus, tmp_path):
     """log.jsonl has one line per step and per evaluation; config.json holds the resolved config."""
-    config = tiny_config(corpus, tmp_path)
+    run = tmp_path / "run"
+    config = tiny_config(corpus, run)
     train(config)
-    events = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    events = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [e["step"] for e in events if e["event"] == "step"] == [1, 2, 3, 4, 5, 6]
     assert [e["step"] for e in events if e["event"] == "eval"] == [3, 6]
     assert all(e["val_bpb"] > 0 for e in events if e["event"] == "eval")
-    saved = json.loads((tmp_path / "config.json").read_text())
+    saved = json.loads((run / "config.json").read_text())
     assert TrainConfig.from_dict({k: v for k, v in saved.items() if k != "htcli_version"}) == config
     assert saved["min_lr"] == pytest.approx(config.lr / 10)
 
@@ -155,11 +157,12 @@ def test_log_and_config_files(corpus, tmp_path):
 def test_auto_dtype_trains_in_bf16_on_a_cpu_that_multiplies_it(corpus, tmp_path, monkeypatch, amx):
     """dtype auto trains under bf16 autocast on a CPU with AMX (7-37% faster steps measured), in fp32 on
     one without; sampling and evaluation on a CPU stay fp32 either way."""
+    run = tmp_path / "run"
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
     monkeypatch.setattr(torch.cpu, "_init_amx", lambda: amx)  # (its own check, in C++, on a CPU without AMX)
     assert cpu_multiplies_bf16() is amx
-    train(tiny_config(corpus, tmp_path))
-    assert [e["dtype"] for e in events(tmp_path, "start")] == ["bf16" if amx else "fp32"]
+    train(tiny_config(corpus, run))
+    assert [e["dtype"] for e in events(run, "start")] == ["bf16" if amx else "fp32"]
     assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
     assert resolve_dtype("fp32", torch.device("cpu"), training=True) == torch.float32
 
@@ -204,6 +207,7 @@ def test_cpu_bf16_detection_without_torchs_check(monkeypatch):
 
 def test_divergence_stops_and_keeps_the_last_checkpoint(corpus, tmp_path, monkeypatch):
     """A NaN loss stops training with a clear message; the checkpoint of the last save stays intact."""
+    run = tmp_path / "run"
     real_step, calls = train_module._optimizer_step, []
 
     def nan_at_step_5(*args, **kwargs):
@@ -213,25 +217,27 @@ def test_divergence_stops_and_keeps_the_last_checkpoint(corpus, tmp_path, monkey
 
     monkeypatch.setattr(train_module, "_optimizer_step", nan_at_step_5)
     with pytest.raises(HtcliError, match=r"training diverged at step 5 .*checkpoint of step 3 .* is intact"):
-        train(tiny_config(corpus, tmp_path))
-    state = json.loads((tmp_path / "state.json").read_text())
+        train(tiny_config(corpus, run))
+    state = json.loads((run / "state.json").read_text())
     assert state["step"] == 3
-    assert set(weights(tmp_path)) and all(torch.isfinite(t).all() for t in weights(tmp_path).values())
+    assert set(weights(run)) and all(torch.isfinite(t).all() for t in weights(run).values())
 
 
 def test_existing_checkpoint_is_not_overwritten(corpus, tmp_path):
     """Training into a directory that holds a checkpoint without --resume is refused, files untouched."""
-    train(tiny_config(corpus, tmp_path, steps=3))
-    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    run = tmp_path / "run"
+    train(tiny_config(corpus, run, steps=3))
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
     with pytest.raises(HtcliError, match="already holds a checkpoint: pass resume"):
-        train(tiny_config(corpus, tmp_path, steps=6))
-    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+        train(tiny_config(corpus, run, steps=6))
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
 
 
 def test_resume_refuses_a_different_model(corpus, tmp_path):
     """Resuming with model options that differ from the checkpoint names the difference."""
-    train(tiny_config(corpus, tmp_path, steps=3))
-    config = config_from_options([], out=str(tmp_path), resume=True, dim=48, steps=6)
+    run = tmp_path / "run"
+    train(tiny_config(corpus, run, steps=3))
+    config = config_from_options([], out=str(run), resume=True, dim=48, steps=6)
     with pytest.raises(
         HtcliError, match="model differs from its checkpoint .*dim 32 in the checkpoint, 48 asked"
     ):
@@ -240,23 +246,25 @@ def test_resume_refuses_a_different_model(corpus, tmp_path):
 
 def test_resume_needs_a_checkpoint_and_more_steps(corpus, tmp_path):
     """--resume without a checkpoint, or already at --steps, says what to do."""
+    run = tmp_path / "run"
     with pytest.raises(HtcliError, match="no checkpoint at .*without resume"):
         config_from_options([str(corpus)], out=str(tmp_path / "none"), resume=True)
-    train(tiny_config(corpus, tmp_path, steps=3))
+    train(tiny_config(corpus, run, steps=3))
     with pytest.raises(HtcliError, match="already at step 3 of steps 3: pass a larger steps"):
-        train(config_from_options([], out=str(tmp_path), resume=True), resume=True)
+        train(config_from_options([], out=str(run), resume=True), resume=True)
 
 
 def test_resume_refuses_a_foreign_config_json(corpus, tmp_path):
     """A config.json that is not htcli's (unknown keys, or no model) is refused by name."""
-    train(tiny_config(corpus, tmp_path, steps=3))
-    saved = json.loads((tmp_path / "config.json").read_text())
-    (tmp_path / "config.json").write_text(json.dumps({**saved, "colour": "red"}))
+    run = tmp_path / "run"
+    train(tiny_config(corpus, run, steps=3))
+    saved = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**saved, "colour": "red"}))
     with pytest.raises(HtcliError, match="not an htcli training config: .*colour"):
-        config_from_options([], out=str(tmp_path), resume=True, steps=6)
-    (tmp_path / "config.json").write_text(json.dumps({"steps": 3}))
+        config_from_options([], out=str(run), resume=True, steps=6)
+    (run / "config.json").write_text(json.dumps({"steps": 3}))
     with pytest.raises(HtcliError, match="config.json is not an htcli training config"):
-        config_from_options([], out=str(tmp_path), resume=True, steps=6)
+        config_from_options([], out=str(run), resume=True, steps=6)
 
 
 def test_context_warmup_schedule():
