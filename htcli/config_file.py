@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import stat
 import sys
 from collections.abc import Callable
 from dataclasses import fields
@@ -76,6 +77,12 @@ def read_options(path: Path, spell: Callable[[str], str]) -> dict[str, object]:
 
 def _load(path: Path) -> dict:
     try:
+        # (a FIFO would block the read, /dev/zero never end it)
+        if not stat.S_ISREG(path.stat().st_mode) and not path.is_dir():
+            raise HtcliError(
+                f"config file {path} is not a regular file (a pipe or a device?): give a .toml file or a"
+                " run's config.json"
+            )
         raw = path.read_bytes()
     except FileNotFoundError:
         raise HtcliError(f"config file {path} does not exist") from None

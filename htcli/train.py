@@ -94,7 +94,7 @@ def train(
             started, first_step, loss, stopped_by = time.perf_counter(), run.step, None, None
             while run.step < config.steps and not (stopped_by := _agreed_stop(stop, run.device)):
                 loss = run.train_step(log)
-                run.after_step(log)
+                run.after_step(log, stop)
             if stopped_by:
                 log("interrupt", step=run.step, signal=stopped_by)
                 if run.saved_step != run.step:
@@ -368,15 +368,15 @@ class Run:
             fields=("lr", "dtype"),
         )
 
-    def after_step(self, log: RunLog) -> None:
-        """Evaluate, sample and save where due."""
+    def after_step(self, log: RunLog, stop: StopRequest | None = None) -> None:
+        """Evaluate, sample and save where due (a sample ends early at a stop request)."""
         config, step = self.config, self.step
         last = step == config.steps
         if due(step, config.eval_every, last=last):
             val_loss, self.val_bpb = self.validate()
             log("eval", step=step, val_loss=val_loss, val_bpb=self.val_bpb)
         if self.main and due(step, config.sample_every):
-            prompt, text = self.sample()
+            prompt, text = self.sample(stop)
             log("sample", step=step, prompt=prompt, text=text)
         if due(step, config.save_every, last=last):
             self.save(log)
@@ -396,14 +396,20 @@ class Run:
         finally:
             self.model.train()
 
-    def sample(self) -> tuple[str, str]:
-        """A continuation of the validation data's first bytes, from a fixed seed (no global RNG used)."""
+    def sample(self, stop: StopRequest | None = None) -> tuple[str, str]:
+        """A continuation of the validation data's first bytes, from a fixed seed (no global RNG used),
+        ended early by a stop request (Ctrl-C, SIGTERM: the save comes first, a long sample took minutes)."""
         prompt = self.val_data.read(0, min(SAMPLE_PROMPT_BYTES, len(self.val_data)))
         config = self.config
         self.model.eval()
         try:
             sampling = SamplingConfig(config.sample_length, temperature=SAMPLE_TEMPERATURE, seed=config.seed)
-            text = bytes(generate(self.model, prompt, sampling, dtype=self.dtype)).decode("utf-8", "replace")
+            made = bytearray()
+            for byte in generate(self.model, prompt, sampling, dtype=self.dtype):
+                made.append(byte)
+                if stop is not None and stop.requested:
+                    break
+            text = made.decode("utf-8", "replace")
         finally:
             self.model.train()
         return prompt.decode("utf-8", errors="replace"), text

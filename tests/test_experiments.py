@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -98,6 +99,11 @@ def test_flags_override_the_file_and_the_file_overrides_defaults(corpus, tmp_pat
             "exp.toml: seq-len and model.max_seq_len are the same option, given 64 and 128: keep one",
         ),
         ("batch-size = 2\nbatch_size = 3", "exp.toml: batch-size and batch_size are the same option"),
+        # (100 tokens: an IndexError traceback at the first step; 300: trained, then refused by sample)
+        (
+            "[model]\nnum_tokens = 100",
+            "model.num_tokens is 100: htcli trains byte-level models, of 256 tokens",
+        ),
     ],
 )
 def test_bad_config_files_are_one_line_errors_naming_the_key(corpus, tmp_path, content, message):
@@ -117,6 +123,17 @@ def test_a_json_key_given_twice_is_an_error(corpus, tmp_path):
 def test_missing_config_file_is_an_error(corpus, tmp_path):
     result = invoke("train", corpus, "--config", tmp_path / "none.toml")
     assert_user_error(result, "none.toml does not exist")
+
+
+@pytest.mark.parametrize("kind", ["fifo", "/dev/zero", "/dev/null"])
+def test_a_config_file_that_is_a_pipe_or_a_device_is_refused(corpus, tmp_path, kind):
+    """A FIFO as --config blocked for ever, /dev/zero read until memory ran out, /dev/null was an empty
+    config: one line each, nothing read."""
+    path = Path(kind) if kind.startswith("/") else tmp_path / "exp.toml"
+    if kind == "fifo":
+        os.mkfifo(path)
+    result = invoke("train", corpus, "--config", path, "--out", tmp_path / "r", "--print-config")
+    assert_user_error(result, f"config file {path} is not a regular file (a pipe or a device?)")
 
 
 def test_a_checkpoint_as_config_file_is_named_as_such(corpus, tmp_path):

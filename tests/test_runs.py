@@ -53,6 +53,25 @@ def test_sigterm_saves_and_exits_75(corpus, tmp_path):
     assert f"resuming at step {step}" in resumed.stderr
 
 
+def test_sigterm_during_a_long_preview_sample_saves_at_once(corpus, tmp_path):
+    """A SIGTERM while the run draws its preview sample (sample-length 100,000,000 in a config file): the
+    sample ends there, the step is saved, exit 75 (the sample went on for as long as it was, past a
+    scheduler's grace period)."""
+    out, config = tmp_path / "run", tmp_path / "long-sample.toml"
+    config.write_text("sample-length = 100000000\n")
+    process = start("train", corpus, "--out", out, *LONG_RUN, "--sample-every", 1, "--config", config)
+    wait_for_a_step(out, process)
+    time.sleep(1)  # (well into the sample)
+    process.send_signal(signal.SIGTERM)
+    try:
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 75, stderr
+    assert json.loads((out / "state.json").read_text())["step"] == 1
+    assert 0 < len(events(out, "sample")[0]["text"]) < 100_000_000
+
+
 def test_sigterm_while_a_corpus_is_cached_leaves_no_partial_file(tmp_path):
     """A SIGTERM while a compressed JSONL corpus is made into the cache (before any training): exit 143
     with one line, and neither the half-made entry nor its temporary file is left in the cache (the
