@@ -346,6 +346,11 @@ class Row:
             return None
         return s[key] / h[key]
 
+    def memory_ratio(self) -> float | None:
+        """H-attention's peak memory over SDPA's (None where one did not run, or SDPA's peak was 0)."""
+        ratio = self.ratio("peak_bytes")
+        return 1 / ratio if ratio else None
+
 
 def run_bench(config: BenchConfig) -> Iterator[Row]:
     """Measure every length and mode for both methods, yielding one row at a time."""

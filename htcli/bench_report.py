@@ -70,7 +70,6 @@ def bench_table(rows: list[Row], config: BenchConfig, title: str) -> Table:
         for method in METHODS:
             result = row.results[method]
             is_h = method == "h"
-            memory_ratio = row.ratio("peak_bytes")
             table.add_row(
                 f"{row.n:,}",
                 "causal" if row.causal else "non-c.",
@@ -80,7 +79,7 @@ def bench_table(rows: list[Row], config: BenchConfig, title: str) -> Table:
                 _tokens_per_s(result, row, config),
                 _memory(result),
                 _ratio(row.ratio("forward_backward_s")) if is_h else "",
-                _ratio(None if memory_ratio is None else 1 / memory_ratio) if is_h else "",
+                _ratio(row.memory_ratio()) if is_h else "",
                 end_section=not is_h,
             )
     return table
@@ -111,9 +110,7 @@ def to_json(rows: list[Row], config: BenchConfig, max_error: float, device: str)
                 "causal": r.causal,
                 "results": r.results,
                 "speedup": r.ratio("forward_backward_s"),
-                "memory_ratio_h_over_sdpa": None
-                if r.ratio("peak_bytes") is None
-                else 1 / r.ratio("peak_bytes"),
+                "memory_ratio_h_over_sdpa": r.memory_ratio(),
             }
             for r in rows
         ],

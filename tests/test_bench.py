@@ -11,6 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from htcli.bench import BenchConfig, Row, correctness, decode_bench, run_isolated, scaling_exponent
+from htcli.bench_report import to_json
 from htcli.cli import app
 from htcli.errors import HtcliError
 
@@ -61,6 +62,13 @@ def test_scaling_exponent_and_ratio():
     assert rows[0].ratio("peak_bytes") == pytest.approx(2.0)
     rows[1].results["sdpa"] = {"status": "timeout"}
     assert rows[1].ratio("forward_backward_s") is None
+    assert rows[0].memory_ratio() == pytest.approx(0.5) and rows[1].memory_ratio() is None
+    # a peak of 0 bytes (a tiny size on a CPU): no ratio (the table and --json divided by zero)
+    rows[2].results["sdpa"]["peak_bytes"] = 0
+    assert rows[2].memory_ratio() is None
+    assert (
+        to_json(rows, BenchConfig(seq_lens=[1024]), 0.0, "cpu")["rows"][2]["memory_ratio_h_over_sdpa"] is None
+    )
 
 
 def test_decode_bench_figures():
