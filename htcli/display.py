@@ -147,7 +147,11 @@ def train_summary(result: TrainResult) -> Table:
 
 @contextlib.contextmanager
 def progress_bar(console: Console, label: str, total: int) -> Iterator[Callable[[int, int], None]]:
-    """A transient progress bar with ETA; yields the callback (done, total) that moves it."""
+    """A transient progress bar with ETA on a terminal (elsewhere nothing: rich's bar left an empty line,
+    so that an error after it was two lines); yields the callback (done, total) that moves it."""
+    if not console.is_terminal:
+        yield lambda done, _total: None
+        return
     columns = (TextColumn(label), BarColumn(), TaskProgressColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=True) as progress:
         task = progress.add_task(label, total=max(1, total))

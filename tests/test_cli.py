@@ -599,6 +599,18 @@ def test_help_and_version_as_a_real_program(args, codes):
     assert ("htcli 0." if args == ["--version"] else "Usage: htcli") in process.stdout
 
 
+def test_an_eval_error_off_a_terminal_is_one_line(trained, tmp_path):
+    """eval's progress bar, off a terminal, left an empty line on stderr before the error."""
+    run, _ = trained
+    (tmp_path / "one.txt").write_bytes(b"x")
+    command = [sys.executable, "-m", "htcli", "eval", str(run), str(tmp_path / "one.txt"), "--device", "cpu"]
+    process = subprocess.run(command, capture_output=True, text=True)
+    assert process.returncode == 1
+    assert process.stderr.splitlines() == [
+        "error: the corpus is 1 byte long: it must be at least 2 bytes long to be scored"
+    ]
+
+
 def test_library_fields_are_respelled_as_flags():
     """The CLI writes the config fields an error names as the flags that set them, and nothing else."""
     from htcli.cli import respell
