@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from htcli import __version__, distributed
 from htcli.checkpoint import load_weights, rng_from_text, rng_to_text, save_checkpoint
 from htcli.checkpoint_checks import check_optimizer_state
 from htcli.config import TrainConfig
-from htcli.corpus import ByteCorpus, ByteSpan, RecordOptions
+from htcli.corpus import ByteCorpus, ByteSpan, RecordOptions, file_identity
 from htcli.data import WindowSampler, evenly_spaced, split
 from htcli.device import (
     PRECISIONS,
@@ -150,10 +149,11 @@ def due(step: int, every: int, *, last: bool = False) -> bool:
 
 def _check_held_out(corpus: ByteCorpus, val: ByteCorpus) -> None:
     """HtcliError if a file of val is also one of the corpus (its val bpb would be on trained bytes)."""
-    shared = set(map(os.path.abspath, corpus.files)).intersection(map(os.path.abspath, val.files))
+    trained = set(map(file_identity, corpus.files))
+    shared = sorted(file for file in val.files if file_identity(file) in trained)  # (by a name or a link)
     if shared:
         raise HtcliError(
-            f"{min(shared)} is both in the corpus and in val: held-out bytes must not be trained on; "
+            f"{shared[0]} is both in the corpus and in val: held-out bytes must not be trained on; "
             "give val other files (or leave it out: val_fraction holds out the corpus's end)",
             fields=("val",),
         )

@@ -131,6 +131,22 @@ def test_a_file_named_twice_is_refused(tmp_path, corpus):
         resolve_corpus([tree / "a.txt", tree / "a.txt"])
     with pytest.raises(HtcliError, match=r"b.txt is named twice in the corpus \(by .*tree and by .*b.txt\)"):
         resolve_corpus([tree, tree / "b.txt"])
+    # by a link, symbolic or hard, or a link to its directory (compared by path, they were read twice)
+    (tmp_path / "soft.txt").symlink_to(tree / "a.txt")
+    os.link(tree / "b.txt", tmp_path / "hard.txt")
+    (tmp_path / "same-tree").symlink_to(tree)
+    for specs in (
+        [tree / "a.txt", tmp_path / "soft.txt"],
+        [tree, tmp_path / "hard.txt"],
+        [tree, tmp_path / "same-tree"],
+    ):
+        with pytest.raises(HtcliError, match=r"is named twice in the corpus \(by "):
+            resolve_corpus(specs)
+    (tmp_path / "corpus-link.txt").symlink_to(corpus)
+    result = invoke(
+        "train", corpus, *TINY_FLAGS, "--val", tmp_path / "corpus-link.txt", "--out", tmp_path / "r2"
+    )
+    assert_user_error(result, "corpus-link.txt is both in the corpus and in --val")
     result = invoke("train", corpus, *TINY_FLAGS, "--val", corpus, "--out", tmp_path / "run", "--steps", "2")
     assert_user_error(result, f"{corpus} is both in the corpus and in --val: held-out bytes must not be")
     assert not (tmp_path / "run").exists()

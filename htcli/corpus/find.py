@@ -37,7 +37,7 @@ def resolve_corpus(
     check_corpus_given(specs)
     excluded = [Path(path).expanduser().resolve() for path in exclude]
     files: list[Path] = []
-    named: dict[str, str] = {}  # each file's absolute path: the spec that named it
+    named: dict[tuple, str] = {}  # each file's identity: the spec that named it
     for spec in specs:
         found = _files_of(spec, include_hidden, excluded)
         if len(specs) > 1:  # (one spec names a file once: a walk or a glob lists each path once)
@@ -46,11 +46,21 @@ def resolve_corpus(
     return files
 
 
-def _name_once(found: list[Path], spec: str, named: dict[str, str]) -> None:
-    """HtcliError for a file of found that an earlier spec (or this one) named (its bytes would be trained
-    on twice); else each is added to named (absolute path: spec)."""
+def file_identity(path: str | os.PathLike) -> tuple:
+    """What makes a file itself, whatever names it (links, symbolic or hard): its device and inode (its
+    absolute path where it cannot be looked at)."""
+    try:
+        found = os.stat(path)
+    except OSError:
+        return (os.path.abspath(path),)
+    return (found.st_dev, found.st_ino)
+
+
+def _name_once(found: list[Path], spec: str, named: dict[tuple, str]) -> None:
+    """HtcliError for a file of found that an earlier spec (or this one) named, by a name or a link (its
+    bytes would be trained on twice); else each is added to named (identity: spec)."""
     for file in found:
-        where = os.path.abspath(file)
+        where = file_identity(file)
         if where in named:
             by = f" (by {named[where]} and by {spec})" if named[where] != spec else ""
             raise HtcliError(f"{file} is named twice in the corpus{by}: name each file once")
