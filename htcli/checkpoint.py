@@ -26,6 +26,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from htcli import __version__
+from htcli.attention import check_device
 from htcli.checkpoint_checks import check_finite, check_state, check_weights_header
 from htcli.errors import HtcliError
 from htcli.files import (
@@ -244,6 +245,8 @@ def load_model(
             config = replace(config, max_seq_len=context)
         except ValueError as error:
             raise HtcliError(str(error).replace("max_seq_len", "context"), fields=("context",)) from None
+    if config.attention == "h":
+        check_device(torch.device(device).type)
     tensors = _load_tensors(info.path)
     check_finite(tensors, info.path)
     model = HTransformer1D(config)

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from htcli import __version__, distributed
+from htcli.attention import check_device
 from htcli.checkpoint import load_weights, rng_from_text, rng_to_text, save_checkpoint
 from htcli.checkpoint_checks import check_optimizer_state
 from htcli.config import TrainConfig
@@ -195,6 +196,8 @@ class Run:
         or as the checkpoint left them."""
         config = self.config
         check_loggers(config.loggers)
+        if config.model.attention == "h":
+            check_device(self.device.type)
         checkpoint = open_run(self.out, config, resume, self.lock, main=self.main)
         if checkpoint is not None:
             self.dtype = self._resumed_dtype(checkpoint[-1])

@@ -611,6 +611,26 @@ def test_an_eval_error_off_a_terminal_is_one_line(trained, tmp_path):
     ]
 
 
+def test_triton_attention_on_a_cpu_is_refused_before_any_work(trained, tmp_path):
+    """HTCLI_ATTENTION=triton on a CPU failed at the first attention call: after train had written its
+    config.json and log, after sample had printed the prompt. Now before anything."""
+    run, corpus = trained
+    env = {**os.environ, "HTCLI_ATTENTION": "triton"}
+    env.pop("TRITON_INTERPRET", None)
+    said = (
+        "error: HTCLI_ATTENTION=triton needs a CUDA GPU, not cpu: use --device cuda, or HTCLI_ATTENTION=auto"
+    )
+    for args in (
+        ["sample", run, "--prompt", "the"],
+        ["train", corpus, "--out", tmp_path / "new", *TINY_FLAGS],
+    ):
+        command = [sys.executable, "-m", "htcli", *map(str, args), "--device", "cpu"]
+        process = subprocess.run(command, capture_output=True, text=True, env=env)
+        assert process.returncode == 1 and process.stderr.splitlines() == [said], process.stderr
+        assert process.stdout == ""
+    assert not (tmp_path / "new").exists()
+
+
 def test_library_fields_are_respelled_as_flags():
     """The CLI writes the config fields an error names as the flags that set them, and nothing else."""
     from htcli.cli import respell

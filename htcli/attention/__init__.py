@@ -22,6 +22,7 @@ from htcli.attention.kv_cache import KVCache
 from htcli.attention.ops import (
     IMPLEMENTATION_VARIABLE,
     IMPLEMENTATIONS,
+    check_device,
     check_implementation,
     h_attention,
     resolve_implementation,
@@ -34,6 +35,7 @@ __all__ = [
     "HAttentionCache",
     "KVCache",
     "check_block_size",
+    "check_device",
     "check_implementation",
     "resolve_implementation",
     "dense_h_attention",

@@ -61,6 +61,21 @@ def resolve_implementation(name: str | None, device_type: str) -> str:
     return CUDA_IMPLEMENTATION if device_type == "cuda" and _has_triton() else "eager"
 
 
+def check_device(device_type: str) -> None:
+    """HtcliError where the default implementation (HTCLI_ATTENTION) cannot run on this device type:
+    before any work (the first call failed, after a run had written its config and a sample its prompt)."""
+    if (
+        DEFAULT_IMPLEMENTATION == "triton"
+        and device_type != "cuda"
+        and os.environ.get("TRITON_INTERPRET") != "1"
+    ):
+        raise HtcliError(
+            f"{IMPLEMENTATION_VARIABLE}=triton needs a CUDA GPU, not {device_type}: use device cuda, or"
+            f" {IMPLEMENTATION_VARIABLE}=auto",
+            fields=("device",),
+        )
+
+
 def _module(name: str):
     if name == "triton":
         from htcli.attention import triton_launch
