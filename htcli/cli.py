@@ -651,6 +651,8 @@ def eval_(
             from htcli.plots import check_plot_path
 
             check_plot_path(plot_path, "--plot")
+        if text_field == "":  # (was taken as the default, "text"; train refuses it)
+            raise HtcliError("--text-field must name a field, got ''")
         torch_device = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, torch_device)
         model, info = load_model(checkpoint, torch_device, context=context)

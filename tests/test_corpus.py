@@ -206,13 +206,16 @@ def test_another_text_field(tmp_path):
     [
         (b"{not json", "not JSON"),
         (b"[1, 2]", "a JSON list, not an object"),
-        (b'{"text": 42}', "field 'text' holds an int, not a string"),
-        (b'{"text": null}', "field 'text' holds a NoneType, not a string"),
+        (b'{"text": 42}', "field 'text' is a number, not a string"),
+        (b'{"text": null}', "field 'text' is null, not a string"),
+        (b'{"text": [1]}', "field 'text' is a list, not a string"),
         (b'{"text": "\xff"}', "not UTF-8 text"),
         (
             b'{"text": "a\\u0000b"}',
             r"field 'text' holds a NUL character \(\\u0000\), the byte that ends each",
         ),
+        # (it went into the corpus as the bytes ED A0 80, which are not UTF-8)
+        (b'{"text": "a\\ud800b"}', r"field 'text' holds a lone surrogate \(\\ud800\), which is not text"),
         (b"[" * 100_000, "not JSON that can be read"),  # (json's RecursionError)
         (b'{"text": "a", "n": ' + b"1" * 5000 + b"}", "not JSON that can be read"),  # (int digits limit)
     ],
@@ -226,6 +229,19 @@ def test_bad_records_stop_with_file_and_line(tmp_path, line, problem):
     with ByteCorpus.open([path], records=RecordOptions(skip_bad_records=True)) as corpus:
         assert corpus.read(0, len(corpus)) == texts("good", "also")
         assert corpus.skipped_records == 1
+
+
+def test_a_corpus_of_bad_records_only(tmp_path):
+    """Every record bad, left out: says so (it said the 2-line file was empty, 0 bytes); eval's empty
+    --text-field is refused as train's is (it read "text")."""
+    path = write(tmp_path / "bad.jsonl", jsonl({"x": 1}, {"x": 2}))
+    with pytest.raises(
+        HtcliError, match="bad.jsonl has no good record: skip_bad_records left out all 2, as bad"
+    ):
+        ByteCorpus.open([path], records=RecordOptions(skip_bad_records=True))
+    assert_user_error(
+        invoke("eval", tmp_path / "none", path, "--text-field", ""), "--text-field must name a field"
+    )
 
 
 def test_bad_record_through_the_cli(tmp_path):

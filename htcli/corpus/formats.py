@@ -92,7 +92,7 @@ def _extract(source: Path, what: str, options: RecordOptions, sink: IO[bytes]) -
         if text is None:
             skipped += 1
             continue
-        sink.write(text.encode("utf-8", "surrogatepass"))
+        sink.write(text.encode("utf-8"))
         sink.write(RECORD_SEPARATOR)
         count += 1
     return {"records": count, "skipped": skipped}
@@ -137,19 +137,27 @@ def _record_text(line: bytes, options: RecordOptions, where: str) -> str | None:
         )
     text = record[field]
     if not isinstance(text, str):
-        name = type(text).__name__
-        article = "an" if name[0] in "aeiou" else "a"
-        return _bad(options, where, f"field {field!r} holds {article} {name}, not a string")
+        names = {None: "null", True: "true", False: "false"}  # (JSON's names, not Python's)
+        kind = {dict: "an object", list: "a list", int: "a number", float: "a number"}.get(type(text), "")
+        said = names[text] if text is None or isinstance(text, bool) else kind
+        return _bad(options, where, f"field {field!r} is {said}, not a string")
     return _without_separator(text, options, where, field)
 
 
 def _without_separator(text: str, options: RecordOptions, where: str, field: str) -> str | None:
-    """A record's text, unless it holds the record separator (then a bad record), JSONL's or Parquet's."""
-    if SEPARATOR_CHARACTER not in text:
-        return text
-    return _bad(
-        options, where, f"field {field!r} holds a NUL character (\\u0000), the byte that ends each record"
-    )
+    """A record's text, unless it holds the record separator or a lone surrogate (JSON's "\\ud800", which
+    is no character and has no UTF-8: it went in as the bytes ED A0 80): then a bad record."""
+    if SEPARATOR_CHARACTER in text:
+        return _bad(
+            options, where, f"field {field!r} holds a NUL character (\\u0000), the byte that ends each record"
+        )
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as error:
+            lone = text[error.start].encode("unicode_escape").decode()
+            return _bad(options, where, f"field {field!r} holds a lone surrogate ({lone}), which is not text")
+    return text
 
 
 def parquet_texts(source: Path, options: RecordOptions) -> Iterator[str | None]:

@@ -70,6 +70,12 @@ class ByteCorpus:
                      records=records)  # fmt: skip
         if len(corpus) == 0:
             names = ", ".join(str(s) for s in specs)
+            if corpus.skipped_records:
+                raise HtcliError(
+                    f"corpus {names} has no good record: skip_bad_records left out all"
+                    f" {corpus.skipped_records:,}, as bad",
+                    fields=("skip_bad_records",),
+                )
             raise HtcliError(f"corpus {names} is empty (0 bytes): give files with some content")
         return corpus
 
