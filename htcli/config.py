@@ -232,6 +232,12 @@ def config_from_options(
             "drop optimizer",
             fields=("optimizer",),
         )
+    if given.get("seed", saved.get("seed")) != saved.get("seed"):  # (config.json took it; nothing else did)
+        raise HtcliError(
+            f"a resumed run goes on with the random state of its checkpoint (seed {saved.get('seed')} at its"
+            " start): drop seed",
+            fields=("seed",),
+        )
     base = preset if preset is not None else saved.pop("model")
     return TrainConfig.from_dict({**saved, **given, "out": out, "model": model_config(base, **model)})
 

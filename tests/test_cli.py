@@ -345,6 +345,8 @@ def test_unreadable_corpus(run_copy, tmp_path, monkeypatch):
         (["--lr", "-1"], "--lr must be a positive number"),
         (["--dtype", "fp8"], "unknown --dtype 'fp8'"),
         (["--steps", "6"], "already at step 6 of --steps 6"),
+        # (config.json took the new seed, which changed nothing else: a rerun from it would not reproduce)
+        (["--seed", "5"], "a resumed run goes on with the random state of its checkpoint (--seed 0 at its"),
     ],
 )
 def test_impossible_options(run_copy, flags, message):
