@@ -13,7 +13,9 @@ to stop, so a Ctrl-C or a divergence on one rank stops all of them at the same s
 from __future__ import annotations
 
 import contextlib
+import errno
 import math
+import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -158,6 +160,12 @@ def _check_held_out(corpus: ByteCorpus, val: ByteCorpus) -> None:
             "give val other files (or leave it out: val_fraction holds out the corpus's end)",
             fields=("val",),
         )
+
+
+def _errno_of(error: OSError) -> int | None:
+    """An OSError's number, also where safetensors (Rust) gives it only in its text: "... (os error 28)"."""
+    found = re.search(r"\(os error (\d+)\)", str(error))
+    return error.errno if error.errno is not None or not found else int(found.group(1))
 
 
 @contextlib.contextmanager
@@ -430,9 +438,10 @@ class Run:
                 )
             except OSError as error:
                 reason = error.strerror or error
+                full = _errno_of(error) in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
                 raise HtcliError(
                     f"cannot save the checkpoint of step {self.step} in {self.out}: {reason}"
-                    f" ({self.kept()}); free some space, then resume"
+                    f" ({self.kept()}); {'free some space' if full else 'mend that'}, then resume"
                 ) from None
             self.saved_step = self.step  # (before the log says so, which may fail)
             log("checkpoint", step=self.step, path=str(self.out))
