@@ -297,3 +297,13 @@ def test_full_disk_while_saving(corpus, tmp_path):
         k: v for k, v in before.items() if k.endswith(".safetensors") or k == "state.json"
     }
     assert not [name for name in after if name.endswith(".pending")]
+
+
+def test_the_number_of_an_os_error_from_safetensors():
+    """safetensors (Rust) gives a failed write's errno only in its text: a full disk is still told to free
+    space, another failure (a permission) is not."""
+    from htcli.train import _errno_of
+
+    assert _errno_of(OSError("No space left on device (os error 28)")) == 28
+    assert _errno_of(OSError(13, "Permission denied")) == 13
+    assert _errno_of(OSError("something else")) is None
