@@ -651,13 +651,11 @@ def eval_(
             from htcli.plots import check_plot_path
 
             check_plot_path(plot_path, "--plot")
-        if text_field == "":  # (was taken as the default, "text"; train refuses it)
-            raise HtcliError("--text-field must name a field, got ''")
+        records = RecordOptions("text" if text_field is None else text_field, bool(skip_bad_records))
         torch_device = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, torch_device)
         model, info = load_model(checkpoint, torch_device, context=context)
         check_options(model, stride, batch_size)  # before a long corpus is opened
-        records = RecordOptions(text_field or "text", bool(skip_bad_records))
         with ByteCorpus.open(corpus or [], records=records, include_hidden=bool(include_hidden)) as data:
             if data.skipped_records:
                 err_console.print(f"[yellow]left out {data.skipped_records:,} bad records of the corpus")

@@ -232,7 +232,8 @@ def config_from_options(
             "drop optimizer",
             fields=("optimizer",),
         )
-    if given.get("seed", saved.get("seed")) != saved.get("seed"):  # (config.json took it; nothing else did)
+    checkpoint = len(missing_checkpoint_files(Path(out))) < len(CHECKPOINT_FILES)  # (else: starts again)
+    if checkpoint and given.get("seed", saved.get("seed")) != saved.get("seed"):  # (config.json took it)
         raise HtcliError(
             f"a resumed run goes on with the random state of its checkpoint (seed {saved.get('seed')} at its"
             " start): drop seed",

@@ -75,15 +75,17 @@ def read_options(path: Path, spell: Callable[[str], str]) -> dict[str, object]:
     return options
 
 
+MAX_CONFIG_BYTES = 2**20  # a config is a few hundred bytes; a stream that never ends is not one
+
+
 def _load(path: Path) -> dict:
     try:
-        # (a FIFO would block the read, /dev/zero never end it)
-        if not stat.S_ISREG(path.stat().st_mode) and not path.is_dir():
-            raise HtcliError(
-                f"config file {path} is not a regular file (a pipe or a device?): give a .toml file or a"
-                " run's config.json"
-            )
-        raw = path.read_bytes()
+        if stat.S_ISCHR(path.stat().st_mode) or stat.S_ISBLK(path.stat().st_mode):  # (/dev/zero never ends)
+            raise HtcliError(f"config file {path} is a device: give a .toml file or a run's config.json")
+        with open(path, "rb") as file:  # (a pipe, `--config <(envsubst < exp.toml)`, is read as a file)
+            raw = file.read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise HtcliError(f"config file {path} is over {MAX_CONFIG_BYTES // 2**20} MiB: not a config")
     except FileNotFoundError:
         raise HtcliError(f"config file {path} does not exist") from None
     except IsADirectoryError:

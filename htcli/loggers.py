@@ -18,6 +18,7 @@ from htcli.errors import HtcliError
 from htcli.files import atomic_file
 
 TENSORBOARD_DIR = "tensorboard"  # event files, under the run directory
+WANDB_DIR = "wandb"  # W&B's own files, which it makes under the run directory (its dir)
 WANDB_ID_FILE = "wandb-id"  # the W&B run id of a run directory, so that a resume continues that run
 WANDB_PROJECT = "htcli"  # the W&B project unless WANDB_PROJECT says otherwise
 INSTALL = {

@@ -17,8 +17,8 @@ from htcli import distributed
 from htcli.checkpoint import commit_pending, has_checkpoint, load_training_state
 from htcli.config import TrainConfig
 from htcli.errors import HtcliError
-from htcli.files import CHECKPOINT_FILES, CONFIG_FILE, LOCK_FILE, check_complete_checkpoint, check_out_path
-from htcli.loggers import TENSORBOARD_DIR, WANDB_ID_FILE
+from htcli.files import CONFIG_FILE, check_complete_checkpoint, check_out_path
+from htcli.loggers import TENSORBOARD_DIR, WANDB_DIR
 from htcli.runlock import RunLock
 from htcli.runlog import LOG_FILE, parse_event
 
@@ -40,7 +40,7 @@ def open_run(out: Path, config: TrainConfig, resume: bool, lock: RunLock, *, mai
     failure = None
     if main and out.is_dir():
         try:
-            if not resume:
+            if not resume and not has_checkpoint(out):
                 check_only_run_files(out)
             lock.acquire()
             if resume:
@@ -67,22 +67,23 @@ def open_run(out: Path, config: TrainConfig, resume: bool, lock: RunLock, *, mai
 
 
 def check_only_run_files(out: Path) -> None:
-    """A new run's directory that exists holds nothing but a run's own files (a run that never saved:
-    its lock, config.json, log.jsonl, loggers' files, a save or write cut short), nothing that the run
-    would overwrite (a config.json) or add to (a log.jsonl) of someone else's."""
-    names = os.listdir(out)
-    hidden_ours = [name for name in names if name == LOCK_FILE or name.endswith((".pending", ".tmp"))]
-    ours = {*CHECKPOINT_FILES, CONFIG_FILE, LOG_FILE, TENSORBOARD_DIR, "wandb", WANDB_ID_FILE, *hidden_ours}
-    others = sorted(set(names) - ours)
-    if not others and CONFIG_FILE in names:
-        others = [] if _is_htcli_config(out / CONFIG_FILE) else [CONFIG_FILE]
-    if not others and LOG_FILE in names:
-        others = [] if _is_htcli_log(out / LOG_FILE) else [LOG_FILE]
+    """A new run's directory that exists (and holds no checkpoint) holds nothing that the run would
+    overwrite or add to: its config.json, log.jsonl and loggers' files, where present, are an htcli run's
+    (one that never saved), and it has no folders but the loggers' (`--out .` in a project, `--out /`).
+    Other files (a `tee run/train.log`, a scheduler's output) and hidden ones may be there."""
+    entries = list(os.scandir(out))
+    folders = [e.name for e in entries if e.is_dir() and e.name not in (TENSORBOARD_DIR, WANDB_DIR)]
+    others = sorted(name for name in folders if not name.startswith("."))
+    names = {entry.name for entry in entries}
+    if CONFIG_FILE in names and not _is_htcli_config(out / CONFIG_FILE):
+        others.insert(0, CONFIG_FILE)
+    if LOG_FILE in names and not _is_htcli_log(out / LOG_FILE):
+        others.insert(0, LOG_FILE)
     if others:
         shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
         raise HtcliError(
-            f"{out} holds files that are not an htcli run's ({shown}), which a new run would overwrite or"
-            " mix with its own: choose a new or empty out",
+            f"{out} holds what is not an htcli run's ({shown}), which a new run would overwrite or mix"
+            " with its own: choose a new or empty out",
             fields=("out",),
         )
 

@@ -18,7 +18,11 @@ METRIC_EVENTS = ("step", "eval", "sample")  # events of one step, redone when a 
 
 
 class LogError(HtcliError):
-    """The log (or a logger) could not be written: a full disk, a failed device."""
+    """The log (or a logger) could not be written: a full disk, a failed device (errno: the OSError's)."""
+
+    def __init__(self, message: str, errno: int | None = None):
+        super().__init__(message)
+        self.errno = errno
 
 
 class RunLog:
@@ -51,7 +55,7 @@ class RunLog:
         try:
             yield
         except OSError as error:
-            raise LogError(f"cannot write {what}: {error.strerror or error}") from None
+            raise LogError(f"cannot write {what}: {error.strerror or error}", error.errno) from None
 
     def __enter__(self) -> RunLog:
         return self
@@ -65,7 +69,8 @@ class RunLog:
                     self.file.close()
                 except OSError as error:  # (the rest of a line that could not be written)
                     if kind is None:
-                        raise LogError(f"cannot write {self.file.name}: {error.strerror or error}") from None
+                        message = f"cannot write {self.file.name}: {error.strerror or error}"
+                        raise LogError(message, error.errno) from None
 
 
 def trim_log(path: Path, step: int) -> None:

@@ -98,15 +98,17 @@ def train(
                 loss = run.train_step(log)
                 run.after_step(log, stop)
             if stopped_by:
-                log("interrupt", step=run.step, signal=stopped_by)
-                if run.saved_step != run.step:
-                    run.save(log)
+                try:
+                    log("interrupt", step=run.step, signal=stopped_by)
+                finally:  # (a log that cannot take it: the steps since the last save are saved all the same)
+                    if run.saved_step != run.step:
+                        run.save(log)
             seconds = time.perf_counter() - started
             tokens = (run.step - first_step) * config.tokens_per_step * run.world_size
             end = dict(interrupted=bool(stopped_by), seconds=seconds, val_bpb=run.val_bpb, train_loss=loss)
             log("end", step=run.step, **end)
     except LogError as error:  # (a full disk: the log's file or a logger's)
-        raise HtcliError(f"{error}; stopped ({run.kept()}): free some space, then resume") from None
+        raise HtcliError(f"{error}; stopped ({run.kept()}): {run.advice(error.errno)}") from None
     finally:
         run.close()
     return TrainResult(run.out, run.step, config.steps, loss, run.val_bpb, bool(stopped_by), seconds, tokens,
@@ -438,10 +440,9 @@ class Run:
                 )
             except OSError as error:
                 reason = error.strerror or error
-                full = _errno_of(error) in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
                 raise HtcliError(
                     f"cannot save the checkpoint of step {self.step} in {self.out}: {reason}"
-                    f" ({self.kept()}); {'free some space' if full else 'mend that'}, then resume"
+                    f" ({self.kept()}); {self.advice(_errno_of(error))}"
                 ) from None
             self.saved_step = self.step  # (before the log says so, which may fail)
             log("checkpoint", step=self.step, path=str(self.out))
@@ -451,6 +452,11 @@ class Run:
     def kept(self) -> str:
         """What a run that stops here keeps: its last checkpoint."""
         return f"the checkpoint of step {self.saved_step} is intact" if self.saved_step else "none saved yet"
+
+    def advice(self, number: int | None) -> str:
+        """What to do after a write failed with this errno: free space where it ran out, then go on."""
+        mend = "free some space" if number in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else "mend that"
+        return f"{mend}, then {'resume' if self.saved_step else 'start the run again'}"
 
     def _rank_state(self) -> dict:
         """What this rank needs to continue exactly: its random number generators and data sampler."""

@@ -405,25 +405,29 @@ def test_a_run_directory_that_is_a_file(tmp_path, corpus, resume):
 @pytest.mark.parametrize(
     "files,named",
     [
-        ({"notes.txt": b"mine"}, "notes.txt"),
         ({"config.json": b'{"theme": "dark"}'}, "config.json"),
-        ({"log.jsonl": b"12:00 started\n"}, "log.jsonl"),
-        ({".git/HEAD": b"ref", "a": b"", "b": b"", "c": b""}, ".git, a, b and 1 more"),
+        ({"log.jsonl": b"12:00 started\n", "notes.txt": b"mine"}, "log.jsonl"),
+        (
+            {"src/a.py": b"", "docs/b.md": b"", "tests/c.py": b"", "data/d": b"", ".git/HEAD": b""},
+            "data, docs, src and 1 more",
+        ),
     ],
 )
 def test_a_new_run_into_a_directory_of_other_files_is_refused(corpus, tmp_path, files, named):
-    """A new run into an existing directory holding files that are not a run's: refused, nothing written
-    there (it replaced a config.json, appended to a log.jsonl and wrote its checkpoint beside them; --out /
-    wrote into the root). An empty directory, and a run's that never saved, are taken."""
+    """A new run into an existing directory whose config.json or log.jsonl is someone else's, or that holds
+    folders (a project, `--out /`): refused, nothing written there (it replaced the config.json, appended
+    to the log and wrote its checkpoint beside them). An empty directory, one with other files (a `tee
+    run/train.log`), and a run's that never saved, are taken."""
     out = tmp_path / "project"
     for name, content in files.items():
         (out / name).parent.mkdir(parents=True, exist_ok=True)
         (out / name).write_bytes(content)
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    said = f"{out} holds files that are not an htcli run's ({named}), which a new run would overwrite or mix"
+    said = f"{out} holds what is not an htcli run's ({named}), which a new run would overwrite or mix with"
     assert_user_error(invoke("train", corpus, "--out", out, *TINY_FLAGS, "--steps", 1), said)
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "train.log").write_bytes(b"tee's")
     assert invoke("train", corpus, "--out", tmp_path / "empty", *TINY_FLAGS, "--steps", 1).exit_code == 0
     never_saved = tmp_path / "empty"
     for name in ("model.safetensors", "optimizer.safetensors", "state.json"):

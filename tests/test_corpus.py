@@ -208,7 +208,7 @@ def test_another_text_field(tmp_path):
         (b"[1, 2]", "a JSON list, not an object"),
         (b'{"text": 42}', "field 'text' is a number, not a string"),
         (b'{"text": null}', "field 'text' is null, not a string"),
-        (b'{"text": [1]}', "field 'text' is a list, not a string"),
+        (b'{"text": [1]}', "field 'text' is an array, not a string"),
         (b'{"text": "\xff"}', "not UTF-8 text"),
         (
             b'{"text": "a\\u0000b"}',

@@ -52,6 +52,8 @@ def file_identity(path: str | os.PathLike) -> tuple:
     try:
         found = os.stat(path)
     except OSError:
+        found = None
+    if found is None or not found.st_ino:  # (a filesystem without inode numbers: 0 for every file)
         return (os.path.abspath(path),)
     return (found.st_dev, found.st_ino)
 

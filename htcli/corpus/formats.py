@@ -40,6 +40,10 @@ class RecordOptions:
     text_field: str = "text"  # the field of each JSONL or Parquet record whose text is the corpus
     skip_bad_records: bool = False  # leave out (and count) bad records instead of stopping
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.text_field, str) or not self.text_field:
+            raise HtcliError(f"text_field must name a field, got {self.text_field!r}", fields=("text_field",))
+
 
 @dataclass(frozen=True)
 class Prepared:
@@ -138,7 +142,7 @@ def _record_text(line: bytes, options: RecordOptions, where: str) -> str | None:
     text = record[field]
     if not isinstance(text, str):
         names = {None: "null", True: "true", False: "false"}  # (JSON's names, not Python's)
-        kind = {dict: "an object", list: "a list", int: "a number", float: "a number"}.get(type(text), "")
+        kind = {dict: "an object", list: "an array", int: "a number", float: "a number"}.get(type(text), "")
         said = names[text] if text is None or isinstance(text, bool) else kind
         return _bad(options, where, f"field {field!r} is {said}, not a string")
     return _without_separator(text, options, where, field)
