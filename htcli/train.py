@@ -98,11 +98,7 @@ def train(
                 loss = run.train_step(log)
                 run.after_step(log, stop)
             if stopped_by:
-                try:
-                    log("interrupt", step=run.step, signal=stopped_by)
-                finally:  # (a log that cannot take it: the steps since the last save are saved all the same)
-                    if run.saved_step != run.step:
-                        run.save(log)
+                _save_at_stop(run, log, stopped_by)
             seconds = time.perf_counter() - started
             tokens = (run.step - first_step) * config.tokens_per_step * run.world_size
             end = dict(interrupted=bool(stopped_by), seconds=seconds, val_bpb=run.val_bpb, train_loss=loss)
@@ -113,6 +109,20 @@ def train(
         run.close()
     return TrainResult(run.out, run.step, config.steps, loss, run.val_bpb, bool(stopped_by), seconds, tokens,
                        run.params, stopped_by)  # fmt: skip
+
+
+def _save_at_stop(run: Run, log: RunLog, signal_name: str) -> None:
+    """The stop logged, and the steps since the last save saved: also where the log cannot take the stop
+    (a full disk; its error is raised after the save), not where a second Ctrl-C comes (quit at once)."""
+    failed = None
+    try:
+        log("interrupt", step=run.step, signal=signal_name)
+    except LogError as error:
+        failed = error
+    if run.saved_step != run.step:
+        run.save(log)
+    if failed is not None:
+        raise failed
 
 
 def _start_writing(run: Run) -> list:

@@ -307,3 +307,22 @@ def test_the_number_of_an_os_error_from_safetensors():
     assert _errno_of(OSError("No space left on device (os error 28)")) == 28
     assert _errno_of(OSError(13, "Permission denied")) == 13
     assert _errno_of(OSError("something else")) is None
+
+
+def test_a_stop_that_cannot_be_logged_is_saved_all_the_same():
+    """A Ctrl-C or SIGTERM whose interrupt event the log cannot take (a full disk): the steps since the
+    last save are saved first, then the log's error is raised (it skipped the save)."""
+    from types import SimpleNamespace
+
+    from htcli.runlog import LogError
+    from htcli.train import _save_at_stop
+
+    saved = []
+    run = SimpleNamespace(step=7, saved_step=4, save=lambda log: saved.append(7))
+
+    def full_log(event, **fields):
+        raise LogError("cannot write log.jsonl: No space left on device", 28)
+
+    with pytest.raises(LogError, match="No space left"):
+        _save_at_stop(run, full_log, "SIGTERM")
+    assert saved == [7]
