@@ -261,6 +261,13 @@ def saved_config(out: Path) -> dict:
     saved = read_json(path, missing=missing)
     if not isinstance(saved, dict) or not isinstance(saved.get("model"), dict):
         raise HtcliError(f"{path} is not an htcli training config")
+    unknown = sorted(set(saved) - {f.name for f in fields(TrainConfig)} - {"htcli_version"})
+    if unknown:  # (TrainConfig's own message named neither the file nor what to do)
+        raise HtcliError(
+            f"{path} is not an htcli training config of this version: unknown key {unknown[0]!r}"
+            f"{f' (and {len(unknown) - 1} more)' if len(unknown) > 1 else ''}; a newer htcli wrote it, or"
+            " it was edited"
+        )
     saved.pop("htcli_version", None)
     saved.setdefault("optimizer", "adamw")  # a run from before the choice trained with AdamW
     return saved
