@@ -36,7 +36,6 @@ from htcli.files import (
     STATE_FILE,
     check_not_special,
     fsync_dir,
-    missing_checkpoint_files,
     pending_file,
     read_json,
     write_json,
@@ -54,11 +53,6 @@ class CheckpointInfo:
     step: int
     val_bpb: float | None
     version: str
-
-
-def has_checkpoint(out: Path) -> bool:
-    """Whether out holds a checkpoint's files, or some of them."""
-    return len(missing_checkpoint_files(out)) < len(CHECKPOINT_FILES)
 
 
 def commit_pending(out: Path) -> None:

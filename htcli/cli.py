@@ -849,8 +849,8 @@ def plot(
         from htcli.curves import X_AXES, read_curves, run_names
         from htcli.device import check_choice
         from htcli.display import runs_table
+        from htcli.files import LOG_FILE
         from htcli.plots import check_plot_path, curves_plot
-        from htcli.runlog import LOG_FILE
 
         check_choice("x", x, X_AXES)
         check_plot_path(output, "--output")

@@ -12,14 +12,7 @@ from typing import TYPE_CHECKING
 
 from htcli.device import DEVICES, DTYPES, check_choice
 from htcli.errors import HtcliError
-from htcli.files import (
-    CHECKPOINT_FILES,
-    CONFIG_FILE,
-    check_complete_checkpoint,
-    check_out_path,
-    missing_checkpoint_files,
-    read_json,
-)
+from htcli.files import CONFIG_FILE, check_complete_checkpoint, check_out_path, has_checkpoint, read_json
 from htcli.presets import DEFAULT_PRESET, model_config
 
 if TYPE_CHECKING:
@@ -232,8 +225,9 @@ def config_from_options(
             "drop optimizer",
             fields=("optimizer",),
         )
-    checkpoint = len(missing_checkpoint_files(Path(out))) < len(CHECKPOINT_FILES)  # (else: starts again)
-    if checkpoint and given.get("seed", saved.get("seed")) != saved.get("seed"):  # (config.json took it)
+    if has_checkpoint(Path(out)) and given.get("seed", saved.get("seed")) != saved.get(
+        "seed"
+    ):  # (config.json took it)
         raise HtcliError(
             f"a resumed run goes on with the random state of its checkpoint (seed {saved.get('seed')} at its"
             " start): drop seed",
@@ -250,7 +244,7 @@ def saved_config(out: Path) -> dict:
     missing = HtcliError(
         f"no checkpoint at {out}: start a new run there (without resume)", fields=("resume",)
     )
-    if not path.exists() and len(missing_checkpoint_files(out)) < len(CHECKPOINT_FILES):
+    if not path.exists() and has_checkpoint(out):
         check_complete_checkpoint(out)
         missing = HtcliError(
             f"cannot continue {out}: its {CONFIG_FILE} (the run's options) is missing, its checkpoint is"

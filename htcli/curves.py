@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from htcli.errors import HtcliError
-from htcli.files import check_not_special
-from htcli.runlog import LOG_FILE, parse_event
+from htcli.files import LOG_FILE, check_not_special
+from htcli.runlog import parse_event
 
 X_AXES = ("step", "bytes", "time")  # what curves can be drawn against
 

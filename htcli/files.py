@@ -14,6 +14,7 @@ from typing import IO, Any
 from htcli.errors import HtcliError
 
 CONFIG_FILE = "config.json"  # the resolved config of a run
+LOG_FILE = "log.jsonl"  # its events, one JSON object a line (htcli.runlog)
 LOCK_FILE = ".lock"  # locked by the process training into the run directory (htcli.runlock)
 # a checkpoint: the model's weights (all that sample and eval read), the optimizer's state, and the step,
 # data position and random states (written last: it commits a save)
@@ -27,7 +28,7 @@ def is_run_directory(path: Path) -> bool:
     """Whether path is (likely) an htcli run directory: it holds a lock file, a config.json and a log
     (False where its entries cannot be looked at)."""
     try:
-        return all((path / name).is_file() for name in (LOCK_FILE, CONFIG_FILE, "log.jsonl"))
+        return all((path / name).is_file() for name in (LOCK_FILE, CONFIG_FILE, LOG_FILE))
     except OSError:
         return False
 
@@ -49,10 +50,15 @@ def missing_checkpoint_files(out: Path) -> list[str]:
     ]
 
 
+def has_checkpoint(out: Path) -> bool:
+    """Whether out holds a checkpoint's files, or some of them."""
+    return len(missing_checkpoint_files(out)) < len(CHECKPOINT_FILES)
+
+
 def check_complete_checkpoint(out: Path) -> None:
     """HtcliError if out holds some of a checkpoint's files but not all (deleted, or never written)."""
     missing = missing_checkpoint_files(out)
-    if missing and len(missing) < len(CHECKPOINT_FILES):
+    if missing and has_checkpoint(out):
         readable = f" (sample and eval read its {MODEL_FILE} alone)" if (out / MODEL_FILE).exists() else ""
         raise HtcliError(
             f"{out} holds an incomplete checkpoint ({' and '.join(missing)} missing): it cannot be resumed;"

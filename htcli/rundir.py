@@ -14,13 +14,13 @@ import os
 from pathlib import Path
 
 from htcli import distributed
-from htcli.checkpoint import commit_pending, has_checkpoint, load_training_state
+from htcli.checkpoint import commit_pending, load_training_state
 from htcli.config import TrainConfig
 from htcli.errors import HtcliError
-from htcli.files import CONFIG_FILE, check_complete_checkpoint, check_out_path
+from htcli.files import CONFIG_FILE, LOG_FILE, check_complete_checkpoint, check_out_path, has_checkpoint
 from htcli.loggers import TENSORBOARD_DIR, WANDB_DIR
 from htcli.runlock import RunLock
-from htcli.runlog import LOG_FILE, parse_event
+from htcli.runlog import parse_event
 
 
 def resolve_resume(resume: bool | str, out: Path) -> bool:

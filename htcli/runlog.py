@@ -13,7 +13,6 @@ from htcli.errors import HtcliError
 from htcli.files import atomic_file
 from htcli.loggers import close_loggers
 
-LOG_FILE = "log.jsonl"
 METRIC_EVENTS = ("step", "eval", "sample")  # events of one step, redone when a run resumes before it
 
 
@@ -65,12 +64,10 @@ class RunLog:
             close_loggers(self.loggers)
         finally:
             if self.file is not None:
-                try:
+                # (closing writes the rest of a line that could not be written: its error is raised only
+                # where no other is on its way out)
+                with self._writing(self.file.name) if kind is None else contextlib.suppress(OSError):
                     self.file.close()
-                except OSError as error:  # (the rest of a line that could not be written)
-                    if kind is None:
-                        message = f"cannot write {self.file.name}: {error.strerror or error}"
-                        raise LogError(message, error.errno) from None
 
 
 def trim_log(path: Path, step: int) -> None:

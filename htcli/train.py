@@ -41,14 +41,14 @@ from htcli.device import (
 )
 from htcli.errors import HtcliError
 from htcli.evaluate import byte_nll, window_nats
-from htcli.files import CONFIG_FILE, OPTIMIZER_FILE, STATE_FILE, write_json
+from htcli.files import CONFIG_FILE, LOG_FILE, OPTIMIZER_FILE, STATE_FILE, write_json
 from htcli.flops import peak_bf16_flops, train_flops
 from htcli.loggers import check_loggers, close_loggers, open_loggers
 from htcli.model import HTransformer1D
 from htcli.optim import context_length, learning_rate, make_optimizer
 from htcli.rundir import open_run, resolve_resume
 from htcli.runlock import RunLock
-from htcli.runlog import LOG_FILE, LogError, RunLog, trim_log
+from htcli.runlog import LogError, RunLog, trim_log
 from htcli.sample import SamplingConfig, generate
 from htcli.stop import StopRequest
 
