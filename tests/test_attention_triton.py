@@ -1,5 +1,8 @@
 """The Triton kernels of h_attention against the dense oracle (on the CPU through Triton's interpreter)."""
 
+import types
+import weakref
+
 import pytest
 import torch
 
@@ -141,6 +144,46 @@ def test_triton_large_scores_stay_finite():
     out, grads = _triton(q * 30, k * 30, v, grad, None, 16, False)
     assert all(torch.isfinite(t).all() for t in (out, *grads))
     assert (out - expected).abs().max().item() < 1e-4
+
+
+class _Allocations:
+    """Bytes of the tensors triton_launch allocates that are still alive, and their peak."""
+
+    def __init__(self):
+        self.live = self.peak = 0
+
+    def track(self, tensor):
+        size = tensor.untyped_storage().nbytes()
+        self.live += size
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(tensor, self._free, size)
+        return tensor
+
+    def _free(self, size):
+        self.live -= size
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_triton_backward_holds_little_beyond_its_gradients(causal, monkeypatch):
+    """The backward pass's own allocations peak below 1.75x its gradients' size (5 levels, fp16; 1.61x
+    non-causal, 1.45x causal): each level's clusters and its parent's gradients are freed before the
+    next level allocates, the parent's dQ once read, and level 1 is pooled again at its turn. Held a
+    level longer, they peaked at 2.78x and 2.61x (at 65,536 tokens on an H200, 1.51x and 1.43x SDPA's
+    peak memory); without pooling level 1 again, non-causal at 1.81x."""
+    allocations = _Allocations()
+    namespace = types.SimpleNamespace(**{name: getattr(torch, name) for name in dir(torch)})
+    namespace.empty = lambda *a, **k: allocations.track(torch.empty(*a, **k))
+    namespace.empty_like = lambda *a, **k: allocations.track(torch.empty_like(*a, **k))
+    monkeypatch.setattr(triton_launch, "torch", namespace)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v, grad = (torch.randn(2, 512, 16, generator=gen).to(DEVICE, torch.float16) for _ in range(4))
+    real = torch.ones(2, 512, device=DEVICE)
+    out, lse = triton_launch.forward(q, k, v, real, block_size=16, causal=causal)
+    allocations.peak = allocations.live
+    held = allocations.live
+    grads = triton_launch.backward(q, k, v, real, out, lse, grad, block_size=16, causal=causal)
+    size = sum(g.untyped_storage().nbytes() for g in grads)
+    assert (allocations.peak - held) / size < 1.75
 
 
 def test_model_with_triton_attention(monkeypatch):

@@ -14,6 +14,13 @@ parent's gradients, so level 0 ends with the full gradients. Coarse levels' G ar
 inputs' dtype (what the kernels compute with), level 1's gradients too (memory), coarser levels'
 gradients in fp32 (FP32_FROM_LEVEL); softmax statistics are fp32 throughout.
 
+Memory: a level's buffers go as soon as the next level no longer reads them (a parent's dQ once the
+child's dQ kernel has read it), and the backward pools level 1 (as large as all coarser levels
+together) again at its turn instead of holding it while they run: at 65,536 tokens (H200, bf16, batch 4,
+8 heads, dim_head 64) forward+backward peaks at 0.94x (non-causal) and 0.85x (causal) SDPA's memory,
+against 1.51x and 1.43x when each level's buffers were held one level longer (tests/test_attention_triton.py
+counts the bytes).
+
 Tiles and warps per kernel: MAX_TILES and NUM_WARPS below; the environment variable
 HTCLI_TRITON_TUNING (JSON, e.g. {"forward": [128, 64, 8]}: largest query and key tiles, warps,
 and optionally software-pipelining stages) overrides them, for tuning sweeps (examples/triton_sweep.py).
@@ -47,9 +54,8 @@ TUNING_VARIABLE = "HTCLI_TRITON_TUNING"
 # Backward keeps the gradients of levels >= this in fp32: each level adds its parent's, so rounding
 # every level to bf16 made dV at 65,536 tokens 1.8x as far from fp32 attention as eager bf16 (which
 # accumulates in fp32); from level 2 on: 1.56x (bf16, H200; fp16 in Triton's interpreter 1.76x -> 1.38x).
-# Level 1, which is held beside level 0's gradients, stays in the inputs' dtype: the causal peak is
-# unchanged; non-causal, level 2's step may hold up to 1.5 * rows * n * d bytes more (computed, not
-# measured), as its pooled queries are kept too. (All levels in fp32: 1.29x, +25% backward memory.)
+# Level 1's gradients, held beside level 0's, stay in the inputs' dtype (memory). (All levels in fp32:
+# 1.29x, +25% backward memory.)
 FP32_FROM_LEVEL = 2
 
 
@@ -107,33 +113,24 @@ def _launch_options(kind: str, r: int, q: torch.Tensor) -> dict:
 
 def _pyramid(q, k, v, real, *, block_size: int, causal: bool) -> list[tuple]:
     """Every level's (Q, K, V, CNT), fine to coarse. Causal Q is a strided view of q."""
-    rows, n, d = q.shape
     levels = [(q, k, v, real)]
-    for level in range(1, num_levels(n, block_size)):
-        q_prev, k_prev, v_prev, cnt_prev = levels[-1]
-        c_prev = cnt_prev.shape[1]
-        c = (c_prev + 1) // 2
-        k_l, v_l = (torch.empty((rows, c, d), dtype=q.dtype, device=q.device) for _ in range(2))
-        q_l = q[:, :: 2**level] if causal else torch.empty_like(k_l)
-        cnt = torch.empty((rows, c), dtype=torch.float32, device=q.device)
-        grid = (triton.cdiv(c, POOL_BLOCK), rows)
-        kernels.pool_kernel[grid](
-            q_prev,
-            k_prev,
-            v_prev,
-            cnt_prev,
-            q_l,
-            k_l,
-            v_l,
-            cnt,
-            c_prev,
-            c,
-            D=d,
-            BLOCK=POOL_BLOCK,
-            POOL_Q=not causal,
-        )
-        levels.append((q_l, k_l, v_l, cnt))
+    for level in range(1, num_levels(q.shape[1], block_size)):
+        levels.append(_pool(levels[-1], level, q, causal))
     return levels
+
+
+def _pool(finer: tuple, level: int, q, causal: bool) -> tuple:
+    """A level's (Q, K, V, CNT) from the level below's (q: level 0's queries)."""
+    q_prev, k_prev, v_prev, cnt_prev = finer
+    rows, c_prev, d = k_prev.shape
+    c = (c_prev + 1) // 2
+    k_l, v_l = (torch.empty((rows, c, d), dtype=q.dtype, device=q.device) for _ in range(2))
+    q_l = q[:, :: 2**level] if causal else torch.empty_like(k_l)
+    cnt = torch.empty((rows, c), dtype=torch.float32, device=q.device)
+    kernels.pool_kernel[(triton.cdiv(c, POOL_BLOCK), rows)](
+        *finer, q_l, k_l, v_l, cnt, c_prev, c, D=d, BLOCK=POOL_BLOCK, POOL_Q=not causal
+    )
+    return q_l, k_l, v_l, cnt
 
 
 def _grid(c: int, r: int, tile: int, rows: int) -> tuple[int, int]:
@@ -159,46 +156,56 @@ def forward(q, k, v, real, *, block_size: int, causal: bool, decay=None):
     lse = torch.empty((rows, n), dtype=torch.float32, device=q.device)
     options = _launch_options("forward", block_size, q)
     parent = None
-    for level in reversed(range(len(levels))):
-        q_l, k_l, v_l, cnt = levels.pop()  # each level's clusters are freed after use
-        c = cnt.shape[1]
-        if level:  # softmax state: max, denominator, numerator; no output yet (placeholder)
-            f32 = dict(dtype=torch.float32, device=q.device)
-            state = (
-                torch.empty((rows, c), **f32),
-                torch.empty((rows, c), **f32),
-                torch.empty((rows, c, d), **f32),
-            )
-            out = lse
-        else:  # level 0 writes the output (allocated last: peak memory) and lse instead
-            state = (lse, lse, lse)
-            out = torch.empty_like(q)
-        p_m, p_den, p_acc, c_parent = parent if parent else (*state, 1)
-        bias, has_decay = _level_bias(decay, level, cnt)
-        # fmt: off
-        kernels.forward_kernel[_grid(c, block_size, options["BLOCK_Q"], rows)](
-            q_l, k_l, v_l, cnt, bias, p_m, p_den, p_acc, *state, out, lse, c, triton.cdiv(c, block_size),
-            c_parent, q_l.stride(0), q_l.stride(1), d**-0.5, LEVEL0=level == 0, CAUSAL=causal,
-            HAS_PARENT=parent is not None, HAS_DECAY=has_decay, **options,
-        )
-        # fmt: on
-        parent = (*state, c)
+    for level in reversed(range(1, len(levels))):
+        # each level's clusters leave the list here, and its parent's state goes when parent is
+        # replaced: before the next level allocates
+        parent = _forward_level(levels.pop(), parent, level, lse, options, block_size, causal, decay)
+    out = torch.empty_like(q)  # allocated last: peak memory
+    _forward_level(levels.pop(), parent, 0, lse, options, block_size, causal, decay, out=out)
     return out, lse
+
+
+def _forward_level(clusters, parent, level, lse, options, block_size, causal, decay, out=None) -> tuple:
+    """One level's launch, starting from its parent's softmax state: a coarse level returns its own
+    state (max, denominator, numerator, length), level 0 writes out and lse."""
+    q_l, k_l, v_l, cnt = clusters
+    rows, c, d = k_l.shape
+    if level:  # softmax state; no output yet (lse stands in as a placeholder)
+        f32 = dict(dtype=torch.float32, device=q_l.device)
+        state = tuple(torch.empty(shape, **f32) for shape in ((rows, c), (rows, c), (rows, c, d)))
+        out = lse
+    else:
+        state = (lse, lse, lse)
+    p_m, p_den, p_acc, c_parent = parent if parent else (*state, 1)
+    bias, has_decay = _level_bias(decay, level, cnt)
+    # fmt: off
+    kernels.forward_kernel[_grid(c, block_size, options["BLOCK_Q"], rows)](
+        q_l, k_l, v_l, cnt, bias, p_m, p_den, p_acc, *state, out, lse, c, triton.cdiv(c, block_size),
+        c_parent, q_l.stride(0), q_l.stride(1), d**-0.5, LEVEL0=level == 0, CAUSAL=causal,
+        HAS_PARENT=parent is not None, HAS_DECAY=has_decay, **options,
+    )
+    # fmt: on
+    return (*state, c)
 
 
 def _backward_sums(grad_out, delta, lse, lengths: list[int]) -> list[tuple]:
     """Per level (fine to coarse): G (in dO's dtype, as the kernels use it), E and the reference
     maximum REF of every cluster."""
-    rows, _, d = grad_out.shape
     sums = [(grad_out, delta, lse)]
-    for c_prev, c in zip(lengths, lengths[1:]):
-        g = torch.empty((rows, c, d), dtype=grad_out.dtype, device=grad_out.device)
-        e, ref = (torch.empty((rows, c), dtype=torch.float32, device=grad_out.device) for _ in range(2))
-        kernels.pool_grad_kernel[(triton.cdiv(c, POOL_BLOCK), rows)](
-            *sums[-1], g, e, ref, c_prev, c, D=d, BLOCK=POOL_BLOCK
-        )
-        sums.append((g, e, ref))
+    for c in lengths[1:]:
+        sums.append(_pool_sums(sums[-1], c))
     return sums
+
+
+def _pool_sums(finer: tuple, c: int) -> tuple:
+    """A level's (G, E, REF), of length c, from the level below's."""
+    rows, c_prev, d = finer[0].shape
+    g = torch.empty((rows, c, d), dtype=finer[0].dtype, device=finer[0].device)
+    e, ref = (torch.empty((rows, c), dtype=torch.float32, device=g.device) for _ in range(2))
+    kernels.pool_grad_kernel[(triton.cdiv(c, POOL_BLOCK), rows)](
+        *finer, g, e, ref, c_prev, c, D=d, BLOCK=POOL_BLOCK
+    )
+    return g, e, ref
 
 
 def backward(q, k, v, real, out, lse, grad_out, *, block_size: int, causal: bool, decay=None):
@@ -210,26 +217,42 @@ def backward(q, k, v, real, out, lse, grad_out, *, block_size: int, causal: bool
     kernels.delta_kernel[(triton.cdiv(n, POOL_BLOCK), rows)](grad_out, out, delta, n, D=d, BLOCK=POOL_BLOCK)
     levels = _pyramid(q, k, v, real, block_size=block_size, causal=causal)
     sums = _backward_sums(grad_out, delta, lse, [level[3].shape[1] for level in levels])
-    q_options = _launch_options("dq", block_size, q)
-    kv_options = _launch_options("dkdv", block_size, q)
+    options = (_launch_options("dq", block_size, q), _launch_options("dkdv", block_size, q))
+    if len(levels) > 2:  # level 1 holds as much as all coarser levels together: pooled again at its
+        levels[1] = sums[1] = None  # turn, not held while they run (the same kernel: the same bits)
     parent = None
     for level in reversed(range(len(levels))):
-        q_l, k_l, v_l, cnt = levels.pop()
-        g, e, ref = sums.pop()
-        c = cnt.shape[1]
-        kept = torch.float32 if level >= FP32_FROM_LEVEL else q.dtype
-        own = [torch.empty((rows, c, d), dtype=kept, device=q.device) for _ in range(3)]
-        p_dq, p_dk, p_dv, p_cnt = parent if parent else (*own, cnt)  # placeholders without a parent
-        c_parent = p_cnt.shape[1]
-        bias, has_decay = _level_bias(decay, level, cnt)
-        common = dict(LEVEL0=level == 0, CAUSAL=causal, HAS_PARENT=parent is not None, HAS_DECAY=has_decay)
-        geometry = (c, triton.cdiv(c, block_size), c_parent, q_l.stride(0), q_l.stride(1), d**-0.5)
-        level_side = (q_l, k_l, v_l, cnt, bias, g, e, ref)  # what both kernels read of the level
-        kernels.dq_kernel[_grid(c, block_size, q_options["BLOCK_Q"], rows)](
-            *level_side, p_dq, p_cnt, own[0], *geometry, **common, **q_options
-        )
-        kernels.dkdv_kernel[_grid(c, block_size, kv_options["BLOCK_K"], rows)](
-            *level_side, p_dk, p_dv, p_cnt, *own[1:], *geometry, **common, **kv_options
-        )
-        parent = (*own, cnt)
-    return own
+        # the level's clusters and sums leave the lists here (the last level's go), and the parent's
+        # gradients when parent is replaced: each before this level allocates
+        clusters, level_sums = levels.pop(), sums.pop()
+        if clusters is None:
+            clusters = _pool(levels[0], 1, q, causal)
+            level_sums = _pool_sums(sums[0], clusters[3].shape[1])
+        parent = _backward_level(clusters, level_sums, parent, level, options, block_size, causal, decay)
+    return parent[:3]
+
+
+def _backward_level(clusters, level_sums, parent, level, options, block_size, causal, decay) -> list:
+    """One level's dQ and dK, dV launches: [dq, dk, dv, counts] of the level, each gradient with its
+    parent's added. parent: the parent level's list, or None; its dq leaves it once read, so that its
+    memory can hold this level's dK, dV."""
+    q_l, k_l, v_l, cnt = clusters
+    rows, c, d = k_l.shape
+    kept = torch.float32 if level >= FP32_FROM_LEVEL else q_l.dtype
+    dq = torch.empty((rows, c, d), dtype=kept, device=q_l.device)
+    p_cnt = parent[3] if parent else cnt
+    bias, has_decay = _level_bias(decay, level, cnt)
+    common = dict(LEVEL0=level == 0, CAUSAL=causal, HAS_PARENT=parent is not None, HAS_DECAY=has_decay)
+    geometry = (c, triton.cdiv(c, block_size), p_cnt.shape[1], q_l.stride(0), q_l.stride(1), d**-0.5)
+    level_side = (q_l, k_l, v_l, cnt, bias, *level_sums)  # what both kernels read of the level
+    q_options, kv_options = options
+    kernels.dq_kernel[_grid(c, block_size, q_options["BLOCK_Q"], rows)](
+        *level_side, parent[0] if parent else dq, p_cnt, dq, *geometry, **common, **q_options
+    )
+    if parent:
+        parent[0] = None  # read (the allocator reuses memory in stream order)
+    dk, dv = (torch.empty((rows, c, d), dtype=kept, device=q_l.device) for _ in range(2))
+    kernels.dkdv_kernel[_grid(c, block_size, kv_options["BLOCK_K"], rows)](
+        *level_side, *(parent[1:3] if parent else (dk, dv)), p_cnt, dk, dv, *geometry, **common, **kv_options
+    )
+    return [dq, dk, dv, cnt]
