@@ -1,11 +1,10 @@
 #!/usr/bin/env bash
-# On a machine with a CUDA GPU, in order of what matters most: the CUDA tests, the kernels' errors
-# beside eager's and whether they repeat their bits (triton_precision.py), a tile/warp sweep of
-# the Triton kernels (its fastest setting is used for the rest), the bench tables (attention and
-# training step, Triton then eager, SDPA beside), every command (train with bf16 autocast and
-# resume, --compile, sample with and without the decode cache, eval) with Triton and with eager,
-# profiles of the attention at 8k with and without CUDA graphs, bench --decode with and without
-# them and a profile of the decode step.
+# On a machine with a CUDA GPU, in order of what matters most: the CUDA tests, every command
+# (train with bf16 autocast and resume, --compile, sample with and without the decode cache, eval)
+# with Triton, the bench tables (attention and training step, SDPA beside), bench --decode, then
+# the kernels' errors beside eager's and whether they repeat their bits (triton_precision.py), a
+# tile/warp sweep of the Triton kernels (its fastest setting is used for the rest), profiles of the
+# attention at 8k with and without CUDA graphs and of the decode step, and the same with eager.
 # Usage: bash examples/gpu_check.sh [WORKDIR]; PYTHON=interpreter overrides; GPU_CHECK_SECONDS=N
 # skips the steps that would start past N seconds and cuts the others short (a device lease).
 # Goes on past a failing step and exits non-zero if any failed or was skipped.
@@ -41,7 +40,7 @@ commands() {  # the CLI's commands on CUDA under one implementation (name for th
     step 60 "${HT[@]}" sample "$run" --prompt "def " --max-new-tokens 200 --seed 1
     step 60 "${HT[@]}" sample "$run" --prompt "def " --max-new-tokens 50 --seed 1 --no-cache
     step 60 "${HT[@]}" sample "$run" --prompt "def " --max-new-tokens 200 --num-samples 8 --json
-    step 60 "${HT[@]}" eval "$run" "$STDLIB/json/*.py"
+    step 60 "${HT[@]}" eval "$run" "$STDLIB/json/*.py" --by-position --plot "$WORK/by-position-$1.png"
     step 150 "${HT[@]}" train "$STDLIB/*.py" --out "$WORK/compiled-$1" --preset tiny --steps 30 \
         --eval-every 0 --sample-every 0 --compile --device cuda
 }
@@ -51,6 +50,16 @@ nvidia-smi -L
 xdist=()
 "$PYTHON" -c 'import xdist' 2>/dev/null && xdist=(-n 8)
 step 180 "$PYTHON" -m pytest -q "${xdist[@]}" tests/test_cuda.py tests/test_attention_triton.py
+# what one call of a 15-minute lease holds (GPU_CHECK_SECONDS=470: about 7 minutes on an H200, some
+# of it skipped): every command with the default implementation, the issue's tables, the decode bench
+HTCLI_ATTENTION=triton commands triton
+# (each measurement in a fresh process: ~15-20 s each on an H200 VM, ~55 s per length)
+bench 100 --heads 8 --seq-len 8192 --repeats 5 --impl triton
+bench 100 --model --preset small --seq-len 8192 --repeats 5 --impl triton
+bench 100 --model --preset base --seq-len 8192 --repeats 5 --impl triton
+step 120 "${HT[@]}" bench --decode --device cuda
+bench 120 --heads 8 --seq-len 65536 --repeats 3 --impl triton
+# then the kernels' numerics, a tuning sweep (its fastest setting is used for the rest), profiles
 step 120 "$PYTHON" examples/triton_precision.py --lengths 2048,65536 --dtypes bf16
 step 150 "$PYTHON" examples/triton_sweep.py --seq-len 8192 --max-seconds 120 --out "$WORK/tuning.json"
 if [[ -s $WORK/tuning.json ]]; then
@@ -61,13 +70,6 @@ for causal in --no-causal --causal; do  # launch-bound at 8k: CUDA graphs on and
     step 60 "$PYTHON" examples/attention_profile.py $causal --rows 15
     HTCLI_ATTENTION_GRAPHS=0 step 60 "$PYTHON" examples/attention_profile.py $causal --rows 0
 done
-# (each measurement in a fresh process: ~15-20 s each on an H200 VM, more than 140 s for both lengths)
-bench 240 --heads 8 --seq-len 8192 --repeats 5 --impl triton
-bench 240 --heads 8 --seq-len 65536 --repeats 5 --impl triton
-bench 100 --model --preset small --seq-len 8192 --repeats 5 --impl triton
-bench 120 --model --preset base --seq-len 8192 --repeats 5 --impl triton
-HTCLI_ATTENTION=triton commands triton
-step 120 "${HT[@]}" bench --decode --device cuda
 step 60 "$PYTHON" examples/decode_profile.py --device cuda
 HTCLI_DECODE_GRAPH=0 step 120 "${HT[@]}" bench --decode --device cuda
 bench 150 --heads 8 --seq-len 8192,65536 --repeats 5 --impl eager
