@@ -182,12 +182,10 @@ def read_checkpoint_info(path: str | os.PathLike) -> CheckpointInfo:
         if not isinstance(saved, dict):
             raise ValueError("the model config is not an object")
         config = HTransformerConfig.from_dict(saved)
-        step, val_bpb = metadata.get("step", "0"), json.loads(metadata.get("val_bpb", "null"))
+        step, val_bpb = metadata.get("step", "0"), _number_or_null(metadata.get("val_bpb", "null"), "val_bpb")
         if not (step.isascii() and step.isdigit()):
             raise ValueError(f"step {step!r} is not a whole number")
         step = int(step)
-        if not (val_bpb is None or isinstance(val_bpb, float | int)):
-            raise ValueError(f"val_bpb {val_bpb!r} is not a number")
     except (ValueError, TypeError) as error:
         version = metadata.get("htcli_version", "?")
         if _newer(version):  # (a field or value this version does not know)
@@ -203,6 +201,17 @@ def read_checkpoint_info(path: str | os.PathLike) -> CheckpointInfo:
         )
     check_weights_header(file, config)
     return CheckpointInfo(file, config, step, val_bpb, metadata.get("htcli_version", "?"))
+
+
+def _number_or_null(text: str, name: str) -> float | int | None:
+    """A metadata field holding a JSON number or null; ValueError naming the field otherwise."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = text
+    if value is not None and (isinstance(value, bool) or not isinstance(value, float | int)):
+        raise ValueError(f"{name} {text!r} is not a number")
+    return value
 
 
 def _newer(version: str) -> bool:

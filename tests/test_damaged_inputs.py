@@ -181,6 +181,17 @@ def test_a_step_that_is_not_a_whole_number(run, step):
     assert_user_error(invoke("sample", out, "--device", "cpu"), said)
 
 
+@pytest.mark.parametrize("val_bpb", ["nan", "", "true", '"3.5"', "[1]"])
+def test_a_val_bpb_that_is_not_a_number(run, val_bpb):
+    """A val_bpb in the metadata that is not a JSON number (json said "Expecting value" without naming
+    the field, and took true for a number): one line naming it."""
+    out, _ = run
+    rewrite_model(out / "model.safetensors", metadata={"val_bpb": val_bpb})
+    assert_user_error(
+        invoke("sample", out, "--device", "cpu"), f"bad metadata: val_bpb {val_bpb!r} is not a number)"
+    )
+
+
 @pytest.mark.parametrize(
     "state,message",
     [
