@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 from htcli import distributed
-from htcli.checkpoint import commit_pending, load_training_state
+from htcli.checkpoint import CheckpointInfo, commit_pending, load_training_state, read_checkpoint_info
 from htcli.config import TrainConfig
 from htcli.errors import HtcliError
 from htcli.files import CONFIG_FILE, LOG_FILE, check_complete_checkpoint, check_out_path, has_checkpoint
@@ -56,14 +56,28 @@ def open_run(out: Path, config: TrainConfig, resume: bool, lock: RunLock, *, mai
                 fields=("resume", "out"),
             )
         return None
+    _check_checkpoint_there(out)
+    checkpoint = load_training_state(out, commit=False)
+    _check_fits(out, config, *checkpoint)
+    return checkpoint
+
+
+def check_resumable(config: TrainConfig, resume: bool | str) -> None:
+    """Where config resumes a run (resume as train takes it), what open_run checks of its checkpoint
+    before training, from the checkpoint's metadata alone: one is there, complete, of config's model,
+    with steps left (for a config printed and not run)."""
+    out = Path(config.out)
+    if resolve_resume(resume, out):
+        _check_checkpoint_there(out)
+        _check_model_and_steps(out, config, read_checkpoint_info(out))
+
+
+def _check_checkpoint_there(out: Path) -> None:
     if not has_checkpoint(out):
         raise HtcliError(
             f"no checkpoint at {out}: start a new run there (without resume)", fields=("resume",)
         )
     check_complete_checkpoint(out)
-    checkpoint = load_training_state(out, commit=False)
-    _check_fits(out, config, *checkpoint)
-    return checkpoint
 
 
 def check_only_run_files(out: Path) -> None:
@@ -112,6 +126,17 @@ def _is_htcli_log(path: Path) -> bool:
 
 def _check_fits(out: Path, config: TrainConfig, info, weights, optimizer_state, state) -> None:
     """The checkpoint continues this config: the same model, steps left, the same number of processes."""
+    _check_model_and_steps(out, config, info)
+    saved, world_size = state["world_size"], distributed.world_size()
+    if saved != world_size:
+        how = "without torchrun" if saved == 1 else f"under torchrun with {saved} processes in all"
+        raise HtcliError(
+            f"cannot resume {out} in {_processes(world_size)}: it was trained in {_processes(saved)}, "
+            f"each with its own data stream; resume it {how}"
+        )
+
+
+def _check_model_and_steps(out: Path, config: TrainConfig, info: CheckpointInfo) -> None:
     if info.config != config.model:
         ours, theirs = config.model.to_dict(), info.config.to_dict()
         changed = [k for k in ours if ours[k] != theirs[k]]
@@ -125,13 +150,6 @@ def _check_fits(out: Path, config: TrainConfig, info, weights, optimizer_state, 
         raise HtcliError(
             f"{out} is already at step {info.step} of steps {config.steps}: pass a larger steps",
             fields=("steps",),
-        )
-    saved, world_size = state["world_size"], distributed.world_size()
-    if saved != world_size:
-        how = "without torchrun" if saved == 1 else f"under torchrun with {saved} processes in all"
-        raise HtcliError(
-            f"cannot resume {out} in {_processes(world_size)}: it was trained in {_processes(saved)}, "
-            f"each with its own data stream; resume it {how}"
         )
 
 

@@ -207,6 +207,14 @@ def test_resume_takes_the_saved_config_then_the_file_then_flags(corpus, tmp_path
     path.write_text("steps = 4\ndim = 64\n")
     refused = invoke("train", "--resume", "--out", run, "--config", path)
     assert_user_error(refused, "the model differs from its checkpoint (--dim 32 in the checkpoint, 64 asked)")
+    # --print-config refuses what the run would (it printed the changed model)
+    printed = invoke("train", "--resume", "--out", run, "--config", path, "--print-config")
+    assert_user_error(printed, "the model differs from its checkpoint (--dim 32 in the checkpoint, 64 asked)")
+    printed = invoke("train", "--resume", "--out", run, "--steps", "2", "--print-config")
+    assert_user_error(printed, "is already at step 2 of --steps 2: pass a larger --steps")
+    printed = invoke("train", corpus, "--resume", "--out", tmp_path / "new", "--print-config")
+    assert_user_error(printed, "no checkpoint at")
+    assert "steps = 5" in resolved(corpus, "--resume", "auto", "--out", tmp_path / "new", "--steps", "5")
 
 
 # model FLOPs
