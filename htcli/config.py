@@ -234,7 +234,16 @@ def config_from_options(
             fields=("seed",),
         )
     base = preset if preset is not None else saved.pop("model")
-    return TrainConfig.from_dict({**saved, **given, "out": out, "model": model_config(base, **model)})
+    try:
+        return TrainConfig.from_dict({**saved, **given, "out": out, "model": model_config(base, **model)})
+    except HtcliError as error:
+        chosen = {*given, *model, *(("preset", *model_fields) if preset is not None else ())}
+        if not error.fields or set(error.fields) & chosen:
+            raise
+        # (no option given names it: the value is the run's own; the CLI would have blamed a flag)
+        raise HtcliError(
+            f"{Path(out) / CONFIG_FILE}: {error}: fix it in that file, or give another value as an option"
+        ) from None
 
 
 def saved_config(out: Path) -> dict:

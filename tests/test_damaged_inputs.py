@@ -221,6 +221,36 @@ def test_config_json_with_a_string_corpus(run):
     assert snapshot(out) == before
 
 
+@pytest.mark.parametrize(
+    "change,flags,message",
+    [
+        ({"lr": -1}, [], "{out}/config.json: lr must be a positive number, got -1: fix it in that file"),
+        (
+            {"model": {"block_size": 12}},
+            [],
+            "{out}/config.json: impossible model options: max_seq_len (64) must be a multiple of block_size",
+        ),
+        (
+            {"model": {"block_size": 12}},
+            ["--block-size", "12"],
+            "--seq-len (64) must be a multiple of --block-size",
+        ),
+    ],
+)
+def test_bad_values_in_config_json_are_blamed_on_the_file(run, change, flags, message):
+    """A value in a run's config.json that its checks refuse: the error names the file and the field, not
+    a flag the command did not give (it said "--lr must be a positive number"); a flag given keeps the
+    blame."""
+    out, _ = run
+    config = json.loads((out / "config.json").read_text())
+    config.update({k: {**config[k], **v} if isinstance(v, dict) else v for k, v in change.items()})
+    (out / "config.json").write_text(json.dumps(config))
+    before = snapshot(out)
+    result = invoke("train", "--out", out, "--resume", "--steps", 4, *flags)
+    assert_user_error(result, message.format(out=out))
+    assert snapshot(out) == before
+
+
 @pytest.mark.parametrize("line", [b'{"event": "step", "step": 1, "x": "\xff"}', b"[1, 2]", b'"text"'])
 def test_damaged_log(run, line):
     """A log.jsonl with a line that is not UTF-8 or not an object: refused before config.json or the log
