@@ -111,7 +111,10 @@ class TrainDisplay:
             self.console.print(f"step {event['step']:>6}  loss {self.loss:.4f}  val bpb {self.val_bpb:.4f}")
         elif kind == "sample":
             text = Text(event["prompt"], style="dim") + Text(event["text"])
-            self.sample = Panel(text, title=f"sample at step {event['step']}", title_align="left")
+            title = f"sample at step {event['step']}"
+            if event.get("cut_short"):
+                title += " (cut short by the stop)"
+            self.sample = Panel(text, title=title, title_align="left")
             self.live.update(self._view())
         elif kind == "interrupt":
             self.console.print(f"[yellow]interrupted at step {event['step']}: saving and stopping")

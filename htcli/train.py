@@ -399,8 +399,8 @@ class Run:
             val_loss, self.val_bpb = self.validate()
             log("eval", step=step, val_loss=val_loss, val_bpb=self.val_bpb)
         if self.main and due(step, config.sample_every):
-            prompt, text = self.sample(stop)
-            log("sample", step=step, prompt=prompt, text=text)
+            prompt, text, cut = self.sample(stop)
+            log("sample", step=step, prompt=prompt, text=text, **({"cut_short": True} if cut else {}))
         if due(step, config.save_every, last=last):
             self.save(log)
 
@@ -419,23 +419,25 @@ class Run:
         finally:
             self.model.train()
 
-    def sample(self, stop: StopRequest | None = None) -> tuple[str, str]:
+    def sample(self, stop: StopRequest | None = None) -> tuple[str, str, bool]:
         """A continuation of the validation data's first bytes, from a fixed seed (no global RNG used),
-        ended early by a stop request (Ctrl-C, SIGTERM: the save comes first, a long sample took minutes)."""
+        ended early by a stop request (Ctrl-C, SIGTERM: the save comes first, a long sample took minutes):
+        prompt, text, and whether the stop cut it short."""
         prompt = self.val_data.read(0, min(SAMPLE_PROMPT_BYTES, len(self.val_data)))
         config = self.config
         self.model.eval()
         try:
             sampling = SamplingConfig(config.sample_length, temperature=SAMPLE_TEMPERATURE, seed=config.seed)
-            made = bytearray()
+            made, cut = bytearray(), False
             for byte in generate(self.model, prompt, sampling, dtype=self.dtype):
                 made.append(byte)
                 if stop is not None and stop.requested:
+                    cut = len(made) < config.sample_length
                     break
             text = made.decode("utf-8", "replace")
         finally:
             self.model.train()
-        return prompt.decode("utf-8", errors="replace"), text
+        return prompt.decode("utf-8", errors="replace"), text, cut
 
     def save(self, log: RunLog) -> None:
         """A checkpoint of this step, with every rank's random state (all ranks take part)."""

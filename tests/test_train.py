@@ -298,3 +298,12 @@ def test_context_warmup_trains_on_short_windows_and_resumes_exactly(corpus, tmp_
     expected, got = weights(tmp_path / "whole"), weights(tmp_path / "split")
     assert all(torch.equal(expected[name], got[name]) for name in expected)
     assert whole.step == 6
+
+
+def test_a_preview_sample_is_logged_whole_and_unmarked(corpus, tmp_path):
+    """The preview sample drawn at sample_every: its prompt and sample_length bytes in a sample event,
+    with no cut_short mark (a stop's sample has one: tests/test_runs.py)."""
+    out = tmp_path / "run"
+    train(tiny_config(corpus, out, steps=1, sample_every=1, sample_length=24))
+    (sample,) = events(out, "sample")
+    assert sample["step"] == 1 and sample["prompt"] and sample["text"] and "cut_short" not in sample
