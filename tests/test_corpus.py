@@ -502,3 +502,22 @@ def test_a_cache_entry_stopped_after_it_is_in_place_keeps_its_facts(tmp_path, mo
     monkeypatch.undo()
     entry, facts = cached(source, "copy", lambda sink: pytest.fail("made again"), tmp_path / "cache")
     assert entry.read_bytes() == b"abc" and facts == {"skipped": 80}
+
+
+def test_an_entry_an_older_htcli_made_is_not_read(tmp_path):
+    """An entry named as htcli made them before cache.FORMAT (a JSONL record's lone surrogate went in as
+    bytes, where this htcli skips the record): made again, not read."""
+    import hashlib
+
+    from htcli.corpus.cache import cached
+
+    source, cache = tmp_path / "c.txt", tmp_path / "cache"
+    source.write_bytes(b"abc")
+    stat = source.stat()
+    identity = f"{source.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|copy"  # (no format in it)
+    old = cache / f"c.txt.{hashlib.sha256(identity.encode()).hexdigest()[:20]}"
+    cache.mkdir()
+    old.write_bytes(b"made by an older htcli")
+    old.with_name(old.name + ".json").write_text("{}")
+    entry, facts = cached(source, "copy", lambda sink: sink.write(b"abc") and {"records": 1}, cache)
+    assert entry.read_bytes() == b"abc" and facts == {"records": 1}

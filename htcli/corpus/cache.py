@@ -3,9 +3,10 @@ text of JSONL and Parquet records, each made once, streaming, and reused until i
 
 The cache lives in $HTCLI_CACHE_DIR, else $XDG_CACHE_HOME/htcli or ~/.cache/htcli. An entry is named
 by its source's name and a hash of the source's path, size, modification time and the way it was
-made. A lock file per entry makes concurrent makers wait for one another: the processes of a
-torchrun job on one machine make each entry once and share it. The entry's bytes appear (atomically)
-only when whole, after a small JSON file of facts about it (how many records, how many skipped).
+made (the options, and FORMAT). A lock file per entry makes concurrent makers wait for one another:
+the processes of a torchrun job on one machine make each entry once and share it. The entry's bytes
+appear (atomically) only when whole, after a small JSON file of facts about it (how many records,
+how many skipped).
 """
 
 from __future__ import annotations
@@ -23,6 +24,11 @@ from typing import IO
 from htcli.errors import HtcliError
 from htcli.files import atomic_file, write_json
 
+# how this htcli makes entries: part of every entry's name, raised when a change makes other bytes
+# from the same source (2: a JSONL record holding a lone surrogate is skipped as bad, where htcli
+# before it wrote the surrogate's bytes), so that no entry an older htcli made is read as this one's
+FORMAT = 2
+
 
 def cache_dir() -> Path:
     """Where made corpus bytes go: $HTCLI_CACHE_DIR, else $XDG_CACHE_HOME/htcli or ~/.cache/htcli."""
@@ -39,7 +45,7 @@ def cached(
     of making it (part of the entry's name: a change of options makes another entry)."""
     cache = cache or cache_dir()
     stat = source.stat()
-    identity = f"{source.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{how}"
+    identity = f"{source.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{how}|{FORMAT}"
     target = cache / f"{source.name}.{hashlib.sha256(identity.encode()).hexdigest()[:20]}"
     facts_file = target.with_name(target.name + ".json")
     try:
