@@ -51,7 +51,7 @@ xdist=()
 "$PYTHON" -c 'import xdist' 2>/dev/null && xdist=(-n 8)
 step 180 "$PYTHON" -m pytest -q "${xdist[@]}" tests/test_cuda.py tests/test_attention_triton.py
 # what one call of a 15-minute lease holds (GPU_CHECK_SECONDS=470: about 7 minutes on an H200, some
-# of it skipped): every command with the default implementation, the tables, the decode bench
+# of it skipped): every command with Triton (CUDA's default), the tables, the decode bench
 HTCLI_ATTENTION=triton commands triton
 # (each measurement in a fresh process: ~15-20 s each on an H200 VM, ~55 s per length)
 bench 100 --heads 8 --seq-len 8192 --repeats 5 --impl triton

@@ -204,7 +204,8 @@ def read_checkpoint_info(path: str | os.PathLike) -> CheckpointInfo:
 
 
 def _number_or_null(text: str, name: str) -> float | int | None:
-    """A metadata field holding a JSON number or null; ValueError naming the field otherwise."""
+    """A metadata field holding a JSON number (NaN and Infinity too, as json.dumps writes them) or null;
+    ValueError naming the field otherwise."""
     try:
         value = json.loads(text)
     except ValueError:

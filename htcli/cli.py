@@ -424,7 +424,7 @@ def _train(options: dict, resume: str | None, config_file: Path | None, print_co
             from htcli.config_file import write_toml
             from htcli.rundir import check_resumable
 
-            check_resumable(config, resume_as)  # (what the run would refuse, printed or not)
+            check_resumable(config, resume_as)  # (what a resume would refuse of its checkpoint)
             print(write_toml(config, lambda field: flag(field)[2:]), end="")
             return
         with process_group(config.device) as launch, TrainDisplay(err_console) as display:

@@ -237,7 +237,7 @@ def config_from_options(
     try:
         return TrainConfig.from_dict({**saved, **given, "out": out, "model": model_config(base, **model)})
     except HtcliError as error:
-        chosen = {*given, *model, *(("preset", *model_fields) if preset is not None else ())}
+        chosen = {"out", *given, *model, *(("preset", *model_fields) if preset is not None else ())}
         if not error.fields or set(error.fields) & chosen:
             raise
         # (no option given names it: the value is the run's own; the CLI would have blamed a flag)

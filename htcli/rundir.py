@@ -17,7 +17,16 @@ from htcli import distributed
 from htcli.checkpoint import CheckpointInfo, commit_pending, load_training_state, read_checkpoint_info
 from htcli.config import TrainConfig
 from htcli.errors import HtcliError
-from htcli.files import CONFIG_FILE, LOG_FILE, check_complete_checkpoint, check_out_path, has_checkpoint
+from htcli.files import (
+    CONFIG_FILE,
+    LOG_FILE,
+    MODEL_FILE,
+    STATE_FILE,
+    check_complete_checkpoint,
+    check_out_path,
+    has_checkpoint,
+    pending_file,
+)
 from htcli.loggers import TENSORBOARD_DIR, WANDB_DIR
 from htcli.runlock import RunLock
 from htcli.runlog import parse_event
@@ -69,7 +78,10 @@ def check_resumable(config: TrainConfig, resume: bool | str) -> None:
     out = Path(config.out)
     if resolve_resume(resume, out):
         _check_checkpoint_there(out)
-        _check_model_and_steps(out, config, read_checkpoint_info(out))
+        # a save cut short between its renames: the resume finishes it first, so its weights are the ones
+        pending = pending_file(out, MODEL_FILE)
+        renaming = pending_file(out, STATE_FILE).exists() and pending.exists()
+        _check_model_and_steps(out, config, read_checkpoint_info(pending if renaming else out))
 
 
 def _check_checkpoint_there(out: Path) -> None:

@@ -466,6 +466,21 @@ def test_a_first_save_cut_short_while_writing_is_no_checkpoint(run_copy):
     assert (run / "state.json").exists() and not (run / ".model.safetensors.pending").exists()
 
 
+def test_print_config_of_a_resume_after_a_save_cut_short_between_its_renames(run_copy):
+    """A save that wrote all its pending files and was cut short before renaming them: --print-config
+    --resume prints (the resume finishes the save first; it said "no checkpoint") and changes nothing,
+    and still refuses another model."""
+    run, _ = run_copy
+    for name in ("model.safetensors", "optimizer.safetensors", "state.json"):
+        (run / name).rename(run / f".{name}.pending")
+    before = snapshot(run)
+    printed = invoke("train", "--out", run, "--resume", "--steps", 8, "--print-config")
+    assert printed.exit_code == 0, printed.output
+    assert "steps = 8" in printed.stdout and snapshot(run) == before
+    refused = invoke("train", "--out", run, "--resume", "--steps", 8, "--dim", 48, "--print-config")
+    assert_user_error(refused, "the model differs from its checkpoint (--dim 32 in the checkpoint, 48 asked)")
+
+
 def test_a_lost_config_json_says_how_to_resume(run_copy):
     """A checkpoint without its config.json: --resume says to give the options again with --resume auto,
     and that resumes it."""
