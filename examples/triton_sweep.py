@@ -117,6 +117,7 @@ def main() -> None:
     parser.add_argument("--dim-head", type=int, default=64)
     parser.add_argument("--block-size", type=int, default=128)
     parser.add_argument("--max-seconds", type=float, default=150.0, help="stop trying variants after this")
+    parser.add_argument("--variants", type=int, help="try only the first N variants of each kernel")
     parser.add_argument("--out", help="write the fastest good setting (JSON) here")
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp16"), help="fp16 in the interpreter")
@@ -144,7 +145,7 @@ def main() -> None:
     for kind, variants in VARIANTS.items():
         backward = kind != "forward"
         times = {}
-        for variant in variants:
+        for variant in variants[: args.variants]:
             if time.monotonic() - started > args.max_seconds:
                 print(f"{kind:8} (time is up: remaining variants not tried)")
                 break
