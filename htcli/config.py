@@ -12,7 +12,14 @@ from typing import TYPE_CHECKING
 
 from htcli.device import DEVICES, DTYPES, check_choice
 from htcli.errors import HtcliError
-from htcli.files import CONFIG_FILE, check_complete_checkpoint, check_out_path, has_checkpoint, read_json
+from htcli.files import (
+    CONFIG_FILE,
+    check_complete_checkpoint,
+    check_out_path,
+    has_checkpoint,
+    no_checkpoint,
+    read_json,
+)
 from htcli.presets import DEFAULT_PRESET, model_config
 
 if TYPE_CHECKING:
@@ -250,9 +257,7 @@ def saved_config(out: Path) -> dict:
     """The config.json of the run in out, as a dict (without the version that wrote it)."""
     check_out_path(out)
     path = out / CONFIG_FILE
-    missing = HtcliError(
-        f"no checkpoint at {out}: start a new run there (without resume)", fields=("resume",)
-    )
+    missing = no_checkpoint(out)
     if not path.exists() and has_checkpoint(out):
         check_complete_checkpoint(out)
         missing = HtcliError(

@@ -38,16 +38,24 @@ def pending_file(out: Path, name: str) -> Path:
     return out / f".{name}.pending"
 
 
+def checkpoint_file(out: Path, name: str) -> Path:
+    """The file that holds the checkpoint's file `name` for a resume: the pending one where a crash cut a
+    save short between its renames before renaming it (the resume finishes that save first), else the
+    one in place. A save cut short while writing (no pending state.json) counts for nothing: the next
+    save or resume drops its files."""
+    pending = pending_file(out, name)
+    return pending if pending_file(out, STATE_FILE).exists() and pending.exists() else out / name
+
+
 def missing_checkpoint_files(out: Path) -> list[str]:
-    """The files of a checkpoint that the directory out lacks, neither in place nor written by a save that
-    a crash cut short between its renames (all of them where it holds no checkpoint). A save cut short
-    while writing (no pending state.json) counts for nothing: the next save or resume drops its files."""
-    renaming = pending_file(out, STATE_FILE).exists()
-    return [
-        name
-        for name in CHECKPOINT_FILES
-        if not (out / name).exists() and not (renaming and pending_file(out, name).exists())
-    ]
+    """The files of a checkpoint that the directory out lacks (checkpoint_file: in place or pending a
+    rename; all of them where it holds no checkpoint)."""
+    return [name for name in CHECKPOINT_FILES if not checkpoint_file(out, name).exists()]
+
+
+def no_checkpoint(out: Path) -> HtcliError:
+    """The error of a resume where out holds no checkpoint."""
+    return HtcliError(f"no checkpoint at {out}: start a new run there (without resume)", fields=("resume",))
 
 
 def has_checkpoint(out: Path) -> bool:

@@ -21,11 +21,11 @@ from htcli.files import (
     CONFIG_FILE,
     LOG_FILE,
     MODEL_FILE,
-    STATE_FILE,
     check_complete_checkpoint,
     check_out_path,
+    checkpoint_file,
     has_checkpoint,
-    pending_file,
+    no_checkpoint,
 )
 from htcli.loggers import TENSORBOARD_DIR, WANDB_DIR
 from htcli.runlock import RunLock
@@ -78,17 +78,12 @@ def check_resumable(config: TrainConfig, resume: bool | str) -> None:
     out = Path(config.out)
     if resolve_resume(resume, out):
         _check_checkpoint_there(out)
-        # a save cut short between its renames: the resume finishes it first, so its weights are the ones
-        pending = pending_file(out, MODEL_FILE)
-        renaming = pending_file(out, STATE_FILE).exists() and pending.exists()
-        _check_model_and_steps(out, config, read_checkpoint_info(pending if renaming else out))
+        _check_model_and_steps(out, config, read_checkpoint_info(checkpoint_file(out, MODEL_FILE)))
 
 
 def _check_checkpoint_there(out: Path) -> None:
     if not has_checkpoint(out):
-        raise HtcliError(
-            f"no checkpoint at {out}: start a new run there (without resume)", fields=("resume",)
-        )
+        raise no_checkpoint(out)
     check_complete_checkpoint(out)
 
 
