@@ -274,14 +274,38 @@ AttentionKind = Annotated[
         "the baseline to compare with)."
     ),
 ]
-Reversible = Annotated[bool | None, _switch("reversible", "Reversible layers: less activation memory.")]
-Norm = Annotated[str | None, _option("Normalisation: rms (RMSNorm) or layer (LayerNorm).")]
-QkNorm = Annotated[bool | None, _switch("qk-norm", "RMSNorm of each head's queries and keys.")]
-Activation = Annotated[str | None, _option("Feed-forward activation: relu2 (ReLU squared) or gelu.")]
-LogitSoftcap = Annotated[
-    float | None, _option("Soft-cap the logits at this value (c * tanh(x / c)); 0: none.")
+# the model switches' defaults, every preset's (the model config's: tests/test_cli.py holds them to it)
+MODEL_DEFAULTS = dict(
+    reversible="off", norm="layer", qk_norm="on", activation="relu2", logit_softcap=0, zero_init="off"
+)
+
+
+def _model_default(name: str) -> str:
+    return f" (default {MODEL_DEFAULTS[name]})."
+
+
+Reversible = Annotated[
+    bool | None,
+    _switch("reversible", "Reversible layers: less activation memory" + _model_default("reversible")),
 ]
-ZeroInit = Annotated[bool | None, _switch("zero-init", "Residual output projections start at zero.")]
+Norm = Annotated[
+    str | None, _option("Normalisation: rms (RMSNorm) or layer (LayerNorm)" + _model_default("norm"))
+]
+QkNorm = Annotated[
+    bool | None, _switch("qk-norm", "RMSNorm of each head's queries and keys" + _model_default("qk_norm"))
+]
+Activation = Annotated[
+    str | None,
+    _option("Feed-forward activation: relu2 (ReLU squared) or gelu" + _model_default("activation")),
+]
+LogitSoftcap = Annotated[
+    float | None,
+    _option("Soft-cap the logits at this value (c * tanh(x / c)); 0: none" + _model_default("logit_softcap")),
+]
+ZeroInit = Annotated[
+    bool | None,
+    _switch("zero-init", "Residual output projections start at zero" + _model_default("zero_init")),
+]
 LevelDecay = Annotated[
     float | None,
     _option(
@@ -317,7 +341,10 @@ ContextWarmupStart = Annotated[
 MinLr = Annotated[
     float | None, _option("Learning rate at the last step, after cosine decay (default --lr / 10)")
 ]
-WeightDecay = Annotated[float | None, _option("AdamW weight decay", "weight_decay")]
+WeightDecay = Annotated[
+    float | None,
+    _option("Weight decay of the matrices (AdamW's, and Muon's with --optimizer muon)", "weight_decay"),
+]
 Clip = Annotated[float | None, _option("Gradient norm clip, 0 for none", "clip")]
 EvalEvery = Annotated[int | None, _option("Steps between validations, 0: last only", "eval_every")]
 EvalBatches = Annotated[int | None, _option("Batches per validation", "eval_batches")]
@@ -506,7 +533,7 @@ def sample(
     device: Device = "auto",
     dtype: Dtype = "auto",
 ) -> None:
-    """Generate text from a checkpoint, streamed to stdout; timing and tokens/s go to stderr."""
+    """Generate text from a checkpoint, streamed to stdout; timing and bytes/s go to stderr."""
     with _user_errors(smaller="--num-samples or model"):
         from htcli.checkpoint import load_model
         from htcli.device import resolve_device, resolve_dtype
@@ -619,7 +646,10 @@ EvalContext = Annotated[
     ),
 ]
 PositionPlot = Annotated[
-    Path | None, typer.Option(flag("plot_path"), help="With --by-position: draw the curve to this PNG.")
+    Path | None,
+    typer.Option(
+        flag("plot_path"), help="With --by-position: draw the curve to this file (.png, .pdf, .svg, ...)."
+    ),
 ]
 
 
@@ -692,6 +722,12 @@ ATTENTION_BENCH_OPTIONS = (
 )  # fmt: skip
 
 
+BenchPlot = Annotated[
+    Path | None,
+    typer.Option(flag("plot_path"), help="Also plot time and memory to this file (.png, .svg, ...)."),
+]
+
+
 @app.command()
 def bench(
     ctx: typer.Context,
@@ -724,9 +760,7 @@ def bench(
         bool, typer.Option("--decode", help="Sampling speed: decode cache vs recomputing the forward pass.")
     ] = False,
     json_output: JsonOutput = False,
-    plot_path: Annotated[
-        Path | None, typer.Option(flag("plot_path"), help="Also plot time and memory to this PNG.")
-    ] = None,
+    plot_path: BenchPlot = None,
     device: Device = "auto",
     dtype: Annotated[str, typer.Option("--dtype", help="fp32 (default), bf16 or fp16.")] = "fp32",
     impl: Annotated[
@@ -840,7 +874,12 @@ def _bench_decode(preset: str, device: str, dtype: str, json_output: bool) -> No
 @app.command()
 def plot(
     runs: Annotated[list[Path], typer.Argument(help="Run directories (as written by `htcli train --out`).")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="The PNG to write.")] = Path("curves.png"),
+    output: Annotated[
+        Path,
+        typer.Option(
+            "--output", "-o", help="The figure to write (its format by its extension: .png, .pdf, .svg, ...)."
+        ),
+    ] = Path("curves.png"),
     x: Annotated[
         str, typer.Option("--x", help="Against: step, bytes (trained on) or time (of training).")
     ] = "step",

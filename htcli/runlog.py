@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from htcli.errors import HtcliError
-from htcli.files import atomic_file
+from htcli.files import atomic_file, check_not_special
 from htcli.loggers import close_loggers
 
 METRIC_EVENTS = ("step", "eval", "sample")  # events of one step, redone when a run resumes before it
@@ -33,6 +33,8 @@ class RunLog:
         self, path: Path, on_event: Callable[[dict], None] | None, *, enabled: bool, loggers: list = ()
     ):
         self.on_event = on_event
+        if enabled:
+            check_not_special(path)  # (appending to a FIFO would wait for a reader for ever)
         self.file = open(path, "a") if enabled else None
         self.loggers = list(loggers)
 
@@ -77,6 +79,7 @@ def trim_log(path: Path, step: int) -> None:
     the file is left as it was."""
     if not path.exists():
         return
+    check_not_special(path)
     try:
         lines = path.read_bytes().split(b"\n")
     except OSError as error:

@@ -170,7 +170,7 @@ def _check_held_out(corpus: ByteCorpus, val: ByteCorpus) -> None:
         raise HtcliError(
             f"{shared[0]} is both in the corpus and in val: held-out bytes must not be trained on; "
             "give val other files (or leave it out: val_fraction holds out the corpus's end)",
-            fields=("val",),
+            fields=("val", "val_fraction"),
         )
 
 
@@ -385,9 +385,10 @@ class Run:
         kept = "none saved yet"
         if self.saved_step:
             kept = f"the checkpoint of step {self.saved_step} in {self.out} is intact"
+        fp32 = "" if self.dtype == torch.float32 else " or use dtype fp32"  # (not where it is already)
         raise HtcliError(
             f"training diverged at step {self.step + 1} (loss {loss}, gradient norm {grad_norm}); "
-            f"stopped without saving ({kept}): lower lr (now {self.config.lr:g}) or use dtype fp32",
+            f"stopped without saving ({kept}): lower lr (now {self.config.lr:g}){fp32}",
             fields=("lr", "dtype"),
         )
 

@@ -52,6 +52,20 @@ def test_help_does_not_import_torch():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_help_gives_every_presets_model_defaults():
+    """The model switches' defaults that train --help states are each preset's model config's."""
+    from htcli.cli import MODEL_DEFAULTS
+    from htcli.presets import PRESETS, model_config
+
+    for preset in PRESETS:
+        config = model_config(preset)
+        for name, default in MODEL_DEFAULTS.items():
+            value = getattr(config, name)
+            if isinstance(value, bool):
+                value = "on" if value else "off"
+            assert value == default, (preset, name, value)
+
+
 def test_train_writes_a_run(corpus, tmp_path):
     """`htcli train` writes weights, optimizer, state, config and log, and prints a summary."""
     result = invoke("train", corpus, "--out", tmp_path / "run", "--steps", 4, "--eval-every", 2, *TINY_FLAGS)

@@ -149,6 +149,7 @@ def test_a_file_named_twice_is_refused(tmp_path, corpus):
     assert_user_error(result, "corpus-link.txt is both in the corpus and in --val")
     result = invoke("train", corpus, *TINY_FLAGS, "--val", corpus, "--out", tmp_path / "run", "--steps", "2")
     assert_user_error(result, f"{corpus} is both in the corpus and in --val: held-out bytes must not be")
+    assert "--val-fraction holds out the corpus's end" in result.stderr  # (the flag, not the field)
     assert not (tmp_path / "run").exists()
 
 

@@ -391,6 +391,7 @@ def test_prompt_file_that_is_not_a_file(run, tmp_path, kind):
         ("model.safetensors", ["eval", "{out}", "{corpus}", "--device", "cpu"]),
         ("log.jsonl", ["plot", "{out}", "-o", "{out}.png"]),
         ("config.json", ["train", "--out", "{out}", "--resume", "--steps", "4"]),
+        ("log.jsonl", ["train", "--out", "{out}", "--resume", "--steps", "4"]),
     ],
 )
 def test_run_files_that_are_fifos_are_refused(run, name, command):

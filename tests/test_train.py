@@ -205,8 +205,10 @@ def test_cpu_bf16_detection_without_torchs_check(monkeypatch):
     assert resolve_dtype("auto", torch.device("cpu"), training=True) == torch.float32
 
 
-def test_divergence_stops_and_keeps_the_last_checkpoint(corpus, tmp_path, monkeypatch):
-    """A NaN loss stops training with a clear message; the checkpoint of the last save stays intact."""
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_divergence_stops_and_keeps_the_last_checkpoint(corpus, tmp_path, monkeypatch, dtype):
+    """A NaN loss stops training with a clear message (fp32 advised only where it is not the dtype); the
+    checkpoint of the last save stays intact."""
     run = tmp_path / "run"
     real_step, calls = train_module._optimizer_step, []
 
@@ -216,8 +218,10 @@ def test_divergence_stops_and_keeps_the_last_checkpoint(corpus, tmp_path, monkey
         return (float("nan") if len(calls) == 5 else loss), norm
 
     monkeypatch.setattr(train_module, "_optimizer_step", nan_at_step_5)
-    with pytest.raises(HtcliError, match=r"training diverged at step 5 .*checkpoint of step 3 .* is intact"):
-        train(tiny_config(corpus, run))
+    diverged = r"training diverged at step 5 .*checkpoint of step 3 .* is intact"
+    with pytest.raises(HtcliError, match=diverged) as e:
+        train(tiny_config(corpus, run, dtype=dtype))
+    assert str(e.value).endswith(")" if dtype == "fp32" else ") or use dtype fp32"), e.value
     state = json.loads((run / "state.json").read_text())
     assert state["step"] == 3
     assert set(weights(run)) and all(torch.isfinite(t).all() for t in weights(run).values())
