@@ -141,6 +141,9 @@ def _user_errors(*, start: bool = True, saves: bool = False, smaller: str = "mod
     except Terminated:
         err_console.print(f"[yellow]terminated (SIGTERM): {kept}", soft_wrap=True)
         raise typer.Exit(143) from None
+    except OSError as error:  # (the library's own are HtcliErrors: a path it cannot reach, full stdout)
+        err_console.print(f"[red]error:[/] {escape(_os_error(error))}", soft_wrap=True)
+        raise typer.Exit(1) from None
     except (MemoryError, RuntimeError) as error:
         if not _out_of_memory(error):
             raise
@@ -153,10 +156,37 @@ def _user_errors(*, start: bool = True, saves: bool = False, smaller: str = "mod
 _CLICK_ERROR = next(cls for cls in typer.BadParameter.__mro__ if cls.__name__ == "ClickException")
 
 
+def _os_error(error: OSError) -> str:
+    """One line for an OSError that reached a command: the path it concerns where it names one, else the
+    output that could not be written (stdout to a full disk, a closed pipe)."""
+    said = error.strerror or str(error)
+    if isinstance(error, PermissionError) and error.filename is not None:
+        return f"{error.filename}: {said}: give a path you may read (and write, for a run), or change that"
+    if error.filename is not None:
+        return f"{error.filename}: {said}"
+    return f"cannot write the output: {said}"
+
+
+def _end_output() -> None:
+    """Flush stdout; where that fails (a full disk, a closed pipe), one line, and stdout goes nowhere
+    (so that Python's own flush at exit does not print a traceback)."""
+    try:
+        sys.stdout.flush()
+    except OSError as error:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        err_console.print(f"[red]error:[/] {escape(_os_error(error))}", soft_wrap=True)
+        sys.exit(1)
+
+
 def run(args: list[str] | None = None) -> None:
     """The command line as the `htcli` script runs it (args: sys.argv[1:] when None), with click's own
     errors (an unknown option or command, a value of the wrong type, a missing argument) as one line on
     stderr that names the command's --help, exit code 2, instead of typer's box of four lines or more."""
+    if sys.stdout is None:  # (started with stdout closed, `htcli ... >&-`)
+        err_console.print(
+            "[red]error:[/] stdout is closed: send it to a file or to /dev/null", soft_wrap=True
+        )
+        sys.exit(1)
     try:
         code = app(args, prog_name="htcli", standalone_mode=False)
     except _CLICK_ERROR as error:
@@ -170,6 +200,11 @@ def run(args: list[str] | None = None) -> None:
     except typer.Abort:
         err_console.print("[yellow]aborted", soft_wrap=True)
         sys.exit(1)
+    except OSError as error:  # (outside a command: --help or --version to a full disk)
+        _end_output()
+        err_console.print(f"[red]error:[/] {escape(_os_error(error))}", soft_wrap=True)
+        sys.exit(1)
+    _end_output()
     sys.exit(code if isinstance(code, int) else 0)
 
 

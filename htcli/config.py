@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 MAX_COUNT = 2**53  # steps, batch sizes, intervals: whole numbers a float holds exactly (schedules divide)
 MAX_SEED = 2**63  # seeds are below it (torch takes 64 bits; distributed ranks add to the seed)
+MAX_LR = 1e3  # far above any learning rate that trains (~1e-4 to 1e-1); above ~3e38 the optimizers fail
 POSITIVE = ("steps", "batch_size", "grad_accum", "eval_batches", "context_warmup_start")
 LOGGERS = ("tensorboard", "wandb")  # where a run's metrics go besides log.jsonl
 OPTIMIZERS = ("muon", "adamw")  # Muon for the layers' matrices (AdamW for the rest), or AdamW for all
@@ -126,8 +127,8 @@ class TrainConfig:
             if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= MAX_COUNT:
                 kind = "a positive integer" if low else "an integer >= 0"
                 raise HtcliError(f"{name} must be {kind} up to 2**53, got {value!r}", fields=(name,))
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise HtcliError(f"lr must be a positive number, got {self.lr}", fields=("lr",))
+        if not (math.isfinite(self.lr) and 0 < self.lr <= MAX_LR):
+            raise HtcliError(f"lr must be a positive number up to {MAX_LR:g}, got {self.lr}", fields=("lr",))
         if not 0 <= self.min_lr <= self.lr:
             raise HtcliError(
                 f"min_lr must be between 0 and lr ({self.lr}), got {self.min_lr}", fields=("min_lr", "lr")
@@ -165,7 +166,7 @@ class TrainConfig:
             )
         if not 0 < self.val_fraction < 1:
             raise HtcliError(
-                f"val_fraction must be between 0 and 1, got {self.val_fraction}", fields=("val_fraction",)
+                f"val_fraction must be above 0 and below 1, got {self.val_fraction}", fields=("val_fraction",)
             )
         for logger in self.loggers:
             check_choice("loggers", logger, LOGGERS)
@@ -216,6 +217,11 @@ def config_from_options(
     model_fields = {f.name for f in fields(HTransformerConfig)}
     given = {k: v for k, v in options.items() if v is not None}
     model = {k: given.pop(k) for k in list(given) if k in model_fields}
+    from htcli.corpus import check_corpus_given
+
+    for paths in (corpus, given.get("val")):  # (before the paths are made absolute: "" would be ".")
+        if paths:
+            check_corpus_given(paths)
     if corpus:
         given["corpus"] = [str(Path(c).expanduser().absolute()) for c in corpus]
     if given.get("val"):

@@ -79,6 +79,9 @@ class TensorBoardLogger:
     def __init__(self, out: Path, config: dict, step: int):
         from torch.utils.tensorboard import SummaryWriter
 
+        where = out / TENSORBOARD_DIR
+        if where.exists() and not where.is_dir():
+            raise HtcliError(f"{where} is not a directory: TensorBoard's event files go there; move it away")
         # on resume, events past the checkpoint (written before a crash) are dropped when read
         self.writer = SummaryWriter(str(out / TENSORBOARD_DIR), purge_step=step + 1 if step else None)
 

@@ -101,7 +101,7 @@ class HTransformerConfig:
             raise ValueError(f"rotary embedding needs an even dim_head, got {self.dim_head}")
         for name, kinds in (("attention", ATTENTION_KINDS), ("norm", NORMS), ("activation", ACTIVATIONS)):
             if getattr(self, name) not in kinds:
-                raise ValueError(f"{name} must be one of {kinds}, got {getattr(self, name)!r}")
+                raise ValueError(f"{name} must be one of {', '.join(kinds)}, got {getattr(self, name)!r}")
         cap = self.logit_softcap
         if isinstance(cap, bool) or not isinstance(cap, int | float) or not 0 <= cap < math.inf:
             raise ValueError(f"logit_softcap must be a number >= 0 (0: none), got {cap!r}")

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 from htcli.errors import HtcliError
-from htcli.files import LOCK_FILE
+from htcli.files import LOCK_FILE, check_not_special
 
 
 class RunLock:
@@ -27,12 +27,16 @@ class RunLock:
         """Take the lock, or raise an HtcliError naming the process that holds it."""
         if self._file is not None:
             return self
+        check_not_special(self.path)  # (opening a FIFO waits for a reader for ever)
         try:
             file = open(self.path, "a")
         except OSError as error:
-            raise HtcliError(
-                f"cannot write the run directory {self.path.parent}: {error.strerror or error}"
-            ) from None
+            what = (
+                f"{self.path} (the run's lock)"
+                if self.path.exists()
+                else f"the run directory {self.path.parent}"
+            )
+            raise HtcliError(f"cannot write {what}: {error.strerror or error}") from None
         try:
             fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -357,6 +357,8 @@ def test_unreadable_corpus(run_copy, tmp_path, monkeypatch):
         (["--dim", "48"], "the model differs from its checkpoint (--dim 32 in the checkpoint, 48 asked)"),
         (["--preset", "huge"], "unknown --preset 'huge'"),
         (["--lr", "-1"], "--lr must be a positive number"),
+        (["--lr", "1e40"], "--lr must be a positive number up to 1000, got 1e+40"),  # (was a traceback)
+        (["--val-fraction", "0"], "--val-fraction must be above 0 and below 1, got 0.0"),
         (["--dtype", "fp8"], "unknown --dtype 'fp8'"),
         (["--steps", "6"], "already at step 6 of --steps 6"),
         # (config.json took the new seed, which changed nothing else: a rerun from it would not reproduce)

@@ -153,6 +153,19 @@ def test_a_file_named_twice_is_refused(tmp_path, corpus):
     assert not (tmp_path / "run").exists()
 
 
+def test_an_empty_path_is_refused_not_read_as_the_current_directory(tmp_path, monkeypatch):
+    """`htcli train "$DATA"` with DATA unset trained on the current directory ("" is Path(".")); as --val
+    it was the whole corpus again; eval scored the directory's files."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a.txt").write_bytes(make_text(5000))
+    empty = "an empty path was given (an unset shell variable?)"
+    for args in (["train", ""], ["train", "a.txt", "--val", ""]):
+        assert_user_error(invoke(*args, *TINY_FLAGS, "--out", tmp_path / "run"), empty)
+        assert not (tmp_path / "run").exists()
+    assert invoke("train", "a.txt", *TINY_FLAGS, "--steps", "2", "--out", tmp_path / "run").exit_code == 0
+    assert_user_error(invoke("eval", tmp_path / "run", ""), empty)
+
+
 def test_only_hidden_files_is_a_clear_error(tmp_path):
     """A directory whose files are all hidden says so, naming the option that reads them."""
     write(tmp_path / "d" / ".hidden", b"x")

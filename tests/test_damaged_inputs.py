@@ -224,7 +224,11 @@ def test_config_json_with_a_string_corpus(run):
 @pytest.mark.parametrize(
     "change,flags,message",
     [
-        ({"lr": -1}, [], "{out}/config.json: lr must be a positive number, got -1: fix it in that file"),
+        (
+            {"lr": -1},
+            [],
+            "{out}/config.json: lr must be a positive number up to 1000, got -1: fix it in that file",
+        ),
         (
             {"model": {"block_size": 12}},
             [],
@@ -392,6 +396,7 @@ def test_prompt_file_that_is_not_a_file(run, tmp_path, kind):
         ("log.jsonl", ["plot", "{out}", "-o", "{out}.png"]),
         ("config.json", ["train", "--out", "{out}", "--resume", "--steps", "4"]),
         ("log.jsonl", ["train", "--out", "{out}", "--resume", "--steps", "4"]),
+        (".lock", ["train", "--out", "{out}", "--resume", "--steps", "4"]),
     ],
 )
 def test_run_files_that_are_fifos_are_refused(run, name, command):
@@ -411,3 +416,55 @@ def test_run_files_that_are_fifos_are_refused(run, name, command):
     assert done.stderr.strip().splitlines() == [
         f"error: {out / name} is not a regular file (a pipe or a device?): give the file htcli wrote"
     ]
+
+
+def htcli_to(stdout, *args, **kwargs) -> subprocess.CompletedProcess:
+    """htcli ARGS in its own process, its stdout to `stdout`, its stderr read."""
+    command = [sys.executable, "-m", "htcli", *map(str, args)]
+    return subprocess.run(command, stdout=stdout, stderr=subprocess.PIPE, text=True, timeout=120, **kwargs)
+
+
+def test_output_that_cannot_be_written_is_one_line(trained):
+    """stdout to a full disk (a traceback before), and closed (an AttributeError): one line, exit 1."""
+    out, corpus = trained
+    full_disk = "error: cannot write the output: No space left on device"
+    with open("/dev/full", "w") as full:
+        for args in (["eval", out, corpus, "--json", "--device", "cpu"], ["--help"]):
+            done = htcli_to(full, *args)
+            assert (done.returncode, done.stderr.strip()) == (1, full_disk), done.stderr
+    done = htcli_to(
+        None, "sample", out, "--max-new-tokens", "2", "--device", "cpu", preexec_fn=lambda: os.close(1)
+    )
+    assert (done.returncode, done.stderr.strip()) == (
+        1,
+        "error: stdout is closed: send it to a file or to /dev/null",
+    ), done.stderr
+
+
+def test_a_path_in_a_directory_one_may_not_enter_is_one_line(trained, tmp_path):
+    """A corpus or run inside a directory without permissions was a PermissionError traceback."""
+    out, corpus = trained
+    closed = tmp_path / "closed"
+    closed.mkdir()
+    shutil.copy(corpus, closed / "a.txt")
+    closed.chmod(0)
+    advice = "Permission denied: give a path you may read (and write, for a run), or change that"
+    try:
+        for args, path in (
+            (["eval", out, closed / "a.txt"], closed / "a.txt"),
+            (["sample", closed / "r"], closed / "r"),
+        ):
+            done = htcli_without_override(*args, "--device", "cpu")
+            assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+            assert done.stderr.strip().splitlines() == [f"error: {path}: {advice}"], done.stderr
+    finally:
+        closed.chmod(0o755)
+
+
+def test_a_file_where_tensorboards_directory_belongs(run):
+    """A file named tensorboard in the run directory was a FileExistsError traceback."""
+    out, corpus = run
+    (out / "tensorboard").write_text("mine")
+    result = invoke("train", "--out", out, "--resume", "--steps", "4", "--logger", "tensorboard")
+    assert_user_error(result, f"{out / 'tensorboard'} is not a directory: TensorBoard's event files go there")
+    assert (out / "tensorboard").read_text() == "mine"

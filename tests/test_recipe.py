@@ -146,8 +146,8 @@ def test_a_model_config_from_the_future_is_refused(corpus, tmp_path):
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--norm", "batch"], "--norm must be one of ('rms', 'layer'), got 'batch'"),
-        (["--activation", "swish"], "--activation must be one of ('relu2', 'gelu'), got 'swish'"),
+        (["--norm", "batch"], "--norm must be one of rms, layer, got 'batch'"),
+        (["--activation", "swish"], "--activation must be one of relu2, gelu, got 'swish'"),
         (["--logit-softcap", "-1"], "--logit-softcap must be a number >= 0 (0: none), got -1.0"),
         (["--optimizer", "sgd"], "unknown --optimizer 'sgd': use one of muon, adamw"),
         (["--level-decay", "-1"], "--level-decay must be a number from 0 (none) to 64.0, got -1.0"),

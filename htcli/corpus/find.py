@@ -22,9 +22,14 @@ GLOB_CHARACTERS = "*?["
 
 
 def check_corpus_given(specs: Sequence[str | os.PathLike]) -> None:
-    """HtcliError if specs names nothing."""
+    """HtcliError if specs names nothing, or holds an empty name (which Path reads as the current directory:
+    `htcli train "$DATA"` with DATA unset trained on whatever was there)."""
     if not specs:
         raise HtcliError("no corpus given: name at least one file, directory or glob pattern")
+    if any(str(spec) == "" for spec in specs):
+        raise HtcliError(
+            "an empty path was given (an unset shell variable?): name a file, directory or glob pattern"
+        )
 
 
 def resolve_corpus(
