@@ -35,6 +35,7 @@ from htcli.files import (
     OPTIMIZER_FILE,
     STATE_FILE,
     check_not_special,
+    check_utf8_path,
     fsync_dir,
     pending_file,
     read_json,
@@ -157,6 +158,7 @@ def model_file(path: str | os.PathLike) -> Path:
 
 
 def _read_metadata(file: Path, shown: str | os.PathLike) -> dict[str, str]:
+    check_utf8_path(file)
     if not file.exists():
         raise HtcliError(f"no checkpoint at {shown}: train one with `htcli train`")
     check_not_special(file)

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
 import stat
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
@@ -78,12 +80,38 @@ def read_options(path: Path, spell: Callable[[str], str]) -> dict[str, object]:
 MAX_CONFIG_BYTES = 2**20  # a config is a few hundred bytes; a stream that never ends is not one
 
 
+WRITER_WAIT = 10.0  # seconds a named pipe may go without a writer before it is refused
+
+
+def _read_bytes(path: Path, limit: int) -> bytes:
+    """Up to `limit` bytes of path. A pipe (`--config <(envsubst < exp.toml)`, or a named one) is read as a
+    file; a named pipe that nothing writes to within WRITER_WAIT seconds is refused, where a blocking open
+    would wait for a writer for ever (deaf to Ctrl-C). Opened without blocking, a pipe reads empty while
+    it has no writer, and raises BlockingIOError once a writer is there with nothing written yet."""
+    with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb", buffering=0) as file:
+        first, deadline = b"", time.monotonic() + WRITER_WAIT
+        while stat.S_ISFIFO(os.fstat(file.fileno()).st_mode):
+            try:
+                first = os.read(file.fileno(), limit)
+            except BlockingIOError:  # a writer, that has not written yet
+                break
+            if first:
+                break
+            if time.monotonic() > deadline:
+                raise HtcliError(f"config file {path} is a pipe that nothing writes to: give a .toml file")
+            time.sleep(0.05)
+        os.set_blocking(file.fileno(), True)
+        raw = bytearray(first)
+        while len(raw) < limit and (chunk := file.read(limit - len(raw))):
+            raw += chunk
+        return bytes(raw)
+
+
 def _load(path: Path) -> dict:
     try:
         if stat.S_ISCHR(path.stat().st_mode) or stat.S_ISBLK(path.stat().st_mode):  # (/dev/zero never ends)
             raise HtcliError(f"config file {path} is a device: give a .toml file or a run's config.json")
-        with open(path, "rb") as file:  # (a pipe, `--config <(envsubst < exp.toml)`, is read as a file)
-            raw = file.read(MAX_CONFIG_BYTES + 1)
+        raw = _read_bytes(path, MAX_CONFIG_BYTES + 1)
         if len(raw) > MAX_CONFIG_BYTES:
             raise HtcliError(f"config file {path} is over {MAX_CONFIG_BYTES // 2**20} MiB: not a config")
     except FileNotFoundError:

@@ -8,6 +8,7 @@ speeds can be compared on any of the three.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -117,4 +118,7 @@ def _with(point: Point, value: float) -> Point:
 def run_names(runs: list[Path]) -> list[str]:
     """A label per run: its directory's name, or the path as given where names repeat."""
     names = [run.resolve().name or str(run) for run in runs]
-    return [name if names.count(name) == 1 else str(run) for name, run in zip(names, runs)]
+    labels = [name if names.count(name) == 1 else str(run) for name, run in zip(names, runs)]
+    # (a name's bytes that are not UTF-8, which Python holds as surrogates, shown escaped: a figure's
+    # text cannot hold surrogates)
+    return [os.fsencode(label).decode("utf-8", "backslashreplace") for label in labels]

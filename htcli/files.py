@@ -116,6 +116,18 @@ def write_json(path: str | os.PathLike, data: object) -> None:
         file.write("\n")
 
 
+def check_utf8_path(path: str | os.PathLike) -> None:
+    """HtcliError if path's name is not UTF-8 (bytes Python holds as surrogates): safetensors, written in
+    Rust, cannot open such a path, so a checkpoint there could be written by nothing and read by nothing."""
+    try:
+        os.fspath(path).encode("utf-8")
+    except UnicodeEncodeError:
+        shown = os.fsencode(path).decode("utf-8", "backslashreplace")
+        raise HtcliError(
+            f"{shown} is not a UTF-8 name, which safetensors cannot open: use another name"
+        ) from None
+
+
 def check_not_special(path: Path) -> None:
     """HtcliError if path is neither a regular file nor a directory: reading a FIFO blocks until a writer
     comes (and a signal's handler cannot end the wait), a device may never end. Nothing is opened."""

@@ -226,6 +226,23 @@ def start_interruptible(command: list, **popen) -> subprocess.Popen:
         signal.signal(signal.SIGINT, ours)
 
 
+def test_a_ctrl_c_while_python_exits_after_a_command_is_ignored():
+    """A second Ctrl-C, pressed as the first one's save ended, broke into torch's atexit hooks: "Exception
+    ignored in atexit callback ... KeyboardInterrupt" and its traceback. Here a Ctrl-C comes during the
+    exit (from a hook of its own, which runs before torch's) and is ignored; the exit code is the
+    command's."""
+    code = (
+        "import atexit, os, signal, sys, time\n"
+        "from htcli.__main__ import main\n"
+        "atexit.register(lambda: (os.kill(os.getpid(), signal.SIGINT), time.sleep(0.3)))\n"
+        "sys.argv = ['htcli', 'plot', 'no-such-run']\n"
+        "main()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and len(done.stderr.splitlines()) == 1, done.stderr
+    assert done.stderr.startswith("error: no-such-run"), done.stderr
+
+
 def test_ctrl_c_while_sampling_exits_130_with_one_line(trained):
     """A real SIGINT while a sample streams: exit 130, one line that no file was changed (it said, as
     train does, that a checkpoint saved before is intact); no traceback; the run is untouched."""

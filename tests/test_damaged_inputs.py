@@ -468,3 +468,19 @@ def test_a_file_where_tensorboards_directory_belongs(run):
     result = invoke("train", "--out", out, "--resume", "--steps", "4", "--logger", "tensorboard")
     assert_user_error(result, f"{out / 'tensorboard'} is not a directory: TensorBoard's event files go there")
     assert (out / "tensorboard").read_text() == "mine"
+
+
+def test_a_run_whose_name_is_not_utf8(trained, tmp_path):
+    """A run directory whose name is not UTF-8 trained, then was called corrupt by sample, eval and resume
+    (safetensors cannot open such a path) and was a traceback in plot: train refuses such an out at once,
+    a checkpoint there is refused by its name, plot shows the name escaped."""
+    out, corpus = trained
+    odd = os.fsdecode(bytes(tmp_path) + b"/run\xfe")
+    shown = os.fsencode(odd).decode("utf-8", "backslashreplace")
+    refused = " is not a UTF-8 name, which safetensors cannot open: use another name"
+    assert_user_error(invoke("train", corpus, *TINY_FLAGS, "--out", odd), shown + refused)
+    assert not os.path.exists(odd)
+    shutil.copytree(out, odd)
+    assert_user_error(invoke("sample", odd, "--device", "cpu"), f"{shown}/model.safetensors{refused}")
+    result = invoke("plot", odd, "-o", tmp_path / "curves.png")
+    assert result.exit_code == 0 and "run\\xfe" in result.stdout, result.output

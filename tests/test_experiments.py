@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from htcli import config_file
 from htcli.attention import eager
 from htcli.config_file import read_options, write_toml
 from htcli.errors import HtcliError
@@ -141,6 +142,16 @@ def test_a_config_file_that_is_a_device_or_too_long_is_refused(corpus, tmp_path,
     result = invoke("train", corpus, "--config", pipe, "--out", tmp_path / "r", "--print-config")
     writer.join()
     assert result.exit_code == 0 and "steps = 3" in result.stdout, result.output
+
+
+def test_a_named_pipe_that_nothing_writes_to_is_refused(corpus, tmp_path, monkeypatch):
+    """--config on a named pipe without a writer waited for ever, deaf to Ctrl-C: refused after a wait."""
+    monkeypatch.setattr(config_file, "WRITER_WAIT", 0.3)
+    os.mkfifo(tmp_path / "exp.toml")
+    result = invoke(
+        "train", corpus, "--config", tmp_path / "exp.toml", "--out", tmp_path / "r", "--print-config"
+    )
+    assert_user_error(result, f"config file {tmp_path / 'exp.toml'} is a pipe that nothing writes to")
 
 
 def test_a_checkpoint_as_config_file_is_named_as_such(corpus, tmp_path):
