@@ -163,6 +163,7 @@ def _read_metadata(file: Path, shown: str | os.PathLike) -> dict[str, str]:
         raise HtcliError(f"no checkpoint at {shown}: train one with `htcli train`")
     check_not_special(file)
     try:
+        open(file, "rb").close()  # (safetensors says a file it may not read is corrupt: this says why)
         with safe_open(str(file), framework="pt") as opened:
             return opened.metadata() or {}
     except PermissionError as error:

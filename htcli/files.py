@@ -146,6 +146,8 @@ def read_json(path: Path, *, missing: HtcliError) -> Any:
         return json.loads(path.read_text())
     except FileNotFoundError:
         raise missing from None
+    except PermissionError as error:
+        raise HtcliError(f"cannot read {path}: {error.strerror}") from None
     except (OSError, ValueError):
         raise HtcliError(f"{path} is not readable JSON (truncated or corrupt?)") from None
 

@@ -484,3 +484,14 @@ def test_a_run_whose_name_is_not_utf8(trained, tmp_path):
     assert_user_error(invoke("sample", odd, "--device", "cpu"), f"{shown}/model.safetensors{refused}")
     result = invoke("plot", odd, "-o", tmp_path / "curves.png")
     assert result.exit_code == 0 and "run\\xfe" in result.stdout, result.output
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "config.json"])
+def test_a_run_file_one_may_not_read_is_named_so(run, name):
+    """A checkpoint or config.json without read permission was called corrupt ("truncated or corrupt?")."""
+    out, _ = run
+    (out / name).chmod(0)
+    done = htcli_without_override("train", "--out", out, "--resume", "--steps", "4", "--device", "cpu")
+    assert done.returncode == 1 and done.stderr.strip().splitlines() == [
+        f"error: cannot read {out / name}: Permission denied"
+    ], done.stderr
