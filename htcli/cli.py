@@ -9,6 +9,7 @@ messages as those flags. torch and everything that imports it are imported insid
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import json
 import os
@@ -142,7 +143,10 @@ def _user_errors(*, start: bool = True, saves: bool = False, smaller: str = "mod
         err_console.print(f"[yellow]terminated (SIGTERM): {kept}", soft_wrap=True)
         raise typer.Exit(143) from None
     except OSError as error:  # (the library's own are HtcliErrors: a path it cannot reach, full stdout)
-        err_console.print(f"[red]error:[/] {escape(_os_error(error))}", soft_wrap=True)
+        if _output_error(error):
+            _discard_output()  # (its unwritten bytes would fail again, and say so again, at the exit)
+        kept_too = "; a checkpoint saved before is intact" if saves else ""
+        err_console.print(f"[red]error:[/] {escape(_os_error(error))}{kept_too}", soft_wrap=True)
         raise typer.Exit(1) from None
     except (MemoryError, RuntimeError) as error:
         if not _out_of_memory(error):
@@ -156,24 +160,38 @@ def _user_errors(*, start: bool = True, saves: bool = False, smaller: str = "mod
 _CLICK_ERROR = next(cls for cls in typer.BadParameter.__mro__ if cls.__name__ == "ClickException")
 
 
+# what writing to stdout fails with: a full disk or quota, a closed pipe, a failed device, a file too large
+OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EPIPE, errno.EIO, errno.EFBIG}
+
+
+def _output_error(error: OSError) -> bool:
+    """Whether error is (likely) a failed write of the output: no file named, an output errno."""
+    return error.filename is None and error.errno in OUTPUT_ERRNOS
+
+
 def _os_error(error: OSError) -> str:
-    """One line for an OSError that reached a command: the path it concerns where it names one, else the
-    output that could not be written (stdout to a full disk, a closed pipe)."""
+    """One line for an OSError that reached a command: the path it concerns where it names one, the
+    output that could not be written, or what it says."""
     said = error.strerror or str(error)
     if isinstance(error, PermissionError) and error.filename is not None:
         return f"{error.filename}: {said}: give a path you may read (and write, for a run), or change that"
     if error.filename is not None:
         return f"{error.filename}: {said}"
-    return f"cannot write the output: {said}"
+    return f"cannot write the output: {said}" if _output_error(error) else str(error)
+
+
+def _discard_output() -> None:
+    """Send stdout to /dev/null, so that Python's own flush at exit does not fail again with a traceback."""
+    with contextlib.suppress(OSError, ValueError):  # (a stream without a file descriptor: left as it is)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def _end_output() -> None:
-    """Flush stdout; where that fails (a full disk, a closed pipe), one line, and stdout goes nowhere
-    (so that Python's own flush at exit does not print a traceback)."""
+    """Flush stdout; where that fails (a full disk, a closed pipe), one line, and stdout goes nowhere."""
     try:
         sys.stdout.flush()
     except OSError as error:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _discard_output()
         err_console.print(f"[red]error:[/] {escape(_os_error(error))}", soft_wrap=True)
         sys.exit(1)
 

@@ -86,7 +86,7 @@ WRITER_WAIT = 10.0  # seconds a named pipe may go without a writer before it is 
 def _read_bytes(path: Path, limit: int) -> bytes:
     """Up to `limit` bytes of path. A pipe (`--config <(envsubst < exp.toml)`, or a named one) is read as a
     file; a named pipe that nothing writes to within WRITER_WAIT seconds is refused, where a blocking open
-    would wait for a writer for ever (deaf to Ctrl-C). Opened without blocking, a pipe reads empty while
+    would wait for a writer for ever. Opened without blocking, a pipe reads empty while
     it has no writer, and raises BlockingIOError once a writer is there with nothing written yet."""
     with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb", buffering=0) as file:
         first, deadline = b"", time.monotonic() + WRITER_WAIT
@@ -98,7 +98,10 @@ def _read_bytes(path: Path, limit: int) -> bytes:
             if first:
                 break
             if time.monotonic() > deadline:
-                raise HtcliError(f"config file {path} is a pipe that nothing writes to: give a .toml file")
+                raise HtcliError(
+                    f"config file {path} is a pipe that nothing wrote to within {WRITER_WAIT:g} s (or it was "
+                    "empty): give a .toml file"
+                )
             time.sleep(0.05)
         os.set_blocking(file.fileno(), True)
         raw = bytearray(first)

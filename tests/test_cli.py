@@ -229,8 +229,7 @@ def start_interruptible(command: list, **popen) -> subprocess.Popen:
 def test_a_ctrl_c_while_python_exits_after_a_command_is_ignored():
     """A second Ctrl-C, pressed as the first one's save ended, broke into torch's atexit hooks: "Exception
     ignored in atexit callback ... KeyboardInterrupt" and its traceback. Here a Ctrl-C comes during the
-    exit (from a hook of its own, which runs before torch's) and is ignored; the exit code is the
-    command's."""
+    exit (from an atexit hook of its own) and ends the process quietly, with the command's exit code."""
     code = (
         "import atexit, os, signal, sys, time\n"
         "from htcli.__main__ import main\n"

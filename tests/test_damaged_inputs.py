@@ -418,23 +418,32 @@ def test_run_files_that_are_fifos_are_refused(run, name, command):
     ]
 
 
-def htcli_to(stdout, *args, **kwargs) -> subprocess.CompletedProcess:
-    """htcli ARGS in its own process, its stdout to `stdout`, its stderr read."""
+def htcli_to(stdout, *args) -> subprocess.CompletedProcess:
+    """htcli ARGS in its own process, its stdout to `stdout` (None: closed), its stderr read; stdout
+    buffered, as on a terminal user's machine (PYTHONUNBUFFERED would hide a second failed flush)."""
     command = [sys.executable, "-m", "htcli", *map(str, args)]
-    return subprocess.run(command, stdout=stdout, stderr=subprocess.PIPE, text=True, timeout=120, **kwargs)
+    if stdout is None:
+        command = ["sh", "-c", 'exec "$@" >&-', "sh", *command]
+    env = {name: value for name, value in os.environ.items() if name != "PYTHONUNBUFFERED"}
+    return subprocess.run(command, stdout=stdout, stderr=subprocess.PIPE, text=True, timeout=120, env=env)
 
 
 def test_output_that_cannot_be_written_is_one_line(trained):
-    """stdout to a full disk (a traceback before), and closed (an AttributeError): one line, exit 1."""
+    """stdout to a full disk (a traceback before; then, printed through rich, the same line twice), and
+    closed (an AttributeError): one line, exit 1."""
     out, corpus = trained
     full_disk = "error: cannot write the output: No space left on device"
+    sample = ["sample", out, "--max-new-tokens", "2", "--device", "cpu"]
     with open("/dev/full", "w") as full:
-        for args in (["eval", out, corpus, "--json", "--device", "cpu"], ["--help"]):
+        for args in (
+            ["eval", out, corpus, "--json", "--device", "cpu"],
+            ["eval", out, corpus],
+            sample,
+            ["--help"],
+        ):
             done = htcli_to(full, *args)
-            assert (done.returncode, done.stderr.strip()) == (1, full_disk), done.stderr
-    done = htcli_to(
-        None, "sample", out, "--max-new-tokens", "2", "--device", "cpu", preexec_fn=lambda: os.close(1)
-    )
+            assert (done.returncode, done.stderr.strip()) == (1, full_disk), (args, done.stderr)
+    done = htcli_to(None, *sample)
     assert (done.returncode, done.stderr.strip()) == (
         1,
         "error: stdout is closed: send it to a file or to /dev/null",

@@ -39,7 +39,7 @@ def test_learning_rate_schedule():
         (dict(batch_size=-1), "batch_size must be a positive integer"),
         (dict(lr=0.0), "lr must be a positive number"),
         (dict(lr=1e-3, min_lr=1e-2), "min_lr must be between 0 and lr"),
-        (dict(val_fraction=1.5), "val_fraction must be between 0 and 1"),
+        (dict(val_fraction=1.5), "val_fraction must be above 0 and below 1"),
         (dict(device="tpu"), "unknown device 'tpu'"),
         (dict(corpus=[]), "no corpus given"),
     ],
