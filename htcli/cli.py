@@ -129,6 +129,7 @@ def _user_errors(*, start: bool = True, saves: bool = False, smaller: str = "mod
         if saves
         else "stopped; no file was changed"
     )
+    kept_too = "; a checkpoint saved before is intact" if saves else ""  # (after an error's own words)
     try:
         with terminate_unwinds():
             yield
@@ -143,15 +144,11 @@ def _user_errors(*, start: bool = True, saves: bool = False, smaller: str = "mod
         err_console.print(f"[yellow]terminated (SIGTERM): {kept}", soft_wrap=True)
         raise typer.Exit(143) from None
     except OSError as error:  # (the library's own are HtcliErrors: a path it cannot reach, full stdout)
-        if _output_error(error):
-            _discard_output()  # (its unwritten bytes would fail again, and say so again, at the exit)
-        kept_too = "; a checkpoint saved before is intact" if saves else ""
-        err_console.print(f"[red]error:[/] {escape(_os_error(error))}{kept_too}", soft_wrap=True)
+        _report_os_error(error, kept_too)
         raise typer.Exit(1) from None
     except (MemoryError, RuntimeError) as error:
         if not _out_of_memory(error):
             raise
-        kept_too = "; a checkpoint saved before is intact" if saves else ""
         err_console.print(f"[red]error:[/] out of memory: use a smaller {smaller}{kept_too}", soft_wrap=True)
         raise typer.Exit(1) from None
 
@@ -180,19 +177,22 @@ def _os_error(error: OSError) -> str:
     return f"cannot write the output: {said}" if _output_error(error) else str(error)
 
 
-def _discard_output() -> None:
-    """Send stdout to /dev/null, so that Python's own flush at exit does not fail again with a traceback."""
-    with contextlib.suppress(OSError, ValueError):  # (a stream without a file descriptor: left as it is)
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+def _report_os_error(error: OSError, said_too: str = "", *, output: bool = False) -> None:
+    """The OSError's one line on stderr. Where the output failed (output: known to have), stdout goes to
+    /dev/null first: its unwritten bytes would fail again at the exit's flush, and say so again (or as a
+    traceback)."""
+    if output or _output_error(error):
+        with contextlib.suppress(OSError, ValueError):  # (a stream without a file descriptor: left as it is)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    err_console.print(f"[red]error:[/] {escape(_os_error(error))}{said_too}", soft_wrap=True)
 
 
 def _end_output() -> None:
-    """Flush stdout; where that fails (a full disk, a closed pipe), one line, and stdout goes nowhere."""
+    """Flush stdout; where that fails (a full disk, a closed pipe), one line, exit code 1."""
     try:
         sys.stdout.flush()
     except OSError as error:
-        _discard_output()
-        err_console.print(f"[red]error:[/] {escape(_os_error(error))}", soft_wrap=True)
+        _report_os_error(error, output=True)
         sys.exit(1)
 
 
@@ -219,8 +219,7 @@ def run(args: list[str] | None = None) -> None:
         err_console.print("[yellow]aborted", soft_wrap=True)
         sys.exit(1)
     except OSError as error:  # (outside a command: --help or --version to a full disk)
-        _end_output()
-        err_console.print(f"[red]error:[/] {escape(_os_error(error))}", soft_wrap=True)
+        _report_os_error(error)
         sys.exit(1)
     _end_output()
     sys.exit(code if isinstance(code, int) else 0)

@@ -8,12 +8,11 @@ speeds can be compared on any of the three.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from htcli.errors import HtcliError
-from htcli.files import LOG_FILE, check_not_special
+from htcli.files import LOG_FILE, check_not_special, printable
 from htcli.runlog import parse_event
 
 X_AXES = ("step", "bytes", "time")  # what curves can be drawn against
@@ -119,6 +118,4 @@ def run_names(runs: list[Path]) -> list[str]:
     """A label per run: its directory's name, or the path as given where names repeat."""
     names = [run.resolve().name or str(run) for run in runs]
     labels = [name if names.count(name) == 1 else str(run) for name, run in zip(names, runs)]
-    # (a name's bytes that are not UTF-8, which Python holds as surrogates, shown escaped: a figure's
-    # text cannot hold surrogates)
-    return [os.fsencode(label).decode("utf-8", "backslashreplace") for label in labels]
+    return [printable(label) for label in labels]  # (a figure's text cannot hold surrogates)

@@ -116,15 +116,20 @@ def write_json(path: str | os.PathLike, data: object) -> None:
         file.write("\n")
 
 
+def printable(path: str | os.PathLike) -> str:
+    """path as text that can be printed or drawn: bytes of its name that are not UTF-8 (which Python
+    holds as surrogates) escaped, \xfe."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 def check_utf8_path(path: str | os.PathLike) -> None:
     """HtcliError if path's name is not UTF-8 (bytes Python holds as surrogates): safetensors, written in
     Rust, cannot open such a path, so a checkpoint there could be written by nothing and read by nothing."""
     try:
         os.fspath(path).encode("utf-8")
     except UnicodeEncodeError:
-        shown = os.fsencode(path).decode("utf-8", "backslashreplace")
         raise HtcliError(
-            f"{shown} is not a UTF-8 name, which safetensors cannot open: use another name"
+            f"{printable(path)} is not a UTF-8 name, which safetensors cannot open: use another name"
         ) from None
 
 

@@ -83,7 +83,7 @@ class TensorBoardLogger:
         if where.exists() and not where.is_dir():
             raise HtcliError(f"{where} is not a directory: TensorBoard's event files go there; move it away")
         # on resume, events past the checkpoint (written before a crash) are dropped when read
-        self.writer = SummaryWriter(str(out / TENSORBOARD_DIR), purge_step=step + 1 if step else None)
+        self.writer = SummaryWriter(str(where), purge_step=step + 1 if step else None)
 
     def __call__(self, record: dict) -> None:
         step, walltime = record.get("step"), record.get("time")
