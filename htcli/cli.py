@@ -34,6 +34,7 @@ from htcli.stop import Terminated, started, terminate_unwinds
 
 MAX_SAMPLES = 4096  # sample --num-samples: one batch, one decode cache per sample
 PREEMPTED = 75  # exit code of a run stopped (and saved) by SIGTERM: EX_TEMPFAIL, "try again later"
+HUNG_UP = 129  # exit code of a run stopped (and saved) by SIGHUP: 128 + 1, as the signal's default action
 # the fields whose flag is not `--` + the field's name with dashes (`batch_size` -> `--batch-size`)
 FLAGS = {
     "max_seq_len": "--seq-len",
@@ -511,8 +512,8 @@ def _train(options: dict, resume: str | None, config_file: Path | None, print_co
         if launch.main:
             console.print(train_summary(result))
             _how_to_continue(result, launch.world_size)
-        if result.stopped_by == "SIGTERM":
-            raise typer.Exit(PREEMPTED)
+        if result.stopped_by in ("SIGTERM", "SIGHUP"):
+            raise typer.Exit(PREEMPTED if result.stopped_by == "SIGTERM" else HUNG_UP)
 
 
 def _given(value, default):

@@ -1,5 +1,6 @@
 """Stopping a run on request: the first Ctrl-C (SIGINT) or SIGTERM (what schedulers such as SLURM and
-Kubernetes, and `timeout`, send before they kill) asks the training loop to save and stop. Outside a
+Kubernetes, and `timeout`, send before they kill) asks the training loop to save and stop, as does SIGHUP
+(the terminal the run was started from closed: an ssh session lost). Outside a
 training loop, SIGTERM unwinds like Ctrl-C, so that files half written (a corpus cache entry, a
 checkpoint) are removed and the old ones kept. Before the command line has started (its imports and
 parsing, where nothing is written), either signal ends the process at once with one line."""
@@ -13,37 +14,65 @@ import threading
 from collections.abc import Iterator
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
+STOPS = (*SIGNALS, signal.SIGHUP)  # what a training loop saves and stops on
+
+
+def _terminal_outputs() -> list[int]:
+    """Which of stdout and stderr are a terminal (asked before a hangup: after it, isatty says no)."""
+    return [fd for fd in (1, 2) if os.isatty(fd)]
+
+
+def _leave_the_terminal(fds: list[int]) -> None:
+    """These descriptors (a terminal's) sent to /dev/null: after a hangup, writing to the terminal fails
+    (EIO), and a failed print must not stop the save that follows (nohup's redirection, made late)."""
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, fd)
+            os.close(null)
 
 
 class StopRequest:
-    """While active, the first SIGINT or SIGTERM only records itself in `signal` (the loop saves, then
-    stops); a second one acts as it would have without this (SIGINT: KeyboardInterrupt; SIGTERM:
-    Terminated under `terminate_unwinds`, else the process ends). Signal handlers exist only in the main
-    thread: elsewhere it never fires."""
+    """While active, the first SIGINT, SIGTERM or SIGHUP only records itself in `signal` (the loop saves,
+    then stops; after SIGHUP, output to the terminal goes to /dev/null); a second one acts as it would have
+    without this (SIGINT: KeyboardInterrupt; SIGTERM: Terminated under `terminate_unwinds`, else the
+    process ends), but SIGHUP then only sends output to /dev/null (it comes twice when a terminal closes:
+    from the terminal and from its shell). Signal handlers exist only in the main thread: elsewhere it never
+    fires. A SIGHUP that the process ignores (under `nohup`) stays ignored."""
 
     def __init__(self) -> None:
         self.signal: signal.Signals | None = None
         self._previous: dict[int, object] = {}
+        self._terminal: list[int] = []
 
     @property
     def requested(self) -> bool:
         return self.signal is not None
 
     def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGHUP:
+            _leave_the_terminal(self._terminal)
         self.signal = signal.Signals(signum)
         for number, handler in self._previous.items():
             signal.signal(number, handler)
+        if signal.SIGHUP in self._previous:  # (a shell that loses its terminal sends its own SIGHUP too)
+            signal.signal(signal.SIGHUP, lambda *_: _leave_the_terminal(self._terminal))
 
     def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():
-            self._previous = {number: signal.getsignal(number) for number in SIGNALS}
-            for number in SIGNALS:
+            handlers = {number: signal.getsignal(number) for number in STOPS}
+            ignored = handlers[signal.SIGHUP] in (signal.SIG_IGN, None)  # (under nohup: stays so)
+            self._previous = {n: h for n, h in handlers.items() if not (ignored and n == signal.SIGHUP)}
+            for number in self._previous:
                 signal.signal(number, self._handle)
+            self._terminal = _terminal_outputs()
         return self
 
     def __exit__(self, *exc) -> None:
         for number, handler in self._previous.items():
             signal.signal(number, handler)
+        if self._previous and self.signal is not None:  # (a late SIGHUP would end the saved run's last words)
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
 
 class Terminated(BaseException):

@@ -64,11 +64,11 @@ class TrainResult:
     steps: int  # the step count it was asked to reach
     train_loss: float | None  # last step's loss (nats per byte)
     val_bpb: float | None  # last validation bits per byte
-    interrupted: bool  # stopped by Ctrl-C or SIGTERM before `steps` (and saved)
+    interrupted: bool  # stopped by Ctrl-C, SIGTERM or SIGHUP before `steps` (and saved)
     seconds: float  # this invocation's training time
     tokens: int  # bytes trained on in this invocation
     params: int
-    stopped_by: str | None = None  # "SIGINT" or "SIGTERM" when interrupted (on any rank)
+    stopped_by: str | None = None  # "SIGINT", "SIGTERM" or "SIGHUP" when interrupted (on any rank)
 
 
 def train(
@@ -82,7 +82,7 @@ def train(
 
     Every input is checked before anything is written; a checkpoint already in config.out is only
     ever replaced by a later one of the same run (resume), and only this process writes into config.out
-    while it trains. The first Ctrl-C or SIGTERM saves and stops. Inside a process group, every rank
+    while it trains. The first Ctrl-C, SIGTERM or SIGHUP saves and stops. Inside a process group, every rank
     calls it.
     """
     run = Run(config, resolve_resume(resume, Path(config.out)))
@@ -150,11 +150,12 @@ def _start_writing(run: Run) -> list:
 
 
 def _agreed_stop(stop: StopRequest, device) -> str | None:
-    """The signal that stops every rank at this step: SIGTERM if any rank got one, else SIGINT if any
-    did, else None (a collective: all ranks call it every step)."""
+    """The signal that stops every rank at this step: SIGTERM if any rank got one, else SIGHUP, else
+    SIGINT if any did, else None (a collective: all ranks call it every step)."""
     got = stop.signal.name if stop.signal else None
-    term, interrupt = distributed.all_sum([got == "SIGTERM", got == "SIGINT"], device)
-    return "SIGTERM" if term else "SIGINT" if interrupt else None
+    names = ("SIGTERM", "SIGHUP", "SIGINT")
+    counts = distributed.all_sum([got == name for name in names], device)
+    return next((name for name, count in zip(names, counts, strict=True) if count), None)
 
 
 def due(step: int, every: int, *, last: bool = False) -> bool:

@@ -3,6 +3,8 @@ unit, the user's umask. Real processes, real signals, real files."""
 
 import json
 import os
+import pty
+import select
 import shutil
 import signal
 import subprocess
@@ -51,6 +53,63 @@ def test_sigterm_saves_and_exits_75(corpus, tmp_path):
     resumed = invoke("train", "--out", out, "--resume", "--steps", step + 2)
     assert resumed.exit_code == 0, resumed.output
     assert f"resuming at step {step}" in resumed.stderr
+
+
+def run_in_a_terminal(*args) -> tuple[int, int]:
+    """`htcli ARGS` as a real process whose controlling terminal is a new pseudo-terminal (as in an ssh
+    session): its process id and the terminal's other end, which the test reads and closes."""
+    pid, terminal = pty.fork()
+    if pid == 0:  # (the child: nothing of pytest's runs here)
+        os.execv(sys.executable, [sys.executable, "-m", "htcli", *map(str, args)])
+    return pid, terminal
+
+
+def wait_for_exit(pid: int, timeout: float = 60) -> int:
+    """pid's exit code (-N: ended by signal N); it fails the test if the process outlives the timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    pytest.fail("the process did not end")
+
+
+def test_a_closed_terminal_saves_and_stops(corpus, tmp_path):
+    """The terminal a run was started from closes (an ssh connection lost: SIGHUP, then writing to the
+    terminal fails): the step finishes, the run is saved, exit 129, and --resume continues it (it was
+    killed by the signal, everything since the last save lost)."""
+    out = tmp_path / "run"
+    pid, terminal = run_in_a_terminal("train", corpus, "--out", out, *LONG_RUN)
+    log, deadline = out / "log.jsonl", time.monotonic() + 60
+    while not (log.exists() and '"event": "step"' in log.read_text()) and time.monotonic() < deadline:
+        if select.select([terminal], [], [], 0.05)[0]:
+            os.read(terminal, 65536)  # (as a terminal shows it)
+    os.close(terminal)  # (the terminal hangs up)
+    assert wait_for_exit(pid) == 129
+    step = json.loads((out / "state.json").read_text())["step"]
+    (interrupt,) = events(out, "interrupt")
+    assert step == events(out, "step")[-1]["step"] == interrupt["step"] > 0
+    assert interrupt["signal"] == "SIGHUP"
+    resumed = invoke("train", "--out", out, "--resume", "--steps", step + 2)
+    assert resumed.exit_code == 0, resumed.output
+
+
+def test_a_run_that_ignores_sighup_goes_on(corpus, tmp_path):
+    """Under nohup (SIGHUP ignored) a SIGHUP leaves the run training, as it asked; SIGTERM still stops it."""
+    out = tmp_path / "run"
+    command = ["sh", "-c", 'trap "" HUP; exec "$@"', "sh", sys.executable, "-m", "htcli", "train", corpus]
+    process = subprocess.Popen([*map(str, command), "--out", str(out), *LONG_RUN], stderr=subprocess.PIPE)
+    wait_for_a_step(out, process)
+    process.send_signal(signal.SIGHUP)
+    time.sleep(1)
+    assert process.poll() is None and not events(out, "interrupt")
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 75, stderr
+    assert events(out, "interrupt")[0]["signal"] == "SIGTERM"
 
 
 def test_sigterm_during_a_long_preview_sample_saves_at_once(corpus, tmp_path):
