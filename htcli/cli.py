@@ -35,6 +35,7 @@ from htcli.stop import Terminated, started, terminate_unwinds
 MAX_SAMPLES = 4096  # sample --num-samples: one batch, one decode cache per sample
 PREEMPTED = 75  # exit code of a run stopped (and saved) by SIGTERM: EX_TEMPFAIL, "try again later"
 HUNG_UP = 129  # exit code of a run stopped (and saved) by SIGHUP: 128 + 1, as the signal's default action
+STOP_CODES = {"SIGTERM": PREEMPTED, "SIGHUP": HUNG_UP}  # (a Ctrl-C's save and stop exits 0)
 # the fields whose flag is not `--` + the field's name with dashes (`batch_size` -> `--batch-size`)
 FLAGS = {
     "max_seq_len": "--seq-len",
@@ -188,13 +189,15 @@ def _report_os_error(error: OSError, said_too: str = "", *, output: bool = False
     err_console.print(f"[red]error:[/] {escape(_os_error(error))}{said_too}", soft_wrap=True)
 
 
-def _end_output() -> None:
-    """Flush stdout; where that fails (a full disk, a closed pipe), one line, exit code 1."""
+def _end_output(code: int) -> None:
+    """Flush stdout after a command that ended with this exit code; where that fails (a full disk, a closed
+    pipe), one line, and exit code 1 unless the command's was already another (a run stopped and saved by
+    SIGTERM keeps its 75)."""
     try:
         sys.stdout.flush()
     except OSError as error:
         _report_os_error(error, output=True)
-        sys.exit(1)
+        sys.exit(code or 1)
 
 
 def run(args: list[str] | None = None) -> None:
@@ -222,8 +225,9 @@ def run(args: list[str] | None = None) -> None:
     except OSError as error:  # (outside a command: --help or --version to a full disk)
         _report_os_error(error)
         sys.exit(1)
-    _end_output()
-    sys.exit(code if isinstance(code, int) else 0)
+    code = code if isinstance(code, int) else 0
+    _end_output(code)
+    sys.exit(code)
 
 
 def _out_of_memory(error: BaseException) -> bool:
@@ -509,11 +513,17 @@ def _train(options: dict, resume: str | None, config_file: Path | None, print_co
             return
         with process_group(config.device) as launch, TrainDisplay(err_console) as display:
             result = run_training(config, resume=resume_as, on_event=display)
+        code = STOP_CODES.get(result.stopped_by, 0)
         if launch.main:
-            console.print(train_summary(result))
+            try:
+                console.print(train_summary(result))
+            except OSError as error:  # (the run saved: a scheduler still learns why it stopped)
+                if not code:
+                    raise
+                _report_os_error(error, "; the run is saved")
             _how_to_continue(result, launch.world_size)
-        if result.stopped_by in ("SIGTERM", "SIGHUP"):
-            raise typer.Exit(PREEMPTED if result.stopped_by == "SIGTERM" else HUNG_UP)
+        if code:
+            raise typer.Exit(code)
 
 
 def _given(value, default):

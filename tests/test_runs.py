@@ -112,6 +112,26 @@ def test_a_run_that_ignores_sighup_goes_on(corpus, tmp_path):
     assert events(out, "interrupt")[0]["signal"] == "SIGTERM"
 
 
+@pytest.mark.parametrize("buffered", [True, False])
+def test_a_stopped_run_whose_output_fails_keeps_its_exit_code(corpus, tmp_path, buffered):
+    """SIGTERM stops and saves a run whose stdout is a full disk: the summary cannot be written, one line
+    says so, and the exit code stays 75 (it was 1: a scheduler would not have requeued the run)."""
+    out = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if not (buffered and k == "PYTHONUNBUFFERED")}
+    with open("/dev/full", "w") as full:
+        command = [sys.executable, "-m", "htcli", "train", corpus, "--out", out, *LONG_RUN]
+        process = subprocess.Popen(
+            list(map(str, command)), stdout=full, stderr=subprocess.PIPE, text=True, env=env
+        )
+    wait_for_a_step(out, process)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 75, stderr
+    assert "error: cannot write the output: No space left on device" in stderr and "Traceback" not in stderr
+    assert "by SIGTERM; continue with: htcli train --resume" in stderr
+    assert json.loads((out / "state.json").read_text())["step"] == events(out, "interrupt")[0]["step"]
+
+
 def test_sigterm_during_a_long_preview_sample_saves_at_once(corpus, tmp_path):
     """A SIGTERM while the run draws its preview sample (sample-length 100,000,000 in a config file): the
     sample ends there, the step is saved, exit 75 (the sample went on for as long as it was, past a
