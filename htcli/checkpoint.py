@@ -36,6 +36,7 @@ from htcli.files import (
     STATE_FILE,
     check_not_special,
     check_utf8_path,
+    checkpoint_file,
     fsync_dir,
     pending_file,
     read_json,
@@ -57,16 +58,46 @@ class CheckpointInfo:
 
 
 def commit_pending(out: Path) -> None:
-    """Finish a save that was interrupted while renaming; drop one interrupted while writing."""
+    """Finish a save that was interrupted while renaming (its files checked first); drop one interrupted
+    while writing."""
     if not pending_file(out, STATE_FILE).exists():
         for name in CHECKPOINT_FILES:
             pending_file(out, name).unlink(missing_ok=True)
         return
+    _check_pending(out)
     for name in CHECKPOINT_FILES:
         # several ranks of a resumed run may finish the same save at once: a file gone was renamed by another
         with contextlib.suppress(FileNotFoundError):
             os.replace(pending_file(out, name), out / name)
     fsync_dir(out)
+
+
+def _check_pending(out: Path) -> None:
+    """The files of a save cut short between its renames are what that save wrote, before any of them
+    replaces a file of the checkpoint: a pending state.json that htcli can read, and a weights and an
+    optimizer file (pending, or renamed already) of its step. Anything else (a file damaged or put there
+    by hand) is refused and the checkpoint left as it is."""
+    state_file = pending_file(out, STATE_FILE)
+    try:
+        try:
+            state = read_json(state_file, missing=HtcliError(f"{state_file} is gone"))
+        except HtcliError:
+            if not state_file.exists():  # (another process finished the save: nothing left to check)
+                return
+            raise
+        step = state.get("step") if isinstance(state, dict) else None
+        if not isinstance(step, int) or isinstance(step, bool):
+            raise HtcliError(f"{state_file} is not an htcli training state (no step)")
+        for name in (MODEL_FILE, OPTIMIZER_FILE):
+            file = checkpoint_file(out, name)
+            found = _read_metadata(file, file).get("step")
+            if found != str(step):
+                raise HtcliError(f"{file} is of step {found}, {state_file} of step {step}")
+    except HtcliError as error:
+        raise HtcliError(
+            f"{error}: a save cut short cannot be finished; remove the .pending files in {out} to go on from"
+            " its last complete checkpoint (left as it was)"
+        ) from None
 
 
 def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:

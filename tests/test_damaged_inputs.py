@@ -504,3 +504,36 @@ def test_a_run_file_one_may_not_read_is_named_so(run, name):
     assert done.returncode == 1 and done.stderr.strip().splitlines() == [
         f"error: cannot read {out / name}: Permission denied"
     ], done.stderr
+
+
+def _pending(run, name: str):
+    return run / f".{name}.pending"
+
+
+PENDING_DAMAGE = {
+    "junk weights": lambda run: _pending(run, "model.safetensors").write_bytes(b"junk"),
+    "a folder": lambda run: (
+        _pending(run, "optimizer.safetensors").unlink(),
+        _pending(run, "optimizer.safetensors").mkdir(),
+    ),
+    "a pipe": lambda run: (_pending(run, "state.json").unlink(), os.mkfifo(_pending(run, "state.json"))),
+    "another step": lambda run: _pending(run, "state.json").write_text(
+        json.dumps({**json.loads((run / "state.json").read_text()), "step": 7})
+    ),
+}
+
+
+@pytest.mark.parametrize("damage", PENDING_DAMAGE)
+def test_a_damaged_save_cut_short_is_refused_before_it_replaces_anything(run, damage):
+    """A save cut short between its renames is finished by the resume; where its pending files are not what
+    it wrote (damaged, or put there by hand: htcli never leaves these), the resume refused them only
+    after they had replaced the checkpoint's good files. Now they are checked first and nothing changes."""
+    out, _ = run
+    for name in ("model.safetensors", "optimizer.safetensors", "state.json"):
+        shutil.copy(out / name, _pending(out, name))
+    before = {name: (out / name).read_bytes() for name in ("model.safetensors", "optimizer.safetensors")}
+    PENDING_DAMAGE[damage](out)
+    result = invoke("train", "--out", out, "--resume", "--steps", 4)
+    assert_user_error(result, f"a save cut short cannot be finished; remove the .pending files in {out}")
+    assert {name: (out / name).read_bytes() for name in before} == before
+    assert json.loads((out / "state.json").read_text())["step"] == 2
