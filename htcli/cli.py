@@ -735,7 +735,7 @@ def eval_(
     """Bits (and nats) per byte of a checkpoint over every byte of CORPUS after the first."""
     with _user_errors(smaller="--batch-size or --context"):
         from htcli.checkpoint import load_model
-        from htcli.corpus import ByteCorpus, RecordOptions
+        from htcli.corpus import ByteCorpus, RecordOptions, check_records_apply
         from htcli.device import dtype_name, resolve_device, resolve_dtype
         from htcli.display import by_position_table, eval_table, progress_bar
         from htcli.evaluate import check_options, evaluate
@@ -752,6 +752,7 @@ def eval_(
         model, info = load_model(checkpoint, torch_device, context=context)
         check_options(model, stride, batch_size)  # before a long corpus is opened
         with ByteCorpus.open(corpus or [], records=records, include_hidden=bool(include_hidden)) as data:
+            check_records_apply(data.files, records)
             if data.skipped_records:
                 err_console.print(f"[yellow]left out {data.skipped_records:,} bad records of the corpus")
             with progress_bar(err_console, "scoring", len(data) - 1) as advance:

@@ -224,6 +224,11 @@ def config_from_options(
     for paths in (corpus, given.get("val")):  # (before the paths are made absolute: "" would be ".")
         if paths:
             check_corpus_given(paths)
+    if given.get("val") and "val_fraction" in given:
+        raise HtcliError(
+            "val_fraction holds out the corpus's end where no val is given; with val, leave it out",
+            fields=("val_fraction", "val"),
+        )
     if corpus:
         given["corpus"] = [str(Path(c).expanduser().absolute()) for c in corpus]
     if given.get("val"):

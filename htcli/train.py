@@ -28,7 +28,7 @@ from htcli.attention import check_device
 from htcli.checkpoint import load_weights, rng_from_text, rng_to_text, save_checkpoint
 from htcli.checkpoint_checks import check_optimizer_state
 from htcli.config import TrainConfig
-from htcli.corpus import ByteCorpus, ByteSpan, RecordOptions, file_identity
+from htcli.corpus import ByteCorpus, ByteSpan, RecordOptions, check_records_apply, file_identity
 from htcli.data import WindowSampler, evenly_spaced, split
 from htcli.device import (
     PRECISIONS,
@@ -251,6 +251,8 @@ class Run:
         self.corpora += [val] if val else []
         if val:
             _check_held_out(corpus, val)
+        if not self.resumed:  # (a run resumed goes on as it started)
+            check_records_apply(corpus.files + (val.files if val else []), options["records"])
         return split(corpus, val, config.val_fraction, self.window)
 
     def _resumed_dtype(self, state: dict) -> torch.dtype:

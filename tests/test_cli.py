@@ -397,10 +397,21 @@ def test_impossible_options(run_copy, flags, message):
         (["--context-warmup", "0.5", "--context-warmup-start", "24"], "(24) must divide the context"),
         (["--context-warmup", "0.5"], "--context-warmup-start (256) must be shorter than the context length"),
         (["--context-warmup", "0.5", "--context-warmup-start", "64"], "(64) must be shorter than the"),
+        (
+            ["--val", "VAL", "--val-fraction", "0.5"],
+            "--val-fraction holds out the corpus's end where no --val",
+        ),
+        (["--text-field", "body"], "--text-field concerns the records of JSONL and Parquet files, and the"),
+        (["--skip-bad-records", "--val", "VAL"], "--skip-bad-records concerns the records of JSONL and"),
     ],
 )
 def test_impossible_new_runs(corpus, tmp_path, flags, message):
-    """A window length the context warm-up cannot cut windows into: one line that says what to do."""
+    """A window length the context warm-up cannot cut windows into, options that would be ignored without a
+    word (a held-out fraction beside held-out files; record options for a corpus of plain text): one line
+    that says what to do."""
+    val = tmp_path / "val.txt"
+    val.write_bytes(corpus.read_bytes()[:2000])
+    flags = [val if flag == "VAL" else flag for flag in flags]
     result = invoke("train", corpus, *TINY_FLAGS, "--steps", "2", "--out", tmp_path / "run", *flags)
     assert_user_error(result, message)
 
@@ -796,3 +807,10 @@ def test_environment_variables_checked_before_any_work(tmp_path, monkeypatch, va
     result = invoke("sample", tmp_path / "no-run", "--prompt", "def ")
     assert_user_error(result, message)
     assert result.stdout == ""
+
+
+def test_eval_refuses_record_options_for_plain_text(run_copy):
+    """eval --text-field on files that hold no records was ignored without a word."""
+    run, corpus = run_copy
+    result = invoke("eval", run, corpus, "--text-field", "body", "--device", "cpu")
+    assert_user_error(result, "--text-field concerns the records of JSONL and Parquet files, and the corpus")

@@ -64,6 +64,25 @@ def kind(path: Path) -> str:
     return "plain"
 
 
+RECORD_KINDS = ("jsonl", "jsonl.gz", "jsonl.zst", "parquet")
+
+
+def check_records_apply(files: Iterator[str | Path], options: RecordOptions) -> None:
+    """HtcliError where options other than the defaults are given for files of which none holds records
+    (JSONL or Parquet): they would be ignored without a word."""
+    given = [
+        name
+        for name in ("text_field", "skip_bad_records")
+        if getattr(options, name) != getattr(RecordOptions(), name)
+    ]
+    if given and not any(kind(Path(file)) in RECORD_KINDS for file in files):
+        raise HtcliError(
+            f"{' and '.join(given)} concern{'' if len(given) > 1 else 's'} the records of JSONL and Parquet"
+            " files, and the corpus holds none: leave " + ("them" if len(given) > 1 else "it") + " out",
+            fields=tuple(given),
+        )
+
+
 def prepare(source: Path, options: RecordOptions, cache: Path | None = None) -> Prepared:
     """The file to read source's bytes from, made into the cache first where it must be."""
     what = kind(source)
