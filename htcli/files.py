@@ -160,6 +160,13 @@ def read_json(path: Path, *, missing: HtcliError) -> Any:
 def check_out_path(out: Path) -> None:
     """out is a directory, or can become one: no part of it is a file."""
     for path in (out, *out.parents):
+        if path.is_symlink() and not path.exists():
+            where = "is" if path == out else f"is under {path},"
+            raise HtcliError(
+                f"the run directory (out) {out} {where} a link to {os.readlink(path)}, which does not exist:"
+                " make that directory, or give another",
+                fields=("out",),
+            )
         if path.exists():
             if not path.is_dir():
                 where = "is a file" if path == out else f"is under {path}, a file"

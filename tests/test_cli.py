@@ -445,6 +445,16 @@ def test_a_run_directory_that_is_a_file(tmp_path, corpus, resume):
     assert file.read_bytes() == b"mine"
 
 
+def test_a_run_directory_that_is_a_broken_link(tmp_path, corpus):
+    """--out naming a symbolic link to nothing (or a path under one) said "File exists"."""
+    link = tmp_path / "runs"
+    link.symlink_to(tmp_path / "gone")
+    for out, where in ((link, "is a link"), (link / "run", f"is under {link}, a link")):
+        message = f"(--out) {out} {where} to {tmp_path / 'gone'}, which does not exist: make that directory"
+        assert_user_error(invoke("train", corpus, "--out", out, *TINY_FLAGS), message)
+    assert not (tmp_path / "gone").exists()
+
+
 @pytest.mark.parametrize(
     "files,named",
     [
