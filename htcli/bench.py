@@ -405,9 +405,11 @@ def decode_bench(
     device, config = resolve_device(device_name), model_config(preset)
     dtype = resolve_dtype(dtype_name, device)  # (fp16 needs a CUDA GPU, as for sample and eval)
     if prompt_len + new_tokens > config.max_seq_len:
+        fit = [name for name in PRESETS if model_config(name).max_seq_len >= prompt_len + new_tokens]
         raise HtcliError(
-            f"prompt ({prompt_len}) + new tokens ({new_tokens}) exceed the {preset} preset's "
-            f"context of {config.max_seq_len}"
+            f"prompt ({prompt_len}) + new tokens ({new_tokens}) exceed the context of preset {preset} "
+            f"({config.max_seq_len})" + (f": use preset {' or '.join(fit)}" if fit else ""),
+            fields=("preset",),
         )
     torch.manual_seed(0)
     model = HTransformer1D(config).to(device).eval()
