@@ -382,6 +382,17 @@ def scaling_exponent(rows: list[Row], method: str, causal: bool) -> float | None
 DECODE_CONTEXTS = (8192, 32768)  # where bench --decode compares the H-cache with exact attention's KV cache
 
 
+def _check_context(preset: str, context: int, length: int) -> None:
+    """HtcliError naming the presets that fit where the preset's context is shorter than length."""
+    if length > context:
+        fit = [name for name in PRESETS if model_config(name).max_seq_len >= length]
+        raise HtcliError(
+            f"the decode bench's prompt and new tokens ({length}) exceed the context of preset {preset} "
+            f"({context})" + (f": use preset {' or '.join(fit)}" if fit else ""),
+            fields=("preset",),
+        )
+
+
 def decode_bench(
     preset: str = "small",
     *,
@@ -404,13 +415,7 @@ def decode_bench(
     check_choice("dtype", dtype_name, PRECISIONS)
     device, config = resolve_device(device_name), model_config(preset)
     dtype = resolve_dtype(dtype_name, device)  # (fp16 needs a CUDA GPU, as for sample and eval)
-    if prompt_len + new_tokens > config.max_seq_len:
-        fit = [name for name in PRESETS if model_config(name).max_seq_len >= prompt_len + new_tokens]
-        raise HtcliError(
-            f"prompt ({prompt_len}) + new tokens ({new_tokens}) exceed the context of preset {preset} "
-            f"({config.max_seq_len})" + (f": use preset {' or '.join(fit)}" if fit else ""),
-            fields=("preset",),
-        )
+    _check_context(preset, config.max_seq_len, prompt_len + new_tokens)
     torch.manual_seed(0)
     model = HTransformer1D(config).to(device).eval()
     prompt = torch.randint(0, 256, (1, prompt_len), device=device)

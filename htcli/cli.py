@@ -16,7 +16,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -62,11 +62,11 @@ def flag(field: str) -> str:
     return FLAGS.get(field, "--" + field.replace("_", "-"))
 
 
-def respell(message: str, fields: Iterable[str]) -> str:
-    """A library message with the config fields it names written as their flags (a word of a path, as out in
-    runs/out or runs/out.txt, is not a field)."""
+def respell(message: str, fields: Iterable[str], spell: Callable[[str], str] | None = None) -> str:
+    """A library message with the config fields it names written as their flags, or as spell writes them (a
+    word of a path, as out in runs/out or runs/out.txt, is not a field)."""
     for name in fields:
-        message = re.sub(rf"(?<![\w./-]){re.escape(name)}(?![\w-]|[./]\w)", flag(name), message)
+        message = re.sub(rf"(?<![\w./-]){re.escape(name)}(?![\w-]|[./]\w)", (spell or flag)(name), message)
     return message
 
 
@@ -499,17 +499,20 @@ def _train(options: dict, resume: str | None, config_file: Path | None, print_co
         from htcli.train import train as run_training
 
         resume_as = _resume_as(resume)
-        options = _with_config_file(options, config_file)
-        config = config_from_options(
-            options.pop("corpus", None) or [], out=_given(options.pop("out", None), DEFAULT_OUT),
-            resume=resume_as, preset=options.pop("preset", None), **options,
-        )  # fmt: skip
+        options, from_file = _with_config_file(options, config_file)
+        try:
+            config = config_from_options(
+                options.pop("corpus", None) or [], out=_given(options.pop("out", None), DEFAULT_OUT),
+                resume=resume_as, preset=options.pop("preset", None), **options,
+            )  # fmt: skip
+        except HtcliError as error:
+            raise _in_file(error, from_file, config_file) from None
         if print_config:
             from htcli.config_file import write_toml
             from htcli.rundir import check_resumable
 
             check_resumable(config, resume_as)  # (what a resume would refuse of its checkpoint)
-            print(write_toml(config, lambda field: flag(field)[2:]), end="")
+            print(write_toml(config, _file_key), end="")
             return
         with process_group(config.device) as launch, TrainDisplay(err_console) as display:
             result = run_training(config, resume=resume_as, on_event=display)
@@ -530,15 +533,29 @@ def _given(value, default):
     return default if value is None else value
 
 
-def _with_config_file(options: dict, path: Path | None) -> dict:
-    """The options given on the command line (None: not given) over those of the config file."""
+def _with_config_file(options: dict, path: Path | None) -> tuple[dict, set[str]]:
+    """The options given on the command line (None: not given) over those of the config file, and the
+    names of those that come from the file."""
     if path is None:
-        return options
+        return options, set()
     from htcli.config_file import read_options
 
-    from_file = read_options(path, lambda field: flag(field)[2:])
+    from_file = read_options(path, _file_key)
     given = {k: v for k, v in options.items() if v is not None and v != []}
-    return {**from_file, **given}
+    return {**from_file, **given}, set(from_file) - set(given)
+
+
+def _file_key(field: str) -> str:
+    """How a config file (and --print-config) spells a field: its flag without the dashes."""
+    return flag(field)[2:]
+
+
+def _in_file(error: HtcliError, from_file: set[str], path: Path | None) -> HtcliError:
+    """An error about options that all come from the config file, said as the file's: its path first, the
+    options by their keys (as flags, the user would look for options never given)."""
+    if path is None or not error.fields or not set(error.fields) <= from_file:
+        return error
+    return HtcliError(f"{path}: {respell(str(error), error.fields, _file_key)}")
 
 
 def _resume_as(resume: str | None) -> bool | str:

@@ -146,7 +146,7 @@ def test_bench_decode_names_the_presets_whose_context_fits():
     """The tiny preset's context cannot take the decode bench's prompt: the error names those that can."""
     result = CliRunner().invoke(app, ["bench", "--decode", "--preset", "tiny", "--device", "cpu"])
     assert result.exit_code == 1 and "Traceback" not in result.output
-    assert "exceed the context of --preset tiny (256): use --preset small or base" in result.stderr
+    assert "(8192) exceed the context of --preset tiny (256): use --preset small or base" in result.stderr
 
 
 @pytest.mark.parametrize(

@@ -88,12 +88,19 @@ def test_flags_override_the_file_and_the_file_overrides_defaults(corpus, tmp_pat
         ("resume = true", "exp.toml: resume is given on the command line, not in a config file"),
         ("steps = ", "exp.toml is not valid TOML"),
         ("steps = " + "[" * 5000, "exp.toml is not "),  # (nested too deep: RecursionError or a depth limit)
-        ("steps = 0", "--steps must be a positive integer up to 2**53, got 0"),
+        (
+            "steps = 0",
+            "exp.toml: steps must be a positive integer up to 2**53, got 0",
+        ),  # (was spelled --steps)
         (
             "steps = 9223372036854775808",
-            "--steps must be a positive integer up to 2**53, got 9223372036854775808",
+            "exp.toml: steps must be a positive integer up to 2**53, got 9223372036854775808",
         ),
-        ('logger = ["mlflow"]', "unknown --logger 'mlflow': use one of tensorboard, wandb"),
+        ('logger = ["mlflow"]', "exp.toml: unknown logger 'mlflow': use one of tensorboard, wandb"),
+        (
+            "seq-len = 64\nblock-size = 12",
+            "exp.toml: impossible model options: seq-len (64) must be a multiple of",
+        ),
         ("lr = 1" + "0" * 400, "exp.toml: lr is too large a number"),  # (was an OverflowError traceback)
         (  # (the last of the two was taken without a word)
             "seq-len = 64\n[model]\nmax_seq_len = 128",
