@@ -127,11 +127,11 @@ def _user_errors(*, start: bool = True, saves: bool = False, smaller: str = "mod
     if start:
         started()
     kept = (
-        "stopped without saving; a checkpoint saved before is intact"
+        "stopped without saving; any checkpoint saved before is intact"
         if saves
         else "stopped; no file was changed"
     )
-    kept_too = "; a checkpoint saved before is intact" if saves else ""  # (after an error's own words)
+    kept_too = "; any checkpoint saved before is intact" if saves else ""  # (after an error's own words)
     try:
         with terminate_unwinds():
             yield
@@ -671,6 +671,7 @@ def _print_samples(
     """Each sample's bytes: the first streamed to stdout as they come (whole UTF-8 characters; after the
     prompt when echo), the others printed after it, each under a rule on stderr (nothing on stdout with
     json_output); then the speed to stderr."""
+    from htcli.display import byte_count
     from htcli.sample import Utf8Stream
 
     samples, stream, many = [bytearray() for _ in configs], Utf8Stream(), len(configs) > 1
@@ -679,7 +680,7 @@ def _print_samples(
         err_console.rule(f"sample 1 of {len(configs)} (seed {configs[0].seed})")
     show(stream.feed(prompt if echo else b""))
     started = time.perf_counter()
-    with err_console.status(f"reading the prompt ({len(prompt):,} bytes)", spinner="dots"):
+    with err_console.status(f"reading the prompt ({byte_count(len(prompt))})", spinner="dots"):
         first = next(steps, None)  # generation starts by reading the whole prompt: long ones take a while
     for step in itertools.chain([] if first is None else [first], steps):
         for sample, token in zip(samples, step):
@@ -693,7 +694,7 @@ def _print_samples(
         show((prompt if echo else b"").decode("utf-8", "replace") + sample.decode("utf-8", "replace") + "\n")
     count = sum(map(len, samples))
     rate = count / seconds if seconds > 0 else 0.0
-    err_console.print(f"[dim]{count} bytes in {seconds:.2f} s ({rate:.1f} bytes/s)")
+    err_console.print(f"[dim]{byte_count(count)} in {seconds:.2f} s ({rate:.1f} bytes/s)")
     return [bytes(sample) for sample in samples]
 
 

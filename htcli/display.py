@@ -37,6 +37,11 @@ def human(count: float) -> str:
     return f"{count:.3g}"
 
 
+def byte_count(count: int) -> str:
+    """1 -> '1 byte', 1234 -> '1,234 bytes'."""
+    return f"{count:,} byte{'' if count == 1 else 's'}"
+
+
 class TrainDisplay:
     """Progress bar with ETA, step, loss, validation bits per byte, learning rate, tokens/s, latest sample.
 

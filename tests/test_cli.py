@@ -109,6 +109,8 @@ def test_sample_is_reproducible_and_reports_speed(trained):
     assert "30 bytes in" in first.stderr and "bytes/s" in first.stderr
     other = invoke(*args[:-4], "--seed", 4, "--device", "cpu")
     assert other.stdout != first.stdout
+    one = invoke("sample", run, "--max-new-tokens", 1, "--device", "cpu")
+    assert "1 byte in" in one.stderr, one.stderr  # (was "1 bytes")
 
 
 def test_sample_from_a_file_and_several_samples(trained, tmp_path):
@@ -244,7 +246,7 @@ def test_a_ctrl_c_while_python_exits_after_a_command_is_ignored():
 
 def test_ctrl_c_while_sampling_exits_130_with_one_line(trained):
     """A real SIGINT while a sample streams: exit 130, one line that no file was changed (it said, as
-    train does, that a checkpoint saved before is intact); no traceback; the run is untouched."""
+    train does, that any checkpoint saved before is intact); no traceback; the run is untouched."""
     run, _ = trained
     before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
     command = [sys.executable, "-m", "htcli", "sample", str(run), "--prompt", "a", "--device", "cpu"]
@@ -278,7 +280,7 @@ main()
 """
 BEFORE_ANY_COMMAND = "stopped before starting; nothing was written"
 INSIDE_A_COMMAND = "stopped; no file was changed"
-INSIDE_TRAIN = "stopped without saving; a checkpoint saved before is intact"
+INSIDE_TRAIN = "stopped without saving; any checkpoint saved before is intact"
 
 
 @pytest.mark.parametrize(
