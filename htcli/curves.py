@@ -54,7 +54,8 @@ def read_curves(run: Path, name: str | None = None) -> Curves:
     try:
         lines = path.read_bytes().split(b"\n")
     except FileNotFoundError:
-        raise HtcliError(f"{run} has no {LOG_FILE}: give run directories written by htcli train") from None
+        what = f"has no {LOG_FILE}" if run.exists() else "does not exist"
+        raise HtcliError(f"{run} {what}: give run directories written by htcli train") from None
     except OSError as error:
         raise HtcliError(f"cannot read {path}: {error.strerror or error}") from None
     curves = Curves(name or run.name)

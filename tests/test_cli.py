@@ -577,7 +577,7 @@ def _write_foreign(p):
 @pytest.mark.parametrize(
     "make_checkpoint,message",
     [
-        (lambda p: p / "nowhere", "no checkpoint at"),
+        (lambda p: p / "nowhere", "nowhere does not exist: give a run directory (htcli train's out) or a"),
         (lambda p: p, "no checkpoint at"),
         (_write_truncated, "is not a readable safetensors file (truncated or corrupt?)"),
         (lambda p: file_with(p / "x.safetensors", b"hello"), "not a readable safetensors"),

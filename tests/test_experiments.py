@@ -517,6 +517,9 @@ def test_plot_errors(corpus, tmp_path):
     assert_user_error(
         invoke("plot", tmp_path), "has no log.jsonl: give run directories written by htcli train"
     )
+    assert_user_error(  # (a mistyped name said "has no log.jsonl")
+        invoke("plot", tmp_path / "nowhere"), "nowhere does not exist: give run directories written by"
+    )
     assert_user_error(
         invoke("plot", tmp_path, "--x", "epochs"), "unknown --x 'epochs': use one of step, bytes"
     )
