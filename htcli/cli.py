@@ -678,14 +678,19 @@ def _print_samples(
     show = (lambda text: None) if json_output else _write
     if many and not json_output:
         err_console.rule(f"sample 1 of {len(configs)} (seed {configs[0].seed})")
-    show(stream.feed(prompt if echo else b""))
     started = time.perf_counter()
-    with err_console.status(f"reading the prompt ({byte_count(len(prompt))})", spinner="dots"):
-        first = next(steps, None)  # generation starts by reading the whole prompt: long ones take a while
-    for step in itertools.chain([] if first is None else [first], steps):
-        for sample, token in zip(samples, step):
-            sample.extend([] if token is None else [token])
-        show(stream.feed(b"" if step[0] is None else bytes([step[0]])))
+    try:
+        show(stream.feed(prompt if echo else b""))
+        with err_console.status(f"reading the prompt ({byte_count(len(prompt))})", spinner="dots"):
+            first = next(steps, None)  # generation starts by reading the whole prompt: long ones take a while
+        for step in itertools.chain([] if first is None else [first], steps):
+            for sample, token in zip(samples, step):
+                sample.extend([] if token is None else [token])
+            show(stream.feed(b"" if step[0] is None else bytes([step[0]])))
+    except BaseException:  # (Ctrl-C, out of memory: the line streamed so far ends, so the error has its own)
+        with contextlib.suppress(OSError, ValueError):
+            show(stream.flush() + "\n")
+        raise
     seconds = time.perf_counter() - started
     show(stream.flush() + "\n")
     for index, (config, sample) in enumerate(zip(configs[1:], samples[1:]), 2):
