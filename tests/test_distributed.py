@@ -259,19 +259,22 @@ def test_ctrl_c_on_one_rank_stops_every_rank_at_the_same_step(ddp_run, tmp_path)
     assert len(state["ranks"]) == 2
 
 
-def test_sigterm_on_one_rank_stops_every_rank_as_preempted(ddp_run, tmp_path):
+@pytest.mark.parametrize("signum,code", [(signal.SIGTERM, 75), (signal.SIGHUP, 129)])
+def test_sigterm_on_one_rank_stops_every_rank_as_preempted(ddp_run, tmp_path, signum, code):
     """A SIGTERM to rank 1 alone (a scheduler preempting): both ranks stop after the same step, rank 0
-    saves, both exit 75 (preempted), and --resume continues under torchrun."""
+    saves, both exit 75 (preempted). A SIGHUP (torchrun passes its own on when its terminal closes): the
+    same, exit 129."""
     run = tmp_path / "run"
     ranks = start_ranks(ddp_run[1], "--out", run, *FLAGS, "--steps", 100_000, "--eval-every", 0)
     wait_for_a_step(run, ranks)
-    ranks[1].send_signal(signal.SIGTERM)
+    ranks[1].send_signal(signum)
     errors = finish(ranks)
-    assert [process.returncode for process in ranks] == [75, 75], errors
-    assert "by SIGTERM; continue with: torchrun ... -m htcli train --resume" in errors[0]
+    assert [process.returncode for process in ranks] == [code, code], errors
+    name = signal.Signals(signum).name
+    assert f"by {name}; continue with: torchrun ... -m htcli train --resume" in errors[0]
     state = json.loads((run / "state.json").read_text())
     assert state["step"] == events(run, "step")[-1]["step"] == events(run, "interrupt")[0]["step"]
-    assert events(run, "interrupt")[0]["signal"] == "SIGTERM"
+    assert events(run, "interrupt")[0]["signal"] == name
 
 
 def test_nan_on_one_rank_stops_every_rank(ddp_run, tmp_path):
