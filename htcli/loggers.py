@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import secrets
 from pathlib import Path
 
 from htcli.errors import HtcliError
-from htcli.files import atomic_file
+from htcli.files import atomic_file, check_not_special
 
 TENSORBOARD_DIR = "tensorboard"  # event files, under the run directory
 WANDB_DIR = "wandb"  # W&B's own files, which it makes under the run directory (its dir)
@@ -96,17 +97,27 @@ class TensorBoardLogger:
         self.writer.close()
 
 
+WANDB_MODES = ("online", "offline", "shared", "disabled", "dryrun", "run")  # what W&B's settings accept
+
+
 class WandbLogger:
     """A W&B run (project WANDB_PROJECT, default htcli; named after the run directory; files in
     OUT/wandb). WANDB_MODE=offline keeps it on disk for `wandb sync`."""
 
     def __init__(self, out: Path, config: dict, step: int):
+        mode = os.environ.get("WANDB_MODE")
+        if mode and mode not in WANDB_MODES:  # (W&B's error advised logging in)
+            raise HtcliError(
+                f"loggers wandb: WANDB_MODE={mode!r} is not a W&B mode: set online, offline or disabled",
+                fields=("loggers",),
+            )
         import wandb
 
         settings = wandb.Settings(console="off", silent=True, disable_git=True, save_code=False)
+        run_id = wandb_id(out)
         try:
             self.run = wandb.init(
-                project=os.environ.get("WANDB_PROJECT", WANDB_PROJECT), name=out.name, id=wandb_id(out),
+                project=os.environ.get("WANDB_PROJECT", WANDB_PROJECT), name=out.name, id=run_id,
                 resume="allow", dir=str(out), config=config, settings=settings,
             )  # fmt: skip
         except Exception as error:  # (wandb's own: no login, no network, a bad project name, ...)
@@ -132,7 +143,17 @@ def wandb_id(out: Path) -> str:
     """The W&B run id of the run directory: made once, kept in OUT/wandb-id."""
     path = out / WANDB_ID_FILE
     if path.exists():
-        return path.read_text().strip()
+        check_not_special(path)
+        try:
+            run_id = path.read_text().strip()
+        except (OSError, ValueError) as error:
+            raise HtcliError(f"cannot read {path}: {getattr(error, 'strerror', None) or error}") from None
+        if not re.fullmatch(r"[\w-]{1,128}", run_id, re.ASCII):  # (W&B's error advised logging in)
+            raise HtcliError(
+                f"{path} holds no W&B run id ({run_id[:20]!r}): write the run's id in it, or remove it to log"
+                " to a new W&B run"
+            )
+        return run_id
     run_id = secrets.token_hex(4)
     with atomic_file(path, "w") as file:
         file.write(run_id + "\n")

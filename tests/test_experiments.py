@@ -379,6 +379,22 @@ def test_wandb_offline_run_continues_on_resume(corpus, tmp_path, monkeypatch):
     assert last["val/bpb"] == pytest.approx(events(run, "eval")[-1]["val_bpb"])
 
 
+def test_wandb_settings_htcli_can_tell_are_wrong_say_so(corpus, tmp_path, monkeypatch):
+    """A WANDB_MODE that W&B does not know, an OUT/wandb-id emptied or holding no id: one line that says
+    so (W&B's error advised logging in)."""
+    run = tmp_path / "run"
+    monkeypatch.setenv("WANDB_MODE", "ofline")
+    flags = [corpus, *TINY_FLAGS, "--out", run, "--logger", "wandb", "--steps", "2"]
+    assert_user_error(
+        invoke("train", *flags), "WANDB_MODE='ofline' is not a W&B mode: set online, offline or"
+    )
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    (run / "wandb-id").write_text("\n")
+    assert_user_error(
+        invoke("train", *flags), f"{run / 'wandb-id'} holds no W&B run id (''): write the run's"
+    )
+
+
 def test_a_logger_that_cannot_start_is_one_line_and_leaves_the_run_as_it_was(corpus, tmp_path):
     """W&B online without a login (was a 59-line traceback, after config.json had taken the new options,
     so that every resume failed again): one line saying what to do; a resumed run's config.json as it
