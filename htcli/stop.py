@@ -53,26 +53,27 @@ class StopRequest:
         if signum == signal.SIGHUP:
             _leave_the_terminal(self._terminal)
         self.signal = signal.Signals(signum)
-        for number, handler in self._previous.items():
+        for number, handler in self._previous.items():  # (SIGHUP's set at once: no moment at its default)
+            if number == signal.SIGHUP:  # (a shell that loses its terminal sends its own SIGHUP too)
+                handler = lambda *_: _leave_the_terminal(self._terminal)  # noqa: E731
             signal.signal(number, handler)
-        if signal.SIGHUP in self._previous:  # (a shell that loses its terminal sends its own SIGHUP too)
-            signal.signal(signal.SIGHUP, lambda *_: _leave_the_terminal(self._terminal))
 
     def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():
+            self._terminal = _terminal_outputs()
             handlers = {number: signal.getsignal(number) for number in STOPS}
             ignored = handlers[signal.SIGHUP] in (signal.SIG_IGN, None)  # (under nohup: stays so)
             self._previous = {n: h for n, h in handlers.items() if not (ignored and n == signal.SIGHUP)}
             for number in self._previous:
                 signal.signal(number, self._handle)
-            self._terminal = _terminal_outputs()
         return self
 
     def __exit__(self, *exc) -> None:
+        """The handlers as they were; after a SIGHUP, SIGHUP stays ignored (the terminal is gone: a late
+        one would end the saved run's last words, or a library caller's next run)."""
         for number, handler in self._previous.items():
-            signal.signal(number, handler)
-        if self._previous and self.signal is not None:  # (a late SIGHUP would end the saved run's last words)
-            signal.signal(signal.SIGHUP, signal.SIG_IGN)
+            hung_up = number == signal.SIGHUP and self.signal == signal.SIGHUP
+            signal.signal(number, signal.SIG_IGN if hung_up else handler)
 
 
 class Terminated(BaseException):

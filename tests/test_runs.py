@@ -97,6 +97,37 @@ def test_a_closed_terminal_saves_and_stops(corpus, tmp_path):
     assert resumed.exit_code == 0, resumed.output
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGHUP])
+def test_a_stop_request_puts_the_handlers_back(signum, monkeypatch):
+    """After a stop, the process's handlers are as they were (a library caller's own, its next run's), except
+    SIGHUP after a hangup: ignored from then on (the terminal is gone; a late one would end the process)."""
+    from htcli import stop as stop_module
+    from htcli.stop import StopRequest
+
+    monkeypatch.setattr(stop_module, "_terminal_outputs", list)  # (pytest -s in a terminal keeps its output)
+
+    def ours(*_):
+        pass
+
+    before = {
+        number: signal.signal(number, ours) for number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    }
+    try:
+        with StopRequest() as stop:
+            os.kill(os.getpid(), signum)
+            time.sleep(0.01)  # (Python runs the handler between instructions)
+            assert stop.signal == signum
+            if signum == signal.SIGHUP:
+                os.kill(os.getpid(), signal.SIGHUP)  # (the shell's): nothing but output sent away
+                time.sleep(0.01)
+        expected = signal.SIG_IGN if signum == signal.SIGHUP else ours
+        assert signal.getsignal(signal.SIGHUP) is expected
+        assert signal.getsignal(signal.SIGINT) is ours and signal.getsignal(signal.SIGTERM) is ours
+    finally:
+        for number, handler in before.items():
+            signal.signal(number, handler)
+
+
 def test_a_run_that_ignores_sighup_goes_on(corpus, tmp_path):
     """Under nohup (SIGHUP ignored) a SIGHUP leaves the run training, as it asked; SIGTERM still stops it."""
     out = tmp_path / "run"
