@@ -493,40 +493,48 @@ def _train(options: dict, resume: str | None, config_file: Path | None, print_co
     with _user_errors(
         saves=True, smaller="--batch-size (with --grad-accum to keep the bytes per step), --seq-len or model"
     ):
-        from htcli.config import config_from_options
-        from htcli.display import TrainDisplay, train_summary
-        from htcli.distributed import process_group
-        from htcli.train import train as run_training
-
         resume_as = _resume_as(resume)
+        if options.get("val") and options.get("val_fraction") is not None:  # (a config file's is overridden)
+            raise HtcliError("--val and --val-fraction both choose the held-out bytes: give one of them")
         options, from_file = _with_config_file(options, config_file)
         try:
-            config = config_from_options(
-                options.pop("corpus", None) or [], out=_given(options.pop("out", None), DEFAULT_OUT),
-                resume=resume_as, preset=options.pop("preset", None), **options,
-            )  # fmt: skip
+            _train_with(options, resume_as, print_config)
         except HtcliError as error:
             raise _in_file(error, from_file, config_file) from None
-        if print_config:
-            from htcli.config_file import write_toml
-            from htcli.rundir import check_resumable
 
-            check_resumable(config, resume_as)  # (what a resume would refuse of its checkpoint)
-            print(write_toml(config, _file_key), end="")
-            return
-        with process_group(config.device) as launch, TrainDisplay(err_console) as display:
-            result = run_training(config, resume=resume_as, on_event=display)
-        code = STOP_CODES.get(result.stopped_by, 0)
-        if launch.main:
-            try:
-                console.print(train_summary(result))
-            except OSError as error:  # (the run saved: a scheduler still learns why it stopped)
-                if not code:
-                    raise
-                _report_os_error(error, "; the run is saved")
-            _how_to_continue(result, launch.world_size)
-        if code:
-            raise typer.Exit(code)
+
+def _train_with(options: dict, resume: bool | str, print_config: bool) -> None:
+    """train with these options (the command line's over the config file's): its config printed, or the
+    run, its summary and the exit code of a stop that saved."""
+    from htcli.config import config_from_options
+    from htcli.display import TrainDisplay, train_summary
+    from htcli.distributed import process_group
+    from htcli.train import train as run_training
+
+    config = config_from_options(
+        options.pop("corpus", None) or [], out=_given(options.pop("out", None), DEFAULT_OUT),
+        resume=resume, preset=options.pop("preset", None), **options,
+    )  # fmt: skip
+    if print_config:
+        from htcli.config_file import write_toml
+        from htcli.rundir import check_resumable
+
+        check_resumable(config, resume)  # (what a resume would refuse of its checkpoint)
+        print(write_toml(config, _file_key), end="")
+        return
+    with process_group(config.device) as launch, TrainDisplay(err_console) as display:
+        result = run_training(config, resume=resume, on_event=display)
+    code = STOP_CODES.get(result.stopped_by, 0)
+    if launch.main:
+        try:
+            console.print(train_summary(result))
+        except OSError as error:  # (the run saved: a scheduler still learns why it stopped)
+            if not code:
+                raise
+            _report_os_error(error, "; the run is saved")
+        _how_to_continue(result, launch.world_size)
+    if code:
+        raise typer.Exit(code)
 
 
 def _given(value, default):
@@ -758,7 +766,7 @@ def eval_(
     """Bits (and nats) per byte of a checkpoint over every byte of CORPUS after the first."""
     with _user_errors(smaller="--batch-size or --context"):
         from htcli.checkpoint import load_model
-        from htcli.corpus import ByteCorpus, RecordOptions, check_records_apply
+        from htcli.corpus import ByteCorpus, RecordOptions, check_records_apply, resolve_corpus
         from htcli.device import dtype_name, resolve_device, resolve_dtype
         from htcli.display import by_position_table, eval_table, progress_bar
         from htcli.evaluate import check_options, evaluate
@@ -774,8 +782,9 @@ def eval_(
         torch_dtype = resolve_dtype(dtype, torch_device)
         model, info = load_model(checkpoint, torch_device, context=context)
         check_options(model, stride, batch_size)  # before a long corpus is opened
-        with ByteCorpus.open(corpus or [], records=records, include_hidden=bool(include_hidden)) as data:
-            check_records_apply(data.files, records)
+        files = resolve_corpus(corpus or [], include_hidden=bool(include_hidden))
+        check_records_apply(files, records)  # (before any file is unpacked into the cache)
+        with ByteCorpus.open(corpus or [], records=records, files=files) as data:
             if data.skipped_records:
                 err_console.print(f"[yellow]left out {data.skipped_records:,} bad records of the corpus")
             with progress_bar(err_console, "scoring", len(data) - 1) as advance:

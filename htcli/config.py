@@ -199,20 +199,6 @@ def train_default(name: str) -> object:
     return spec.default_factory() if callable(spec.default_factory) else spec.default
 
 
-def _check_given(corpus: list[str], given: dict) -> None:
-    """The corpus and val paths, as given, are paths; val_fraction is not given beside val."""
-    from htcli.corpus import check_corpus_given
-
-    for paths in (corpus, given.get("val")):  # (before the paths are made absolute: "" would be ".")
-        if paths:
-            check_corpus_given(paths)
-    if given.get("val") and "val_fraction" in given:
-        raise HtcliError(
-            "val_fraction holds out the corpus's end where no val is given; with val, leave it out",
-            fields=("val_fraction", "val"),
-        )
-
-
 def config_from_options(
     corpus: list[str],
     *,
@@ -233,7 +219,11 @@ def config_from_options(
     model_fields = {f.name for f in fields(HTransformerConfig)}
     given = {k: v for k, v in options.items() if v is not None}
     model = {k: given.pop(k) for k in list(given) if k in model_fields}
-    _check_given(corpus, given)
+    from htcli.corpus import check_corpus_given
+
+    for paths in (corpus, given.get("val")):  # (before the paths are made absolute: "" would be ".")
+        if paths:
+            check_corpus_given(paths)
     if corpus:
         given["corpus"] = [str(Path(c).expanduser().absolute()) for c in corpus]
     if given.get("val"):

@@ -4,6 +4,7 @@ same folder, fsynced, then renamed over the target) and JSON reads that say what
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import stat
@@ -157,16 +158,27 @@ def read_json(path: Path, *, missing: HtcliError) -> Any:
         raise HtcliError(f"{path} is not readable JSON (truncated or corrupt?)") from None
 
 
+def _loops(path: Path) -> bool:
+    """Whether following the link path goes round a loop of links."""
+    try:
+        os.stat(path)
+    except OSError as error:
+        return error.errno == errno.ELOOP
+    return False
+
+
 def check_out_path(out: Path) -> None:
     """out is a directory, or can become one: no part of it is a file."""
     for path in (out, *out.parents):
         if path.is_symlink() and not path.exists():
             where = "is" if path == out else f"is under {path},"
-            raise HtcliError(
-                f"the run directory (out) {out} {where} a link to {os.readlink(path)}, which does not exist:"
-                " make that directory, or give another",
-                fields=("out",),
+            target = path.parent / os.readlink(path)  # (a relative link's target: from the link's folder)
+            what = (
+                "a link in a loop of links: give another"
+                if _loops(path)
+                else f"a link to {target}, which does not exist: make that directory, or give another"
             )
+            raise HtcliError(f"the run directory (out) {out} {where} {what}", fields=("out",))
         if path.exists():
             if not path.is_dir():
                 where = "is a file" if path == out else f"is under {path}, a file"

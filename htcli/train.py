@@ -28,7 +28,14 @@ from htcli.attention import check_device
 from htcli.checkpoint import load_weights, rng_from_text, rng_to_text, save_checkpoint
 from htcli.checkpoint_checks import check_optimizer_state
 from htcli.config import TrainConfig
-from htcli.corpus import ByteCorpus, ByteSpan, RecordOptions, check_records_apply, file_identity
+from htcli.corpus import (
+    ByteCorpus,
+    ByteSpan,
+    RecordOptions,
+    check_records_apply,
+    file_identity,
+    resolve_corpus,
+)
 from htcli.data import WindowSampler, evenly_spaced, split
 from htcli.device import (
     PRECISIONS,
@@ -240,19 +247,20 @@ class Run:
     def _open_data(self) -> tuple[ByteSpan, ByteSpan]:
         """The training and validation spans (the corpora stay open until close())."""
         config = self.config
-        options = dict(
-            records=RecordOptions(config.text_field, config.skip_bad_records),
-            include_hidden=config.include_hidden,
-            exclude=[config.out],
-        )
-        corpus = ByteCorpus.open(config.corpus, **options)
+        records = RecordOptions(config.text_field, config.skip_bad_records)
+        found = dict(include_hidden=config.include_hidden, exclude=[config.out])
+        files = resolve_corpus(config.corpus, **found)
+        val_files = resolve_corpus(config.val, **found) if config.val else []
+        if (
+            not self.resumed
+        ):  # (before any file is unpacked into the cache; a run resumed goes on as it began)
+            check_records_apply(files + val_files, records)
+        corpus = ByteCorpus.open(config.corpus, records=records, files=files)
         self.corpora.append(corpus)
-        val = ByteCorpus.open(config.val, **options) if config.val else None
+        val = ByteCorpus.open(config.val, records=records, files=val_files) if config.val else None
         self.corpora += [val] if val else []
         if val:
             _check_held_out(corpus, val)
-        if not self.resumed:  # (a run resumed goes on as it started)
-            check_records_apply(corpus.files + (val.files if val else []), options["records"])
         return split(corpus, val, config.val_fraction, self.window)
 
     def _resumed_dtype(self, state: dict) -> torch.dtype:
@@ -425,8 +433,8 @@ class Run:
 
     def sample(self, stop: StopRequest | None = None) -> tuple[str, str, bool]:
         """A continuation of the validation data's first bytes, from a fixed seed (no global RNG used),
-        ended early by a stop request (Ctrl-C, SIGTERM: the save comes first, a long sample took minutes):
-        prompt, text, and whether the stop cut it short."""
+        ended early by a stop request (Ctrl-C, SIGTERM, SIGHUP: the save comes first, a long sample took
+        minutes): prompt, text, and whether the stop cut it short."""
         prompt = self.val_data.read(0, min(SAMPLE_PROMPT_BYTES, len(self.val_data)))
         config = self.config
         self.model.eval()

@@ -1,5 +1,6 @@
 """The command line end to end (train, sample, eval) and every bad input it must refuse cleanly."""
 
+import gzip
 import json
 import os
 import shutil
@@ -403,7 +404,7 @@ def test_impossible_options(run_copy, flags, message):
         (["--context-warmup", "0.5", "--context-warmup-start", "64"], "(64) must be shorter than the"),
         (
             ["--val", "VAL", "--val-fraction", "0.5"],
-            "--val-fraction holds out the corpus's end where no --val",
+            "--val and --val-fraction both choose the held-out bytes: give one of them",
         ),
         (["--text-field", "body"], "--text-field concerns the records of JSONL and Parquet files, and the"),
         (["--skip-bad-records", "--val", "VAL"], "--skip-bad-records concerns the records of JSONL and"),
@@ -457,6 +458,14 @@ def test_a_run_directory_that_is_a_broken_link(tmp_path, corpus):
         message = f"(--out) {out} {where} to {tmp_path / 'gone'}, which does not exist: make that directory"
         assert_user_error(invoke("train", corpus, "--out", out, *TINY_FLAGS), message)
     assert not (tmp_path / "gone").exists()
+    relative, loop = tmp_path / "relative", tmp_path / "loop"
+    relative.symlink_to("gone/run")  # (its target is read from the link's folder, not the current one)
+    loop.symlink_to(loop)
+    for out, message in (
+        (relative, f"a link to {tmp_path}/gone/run, which"),
+        (loop, "a link in a loop of links"),
+    ):
+        assert_user_error(invoke("train", corpus, "--out", out, *TINY_FLAGS), f"(--out) {out} is {message}")
 
 
 @pytest.mark.parametrize(
@@ -823,8 +832,14 @@ def test_environment_variables_checked_before_any_work(tmp_path, monkeypatch, va
     assert result.stdout == ""
 
 
-def test_eval_refuses_record_options_for_plain_text(run_copy):
-    """eval --text-field on files that hold no records was ignored without a word."""
+def test_eval_refuses_record_options_for_plain_text(run_copy, tmp_path, monkeypatch):
+    """eval --text-field on files that hold no records was ignored without a word; refused before a
+    compressed file is unpacked into the cache (minutes of work for a large one)."""
     run, corpus = run_copy
-    result = invoke("eval", run, corpus, "--text-field", "body", "--device", "cpu")
-    assert_user_error(result, "--text-field concerns the records of JSONL and Parquet files, and the corpus")
+    monkeypatch.setenv("HTCLI_CACHE_DIR", str(tmp_path / "cache"))
+    packed = tmp_path / "corpus.txt.gz"
+    packed.write_bytes(gzip.compress(corpus.read_bytes()))
+    for path in (corpus, packed):
+        result = invoke("eval", run, path, "--text-field", "body", "--device", "cpu")
+        assert_user_error(result, "--text-field concerns the records of JSONL and Parquet files, and the")
+    assert not list((tmp_path / "cache").rglob("*"))

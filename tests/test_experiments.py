@@ -46,11 +46,24 @@ def resolved(*args) -> str:
 
 
 def test_print_config_reads_back_as_the_same_config(corpus, tmp_path):
-    """--print-config writes TOML that, given as --config, resolves to the same configuration."""
+    """--print-config writes TOML that, given as --config, resolves to the same configuration (with --val
+    too: it holds val-fraction beside val, which the file may)."""
+    val = tmp_path / "val.txt"
+    val.write_bytes(corpus.read_bytes()[:2000])
     first = resolved(
-        corpus, *TINY_FLAGS, "--lr", "0.002", "--out", tmp_path / "run", "--logger", "tensorboard"
+        corpus,
+        *TINY_FLAGS,
+        "--lr",
+        "0.002",
+        "--out",
+        tmp_path / "run",
+        "--logger",
+        "tensorboard",
+        "--val",
+        val,
     )
     assert 'logger = ["tensorboard"]' in first and "seq-len = 64" in first and "lr = 0.002" in first
+    assert "val-fraction = " in first and f'val = ["{val}"]' in first
     (tmp_path / "run.toml").write_text(first)
     assert resolved("--config", tmp_path / "run.toml") == first
     config = tiny_config(corpus, tmp_path / "run")
@@ -226,10 +239,13 @@ def test_resume_takes_the_saved_config_then_the_file_then_flags(corpus, tmp_path
     assert "steps = 4" in text and "eval-every = 3" in text and "dim = 32" in text  # flag, file, saved
     path.write_text("steps = 4\ndim = 64\n")
     refused = invoke("train", "--resume", "--out", run, "--config", path)
-    assert_user_error(refused, "the model differs from its checkpoint (--dim 32 in the checkpoint, 64 asked)")
+    changed = (
+        f"{path}: cannot resume {run}: the model differs from its checkpoint (dim 32 in the checkpoint, 64"
+    )
+    assert_user_error(refused, changed)  # (named the file's dim as the flag --dim)
     # --print-config refuses what the run would (it printed the changed model)
     printed = invoke("train", "--resume", "--out", run, "--config", path, "--print-config")
-    assert_user_error(printed, "the model differs from its checkpoint (--dim 32 in the checkpoint, 64 asked)")
+    assert_user_error(printed, changed)
     printed = invoke("train", "--resume", "--out", run, "--steps", "2", "--print-config")
     assert_user_error(printed, "is already at step 2 of --steps 2: pass a larger --steps")
     printed = invoke("train", corpus, "--resume", "--out", tmp_path / "new", "--print-config")

@@ -19,7 +19,7 @@ import io
 import json
 import shutil
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -67,7 +67,7 @@ def kind(path: Path) -> str:
 RECORD_KINDS = ("jsonl", "jsonl.gz", "jsonl.zst", "parquet")
 
 
-def check_records_apply(files: Iterator[str | Path], options: RecordOptions) -> None:
+def check_records_apply(files: Sequence[str | Path], options: RecordOptions) -> None:
     """HtcliError where options other than the defaults are given for files of which none holds records
     (JSONL or Parquet): they would be ignored without a word."""
     given = [

@@ -64,10 +64,13 @@ class ByteCorpus:
         records: RecordOptions | None = None,
         include_hidden: bool = False,
         exclude: Iterable[str | os.PathLike] = (),
+        files: Sequence[Path] | None = None,
     ) -> ByteCorpus:
-        """Resolve specs (htcli.corpus.find) and index every file; an empty corpus is an error."""
-        corpus = cls(resolve_corpus(specs, include_hidden=include_hidden, exclude=exclude), cache=cache,
-                     records=records)  # fmt: skip
+        """Resolve specs (htcli.corpus.find; files: what that gave already) and index every file; an empty
+        corpus is an error."""
+        if files is None:
+            files = resolve_corpus(specs, include_hidden=include_hidden, exclude=exclude)
+        corpus = cls(files, cache=cache, records=records)
         if len(corpus) == 0:
             names = ", ".join(str(s) for s in specs)
             if corpus.skipped_records:
