@@ -270,10 +270,14 @@ def load_model(
     """The model stored at path (a run directory or a .safetensors file), in eval mode on device.
     context: the longest input it takes, instead of the one it trained with (no weight depends on it;
     whether the model extrapolates to a longer one is what evaluating it there shows)."""
-    if not os.path.lexists(path):  # (a mistyped name: "no checkpoint at" sent users looking for a lost one)
+    try:
+        os.lstat(path)
+    except FileNotFoundError:  # (a mistyped name: "no checkpoint at" sent users looking for a lost one)
         raise HtcliError(
             f"{path} does not exist: give a run directory (htcli train's out) or a .safetensors file"
-        )
+        ) from None
+    except OSError:
+        pass  # (a folder one may not enter: the read says so)
     info = read_checkpoint_info(path)
     config = info.config
     if context is not None:

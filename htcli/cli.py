@@ -766,7 +766,7 @@ def eval_(
     """Bits (and nats) per byte of a checkpoint over every byte of CORPUS after the first."""
     with _user_errors(smaller="--batch-size or --context"):
         from htcli.checkpoint import load_model
-        from htcli.corpus import ByteCorpus, RecordOptions, check_records_apply, resolve_corpus
+        from htcli.corpus import RecordOptions
         from htcli.device import dtype_name, resolve_device, resolve_dtype
         from htcli.display import by_position_table, eval_table, progress_bar
         from htcli.evaluate import check_options, evaluate
@@ -782,9 +782,7 @@ def eval_(
         torch_dtype = resolve_dtype(dtype, torch_device)
         model, info = load_model(checkpoint, torch_device, context=context)
         check_options(model, stride, batch_size)  # before a long corpus is opened
-        files = resolve_corpus(corpus or [], include_hidden=bool(include_hidden))
-        check_records_apply(files, records)  # (before any file is unpacked into the cache)
-        with ByteCorpus.open(corpus or [], records=records, files=files) as data:
+        with _eval_corpus(corpus or [], records, bool(include_hidden)) as data:
             if data.skipped_records:
                 err_console.print(f"[yellow]left out {data.skipped_records:,} bad records of the corpus")
             with progress_bar(err_console, "scoring", len(data) - 1) as advance:
@@ -809,6 +807,16 @@ def eval_(
             console.print(eval_table(report))
             if by_position:
                 console.print(by_position_table(report))
+
+
+def _eval_corpus(corpus: list[str], records, include_hidden: bool):
+    """The corpus that eval scores (a ByteCorpus), its record options checked before any file is unpacked
+    into the cache."""
+    from htcli.corpus import ByteCorpus, check_records_apply, resolve_corpus
+
+    files = resolve_corpus(corpus, include_hidden=include_hidden)
+    check_records_apply(files, records)
+    return ByteCorpus.open(corpus, records=records, files=files)
 
 
 # the bench options that time attention, which --decode (sampling speed) does not use

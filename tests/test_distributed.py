@@ -212,16 +212,22 @@ app(prog_name="htcli")
 def start_ranks(*args, program: tuple = ("-m", "htcli"), **variables) -> list[subprocess.Popen]:
     """Ranks 0 and 1 of `htcli train ARGS`, started by hand with the variables torchrun would set."""
     shared = dict(WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), **variables)
-    return [
-        subprocess.Popen(
-            [sys.executable, *program, "train", *map(str, args)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=environment(**shared, RANK=str(rank), LOCAL_RANK=str(rank)),
-        )
-        for rank in (0, 1)
-    ]
+    # SIGHUP at its default action in the ranks, as torchrun starts them, also where pytest runs with it
+    # ignored (under nohup): a signal the parent ignores stays ignored in the child
+    ours = signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    try:
+        return [
+            subprocess.Popen(
+                [sys.executable, *program, "train", *map(str, args)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=environment(**shared, RANK=str(rank), LOCAL_RANK=str(rank)),
+            )
+            for rank in (0, 1)
+        ]
+    finally:
+        signal.signal(signal.SIGHUP, ours)
 
 
 def wait_for_a_step(run, ranks: list[subprocess.Popen]) -> None:

@@ -60,6 +60,7 @@ def run_in_a_terminal(*args) -> tuple[int, int]:
     session): its process id and the terminal's other end, which the test reads and closes."""
     pid, terminal = pty.fork()
     if pid == 0:  # (the child: nothing of pytest's runs here)
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)  # (as a shell starts it; pytest may ignore it)
         os.execv(sys.executable, [sys.executable, "-m", "htcli", *map(str, args)])
     return pid, terminal
 
