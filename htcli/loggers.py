@@ -83,8 +83,9 @@ class TensorBoardLogger:
         where = out / TENSORBOARD_DIR
         if where.exists() and not where.is_dir():
             raise HtcliError(f"{where} is not a directory: TensorBoard's event files go there; move it away")
-        # on resume, events past the checkpoint (written before a crash) are dropped when read
-        self.writer = SummaryWriter(str(where), purge_step=step + 1 if step else None)
+        # events past the checkpoint (written before a crash; for a new run, by one that never saved) are
+        # dropped when read
+        self.writer = SummaryWriter(str(where), purge_step=step + 1)
 
     def __call__(self, record: dict) -> None:
         step, walltime = record.get("step"), record.get("time")
@@ -114,7 +115,7 @@ class WandbLogger:
         import wandb
 
         settings = wandb.Settings(console="off", silent=True, disable_git=True, save_code=False)
-        run_id = wandb_id(out)
+        run_id = wandb_id(out, new=step == 0)
         try:
             self.run = wandb.init(
                 project=os.environ.get("WANDB_PROJECT", WANDB_PROJECT), name=out.name, id=run_id,
@@ -139,10 +140,11 @@ class WandbLogger:
         self.run.finish()
 
 
-def wandb_id(out: Path) -> str:
-    """The W&B run id of the run directory: made once, kept in OUT/wandb-id."""
+def wandb_id(out: Path, *, new: bool = False) -> str:
+    """The W&B run id of the run directory: made once, kept in OUT/wandb-id; made again for a new run (one
+    that starts where a run that never saved left its id: its W&B run's steps would hide the new ones)."""
     path = out / WANDB_ID_FILE
-    if path.exists():
+    if path.exists() and not new:
         check_not_special(path)
         try:
             run_id = path.read_text().strip()

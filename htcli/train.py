@@ -324,14 +324,14 @@ class Run:
             ) from None
 
     def claim_directory(self) -> None:
-        """The run directory made and locked (rank 0); a resumed run's log loses the events a crash left
-        past its checkpoint (a damaged log stops the run before anything is written)."""
+        """The run directory made and locked (rank 0); the log loses the events a crash left past the
+        checkpoint resumed from (a new run: all those of a run that never saved; a damaged log stops the run
+        before anything is written)."""
         if self.main:
             with _writing(self.out):
                 self.out.mkdir(parents=True, exist_ok=True)
                 self.lock.acquire()
-                if self.resumed:
-                    trim_log(self.out / LOG_FILE, self.step)
+                trim_log(self.out / LOG_FILE, self.step)
 
     def write_config(self) -> None:
         """config.json (rank 0), in the claimed run directory."""

@@ -405,10 +405,10 @@ def test_wandb_settings_htcli_can_tell_are_wrong_say_so(corpus, tmp_path, monkey
         invoke("train", *flags), "WANDB_MODE='ofline' is not a W&B mode: set online, offline or"
     )
     monkeypatch.setenv("WANDB_MODE", "offline")
+    assert invoke("train", *flags).exit_code == 0
     (run / "wandb-id").write_text("\n")
-    assert_user_error(
-        invoke("train", *flags), f"{run / 'wandb-id'} holds no W&B run id (''): write the run's"
-    )
+    resumed = invoke("train", "--out", run, "--resume", "--steps", "3")
+    assert_user_error(resumed, f"{run / 'wandb-id'} holds no W&B run id (''): write the run's")
 
 
 def test_a_logger_that_cannot_start_is_one_line_and_leaves_the_run_as_it_was(corpus, tmp_path):

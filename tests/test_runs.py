@@ -55,6 +55,21 @@ def test_sigterm_saves_and_exits_75(corpus, tmp_path):
     assert f"resuming at step {step}" in resumed.stderr
 
 
+def test_a_new_run_where_a_killed_one_never_saved_logs_each_step_once(corpus, tmp_path):
+    """A run killed before its first save leaves its steps in log.jsonl; the new run started there logged
+    after them, so that its curves mixed the two runs (plot showed the dead run's last step)."""
+    out = tmp_path / "run"
+    process = start("train", corpus, "--out", out, *LONG_RUN)
+    wait_for_a_step(out, process)
+    time.sleep(0.5)
+    process.kill()
+    process.communicate()
+    assert len(events(out, "step")) > 3 and not (out / "state.json").exists()
+    started = invoke("train", corpus, "--out", out, *TINY_FLAGS, "--steps", 3)
+    assert started.exit_code == 0, started.output
+    assert [event["step"] for event in events(out, "step")] == [1, 2, 3]
+
+
 def run_in_a_terminal(*args) -> tuple[int, int]:
     """`htcli ARGS` as a real process whose controlling terminal is a new pseudo-terminal (as in an ssh
     session): its process id and the terminal's other end, which the test reads and closes."""
