@@ -53,7 +53,17 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
+
+
+class _Stdout(Console):
+    """stdout's console: a pipe closed early (`| head`) is an OSError the commands handle (rich's own answer,
+    SystemExit(1) at once, lost a stopped run's exit code 75 and its line on how to continue)."""
+
+    def on_broken_pipe(self) -> None:
+        raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
+
+
+console = _Stdout()
 err_console = Console(stderr=True)
 
 

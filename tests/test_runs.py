@@ -159,22 +159,34 @@ def test_a_run_that_ignores_sighup_goes_on(corpus, tmp_path):
     assert events(out, "interrupt")[0]["signal"] == "SIGTERM"
 
 
-@pytest.mark.parametrize("buffered", [True, False])
-def test_a_stopped_run_whose_output_fails_keeps_its_exit_code(corpus, tmp_path, buffered):
-    """SIGTERM stops and saves a run whose stdout is a full disk: the summary cannot be written, one line
-    says so, and the exit code stays 75 (it was 1: a scheduler would not have requeued the run)."""
+@pytest.mark.parametrize(
+    "output,buffered,said",
+    [
+        ("full disk", True, "No space left on device"),
+        ("full disk", False, "No space left on device"),
+        ("closed pipe", True, "Broken pipe"),  # (`htcli train ... | head`: rich exited 1 without a word)
+    ],
+)
+def test_a_stopped_run_whose_output_fails_keeps_its_exit_code(corpus, tmp_path, output, buffered, said):
+    """SIGTERM stops and saves a run whose stdout is a full disk or a pipe nobody reads any more: the
+    summary cannot be written, one line says so, and the exit code stays 75 (it was 1: a scheduler would
+    not have requeued the run)."""
     out = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if not (buffered and k == "PYTHONUNBUFFERED")}
+    command = [sys.executable, "-m", "htcli", "train", corpus, "--out", out, *LONG_RUN]
     with open("/dev/full", "w") as full:
-        command = [sys.executable, "-m", "htcli", "train", corpus, "--out", out, *LONG_RUN]
+        stdout = full if output == "full disk" else subprocess.PIPE
         process = subprocess.Popen(
-            list(map(str, command)), stdout=full, stderr=subprocess.PIPE, text=True, env=env
+            list(map(str, command)), stdout=stdout, stderr=subprocess.PIPE, text=True, env=env
         )
+    if output == "closed pipe":
+        process.stdout.close()
     wait_for_a_step(out, process)
     process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=60)
+    stderr = process.stderr.read()
+    process.wait(timeout=60)
     assert process.returncode == 75, stderr
-    assert "error: cannot write the output: No space left on device" in stderr and "Traceback" not in stderr
+    assert f"error: cannot write the output: {said}" in stderr and "Traceback" not in stderr
     assert "by SIGTERM; continue with: htcli train --resume" in stderr
     assert json.loads((out / "state.json").read_text())["step"] == events(out, "interrupt")[0]["step"]
 
