@@ -556,10 +556,11 @@ def _with_config_file(options: dict, path: Path | None) -> tuple[dict, set[str]]
     names of those that come from the file."""
     if path is None:
         return options, set()
+    from htcli.config import without_derived
     from htcli.config_file import read_options
 
-    from_file = read_options(path, _file_key)
     given = {k: v for k, v in options.items() if v is not None and v != []}
+    from_file = without_derived(read_options(path, _file_key), given)
     return {**from_file, **given}, set(from_file) - set(given)
 
 

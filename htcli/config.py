@@ -193,6 +193,20 @@ class TrainConfig:
             raise HtcliError(f"not an htcli training config: {error}") from None
 
 
+def without_derived(saved: dict, given: dict) -> dict:
+    """saved options (a run's config.json, a config file) without the values that were derived from an
+    option that given changes, so that they are derived again: the learning rate an optimizer defaults to
+    where given picks another optimizer, min_lr (lr / 10) where lr changes. Values set by hand stay."""
+    saved = dict(saved)
+    optimizer, lr = saved.get("optimizer"), saved.get("lr")
+    if "optimizer" in given and given["optimizer"] != optimizer and lr == DEFAULT_LR.get(optimizer):
+        del saved["lr"]
+    changed = "lr" not in saved or ("lr" in given and given["lr"] != lr)
+    if changed and "min_lr" not in given and isinstance(lr, int | float) and saved.get("min_lr") == lr / 10:
+        del saved["min_lr"]
+    return saved
+
+
 def train_default(name: str) -> object:
     """The default of one TrainConfig field (for help texts)."""
     spec = TrainConfig.__dataclass_fields__[name]
@@ -233,7 +247,7 @@ def config_from_options(
     if not resume:
         base_model = model_config(preset or DEFAULT_PRESET, **model)
         return TrainConfig(**{"corpus": [], **given, "out": out, "model": base_model})
-    saved = saved_config(Path(out))
+    saved = without_derived(saved_config(Path(out)), given)
     if given.get("optimizer", saved["optimizer"]) != saved["optimizer"]:
         raise HtcliError(
             f"cannot resume a run trained with {saved['optimizer']} with optimizer {given['optimizer']}: "

@@ -230,6 +230,25 @@ def test_one_option_given_twice_with_one_value_is_taken(corpus, tmp_path):
     assert "seq-len = 128" in resolved("--config", path, "--out", tmp_path / "x")
 
 
+def test_values_derived_from_a_changed_option_are_derived_again(corpus, tmp_path):
+    """min_lr (lr / 10) and an optimizer's default lr were saved in config.json as if given: a resume with
+    another --lr was refused (min_lr above it), a run's config.json with another --optimizer kept the old
+    one's lr. Values given by hand stay."""
+    run = tmp_path / "run"
+    assert invoke("train", corpus, *TINY_FLAGS, "--steps", "2", "--out", run).exit_code == 0
+    text = resolved("--resume", "--out", run, "--steps", "4", "--lr", "1e-4")
+    assert "lr = 0.0001\n" in text and "min-lr = 1e-05\n" in text
+    text = resolved("--config", run / "config.json", "--out", tmp_path / "other", "--optimizer", "adamw")
+    assert 'optimizer = "adamw"' in text and "lr = 0.003\n" in text
+    text = resolved("--resume", "--out", run, "--steps", "4")
+    assert "lr = 0.006\n" in text and "min-lr = 0.0006000000000000001\n" in text  # (unchanged: as saved)
+    kept = tmp_path / "kept"
+    assert (
+        invoke("train", corpus, *TINY_FLAGS, "--steps", "2", "--out", kept, "--min-lr", "1e-5").exit_code == 0
+    )
+    assert "min-lr = 1e-05\n" in resolved("--resume", "--out", kept, "--steps", "4", "--lr", "1e-3")
+
+
 def test_resume_takes_the_saved_config_then_the_file_then_flags(corpus, tmp_path):
     run = tmp_path / "run"
     assert invoke("train", corpus, *TINY_FLAGS, "--steps", "2", "--out", run).exit_code == 0
