@@ -103,6 +103,7 @@ def test_runs_inside_a_corpus_directory_are_not_corpus(tmp_path):
         "config.json", "log.jsonl", "model.safetensors", "optimizer.safetensors", "state.json"
     ]  # fmt: skip
     assert resolve_corpus([data]) == [text]
+    assert resolve_corpus([data / "**"]) == [text]  # (a glob read run1's files too, as text to train on)
     assert resolve_corpus([data / "run1"]) == run_files
     (data / "run1" / ".lock").unlink()  # a directory with a config.json alone is not a run's
     assert resolve_corpus([data]) == [*run_files, text]
@@ -181,8 +182,9 @@ def test_the_run_directory_is_never_corpus(tmp_path):
     train(config)
     files = resolve_corpus([root], exclude=[root / "run"])
     assert files == [root / "a.txt"]
-    with pytest.raises(HtcliError, match="is in the run directory"):
-        resolve_corpus([root / "run"], exclude=[root / "run"])
+    for inside in (root / "run", root / "run" / "state.json"):  # (a file: the run read what it wrote)
+        with pytest.raises(HtcliError, match="is in the run directory"):
+            resolve_corpus([inside], exclude=[root / "run"])
     result = invoke("train", "--out", root / "run", "--resume", "--steps", 3)
     assert result.exit_code == 0, result.output
     start = [json.loads(line) for line in (root / "run" / "log.jsonl").read_text().splitlines()][-1]

@@ -76,11 +76,11 @@ def _name_once(found: list[Path], spec: str, named: dict[tuple, str]) -> None:
 
 def _files_of(spec: str | os.PathLike, include_hidden: bool, excluded: list[Path]) -> list[Path]:
     path = Path(spec).expanduser()
+    if path.exists() and _under_any(path, excluded):  # (a file too: the run would read what it writes)
+        raise HtcliError(
+            f"{spec} is in the run directory (out), which is never corpus: name another", fields=("out",)
+        )
     if path.is_dir():
-        if _under_any(path, excluded):
-            raise HtcliError(
-                f"{spec} is in the run directory (out), which is never corpus: name another", fields=("out",)
-            )
         found = sorted(_walk(path, include_hidden, excluded))
         if not found:
             hidden = "" if include_hidden else " (hidden ones aside: include_hidden reads them)"
@@ -113,9 +113,10 @@ def _fixed_prefix(pattern: Path) -> Path:
 
 def _glob(pattern: Path, include_hidden: bool) -> Iterable[Path]:
     """The regular files (or links to them) that pattern matches: `*`, `?`, `[...]` within a name, `**`
-    any number of directories. The wildcards go through no link to a directory, as a directory's walk
-    does not (Python's glob follows them under `**`: a link to a parent repeats the tree dozens of
-    times, two such links exponentially many), and match hidden names only with include_hidden."""
+    any number of directories; never in a run directory below the pattern's fixed part. The wildcards go
+    through no link to a directory, as a directory's walk does not (Python's glob follows them under `**`:
+    a link to a parent repeats the tree dozens of times, two such links exponentially many), and match
+    hidden names only with include_hidden."""
     prefix = _fixed_prefix(pattern)
     wild = pattern.parts[len(prefix.parts) :]
     root = str(prefix) if prefix.parts else os.curdir
@@ -126,6 +127,8 @@ def _glob(pattern: Path, include_hidden: bool) -> Iterable[Path]:
         where = Path(directory).relative_to(root).parts
         if deepest is not None and len(where) >= deepest:
             subdirectories[:] = []
+        # (no run directory below the pattern's fixed part, as a directory's walk: its weights and log)
+        subdirectories[:] = [name for name in subdirectories if not is_run_directory(Path(directory, name))]
         for name in names:
             if _matches((*where, name), wild, include_hidden):
                 match = prefix.joinpath(*where, name)
