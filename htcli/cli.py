@@ -506,16 +506,17 @@ def _train(options: dict, resume: str | None, config_file: Path | None, print_co
         resume_as = _resume_as(resume)
         if options.get("val") and options.get("val_fraction") is not None:  # (a config file's is overridden)
             raise HtcliError("--val and --val-fraction both choose the held-out bytes: give one of them")
+        given = {name for name, value in options.items() if value is not None and value != []}
         options, from_file = _with_config_file(options, config_file)
         try:
-            _train_with(options, resume_as, print_config)
+            _train_with(options, resume_as, print_config, given)
         except HtcliError as error:
             raise _in_file(error, from_file, config_file) from None
 
 
-def _train_with(options: dict, resume: bool | str, print_config: bool) -> None:
-    """train with these options (the command line's over the config file's): its config printed, or the
-    run, its summary and the exit code of a stop that saved."""
+def _train_with(options: dict, resume: bool | str, print_config: bool, given: set[str]) -> None:
+    """train with these options (the command line's, named in given, over the config file's): its config
+    printed, or the run, its summary and the exit code of a stop that saved."""
     from htcli.config import config_from_options
     from htcli.display import TrainDisplay, train_summary
     from htcli.distributed import process_group
@@ -525,6 +526,7 @@ def _train_with(options: dict, resume: bool | str, print_config: bool) -> None:
         options.pop("corpus", None) or [], out=_given(options.pop("out", None), DEFAULT_OUT),
         resume=resume, preset=options.pop("preset", None), **options,
     )  # fmt: skip
+    _check_schedule(config, given)
     if print_config:
         from htcli.config_file import write_toml
         from htcli.rundir import check_resumable
@@ -545,6 +547,22 @@ def _train_with(options: dict, resume: bool | str, print_config: bool) -> None:
         _how_to_continue(result, launch.world_size)
     if code:
         raise typer.Exit(code)
+
+
+def _check_schedule(config, given: set[str]) -> None:
+    """A context warm-up length given on the command line with the warm-up off is refused (it would be
+    ignored); a learning-rate warm-up as long as the run gets a warning (lr never reaches its peak)."""
+    if "context_warmup_start" in given and not config.context_warmup:
+        raise HtcliError(
+            "--context-warmup-start is the window length of the context warm-up, which is off "
+            f"(--context-warmup {config.context_warmup}): give --context-warmup too, or leave it out"
+        )
+    if 0 < config.steps <= config.warmup:
+        err_console.print(
+            f"[yellow]warning: --warmup ({config.warmup}) is not below --steps ({config.steps}): the learning"
+            " rate rises for the whole run and never reaches --lr; give a --warmup below --steps",
+            soft_wrap=True,
+        )
 
 
 def _given(value, default):

@@ -408,6 +408,10 @@ def test_impossible_options(run_copy, flags, message):
         ),
         (["--text-field", "body"], "--text-field concerns the records of JSONL and Parquet files, and the"),
         (["--skip-bad-records", "--val", "VAL"], "--skip-bad-records concerns the records of JSONL and"),
+        (
+            ["--context-warmup-start", "16"],
+            "--context-warmup-start is the window length of the context warm-up,",
+        ),
     ],
 )
 def test_impossible_new_runs(corpus, tmp_path, flags, message):
@@ -830,6 +834,17 @@ def test_environment_variables_checked_before_any_work(tmp_path, monkeypatch, va
     result = invoke("sample", tmp_path / "no-run", "--prompt", "def ")
     assert_user_error(result, message)
     assert result.stdout == ""
+
+
+def test_a_warmup_as_long_as_the_run_is_warned_of(corpus, tmp_path):
+    """--warmup at or above --steps: the learning rate never reaches --lr (it rose for the whole run without
+    a word); a warning says so, and the run trains."""
+    result = invoke("train", corpus, *TINY_FLAGS, "--out", tmp_path / "run", "--steps", 2, "--warmup", 5)
+    assert result.exit_code == 0, result.output
+    assert (
+        "warning: --warmup (5) is not below --steps (2): the learning rate rises for the whole"
+        in result.stderr
+    )
 
 
 def test_eval_refuses_record_options_for_plain_text(run_copy, tmp_path, monkeypatch):
