@@ -991,9 +991,11 @@ def _bench_decode(preset: str, device: str, dtype: str, json_output: bool) -> No
     from htcli.bench import DECODE_CONTEXTS, decode_bench
     from htcli.device import PRECISIONS, check_choice, resolve_device, resolve_dtype
     from htcli.display import cache_table, decode_table
+    from htcli.presets import model_config
 
     check_choice("dtype", dtype, PRECISIONS)
     resolve_dtype(dtype, resolve_device(device))  # (before the header: fp16 needs a CUDA GPU)
+    model_config(preset)  # (before the header: an unknown preset)
     err_console.print(f"decode bench: {preset} preset, random weights, greedy, {dtype} ...")
     with err_console.status("measuring", spinner="dots"):
         result = decode_bench(preset, device_name=device, dtype_name=dtype, contexts=DECODE_CONTEXTS)

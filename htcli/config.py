@@ -135,8 +135,9 @@ class TrainConfig:
             raise HtcliError(
                 f"min_lr must be between 0 and lr ({self.lr}), got {self.min_lr}", fields=("min_lr", "lr")
             )
-        if self.weight_decay < 0 or self.clip < 0:
-            raise HtcliError("weight_decay and clip must be >= 0", fields=("weight_decay", "clip"))
+        for name in ("weight_decay", "clip"):
+            if getattr(self, name) < 0:
+                raise HtcliError(f"{name} must be >= 0, got {getattr(self, name)}", fields=(name,))
         if not 0 <= self.context_warmup <= 1:
             raise HtcliError(
                 f"context_warmup must be a fraction of the steps, 0 to 1, got {self.context_warmup}",

@@ -182,7 +182,8 @@ def _checked(path: Path, key: str, value: object, annotation: str) -> object:
             return [value]
         if isinstance(value, list) and all(isinstance(item, str) for item in value):
             return value
-        raise HtcliError(f"{path}: {key} must be a path or a list of paths, got {value!r}")
+        what = "a name or a list of names" if key in ("logger", "loggers") else "a path or a list of paths"
+        raise HtcliError(f"{path}: {key} must be {what}, got {value!r}")
     if value is None and "None" in annotation:
         return None
     fits = {

@@ -32,6 +32,8 @@ def check_plot_path(path: Path, option: str) -> None:
     """path can take a figure: a file (not a directory) in an existing, writable directory, with an
     extension matplotlib writes (its format: .png, .pdf, .svg, ...)."""
     plt = pyplot()
+    if not str(path) or str(path) == ".":  # (an empty name: Path("") is the current directory)
+        raise HtcliError(f"{option} is empty: give a file name, e.g. plot.png")
     if path.is_dir():
         raise HtcliError(f"{option} {path} is a directory: give a file name, e.g. {path / 'plot.png'}")
     folder = path.parent

@@ -147,6 +147,11 @@ def test_bench_decode_names_the_presets_whose_context_fits():
     result = CliRunner().invoke(app, ["bench", "--decode", "--preset", "tiny", "--device", "cpu"])
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert "(8192) exceed the context of --preset tiny (256): use --preset small or base" in result.stderr
+    unknown = CliRunner().invoke(app, ["bench", "--decode", "--preset", "huge", "--device", "cpu"])
+    assert (
+        unknown.exit_code == 1
+        and unknown.stderr == "error: unknown --preset 'huge': use one of tiny, small, base\n"
+    )
 
 
 @pytest.mark.parametrize(

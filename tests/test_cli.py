@@ -412,6 +412,11 @@ def test_impossible_options(run_copy, flags, message):
             ["--context-warmup-start", "16"],
             "--context-warmup-start is the window length of the context warm-up,",
         ),
+        (
+            ["--dim-head", "5"],
+            "the rotary-position embedding needs an even --dim-head, got 5",
+        ),  # (said --rotary)
+        (["--clip", "-1"], "--clip must be >= 0, got -1.0"),  # (named --weight-decay too)
     ],
 )
 def test_impossible_new_runs(corpus, tmp_path, flags, message):
@@ -776,6 +781,7 @@ def test_eval_by_position(trained, tmp_path):
         (tmp_path / "no" / "p.png", f"the directory {tmp_path / 'no'} does not exist"),
         (tmp_path / "p.xyz", "give a file name ending in .png, .pdf or .svg"),
         (tmp_path / "p", "give a file name ending in .png"),
+        ("", "--plot is empty: give a file name, e.g. plot.png"),  # (said "--plot . is a directory")
     ]:
         assert_user_error(invoke("eval", run, held_out, "--by-position", "--plot", path), message)
     assert_user_error(

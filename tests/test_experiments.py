@@ -110,6 +110,8 @@ def test_flags_override_the_file_and_the_file_overrides_defaults(corpus, tmp_pat
             "exp.toml: steps must be a positive integer up to 2**53, got 9223372036854775808",
         ),
         ('logger = ["mlflow"]', "exp.toml: unknown logger 'mlflow': use one of tensorboard, wandb"),
+        ("logger = [1, 2]", "exp.toml: logger must be a name or a list of names, got [1, 2]"),
+        ("clip = -1", "exp.toml: clip must be >= 0, got -1"),
         (
             "seq-len = 64\nblock-size = 12",
             "exp.toml: impossible model options: seq-len (64) must be a multiple of",
