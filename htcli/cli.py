@@ -928,6 +928,8 @@ def _check_bench_options(
     """Options of the attention bench that contradict one another."""
     if model and (given := _given_options(ctx, ("heads", "dim_head", "block_size"))):
         raise HtcliError(f"--model times the preset's model (--preset {preset}): drop {given}")
+    if not model and _given_options(ctx, ("preset",)):
+        raise HtcliError("--preset chooses the model of --model and --decode: add one of them, or drop it")
     if both and causal is not None:
         raise HtcliError("--both measures both modes: give it or --causal/--non-causal, not both")
 

@@ -147,6 +147,8 @@ def test_bench_decode_names_the_presets_whose_context_fits():
     result = CliRunner().invoke(app, ["bench", "--decode", "--preset", "tiny", "--device", "cpu"])
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert "(8192) exceed the context of --preset tiny (256): use --preset small or base" in result.stderr
+    alone = CliRunner().invoke(app, ["bench", "--preset", "tiny", "--seq-len", "16", "--device", "cpu"])
+    assert alone.exit_code == 1 and "--preset chooses the model of --model and --decode" in alone.stderr
     unknown = CliRunner().invoke(app, ["bench", "--decode", "--preset", "huge", "--device", "cpu"])
     assert (
         unknown.exit_code == 1
@@ -172,7 +174,7 @@ def test_bench_decode_names_the_presets_whose_context_fits():
         (["--block-size", "1048576"], "--block-size (1048576) is longer than every length"),  # (hung)
         (["--seq-len", "99999999999999999999999"], "--seq-len needs lengths from 1 to 16,777,216"),
         (["--heads", "99999999999999999999"], "--heads must be 1 to 1,048,576"),
-        (["--preset", "nosuch"], "unknown --preset 'nosuch'"),
+        (["--model", "--preset", "nosuch"], "unknown --preset 'nosuch'"),
         (["--decode", "--dtype", "fp64"], "unknown --dtype 'fp64'"),  # (was a KeyError traceback)
         (["--model", "--preset", "tiny", "--seq-len", "256", "--dtype", "fp16"], "--dtype fp16 needs a CUDA"),
         (["--dtype", "fp16"], "--dtype fp16 needs a CUDA GPU (device is cpu)"),  # (ran; sample, eval refused)
