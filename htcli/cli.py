@@ -551,17 +551,11 @@ def _train_with(options: dict, resume: bool | str, print_config: bool, given: se
 
 def _check_schedule(config, given: set[str]) -> None:
     """A context warm-up length given on the command line with the warm-up off is refused (it would be
-    ignored); a learning-rate warm-up as long as the run gets a warning (lr never reaches its peak)."""
+    ignored)."""
     if "context_warmup_start" in given and not config.context_warmup:
         raise HtcliError(
             "--context-warmup-start is the window length of the context warm-up, which is off "
             f"(--context-warmup {config.context_warmup}): give --context-warmup too, or leave it out"
-        )
-    if 0 < config.steps <= config.warmup:
-        err_console.print(
-            f"[yellow]warning: --warmup ({config.warmup}) is not below --steps ({config.steps}): the learning"
-            " rate rises for the whole run and never reaches --lr; give a --warmup below --steps",
-            soft_wrap=True,
         )
 
 

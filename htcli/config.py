@@ -200,9 +200,10 @@ def without_derived(saved: dict, given: dict) -> dict:
     where given picks another optimizer, min_lr (lr / 10) where lr changes. Values set by hand stay."""
     saved = dict(saved)
     optimizer, lr = saved.get("optimizer"), saved.get("lr")
-    if "optimizer" in given and given["optimizer"] != optimizer and lr == DEFAULT_LR.get(optimizer):
+    default = DEFAULT_LR.get(optimizer)
+    if "optimizer" in given and given["optimizer"] != optimizer and lr is not None and lr == default:
         del saved["lr"]
-    changed = "lr" not in saved or ("lr" in given and given["lr"] != lr)
+    changed = (lr is not None and "lr" not in saved) or ("lr" in given and given["lr"] != lr)
     if changed and "min_lr" not in given and isinstance(lr, int | float) and saved.get("min_lr") == lr / 10:
         del saved["min_lr"]
     return saved

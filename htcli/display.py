@@ -98,6 +98,13 @@ class TrainDisplay:
                 )
             if event.get("skipped_records"):
                 self.console.print(f"[yellow]left out {event['skipped_records']:,} bad records of the corpus")
+            warmup, steps = event.get("warmup", 0), event["steps"]
+            if 0 < steps <= warmup:
+                self.console.print(
+                    f"[yellow]warning: --warmup ({warmup}) is not below --steps ({steps}): the learning rate"
+                    " rises for the whole run, without its decay to --min-lr; give a --warmup below --steps",
+                    soft_wrap=True,
+                )
             if event.get("world_size", 1) > 1:
                 ranks, batch, accum = event["world_size"], event["batch_size"], event["grad_accum"]
                 self.console.print(

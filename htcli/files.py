@@ -23,6 +23,11 @@ MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "state.json"
 CHECKPOINT_FILES = (MODEL_FILE, OPTIMIZER_FILE, STATE_FILE)
+TENSORBOARD_DIR = "tensorboard"  # event files, under the run directory
+WANDB_DIR = "wandb"  # W&B's own files, which it makes under the run directory (its dir)
+WANDB_ID_FILE = "wandb-id"  # the W&B run id of a run directory, so that a resume continues that run
+# what a run writes in its directory (and the pending files of a save)
+RUN_ENTRIES = (*CHECKPOINT_FILES, CONFIG_FILE, LOG_FILE, LOCK_FILE, TENSORBOARD_DIR, WANDB_DIR, WANDB_ID_FILE)
 
 
 def is_run_directory(path: Path) -> bool:
@@ -32,6 +37,15 @@ def is_run_directory(path: Path) -> bool:
         return all((path / name).is_file() for name in (LOCK_FILE, CONFIG_FILE, LOG_FILE))
     except OSError:
         return False
+
+
+def written_by_the_run(path: Path, out: Path) -> bool:
+    """Whether path (resolved) is a file that the run in out (resolved) writes, or in a folder it writes."""
+    try:
+        first = path.relative_to(out).parts[0]
+    except (ValueError, IndexError):
+        return False
+    return first in RUN_ENTRIES or (first.startswith(".") and first.endswith(".pending"))
 
 
 def pending_file(out: Path, name: str) -> Path:

@@ -16,11 +16,8 @@ import secrets
 from pathlib import Path
 
 from htcli.errors import HtcliError
-from htcli.files import atomic_file, check_not_special
+from htcli.files import TENSORBOARD_DIR, WANDB_ID_FILE, atomic_file, check_not_special
 
-TENSORBOARD_DIR = "tensorboard"  # event files, under the run directory
-WANDB_DIR = "wandb"  # W&B's own files, which it makes under the run directory (its dir)
-WANDB_ID_FILE = "wandb-id"  # the W&B run id of a run directory, so that a resume continues that run
 WANDB_PROJECT = "htcli"  # the W&B project unless WANDB_PROJECT says otherwise
 INSTALL = {
     "tensorboard": ("tensorboard", "pip install 'htcli[tensorboard]' (or pip install tensorboard)"),
@@ -55,14 +52,14 @@ def scalars(record: dict) -> dict[str, float]:
     return {tag: record[key] for key, tag in tags.items() if isinstance(record.get(key), int | float)}
 
 
-def open_loggers(names: list[str], out: Path, config: dict, step: int) -> list:
+def open_loggers(names: list[str], out: Path, config: dict, step: int, *, resumed: bool = True) -> list:
     """The loggers named, writing into (or next to) the run directory out; step is the step the run
-    starts from (0 for a new run)."""
+    starts from (0 for a new run); resumed: whether it continues a checkpoint."""
     makers = {"tensorboard": TensorBoardLogger, "wandb": WandbLogger}
     loggers = []
     try:
         for name in names:
-            loggers.append(makers[name](out, config, step))
+            loggers.append(makers[name](out, config, step, resumed=resumed))
     except BaseException:
         close_loggers(loggers)
         raise
@@ -77,7 +74,7 @@ def close_loggers(loggers: list) -> None:
 class TensorBoardLogger:
     """Event files in OUT/tensorboard: `tensorboard --logdir OUT` (or a folder of runs) shows them."""
 
-    def __init__(self, out: Path, config: dict, step: int):
+    def __init__(self, out: Path, config: dict, step: int, *, resumed: bool = True):
         from torch.utils.tensorboard import SummaryWriter
 
         where = out / TENSORBOARD_DIR
@@ -105,7 +102,7 @@ class WandbLogger:
     """A W&B run (project WANDB_PROJECT, default htcli; named after the run directory; files in
     OUT/wandb). WANDB_MODE=offline keeps it on disk for `wandb sync`."""
 
-    def __init__(self, out: Path, config: dict, step: int):
+    def __init__(self, out: Path, config: dict, step: int, *, resumed: bool = True):
         mode = os.environ.get("WANDB_MODE")
         if mode and mode not in WANDB_MODES:  # (W&B's error advised logging in)
             raise HtcliError(
@@ -115,7 +112,7 @@ class WandbLogger:
         import wandb
 
         settings = wandb.Settings(console="off", silent=True, disable_git=True, save_code=False)
-        run_id = wandb_id(out, new=step == 0)
+        run_id = wandb_id(out, new=not resumed)
         try:
             self.run = wandb.init(
                 project=os.environ.get("WANDB_PROJECT", WANDB_PROJECT), name=out.name, id=run_id,

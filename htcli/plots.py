@@ -33,7 +33,7 @@ def check_plot_path(path: Path, option: str) -> None:
     extension matplotlib writes (its format: .png, .pdf, .svg, ...)."""
     plt = pyplot()
     if not str(path) or str(path) == ".":  # (an empty name: Path("") is the current directory)
-        raise HtcliError(f"{option} is empty: give a file name, e.g. plot.png")
+        raise HtcliError(f"{option} names no file: give a file name, e.g. plot.png")
     if path.is_dir():
         raise HtcliError(f"{option} {path} is a directory: give a file name, e.g. {path / 'plot.png'}")
     folder = path.parent

@@ -21,13 +21,14 @@ from htcli.files import (
     CONFIG_FILE,
     LOG_FILE,
     MODEL_FILE,
+    TENSORBOARD_DIR,
+    WANDB_DIR,
     check_complete_checkpoint,
     check_out_path,
     checkpoint_file,
     has_checkpoint,
     no_checkpoint,
 )
-from htcli.loggers import TENSORBOARD_DIR, WANDB_DIR
 from htcli.runlock import RunLock
 from htcli.runlog import parse_event
 

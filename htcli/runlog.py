@@ -72,11 +72,11 @@ class RunLog:
                     self.file.close()
 
 
-def trim_log(path: Path, step: int) -> None:
-    """Before a resume from `step`: drop the metric events of later steps, which a crash left and the
-    resumed run redoes, so that each step is logged once. A last line that a crash cut short is
-    dropped too; any other line that is not an event (not UTF-8, not a JSON object) is an error, and
-    the file is left as it was."""
+def trim_log(path: Path, step: int, *, then: str = "resume") -> None:
+    """Before a resume from `step` (0: a new run): drop the metric events of later steps, which a crash left
+    and the run redoes, so that each step is logged once. A last line that a crash cut short is dropped
+    too; any other line that is not an event (not UTF-8, not a JSON object) is an error (then: what it says
+    to do after the repair), and the file is left as it was."""
     if not path.exists():
         return
     check_not_special(path)
@@ -91,7 +91,7 @@ def trim_log(path: Path, step: int) -> None:
         if record is None:
             raise HtcliError(
                 f"{path} line {number} is not an htcli event (not a JSON object in UTF-8): repair or "
-                "move the file, then resume"
+                f"move the file, then {then}"
             )
         events.append(record)
     if parse_event(last) is not None:

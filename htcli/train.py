@@ -143,7 +143,9 @@ def _start_writing(run: Run) -> list:
         try:
             run.claim_directory()
             if run.main:
-                loggers = open_loggers(run.config.loggers, run.out, run.config.to_dict(), run.step)
+                loggers = open_loggers(
+                    run.config.loggers, run.out, run.config.to_dict(), run.step, resumed=run.resumed
+                )
             run.write_config()
         except HtcliError as error:
             if not distributed.is_distributed():
@@ -331,7 +333,7 @@ class Run:
             with _writing(self.out):
                 self.out.mkdir(parents=True, exist_ok=True)
                 self.lock.acquire()
-                trim_log(self.out / LOG_FILE, self.step)
+                trim_log(self.out / LOG_FILE, self.step, then="resume" if self.resumed else "run again")
 
     def write_config(self) -> None:
         """config.json (rank 0), in the claimed run directory."""
@@ -347,7 +349,7 @@ class Run:
             val_bytes=len(self.val_data), skipped_records=sum(c.skipped_records for c in self.corpora),
             tokens_per_step=config.tokens_per_step * self.world_size,
             world_size=self.world_size, batch_size=config.batch_size, grad_accum=config.grad_accum,
-            seq_len=config.model.max_seq_len, corpus_was=self.corpus_was,
+            seq_len=config.model.max_seq_len, corpus_was=self.corpus_was, warmup=config.warmup,
         )  # fmt: skip
 
     def train_step(self, log: RunLog) -> float:

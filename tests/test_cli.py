@@ -781,7 +781,7 @@ def test_eval_by_position(trained, tmp_path):
         (tmp_path / "no" / "p.png", f"the directory {tmp_path / 'no'} does not exist"),
         (tmp_path / "p.xyz", "give a file name ending in .png, .pdf or .svg"),
         (tmp_path / "p", "give a file name ending in .png"),
-        ("", "--plot is empty: give a file name, e.g. plot.png"),  # (said "--plot . is a directory")
+        ("", "--plot names no file: give a file name, e.g. plot.png"),  # (said "--plot . is a directory")
     ]:
         assert_user_error(invoke("eval", run, held_out, "--by-position", "--plot", path), message)
     assert_user_error(
@@ -843,14 +843,18 @@ def test_environment_variables_checked_before_any_work(tmp_path, monkeypatch, va
 
 
 def test_a_warmup_as_long_as_the_run_is_warned_of(corpus, tmp_path):
-    """--warmup at or above --steps: the learning rate never reaches --lr (it rose for the whole run without
-    a word); a warning says so, and the run trains."""
+    """--warmup at or above --steps: the learning rate rises for the whole run, never decaying (it did so
+    without a word); a warning says so once the run starts (an error in the inputs prints alone), and the
+    run trains."""
     result = invoke("train", corpus, *TINY_FLAGS, "--out", tmp_path / "run", "--steps", 2, "--warmup", 5)
     assert result.exit_code == 0, result.output
-    assert (
-        "warning: --warmup (5) is not below --steps (2): the learning rate rises for the whole"
-        in result.stderr
+    assert "warning: --warmup (5) is not below --steps (2): the learning rate rises for the whole run" in (
+        result.stderr
     )
+    missing = invoke(
+        "train", tmp_path / "none.txt", *TINY_FLAGS, "--out", tmp_path / "r2", "--steps", 2, "--warmup", 5
+    )
+    assert_user_error(missing, "does not exist")
 
 
 def test_eval_refuses_record_options_for_plain_text(run_copy, tmp_path, monkeypatch):

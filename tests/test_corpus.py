@@ -185,6 +185,9 @@ def test_the_run_directory_is_never_corpus(tmp_path):
     for inside in (root / "run", root / "run" / "state.json"):  # (a file: the run read what it wrote)
         with pytest.raises(HtcliError, match="is in the run directory"):
             resolve_corpus([inside], exclude=[root / "run"])
+    mine = write(root / "run" / "notes.txt", b"mine")  # (a corpus file that lies in the run, `--out .`: read)
+    assert resolve_corpus([mine], exclude=[root / "run"]) == [mine]
+    mine.unlink()
     result = invoke("train", "--out", root / "run", "--resume", "--steps", 3)
     assert result.exit_code == 0, result.output
     start = [json.loads(line) for line in (root / "run" / "log.jsonl").read_text().splitlines()][-1]

@@ -244,6 +244,11 @@ def test_values_derived_from_a_changed_option_are_derived_again(corpus, tmp_path
     assert 'optimizer = "adamw"' in text and "lr = 0.003\n" in text
     text = resolved("--resume", "--out", run, "--steps", "4")
     assert "lr = 0.006\n" in text and "min-lr = 0.0006000000000000001\n" in text  # (unchanged: as saved)
+    small = tmp_path / "small.toml"  # (no lr, no optimizer: a KeyError traceback once)
+    small.write_text("steps = 20\n")
+    assert "lr = 0.003\n" in resolved(
+        corpus, "--config", small, "--out", tmp_path / "s", "--optimizer", "adamw"
+    )
     kept = tmp_path / "kept"
     assert (
         invoke("train", corpus, *TINY_FLAGS, "--steps", "2", "--out", kept, "--min-lr", "1e-5").exit_code == 0

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from htcli.errors import HtcliError
-from htcli.files import is_run_directory
+from htcli.files import is_run_directory, written_by_the_run
 
 GLOB_CHARACTERS = "*?["
 
@@ -76,7 +76,7 @@ def _name_once(found: list[Path], spec: str, named: dict[tuple, str]) -> None:
 
 def _files_of(spec: str | os.PathLike, include_hidden: bool, excluded: list[Path]) -> list[Path]:
     path = Path(spec).expanduser()
-    if path.exists() and _under_any(path, excluded):  # (a file too: the run would read what it writes)
+    if path.is_dir() and _under_any(path, excluded) or _written_by_a_run(path, excluded):
         raise HtcliError(
             f"{spec} is in the run directory (out), which is never corpus: name another", fields=("out",)
         )
@@ -180,6 +180,12 @@ def _is_file(path: Path) -> bool:
         return path.is_file()
     except OSError as error:
         raise HtcliError(f"cannot read {path}: {error.strerror or error}") from None
+
+
+def _written_by_a_run(path: Path, outs: list[Path]) -> bool:
+    """Whether path is a file that the run in one of outs writes (its checkpoint, log, config: it would read
+    what it writes); a corpus file that merely lies in the run directory (`--out .`) is not."""
+    return path.is_file() and any(written_by_the_run(path.resolve(), out) for out in outs)
 
 
 def _under_any(path: Path, roots: list[Path]) -> bool:
