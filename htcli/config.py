@@ -197,7 +197,8 @@ class TrainConfig:
 def without_derived(saved: dict, given: dict) -> dict:
     """saved options (a run's config.json, a config file) without the values that were derived from an
     option that given changes, so that they are derived again: the learning rate an optimizer defaults to
-    where given picks another optimizer, min_lr (lr / 10) where lr changes. Values set by hand stay."""
+    where given picks another optimizer, min_lr (lr / 10) where lr changes. Values set by hand stay (one
+    that equals the derived value counts as derived)."""
     saved = dict(saved)
     optimizer, lr = saved.get("optimizer"), saved.get("lr")
     default = DEFAULT_LR.get(optimizer)
