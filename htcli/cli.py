@@ -651,6 +651,7 @@ def sample(
         from htcli.sample import SamplingConfig, generate_batch, read_prompt
 
         _check_sample_options(prompt, prompt_file, num_samples, seed)
+        _check_greedy(temperature, top_k, top_p)
         configs = [
             SamplingConfig(max_new_tokens, temperature, top_k, top_p, seed + i) for i in range(num_samples)
         ]
@@ -666,6 +667,16 @@ def sample(
         )
         if json_output:
             _print_json_samples(configs, samples, stops)
+
+
+def _check_greedy(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """--top-k or --top-p with --temperature 0, which ignores them: refused."""
+    given = [name for name, value in (("--top-k", top_k), ("--top-p", top_p)) if value is not None]
+    if temperature == 0 and given:
+        raise HtcliError(
+            f"--temperature 0 always takes the most likely byte: {' and '.join(given)} would be ignored; "
+            f"drop {'them' if len(given) > 1 else 'it'}, or give a temperature above 0"
+        )
 
 
 def _check_sample_options(prompt: str | None, prompt_file: Path | None, num_samples: int, seed: int) -> None:

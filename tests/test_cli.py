@@ -625,6 +625,10 @@ def test_bad_sample_options(trained, tmp_path):
     run, _ = trained
     assert_user_error(invoke("sample", run, "--prompt", "a", "--prompt-file", tmp_path), "not both")
     assert_user_error(invoke("sample", run, "--top-p", "2"), "--top-p must be in (0, 1]")
+    greedy = invoke("sample", run, "--temperature", 0, "--top-k", 5, "--top-p", 0.5)  # (both were ignored)
+    assert_user_error(
+        greedy, "--temperature 0 always takes the most likely byte: --top-k and --top-p would be"
+    )
     assert_user_error(invoke("sample", run, "--prompt-file", tmp_path / "no.txt"), "prompt file")
     # an empty --prompt (it started from a newline, as no --prompt does), as an empty --prompt-file
     assert_user_error(invoke("sample", run, "--prompt", ""), "--prompt is empty: give at least one character")
