@@ -38,6 +38,7 @@ from htcli.files import (
     check_utf8_path,
     checkpoint_file,
     fsync_dir,
+    nothing_at,
     pending_file,
     read_json,
     write_json,
@@ -270,14 +271,10 @@ def load_model(
     """The model stored at path (a run directory or a .safetensors file), in eval mode on device.
     context: the longest input it takes, instead of the one it trained with (no weight depends on it;
     whether the model extrapolates to a longer one is what evaluating it there shows)."""
-    try:
-        os.lstat(path)
-    except FileNotFoundError:  # (a mistyped name: "no checkpoint at" sent users looking for a lost one)
+    if nothing_at(path):  # (a mistyped name: "no checkpoint at" sent users looking for a lost one)
         raise HtcliError(
             f"{path} does not exist: give a run directory (htcli train's out) or a .safetensors file"
-        ) from None
-    except OSError:
-        pass  # (a folder one may not enter: the read says so)
+        )
     info = read_checkpoint_info(path)
     config = info.config
     if context is not None:

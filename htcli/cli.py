@@ -30,7 +30,7 @@ from htcli.config import MAX_SEED, train_default
 from htcli.environment import check_environment
 from htcli.errors import HtcliError
 from htcli.presets import DEFAULT_PRESET, PRESETS
-from htcli.stop import Terminated, started, terminate_unwinds
+from htcli.stop import Terminated, started, terminate_unwinds, to_devnull
 
 MAX_SAMPLES = 4096  # sample --num-samples: one batch, one decode cache per sample
 PREEMPTED = 75  # exit code of a run stopped (and saved) by SIGTERM: EX_TEMPFAIL, "try again later"
@@ -195,7 +195,7 @@ def _report_os_error(error: OSError, said_too: str = "", *, output: bool = False
     traceback)."""
     if output or _output_error(error):
         with contextlib.suppress(OSError, ValueError):  # (a stream without a file descriptor: left as it is)
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            to_devnull([sys.stdout.fileno()])
     err_console.print(f"[red]error:[/] {escape(_os_error(error))}{said_too}", soft_wrap=True)
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from htcli.errors import HtcliError
-from htcli.files import LOG_FILE, check_not_special, printable
+from htcli.files import LOG_FILE, check_not_special, nothing_at, printable
 from htcli.runlog import parse_event
 
 X_AXES = ("step", "bytes", "time")  # what curves can be drawn against
@@ -44,17 +44,6 @@ class Curves:
         return max(self.train + self.val, key=lambda p: (p.step, p.seconds), default=None)
 
 
-def _missing(path: Path) -> bool:
-    """Whether nothing is at path (a folder one may not enter may hold it: not missing)."""
-    try:
-        path.lstat()
-    except FileNotFoundError:
-        return True
-    except OSError:
-        pass
-    return False
-
-
 def read_curves(run: Path, name: str | None = None) -> Curves:
     """The curves in run's log.jsonl. Lines that are not events, or events without the numbers they
     should hold, are skipped and counted (Curves.skipped), except a last line a crash cut short."""
@@ -65,7 +54,7 @@ def read_curves(run: Path, name: str | None = None) -> Curves:
     try:
         lines = path.read_bytes().split(b"\n")
     except FileNotFoundError:
-        what = "does not exist" if _missing(run) else f"has no {LOG_FILE}"
+        what = "does not exist" if nothing_at(run) else f"has no {LOG_FILE}"
         raise HtcliError(f"{run} {what}: give run directories written by htcli train") from None
     except OSError as error:
         raise HtcliError(f"cannot read {path}: {error.strerror or error}") from None

@@ -48,6 +48,18 @@ def written_by_the_run(path: Path, out: Path) -> bool:
     return first in RUN_ENTRIES or (first.startswith(".") and first.endswith(".pending"))
 
 
+def nothing_at(path: str | os.PathLike) -> bool:
+    """Whether nothing is at path (not even a broken link); a folder one may not enter may hold it: not
+    nothing (reading it says so)."""
+    try:
+        os.lstat(path)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        pass
+    return False
+
+
 def pending_file(out: Path, name: str) -> Path:
     """Where a save writes the checkpoint file `name` before renaming it into place."""
     return out / f".{name}.pending"

@@ -22,14 +22,19 @@ def _terminal_outputs() -> list[int]:
     return [fd for fd in (1, 2) if os.isatty(fd)]
 
 
-def _leave_the_terminal(fds: list[int]) -> None:
-    """These descriptors (a terminal's) sent to /dev/null: after a hangup, writing to the terminal fails
-    (EIO), and a failed print must not stop the save that follows (nohup's redirection, made late)."""
+def to_devnull(fds: list[int]) -> None:
+    """These descriptors sent to /dev/null (where one cannot be, it is left as it was)."""
     for fd in fds:
         with contextlib.suppress(OSError):
             null = os.open(os.devnull, os.O_WRONLY)
             os.dup2(null, fd)
             os.close(null)
+
+
+def _leave_the_terminal(fds: list[int]) -> None:
+    """These descriptors (a terminal's) sent to /dev/null: after a hangup, writing to the terminal fails
+    (EIO), and a failed print must not stop the save that follows (nohup's redirection, made late)."""
+    to_devnull(fds)
 
 
 class StopRequest:

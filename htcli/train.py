@@ -253,9 +253,8 @@ class Run:
         found = dict(include_hidden=config.include_hidden, exclude=[config.out])
         files = resolve_corpus(config.corpus, **found)
         val_files = resolve_corpus(config.val, **found) if config.val else []
-        if (
-            not self.resumed
-        ):  # (before any file is unpacked into the cache; a run resumed goes on as it began)
+        # (checked before any file is unpacked into the cache; a run resumed goes on as it began)
+        if not self.resumed:
             check_records_apply(files + val_files, records)
         corpus = ByteCorpus.open(config.corpus, records=records, files=files)
         self.corpora.append(corpus)
