@@ -504,8 +504,6 @@ def _train(options: dict, resume: str | None, config_file: Path | None, print_co
         saves=True, smaller="--batch-size (with --grad-accum to keep the bytes per step), --seq-len or model"
     ):
         resume_as = _resume_as(resume)
-        if options.get("val") and options.get("val_fraction") is not None:  # (a config file's is overridden)
-            raise HtcliError("--val and --val-fraction both choose the held-out bytes: give one of them")
         given = {name for name, value in options.items() if value is not None and value != []}
         options, from_file = _with_config_file(options, config_file)
         try:
@@ -526,7 +524,7 @@ def _train_with(options: dict, resume: bool | str, print_config: bool, given: se
         options.pop("corpus", None) or [], out=_given(options.pop("out", None), DEFAULT_OUT),
         resume=resume, preset=options.pop("preset", None), **options,
     )  # fmt: skip
-    _check_schedule(config, given)
+    _check_ignored(config, given)
     if print_config:
         from htcli.config_file import write_toml
         from htcli.rundir import check_resumable
@@ -549,9 +547,12 @@ def _train_with(options: dict, resume: bool | str, print_config: bool, given: se
         raise typer.Exit(code)
 
 
-def _check_schedule(config, given: set[str]) -> None:
-    """A context warm-up length given on the command line with the warm-up off is refused (it would be
-    ignored)."""
+def _check_ignored(config, given: set[str]) -> None:
+    """Options given on the command line that the run would ignore, refused: a held-out fraction beside
+    held-out files (a config file's fraction gives way to --val), a context warm-up length with the warm-up
+    off."""
+    if "val" in given and "val_fraction" in given:
+        raise HtcliError("--val and --val-fraction both choose the held-out bytes: give one of them")
     if "context_warmup_start" in given and not config.context_warmup:
         raise HtcliError(
             "--context-warmup-start is the window length of the context warm-up, which is off "
