@@ -260,6 +260,8 @@ def test_tuning_variable_sets_tiles_and_warps(monkeypatch):
     assert (options["BLOCK_Q"], options["BLOCK_K"], options["num_warps"]) == (64, 64, 4)
     assert "num_stages" not in options
     assert triton_launch._launch_options("forward", 128, torch.zeros(1, 8, 64))["num_stages"] == 1
+    triton_launch.MAX_TILES["dkdv"] = (32, 128)  # warps not set: 8 where a tile side is 128, else 4
+    assert triton_launch._launch_options("dkdv", 64, torch.zeros(1, 8, 64))["num_warps"] == 4
     assert triton_launch._launch_options("dkdv", 128, torch.zeros(1, 8, 64))["num_warps"] == 8
     triton_launch.NUM_STAGES["dkdv"] = 1
     triton_launch._read_tuning('{"dkdv": [32, 64, 4, 0]}')  # stages 0: Triton's own default
