@@ -4,15 +4,17 @@
         [--block-size 128] [--impl triton] [--causal | --no-causal] [--rows 25]
 
 bf16 inputs, as `htcli bench --device cuda --dtype bf16` times them; prints the time per
-forward+backward (CUDA events around ten), SDPA's beside it, and the profiler's table of kernels (and
-the torch operations that launched them) sorted by device time, so that a missed speed target can be
-traced to what takes it. HTCLI_ATTENTION_GRAPHS=0 times the passes launched kernel by kernel instead
-of replayed from CUDA graphs.
+forward+backward (ten calls each timed alone, and ten queued back to back), SDPA's beside it, and the
+profiler's table of kernels (and the torch operations that launched them) sorted by device time, so
+that a missed speed target can be traced to what takes it. HTCLI_ATTENTION_GRAPHS=0 times the passes
+launched kernel by kernel instead of replayed from CUDA graphs.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
+import time
 
 import torch
 import torch.nn.functional as F
@@ -21,17 +23,25 @@ from torch.profiler import ProfilerActivity, profile
 from htcli.attention import h_attention
 
 
-def _timed(fn, repeats: int = 10) -> float:
-    """Milliseconds per call of fn (CUDA events, after two warm-up calls)."""
+def _timed(fn, repeats: int = 10) -> tuple[float, float]:
+    """Milliseconds per call of fn after two warm-up calls: (the median of calls timed alone, each with a
+    synchronisation after it; the mean of calls queued back to back between two CUDA events)."""
     for _ in range(2):
         fn()
+    alone = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        alone.append((time.perf_counter() - started) * 1e3)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(repeats):
         fn()
     end.record()
     torch.cuda.synchronize()
-    return start.elapsed_time(end) / repeats
+    return statistics.median(alone), start.elapsed_time(end) / repeats
 
 
 def main() -> None:
@@ -61,7 +71,9 @@ def main() -> None:
 
     mode = "causal" if args.causal else "non-causal"
     print(f"{mode}, {args.impl}, (b, h, n, d) = {shape}, block {args.block_size}, bf16")
-    print(f"forward+backward: H-attention {_timed(h_pass):.3f} ms, SDPA {_timed(sdpa_pass):.3f} ms")
+    (h_alone, h_queued), (sdpa_alone, sdpa_queued) = _timed(h_pass), _timed(sdpa_pass)
+    print(f"forward+backward, timed alone: H-attention {h_alone:.3f} ms, SDPA {sdpa_alone:.3f} ms")
+    print(f"forward+backward, back to back: H-attention {h_queued:.3f} ms, SDPA {sdpa_queued:.3f} ms")
     if args.rows <= 0:
         return
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:

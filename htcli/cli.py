@@ -882,8 +882,16 @@ def bench(
         bool | None, typer.Option("--causal/--non-causal", help="Measure only causal or only non-causal.")
     ] = None,
     both: Annotated[bool, typer.Option("--both", help="Measure both modes (the default).")] = False,
-    warmup: Annotated[int, typer.Option(help="Untimed runs before timing.")] = 1,
-    repeats: Annotated[int, typer.Option(help="Timed runs; the median is reported.")] = 5,
+    warmup: Annotated[
+        int, typer.Option(help="Untimed runs before timing (CUDA graphs are captured at the second).")
+    ] = 2,
+    repeats: Annotated[
+        int,
+        typer.Option(
+            help="Timed runs: on a CPU the median of runs timed one by one, on CUDA the mean of "
+            "runs back to back (after one alone)."
+        ),  # fmt: skip
+    ] = 5,
     max_seconds: Annotated[
         float,
         typer.Option(

@@ -45,6 +45,32 @@ def test_model_step_worker():
         assert result["status"] == "ok", result
 
 
+@pytest.mark.parametrize("back_to_back", [False, True])
+def test_timing_counts_the_calls_that_fit_before_the_deadline(back_to_back):
+    """bench times calls one by one (CPU) or back to back after one alone (CUDA); repeats stop at the
+    deadline, but one call is always timed, and the warm-up is never timed."""
+    import torch
+
+    from htcli.bench import _timed
+
+    calls = []
+
+    def call():
+        calls.append(time.perf_counter())
+        time.sleep(0.05 if len(calls) <= 2 else 0.01)  # two slow warm-up calls, then fast ones
+
+    cpu = torch.device("cpu")
+    seconds, timed = _timed(call, cpu, 2, 5, time.perf_counter() + 60, back_to_back)
+    assert len(calls) == 7 and 0.01 <= seconds < 0.03
+    assert timed == (4 if back_to_back else 5)  # (back to back: the first, timed alone, sizes the rest)
+    calls.clear()
+    seconds, timed = _timed(call, cpu, 2, 5, time.perf_counter(), back_to_back)  # no time left
+    assert len(calls) == 1 and timed == 1 and seconds >= 0.05
+    calls[:] = [0.0, 0.0]  # warmed up; a few calls fit before the deadline, not 100
+    seconds, timed = _timed(call, cpu, 0, 100, time.perf_counter() + 0.045, back_to_back)
+    assert 1 <= timed <= 6 and len(calls) == 2 + timed + (back_to_back and timed > 1)
+
+
 def test_correctness_check():
     """The bench's oracle check reports a tiny error in fp32."""
     assert correctness("cpu", "fp32", 16) < 1e-5
