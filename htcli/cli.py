@@ -867,6 +867,16 @@ BenchPlot = Annotated[
 ]
 
 
+BenchWarmup = Annotated[int, typer.Option(help="Untimed runs first (CUDA graphs: captured at the second).")]
+BenchRepeats = Annotated[
+    int,
+    typer.Option(
+        help="Timed runs: on a CPU the median of runs timed one by one, on CUDA the mean of runs "
+        "back to back (after one alone)."
+    ),  # fmt: skip
+]
+
+
 @app.command()
 def bench(
     ctx: typer.Context,
@@ -882,16 +892,8 @@ def bench(
         bool | None, typer.Option("--causal/--non-causal", help="Measure only causal or only non-causal.")
     ] = None,
     both: Annotated[bool, typer.Option("--both", help="Measure both modes (the default).")] = False,
-    warmup: Annotated[
-        int, typer.Option(help="Untimed runs before timing (CUDA graphs are captured at the second).")
-    ] = 2,
-    repeats: Annotated[
-        int,
-        typer.Option(
-            help="Timed runs: on a CPU the median of runs timed one by one, on CUDA the mean of "
-            "runs back to back (after one alone)."
-        ),  # fmt: skip
-    ] = 5,
+    warmup: BenchWarmup = 2,
+    repeats: BenchRepeats = 5,
     max_seconds: Annotated[
         float,
         typer.Option(
