@@ -46,7 +46,7 @@ class BenchConfig:
     modes: list[bool] = field(default_factory=lambda: [False, True])  # causal flags
     device: str = "auto"
     dtype: str = "fp32"
-    warmup: int = 2  # (the cold run is the first; on CUDA a graphed pass is captured at the second)
+    warmup: int | None = None  # None: default_warmup (2 on CUDA, 1 elsewhere)
     repeats: int = 5
     max_seconds: float = 120.0  # per method and length: a cold run past it is reported as a timeout
     model: bool = False  # benchmark a full training step of the model instead
@@ -62,7 +62,7 @@ class BenchConfig:
         for name in ("batch_size", "heads", "dim_head", "repeats"):
             if not 1 <= getattr(self, name) <= MAX_COUNT:
                 raise HtcliError(f"{name} must be 1 to {MAX_COUNT:,}", fields=(name,))
-        if self.warmup < 0:
+        if self.warmup is not None and self.warmup < 0:
             raise HtcliError("warmup must be 0 or more", fields=("warmup",))
         if not 0 < self.max_seconds <= 1e6:
             raise HtcliError(
@@ -147,17 +147,25 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def _timed(
-    fn: Callable[[], None], device, warmup: int, repeats: int, deadline: float, back_to_back=None
-) -> tuple[float, int]:
-    """(seconds per call, calls timed) after `warmup` untimed calls; warm-up is skipped and repeating
-    stops once the deadline (a perf_counter time) has passed, but one call is always timed.
+@dataclass(frozen=True)
+class Timing:
+    """seconds per call, and how: "one by one" (the median of `calls` timed one at a time), "back to
+    back" (the mean of `calls` queued one after another) or "alone" (one call)."""
 
-    On a CPU: the median of calls timed one by one. On CUDA: the first call is timed alone (its time says
-    how many more fit before the deadline), the others back to back, as a training loop runs them (the
-    host queues the next call while the GPU works), and their mean is the time. Timed one by one, each
-    call would also count the host's latency before its first kernel, which the GPU waits for only
-    when nothing is queued (on a host whose kernel launches are slow, a large part of a short call).
+    seconds: float
+    calls: int
+    way: str
+
+
+def _timed(fn: Callable[[], None], device, warmup: int, repeats: int, deadline: float, back_to_back=None):
+    """fn's Timing after `warmup` untimed calls; warm-up is skipped and repeating stops once the deadline
+    (a perf_counter time) has passed, but one call is always timed.
+
+    On a CPU: calls timed one by one. On CUDA: the first call is timed alone (its time says how many more
+    fit before the deadline), the others back to back, as a training loop runs them (the host queues the
+    next call while the GPU works). Timed one by one, each call would also count the host's latency
+    before its first kernel, which the GPU waits for only when nothing is queued (on a host whose
+    kernel launches are slow, a large part of a short call).
     back_to_back: the CUDA way (True) or the CPU way (False); None: by the device."""
     for _ in range(warmup):
         if time.perf_counter() > deadline:
@@ -165,18 +173,16 @@ def _timed(
         fn()
         _sync(device)
     times = [_seconds(fn, device)]
-    more = repeats - 1
     if back_to_back is None:
         back_to_back = device.type == "cuda"
-    if back_to_back and more > 0:
-        more = min(more, int((deadline - time.perf_counter()) / max(times[0], 1e-9)))
+    if back_to_back:
+        more = min(repeats - 1, int((deadline - time.perf_counter()) / max(times[0], 1e-9)))
         if more > 0:
-            return _back_to_back(fn, device, more) / more, more
-        return times[0], 1
-    while more > 0 and time.perf_counter() <= deadline:
+            return Timing(_back_to_back(fn, device, more) / more, more, "back to back")
+        return Timing(times[0], 1, "alone")
+    while len(times) < repeats and time.perf_counter() <= deadline:
         times.append(_seconds(fn, device))
-        more -= 1
-    return statistics.median(times), len(times)
+    return Timing(statistics.median(times), len(times), "one by one" if len(times) > 1 else "alone")
 
 
 def _back_to_back(fn: Callable[[], None], device, calls: int) -> float:
@@ -268,16 +274,25 @@ def run_worker(spec: dict) -> dict:
         forward_backward()
     print(COLD_DONE, flush=True)  # the parent's time limit for the cold run ends here
     deadline = start + spec["max_seconds"]
-    # the cold run was the first warm-up
-    fb, repeats = _timed(forward_backward, device, spec["warmup"] - 1, spec["repeats"], deadline)
-    fwd, _ = _timed(forward, device, spec["warmup"], spec["repeats"], deadline)
+    warmup = spec["warmup"] if spec["warmup"] is not None else default_warmup(device)
+    # the cold run was the first warm-up; the forward gets the second half of the time left
+    halfway = (time.perf_counter() + deadline) / 2
+    fb = _timed(forward_backward, device, warmup - 1, spec["repeats"], halfway)
+    fwd = _timed(forward, device, warmup, spec["repeats"], deadline)
     return {
         "status": "ok",
-        "forward_s": fwd,
-        "forward_backward_s": fb,
+        "forward_s": fwd.seconds,
+        "forward_backward_s": fb.seconds,
         "peak_bytes": memory.peak,
-        "repeats": repeats,
+        "repeats": fb.calls,
+        "timing": {"forward": fwd.way, "forward_backward": fb.way},
     }
+
+
+def default_warmup(device) -> int:
+    """Untimed calls before timing where --warmup is not given: 2 on CUDA (the cold run and the call at
+    which the attention passes are captured as CUDA graphs, graphed.py), else 1 (the cold run)."""
+    return 2 if device.type == "cuda" else 1
 
 
 # ---------------------------------------------------------------------------

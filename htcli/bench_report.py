@@ -58,7 +58,7 @@ def bench_table(rows: list[Row], config: BenchConfig, title: str) -> Table:
     table = Table(
         title=title,
         title_justify="left",
-        caption=f"speedup: SDPA {step} time / H-attn's; mem: H-attn peak / SDPA's",
+        caption=f"speedup: SDPA {step} time / H-attn's; mem: H-attn peak / SDPA's\n{_timing_line(rows)}",
         caption_justify="left",
         box=box.SIMPLE_HEAD,  # no vertical rules: the table fits 80 columns
         show_edge=False,
@@ -83,6 +83,20 @@ def bench_table(rows: list[Row], config: BenchConfig, title: str) -> Table:
                 end_section=not is_h,
             )
     return table
+
+
+WAYS = {  # bench.Timing's ways
+    "one by one": "the median of calls timed one by one",
+    "back to back": "the mean of calls queued back to back",
+    "alone": "one call timed alone",
+}
+
+
+def _timing_line(rows: list[Row]) -> str:
+    """How the times were taken (bench._timed), every way some result was."""
+    results = [result for row in rows for result in row.results.values()]
+    ways = {way for result in results for way in result.get("timing", {}).values()}
+    return "times: " + "; some ".join(WAYS[way] for way in WAYS if way in ways) if ways else ""
 
 
 def exponent_lines(rows: list[Row], config: BenchConfig) -> list[str]:

@@ -867,7 +867,10 @@ BenchPlot = Annotated[
 ]
 
 
-BenchWarmup = Annotated[int, typer.Option(help="Untimed runs first (CUDA graphs: captured at the second).")]
+BenchWarmup = Annotated[
+    int | None,
+    typer.Option(help="Untimed runs first (default: 2 on CUDA, graphs captured at the second; else 1)."),
+]
 BenchRepeats = Annotated[
     int,
     typer.Option(
@@ -892,7 +895,7 @@ def bench(
         bool | None, typer.Option("--causal/--non-causal", help="Measure only causal or only non-causal.")
     ] = None,
     both: Annotated[bool, typer.Option("--both", help="Measure both modes (the default).")] = False,
-    warmup: BenchWarmup = 2,
+    warmup: BenchWarmup = None,
     repeats: BenchRepeats = 5,
     max_seconds: Annotated[
         float,

@@ -60,15 +60,33 @@ def test_timing_counts_the_calls_that_fit_before_the_deadline(back_to_back):
         time.sleep(0.05 if len(calls) <= 2 else 0.01)  # two slow warm-up calls, then fast ones
 
     cpu = torch.device("cpu")
-    seconds, timed = _timed(call, cpu, 2, 5, time.perf_counter() + 60, back_to_back)
-    assert len(calls) == 7 and 0.01 <= seconds < 0.03
-    assert timed == (4 if back_to_back else 5)  # (back to back: the first, timed alone, sizes the rest)
+    timing = _timed(call, cpu, 2, 5, time.perf_counter() + 60, back_to_back)
+    assert len(calls) == 7 and 0.01 <= timing.seconds < 0.03
+    assert (timing.calls, timing.way) == ((4, "back to back") if back_to_back else (5, "one by one"))
     calls.clear()
-    seconds, timed = _timed(call, cpu, 2, 5, time.perf_counter(), back_to_back)  # no time left
-    assert len(calls) == 1 and timed == 1 and seconds >= 0.05
+    timing = _timed(call, cpu, 2, 5, time.perf_counter(), back_to_back)  # no time left: one call
+    assert len(calls) == 1 and (timing.calls, timing.way) == (1, "alone") and timing.seconds >= 0.05
     calls[:] = [0.0, 0.0]  # warmed up; a few calls fit before the deadline, not 100
-    seconds, timed = _timed(call, cpu, 0, 100, time.perf_counter() + 0.045, back_to_back)
-    assert 1 <= timed <= 6 and len(calls) == 2 + timed + (back_to_back and timed > 1)
+    timing = _timed(call, cpu, 0, 100, time.perf_counter() + 0.045, back_to_back)
+    alone = timing.way == "alone"  # (back to back, where the first call took the time)
+    assert timing.calls <= 6 and timing.way == ("back to back" if back_to_back and not alone else timing.way)
+    assert len(calls) == 2 + timing.calls + (back_to_back and not alone)
+
+
+def test_bench_table_says_how_it_timed():
+    """The table's caption names the way the times were taken (a CUDA row back to back)."""
+    from rich.console import Console
+
+    from htcli.bench_report import bench_table
+
+    results = {"status": "ok", "forward_s": 1e-3, "forward_backward_s": 3e-3, "peak_bytes": 1, "repeats": 4}
+    queued = {"forward": "back to back", "forward_backward": "back to back"}
+    h = {**results, "timing": {**queued, "forward": "alone"}}
+    rows = [Row(8192, True, {"h": h, "sdpa": {**results, "timing": queued}})]
+    console = Console(width=80, record=True)
+    console.print(bench_table(rows, BenchConfig(), "title"))
+    text = " ".join(console.export_text().split())
+    assert "times: the mean of calls queued back to back; some one call timed alone" in text
 
 
 def test_correctness_check():

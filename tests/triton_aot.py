@@ -1,6 +1,7 @@
 """Compile the Triton kernels for an H100 (sm_90) without a GPU: catches what Triton's CPU
 interpreter lets through. Run as a script (TRITON_INTERPRET unset); prints one line per kernel."""
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -18,7 +19,7 @@ LOW = {  # pointers in the inputs' dtype (except those a job widens); every othe
     "pool_grad_kernel": ("GP", "G"),
     "delta_kernel": ("DOUT", "OUT"),
 }
-TILES = {"forward_kernel": (128, 64), "dq_kernel": (128, 32), "dkdv_kernel": (32, 128)}
+KINDS = {"forward_kernel": "forward", "dq_kernel": "dq", "dkdv_kernel": "dkdv"}
 
 
 # coarse levels' gradients: level 1 adds level 2's, kept in fp32; levels >= 2 keep theirs in fp32 too
@@ -46,11 +47,14 @@ def source(fn, constants: dict, wide: tuple = ()) -> ASTSource:
 def main() -> None:
     target = GPUTarget("cuda", 90, 32)
     jobs = [
-        (kernels.pool_kernel, dict(D=D, BLOCK=64, POOL_Q=True), ()),
-        (kernels.pool_grad_kernel, dict(D=D, BLOCK=64), ()),
-        (kernels.delta_kernel, dict(D=D, BLOCK=64), ()),
+        (kernels.pool_kernel, dict(D=D, BLOCK=64, POOL_Q=True), (), {}),  # (default warps, as launched)
+        (kernels.pool_grad_kernel, dict(D=D, BLOCK=64), (), {}),
+        (kernels.delta_kernel, dict(D=D, BLOCK=64), (), {}),
     ]
-    for name, (block_q, block_k) in TILES.items():
+    for name, kind in KINDS.items():  # the tiles, warps and stages htcli launches with
+        shipped = launch._launch_options(kind, R, torch.zeros(1, R, D, dtype=torch.bfloat16))
+        block_q, block_k = shipped["BLOCK_Q"], shipped["BLOCK_K"]
+        options = {key: shipped[key] for key in ("num_warps", "num_stages") if key in shipped}
         for causal in (False, True):
             for level0 in (False, True):
                 # coarse levels with and without level decay (models without it: old ones, --level-decay 0)
@@ -58,13 +62,8 @@ def main() -> None:
                     constants = dict(R=R, BLOCK_Q=block_q, BLOCK_K=block_k, D=D, LEVEL0=level0, CAUSAL=causal,
                                      HAS_PARENT=True, HAS_DECAY=decay, PRECISION="tf32")  # fmt: skip
                     for wide in [()] if level0 else WIDE[name]:
-                        jobs.append((getattr(kernels, name), constants, wide))
-    for fn, constants, wide in jobs:
-        kind = {"forward_kernel": "forward", "dq_kernel": "dq", "dkdv_kernel": "dkdv"}.get(fn.__name__)
-        options = {
-            "num_warps": 8,
-            **({"num_stages": launch.NUM_STAGES[kind]} if kind in launch.NUM_STAGES else {}),
-        }
+                        jobs.append((getattr(kernels, name), constants, wide, options))
+    for fn, constants, wide, options in jobs:
         compiled = triton.compile(source(fn, constants, wide), target=target, options=options)
         assert "cubin" in compiled.asm
         print("compiled", fn.__name__, constants.get("CAUSAL"), constants.get("LEVEL0"), wide, flush=True)
