@@ -225,16 +225,20 @@ def _attention_step(spec: dict, device, dtype):
     return forward, forward_backward
 
 
+def _model_config(spec: dict):
+    """The preset's model with the spec's attention, mode and length."""
+    attention = "exact" if spec["method"] == "sdpa" else "h"
+    return model_config(spec["preset"], max_seq_len=spec["n"], attention=attention, causal=spec["causal"])
+
+
 def _model_step(spec: dict, device, dtype):
     """One training step (forward, backward, AdamW) of the small model with the spec's attention."""
     import torch
 
     from htcli.model import HTransformer1D
 
-    attention = "exact" if spec["method"] == "sdpa" else "h"
-    config = model_config(spec["preset"], max_seq_len=spec["n"], attention=attention)
     torch.manual_seed(0)
-    model = HTransformer1D(config).to(device)
+    model = HTransformer1D(_model_config(spec)).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     tokens = torch.randint(0, 256, (spec["batch_size"], spec["n"] + 1), device=device)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)

@@ -39,10 +39,16 @@ def test_worker_timeout_is_reported():
 
 
 def test_model_step_worker():
-    """--model times a full training step of the tiny preset with either attention."""
+    """--model times a full training step of the tiny preset with either attention, in the row's mode
+    (the non-causal rows timed causal models until a later session)."""
+    from htcli.bench import _model_config
+
     for method in ("h", "sdpa"):
         result = run_isolated(_spec(model=True, method=method, n=128))
         assert result["status"] == "ok", result
+        for causal in (False, True):
+            config = _model_config(_spec(model=True, method=method, n=128, causal=causal))
+            assert (config.causal, config.attention) == (causal, "exact" if method == "sdpa" else "h")
 
 
 @pytest.mark.parametrize("back_to_back", [False, True])
