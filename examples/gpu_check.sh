@@ -57,6 +57,7 @@ HTCLI_ATTENTION=triton commands triton
 bench 100 --heads 8 --seq-len 8192 --repeats 5 --impl triton
 bench 100 --model --preset small --seq-len 8192 --repeats 5 --impl triton
 bench 100 --model --preset base --seq-len 8192 --repeats 5 --impl triton
+step 100 "$PYTHON" examples/step_profile.py --preset small --seq-len 8192 --rows 25  # the missed step
 step 120 "${HT[@]}" bench --decode --device cuda
 bench 120 --heads 8 --seq-len 65536 --repeats 3 --impl triton
 # then the kernels' numerics, a tuning sweep (its fastest setting is used for the rest), profiles

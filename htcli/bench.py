@@ -231,7 +231,7 @@ def _model_config(spec: dict):
     return model_config(spec["preset"], max_seq_len=spec["n"], attention=attention, causal=spec["causal"])
 
 
-def _model_step(spec: dict, device, dtype):
+def model_step(spec: dict, device, dtype):
     """One training step (forward, backward, AdamW) of the small model with the spec's attention."""
     import torch
 
@@ -267,7 +267,7 @@ def run_worker(spec: dict) -> dict:
     device = resolve_device(spec["device"])
     dtype = torch_dtype(spec["dtype"])
     torch.manual_seed(0)
-    build = _model_step if spec.get("model") else _attention_step
+    build = model_step if spec.get("model") else _attention_step
     # a first call at a small size loads code and starts threads, which the peak should not count
     small = 2 * spec["block_size"] if not spec.get("model") else spec["block_size"]
     build({**spec, "n": small}, device, dtype)[1]()

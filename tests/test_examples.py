@@ -40,6 +40,19 @@ def test_decode_profile_runs_on_the_cpu():
     assert "ms/step" in result.stdout and "aten ops/step" in result.stdout
 
 
+def test_step_profile_runs_on_the_cpu():
+    """step_profile.py times both models' training steps (as bench --model builds them) and profiles them."""
+    result = subprocess.run(
+        [sys.executable, EXAMPLES / "step_profile.py", "--preset", "tiny", "--seq-len", "128",
+         "--batch-size", "1", "--device", "cpu", "--repeats", "2", "--rows", "3", "--no-causal"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert "tiny preset, non-causal, batch 1 x 128, cpu" in result.stdout
+    for label in ("H-attention model", "exact-attention model"):
+        assert f"{label}: step " in result.stdout
+        assert f"{label}, 3 steps, by self_cpu_time_total" in result.stdout
+
+
 def test_recipe_parts_times_every_variant():
     """recipe_parts.py steps each variant of the recipe in turn and prints its median step time; --only
     picks some (beside the first), and an unknown one is refused."""

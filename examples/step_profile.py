@@ -1,0 +1,85 @@
+"""Where a training step's time goes: the H-attention model's against the exact-attention model's.
+
+    python examples/step_profile.py [--preset small] [--seq-len 8192] [--batch-size 4] [--device cuda]
+        [--no-causal] [--repeats 10] [--rows 20]
+
+Each model is built and stepped as `htcli bench --model` does it (forward, backward, AdamW; bf16
+autocast on CUDA, fp32 on a CPU). Prints each model's step time, timed alone (a synchronisation after
+each) and back to back, the host's time to issue a step, and the profiler's table of operations by
+their own device time (CUDA) or CPU time, so that a missed training-step target can be traced to the
+operations that take the difference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from htcli.bench import model_step
+from htcli.device import resolve_device
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _timings(step, device, repeats: int) -> tuple[float, float, float]:
+    """Milliseconds: (median timed alone, mean back to back, median host time to issue one step)."""
+    alone, host = [], []
+    for _ in range(repeats):
+        _sync(device)
+        started = time.perf_counter()
+        step()
+        host.append(time.perf_counter() - started)
+        _sync(device)
+        alone.append(time.perf_counter() - started)
+    _sync(device)
+    started = time.perf_counter()
+    for _ in range(repeats):
+        step()
+    _sync(device)
+    queued = (time.perf_counter() - started) / repeats
+    return statistics.median(alone) * 1e3, queued * 1e3, statistics.median(host) * 1e3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--seq-len", type=int, default=8192)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--causal", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--rows", type=int, default=20, help="operations in each table (0: no profile)")
+    args = parser.parse_args()
+    device = resolve_device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    mode = "causal" if args.causal else "non-causal"
+    print(f"{args.preset} preset, {mode}, batch {args.batch_size} x {args.seq_len}, {device.type}, {dtype}")
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    for method, label in (("h", "H-attention model"), ("sdpa", "exact-attention model")):
+        spec = dict(method=method, preset=args.preset, n=args.seq_len, batch_size=args.batch_size)
+        spec["causal"] = args.causal
+        step = model_step(spec, device, dtype)[1]
+        for _ in range(3):  # (the second call captures the attention's CUDA graphs)
+            step()
+        _sync(device)
+        alone, queued, host = _timings(step, device, args.repeats)
+        print(f"{label}: step {alone:.2f} ms timed alone, {queued:.2f} ms back to back; host {host:.2f} ms")
+        if args.rows > 0:
+            with profile(activities=activities) as prof:
+                for _ in range(3):
+                    step()
+                _sync(device)
+            print(f"{label}, 3 steps, by {sort}:")
+            print(prof.key_averages().table(sort_by=sort, row_limit=args.rows, max_name_column_width=50))
+
+
+if __name__ == "__main__":
+    main()
