@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On a machine with a CUDA GPU, in order of what matters most: the CUDA tests, every command
 # (train with bf16 autocast and resume, --compile, sample with and without the decode cache, eval)
-# with Triton, the bench tables (attention and training step, SDPA beside), bench --decode, then
+# with Triton, the bench tables (attention and training step, SDPA beside), bench --decode, a profile
+# of both models' training steps (step_profile.py), then
 # the kernels' errors beside eager's and whether they repeat their bits (triton_precision.py), a
 # tile/warp sweep of the Triton kernels (its fastest setting is used for the rest), profiles of the
 # attention at 8k with and without CUDA graphs and of the decode step, and the same with eager.
@@ -57,8 +58,8 @@ HTCLI_ATTENTION=triton commands triton
 bench 100 --heads 8 --seq-len 8192 --repeats 5 --impl triton
 bench 100 --model --preset small --seq-len 8192 --repeats 5 --impl triton
 bench 100 --model --preset base --seq-len 8192 --repeats 5 --impl triton
-step 100 "$PYTHON" examples/step_profile.py --preset small --seq-len 8192 --rows 25  # the missed step
 step 120 "${HT[@]}" bench --decode --device cuda
+step 100 "$PYTHON" examples/step_profile.py --preset small --seq-len 8192 --rows 25  # the missed step
 bench 120 --heads 8 --seq-len 65536 --repeats 3 --impl triton
 # then the kernels' numerics, a tuning sweep (its fastest setting is used for the rest), profiles
 step 120 "$PYTHON" examples/triton_precision.py --lengths 2048,65536 --dtypes bf16

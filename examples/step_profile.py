@@ -1,13 +1,14 @@
 """Where a training step's time goes: the H-attention model's against the exact-attention model's.
 
     python examples/step_profile.py [--preset small] [--seq-len 8192] [--batch-size 4] [--device cuda]
-        [--no-causal] [--repeats 10] [--rows 20]
+        [--repeats 10] [--rows 20]
 
-Each model is built and stepped as `htcli bench --model` does it (forward, backward, AdamW; bf16
-autocast on CUDA, fp32 on a CPU). Prints each model's step time, timed alone (a synchronisation after
-each) and back to back, the host's time to issue a step, and the profiler's table of operations by
-their own device time (CUDA) or CPU time, so that a missed training-step target can be traced to the
-operations that take the difference.
+Each model (the preset's causal language model) is built and stepped as `htcli bench --model` does it
+(forward, backward, AdamW), with bf16 autocast on CUDA (as `bench --dtype bf16`) and fp32 on a CPU, and
+the attention implementation of $HTCLI_ATTENTION, else auto (Triton on CUDA). Prints each model's step
+time, timed alone (a synchronisation after each) and back to back, the host's time to issue a step,
+and the profiler's table of operations by their own device time (CUDA) or CPU time, so that a missed
+training-step target can be traced to the operations that take the difference.
 """
 
 from __future__ import annotations
@@ -53,19 +54,17 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=8192)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--causal", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--rows", type=int, default=20, help="operations in each table (0: no profile)")
     args = parser.parse_args()
     device = resolve_device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    mode = "causal" if args.causal else "non-causal"
-    print(f"{args.preset} preset, {mode}, batch {args.batch_size} x {args.seq_len}, {device.type}, {dtype}")
+    print(f"{args.preset} preset, causal, batch {args.batch_size} x {args.seq_len}, {device.type}, {dtype}")
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     for method, label in (("h", "H-attention model"), ("sdpa", "exact-attention model")):
         spec = dict(method=method, preset=args.preset, n=args.seq_len, batch_size=args.batch_size)
-        spec["causal"] = args.causal
+        spec["causal"] = True
         step = model_step(spec, device, dtype)[1]
         for _ in range(3):  # (the second call captures the attention's CUDA graphs)
             step()

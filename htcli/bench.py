@@ -85,6 +85,13 @@ class BenchConfig:
         check_choice("dtype", self.dtype, PRECISIONS)
         device = resolve_device(self.device)
         resolve_dtype(self.dtype, device)  # (fp16 needs a CUDA GPU, as for sample and eval)
+        if self.warmup is None:
+            self.warmup = default_warmup(device)
+        if self.model and False in self.modes:
+            raise HtcliError(
+                "model times the causal language model's training step: non-causal modes are not measured",
+                fields=("model",),
+            )
         # auto resolved here: the title names what ran, and every worker runs the same
         self.impl = resolve_implementation(self.impl, device.type)
 
@@ -232,7 +239,8 @@ def _model_config(spec: dict):
 
 
 def model_step(spec: dict, device, dtype):
-    """One training step (forward, backward, AdamW) of the small model with the spec's attention."""
+    """(forward, training step) callables: the step is forward, backward and AdamW of the spec's preset
+    with the spec's attention and length (the forward alone under no_grad)."""
     import torch
 
     from htcli.model import HTransformer1D
@@ -279,9 +287,10 @@ def run_worker(spec: dict) -> dict:
     print(COLD_DONE, flush=True)  # the parent's time limit for the cold run ends here
     deadline = start + spec["max_seconds"]
     warmup = spec["warmup"] if spec["warmup"] is not None else default_warmup(device)
-    # the cold run was the first warm-up; the forward gets the second half of the time left
-    halfway = (time.perf_counter() + deadline) / 2
-    fb = _timed(forward_backward, device, warmup - 1, spec["repeats"], halfway)
+    # the cold run was the first warm-up; the forward (about a third of the work) gets the last quarter
+    # of the time left
+    now = time.perf_counter()
+    fb = _timed(forward_backward, device, warmup - 1, spec["repeats"], now + (deadline - now) * 3 / 4)
     fwd = _timed(forward, device, warmup, spec["repeats"], deadline)
     return {
         "status": "ok",
@@ -289,6 +298,7 @@ def run_worker(spec: dict) -> dict:
         "forward_backward_s": fb.seconds,
         "peak_bytes": memory.peak,
         "repeats": fb.calls,
+        "calls": {"forward": fwd.calls, "forward_backward": fb.calls},
         "timing": {"forward": fwd.way, "forward_backward": fb.way},
     }
 

@@ -58,7 +58,11 @@ def bench_table(rows: list[Row], config: BenchConfig, title: str) -> Table:
     table = Table(
         title=title,
         title_justify="left",
-        caption=f"speedup: SDPA {step} time / H-attn's; mem: H-attn peak / SDPA's\n{_timing_line(rows)}",
+        caption="\n".join(
+            filter(
+                None, [f"speedup: SDPA {step} time / H-attn's; mem: H-attn peak / SDPA's", _timing_line(rows)]
+            )
+        ),  # fmt: skip
         caption_justify="left",
         box=box.SIMPLE_HEAD,  # no vertical rules: the table fits 80 columns
         show_edge=False,

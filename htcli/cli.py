@@ -932,9 +932,10 @@ def bench(
             _bench_decode(preset, device, dtype, json_output)
             return
         _check_bench_options(ctx, model, preset, both, causal)
+        modes = [True] if model else [False, True] if both or causal is None else [causal]
         config = BenchConfig(
             seq_lens=_int_list(seq_lens or ["8192"]), batch_size=batch_size, heads=heads, dim_head=dim_head,
-            block_size=block_size, modes=[False, True] if both or causal is None else [causal], device=device,
+            block_size=block_size, modes=modes, device=device,
             dtype=dtype, warmup=warmup, repeats=repeats, max_seconds=max_seconds, model=model, preset=preset,
             impl=impl,
         )  # fmt: skip
@@ -951,6 +952,11 @@ def _check_bench_options(
         raise HtcliError("--preset chooses the model of --model and --decode: add one of them, or drop it")
     if both and causal is not None:
         raise HtcliError("--both measures both modes: give it or --causal/--non-causal, not both")
+    if model and (both or causal is False):
+        raise HtcliError(
+            "--model times the training step of the causal language model that htcli trains (a "
+            "bidirectional one would see the bytes it predicts): drop --non-causal/--both"
+        )
 
 
 def _refuse_attention_options(ctx: typer.Context) -> None:

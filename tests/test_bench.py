@@ -39,16 +39,45 @@ def test_worker_timeout_is_reported():
 
 
 def test_model_step_worker():
-    """--model times a full training step of the tiny preset with either attention, in the row's mode
-    (the non-causal rows timed causal models until a later session)."""
-    from htcli.bench import _model_config
-
+    """--model times a full training step of the tiny preset with either attention."""
     for method in ("h", "sdpa"):
         result = run_isolated(_spec(model=True, method=method, n=128))
         assert result["status"] == "ok", result
-        for causal in (False, True):
-            config = _model_config(_spec(model=True, method=method, n=128, causal=causal))
-            assert (config.causal, config.attention) == (causal, "exact" if method == "sdpa" else "h")
+
+
+def test_the_model_bench_times_the_causal_model_only():
+    """A bidirectional language model would see the bytes it predicts (train refuses one): --model
+    times causal steps, its non-causal rows are refused (they timed the causal model until a later
+    session, labelled non-causal)."""
+    result = CliRunner().invoke(app, ["bench", "--model", "--preset", "tiny", "--seq-len", "128", "--device",
+                                      "cpu", "--repeats", "1", "--json"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert [row["causal"] for row in json.loads(result.stdout)["rows"]] == [True]
+    for mode in ("--non-causal", "--both"):
+        refused = CliRunner().invoke(app, ["bench", "--model", "--preset", "tiny", mode, "--device", "cpu"])
+        assert refused.exit_code == 1 and "causal language model" in refused.stderr
+        assert "Traceback" not in refused.output
+    with pytest.raises(HtcliError, match="model times the causal language model"):
+        BenchConfig(model=True, preset="tiny", seq_lens=[128], device="cpu")
+
+
+def test_default_warmup_by_device_and_the_forward_keeps_its_time(monkeypatch):
+    """--warmup not given: 1 untimed call on a CPU (2 on CUDA, where graphs are captured at the second);
+    the forward+backward is timed until three quarters of the time left, the forward until the end."""
+    import htcli.bench as bench
+
+    assert BenchConfig(device="cpu", seq_lens=[128]).warmup == 1
+    seen = []
+    real = bench._timed
+    monkeypatch.setattr(bench, "_timed", lambda fn, device, warmup, repeats, deadline: seen.append(
+        (warmup, deadline)) or real(fn, device, warmup, repeats, deadline))  # fmt: skip
+    started = time.perf_counter()
+    result = bench.run_worker(_spec(warmup=None, max_seconds=100.0, n=64, block_size=16))
+    assert result["status"] == "ok"
+    assert result["timing"] == {"forward": "one by one", "forward_backward": "one by one"}
+    (fb_warmup, fb_deadline), (fwd_warmup, fwd_deadline) = seen
+    assert (fb_warmup, fwd_warmup) == (0, 1)  # (the cold run was the first)
+    assert started + 70 < fb_deadline < started + 76 and started + 99 < fwd_deadline < started + 101
 
 
 @pytest.mark.parametrize("back_to_back", [False, True])
@@ -75,7 +104,8 @@ def test_timing_counts_the_calls_that_fit_before_the_deadline(back_to_back):
     calls[:] = [0.0, 0.0]  # warmed up; a few calls fit before the deadline, not 100
     timing = _timed(call, cpu, 0, 100, time.perf_counter() + 0.045, back_to_back)
     alone = timing.way == "alone"  # (back to back, where the first call took the time)
-    assert timing.calls <= 6 and timing.way == ("back to back" if back_to_back and not alone else timing.way)
+    way = "back to back" if back_to_back and not alone else "one by one" if timing.calls > 1 else "alone"
+    assert timing.calls <= 6 and timing.way == way
     assert len(calls) == 2 + timing.calls + (back_to_back and not alone)
 
 
@@ -257,7 +287,7 @@ def test_bench_table_fits_80_columns():
     ok = {"status": "ok", "forward_s": 124.8, "forward_backward_s": 328.3, "peak_bytes": 1234 * 2**20}
     rows = [Row(131072, causal, {"h": ok, "sdpa": {"status": "timeout"}}) for causal in (False, True)]
     console = Console(width=80, record=True)
-    console.print(bench_table(rows, BenchConfig(model=True), "a title"))
+    console.print(bench_table(rows, BenchConfig(model=True, modes=[True]), "a title"))
     text = console.export_text()
     assert "…" not in text
     for header in ("n", "mode", "method", "fwd", "step", "tok/s", "peak", "speedup", "mem", "timeout"):

@@ -44,10 +44,10 @@ def test_step_profile_runs_on_the_cpu():
     """step_profile.py times both models' training steps (as bench --model builds them) and profiles them."""
     result = subprocess.run(
         [sys.executable, EXAMPLES / "step_profile.py", "--preset", "tiny", "--seq-len", "128",
-         "--batch-size", "1", "--device", "cpu", "--repeats", "2", "--rows", "3", "--no-causal"],
+         "--batch-size", "1", "--device", "cpu", "--repeats", "2", "--rows", "3"],
         capture_output=True, text=True, check=True,
     )  # fmt: skip
-    assert "tiny preset, non-causal, batch 1 x 128, cpu" in result.stdout
+    assert "tiny preset, causal, batch 1 x 128, cpu" in result.stdout
     for label in ("H-attention model", "exact-attention model"):
         assert f"{label}: step " in result.stdout
         assert f"{label}, 3 steps, by self_cpu_time_total" in result.stdout
