@@ -168,11 +168,11 @@ def _timed(fn: Callable[[], None], device, warmup: int, repeats: int, deadline: 
     """fn's Timing after `warmup` untimed calls; warm-up is skipped and repeating stops once the deadline
     (a perf_counter time) has passed, but one call is always timed.
 
-    On a CPU: calls timed one by one. On CUDA: the first call is timed alone (its time says how many more
-    fit before the deadline), the others back to back, as a training loop runs them (the host queues the
-    next call while the GPU works). Timed one by one, each call would also count the host's latency
-    before its first kernel, which the GPU waits for only when nothing is queued (on a host whose
-    kernel launches are slow, a large part of a short call).
+    On a CPU: the median of calls timed one by one. On CUDA: the first call is timed alone (its time says
+    how many more fit before the deadline), then the mean of the others queued back to back, as a training
+    loop runs them (the host queues the next call while the GPU works). Timed one by one, each call would
+    also count the host's latency before its first kernel, which the GPU waits for only when nothing is
+    queued (on a host whose kernel launches are slow, a large part of a short call).
     back_to_back: the CUDA way (True) or the CPU way (False); None: by the device."""
     for _ in range(warmup):
         if time.perf_counter() > deadline:

@@ -55,14 +55,11 @@ def bench_title(config: BenchConfig, device: str) -> str:
 def bench_table(rows: list[Row], config: BenchConfig, title: str) -> Table:
     """One line per (length, mode, method), with the SDPA/H ratios on the H-attention line."""
     step = "step" if config.model else "fwd+bwd"
+    caption = [f"speedup: SDPA {step} time / H-attn's; mem: H-attn peak / SDPA's", _timing_line(rows)]
     table = Table(
         title=title,
         title_justify="left",
-        caption="\n".join(
-            filter(
-                None, [f"speedup: SDPA {step} time / H-attn's; mem: H-attn peak / SDPA's", _timing_line(rows)]
-            )
-        ),  # fmt: skip
+        caption="\n".join(line for line in caption if line),
         caption_justify="left",
         box=box.SIMPLE_HEAD,  # no vertical rules: the table fits 80 columns
         show_edge=False,
