@@ -225,6 +225,10 @@ class BranchState:
 class AttentionState(BranchState):
     cache: HAttentionCache | KVCache | None = None  # the keys and values decoding needs (set by prefill)
     rotary: torch.Tensor | None = None  # Attention.rotary_turns for every position (rotary models)
+    # tables made by earlier layers of the same prefill, (freqs, table) pairs: a layer whose frequencies
+    # equal one's takes its table (the same for every layer unless frequencies were learned: one table of
+    # 256 bytes a position at dim_head 64, 32 MB at 128k, instead of one per layer)
+    shared_rotary: list = field(default_factory=list)
     qk_weight: torch.Tensor | None = None  # QK-norm's q and k weights stacked (2, 1, d) (qk_norm models)
 
 
@@ -354,9 +358,21 @@ class Attention(nn.Module):
             )
         state.cache.prefill(q, k, v)
         state.linears = [StepLinear(self.to_qkv), StepLinear(self.to_out)]
-        state.rotary = self.rotary_turns(state.cache.capacity + 1, q.device) if self.rotary else None
+        state.rotary = self._shared_turns(state.cache.capacity + 1, q.device, state.shared_rotary)
         if self.q_norm is not None:
             state.qk_weight = torch.stack([self.q_norm.weight, self.k_norm.weight])[:, None]
+
+    def _shared_turns(self, length: int, device, shared: list) -> torch.Tensor | None:
+        """rotary_turns(length), or an equal table an earlier layer made (shared: (freqs, table) pairs)."""
+        if self.rotary is None:
+            return None
+        freqs = self.rotary.freqs.detach()
+        for other, table in shared:
+            if table.shape[0] == length and table.device == device and torch.equal(other, freqs):
+                return table
+        table = self.rotary_turns(length, device)
+        shared.append((freqs, table))
+        return table
 
     def rotary_turns(self, length: int, device) -> torch.Tensor:
         """The rotary embedding's rotations at positions 0..length-1, (length, d/2, 2): each pair's
@@ -572,7 +588,9 @@ class HTransformer1D(nn.Module):
             raise ValueError(
                 f"copies of a prompt need a prompt of one sequence and copies >= 1, got {b}, {copies}"
             )
-        state = DecodingState([LayerState() for _ in self.layers.blocks], StepLinear(self.to_logits))
+        shared: list = []  # the layers' rotary tables (AttentionState.shared_rotary)
+        layers = [LayerState(AttentionState(shared_rotary=shared)) for _ in self.layers.blocks]
+        state = DecodingState(layers, StepLinear(self.to_logits))
         x = self.layers(self.token_emb(tokens), None, states=state.layers)
         if copies > 1:
             for layer in state.layers:

@@ -74,6 +74,26 @@ def test_non_causal_model_cannot_decode():
         model.prefill(torch.zeros(1, 4, dtype=torch.long))
 
 
+def test_layers_share_one_rotary_table_unless_their_frequencies_differ():
+    """A rotary model's decode state holds one table of rotations for every layer (one per layer was
+    256 bytes a position each, 32 MB a layer at 128k); a layer whose frequencies differ (learned ones)
+    gets its own, and decoding still equals the parallel forward."""
+    model = _model(depth=3)
+    tokens = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        _, state = model.prefill(tokens[:, :10])
+        tables = [layer.attention.rotary for layer in state.layers]
+        assert tables[0] is not None and all(table is tables[0] for table in tables)
+        model.layers.blocks[1][0].fn.rotary.freqs.mul_(1.5)
+        expected = model(tokens)
+        logits, state = model.prefill(tokens[:, :10])
+        tables = [layer.attention.rotary for layer in state.layers]
+        assert tables[0] is tables[2] and tables[1] is not tables[0]
+        for i in range(10, 40):
+            logits = model.decode_step(tokens[:, i - 1], state) if i > 10 else logits[:, -1]
+            assert (logits - expected[:, i - 1]).abs().max().item() < 1e-4
+
+
 @pytest.mark.parametrize(
     "overrides", [{}, {"reversible": True}, {"reversible": True, "shift_tokens": False}, {"causal": True}]
 )
