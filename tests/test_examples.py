@@ -73,16 +73,17 @@ def test_recipe_parts_times_every_variant():
 
 def test_triton_sweep_runs_in_the_interpreter(tmp_path):
     """triton_sweep.py (a GPU script) checks, times and picks variants; here through Triton's
-    interpreter at a tiny size and two variants per kernel, so that a GPU session does not find it
-    broken."""
+    interpreter at a tiny size, two variants per kernel and one mode (--mode), so that a GPU session does
+    not find it broken."""
     pytest.importorskip("triton")
     out = tmp_path / "tuning.json"
     result = subprocess.run(
         [sys.executable, EXAMPLES / "triton_sweep.py", "--device", "cpu", "--dtype", "fp16",
          "--seq-len", "96", "--batch-size", "1", "--heads", "1", "--dim-head", "16", "--block-size", "16",
-         "--variants", "2", "--out", out],
+         "--variants", "2", "--out", out, "--mode", "causal"],
         capture_output=True, text=True, check=True, env={**os.environ, "TRITON_INTERPRET": "1"},
     )  # fmt: skip
+    assert "times summed over modes: causal" in result.stdout
     assert "fastest good setting: HTCLI_TRITON_TUNING=" in result.stdout
     assert set(json.loads(out.read_text())) == {"forward", "dq", "dkdv"}
 
