@@ -847,10 +847,11 @@ def eval_(
 def _eval_corpus(corpus: list[str], records, include_hidden: bool):
     """The corpus that eval scores (a ByteCorpus), its record options checked before any file is unpacked
     into the cache."""
-    from htcli.corpus import ByteCorpus, check_records_apply, resolve_corpus
+    from htcli.corpus import ByteCorpus, check_hidden_applies, check_records_apply, resolve_corpus
 
     files = resolve_corpus(corpus, include_hidden=include_hidden)
     check_records_apply(files, records)
+    check_hidden_applies(corpus, include_hidden)
     return ByteCorpus.open(corpus, records=records, files=files)
 
 

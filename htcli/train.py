@@ -32,6 +32,7 @@ from htcli.corpus import (
     ByteCorpus,
     ByteSpan,
     RecordOptions,
+    check_hidden_applies,
     check_records_apply,
     file_identity,
     resolve_corpus,
@@ -256,6 +257,7 @@ class Run:
         # (checked before any file is unpacked into the cache; a run resumed goes on as it began)
         if not self.resumed:
             check_records_apply(files + val_files, records)
+            check_hidden_applies([*config.corpus, *(config.val or [])], config.include_hidden)
         corpus = ByteCorpus.open(config.corpus, records=records, files=files)
         self.corpora.append(corpus)
         val = ByteCorpus.open(config.val, records=records, files=val_files) if config.val else None

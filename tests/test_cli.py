@@ -417,6 +417,8 @@ def test_impossible_options(run_copy, flags, message):
             "the rotary-position embedding needs an even --dim-head, got 5",
         ),  # (said --rotary)
         (["--clip", "-1"], "--clip must be >= 0, got -1.0"),  # (named --weight-decay too)
+        (["--include-hidden"], "--include-hidden reads the hidden files of directories and glob patterns"),
+        (["--include-hidden", "--val", "VAL"], "and the corpus names files alone: leave it out"),
     ],
 )
 def test_impossible_new_runs(corpus, tmp_path, flags, message):
@@ -872,3 +874,6 @@ def test_eval_refuses_record_options_for_plain_text(run_copy, tmp_path, monkeypa
         result = invoke("eval", run, path, "--text-field", "body", "--device", "cpu")
         assert_user_error(result, "--text-field concerns the records of JSONL and Parquet files, and the")
     assert not list((tmp_path / "cache").rglob("*"))
+    result = invoke("eval", run, corpus, "--include-hidden", "--device", "cpu")  # (ignored too)
+    assert_user_error(result, "--include-hidden reads the hidden files of directories and glob patterns")
+    assert invoke("eval", run, corpus.parent, "--include-hidden", "--device", "cpu").exit_code == 0

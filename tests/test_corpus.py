@@ -540,3 +540,17 @@ def test_an_entry_an_older_htcli_made_is_not_read(tmp_path):
     old.with_name(old.name + ".json").write_text("{}")
     entry, facts = cached(source, "copy", lambda sink: sink.write(b"abc") and {"records": 1}, cache)
     assert entry.read_bytes() == b"abc" and facts == {"records": 1}
+
+
+def test_include_hidden_is_refused_where_it_would_change_nothing(tmp_path):
+    """include_hidden concerns walks and globs: for a corpus of named files alone it is refused (it was
+    ignored without a word); a directory or a pattern among them takes it."""
+    from htcli.corpus import check_hidden_applies
+
+    text = tmp_path / "a.txt"
+    text.write_text("abc")
+    with pytest.raises(HtcliError, match="include_hidden reads the hidden files of directories and glob"):
+        check_hidden_applies([text], True)
+    check_hidden_applies([text], False)
+    check_hidden_applies([text, tmp_path], True)
+    check_hidden_applies([str(tmp_path / "*.txt")], True)

@@ -3,7 +3,7 @@ JSONL, Parquet), the cache where compressed and record files are made into bytes
 the whole read as one byte string (reader.py)."""
 
 from htcli.corpus.cache import cache_dir
-from htcli.corpus.find import check_corpus_given, file_identity, resolve_corpus
+from htcli.corpus.find import check_corpus_given, check_hidden_applies, file_identity, resolve_corpus
 from htcli.corpus.formats import RECORD_SEPARATOR, RecordOptions, check_records_apply
 from htcli.corpus.reader import ByteCorpus, ByteSpan
 
@@ -14,6 +14,7 @@ __all__ = [
     "RecordOptions",
     "cache_dir",
     "check_corpus_given",
+    "check_hidden_applies",
     "check_records_apply",
     "file_identity",
     "resolve_corpus",

@@ -51,6 +51,23 @@ def resolve_corpus(
     return files
 
 
+def check_hidden_applies(specs: Sequence[str | os.PathLike], include_hidden: bool) -> None:
+    """HtcliError where include_hidden is given and no spec is a directory or a glob pattern: hidden files
+    are looked for only there, and it would be ignored without a word."""
+    if include_hidden and not any(_searched(spec) for spec in specs):
+        raise HtcliError(
+            "include_hidden reads the hidden files of directories and glob patterns, and the corpus names "
+            "files alone: leave it out",
+            fields=("include_hidden",),
+        )
+
+
+def _searched(spec: str | os.PathLike) -> bool:
+    """Whether spec is a directory or a glob pattern (what _files_of walks or matches)."""
+    path = Path(spec).expanduser()
+    return path.is_dir() or not path.exists() and any(c in str(spec) for c in GLOB_CHARACTERS)
+
+
 def file_identity(path: str | os.PathLike) -> tuple:
     """What makes a file itself, whatever names it (links, symbolic or hard): its device and inode (its
     absolute path where it cannot be looked at)."""
