@@ -57,7 +57,7 @@ def check_hidden_applies(specs: Sequence[str | os.PathLike], include_hidden: boo
     if include_hidden and not any(_searched(spec) for spec in specs):
         raise HtcliError(
             "include_hidden reads the hidden files of directories and glob patterns, and the corpus names "
-            "files alone: leave it out",
+            "files alone: leave it out (or turn it off)",
             fields=("include_hidden",),
         )
 
