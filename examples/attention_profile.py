@@ -13,7 +13,6 @@ launched kernel by kernel instead of replayed from CUDA graphs.
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
@@ -21,27 +20,17 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 from htcli.attention import h_attention
+from htcli.bench import timed
 
 
 def _timed(fn, repeats: int = 10) -> tuple[float, float]:
-    """Milliseconds per call of fn after two warm-up calls: (the median of calls timed alone, each with a
-    synchronisation after it; the mean of calls queued back to back between two CUDA events)."""
-    for _ in range(2):
-        fn()
-    alone = []
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        started = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        alone.append((time.perf_counter() - started) * 1e3)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return statistics.median(alone), start.elapsed_time(end) / repeats
+    """Milliseconds per call of fn after two warm-up calls, both ways htcli's bench times calls (bench.timed):
+    the median of calls timed alone, each with a synchronisation after it, and the mean of calls queued
+    back to back (after one alone)."""
+    device, deadline = torch.device("cuda"), time.perf_counter() + 3600
+    alone = timed(fn, device, 2, repeats, deadline, back_to_back=False)
+    queued = timed(fn, device, 0, repeats + 1, deadline, back_to_back=True)
+    return alone.seconds * 1e3, queued.seconds * 1e3
 
 
 def main() -> None:

@@ -20,7 +20,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from htcli.bench import model_step
+from htcli.bench import model_step, timed
 from htcli.device import resolve_device
 
 
@@ -30,22 +30,19 @@ def _sync(device) -> None:
 
 
 def _timings(step, device, repeats: int) -> tuple[float, float, float]:
-    """Milliseconds: (median timed alone, mean back to back, median host time to issue one step)."""
-    alone, host = [], []
+    """Milliseconds: (the median of steps timed alone, the mean of steps queued back to back: both ways
+    htcli's bench times calls, bench.timed; the median of the host's time to issue one step)."""
+    deadline = time.perf_counter() + 3600
+    alone = timed(step, device, 0, repeats, deadline, back_to_back=False)
+    queued = timed(step, device, 0, repeats + 1, deadline, back_to_back=True)
+    host = []
     for _ in range(repeats):
         _sync(device)
         started = time.perf_counter()
         step()
         host.append(time.perf_counter() - started)
-        _sync(device)
-        alone.append(time.perf_counter() - started)
     _sync(device)
-    started = time.perf_counter()
-    for _ in range(repeats):
-        step()
-    _sync(device)
-    queued = (time.perf_counter() - started) / repeats
-    return statistics.median(alone) * 1e3, queued * 1e3, statistics.median(host) * 1e3
+    return alone.seconds * 1e3, queued.seconds * 1e3, statistics.median(host) * 1e3
 
 
 def main() -> None:
@@ -64,8 +61,7 @@ def main() -> None:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     for method, label in (("h", "H-attention model"), ("sdpa", "exact-attention model")):
         spec = dict(method=method, preset=args.preset, n=args.seq_len, batch_size=args.batch_size)
-        spec["causal"] = True
-        step = model_step(spec, device, dtype)[1]
+        step = model_step({**spec, "causal": True}, device, dtype)[1]
         for _ in range(3):  # (the second call captures the attention's CUDA graphs)
             step()
         _sync(device)

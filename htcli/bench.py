@@ -164,7 +164,7 @@ class Timing:
     way: str
 
 
-def _timed(fn: Callable[[], None], device, warmup: int, repeats: int, deadline: float, back_to_back=None):
+def timed(fn: Callable[[], None], device, warmup: int, repeats: int, deadline: float, back_to_back=None):
     """fn's Timing after `warmup` untimed calls; warm-up is skipped and repeating stops once the deadline
     (a perf_counter time) has passed, but one call is always timed.
 
@@ -267,7 +267,7 @@ def model_step(spec: dict, device, dtype):
 
 
 def run_worker(spec: dict) -> dict:
-    """Measure one (method, length, mode): forward and forward+backward time (_timed), peak memory."""
+    """Measure one (method, length, mode): forward and forward+backward time (timed), peak memory."""
     import torch
 
     from htcli.device import resolve_device, torch_dtype
@@ -290,8 +290,8 @@ def run_worker(spec: dict) -> dict:
     # the cold run was the first warm-up; the forward (about a third of the work) gets the last quarter
     # of the time left
     now = time.perf_counter()
-    fb = _timed(forward_backward, device, warmup - 1, spec["repeats"], now + (deadline - now) * 3 / 4)
-    fwd = _timed(forward, device, warmup, spec["repeats"], deadline)
+    fb = timed(forward_backward, device, warmup - 1, spec["repeats"], now + (deadline - now) * 3 / 4)
+    fwd = timed(forward, device, warmup, spec["repeats"], deadline)
     return {
         "status": "ok",
         "forward_s": fwd.seconds,

@@ -94,7 +94,7 @@ WAYS = {  # bench.Timing's ways
 
 
 def _timing_line(rows: list[Row]) -> str:
-    """How the times were taken (bench._timed), every way some result was."""
+    """How the times were taken (bench.timed), every way some result was."""
     results = [result for row in rows for result in row.results.values()]
     ways = {way for result in results for way in result.get("timing", {}).values()}
     return "times: " + "; some ".join(WAYS[way] for way in WAYS if way in ways) if ways else ""

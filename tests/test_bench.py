@@ -68,8 +68,8 @@ def test_default_warmup_by_device_and_the_forward_keeps_its_time(monkeypatch):
 
     assert BenchConfig(device="cpu", seq_lens=[128]).warmup == 1
     seen = []
-    real = bench._timed
-    monkeypatch.setattr(bench, "_timed", lambda fn, device, warmup, repeats, deadline: seen.append(
+    real = bench.timed
+    monkeypatch.setattr(bench, "timed", lambda fn, device, warmup, repeats, deadline: seen.append(
         (warmup, deadline)) or real(fn, device, warmup, repeats, deadline))  # fmt: skip
     started = time.perf_counter()
     result = bench.run_worker(_spec(warmup=None, max_seconds=100.0, n=64, block_size=16))
@@ -86,7 +86,7 @@ def test_timing_counts_the_calls_that_fit_before_the_deadline(back_to_back):
     deadline, but one call is always timed, and the warm-up is never timed."""
     import torch
 
-    from htcli.bench import _timed
+    from htcli.bench import timed
 
     calls = []
 
@@ -95,14 +95,14 @@ def test_timing_counts_the_calls_that_fit_before_the_deadline(back_to_back):
         time.sleep(0.05 if len(calls) <= 2 else 0.01)  # two slow warm-up calls, then fast ones
 
     cpu = torch.device("cpu")
-    timing = _timed(call, cpu, 2, 5, time.perf_counter() + 60, back_to_back)
+    timing = timed(call, cpu, 2, 5, time.perf_counter() + 60, back_to_back)
     assert len(calls) == 7 and 0.01 <= timing.seconds < 0.03
     assert (timing.calls, timing.way) == ((4, "back to back") if back_to_back else (5, "one by one"))
     calls.clear()
-    timing = _timed(call, cpu, 2, 5, time.perf_counter(), back_to_back)  # no time left: one call
+    timing = timed(call, cpu, 2, 5, time.perf_counter(), back_to_back)  # no time left: one call
     assert len(calls) == 1 and (timing.calls, timing.way) == (1, "alone") and timing.seconds >= 0.05
     calls[:] = [0.0, 0.0]  # warmed up; a few calls fit before the deadline, not 100
-    timing = _timed(call, cpu, 0, 100, time.perf_counter() + 0.045, back_to_back)
+    timing = timed(call, cpu, 0, 100, time.perf_counter() + 0.045, back_to_back)
     alone = timing.way == "alone"  # (back to back, where the first call took the time)
     way = "back to back" if back_to_back and not alone else "one by one" if timing.calls > 1 else "alone"
     assert timing.calls <= 6 and timing.way == way
