@@ -31,12 +31,6 @@ def to_devnull(fds: list[int]) -> None:
             os.close(null)
 
 
-def _leave_the_terminal(fds: list[int]) -> None:
-    """These descriptors (a terminal's) sent to /dev/null: after a hangup, writing to the terminal fails
-    (EIO), and a failed print must not stop the save that follows (nohup's redirection, made late)."""
-    to_devnull(fds)
-
-
 class StopRequest:
     """While active, the first SIGINT, SIGTERM or SIGHUP only records itself in `signal` (the loop saves,
     then stops; after SIGHUP, output to the terminal goes to /dev/null); a second one acts as it would have
@@ -55,12 +49,14 @@ class StopRequest:
         return self.signal is not None
 
     def _handle(self, signum, frame) -> None:
+        # after a hangup, writing to the terminal fails (EIO), and a failed print must not stop the save that
+        # follows: its outputs go to /dev/null (nohup's redirection, made late)
         if signum == signal.SIGHUP:
-            _leave_the_terminal(self._terminal)
+            to_devnull(self._terminal)
         self.signal = signal.Signals(signum)
         for number, handler in self._previous.items():  # (SIGHUP's set at once: no moment at its default)
             if number == signal.SIGHUP:  # (a shell that loses its terminal sends its own SIGHUP too)
-                handler = lambda *_: _leave_the_terminal(self._terminal)  # noqa: E731
+                handler = lambda *_: to_devnull(self._terminal)  # noqa: E731
             signal.signal(number, handler)
 
     def __enter__(self) -> StopRequest:
