@@ -41,7 +41,8 @@ VARIANTS = {
 
 def optimizer_for(model: HTransformer1D, name: str):
     """The optimizer `htcli train --optimizer name` makes; "torch-muon": muon's, with torch.optim.Muon
-    itself (every matrix orthogonalised alone) in place of htcli's Muon (same-shaped ones together)."""
+    itself (every matrix orthogonalised alone, in bf16 always) in place of htcli's Muon (same-shaped ones
+    together, in fp32 on a CPU without AMX)."""
     config = TrainConfig(corpus=["-"], model=model.config, optimizer="muon" if name == "torch-muon" else name)
     optimizer = make_optimizer(model, config)
     if name == "torch-muon":

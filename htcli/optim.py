@@ -7,6 +7,7 @@ import math
 import torch
 
 from htcli.config import TrainConfig
+from htcli.device import multiplies_bf16
 
 
 def learning_rate(step: int, config: TrainConfig) -> float:
@@ -29,10 +30,13 @@ def context_length(step: int, config: TrainConfig) -> int:
     return full
 
 
-def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer | MuonAdamW:
+def make_optimizer(
+    model: torch.nn.Module, config: TrainConfig, products: torch.dtype | None = None
+) -> torch.optim.Optimizer | MuonAdamW:
     """AdamW with weight decay on matrices and embeddings only (not on norms and biases); with
     config.optimizer "muon", Muon for the matrices inside the layers and AdamW for the rest (the
-    embedding, the output head, norms and biases), as in the nanoGPT speedrun."""
+    embedding, the output head, norms and biases), as in the nanoGPT speedrun. products: the precision of
+    Muon's Newton-Schulz products (None: newton_schulz_dtype of the model's device)."""
     hidden = set()
     if config.optimizer == "muon":
         hidden = {id(p) for p in model.layers.parameters() if p.ndim == 2 and p.requires_grad}
@@ -46,8 +50,18 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.O
         return adamw
     matrices = [p for p in model.layers.parameters() if id(p) in hidden]
     # the update's RMS matched to AdamW's, so that both follow one learning rate
-    muon = Muon(matrices, lr=config.lr, weight_decay=config.weight_decay, adjust_lr_fn="match_rms_adamw")
+    if products is None:
+        products = newton_schulz_dtype(next(model.parameters()).device)
+    rates = dict(lr=config.lr, weight_decay=config.weight_decay, adjust_lr_fn="match_rms_adamw")
+    muon = Muon(matrices, products=products, **rates)
     return MuonAdamW(muon, adamw)
+
+
+def newton_schulz_dtype(device: torch.device) -> torch.dtype:
+    """bf16 (torch's Muon's precision) where device multiplies it in hardware, else fp32: on a CPU without
+    AMX, bf16's emulated products made a step of the recipe's model 1,044 ms against 86 ms with AdamW
+    (a 2-core AVX2 EPYC); in fp32 it takes about AdamW's time, and orthogonalises more precisely."""
+    return torch.bfloat16 if multiplies_bf16(device) else torch.float32
 
 
 class Muon(torch.optim.Muon):
@@ -59,7 +73,12 @@ class Muon(torch.optim.Muon):
     arithmetic (bf16 products, fp32 momentum and weights): bit for bit the same updates at the small
     and recipe models' shapes (tested); for larger tall matrices (the base preset's 1536 x 512) CPU
     bf16 products of the contiguous transposed copy round differently from torch's strided view, at
-    bf16's rounding (up to ~2e-3 of an update of RMS ~1)."""
+    bf16's rounding (up to ~2e-3 of an update of RMS ~1). products: the precision of the Newton-Schulz
+    products, bf16 as torch's (make_optimizer takes fp32 where bf16 is emulated)."""
+
+    def __init__(self, params, *, products: torch.dtype = torch.bfloat16, **options):
+        super().__init__(params, **options)
+        self.products = products
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -83,7 +102,9 @@ class Muon(torch.optim.Muon):
                 by_shape.setdefault(tuple(param.shape), []).append(index)
             for shape, indices in by_shape.items():
                 stacked = torch.stack([updates[i] for i in indices])
-                orthogonal = orthogonalise(stacked, group["ns_coefficients"], group["ns_steps"], group["eps"])
+                orthogonal = orthogonalise(
+                    stacked, group["ns_coefficients"], group["ns_steps"], group["eps"], self.products
+                )
                 rate = lr * rate_ratio(group["adjust_lr_fn"], shape)
                 torch._foreach_add_([params[i] for i in indices], orthogonal.float().unbind(), alpha=-rate)
         return loss
@@ -102,13 +123,17 @@ def rate_ratio(adjust_lr_fn: str | None, shape: tuple[int, ...]) -> float:
 
 
 def orthogonalise(
-    matrices: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float
+    matrices: torch.Tensor,
+    coefficients: tuple[float, float, float],
+    steps: int,
+    eps: float,
+    dtype: torch.dtype = torch.bfloat16,
 ) -> torch.Tensor:
-    """Muon's Newton-Schulz iteration (torch.optim.Muon's quintic, in bf16) on a batch of matrices
+    """Muon's Newton-Schulz iteration (torch.optim.Muon's quintic, in bf16 or dtype) on a batch of matrices
     (m, rows, columns) at once: each is scaled to Frobenius norm 1, then mapped towards the nearest
     semi-orthogonal matrix (U S' V^T with S' around 1, where the matrix is U S V^T)."""
     a, b, c = coefficients
-    x = matrices.bfloat16()
+    x = matrices.to(dtype)
     wide = matrices.shape[-2] <= matrices.shape[-1]  # work on the side with fewer rows, as torch does
     x = x if wide else x.mT.contiguous()
     x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)

@@ -53,7 +53,7 @@ from htcli.files import CONFIG_FILE, LOG_FILE, OPTIMIZER_FILE, STATE_FILE, write
 from htcli.flops import peak_bf16_flops, train_flops
 from htcli.loggers import check_loggers, close_loggers, open_loggers
 from htcli.model import HTransformer1D
-from htcli.optim import context_length, learning_rate, make_optimizer
+from htcli.optim import context_length, learning_rate, make_optimizer, newton_schulz_dtype
 from htcli.rundir import open_run, resolve_resume
 from htcli.runlock import RunLock
 from htcli.runlog import LogError, RunLog, trim_log
@@ -237,7 +237,7 @@ class Run:
         torch.manual_seed(config.seed)
         self.model = HTransformer1D(config.model).to(self.device)
         self.params = sum(p.numel() for p in self.model.parameters())
-        self.optimizer = make_optimizer(self.model, config)
+        self.optimizer = make_optimizer(self.model, config, self._agreed_products())
         self.sampler = rank_sampler(len(self.train_data), self.window, config, self.rank, self.world_size)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.step, self.val_bpb, self.saved_step = 0, None, None
@@ -290,6 +290,13 @@ class Run:
             return self.dtype
         names = distributed.all_gather(dtype_name(self.dtype))
         return self.dtype if len(set(names)) == 1 else torch.float32
+
+    def _agreed_products(self) -> torch.dtype:
+        """The precision of Muon's Newton-Schulz products, one on every rank (a collective: ranks on unlike
+        machines must make the same updates): bf16 where every rank's device multiplies it in hardware,
+        else fp32 (optim.newton_schulz_dtype)."""
+        chosen = distributed.all_gather(dtype_name(newton_schulz_dtype(self.device)))
+        return torch.bfloat16 if set(chosen) == {"bf16"} else torch.float32
 
     def _restore(self, info, weights, optimizer_state, state) -> None:
         """Continue exactly where the checkpoint left off: weights, optimizer, step, this rank's RNGs."""

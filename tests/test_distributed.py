@@ -203,7 +203,8 @@ device.cpu_multiplies_bf16 = lambda: os.environ["RANK"] == "0"
 prepare = train.Run._prepare
 def said(self, resume):
     prepare(self, resume)
-    print(f"rank {os.environ['RANK']} computes in {self.dtype}", file=sys.stderr)
+    muon = self.optimizer.parts[0].products
+    print(f"rank {os.environ['RANK']} computes in {self.dtype}, Muon in {muon}", file=sys.stderr)
 train.Run._prepare = said
 app(prog_name="htcli")
 """
@@ -298,13 +299,14 @@ def test_nan_on_one_rank_stops_every_rank(ddp_run, tmp_path):
 
 def test_ranks_on_unlike_cpus_compute_in_one_precision(ddp_run, tmp_path):
     """dtype auto resolves per machine: bf16 on rank 0 (AMX), fp32 on rank 1 (none); the ranks then both
-    train in fp32 rather than average gradients computed in two precisions."""
+    train in fp32 rather than average gradients computed in two precisions, and both orthogonalise Muon's
+    updates in fp32 (rank 0 alone would in bf16: the ranks' weights would part)."""
     program = ("-c", UNLIKE_CPUS)
     ranks = start_ranks(ddp_run[1], "--out", tmp_path / "run", *FLAGS, "--steps", 1, program=program)
     errors = finish(ranks)
     assert [process.returncode for process in ranks] == [0, 0], errors
     for rank, error in enumerate(errors):
-        assert f"rank {rank} computes in torch.float32" in error, error
+        assert f"rank {rank} computes in torch.float32, Muon in torch.float32" in error, error
     assert json.loads((tmp_path / "run" / "state.json").read_text())["dtype"] == "fp32"
 
 
