@@ -237,7 +237,8 @@ class Run:
         torch.manual_seed(config.seed)
         self.model = HTransformer1D(config.model).to(self.device)
         self.params = sum(p.numel() for p in self.model.parameters())
-        self.optimizer = make_optimizer(self.model, config, self._agreed_products())
+        self.products = self._muon_products(None if checkpoint is None else checkpoint[-1])
+        self.optimizer = make_optimizer(self.model, config, self.products)
         self.sampler = rank_sampler(len(self.train_data), self.window, config, self.rank, self.world_size)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.step, self.val_bpb, self.saved_step = 0, None, None
@@ -291,11 +292,14 @@ class Run:
         names = distributed.all_gather(dtype_name(self.dtype))
         return self.dtype if len(set(names)) == 1 else torch.float32
 
-    def _agreed_products(self) -> torch.dtype:
-        """The precision of Muon's Newton-Schulz products, one on every rank (a collective: ranks on unlike
-        machines must make the same updates): bf16 where every rank's device multiplies it in hardware,
-        else fp32 (optim.newton_schulz_dtype)."""
+    def _muon_products(self, state: dict | None) -> torch.dtype:
+        """The precision of Muon's Newton-Schulz products. A new run: bf16 where every rank's device
+        multiplies it in hardware, else fp32 (optim.newton_schulz_dtype; a collective: ranks on unlike
+        machines must make the same updates). A resumed run goes on in the one it began in, wherever it
+        resumes, so that it goes on exactly (its state.json's; bf16 before htcli saved it, as then always)."""
         chosen = distributed.all_gather(dtype_name(newton_schulz_dtype(self.device)))
+        if state is not None:
+            return torch.float32 if state.get("muon_products") == "fp32" else torch.bfloat16
         return torch.bfloat16 if set(chosen) == {"bf16"} else torch.float32
 
     def _restore(self, info, weights, optimizer_state, state) -> None:
@@ -468,6 +472,7 @@ class Run:
             state = {"world_size": self.world_size, "ranks": ranks, "grad_scaler": self.scaler.state_dict()}
             state["corpus_bytes"] = [len(self.train_data), len(self.val_data)]  # (a resume compares)
             state["dtype"] = dtype_name(self.dtype)  # (a resume with dtype auto keeps it)
+            state["muon_products"] = dtype_name(self.products)  # (a resume keeps it)
             try:
                 save_checkpoint(
                     self.out, self.model, self.optimizer, state, step=self.step, val_bpb=self.val_bpb

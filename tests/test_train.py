@@ -180,12 +180,7 @@ def test_resume_with_auto_dtype_goes_on_in_the_precision_it_began(
     monkeypatch.setattr(device, "cpu_multiplies_bf16", lambda: amx_before)
     whole = train(tiny_config(corpus, tmp_path / "whole"))
     config = tiny_config(corpus, tmp_path / "split", save_every=0)
-
-    def stop(event):
-        if event["event"] == "step" and event["step"] == 3:
-            os.kill(os.getpid(), signal.SIGINT)
-
-    assert train(config, on_event=stop).step == 3
+    assert train(config, on_event=interrupt_at(3)).step == 3
     if old_state:
         state = json.loads((tmp_path / "split" / "state.json").read_text())
         (tmp_path / "split" / "state.json").write_text(
@@ -196,6 +191,34 @@ def test_resume_with_auto_dtype_goes_on_in_the_precision_it_began(
     expected, got = weights(tmp_path / "whole"), weights(tmp_path / "split")
     assert all(torch.equal(expected[name], got[name]) for name in expected)
     assert [e["dtype"] for e in events(tmp_path / "split", "start")] == ["bf16" if amx_before else "fp32"] * 2
+    products = json.loads((tmp_path / "split" / "state.json").read_text())["muon_products"]
+    assert products == ("bf16" if amx_before else "fp32")  # (Muon's, as it began)
+
+
+def interrupt_at(step: int):
+    """An on_event callback that sends this process a SIGINT (Ctrl-C) at a step's event."""
+
+    def interrupt(event):
+        if event["event"] == "step" and event["step"] == step:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    return interrupt
+
+
+def test_a_run_saved_before_muon_precision_was_recorded_goes_on_in_bf16(corpus, tmp_path, monkeypatch):
+    """Runs saved before state.json named Muon's precision made its products in bf16 on every device:
+    resumed, one goes on in bf16, bitwise as one run, also where a new run would take fp32."""
+    monkeypatch.setattr(train_module, "newton_schulz_dtype", lambda device: torch.bfloat16)
+    train(tiny_config(corpus, tmp_path / "whole"))
+    config = tiny_config(corpus, tmp_path / "split", save_every=0)
+    assert train(config, on_event=interrupt_at(3)).step == 3
+    state = json.loads((tmp_path / "split" / "state.json").read_text())
+    assert state.pop("muon_products") == "bf16"
+    (tmp_path / "split" / "state.json").write_text(json.dumps(state))
+    monkeypatch.setattr(train_module, "newton_schulz_dtype", lambda device: torch.float32)
+    train(config, resume=True)
+    expected, got = weights(tmp_path / "whole"), weights(tmp_path / "split")
+    assert all(torch.equal(expected[name], got[name]) for name in expected)
 
 
 def test_cpu_bf16_detection_without_torchs_check(monkeypatch):
