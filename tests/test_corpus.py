@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 from conftest import TINY_FLAGS, assert_user_error, invoke, make_text, tiny_config
@@ -194,6 +195,27 @@ def test_the_run_directory_is_never_corpus(tmp_path):
     assert start["event"] == "end"
     events = [json.loads(line) for line in (root / "run" / "log.jsonl").read_text().splitlines()]
     assert {e["train_bytes"] + e["val_bytes"] for e in events if e["event"] == "start"} == {20_000}
+
+
+def test_a_glob_in_the_run_directory_matches_its_corpus_files(tmp_path, monkeypatch):
+    """`htcli train '*' --out .` in a directory of corpus files: the pattern, whose fixed part is the run
+    directory, matches the files there but none that the run writes, on resume too (it matched nothing
+    before); a pattern from above the run directory skips it whole, and says so."""
+    corpus = tmp_path / "corpus"
+    write(corpus / "a.txt", make_text(20_000))
+    write(corpus / "b.txt", make_text(5_000, seed=1))
+    monkeypatch.chdir(corpus)
+    for more in ([], ["--resume"]):
+        result = invoke("train", "*", *TINY_FLAGS, "--steps", 2 + len(more), "--out", ".", *more)
+        assert result.exit_code == 0, result.output
+    assert "changed" not in result.stderr
+    starts = [json.loads(line) for line in (corpus / "log.jsonl").read_text().splitlines()]
+    assert [e["train_bytes"] + e["val_bytes"] for e in starts if e["event"] == "start"] == [25_000] * 2
+    assert len(os.listdir(corpus)) > 4  # (the run's files lie beside the corpus's)
+    assert resolve_corpus(["*"], exclude=[corpus]) == [Path("a.txt"), Path("b.txt")]
+    write(tmp_path / "new" / "c.txt", b"c")  # (the directory of a run that has not started)
+    with pytest.raises(HtcliError, match=r"no files match .*c\.txt \(the run directory's files aside\)"):
+        resolve_corpus([tmp_path / "**" / "c.txt"], exclude=[tmp_path / "new"])
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz", ".jsonl.zst"])

@@ -2,9 +2,11 @@
 
 Inside a named directory (or a `**` pattern) hidden files and directories, whose names start with
 ".", are skipped (`.git`, `.venv`, `.env`, editor swap files) unless `include_hidden`; a file named
-on its own is always read. Paths under `exclude` (a run's own directory) are never corpus, nor are
-the directories of other htcli runs found inside a named directory (their weights and logs are not
-text to train on; a run directory named itself is read). A directory's files come sorted by path;
+on its own is always read. Paths under `exclude` (a run's own directory) are never corpus, except
+files there that the run does not write, named on their own or matched by a glob pattern whose fixed
+part lies there (`htcli train '*.txt' --out .`); nor are the directories of other htcli runs found
+inside a named directory (their weights and logs are not text to train on; a run directory named itself
+is read). A directory's files come sorted by path;
 symbolic links to directories are not followed.
 """
 
@@ -111,9 +113,14 @@ def _files_of(spec: str | os.PathLike, include_hidden: bool, excluded: list[Path
             raise HtcliError(f"{spec} is not a regular file: give files, directories or glob patterns")
         return [path]
     if any(c in str(spec) for c in GLOB_CHARACTERS):
-        found = sorted(p for p in _glob(path, include_hidden) if not _under_any(p, excluded))
+        inside = _under_any(_fixed_prefix(path), excluded)  # (it names files of the run directory)
+        matches = sorted(_glob(path, include_hidden))
+        found = [p for p in matches if not (_written_by_a_run if inside else _under_any)(p, excluded)]
         if not found:
-            raise HtcliError(f"no files match {spec}: check the pattern (quote it so the shell leaves it)")
+            aside = " (the run directory's files aside)" if matches else ""
+            raise HtcliError(
+                f"no files match {spec}{aside}: check the pattern (quote it so the shell leaves it)"
+            )
         return found
     raise HtcliError(f"corpus {spec} does not exist: give a file, a directory or a glob pattern")
 
