@@ -115,7 +115,7 @@ def _extract(source: Path, what: str, options: RecordOptions, sink: IO[bytes]) -
         if text is None:
             skipped += 1
             continue
-        sink.write(text.encode("utf-8"))
+        sink.write(text)
         sink.write(RECORD_SEPARATOR)
         count += 1
     return {"records": count, "skipped": skipped}
@@ -130,8 +130,8 @@ def _bad(options: RecordOptions, where: str, problem: str) -> None:
         )
 
 
-def jsonl_texts(source: Path, what: str, options: RecordOptions) -> Iterator[str | None]:
-    """The text_field of each record of a JSONL file (None for a bad record that is skipped)."""
+def jsonl_texts(source: Path, what: str, options: RecordOptions) -> Iterator[bytes | None]:
+    """The text_field of each record of a JSONL file, in UTF-8 (None for a bad record that is skipped)."""
     with _opened(source, what.removeprefix("jsonl").lstrip(".") or "plain") as stream:
         try:
             for number, line in enumerate(stream, 1):
@@ -141,7 +141,7 @@ def jsonl_texts(source: Path, what: str, options: RecordOptions) -> Iterator[str
             raise HtcliError(f"{source} is not a readable {what} file (truncated or corrupt?)") from None
 
 
-def _record_text(line: bytes, options: RecordOptions, where: str) -> str | None:
+def _record_text(line: bytes, options: RecordOptions, where: str) -> bytes | None:
     field = options.text_field
     try:
         record = json.loads(line.decode("utf-8"))
@@ -167,24 +167,23 @@ def _record_text(line: bytes, options: RecordOptions, where: str) -> str | None:
     return _without_separator(text, options, where, field)
 
 
-def _without_separator(text: str, options: RecordOptions, where: str, field: str) -> str | None:
-    """A record's text, unless it holds the record separator or a lone surrogate (JSON's "\\ud800", which
-    is no character and has no UTF-8: it went in as the bytes ED A0 80): then a bad record."""
+def _without_separator(text: str, options: RecordOptions, where: str, field: str) -> bytes | None:
+    """A record's text in UTF-8, unless it holds the record separator or a lone surrogate (JSON's
+    "\\ud800", which is no character and has no UTF-8: it went in as the bytes ED A0 80): then a bad
+    record."""
     if SEPARATOR_CHARACTER in text:
         return _bad(
             options, where, f"field {field!r} holds a NUL character (\\u0000), the byte that ends each record"
         )
-    if not text.isascii():
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as error:
-            lone = text[error.start].encode("unicode_escape").decode()
-            return _bad(options, where, f"field {field!r} holds a lone surrogate ({lone}), which is not text")
-    return text
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        lone = text[error.start].encode("unicode_escape").decode()
+        return _bad(options, where, f"field {field!r} holds a lone surrogate ({lone}), which is not text")
 
 
-def parquet_texts(source: Path, options: RecordOptions) -> Iterator[str | None]:
-    """The text_field of each row of a Parquet file, a batch of rows at a time."""
+def parquet_texts(source: Path, options: RecordOptions) -> Iterator[bytes | None]:
+    """The text_field of each row of a Parquet file, in UTF-8, a batch of rows at a time."""
     pq, pa = _pyarrow()
     try:
         table = pq.ParquetFile(source)
@@ -232,7 +231,7 @@ def _decoded(raw: bytes | None):
         return NOT_UTF8
 
 
-def _row_text(text, options: RecordOptions, where: str, field: str) -> str | None:
+def _row_text(text, options: RecordOptions, where: str, field: str) -> bytes | None:
     if text is None:
         return _bad(options, where, f"{field!r} is null")
     if text is NOT_UTF8:
