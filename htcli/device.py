@@ -103,7 +103,8 @@ def cpu_multiplies_bf16() -> bool:
 
 
 def multiplies_bf16(device: torch.device) -> bool:
-    """Whether device multiplies bf16 matrices in hardware: a GPU, or a CPU with AMX. On a CPU without,
+    """Whether device multiplies bf16 matrices in hardware: a CUDA GPU (taken as one that does, as torch's
+    Muon takes it; those before Ampere emulate it), or a CPU with AMX; not MPS. On a CPU without,
     bf16 products are emulated: 31x slower than fp32's here (a 2-core AVX2 EPYC, 16 products of 128 x 512
     matrices) where AMX makes them faster."""
     return device.type == "cuda" or device.type == "cpu" and cpu_multiplies_bf16()

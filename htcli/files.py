@@ -45,6 +45,8 @@ def written_by_the_run(path: Path, out: Path) -> bool:
         first = path.relative_to(out).parts[0]
     except (ValueError, IndexError):
         return False
+    if first.startswith(".") and first.endswith(".tmp"):  # (temp_path's: a write cut short may leave one)
+        first = first[1:].removesuffix(".tmp").rpartition(".")[0]
     return first in RUN_ENTRIES or (first.startswith(".") and first.endswith(".pending"))
 
 

@@ -46,6 +46,7 @@ from htcli.device import (
     peak_memory,
     resolve_device,
     resolve_dtype,
+    torch_dtype,
 )
 from htcli.errors import HtcliError
 from htcli.evaluate import byte_nll, window_nats
@@ -298,9 +299,15 @@ class Run:
         machines must make the same updates). A resumed run goes on in the one it began in, wherever it
         resumes, so that it goes on exactly (its state.json's; bf16 before htcli saved it, as then always)."""
         chosen = distributed.all_gather(dtype_name(newton_schulz_dtype(self.device)))
-        if state is not None:
-            return torch.float32 if state.get("muon_products") == "fp32" else torch.bfloat16
-        return torch.bfloat16 if set(chosen) == {"bf16"} else torch.float32
+        if state is None:
+            return torch.bfloat16 if set(chosen) == {"bf16"} else torch.float32
+        saved = state.get("muon_products", "bf16")
+        if saved not in ("bf16", "fp32"):
+            raise HtcliError(
+                f"{self.out / STATE_FILE} names Muon's precision {saved!r}, not bf16 or fp32: the checkpoint "
+                "is damaged; resume from a copy, or start a new run"
+            )
+        return torch_dtype(saved)
 
     def _restore(self, info, weights, optimizer_state, state) -> None:
         """Continue exactly where the checkpoint left off: weights, optimizer, step, this rank's RNGs."""
@@ -362,6 +369,7 @@ class Run:
             tokens_per_step=config.tokens_per_step * self.world_size,
             world_size=self.world_size, batch_size=config.batch_size, grad_accum=config.grad_accum,
             seq_len=config.model.max_seq_len, corpus_was=self.corpus_was, warmup=config.warmup,
+            muon_products=dtype_name(self.products) if config.optimizer == "muon" else None,
         )  # fmt: skip
 
     def train_step(self, log: RunLog) -> float:

@@ -213,6 +213,10 @@ def test_a_glob_in_the_run_directory_matches_its_corpus_files(tmp_path, monkeypa
     assert [e["train_bytes"] + e["val_bytes"] for e in starts if e["event"] == "start"] == [25_000] * 2
     assert len(os.listdir(corpus)) > 4  # (the run's files lie beside the corpus's)
     assert resolve_corpus(["*"], exclude=[corpus]) == [Path("a.txt"), Path("b.txt")]
+    write(corpus / ".config.json.999.tmp", b"{")  # (a write of the run's cut short)
+    assert resolve_corpus(["*"], include_hidden=True, exclude=[corpus]) == [Path("a.txt"), Path("b.txt")]
+    with pytest.raises(HtcliError, match=r"no files match \.\* \(the run directory's files aside\)"):
+        resolve_corpus([".*"], exclude=[corpus])  # (.lock and the cut-short write)
     write(tmp_path / "new" / "c.txt", b"c")  # (the directory of a run that has not started)
     with pytest.raises(HtcliError, match=r"no files match .*c\.txt \(the run directory's files aside\)"):
         resolve_corpus([tmp_path / "**" / "c.txt"], exclude=[tmp_path / "new"])

@@ -193,6 +193,7 @@ def test_resume_with_auto_dtype_goes_on_in_the_precision_it_began(
     assert [e["dtype"] for e in events(tmp_path / "split", "start")] == ["bf16" if amx_before else "fp32"] * 2
     products = json.loads((tmp_path / "split" / "state.json").read_text())["muon_products"]
     assert products == ("bf16" if amx_before else "fp32")  # (Muon's, as it began)
+    assert [e["muon_products"] for e in events(tmp_path / "split", "start")] == [products] * 2
 
 
 def interrupt_at(step: int):
@@ -214,8 +215,11 @@ def test_a_run_saved_before_muon_precision_was_recorded_goes_on_in_bf16(corpus, 
     assert train(config, on_event=interrupt_at(3)).step == 3
     state = json.loads((tmp_path / "split" / "state.json").read_text())
     assert state.pop("muon_products") == "bf16"
-    (tmp_path / "split" / "state.json").write_text(json.dumps(state))
     monkeypatch.setattr(train_module, "newton_schulz_dtype", lambda device: torch.float32)
+    (tmp_path / "split" / "state.json").write_text(json.dumps({**state, "muon_products": "fp16"}))
+    with pytest.raises(HtcliError, match="state.json names Muon's precision 'fp16', not bf16 or fp32"):
+        train(config, resume=True)
+    (tmp_path / "split" / "state.json").write_text(json.dumps(state))
     train(config, resume=True)
     expected, got = weights(tmp_path / "whole"), weights(tmp_path / "split")
     assert all(torch.equal(expected[name], got[name]) for name in expected)
