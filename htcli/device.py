@@ -102,14 +102,6 @@ def cpu_multiplies_bf16() -> bool:
         return False
 
 
-def multiplies_bf16(device: torch.device) -> bool:
-    """Whether device multiplies bf16 matrices in hardware: a CUDA GPU (taken as one that does, as torch's
-    Muon takes it; those before Ampere emulate it), or a CPU with AMX; not MPS. On a CPU without,
-    bf16 products are emulated: 31x slower than fp32's here (a 2-core AVX2 EPYC, 16 products of 128 x 512
-    matrices) where AMX makes them faster."""
-    return device.type == "cuda" or device.type == "cpu" and cpu_multiplies_bf16()
-
-
 def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
     """Mixed precision in bf16 or fp16; a no-op for full precision (fp32, or fp64 in tests)."""
     import torch

@@ -201,6 +201,15 @@ def _writing(out: Path) -> Iterator[None]:
         raise HtcliError(f"cannot write the run directory {out}: {error.strerror or error}") from None
 
 
+def _one_precision(dtype: torch.dtype) -> torch.dtype:
+    """dtype where every rank chose it, else fp32 (a collective). dtype auto (and Muon's precision)
+    resolves per machine: bf16 on a CPU with AMX, fp32 on one without or on a GPU without bf16; ranks on
+    unlike machines would otherwise average gradients computed, or make updates, in different precisions.
+    fp32 is what every device computes in at its own speed (bf16 on a CPU without AMX is emulated)."""
+    names = distributed.all_gather(dtype_name(dtype))  # ([dtype's] in a single process)
+    return dtype if len(set(names)) == 1 else torch.float32
+
+
 class Run:
     """A run being trained: its data, model, optimizer and position, and the steps of training it."""
 
@@ -233,7 +242,7 @@ class Run:
         checkpoint = open_run(self.out, config, resume, self.lock, main=self.main)
         if checkpoint is not None:
             self.dtype = self._resumed_dtype(checkpoint[-1])
-        self.dtype = self._agreed_dtype()
+        self.dtype = _one_precision(self.dtype)
         self.train_data, self.val_data = self._open_data()
         torch.manual_seed(config.seed)
         self.model = HTransformer1D(config.model).to(self.device)
@@ -283,24 +292,14 @@ class Run:
         except HtcliError:  # (say, fp16 from a GPU, resumed on a CPU: auto's choice here)
             return self.dtype
 
-    def _agreed_dtype(self) -> torch.dtype:
-        """One precision on every rank (a collective): dtype auto resolves per machine (bf16 on a CPU with
-        AMX, fp32 on one without or on a GPU without bf16), and ranks on unlike machines would otherwise
-        average gradients computed in different precisions; where the ranks' choices differ, all take
-        fp32, which every device computes in at its own speed (bf16 on a CPU without AMX is emulated)."""
-        if not distributed.is_distributed():
-            return self.dtype
-        names = distributed.all_gather(dtype_name(self.dtype))
-        return self.dtype if len(set(names)) == 1 else torch.float32
-
     def _muon_products(self, state: dict | None) -> torch.dtype:
         """The precision of Muon's Newton-Schulz products. A new run: bf16 where every rank's device
         multiplies it in hardware, else fp32 (optim.newton_schulz_dtype; a collective: ranks on unlike
         machines must make the same updates). A resumed run goes on in the one it began in, wherever it
         resumes, so that it goes on exactly (its state.json's; bf16 before htcli saved it, as then always)."""
-        chosen = distributed.all_gather(dtype_name(newton_schulz_dtype(self.device)))
+        agreed = _one_precision(newton_schulz_dtype(self.device))  # (every rank, resumed or not)
         if state is None:
-            return torch.bfloat16 if set(chosen) == {"bf16"} else torch.float32
+            return agreed
         saved = state.get("muon_products", "bf16")
         if saved not in ("bf16", "fp32"):
             raise HtcliError(
