@@ -67,7 +67,7 @@ def check_hidden_applies(specs: Sequence[str | os.PathLike], include_hidden: boo
 def _searched(spec: str | os.PathLike) -> bool:
     """Whether spec is a directory or a glob pattern (what _files_of walks or matches)."""
     path = Path(spec).expanduser()
-    return path.is_dir() or not path.exists() and any(c in str(spec) for c in GLOB_CHARACTERS)
+    return path.is_dir() or not path.exists() and _wild(str(spec))
 
 
 def file_identity(path: str | os.PathLike) -> tuple:
@@ -112,7 +112,7 @@ def _files_of(spec: str | os.PathLike, include_hidden: bool, excluded: list[Path
         if not path.is_file():
             raise HtcliError(f"{spec} is not a regular file: give files, directories or glob patterns")
         return [path]
-    if any(c in str(spec) for c in GLOB_CHARACTERS):
+    if _wild(str(spec)):
         inside = _under_any(_fixed_prefix(path), excluded)  # (it names files of the run directory)
         matches = sorted(_glob(path, include_hidden))
         found = [p for p in matches if not (_written_by_a_run if inside else _under_any)(p, excluded)]
@@ -125,11 +125,16 @@ def _files_of(spec: str | os.PathLike, include_hidden: bool, excluded: list[Path
     raise HtcliError(f"corpus {spec} does not exist: give a file, a directory or a glob pattern")
 
 
+def _wild(text: str) -> bool:
+    """Whether text holds a glob wildcard."""
+    return any(c in text for c in GLOB_CHARACTERS)
+
+
 def _fixed_prefix(pattern: Path) -> Path:
     """The directories of a glob pattern before its first wildcard."""
     parts = []
     for part in pattern.parts:
-        if any(c in part for c in GLOB_CHARACTERS):
+        if _wild(part):
             break
         parts.append(part)
     return Path(*parts) if parts else Path()
