@@ -632,7 +632,10 @@ def sample(
     json_output: Annotated[
         bool, typer.Option(flag("json_output"), help="One JSON object per sample on stdout (JSON lines).")
     ] = False,
-    echo: Annotated[bool, _switch("echo", "Print the prompt before its continuation (default on).")] = True,
+    echo: Annotated[
+        bool | None,
+        _switch("echo", "Print the prompt before its continuation (default on; off with --json)."),
+    ] = None,
     cache: Annotated[
         bool,
         _switch(
@@ -653,6 +656,7 @@ def sample(
 
         _check_sample_options(prompt, prompt_file, num_samples, seed)
         _check_greedy(temperature, top_k, top_p)
+        _check_echo(echo, json_output)
         configs = [
             SamplingConfig(max_new_tokens, temperature, top_k, top_p, seed + i) for i in range(num_samples)
         ]
@@ -664,7 +668,7 @@ def sample(
         stops = [os.fsencode(s) for s in stop or []]  # (fsencode: arguments not UTF-8 byte for byte)
         steps = generate_batch(model, prompt_bytes, configs, dtype=torch_dtype, cache=cache, stop=stops)
         samples = _print_samples(
-            steps, prompt_bytes, configs, echo=echo and not json_output, json_output=json_output
+            steps, prompt_bytes, configs, echo=echo is not False and not json_output, json_output=json_output
         )
         if json_output:
             _print_json_samples(configs, samples, stops)
@@ -677,6 +681,14 @@ def _check_greedy(temperature: float, top_k: int | None, top_p: float | None) ->
         raise HtcliError(
             f"--temperature 0 always takes the most likely byte: {' and '.join(given)} would be ignored; "
             f"drop {'them' if len(given) > 1 else 'it'}, or give a temperature above 0"
+        )
+
+
+def _check_echo(echo: bool | None, json_output: bool) -> None:
+    """--echo with --json, which prints only the continuations (JSON's text): refused (it was ignored)."""
+    if echo and json_output:
+        raise HtcliError(
+            "--json prints each sample's continuation without the prompt: --echo would be ignored; drop it"
         )
 
 

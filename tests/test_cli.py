@@ -632,6 +632,10 @@ def test_bad_sample_options(trained, tmp_path):
         greedy, "--temperature 0 always takes the most likely byte: --top-k and --top-p would be"
     )
     assert_user_error(invoke("sample", run, "--prompt-file", tmp_path / "no.txt"), "prompt file")
+    # (an explicit --echo was ignored with --json; --no-echo agrees with it)
+    assert_user_error(invoke("sample", run, "--echo", "--json"), "--json prints each sample's continuation")
+    quiet = invoke("sample", run, "--no-echo", "--json", "--max-new-tokens", 3, "--device", "cpu")
+    assert quiet.exit_code == 0 and json.loads(quiet.stdout)["bytes"] == 3, quiet.output
     # an empty --prompt (it started from a newline, as no --prompt does), as an empty --prompt-file
     assert_user_error(invoke("sample", run, "--prompt", ""), "--prompt is empty: give at least one character")
     (tmp_path / "empty.txt").write_bytes(b"")
