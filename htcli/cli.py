@@ -530,6 +530,10 @@ def _train_with(options: dict, resume: bool | str, print_config: bool, given: se
         from htcli.rundir import check_resumable
 
         check_resumable(config, resume)  # (what a resume would refuse of its checkpoint)
+        if not resume:  # (what a new run would refuse of its options; a resume goes on as it began)
+            from htcli.corpus import check_hidden_applies
+
+            check_hidden_applies([*config.corpus, *(config.val or [])], config.include_hidden)
         print(write_toml(config, _file_key), end="")
         return
     with process_group(config.device) as launch, TrainDisplay(err_console) as display:

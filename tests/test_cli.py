@@ -430,6 +430,9 @@ def test_impossible_new_runs(corpus, tmp_path, flags, message):
     flags = [val if flag == "VAL" else flag for flag in flags]
     result = invoke("train", corpus, *TINY_FLAGS, "--steps", "2", "--out", tmp_path / "run", *flags)
     assert_user_error(result, message)
+    if "--include-hidden" in flags:  # (--print-config printed it; the records' checks need the files read)
+        printed = invoke("train", corpus, *TINY_FLAGS, "--out", tmp_path / "run", *flags, "--print-config")
+        assert_user_error(printed, message)
 
 
 def test_out_of_memory_is_an_error_not_a_traceback(corpus, tmp_path):
