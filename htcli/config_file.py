@@ -133,14 +133,14 @@ def _load(path: Path) -> dict:
             f"config file {path} is not text (a checkpoint?): give a .toml file or a run's config.json"
         )
     try:
-        if path.suffix == ".json":
+        if path.suffix.lower() == ".json":
             data = json.loads(text, object_pairs_hook=_unique_keys)
         else:
             data = tomllib.loads(text)
     except _TwiceGiven as error:
         raise HtcliError(f"config file {path} gives the key {error} twice: keep one") from None
     except (json.JSONDecodeError, tomllib.TOMLDecodeError) as error:
-        kind = "JSON" if path.suffix == ".json" else "TOML"
+        kind = "JSON" if path.suffix.lower() == ".json" else "TOML"
         raise HtcliError(f"config file {path} is not valid {kind}: {error}") from None
     except (RecursionError, ValueError):  # nested thousands deep, or a number of thousands of digits
         raise HtcliError(f"config file {path} is not a config: values nested too deep or too long") from None

@@ -29,6 +29,13 @@ def split(
         return corpus.span(), val.span()
     total = len(corpus)
     held_out = max(math.ceil(total * val_fraction), window)
+    if total - held_out < window <= total - window:  # (a smaller fraction would leave a training window)
+        raise HtcliError(
+            f"val_fraction {val_fraction:g} holds out {held_out:,} of the corpus's {total:,} bytes, which "
+            f"leaves less than one training window ({window:,} bytes): lower val_fraction (at most "
+            f"{math.floor((total - window) / total * 1000) / 1000:g} here) or pass val",
+            fields=("val_fraction", "val"),
+        )
     if total - held_out < window:
         need = 2 * window
         while need - max(math.ceil(need * val_fraction), window) < window:

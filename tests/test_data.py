@@ -101,6 +101,19 @@ def test_split_too_short_says_how_long(tmp_path):
             split(corpus, None, 0.01, window=65)
 
 
+def test_split_with_too_large_a_fraction_says_to_lower_it(tmp_path):
+    """A corpus long enough for two windows whose val_fraction leaves no training window: the fraction is
+    named, with the largest that works (it said the corpus was too short, and that it must be longer than
+    it was)."""
+    with ByteCorpus([write(tmp_path / "c.txt", b"x" * 5000)]) as corpus:
+        with pytest.raises(HtcliError, match=r"val_fraction 0.99 holds out 4,950 of .*at most 0.987 here"):
+            split(corpus, None, 0.99, window=65)
+        train, _ = split(corpus, None, 0.987, window=65)
+        assert len(train) >= 65
+        with pytest.raises(HtcliError, match="less than one training window"):
+            split(corpus, None, 0.988, window=65)
+
+
 def test_sampler_state_round_trip():
     """A sampler restored from its state draws exactly what the original draws next."""
     sampler = WindowSampler(10_000, 65, 4, seed=3)

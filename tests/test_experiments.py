@@ -141,6 +141,10 @@ def test_a_json_key_given_twice_is_an_error(corpus, tmp_path):
     path.write_text('{"steps": 5, "lr": 0.001, "steps": 7}')
     message = f"config file {path} gives the key 'steps' twice: keep one"
     assert_user_error(invoke("train", corpus, "--config", path, "--out", tmp_path / "r"), message)
+    upper = tmp_path / "EXP.JSON"  # (read as TOML: "not valid TOML")
+    upper.write_text('{"steps": 5}')
+    printed = invoke("train", corpus, "--config", upper, "--out", tmp_path / "r", "--print-config")
+    assert printed.exit_code == 0 and "steps = 5" in printed.stdout, printed.output
 
 
 def test_missing_config_file_is_an_error(corpus, tmp_path):
