@@ -489,6 +489,19 @@ def test_concurrent_processes_decompress_once(tmp_path, cache):
     assert log.read_text() == "made\n"
 
 
+def test_a_compressed_file_with_a_long_name_is_read(tmp_path, cache):
+    """A .gz whose name is legal but 250 bytes long (its cache entry's name, with the hash, went past the
+    filesystem's 255 bytes: "File name too long; set HTCLI_CACHE_DIR", which could not help): read, and
+    its entry named by the name's first bytes; a name of 2-byte characters is cut between them."""
+    content = make_text(5000)
+    for stem in ("y" * 247, "z" + "é" * 123):
+        path = write(tmp_path / f"{stem}.gz", gzip.compress(content))
+        with ByteCorpus.open([path]) as corpus:
+            assert corpus.read(0, len(content)) == content
+    entries = [p.name for p in cache.iterdir() if not p.name.endswith((".json", ".lock"))]
+    assert sorted(len(os.fsencode(name)) for name in entries) == [220, 221]  # (199 or 200 bytes, ".", hash)
+
+
 def test_a_cache_that_is_not_a_directory_is_named(tmp_path, monkeypatch):
     """HTCLI_CACHE_DIR set to a file: one line that says so and what to do (was "File exists; free some
     space"), and the file is left as it was."""

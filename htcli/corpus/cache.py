@@ -1,11 +1,11 @@
-"""A machine-wide cache of corpus bytes made from other files: decompressed `.gz`/`.zst` files and the
-text of JSONL and Parquet records, each made once, streaming, and reused until its source changes.
+"""A machine-wide cache of corpus bytes made from other files: decompressed `.gz`/`.zst` files and the text
+of JSONL and Parquet records, each made once, streaming, and reused until its source changes.
 
-The cache lives in $HTCLI_CACHE_DIR, else $XDG_CACHE_HOME/htcli or ~/.cache/htcli. An entry is named
-by its source's name and a hash of the source's path, size, modification time and the way it was
-made (the options, and FORMAT). A lock file per entry makes concurrent makers wait for one another:
-the processes of a torchrun job on one machine make each entry once and share it. The entry's bytes
-appear (atomically) only when whole, after a small JSON file of facts about it (how many records,
+The cache lives in $HTCLI_CACHE_DIR, else $XDG_CACHE_HOME/htcli or ~/.cache/htcli. An entry is named by
+its source's name (its first NAME_BYTES bytes) and a hash of the source's path, size, modification time
+and the way it was made (the options, and FORMAT). A lock file per entry makes concurrent makers wait for
+one another: the processes of a torchrun job on one machine make each entry once and share it. The entry's
+bytes appear (atomically) only when whole, after a small JSON file of facts about it (how many records,
 how many skipped).
 """
 
@@ -28,6 +28,9 @@ from htcli.files import atomic_file, write_json
 # from the same source (2: a JSONL record holding a lone surrogate is skipped as bad, where htcli
 # before it wrote the surrogate's bytes), so that no entry an older htcli made is read as this one's
 FORMAT = 2
+# the most bytes of its source's name an entry's name keeps: with the hash, ".lock" and a temporary file's
+# ".NAME.PID.tmp", a name under the usual 255-byte limit (a longer source name failed to make its entry)
+NAME_BYTES = 200
 
 
 def cache_dir() -> Path:
@@ -46,7 +49,7 @@ def cached(
     cache = cache or cache_dir()
     stat = source.stat()
     identity = f"{source.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{how}|{FORMAT}"
-    target = cache / f"{source.name}.{hashlib.sha256(identity.encode()).hexdigest()[:20]}"
+    target = cache / f"{_cut(source.name, NAME_BYTES)}.{hashlib.sha256(identity.encode()).hexdigest()[:20]}"
     facts_file = target.with_name(target.name + ".json")
     try:
         cache.mkdir(parents=True, exist_ok=True)
@@ -69,6 +72,13 @@ def cached(
             what = f"cannot make {source}'s bytes in the cache {cache}: {error.strerror or error}"
         fix = "free some space or " if error.errno in (errno.ENOSPC, errno.EDQUOT) else ""
         raise HtcliError(f"{what}; {fix}set HTCLI_CACHE_DIR to a directory that can take them") from None
+
+
+def _cut(name: str, limit: int) -> str:
+    """name's first characters, at most limit bytes as the filesystem takes them."""
+    while len(os.fsencode(name)) > limit:
+        name = name[:-1]
+    return name
 
 
 def _not_a_directory(path: Path) -> Path | None:
