@@ -26,6 +26,9 @@ CHECKPOINT_FILES = (MODEL_FILE, OPTIMIZER_FILE, STATE_FILE)
 TENSORBOARD_DIR = "tensorboard"  # event files, under the run directory
 WANDB_DIR = "wandb"  # W&B's own files, which it makes under the run directory (its dir)
 WANDB_ID_FILE = "wandb-id"  # the W&B run id of a run directory, so that a resume continues that run
+# the Cache Directory Tagging convention's file, and how it starts (tar --exclude-caches, backup tools)
+CACHE_TAG = "CACHEDIR.TAG"
+CACHE_SIGNATURE = b"Signature: 8a477f597d28d172789f06886806bc55"
 # what a run writes in its directory (and the pending files of a save)
 RUN_ENTRIES = (*CHECKPOINT_FILES, CONFIG_FILE, LOG_FILE, LOCK_FILE, TENSORBOARD_DIR, WANDB_DIR, WANDB_ID_FILE)
 
@@ -35,6 +38,16 @@ def is_run_directory(path: Path) -> bool:
     (False where its entries cannot be looked at)."""
     try:
         return all((path / name).is_file() for name in (LOCK_FILE, CONFIG_FILE, LOG_FILE))
+    except OSError:
+        return False
+
+
+def is_cache_directory(path: Path) -> bool:
+    """Whether path holds a CACHEDIR.TAG (https://bford.info/cachedir/): a cache, htcli's corpus cache or
+    another tool's, whose entries are not text to train on (False where it cannot be looked at)."""
+    try:
+        with open(path / CACHE_TAG, "rb") as tag:
+            return tag.read(len(CACHE_SIGNATURE)) == CACHE_SIGNATURE
     except OSError:
         return False
 

@@ -110,6 +110,25 @@ def test_runs_inside_a_corpus_directory_are_not_corpus(tmp_path):
     assert resolve_corpus([data]) == [*run_files, text]
 
 
+def test_a_cache_inside_a_corpus_directory_is_not_corpus(tmp_path, monkeypatch):
+    """HTCLI_CACHE_DIR inside the corpus directory: the next run read the cache's entries (the corpus's
+    .gz made into bytes) and facts files as corpus, its data twice. The cache holds a CACHEDIR.TAG and a
+    walk or glob skips such directories (another tool's cache too); one named itself is read."""
+    data = tmp_path / "data"
+    content = make_text(5000)
+    write(data / "c.txt.gz", gzip.compress(content))
+    monkeypatch.setenv("HTCLI_CACHE_DIR", str(data / "cache"))
+    with ByteCorpus.open([data]) as corpus:
+        assert len(corpus) == len(content)
+    assert (data / "cache" / "CACHEDIR.TAG").read_bytes().startswith(b"Signature: 8a477f597d28d172789f0688")
+    with ByteCorpus.open([data]) as corpus:  # (read 10,037 bytes)
+        assert len(corpus) == len(content)
+    assert resolve_corpus([data / "**"]) == [data / "c.txt.gz"]
+    assert len(resolve_corpus([data / "cache"])) == 4  # (the entry, its facts, its lock, the tag)
+    (data / "cache" / "CACHEDIR.TAG").write_bytes(b"not the signature")  # (then not a tagged cache)
+    assert len(resolve_corpus([data])) == 5
+
+
 def test_globs_do_not_follow_links_to_directories(tmp_path):
     """As a directory's walk, a glob's wildcards do not go through links to directories: a link to a
     parent made `**` read the tree dozens of times over (the held-out part a copy of the training

@@ -6,7 +6,7 @@ its source's name (its first NAME_BYTES bytes) and a hash of the source's path, 
 and the way it was made (the options, and FORMAT). A lock file per entry makes concurrent makers wait for
 one another: the processes of a torchrun job on one machine make each entry once and share it. The entry's
 bytes appear (atomically) only when whole, after a small JSON file of facts about it (how many records,
-how many skipped).
+how many skipped). It holds a CACHEDIR.TAG, so that a corpus directory holding it skips it.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import IO
 
 from htcli.errors import HtcliError
-from htcli.files import atomic_file, write_json
+from htcli.files import CACHE_SIGNATURE, CACHE_TAG, atomic_file, write_json
 
 # how this htcli makes entries: part of every entry's name, raised when a change makes other bytes
 # from the same source (2: a JSONL record holding a lone surrogate is skipped as bad, where htcli
@@ -53,6 +53,7 @@ def cached(
     facts_file = target.with_name(target.name + ".json")
     try:
         cache.mkdir(parents=True, exist_ok=True)
+        _tag(cache)
         with _locked(target.with_name(target.name + ".lock")):
             if not target.exists():
                 try:
@@ -72,6 +73,15 @@ def cached(
             what = f"cannot make {source}'s bytes in the cache {cache}: {error.strerror or error}"
         fix = "free some space or " if error.errno in (errno.ENOSPC, errno.EDQUOT) else ""
         raise HtcliError(f"{what}; {fix}set HTCLI_CACHE_DIR to a directory that can take them") from None
+
+
+def _tag(cache: Path) -> None:
+    """A CACHEDIR.TAG in cache, if it has none: a corpus directory that holds the cache skips it (its
+    entries are the corpus's files made into bytes), as backup tools do."""
+    if not (cache / CACHE_TAG).exists():
+        with contextlib.suppress(FileExistsError):  # (another process made it)
+            with open(cache / CACHE_TAG, "xb") as tag:
+                tag.write(CACHE_SIGNATURE + b"\n# This directory is htcli's cache of corpus bytes.\n")
 
 
 def _cut(name: str, limit: int) -> str:

@@ -6,8 +6,8 @@ on its own is always read. Paths under `exclude` (a run's own directory) are nev
 files there that the run does not write, named on their own or matched by a glob pattern whose fixed
 part lies there (`htcli train '*.txt' --out .`); nor are the directories of other htcli runs found
 inside a named directory (their weights and logs are not text to train on; a run directory named itself
-is read). A directory's files come sorted by path;
-symbolic links to directories are not followed.
+is read), nor caches (directories holding a CACHEDIR.TAG, as htcli's corpus cache does). A directory's
+files come sorted by path; symbolic links to directories are not followed.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from htcli.errors import HtcliError
-from htcli.files import is_run_directory, written_by_the_run
+from htcli.files import is_cache_directory, is_run_directory, written_by_the_run
 
 GLOB_CHARACTERS = "*?["
 
@@ -156,8 +156,8 @@ def _glob(pattern: Path, include_hidden: bool) -> Iterable[Path]:
         where = Path(directory).relative_to(root).parts
         if deepest is not None and len(where) >= deepest:
             subdirectories[:] = []
-        # (no run directory below the pattern's fixed part, as a directory's walk: its weights and log)
-        subdirectories[:] = [name for name in subdirectories if not is_run_directory(Path(directory, name))]
+        # (no run directory or cache below the pattern's fixed part, as a directory's walk)
+        subdirectories[:] = [name for name in subdirectories if not _kept_apart(Path(directory, name))]
         for name in names:
             if _matches((*where, name), wild, include_hidden):
                 match = prefix.joinpath(*where, name)
@@ -181,6 +181,12 @@ def _matches(parts: tuple[str, ...], wild: tuple[str, ...], include_hidden: bool
     return fnmatch.fnmatchcase(parts[0], head) and _matches(parts[1:], wild[1:], include_hidden)
 
 
+def _kept_apart(directory: Path) -> bool:
+    """Whether a directory found below a named one is skipped: an htcli run's (its weights and log) or a
+    cache (CACHEDIR.TAG: htcli's own, made from the corpus's files, would be read twice)."""
+    return is_run_directory(directory) or is_cache_directory(directory)
+
+
 def _walk(root: Path, include_hidden: bool, excluded: list[Path]) -> Iterable[Path]:
     """Every regular file below root (hidden ones only with include_hidden), none under excluded or in a
     run directory below root."""
@@ -194,7 +200,7 @@ def _walk(root: Path, include_hidden: bool, excluded: list[Path]) -> Iterable[Pa
             for name in subdirectories
             if (include_hidden or not name.startswith("."))
             and not _under_any(Path(directory, name), excluded)
-            and not is_run_directory(Path(directory, name))
+            and not _kept_apart(Path(directory, name))
         ]
         for name in names:
             if include_hidden or not name.startswith("."):
