@@ -21,7 +21,7 @@ from htcli.files import (
     no_checkpoint,
     read_json,
 )
-from htcli.presets import DEFAULT_PRESET, model_config
+from htcli.presets import DEFAULT_PRESET, PRESETS, model_config
 
 if TYPE_CHECKING:
     from htcli.model import HTransformerConfig
@@ -197,9 +197,20 @@ class TrainConfig:
 def without_derived(saved: dict, given: dict) -> dict:
     """saved options (a run's config.json, a config file) without the values that were derived from an
     option that given changes, so that they are derived again: the learning rate an optimizer defaults to
-    where given picks another optimizer, min_lr (lr / 10) where lr changes. Values set by hand stay (one
-    that equals the derived value counts as derived)."""
+    where given picks another optimizer, min_lr (lr / 10) where lr changes, the level decay an attention
+    defaults to where given picks another attention. Values set by hand stay (one that equals the derived
+    value counts as derived). A preset given replaces the model's size (a config file's, which wrote it
+    out as dim, depth, ...; a file's preset and sizes of its own stay together)."""
+    from htcli.model import DEFAULT_LEVEL_DECAY
+
     saved = dict(saved)
+    if "preset" in given:
+        for name in {name for sizes in PRESETS.values() for name in sizes}:
+            saved.pop(name, None)
+    attention, decay = saved.get("attention", "h"), saved.get("level_decay")
+    derived_decay = DEFAULT_LEVEL_DECAY if attention == "h" else 0.0
+    if "attention" in given and given["attention"] != attention and decay == derived_decay:
+        del saved["level_decay"]
     optimizer, lr = saved.get("optimizer"), saved.get("lr")
     default = DEFAULT_LR.get(optimizer)
     if "optimizer" in given and given["optimizer"] != optimizer and lr is not None and lr == default:

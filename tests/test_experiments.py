@@ -260,6 +260,29 @@ def test_values_derived_from_a_changed_option_are_derived_again(corpus, tmp_path
     assert "min-lr = 1e-05\n" in resolved("--resume", "--out", kept, "--steps", "4", "--lr", "1e-3")
 
 
+def test_a_preset_or_attention_over_a_config_file_derives_the_model_again(corpus, tmp_path):
+    """A printed config (or a run's config.json) writes out the model's size and level decay: --preset
+    over it was ignored (the file's tiny dim, depth and heads won: a run believed base trained tiny), and
+    --attention exact over it was refused for a level decay never given (--attention h over an exact
+    model's file kept decay 0). Both are derived again; a decay or size set beside them stays."""
+    tiny = tmp_path / "tiny.toml"
+    tiny.write_text(resolved(corpus, "--preset", "tiny", "--out", tmp_path / "t"))
+    assert "dim = 64\n" in tiny.read_text() and "level-decay = 16.0\n" in tiny.read_text()
+    text = resolved("--config", tiny, "--preset", "base", "--out", tmp_path / "b")
+    assert "dim = 512\n" in text and "depth = 8\n" in text and "seq-len = 8192\n" in text
+    text = resolved("--config", tiny, "--preset", "base", "--dim", "256", "--out", tmp_path / "b")
+    assert "dim = 256\n" in text and "depth = 8\n" in text
+    exact = resolved("--config", tiny, "--attention", "exact", "--out", tmp_path / "e")
+    assert 'attention = "exact"' in exact and "level-decay = 0.0\n" in exact and "dim = 64\n" in exact
+    (tmp_path / "exact.toml").write_text(exact)
+    back = resolved("--config", tmp_path / "exact.toml", "--attention", "h", "--out", tmp_path / "h")
+    assert "level-decay = 16.0\n" in back
+    tiny.write_text(tiny.read_text().replace("level-decay = 16.0", "level-decay = 4.0"))
+    assert "level-decay = 4.0\n" in resolved("--config", tiny, "--out", tmp_path / "k")  # (set by hand)
+    refused = invoke("train", "--config", tiny, "--attention", "exact", "--out", tmp_path / "e")
+    assert_user_error(refused, "level-decay is H-attention's: with --attention exact set it to 0")
+
+
 def test_resume_takes_the_saved_config_then_the_file_then_flags(corpus, tmp_path):
     run = tmp_path / "run"
     assert invoke("train", corpus, *TINY_FLAGS, "--steps", "2", "--out", run).exit_code == 0
