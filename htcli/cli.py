@@ -553,10 +553,15 @@ def _train_with(options: dict, resume: bool | str, print_config: bool, given: se
 
 def _check_ignored(config, given: set[str]) -> None:
     """Options given on the command line that the run would ignore, refused: a held-out fraction beside
-    held-out files (a config file's fraction gives way to --val), a context warm-up length with the warm-up
-    off."""
+    held-out files, given or from the config file or the run (a config file's fraction gives way to --val),
+    a context warm-up length with the warm-up off."""
     if "val" in given and "val_fraction" in given:
         raise HtcliError("--val and --val-fraction both choose the held-out bytes: give one of them")
+    if "val_fraction" in given and config.val:  # (the val of a config file, or of the run resumed)
+        raise HtcliError(
+            "--val-fraction holds out the corpus's end, and this run's held-out bytes are files (val, from "
+            "the config file or the run): leave --val-fraction out, or use a config without val"
+        )
     if "context_warmup_start" in given and not config.context_warmup:
         raise HtcliError(
             "--context-warmup-start is the window length of the context warm-up, which is off "

@@ -406,6 +406,7 @@ def test_impossible_options(run_copy, flags, message):
             ["--val", "VAL", "--val-fraction", "0.5"],
             "--val and --val-fraction both choose the held-out bytes: give one of them",
         ),
+        (["--config", "VALFILE", "--val-fraction", "0.5"], "--val-fraction holds out the corpus's end, and"),
         (["--text-field", "body"], "--text-field concerns the records of JSONL and Parquet files, and the"),
         (["--skip-bad-records", "--val", "VAL"], "--skip-bad-records concerns the records of JSONL and"),
         (
@@ -427,7 +428,8 @@ def test_impossible_new_runs(corpus, tmp_path, flags, message):
     that says what to do."""
     val = tmp_path / "val.txt"
     val.write_bytes(corpus.read_bytes()[:2000])
-    flags = [val if flag == "VAL" else flag for flag in flags]
+    (tmp_path / "val.toml").write_text(f"val = [{str(val)!r}]\n")  # (its fraction was ignored)
+    flags = [{"VAL": val, "VALFILE": tmp_path / "val.toml"}.get(flag, flag) for flag in flags]
     result = invoke("train", corpus, *TINY_FLAGS, "--steps", "2", "--out", tmp_path / "run", *flags)
     assert_user_error(result, message)
     if "--include-hidden" in flags:  # (--print-config printed it; the records' checks need the files read)
