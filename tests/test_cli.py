@@ -409,6 +409,7 @@ def test_impossible_options(run_copy, flags, message):
         (["--config", "VALFILE", "--val-fraction", "0.5"], "--val-fraction holds out the corpus's end, and"),
         (["--text-field", "body"], "--text-field concerns the records of JSONL and Parquet files, and the"),
         (["--skip-bad-records", "--val", "VAL"], "--skip-bad-records concerns the records of JSONL and"),
+        (["--text-field", "body", "--skip-bad-records"], "leave them out (or set --text-field to text and"),
         (
             ["--context-warmup-start", "16"],
             "--context-warmup-start is the window length of the context warm-up,",

@@ -122,6 +122,9 @@ def test_flags_override_the_file_and_the_file_overrides_defaults(corpus, tmp_pat
             "exp.toml: seq-len and model.max_seq_len are the same option, given 64 and 128: keep one",
         ),
         ("batch-size = 2\nbatch_size = 3", "exp.toml: batch-size and batch_size are the same option"),
+        # (a run's config.json of a JSONL corpus over plain text: "leave it out" alone, of a file not theirs)
+        ("skip-bad-records = true", "exp.toml: skip-bad-records concerns the records of JSONL and Parquet"),
+        ("skip-bad-records = true", "holds none: leave it out (or set skip-bad-records off)"),
         # (100 tokens: an IndexError traceback at the first step; 300: trained, then refused by sample)
         (
             "[model]\nnum_tokens = 100",

@@ -67,6 +67,13 @@ def kind(path: Path) -> str:
 RECORD_KINDS = ("jsonl", "jsonl.gz", "jsonl.zst", "parquet")
 
 
+# the record options' defaults, as check_records_apply says them (a run's config.json holds them all)
+DEFAULT_SAID = {
+    "text_field": f"text_field to {RecordOptions().text_field}",
+    "skip_bad_records": "skip_bad_records off",
+}
+
+
 def check_records_apply(files: Sequence[str | Path], options: RecordOptions) -> None:
     """HtcliError where options other than the defaults are given for files of which none holds records
     (JSONL or Parquet): they would be ignored without a word."""
@@ -78,7 +85,11 @@ def check_records_apply(files: Sequence[str | Path], options: RecordOptions) -> 
     if given and not any(kind(Path(file)) in RECORD_KINDS for file in files):
         raise HtcliError(
             f"{' and '.join(given)} concern{'' if len(given) > 1 else 's'} the records of JSONL and Parquet"
-            " files, and the corpus holds none: leave " + ("them" if len(given) > 1 else "it") + " out",
+            " files, and the corpus holds none: leave "
+            + ("them" if len(given) > 1 else "it")
+            + " out (or set "
+            + " and ".join(DEFAULT_SAID[name] for name in given)
+            + ")",
             fields=tuple(given),
         )
 
