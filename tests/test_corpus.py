@@ -129,6 +129,22 @@ def test_a_cache_inside_a_corpus_directory_is_not_corpus(tmp_path, monkeypatch):
     assert len(resolve_corpus([data])) == 5
 
 
+def test_a_glob_reads_the_directories_it_matches(tmp_path):
+    """A quoted 'data/*' matched only files, where the shell's data/* names the subdirectories too (walked):
+    quoting a pattern, as README says to, dropped dir/sub's files without a word, and a pattern that
+    matched directories alone was "no files match". A matched directory is walked as if named (hidden
+    files, runs and caches aside); under `**` each file comes once; a link to a directory is not followed."""
+    data = tmp_path / "data"
+    top, below = write(data / "a.txt", b"a" * 100), write(data / "sub" / "b.txt", b"b" * 100)
+    deeper, hidden = write(data / "sub" / "deep" / "c.txt", b"c" * 100), write(data / "sub" / ".h", b"h")
+    (data / "link").symlink_to(data / "sub")
+    assert resolve_corpus([str(data / "*")]) == [top, below, deeper]  # (sorted by path, as a walk)
+    assert resolve_corpus([str(data / "s*")]) == [below, deeper]
+    assert resolve_corpus([str(data / "**")]) == [top, below, deeper]
+    assert resolve_corpus([str(data / "s*")], include_hidden=True) == [hidden, below, deeper]
+    assert resolve_corpus([str(data / "*" / "*.txt")]) == [below]
+
+
 def test_globs_do_not_follow_links_to_directories(tmp_path):
     """As a directory's walk, a glob's wildcards do not go through links to directories: a link to a
     parent made `**` read the tree dozens of times over (the held-out part a copy of the training
@@ -517,7 +533,7 @@ def test_a_compressed_file_with_a_long_name_is_read(tmp_path, cache):
         path = write(tmp_path / f"{stem}.gz", gzip.compress(content))
         with ByteCorpus.open([path]) as corpus:
             assert corpus.read(0, len(content)) == content
-    entries = [p.name for p in cache.iterdir() if not p.name.endswith((".json", ".lock"))]
+    entries = [p.name for p in cache.iterdir() if not p.name.endswith((".json", ".lock", ".TAG"))]
     assert sorted(len(os.fsencode(name)) for name in entries) == [220, 221]  # (199 or 200 bytes, ".", hash)
 
 
@@ -554,7 +570,7 @@ def test_a_cache_entry_that_fails_at_its_last_step_leaves_no_facts(tmp_path, mon
     monkeypatch.setattr(files.os, "replace", refuse)
     with pytest.raises(HtcliError, match="No space left on device; free some space or set HTCLI_CACHE_DIR"):
         cached(source, "copy", lambda sink: sink.write(b"abc") and {"records": 1}, tmp_path / "cache")
-    assert [p.name for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".lock")] == []
+    assert [p.name for p in (tmp_path / "cache").iterdir() if not p.name.endswith((".lock", ".TAG"))] == []
 
 
 def test_a_cache_entry_stopped_after_it_is_in_place_keeps_its_facts(tmp_path, monkeypatch):

@@ -114,7 +114,7 @@ def _files_of(spec: str | os.PathLike, include_hidden: bool, excluded: list[Path
         return [path]
     if _wild(str(spec)):
         inside = _under_any(_fixed_prefix(path), excluded)  # (it names files of the run directory)
-        matches = sorted(_glob(path, include_hidden))
+        matches = sorted(set(_glob(path, include_hidden)))  # (a file below a matched directory, matched)
         found = [p for p in matches if not (_written_by_a_run if inside else _under_any)(p, excluded)]
         if not found:
             aside = " (the run directory's files aside)" if matches else ""
@@ -141,11 +141,13 @@ def _fixed_prefix(pattern: Path) -> Path:
 
 
 def _glob(pattern: Path, include_hidden: bool) -> Iterable[Path]:
-    """The regular files (or links to them) that pattern matches: `*`, `?`, `[...]` within a name, `**`
-    any number of directories; never in a run directory below the pattern's fixed part. The wildcards go
-    through no link to a directory, as a directory's walk does not (Python's glob follows them under `**`:
-    a link to a parent repeats the tree dozens of times, two such links exponentially many), and match
-    hidden names only with include_hidden."""
+    """The regular files (or links to them) that pattern matches, and the files below the directories it
+    matches (walked as a directory named: `'data/*'` reads what the shell's data/* does): `*`, `?`,
+    `[...]` within a name, `**` any number of directories; never in a run directory or a cache below the
+    pattern's fixed part. The wildcards go through no link to a directory, as a directory's walk does not
+    (Python's glob follows them under `**`: a link to a parent repeats the tree dozens of times, two such
+    links exponentially many), and match hidden names only with include_hidden. (Under `**` a file can
+    come twice: matched, and below a matched directory.)"""
     prefix = _fixed_prefix(pattern)
     wild = pattern.parts[len(prefix.parts) :]
     root = str(prefix) if prefix.parts else os.curdir
@@ -154,10 +156,13 @@ def _glob(pattern: Path, include_hidden: bool) -> Iterable[Path]:
     deepest = None if "**" in wild else len(wild) - 1  # (directories below it cannot match)
     for directory, subdirectories, names in os.walk(root):
         where = Path(directory).relative_to(root).parts
-        if deepest is not None and len(where) >= deepest:
-            subdirectories[:] = []
         # (no run directory or cache below the pattern's fixed part, as a directory's walk)
         subdirectories[:] = [name for name in subdirectories if not _kept_apart(Path(directory, name))]
+        for name in subdirectories:
+            if _matches((*where, name), wild, include_hidden) and not os.path.islink(Path(directory, name)):
+                yield from _walk(prefix.joinpath(*where, name), include_hidden, [])
+        if deepest is not None and len(where) >= deepest:
+            subdirectories[:] = []
         for name in names:
             if _matches((*where, name), wild, include_hidden):
                 match = prefix.joinpath(*where, name)
