@@ -14,6 +14,7 @@ import itertools
 import json
 import os
 import re
+import shlex
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -613,7 +614,7 @@ def _how_to_continue(result, world_size: int) -> None:
         again = "torchrun ... -m htcli train" if world_size > 1 else "htcli train"
         err_console.print(
             f"stopped at step {result.step} by {result.stopped_by}; continue with: "
-            f"{again} --resume --out {escape(str(result.out))}",
+            f"{again} --resume --out {escape(shlex.quote(str(result.out)))}",
             soft_wrap=True,
         )
 

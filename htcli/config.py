@@ -240,7 +240,7 @@ def config_from_options(
 
     A new run: TrainConfig's defaults, the preset (default small) with the model options, the options.
     Resuming: the run's saved config.json with the given options on top. resume "auto": resuming when
-    out holds a run's config.json, else a new run.
+    out holds a run's config.json and a checkpoint, else a new run.
     """
     from htcli.model import HTransformerConfig
 
@@ -256,8 +256,8 @@ def config_from_options(
         given["corpus"] = [str(Path(c).expanduser().absolute()) for c in corpus]
     if given.get("val"):
         given["val"] = [str(Path(c).expanduser().absolute()) for c in given["val"]]
-    if resume == "auto":
-        resume = (Path(out) / CONFIG_FILE).exists()
+    if resume == "auto":  # (as train decides it: a run killed before its first save is begun anew)
+        resume = (Path(out) / CONFIG_FILE).exists() and has_checkpoint(Path(out))
     if not resume:
         base_model = model_config(preset or DEFAULT_PRESET, **model)
         return TrainConfig(**{"corpus": [], **given, "out": out, "model": base_model})

@@ -30,7 +30,8 @@ SMOOTHING = 0.9  # exponential moving average of tokens/s, so the number does no
 
 
 def human(count: float) -> str:
-    """1234567 -> '1.23M'."""
+    """1234567 -> '1.23M', 999700 -> '1M' (not '1e+03k')."""
+    count = float(f"{count:.3g}")  # (rounded first: a count that rounds up to the next unit takes it)
     for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(count) >= size:
             return f"{count / size:.3g}{unit}"
@@ -92,9 +93,9 @@ class TrainDisplay:
             if event.get("corpus_was"):
                 train, val = event["corpus_was"]
                 self.console.print(
-                    f"[yellow]the corpus or its split changed since the checkpoint ({human(train)}B to train "
-                    f"on, {human(val)}B held out then): the run goes on, not exactly as an uninterrupted "
-                    "run would"
+                    f"[yellow]the corpus or its split changed since the checkpoint ({train:,} bytes to train "
+                    f"on and {val:,} held out then, {event['train_bytes']:,} and {event['val_bytes']:,} "
+                    "now): the run goes on, not exactly as an uninterrupted run would"
                 )
             if event.get("skipped_records"):
                 self.console.print(f"[yellow]left out {event['skipped_records']:,} bad records of the corpus")

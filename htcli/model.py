@@ -97,8 +97,10 @@ class HTransformerConfig:
             raise ValueError(
                 f"max_seq_len ({self.max_seq_len}) must be a multiple of block_size ({self.block_size})"
             )
-        if self.rotary and self.dim_head % 2:
-            raise ValueError(f"the rotary-position embedding needs an even dim_head, got {self.dim_head}")
+        if self.rotary and (self.dim_head % 2 or self.dim_head < 4):  # (2: a ZeroDivisionError in it)
+            raise ValueError(
+                f"the rotary-position embedding needs an even dim_head of at least 4, got {self.dim_head}"
+            )
         for name, kinds in (("attention", ATTENTION_KINDS), ("norm", NORMS), ("activation", ACTIVATIONS)):
             if getattr(self, name) not in kinds:
                 raise ValueError(f"{name} must be one of {', '.join(kinds)}, got {getattr(self, name)!r}")

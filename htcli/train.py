@@ -415,7 +415,7 @@ class Run:
     def _diverged(self, log: RunLog, loss: float, grad_norm: float) -> None:
         log("diverged", step=self.step + 1, loss=loss, grad_norm=grad_norm)
         kept = "none saved yet"
-        if self.saved_step:
+        if self.saved_step is not None:  # (0 too: a stop before the first step saves step 0)
             kept = f"the checkpoint of step {self.saved_step} in {self.out} is intact"
         fp32 = "" if self.dtype == torch.float32 else " or use dtype fp32"  # (not where it is already)
         raise HtcliError(
@@ -497,12 +497,16 @@ class Run:
 
     def kept(self) -> str:
         """What a run that stops here keeps: its last checkpoint."""
-        return f"the checkpoint of step {self.saved_step} is intact" if self.saved_step else "none saved yet"
+        return (
+            "none saved yet"
+            if self.saved_step is None
+            else f"the checkpoint of step {self.saved_step} is intact"
+        )
 
     def advice(self, number: int | None) -> str:
         """What to do after a write failed with this errno: free space where it ran out, then go on."""
         mend = "free some space" if number in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else "mend that"
-        return f"{mend}, then {'resume' if self.saved_step else 'start the run again'}"
+        return f"{mend}, then {'start the run again' if self.saved_step is None else 'resume'}"
 
     def _rank_state(self) -> dict:
         """What this rank needs to continue exactly: its random number generators and data sampler."""

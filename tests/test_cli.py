@@ -187,6 +187,15 @@ def test_ctrl_c_saves_and_exits_zero(corpus, tmp_path):
     assert load_model(out)[1].step == state["step"]
 
 
+def test_counts_print_in_the_unit_they_round_to():
+    """999,700 bytes printed as '1e+03kB' (3 digits rounded up past 999 in the smaller unit)."""
+    from htcli.display import human
+
+    assert [human(n) for n in (999, 999.7, 1234, 999_700, 999_999_000, 2.5e9)] == [
+        "999", "1k", "1.23k", "1M", "1G", "2.5G"
+    ]  # fmt: skip
+
+
 def test_resume_says_when_the_corpus_changed(tmp_path):
     """A corpus that grew since the checkpoint cannot continue the run exactly (another split, other
     windows): the resume says so, and log.jsonl's start event keeps what it was; unchanged, nothing."""
@@ -201,6 +210,9 @@ def test_resume_says_when_the_corpus_changed(tmp_path):
     result = invoke("train", corpus, "--out", out, "--resume", "--steps", 4)
     assert result.exit_code == 0, result.output
     assert "the corpus or its split changed since the checkpoint" in result.stderr
+    # (in bytes: a few bytes more printed the same 3 digits for then as the start line did for now)
+    said = " ".join(result.stderr.split())  # (the console wraps lines)
+    assert "(19,800 bytes to train on and 200 held out then, 24,750 and 250 now)" in said
     events = map(json.loads, (out / "log.jsonl").read_text().splitlines())
     starts = [e for e in events if e["event"] == "start"]
     assert [e["corpus_was"] is not None for e in starts] == [False, False, True]
@@ -416,7 +428,7 @@ def test_impossible_options(run_copy, flags, message):
         ),
         (
             ["--dim-head", "5"],
-            "the rotary-position embedding needs an even --dim-head, got 5",
+            "the rotary-position embedding needs an even --dim-head of at least 4, got 5",
         ),  # (said --rotary)
         (["--clip", "-1"], "--clip must be >= 0, got -1.0"),  # (named --weight-decay too)
         (["--include-hidden"], "--include-hidden reads the hidden files of directories and glob patterns"),

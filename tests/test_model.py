@@ -25,6 +25,7 @@ def test_config_round_trip():
         (dict(depth=0), "depth must be a positive integer"),
         (dict(attention="flash"), "attention must be one of"),
         (dict(dim_head=15), "even dim_head"),
+        (dict(dim_head=2), "even dim_head of at least 4, got 2"),  # (a ZeroDivisionError in the rotary's)
     ],
 )
 def test_config_validation(overrides, message):

@@ -254,6 +254,27 @@ def test_divergence_stops_and_keeps_the_last_checkpoint(corpus, tmp_path, monkey
     assert set(weights(run)) and all(torch.isfinite(t).all() for t in weights(run).values())
 
 
+def test_a_checkpoint_of_step_0_is_named_as_kept(corpus, tmp_path, monkeypatch):
+    """A stop before the first step saves step 0; a divergence after its resume said "none saved yet"
+    (the step number taken as a truth value)."""
+    run = tmp_path / "run"
+
+    def stop_at_start(event):
+        if event["event"] == "start":
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    assert train(tiny_config(corpus, run), on_event=stop_at_start).step == 0
+    assert json.loads((run / "state.json").read_text())["step"] == 0
+    real_step = train_module._optimizer_step
+    monkeypatch.setattr(
+        train_module, "_optimizer_step", lambda *a, **k: (float("nan"), real_step(*a, **k)[1])
+    )
+    with pytest.raises(
+        HtcliError, match=r"diverged at step 1 .*\(the checkpoint of step 0 in .* is intact\)"
+    ):
+        train(tiny_config(corpus, run), resume=True)
+
+
 def test_existing_checkpoint_is_not_overwritten(corpus, tmp_path):
     """Training into a directory that holds a checkpoint without --resume is refused, files untouched."""
     run = tmp_path / "run"
