@@ -51,6 +51,11 @@ class RunLock:
         self._file = file
         return self
 
+    @property
+    def held(self) -> bool:
+        """Whether this process holds the lock (acquired, not released)."""
+        return self._file is not None
+
     def release(self) -> None:
         if self._file is not None:
             self._file.close()  # closing the file lets go of the lock

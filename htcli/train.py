@@ -16,6 +16,7 @@ import contextlib
 import errno
 import math
 import re
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -157,7 +158,16 @@ def _start_writing(run: Run) -> list:
         return loggers
     except BaseException:
         close_loggers(loggers)
+        run.unmake_directory()
         raise
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The first folder of path (path itself included) that does not exist, None where path exists."""
+    for folder in [*reversed(path.absolute().parents), path.absolute()]:
+        if not folder.exists():
+            return folder
+    return None
 
 
 def _agreed_stop(stop: StopRequest, device) -> str | None:
@@ -252,6 +262,7 @@ class Run:
         self.sampler = rank_sampler(len(self.train_data), self.window, config, self.rank, self.world_size)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.step, self.val_bpb, self.saved_step = 0, None, None
+        self.made: Path | None = None  # the first folder of out that claim_directory made
         self.corpus_was = None  # [train, val] bytes at the checkpoint, where a resume finds others
         if checkpoint is not None:
             self._restore(*checkpoint)
@@ -349,9 +360,22 @@ class Run:
         before anything is written)."""
         if self.main:
             with _writing(self.out):
+                self.made = _first_missing(self.out)
                 self.out.mkdir(parents=True, exist_ok=True)
                 self.lock.acquire()
                 trim_log(self.out / LOG_FILE, self.step, then="resume" if self.resumed else "run again")
+
+    def unmake_directory(self) -> None:
+        """Where a new run's start failed (a logger that cannot start) in a directory it made: that directory
+        removed, with the folders made for it, so that the failure leaves the disk as it was."""
+        if self.main and self.made is not None and not self.resumed and self.lock.held:
+            shutil.rmtree(self.out, ignore_errors=True)  # (locked: no other process trains into it)
+            self.lock.release()
+            for folder in self.out.absolute().parents:
+                if not folder.is_relative_to(self.made):
+                    break
+                with contextlib.suppress(OSError):  # (one that holds something else now stays)
+                    folder.rmdir()
 
     def write_config(self) -> None:
         """config.json (rank 0), in the claimed run directory."""

@@ -470,7 +470,8 @@ def test_wandb_settings_htcli_can_tell_are_wrong_say_so(corpus, tmp_path, monkey
 def test_a_logger_that_cannot_start_is_one_line_and_leaves_the_run_as_it_was(corpus, tmp_path):
     """W&B online without a login (was a 59-line traceback, after config.json had taken the new options,
     so that every resume failed again): one line saying what to do; a resumed run's config.json as it
-    was, so that it resumes without the logger; a new run's directory without a config, started again.
+    was, so that it resumes without the logger; a new run's directory without a config, started again, and
+    removed where the run made it.
     (Real processes: W&B keeps a login it found for the life of a process.)"""
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     env.update(WANDB_MODE="online", HOME=str(tmp_path), WANDB_CONFIG_DIR=str(tmp_path / "wandb-config"))
@@ -493,7 +494,13 @@ def test_a_logger_that_cannot_start_is_one_line_and_leaves_the_run_as_it_was(cor
     assert invoke("train", *resumed).exit_code == 0
     new = [corpus, *TINY_FLAGS, "--out", fresh, "--steps", "2"]
     without_login(*new)
-    assert not (fresh / "config.json").exists()
+    assert not fresh.exists()  # (the directory it made is removed: it held .lock and wandb-id)
+    deep = tmp_path / "a" / "b" / "run"  # (and the folders made for it)
+    without_login(corpus, *TINY_FLAGS, "--out", deep, "--steps", "2")
+    assert not (tmp_path / "a").exists()
+    fresh.mkdir()  # (a directory there before: left, as the lock it took)
+    without_login(*new)
+    assert sorted(p.name for p in fresh.iterdir()) == [".lock", "wandb-id"]
     assert invoke("train", *new).exit_code == 0
 
 
