@@ -43,6 +43,22 @@ def byte_count(count: int) -> str:
     return f"{count:,} byte{'' if count == 1 else 's'}"
 
 
+def corpus_changed(start: dict) -> str:
+    """What a resume's start event says of a corpus that changed since the checkpoint (its corpus_was)."""
+    train, val = start["corpus_was"]
+    if [train, val] == [start["train_bytes"], start["val_bytes"]]:
+        what = "its files are others, or in another order, of the same bytes in all"
+    else:
+        what = (
+            f"{train:,} bytes to train on and {val:,} held out then, {start['train_bytes']:,} and "
+            f"{start['val_bytes']:,} now"
+        )
+    return (
+        f"the corpus or its split changed since the checkpoint ({what}): the run goes on, not exactly as an "
+        "uninterrupted run would"
+    )
+
+
 class TrainDisplay:
     """Progress bar with ETA, step, loss, validation bits per byte, learning rate, tokens/s, latest sample.
 
@@ -91,12 +107,7 @@ class TrainDisplay:
                 f"{human(event['tokens_per_step'])} bytes per step"
             )
             if event.get("corpus_was"):
-                train, val = event["corpus_was"]
-                self.console.print(
-                    f"[yellow]the corpus or its split changed since the checkpoint ({train:,} bytes to train "
-                    f"on and {val:,} held out then, {event['train_bytes']:,} and {event['val_bytes']:,} "
-                    "now): the run goes on, not exactly as an uninterrupted run would"
-                )
+                self.console.print(f"[yellow]{corpus_changed(event)}")
             if event.get("skipped_records"):
                 self.console.print(f"[yellow]left out {event['skipped_records']:,} bad records of the corpus")
             warmup, steps = event.get("warmup", 0), event["steps"]

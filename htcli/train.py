@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import math
 import re
 import shutil
@@ -339,7 +340,8 @@ class Run:
         self.step, self.val_bpb, self.saved_step = info.step, state.get("val_bpb"), info.step
         now, then = [len(self.train_data), len(self.val_data)], state.get("corpus_bytes")
         known = isinstance(then, list) and len(then) == 2 and all(type(n) is int for n in then)
-        if known and then != now:  # (older checkpoints: not known)
+        moved = state.get("corpus_layout", self._corpus_layout()) != self._corpus_layout()
+        if known and (then != now or moved):  # (older checkpoints: not known)
             self.corpus_was = then
         mine = state["ranks"][self.rank]
         try:
@@ -496,12 +498,17 @@ class Run:
             self.model.train()
         return prompt.decode("utf-8", errors="replace"), text, cut
 
+    def _corpus_layout(self) -> str:
+        """A digest of the training and held-out corpora's files' sizes, in order."""
+        return hashlib.sha256(b"|".join(corpus.layout() for corpus in self.corpora)).hexdigest()[:16]
+
     def save(self, log: RunLog) -> None:
         """A checkpoint of this step, with every rank's random state (all ranks take part)."""
         ranks = distributed.all_gather(self._rank_state())
         if self.main:
             state = {"world_size": self.world_size, "ranks": ranks, "grad_scaler": self.scaler.state_dict()}
             state["corpus_bytes"] = [len(self.train_data), len(self.val_data)]  # (a resume compares)
+            state["corpus_layout"] = self._corpus_layout()  # (and this: the files' sizes, in order)
             state["dtype"] = dtype_name(self.dtype)  # (a resume with dtype auto keeps it)
             state["muon_products"] = dtype_name(self.products)  # (a resume keeps it)
             try:

@@ -187,6 +187,27 @@ def test_ctrl_c_saves_and_exits_zero(corpus, tmp_path):
     assert load_model(out)[1].step == state["step"]
 
 
+def test_resume_says_when_the_corpus_files_changed_at_the_same_size(tmp_path):
+    """Files of a corpus directory in another order (a rename) move the held-out tail and every window:
+    the resume said nothing (it compared the bytes in all alone); a resume as it was, nothing."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.txt").write_bytes(make_text(15_000))
+    (data / "b.txt").write_bytes(make_text(9_000, seed=1))
+    out = tmp_path / "run"
+    assert invoke("train", data, "--out", out, *TINY_FLAGS, "--steps", 2).exit_code == 0
+    same = invoke("train", "--out", out, "--resume", "--steps", 3)
+    assert same.exit_code == 0 and "corpus" not in same.stderr, same.output
+    (data / "a.txt").rename(data / "c.txt")
+    moved = invoke("train", "--out", out, "--resume", "--steps", 4)
+    assert moved.exit_code == 0, moved.output
+    said = " ".join(moved.stderr.split())
+    assert "the corpus or its split changed since the checkpoint (its files are others, or in another" in said
+    starts = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if '"start"' in line]
+    last = starts[-1]
+    assert [e["corpus_was"] for e in starts] == [None, None, [last["train_bytes"], last["val_bytes"]]]
+
+
 def test_counts_print_in_the_unit_they_round_to():
     """999,700 bytes printed as '1e+03kB' (3 digits rounded up past 999 in the smaller unit)."""
     from htcli.display import human

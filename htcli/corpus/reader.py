@@ -85,6 +85,11 @@ class ByteCorpus:
     def __len__(self) -> int:
         return self._size
 
+    def layout(self) -> bytes:
+        """Where each non-empty file's bytes begin in the concatenation, and where they end: the files'
+        sizes in order (a resume compares them: files in another order, or others of the same total)."""
+        return self._offsets.tobytes()
+
     def read(self, start: int, length: int) -> bytes:
         """Bytes [start, start + length) of the concatenation."""
         if start < 0 or length < 0 or start + length > self._size:
