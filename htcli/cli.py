@@ -665,38 +665,40 @@ def sample(
         from htcli.sample import SamplingConfig, generate_batch, read_prompt
 
         _check_sample_options(prompt, prompt_file, num_samples, seed)
-        _check_greedy(temperature, top_k, top_p)
-        _check_echo(echo, json_output)
+        _check_greedy(temperature, top_k, top_p, num_samples, bool(echo) and json_output)
         configs = [
             SamplingConfig(max_new_tokens, temperature, top_k, top_p, seed + i) for i in range(num_samples)
         ]
         torch_device = resolve_device(device)
-        torch_dtype = resolve_dtype(dtype, torch_device)
         model, _ = load_model(checkpoint, torch_device)
         context = model.config.max_seq_len
         prompt_bytes = read_prompt(prompt_file, context) if prompt_file else os.fsencode(prompt or "\n")
         stops = [os.fsencode(s) for s in stop or []]  # (fsencode: arguments not UTF-8 byte for byte)
-        steps = generate_batch(model, prompt_bytes, configs, dtype=torch_dtype, cache=cache, stop=stops)
-        samples = _print_samples(
-            steps, prompt_bytes, configs, echo=echo is not False and not json_output, json_output=json_output
-        )
+        precision = resolve_dtype(dtype, torch_device)
+        steps = generate_batch(model, prompt_bytes, configs, dtype=precision, cache=cache, stop=stops)
+        echo = echo is not False and not json_output
+        samples = _print_samples(steps, prompt_bytes, configs, echo=echo, json_output=json_output)
         if json_output:
             _print_json_samples(configs, samples, stops)
 
 
-def _check_greedy(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    """--top-k or --top-p with --temperature 0, which ignores them: refused."""
+def _check_greedy(
+    temperature: float, top_k: int | None, top_p: float | None, num_samples: int, echo_json: bool
+) -> None:
+    """Options that others make void, refused (they were ignored): --top-k or --top-p with --temperature
+    0, several samples with it (each the same text), --echo with --json (which prints continuations)."""
     given = [name for name, value in (("--top-k", top_k), ("--top-p", top_p)) if value is not None]
     if temperature == 0 and given:
         raise HtcliError(
             f"--temperature 0 always takes the most likely byte: {' and '.join(given)} would be ignored; "
             f"drop {'them' if len(given) > 1 else 'it'}, or give a temperature above 0"
         )
-
-
-def _check_echo(echo: bool | None, json_output: bool) -> None:
-    """--echo with --json, which prints only the continuations (JSON's text): refused (it was ignored)."""
-    if echo and json_output:
+    if temperature == 0 and num_samples > 1:
+        raise HtcliError(
+            f"--temperature 0 always takes the most likely byte: --num-samples {num_samples} would give "
+            f"one text {num_samples} times under different seeds; give a temperature above 0, or one sample"
+        )
+    if echo_json:
         raise HtcliError(
             "--json prints each sample's continuation without the prompt: --echo would be ignored; drop it"
         )
@@ -761,7 +763,7 @@ def _print_samples(
     for index, (config, sample) in enumerate(zip(configs[1:], samples[1:]), 2):
         if not json_output:
             err_console.rule(f"sample {index} of {len(configs)} (seed {config.seed})")
-        show((prompt if echo else b"").decode("utf-8", "replace") + sample.decode("utf-8", "replace") + "\n")
+        show(((prompt if echo else b"") + sample).decode("utf-8", "replace") + "\n")  # (as sample 1 streamed)
     count = sum(map(len, samples))
     rate = count / seconds if seconds > 0 else 0.0
     err_console.print(f"[dim]{byte_count(count)} in {seconds:.2f} s ({rate:.1f} bytes/s)")

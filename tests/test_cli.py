@@ -120,10 +120,35 @@ def test_sample_from_a_file_and_several_samples(trained, tmp_path):
     prompt = tmp_path / "prompt.txt"
     prompt.write_text("of the ")
     result = invoke("sample", run / "model.safetensors", "--prompt-file", prompt, "--num-samples", 2,
-                    "--max-new-tokens", 5, "--temperature", 0, "--device", "cpu")  # fmt: skip
+                    "--max-new-tokens", 5, "--temperature", 0.01, "--device", "cpu")  # fmt: skip
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
     assert len(lines) == 2 and lines[0] == lines[1] and lines[0].startswith("of the ")
+
+
+def test_each_of_several_samples_prints_as_its_seed_alone(trained, tmp_path):
+    """A prompt that ends inside a UTF-8 character: samples 2.. were decoded apart from the prompt (two
+    U+FFFD where their seed alone printed the character the first byte completes)."""
+    run, _ = trained
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_bytes(b"ab\xc3")
+    args = [
+        "sample",
+        run,
+        "--prompt-file",
+        prompt,
+        "--max-new-tokens",
+        1,
+        "--temperature",
+        5,
+        "--device",
+        "cpu",
+    ]
+    together = invoke(*args, "--num-samples", 8)
+    assert together.exit_code == 0, together.output
+    alone = [invoke(*args, "--seed", seed).stdout for seed in range(8)]
+    assert together.stdout == "".join(alone)
+    assert any(not text.startswith("ab\ufffd") for text in alone)  # (one completes the character)
 
 
 def test_several_samples_at_once_as_json_lines_equal_each_seed_alone(trained):
@@ -671,6 +696,8 @@ def test_bad_sample_options(trained, tmp_path):
         greedy, "--temperature 0 always takes the most likely byte: --top-k and --top-p would be"
     )
     assert_user_error(invoke("sample", run, "--prompt-file", tmp_path / "no.txt"), "prompt file")
+    same = invoke("sample", run, "--temperature", 0, "--num-samples", 3)  # (the same text 3 times)
+    assert_user_error(same, "--temperature 0 always takes the most likely byte: --num-samples 3 would give")
     # (an explicit --echo was ignored with --json; --no-echo agrees with it)
     assert_user_error(invoke("sample", run, "--echo", "--json"), "--json prints each sample's continuation")
     quiet = invoke("sample", run, "--no-echo", "--json", "--max-new-tokens", 3, "--device", "cpu")
