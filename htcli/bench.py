@@ -28,6 +28,7 @@ from htcli.errors import HtcliError
 from htcli.presets import PRESETS, model_config
 
 METHODS = ("h", "sdpa")
+COLD_START = "cold run starts"  # the worker's signal that its imports and inputs are done
 COLD_DONE = "cold run done"  # the worker's signal that its first forward+backward finished
 
 
@@ -281,6 +282,7 @@ def run_worker(spec: dict) -> dict:
     build({**spec, "n": small}, device, dtype)[1]()
     forward, forward_backward = build(spec, device, dtype)
     # peak memory of a first, cold forward+backward: nothing cached from earlier runs
+    print(COLD_START, flush=True)  # the parent's time limit for the cold run starts here
     start = time.perf_counter()
     with PeakMemory(device) as memory:
         forward_backward()
@@ -315,28 +317,31 @@ def default_warmup(device) -> int:
 
 
 def run_isolated(spec: dict, startup_seconds: float = 60.0) -> dict:
-    """Run one measurement in a subprocess. Its cold forward+backward must end within
-    spec["max_seconds"] (after `startup_seconds` for imports), the whole run within three
-    times that; past either it is killed and reported as a timeout. A kill by the system (out
-    of memory) or a CUDA out-of-memory error is reported as "oom"; nothing is raised."""
+    """Run one measurement in a subprocess. Its imports and inputs must be ready within `startup_seconds`,
+    its cold forward+backward must end within spec["max_seconds"] from then, the whole run within three
+    times that; past any of these it is killed and reported as a timeout. A kill by the system (out of
+    memory) or a CUDA out-of-memory error is reported as "oom"; nothing is raised."""
     cmd = [sys.executable, "-m", "htcli.bench", "--worker", json.dumps(spec)]
     limit = spec["max_seconds"]
     with tempfile.TemporaryFile(mode="w+") as stderr:
         env = {**os.environ, **({IMPLEMENTATION_VARIABLE: spec["impl"]} if spec.get("impl") else {})}
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env)
-        started, cold_done, lines, ended = time.monotonic(), False, [], False
+        deadline, cold_started, lines, ended = time.monotonic() + startup_seconds, None, [], False
         try:
             with selectors.DefaultSelector() as selector:
                 selector.register(proc.stdout, selectors.EVENT_READ)
                 while True:
-                    deadline = started + startup_seconds + (3 * limit if cold_done else limit)
                     remaining = deadline - time.monotonic()
                     if remaining <= 0 or not selector.select(timeout=remaining):
                         return {"status": "timeout"}
                     line = proc.stdout.readline()
                     if not line:
                         break
-                    cold_done = cold_done or line.startswith(COLD_DONE)
+                    if line.startswith(COLD_START):  # (imports took what they took: the limit starts)
+                        cold_started = time.monotonic()
+                        deadline = cold_started + limit
+                    elif line.startswith(COLD_DONE) and cold_started is not None:
+                        deadline = cold_started + 3 * limit
                     lines.append(line)
             ended = True  # (its output closed: it is ending by itself)
         finally:  # a timeout, or this process stopped (Ctrl-C, SIGTERM): the worker goes too

@@ -34,8 +34,11 @@ def test_worker_measures_time_and_memory(method):
 
 
 def test_worker_timeout_is_reported():
-    """A measurement past its time limit is reported as a timeout, not a crash."""
-    assert run_isolated(_spec(n=4096, max_seconds=0.5), startup_seconds=0) == {"status": "timeout"}
+    """A measurement past its time limit is reported as a timeout, not a crash: a cold forward+backward
+    longer than max_seconds (its limit began at the worker's start, with 60 s for imports on top, so
+    that such a run was reported as measured), or a worker not ready within startup_seconds."""
+    assert run_isolated(_spec(n=4096, max_seconds=0.01)) == {"status": "timeout"}
+    assert run_isolated(_spec(n=64, max_seconds=30.0), startup_seconds=0) == {"status": "timeout"}
 
 
 def test_model_step_worker():
