@@ -16,6 +16,7 @@ from htcli.files import LOG_FILE, check_not_special, nothing_at, printable
 from htcli.runlog import parse_event
 
 X_AXES = ("step", "bytes", "time")  # what curves can be drawn against
+LARGEST = 1e18  # the largest number of a log's events that curves take (steps, seconds, losses)
 
 
 @dataclass
@@ -97,7 +98,14 @@ def _usable(event: dict) -> bool:
 
 
 def _numbers(event: dict, *keys: str) -> bool:
-    return all(isinstance(event.get(k), int | float) and not isinstance(event.get(k), bool) for k in keys)
+    """Whether keys hold numbers a plot can take: NaN and infinities (drawn as gaps), none past LARGEST
+    (matplotlib's ticks fail on an axis to 1e308: "arange: cannot compute length")."""
+    return all(
+        isinstance(value := event.get(k), int | float)
+        and not isinstance(value, bool)
+        and (abs(value) <= LARGEST or isinstance(value, float) and not math.isfinite(value))
+        for k in keys
+    )
 
 
 def _point(event: dict, session: dict) -> Point:

@@ -572,6 +572,13 @@ def test_plot_says_which_lines_it_skipped(corpus, tmp_path):
     assert (
         result.stderr.splitlines()[0] == f"warning: {log}: {len(evals)} lines are not htcli events (skipped)"
     )
+    # numbers no axis can take (a ValueError or OverflowError traceback from matplotlib): skipped too
+    steps = [r for r in records if r["event"] == "step"]
+    huge = [{**steps[0], "loss": 1e308}, {**steps[1], "step": 10**400}, {**steps[2], "time": -1e300}]
+    log.write_text("".join(json.dumps(r) + "\n" for r in [*records, *huge]))
+    result = invoke("plot", run, "-o", tmp_path / "c.png")
+    assert result.exit_code == 0, result.output
+    assert result.stderr.splitlines()[0] == f"warning: {log}: 3 lines are not htcli events (skipped)"
 
 
 def test_a_figure_cut_short_leaves_the_file_as_it_was(tmp_path, monkeypatch):
