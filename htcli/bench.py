@@ -437,8 +437,13 @@ def scaling_exponent(rows: list[Row], method: str, causal: bool) -> float | None
 DECODE_CONTEXTS = (8192, 32768)  # where bench --decode compares the H-cache with exact attention's KV cache
 
 
-def _check_context(preset: str, context: int, length: int) -> None:
-    """HtcliError naming the presets that fit where the preset's context is shorter than length."""
+DECODE_PROMPT, DECODE_NEW = 7680, 512  # bench --decode's prompt and the bytes it decodes after it
+
+
+def check_decode_preset(preset: str, length: int = DECODE_PROMPT + DECODE_NEW) -> None:
+    """HtcliError where preset is unknown, or names the presets that fit where its context is shorter than
+    length."""
+    context = model_config(preset).max_seq_len
     if length > context:
         fit = [name for name in PRESETS if model_config(name).max_seq_len >= length]
         raise HtcliError(
@@ -451,8 +456,8 @@ def _check_context(preset: str, context: int, length: int) -> None:
 def decode_bench(
     preset: str = "small",
     *,
-    prompt_len: int = 7680,
-    new_tokens: int = 512,
+    prompt_len: int = DECODE_PROMPT,
+    new_tokens: int = DECODE_NEW,
     recompute_tokens: int = 8,
     device_name: str = "auto",
     dtype_name: str = "fp32",
@@ -470,7 +475,7 @@ def decode_bench(
     check_choice("dtype", dtype_name, PRECISIONS)
     device, config = resolve_device(device_name), model_config(preset)
     dtype = resolve_dtype(dtype_name, device)  # (fp16 needs a CUDA GPU, as for sample and eval)
-    _check_context(preset, config.max_seq_len, prompt_len + new_tokens)
+    check_decode_preset(preset, prompt_len + new_tokens)
     torch.manual_seed(0)
     model = HTransformer1D(config).to(device).eval()
     prompt = torch.randint(0, 256, (1, prompt_len), device=device)

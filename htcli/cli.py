@@ -1040,14 +1040,13 @@ def _bench_attention(config, json_output: bool, plot_path: Path | None) -> None:
 
 
 def _bench_decode(preset: str, device: str, dtype: str, json_output: bool) -> None:
-    from htcli.bench import DECODE_CONTEXTS, decode_bench
+    from htcli.bench import DECODE_CONTEXTS, check_decode_preset, decode_bench
     from htcli.device import PRECISIONS, check_choice, resolve_device, resolve_dtype
     from htcli.display import cache_table, decode_table
-    from htcli.presets import model_config
 
     check_choice("dtype", dtype, PRECISIONS)
     resolve_dtype(dtype, resolve_device(device))  # (before the header: fp16 needs a CUDA GPU)
-    model_config(preset)  # (before the header: an unknown preset)
+    check_decode_preset(preset)  # (before the header: an unknown preset, or one too short)
     err_console.print(f"decode bench: {preset} preset, random weights, greedy, {dtype} ...")
     with err_console.status("measuring", spinner="dots"):
         result = decode_bench(preset, device_name=device, dtype_name=dtype, contexts=DECODE_CONTEXTS)

@@ -230,6 +230,7 @@ def test_bench_decode_names_the_presets_whose_context_fits():
     result = CliRunner().invoke(app, ["bench", "--decode", "--preset", "tiny", "--device", "cpu"])
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert "(8192) exceed the context of --preset tiny (256): use --preset small or base" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1  # (the bench's header came first)
     alone = CliRunner().invoke(app, ["bench", "--preset", "tiny", "--seq-len", "16", "--device", "cpu"])
     assert alone.exit_code == 1 and "--preset chooses the model of --model and --decode" in alone.stderr
     unknown = CliRunner().invoke(app, ["bench", "--decode", "--preset", "huge", "--device", "cpu"])
