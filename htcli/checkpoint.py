@@ -38,6 +38,7 @@ from htcli.files import (
     check_utf8_path,
     checkpoint_file,
     fsync_dir,
+    has_checkpoint,
     nothing_at,
     pending_file,
     read_json,
@@ -192,7 +193,12 @@ def model_file(path: str | os.PathLike) -> Path:
 def _read_metadata(file: Path, shown: str | os.PathLike) -> dict[str, str]:
     check_utf8_path(file)
     if not file.exists():
-        raise HtcliError(f"no checkpoint at {shown}: train one with `htcli train`")
+        if file.parent != Path(shown) or not has_checkpoint(file.parent):
+            raise HtcliError(f"no checkpoint at {shown}: train one with `htcli train`")
+        raise HtcliError(  # (it said "no checkpoint at", where the run's optimizer and state are)
+            f"{shown} holds a checkpoint without its {MODEL_FILE}, which holds the weights (deleted?): "
+            "give another checkpoint"
+        )
     check_not_special(file)
     try:
         open(file, "rb").close()  # (safetensors says a file it may not read is corrupt: this says why)

@@ -686,6 +686,16 @@ def test_truncated_real_checkpoint(trained, tmp_path):
     assert_user_error(invoke("sample", tmp_path, "--device", "cpu"), "truncated or corrupt?")
 
 
+def test_a_run_that_lost_its_weights_says_so(run_copy):
+    """A run directory whose model.safetensors is gone (its optimizer and state there): it said "no
+    checkpoint at RUN: train one", for sample and eval alike."""
+    run, corpus = run_copy
+    (run / "model.safetensors").unlink()
+    for args in (["sample", run], ["eval", run, corpus]):
+        result = invoke(*args, "--device", "cpu")
+        assert_user_error(result, f"{run} holds a checkpoint without its model.safetensors, which holds the")
+
+
 def test_bad_sample_options(trained, tmp_path):
     """Conflicting or impossible sampling options are refused."""
     run, _ = trained
