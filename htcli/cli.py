@@ -526,12 +526,13 @@ def _train_with(options: dict, resume: bool | str, print_config: bool, given: se
         resume=resume, preset=options.pop("preset", None), **options,
     )  # fmt: skip
     _check_ignored(config, given)
+    _check_corpus_options(config, given)
     if print_config:
         from htcli.config_file import write_toml
         from htcli.rundir import check_resumable
 
         check_resumable(config, resume)  # (what a resume would refuse of its checkpoint)
-        if not resume:  # (what a new run would refuse of its options; a resume goes on as it began)
+        if not resume and "include_hidden" not in given:  # (a config file's; a resume goes on as it began)
             from htcli.corpus import check_hidden_applies
 
             check_hidden_applies([*config.corpus, *(config.val or [])], config.include_hidden)
@@ -568,6 +569,20 @@ def _check_ignored(config, given: set[str]) -> None:
             "--context-warmup-start is the window length of the context warm-up, which is off "
             f"(--context-warmup {config.context_warmup}): give --context-warmup too, or leave it out"
         )
+
+
+def _check_corpus_options(config, given: set[str]) -> None:
+    """The corpus's options given on the command line that would be ignored, refused as train refuses them
+    for a new run: also for a resume (it skips them, so that a run goes on as it began, and they were
+    recorded in its config.json without effect) and for --print-config."""
+    from htcli.corpus import RecordOptions, check_hidden_applies, check_records_apply, resolve_corpus
+
+    specs = [*config.corpus, *(config.val or [])]
+    if "include_hidden" in given:
+        check_hidden_applies(specs, config.include_hidden)
+    if given & {"text_field", "skip_bad_records"}:
+        files = resolve_corpus(specs, include_hidden=config.include_hidden, exclude=[config.out])
+        check_records_apply(files, RecordOptions(config.text_field, config.skip_bad_records))
 
 
 def _given(value, default):

@@ -491,9 +491,26 @@ def test_impossible_new_runs(corpus, tmp_path, flags, message):
     flags = [{"VAL": val, "VALFILE": tmp_path / "val.toml"}.get(flag, flag) for flag in flags]
     result = invoke("train", corpus, *TINY_FLAGS, "--steps", "2", "--out", tmp_path / "run", *flags)
     assert_user_error(result, message)
-    if "--include-hidden" in flags:  # (--print-config printed it; the records' checks need the files read)
+    if {"--include-hidden", "--text-field", "--skip-bad-records"} & set(flags):  # (it printed them)
         printed = invoke("train", corpus, *TINY_FLAGS, "--out", tmp_path / "run", *flags, "--print-config")
         assert_user_error(printed, message)
+
+
+def test_a_resume_refuses_corpus_options_it_would_ignore(run_copy):
+    """--text-field, --skip-bad-records or --include-hidden given to a resume of a plain-text run named
+    alone: taken without a word (config.json recorded them, without effect), where a new run refuses them;
+    the run is left as it was."""
+    run, _ = run_copy
+    before = snapshot(run)
+    for flags, message in (
+        (["--text-field", "body"], "--text-field concerns the records of JSONL and Parquet files, and the"),
+        (["--skip-bad-records"], "--skip-bad-records concerns the records of JSONL and Parquet files"),
+        (["--include-hidden"], "--include-hidden reads the hidden files of directories and glob patterns"),
+    ):
+        assert_user_error(invoke("train", "--out", run, "--resume", "--steps", 10, *flags), message)
+    assert snapshot(run) == before
+    resumed = invoke("train", "--out", run, "--resume", "--steps", 10, "--no-skip-bad-records")
+    assert resumed.exit_code == 0, resumed.output  # (the default: nothing to ignore)
 
 
 def test_out_of_memory_is_an_error_not_a_traceback(corpus, tmp_path):
