@@ -59,6 +59,21 @@ def corpus_changed(start: dict) -> str:
     )
 
 
+def warmup_warning(warmup: int, steps: int) -> str | None:
+    """What a start event's warm-up makes of the learning rate's decay, where it leaves none."""
+    if 0 < steps <= warmup:
+        return (
+            f"--warmup ({warmup}) is not below --steps ({steps}): the learning rate rises for the whole run, "
+            "without its decay to --min-lr; give a --warmup below --steps"
+        )
+    if 0 < warmup == steps - 1:  # (the one step after the warm-up is the decay's first: at the peak)
+        return (
+            f"--warmup ({warmup}) leaves one step of --steps ({steps}) after it, which runs at the peak "
+            f"learning rate: no decay to --min-lr; give a --warmup below {warmup}"
+        )
+    return None
+
+
 class TrainDisplay:
     """Progress bar with ETA, step, loss, validation bits per byte, learning rate, tokens/s, latest sample.
 
@@ -110,13 +125,9 @@ class TrainDisplay:
                 self.console.print(f"[yellow]{corpus_changed(event)}")
             if event.get("skipped_records"):
                 self.console.print(f"[yellow]left out {event['skipped_records']:,} bad records of the corpus")
-            warmup, steps = event.get("warmup", 0), event["steps"]
-            if 0 < steps <= warmup:
-                self.console.print(
-                    f"[yellow]warning: --warmup ({warmup}) is not below --steps ({steps}): the learning rate"
-                    " rises for the whole run, without its decay to --min-lr; give a --warmup below --steps",
-                    soft_wrap=True,
-                )
+            warning = warmup_warning(event.get("warmup", 0), event["steps"])
+            if warning:
+                self.console.print(f"[yellow]warning: {warning}", soft_wrap=True)
             if event.get("world_size", 1) > 1:
                 ranks, batch, accum = event["world_size"], event["batch_size"], event["grad_accum"]
                 self.console.print(

@@ -954,6 +954,12 @@ def test_a_warmup_as_long_as_the_run_is_warned_of(corpus, tmp_path):
     assert "warning: --warmup (5) is not below --steps (2): the learning rate rises for the whole run" in (
         result.stderr
     )
+    one_left = invoke("train", corpus, *TINY_FLAGS, "--out", tmp_path / "r3", "--steps", 3, "--warmup", 2)
+    assert one_left.exit_code == 0, one_left.output  # (its last step at the peak: no decay, no word)
+    said = " ".join(one_left.stderr.split())
+    assert "warning: --warmup (2) leaves one step of --steps (3) after it, which runs at the peak" in said
+    quiet = invoke("train", corpus, *TINY_FLAGS, "--out", tmp_path / "r4", "--steps", 3, "--warmup", 1)
+    assert "warning" not in quiet.stderr
     missing = invoke(
         "train", tmp_path / "none.txt", *TINY_FLAGS, "--out", tmp_path / "r2", "--steps", 2, "--warmup", 5
     )
