@@ -199,13 +199,15 @@ def without_derived(saved: dict, given: dict) -> dict:
     option that given changes, so that they are derived again: the learning rate an optimizer defaults to
     where given picks another optimizer, min_lr (lr / 10) where lr changes, the level decay an attention
     defaults to where given picks another attention. Values set by hand stay (one that equals the derived
-    value counts as derived). A preset given replaces the model's size (a config file's, which wrote it
-    out as dim, depth, ...; a file's preset and sizes of its own stay together)."""
+    value counts as derived). A preset given replaces the model's size where the file holds a preset's
+    (a printed config writes it out as dim, depth, ...); sizes of the file's own stay."""
     from htcli.model import DEFAULT_LEVEL_DECAY
 
     saved = dict(saved)
-    if "preset" in given:
-        for name in {name for sizes in PRESETS.values() for name in sizes}:
+    sizes = sorted({name for fields in PRESETS.values() for name in fields})  # (dim, depth, ...)
+    presets = [model_config(preset) for preset in PRESETS]
+    if "preset" in given and any(all(saved.get(n) == getattr(c, n) for n in sizes) for c in presets):
+        for name in sizes:  # (a preset's sizes, as a printed config writes them out; set by hand, they stay)
             saved.pop(name, None)
     attention, decay = saved.get("attention", "h"), saved.get("level_decay")
     derived_decay = DEFAULT_LEVEL_DECAY if attention == "h" else 0.0

@@ -46,6 +46,8 @@ def is_cache_directory(path: Path) -> bool:
     """Whether path holds a CACHEDIR.TAG (https://bford.info/cachedir/): a cache, htcli's corpus cache or
     another tool's, whose entries are not text to train on (False where it cannot be looked at)."""
     try:
+        if not (path / CACHE_TAG).is_file():  # (a FIFO would block the walk)
+            return False
         with open(path / CACHE_TAG, "rb") as tag:
             return tag.read(len(CACHE_SIGNATURE)) == CACHE_SIGNATURE
     except OSError:

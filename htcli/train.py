@@ -16,6 +16,7 @@ import contextlib
 import errno
 import hashlib
 import math
+import os
 import re
 import shutil
 import time
@@ -165,7 +166,8 @@ def _start_writing(run: Run) -> list:
 
 def _first_missing(path: Path) -> Path | None:
     """The first folder of path (path itself included) that does not exist, None where path exists."""
-    for folder in [*reversed(path.absolute().parents), path.absolute()]:
+    path = Path(os.path.abspath(path))  # (normalised: "new/../existing" is the existing folder)
+    for folder in [*reversed(path.parents), path]:
         if not folder.exists():
             return folder
     return None
@@ -370,10 +372,13 @@ class Run:
     def unmake_directory(self) -> None:
         """Where a new run's start failed (a logger that cannot start) in a directory it made: that directory
         removed, with the folders made for it, so that the failure leaves the disk as it was."""
+        out = Path(os.path.abspath(self.out))
         if self.main and self.made is not None and not self.resumed and self.lock.held:
-            shutil.rmtree(self.out, ignore_errors=True)  # (locked: no other process trains into it)
+            if not out.is_relative_to(self.made):  # (never a folder that was there before)
+                return
+            shutil.rmtree(out, ignore_errors=True)  # (locked: no other process trains into it)
             self.lock.release()
-            for folder in self.out.absolute().parents:
+            for folder in out.parents:
                 if not folder.is_relative_to(self.made):
                     break
                 with contextlib.suppress(OSError):  # (one that holds something else now stays)

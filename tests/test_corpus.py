@@ -127,6 +127,13 @@ def test_a_cache_inside_a_corpus_directory_is_not_corpus(tmp_path, monkeypatch):
     assert len(resolve_corpus([data / "cache"])) == 4  # (the entry, its facts, its lock, the tag)
     (data / "cache" / "CACHEDIR.TAG").write_bytes(b"not the signature")  # (then not a tagged cache)
     assert len(resolve_corpus([data])) == 5
+    # a folder of the user's named as the cache is not tagged (its files would leave walks and backups)
+    own = tmp_path / "own"
+    write(own / "notes.txt", b"mine")
+    monkeypatch.setenv("HTCLI_CACHE_DIR", str(own))
+    with ByteCorpus.open([data / "c.txt.gz"]) as corpus:
+        assert len(corpus) == len(content)
+    assert not (own / "CACHEDIR.TAG").exists() and own / "notes.txt" in resolve_corpus([tmp_path / "**"])
 
 
 def test_a_glob_reads_the_directories_it_matches(tmp_path):
@@ -584,9 +591,9 @@ def test_a_cache_entry_stopped_after_it_is_in_place_keeps_its_facts(tmp_path, mo
 
     calls = []
 
-    def stopped(path):  # the facts' fsync passes, the entry's (second) is interrupted
+    def stopped(path):  # the cache tag's and the facts' fsyncs pass, the entry's (third) is interrupted
         calls.append(path)
-        if len(calls) == 2:
+        if len(calls) == 3:
             raise KeyboardInterrupt
 
     monkeypatch.setattr(files, "fsync_dir", stopped)

@@ -275,6 +275,11 @@ def test_a_preset_or_attention_over_a_config_file_derives_the_model_again(corpus
     assert "dim = 512\n" in text and "depth = 8\n" in text and "seq-len = 8192\n" in text
     text = resolved("--config", tiny, "--preset", "base", "--dim", "256", "--out", tmp_path / "b")
     assert "dim = 256\n" in text and "depth = 8\n" in text
+    mine = tmp_path / "mine.toml"  # (a size set by hand stays)
+    mine.write_text('preset = "small"\nseq-len = 1024\n')
+    assert "seq-len = 1024\n" in resolved(
+        corpus, "--config", mine, "--preset", "base", "--out", tmp_path / "m"
+    )
     exact = resolved("--config", tiny, "--attention", "exact", "--out", tmp_path / "e")
     assert 'attention = "exact"' in exact and "level-decay = 0.0\n" in exact and "dim = 64\n" in exact
     (tmp_path / "exact.toml").write_text(exact)
@@ -498,6 +503,11 @@ def test_a_logger_that_cannot_start_is_one_line_and_leaves_the_run_as_it_was(cor
     deep = tmp_path / "a" / "b" / "run"  # (and the folders made for it)
     without_login(corpus, *TINY_FLAGS, "--out", deep, "--steps", "2")
     assert not (tmp_path / "a").exists()
+    precious = tmp_path / "precious"  # ("new/../precious" made "new" and removed precious, the user's)
+    precious.mkdir()
+    (precious / "notes.txt").write_bytes(b"important")
+    without_login(corpus, *TINY_FLAGS, "--out", tmp_path / "new" / ".." / "precious", "--steps", "2")
+    assert (precious / "notes.txt").read_bytes() == b"important"
     fresh.mkdir()  # (a directory there before: left, as the lock it took)
     without_login(*new)
     assert sorted(p.name for p in fresh.iterdir()) == [".lock", "wandb-id"]

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import IO
 
 from htcli.errors import HtcliError
-from htcli.files import CACHE_SIGNATURE, CACHE_TAG, atomic_file, write_json
+from htcli.files import CACHE_SIGNATURE, CACHE_TAG, atomic_file, is_cache_directory, write_json
 
 # how this htcli makes entries: part of every entry's name, raised when a change makes other bytes
 # from the same source (2: a JSONL record holding a lone surrogate is skipped as bad, where htcli
@@ -37,6 +37,10 @@ def cache_dir() -> Path:
     """Where made corpus bytes go: $HTCLI_CACHE_DIR, else $XDG_CACHE_HOME/htcli or ~/.cache/htcli."""
     if os.environ.get("HTCLI_CACHE_DIR"):
         return Path(os.environ["HTCLI_CACHE_DIR"])
+    return _default_dir()
+
+
+def _default_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "htcli"
 
 
@@ -52,8 +56,10 @@ def cached(
     target = cache / f"{_cut(source.name, NAME_BYTES)}.{hashlib.sha256(identity.encode()).hexdigest()[:20]}"
     facts_file = target.with_name(target.name + ".json")
     try:
+        made = not cache.exists()
         cache.mkdir(parents=True, exist_ok=True)
-        _tag(cache)
+        if made or cache == _default_dir():  # (never a folder of the user's that HTCLI_CACHE_DIR names)
+            _tag(cache)
         with _locked(target.with_name(target.name + ".lock")):
             if not target.exists():
                 try:
@@ -78,10 +84,9 @@ def cached(
 def _tag(cache: Path) -> None:
     """A CACHEDIR.TAG in cache, if it has none: a corpus directory that holds the cache skips it (its
     entries are the corpus's files made into bytes), as backup tools do."""
-    if not (cache / CACHE_TAG).exists():
-        with contextlib.suppress(FileExistsError):  # (another process made it)
-            with open(cache / CACHE_TAG, "xb") as tag:
-                tag.write(CACHE_SIGNATURE + b"\n# This directory is htcli's cache of corpus bytes.\n")
+    if not is_cache_directory(cache):  # (all or nothing: a tag cut short is written again)
+        with atomic_file(cache / CACHE_TAG) as tag:
+            tag.write(CACHE_SIGNATURE + b"\n# This directory is htcli's cache of corpus bytes.\n")
 
 
 def _cut(name: str, limit: int) -> str:

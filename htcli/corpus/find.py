@@ -158,9 +158,16 @@ def _glob(pattern: Path, include_hidden: bool) -> Iterable[Path]:
         where = Path(directory).relative_to(root).parts
         # (no run directory or cache below the pattern's fixed part, as a directory's walk)
         subdirectories[:] = [name for name in subdirectories if not _kept_apart(Path(directory, name))]
-        for name in subdirectories:
-            if _matches((*where, name), wild, include_hidden) and not os.path.islink(Path(directory, name)):
-                yield from _walk(prefix.joinpath(*where, name), include_hidden, [])
+        walked = [
+            name
+            for name in subdirectories
+            if _matches((*where, name), wild, include_hidden) and not os.path.islink(Path(directory, name))
+        ]
+        for name in walked:
+            yield from _walk(prefix.joinpath(*where, name), include_hidden, [])
+        subdirectories[:] = [
+            name for name in subdirectories if name not in walked
+        ]  # (walked: each file once)
         if deepest is not None and len(where) >= deepest:
             subdirectories[:] = []
         for name in names:
