@@ -526,16 +526,12 @@ def _train_with(options: dict, resume: bool | str, print_config: bool, given: se
         resume=resume, preset=options.pop("preset", None), **options,
     )  # fmt: skip
     _check_ignored(config, given)
-    _check_corpus_options(config, given)
+    _check_corpus_options(config, given, printed_new=print_config and not resume)
     if print_config:
         from htcli.config_file import write_toml
         from htcli.rundir import check_resumable
 
         check_resumable(config, resume)  # (what a resume would refuse of its checkpoint)
-        if not resume and "include_hidden" not in given:  # (a config file's; a resume goes on as it began)
-            from htcli.corpus import check_hidden_applies
-
-            check_hidden_applies([*config.corpus, *(config.val or [])], config.include_hidden)
         print(write_toml(config, _file_key), end="")
         return
     with process_group(config.device) as launch, TrainDisplay(err_console) as display:
@@ -571,14 +567,15 @@ def _check_ignored(config, given: set[str]) -> None:
         )
 
 
-def _check_corpus_options(config, given: set[str]) -> None:
+def _check_corpus_options(config, given: set[str], *, printed_new: bool) -> None:
     """The corpus's options given on the command line that would be ignored, refused as train refuses them
     for a new run: also for a resume (it skips them, so that a run goes on as it began, and they were
-    recorded in its config.json without effect) and for --print-config."""
+    recorded in its config.json without effect) and for --print-config; printed_new (a new run's config
+    printed, not run): include_hidden from the config file too, as the run would refuse it."""
     from htcli.corpus import RecordOptions, check_hidden_applies, check_records_apply, resolve_corpus
 
     specs = [*config.corpus, *(config.val or [])]
-    if "include_hidden" in given:
+    if printed_new or "include_hidden" in given:
         check_hidden_applies(specs, config.include_hidden)
     if given & {"text_field", "skip_bad_records"}:
         files = resolve_corpus(specs, include_hidden=config.include_hidden, exclude=[config.out])

@@ -204,11 +204,11 @@ def without_derived(saved: dict, given: dict) -> dict:
     from htcli.model import DEFAULT_LEVEL_DECAY
 
     saved = dict(saved)
-    sizes = sorted({name for fields in PRESETS.values() for name in fields})  # (dim, depth, ...)
-    presets = [model_config(preset) for preset in PRESETS]
-    if "preset" in given and any(all(saved.get(n) == getattr(c, n) for n in sizes) for c in presets):
-        for name in sizes:  # (a preset's sizes, as a printed config writes them out; set by hand, they stay)
-            saved.pop(name, None)
+    if "preset" in given:
+        sizes = sorted({name for fields in PRESETS.values() for name in fields})  # (dim, depth, ...)
+        if any(all(saved.get(n) == getattr(model_config(p), n) for n in sizes) for p in PRESETS):
+            for name in sizes:  # (a preset's, as a printed config writes them out; set by hand, they stay)
+                saved.pop(name, None)
     attention, decay = saved.get("attention", "h"), saved.get("level_decay")
     derived_decay = DEFAULT_LEVEL_DECAY if attention == "h" else 0.0
     if "attention" in given and given["attention"] != attention and decay == derived_decay:

@@ -6,7 +6,8 @@ its source's name (its first NAME_BYTES bytes) and a hash of the source's path, 
 and the way it was made (the options, and FORMAT). A lock file per entry makes concurrent makers wait for
 one another: the processes of a torchrun job on one machine make each entry once and share it. The entry's
 bytes appear (atomically) only when whole, after a small JSON file of facts about it (how many records,
-how many skipped). It holds a CACHEDIR.TAG, so that a corpus directory holding it skips it.
+how many skipped). The default cache, or one htcli makes, holds a CACHEDIR.TAG, so that a corpus
+directory holding it skips it (a folder that was there before is not tagged).
 """
 
 from __future__ import annotations

@@ -114,7 +114,7 @@ def _files_of(spec: str | os.PathLike, include_hidden: bool, excluded: list[Path
         return [path]
     if _wild(str(spec)):
         inside = _under_any(_fixed_prefix(path), excluded)  # (it names files of the run directory)
-        matches = sorted(set(_glob(path, include_hidden)))  # (a file below a matched directory, matched)
+        matches = sorted(_glob(path, include_hidden))
         found = [p for p in matches if not (_written_by_a_run if inside else _under_any)(p, excluded)]
         if not found:
             aside = " (the run directory's files aside)" if matches else ""
@@ -146,8 +146,7 @@ def _glob(pattern: Path, include_hidden: bool) -> Iterable[Path]:
     `[...]` within a name, `**` any number of directories; never in a run directory or a cache below the
     pattern's fixed part. The wildcards go through no link to a directory, as a directory's walk does not
     (Python's glob follows them under `**`: a link to a parent repeats the tree dozens of times, two such
-    links exponentially many), and match hidden names only with include_hidden. (Under `**` a file can
-    come twice: matched, and below a matched directory.)"""
+    links exponentially many), and match hidden names only with include_hidden."""
     prefix = _fixed_prefix(pattern)
     wild = pattern.parts[len(prefix.parts) :]
     root = str(prefix) if prefix.parts else os.curdir
@@ -165,9 +164,8 @@ def _glob(pattern: Path, include_hidden: bool) -> Iterable[Path]:
         ]
         for name in walked:
             yield from _walk(prefix.joinpath(*where, name), include_hidden, [])
-        subdirectories[:] = [
-            name for name in subdirectories if name not in walked
-        ]  # (walked: each file once)
+        # (a matched directory is walked, not descended into again: each file comes once)
+        subdirectories[:] = [name for name in subdirectories if name not in walked]
         if deepest is not None and len(where) >= deepest:
             subdirectories[:] = []
         for name in names:
