@@ -167,16 +167,18 @@ class TrainDisplay:
 
 
 def train_summary(result: TrainResult) -> Table:
-    """The end-of-run table."""
+    """The end-of-run table; its tokens/s is the training steps' own, as the live view's (validation,
+    samples and saves left out: they are in its time)."""
+    in_steps = human(result.tokens / result.step_seconds) if result.step_seconds else "-"
     return _two_columns(
         "interrupted run (saved)" if result.interrupted else "training run",
         [
             ("run directory", str(result.out)),
             ("steps", f"{result.step} of {result.steps}"),
             ("parameters", human(result.params)),
-            ("time", f"{result.seconds:.1f} s"),
+            ("time", f"{result.seconds:.1f} s ({result.step_seconds:.1f} s in training steps)"),
             ("bytes trained on", human(result.tokens)),
-            ("tokens/s", human(result.tokens / result.seconds) if result.seconds else "-"),
+            ("tokens/s in training steps", in_steps),
             ("train loss (nats/byte)", "-" if result.train_loss is None else f"{result.train_loss:.4f}"),
             ("val bits per byte", "-" if result.val_bpb is None else f"{result.val_bpb:.4f}"),
         ],

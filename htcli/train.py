@@ -81,6 +81,7 @@ class TrainResult:
     tokens: int  # bytes trained on in this invocation
     params: int
     stopped_by: str | None = None  # "SIGINT", "SIGTERM" or "SIGHUP" when interrupted (on any rank)
+    step_seconds: float = 0.0  # the part of `seconds` in training steps (not validating, sampling, saving)
 
 
 def train(
@@ -120,7 +121,7 @@ def train(
     finally:
         run.close()
     return TrainResult(run.out, run.step, config.steps, loss, run.val_bpb, bool(stopped_by), seconds, tokens,
-                       run.params, stopped_by)  # fmt: skip
+                       run.params, stopped_by, run.step_seconds)  # fmt: skip
 
 
 def _save_at_stop(run: Run, log: RunLog, signal_name: str) -> None:
@@ -265,6 +266,7 @@ class Run:
         self.sampler = rank_sampler(len(self.train_data), self.window, config, self.rank, self.world_size)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.step, self.val_bpb, self.saved_step = 0, None, None
+        self.step_seconds = 0.0  # this invocation's time in train_step
         self.made: Path | None = None  # the first folder of out that claim_directory made
         self.corpus_was = None  # [train, val] bytes at the checkpoint, where a resume finds others
         if checkpoint is not None:
@@ -425,6 +427,7 @@ class Run:
             self._diverged(log, loss, grad_norm)
         self.step += 1
         seconds = time.perf_counter() - started
+        self.step_seconds += seconds
         log("step", step=self.step, loss=loss, lr=lr, grad_norm=grad_norm, context=length,
             **self._speed(seconds, batch_size * config.grad_accum, length))  # fmt: skip
         return loss

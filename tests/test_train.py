@@ -143,9 +143,12 @@ def test_log_and_config_files(corpus, tmp_path):
     """log.jsonl has one line per step and per evaluation; config.json holds the resolved config."""
     run = tmp_path / "run"
     config = tiny_config(corpus, run)
-    train(config)
+    result = train(config)
     events = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [e["step"] for e in events if e["event"] == "step"] == [1, 2, 3, 4, 5, 6]
+    # the summary's time in steps is the steps' own (as the live view's tokens/s), not evaluation's and saves'
+    in_steps = sum(e["step_seconds"] for e in events if e["event"] == "step")
+    assert result.step_seconds == pytest.approx(in_steps) and 0 < in_steps < result.seconds
     assert [e["step"] for e in events if e["event"] == "eval"] == [3, 6]
     assert all(e["val_bpb"] > 0 for e in events if e["event"] == "eval")
     saved = json.loads((run / "config.json").read_text())
