@@ -226,7 +226,7 @@ def run(args: list[str] | None = None) -> None:
         if type(error).__name__ == "NoArgsIsHelpError":  # typer has printed the help
             sys.exit(2)
         context = getattr(error, "ctx", None)
-        help_command = f"{context.command_path if context else 'htcli'} --help"
+        help_command = f"{context.command_path if context else _command_path(args)} --help"
         message = " ".join(error.format_message().split())
         err_console.print(f"[red]error:[/] {escape(message)} (see {help_command})", soft_wrap=True)
         sys.exit(error.exit_code)
@@ -239,6 +239,14 @@ def run(args: list[str] | None = None) -> None:
     code = code if isinstance(code, int) else 0
     _end_output(code)
     sys.exit(code)
+
+
+def _command_path(args: list[str] | None) -> str:
+    """`htcli COMMAND` for the command that args name, or `htcli`: for click's errors that come without their
+    command's context (an option given without its value: `htcli sample RUN --stop`)."""
+    commands = typer.main.get_command(app).commands
+    named = next((arg for arg in (sys.argv[1:] if args is None else args) if not arg.startswith("-")), None)
+    return f"htcli {named}" if named in commands else "htcli"
 
 
 def _out_of_memory(error: BaseException) -> bool:

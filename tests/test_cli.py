@@ -770,6 +770,8 @@ def test_errors_in_a_real_process_have_no_traceback(tmp_path):
         (["train", "a.txt", "--stepz", "3"], "error: No such option: --stepz", "htcli train"),
         (["sampel"], "error: No such command 'sampel'. Did you mean 'sample'?", "htcli"),
         (["sample"], "error: Missing argument 'checkpoint'.", "htcli sample"),
+        (["sample", "run", "--stop"], "error: Option '--stop' requires an argument.", "htcli sample"),
+        (["--stop"], "error: No such option: --stop", "htcli"),
     ],
 )
 def test_usage_errors_are_one_line_naming_the_help(tmp_path, args, said, command):
