@@ -259,6 +259,21 @@ class DecodingState:
             layer.attention.cache.t += 1
 
 
+def _check_step(token: torch.Tensor, state: DecodingState, plan: StepPlan | None) -> None:
+    """ValueError unless token holds one token per sequence of state (one would be broadcast to all); a
+    static step (plan) needs H-attention caches with room for the position (it checks nothing on the
+    device: past the capacity it would return wrong logits, where the ordinary step refuses)."""
+    cache = state.layers[0].attention.cache
+    batch = (cache.kv if isinstance(cache, HAttentionCache) else cache.k).shape[0]
+    if token.shape != (batch,):
+        raise ValueError(f"token must hold one token per sequence, shape ({batch},): {tuple(token.shape)}")
+    if plan is None:
+        return
+    if not isinstance(cache, HAttentionCache):
+        raise ValueError("a StepPlan steps H-attention caches; an exact-attention model takes ordinary steps")
+    cache.check_room()
+
+
 class TokenShift(nn.Module):
     """Mix in neighbours' features: a slice of channels comes from position i-1 (and, when
     not causal, another from i+1). Padded positions contribute zeros."""
@@ -610,6 +625,7 @@ class HTransformer1D(nn.Module):
         """Logits (b, num_tokens) for the position after token (b,), fed at state.position; updates state.
         plan (H-attention models): the step with the same operations at every position, from
         plan.position, which it advances; the caller then counts the step (state.count_step())."""
+        _check_step(token, state, plan)
         if plan is not None:
             plan.update()
         x = self.layers.step(self.token_emb(token), state.layers, plan)

@@ -57,14 +57,40 @@ def test_decode_under_bf16_autocast():
     assert worst < 0.02 * expected.abs().max().item()
 
 
-def test_cache_refuses_past_capacity():
-    """Stepping past what the levels serve raises instead of silently degrading."""
+@pytest.mark.parametrize("static", [False, True])
+def test_cache_refuses_past_capacity(static):
+    """Stepping past what the levels serve raises instead of silently degrading: the static step too (it
+    returned wrong logits at the capacity, then an IndexError from the rotary table)."""
     model = _model(max_seq_len=16)
     tokens = torch.randint(0, 256, (1, 16))
     with torch.no_grad():
         _, states = model.prefill(tokens)
+        plan = static_step.StepPlan(states.layers[0].attention.cache) if static else None
         with pytest.raises(ValueError, match="re-prefill"):
-            model.decode_step(tokens[:, 0], states)
+            model.decode_step(tokens[:, 0], states, plan)
+
+
+@pytest.mark.parametrize("attention", ["h", "exact"])
+def test_a_step_takes_one_token_per_sequence(attention):
+    """A token for one sequence given to a state of two is refused, not broadcast to both."""
+    model = _model(attention=attention)
+    with torch.no_grad():
+        _, state = model.prefill(torch.randint(0, 256, (2, 8)))
+        for token in (torch.tensor([1]), torch.tensor([[1, 2]]), torch.tensor([1, 2, 3])):
+            with pytest.raises(ValueError, match=r"one token per sequence, shape \(2,\)"):
+                model.decode_step(token, state)
+        assert model.decode_step(torch.tensor([1, 2]), state).shape == (2, 256)
+
+
+def test_a_static_step_of_an_exact_attention_model_is_refused():
+    """A StepPlan steps H-attention caches only: an exact model's KV cache is refused in words."""
+    h_model, model = _model(), _model(attention="exact")
+    tokens = torch.randint(0, 256, (1, 8))
+    with torch.no_grad():
+        _, h_state = h_model.prefill(tokens)
+        _, state = model.prefill(tokens)
+        with pytest.raises(ValueError, match="exact-attention model takes ordinary steps"):
+            model.decode_step(tokens[:, 0], state, static_step.StepPlan(h_state.layers[0].attention.cache))
 
 
 def test_non_causal_model_cannot_decode():
