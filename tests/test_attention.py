@@ -117,8 +117,9 @@ def test_level_decay_weights_levels_as_defined():
 
 
 def test_level_decay_is_checked():
+    """Per head, finite, >= 0; one number for all heads or a generator is refused in words (a TypeError)."""
     q, k, v = _qkv(10, h=2)
-    for bad in ([1.0], [1.0, -1.0], [1.0, float("nan")], [1.0, float("inf")]):
+    for bad in ([1.0], [1.0, -1.0], [1.0, float("nan")], [1.0, float("inf")], 2.0, (x for x in (1.0, 2.0))):
         with pytest.raises(ValueError, match="level_decay"):
             h_attention(q, k, v, block_size=4, level_decay=bad)
         with pytest.raises(ValueError, match="level_decay"):
@@ -219,6 +220,8 @@ def test_bad_inputs():
         h_attention(q, k, v, block_size=5)
     with pytest.raises(ValueError, match="key_padding_mask"):
         h_attention(q, k, v, block_size=4, key_padding_mask=torch.ones(2, 9, dtype=torch.bool))
+    with pytest.raises(ValueError, match="dim_head must be at least 1"):  # (a ZeroDivisionError)
+        h_attention(q[..., :0], k[..., :0], v[..., :0], block_size=4)
 
 
 def test_length_just_above_power_of_two_costs_no_double():

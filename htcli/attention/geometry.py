@@ -37,11 +37,16 @@ def check_level_decay(level_decay, heads: int) -> None:
                 f"level_decay must hold one value per head ({heads}), got {tuple(level_decay.shape)}"
             )
         return
-    values = list(level_decay)
-    if len(values) != heads or not all(
-        isinstance(x, int | float) and not isinstance(x, bool) and 0 <= x < math.inf for x in values
+    values = list(level_decay) if isinstance(level_decay, list | tuple) else None
+    if (
+        values is None
+        or len(values) != heads
+        or not all(
+            isinstance(x, int | float) and not isinstance(x, bool) and 0 <= x < math.inf for x in values
+        )
     ):
-        raise ValueError(f"level_decay must be one number >= 0 per head ({heads}), got {values!r}")
+        got = level_decay if values is None else values
+        raise ValueError(f"level_decay must be one number >= 0 per head ({heads}), got {got!r}")
 
 
 def decay_rows(level_decay, batch: int, dtype: torch.dtype, device) -> torch.Tensor | None:
@@ -81,6 +86,8 @@ def check_inputs(q, k, v, block_size, key_padding_mask) -> None:
         )
     if q.shape[2] < 1:
         raise ValueError("sequence length must be at least 1")
+    if q.shape[3] < 1:
+        raise ValueError("dim_head must be at least 1")
     check_block_size(block_size)
     if key_padding_mask is not None:
         b, _, n, _ = q.shape
