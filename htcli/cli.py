@@ -534,10 +534,11 @@ def _train_with(options: dict, resume: bool | str, print_config: bool, given: se
         resume=resume, preset=options.pop("preset", None), **options,
     )  # fmt: skip
     _check_ignored(config, given)
-    _check_corpus_options(config, given, printed_new=print_config and not resume)
+    from htcli.rundir import check_resumable, resolve_resume
+
+    _check_corpus_options(config, given, printed_new=print_config and not resolve_resume(resume, config.out))
     if print_config:
         from htcli.config_file import write_toml
-        from htcli.rundir import check_resumable
 
         check_resumable(config, resume)  # (what a resume would refuse of its checkpoint)
         print(write_toml(config, _file_key), end="")

@@ -496,6 +496,17 @@ def test_impossible_new_runs(corpus, tmp_path, flags, message):
         assert_user_error(printed, message)
 
 
+@pytest.mark.parametrize("resume", [[], ["--resume", "auto"]])
+def test_printed_config_of_a_new_run_refuses_include_hidden_from_its_file(corpus, tmp_path, resume):
+    """--print-config of what would be a new run (--resume auto where no checkpoint is: it was skipped)
+    refuses a config file's include_hidden that the run would refuse for a corpus of named files."""
+    config_file = tmp_path / "hidden.toml"
+    config_file.write_text("include_hidden = true\n")
+    flags = ["--config", config_file, "--out", tmp_path / "run", "--print-config", *resume]
+    result = invoke("train", corpus, *TINY_FLAGS, *flags)
+    assert_user_error(result, "include-hidden reads the hidden files of directories and glob patterns")
+
+
 def test_a_resume_refuses_corpus_options_it_would_ignore(run_copy):
     """--text-field, --skip-bad-records or --include-hidden given to a resume of a plain-text run named
     alone: taken without a word (config.json recorded them, without effect), where a new run refuses them;
