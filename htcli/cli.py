@@ -671,8 +671,9 @@ def sample(
         bool,
         _switch(
             "cache",
-            "Decode with the hierarchical cache (constant cost per byte; the default), or recompute the "
-            "model for every byte (slow; for comparison).",
+            "Decode with the model's cache (H-attention's hierarchical cache, constant cost per byte; an "
+            "exact-attention model's KV cache; the default), or recompute the model over its context for "
+            "every byte (slow; for comparison).",
         ),
     ] = True,
     seed: Seed = 0,
@@ -931,7 +932,9 @@ def bench(
     ctx: typer.Context,
     seq_lens: Annotated[
         list[str] | None,
-        typer.Option(flag("seq_lens"), help="Sequence lengths: repeat the option or give a comma list."),
+        typer.Option(
+            flag("seq_lens"), help="Sequence lengths: repeat the option or give a comma list (default 8192)."
+        ),
     ] = None,
     batch_size: Annotated[int, typer.Option(help="Batch size.")] = 1,
     heads: Annotated[int, typer.Option(help="Attention heads.")] = 4,
