@@ -671,9 +671,8 @@ def sample(
         bool,
         _switch(
             "cache",
-            "Decode with the model's cache (H-attention's hierarchical cache, constant cost per byte; an "
-            "exact-attention model's KV cache; the default), or recompute the model over its context for "
-            "every byte (slow; for comparison).",
+            "Decode with the model's cache (H-attention's, constant cost per byte, or an exact model's KV "
+            "cache; the default), or recompute the model over its context for every byte (slow).",
         ),
     ] = True,
     seed: Seed = 0,
@@ -932,9 +931,7 @@ def bench(
     ctx: typer.Context,
     seq_lens: Annotated[
         list[str] | None,
-        typer.Option(
-            flag("seq_lens"), help="Sequence lengths: repeat the option or give a comma list (default 8192)."
-        ),
+        typer.Option(flag("seq_lens"), help="Sequence lengths, default 8192: repeat or give a comma list."),
     ] = None,
     batch_size: Annotated[int, typer.Option(help="Batch size.")] = 1,
     heads: Annotated[int, typer.Option(help="Attention heads.")] = 4,
