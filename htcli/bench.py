@@ -26,6 +26,7 @@ from htcli.attention import IMPLEMENTATION_VARIABLE, check_block_size, resolve_i
 from htcli.device import PRECISIONS, check_choice, resolve_device, resolve_dtype
 from htcli.errors import HtcliError
 from htcli.presets import PRESETS, model_config
+from htcli.stop import signals_held
 
 METHODS = ("h", "sdpa")
 COLD_START = "cold run starts"  # the worker's signal that its imports and inputs are done
@@ -325,9 +326,11 @@ def run_isolated(spec: dict, startup_seconds: float = 60.0) -> dict:
     limit = spec["max_seconds"]
     with tempfile.TemporaryFile(mode="w+") as stderr:
         env = {**os.environ, **({IMPLEMENTATION_VARIABLE: spec["impl"]} if spec.get("impl") else {})}
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env)
-        deadline, cold_started, lines, ended = time.monotonic() + startup_seconds, None, [], False
+        proc, ended = None, False
         try:
+            with signals_held():  # (a SIGTERM inside Popen left the worker running on its own)
+                proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env)
+            deadline, cold_started, lines = time.monotonic() + startup_seconds, None, []
             with selectors.DefaultSelector() as selector:
                 selector.register(proc.stdout, selectors.EVENT_READ)
                 while True:
@@ -345,9 +348,10 @@ def run_isolated(spec: dict, startup_seconds: float = 60.0) -> dict:
                     lines.append(line)
             ended = True  # (its output closed: it is ending by itself)
         finally:  # a timeout, or this process stopped (Ctrl-C, SIGTERM): the worker goes too
-            if not ended:
-                proc.kill()
-            proc.wait()
+            if proc is not None:
+                if not ended:
+                    proc.kill()
+                proc.wait()
         stderr.seek(0)
         errors = stderr.read()
     results = [line for line in lines if line.startswith("{")]

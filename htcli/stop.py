@@ -104,6 +104,25 @@ def terminate_unwinds() -> Iterator[None]:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Ctrl-C, SIGTERM and SIGHUP that come inside the block are delivered when it ends, to the handlers in
+    place then: so that starting a child process (subprocess.Popen) is not cut between its fork and the
+    caller holding it, which would leave the child running on its own. Main thread only (else a no-op)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = {signum: signal.signal(signum, lambda signum, _: caught.append(signum)) for signum in STOPS}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for signum in caught:
+            signal.raise_signal(signum)
+
+
 _BEFORE_START: dict[int, object] = {}  # the handlers quit_until_started replaced
 
 

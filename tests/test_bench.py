@@ -323,6 +323,23 @@ def _bench_workers(marker: str) -> list[int]:
     return found
 
 
+def test_signals_held_while_a_worker_starts_are_delivered_after():
+    """A SIGTERM that comes while bench starts its worker (inside Popen, between fork and the process object
+    it returns: the worker then ran on alone) reaches the handler only once the block ends."""
+    from htcli.stop import signals_held
+
+    seen = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, _: seen.append(signum))
+    try:
+        with signals_held():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
+            assert seen == []
+        assert seen == [signal.SIGTERM]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def test_sigterm_to_bench_stops_its_worker():
     """A SIGTERM to bench while a measurement runs in its worker process: one line, exit 143, and the
     worker is stopped too (it ran on for minutes after its parent had gone)."""
