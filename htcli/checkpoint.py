@@ -185,9 +185,13 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], groups: str, file: Pa
 
 
 def model_file(path: str | os.PathLike) -> Path:
-    """The weights file of a checkpoint given as a run directory or a .safetensors file."""
+    """The weights file of a checkpoint given as a run directory or a .safetensors file. In a directory, the
+    one in place; where a crash cut the run's first save short between its renames, the pending one (whole:
+    the save's state.json was written after it; the run's resume renames it)."""
     path = Path(path)
-    return path / MODEL_FILE if path.is_dir() else path
+    if not path.is_dir():
+        return path
+    return path / MODEL_FILE if (path / MODEL_FILE).exists() else checkpoint_file(path, MODEL_FILE)
 
 
 def _read_metadata(file: Path, shown: str | os.PathLike) -> dict[str, str]:
@@ -296,11 +300,22 @@ def load_model(
             raise HtcliError(str(error).replace("max_seq_len", "context"), fields=("context",)) from None
     if config.attention == "h":
         check_device(torch.device(device).type)
-    tensors = _load_tensors(info.path)
+    tensors = _weights(path, info.path)
     check_finite(tensors, info.path)
     model = HTransformer1D(config)
     load_weights(model, tensors, info.path)
     return model.to(device).eval(), info
+
+
+def _weights(path: str | os.PathLike, file: Path) -> dict[str, torch.Tensor]:
+    """The tensors of the checkpoint at path, whose weights file was `file`: read from where it is now where
+    a run's save renamed that pending file into place meanwhile."""
+    try:
+        return _load_tensors(file)
+    except HtcliError:
+        if model_file(path) == file:
+            raise
+        return _load_tensors(model_file(path))
 
 
 def load_weights(model: HTransformer1D, tensors: dict[str, torch.Tensor], file: Path) -> None:

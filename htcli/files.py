@@ -7,6 +7,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,6 +32,7 @@ CACHE_TAG = "CACHEDIR.TAG"
 CACHE_SIGNATURE = b"Signature: 8a477f597d28d172789f06886806bc55"
 # what a run writes in its directory (and the pending files of a save)
 RUN_ENTRIES = (*CHECKPOINT_FILES, CONFIG_FILE, LOG_FILE, LOCK_FILE, TENSORBOARD_DIR, WANDB_DIR, WANDB_ID_FILE)
+SAFETENSORS_TEMP = re.compile(r"\.tmp[A-Za-z0-9]{6}")  # where safetensors writes a file before renaming it
 
 
 def is_run_directory(path: Path) -> bool:
@@ -60,9 +62,30 @@ def written_by_the_run(path: Path, out: Path) -> bool:
         first = path.relative_to(out).parts[0]
     except (ValueError, IndexError):
         return False
-    if first.startswith(".") and first.endswith(".tmp"):  # (temp_path's: a write cut short may leave one)
-        first = first[1:].removesuffix(".tmp").rpartition(".")[0]
-    return first in RUN_ENTRIES or (first.startswith(".") and first.endswith(".pending"))
+    return is_write_leftover(first) or _is_run_entry(first)
+
+
+def _is_run_entry(name: str) -> bool:
+    return name in RUN_ENTRIES or (name.startswith(".") and name.endswith(".pending"))
+
+
+def is_write_leftover(name: str) -> bool:
+    """Whether a name in a run directory is a temporary file of a write, which a write cut short (a kill -9
+    during a save) leaves: temp_path's of a run's file, or safetensors' own."""
+    base, _, pid = name[1:].removesuffix(".tmp").rpartition(".")
+    ours = name.startswith(".") and name.endswith(".tmp") and pid.isdigit() and _is_run_entry(base)
+    return ours or SAFETENSORS_TEMP.fullmatch(name) is not None
+
+
+def remove_write_leftovers(out: Path) -> None:
+    """Remove the temporary files that writes cut short left in the run directory out (by its one writer,
+    which holds the run's lock: no write of another process is under way there). One that cannot be removed
+    stays (it harms nothing but space)."""
+    with contextlib.suppress(OSError), os.scandir(out) as entries:
+        for entry in list(entries):
+            if is_write_leftover(entry.name) and entry.is_file(follow_symlinks=False):
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
 
 
 def nothing_at(path: str | os.PathLike) -> bool:

@@ -72,6 +72,19 @@ def open_run(out: Path, config: TrainConfig, resume: bool, lock: RunLock, *, mai
     return checkpoint
 
 
+def check_still_new(out: Path) -> None:
+    """For a new run whose directory open_run did not find (it locks it only once made): what open_run checks
+    of one it finds, now that the lock is held, as another run may have made the directory and saved into it
+    since (that run has ended: the lock was free)."""
+    if has_checkpoint(out):
+        raise HtcliError(
+            f"{out} holds a checkpoint now, which another run saved there while this one started: pass resume"
+            " to continue it, or choose another out",
+            fields=("resume", "out"),
+        )
+    check_only_run_files(out)
+
+
 def check_resumable(config: TrainConfig, resume: bool | str) -> None:
     """Where config resumes a run (resume as train takes it), what open_run checks of its checkpoint
     before training, from the checkpoint's metadata alone: one is there, complete, of config's model,

@@ -56,6 +56,25 @@ class RunLock:
         """Whether this process holds the lock (acquired, not released)."""
         return self._file is not None
 
+    def in_place(self) -> bool:
+        """Whether OUT/.lock is still the file this process locked: False where the run directory was moved
+        or deleted since (and another, maybe another run's, may stand at its name now)."""
+        held = os.fstat(self._file.fileno())
+        try:
+            there = os.stat(self.path)
+        except OSError:
+            return False
+        return (there.st_dev, there.st_ino) == (held.st_dev, held.st_ino)
+
+    def whereabouts(self) -> Path | None:
+        """The directory that holds the locked file now (where the run directory was moved), None where it
+        was deleted or the system does not say (Linux says, in /proc/self/fd)."""
+        try:
+            now = os.readlink(f"/proc/self/fd/{self._file.fileno()}")
+        except OSError:
+            return None
+        return None if now.endswith(" (deleted)") or not os.path.isabs(now) else Path(now).parent
+
     def release(self) -> None:
         if self._file is not None:
             self._file.close()  # closing the file lets go of the lock

@@ -18,6 +18,7 @@ import hashlib
 import math
 import os
 import re
+import shlex
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -53,12 +54,12 @@ from htcli.device import (
 )
 from htcli.errors import HtcliError
 from htcli.evaluate import byte_nll, window_nats
-from htcli.files import CONFIG_FILE, LOG_FILE, OPTIMIZER_FILE, STATE_FILE, write_json
+from htcli.files import CONFIG_FILE, LOG_FILE, OPTIMIZER_FILE, STATE_FILE, remove_write_leftovers, write_json
 from htcli.flops import peak_bf16_flops, train_flops
 from htcli.loggers import check_loggers, close_loggers, open_loggers
 from htcli.model import HTransformer1D
 from htcli.optim import context_length, learning_rate, make_optimizer, newton_schulz_dtype
-from htcli.rundir import open_run, resolve_resume
+from htcli.rundir import check_still_new, open_run, resolve_resume
 from htcli.runlock import RunLock
 from htcli.runlog import LogError, RunLog, trim_log
 from htcli.sample import SamplingConfig, generate
@@ -361,14 +362,22 @@ class Run:
             ) from None
 
     def claim_directory(self) -> None:
-        """The run directory made and locked (rank 0); the log loses the events a crash left past the
-        checkpoint resumed from (a new run: all those of a run that never saved; a damaged log stops the run
-        before anything is written)."""
+        """The run directory made and locked (rank 0): one made since open_run looked is checked as open_run
+        checks one it finds, one open_run locked is checked to be still there; the temporary files of writes
+        cut short are removed, and the log loses the events a crash left past the checkpoint resumed from (a
+        new run: all those of a run that never saved; a damaged log stops the run before anything is
+        written)."""
         if self.main:
             with _writing(self.out):
-                self.made = _first_missing(self.out)
+                made = _first_missing(self.out)
                 self.out.mkdir(parents=True, exist_ok=True)
-                self.lock.acquire()
+                if self.lock.held:  # (open_run found the directory and locked it)
+                    self.check_in_place()
+                else:
+                    self.lock.acquire()
+                    check_still_new(self.out)
+                self.made = made  # (not before: a directory another run made and used meanwhile is kept)
+                remove_write_leftovers(self.out)
                 trim_log(self.out / LOG_FILE, self.step, then="resume" if self.resumed else "run again")
 
     def unmake_directory(self) -> None:
@@ -519,6 +528,7 @@ class Run:
             state["corpus_layout"] = self._corpus_layout()  # (and this: the files' sizes, in order)
             state["dtype"] = dtype_name(self.dtype)  # (a resume with dtype auto keeps it)
             state["muon_products"] = dtype_name(self.products)  # (a resume keeps it)
+            self.check_in_place()
             try:
                 save_checkpoint(
                     self.out, self.model, self.optimizer, state, step=self.step, val_bpb=self.val_bpb
@@ -533,6 +543,21 @@ class Run:
             log("checkpoint", step=self.step, path=str(self.out))
         distributed.barrier(self.device)  # nobody goes on (or exits) before the checkpoint is written
         self.saved_step = self.step
+
+    def check_in_place(self) -> None:
+        """HtcliError where the run directory was moved or deleted since this process locked it (rank 0): its
+        saves would go to whatever stands at its name now, maybe another run's directory."""
+        if self.lock.in_place():
+            return
+        now = self.lock.whereabouts()
+        message = (
+            f"the run directory {self.out} was {f'moved to {now}' if now else 'moved or deleted'} while this"
+            f" run trained into it: stopped without saving step {self.step}"
+        )
+        if now is not None and self.saved_step is not None:
+            resume = f"htcli train --resume --out {shlex.quote(str(now))}"
+            message += f" (its checkpoint of step {self.saved_step} went with it: {resume})"
+        raise HtcliError(message)
 
     def kept(self) -> str:
         """What a run that stops here keeps: its last checkpoint."""

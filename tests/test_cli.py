@@ -14,6 +14,7 @@ import torch
 from conftest import TINY_FLAGS, assert_user_error, invoke, make_text, tiny_config, wait_for_a_step
 from safetensors.torch import load_file, save_file
 
+from htcli import checkpoint
 from htcli.checkpoint import load_model
 from htcli.corpus import ByteCorpus, reader
 from htcli.evaluate import evaluate
@@ -648,6 +649,44 @@ def test_print_config_of_a_resume_after_a_save_cut_short_between_its_renames(run
     assert "steps = 8" in printed.stdout and snapshot(run) == before
     refused = invoke("train", "--out", run, "--resume", "--steps", 8, "--dim", 48, "--print-config")
     assert_user_error(refused, "the model differs from its checkpoint (--dim 32 in the checkpoint, 48 asked)")
+
+
+def test_sample_and_eval_read_a_first_save_cut_short_between_its_renames(run_copy):
+    """A run killed after its first save wrote all its pending files and before it renamed them (no weights
+    in place): sample and eval read the pending weights, whole (the resume finishes that save), and change
+    nothing; they said the checkpoint's weights were deleted."""
+    run, _ = run_copy
+    corpus = file_with(run.parent / "held_out.txt", make_text(500, seed=9))
+    expected = invoke("eval", run, corpus, "--stride", 32, "--json", "--device", "cpu")
+    for name in ("model.safetensors", "optimizer.safetensors", "state.json"):
+        (run / name).rename(run / f".{name}.pending")
+    before = snapshot(run)
+    evaluated = invoke("eval", run, corpus, "--stride", 32, "--json", "--device", "cpu")
+    assert evaluated.exit_code == 0, evaluated.output
+    assert json.loads(evaluated.stdout)["bits_per_byte"] == json.loads(expected.stdout)["bits_per_byte"]
+    sampled = invoke("sample", run, "--max-new-tokens", 4, "--device", "cpu")
+    assert sampled.exit_code == 0, sampled.output
+    assert snapshot(run) == before
+
+
+def test_a_model_read_while_its_save_is_renamed_into_place(run_copy, monkeypatch):
+    """The pending weights a reader found are renamed into place by the run before the reader reads them:
+    it reads them where they are now."""
+    run, _ = run_copy
+    expected = load_model(run)[0].state_dict()
+    for name in ("model.safetensors", "optimizer.safetensors", "state.json"):
+        (run / name).rename(run / f".{name}.pending")
+    read = checkpoint._load_tensors
+
+    def renamed_first(file):
+        monkeypatch.setattr(checkpoint, "_load_tensors", read)
+        checkpoint.commit_pending(run)  # (what the run's save does next)
+        return read(file)
+
+    monkeypatch.setattr(checkpoint, "_load_tensors", renamed_first)
+    model, info = checkpoint.load_model(run)
+    assert info.path.name == ".model.safetensors.pending" and (run / "model.safetensors").exists()
+    assert all(torch.equal(value, expected[key]) for key, value in model.state_dict().items())
 
 
 def test_a_lost_config_json_says_how_to_resume(run_copy):

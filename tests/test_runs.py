@@ -16,7 +16,9 @@ import torch
 from conftest import TINY_FLAGS, TINY_MODEL, assert_user_error, events, invoke, tiny_config, wait_for_a_step
 from safetensors.torch import load_file, save_file
 
+from htcli import train as train_module
 from htcli.checkpoint import commit_pending
+from htcli.errors import HtcliError
 from htcli.presets import model_config
 from htcli.train import train
 
@@ -468,3 +470,64 @@ def test_a_stop_that_cannot_be_logged_is_saved_all_the_same():
     with pytest.raises(LogError, match="No space left"):
         _save_at_stop(run, full_log, "SIGTERM")
     assert saved == [7]
+
+
+@pytest.mark.parametrize("resume", [False, "auto"])
+def test_a_run_saved_into_a_new_out_while_another_started_is_kept(corpus, tmp_path, monkeypatch, resume):
+    """Two new runs into one --out that does not exist yet: the one that made it and saved there first (while
+    the other opened its data) keeps its files; the other stops before writing (it replaced them)."""
+    out = tmp_path / "new" / "run"
+    opened = train_module.Run._open_data
+
+    def another_run_meanwhile(self):
+        monkeypatch.setattr(train_module.Run, "_open_data", opened)
+        train(tiny_config(corpus, out, steps=2, save_every=2))
+        return opened(self)
+
+    monkeypatch.setattr(train_module.Run, "_open_data", another_run_meanwhile)
+    with pytest.raises(HtcliError, match="holds a checkpoint now, which another run saved there while this"):
+        train(tiny_config(corpus, out, steps=4, seed=1), resume=resume)
+    assert [e["step"] for e in events(out, "step")] == [1, 2] and len(events(out, "start")) == 1
+    assert json.loads((out / "config.json").read_text())["steps"] == 2
+    assert json.loads((out / "state.json").read_text())["step"] == 2
+
+
+@pytest.mark.parametrize("deleted", [False, True])
+def test_a_run_directory_moved_while_training_stops_before_saving(corpus, tmp_path, deleted):
+    """A run directory renamed (or deleted) while its run trains, and a new directory made at its name: the
+    run stops at its next save, saying where its checkpoint went, and writes nothing at the name (it saved
+    into whatever stood there, another run's directory maybe); the moved run resumes where it went."""
+    out, moved = tmp_path / "run", tmp_path / "moved"
+
+    def move_at_step_4(event):
+        if event["event"] == "step" and event["step"] == 4:
+            shutil.rmtree(out) if deleted else out.rename(moved)
+            out.mkdir()
+            (out / "notes.txt").write_text("another run's")
+
+    with pytest.raises(HtcliError) as raised:
+        train(tiny_config(corpus, out, steps=8, save_every=3), on_event=move_at_step_4)
+    assert sorted(path.name for path in out.iterdir()) == ["notes.txt"]
+    went = "moved or deleted" if deleted else f"moved to {moved}"
+    said = f"the run directory {out} was {went} while this run trained into it: stopped without saving step 6"
+    assert str(raised.value).startswith(said)
+    if not deleted:
+        resume = f"htcli train --resume --out {moved}"
+        assert str(raised.value).endswith(f"its checkpoint of step 3 went with it: {resume})")
+        assert train(tiny_config(corpus, moved, steps=8, save_every=3), resume=True).step == 8
+
+
+def test_a_resume_removes_what_writes_cut_short_left(corpus, tmp_path):
+    """A kill -9 during a save leaves temporary files (safetensors' own: weights-sized; htcli's): the run's
+    next start there removes them, and nothing else."""
+    out = tmp_path / "run"
+    train(tiny_config(corpus, out, steps=2, save_every=2))
+    leftovers = [".tmpAb12Cd", "..state.json.pending.4242.tmp", ".config.json.17.tmp", ".log.jsonl.3.tmp"]
+    others = [".tmpAb12Cde", ".tmpnotes", "notes.tmp", ".notes.txt.17.tmp", ".tmpAb12Cf.txt"]
+    for name in leftovers + others:
+        (out / name).write_bytes(b"x" * 100)
+    (out / ".tmpZz99Yy").mkdir()  # (safetensors' name, a folder: not its file)
+    assert train(tiny_config(corpus, out, steps=3, save_every=2), resume=True).step == 3
+    assert sorted(name for name in leftovers + others + [".tmpZz99Yy"] if (out / name).exists()) == sorted(
+        others + [".tmpZz99Yy"]
+    )
