@@ -18,6 +18,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from htcli.files import (
     CHECKPOINT_FILES,
     MODEL_FILE,
     OPTIMIZER_FILE,
+    SAVING_DIR,
     STATE_FILE,
     check_not_special,
     check_utf8_path,
@@ -103,16 +105,19 @@ def _check_pending(out: Path) -> None:
 
 
 def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """tensors written to path, through the run directory's saving folder (SAVING_DIR: safetensors' own
+    temporary file goes there too, where the next run's start finds what a kill -9 left)."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    written = path.parent / SAVING_DIR / path.name
+    written.parent.mkdir(exist_ok=True)
     try:
-        save_file(tensors, str(path), metadata=metadata)
+        save_file(tensors, str(written), metadata=metadata)
     except SafetensorError as error:  # how safetensors reports a failed write (a full disk, say)
         raise OSError(str(error).split("I/O error: ")[-1]) from None
-    os.chmod(
-        path, 0o666 & ~_umask()
-    )  # safetensors makes files readable by their owner only, whatever the umask
-    with open(path, "rb") as file:
+    os.chmod(written, 0o666 & ~_umask())  # safetensors makes files readable by their owner only
+    with open(written, "rb") as file:
         os.fsync(file.fileno())
+    os.replace(written, path)
 
 
 def _umask() -> int:
@@ -139,6 +144,8 @@ def save_checkpoint(
         for name in CHECKPOINT_FILES:  # a save cut short (a full disk, a Ctrl-C) leaves no half files
             pending_file(out, name).unlink(missing_ok=True)
         raise
+    finally:
+        shutil.rmtree(out / SAVING_DIR, ignore_errors=True)
     commit_pending(out)
 
 
@@ -285,37 +292,43 @@ def load_model(
         raise HtcliError(
             f"{path} does not exist: give a run directory (htcli train's out) or a .safetensors file"
         )
-    info = read_checkpoint_info(path)
-    config = info.config
-    if context is not None:
-        if not (isinstance(context, int) and context > 0 and context % config.block_size == 0):
-            raise HtcliError(
-                f"context must be a positive multiple of the model's block size ({config.block_size}), "
-                f"got {context}",
-                fields=("context",),
-            )
-        try:
-            config = replace(config, max_seq_len=context)
-        except ValueError as error:
-            raise HtcliError(str(error).replace("max_seq_len", "context"), fields=("context",)) from None
-    if config.attention == "h":
-        check_device(torch.device(device).type)
-    tensors = _weights(path, info.path)
+    info, config, tensors = _read_model(path, device, context)
     check_finite(tensors, info.path)
     model = HTransformer1D(config)
     load_weights(model, tensors, info.path)
     return model.to(device).eval(), info
 
 
-def _weights(path: str | os.PathLike, file: Path) -> dict[str, torch.Tensor]:
-    """The tensors of the checkpoint at path, whose weights file was `file`: read from where it is now where
-    a run's save renamed that pending file into place meanwhile."""
+def _read_model(path: str | os.PathLike, device, context: int | None) -> tuple:
+    """The checkpoint's info, its model config (for context: load_model's) and tensors, read once more where
+    they were read from a pending weights file that a run's save renamed into place meanwhile."""
+    file = model_file(path)
     try:
-        return _load_tensors(file)
+        info = read_checkpoint_info(path)
+        config = _with_context(info.config, context)
+        if config.attention == "h":
+            check_device(torch.device(device).type)
+        return info, config, _load_tensors(info.path)
     except HtcliError:
         if model_file(path) == file:
             raise
-        return _load_tensors(model_file(path))
+    info = read_checkpoint_info(path)
+    return info, _with_context(info.config, context), _load_tensors(info.path)
+
+
+def _with_context(config: HTransformerConfig, context: int | None) -> HTransformerConfig:
+    if context is None:
+        return config
+    if not (isinstance(context, int) and context > 0 and context % config.block_size == 0):
+        raise HtcliError(
+            f"context must be a positive multiple of the model's block size ({config.block_size}), "
+            f"got {context}",
+            fields=("context",),
+        )
+    try:
+        return replace(config, max_seq_len=context)
+    except ValueError as error:
+        raise HtcliError(str(error).replace("max_seq_len", "context"), fields=("context",)) from None
 
 
 def load_weights(model: HTransformer1D, tensors: dict[str, torch.Tensor], file: Path) -> None:

@@ -153,6 +153,9 @@ class TrainDisplay:
             self.live.update(self._view())
         elif kind == "interrupt":
             self.console.print(f"[yellow]interrupted at step {event['step']}: saving and stopping")
+        elif kind == "moved":
+            moved = f"[yellow]the run directory was moved to {escape(event['path'])}: saving there"
+            self.console.print(moved, soft_wrap=True)
         elif kind == "checkpoint":
             self.console.print(f"[dim]saved checkpoint of step {event['step']} in {escape(event['path'])}")
         self.stats.plain = self._stats_line()

@@ -7,7 +7,7 @@ import contextlib
 import errno
 import json
 import os
-import re
+import shutil
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,8 +31,11 @@ WANDB_ID_FILE = "wandb-id"  # the W&B run id of a run directory, so that a resum
 CACHE_TAG = "CACHEDIR.TAG"
 CACHE_SIGNATURE = b"Signature: 8a477f597d28d172789f06886806bc55"
 # what a run writes in its directory (and the pending files of a save)
+# where a save writes its safetensors files before renaming them into the run directory: safetensors writes
+# a temporary file beside the file it makes (.tmpXXXXXX), so a folder of htcli's own holds both
+SAVING_DIR = ".saving"
 RUN_ENTRIES = (*CHECKPOINT_FILES, CONFIG_FILE, LOG_FILE, LOCK_FILE, TENSORBOARD_DIR, WANDB_DIR, WANDB_ID_FILE)
-SAFETENSORS_TEMP = re.compile(r"\.tmp[A-Za-z0-9]{6}")  # where safetensors writes a file before renaming it
+RUN_ENTRIES += (SAVING_DIR,)
 
 
 def is_run_directory(path: Path) -> bool:
@@ -70,17 +73,20 @@ def _is_run_entry(name: str) -> bool:
 
 
 def is_write_leftover(name: str) -> bool:
-    """Whether a name in a run directory is a temporary file of a write, which a write cut short (a kill -9
-    during a save) leaves: temp_path's of a run's file, or safetensors' own."""
+    """Whether a name in a run directory is a temporary file of temp_path's for one of the run's files,
+    which a write cut short (a kill -9) leaves."""
     base, _, pid = name[1:].removesuffix(".tmp").rpartition(".")
-    ours = name.startswith(".") and name.endswith(".tmp") and pid.isdigit() and _is_run_entry(base)
-    return ours or SAFETENSORS_TEMP.fullmatch(name) is not None
+    return name.startswith(".") and name.endswith(".tmp") and pid.isdigit() and _is_run_entry(base)
 
 
 def remove_write_leftovers(out: Path) -> None:
-    """Remove the temporary files that writes cut short left in the run directory out (by its one writer,
-    which holds the run's lock: no write of another process is under way there). One that cannot be removed
-    stays (it harms nothing but space)."""
+    """Remove what writes cut short (a kill -9 during a save) left in the run directory out: temp_path's
+    files of the run's own files, and the saving folder with what it holds (safetensors' temporary files,
+    as large as the checkpoint's). For the run's one writer, which holds its lock: no write of another
+    process is under way there. What cannot be removed stays (it harms nothing but space)."""
+    saving = out / SAVING_DIR
+    if saving.is_dir() and not saving.is_symlink():
+        shutil.rmtree(saving, ignore_errors=True)
     with contextlib.suppress(OSError), os.scandir(out) as entries:
         for entry in list(entries):
             if is_write_leftover(entry.name) and entry.is_file(follow_symlinks=False):

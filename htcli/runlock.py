@@ -66,14 +66,20 @@ class RunLock:
             return False
         return (there.st_dev, there.st_ino) == (held.st_dev, held.st_ino)
 
-    def whereabouts(self) -> Path | None:
-        """The directory that holds the locked file now (where the run directory was moved), None where it
-        was deleted or the system does not say (Linux says, in /proc/self/fd)."""
+    def where_now(self) -> tuple[Path, bool] | None:
+        """The path the locked file has now, and whether it was deleted (then: the path it had); None where
+        the system does not say (Linux says, in /proc/self/fd)."""
         try:
             now = os.readlink(f"/proc/self/fd/{self._file.fileno()}")
         except OSError:
             return None
-        return None if now.endswith(" (deleted)") or not os.path.isabs(now) else Path(now).parent
+        deleted = now.endswith(" (deleted)")
+        now = now.removesuffix(" (deleted)")
+        return (Path(now), deleted) if os.path.isabs(now) else None
+
+    def follow(self, out: Path) -> None:
+        """The run directory that holds the locked file is out now (it was moved)."""
+        self.path = Path(out) / LOCK_FILE
 
     def release(self) -> None:
         if self._file is not None:

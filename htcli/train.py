@@ -18,7 +18,6 @@ import hashlib
 import math
 import os
 import re
-import shlex
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -54,7 +53,15 @@ from htcli.device import (
 )
 from htcli.errors import HtcliError
 from htcli.evaluate import byte_nll, window_nats
-from htcli.files import CONFIG_FILE, LOG_FILE, OPTIMIZER_FILE, STATE_FILE, remove_write_leftovers, write_json
+from htcli.files import (
+    CONFIG_FILE,
+    LOG_FILE,
+    OPTIMIZER_FILE,
+    STATE_FILE,
+    printable,
+    remove_write_leftovers,
+    write_json,
+)
 from htcli.flops import peak_bf16_flops, train_flops
 from htcli.loggers import check_loggers, close_loggers, open_loggers
 from htcli.model import HTransformer1D
@@ -370,10 +377,10 @@ class Run:
         if self.main:
             with _writing(self.out):
                 made = _first_missing(self.out)
-                self.out.mkdir(parents=True, exist_ok=True)
                 if self.lock.held:  # (open_run found the directory and locked it)
-                    self.check_in_place()
+                    self.follow_directory()
                 else:
+                    self.out.mkdir(parents=True, exist_ok=True)
                     self.lock.acquire()
                     check_still_new(self.out)
                 self.made = made  # (not before: a directory another run made and used meanwhile is kept)
@@ -528,7 +535,7 @@ class Run:
             state["corpus_layout"] = self._corpus_layout()  # (and this: the files' sizes, in order)
             state["dtype"] = dtype_name(self.dtype)  # (a resume with dtype auto keeps it)
             state["muon_products"] = dtype_name(self.products)  # (a resume keeps it)
-            self.check_in_place()
+            self.follow_directory(log)
             try:
                 save_checkpoint(
                     self.out, self.model, self.optimizer, state, step=self.step, val_bpb=self.val_bpb
@@ -544,20 +551,42 @@ class Run:
         distributed.barrier(self.device)  # nobody goes on (or exits) before the checkpoint is written
         self.saved_step = self.step
 
-    def check_in_place(self) -> None:
-        """HtcliError where the run directory was moved or deleted since this process locked it (rank 0): its
-        saves would go to whatever stands at its name now, maybe another run's directory."""
+    def follow_directory(self, log: RunLog | None = None) -> None:
+        """Saves go where the run directory is (rank 0): where it was moved since this process locked it
+        (renamed, or an --out link pointed elsewhere), there, logged as `moved`, never to whatever stands at
+        its old name (another run's directory, maybe). HtcliError where it was deleted or its lock file
+        deleted or replaced (no lock then keeps other runs out), where the system does not say where it is,
+        and where it moved before training (no log: nothing to lose)."""
         if self.lock.in_place():
             return
-        now = self.lock.whereabouts()
-        message = (
-            f"the run directory {self.out} was {f'moved to {now}' if now else 'moved or deleted'} while this"
-            f" run trained into it: stopped without saving step {self.step}"
-        )
-        if now is not None and self.saved_step is not None:
-            resume = f"htcli train --resume --out {shlex.quote(str(now))}"
-            message += f" (its checkpoint of step {self.saved_step} went with it: {resume})"
-        raise HtcliError(message)
+        now = self.lock.where_now()
+        if now is not None and not now[1] and log is not None:
+            self.out = now[0].parent
+            self.lock.follow(self.out)
+            log("moved", step=self.step, path=str(self.out))
+            return
+        raise HtcliError(self._lost_directory(now, started=log is None))
+
+    def _lost_directory(self, now: tuple[Path, bool] | None, *, started: bool) -> str:
+        """What follow_directory says where it cannot follow (now: the lock's where_now)."""
+        when = "started" if started else "trained into it"
+        stopped = "stopped before training" if started else f"stopped without saving step {self.step}"
+        said = f"the run directory {printable(self.out)} was moved or deleted"
+        if now is not None:
+            place = printable(now[0].parent)
+            if not now[1]:  # (before training)
+                return (
+                    f"the run directory {printable(self.out)} was moved to {place} while this run started:"
+                    f" {stopped}; run again with --out {place}"
+                )
+            if now[0].parent.exists():
+                return (
+                    f"the lock file {printable(now[0])} of this run was deleted or replaced while it {when}"
+                    f" (another run may train there now): {stopped}; resume it once no other run trains"
+                    f" in {place}"
+                )
+            said = f"the run directory {place} was deleted"
+        return f"{said} while this run {when}: {stopped}"
 
     def kept(self) -> str:
         """What a run that stops here keeps: its last checkpoint."""

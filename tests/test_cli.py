@@ -669,23 +669,25 @@ def test_sample_and_eval_read_a_first_save_cut_short_between_its_renames(run_cop
     assert snapshot(run) == before
 
 
-def test_a_model_read_while_its_save_is_renamed_into_place(run_copy, monkeypatch):
-    """The pending weights a reader found are renamed into place by the run before the reader reads them:
-    it reads them where they are now."""
+@pytest.mark.parametrize("when", ["check_not_special", "_load_tensors"])
+def test_a_model_read_while_its_save_is_renamed_into_place(run_copy, monkeypatch, when):
+    """The pending weights a reader found are renamed into place by the run before the reader reads their
+    metadata, or their tensors: it reads the checkpoint again where it is now (it said the file was corrupt,
+    or named the pending file's step with the tensors of a later save)."""
     run, _ = run_copy
     expected = load_model(run)[0].state_dict()
     for name in ("model.safetensors", "optimizer.safetensors", "state.json"):
         (run / name).rename(run / f".{name}.pending")
-    read = checkpoint._load_tensors
+    read = getattr(checkpoint, when)
 
     def renamed_first(file):
-        monkeypatch.setattr(checkpoint, "_load_tensors", read)
+        monkeypatch.setattr(checkpoint, when, read)
         checkpoint.commit_pending(run)  # (what the run's save does next)
         return read(file)
 
-    monkeypatch.setattr(checkpoint, "_load_tensors", renamed_first)
+    monkeypatch.setattr(checkpoint, when, renamed_first)
     model, info = checkpoint.load_model(run)
-    assert info.path.name == ".model.safetensors.pending" and (run / "model.safetensors").exists()
+    assert info.path == run / "model.safetensors" and not (run / ".model.safetensors.pending").exists()
     assert all(torch.equal(value, expected[key]) for key, value in model.state_dict().items())
 
 

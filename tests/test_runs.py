@@ -492,42 +492,115 @@ def test_a_run_saved_into_a_new_out_while_another_started_is_kept(corpus, tmp_pa
     assert json.loads((out / "state.json").read_text())["step"] == 2
 
 
-@pytest.mark.parametrize("deleted", [False, True])
-def test_a_run_directory_moved_while_training_stops_before_saving(corpus, tmp_path, deleted):
-    """A run directory renamed (or deleted) while its run trains, and a new directory made at its name: the
-    run stops at its next save, saying where its checkpoint went, and writes nothing at the name (it saved
-    into whatever stood there, another run's directory maybe); the moved run resumes where it went."""
-    out, moved = tmp_path / "run", tmp_path / "moved"
+@pytest.mark.parametrize("how", ["moved", "linked elsewhere"])
+def test_a_run_whose_directory_moves_saves_where_it_went(corpus, tmp_path, how):
+    """A run directory renamed while its run trains (or the --out link retargeted), and another directory
+    made at its old name: the run saves where its directory went, logged, and writes nothing at the name
+    (whatever stands there, another run's directory maybe); it ends as it would have, resumable there."""
+    moved = tmp_path / "moved"
+    out = tmp_path / "run" if how == "moved" else tmp_path / "latest"
+    if how != "moved":
+        moved.mkdir()
+        out.symlink_to(moved)
 
     def move_at_step_4(event):
         if event["event"] == "step" and event["step"] == 4:
-            shutil.rmtree(out) if deleted else out.rename(moved)
-            out.mkdir()
+            if how == "moved":
+                out.rename(moved)
+                out.mkdir()
+            else:
+                out.unlink()
+                out.symlink_to(tmp_path / "other")
+                (tmp_path / "other").mkdir()
             (out / "notes.txt").write_text("another run's")
 
-    with pytest.raises(HtcliError) as raised:
-        train(tiny_config(corpus, out, steps=8, save_every=3), on_event=move_at_step_4)
+    result = train(tiny_config(corpus, out, steps=8, save_every=3), on_event=move_at_step_4)
+    assert result.step == 8 and result.out == moved
     assert sorted(path.name for path in out.iterdir()) == ["notes.txt"]
-    went = "moved or deleted" if deleted else f"moved to {moved}"
-    said = f"the run directory {out} was {went} while this run trained into it: stopped without saving step 6"
-    assert str(raised.value).startswith(said)
-    if not deleted:
-        resume = f"htcli train --resume --out {moved}"
-        assert str(raised.value).endswith(f"its checkpoint of step 3 went with it: {resume})")
-        assert train(tiny_config(corpus, moved, steps=8, save_every=3), resume=True).step == 8
+    assert [e["step"] for e in events(moved, "checkpoint")] == [3, 6, 8]
+    assert events(moved, "moved") == [dict(events(moved, "moved")[0], step=6, path=str(moved))]
+    assert json.loads((moved / "state.json").read_text())["step"] == 8
+    assert train(tiny_config(corpus, moved, steps=9, save_every=3), resume=True).step == 9
+
+
+@pytest.mark.parametrize("how", ["deleted", "replaced", "lock deleted"])
+def test_a_run_whose_directory_or_lock_is_deleted_stops_before_saving(corpus, tmp_path, how):
+    """A run directory deleted while its run trains (and maybe made again, by another run), or its lock file
+    deleted: the run stops at its next save, saying so, and writes nothing at the name."""
+    out = tmp_path / "run"
+
+    def delete_at_step_4(event):
+        if event["event"] == "step" and event["step"] == 4:
+            if how == "lock deleted":
+                (out / ".lock").unlink()
+            else:
+                shutil.rmtree(out)
+            if how == "replaced":
+                out.mkdir()
+                (out / "notes.txt").write_text("another run's")
+
+    with pytest.raises(HtcliError) as raised:
+        train(tiny_config(corpus, out, steps=8, save_every=3), on_event=delete_at_step_4)
+    if how == "deleted":
+        said = f"the run directory {out} was deleted while this run trained into it: stopped without saving"
+        assert str(raised.value) == f"{said} step 6" and not out.exists()
+    else:
+        said = f"the lock file {out / '.lock'} of this run was deleted or replaced while it trained into it"
+        assert str(raised.value).startswith(said)
+        assert str(raised.value).endswith(
+            f": stopped without saving step 6; resume it once no other run trains in {out}"
+        )
+    if how == "replaced":
+        assert sorted(path.name for path in out.iterdir()) == ["notes.txt"]
+    if how == "lock deleted":
+        assert json.loads((out / "state.json").read_text())["step"] == 3
+        assert train(tiny_config(corpus, out, steps=8, save_every=3), resume=True).step == 8
 
 
 def test_a_resume_removes_what_writes_cut_short_left(corpus, tmp_path):
-    """A kill -9 during a save leaves temporary files (safetensors' own: weights-sized; htcli's): the run's
-    next start there removes them, and nothing else."""
+    """A kill -9 during a save leaves temporary files (safetensors' own, weights-sized, in the saving
+    folder; htcli's): the run's next start there removes them, and nothing else."""
     out = tmp_path / "run"
     train(tiny_config(corpus, out, steps=2, save_every=2))
-    leftovers = [".tmpAb12Cd", "..state.json.pending.4242.tmp", ".config.json.17.tmp", ".log.jsonl.3.tmp"]
-    others = [".tmpAb12Cde", ".tmpnotes", "notes.tmp", ".notes.txt.17.tmp", ".tmpAb12Cf.txt"]
+    leftovers = ["..state.json.pending.4242.tmp", ".config.json.17.tmp", ".log.jsonl.3.tmp"]
+    others = [".tmpAb12Cd", ".tmpnotes", "notes.tmp", ".notes.txt.17.tmp", ".config.json.x.tmp"]
     for name in leftovers + others:
         (out / name).write_bytes(b"x" * 100)
-    (out / ".tmpZz99Yy").mkdir()  # (safetensors' name, a folder: not its file)
+    (out / ".saving").mkdir()
+    (out / ".saving" / ".tmpAb12Cd").write_bytes(b"x" * 100)
     assert train(tiny_config(corpus, out, steps=3, save_every=2), resume=True).step == 3
-    assert sorted(name for name in leftovers + others + [".tmpZz99Yy"] if (out / name).exists()) == sorted(
-        others + [".tmpZz99Yy"]
+    assert sorted(name for name in leftovers + others + [".saving"] if (out / name).exists()) == sorted(
+        others
     )
+
+
+def test_a_save_killed_while_writing_leaves_its_temporary_files_in_the_saving_folder(corpus, tmp_path):
+    """kill -9 while safetensors writes a checkpoint file: its temporary file is in the run's saving folder
+    (not beside the user's files, where it could not be told from theirs); the resume removes it."""
+    out = tmp_path / "run"
+    bigger = [*TINY_FLAGS, "--dim", 256, "--depth", 2]  # (a save of 25 MB: a while to catch it writing)
+    process = start(
+        "train", corpus, "--out", out, *bigger, "--steps", 10**6, "--eval-every", 0, "--save-every", 1
+    )
+    deadline = time.monotonic() + 120
+    try:
+        while not any(name.startswith(".tmp") for name in _names(out / ".saving")):
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                pytest.fail(f"no save caught while writing: {process.communicate()[1]}")
+    finally:
+        process.kill()
+        process.communicate()
+    assert not [name for name in _names(out) if name.startswith(".tmp")]
+    commit_pending(out)  # (as the resume will, to know its step here)
+    step = json.loads((out / "state.json").read_text())["step"] if (out / "state.json").exists() else 0
+    resumed = invoke("train", corpus, "--out", out, "--resume", "auto", *bigger, "--steps", step + 1)
+    assert resumed.exit_code == 0, resumed.output
+    assert not (out / ".saving").exists()
+
+
+def _names(folder) -> list[str]:
+    try:
+        return os.listdir(folder)
+    except FileNotFoundError:
+        return []
