@@ -37,6 +37,7 @@ from htcli.files import (
     SAVING_DIR,
     STATE_FILE,
     check_not_special,
+    check_saving_folder,
     check_utf8_path,
     checkpoint_file,
     fsync_dir,
@@ -109,6 +110,10 @@ def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: di
     temporary file goes there too, where the next run's start finds what a kill -9 left)."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     written = path.parent / SAVING_DIR / path.name
+    try:
+        check_saving_folder(written.parent)
+    except HtcliError as error:
+        raise OSError(str(error)) from None
     written.parent.mkdir(exist_ok=True)
     try:
         save_file(tensors, str(written), metadata=metadata)
@@ -304,16 +309,19 @@ def _read_model(path: str | os.PathLike, device, context: int | None) -> tuple:
     they were read from a pending weights file that a run's save renamed into place meanwhile."""
     file = model_file(path)
     try:
-        info = read_checkpoint_info(path)
-        config = _with_context(info.config, context)
-        if config.attention == "h":
-            check_device(torch.device(device).type)
-        return info, config, _load_tensors(info.path)
+        return _read_model_once(path, device, context)
     except HtcliError:
         if model_file(path) == file:
             raise
+    return _read_model_once(path, device, context)
+
+
+def _read_model_once(path: str | os.PathLike, device, context: int | None) -> tuple:
     info = read_checkpoint_info(path)
-    return info, _with_context(info.config, context), _load_tensors(info.path)
+    config = _with_context(info.config, context)
+    if config.attention == "h":
+        check_device(torch.device(device).type)
+    return info, config, _load_tensors(info.path)
 
 
 def _with_context(config: HTransformerConfig, context: int | None) -> HTransformerConfig:

@@ -79,13 +79,23 @@ def is_write_leftover(name: str) -> bool:
     return name.startswith(".") and name.endswith(".tmp") and pid.isdigit() and _is_run_entry(base)
 
 
+def check_saving_folder(saving: Path) -> None:
+    """HtcliError where something other than a folder (a file, a link) stands at a run's SAVING_DIR."""
+    if os.path.islink(saving) or (os.path.lexists(saving) and not saving.is_dir()):
+        raise HtcliError(
+            f"{saving} is a file or a link, where htcli writes a checkpoint's files before renaming them into"
+            " place: remove it, then run again"
+        )
+
+
 def remove_write_leftovers(out: Path) -> None:
     """Remove what writes cut short (a kill -9 during a save) left in the run directory out: temp_path's
     files of the run's own files, and the saving folder with what it holds (safetensors' temporary files,
     as large as the checkpoint's). For the run's one writer, which holds its lock: no write of another
     process is under way there. What cannot be removed stays (it harms nothing but space)."""
     saving = out / SAVING_DIR
-    if saving.is_dir() and not saving.is_symlink():
+    check_saving_folder(saving)
+    if saving.is_dir():
         shutil.rmtree(saving, ignore_errors=True)
     with contextlib.suppress(OSError), os.scandir(out) as entries:
         for entry in list(entries):

@@ -8,6 +8,7 @@ hold the lock: the empty lock file is the only trace.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 from pathlib import Path
@@ -22,6 +23,7 @@ class RunLock:
     def __init__(self, out: Path):
         self.path = Path(out) / LOCK_FILE
         self._file = None
+        self._folder: int | None = None  # a descriptor of the run directory, which follows it where it moves
 
     def acquire(self) -> RunLock:
         """Take the lock, or raise an HtcliError naming the process that holds it."""
@@ -49,6 +51,8 @@ class RunLock:
                 fields=("out",),
             ) from None
         self._file = file
+        with contextlib.suppress(OSError):
+            self._folder = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
         return self
 
     @property
@@ -58,33 +62,44 @@ class RunLock:
 
     def in_place(self) -> bool:
         """Whether OUT/.lock is still the file this process locked: False where the run directory was moved
-        or deleted since (and another, maybe another run's, may stand at its name now)."""
+        or deleted since (and another, maybe another run's, may stand at its name now), or the lock file."""
+        return self._holds(self.path)
+
+    def _holds(self, path: Path) -> bool:
         held = os.fstat(self._file.fileno())
         try:
-            there = os.stat(self.path)
+            there = os.stat(path)
         except OSError:
             return False
         return (there.st_dev, there.st_ino) == (held.st_dev, held.st_ino)
 
-    def where_now(self) -> tuple[Path, bool] | None:
-        """The path the locked file has now, and whether it was deleted (then: the path it had); None where
-        the system does not say (Linux says, in /proc/self/fd)."""
+    def where_now(self) -> tuple[Path, bool, bool] | None:
+        """Where the run directory is now: its path, whether it was deleted (then: the path it had), and
+        whether its .lock is still the file this process locked; None where the system does not say
+        (Linux says, in /proc/self/fd)."""
+        if self._folder is None:
+            return None
         try:
-            now = os.readlink(f"/proc/self/fd/{self._file.fileno()}")
+            now = os.readlink(f"/proc/self/fd/{self._folder}")
         except OSError:
             return None
         deleted = now.endswith(" (deleted)")
         now = now.removesuffix(" (deleted)")
-        return (Path(now), deleted) if os.path.isabs(now) else None
+        if not os.path.isabs(now):
+            return None
+        return Path(now), deleted, not deleted and self._holds(Path(now) / LOCK_FILE)
 
     def follow(self, out: Path) -> None:
-        """The run directory that holds the locked file is out now (it was moved)."""
+        """The run directory, with the locked file, is out now (it was moved)."""
         self.path = Path(out) / LOCK_FILE
 
     def release(self) -> None:
         if self._file is not None:
             self._file.close()  # closing the file lets go of the lock
             self._file = None
+        if self._folder is not None:
+            os.close(self._folder)
+            self._folder = None
 
 
 def _holder(inode: int) -> int | None:

@@ -55,6 +55,7 @@ from htcli.errors import HtcliError
 from htcli.evaluate import byte_nll, window_nats
 from htcli.files import (
     CONFIG_FILE,
+    LOCK_FILE,
     LOG_FILE,
     OPTIMIZER_FILE,
     STATE_FILE,
@@ -560,33 +561,36 @@ class Run:
         if self.lock.in_place():
             return
         now = self.lock.where_now()
-        if now is not None and not now[1] and log is not None:
-            self.out = now[0].parent
+        if now is not None and now[2] and log is not None:
+            self.out = now[0]
             self.lock.follow(self.out)
             log("moved", step=self.step, path=str(self.out))
             return
         raise HtcliError(self._lost_directory(now, started=log is None))
 
-    def _lost_directory(self, now: tuple[Path, bool] | None, *, started: bool) -> str:
+    def _lost_directory(self, now: tuple[Path, bool, bool] | None, *, started: bool) -> str:
         """What follow_directory says where it cannot follow (now: the lock's where_now)."""
         when = "started" if started else "trained into it"
         stopped = "stopped before training" if started else f"stopped without saving step {self.step}"
-        said = f"the run directory {printable(self.out)} was moved or deleted"
-        if now is not None:
-            place = printable(now[0].parent)
-            if not now[1]:  # (before training)
-                return (
-                    f"the run directory {printable(self.out)} was moved to {place} while this run started:"
-                    f" {stopped}; run again with --out {place}"
-                )
-            if now[0].parent.exists():
-                return (
-                    f"the lock file {printable(now[0])} of this run was deleted or replaced while it {when}"
-                    f" (another run may train there now): {stopped}; resume it once no other run trains"
-                    f" in {place}"
-                )
-            said = f"the run directory {place} was deleted"
-        return f"{said} while this run {when}: {stopped}"
+        if now is None:
+            gone = f"the run directory {printable(self.out)} was moved or deleted"
+            return f"{gone} while this run {when}: {stopped}"
+        place = printable(now[0])
+        if now[1]:
+            return (
+                f"the run directory {place} was deleted (or moved to another file system) while this run"
+                f" {when}: {stopped}"
+            )
+        if now[2]:  # (before training)
+            return (
+                f"the run directory {printable(self.out)} was moved to {place} while this run started:"
+                f" {stopped}; run again with --out {place}"
+            )
+        return (
+            f"the lock file {printable(now[0] / LOCK_FILE)} of this run was moved, deleted or replaced while"
+            f" it {when} (another run may train there now): {stopped}; resume it once no other run trains"
+            f" in {place}"
+        )
 
     def kept(self) -> str:
         """What a run that stops here keeps: its last checkpoint."""

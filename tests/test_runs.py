@@ -4,6 +4,7 @@ unit, the user's umask. Real processes, real signals, real files."""
 import json
 import os
 import pty
+import re
 import select
 import shutil
 import signal
@@ -523,16 +524,22 @@ def test_a_run_whose_directory_moves_saves_where_it_went(corpus, tmp_path, how):
     assert train(tiny_config(corpus, moved, steps=9, save_every=3), resume=True).step == 9
 
 
-@pytest.mark.parametrize("how", ["deleted", "replaced", "lock deleted"])
+@pytest.mark.parametrize("how", ["deleted", "replaced", "lock deleted", "lock moved out", "lock renamed"])
 def test_a_run_whose_directory_or_lock_is_deleted_stops_before_saving(corpus, tmp_path, how):
     """A run directory deleted while its run trains (and maybe made again, by another run), or its lock file
-    deleted: the run stops at its next save, saying so, and writes nothing at the name."""
-    out = tmp_path / "run"
+    deleted or moved (no lock keeps other runs out then): the run stops at its next save, saying so, and
+    writes nothing at the name, nor where the lock file went (it followed a lone .lock moved elsewhere)."""
+    out, elsewhere = tmp_path / "run", tmp_path / "elsewhere"
+    elsewhere.mkdir()
 
     def delete_at_step_4(event):
         if event["event"] == "step" and event["step"] == 4:
             if how == "lock deleted":
                 (out / ".lock").unlink()
+            elif how == "lock moved out":
+                (out / ".lock").rename(elsewhere / "stale-lock")
+            elif how == "lock renamed":
+                (out / ".lock").rename(out / ".lock.old")
             else:
                 shutil.rmtree(out)
             if how == "replaced":
@@ -541,20 +548,47 @@ def test_a_run_whose_directory_or_lock_is_deleted_stops_before_saving(corpus, tm
 
     with pytest.raises(HtcliError) as raised:
         train(tiny_config(corpus, out, steps=8, save_every=3), on_event=delete_at_step_4)
-    if how == "deleted":
-        said = f"the run directory {out} was deleted while this run trained into it: stopped without saving"
-        assert str(raised.value) == f"{said} step 6" and not out.exists()
-    else:
-        said = f"the lock file {out / '.lock'} of this run was deleted or replaced while it trained into it"
-        assert str(raised.value).startswith(said)
-        assert str(raised.value).endswith(
-            f": stopped without saving step 6; resume it once no other run trains in {out}"
+    said, stopped = str(raised.value), "stopped without saving step 6"
+    if how in ("deleted", "replaced"):
+        gone = f"the run directory {out} was deleted (or moved to another file system)"
+        assert said == f"{gone} while this run trained into it: {stopped}" and out.exists() == (
+            how == "replaced"
         )
+    else:
+        lock = f"the lock file {out / '.lock'} of this run was moved, deleted or replaced while it trained"
+        assert said.startswith(lock) and said.endswith(
+            f": {stopped}; resume it once no other run trains in {out}"
+        )
+    assert os.listdir(elsewhere) == ([] if how != "lock moved out" else ["stale-lock"])
     if how == "replaced":
         assert sorted(path.name for path in out.iterdir()) == ["notes.txt"]
-    if how == "lock deleted":
+    elif how != "deleted":  # (the lock's cases)
         assert json.loads((out / "state.json").read_text())["step"] == 3
         assert train(tiny_config(corpus, out, steps=8, save_every=3), resume=True).step == 8
+
+
+@pytest.mark.parametrize("what", ["file", "link"])
+def test_a_file_or_link_at_the_saving_folder_is_refused(corpus, tmp_path, what):
+    """Something a user put at OUT/.saving (htcli's folder for a save's files), a file or a link: the
+    run refuses to start there, naming it, and a save refuses to write through it; nothing is removed."""
+    out, new, target = tmp_path / "run", tmp_path / "new", tmp_path / "target"
+    target.mkdir()
+
+    def plant(folder) -> None:
+        (folder / ".saving").write_text("mine") if what == "file" else (folder / ".saving").symlink_to(target)
+
+    train(tiny_config(corpus, out, steps=2, save_every=2))
+    plant(out)
+    said = "is a file or a link, where htcli writes a checkpoint's files before renaming them into place"
+    with pytest.raises(HtcliError, match=re.escape(f"{out / '.saving'} {said}")):
+        train(tiny_config(corpus, out, steps=4, save_every=2), resume=True)
+    assert json.loads((out / "state.json").read_text())["step"] == 2
+    with pytest.raises(HtcliError, match=re.escape(f"in {new}: {new / '.saving'} {said}")):
+        train(
+            tiny_config(corpus, new, steps=4, save_every=3),
+            on_event=lambda event: event["event"] == "start" and plant(new),
+        )
+    assert os.listdir(target) == [] and os.path.lexists(new / ".saving")
 
 
 def test_a_resume_removes_what_writes_cut_short_left(corpus, tmp_path):
