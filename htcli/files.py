@@ -30,10 +30,10 @@ WANDB_ID_FILE = "wandb-id"  # the W&B run id of a run directory, so that a resum
 # the Cache Directory Tagging convention's file, and how it starts (tar --exclude-caches, backup tools)
 CACHE_TAG = "CACHEDIR.TAG"
 CACHE_SIGNATURE = b"Signature: 8a477f597d28d172789f06886806bc55"
-# what a run writes in its directory (and the pending files of a save)
 # where a save writes its safetensors files before renaming them into the run directory: safetensors writes
 # a temporary file beside the file it makes (.tmpXXXXXX), so a folder of htcli's own holds both
 SAVING_DIR = ".saving"
+# what a run writes in its directory (and the pending files of a save)
 RUN_ENTRIES = (*CHECKPOINT_FILES, CONFIG_FILE, LOG_FILE, LOCK_FILE, TENSORBOARD_DIR, WANDB_DIR, WANDB_ID_FILE)
 RUN_ENTRIES += (SAVING_DIR,)
 

@@ -52,14 +52,20 @@ def scalars(record: dict) -> dict[str, float]:
     return {tag: record[key] for key, tag in tags.items() if isinstance(record.get(key), int | float)}
 
 
-def open_loggers(names: list[str], out: Path, config: dict, step: int, *, resumed: bool = True) -> list:
+def open_loggers(
+    names: list[str], out: Path, config: dict, step: int, *, resumed: bool = True, moving: Path | None = None
+) -> list:
     """The loggers named, writing into (or next to) the run directory out; step is the step the run
-    starts from (0 for a new run); resumed: whether it continues a checkpoint."""
-    makers = {"tensorboard": TensorBoardLogger, "wandb": WandbLogger}
+    starts from (0 for a new run); resumed: whether it continues a checkpoint; moving: a path of out that
+    follows it where it is moved (/proc/self/fd/N), for TensorBoard, which writes from this process and
+    opens its event file again by path at every write."""
     loggers = []
     try:
         for name in names:
-            loggers.append(makers[name](out, config, step, resumed=resumed))
+            if name == "tensorboard":
+                loggers.append(TensorBoardLogger(out, config, step, resumed=resumed, moving=moving))
+            else:
+                loggers.append(WandbLogger(out, config, step, resumed=resumed))
     except BaseException:
         close_loggers(loggers)
         raise
@@ -74,7 +80,9 @@ def close_loggers(loggers: list) -> None:
 class TensorBoardLogger:
     """Event files in OUT/tensorboard: `tensorboard --logdir OUT` (or a folder of runs) shows them."""
 
-    def __init__(self, out: Path, config: dict, step: int, *, resumed: bool = True):
+    def __init__(
+        self, out: Path, config: dict, step: int, *, resumed: bool = True, moving: Path | None = None
+    ):
         from torch.utils.tensorboard import SummaryWriter
 
         where = out / TENSORBOARD_DIR
@@ -82,7 +90,7 @@ class TensorBoardLogger:
             raise HtcliError(f"{where} is not a directory: TensorBoard's event files go there; move it away")
         # events past the checkpoint (written before a crash; for a new run, by one that never saved) are
         # dropped when read
-        self.writer = SummaryWriter(str(where), purge_step=step + 1)
+        self.writer = SummaryWriter(str((moving or out) / TENSORBOARD_DIR), purge_step=step + 1)
 
     def __call__(self, record: dict) -> None:
         step, walltime = record.get("step"), record.get("time")

@@ -89,6 +89,14 @@ class RunLock:
             return None
         return Path(now), deleted, not deleted and self._holds(Path(now) / LOCK_FILE)
 
+    def moving_path(self) -> Path | None:
+        """A path of the run directory that leads to it where it is moved, for this process's own opens
+        (Linux: /proc/self/fd/N); None where the system has none."""
+        if self._folder is None:
+            return None
+        path = Path(f"/proc/self/fd/{self._folder}")
+        return path if path.is_dir() else None
+
     def follow(self, out: Path) -> None:
         """The run directory, with the locked file, is out now (it was moved)."""
         self.path = Path(out) / LOCK_FILE

@@ -158,8 +158,9 @@ def _start_writing(run: Run) -> list:
         try:
             run.claim_directory()
             if run.main:
+                config, moving = run.config, run.lock.moving_path()
                 loggers = open_loggers(
-                    run.config.loggers, run.out, run.config.to_dict(), run.step, resumed=run.resumed
+                    config.loggers, run.out, config.to_dict(), run.step, resumed=run.resumed, moving=moving
                 )
             run.write_config()
         except HtcliError as error:

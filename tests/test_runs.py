@@ -493,20 +493,21 @@ def test_a_run_saved_into_a_new_out_while_another_started_is_kept(corpus, tmp_pa
     assert json.loads((out / "state.json").read_text())["step"] == 2
 
 
-@pytest.mark.parametrize("how", ["moved", "linked elsewhere"])
+@pytest.mark.parametrize("how", ["moved", "linked elsewhere", "moved, with TensorBoard"])
 def test_a_run_whose_directory_moves_saves_where_it_went(corpus, tmp_path, how):
     """A run directory renamed while its run trains (or the --out link retargeted), and another directory
     made at its old name: the run saves where its directory went, logged, and writes nothing at the name
     (whatever stands there, another run's directory maybe); it ends as it would have, resumable there."""
     moved = tmp_path / "moved"
-    out = tmp_path / "run" if how == "moved" else tmp_path / "latest"
-    if how != "moved":
+    out = tmp_path / "run" if how.startswith("moved") else tmp_path / "latest"
+    loggers = ["tensorboard"] if "TensorBoard" in how else []
+    if not how.startswith("moved"):
         moved.mkdir()
         out.symlink_to(moved)
 
     def move_at_step_4(event):
         if event["event"] == "step" and event["step"] == 4:
-            if how == "moved":
+            if how.startswith("moved"):
                 out.rename(moved)
                 out.mkdir()
             else:
@@ -515,12 +516,18 @@ def test_a_run_whose_directory_moves_saves_where_it_went(corpus, tmp_path, how):
                 (tmp_path / "other").mkdir()
             (out / "notes.txt").write_text("another run's")
 
-    result = train(tiny_config(corpus, out, steps=8, save_every=3), on_event=move_at_step_4)
+    result = train(tiny_config(corpus, out, steps=8, save_every=3, loggers=loggers), on_event=move_at_step_4)
     assert result.step == 8 and result.out == moved
     assert sorted(path.name for path in out.iterdir()) == ["notes.txt"]
     assert [e["step"] for e in events(moved, "checkpoint")] == [3, 6, 8]
     assert events(moved, "moved") == [dict(events(moved, "moved")[0], step=6, path=str(moved))]
     assert json.loads((moved / "state.json").read_text())["step"] == 8
+    if loggers:  # (TensorBoard's writer followed too: every step's loss in the moved directory's events)
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        accumulator = EventAccumulator(str(moved / "tensorboard"))
+        accumulator.Reload()
+        assert [event.step for event in accumulator.Scalars("train/loss")] == list(range(1, 9))
     assert train(tiny_config(corpus, moved, steps=9, save_every=3), resume=True).step == 9
 
 
