@@ -110,10 +110,6 @@ def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: di
     temporary file goes there too, where the next run's start finds what a kill -9 left)."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     written = path.parent / SAVING_DIR / path.name
-    try:
-        check_saving_folder(written.parent)
-    except HtcliError as error:
-        raise OSError(str(error)) from None
     written.parent.mkdir(exist_ok=True)
     try:
         save_file(tensors, str(written), metadata=metadata)
@@ -155,6 +151,10 @@ def save_checkpoint(
 
 
 def _write_pending(out: Path, model, optimizer, state: dict, *, step: int, val_bpb: float | None) -> None:
+    try:
+        check_saving_folder(out / SAVING_DIR)
+    except HtcliError as error:  # (as a failed write: the save's caller says which save failed)
+        raise OSError(str(error)) from None
     model_metadata = {
         "htcli_config": json.dumps(model.config.to_dict()),
         "htcli_version": __version__,

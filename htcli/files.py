@@ -34,8 +34,16 @@ CACHE_SIGNATURE = b"Signature: 8a477f597d28d172789f06886806bc55"
 # a temporary file beside the file it makes (.tmpXXXXXX), so a folder of htcli's own holds both
 SAVING_DIR = ".saving"
 # what a run writes in its directory (and the pending files of a save)
-RUN_ENTRIES = (*CHECKPOINT_FILES, CONFIG_FILE, LOG_FILE, LOCK_FILE, TENSORBOARD_DIR, WANDB_DIR, WANDB_ID_FILE)
-RUN_ENTRIES += (SAVING_DIR,)
+RUN_ENTRIES = (
+    *CHECKPOINT_FILES,
+    CONFIG_FILE,
+    LOG_FILE,
+    LOCK_FILE,
+    TENSORBOARD_DIR,
+    WANDB_DIR,
+    WANDB_ID_FILE,
+    SAVING_DIR,
+)
 
 
 def is_run_directory(path: Path) -> bool:
@@ -93,10 +101,8 @@ def remove_write_leftovers(out: Path) -> None:
     files of the run's own files, and the saving folder with what it holds (safetensors' temporary files,
     as large as the checkpoint's). For the run's one writer, which holds its lock: no write of another
     process is under way there. What cannot be removed stays (it harms nothing but space)."""
-    saving = out / SAVING_DIR
-    check_saving_folder(saving)
-    if saving.is_dir():
-        shutil.rmtree(saving, ignore_errors=True)
+    check_saving_folder(out / SAVING_DIR)
+    shutil.rmtree(out / SAVING_DIR, ignore_errors=True)  # (a folder, or nothing)
     with contextlib.suppress(OSError), os.scandir(out) as entries:
         for entry in list(entries):
             if is_write_leftover(entry.name) and entry.is_file(follow_symlinks=False):

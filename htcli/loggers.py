@@ -9,6 +9,7 @@ imported only when asked for.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 import re
@@ -59,13 +60,11 @@ def open_loggers(
     starts from (0 for a new run); resumed: whether it continues a checkpoint; moving: a path of out that
     follows it where it is moved (/proc/self/fd/N), for TensorBoard, which writes from this process and
     opens its event file again by path at every write."""
+    makers = {"tensorboard": functools.partial(TensorBoardLogger, moving=moving), "wandb": WandbLogger}
     loggers = []
     try:
         for name in names:
-            if name == "tensorboard":
-                loggers.append(TensorBoardLogger(out, config, step, resumed=resumed, moving=moving))
-            else:
-                loggers.append(WandbLogger(out, config, step, resumed=resumed))
+            loggers.append(makers[name](out, config, step, resumed=resumed))
     except BaseException:
         close_loggers(loggers)
         raise

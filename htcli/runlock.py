@@ -12,9 +12,18 @@ import contextlib
 import fcntl
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 from htcli.errors import HtcliError
 from htcli.files import LOCK_FILE, check_not_special
+
+
+class Whereabouts(NamedTuple):
+    """Where a locked run directory is now (RunLock.where_now)."""
+
+    path: Path  # (where it was deleted: the path it had)
+    deleted: bool
+    ours: bool  # its .lock is still the file this process locked
 
 
 class RunLock:
@@ -73,10 +82,9 @@ class RunLock:
             return False
         return (there.st_dev, there.st_ino) == (held.st_dev, held.st_ino)
 
-    def where_now(self) -> tuple[Path, bool, bool] | None:
-        """Where the run directory is now: its path, whether it was deleted (then: the path it had), and
-        whether its .lock is still the file this process locked; None where the system does not say
-        (Linux says, in /proc/self/fd)."""
+    def where_now(self) -> Whereabouts | None:
+        """Where the run directory is now; None where the system does not say (Linux says, in
+        /proc/self/fd)."""
         if self._folder is None:
             return None
         try:
@@ -87,7 +95,7 @@ class RunLock:
         now = now.removesuffix(" (deleted)")
         if not os.path.isabs(now):
             return None
-        return Path(now), deleted, not deleted and self._holds(Path(now) / LOCK_FILE)
+        return Whereabouts(Path(now), deleted, not deleted and self._holds(Path(now) / LOCK_FILE))
 
     def moving_path(self) -> Path | None:
         """A path of the run directory that leads to it where it is moved, for this process's own opens

@@ -68,7 +68,7 @@ from htcli.loggers import check_loggers, close_loggers, open_loggers
 from htcli.model import HTransformer1D
 from htcli.optim import context_length, learning_rate, make_optimizer, newton_schulz_dtype
 from htcli.rundir import check_still_new, open_run, resolve_resume
-from htcli.runlock import RunLock
+from htcli.runlock import RunLock, Whereabouts
 from htcli.runlog import LogError, RunLog, trim_log
 from htcli.sample import SamplingConfig, generate
 from htcli.stop import StopRequest
@@ -378,14 +378,14 @@ class Run:
         written)."""
         if self.main:
             with _writing(self.out):
-                made = _first_missing(self.out)
                 if self.lock.held:  # (open_run found the directory and locked it)
                     self.follow_directory()
                 else:
+                    made = _first_missing(self.out)
                     self.out.mkdir(parents=True, exist_ok=True)
                     self.lock.acquire()
                     check_still_new(self.out)
-                self.made = made  # (not before: a directory another run made and used meanwhile is kept)
+                    self.made = made  # (not before: a directory another run made and used meanwhile is kept)
                 remove_write_leftovers(self.out)
                 trim_log(self.out / LOG_FILE, self.step, then="resume" if self.resumed else "run again")
 
@@ -562,33 +562,34 @@ class Run:
         if self.lock.in_place():
             return
         now = self.lock.where_now()
-        if now is not None and now[2] and log is not None:
-            self.out = now[0]
+        if now is not None and now.ours and log is not None:
+            self.out = now.path
             self.lock.follow(self.out)
             log("moved", step=self.step, path=str(self.out))
             return
         raise HtcliError(self._lost_directory(now, started=log is None))
 
-    def _lost_directory(self, now: tuple[Path, bool, bool] | None, *, started: bool) -> str:
+    def _lost_directory(self, now: Whereabouts | None, *, started: bool) -> str:
         """What follow_directory says where it cannot follow (now: the lock's where_now)."""
         when = "started" if started else "trained into it"
         stopped = "stopped before training" if started else f"stopped without saving step {self.step}"
         if now is None:
             gone = f"the run directory {printable(self.out)} was moved or deleted"
             return f"{gone} while this run {when}: {stopped}"
-        place = printable(now[0])
-        if now[1]:
+        place = printable(now.path)
+        if now.deleted:
             return (
                 f"the run directory {place} was deleted (or moved to another file system) while this run"
                 f" {when}: {stopped}"
             )
-        if now[2]:  # (before training)
+        if now.ours:  # (before training)
             return (
                 f"the run directory {printable(self.out)} was moved to {place} while this run started:"
                 f" {stopped}; run again with --out {place}"
             )
+        lock = printable(now.path / LOCK_FILE)
         return (
-            f"the lock file {printable(now[0] / LOCK_FILE)} of this run was moved, deleted or replaced while"
+            f"the lock file {lock} of this run was moved, deleted or replaced while"
             f" it {when} (another run may train there now): {stopped}; resume it once no other run trains"
             f" in {place}"
         )
