@@ -61,6 +61,16 @@ class CheckpointInfo:
     val_bpb: float | None
     version: str
 
+    @property
+    def name(self) -> Path:
+        """The weights file by its name in place, also where they were read from a first save's pending file
+        (the run's resume renames it there)."""
+        return (
+            self.path.parent / MODEL_FILE
+            if self.path == pending_file(self.path.parent, MODEL_FILE)
+            else self.path
+        )
+
 
 def commit_pending(out: Path) -> None:
     """Finish a save that was interrupted while renaming (its files checked first); drop one interrupted

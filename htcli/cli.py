@@ -871,7 +871,7 @@ def eval_(
                     by_position=by_position, on_progress=advance,
                 )  # fmt: skip
         report = {
-            "checkpoint": str(info.path), "step": info.step, "corpus": data.files,
+            "checkpoint": str(info.name), "step": info.step, "corpus": data.files,
             "skipped_records": data.skipped_records, **result.to_dict(),
             "bytes_per_s": result.bytes_scored / result.seconds if result.seconds else None,
             "device": str(torch_device), "dtype": dtype_name(torch_dtype),

@@ -468,7 +468,7 @@ class Run:
         log("diverged", step=self.step + 1, loss=loss, grad_norm=grad_norm)
         kept = "none saved yet"
         if self.saved_step is not None:  # (0 too: a stop before the first step saves step 0)
-            kept = f"the checkpoint of step {self.saved_step} in {self.out} is intact"
+            kept = f"the checkpoint of step {self.saved_step} in {self.where_now()} is intact"
         fp32 = "" if self.dtype == torch.float32 else " or use dtype fp32"  # (not where it is already)
         raise HtcliError(
             f"training diverged at step {self.step + 1} (loss {loss}, gradient norm {grad_norm}); "
@@ -538,12 +538,19 @@ class Run:
             state["dtype"] = dtype_name(self.dtype)  # (a resume with dtype auto keeps it)
             state["muon_products"] = dtype_name(self.products)  # (a resume keeps it)
             self.follow_directory(log)
+            place = self.lock.moving_path() or self.out  # (a move during the save: the files go with it)
             try:
                 save_checkpoint(
-                    self.out, self.model, self.optimizer, state, step=self.step, val_bpb=self.val_bpb
+                    place, self.model, self.optimizer, state, step=self.step, val_bpb=self.val_bpb
                 )
-            except OSError as error:
-                reason = error.strerror or error
+            except (OSError, HtcliError) as error:
+                if not self.lock.in_place():  # (deleted meanwhile: that is what to say; moved: name it)
+                    self.follow_directory(log)
+                if isinstance(error, HtcliError):
+                    raise HtcliError(
+                        str(error).replace(str(place), str(self.out)), fields=error.fields
+                    ) from None
+                reason = str(error.strerror or error).replace(str(place), str(self.out))
                 raise HtcliError(
                     f"cannot save the checkpoint of step {self.step} in {self.out}: {reason}"
                     f" ({self.kept()}); {self.advice(_errno_of(error))}"
@@ -568,6 +575,15 @@ class Run:
             log("moved", step=self.step, path=str(self.out))
             return
         raise HtcliError(self._lost_directory(now, started=log is None))
+
+    def where_now(self) -> Path:
+        """Where the run directory is now, for a message: where it was moved since the last save (rank 0, on
+        a system that says), else its path."""
+        if self.main and not self.lock.in_place():
+            now = self.lock.where_now()
+            if now is not None and now.ours:
+                return now.path
+        return self.out
 
     def _lost_directory(self, now: Whereabouts | None, *, started: bool) -> str:
         """What follow_directory says where it cannot follow (now: the lock's where_now)."""

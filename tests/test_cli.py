@@ -664,6 +664,9 @@ def test_sample_and_eval_read_a_first_save_cut_short_between_its_renames(run_cop
     evaluated = invoke("eval", run, corpus, "--stride", 32, "--json", "--device", "cpu")
     assert evaluated.exit_code == 0, evaluated.output
     assert json.loads(evaluated.stdout)["bits_per_byte"] == json.loads(expected.stdout)["bits_per_byte"]
+    assert json.loads(evaluated.stdout)["checkpoint"] == str(
+        run / "model.safetensors"
+    )  # (not the pending one)
     sampled = invoke("sample", run, "--max-new-tokens", 4, "--device", "cpu")
     assert sampled.exit_code == 0, sampled.output
     assert snapshot(run) == before

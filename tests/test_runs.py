@@ -17,6 +17,7 @@ import torch
 from conftest import TINY_FLAGS, TINY_MODEL, assert_user_error, events, invoke, tiny_config, wait_for_a_step
 from safetensors.torch import load_file, save_file
 
+from htcli import checkpoint
 from htcli import train as train_module
 from htcli.checkpoint import commit_pending
 from htcli.errors import HtcliError
@@ -529,6 +530,81 @@ def test_a_run_whose_directory_moves_saves_where_it_went(corpus, tmp_path, how):
         accumulator.Reload()
         assert [event.step for event in accumulator.Scalars("train/loss")] == list(range(1, 9))
     assert train(tiny_config(corpus, moved, steps=9, save_every=3), resume=True).step == 9
+
+
+@pytest.mark.parametrize("moved_while", ["writing", "renaming"])
+def test_a_run_directory_moved_during_a_save_gets_the_whole_save(corpus, tmp_path, monkeypatch, moved_while):
+    """A run directory renamed while a save writes its files (or renames them into place), and another
+    directory made at its old name: the whole save goes where the directory went (its files were written
+    by path, at the old name, into whatever stood there), and the run goes on saving there."""
+    out, moved = tmp_path / "run", tmp_path / "moved"
+    hooked = checkpoint._save_safetensors if moved_while == "writing" else checkpoint.commit_pending
+    calls, seen = [], []
+
+    def move_then(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # (the first save's second file; its second commit_pending: the renames)
+            out.rename(moved)
+            out.mkdir()
+        return hooked(*args, **kwargs)
+
+    def saved_at_step_4(event):  # (the save of step 3 whole in the moved directory, before the next save)
+        if event["event"] == "step" and event["step"] == 4:
+            seen.append(json.loads((moved / "state.json").read_text())["step"])
+
+    monkeypatch.setattr(checkpoint, hooked.__name__, move_then)
+    result = train(tiny_config(corpus, out, steps=5, save_every=3), on_event=saved_at_step_4)
+    assert result.step == 5 and result.out == moved and seen == [3]
+    assert not any(out.iterdir())
+    assert [e["step"] for e in events(moved, "checkpoint")] == [3, 5]
+    assert [e["step"] for e in events(moved, "moved")] == [5]
+    assert json.loads((moved / "state.json").read_text())["step"] == 5
+    assert train(tiny_config(corpus, moved, steps=6, save_every=3), resume=True).step == 6
+
+
+def test_a_run_directory_deleted_during_a_save_says_so(corpus, tmp_path, monkeypatch):
+    """A run directory deleted while a save writes its files: the run stops saying the directory was deleted
+    (not only that a write failed), and writes nothing at its old name."""
+    out = tmp_path / "run"
+    write, calls = checkpoint._save_safetensors, []
+
+    def delete_then(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            shutil.rmtree(out)
+        return write(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "_save_safetensors", delete_then)
+    with pytest.raises(
+        HtcliError, match=r"^the run directory .*run was deleted .*stopped without saving step 3$"
+    ):
+        train(tiny_config(corpus, out, steps=5, save_every=3))
+    assert not out.exists()
+
+
+def test_a_divergence_after_a_move_names_where_the_checkpoint_is(corpus, tmp_path, monkeypatch):
+    """A run directory moved after the run's last save, then its loss NaN: the error names where the intact
+    checkpoint is now (it named the old path, where another directory may stand)."""
+    out, moved = tmp_path / "run", tmp_path / "moved"
+    real_step, calls = train_module._optimizer_step, []
+
+    def nan_at_step_5(*args, **kwargs):
+        calls.append(1)
+        loss, norm = real_step(*args, **kwargs)
+        return (float("nan") if len(calls) == 5 else loss), norm
+
+    def move_at_step_4(event):
+        if event["event"] == "step" and event["step"] == 4:
+            out.rename(moved)
+            out.mkdir()
+
+    monkeypatch.setattr(train_module, "_optimizer_step", nan_at_step_5)
+    with pytest.raises(
+        HtcliError, match=r"diverged at step 5 .*\(the checkpoint of step 3 in (.*) is intact\)"
+    ) as e:
+        train(tiny_config(corpus, out, steps=8, save_every=3), on_event=move_at_step_4)
+    assert f"step 3 in {moved} is intact" in str(e.value)
+    assert json.loads((moved / "state.json").read_text())["step"] == 3 and not any(out.iterdir())
 
 
 @pytest.mark.parametrize("how", ["deleted", "replaced", "lock deleted", "lock moved out", "lock renamed"])
