@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from htcli import __version__
 from htcli.attention import check_device
 from htcli.checkpoint_checks import check_finite, check_state, check_weights_header
-from htcli.errors import HtcliError
+from htcli.errors import HtcliError, unreadable_advice
 from htcli.files import (
     CHECKPOINT_FILES,
     MODEL_FILE,
@@ -231,7 +231,7 @@ def _read_metadata(file: Path, shown: str | os.PathLike) -> dict[str, str]:
         with safe_open(str(file), framework="pt") as opened:
             return opened.metadata() or {}
     except PermissionError as error:
-        raise HtcliError(f"cannot read {file}: {error.strerror}") from None
+        raise HtcliError(f"cannot read {file}: {error.strerror}: {unreadable_advice(error)}") from None
     except (SafetensorError, OSError, ValueError):
         raise HtcliError(f"{file} is not a readable safetensors file (truncated or corrupt?)") from None
 
@@ -337,7 +337,9 @@ def _read_model_once(path: str | os.PathLike, device, context: int | None) -> tu
 def _with_context(config: HTransformerConfig, context: int | None) -> HTransformerConfig:
     if context is None:
         return config
-    if not (isinstance(context, int) and context > 0 and context % config.block_size == 0):
+    if not (isinstance(context, int) and context > 0):
+        raise HtcliError(f"context must be a positive number of bytes, got {context}", fields=("context",))
+    if config.attention == "h" and context % config.block_size:
         raise HtcliError(
             f"context must be a positive multiple of the model's block size ({config.block_size}), "
             f"got {context}",

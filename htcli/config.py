@@ -199,16 +199,14 @@ def without_derived(saved: dict, given: dict) -> dict:
     option that given changes, so that they are derived again: the learning rate an optimizer defaults to
     where given picks another optimizer, min_lr (lr / 10) where lr changes, the level decay an attention
     defaults to where given picks another attention. Values set by hand stay (one that equals the derived
-    value counts as derived). A preset given replaces the model's size where the file holds a preset's
-    (a printed config writes it out as dim, depth, ...); sizes of the file's own stay."""
+    value counts as derived). A preset given replaces the model's sizes that the file holds from a preset
+    (a printed config writes them out as dim, depth, ...); sizes of the file's own stay."""
     from htcli.model import DEFAULT_LEVEL_DECAY
 
     saved = dict(saved)
     if "preset" in given:
-        sizes = sorted({name for fields in PRESETS.values() for name in fields})  # (dim, depth, ...)
-        if any(all(saved.get(n) == getattr(model_config(p), n) for n in sizes) for p in PRESETS):
-            for name in sizes:  # (a preset's, as a printed config writes them out; set by hand, they stay)
-                saved.pop(name, None)
+        for name in _preset_sizes(saved):
+            del saved[name]
     attention, decay = saved.get("attention", "h"), saved.get("level_decay")
     derived_decay = DEFAULT_LEVEL_DECAY if attention == "h" else 0.0
     if "attention" in given and given["attention"] != attention and decay == derived_decay:
@@ -221,6 +219,18 @@ def without_derived(saved: dict, given: dict) -> dict:
     if changed and "min_lr" not in given and isinstance(lr, int | float) and saved.get("min_lr") == lr / 10:
         del saved["min_lr"]
     return saved
+
+
+def _preset_sizes(saved: dict) -> list[str]:
+    """The model sizes in saved that a preset set: where saved writes out every size (a printed config, a
+    run's config.json), those equal to the preset's that most of them equal (at least half); the others
+    were set by hand (`--preset tiny --seq-len 64`: all but seq_len)."""
+    sizes = sorted({name for fields in PRESETS.values() for name in fields})  # (dim, depth, ...)
+    if not all(name in saved for name in sizes):
+        return []
+    matches = [[n for n in sizes if saved[n] == getattr(model_config(p), n)] for p in PRESETS]
+    best = max(matches, key=len)
+    return best if 2 * len(best) >= len(sizes) else []
 
 
 def train_default(name: str) -> object:

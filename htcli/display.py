@@ -74,6 +74,17 @@ def warmup_warning(warmup: int, steps: int) -> str | None:
     return None
 
 
+def context_warning(start: dict) -> str | None:
+    """What a start event's context warm-up leaves of training at the whole context, where it leaves none."""
+    last, full = start.get("last_context"), start.get("seq_len")
+    if last is None or last == full:
+        return None
+    return (
+        f"--context-warmup ({start['context_warmup']:g}) leaves no step of --steps ({start['steps']}) at"
+        f" --seq-len ({full}): every step trains on {last}-byte windows; give a smaller --context-warmup"
+    )
+
+
 class TrainDisplay:
     """Progress bar with ETA, step, loss, validation bits per byte, learning rate, tokens/s, latest sample.
 
@@ -125,9 +136,9 @@ class TrainDisplay:
                 self.console.print(f"[yellow]{corpus_changed(event)}")
             if event.get("skipped_records"):
                 self.console.print(f"[yellow]left out {event['skipped_records']:,} bad records of the corpus")
-            warning = warmup_warning(event.get("warmup", 0), event["steps"])
-            if warning:
-                self.console.print(f"[yellow]warning: {warning}", soft_wrap=True)
+            for warning in (warmup_warning(event.get("warmup", 0), event["steps"]), context_warning(event)):
+                if warning:
+                    self.console.print(f"[yellow]warning: {warning}", soft_wrap=True)
             if event.get("world_size", 1) > 1:
                 ranks, batch, accum = event["world_size"], event["batch_size"], event["grad_accum"]
                 self.console.print(

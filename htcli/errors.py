@@ -16,3 +16,10 @@ class HtcliError(Exception):
     def __init__(self, message: str, *, fields: Iterable[str] = ()):
         super().__init__(message)
         self.fields = tuple(fields)
+
+
+def unreadable_advice(error: OSError) -> str:
+    """What to do about a corpus file or folder that could not be read with this error."""
+    if isinstance(error, PermissionError):
+        return "give a path you may read, or change its permissions"
+    return "give another path, or mend that one"

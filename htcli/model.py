@@ -93,7 +93,7 @@ class HTransformerConfig:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         check_block_size(self.block_size)
-        if self.max_seq_len % self.block_size:
+        if self.attention == "h" and self.max_seq_len % self.block_size:  # (exact attention has no blocks)
             raise ValueError(
                 f"max_seq_len ({self.max_seq_len}) must be a multiple of block_size ({self.block_size})"
             )

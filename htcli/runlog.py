@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from htcli.errors import HtcliError
+from htcli.errors import HtcliError, unreadable_advice
 from htcli.files import atomic_file, check_not_special
 from htcli.loggers import close_loggers
 
@@ -43,7 +44,7 @@ class RunLog:
         record = {"event": event, "time": round(time.time(), 3), **fields}
         if self.file is not None:
             with self._writing(self.file.name):
-                self.file.write(json.dumps(record) + "\n")
+                self.file.write(json_line(record))
                 self.file.flush()
             for logger in self.loggers:
                 with self._writing(f"the {type(logger).__name__}'s files"):
@@ -83,7 +84,9 @@ def trim_log(path: Path, step: int, *, then: str = "resume") -> None:
     try:
         lines = path.read_bytes().split(b"\n")
     except OSError as error:
-        raise HtcliError(f"cannot read {path}: {error.strerror or error}") from None
+        raise HtcliError(
+            f"cannot read {path}: {error.strerror or error}: {unreadable_advice(error)}"
+        ) from None
     last = lines.pop()  # after the last newline: nothing, or a line cut short (kept if whole)
     events = []
     for number, line in enumerate(lines, 1):
@@ -97,12 +100,28 @@ def trim_log(path: Path, step: int, *, then: str = "resume") -> None:
     if parse_event(last) is not None:
         events.append(parse_event(last))
     kept = [
-        json.dumps(record) + "\n"
+        json_line(record)
         for record in events
         if not (record.get("event") in METRIC_EVENTS and _after(record.get("step"), step))
     ]
     with atomic_file(path, "w") as file:
         file.writelines(kept)
+
+
+def json_line(record: dict) -> str:
+    """record as one line of strict JSON: a number that is not finite (a diverged loss) as null, which every
+    JSON reader takes (Python's NaN is not JSON)."""
+    return json.dumps(_finite(record), allow_nan=False) + "\n"
+
+
+def _finite(value: object) -> object:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(item) for item in value]
+    return value
 
 
 def _after(value: object, step: int) -> bool:

@@ -420,6 +420,8 @@ class Run:
             world_size=self.world_size, batch_size=config.batch_size, grad_accum=config.grad_accum,
             seq_len=config.model.max_seq_len, corpus_was=self.corpus_was, warmup=config.warmup,
             muon_products=dtype_name(self.products) if config.optimizer == "muon" else None,
+            context_warmup=config.context_warmup,  # (with the short length of its last step, which says
+            last_context=context_length(config.steps - 1, config),  # whether any trains at seq_len)
         )  # fmt: skip
 
     def train_step(self, log: RunLog) -> float:

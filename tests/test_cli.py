@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from conftest import TINY_FLAGS, assert_user_error, invoke, make_text, tiny_config, wait_for_a_step
+from conftest import TINY_FLAGS, assert_user_error, events, invoke, make_text, tiny_config, wait_for_a_step
 from safetensors.torch import load_file, save_file
 
 from htcli import checkpoint
@@ -426,7 +426,7 @@ def test_unreadable_corpus(run_copy, tmp_path, monkeypatch):
     monkeypatch.setattr(reader, "open", refuse, raising=False)
     before = snapshot(run)
     result = invoke("train", locked, "--out", run, "--resume", "--steps", 10)
-    assert_user_error(result, f"cannot read {locked}: Permission denied")
+    assert_user_error(result, f"cannot read {locked}: Permission denied: give a path you may read, or change")
     assert snapshot(run) == before
 
 
@@ -964,6 +964,23 @@ def test_exact_attention_run(corpus, tmp_path):
                       "--attention must be one of")  # fmt: skip
 
 
+def test_an_exact_model_takes_a_context_that_is_no_multiple_of_the_block_size(corpus, tmp_path):
+    """Exact attention has no blocks: --seq-len 60 with block size 8 trains (it was refused, the block size
+    asked to divide it), samples (its KV cache equals recomputation: test_sample), and is scored at any
+    --context; an H-model still needs the multiple."""
+    out = tmp_path / "exact"
+    flags = [*TINY_FLAGS, "--seq-len", 60]
+    result = invoke("train", corpus, "--out", out, "--attention", "exact", "--steps", 2, *flags)
+    assert result.exit_code == 0, result.output
+    sampled = invoke("sample", out, "--max-new-tokens", 80, "--device", "cpu")  # (past its context)
+    assert sampled.exit_code == 0 and "80 bytes in" in sampled.stderr, sampled.output
+    for context in ([], ["--context", 90]):
+        evaluated = invoke("eval", out, corpus, "--json", "--device", "cpu", *context)
+        assert evaluated.exit_code == 0 and json.loads(evaluated.stdout)["context"] == (context or [0, 60])[1]
+    refused = invoke("train", corpus, "--out", tmp_path / "h", "--steps", 2, *flags)
+    assert_user_error(refused, "--seq-len (60) must be a multiple of --block-size (8)")
+
+
 def test_eval_with_another_context(trained, tmp_path):
     """eval --context scores windows longer (or shorter) than the model trained on; a context that is
     not a multiple of the block size is refused in the flag's name."""
@@ -1000,6 +1017,27 @@ def test_environment_variables_checked_before_any_work(tmp_path, monkeypatch, va
     result = invoke("sample", tmp_path / "no-run", "--prompt", "def ")
     assert_user_error(result, message)
     assert result.stdout == ""
+
+
+def test_a_context_warmup_as_long_as_the_run_is_warned_of(corpus, tmp_path):
+    """--context-warmup that leaves no step at --seq-len (1, or 0.9 of 4 steps): the run never trains at its
+    context (it did so without a word); a warning says so, and the run trains. One step left: no word."""
+    flags = [*TINY_FLAGS, "--context-warmup-start", 32]
+    for fraction, steps in ((1, 2), (0.9, 4)):
+        result = invoke("train", corpus, *flags, "--out", tmp_path / f"r{steps}", "--steps", steps,
+                        "--context-warmup", fraction)  # fmt: skip
+        assert result.exit_code == 0, result.output
+        said = " ".join(result.stderr.split())
+        assert (
+            f"warning: --context-warmup ({fraction}) leaves no step of --steps ({steps}) at --seq-len (64):"
+            in said
+        )
+        assert "every step trains on 32-byte windows; give a smaller --context-warmup" in said
+        assert {e["context"] for e in events(tmp_path / f"r{steps}", "step")} == {32}
+    one_left = invoke(
+        "train", corpus, *flags, "--out", tmp_path / "r5", "--steps", 5, "--context-warmup", 0.8
+    )
+    assert one_left.exit_code == 0 and "context-warmup" not in one_left.stderr, one_left.output
 
 
 def test_a_warmup_as_long_as_the_run_is_warned_of(corpus, tmp_path):

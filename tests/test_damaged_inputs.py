@@ -322,7 +322,10 @@ def test_directory_entry_that_cannot_be_looked_at(run, tmp_path):
     owned_by_nobody(tree / "blind", 0o644)
     process = htcli_without_override("train", tree, "--out", tmp_path / "new", *TINY_FLAGS)
     assert process.returncode == 1, process.stderr
-    assert process.stderr.strip() == f"error: cannot read {tree / 'blind' / 'b.txt'}: Permission denied"
+    assert process.stderr.strip() == (
+        f"error: cannot read {tree / 'blind' / 'b.txt'}: Permission denied: give a path you may read, or"
+        " change its permissions"
+    )
     assert not (tmp_path / "new").exists()
 
 
@@ -502,7 +505,8 @@ def test_a_run_file_one_may_not_read_is_named_so(run, name):
     (out / name).chmod(0)
     done = htcli_without_override("train", "--out", out, "--resume", "--steps", "4", "--device", "cpu")
     assert done.returncode == 1 and done.stderr.strip().splitlines() == [
-        f"error: cannot read {out / name}: Permission denied"
+        f"error: cannot read {out / name}: Permission denied: give a path you may read, or change its"
+        " permissions"
     ], done.stderr
 
 

@@ -275,6 +275,12 @@ def test_a_preset_or_attention_over_a_config_file_derives_the_model_again(corpus
     assert "dim = 512\n" in text and "depth = 8\n" in text and "seq-len = 8192\n" in text
     text = resolved("--config", tiny, "--preset", "base", "--dim", "256", "--out", tmp_path / "b")
     assert "dim = 256\n" in text and "depth = 8\n" in text
+    short = (
+        tmp_path / "short.toml"
+    )  # (a printed config of a preset with one size set by hand: that one stays)
+    short.write_text(resolved(corpus, "--preset", "tiny", "--seq-len", "64", "--out", tmp_path / "t"))
+    text = resolved("--config", short, "--preset", "small", "--out", tmp_path / "b")
+    assert "dim = 256\n" in text and "depth = 6\n" in text and "seq-len = 64\n" in text
     mine = tmp_path / "mine.toml"  # (a size set by hand stays)
     mine.write_text('preset = "small"\nseq-len = 1024\n')
     assert "seq-len = 1024\n" in resolved(

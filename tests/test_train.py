@@ -252,6 +252,11 @@ def test_divergence_stops_and_keeps_the_last_checkpoint(corpus, tmp_path, monkey
     with pytest.raises(HtcliError, match=diverged) as e:
         train(tiny_config(corpus, run, dtype=dtype))
     assert str(e.value).endswith(")" if dtype == "fp32" else ") or use dtype fp32"), e.value
+    lines = (run / "log.jsonl").read_text().splitlines()  # (strict JSON: the NaN loss as null)
+    records = [
+        json.loads(line, parse_constant=lambda name: pytest.fail(f"{name} in the log")) for line in lines
+    ]
+    assert records[-1]["event"] == "diverged" and records[-1]["loss"] is None
     state = json.loads((run / "state.json").read_text())
     assert state["step"] == 3
     assert set(weights(run)) and all(torch.isfinite(t).all() for t in weights(run).values())

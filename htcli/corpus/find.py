@@ -17,7 +17,7 @@ import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from htcli.errors import HtcliError
+from htcli.errors import HtcliError, unreadable_advice
 from htcli.files import is_cache_directory, is_run_directory, written_by_the_run
 
 GLOB_CHARACTERS = "*?["
@@ -202,7 +202,9 @@ def _walk(root: Path, include_hidden: bool, excluded: list[Path]) -> Iterable[Pa
     run directory below root."""
 
     def refuse(error: OSError) -> None:
-        raise HtcliError(f"cannot read directory {error.filename}: {error.strerror}") from None
+        raise HtcliError(
+            f"cannot read directory {error.filename}: {error.strerror}: {unreadable_advice(error)}"
+        ) from None
 
     for directory, subdirectories, names in os.walk(root, onerror=refuse):
         subdirectories[:] = [
@@ -224,7 +226,9 @@ def _is_file(path: Path) -> bool:
     try:
         return path.is_file()
     except OSError as error:
-        raise HtcliError(f"cannot read {path}: {error.strerror or error}") from None
+        raise HtcliError(
+            f"cannot read {path}: {error.strerror or error}: {unreadable_advice(error)}"
+        ) from None
 
 
 def _written_by_a_run(path: Path, outs: list[Path]) -> bool:

@@ -13,6 +13,7 @@ row); with `skip_bad_records` it is left out and counted instead.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import gzip
 import io
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import IO
 
 from htcli.corpus.cache import cached
-from htcli.errors import HtcliError
+from htcli.errors import HtcliError, unreadable_advice
 
 COMPRESSIONS = {"gz": "gzip", "zst": "zstd"}
 ZSTD_SLICE = 2048  # compressed bytes fed to the decompressor at a time (its output has no bound)
@@ -146,6 +147,8 @@ def jsonl_texts(source: Path, what: str, options: RecordOptions) -> Iterator[byt
     with _opened(source, what.removeprefix("jsonl").lstrip(".") or "plain") as stream:
         try:
             for number, line in enumerate(stream, 1):
+                if number == 1:  # (a byte-order mark, as Windows tools write one, is not the record's)
+                    line = line.removeprefix(codecs.BOM_UTF8)
                 if line.strip():
                     yield _record_text(line, options, f"{source} line {number}")
         except (EOFError, zlib.error, gzip.BadGzipFile, _zstd_error()):
@@ -210,7 +213,10 @@ def parquet_texts(source: Path, options: RecordOptions) -> Iterator[bytes | None
         )
     column_type = schema.field(field).type
     if not _holds_text(pa, column_type):
-        raise HtcliError(f"{source}: column {field!r} holds {column_type}, not strings")
+        raise HtcliError(
+            f"{source}: column {field!r} holds {column_type}, not strings: text_field names the text column",
+            fields=("text_field",),
+        )
     row = 0
     try:
         for batch in table.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[field]):
@@ -299,7 +305,9 @@ def _opened(source: Path, compression: str) -> Iterator[IO[bytes]]:
     try:
         raw = open(source, "rb")
     except OSError as error:
-        raise HtcliError(f"cannot read {source}: {error.strerror or error}") from None
+        raise HtcliError(
+            f"cannot read {source}: {error.strerror or error}: {unreadable_advice(error)}"
+        ) from None
     with raw:
         if compression == "gz":
             with gzip.GzipFile(fileobj=raw, mode="rb") as stream:

@@ -21,7 +21,7 @@ import torch
 
 from htcli.corpus.find import resolve_corpus
 from htcli.corpus.formats import Prepared, RecordOptions, prepare
-from htcli.errors import HtcliError
+from htcli.errors import HtcliError, unreadable_advice
 
 MAX_OPEN = 16  # open files per corpus at the most
 
@@ -120,7 +120,9 @@ class ByteCorpus:
         try:
             file = open(self._paths[index], "rb", buffering=0)
         except OSError as error:
-            raise HtcliError(f"cannot read {self._source(index)}: {error.strerror or error}") from None
+            raise HtcliError(
+                f"cannot read {self._source(index)}: {error.strerror or error}: {unreadable_advice(error)}"
+            ) from None
         if not self._as_indexed(index, file):
             file.close()
             self._changed(index, "it was replaced or modified")
@@ -173,7 +175,9 @@ def _readable(prepared: Prepared) -> os.stat_result:
         with open(prepared.path, "rb", buffering=0) as file:
             return os.fstat(file.fileno())
     except OSError as error:
-        raise HtcliError(f"cannot read {prepared.source}: {error.strerror or error}") from None
+        raise HtcliError(
+            f"cannot read {prepared.source}: {error.strerror or error}: {unreadable_advice(error)}"
+        ) from None
 
 
 class ByteSpan:
