@@ -40,12 +40,22 @@ def _ratio(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}x"
 
 
+def measured_shape(config: BenchConfig) -> dict:
+    """The attention's heads, dim_head and block_size that were measured: with --model, the preset's (not
+    the attention bench's options, which --model does not take)."""
+    shape = {"heads": config.heads, "dim_head": config.dim_head, "block_size": config.block_size}
+    if config.model:
+        from htcli.presets import model_config
+
+        model = model_config(config.preset)
+        shape = {name: getattr(model, name) for name in shape}
+    return shape
+
+
 def bench_title(config: BenchConfig, device: str) -> str:
     """What was measured, where."""
     if config.model:  # the preset's own block size, not the attention bench's
-        from htcli.presets import model_config
-
-        what = f"training step, {config.preset} preset, block {model_config(config.preset).block_size}"
+        what = f"training step, {config.preset} preset, block {measured_shape(config)['block_size']}"
     else:
         what = f"batch {config.batch_size}, {config.heads} heads, dim_head {config.dim_head}"
         what += f", block {config.block_size}"
@@ -116,7 +126,7 @@ def to_json(rows: list[Row], config: BenchConfig, max_error: float, device: str)
     from dataclasses import asdict
 
     return {
-        "config": asdict(config),
+        "config": {**asdict(config), **measured_shape(config)},
         "device": device,
         "oracle_max_error": max_error,
         "rows": [
@@ -160,7 +170,8 @@ def plot(rows: list[Row], config: BenchConfig, path: Path) -> None:
         ax.set_xlabel("sequence length")
         ax.set_ylabel(ylabel)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_lines():  # (nothing measured in time: empty axes, no legend to warn about)
+            ax.legend(fontsize=8)
     fig.tight_layout()
     save_figure(fig, path)
     plt.close(fig)

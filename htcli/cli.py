@@ -8,6 +8,7 @@ messages as those flags. torch and everything that imports it are imported insid
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import errno
 import itertools
@@ -750,7 +751,7 @@ def _print_json_samples(configs: list, samples: list[bytes], stops: list[bytes])
         ended = next((s.decode("utf-8", "replace") for s in stops if text.endswith(s)), None)
         record = {"sample": index + 1, "seed": config.seed, "text": text.decode("utf-8", "replace"),
                   "bytes": len(text), "stop": ended}  # fmt: skip
-        print(json.dumps(record, ensure_ascii=False))
+        print(json.dumps(record, ensure_ascii=not _utf8_stdout()))
 
 
 def _print_samples(
@@ -768,9 +769,9 @@ def _print_samples(
         err_console.rule(f"sample 1 of {len(configs)} (seed {configs[0].seed})")
     started = time.perf_counter()
     try:
-        show(stream.feed(prompt if echo else b""))
         with err_console.status(f"reading the prompt ({byte_count(len(prompt))})", spinner="dots"):
             first = next(steps, None)  # generation starts by reading the whole prompt: long ones take a while
+        show(stream.feed(prompt if echo else b""))  # (after the spinner: it erased the line it was drawn on)
         for step in itertools.chain([] if first is None else [first], steps):
             for sample, token in zip(samples, step):
                 sample.extend([] if token is None else [token])
@@ -792,9 +793,22 @@ def _print_samples(
 
 
 def _write(text: str) -> None:
+    """text to stdout, its characters that stdout's encoding lacks (not UTF-8: latin-1, ascii) as ?."""
     if text:
-        sys.stdout.write(text)
+        try:
+            sys.stdout.write(text)
+        except UnicodeEncodeError:
+            encoding = sys.stdout.encoding
+            sys.stdout.write(text.encode(encoding, "replace").decode(encoding))
         sys.stdout.flush()
+
+
+def _utf8_stdout() -> bool:
+    """Whether stdout writes UTF-8 (else JSON escapes every character beyond ASCII, as \\uXXXX)."""
+    try:
+        return codecs.lookup(sys.stdout.encoding or "ascii").name == "utf-8"
+    except (LookupError, AttributeError, TypeError):
+        return False
 
 
 Stride = Annotated[
@@ -1032,15 +1046,18 @@ def _bench_attention(config, json_output: bool, plot_path: Path | None) -> None:
     from rich.spinner import Spinner
 
     from htcli.bench import correctness, run_bench
-    from htcli.bench_report import bench_table, bench_title, exponent_lines, plot, to_json
+    from htcli.bench_report import bench_table, bench_title, exponent_lines, measured_shape, plot, to_json
     from htcli.device import device_name
     from htcli.plots import check_plot_path
 
     if plot_path is not None:
         check_plot_path(plot_path, "--plot")  # before minutes of measuring
     name = device_name(config.device)
-    error = correctness(config.device, config.dtype, config.block_size, config.impl)
-    err_console.print(f"correctness: max |h_attention - dense oracle| = {error:.2e} ({config.dtype}, {name})")
+    block = measured_shape(config)["block_size"]
+    error = correctness(config.device, config.dtype, block, config.impl)
+    err_console.print(
+        f"correctness: max |h_attention - dense oracle| = {error:.2e} (block {block}, {config.dtype}, {name})"
+    )
     title = bench_title(config, name)
     rows, total = [], len(config.seq_lens) * len(config.modes)
     waiting = Spinner("dots", text=f"measuring 1 of {total}")
@@ -1114,6 +1131,6 @@ def plot(
                 err_console.print(f"[yellow]warning:[/] {where}: {said} (skipped)", soft_wrap=True)
         if not any(run.train or run.val for run in curves):
             raise HtcliError("nothing to plot: no run has logged a step or an evaluation yet")
+        console.print(runs_table(curves))  # (first: where stdout fails, no figure is written either)
         curves_plot(curves, x, output)
-        console.print(runs_table(curves))
         err_console.print(f"plot written to {escape(str(output))}", soft_wrap=True)

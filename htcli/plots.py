@@ -8,6 +8,7 @@ it is, so that a path matplotlib cannot write is refused before minutes of evalu
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 from htcli.errors import HtcliError
@@ -34,13 +35,23 @@ def check_plot_path(path: Path, option: str) -> None:
     plt = pyplot()
     if not str(path) or str(path) == ".":  # (an empty name: Path("") is the current directory)
         raise HtcliError(f"{option} names no file: give a file name, e.g. plot.png")
+    if len(os.fsencode(path.name)) > NAME_MAX:
+        raise HtcliError(f"{option}: the file name is longer than {NAME_MAX} bytes: give a shorter one")
     if path.is_dir():
         raise HtcliError(f"{option} {path} is a directory: give a file name, e.g. {path / 'plot.png'}")
     folder = path.parent
+    if folder.exists() and not folder.is_dir():
+        raise HtcliError(f"{option} {path}: {folder} is a file, not a directory: give a file in a directory")
     if not folder.is_dir():
         raise HtcliError(f"{option} {path}: the directory {folder} does not exist (create it first)")
-    if not os.access(folder, os.W_OK):
-        raise HtcliError(f"{option} {path}: the directory {folder} is not writable")
+    try:  # (a file made and removed there: os.access says yes to root on /proc, or a read-only mount)
+        with tempfile.TemporaryFile(dir=folder, prefix=".htcli-plot-"):
+            pass
+    except OSError as error:
+        raise HtcliError(
+            f"{option} {path}: cannot write in the directory {folder} ({error.strerror or error}): give "
+            "a writable one"
+        ) from None
     formats = plt.figure().canvas.get_supported_filetypes()
     plt.close("all")
     if path.suffix.lower().lstrip(".") not in formats:
@@ -80,6 +91,7 @@ def by_position_plot(curves: dict[str, list[dict]], path: Path) -> None:
     plt.close(fig)
 
 
+NAME_MAX = 242  # bytes of a figure's file name: 255, less what its temporary sibling adds (.NAME.PID.tmp)
 X_LABELS = {"step": "step", "bytes": "bytes trained on", "time": "training time (s)"}
 
 

@@ -55,7 +55,13 @@ def test_the_model_bench_times_the_causal_model_only():
     result = CliRunner().invoke(app, ["bench", "--model", "--preset", "tiny", "--seq-len", "128", "--device",
                                       "cpu", "--repeats", "1", "--json"])  # fmt: skip
     assert result.exit_code == 0, result.output
-    assert [row["causal"] for row in json.loads(result.stdout)["rows"]] == [True]
+    report = json.loads(result.stdout)
+    assert [row["causal"] for row in report["rows"]] == [True]
+    # the attention measured, the preset's (the JSON said the attention bench's 4 heads x 64, block 128)
+    assert {k: report["config"][k] for k in ("heads", "dim_head", "block_size")} == {
+        "heads": 2, "dim_head": 32, "block_size": 16
+    }  # fmt: skip
+    assert "block 16" in result.stderr  # (the oracle's check, and the title)
     for mode in ("--non-causal", "--both"):
         refused = CliRunner().invoke(app, ["bench", "--model", "--preset", "tiny", mode, "--device", "cpu"])
         assert refused.exit_code == 1 and "causal language model" in refused.stderr
@@ -307,6 +313,20 @@ def test_bench_plot_writes_a_png(tmp_path):
     path = tmp_path / "bench.png"
     plot(rows, BenchConfig(modes=[True]), path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_plot_of_nothing_measured_warns_of_nothing(tmp_path):
+    """Every length timed out: the plot's empty axes, without matplotlib's warning of a legend with no lines
+    on stderr."""
+    import warnings
+
+    from htcli.bench_report import plot
+
+    rows = [Row(n, True, {"h": {"status": "timeout"}, "sdpa": {"status": "timeout"}}) for n in (1024, 2048)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plot(rows, BenchConfig(modes=[True]), tmp_path / "bench.png")
+    assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def _bench_workers(marker: str) -> list[int]:

@@ -1,8 +1,10 @@
 """The command line end to end (train, sample, eval) and every bad input it must refuse cleanly."""
 
+import contextlib
 import gzip
 import json
 import os
+import pty
 import shutil
 import signal
 import subprocess
@@ -113,6 +115,46 @@ def test_sample_is_reproducible_and_reports_speed(trained):
     assert other.stdout != first.stdout
     one = invoke("sample", run, "--max-new-tokens", 1, "--device", "cpu")
     assert "1 byte in" in one.stderr, one.stderr  # (was "1 bytes")
+
+
+def test_sample_on_a_terminal_echoes_the_whole_prompt(trained):
+    """stdout and stderr on one terminal: the spinner shown while the prompt is read is drawn and erased
+    before the prompt is echoed (it was drawn on the line of a prompt that does not end in a newline, and
+    erasing it erased that line)."""
+    run, _ = trained
+    leader, follower = pty.openpty()
+    command = [sys.executable, "-m", "htcli", "sample", run, "--prompt", "class Foo:\n    def __init__(self",
+               "--max-new-tokens", 5, "--device", "cpu"]  # fmt: skip
+    env = {**os.environ, "COLUMNS": "100", "TERM": "xterm"}
+    process = subprocess.Popen(list(map(str, command)), stdout=follower, stderr=follower, env=env)
+    os.close(follower)
+    shown = b""
+    with contextlib.suppress(OSError):  # (the process closed the terminal)
+        while chunk := os.read(leader, 4096):
+            shown += chunk
+    os.close(leader)
+    assert process.wait(timeout=60) == 0, shown
+    assert b"reading the prompt" in shown  # (the spinner was drawn: a terminal)
+    assert shown.rindex(b"reading the prompt") < shown.index(b"    def __init__(self"), shown
+
+
+def test_sample_to_a_stdout_of_another_encoding(trained):
+    """stdout in latin-1 or ASCII (PYTHONIOENCODING, a legacy locale): the characters it lacks print as ?,
+    and --json escapes them (both stopped with a UnicodeEncodeError traceback)."""
+    run, _ = trained
+    base = [sys.executable, "-m", "htcli", "sample", run, "--prompt", "déf ✓ ", "--max-new-tokens", 20,
+            "--device", "cpu", "--temperature", 0]  # fmt: skip
+    expected = invoke(*base[3:], "--json")
+    text = json.loads(expected.stdout)["text"]
+    for encoding in ("latin-1", "ascii"):
+        env = {**os.environ, "PYTHONIOENCODING": encoding}
+        plain = subprocess.run(list(map(str, base)), capture_output=True, env=env, timeout=60)
+        assert plain.returncode == 0 and b"Traceback" not in plain.stderr, plain.stderr
+        shown = ("déf ✓ " + text + "\n").encode(encoding, "replace")
+        assert plain.stdout == shown
+        as_json = subprocess.run(list(map(str, [*base, "--json"])), capture_output=True, env=env, timeout=60)
+        assert as_json.returncode == 0, as_json.stderr
+        assert as_json.stdout.isascii() and json.loads(as_json.stdout)["text"] == text
 
 
 def test_sample_from_a_file_and_several_samples(trained, tmp_path):
@@ -942,6 +984,10 @@ def test_eval_by_position(trained, tmp_path):
         (tmp_path / "p.xyz", "give a file name ending in .png, .pdf or .svg"),
         (tmp_path / "p", "give a file name ending in .png"),
         ("", "--plot names no file: give a file name, e.g. plot.png"),  # (said "--plot . is a directory")
+        # (these three were found only after the evaluation, or named no option)
+        (held_out / "p.png", f"--plot {held_out / 'p.png'}: {held_out} is a file, not a directory"),
+        ("/proc/p.png", "--plot /proc/p.png: cannot write in the directory /proc"),
+        (tmp_path / ("a" * 250 + ".png"), "--plot: the file name is longer than 242 bytes"),
     ]:
         assert_user_error(invoke("eval", run, held_out, "--by-position", "--plot", path), message)
     assert_user_error(

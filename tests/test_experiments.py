@@ -558,6 +558,15 @@ def test_plot_draws_runs_and_tables_them(corpus, tmp_path):
     row = next(line for line in lines if "fast" in line)
     assert "4" in row and f"{fast[-1]['val_bpb']:.4f}" in row and "512" in row  # step, val bpb, bytes
     assert any("slow" in line for line in lines)
+    # stdout that cannot be written (a full disk): one line, and no figure (it was written, unsaid)
+    with open("/dev/full", "w") as full:
+        command = [sys.executable, "-m", "htcli", "plot", tmp_path / "fast", "-o", tmp_path / "f.png"]
+        failed = subprocess.run(command, stdout=full, stderr=subprocess.PIPE, text=True)
+    assert (
+        failed.returncode == 1
+        and failed.stderr == "error: cannot write the output: No space left on device\n"
+    )
+    assert not (tmp_path / "f.png").exists()
 
 
 def test_plot_says_which_lines_it_skipped(corpus, tmp_path):
