@@ -8,6 +8,7 @@ speeds can be compared on any of the three.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -126,7 +127,14 @@ def _with(point: Point, value: float) -> Point:
 
 
 def run_names(runs: list[Path]) -> list[str]:
-    """A label per run: its directory's name, or the path as given where names repeat."""
+    """A label per run: its directory's name, or the path as given where names repeat; HtcliError for a run
+    given twice (by another path too: a link), which would draw the same curves twice."""
+    seen: dict[str, Path] = {}
+    for run in runs:
+        if (first := seen.get(os.path.realpath(run))) is not None:
+            also = "" if str(first) == str(run) else f" (also as {printable(first)})"
+            raise HtcliError(f"the run {printable(run)} is given twice{also}: give each run once")
+        seen[os.path.realpath(run)] = run
     names = [run.resolve().name or str(run) for run in runs]
     labels = [name if names.count(name) == 1 else str(run) for name, run in zip(names, runs)]
     return [printable(label) for label in labels]  # (a figure's text cannot hold surrogates)

@@ -663,6 +663,13 @@ def test_plot_errors(corpus, tmp_path):
         invoke("plot", tmp_path / "log.jsonl"), "is a file: give the run directory that holds it"
     )
     assert_user_error(invoke("plot", tmp_path, "-o", tmp_path / "c.txt"), "ending in .png, .pdf or .svg")
+    (tmp_path / "link").symlink_to(tmp_path)  # (a run given twice drew its curves twice, one label)
+    assert_user_error(
+        invoke("plot", tmp_path, tmp_path), f"the run {tmp_path} is given twice: give each run once"
+    )
+    assert_user_error(
+        invoke("plot", tmp_path, tmp_path / "link"), f"is given twice (also as {tmp_path}): give"
+    )
 
 
 # progress
