@@ -106,6 +106,11 @@ def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractCon
     """Mixed precision in bf16 or fp16; a no-op for full precision (fp32, or fp64 in tests)."""
     import torch
 
+    if not isinstance(dtype, torch.dtype):  # ("bf16" was taken as full precision, without a word)
+        raise HtcliError(
+            f"dtype must be a torch.dtype (torch.float32, torch.bfloat16, torch.float16), got {dtype!r}: "
+            "htcli.device.resolve_dtype turns a name (fp32, bf16, fp16, auto) into one"
+        )
     if dtype not in (torch.bfloat16, torch.float16):
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)

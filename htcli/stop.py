@@ -57,7 +57,16 @@ class StopRequest:
         for number, handler in self._previous.items():  # (SIGHUP's set at once: no moment at its default)
             if number == signal.SIGHUP:  # (a shell that loses its terminal sends its own SIGHUP too)
                 handler = lambda *_: to_devnull(self._terminal)  # noqa: E731
+            elif self._term_ignored(number, handler):
+                handler = signal.SIG_IGN
             signal.signal(number, handler)
+
+    def _term_ignored(self, number: int, handler) -> bool:
+        """Whether a SIGTERM after the first stop is ignored until the process ends: in a rank of torchrun's,
+        where a scheduler (SLURM, systemd) sends SIGTERM to every process of the job and torchrun passes its
+        own on, so each rank gets two; the second killed the rank in its save or its last words (torchrun and
+        the scheduler send SIGKILL later, where a save takes too long)."""
+        return number == signal.SIGTERM and handler is signal.SIG_DFL and "LOCAL_RANK" in os.environ
 
     def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():
@@ -74,7 +83,8 @@ class StopRequest:
         one would end the saved run's last words, or a library caller's next run)."""
         for number, handler in self._previous.items():
             hung_up = number == signal.SIGHUP and self.signal == signal.SIGHUP
-            signal.signal(number, signal.SIG_IGN if hung_up else handler)
+            terminated = self.signal is not None and self._term_ignored(number, handler)
+            signal.signal(number, signal.SIG_IGN if hung_up or terminated else handler)
 
 
 class Terminated(BaseException):

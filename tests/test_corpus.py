@@ -264,6 +264,15 @@ def test_a_glob_in_the_run_directory_matches_its_corpus_files(tmp_path, monkeypa
         resolve_corpus([tmp_path / "**" / "c.txt"], exclude=[tmp_path / "new"])
 
 
+def test_a_corpus_given_as_one_string_is_refused(tmp_path):
+    """ByteCorpus.open("/data/a.txt"): the string's characters were taken as paths, "/" first (the whole
+    file system walked)."""
+    path = write(tmp_path / "a.txt", make_text(100))
+    for spec in (str(path), path):
+        with pytest.raises(HtcliError, match=r"the corpus must be a list of paths, got .*a\.txt.*: give \["):
+            ByteCorpus.open(spec)
+
+
 @pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz", ".jsonl.zst"])
 def test_jsonl_records(tmp_path, suffix):
     """JSONL (plain, gzip, zstd): each record's text field, followed by the separator; blank lines skipped; a

@@ -284,6 +284,22 @@ def test_sigterm_on_one_rank_stops_every_rank_as_preempted(ddp_run, tmp_path, si
     assert events(run, "interrupt")[0]["signal"] == name
 
 
+def test_sigterm_twice_to_every_rank_still_saves(ddp_run, tmp_path):
+    """SIGTERM to every process of the job, as SLURM and systemd send it, and torchrun's own after it: each
+    rank gets two; the second killed the rank during its save (steps since the last save lost)."""
+    run = tmp_path / "run"
+    ranks = start_ranks(ddp_run[1], "--out", run, *FLAGS, "--steps", 100_000, "--eval-every", 0)
+    wait_for_a_step(run, ranks)
+    for second in (False, True):
+        time.sleep(0.2 if second else 0)  # (not at once: two signals pending are delivered as one)
+        for process in ranks:
+            process.send_signal(signal.SIGTERM)
+    errors = finish(ranks)
+    assert [process.returncode for process in ranks] == [75, 75], errors
+    state = json.loads((run / "state.json").read_text())
+    assert state["step"] == events(run, "step")[-1]["step"] == events(run, "interrupt")[0]["step"]
+
+
 def test_nan_on_one_rank_stops_every_rank(ddp_run, tmp_path):
     """A NaN loss on rank 1 alone stops both ranks at that step with the divergence error; step 3 stays."""
     run = tmp_path / "run"

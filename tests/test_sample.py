@@ -188,6 +188,14 @@ def test_stop_strings_end_each_sample_on_its_own():
     assert ended[0].endswith(stop) and len(ended[0]) <= 12
 
 
+@pytest.mark.parametrize("dtype", ["bf16", None])
+def test_a_dtype_by_name_is_refused_by_the_library(dtype):
+    """generate (evaluate, train: one autocast) given "bf16", the CLI's name, ran in fp32 without a word."""
+    model = HTransformer1D(HTransformerConfig(**TINY_MODEL)).eval()
+    with pytest.raises(HtcliError, match=r"dtype must be a torch.dtype .*resolve_dtype turns a name"):
+        list(generate(model, b"hi", SamplingConfig(3), dtype=dtype))
+
+
 @pytest.mark.parametrize("length", [64, 60])
 def test_exact_attention_kv_cache_equals_recomputation(length):
     """The exact-attention model decodes with its KV cache: logits equal the parallel forward at every

@@ -68,6 +68,8 @@ class ByteCorpus:
     ) -> ByteCorpus:
         """Resolve specs (htcli.corpus.find; files: what that gave already) and index every file; an empty
         corpus is an error."""
+        if isinstance(specs, str | bytes | os.PathLike):  # (a string's characters were taken as paths: "/")
+            raise HtcliError(f"the corpus must be a list of paths, got {specs!r}: give [{specs!r}]")
         if files is None:
             files = resolve_corpus(specs, include_hidden=include_hidden, exclude=exclude)
         corpus = cls(files, cache=cache, records=records)
