@@ -263,6 +263,7 @@ class Run:
         check_loggers(config.loggers)
         if config.model.attention == "h":
             check_device(self.device.type)
+        self._check_same_options()
         checkpoint = open_run(self.out, config, resume, self.lock, main=self.main)
         if checkpoint is not None:
             self.dtype = self._resumed_dtype(checkpoint[-1])
@@ -283,6 +284,22 @@ class Run:
             self._restore(*checkpoint)
         self.parallel = distributed.data_parallel(self.model, self.device)
         self.forward = torch.compile(self.parallel) if config.compile else self.parallel
+
+    def _check_same_options(self) -> None:
+        """Every rank's options are rank 0's (out aside: rank 0 alone writes): ranks started with others (by
+        hand, on two machines) trained apart without a word, each its own replica, or hung."""
+        mine = {**self.config.to_dict(), **self.config.model.to_dict()}
+        del mine["model"], mine["out"]
+        ranks = distributed.all_gather(mine)
+        differ = sorted(
+            {name for other in ranks[1:] for name in mine if other.get(name) != ranks[0].get(name)}
+        )
+        if differ:
+            raise HtcliError(
+                f"the ranks were started with different options ({', '.join(differ)}): start every rank with"
+                " the same",
+                fields=differ,
+            )
 
     def _open_data(self) -> tuple[ByteSpan, ByteSpan]:
         """The training and validation spans (the corpora stay open until close())."""

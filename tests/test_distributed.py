@@ -300,6 +300,30 @@ def test_sigterm_twice_to_every_rank_still_saves(ddp_run, tmp_path):
     assert state["step"] == events(run, "step")[-1]["step"] == events(run, "interrupt")[0]["step"]
 
 
+OTHER_LR_ON_RANK_1 = """
+import os, sys
+from htcli.cli import app
+
+sys.argv += ["--lr", "0.03", "--seq-len", "32"] if os.environ["RANK"] == "1" else []
+app(prog_name="htcli")
+"""
+
+
+def test_ranks_started_with_different_options_are_refused(ddp_run, tmp_path):
+    """Rank 1 started with another --lr and --seq-len (by hand, on another machine): every rank says which
+    options differ, one line, exit 1, nothing written (they trained apart, each its own replica)."""
+    run = tmp_path / "run"
+    ranks = start_ranks(ddp_run[1], "--out", run, *FLAGS, "--steps", 2, program=("-c", OTHER_LR_ON_RANK_1))
+    errors = finish(ranks)
+    assert [process.returncode for process in ranks] == [1, 1], errors
+    for error in errors:
+        assert error == (
+            "error: the ranks were started with different options (--lr, --seq-len): start every rank with"
+            " the same\n"
+        ), error
+    assert not run.exists()
+
+
 def test_nan_on_one_rank_stops_every_rank(ddp_run, tmp_path):
     """A NaN loss on rank 1 alone stops both ranks at that step with the divergence error; step 3 stays."""
     run = tmp_path / "run"
