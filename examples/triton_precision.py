@@ -14,8 +14,8 @@ Triton's default software pipelining everywhere and with none (num_stages 1 for 
 each row computed alone against the same row inside the batch. A diagnostic: it prints, and exits 0
 whatever it finds.
 
-(`--device cpu` runs it through Triton's interpreter, with TRITON_INTERPRET=1; bf16 there is not
-meaningful.)
+(`TRITON_INTERPRET=1 python examples/triton_precision.py --device cpu` runs it through Triton's interpreter;
+without the variable set, `--device cpu` is refused; bf16 there is not meaningful.)
 """
 
 from __future__ import annotations

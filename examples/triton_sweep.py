@@ -4,7 +4,8 @@ table, SDPA's time beside, and the fastest good setting as HTCLI_TRITON_TUNING J
 
     python examples/triton_sweep.py [--seq-len 8192] [--out tuning.json]
 
-(`--device cpu` runs it through Triton's interpreter, with TRITON_INTERPRET=1, as a smoke test.)
+(`TRITON_INTERPRET=1 python examples/triton_sweep.py --device cpu` runs it through Triton's interpreter, as a
+smoke test; without the variable set, `--device cpu` is refused.)
 
 One kernel at a time, the others at their best so far: the forward kernel by forward time, then the
 dq and dk/dv kernels by forward+backward time, each summed over non-causal and causal (`--mode` one
