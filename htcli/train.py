@@ -265,6 +265,15 @@ class Run:
             check_device(self.device.type)
         self._check_same_options()
         checkpoint = open_run(self.out, config, resume, self.lock, main=self.main)
+        # (another machine's copy of out, not up to date: the ranks hung, then said they lost contact)
+        steps = distributed.all_gather(None if checkpoint is None else checkpoint[0].step)
+        if len(set(steps)) > 1:
+            found = ", ".join(map(str, steps))
+            raise HtcliError(
+                f"the ranks found different checkpoints in out (of steps {found}, by rank): give every rank"
+                " the run directory as rank 0 saved it",
+                fields=("out",),
+            )
         if checkpoint is not None:
             self.dtype = self._resumed_dtype(checkpoint[-1])
         self.dtype = _one_precision(self.dtype)

@@ -120,6 +120,35 @@ def test_resume_under_torchrun_is_exact(ddp_run, tmp_path):
     assert [e["loss"] for e in events(tmp_path / "run", "step")] == [e["loss"] for e in events(whole, "step")]
 
 
+OTHER_OUT_ON_RANK_1 = """
+import os, sys
+from htcli.cli import app
+
+if os.environ["RANK"] == "1":
+    sys.argv = [arg.replace("newer", "older") for arg in sys.argv]
+app(prog_name="htcli")
+"""
+
+
+def test_ranks_resuming_different_checkpoints_are_refused(ddp_run, tmp_path):
+    """Rank 1 resumes a copy of the run that is not up to date (another machine's): every rank says so, one
+    line, exit 1, both copies as they were (they hung until the timeout, then said they lost contact)."""
+    whole, corpus, _ = ddp_run
+    shutil.copytree(whole, tmp_path / "newer")
+    torchrun(corpus, "--out", tmp_path / "older", "--steps", 3, *FLAGS, "--logger", "tensorboard")
+    before = {name: (tmp_path / name / "state.json").read_bytes() for name in ("newer", "older")}
+    program = ("-c", OTHER_OUT_ON_RANK_1)
+    ranks = start_ranks("--out", tmp_path / "newer", "--resume", "--steps", 9, program=program)
+    errors = finish(ranks)
+    assert [process.returncode for process in ranks] == [1, 1], errors
+    for error in errors:
+        assert error == (
+            "error: the ranks found different checkpoints in --out (of steps 6, 3, by rank): give every rank"
+            " the run directory as rank 0 saved it\n"
+        ), error
+    assert before == {name: (tmp_path / name / "state.json").read_bytes() for name in ("newer", "older")}
+
+
 def test_resume_in_another_number_of_processes_is_refused(ddp_run, tmp_path):
     """A run of 2 ranks resumed in one process says how to resume it, and leaves it untouched."""
     run = shutil.copytree(ddp_run[0], tmp_path / "run")
