@@ -86,7 +86,10 @@ def test_default_warmup_by_device_and_the_forward_keeps_its_time(monkeypatch):
     assert result["timing"] == {"forward": "one by one", "forward_backward": "one by one"}
     (fb_warmup, fb_deadline), (fwd_warmup, fwd_deadline) = seen
     assert (fb_warmup, fwd_warmup) == (0, 1)  # (the cold run was the first)
-    assert started + 70 < fb_deadline < started + 76 and started + 99 < fwd_deadline < started + 101
+    start = (
+        fwd_deadline - 100
+    )  # (the worker's start: after building the inputs, which a loaded machine slows)
+    assert started < start < started + 30 and start + 75 <= fb_deadline < start + 76
 
 
 @pytest.mark.parametrize("back_to_back", [False, True])

@@ -139,13 +139,8 @@ def test_ranks_resuming_different_checkpoints_are_refused(ddp_run, tmp_path):
     before = {name: (tmp_path / name / "state.json").read_bytes() for name in ("newer", "older")}
     program = ("-c", OTHER_OUT_ON_RANK_1)
     ranks = start_ranks("--out", tmp_path / "newer", "--resume", "--steps", 9, program=program)
-    errors = finish(ranks)
-    assert [process.returncode for process in ranks] == [1, 1], errors
-    for error in errors:
-        assert error == (
-            "error: the ranks found different checkpoints in --out (of steps 6, 3, by rank): give every rank"
-            " the run directory as rank 0 saved it\n"
-        ), error
+    said = "the ranks found different checkpoints in --out (of steps 6, 3, by rank): give every rank the run"
+    every_rank_says(ranks, said + " directory as rank 0 saved it")
     assert before == {name: (tmp_path / name / "state.json").read_bytes() for name in ("newer", "older")}
 
 
@@ -275,6 +270,13 @@ def finish(ranks: list[subprocess.Popen]) -> list[str]:
         kill(ranks)
 
 
+def every_rank_says(ranks: list[subprocess.Popen], line: str) -> None:
+    """Each rank exits 1 with this one line of error (and nothing else) on its stderr."""
+    errors = finish(ranks)
+    assert [process.returncode for process in ranks] == [1, 1], errors
+    assert errors == [f"error: {line}\n"] * len(ranks), errors
+
+
 def kill(ranks: list[subprocess.Popen]) -> None:
     for process in ranks:
         process.kill()
@@ -343,13 +345,8 @@ def test_ranks_started_with_different_options_are_refused(ddp_run, tmp_path):
     options differ, one line, exit 1, nothing written (they trained apart, each its own replica)."""
     run = tmp_path / "run"
     ranks = start_ranks(ddp_run[1], "--out", run, *FLAGS, "--steps", 2, program=("-c", OTHER_LR_ON_RANK_1))
-    errors = finish(ranks)
-    assert [process.returncode for process in ranks] == [1, 1], errors
-    for error in errors:
-        assert error == (
-            "error: the ranks were started with different options (--lr, --seq-len): start every rank with"
-            " the same\n"
-        ), error
+    every_rank_says(ranks, "the ranks were started with different options (--lr, --seq-len): start every rank"
+                    " with the same")  # fmt: skip
     assert not run.exists()
 
 
