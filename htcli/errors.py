@@ -19,7 +19,7 @@ class HtcliError(Exception):
 
 
 def unreadable_advice(error: OSError) -> str:
-    """What to do about a corpus file or folder that could not be read with this error."""
+    """What to do about a file or folder (a corpus's, a run's) that could not be read with this error."""
     if isinstance(error, PermissionError):
         return "give a path you may read, or change its permissions"
     return "give another path, or mend that one"

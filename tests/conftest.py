@@ -73,6 +73,20 @@ def tiny_config(corpus, out, **overrides) -> TrainConfig:
     return TrainConfig(**{**base, **overrides})
 
 
+def nan_loss_at_step(monkeypatch, step: int) -> None:
+    """The training loss of optimizer step `step` (counted from 1 in this process) reads NaN: a divergence."""
+    from htcli import train as train_module
+
+    real_step, calls = train_module._optimizer_step, []
+
+    def nan_at_that_step(*args, **kwargs):
+        calls.append(1)
+        loss, norm = real_step(*args, **kwargs)
+        return (float("nan") if len(calls) == step else loss), norm
+
+    monkeypatch.setattr(train_module, "_optimizer_step", nan_at_that_step)
+
+
 def invoke(*args):
     """Run the CLI in-process; stdout and stderr stay apart."""
     return CliRunner().invoke(app, [str(a) for a in args])

@@ -14,7 +14,16 @@ import time
 
 import pytest
 import torch
-from conftest import TINY_FLAGS, TINY_MODEL, assert_user_error, events, invoke, tiny_config, wait_for_a_step
+from conftest import (
+    TINY_FLAGS,
+    TINY_MODEL,
+    assert_user_error,
+    events,
+    invoke,
+    nan_loss_at_step,
+    tiny_config,
+    wait_for_a_step,
+)
 from safetensors.torch import load_file, save_file
 
 from htcli import checkpoint
@@ -586,19 +595,13 @@ def test_a_divergence_after_a_move_names_where_the_checkpoint_is(corpus, tmp_pat
     """A run directory moved after the run's last save, then its loss NaN: the error names where the intact
     checkpoint is now (it named the old path, where another directory may stand)."""
     out, moved = tmp_path / "run", tmp_path / "moved"
-    real_step, calls = train_module._optimizer_step, []
-
-    def nan_at_step_5(*args, **kwargs):
-        calls.append(1)
-        loss, norm = real_step(*args, **kwargs)
-        return (float("nan") if len(calls) == 5 else loss), norm
 
     def move_at_step_4(event):
         if event["event"] == "step" and event["step"] == 4:
             out.rename(moved)
             out.mkdir()
 
-    monkeypatch.setattr(train_module, "_optimizer_step", nan_at_step_5)
+    nan_loss_at_step(monkeypatch, 5)
     with pytest.raises(
         HtcliError, match=r"diverged at step 5 .*\(the checkpoint of step 3 in (.*) is intact\)"
     ) as e:

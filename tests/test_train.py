@@ -6,7 +6,7 @@ import signal
 
 import pytest
 import torch
-from conftest import events, tiny_config
+from conftest import events, nan_loss_at_step, tiny_config
 from safetensors.torch import load_file
 
 from htcli import device
@@ -240,14 +240,7 @@ def test_divergence_stops_and_keeps_the_last_checkpoint(corpus, tmp_path, monkey
     """A NaN loss stops training with a clear message (fp32 advised only where it is not the dtype); the
     checkpoint of the last save stays intact."""
     run = tmp_path / "run"
-    real_step, calls = train_module._optimizer_step, []
-
-    def nan_at_step_5(*args, **kwargs):
-        calls.append(1)
-        loss, norm = real_step(*args, **kwargs)
-        return (float("nan") if len(calls) == 5 else loss), norm
-
-    monkeypatch.setattr(train_module, "_optimizer_step", nan_at_step_5)
+    nan_loss_at_step(monkeypatch, 5)
     diverged = r"training diverged at step 5 .*checkpoint of step 3 .* is intact"
     with pytest.raises(HtcliError, match=diverged) as e:
         train(tiny_config(corpus, run, dtype=dtype))
