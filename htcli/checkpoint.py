@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from htcli import __version__
 from htcli.attention import check_device
 from htcli.checkpoint_checks import check_finite, check_state, check_weights_header
+from htcli.device import usable_device
 from htcli.errors import HtcliError, unreadable_advice
 from htcli.files import (
     CHECKPOINT_FILES,
@@ -307,6 +308,7 @@ def load_model(
         raise HtcliError(
             f"{path} does not exist: give a run directory (htcli train's out) or a .safetensors file"
         )
+    device = usable_device(device)
     info, config, tensors = _read_model(path, device, context)
     check_finite(tensors, info.path)
     model = HTransformer1D(config)

@@ -59,6 +59,26 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def usable_device(device: torch.device | str) -> torch.device:
+    """A library caller's device (a name of DEVICES, "cuda:1", a torch.device), checked to exist here."""
+    import torch
+
+    if isinstance(device, str) and device in DEVICES:
+        return resolve_device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise HtcliError(
+            f"unknown device {device!r}: use one of {', '.join(DEVICES)}", fields=("device",)
+        ) from None
+    resolve_device(device.type if device.type in DEVICES else "cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise HtcliError(
+            f"there is no {device} here ({torch.cuda.device_count()} GPUs): give another", fields=("device",)
+        )
+    return device
+
+
 def device_name(name: str) -> str:
     """What a device is, for reports: the GPU's model on CUDA, else the device type."""
     import torch

@@ -159,6 +159,11 @@ def check_options(model: HTransformer1D, stride: int | None, batch_size: int) ->
 
 def _check_inputs(model: HTransformer1D, corpus: ByteSpan, stride: int, batch_size: int) -> None:
     check_options(model, stride, batch_size)
+    if not isinstance(corpus, ByteSpan):
+        raise HtcliError(
+            f"the corpus must be a ByteSpan (htcli.corpus.ByteCorpus.open(paths).span()), got "
+            f"{type(corpus).__name__}"
+        )
     if len(corpus) < 2:
         size = f"{len(corpus)} byte" + ("" if len(corpus) == 1 else "s")
         raise HtcliError(f"the corpus is {size} long: it must be at least 2 bytes long to be scored")

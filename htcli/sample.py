@@ -33,6 +33,14 @@ class SamplingConfig:
     seed: int = 0  # same seed, same bytes
 
     def __post_init__(self) -> None:
+        for name in ("max_new_tokens", "seed") + (("top_k",) if self.top_k is not None else ()):
+            if not isinstance(getattr(self, name), int) or isinstance(getattr(self, name), bool):
+                raise HtcliError(
+                    f"{name} must be a whole number, got {getattr(self, name)!r}", fields=(name,)
+                )
+        for name in ("temperature",) + (("top_p",) if self.top_p is not None else ()):
+            if not isinstance(getattr(self, name), (int, float)) or isinstance(getattr(self, name), bool):
+                raise HtcliError(f"{name} must be a number, got {getattr(self, name)!r}", fields=(name,))
         if not math.isfinite(self.temperature):
             raise HtcliError(
                 f"temperature must be a number >= 0, got {self.temperature}", fields=("temperature",)
@@ -211,6 +219,8 @@ def generate_batch(
             "the model is bidirectional (causal false): it learned to predict bytes it could see, so it"
             " cannot continue a text; sample a causal model"
         )
+    if not isinstance(prompt, (bytes, bytearray)):
+        raise HtcliError(f"the prompt must be bytes (text.encode()), got {type(prompt).__name__}")
     if not prompt:
         raise HtcliError("the prompt is empty: generation needs at least one byte to continue")
     if any(not s for s in stop):

@@ -222,6 +222,10 @@ def test_bad_inputs():
         h_attention(q, k, v, block_size=4, key_padding_mask=torch.ones(2, 9, dtype=torch.bool))
     with pytest.raises(ValueError, match="dim_head must be at least 1"):  # (a ZeroDivisionError)
         h_attention(q[..., :0], k[..., :0], v[..., :0], block_size=4)
+    with pytest.raises(ValueError, match="floating-point tensors of one dtype, got torch.int64"):
+        h_attention(q.long(), k.long(), v.long(), block_size=4)  # (returned integers)
+    with pytest.raises(ValueError, match="floating-point tensors of one dtype"):
+        h_attention(q, k, v.float(), block_size=4)
 
 
 def test_length_just_above_power_of_two_costs_no_double():

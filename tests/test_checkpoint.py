@@ -62,6 +62,19 @@ def test_metadata_describes_the_model(tmp_path):
     assert metadata["htcli_version"] == __version__
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="what a machine without a GPU says")
+def test_load_model_onto_a_device_this_machine_lacks(tmp_path):
+    """load_model(run, "cuda") on a machine without one ended in torch's AssertionError; "gpu" in its
+    RuntimeError listing twenty device types."""
+    make_run(tmp_path)
+    for device in ("cuda", "cuda:1", torch.device("cuda")):
+        with pytest.raises(HtcliError, match="CUDA was requested but no GPU is available; use device cpu"):
+            load_model(tmp_path, device)
+    with pytest.raises(HtcliError, match="unknown device 'gpu': use one of auto, cpu, cuda, mps"):
+        load_model(tmp_path, "gpu")
+    assert next(load_model(tmp_path, "auto")[0].parameters()).device.type == "cpu"
+
+
 def test_missing_checkpoint(tmp_path):
     """A path without a checkpoint says how to make one."""
     with pytest.raises(HtcliError, match="no checkpoint at .*: train one with `htcli train`"):

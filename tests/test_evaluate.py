@@ -100,6 +100,15 @@ def test_bad_stride_and_tiny_corpus(model, corpus):
         evaluate(model, corpus.span(0, 1))
 
 
+def test_a_corpus_that_is_no_span_is_refused(model, corpus):
+    """evaluate(model, some bytes) and a span past the corpus's end said what Python or torch said."""
+    with pytest.raises(HtcliError, match=r"the corpus must be a ByteSpan \(htcli.corpus.ByteCorpus.open"):
+        evaluate(model, b"some bytes to score")
+    for start, stop in ((10, 5), (0, len(corpus.span()) + 1), (-1, 5)):
+        with pytest.raises(HtcliError, match=r"a span must have 0 <= start <= stop <= the corpus's"):
+            corpus.span(start, stop)
+
+
 def test_position_buckets_double():
     """Buckets 0-63, 64-127, 128-255, ... end at the context."""
     assert position_buckets(16) == [(0, 15)]

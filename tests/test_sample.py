@@ -196,6 +196,18 @@ def test_a_dtype_by_name_is_refused_by_the_library(dtype):
         list(generate(model, b"hi", SamplingConfig(3), dtype=dtype))
 
 
+def test_wrong_types_are_refused_by_the_library():
+    """A str prompt and a fractional top_k, max_new_tokens or seed ended in torch's errors."""
+    model = HTransformer1D(HTransformerConfig(**TINY_MODEL)).eval()
+    with pytest.raises(HtcliError, match=r"the prompt must be bytes \(text.encode\(\)\), got str"):
+        list(generate(model, "hi", SamplingConfig(3)))
+    for field, value in (("top_k", 2.5), ("max_new_tokens", 2.5), ("seed", 1.5), ("max_new_tokens", True)):
+        with pytest.raises(HtcliError, match=f"{field} must be a whole number, got {value}"):
+            SamplingConfig(**{field: value})
+    with pytest.raises(HtcliError, match="temperature must be a number, got '0.5'"):
+        SamplingConfig(temperature="0.5")
+
+
 @pytest.mark.parametrize("length", [64, 60])
 def test_exact_attention_kv_cache_equals_recomputation(length):
     """The exact-attention model decodes with its KV cache: logits equal the parallel forward at every

@@ -84,6 +84,10 @@ def check_inputs(q, k, v, block_size, key_padding_mask) -> None:
             "q, k, v must have the same shape (batch, heads, n, dim_head), got "
             f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
         )
+    if not (q.is_floating_point() and q.dtype == k.dtype == v.dtype):
+        raise ValueError(
+            f"q, k, v must be floating-point tensors of one dtype, got {q.dtype}, {k.dtype}, {v.dtype}"
+        )
     if q.shape[2] < 1:
         raise ValueError("sequence length must be at least 1")
     if q.shape[3] < 1:

@@ -158,7 +158,14 @@ class ByteCorpus:
         )
 
     def span(self, start: int = 0, stop: int | None = None) -> ByteSpan:
-        return ByteSpan(self, start, self._size if stop is None else stop)
+        """Bytes [start, stop) of the corpus (stop: its end by default)."""
+        stop = self._size if stop is None else stop
+        if not (isinstance(start, int) and isinstance(stop, int) and 0 <= start <= stop <= self._size):
+            raise HtcliError(
+                f"a span must have 0 <= start <= stop <= the corpus's {self._size:,} bytes, "
+                f"got [{start}, {stop})"
+            )
+        return ByteSpan(self, start, stop)
 
     def close(self) -> None:
         while self._open:
