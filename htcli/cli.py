@@ -699,9 +699,7 @@ def sample(
         precision = resolve_dtype(dtype, torch_device)
         steps = generate_batch(model, prompt_bytes, configs, dtype=precision, cache=cache, stop=stops)
         echo = echo is not False and not json_output
-        samples = _print_samples(steps, prompt_bytes, configs, echo=echo, json_output=json_output)
-        if json_output:
-            _print_json_samples(configs, samples, stops)
+        _print_samples(steps, prompt_bytes, configs, echo=echo, json_output=json_output, stops=stops)
 
 
 def _check_greedy(
@@ -746,20 +744,12 @@ def _check_sample_options(prompt: str | None, prompt_file: Path | None, num_samp
         )
 
 
-def _print_json_samples(configs: list, samples: list[bytes], stops: list[bytes]) -> None:
-    for index, (config, text) in enumerate(zip(configs, samples)):
-        ended = next((s.decode("utf-8", "replace") for s in stops if text.endswith(s)), None)
-        record = {"sample": index + 1, "seed": config.seed, "text": text.decode("utf-8", "replace"),
-                  "bytes": len(text), "stop": ended}  # fmt: skip
-        print(json.dumps(record, ensure_ascii=not _utf8_stdout()))
-
-
 def _print_samples(
-    steps: Iterator[list], prompt: bytes, configs: list, *, echo: bool, json_output: bool
-) -> list[bytes]:
+    steps: Iterator[list], prompt: bytes, configs: list, *, echo: bool, json_output: bool, stops: list[bytes]
+) -> None:
     """Each sample's bytes: the first streamed to stdout as they come (whole UTF-8 characters; after the
-    prompt when echo), the others printed after it, each under a rule on stderr (nothing on stdout with
-    json_output); then the speed to stderr."""
+    prompt when echo), the others printed after it, each under a rule on stderr; or, with json_output, one
+    JSON line each at the end. Then the speed to stderr. Ctrl-C or SIGTERM prints what each sample has."""
     from htcli.display import byte_count
     from htcli.sample import Utf8Stream
 
@@ -776,20 +766,37 @@ def _print_samples(
             for sample, token in zip(samples, step):
                 sample.extend([] if token is None else [token])
             show(stream.feed(b"" if step[0] is None else bytes([step[0]])))
-    except BaseException:  # (Ctrl-C, out of memory: the line streamed so far ends, so the error has its own)
+    except (
+        BaseException
+    ) as error:  # (Ctrl-C, out of memory: the line streamed so far ends, so the error has its own)
         with contextlib.suppress(OSError, ValueError):
             show(stream.flush() + "\n")
+            if isinstance(error, KeyboardInterrupt | Terminated) and any(samples):
+                _print_the_rest(configs, samples, prompt if echo else None, json_output, stops, True)
         raise
     seconds = time.perf_counter() - started
     show(stream.flush() + "\n")
-    for index, (config, sample) in enumerate(zip(configs[1:], samples[1:]), 2):
-        if not json_output:
-            err_console.rule(f"sample {index} of {len(configs)} (seed {config.seed})")
-        show(((prompt if echo else b"") + sample).decode("utf-8", "replace") + "\n")  # (as sample 1 streamed)
+    _print_the_rest(configs, samples, prompt if echo else None, json_output, stops, False)
     count = sum(map(len, samples))
     rate = count / seconds if seconds > 0 else 0.0
     err_console.print(f"[dim]{byte_count(count)} in {seconds:.2f} s ({rate:.1f} bytes/s)")
-    return [bytes(sample) for sample in samples]
+
+
+def _print_the_rest(
+    configs: list, samples: list, echoed: bytes | None, json_output: bool, stops: list, interrupted: bool
+) -> None:
+    """Every sample as a JSON line (json_output), else the samples after the first (which streamed), each
+    under a rule on stderr; interrupted: as far as each came."""
+    cut = ", interrupted" if interrupted else ""
+    for index, (config, text) in enumerate(zip(configs, map(bytes, samples))):
+        if json_output:
+            ended = next((s.decode("utf-8", "replace") for s in stops if text.endswith(s)), None)
+            record = {"sample": index + 1, "seed": config.seed, "text": text.decode("utf-8", "replace"),
+                      "bytes": len(text), "stop": ended, "interrupted": interrupted}  # fmt: skip
+            print(json.dumps(record, ensure_ascii=not _utf8_stdout()), flush=True)
+        elif index:
+            err_console.rule(f"sample {index + 1} of {len(configs)} (seed {config.seed}){cut}")
+            _write(((echoed or b"") + text).decode("utf-8", "replace") + "\n")  # (as sample 1 streamed)
 
 
 def _write(text: str) -> None:
