@@ -104,8 +104,22 @@ Device = Annotated[str, DEVICE]
 Dtype = Annotated[str, DTYPE]
 Seed = Annotated[int, SEED]
 JsonOutput = Annotated[bool, JSON]
+
+
+def _path(text: str) -> Path:
+    """A path argument, refused when empty (Path("") is ".", the current directory: "no checkpoint at .")."""
+    if not text:
+        raise typer.BadParameter(
+            "an empty path was given (an unset shell variable?): name a file or directory"
+        )
+    return Path(text)
+
+
 Checkpoint = Annotated[
-    Path, typer.Argument(help="A run directory (as written by `htcli train --out`) or a .safetensors file.")
+    Path,
+    typer.Argument(
+        parser=_path, help="A run directory (as written by `htcli train --out`) or a .safetensors file."
+    ),
 ]
 Corpus = Annotated[
     list[str] | None,
@@ -288,6 +302,7 @@ ConfigFile = Annotated[
     Path | None,
     typer.Option(
         flag("config_file"),
+        parser=_path,
         help="Options from a TOML file (keys spelled like the options: seq-len = 2048) or a run's "
         "config.json; options given here override it.",
         show_default=False,
@@ -645,7 +660,9 @@ def _how_to_continue(result, world_size: int) -> None:
 def sample(
     checkpoint: Checkpoint,
     prompt: Annotated[str | None, typer.Option(help="Text to continue (default: a newline).")] = None,
-    prompt_file: Annotated[Path | None, typer.Option(help="Continue this file's bytes instead.")] = None,
+    prompt_file: Annotated[
+        Path | None, typer.Option(parser=_path, help="Continue this file's bytes instead.")
+    ] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Bytes to generate per sample.")] = 500,
     temperature: Annotated[
         float, typer.Option(help="Sampling temperature; 0: always the most likely byte.")
@@ -1104,7 +1121,10 @@ def _bench_decode(preset: str, device: str, dtype: str, json_output: bool) -> No
 
 @app.command()
 def plot(
-    runs: Annotated[list[Path], typer.Argument(help="Run directories (as written by `htcli train --out`).")],
+    runs: Annotated[
+        list[Path],
+        typer.Argument(parser=_path, help="Run directories (as written by `htcli train --out`)."),
+    ],
     output: Annotated[
         Path,
         typer.Option(

@@ -893,6 +893,9 @@ def test_errors_in_a_real_process_have_no_traceback(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+EMPTY_PATH = "an empty path was given (an unset shell variable?): name a file or directory"
+
+
 @pytest.mark.parametrize(
     "args,said,command",
     [
@@ -902,6 +905,16 @@ def test_errors_in_a_real_process_have_no_traceback(tmp_path):
         (["sample"], "error: Missing argument 'checkpoint'.", "htcli sample"),
         (["sample", "run", "--stop"], "error: Option '--stop' requires an argument.", "htcli sample"),
         (["--stop"], "error: No such option: --stop", "htcli"),
+        # an empty path ("$RUN" unset) was the current directory: "no checkpoint at ."
+        (["sample", ""], f"error: Invalid value for 'checkpoint': {EMPTY_PATH}", "htcli sample"),
+        (["eval", "", "a.txt"], f"error: Invalid value for 'checkpoint': {EMPTY_PATH}", "htcli eval"),
+        (["plot", "r", ""], f"error: Invalid value for 'runs': {EMPTY_PATH}", "htcli plot"),
+        (["sample", "r", "--prompt-file", ""], "error: Invalid value for '--prompt-file': ", "htcli sample"),
+        (
+            ["train", "a.txt", "--config", ""],
+            f"error: Invalid value for '--config': {EMPTY_PATH}",
+            "htcli train",
+        ),
     ],
 )
 def test_usage_errors_are_one_line_naming_the_help(tmp_path, args, said, command):

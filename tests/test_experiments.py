@@ -17,6 +17,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY_FLAGS, assert_user_error, events, invoke, tiny_config
 from safetensors.torch import save_file
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
@@ -27,7 +28,6 @@ from htcli.config_file import read_options, write_toml
 from htcli.errors import HtcliError
 from htcli.flops import attention_flops, dense_flops_per_token, peak_bf16_flops
 from htcli.model import HTransformer1D, HTransformerConfig
-from tests.conftest import TINY_FLAGS, assert_user_error, events, invoke, tiny_config
 
 SPELL = {"max_seq_len": "seq-len", "loggers": "logger"}
 
