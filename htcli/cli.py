@@ -555,9 +555,11 @@ def _train_with(options: dict, resume: bool | str, print_config: bool, given: se
     _check_corpus_options(config, given, printed_new=print_config and not resolve_resume(resume, config.out))
     if print_config:
         from htcli.config_file import write_toml
+        from htcli.distributed import launch_from_env
 
         check_resumable(config, resume)  # (what a resume would refuse of its checkpoint)
-        print(write_toml(config, _file_key), end="")
+        if launch_from_env().main:  # (under torchrun, once: every rank printed it)
+            print(write_toml(config, _file_key), end="")
         return
     with process_group(config.device) as launch, TrainDisplay(err_console) as display:
         result = run_training(config, resume=resume, on_event=display)

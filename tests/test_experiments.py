@@ -68,6 +68,18 @@ def test_print_config_reads_back_as_the_same_config(corpus, tmp_path):
     assert resolved("--config", tmp_path / "run.toml") == first
     config = tiny_config(corpus, tmp_path / "run")
     assert read_options_round_trip(config, tmp_path) == config
+
+
+def test_print_config_under_torchrun_prints_once(corpus, tmp_path, monkeypatch):
+    """Under torchrun every rank printed the config (twice the TOML, interleaved); rank 0 alone does."""
+    launch = {"WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+    printed = []
+    for rank in ("0", "1"):
+        for name, value in {**launch, "RANK": rank, "LOCAL_RANK": rank}.items():
+            monkeypatch.setenv(name, value)
+        printed.append(resolved(corpus, *TINY_FLAGS, "--out", tmp_path / "run"))
+    assert "seq-len = " in printed[0]
+    assert printed[1] == ""
     odd = tiny_config(corpus, tmp_path / 'run \U0001f600 \x7f \\ " \u00e9')  # (was not valid TOML)
     assert read_options_round_trip(odd, tmp_path) == odd
 
