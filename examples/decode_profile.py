@@ -68,12 +68,13 @@ def main() -> None:
         busy = sum(getattr(e, "self_device_time_total", 0.0) for e in on_device) / 1e3
     else:
         kernels = sum(e.count for e in events if e.key.startswith("aten::"))
-        busy = float("nan")
+        busy = None  # (the host's own time is the device's)
     per_step = f"{'kernels' if device.type == 'cuda' else 'aten ops'}/step"
+    device_busy = "" if busy is None else f"device busy {busy / args.steps:.3f} ms/step; "
     print(f"{args.preset} preset, {device}, {dtype}, batch {args.batch}, prompt {args.prompt_len}")
     print(
         f"wall {wall * 1e3:.3f} ms/step ({args.batch / wall:.0f} bytes/s); host launching "
-        f"{host * 1e3:.3f} ms/step; device busy {busy / args.steps:.3f} ms/step; "
+        f"{host * 1e3:.3f} ms/step; {device_busy}"
         f"{kernels / args.steps:.0f} {per_step}"
     )
     print(events.table(sort_by="self_cpu_time_total", row_limit=30))

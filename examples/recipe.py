@@ -115,6 +115,9 @@ def run_variant(name: str, train: Path, held_out: Path, out: Path) -> dict:
 
 
 def main(corpus: str, out: str, *names: str) -> None:
+    unknown = [name for name in names if name not in VARIANTS]
+    if unknown:  # (before any work: the corpus was split first)
+        sys.exit(f"unknown variant {'; '.join(unknown)}: choose from {'; '.join(VARIANTS)}")
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     train, held_out = split(corpus, out_dir)
@@ -137,4 +140,6 @@ def main(corpus: str, out: str, *names: str) -> None:
 
 
 if __name__ == "__main__":
+    if len(sys.argv) < 3:
+        sys.exit(f"usage: python {__doc__.split('python ')[1].splitlines()[0]}")
     main(*sys.argv[1:])

@@ -1,5 +1,6 @@
 """Load a checkpoint, stream a continuation of a prompt, and measure bits per byte on a file.
 
+python examples/sample_and_eval.py CHECKPOINT PROMPT CORPUS
 python examples/sample_and_eval.py runs/tiny "def " README.md
 """
 
@@ -31,4 +32,6 @@ def main(checkpoint: str, prompt: str, corpus: str) -> None:
 
 
 if __name__ == "__main__":
+    if len(sys.argv) != 4:
+        sys.exit("usage: python examples/sample_and_eval.py CHECKPOINT PROMPT CORPUS")
     main(*sys.argv[1:4])

@@ -22,6 +22,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from htcli.bench import model_step, timed
 from htcli.device import resolve_device
+from htcli.errors import HtcliError
 
 
 def _sync(device) -> None:
@@ -54,7 +55,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--rows", type=int, default=20, help="operations in each table (0: no profile)")
     args = parser.parse_args()
-    device = resolve_device(args.device)
+    try:
+        device = resolve_device(args.device)
+    except HtcliError as error:
+        parser.error(str(error))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     print(f"{args.preset} preset, causal, batch {args.batch_size} x {args.seq_len}, {device.type}, {dtype}")
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"

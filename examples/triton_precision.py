@@ -21,6 +21,7 @@ without the variable set, `--device cpu` is refused; bf16 there is not meaningfu
 from __future__ import annotations
 
 import argparse
+import os
 
 import torch
 
@@ -129,6 +130,10 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=128)
     parser.add_argument("--repeat-shape", default="4,8,8192", help="batch,heads,length ('' to skip)")
     args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("no CUDA GPU here: run it on one, or with TRITON_INTERPRET=1 and --device cpu")
+    if args.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        parser.error("--device cpu runs the kernels in Triton's interpreter: set TRITON_INTERPRET=1")
     args.lengths = [int(x) for x in args.lengths.split(",") if x]
     args.dtypes = [x for x in args.dtypes.split(",") if x]
     if args.device == "cuda":

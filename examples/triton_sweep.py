@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import torch
@@ -128,6 +129,10 @@ def main() -> None:
     parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp16"), help="fp16 in the interpreter")
     parser.add_argument("--mode", default="both", choices=("both", "causal", "non-causal"))
     args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("no CUDA GPU here: run it on one, or with TRITON_INTERPRET=1 and --device cpu")
+    if args.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        parser.error("--device cpu runs the kernels in Triton's interpreter: set TRITON_INTERPRET=1")
     global DTYPE, MODES
     DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     MODES = {"both": (False, True), "causal": (True,), "non-causal": (False,)}[args.mode]

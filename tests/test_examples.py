@@ -38,6 +38,7 @@ def test_decode_profile_runs_on_the_cpu():
     )  # fmt: skip
     assert "tiny preset, cpu" in result.stdout and "batch 2" in result.stdout
     assert "ms/step" in result.stdout and "aten ops/step" in result.stdout
+    assert "device busy" not in result.stdout  # (it said "nan" on the CPU, where the host's time is all)
 
 
 def test_step_profile_runs_on_the_cpu():
@@ -128,3 +129,36 @@ def test_long_context_names_its_recipes_and_refuses_unknown_variants(tmp_path):
     )  # fmt: skip
     assert no_seed.returncode != 0 and "unknown variant new-h-256@x" in no_seed.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "args,said",
+    [
+        (
+            ["long_context.py"],
+            "usage: python examples/long_context.py TRAIN_CORPUS HELD_OUT OUT [VARIANT ...]",
+        ),
+        (["recipe.py"], "usage: python examples/recipe.py CORPUS OUT [VARIANT ...]"),
+        (["measure_start.py", "a"], "usage: python examples/measure_start.py CORPUS OUT [NOFILE]"),
+        (["sample_and_eval.py", "run"], "usage: python examples/sample_and_eval.py CHECKPOINT PROMPT CORPUS"),
+        (["recipe.py", "CORPUS", "OUT", "nosuch"], "unknown variant nosuch: choose from first; "),
+    ],
+)
+def test_examples_given_too_little_say_their_usage(tmp_path, args, said):
+    """An example run without its arguments ended in a TypeError or IndexError traceback; recipe.py split
+    its corpus into OUT before it found a variant name unknown."""
+    script, *rest = args
+    done = subprocess.run(
+        [sys.executable, EXAMPLES / script, *rest], capture_output=True, text=True, cwd=tmp_path, timeout=120
+    )
+    assert done.returncode == 1 and done.stderr.startswith(said), done.stderr
+    assert "Traceback" not in done.stderr and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="what a machine without a GPU says")
+@pytest.mark.parametrize("script", ["step_profile.py", "triton_precision.py", "triton_sweep.py"])
+def test_gpu_examples_without_a_gpu_say_so(script):
+    """The GPU examples' default device on a machine without one: one line (a traceback before)."""
+    done = subprocess.run([sys.executable, EXAMPLES / script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.splitlines()[-1].startswith(f"{script}: error: ")
