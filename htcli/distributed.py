@@ -16,6 +16,7 @@ import inspect
 import math
 import os
 import re
+import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
@@ -109,6 +110,21 @@ def timeout_from_env(environ: Mapping[str, str] = os.environ) -> float:
 
 
 @contextlib.contextmanager
+def _native_stderr_held() -> Iterator[None]:
+    """What torch's C++ layer writes to stderr (file descriptor 2) while a rank joins the group, dropped:
+    a rank that waits for rank 0 logs each failed try with a C++ stack trace; htcli says what failed."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+@contextlib.contextmanager
 def process_group(device_name: str = "auto") -> Iterator[Launch]:
     """Join the process group torchrun set up (no group for a single process), and leave it at the end.
 
@@ -136,13 +152,15 @@ def process_group(device_name: str = "auto") -> Iterator[Launch]:
             )
         torch.cuda.set_device(launch.local_rank)
     address = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+    others = "the other process" if launch.world_size == 2 else f"the other {launch.world_size - 1} processes"
     try:
-        dist.init_process_group(
-            "nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout)
-        )
+        with _native_stderr_held():
+            dist.init_process_group(
+                "nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout)
+            )
     except (RuntimeError, ValueError) as error:
         raise HtcliError(
-            f"rank {launch.rank} could not join the other {launch.world_size - 1} processes at {address} "
+            f"rank {launch.rank} could not join {others} at {address} "
             f"within {timeout:g} s ({_first_sentence(error)}): run the same torchrun command on every "
             f"machine, with an address all of them reach ({TIMEOUT_VARIABLE} sets the wait)"
         ) from None
