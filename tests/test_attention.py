@@ -211,6 +211,15 @@ def test_bf16_autocast(causal):
     assert (out.float() - reference).abs().max().item() < 0.05
 
 
+def test_fp64_stays_fp64_under_autocast():
+    """Autocast lowers fp32 products only, as torch's own matmul and SDPA do: fp64 inputs came back bf16."""
+    q, k, v = _qkv(50)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = h_attention(q, k, v, block_size=4, causal=True)
+    assert out.dtype == torch.float64
+    assert torch.allclose(out, dense_h_attention(q, k, v, block_size=4, causal=True), atol=1e-9)
+
+
 def test_bad_inputs():
     """Mismatched shapes, odd block size and wrong masks give clear errors."""
     q, k, v = _qkv(10)

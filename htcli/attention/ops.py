@@ -208,17 +208,17 @@ def h_attention(
     level_decay: None, or per head (a sequence of heads numbers >= 0, or such a tensor, best on q's
     device) the bits per level by which each coarser level's scores are lowered (geometry.decay_bias).
 
-    Under autocast the matrix products run in the autocast dtype; softmax maxima, exponent sums
-    and the final division stay in fp32. impl: "auto", "eager" or "triton" (default:
-    $HTCLI_ATTENTION as it was at import, else auto: CUDA_IMPLEMENTATION for CUDA tensors, eager
-    elsewhere).
+    Under autocast fp32 inputs' matrix products run in the autocast dtype (fp64 ones stay fp64, as torch's
+    own matmul does); softmax maxima, exponent sums and the final division stay in fp32. impl: "auto",
+    "eager" or "triton" (default: $HTCLI_ATTENTION as it was at import, else auto: CUDA_IMPLEMENTATION
+    for CUDA tensors, eager elsewhere).
     """
     check_inputs(q, k, v, block_size, key_padding_mask)
     b, h, n, d = q.shape
     check_level_decay(level_decay, h)
     dtype = q.dtype
     device_type = q.device.type
-    if torch.is_autocast_enabled(device_type) and dtype in (torch.float32, torch.float64):
+    if torch.is_autocast_enabled(device_type) and dtype == torch.float32:
         dtype = torch.get_autocast_dtype(device_type)
     stat_dtype = torch.promote_types(dtype, torch.float32)
     # contiguous rows: the ops are compiled (torch.compile) for the strides they were traced with
