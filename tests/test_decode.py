@@ -43,6 +43,29 @@ def test_prefill_then_steps_match_parallel_forward(overrides, prompt):
             assert (step_logits - expected[:, t]).abs().max().item() < 1e-4, f"position {t}"
 
 
+@pytest.mark.parametrize("static", [False, True])
+@pytest.mark.parametrize("overrides", [{}, {"reversible": True, "shift_tokens": True, "block_size": 8}])
+def test_steps_read_the_first_byte_as_the_forward_does(overrides, static):
+    """With no level decay and weights scaled up (the tests above start from weights that barely read far
+    bytes, at a decay that weighs coarse levels 2^-16), the last position's logits depend on the first byte
+    (by far more than the tolerance), and the cached steps, ordinary and static, still equal the forward."""
+    model = _model(level_decay=0.0, max_seq_len=128, **overrides)
+    tokens = torch.randint(0, 256, (2, 128), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.mul_(3)
+        expected = model(tokens)
+        changed = torch.cat([(tokens[:, :1] + 1) % 256, tokens[:, 1:]], dim=1)
+        assert (model(changed)[:, -1] - expected[:, -1]).abs().max().item() > 1e-2
+        _, state = model.prefill(tokens[:, :5])
+        plan = static_step.StepPlan(state.layers[0].attention.cache) if static else None
+        for t in range(5, 128):
+            step_logits = model.decode_step(tokens[:, t], state, plan)
+            assert (step_logits - expected[:, t]).abs().max().item() < 2e-4, f"position {t}"
+            if static:
+                state.count_step()
+
+
 def test_decode_under_bf16_autocast():
     """Under bf16 autocast the cached steps stay within bf16 rounding of the parallel forward."""
     model = _model(block_size=8, max_seq_len=128)
