@@ -68,50 +68,37 @@ def test_triton_equals_oracle(n, block, d, tile, causal, tiles):
         assert (got - ref).abs().max().item() < 1e-4
 
 
-@pytest.mark.parametrize("causal", [False, True])
-def test_triton_rows_of_a_batch_keep_their_own_masks(causal):
-    """Three sequences, each with its own padding mask (every other test of the kernels has one), and a
-    level decay: outputs and gradients equal the oracle's."""
-    q, k, v, grad, mask = _inputs(70, 16, b=3, h=1, masked=True, seed=3)
-    mask[1, 40:] = False  # (one sequence shorter than the others)
-    inputs = [t.clone().requires_grad_() for t in (q, k, v)]
-    out = dense_h_attention(*inputs, block_size=16, causal=causal, key_padding_mask=mask, level_decay=[2.0])
-    expected = [out.detach(), *torch.autograd.grad(out, inputs, grad)]
-    inputs = [t.to(DEVICE, torch.float32).requires_grad_() for t in (q, k, v)]
-    out = h_attention(
-        *inputs,
-        block_size=16,
-        causal=causal,
-        key_padding_mask=mask.to(DEVICE),
-        level_decay=[2.0],
-        impl="triton",
-    )
-    got = [out.detach(), *torch.autograd.grad(out, inputs, grad.to(DEVICE, torch.float32))]
-    for tolerance, a, b in zip((1e-5, 1e-4, 1e-4, 1e-4), got, expected):
-        assert (a.double().cpu() - b).abs().max().item() < tolerance
+# (n, batch, heads, block, a decay per head, the length of the second sequence): several levels and
+# heads' decays in one sequence; three sequences, each its own padding mask, one shorter than the others
+DECAY_CASES = [(200, 1, 3, 32, [4.0, 1.0, 0.25], None), (70, 3, 1, 16, [2.0], 40)]
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_triton_level_decay_equals_oracle(causal, tiles):
-    """With a level decay per head (the default model's locality prior), the kernels equal the oracle."""
+@pytest.mark.parametrize("n,b,h,block,decay,short", DECAY_CASES)
+def test_triton_level_decay_equals_oracle(n, b, h, block, decay, short, causal, tiles):
+    """With a level decay per head (the default model's locality prior), the kernels equal the oracle; in
+    a batch, every sequence with its own padding mask (the other kernel tests have one sequence)."""
     tiles(16)
-    q, k, v, grad, mask = _inputs(200, 16, b=1, h=3, masked=True)  # (8 blocks: 4 levels; 3 heads' decays)
-    decay = [4.0, 1.0, 0.25]
+    q, k, v, grad, mask = _inputs(n, 16, b=b, h=h, masked=True)
+    if short:
+        mask[1, short:] = False
     inputs = [t.clone().requires_grad_() for t in (q, k, v)]
-    out = dense_h_attention(*inputs, block_size=32, causal=causal, key_padding_mask=mask, level_decay=decay)
+    out = dense_h_attention(
+        *inputs, block_size=block, causal=causal, key_padding_mask=mask, level_decay=decay
+    )
     expected = [out.detach(), *torch.autograd.grad(out, inputs, grad)]
     inputs = [t.to(DEVICE, torch.float32).requires_grad_() for t in (q, k, v)]
     out = h_attention(
         *inputs,
-        block_size=32,
+        block_size=block,
         causal=causal,
         key_padding_mask=mask.to(DEVICE),
         level_decay=decay,
         impl="triton",
     )
     got = [out.detach(), *torch.autograd.grad(out, inputs, grad.to(DEVICE, torch.float32))]
-    for tolerance, a, b in zip((1e-5, 1e-4, 1e-4, 1e-4), got, expected):
-        assert (a.double().cpu() - b).abs().max().item() < tolerance
+    for tolerance, mine, oracle in zip((1e-5, 1e-4, 1e-4, 1e-4), got, expected):
+        assert (mine.double().cpu() - oracle).abs().max().item() < tolerance
 
 
 @pytest.mark.parametrize("causal", [False, True])
