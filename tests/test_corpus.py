@@ -559,6 +559,35 @@ def test_a_compressed_file_with_a_long_name_is_read(tmp_path, cache):
     assert sorted(len(os.fsencode(name)) for name in entries) == [220, 221]  # (199 or 200 bytes, ".", hash)
 
 
+def test_a_compressed_file_whose_path_is_not_utf8_is_read(tmp_path):
+    """A .gz (or JSONL, Parquet) file whose path holds bytes that are not UTF-8 (a Latin-1 or CP437 name
+    from another system): its cache entry's hash took the path as UTF-8 (a UnicodeEncodeError traceback)."""
+    content = make_text(3000)
+    directory = tmp_path / os.fsdecode(b"r\xe9sum\xe9")
+    path = write(directory / os.fsdecode(b"caf\xe9.gz"), gzip.compress(content))
+    with ByteCorpus.open([path]) as corpus:
+        assert corpus.read(0, len(content)) == content
+
+
+def test_a_cache_without_a_home_directory(tmp_path, monkeypatch):
+    """No HOME (and no passwd entry for the user: a container's uid): HTCLI_CACHE_DIR, the fix, is used
+    without looking for a home directory (Path.home()'s RuntimeError came first), and without it one line
+    says to set it."""
+    content = make_text(3000)
+    path = write(tmp_path / "c.gz", gzip.compress(content))
+
+    def no_home():
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.setattr(Path, "home", no_home)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    with ByteCorpus.open([path]) as corpus:  # (HTCLI_CACHE_DIR: the autouse fixture's)
+        assert corpus.read(0, len(content)) == content
+    monkeypatch.delenv("HTCLI_CACHE_DIR")
+    with pytest.raises(HtcliError, match="there is no home directory for the cache .*: set HTCLI_CACHE_DIR"):
+        ByteCorpus.open([tmp_path / "c.gz"])
+
+
 def test_a_cache_that_is_not_a_directory_is_named(tmp_path, monkeypatch):
     """HTCLI_CACHE_DIR set to a file: one line that says so and what to do (was "File exists; free some
     space"), and the file is left as it was."""

@@ -42,7 +42,15 @@ def cache_dir() -> Path:
 
 
 def _default_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "htcli"
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]) / "htcli"
+    try:
+        return Path.home() / ".cache" / "htcli"
+    except RuntimeError:  # (no HOME, and a user without a passwd entry: a container's uid)
+        raise HtcliError(
+            "there is no home directory for the cache of corpus bytes (.gz, .zst, JSONL and Parquet files "
+            "are made into bytes there): set HTCLI_CACHE_DIR to a directory"
+        ) from None
 
 
 def cached(
@@ -54,12 +62,15 @@ def cached(
     cache = cache or cache_dir()
     stat = source.stat()
     identity = f"{source.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{how}|{FORMAT}"
-    target = cache / f"{_cut(source.name, NAME_BYTES)}.{hashlib.sha256(identity.encode()).hexdigest()[:20]}"
+    # (fsencode: a path that is not UTF-8 holds surrogates, which str.encode refuses)
+    digest = hashlib.sha256(os.fsencode(identity)).hexdigest()[:20]
+    target = cache / f"{_cut(source.name, NAME_BYTES)}.{digest}"
     facts_file = target.with_name(target.name + ".json")
     try:
         made = not cache.exists()
         cache.mkdir(parents=True, exist_ok=True)
-        if made or cache == _default_dir():  # (never a folder of the user's that HTCLI_CACHE_DIR names)
+        # (never a folder of the user's that HTCLI_CACHE_DIR names; no home directory looked up for it)
+        if made or (not os.environ.get("HTCLI_CACHE_DIR") and cache == _default_dir()):
             _tag(cache)
         with _locked(target.with_name(target.name + ".lock")):
             if not target.exists():
