@@ -473,6 +473,41 @@ def test_a_path_in_a_directory_one_may_not_enter_is_one_line(trained, tmp_path):
         closed.chmod(0o755)
 
 
+# resolve_corpus of each pattern in argv[1:], printed as what it gives or the error it raises
+RESOLVE_EACH = """
+import sys
+from htcli.corpus import resolve_corpus
+from htcli.errors import HtcliError
+for pattern in sys.argv[1:]:
+    try:
+        print([str(path) for path in resolve_corpus([pattern])])
+    except HtcliError as error:
+        print(error)
+"""
+
+
+def test_a_glob_through_a_directory_one_may_not_enter_is_one_line(trained, tmp_path):
+    """A glob whose matches could lie in a directory one may not enter read the rest without a word
+    (less data than asked for); a glob that cannot match there is not stopped by it."""
+    out, corpus = trained
+    for name in ("ok", "closed"):
+        (tmp_path / "d" / name).mkdir(parents=True)
+        shutil.copy(corpus, tmp_path / "d" / name / "a.txt")
+    closed = tmp_path / "d" / "closed"
+    refused = f"cannot read directory {closed}: Permission denied: give a path you may read, or change its "
+    refused += "permissions"
+    closed.chmod(0)
+    try:
+        done = htcli_without_override("eval", out, tmp_path / "d/**/*.txt", "--device", "cpu")
+        assert done.returncode == 1 and done.stderr.strip().splitlines() == [f"error: {refused}"], done.stderr
+        patterns = [str(tmp_path / pattern) for pattern in ("d/*/*.txt", "d/c*/a.txt", "d/*", "d/o*/*.txt")]
+        command = [*without_root_override(), sys.executable, "-c", RESOLVE_EACH, *patterns]
+        said = subprocess.run(command, capture_output=True, text=True, timeout=120, check=True).stdout
+    finally:
+        closed.chmod(0o755)
+    assert said.splitlines() == [refused] * 3 + [str([str(tmp_path / "d/ok/a.txt")])]
+
+
 def test_a_file_where_tensorboards_directory_belongs(run):
     """A file named tensorboard in the run directory was a FileExistsError traceback."""
     out, corpus = run

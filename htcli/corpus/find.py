@@ -153,7 +153,12 @@ def _glob(pattern: Path, include_hidden: bool) -> Iterable[Path]:
     if not wild or not os.path.isdir(root):
         return
     deepest = None if "**" in wild else len(wild) - 1  # (directories below it cannot match)
-    for directory, subdirectories, names in os.walk(root):
+
+    def refuse(error: OSError) -> None:  # (a directory that could hold matches: they were left out)
+        if _may_hold_matches(Path(error.filename).relative_to(root).parts, wild, include_hidden):
+            _refuse_unreadable(error)
+
+    for directory, subdirectories, names in os.walk(root, onerror=refuse):
         where = Path(directory).relative_to(root).parts
         # (no run directory or cache below the pattern's fixed part, as a directory's walk)
         subdirectories[:] = [name for name in subdirectories if not _kept_apart(Path(directory, name))]
@@ -191,6 +196,30 @@ def _matches(parts: tuple[str, ...], wild: tuple[str, ...], include_hidden: bool
     return fnmatch.fnmatchcase(parts[0], head) and _matches(parts[1:], wild[1:], include_hidden)
 
 
+def _may_hold_matches(parts: tuple[str, ...], wild: tuple[str, ...], include_hidden: bool) -> bool:
+    """Whether files below the directory named by parts could match the pattern's components wild."""
+    if not parts:
+        return bool(wild)
+    if not wild:
+        return False
+    head = wild[0]
+    if head == "**":
+        return any(
+            skip == len(parts) or _may_hold_matches(parts[skip:], wild[1:], include_hidden)
+            for skip in range(len(parts) + 1)
+            if include_hidden or not any(part.startswith(".") for part in parts[:skip])
+        )
+    if parts[0].startswith(".") and not head.startswith(".") and not include_hidden:
+        return False
+    return fnmatch.fnmatchcase(parts[0], head) and _may_hold_matches(parts[1:], wild[1:], include_hidden)
+
+
+def _refuse_unreadable(error: OSError) -> None:
+    raise HtcliError(
+        f"cannot read directory {error.filename}: {error.strerror}: {unreadable_advice(error)}"
+    ) from None
+
+
 def _kept_apart(directory: Path) -> bool:
     """Whether a directory found below a named one is skipped: an htcli run's (its weights and log) or a
     cache (CACHEDIR.TAG: htcli's own, made from the corpus's files, would be read twice)."""
@@ -201,12 +230,7 @@ def _walk(root: Path, include_hidden: bool, excluded: list[Path]) -> Iterable[Pa
     """Every regular file below root (hidden ones only with include_hidden), none under excluded or in a
     run directory below root."""
 
-    def refuse(error: OSError) -> None:
-        raise HtcliError(
-            f"cannot read directory {error.filename}: {error.strerror}: {unreadable_advice(error)}"
-        ) from None
-
-    for directory, subdirectories, names in os.walk(root, onerror=refuse):
+    for directory, subdirectories, names in os.walk(root, onerror=_refuse_unreadable):
         subdirectories[:] = [
             name
             for name in subdirectories
