@@ -14,6 +14,7 @@ import importlib
 import os
 import re
 import secrets
+import threading
 from pathlib import Path
 
 from htcli.errors import HtcliError
@@ -87,6 +88,8 @@ class TensorBoardLogger:
         where = out / TENSORBOARD_DIR
         if where.exists() and not where.is_dir():
             raise HtcliError(f"{where} is not a directory: TensorBoard's event files go there; move it away")
+        self.what = f"TensorBoard's event files in {where}"
+        _quiet_writer_threads()
         # events past the checkpoint (written before a crash; for a new run, by one that never saved) are
         # dropped when read
         self.writer = SummaryWriter(str((moving or out) / TENSORBOARD_DIR), purge_step=step + 1)
@@ -100,6 +103,21 @@ class TensorBoardLogger:
 
     def close(self) -> None:
         self.writer.close()
+
+
+def _quiet_writer_threads() -> None:
+    """TensorBoard's writer thread that fails (a full disk) prints its traceback, then the writer raises the
+    error again in the thread that logs, where htcli says it in one line: the thread's print is dropped."""
+    if getattr(threading.excepthook, "quiets_tensorboard", False):
+        return
+    hook = threading.excepthook
+
+    def quiet(args) -> None:
+        if not (isinstance(args.exc_value, OSError) and type(args.thread).__name__ == "_AsyncWriterThread"):
+            hook(args)
+
+    quiet.quiets_tensorboard = True
+    threading.excepthook = quiet
 
 
 WANDB_MODES = ("online", "offline", "shared", "disabled", "dryrun", "run")  # what W&B's settings accept
@@ -118,6 +136,7 @@ class WandbLogger:
             )
         import wandb
 
+        self.what = f"W&B's files in {out / 'wandb'}"
         settings = wandb.Settings(console="off", silent=True, disable_git=True, save_code=False)
         run_id = wandb_id(out, new=not resumed)
         try:

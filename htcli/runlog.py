@@ -12,7 +12,6 @@ from pathlib import Path
 
 from htcli.errors import HtcliError, unreadable_advice
 from htcli.files import atomic_file, check_not_special
-from htcli.loggers import close_loggers
 
 METRIC_EVENTS = ("step", "eval", "sample")  # events of one step, redone when a run resumes before it
 
@@ -47,7 +46,7 @@ class RunLog:
                 self.file.write(json_line(record))
                 self.file.flush()
             for logger in self.loggers:
-                with self._writing(f"the {type(logger).__name__}'s files"):
+                with self._writing(logger.what):
                     logger(record)
             if self.on_event is not None:
                 self.on_event(record)
@@ -64,7 +63,9 @@ class RunLog:
 
     def __exit__(self, kind, *exc) -> None:
         try:
-            close_loggers(self.loggers)
+            for logger in self.loggers:  # (a logger's last writes fail as its others did: one error says it)
+                with self._writing(logger.what) if kind is None else contextlib.suppress(OSError):
+                    logger.close()
         finally:
             if self.file is not None:
                 # (closing writes the rest of a line that could not be written: its error is raised only

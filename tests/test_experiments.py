@@ -1,6 +1,7 @@
 """Experiments people keep: config files, TensorBoard and W&B loggers, model FLOPs, `htcli plot`, and
 progress on terminals only."""
 
+import errno
 import glob
 import json
 import math
@@ -414,6 +415,30 @@ def test_tensorboard_event_files_hold_the_metrics(corpus, tmp_path):
         "train/peak_memory_bytes",
     ):
         assert len(scalars(run, tag)) == 4
+
+
+def test_tensorboard_on_a_full_disk_is_one_line(corpus, tmp_path, monkeypatch):
+    """TensorBoard's event file on a disk that fills up: its writer thread printed a traceback, then the
+    error of closing it replaced the logging's own and blamed stdout ("cannot write the output"). One line
+    names the event files, says what is kept and what to do; exit 1."""
+    from tensorboard.summary.writer import record_writer
+
+    real_write, writes = record_writer.RecordWriter.write, []
+
+    def fills_up(self, data):
+        writes.append(data)
+        if len(writes) > 8:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write(self, data)
+
+    monkeypatch.setattr(record_writer.RecordWriter, "write", fills_up)
+    run = tmp_path / "run"
+    result = invoke("train", corpus, *TINY_FLAGS, "--steps", "30", "--out", run, "--logger", "tensorboard")
+    said = f"error: cannot write TensorBoard's event files in {run / 'tensorboard'}: No space left on device"
+    assert result.exit_code == 1 and result.stderr.splitlines()[-1].startswith(said + "; stopped ("), (
+        result.stderr
+    )
+    assert "Traceback" not in result.stderr and "Exception in thread" not in result.stderr
 
 
 def test_tensorboard_curves_continue_after_a_crash_without_duplicate_steps(corpus, tmp_path):
