@@ -27,6 +27,7 @@ from htcli.files import (
     check_out_path,
     checkpoint_file,
     has_checkpoint,
+    is_cache_directory,
     no_checkpoint,
 )
 from htcli.runlock import RunLock
@@ -104,10 +105,14 @@ def _check_checkpoint_there(out: Path) -> None:
 def check_only_run_files(out: Path) -> None:
     """A new run's directory that exists (and holds no checkpoint) holds nothing that the run would
     overwrite or add to: its config.json, log.jsonl and loggers' files, where present, are an htcli run's
-    (one that never saved), and it has no folders but the loggers' (`--out .` in a project, `--out /`).
-    Other files (a `tee run/train.log`, a scheduler's output) and hidden ones may be there."""
+    (one that never saved), and it has no folders but the loggers' and a cache of corpus bytes (as
+    HTCLI_CACHE_DIR=out/cache makes it) (`--out .` in a project, `--out /`). Other files (a
+    `tee run/train.log`, a scheduler's output) and hidden ones may be there."""
     entries = list(os.scandir(out))
-    folders = [e.name for e in entries if e.is_dir() and e.name not in (TENSORBOARD_DIR, WANDB_DIR)]
+    kept = (TENSORBOARD_DIR, WANDB_DIR)
+    folders = [
+        e.name for e in entries if e.is_dir() and e.name not in kept and not is_cache_directory(Path(e.path))
+    ]
     others = sorted(name for name in folders if not name.startswith("."))
     names = {entry.name for entry in entries}
     if CONFIG_FILE in names and not _is_htcli_config(out / CONFIG_FILE):

@@ -680,6 +680,18 @@ def test_a_new_run_into_a_directory_of_other_files_is_refused(corpus, tmp_path, 
     assert invoke("train", corpus, "--out", never_saved, *TINY_FLAGS, "--steps", 1).exit_code == 0
 
 
+def test_a_cache_of_corpus_bytes_inside_the_run_directory_is_taken(corpus, tmp_path, monkeypatch):
+    """HTCLI_CACHE_DIR inside a new run's --out: the cache was made there first, then the run refused the
+    directory for holding it ("holds what is not an htcli run's (cache)"), and left it behind."""
+    out = tmp_path / "run"
+    monkeypatch.setenv("HTCLI_CACHE_DIR", str(out / "cache"))
+    compressed = tmp_path / "corpus.txt.gz"
+    compressed.write_bytes(gzip.compress(corpus.read_bytes()))
+    result = invoke("train", compressed, "--out", out, *TINY_FLAGS, "--steps", 1)
+    assert result.exit_code == 0, result.output
+    assert (out / "model.safetensors").exists() and (out / "cache" / "CACHEDIR.TAG").exists()
+
+
 @pytest.mark.parametrize("lost", ["optimizer.safetensors", "state.json", "model.safetensors"])
 def test_an_incomplete_checkpoint_is_named_as_such(run_copy, lost):
     """A run directory that lost one of its checkpoint's files: a new run and --resume both say so (the
