@@ -15,7 +15,7 @@ from pathlib import Path
 
 from htcli import distributed
 from htcli.checkpoint import CheckpointInfo, commit_pending, load_training_state, read_checkpoint_info
-from htcli.config import TrainConfig
+from htcli.config import TrainConfig, saved_config
 from htcli.errors import HtcliError
 from htcli.files import (
     CONFIG_FILE,
@@ -166,6 +166,14 @@ def _check_model_and_steps(out: Path, config: TrainConfig, info: CheckpointInfo)
     if info.config != config.model:
         ours, theirs = config.model.to_dict(), info.config.to_dict()
         changed = [k for k in ours if ours[k] != theirs[k]]
+        filed = _model_in_config_file(out)
+        if all(k in filed and filed[k] == ours[k] for k in changed):  # (no option asked for them)
+            differences = ", ".join(f"{k} {ours[k]} there, {theirs[k]} in the checkpoint" for k in changed)
+            back = ", ".join(f"{k} to {theirs[k]}" for k in changed)
+            raise HtcliError(
+                f"cannot resume {out}: its {CONFIG_FILE} (edited, or another run's?) does not describe its "
+                f"checkpoint's model ({differences}): set {back} in {out / CONFIG_FILE}"
+            )
         differences = ", ".join(f"{k} {theirs[k]} in the checkpoint, {ours[k]} asked" for k in changed)
         raise HtcliError(
             f"cannot resume {out}: the model differs from its checkpoint ({differences}); drop those options,"
@@ -177,6 +185,14 @@ def _check_model_and_steps(out: Path, config: TrainConfig, info: CheckpointInfo)
             f"{out} is already at step {info.step} of steps {config.steps}: pass a larger steps",
             fields=("steps",),
         )
+
+
+def _model_in_config_file(out: Path) -> dict:
+    """The model options of the run's config.json (none where it cannot be read)."""
+    try:
+        return saved_config(out)["model"]
+    except HtcliError:
+        return {}
 
 
 def _processes(count: int) -> str:

@@ -529,6 +529,24 @@ def test_impossible_options(run_copy, flags, message):
     assert snapshot(run) == before
 
 
+def test_a_config_json_edited_by_hand_is_named_on_resume(run_copy):
+    """A run's config.json whose model no longer matches its checkpoint (edited, or copied from another
+    run): the resume blamed an option never given ("--dim 32 in the checkpoint, 48 asked; drop those
+    options"); it names the file and what to set there. A --print-config of the resume says the same."""
+    run, corpus = run_copy
+    saved = json.loads((run / "config.json").read_text())
+    saved["model"]["dim"] = 48
+    (run / "config.json").write_text(json.dumps(saved))
+    before = snapshot(run)
+    said = (
+        f"cannot resume {run}: its config.json (edited, or another run's?) does not describe its "
+        f"checkpoint's model (dim 48 there, 32 in the checkpoint): set dim to 32 in {run / 'config.json'}"
+    )
+    for extra in ([], ["--print-config"]):
+        assert_user_error(invoke("train", "--out", run, "--resume", "--steps", 10, *extra), said)
+    assert snapshot(run) == before
+
+
 @pytest.mark.parametrize(
     "flags,message",
     [
