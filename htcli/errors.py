@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Iterable
 
 
@@ -22,4 +23,6 @@ def unreadable_advice(error: OSError) -> str:
     """What to do about a file or folder (a corpus's, a run's) that could not be read with this error."""
     if isinstance(error, PermissionError):
         return "give a path you may read, or change its permissions"
+    if error.errno in (errno.EMFILE, errno.ENFILE):  # (not the path's fault)
+        return "raise the limit on open files (ulimit -n) and start again"
     return "give another path, or mend that one"

@@ -264,6 +264,28 @@ def test_a_glob_in_the_run_directory_matches_its_corpus_files(tmp_path, monkeypa
         resolve_corpus([tmp_path / "**" / "c.txt"], exclude=[tmp_path / "new"])
 
 
+def test_too_many_open_files_says_to_raise_the_limit(tmp_path):
+    """More corpus files than the process may hold open (ulimit -n 22 and 40 files): the advice was to give
+    another path or mend that one, which no path could."""
+    for index in range(40):
+        write(tmp_path / "many" / f"f{index:02d}.txt", make_text(300 + 10 * index, seed=index))
+    code = (
+        "import resource, sys\n"
+        "from htcli.corpus import ByteCorpus\n"
+        "from htcli.errors import HtcliError\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (16, 16))\n"
+        "try:\n"
+        "    with ByteCorpus.open([sys.argv[1]]) as corpus:\n"
+        "        [corpus.read(start, 1) for start in range(0, len(corpus), 100)]\n"
+        "except HtcliError as error:\n"
+        "    print(error)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code, tmp_path / "many"], capture_output=True, text=True)
+    assert done.stdout.strip().endswith(
+        "Too many open files: raise the limit on open files (ulimit -n) and start again"
+    ), done.stdout + done.stderr
+
+
 def test_a_corpus_given_as_one_string_is_refused(tmp_path):
     """ByteCorpus.open("/data/a.txt"): the string's characters were taken as paths, "/" first (the whole
     file system walked)."""
