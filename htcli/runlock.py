@@ -39,9 +39,15 @@ class RunLock:
         if self._file is not None:
             return self
         check_not_special(self.path)  # (opening a FIFO waits for a reader for ever)
-        try:
-            file = open(self.path, "a")
+        try:  # (not through a link: a dangling one made its target, outside the run directory)
+            file = os.fdopen(
+                os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o666), "a"
+            )
         except OSError as error:
+            if self.path.is_symlink():
+                raise HtcliError(
+                    f"{self.path} (the run's lock) is a link: remove it (htcli makes its own)"
+                ) from None
             what = (
                 f"{self.path} (the run's lock)"
                 if self.path.exists()

@@ -648,7 +648,9 @@ class Run:
 
     def advice(self, number: int | None) -> str:
         """What to do after a write failed with this errno: free space where it ran out, then go on."""
-        mend = "free some space" if number in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else "mend that"
+        mend = "free some space" if number in (errno.ENOSPC, errno.EDQUOT) else "mend that"
+        if number == errno.EFBIG:  # (a limit on file sizes: ulimit -f, a quota's)
+            mend = "raise the limit on file sizes (ulimit -f)"
         return f"{mend}, then {'start the run again' if self.saved_step is None else 'resume'}"
 
     def _rank_state(self) -> dict:

@@ -476,6 +476,10 @@ def test_the_htcli_command_starts_where_signals_are_answered():
             "100 bytes, shorter than a training window plus a "
             "validation window: with --seq-len 64 it must be at least 130 bytes",
         ),
+        (
+            lambda p: file_with(p / "one.txt", b"x"),
+            "the corpus is 1 byte, shorter than a training window",  # (was "1 bytes")
+        ),
         (lambda p: (p / "dir").mkdir() or p / "dir", "has no files"),
         (lambda p: p / "*.nothing", "no files match"),
     ],
@@ -696,6 +700,17 @@ def test_a_new_run_into_a_directory_of_other_files_is_refused(corpus, tmp_path, 
     for name in ("model.safetensors", "optimizer.safetensors", "state.json"):
         (never_saved / name).unlink()
     assert invoke("train", corpus, "--out", never_saved, *TINY_FLAGS, "--steps", 1).exit_code == 0
+
+
+def test_a_lock_file_that_is_a_link_is_refused(corpus, tmp_path):
+    """A run directory whose .lock is a link (dangling: the run made the link's target, outside the run
+    directory, and locked that): refused, nothing made."""
+    out, target = tmp_path / "run", tmp_path / "elsewhere" / "made"
+    out.mkdir()
+    (out / ".lock").symlink_to(target)
+    result = invoke("train", corpus, "--out", out, *TINY_FLAGS, "--steps", 1)
+    assert_user_error(result, f"{out / '.lock'} (the run's lock) is a link: remove it (htcli makes its own)")
+    assert not target.parent.exists() and os.listdir(out) == [".lock"]
 
 
 def test_a_cache_of_corpus_bytes_inside_the_run_directory_is_taken(corpus, tmp_path, monkeypatch):

@@ -415,7 +415,7 @@ def test_full_disk_while_logging(corpus, tmp_path):
     assert process.returncode == 1 and "Traceback" not in process.stderr, process.stderr
     assert process.stderr.strip().splitlines()[-1] == (
         f"error: cannot write {out / 'log.jsonl'}: File too large; stopped (the checkpoint of step 2 is"
-        " intact): free some space, then resume"
+        " intact): raise the limit on file sizes (ulimit -f), then resume"  # (it said to free some space)
     )
     after = snapshot(out)
     assert all(
