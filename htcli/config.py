@@ -288,6 +288,7 @@ def config_from_options(
             " start): drop seed",
             fields=("seed",),
         )
+    _check_saved_paths_exist(saved, given, out)
     base = preset if preset is not None else saved.pop("model")
     try:
         return TrainConfig.from_dict({**saved, **given, "out": out, "model": model_config(base, **model)})
@@ -299,6 +300,21 @@ def config_from_options(
         raise HtcliError(
             f"{Path(out) / CONFIG_FILE}: {error}: fix it in that file, or give another value as an option"
         ) from None
+
+
+def _check_saved_paths_exist(saved: dict, given: dict, out: str) -> None:
+    """A resumed run's own corpus or val files (from its config.json, not given again) that are gone now
+    (moved, renamed): said so, with how to give them again (a missing corpus said only that it was)."""
+    for name in ("corpus", "val"):
+        gone = [spec for spec in saved.get(name) or [] if not any(c in spec for c in "*?[")]
+        gone = [spec for spec in gone if not Path(spec).expanduser().exists()]
+        if gone and name not in given:
+            again = "the corpus again" if name == "corpus" else "val again"  # (the corpus: no option's)
+            raise HtcliError(
+                f"the run's {name} {gone[0]} (from {Path(out) / CONFIG_FILE}) is not there any more: if it "
+                f"was moved, give {again} where it is now, and the resume reads it there",
+                fields=() if name == "corpus" else ("val",),
+            )
 
 
 def saved_config(out: Path) -> dict:

@@ -702,6 +702,20 @@ def test_a_new_run_into_a_directory_of_other_files_is_refused(corpus, tmp_path, 
     assert invoke("train", corpus, "--out", never_saved, *TINY_FLAGS, "--steps", 1).exit_code == 0
 
 
+def test_a_resume_whose_corpus_was_moved_says_to_give_it_again(corpus, tmp_path):
+    """The run's corpus moved since it saved: the resume said only "corpus X does not exist: give a file, a
+    directory or a glob pattern"; it says where the path came from and that giving it again resumes."""
+    out = tmp_path / "run"
+    assert invoke("train", corpus, "--out", out, *TINY_FLAGS, "--steps", 1).exit_code == 0
+    moved = corpus.rename(tmp_path / "moved.txt")
+    said = (
+        f"the run's corpus {corpus} (from {out / 'config.json'}) is not there any more: if it was moved, "
+        "give the corpus again where it is now, and the resume reads it there"
+    )
+    assert_user_error(invoke("train", "--out", out, "--resume", "--steps", 2), said)
+    assert invoke("train", moved, "--out", out, "--resume", "--steps", 2).exit_code == 0
+
+
 def test_a_lock_file_that_is_a_link_is_refused(corpus, tmp_path):
     """A run directory whose .lock is a link (dangling: the run made the link's target, outside the run
     directory, and locked that): refused, nothing made."""
