@@ -306,7 +306,10 @@ def _check_saved_paths_exist(saved: dict, given: dict, out: str) -> None:
     """A resumed run's own corpus or val files (from its config.json, not given again) that are gone now
     (moved, renamed): said so, with how to give them again (a missing corpus said only that it was)."""
     for name in ("corpus", "val"):
-        gone = [spec for spec in saved.get(name) or [] if not any(c in spec for c in "*?[")]
+        specs = saved.get(name) or []
+        if not (isinstance(specs, list) and all(isinstance(spec, str) for spec in specs)):
+            continue  # (TrainConfig says what is wrong with it)
+        gone = [spec for spec in specs if not any(c in spec for c in "*?[")]
         gone = [spec for spec in gone if not Path(spec).expanduser().exists()]
         if gone and name not in given:
             again = "the corpus again" if name == "corpus" else "val again"  # (the corpus: no option's)
