@@ -52,6 +52,8 @@ from htcli.model import HTransformer1D, HTransformerConfig
 
 TOKENIZER = "bytes"
 NUM_TOKENS = 256  # a byte-level model's vocabulary
+# what to do where a run's optimizer state cannot be read (its weights still serve sample and eval)
+NO_OPTIMIZER = "restore it from a copy of the run to resume, or start a new run in another out"
 
 
 @dataclass
@@ -195,15 +197,17 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], groups: str, file: Pa
     state: dict[int, dict] = {}
     try:
         for key, value in tensors.items():
-            prefix, index, name = key.split(".", 2)
-            if prefix != "state":
-                raise ValueError(key)
+            prefix, index, name = (key.split(".", 2) + ["", ""])[:3]
+            if prefix != "state" or not index.isdigit() or not name:
+                raise ValueError(f"a tensor named {key!r}")
             state.setdefault(int(index), {})[name] = value
         param_groups = json.loads(groups)
         if not isinstance(param_groups, list) or not all(isinstance(g, dict) for g in param_groups):
             raise ValueError("param_groups")
     except ValueError as error:
-        raise HtcliError(f"{file} is not an htcli optimizer state (malformed: {error})") from None
+        raise HtcliError(
+            f"{file} is not an htcli optimizer state (malformed: {error}): {NO_OPTIMIZER}", fields=("out",)
+        ) from None
     return {"state": state, "param_groups": param_groups}
 
 
@@ -376,7 +380,7 @@ def load_training_state(
     metadata = _read_metadata(optimizer_file, optimizer_file)
     groups = metadata.get("param_groups")
     if groups is None:
-        raise HtcliError(f"{optimizer_file} is not an htcli optimizer state")
+        raise HtcliError(f"{optimizer_file} is not an htcli optimizer state: {NO_OPTIMIZER}", fields=("out",))
     if metadata.get("step") != str(info.step):
         raise HtcliError(
             f"{out} holds files of different steps ({info.step} and {metadata.get('step')}): cannot resume"

@@ -373,8 +373,10 @@ def test_malformed_optimizer_keys_are_refused(two_runs):
     run, _ = two_runs
     replace_optimizer_tensors(run, {"weights.x": torch.zeros(2)})
     before = snapshot(run)
-    assert_user_error(
-        invoke("train", "--out", run, "--resume", "--steps", 8), "is not an htcli optimizer state"
+    assert_user_error(  # (with what to do: it said nothing)
+        invoke("train", "--out", run, "--resume", "--steps", 8),
+        "is not an htcli optimizer state (malformed: a tensor named 'weights.x'): restore it from a copy of "
+        "the run to resume, or start a new run in another --out",
     )
     assert snapshot(run) == before
 
