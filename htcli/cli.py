@@ -785,9 +785,8 @@ def _print_samples(
             for sample, token in zip(samples, step):
                 sample.extend([] if token is None else [token])
             show(stream.feed(b"" if step[0] is None else bytes([step[0]])))
-    except (
-        BaseException
-    ) as error:  # (Ctrl-C, out of memory: the line streamed so far ends, so the error has its own)
+    # (Ctrl-C, out of memory: the line streamed so far ends, so the error has its own)
+    except BaseException as error:
         with contextlib.suppress(OSError, ValueError):
             show(stream.flush() + "\n")
             if isinstance(error, KeyboardInterrupt | Terminated) and any(samples):

@@ -63,9 +63,15 @@ class RunLog:
 
     def __exit__(self, kind, *exc) -> None:
         try:
-            for logger in self.loggers:  # (a logger's last writes fail as its others did: one error says it)
-                with self._writing(logger.what) if kind is None else contextlib.suppress(OSError):
-                    logger.close()
+            failed = None
+            for logger in self.loggers:  # (every one closed; a logger's last writes fail as its others did)
+                try:
+                    with self._writing(logger.what):
+                        logger.close()
+                except LogError as error:
+                    failed = failed or error
+            if failed is not None and kind is None:  # (one error says it: not over another on its way out)
+                raise failed
         finally:
             if self.file is not None:
                 # (closing writes the rest of a line that could not be written: its error is raised only
