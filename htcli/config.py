@@ -280,11 +280,10 @@ def config_from_options(
             "drop optimizer",
             fields=("optimizer",),
         )
-    if has_checkpoint(Path(out)) and given.get("seed", saved.get("seed")) != saved.get(
-        "seed"
-    ):  # (config.json took it)
+    seed = saved.get("seed")
+    if has_checkpoint(Path(out)) and given.get("seed", seed) != seed:  # (config.json took it)
         raise HtcliError(
-            f"a resumed run goes on with the random state of its checkpoint (seed {saved.get('seed')} at its"
+            f"a resumed run goes on with the random state of its checkpoint (seed {seed} at its"
             " start): drop seed",
             fields=("seed",),
         )
