@@ -81,7 +81,10 @@ class ByteCorpus:
                     f" {corpus.skipped_records:,}, as bad",
                     fields=("skip_bad_records",),
                 )
-            raise HtcliError(f"corpus {names} is empty (0 bytes): give files with some content")
+            fix = "give files with some content"
+            if any(Path(file).resolve().parts[1:2] in (("proc",), ("sys",)) for file in files):
+                fix = "the kernel's files (/proc, /sys) say they hold none until read: copy them to a file"
+            raise HtcliError(f"corpus {names} is empty (0 bytes): {fix}")
         return corpus
 
     def __len__(self) -> int:
