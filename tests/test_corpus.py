@@ -289,9 +289,7 @@ def test_too_many_open_files_says_to_raise_the_limit(tmp_path):
 def test_a_kernel_file_as_corpus_says_to_copy_it():
     """/proc's files report 0 bytes until read: "is empty (0 bytes): give files with some content" told a
     user who could see their content nothing useful."""
-    with pytest.raises(
-        HtcliError, match=r"is empty \(0 bytes\): the kernel's files .* copy them to a file"
-    ):
+    with pytest.raises(HtcliError, match=r"is empty \(0 bytes\): the kernel's files .* copy them to a file"):
         ByteCorpus.open(["/proc/self/status"])
 
 
