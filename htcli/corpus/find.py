@@ -67,7 +67,7 @@ def check_hidden_applies(specs: Sequence[str | os.PathLike], include_hidden: boo
 def _searched(spec: str | os.PathLike) -> bool:
     """Whether spec is a directory or a glob pattern (what _files_of walks or matches)."""
     path = Path(spec).expanduser()
-    return path.is_dir() or not path.exists() and _wild(str(spec))
+    return path.is_dir() or not path.exists() and has_wildcard(str(spec))
 
 
 def file_identity(path: str | os.PathLike) -> tuple:
@@ -112,7 +112,7 @@ def _files_of(spec: str | os.PathLike, include_hidden: bool, excluded: list[Path
         if not path.is_file():
             raise HtcliError(f"{spec} is not a regular file: give files, directories or glob patterns")
         return [path]
-    if _wild(str(spec)):
+    if has_wildcard(str(spec)):
         inside = _under_any(_fixed_prefix(path), excluded)  # (it names files of the run directory)
         matches = sorted(_glob(path, include_hidden))
         found = [p for p in matches if not (_written_by_a_run if inside else _under_any)(p, excluded)]
@@ -125,7 +125,7 @@ def _files_of(spec: str | os.PathLike, include_hidden: bool, excluded: list[Path
     raise HtcliError(f"corpus {spec} does not exist: give a file, a directory or a glob pattern")
 
 
-def _wild(text: str) -> bool:
+def has_wildcard(text: str) -> bool:
     """Whether text holds a glob wildcard."""
     return any(c in text for c in GLOB_CHARACTERS)
 
@@ -134,7 +134,7 @@ def _fixed_prefix(pattern: Path) -> Path:
     """The directories of a glob pattern before its first wildcard."""
     parts = []
     for part in pattern.parts:
-        if _wild(part):
+        if has_wildcard(part):
             break
         parts.append(part)
     return Path(*parts) if parts else Path()
@@ -155,7 +155,7 @@ def _glob(pattern: Path, include_hidden: bool) -> Iterable[Path]:
     deepest = None if "**" in wild else len(wild) - 1  # (directories below it cannot match)
 
     def refuse(error: OSError) -> None:  # (a directory that could hold matches: they were left out)
-        if _may_hold_matches(Path(error.filename).relative_to(root).parts, wild, include_hidden):
+        if _matches(Path(error.filename).relative_to(root).parts, wild, include_hidden, below=True):
             _refuse_unreadable(error)
 
     for directory, subdirectories, names in os.walk(root, onerror=refuse):
@@ -180,38 +180,25 @@ def _glob(pattern: Path, include_hidden: bool) -> Iterable[Path]:
                     yield match
 
 
-def _matches(parts: tuple[str, ...], wild: tuple[str, ...], include_hidden: bool) -> bool:
-    """Whether the names parts match the pattern's components wild, one by one (`**`: any number)."""
+def _matches(
+    parts: tuple[str, ...], wild: tuple[str, ...], include_hidden: bool, below: bool = False
+) -> bool:
+    """Whether the names parts match the pattern's components wild, one by one (`**`: any number); below:
+    whether files below the directory named by parts could (parts matches a beginning of wild)."""
     if not wild:
-        return not parts
+        return not parts and not below
+    if not parts and below:
+        return True
     head = wild[0]
     if head == "**":
         return any(
-            _matches(parts[skip:], wild[1:], include_hidden)
+            (below and skip == len(parts)) or _matches(parts[skip:], wild[1:], include_hidden, below)
             for skip in range(len(parts) + 1)
             if include_hidden or not any(part.startswith(".") for part in parts[:skip])
         )
     if not parts or (parts[0].startswith(".") and not head.startswith(".") and not include_hidden):
         return False
-    return fnmatch.fnmatchcase(parts[0], head) and _matches(parts[1:], wild[1:], include_hidden)
-
-
-def _may_hold_matches(parts: tuple[str, ...], wild: tuple[str, ...], include_hidden: bool) -> bool:
-    """Whether files below the directory named by parts could match the pattern's components wild."""
-    if not parts:
-        return bool(wild)
-    if not wild:
-        return False
-    head = wild[0]
-    if head == "**":
-        return any(
-            skip == len(parts) or _may_hold_matches(parts[skip:], wild[1:], include_hidden)
-            for skip in range(len(parts) + 1)
-            if include_hidden or not any(part.startswith(".") for part in parts[:skip])
-        )
-    if parts[0].startswith(".") and not head.startswith(".") and not include_hidden:
-        return False
-    return fnmatch.fnmatchcase(parts[0], head) and _may_hold_matches(parts[1:], wild[1:], include_hidden)
+    return fnmatch.fnmatchcase(parts[0], head) and _matches(parts[1:], wild[1:], include_hidden, below)
 
 
 def _refuse_unreadable(error: OSError) -> None:
