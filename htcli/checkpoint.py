@@ -197,9 +197,10 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], groups: str, file: Pa
     state: dict[int, dict] = {}
     try:
         for key, value in tensors.items():
-            prefix, index, name = (key.split(".", 2) + ["", ""])[:3]
-            if prefix != "state" or not index.isdigit() or not name:
+            parts = key.split(".", 2)
+            if len(parts) != 3 or parts[0] != "state" or not parts[1].isdigit() or not parts[2]:
                 raise ValueError(f"a tensor named {key!r}")
+            _, index, name = parts
             state.setdefault(int(index), {})[name] = value
         param_groups = json.loads(groups)
         if not isinstance(param_groups, list) or not all(isinstance(g, dict) for g in param_groups):

@@ -304,12 +304,13 @@ def config_from_options(
 def _check_saved_paths_exist(saved: dict, given: dict, out: str) -> None:
     """A resumed run's own corpus or val files (from its config.json, not given again) that are gone now
     (moved, renamed): said so, with how to give them again (a missing corpus said only that it was)."""
+    from htcli.corpus import has_wildcard
+
     for name in ("corpus", "val"):
         specs = saved.get(name) or []
         if not (isinstance(specs, list) and all(isinstance(spec, str) for spec in specs)):
             continue  # (TrainConfig says what is wrong with it)
-        gone = [spec for spec in specs if not any(c in spec for c in "*?[")]
-        gone = [spec for spec in gone if not Path(spec).expanduser().exists()]
+        gone = [spec for spec in specs if not has_wildcard(spec) and not Path(spec).expanduser().exists()]
         if gone and name not in given:
             again = "the corpus again" if name == "corpus" else "val again"  # (the corpus: no option's)
             raise HtcliError(

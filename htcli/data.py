@@ -10,6 +10,7 @@ import math
 import torch
 
 from htcli.corpus import ByteCorpus, ByteSpan
+from htcli.display import byte_count
 from htcli.errors import HtcliError
 
 
@@ -22,8 +23,8 @@ def split(
         for name, part in (("training corpus", corpus), ("validation corpus (val)", val)):
             if len(part) < window:
                 raise HtcliError(
-                    f"the {name} is {_bytes(len(part))}, shorter than one window: with max_seq_len {seq_len} "
-                    f"it must be at least {window:,} bytes; add data or lower max_seq_len",
+                    f"the {name} is {byte_count(len(part))}, shorter than one window: with max_seq_len "
+                    f"{seq_len} it must be at least {window:,} bytes; add data or lower max_seq_len",
                     fields=("max_seq_len", "val"),
                 )
         return corpus.span(), val.span()
@@ -41,7 +42,7 @@ def split(
         while need - max(math.ceil(need * val_fraction), window) < window:
             need += 1
         raise HtcliError(
-            f"the corpus is {_bytes(total)}, shorter than a training window plus a validation window: "
+            f"the corpus is {byte_count(total)}, shorter than a training window plus a validation window: "
             f"with max_seq_len {seq_len} it must be at least {need:,} bytes; add data, pass val or lower "
             "max_seq_len",
             fields=("max_seq_len", "val"),
@@ -85,7 +86,3 @@ def evenly_spaced(num_bytes: int, window: int, count: int) -> list[int]:
     if count > last:  # every start (asked for more than there are)
         return list(range(last + 1))
     return sorted({round(i * last / (count - 1)) for i in range(count)})
-
-
-def _bytes(count: int) -> str:
-    return f"{count:,} byte{'' if count == 1 else 's'}"

@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 from htcli.device import resolve_device
 from htcli.errors import HtcliError
+from htcli.stop import to_devnull
 
 LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")  # any of these: we were started by a launcher
 ADDRESS_VARIABLES = ("MASTER_ADDR", "MASTER_PORT")  # where rank 0 waits for the others
@@ -116,8 +117,7 @@ def _native_stderr_held() -> Iterator[None]:
     sys.stderr.flush()
     saved = os.dup(2)
     try:
-        with open(os.devnull, "wb") as devnull:
-            os.dup2(devnull.fileno(), 2)
+        to_devnull([2])
         yield
     finally:
         os.dup2(saved, 2)

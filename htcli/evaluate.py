@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from htcli.corpus import ByteSpan
 from htcli.device import autocast
+from htcli.display import byte_count
 from htcli.errors import HtcliError
 from htcli.model import HTransformer1D
 
@@ -165,8 +166,9 @@ def _check_inputs(model: HTransformer1D, corpus: ByteSpan, stride: int, batch_si
             f"{type(corpus).__name__}"
         )
     if len(corpus) < 2:
-        size = f"{len(corpus)} byte" + ("" if len(corpus) == 1 else "s")
-        raise HtcliError(f"the corpus is {size} long: it must be at least 2 bytes long to be scored")
+        raise HtcliError(
+            f"the corpus is {byte_count(len(corpus))} long: it must be at least 2 bytes long to be scored"
+        )
 
 
 def _buckets(nats: torch.Tensor, counts: torch.Tensor) -> list[dict]:

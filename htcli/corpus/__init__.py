@@ -3,7 +3,13 @@ JSONL, Parquet), the cache where compressed and record files are made into bytes
 the whole read as one byte string (reader.py)."""
 
 from htcli.corpus.cache import cache_dir
-from htcli.corpus.find import check_corpus_given, check_hidden_applies, file_identity, resolve_corpus
+from htcli.corpus.find import (
+    check_corpus_given,
+    check_hidden_applies,
+    file_identity,
+    has_wildcard,
+    resolve_corpus,
+)
 from htcli.corpus.formats import RECORD_SEPARATOR, RecordOptions, check_records_apply
 from htcli.corpus.reader import ByteCorpus, ByteSpan
 
@@ -17,5 +23,6 @@ __all__ = [
     "check_hidden_applies",
     "check_records_apply",
     "file_identity",
+    "has_wildcard",
     "resolve_corpus",
 ]
