@@ -48,6 +48,10 @@ class RunLock:
                 raise HtcliError(
                     f"{self.path} (the run's lock) is a link: remove it (htcli makes its own)"
                 ) from None
+            if self.path.is_dir():
+                raise HtcliError(
+                    f"{self.path} (the run's lock) is a directory: remove it (htcli makes its lock a file)"
+                ) from None
             what = (
                 f"{self.path} (the run's lock)"
                 if self.path.exists()

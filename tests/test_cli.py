@@ -482,6 +482,8 @@ def test_the_htcli_command_starts_where_signals_are_answered():
         ),
         (lambda p: (p / "dir").mkdir() or p / "dir", "has no files"),
         (lambda p: p / "*.nothing", "no files match"),
+        (lambda p: (p / "loop").symlink_to(p / "loop") or p / "loop", "is a link that leads to no file"),
+        (lambda p: (p / "dangling").symlink_to(p / "gone") or p / "dangling", "(its target is missing, or"),
     ],
 )
 def test_bad_corpus(run_copy, tmp_path, make_corpus, message):
@@ -725,6 +727,17 @@ def test_a_lock_file_that_is_a_link_is_refused(corpus, tmp_path):
     result = invoke("train", corpus, "--out", out, *TINY_FLAGS, "--steps", 1)
     assert_user_error(result, f"{out / '.lock'} (the run's lock) is a link: remove it (htcli makes its own)")
     assert not target.parent.exists() and os.listdir(out) == [".lock"]
+
+
+def test_a_lock_file_that_is_a_directory_is_refused(corpus, tmp_path):
+    """A run directory whose .lock is a directory: what to do, not the bare "Is a directory"."""
+    (tmp_path / "run" / ".lock").mkdir(parents=True)
+    result = invoke("train", corpus, "--out", tmp_path / "run", *TINY_FLAGS, "--steps", 1)
+    lock = tmp_path / "run" / ".lock"
+    assert_user_error(
+        result, f"{lock} (the run's lock) is a directory: remove it (htcli makes its lock a file)"
+    )
+    assert os.listdir(tmp_path / "run") == [".lock"]
 
 
 def test_a_cache_of_corpus_bytes_inside_the_run_directory_is_taken(corpus, tmp_path, monkeypatch):

@@ -122,6 +122,11 @@ def _files_of(spec: str | os.PathLike, include_hidden: bool, excluded: list[Path
                 f"no files match {spec}{aside}: check the pattern (quote it so the shell leaves it)"
             )
         return found
+    if path.is_symlink():  # (exists() follows it: to nothing, or round in a loop)
+        raise HtcliError(
+            f"corpus {spec} is a link that leads to no file (its target is missing, or links loop): "
+            "give the file it should point at"
+        )
     raise HtcliError(f"corpus {spec} does not exist: give a file, a directory or a glob pattern")
 
 
