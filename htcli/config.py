@@ -106,7 +106,7 @@ class TrainConfig:
         check_corpus_given(self.corpus)
         if not isinstance(self.out, str) or not self.out.strip():
             raise HtcliError(f"out must name the run directory, got {self.out!r}", fields=("out",))
-        check_utf8_path(self.out)
+        check_utf8_path(self.out, run_directory=True)
         for name in ("compile", "split_global_batch", "skip_bad_records", "include_hidden"):
             if not isinstance(getattr(self, name), bool):
                 raise HtcliError(f"{name} must be true or false, got {getattr(self, name)!r}", fields=(name,))

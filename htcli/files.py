@@ -211,14 +211,17 @@ def printable(path: str | os.PathLike) -> str:
     return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
-def check_utf8_path(path: str | os.PathLike) -> None:
+def check_utf8_path(path: str | os.PathLike, *, run_directory: bool = False) -> None:
     """HtcliError if path's name is not UTF-8 (bytes Python holds as surrogates): safetensors, written in
-    Rust, cannot open such a path, so a checkpoint there could be written by nothing and read by nothing."""
+    Rust, cannot open such a path, so a checkpoint there could be written by nothing and read by nothing.
+    run_directory: path is the run directory (out), which the message names as such."""
     try:
         os.fspath(path).encode("utf-8")
     except UnicodeEncodeError:
+        given = "the run directory (out) " if run_directory else ""
         raise HtcliError(
-            f"{printable(path)} is not a UTF-8 name, which safetensors cannot open: use another name"
+            f"{given}{printable(path)} is not a UTF-8 name, which safetensors cannot open: use another name",
+            fields=("out",) if run_directory else (),
         ) from None
 
 

@@ -525,7 +525,8 @@ def test_a_run_whose_name_is_not_utf8(trained, tmp_path):
     odd = os.fsdecode(bytes(tmp_path) + b"/run\xfe")
     shown = os.fsencode(odd).decode("utf-8", "backslashreplace")
     refused = " is not a UTF-8 name, which safetensors cannot open: use another name"
-    assert_user_error(invoke("train", corpus, *TINY_FLAGS, "--out", odd), shown + refused)
+    given = invoke("train", corpus, *TINY_FLAGS, "--out", odd)
+    assert_user_error(given, "the run directory (--out) " + shown + refused)
     assert not os.path.exists(odd)
     shutil.copytree(out, odd)
     assert_user_error(invoke("sample", odd, "--device", "cpu"), f"{shown}/model.safetensors{refused}")
