@@ -29,9 +29,11 @@ def free_port() -> int:
 
 
 def environment(**variables) -> dict:
-    """This environment without launcher variables, one thread per process, and `variables`."""
+    """This environment without launcher variables, one thread per process, and `variables`. Python's
+    fault handler on: a rank that aborts (gloo's rare teardown abort, "terminate called without an active
+    exception") prints every thread's Python stack, for the failure's message."""
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH}
-    return {**env, "OMP_NUM_THREADS": "1", "HTCLI_DIST_TIMEOUT": "60", **variables}
+    return {**env, "OMP_NUM_THREADS": "1", "HTCLI_DIST_TIMEOUT": "60", "PYTHONFAULTHANDLER": "1", **variables}
 
 
 def torchrun(*args) -> subprocess.CompletedProcess:
