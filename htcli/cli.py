@@ -663,7 +663,7 @@ def sample(
     checkpoint: Checkpoint,
     prompt: Annotated[str | None, typer.Option(help="Text to continue (default: a newline).")] = None,
     prompt_file: Annotated[
-        Path | None, typer.Option(parser=_path, help="Continue this file's bytes instead.")
+        Path | None, typer.Option(parser=_path, help="Continue this file's bytes instead (-: stdin).")
     ] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Bytes to generate per sample.")] = 500,
     temperature: Annotated[

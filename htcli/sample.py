@@ -11,6 +11,7 @@ import codecs
 import math
 import os
 import stat
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,9 @@ from htcli.decode_steps import DecodeSteps
 from htcli.device import autocast
 from htcli.errors import HtcliError
 from htcli.model import HTransformer1D
+
+STDIN = "-"  # (as --prompt-file: standard input)
+STDIN_CHUNK = 1 << 20
 
 
 @dataclass
@@ -251,7 +255,10 @@ def _decode(model, prompt: bytes, configs: list[SamplingConfig], dtype, cache: b
 
 def read_prompt(path: Path, context: int) -> bytes:
     """The last `context` bytes of a regular file (all a model of that context sees of a prompt): only
-    those are read. Anything but a regular file (a FIFO, /dev/zero) is refused, so nothing hangs."""
+    those are read. Anything but a regular file (a FIFO, /dev/zero) is refused, so nothing hangs. The
+    path - is standard input, read to its end (its last `context` bytes kept)."""
+    if os.fspath(path) == STDIN:
+        return _read_stdin(context)
     try:
         with open(path, "rb", opener=_opener_without_blocking) as file:
             facts = os.fstat(file.fileno())
@@ -265,6 +272,20 @@ def read_prompt(path: Path, context: int) -> bytes:
         raise HtcliError(f"prompt file {path} is a directory: give a file of text") from None
     except OSError as error:
         raise HtcliError(f"cannot read prompt file {path}: {error.strerror or error}") from None
+
+
+def _read_stdin(context: int) -> bytes:
+    """The last `context` bytes of standard input, read to its end a chunk at a time."""
+    if sys.stdin is None:  # (a process started without one)
+        raise HtcliError("the prompt file - is standard input, and this process has none: give a file")
+    tail = bytearray()
+    try:
+        while chunk := sys.stdin.buffer.read(STDIN_CHUNK):
+            tail += chunk
+            del tail[:-context]
+    except OSError as error:
+        raise HtcliError(f"cannot read the prompt from standard input: {error.strerror or error}") from None
+    return bytes(tail)
 
 
 def _opener_without_blocking(path: str, flags: int) -> int:

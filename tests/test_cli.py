@@ -6,6 +6,7 @@ import itertools
 import json
 import os
 import pty
+import shlex
 import shutil
 import signal
 import subprocess
@@ -168,6 +169,48 @@ def test_sample_from_a_file_and_several_samples(trained, tmp_path):
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
     assert len(lines) == 2 and lines[0] == lines[1] and lines[0].startswith("of the ")
+
+
+def test_a_prompt_from_standard_input(trained, tmp_path):
+    """--prompt-file - reads standard input to its end (3 MB here: chunks, the last context's worth kept)
+    and continues it as the same bytes in a file; without a standard input, or as a corpus, one line."""
+    run, _ = trained
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_bytes(make_text(3_000_000))
+    command = [
+        sys.executable,
+        "-m",
+        "htcli",
+        "sample",
+        str(run),
+        "--max-new-tokens",
+        "8",
+        "--temperature",
+        "0",
+    ]
+    command += ["--device", "cpu", "--prompt-file"]
+    done = [
+        subprocess.run([*command, str(path)], input=prompt.read_bytes(), capture_output=True, timeout=60)
+        for path in ("-", prompt)
+    ]
+    assert done[0].returncode == 0 and done[0].stdout == done[1].stdout, done[0].stderr
+    closed = subprocess.run(
+        [*command, "-"], stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60
+    )
+    assert (
+        closed.returncode == 1
+        and closed.stderr == "error: the prompt is empty: generation needs at least one byte to continue\n"
+    )
+    none = subprocess.run(
+        shlex.join(command) + " - <&-", shell=True, capture_output=True, text=True, timeout=60
+    )
+    assert none.returncode == 1, none.stderr
+    assert (
+        none.stderr == "error: the prompt file - is standard input, and this process has none: give a file\n"
+    )
+    assert_user_error(
+        invoke("eval", run, "-"), "a corpus is read from files, not from standard input (-): save"
+    )
 
 
 def test_each_of_several_samples_prints_as_its_seed_alone(trained, tmp_path):

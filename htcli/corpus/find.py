@@ -122,6 +122,10 @@ def _files_of(spec: str | os.PathLike, include_hidden: bool, excluded: list[Path
                 f"no files match {spec}{aside}: check the pattern (quote it so the shell leaves it)"
             )
         return found
+    if os.fspath(spec) == "-":
+        raise HtcliError(
+            "a corpus is read from files, not from standard input (-): save it to a file and give that"
+        )
     if path.is_symlink():  # (exists() follows it: to nothing, or round in a loop)
         raise HtcliError(
             f"corpus {spec} is a link that leads to no file (its target is missing, or links loop): "
