@@ -163,7 +163,7 @@ def _user_errors(*, start: bool = True, saves: bool = False, smaller: str = "mod
             yield
     except HtcliError as error:
         message = respell(str(error), error.fields)
-        err_console.print(f"[red]error:[/] {escape(message)}", soft_wrap=True)
+        _print_error(message)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         err_console.print(f"[yellow]interrupted: {kept}", soft_wrap=True)
@@ -212,7 +212,15 @@ def _report_os_error(error: OSError, said_too: str = "", *, output: bool = False
     if output or _output_error(error):
         with contextlib.suppress(OSError, ValueError):  # (a stream without a file descriptor: left as it is)
             to_devnull([sys.stdout.fileno()])
-    err_console.print(f"[red]error:[/] {escape(_os_error(error))}{said_too}", soft_wrap=True)
+    _print_error(_os_error(error) + said_too)
+
+
+def _print_error(message: str) -> None:
+    """The one red line of an error on stderr; bytes of a name that are not UTF-8 (Python holds them as
+    surrogates) shown as \\xe9, as plot and the checkpoint's checks show them (they came out as \\udce9)."""
+    from htcli.files import printable
+
+    err_console.print(f"[red]error:[/] {escape(printable(message))}", soft_wrap=True)
 
 
 def _end_output(code: int) -> None:
@@ -243,7 +251,7 @@ def run(args: list[str] | None = None) -> None:
         context = getattr(error, "ctx", None)
         help_command = f"{context.command_path if context else _command_path(args)} --help"
         message = " ".join(error.format_message().split())
-        err_console.print(f"[red]error:[/] {escape(message)} (see {help_command})", soft_wrap=True)
+        _print_error(f"{message} (see {help_command})")
         sys.exit(error.exit_code)
     except typer.Abort:
         err_console.print("[yellow]aborted", soft_wrap=True)
@@ -889,6 +897,7 @@ def eval_(
         from htcli.device import dtype_name, resolve_device, resolve_dtype
         from htcli.display import by_position_table, eval_table, progress_bar
         from htcli.evaluate import check_options, evaluate
+        from htcli.files import printable
 
         if plot_path is not None and not by_position:
             raise HtcliError("--plot draws the by-position curve: add --by-position")
@@ -910,7 +919,7 @@ def eval_(
                     by_position=by_position, on_progress=advance,
                 )  # fmt: skip
         report = {
-            "checkpoint": str(info.name), "step": info.step, "corpus": data.files,
+            "checkpoint": str(info.name), "step": info.step, "corpus": [printable(f) for f in data.files],
             "skipped_records": data.skipped_records, **result.to_dict(),
             "bytes_per_s": result.bytes_scored / result.seconds if result.seconds else None,
             "device": str(torch_device), "dtype": dtype_name(torch_dtype),

@@ -206,9 +206,12 @@ def write_json(path: str | os.PathLike, data: object) -> None:
 
 
 def printable(path: str | os.PathLike) -> str:
-    """path as text that can be printed or drawn: bytes of its name that are not UTF-8 (which Python
-    holds as surrogates) escaped, \xfe."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
+    """path (or a message naming paths) as text that can be printed or drawn: bytes of its name that are
+    not UTF-8 (which Python holds as surrogates) escaped, \xfe (any other lone surrogate as its code)."""
+    try:
+        return os.fsencode(path).decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # (a surrogate that no byte stands for: not from a file name)
+        return os.fspath(path).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def check_utf8_path(path: str | os.PathLike, *, run_directory: bool = False) -> None:

@@ -308,6 +308,29 @@ def test_eval_json_matches_the_library(trained, tmp_path):
     assert "bits per byte" in table.stdout and f"{expected.bits_per_byte:.4f}" in table.stdout
 
 
+def test_eval_json_of_a_corpus_whose_name_is_not_utf8(trained, tmp_path):
+    """A corpus file whose name is not UTF-8: --json names it with the byte escaped as text (\\xe9), as
+    messages do; it wrote a lone surrogate escape (\\udce9), which strict JSON readers refuse."""
+    run, _ = trained
+    corpus = os.fsdecode(bytes(tmp_path) + b"/held\xe9.txt")
+    with open(corpus, "wb") as file:
+        file.write(make_text(500, seed=9))
+    result = invoke("eval", run, corpus, "--json", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert "\\ud" not in result.stdout
+    assert json.loads(result.stdout)["corpus"] == [f"{tmp_path}/held\\xe9.txt"]
+
+
+def test_errors_show_bytes_of_names_that_are_not_utf8_as_plot_does(trained, tmp_path):
+    """A missing corpus or prompt file whose name is not UTF-8: the byte as \\xe9 (it was \\udce9, where
+    plot and the checkpoint's checks wrote \\xe9)."""
+    run, _ = trained
+    missing = os.fsdecode(bytes(tmp_path) + b"/no\xe9.txt")
+    shown = f"{tmp_path}/no\\xe9.txt"
+    assert_user_error(invoke("eval", run, missing), f"corpus {shown} does not exist")
+    assert_user_error(invoke("sample", run, "--prompt-file", missing), f"prompt file {shown} does not exist")
+
+
 def test_ctrl_c_saves_and_exits_zero(corpus, tmp_path):
     """A real SIGINT mid-run saves a checkpoint of the last finished step and exits 0."""
     out = tmp_path / "run"
