@@ -17,7 +17,6 @@ import base64
 import contextlib
 import json
 import os
-import re
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -26,7 +25,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from htcli import __version__
+from htcli import __version__, is_newer
 from htcli.attention import check_device
 from htcli.checkpoint_checks import check_finite, check_state, check_weights_header
 from htcli.device import usable_device
@@ -261,7 +260,7 @@ def read_checkpoint_info(path: str | os.PathLike) -> CheckpointInfo:
         step = int(step)
     except (ValueError, TypeError) as error:
         version = metadata.get("htcli_version", "?")
-        if _newer(version):  # (a field or value this version does not know)
+        if is_newer(version):  # (a field or value this version does not know)
             raise HtcliError(
                 f"{file} was written by htcli {version}, newer than this htcli {__version__}, and this one"
                 f" cannot read it ({error}): upgrade htcli (pip install -U htcli)"
@@ -286,14 +285,6 @@ def _number_or_null(text: str, name: str) -> float | int | None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, float | int)):
         raise ValueError(f"{name} {text!r} is not a number")
     return value
-
-
-def _newer(version: str) -> bool:
-    """Whether version (as a checkpoint's metadata holds it: "0.2.1", "?") names a release after this
-    htcli's."""
-    found = re.match(r"\d{1,9}(\.\d{1,9}){0,3}(?![\d.])", version)
-    ours = [int(number) for number in re.match(r"\d+(\.\d+)*", __version__).group().split(".")]
-    return found is not None and [int(number) for number in found.group().split(".")] > ours
 
 
 def _load_tensors(file: Path) -> dict[str, torch.Tensor]:

@@ -1145,8 +1145,9 @@ def plot(
         str, typer.Option("--x", help="Against: step, bytes (trained on) or time (of training).")
     ] = "step",
 ) -> None:
-    """Validation bits per byte and training loss of runs on one figure, from their log.jsonl (finished,
-    running or crashed); a table of where each run is goes to stdout."""
+    """Validation bits per byte and training loss of runs (finished, running or crashed) on one figure.
+
+    From each run's log.jsonl; a table of where each run is goes to stdout."""
     with _user_errors():
         from htcli.curves import X_AXES, read_curves, run_names
         from htcli.device import check_choice

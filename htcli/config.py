@@ -36,7 +36,7 @@ DEFAULT_LR = {"muon": 6e-3, "adamw": 3e-3}  # the best of each on README's recip
 NON_NEGATIVE = ("warmup", "eval_every", "save_every", "sample_every", "sample_length")
 
 
-def _finite(value: int | float) -> bool:
+def finite(value: int | float) -> bool:
     """Whether value is a finite float (an integer too large for one is not)."""
     try:
         return math.isfinite(value)
@@ -90,7 +90,7 @@ class TrainConfig:
             check_choice("optimizer", self.optimizer, OPTIMIZERS)
             self.lr = DEFAULT_LR[self.optimizer]
         if self.min_lr is None and isinstance(self.lr, int | float):
-            self.min_lr = self.lr / 10
+            self.min_lr = derived_min_lr(self.lr)
         self._check_types()
         self._check_values()
 
@@ -112,8 +112,9 @@ class TrainConfig:
                 raise HtcliError(f"{name} must be true or false, got {getattr(self, name)!r}", fields=(name,))
         for name in ("lr", "min_lr", "weight_decay", "clip", "val_fraction", "context_warmup"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not _finite(value):
-                raise HtcliError(f"{name} must be a number, got {value!r}", fields=(name,))
+            if isinstance(value, bool) or not isinstance(value, int | float) or not finite(value):
+                what = "a finite number" if isinstance(value, float) else "a number"
+                raise HtcliError(f"{name} must be {what}, got {value!r}", fields=(name,))
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < MAX_SEED:
             raise HtcliError(
                 f"seed must be a whole number from 0 to 2**63 - 1, got {self.seed!r}", fields=("seed",)
@@ -216,9 +217,16 @@ def without_derived(saved: dict, given: dict) -> dict:
     if "optimizer" in given and given["optimizer"] != optimizer and lr is not None and lr == default:
         del saved["lr"]
     changed = (lr is not None and "lr" not in saved) or ("lr" in given and given["lr"] != lr)
-    if changed and "min_lr" not in given and isinstance(lr, int | float) and saved.get("min_lr") == lr / 10:
-        del saved["min_lr"]
+    if changed and "min_lr" not in given and isinstance(lr, int | float):
+        if saved.get("min_lr") in (derived_min_lr(lr), lr / 10):  # (lr / 10 itself: runs before 2026-11-29)
+            del saved["min_lr"]
     return saved
+
+
+def derived_min_lr(lr: float) -> float:
+    """min_lr where it is not given: lr / 10, to 15 digits (0.0003 for 0.003, not 0.00030000000000000003, in
+    config.json and --print-config)."""
+    return float(f"{lr / 10:.15g}")
 
 
 def _preset_sizes(saved: dict) -> list[str]:
@@ -271,9 +279,27 @@ def config_from_options(
     if resume == "auto":  # (as train decides it: a run killed before its first save is begun anew)
         resume = (Path(out) / CONFIG_FILE).exists() and has_checkpoint(Path(out))
     if not resume:
-        base_model = model_config(preset or DEFAULT_PRESET, **model)
+        base_model = model_config(DEFAULT_PRESET if preset is None else preset, **model)
         return TrainConfig(**{"corpus": [], **given, "out": out, "model": base_model})
     saved = without_derived(saved_config(Path(out)), given)
+    _check_kept_on_resume(saved, given, out)
+    if preset is not None:
+        _check_preset_of_run(preset, model, saved["model"], out)
+    base = preset if preset is not None else saved.pop("model")
+    try:
+        return TrainConfig.from_dict({**saved, **given, "out": out, "model": model_config(base, **model)})
+    except HtcliError as error:
+        chosen = {"out", *given, *model, *(("preset", *model_fields) if preset is not None else ())}
+        if not error.fields or set(error.fields) & chosen:
+            raise
+        # (no option given names it: the value is the run's own; the CLI would have blamed a flag)
+        raise HtcliError(
+            f"{Path(out) / CONFIG_FILE}: {error}: fix it in that file, or give another value as an option"
+        ) from None
+
+
+def _check_kept_on_resume(saved: dict, given: dict, out: str) -> None:
+    """Options a resume cannot change (the optimizer, the seed) or paths of the run that are gone, said."""
     if given.get("optimizer", saved["optimizer"]) != saved["optimizer"]:
         raise HtcliError(
             f"cannot resume a run trained with {saved['optimizer']} with optimizer {given['optimizer']}: "
@@ -288,17 +314,28 @@ def config_from_options(
             fields=("seed",),
         )
     _check_saved_paths_exist(saved, given, out)
-    base = preset if preset is not None else saved.pop("model")
+
+
+def _check_preset_of_run(preset: str, model: dict, saved_model: dict, out: str) -> None:
+    """A preset given to a resume is the run's own model (the model options given aside): said so where it
+    is not, naming the preset (the resume's check of the checkpoint named the sizes, as options never
+    given)."""
+    from htcli.model import complete
+
+    asked = model_config(preset, **model).to_dict()
     try:
-        return TrainConfig.from_dict({**saved, **given, "out": out, "model": model_config(base, **model)})
-    except HtcliError as error:
-        chosen = {"out", *given, *model, *(("preset", *model_fields) if preset is not None else ())}
-        if not error.fields or set(error.fields) & chosen:
-            raise
-        # (no option given names it: the value is the run's own; the CLI would have blamed a flag)
+        theirs = complete(saved_model)
+    except ValueError:
+        return  # (a foreign config.json: TrainConfig says what is wrong with it)
+    changed = [name for name in asked if name not in model and name in theirs and asked[name] != theirs[name]]
+    if changed:
+        shown = ", ".join(f"{name} {asked[name]} (the run's: {theirs[name]})" for name in changed[:4])
+        more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
         raise HtcliError(
-            f"{Path(out) / CONFIG_FILE}: {error}: fix it in that file, or give another value as an option"
-        ) from None
+            f"cannot resume {out} with preset {preset}: it gives {shown}{more}; drop preset (a resume keeps"
+            " the run's model)",
+            fields=("preset",),
+        )
 
 
 def _check_saved_paths_exist(saved: dict, given: dict, out: str) -> None:

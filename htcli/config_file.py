@@ -10,6 +10,7 @@ without the dashes, `seq-len`) or as its config field (`max_seq_len`, as config.
 
 from __future__ import annotations
 
+import datetime
 import difflib
 import json
 import os
@@ -20,8 +21,10 @@ from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
 
-from htcli.config import TrainConfig
+from htcli import __version__, is_newer
+from htcli.config import TrainConfig, finite
 from htcli.errors import HtcliError
+from htcli.files import CONFIG_FILE, LOG_FILE, STATE_FILE
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -31,7 +34,7 @@ else:  # pragma: no cover - Python 3.10
 # the value each field takes, from its annotation; "model" is its fields, flattened
 KINDS = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
 NOT_IN_FILES = ("resume", "config", "print_config")  # actions of one command, not settings of a run
-IGNORED = ("htcli_version",)  # written into config.json, not an option
+VERSION_KEY = "htcli_version"  # written into a run's config.json, not an option
 
 
 def option_fields() -> dict[str, str]:
@@ -48,20 +51,29 @@ def read_options(path: Path, spell: Callable[[str], str]) -> dict[str, object]:
     """The options in a TOML or JSON file as {field: value}; spell(field) is how a caller writes the
     field (a key may be spelled that way or as the field). HtcliError, naming the key, for a key that
     is not an option or a value of the wrong type."""
+    from htcli.model import HTransformerConfig
+
     data = _load(path)
+    version = _run_version(path, data.pop(VERSION_KEY, None))
     known = option_fields()
     spellings = {spell(name): name for name in known} | {name: name for name in known}
     model = data.pop("model", {})
     if not isinstance(model, dict):
-        raise HtcliError(f"{path}: model must be a table of model options, got {model!r}")
+        raise HtcliError(f"{path}: model must be a table of model options, got {_shown(model)}")
+    model_fields = {f.name for f in fields(HTransformerConfig)}
     options, keys = {}, {}
     given = [(key, key, value) for key, value in data.items()]
     for key, where, value in given + [(key, f"model.{key}", value) for key, value in model.items()]:
-        if key in IGNORED:
-            continue
         name = spellings.get(key)
         if name is None:
-            raise HtcliError(f"{path}: {_unknown(key, spellings)}")
+            newer = version and is_newer(version)
+            newer = f"; htcli {version} wrote this file: upgrade htcli" if newer else ""
+            raise HtcliError(f"{path}: {_unknown(key, spellings)}{newer}")
+        if where != key and name not in model_fields:  # (a model table of train options: misplaced)
+            raise HtcliError(
+                f"{path}: {where} is not a model option ({key} is one of htcli train's): move it out of the "
+                "model table"
+            )
         checked = _checked(path, key, value, known[name])
         if name in options and options[name] != checked:  # (seq-len and max_seq_len, say)
             raise HtcliError(
@@ -69,7 +81,7 @@ def read_options(path: Path, spell: Callable[[str], str]) -> dict[str, object]:
                 f"{checked!r}: keep one"
             )
         options[name], keys[name] = checked, where
-    if "htcli_version" in data:  # a run's config.json: its model as that run built it
+    if version is not None:  # a run's config.json: its model as that run built it
         from htcli.model import FIRST_RECIPE
 
         for name, value in FIRST_RECIPE.items():  # (fields added since: as such a model was built)
@@ -110,7 +122,27 @@ def _read_bytes(path: Path, limit: int) -> bytes:
         return bytes(raw)
 
 
+def _run_version(path: Path, version: object) -> str | None:
+    """The htcli version a run's config.json records (None: none, a file written by hand); HtcliError for
+    the key in a TOML file, where it would change the model's recipe without a word, or of another type."""
+    if version is None:
+        return None
+    if path.suffix.lower() != ".json":
+        raise HtcliError(
+            f"{path}: {VERSION_KEY} is what a run's {CONFIG_FILE} records, not an option: remove it"
+        )
+    if not isinstance(version, str):
+        example = f'a version such as "{__version__}"'
+        raise HtcliError(f"{path}: {VERSION_KEY} must be {example}, got {_shown(version)}")
+    return version
+
+
 def _load(path: Path) -> dict:
+    if path.name in (STATE_FILE, LOG_FILE) and (path.parent / CONFIG_FILE).is_file():
+        what = "state" if path.name == STATE_FILE else "log"
+        raise HtcliError(
+            f"config file {path} is a run's {what}, not its options: give {path.parent / CONFIG_FILE}"
+        )
     try:
         if stat.S_ISCHR(path.stat().st_mode) or stat.S_ISBLK(path.stat().st_mode):  # (/dev/zero never ends)
             raise HtcliError(f"config file {path} is a device: give a .toml file or a run's config.json")
@@ -123,15 +155,18 @@ def _load(path: Path) -> dict:
         raise HtcliError(f"config file {path} is a directory: give a .toml or config.json file") from None
     except OSError as error:
         raise HtcliError(f"cannot read config file {path}: {error.strerror or error}") from None
-    try:
-        # (a NUL: binary, such as a safetensors header's length, which is valid UTF-8)
-        text = raw.decode("utf-8") if b"\x00" not in raw else None
-    except UnicodeDecodeError:
-        text = None
-    if text is None:
+    if b"\x00" in raw:  # (binary, such as a safetensors header's length, which is valid UTF-8)
         raise HtcliError(
             f"config file {path} is not text (a checkpoint?): give a .toml file or a run's config.json"
         )
+    try:
+        text = raw.decode("utf-8-sig")  # (a byte-order mark, as some Windows editors write, is skipped)
+    except UnicodeDecodeError as error:
+        line = raw[: error.start].count(b"\n") + 1
+        raise HtcliError(
+            f"config file {path} is not UTF-8 text (byte 0x{raw[error.start]:02x} on line {line}): save it "
+            "as UTF-8"
+        ) from None
     try:
         if path.suffix.lower() == ".json":
             data = json.loads(text, object_pairs_hook=_unique_keys)
@@ -147,6 +182,13 @@ def _load(path: Path) -> dict:
     if not isinstance(data, dict):
         raise HtcliError(f"config file {path} must hold a table of options, got {type(data).__name__}")
     return data
+
+
+def _shown(value: object) -> str:
+    """value as a message shows it: as Python writes it, a TOML date or time as TOML does."""
+    if isinstance(value, datetime.date | datetime.time):
+        return f"{value.isoformat()} (a date or time)"
+    return repr(value)
 
 
 class _TwiceGiven(ValueError):
@@ -183,7 +225,7 @@ def _checked(path: Path, key: str, value: object, annotation: str) -> object:
         if isinstance(value, list) and all(isinstance(item, str) for item in value):
             return value
         what = "a name or a list of names" if key in ("logger", "loggers") else "a path or a list of paths"
-        raise HtcliError(f"{path}: {key} must be {what}, got {value!r}")
+        raise HtcliError(f"{path}: {key} must be {what}, got {_shown(value)}")
     if value is None and "None" in annotation:
         return None
     fits = {
@@ -193,13 +235,13 @@ def _checked(path: Path, key: str, value: object, annotation: str) -> object:
         "str": isinstance(value, str),
     }[kind]
     if not fits:
-        raise HtcliError(f"{path}: {key} must be {KINDS[kind]}, got {value!r}")
+        raise HtcliError(f"{path}: {key} must be {KINDS[kind]}, got {_shown(value)}")
     if kind != "float":
         return value
-    try:
-        return float(value)
-    except OverflowError:
-        raise HtcliError(f"{path}: {key} is too large a number, got {str(value)[:20]}...") from None
+    if not finite(value):  # (TOML's nan and inf, 1e400; an integer beyond a float's range)
+        shown = str(value) if isinstance(value, float) else f"{str(value)[:20]}..."
+        raise HtcliError(f"{path}: {key} must be a finite number, got {shown}")
+    return float(value)
 
 
 def write_toml(config: TrainConfig, spell: Callable[[str], str]) -> str:

@@ -58,6 +58,16 @@ def test_help_does_not_import_torch():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_the_command_list_gives_each_command_one_sentence():
+    """`htcli --help` lists each command by its docstring's first paragraph, line breaks kept: that paragraph
+    is one line of source, so that rich wraps it to the terminal (plot's broke after "(finished,")."""
+    from htcli.cli import app
+
+    for command in app.registered_commands:
+        first = command.callback.__doc__.split("\n\n")[0]
+        assert "\n" not in first, (command.callback.__name__, first)
+
+
 def test_help_gives_every_presets_model_defaults():
     """The model switches' defaults that train --help states are each preset's model config's."""
     from htcli.cli import MODEL_DEFAULTS
@@ -1305,3 +1315,45 @@ def test_eval_refuses_record_options_for_plain_text(run_copy, tmp_path, monkeypa
     result = invoke("eval", run, corpus, "--include-hidden", "--device", "cpu")  # (ignored too)
     assert_user_error(result, "--include-hidden reads the hidden files of directories and glob patterns")
     assert invoke("eval", run, corpus.parent, "--include-hidden", "--device", "cpu").exit_code == 0
+
+
+def test_config_files_in_other_encodings_or_of_a_run_that_are_not_its_config(trained, tmp_path):
+    """A byte-order mark (some Windows editors write one) is skipped; another encoding's byte is named, not
+    taken for a checkpoint; a run's state.json or log.jsonl names the run's config.json (they were read as
+    options: "world_size is not an option (did you mean block_size?)"); a config.json of a newer htcli
+    says to upgrade; a run's own version of another type is refused."""
+    run, corpus = trained
+    for name, content in [("bom.toml", "steps = 5\n"), ("bom.json", '{"steps": 5}')]:
+        (tmp_path / name).write_bytes(b"\xef\xbb\xbf" + content.encode())
+        config = tmp_path / name
+        printed = invoke("train", corpus, "--config", config, "--out", tmp_path / "r", "--print-config")
+        assert printed.exit_code == 0 and "steps = 5" in printed.stdout, printed.output
+    latin = file_with(tmp_path / "latin.toml", b"steps = 5\n# caf\xe9\n")
+    said = f"config file {latin} is not UTF-8 text (byte 0xe9 on line 2): save it as UTF-8"
+    assert_user_error(invoke("train", corpus, "--config", latin, "--out", tmp_path / "r"), said)
+    for name, what in [("state.json", "state"), ("log.jsonl", "log")]:
+        said = f"config file {run / name} is a run's {what}, not its options: give {run / 'config.json'}"
+        assert_user_error(invoke("train", corpus, "--config", run / name, "--out", tmp_path / "r"), said)
+    saved = json.loads((run / "config.json").read_text())
+    newer = tmp_path / "newer.json"
+    newer.write_text(json.dumps({**saved, "htcli_version": "9.0", "new": 1}))
+    said = f"{newer}: new is not an option of htcli train; htcli 9.0 wrote this file: upgrade htcli"
+    assert_user_error(invoke("train", "--config", newer, "--out", tmp_path / "r"), said)
+    odd = file_with(tmp_path / "odd.json", json.dumps({**saved, "htcli_version": 5}).encode())
+    said = f'{odd}: htcli_version must be a version such as "0.1.0", got 5'
+    assert_user_error(invoke("train", "--config", odd, "--out", tmp_path / "r"), said)
+
+
+def test_a_preset_given_to_a_resume_is_named_where_it_differs_from_the_run(run_copy, tmp_path):
+    """A preset that is not the run's model is refused naming the preset (the sizes were named as options
+    never given: "--dim 64 in the checkpoint, 256 asked"); from a config file, as the file's; nothing of the
+    run changes."""
+    run, _ = run_copy
+    before = snapshot(run)
+    said = f"cannot resume {run} with --preset small: it gives dim 256 (the run's: 32)"
+    assert_user_error(invoke("train", "--resume", "--out", run, "--preset", "small", "--steps", 9), said)
+    assert_user_error(invoke("train", "--resume", "--out", run, "--preset", "small"), "drop --preset")
+    path = file_with(tmp_path / "p.toml", b'preset = "small"\n')
+    said = f"{path}: cannot resume {run} with preset small: it gives dim 256"
+    assert_user_error(invoke("train", "--resume", "--out", run, "--config", path, "--steps", 9), said)
+    assert snapshot(run) == before

@@ -129,7 +129,11 @@ def test_flags_override_the_file_and_the_file_overrides_defaults(corpus, tmp_pat
             "seq-len = 64\nblock-size = 12",
             "exp.toml: impossible model options: seq-len (64) must be a multiple of",
         ),
-        ("lr = 1" + "0" * 400, "exp.toml: lr is too large a number"),  # (was an OverflowError traceback)
+        # (was an OverflowError traceback)
+        ("lr = 1" + "0" * 400, "exp.toml: lr must be a finite number, got 1000000000000000000"),
+        ("lr = nan", "exp.toml: lr must be a finite number, got nan"),  # (was "must be a number")
+        ("min-lr = inf", "exp.toml: min-lr must be a finite number, got inf"),
+        ("steps = 1979-05-27", "exp.toml: steps must be an integer, got 1979-05-27 (a date or time)"),
         (  # (the last of the two was taken without a word)
             "seq-len = 64\n[model]\nmax_seq_len = 128",
             "exp.toml: seq-len and model.max_seq_len are the same option, given 64 and 128: keep one",
@@ -149,6 +153,34 @@ def test_bad_config_files_are_one_line_errors_naming_the_key(corpus, tmp_path, c
     path = tmp_path / "exp.toml"
     path.write_text(content + "\n")
     assert_user_error(invoke("train", corpus, "--config", path, "--out", tmp_path / "r"), message)
+
+
+def test_a_derived_min_lr_is_written_as_its_value():
+    """min_lr of lr / 10 to 15 digits: config.json and --print-config read 0.0003 (was
+    0.00030000000000000003), and a resume still takes an older run's lr / 10 for derived."""
+    from htcli.config import TrainConfig, without_derived
+
+    assert TrainConfig(corpus=["c"], optimizer="adamw").min_lr == 0.0003
+    assert TrainConfig(corpus=["c"], lr=0.006).min_lr == 0.0006
+    older = {"optimizer": "adamw", "lr": 0.003, "min_lr": 0.003 / 10}
+    assert "min_lr" not in without_derived(older, {"lr": 0.001})
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        # (the first recipe's model without a word, as for a run's config.json)
+        ("htcli_version = 5", "exp.toml: htcli_version is what a run's config.json records, not an option"),
+        ('preset = ""', "exp.toml: unknown preset '': use one of tiny, small, base"),  # (was small's)
+        ("[model]\nsteps = 5", "exp.toml: model.steps is not a model option (steps is one of htcli train's)"),
+    ],
+)
+def test_config_files_that_were_taken_without_a_word(corpus, tmp_path, content, message):
+    """Keys that changed the config without a word (printed here: the run would train)."""
+    path = tmp_path / "exp.toml"
+    path.write_text(content + "\n")
+    printed = invoke("train", corpus, "--config", path, "--out", tmp_path / "r", "--print-config")
+    assert_user_error(printed, message)
 
 
 def test_a_json_key_given_twice_is_an_error(corpus, tmp_path):
@@ -263,7 +295,7 @@ def test_values_derived_from_a_changed_option_are_derived_again(corpus, tmp_path
     text = resolved("--config", run / "config.json", "--out", tmp_path / "other", "--optimizer", "adamw")
     assert 'optimizer = "adamw"' in text and "lr = 0.003\n" in text
     text = resolved("--resume", "--out", run, "--steps", "4")
-    assert "lr = 0.006\n" in text and "min-lr = 0.0006000000000000001\n" in text  # (unchanged: as saved)
+    assert "lr = 0.006\n" in text and "min-lr = 0.0006\n" in text  # (unchanged: as saved)
     small = tmp_path / "small.toml"  # (no lr, no optimizer: a KeyError traceback once)
     small.write_text("steps = 20\n")
     assert "lr = 0.003\n" in resolved(
