@@ -1,11 +1,12 @@
 """What each part of the default recipe costs a training step, side by side in one process.
 
-    python examples/recipe_parts.py [--rounds 16] [--seq-len 1024] [--only default --only "default, GELU" ...]
+    python examples/recipe_parts.py [--rounds 16] [--seq-len 1024] [--warmup 3]
+        [--only default --only "default, GELU" ...]
 
 The recipe benchmark's model (dim 128, depth 4, 4 heads x 32, block 32, 8 windows a step) in each
 variant below, with its optimizer, stepped in turn on random bytes (forward, backward, clipping, the
-optimizer's step) for --rounds rounds after 3 warm-up steps; prints each variant's median ms per step.
-Turns take the machine's drift in common, which separate runs do not. In fp32 (no autocast): the
+optimizer's step) for --rounds rounds after --warmup (3) untimed steps; prints each variant's median ms
+per step. Turns take the machine's drift in common, which separate runs do not. In fp32 (no autocast): the
 recipe's parts compared in one precision (`htcli train` trains in bf16 on a CPU with AMX).
 """
 
@@ -55,6 +56,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps of each variant first")
     parser.add_argument(
         "--only", action="append", help="a variant to time (repeatable; first is always timed)"
     )
@@ -80,7 +82,7 @@ def main() -> None:
         optimizer.zero_grad(set_to_none=True)
 
     for model, optimizer in runs.values():
-        for _ in range(3):
+        for _ in range(args.warmup):
             step(model, optimizer)
     times = {name: [] for name in runs}
     for _ in range(args.rounds):
