@@ -443,7 +443,10 @@ MinLr = Annotated[
 ]
 WeightDecay = Annotated[
     float | None,
-    _option("Weight decay of the matrices (AdamW's, and Muon's with --optimizer muon)", "weight_decay"),
+    _option(
+        "Weight decay of the matrices and embeddings (AdamW's, and Muon's with --optimizer muon)",
+        "weight_decay",
+    ),
 ]
 Clip = Annotated[float | None, _option("Gradient norm clip, 0 for none", "clip")]
 EvalEvery = Annotated[int | None, _option("Steps between validations, 0: last only", "eval_every")]
