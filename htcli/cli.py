@@ -898,7 +898,7 @@ def eval_(
         from htcli.checkpoint import load_model
         from htcli.corpus import RecordOptions
         from htcli.device import dtype_name, resolve_device, resolve_dtype
-        from htcli.display import by_position_table, eval_table, progress_bar
+        from htcli.display import by_position_table, eval_table, progress_bar, records_left_out
         from htcli.evaluate import check_options, evaluate
         from htcli.files import printable
 
@@ -915,7 +915,7 @@ def eval_(
         check_options(model, stride, batch_size)  # before a long corpus is opened
         with _eval_corpus(corpus or [], records, bool(include_hidden)) as data:
             if data.skipped_records:
-                err_console.print(f"[yellow]left out {data.skipped_records:,} bad records of the corpus")
+                err_console.print(f"[yellow]{records_left_out(data.skipped_records)}")
             with progress_bar(err_console, "scoring", len(data) - 1) as advance:
                 result = evaluate(
                     model, data.span(), stride=stride, batch_size=batch_size, dtype=torch_dtype,

@@ -43,6 +43,11 @@ def byte_count(count: int) -> str:
     return f"{count:,} byte{'' if count == 1 else 's'}"
 
 
+def records_left_out(count: int) -> str:
+    """What --skip-bad-records left out of a corpus: 1 -> 'left out 1 bad record of the corpus'."""
+    return f"left out {count:,} bad record{'' if count == 1 else 's'} of the corpus"
+
+
 def corpus_changed(start: dict) -> str:
     """What a resume's start event says of a corpus that changed since the checkpoint (its corpus_was)."""
     train, val = start["corpus_was"]
@@ -135,7 +140,7 @@ class TrainDisplay:
             if event.get("corpus_was"):
                 self.console.print(f"[yellow]{corpus_changed(event)}")
             if event.get("skipped_records"):
-                self.console.print(f"[yellow]left out {event['skipped_records']:,} bad records of the corpus")
+                self.console.print(f"[yellow]{records_left_out(event['skipped_records'])}")
             for warning in (warmup_warning(event.get("warmup", 0), event["steps"]), context_warning(event)):
                 if warning:
                     self.console.print(f"[yellow]warning: {warning}", soft_wrap=True)

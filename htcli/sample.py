@@ -24,6 +24,7 @@ from htcli.device import autocast
 from htcli.errors import HtcliError
 from htcli.model import HTransformer1D
 
+BYTES = 256  # what a byte-level model draws each position from
 STDIN = "-"  # (as --prompt-file: standard input)
 STDIN_CHUNK = 1 << 20
 
@@ -61,10 +62,18 @@ class SamplingConfig:
             raise HtcliError(
                 f"temperature must be >= 0 (0: greedy), got {self.temperature}", fields=("temperature",)
             )
-        if self.top_k is not None and self.top_k < 1:
-            raise HtcliError(f"top_k must be a positive integer, got {self.top_k}", fields=("top_k",))
+        if self.top_k is not None and not 1 <= self.top_k <= BYTES:  # (past 256 it was void, without a word)
+            raise HtcliError(
+                f"top_k must be a positive integer up to {BYTES} (the bytes a sample draws from), got "
+                f"{self.top_k}",
+                fields=("top_k",),
+            )
         if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise HtcliError(f"top_p must be in (0, 1], got {self.top_p}", fields=("top_p",))
+            raise HtcliError(
+                f"top_p must be above 0 and at most 1 (the probability of the top bytes kept), got "
+                f"{self.top_p}",
+                fields=("top_p",),
+            )
 
 
 # a row's uniforms are drawn from its generator this many at a time (one tensor operation per row per

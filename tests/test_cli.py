@@ -995,7 +995,8 @@ def test_bad_sample_options(trained, tmp_path):
     """Conflicting or impossible sampling options are refused."""
     run, _ = trained
     assert_user_error(invoke("sample", run, "--prompt", "a", "--prompt-file", tmp_path), "not both")
-    assert_user_error(invoke("sample", run, "--top-p", "2"), "--top-p must be in (0, 1]")
+    assert_user_error(invoke("sample", run, "--top-p", "2"), "--top-p must be above 0 and at most 1 (the")
+    assert_user_error(invoke("sample", run, "--top-k", "257"), "--top-k must be a positive integer up to 256")
     greedy = invoke("sample", run, "--temperature", 0, "--top-k", 5, "--top-p", 0.5)  # (both were ignored)
     assert_user_error(
         greedy, "--temperature 0 always takes the most likely byte: --top-k and --top-p would be"

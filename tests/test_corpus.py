@@ -384,12 +384,13 @@ def test_bad_record_through_the_cli(tmp_path):
     assert "--skip-bad-records" in result.stderr and not (tmp_path / "run").exists()
     result = invoke("train", path, "--out", tmp_path / "run", "--steps", 1, "--skip-bad-records", *TINY_FLAGS)
     assert result.exit_code == 0, result.output
-    assert "left out 1 bad records" in result.stderr
+    assert "left out 1 bad record of the corpus" in result.stderr  # (was "1 bad records")
     held_out = write(tmp_path / "held.jsonl", jsonl({"text": "the of and"}, {"t": 1}))
     result = invoke("eval", tmp_path / "run", held_out, "--skip-bad-records", "--json", "--device", "cpu")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["skipped_records"] == 1 and report["bytes_scored"] == len(texts("the of and")) - 1
+    assert "left out 1 bad record of the corpus" in result.stderr  # (eval says it too)
 
 
 def test_parquet_records(tmp_path):

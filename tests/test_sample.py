@@ -148,8 +148,10 @@ def test_utf8_stream_never_splits_a_character():
     "options,message",
     [
         (dict(temperature=-1), "temperature must be >= 0"),
-        (dict(top_k=0), "top_k must be a positive integer"),
-        (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
+        (dict(top_k=0), "top_k must be a positive integer up to 256"),
+        (dict(top_k=257), "top_k must be a positive integer up to 256"),  # (was taken, without effect)
+        (dict(top_p=1.5), "top_p must be above 0 and at most 1"),
+        (dict(top_p=0.0), "top_p must be above 0 and at most 1"),
         (dict(max_new_tokens=-1), "max_new_tokens must be >= 0"),
     ],
 )
