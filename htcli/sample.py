@@ -238,6 +238,15 @@ def generate_batch(
         raise HtcliError("the prompt is empty: generation needs at least one byte to continue")
     if any(not s for s in stop):
         raise HtcliError("a stop string is empty: give at least one character", fields=("stop",))
+    most = max((config.max_new_tokens for config in configs), default=0)
+    if longer := next(
+        (s for s in stop if len(s) > most), None
+    ):  # (it cannot occur: void, as was said of none)
+        raise HtcliError(
+            f"a stop string of {len(longer):,} byte{'' if len(longer) == 1 else 's'} cannot occur in"
+            f" max_new_tokens ({most:,}) bytes: raise max_new_tokens, or shorten or drop that stop",
+            fields=("stop", "max_new_tokens"),
+        )
     return _decode(model, prompt, configs, dtype, cache, stop)
 
 

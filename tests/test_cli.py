@@ -1012,6 +1012,10 @@ def test_bad_sample_options(trained, tmp_path):
     assert_user_error(invoke("sample", run, "--prompt", ""), "--prompt is empty: give at least one character")
     (tmp_path / "empty.txt").write_bytes(b"")
     assert_user_error(invoke("sample", run, "--prompt-file", tmp_path / "empty.txt"), "the prompt is empty")
+    # a stop string longer than the sample can be (it was taken, void, without a word)
+    void = invoke("sample", run, "--max-new-tokens", 3, "--stop", "abcd", "--stop", "a", "--device", "cpu")
+    said = "a --stop string of 4 bytes cannot occur in --max-new-tokens (3) bytes: raise --max-new-tokens, or"
+    assert_user_error(void, said)
     for count in (0, 4097, 10**10):  # (ten billion was taken, and memory grew until the machine ran out)
         assert_user_error(invoke("sample", run, "--num-samples", count), "--num-samples must be 1 to 4,096")
     too_far = invoke("sample", run, "--seed", 2**63 - 1, "--num-samples", 2)
