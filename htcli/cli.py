@@ -714,7 +714,7 @@ def sample(
     with _user_errors(smaller="--num-samples or model"):
         from htcli.checkpoint import load_model
         from htcli.device import resolve_device, resolve_dtype
-        from htcli.sample import SamplingConfig, generate_batch, read_prompt
+        from htcli.sample import SamplingConfig, generate_batch
 
         _check_sample_options(prompt, prompt_file, num_samples, seed)
         _check_greedy(temperature, top_k, top_p, num_samples, bool(echo) and json_output)
@@ -724,12 +724,29 @@ def sample(
         torch_device = resolve_device(device)
         model, _ = load_model(checkpoint, torch_device)
         context = model.config.max_seq_len
-        prompt_bytes = read_prompt(prompt_file, context) if prompt_file else os.fsencode(prompt or "\n")
+        prompt_bytes = _prompt_bytes(prompt, prompt_file, context)
         stops = [os.fsencode(s) for s in stop or []]  # (fsencode: arguments not UTF-8 byte for byte)
         precision = resolve_dtype(dtype, torch_device)
         steps = generate_batch(model, prompt_bytes, configs, dtype=precision, cache=cache, stop=stops)
         echo = echo is not False and not json_output
         _print_samples(steps, prompt_bytes, configs, echo=echo, json_output=json_output, stops=stops)
+
+
+def _prompt_bytes(prompt: str | None, prompt_file: Path | None, context: int) -> bytes:
+    """The prompt: a file's last context bytes (all the model sees, and what is echoed), or --prompt's
+    bytes, echoed whole: one longer than the context gets a note that the model sees only its end."""
+    from htcli.sample import read_prompt
+
+    if prompt_file:
+        return read_prompt(prompt_file, context)
+    given = os.fsencode(prompt or "\n")  # (fsencode: arguments not UTF-8 byte for byte)
+    if len(given) > context:
+        err_console.print(
+            f"[dim]note: the prompt is {len(given):,} bytes; the model continues from its last {context:,}"
+            " (its context)",
+            soft_wrap=True,
+        )
+    return given
 
 
 def _check_greedy(

@@ -181,6 +181,18 @@ def test_sample_from_a_file_and_several_samples(trained, tmp_path):
     assert len(lines) == 2 and lines[0] == lines[1] and lines[0].startswith("of the ")
 
 
+def test_a_prompt_longer_than_the_context_is_said_to_be(trained, tmp_path):
+    """--prompt is echoed whole; one longer than the model's context (64 bytes here) gets a note on stderr
+    that the model continues from its end (it said nothing); the continuation is that of the end alone."""
+    run, _ = trained
+    text = make_text(300).decode()
+    args = ["sample", run, "--max-new-tokens", 6, "--temperature", 0, "--device", "cpu"]
+    long, end = invoke(*args, "--prompt", text), invoke(*args, "--prompt", text[-64:])
+    assert long.exit_code == 0 and long.stdout.startswith(text), long.output
+    assert "note: the prompt is 300 bytes; the model continues from its last 64 (its context)" in long.stderr
+    assert "note:" not in end.stderr and long.stdout[len(text) :] == end.stdout[64:]
+
+
 def test_a_prompt_from_standard_input(trained, tmp_path):
     """--prompt-file - reads standard input to its end (3 MB here: chunks, the last context's worth kept)
     and continues it as the same bytes in a file; without a standard input, or as a corpus, one line."""
