@@ -66,9 +66,10 @@ def read_options(path: Path, spell: Callable[[str], str]) -> dict[str, object]:
     for key, where, value in given + [(key, f"model.{key}", value) for key, value in model.items()]:
         name = spellings.get(key)
         if name is None:
-            newer = version and is_newer(version)
-            newer = f"; htcli {version} wrote this file: upgrade htcli" if newer else ""
-            raise HtcliError(f"{path}: {_unknown(key, spellings)}{newer}")
+            upgrade = f"; htcli {version} wrote this file: upgrade htcli"
+            raise HtcliError(
+                f"{path}: {_unknown(key, spellings)}{upgrade if version and is_newer(version) else ''}"
+            )
         if where != key and name not in model_fields:  # (a model table of train options: misplaced)
             raise HtcliError(
                 f"{path}: {where} is not a model option ({key} is one of htcli train's): move it out of the "

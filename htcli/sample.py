@@ -21,6 +21,7 @@ import torch
 from htcli.config import MAX_SEED
 from htcli.decode_steps import DecodeSteps
 from htcli.device import autocast
+from htcli.display import byte_count
 from htcli.errors import HtcliError
 from htcli.model import HTransformer1D
 
@@ -239,12 +240,11 @@ def generate_batch(
     if any(not s for s in stop):
         raise HtcliError("a stop string is empty: give at least one character", fields=("stop",))
     most = max((config.max_new_tokens for config in configs), default=0)
-    if longer := next(
-        (s for s in stop if len(s) > most), None
-    ):  # (it cannot occur: void, as was said of none)
+    longer = next((s for s in stop if len(s) > most), None)  # (it cannot occur: void, taken without a word)
+    if longer is not None:
         raise HtcliError(
-            f"a stop string of {len(longer):,} byte{'' if len(longer) == 1 else 's'} cannot occur in"
-            f" max_new_tokens ({most:,}) bytes: raise max_new_tokens, or shorten or drop that stop",
+            f"a stop string of {byte_count(len(longer))} cannot occur in max_new_tokens ({most:,}) bytes:"
+            " raise max_new_tokens, or shorten or drop that stop",
             fields=("stop", "max_new_tokens"),
         )
     return _decode(model, prompt, configs, dtype, cache, stop)
