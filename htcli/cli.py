@@ -1089,7 +1089,7 @@ def _given_options(ctx: typer.Context, names: Iterable[str]) -> str:
 def _int_list(values: list[str]) -> list[int]:
     """--seq-len 8192 --seq-len 16384, or --seq-len 8192,16384."""
     try:
-        return [int(part) for value in values for part in value.split(",") if part.strip()]
+        return [int(part) for value in values for part in value.split(",")]  # (an empty item: a typo)
     except ValueError:
         raise HtcliError(f"--seq-len takes whole numbers, e.g. 8192,32768; got {' '.join(values)}") from None
 

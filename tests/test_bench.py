@@ -216,9 +216,11 @@ def test_bench_cli_bad_impl():
     assert "Traceback" not in result.output
 
 
-def test_bench_cli_bad_seq_len():
-    """A malformed --seq-len is one clear error line, exit 1."""
-    result = CliRunner().invoke(app, ["bench", "--seq-len", "8k"])
+@pytest.mark.parametrize("given", [["8k"], ["100,,"], ["100,", "200"], [","]])
+def test_bench_cli_bad_seq_len(given):
+    """A malformed --seq-len (an empty item of a comma list included: a typo, not "no length") is one
+    clear error line, exit 1."""
+    result = CliRunner().invoke(app, ["bench", *[a for value in given for a in ("--seq-len", value)]])
     assert result.exit_code == 1
     assert "--seq-len takes whole numbers" in result.output
     assert "Traceback" not in result.output
