@@ -17,6 +17,7 @@ from htcli.errors import HtcliError
 from htcli.model import HTransformer1D, HTransformerConfig
 
 STATE_KEYS = {"step": int, "world_size": int, "ranks": list, "grad_scaler": dict}
+KIND_NAMES = {int: "a whole number", list: "a list", dict: "an object", str: "a string"}  # (as JSON has them)
 RANK_KEYS = {"torch_rng": str, "sampler": str}
 # per parameter: AdamW's step count and moments, Muon's momentum
 OPTIMIZER_STATE_NAMES = ("step", "exp_avg", "exp_avg_sq", "momentum_buffer")
@@ -81,7 +82,7 @@ def check_state(state: object, file: Path, step: int) -> dict:
     for key, kind in STATE_KEYS.items():
         if not isinstance(state.get(key), kind) or isinstance(state.get(key), bool):
             raise HtcliError(
-                f"{file} is not an htcli training state ({key!r} missing or not a {kind.__name__})"
+                f"{file} is not an htcli training state ({key!r} missing or not {KIND_NAMES[kind]})"
             )
     if state["step"] != step:
         raise HtcliError(

@@ -313,6 +313,14 @@ def _check_kept_on_resume(saved: dict, given: dict, out: str) -> None:
             " start): drop seed",
             fields=("seed",),
         )
+    fraction, asked = saved.get("val_fraction"), given.get("val_fraction")
+    valid = isinstance(asked, float | int) and 0 < asked < 1  # (TrainConfig says what is wrong with others)
+    if valid and asked != fraction and not (saved.get("val") or given.get("val")):
+        raise HtcliError(
+            f"a resumed run keeps its held-out split (val_fraction {fraction}): another fraction would score"
+            " bytes it trained on, or train on bytes it scored; drop val_fraction",
+            fields=("val_fraction",),
+        )
     _check_saved_paths_exist(saved, given, out)
 
 

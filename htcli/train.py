@@ -285,7 +285,7 @@ class Run:
         self.optimizer = make_optimizer(self.model, config, self.products)
         self.sampler = rank_sampler(len(self.train_data), self.window, config, self.rank, self.world_size)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
-        self.step, self.val_bpb, self.saved_step = 0, None, None
+        self.step, self.val_bpb, self.saved_step, self.resumed_at = 0, None, None, None
         self.step_seconds = 0.0  # this invocation's time in train_step
         self.made: Path | None = None  # the first folder of out that claim_directory made
         self.corpus_was = None  # [train, val] bytes at the checkpoint, where a resume finds others
@@ -378,6 +378,7 @@ class Run:
             group.update(own, params=params)
         check_optimizer_state(self.optimizer, info.step, not state["grad_scaler"], optimizer_file)
         self.step, self.val_bpb, self.saved_step = info.step, state.get("val_bpb"), info.step
+        self.resumed_at = info.step
         now, then = [len(self.train_data), len(self.val_data)], state.get("corpus_bytes")
         known = isinstance(then, list) and len(then) == 2 and all(type(n) is int for n in then)
         moved = state.get("corpus_layout", self._corpus_layout()) != self._corpus_layout()
@@ -498,10 +499,14 @@ class Run:
         if self.saved_step is not None:  # (0 too: a stop before the first step saves step 0)
             kept = f"the checkpoint of step {self.saved_step} in {self.where_now()} is intact"
         fp32 = "" if self.dtype == torch.float32 else " or use dtype fp32"  # (not where it is already)
+        again = ""
+        if self.step == self.resumed_at:  # (a checkpoint's weights can be ruined and still finite)
+            again = "; if it diverges at once again, the checkpoint itself is past saving"
+            again += ": start anew in another out"
         raise HtcliError(
             f"training diverged at step {self.step + 1} (loss {loss}, gradient norm {grad_norm}); "
-            f"stopped without saving ({kept}): lower lr (now {self.config.lr:g}){fp32}",
-            fields=("lr", "dtype"),
+            f"stopped without saving ({kept}): lower lr (now {self.config.lr:g}){fp32}{again}",
+            fields=("lr", "dtype", "out"),
         )
 
     def after_step(self, log: RunLog, stop: StopRequest | None = None) -> None:

@@ -612,6 +612,8 @@ def test_unreadable_corpus(run_copy, tmp_path, monkeypatch):
         (["--steps", "6"], "already at step 6 of --steps 6"),
         # (config.json took the new seed, which changed nothing else: a rerun from it would not reproduce)
         (["--seed", "5"], "a resumed run goes on with the random state of its checkpoint (--seed 0 at its"),
+        # (was taken, saying only "not exactly": part of what it trained on was then scored as held out)
+        (["--val-fraction", "0.2"], "a resumed run keeps its held-out split (--val-fraction 0.01)"),
     ],
 )
 def test_impossible_options(run_copy, flags, message):

@@ -196,7 +196,8 @@ def test_a_val_bpb_that_is_not_a_number(run, val_bpb):
     "state,message",
     [
         ("[1, 2]", "is not an htcli training state (not a JSON object)"),
-        ('{"step": 2, "val_bpb": 1.0}', "'world_size' missing"),
+        ('{"step": 2, "val_bpb": 1.0}', "'world_size' missing or not a whole number)"),
+        ('{"step": 2, "world_size": 1, "ranks": {}}', "'ranks' missing or not a list)"),
         ('{"step": 2, "world_size": 1, "ranks": [{}], "grad_scaler": {}}', "not one state per process"),
     ],
 )
