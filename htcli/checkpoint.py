@@ -47,7 +47,7 @@ from htcli.files import (
     read_json,
     write_json,
 )
-from htcli.model import HTransformer1D, HTransformerConfig
+from htcli.model import LIMITS, HTransformer1D, HTransformerConfig
 
 TOKENIZER = "bytes"
 NUM_TOKENS = 256  # a byte-level model's vocabulary
@@ -335,8 +335,12 @@ def _read_model_once(path: str | os.PathLike, device, context: int | None) -> tu
 def _with_context(config: HTransformerConfig, context: int | None) -> HTransformerConfig:
     if context is None:
         return config
-    if not (isinstance(context, int) and context > 0):
-        raise HtcliError(f"context must be a positive number of bytes, got {context}", fields=("context",))
+    longest = LIMITS["max_seq_len"]
+    if not (isinstance(context, int) and 0 < context <= longest):  # (before a multiple of the block size)
+        raise HtcliError(
+            f"context must be a positive number of bytes up to {longest:,}, got {context}",
+            fields=("context",),
+        )
     if config.attention == "h" and context % config.block_size:
         raise HtcliError(
             f"context must be a positive multiple of the model's block size ({config.block_size}), "

@@ -930,7 +930,7 @@ def eval_(
         torch_dtype = resolve_dtype(dtype, torch_device)
         model, info = load_model(checkpoint, torch_device, context=context)
         check_options(model, stride, batch_size)  # before a long corpus is opened
-        with _eval_corpus(corpus or [], records, bool(include_hidden)) as data:
+        with _eval_corpus(corpus or [], records, bool(include_hidden), info.path.parent) as data:
             if data.skipped_records:
                 err_console.print(f"[yellow]{records_left_out(data.skipped_records)}")
             with progress_bar(err_console, "scoring", len(data) - 1) as advance:
@@ -944,25 +944,30 @@ def eval_(
             "bytes_per_s": result.bytes_scored / result.seconds if result.seconds else None,
             "device": str(torch_device), "dtype": dtype_name(torch_dtype),
         }  # fmt: skip
-        if plot_path is not None:
-            from htcli.plots import by_position_plot
-
-            by_position_plot({info.path.parent.name or str(info.path): result.by_position}, plot_path)
-            err_console.print(f"plot written to {escape(str(plot_path))}", soft_wrap=True)
         if json_output:
-            print(json.dumps(report, allow_nan=False))
+            print(json.dumps(report, allow_nan=False), flush=True)  # (a full disk said before the plot)
         else:
             console.print(eval_table(report))
             if by_position:
                 console.print(by_position_table(report))
+        if plot_path is not None:  # (after the output: a command that fails leaves no new file)
+            from htcli.plots import by_position_plot
+
+            by_position_plot({info.path.parent.name or str(info.path): result.by_position}, plot_path)
+            err_console.print(f"plot written to {escape(str(plot_path))}", soft_wrap=True)
 
 
-def _eval_corpus(corpus: list[str], records, include_hidden: bool):
+def _eval_corpus(corpus: list[str], records, include_hidden: bool, checkpoint_directory: Path):
     """The corpus that eval scores (a ByteCorpus), its record options checked before any file is unpacked
-    into the cache."""
+    into the cache; never the files of the run evaluated (its weights and log were scored as text)."""
     from htcli.corpus import ByteCorpus, check_hidden_applies, check_records_apply, resolve_corpus
+    from htcli.files import is_run_directory, printable
 
-    files = resolve_corpus(corpus, include_hidden=include_hidden)
+    run = [checkpoint_directory] if is_run_directory(checkpoint_directory) else []
+    files = resolve_corpus(
+        corpus, include_hidden=include_hidden, exclude=run,
+        excluded_as=f"the directory of the run evaluated ({printable(checkpoint_directory)})",
+    )  # fmt: skip
     check_records_apply(files, records)
     check_hidden_applies(corpus, include_hidden)
     return ByteCorpus.open(corpus, records=records, files=files)

@@ -133,7 +133,7 @@ def evaluate(
         nats_per_byte=nats_per_byte,
         bytes_scored=to_score,
         context=length,
-        stride=min(stride, length),  # (one window when the corpus is shorter than the context)
+        stride=length if length < context else stride,  # (one window when the corpus is shorter)
         seconds=time.perf_counter() - started,
         by_position=_buckets(nats, counts) if by_position else None,
     )
@@ -150,7 +150,7 @@ def check_options(model: HTransformer1D, stride: int | None, batch_size: int) ->
         )
     if stride is not None and not 1 <= stride <= context:
         raise HtcliError(
-            f"stride must be between 1 and the model's context ({context}), got {stride}", fields=("stride",)
+            f"stride must be between 1 and the context ({context}), got {stride}", fields=("stride",)
         )
     if not 1 <= batch_size <= 2**53:  # (config.MAX_COUNT, which this module is below)
         raise HtcliError(

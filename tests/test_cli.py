@@ -1254,6 +1254,28 @@ def test_eval_with_another_context(trained, tmp_path):
     short = json.loads(invoke("eval", run, held_out, "--context", 32, "--json", "--device", "cpu").stdout)
     assert short["context"] == 32 and short["stride"] == 16
     assert_user_error(invoke("eval", run, held_out, "--context", 36), "--context must be a positive multiple")
+    # (said "a multiple of the block size" first, and then, given one, that it was too long)
+    assert_user_error(
+        invoke("eval", run, held_out, "--context", 10**11),
+        "--context must be a positive number of bytes up to",
+    )
+    # a corpus shorter than the context is one window: the stride reported is its length (was half the
+    # context)
+    long = json.loads(invoke("eval", run, held_out, "--context", 4096, "--json", "--device", "cpu").stdout)
+    assert long["context"] == long["stride"] == 2999
+    stride = invoke("eval", run, held_out, "--context", 32, "--stride", 40)  # (named "the model's context")
+    assert_user_error(stride, "--stride must be between 1 and the context (32), got 40")
+
+
+def test_eval_refuses_the_files_of_the_run_it_evaluates(trained):
+    """The run evaluated, named as its own corpus, was read as text (its weights and log; a log record
+    without a text field pointed at --skip-bad-records, which then scored them); refused as train refuses
+    its --out."""
+    run, _ = trained
+    said = f"is in the directory of the run evaluated ({run}), which is never corpus: name another"
+    for corpus in (run, run / "log.jsonl", run / "model.safetensors"):
+        assert_user_error(invoke("eval", run, corpus, "--device", "cpu"), f"{corpus} {said}")
+    assert_user_error(invoke("eval", run / "model.safetensors", run, "--skip-bad-records"), said)
 
 
 @pytest.mark.parametrize(

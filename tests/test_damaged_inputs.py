@@ -432,21 +432,26 @@ def htcli_to(stdout, *args) -> subprocess.CompletedProcess:
     return subprocess.run(command, stdout=stdout, stderr=subprocess.PIPE, text=True, timeout=120, env=env)
 
 
-def test_output_that_cannot_be_written_is_one_line(trained):
+def test_output_that_cannot_be_written_is_one_line(trained, tmp_path):
     """stdout to a full disk (a traceback before; then, printed through rich, the same line twice), and
-    closed (an AttributeError): one line, exit 1."""
+    closed (an AttributeError): one line, exit 1; eval's --plot is not written then (it was, before the
+    output failed)."""
     out, corpus = trained
     full_disk = "error: cannot write the output: No space left on device"
     sample = ["sample", out, "--max-new-tokens", "2", "--device", "cpu"]
+    plot = ["--by-position", "--plot", tmp_path / "p.png"]
     with open("/dev/full", "w") as full:
         for args in (
             ["eval", out, corpus, "--json", "--device", "cpu"],
             ["eval", out, corpus],
+            ["eval", out, corpus, "--json", *plot],
+            ["eval", out, corpus, *plot],
             sample,
             ["--help"],
         ):
             done = htcli_to(full, *args)
             assert (done.returncode, done.stderr.strip()) == (1, full_disk), (args, done.stderr)
+    assert not (tmp_path / "p.png").exists()
     done = htcli_to(None, *sample)
     assert (done.returncode, done.stderr.strip()) == (
         1,

@@ -76,11 +76,11 @@ def test_any_stride_equals_direct_computation(model, corpus):
 
 
 def test_a_corpus_shorter_than_the_context_reports_what_was_used(model, corpus):
-    """11 bytes under a 16-byte context: one window of 10 inputs, reported as context 10, and a stride
-    at most that (a stride of 16 was shown as "context / stride 10 / 16")."""
+    """11 bytes under a 16-byte context: one window of 10 inputs, reported as context 10 and stride 10,
+    whatever stride was asked (a stride of 16 was shown as "context / stride 10 / 16", the default as 8)."""
     result = evaluate(model, corpus.span(0, 11), stride=16, dtype=torch.float64)
     assert (result.context, result.stride, result.bytes_scored) == (10, 10, 10)
-    assert evaluate(model, corpus.span(0, 11), dtype=torch.float64).stride == 8
+    assert evaluate(model, corpus.span(0, 11), dtype=torch.float64).stride == 10
 
 
 def test_validation_bpb_is_the_mean_over_full_windows(model, corpus):
@@ -94,7 +94,7 @@ def test_validation_bpb_is_the_mean_over_full_windows(model, corpus):
 
 def test_bad_stride_and_tiny_corpus(model, corpus):
     """A stride outside 1..context and a corpus under 2 bytes are refused."""
-    with pytest.raises(HtcliError, match="stride must be between 1 and the model's context"):
+    with pytest.raises(HtcliError, match=r"stride must be between 1 and the context \(\d+\)"):
         evaluate(model, corpus.span(), stride=17)
     with pytest.raises(HtcliError, match="the corpus is 1 byte long: it must be at least 2 bytes"):
         evaluate(model, corpus.span(0, 1))

@@ -39,14 +39,16 @@ def resolve_corpus(
     *,
     include_hidden: bool = False,
     exclude: Iterable[str | os.PathLike] = (),
+    excluded_as: str | None = None,
 ) -> list[Path]:
-    """Files named by specs, in order: a file, a directory's files below it (sorted), a glob's matches."""
+    """Files named by specs, in order: a file, a directory's files below it (sorted), a glob's matches.
+    excluded_as: what the directories of exclude are, for a message (default: the run directory, out)."""
     check_corpus_given(specs)
     excluded = [Path(path).expanduser().resolve() for path in exclude]
     files: list[Path] = []
     named: dict[tuple, str] = {}  # each file's identity: the spec that named it
     for spec in specs:
-        found = _files_of(spec, include_hidden, excluded)
+        found = _files_of(spec, include_hidden, excluded, excluded_as)
         if len(specs) > 1:  # (one spec names a file once: a walk or a glob lists each path once)
             _name_once(found, str(spec), named)
         files += found
@@ -93,11 +95,14 @@ def _name_once(found: list[Path], spec: str, named: dict[tuple, str]) -> None:
         named[where] = spec
 
 
-def _files_of(spec: str | os.PathLike, include_hidden: bool, excluded: list[Path]) -> list[Path]:
+def _files_of(
+    spec: str | os.PathLike, include_hidden: bool, excluded: list[Path], excluded_as: str | None
+) -> list[Path]:
     path = Path(spec).expanduser()
     if path.is_dir() and _under_any(path, excluded) or _written_by_a_run(path, excluded):
         raise HtcliError(
-            f"{spec} is in the run directory (out), which is never corpus: name another", fields=("out",)
+            f"{spec} is in {excluded_as or 'the run directory (out)'}, which is never corpus: name another",
+            fields=() if excluded_as else ("out",),
         )
     if path.is_dir():
         found = sorted(_walk(path, include_hidden, excluded))
