@@ -1,6 +1,7 @@
 """Where a decode step's time goes: host (Python and dispatch) against device, and operations per step.
 
-    python examples/decode_profile.py [--preset small] [--prompt-len 7680] [--batch 1] [--device cuda]
+    python examples/decode_profile.py [--preset small] [--prompt-len 7680] [--steps 64] [--batch 1]
+        [--device auto]
 
 Random weights, greedy, `--batch` sequences at once, the hierarchical decode cache; prints per step
 (one byte of each sequence) the milliseconds of wall time (and the bytes/s they make), the host time of

@@ -243,6 +243,8 @@ def main(train_corpus: str, held_out: str, out: str, *names: str) -> None:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] in (["-h"], ["--help"]):
+        sys.exit(print(__doc__))
     if len(sys.argv) < 4:
         sys.exit(f"usage: python {__doc__.split('python ')[1].splitlines()[0]}")
     main(*sys.argv[1:])

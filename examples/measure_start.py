@@ -56,6 +56,8 @@ def main(corpus: str, out: str, nofile: int = 1024) -> None:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] in (["-h"], ["--help"]):
+        sys.exit(print(__doc__))
     if len(sys.argv) not in (3, 4) or not all(arg.isdigit() for arg in sys.argv[3:]):
         sys.exit(f"usage: python {__doc__.split('python ')[1].splitlines()[0]}")
     main(sys.argv[1], sys.argv[2], *map(int, sys.argv[3:4]))

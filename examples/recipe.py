@@ -140,6 +140,8 @@ def main(corpus: str, out: str, *names: str) -> None:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] in (["-h"], ["--help"]):
+        sys.exit(print(__doc__))
     if len(sys.argv) < 3:
         sys.exit(f"usage: python {__doc__.split('python ')[1].splitlines()[0]}")
     main(*sys.argv[1:])

@@ -32,6 +32,8 @@ def main(checkpoint: str, prompt: str, corpus: str) -> None:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] in (["-h"], ["--help"]):
+        sys.exit(print(__doc__))
     if len(sys.argv) != 4:
         sys.exit("usage: python examples/sample_and_eval.py CHECKPOINT PROMPT CORPUS")
     main(*sys.argv[1:4])

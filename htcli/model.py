@@ -259,6 +259,20 @@ class DecodingState:
             layer.attention.cache.t += 1
 
 
+def _token_ids(tokens: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """tokens (b, n) as the embedding takes them (int64 or int32; uint8 bytes and other integers as int64);
+    ValueError for another shape or dtype, or a mask of another shape (torch said "Sizes of tensors must
+    match" from deep inside)."""
+    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2:
+        shape = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
+        raise ValueError(f"tokens must be a tensor of shape (batch, n), got {shape}")
+    if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
+        raise ValueError(f"tokens must be integers (token ids), got {tokens.dtype}")
+    if mask is not None and tuple(mask.shape) != tuple(tokens.shape):
+        raise ValueError(f"mask must have the tokens' shape {tuple(tokens.shape)}, got {tuple(mask.shape)}")
+    return tokens if tokens.dtype in (torch.int64, torch.int32) else tokens.long()
+
+
 def _check_step(token: torch.Tensor, state: DecodingState, plan: StepPlan | None) -> None:
     """ValueError unless token holds one token per sequence of state (one would be broadcast to all); a
     static step (plan) needs H-attention caches with room for the position (it checks nothing on the
@@ -583,8 +597,9 @@ class HTransformer1D(nn.Module):
         return self.logits(x)
 
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens (b, n) int64, mask (b, n) bool True = real token -> logits (b, n, num_tokens)."""
-        return self.forward_embeddings(self.token_emb(tokens), mask)
+        """tokens (b, n) of an integer dtype (bytes as uint8 too), mask (b, n) bool True = real token ->
+        logits (b, n, num_tokens)."""
+        return self.forward_embeddings(self.token_emb(_token_ids(tokens, mask)), mask)
 
     @property
     def supports_decode_cache(self) -> bool:
@@ -598,6 +613,7 @@ class HTransformer1D(nn.Module):
         (several samples of one prompt; the forward runs once), and the logits of each (copies, n)."""
         if not self.supports_decode_cache:
             raise ValueError("incremental decoding needs a causal model")
+        tokens = _token_ids(tokens, None)
         b, n = tokens.shape
         if not 1 <= n <= self.config.max_seq_len:
             raise ValueError(f"prefill takes 1 to max_seq_len ({self.config.max_seq_len}) tokens, got {n}")

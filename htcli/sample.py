@@ -235,6 +235,12 @@ def generate_batch(
         )
     if not isinstance(prompt, (bytes, bytearray)):
         raise HtcliError(f"the prompt must be bytes (text.encode()), got {type(prompt).__name__}")
+    wrong = next((c for c in configs if not isinstance(c, SamplingConfig)), None)
+    if wrong is not None:  # (a dict of its fields said "'dict' object has no attribute 'max_new_tokens'")
+        raise HtcliError(
+            "sampling options must be a SamplingConfig (SamplingConfig(**options)), got "
+            + type(wrong).__name__
+        )
     if not prompt:
         raise HtcliError("the prompt is empty: generation needs at least one byte to continue")
     if any(not s for s in stop):

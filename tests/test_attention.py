@@ -235,6 +235,11 @@ def test_bad_inputs():
         h_attention(q.long(), k.long(), v.long(), block_size=4)  # (returned integers)
     with pytest.raises(ValueError, match="floating-point tensors of one dtype"):
         h_attention(q, k, v.float(), block_size=4)
+    # (three of one shape of 3 dimensions were said to differ in shape)
+    with pytest.raises(ValueError, match=r"tensors of 4 dimensions .*got \(2, 10, 8\), \(2, 10, 8\)"):
+        h_attention(q[0], k[0], v[0], block_size=4)
+    with pytest.raises(ValueError, match="causal must be True or False, got 'no'"):  # (the op's schema dump)
+        h_attention(q, k, v, block_size=4, causal="no")
 
 
 def test_length_just_above_power_of_two_costs_no_double():

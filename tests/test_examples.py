@@ -1,5 +1,6 @@
 """The example scripts stay runnable: a short training run, then sampling and evaluation from it."""
 
+import ast
 import importlib.util
 import json
 import os
@@ -163,3 +164,12 @@ def test_gpu_examples_without_a_gpu_say_so(script):
     done = subprocess.run([sys.executable, EXAMPLES / script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     assert done.stderr.splitlines()[-1].startswith(f"{script}: error: ")
+
+
+@pytest.mark.parametrize("script", ["long_context", "measure_start", "recipe", "sample_and_eval"])
+def test_scripts_without_argparse_answer_help(script):
+    """--help prints the script's docstring, exit 0 (it was a one-line usage, exit 1)."""
+    path = EXAMPLES / f"{script}.py"
+    done = subprocess.run([sys.executable, path, "--help"], capture_output=True, text=True)
+    doc = ast.get_docstring(ast.parse(path.read_text()), clean=False)
+    assert (done.returncode, done.stdout.strip()) == (0, doc.strip()), done.stderr

@@ -134,6 +134,27 @@ def test_any_length_up_to_max(n):
         model(torch.randint(0, 256, (1, 129)))
 
 
+def test_tokens_of_another_shape_or_dtype():
+    """Tokens that are not (batch, n) integers, or a mask of another shape, are one clear ValueError (torch
+    said "Sizes of tensors must match" from inside the token shift); bytes as uint8 are token ids, as
+    int64 ones."""
+    model = HTransformer1D(tiny()).eval()
+    tokens = torch.randint(0, 256, (2, 16))
+    for bad, said in (
+        (tokens[0], r"tokens must be a tensor of shape \(batch, n\), got \(16,\)"),
+        (tokens[None], r"shape \(batch, n\), got \(1, 2, 16\)"),
+        (tokens.float(), "tokens must be integers \\(token ids\\), got torch.float32"),
+        (tokens.bool(), "tokens must be integers"),
+    ):
+        with pytest.raises(ValueError, match=said):
+            model(bad)
+    with pytest.raises(ValueError, match=r"mask must have the tokens' shape \(2, 16\), got \(2, 8\)"):
+        model(tokens, torch.ones(2, 8, dtype=torch.bool))
+    with torch.no_grad():
+        assert torch.equal(model(tokens.to(torch.uint8)), model(tokens))
+        assert torch.equal(model.prefill(tokens[:1].to(torch.uint8))[0], model.prefill(tokens[:1])[0])
+
+
 @pytest.mark.parametrize("reversible", [False, True])
 def test_learns_a_repeated_pattern(reversible):
     """A few AdamW steps on a repeated byte pattern drive the loss well down."""

@@ -203,6 +203,10 @@ def test_wrong_types_are_refused_by_the_library():
     model = HTransformer1D(HTransformerConfig(**TINY_MODEL)).eval()
     with pytest.raises(HtcliError, match=r"the prompt must be bytes \(text.encode\(\)\), got str"):
         list(generate(model, "hi", SamplingConfig(3)))
+    with pytest.raises(
+        HtcliError, match=r"must be a SamplingConfig \(SamplingConfig\(\*\*options\)\), got dict"
+    ):
+        list(generate(model, b"hi", {"max_new_tokens": 3}))  # (an AttributeError)
     for field, value in (("top_k", 2.5), ("max_new_tokens", 2.5), ("seed", 1.5), ("max_new_tokens", True)):
         with pytest.raises(HtcliError, match=f"{field} must be a whole number, got {value}"):
             SamplingConfig(**{field: value})

@@ -77,9 +77,16 @@ def padded_length(n: int, block_size: int) -> int:
     return -(-n // step) * step
 
 
-def check_inputs(q, k, v, block_size, key_padding_mask) -> None:
+def check_inputs(q, k, v, block_size, key_padding_mask, causal: bool = False) -> None:
     """Raise ValueError with a clear message for inputs h_attention cannot take."""
-    if q.ndim != 4 or q.shape != k.shape or q.shape != v.shape:
+    if not all(isinstance(t, torch.Tensor) and t.ndim == 4 for t in (q, k, v)):
+        raise ValueError(
+            "q, k, v must be tensors of 4 dimensions (batch, heads, n, dim_head), got "
+            + ", ".join(
+                str(tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__ for t in (q, k, v)
+            )
+        )
+    if q.shape != k.shape or q.shape != v.shape:
         raise ValueError(
             "q, k, v must have the same shape (batch, heads, n, dim_head), got "
             f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
@@ -93,6 +100,8 @@ def check_inputs(q, k, v, block_size, key_padding_mask) -> None:
     if q.shape[3] < 1:
         raise ValueError("dim_head must be at least 1")
     check_block_size(block_size)
+    if not isinstance(causal, bool):  # (the custom op said "Expected a value of type 'bool'" with its schema)
+        raise ValueError(f"causal must be True or False, got {causal!r}")
     if key_padding_mask is not None:
         b, _, n, _ = q.shape
         if key_padding_mask.shape != (b, n) or key_padding_mask.dtype != torch.bool:

@@ -213,7 +213,7 @@ def h_attention(
     "eager" or "triton" (default: $HTCLI_ATTENTION as it was at import, else auto: CUDA_IMPLEMENTATION
     for CUDA tensors, eager elsewhere).
     """
-    check_inputs(q, k, v, block_size, key_padding_mask)
+    check_inputs(q, k, v, block_size, key_padding_mask, causal)
     b, h, n, d = q.shape
     check_level_decay(level_decay, h)
     dtype = q.dtype
