@@ -58,7 +58,7 @@ class StopRequest:
             if number == signal.SIGHUP:  # (a shell that loses its terminal sends its own SIGHUP too)
                 handler = lambda *_: to_devnull(self._terminal)  # noqa: E731
             elif self._term_ignored(number, handler):
-                handler = signal.SIG_IGN
+                handler = _ignore
             signal.signal(number, handler)
 
     def _term_ignored(self, number: int, handler) -> bool:
@@ -84,7 +84,13 @@ class StopRequest:
         for number, handler in self._previous.items():
             hung_up = number == signal.SIGHUP and self.signal == signal.SIGHUP
             terminated = self.signal is not None and self._term_ignored(number, handler)
-            signal.signal(number, signal.SIG_IGN if hung_up or terminated else handler)
+            signal.signal(number, signal.SIG_IGN if hung_up else _ignore if terminated else handler)
+
+
+def _ignore(signum, frame) -> None:
+    """A signal ignored by a Python handler, not SIG_IGN: one that had arrived when its handler became SIG_IGN
+    (a rank's SIGTERM with the Ctrl-C that torchrun passes on) was printed as "OSError: Signal 15 ignored
+    due to race condition" with a traceback of whatever ran then."""
 
 
 class Terminated(BaseException):

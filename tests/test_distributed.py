@@ -153,6 +153,12 @@ def test_resume_in_another_number_of_processes_is_refused(ddp_run, tmp_path):
     result = invoke("train", "--out", run, "--resume", "--steps", 9)
     assert_user_error(result, "it was trained in 2 processes, each with its own data stream; resume it under")
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    # and a run of one process resumed in 2 (it said "one process, each with its own data stream")
+    single = tmp_path / "single"
+    assert invoke("train", ddp_run[1], "--out", single, "--steps", 1, *FLAGS).exit_code == 0
+    ranks = start_ranks("--out", single, "--resume", "--steps", 2)
+    said = f"cannot resume {single} in 2 processes: it was trained in one process, one data stream; resume"
+    every_rank_says(ranks, said + " it without torchrun")
 
 
 @pytest.mark.parametrize(

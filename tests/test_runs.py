@@ -160,6 +160,38 @@ def test_a_stop_request_puts_the_handlers_back(signum, monkeypatch):
             signal.signal(number, handler)
 
 
+def test_a_ranks_sigterm_with_its_ctrl_c_is_ignored_without_a_word(monkeypatch):
+    """In a rank of torchrun's, a SIGTERM that arrives with the first stop (a group Ctrl-C, and torchrun's
+    SIGTERM after it) is ignored, as later ones are; it was printed as "OSError: Signal 15 ignored due to
+    race condition" with a traceback (its handler became SIG_IGN before Python ran it)."""
+    from htcli import stop as stop_module
+    from htcli.stop import StopRequest
+
+    monkeypatch.setattr(stop_module, "_terminal_outputs", list)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    before = {number: signal.signal(number, signal.SIG_DFL) for number in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    both = {signal.SIGINT, signal.SIGTERM}
+    try:
+        with StopRequest() as stop:
+            signal.pthread_sigmask(signal.SIG_BLOCK, both)  # (both arrive before Python runs a handler)
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGTERM)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, both)
+            time.sleep(0.01)
+            assert stop.signal == signal.SIGINT
+            os.kill(os.getpid(), signal.SIGTERM)  # (a later one: ignored too)
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGTERM)  # (after the stop: until the process ends)
+        time.sleep(0.01)
+        assert unraisable == []
+    finally:
+        for number, handler in before.items():
+            signal.signal(number, handler)
+
+
 def test_a_run_that_ignores_sighup_goes_on(corpus, tmp_path):
     """Under nohup (SIGHUP ignored) a SIGHUP leaves the run training, as it asked; SIGTERM still stops it."""
     out = tmp_path / "run"
