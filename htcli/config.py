@@ -365,6 +365,16 @@ def _check_saved_paths_exist(saved: dict, given: dict, out: str) -> None:
             )
 
 
+def dropped_loggers(config: TrainConfig) -> list[str]:
+    """The loggers of the run in config.out that config (a resume's, given loggers of its own) leaves out:
+    their curves end at the checkpoint."""
+    try:
+        saved = saved_config(Path(config.out)).get("loggers")
+    except HtcliError:
+        return []
+    return [name for name in saved if name not in config.loggers] if isinstance(saved, list) else []
+
+
 def saved_config(out: Path) -> dict:
     """The config.json of the run in out, as a dict (without the version that wrote it)."""
     check_out_path(out)

@@ -449,6 +449,22 @@ def test_tensorboard_event_files_hold_the_metrics(corpus, tmp_path):
         assert len(scalars(run, tag)) == 4
 
 
+def test_a_resume_whose_logger_leaves_out_the_runs_says_so(corpus, tmp_path, monkeypatch):
+    """--logger on a resume replaces the run's loggers (options given override the saved ones): a logger
+    it leaves out is named in a warning (its curves just ended); none where the given ones keep it."""
+    monkeypatch.setenv("WANDB_MODE", "disabled")  # (a W&B run that writes nothing)
+    run = tmp_path / "run"
+    flags = [*TINY_FLAGS, "--out", run]
+    assert invoke("train", corpus, *flags, "--steps", 1, "--logger", "tensorboard").exit_code == 0
+    both = invoke("train", *flags, "--resume", "--steps", 2, "--logger", "tensorboard", "--logger", "wandb")
+    assert both.exit_code == 0 and "warning: --logger" not in both.stderr, both.output
+    only = invoke("train", *flags, "--resume", "--steps", 3, "--logger", "wandb")
+    assert only.exit_code == 0, only.output
+    said = " ".join(only.stderr.split())
+    assert "warning: --logger replaces the run's loggers: tensorboard gets no more of this run; give" in said
+    assert [step for step, _ in scalars(run, "train/loss")] == [1, 2]
+
+
 def test_tensorboard_on_a_full_disk_is_one_line(corpus, tmp_path, monkeypatch):
     """TensorBoard's event file on a disk that fills up: its writer thread printed a traceback, then the
     error of closing it replaced the logging's own and blamed stdout ("cannot write the output"). One line
