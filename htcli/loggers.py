@@ -138,7 +138,7 @@ class WandbLogger:
 
         self.what = f"W&B's files in {out / 'wandb'}"
         settings = wandb.Settings(console="off", silent=True, disable_git=True, save_code=False)
-        run_id = wandb_id(out, new=not resumed)
+        run_id, made = wandb_id(out, new=not resumed)
         try:
             self.run = wandb.init(
                 project=os.environ.get("WANDB_PROJECT", WANDB_PROJECT), name=out.name, id=run_id,
@@ -151,6 +151,9 @@ class WandbLogger:
                 "WANDB_MODE=offline to log on disk",
                 fields=("loggers",),
             ) from None
+        if made:  # (kept once W&B has started: a start that failed leaves the run directory as it was)
+            with atomic_file(out / WANDB_ID_FILE, "w") as file:
+                file.write(run_id + "\n")
 
     def __call__(self, record: dict) -> None:
         metrics = scalars(record)
@@ -163,9 +166,10 @@ class WandbLogger:
         self.run.finish()
 
 
-def wandb_id(out: Path, *, new: bool = False) -> str:
-    """The W&B run id of the run directory: made once, kept in OUT/wandb-id; made again for a new run (one
-    that starts where a run that never saved left its id: its W&B run's steps would hide the new ones)."""
+def wandb_id(out: Path, *, new: bool = False) -> tuple[str, bool]:
+    """The W&B run id of the run directory, and whether it is made now (to be kept in OUT/wandb-id once W&B
+    has started): made once; made again for a new run (one that starts where a run that never saved left
+    its id: its W&B run's steps would hide the new ones)."""
     path = out / WANDB_ID_FILE
     if path.exists() and not new:
         check_not_special(path)
@@ -178,8 +182,5 @@ def wandb_id(out: Path, *, new: bool = False) -> str:
                 f"{path} holds no W&B run id ({run_id[:20]!r}): write the run's id in it, or remove it to log"
                 " to a new W&B run"
             )
-        return run_id
-    run_id = secrets.token_hex(4)
-    with atomic_file(path, "w") as file:
-        file.write(run_id + "\n")
-    return run_id
+        return run_id, False
+    return secrets.token_hex(4), True

@@ -108,7 +108,10 @@ def curves_plot(runs: list, x: str, path: Path) -> None:
             val_ax.plot(xs, [p.value for p in run.val], marker="o", markersize=3, color=color, label=run.name)
         if run.train:
             xs = [getattr(p, axis) for p in run.train]
-            train_ax.plot(xs, [p.value for p in run.train], color=color, alpha=0.8, label=run.name)
+            alone = "o" if len(xs) == 1 else None  # (one point of a line without markers is not drawn)
+            train_ax.plot(
+                xs, [p.value for p in run.train], marker=alone, color=color, alpha=0.8, label=run.name
+            )
     for ax, title in ((val_ax, "validation bits per byte"), (train_ax, "training loss (bits per byte)")):
         ax.set_title(title)
         ax.set_xlabel(X_LABELS[x])

@@ -452,7 +452,7 @@ def test_tensorboard_event_files_hold_the_metrics(corpus, tmp_path):
 def test_a_resume_whose_logger_leaves_out_the_runs_says_so(corpus, tmp_path, monkeypatch):
     """--logger on a resume replaces the run's loggers (options given override the saved ones): a logger
     it leaves out is named in a warning (its curves just ended); none where the given ones keep it."""
-    monkeypatch.setenv("WANDB_MODE", "disabled")  # (a W&B run that writes nothing)
+    monkeypatch.setenv("WANDB_MODE", "offline")  # (not disabled: W&B would keep that for the process)
     run = tmp_path / "run"
     flags = [*TINY_FLAGS, "--out", run]
     assert invoke("train", corpus, *flags, "--steps", 1, "--logger", "tensorboard").exit_code == 0
@@ -587,6 +587,7 @@ def test_a_logger_that_cannot_start_is_one_line_and_leaves_the_run_as_it_was(cor
     resumed = [*TINY_FLAGS, "--out", run, "--resume", "--steps", "4"]
     without_login(*resumed)
     assert (run / "config.json").read_bytes() == saved
+    assert not (run / "wandb-id").exists()  # (it was written before W&B failed to start)
     assert invoke("train", *resumed).exit_code == 0
     new = [corpus, *TINY_FLAGS, "--out", fresh, "--steps", "2"]
     without_login(*new)
@@ -601,7 +602,7 @@ def test_a_logger_that_cannot_start_is_one_line_and_leaves_the_run_as_it_was(cor
     assert (precious / "notes.txt").read_bytes() == b"important"
     fresh.mkdir()  # (a directory there before: left, as the lock it took)
     without_login(*new)
-    assert sorted(p.name for p in fresh.iterdir()) == [".lock", "wandb-id"]
+    assert sorted(p.name for p in fresh.iterdir()) == [".lock"]
     assert invoke("train", *new).exit_code == 0
 
 
@@ -652,6 +653,22 @@ def test_plot_draws_runs_and_tables_them(corpus, tmp_path):
         and failed.stderr == "error: cannot write the output: No space left on device\n"
     )
     assert not (tmp_path / "f.png").exists()
+
+
+def test_a_run_of_one_step_draws_its_point(corpus, tmp_path, monkeypatch):
+    """A training curve of one step is drawn as a marker (a line of one point without markers was
+    invisible: the panel showed only its legend); longer ones as lines."""
+    from htcli import plots
+    from htcli.curves import read_curves
+
+    drawn = []
+    monkeypatch.setattr(plots, "save_figure", lambda figure, path: drawn.append(figure))
+    for steps in (1, 3):
+        run = tmp_path / f"r{steps}"
+        assert invoke("train", corpus, *TINY_FLAGS, "--steps", steps, "--out", run).exit_code == 0
+        plots.curves_plot([read_curves(run)], "step", tmp_path / "c.png")
+    markers = [[line.get_marker() for line in figure.axes[1].get_lines()] for figure in drawn]
+    assert markers == [["o"], ["None"]]
 
 
 def test_plot_says_which_lines_it_skipped(corpus, tmp_path):
