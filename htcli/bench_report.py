@@ -26,6 +26,8 @@ def _memory(result: dict) -> str:
     if result.get("status") != "ok":
         return "-"
     mib = result["peak_bytes"] / 2**20
+    if mib < 10:  # (small lengths on a CPU: "0MiB" beside a ratio of two such)
+        return f"{mib:.2f}MiB"
     return f"{mib:.0f}MiB" if mib < 1000 else f"{mib / 1024:.2f}GiB"
 
 

@@ -22,7 +22,10 @@ DTYPES = ("auto", *PRECISIONS)  # auto: see resolve_dtype
 def check_choice(field: str, value: str, choices: tuple[str, ...]) -> None:
     """HtcliError naming the field unless value is one of choices."""
     if value not in choices:
-        raise HtcliError(f"unknown {field} {value!r}: use one of {', '.join(choices)}", fields=(field,))
+        several = f" (repeat {field} for several)" if "," in value and field.endswith("s") else ""
+        raise HtcliError(
+            f"unknown {field} {value!r}: use one of {', '.join(choices)}{several}", fields=(field,)
+        )
 
 
 def torch_dtype(name: str) -> torch.dtype:

@@ -135,6 +135,7 @@ def test_bench_table_says_how_it_timed():
     console.print(bench_table(rows, BenchConfig(), "title"))
     text = " ".join(console.export_text().split())
     assert "times: the mean of calls queued back to back; some one call timed alone" in text
+    assert "0.00MiB" in text  # (a peak under 1 MiB: shown as 0MiB beside its ratio)
 
 
 def test_correctness_check():

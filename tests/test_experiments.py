@@ -123,6 +123,10 @@ def test_flags_override_the_file_and_the_file_overrides_defaults(corpus, tmp_pat
             "exp.toml: steps must be a positive integer up to 2**53, got 9223372036854775808",
         ),
         ('logger = ["mlflow"]', "exp.toml: unknown logger 'mlflow': use one of tensorboard, wandb"),
+        (
+            'logger = ["tensorboard,wandb"]',
+            "unknown logger 'tensorboard,wandb': use one of tensorboard, wandb (repeat logger for several)",
+        ),
         ("logger = [1, 2]", "exp.toml: logger must be a name or a list of names, got [1, 2]"),
         ("clip = -1", "exp.toml: clip must be >= 0, got -1"),
         (
