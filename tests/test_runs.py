@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -176,9 +177,11 @@ def test_a_ranks_sigterm_with_its_ctrl_c_is_ignored_without_a_word(monkeypatch):
     both = {signal.SIGINT, signal.SIGTERM}
     try:
         with StopRequest() as stop:
-            signal.pthread_sigmask(signal.SIG_BLOCK, both)  # (both arrive before Python runs a handler)
-            os.kill(os.getpid(), signal.SIGINT)
-            os.kill(os.getpid(), signal.SIGTERM)
+            # both arrive before Python runs a handler (sent to this thread, which blocks them: pytest-xdist's
+            # worker has other threads, which would take a signal sent to the process at once)
+            signal.pthread_sigmask(signal.SIG_BLOCK, both)
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                signal.pthread_kill(threading.main_thread().ident, signum)
             signal.pthread_sigmask(signal.SIG_UNBLOCK, both)
             time.sleep(0.01)
             assert stop.signal == signal.SIGINT
