@@ -502,11 +502,11 @@ class Run:
         again = ""
         if self.step == self.resumed_at:  # (a checkpoint's weights can be ruined and still finite)
             again = "; if it diverges at once again, the checkpoint itself is past saving"
-            again += ": start anew in another out"
+            again += ": start anew in another run directory"  # (not "out": a run named out would be --out)
         raise HtcliError(
             f"training diverged at step {self.step + 1} (loss {loss}, gradient norm {grad_norm}); "
             f"stopped without saving ({kept}): lower lr (now {self.config.lr:g}){fp32}{again}",
-            fields=("lr", "dtype", "out"),
+            fields=("lr", "dtype"),
         )
 
     def after_step(self, log: RunLog, stop: StopRequest | None = None) -> None:

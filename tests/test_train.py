@@ -277,7 +277,8 @@ def test_a_checkpoint_of_step_0_is_named_as_kept(corpus, tmp_path, monkeypatch):
     # (at the first step of a resume: the checkpoint's weights may be ruined, yet finite, where a lower lr
     # is no help)
     assert str(error.value).endswith(
-        "; if it diverges at once again, the checkpoint itself is past saving: start anew in another out"
+        "; if it diverges at once again, the checkpoint itself is past saving: start anew in another run"
+        " directory"
     )
 
 
