@@ -675,7 +675,74 @@ def test_a_cache_entry_stopped_after_it_is_in_place_keeps_its_facts(tmp_path, mo
         cached(source, "copy", lambda sink: sink.write(b"abc") and {"skipped": 80}, tmp_path / "cache")
     monkeypatch.undo()
     entry, facts = cached(source, "copy", lambda sink: pytest.fail("made again"), tmp_path / "cache")
-    assert entry.read_bytes() == b"abc" and facts == {"skipped": 80}
+    assert entry.read_bytes() == b"abc" and facts == {"skipped": 80, "bytes": 3}
+
+
+def test_a_cache_entry_cut_short_or_without_its_facts_is_made_again(tmp_path):
+    """An entry whose size is not its facts' (truncated, emptied: its bytes were read as the corpus's, exit 0)
+    or whose facts are lost (its skipped records were read as 0) is made again, not read."""
+    from htcli.corpus.cache import cached
+
+    source, cache = tmp_path / "c.txt", tmp_path / "cache"
+    source.write_bytes(b"abcdef")
+    made = []
+
+    def copy(sink):
+        made.append(1)
+        sink.write(source.read_bytes())
+        return {"skipped": 2}
+
+    entry, _ = cached(source, "copy", copy, cache)
+    for damage in (
+        lambda: entry.write_bytes(b"abc"),
+        lambda: entry.write_bytes(b""),
+        lambda: entry.with_name(entry.name + ".json").unlink(),
+        lambda: entry.with_name(entry.name + ".json").write_text("[1]"),
+    ):
+        damage()
+        again, facts = cached(source, "copy", copy, cache)
+        assert again.read_bytes() == b"abcdef" and facts == {"skipped": 2, "bytes": 6}
+    assert len(made) == 5
+    cached(source, "copy", copy, cache)
+    assert len(made) == 5  # (a whole entry is read)
+
+
+def test_an_untagged_cache_inside_a_corpus_directory_is_not_read(tmp_path, monkeypatch):
+    """HTCLI_CACHE_DIR naming a folder that was there before (so never tagged) inside the corpus directory:
+    its entries were read as corpus the second time (the bytes twice, and the facts files)."""
+    from htcli.corpus import ByteCorpus
+
+    data = tmp_path / "data"
+    (data / "cache").mkdir(parents=True)
+    with gzip.open(data / "a.txt.gz", "wb") as packed:
+        packed.write(b"abcdef" * 10)
+    monkeypatch.setenv("HTCLI_CACHE_DIR", str(data / "cache"))
+    for _ in range(2):
+        with ByteCorpus.open([data]) as corpus:
+            assert list(map(str, corpus.files)) == [str(data / "a.txt.gz")] and len(corpus) == 60
+    assert any((data / "cache").iterdir())
+    assert not (data / "cache" / "CACHEDIR.TAG").exists()
+
+
+def test_a_source_rewritten_with_its_size_and_time_is_made_again(tmp_path):
+    """A source rewritten at the same size, its modification time set back (`cp -p`, `rsync -t`): its old
+    bytes were read (the entry was named by path, size and modification time); its change time, which no
+    copy sets back, names the entry too."""
+    from htcli.corpus.cache import cached
+
+    source, cache = tmp_path / "c.txt", tmp_path / "cache"
+    source.write_bytes(b"abcdef")
+    before = source.stat()
+
+    def copy(sink):
+        sink.write(source.read_bytes())
+        return {}
+
+    assert cached(source, "copy", copy, cache)[0].read_bytes() == b"abcdef"
+    time.sleep(0.05)  # (past the filesystem's clock tick)
+    source.write_bytes(b"ghijkl")
+    os.utime(source, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert cached(source, "copy", copy, cache)[0].read_bytes() == b"ghijkl"
 
 
 def test_an_entry_an_older_htcli_made_is_not_read(tmp_path):
@@ -694,7 +761,7 @@ def test_an_entry_an_older_htcli_made_is_not_read(tmp_path):
     old.write_bytes(b"made by an older htcli")
     old.with_name(old.name + ".json").write_text("{}")
     entry, facts = cached(source, "copy", lambda sink: sink.write(b"abc") and {"records": 1}, cache)
-    assert entry.read_bytes() == b"abc" and facts == {"records": 1}
+    assert entry.read_bytes() == b"abc" and facts == {"records": 1, "bytes": 3}
 
 
 def test_include_hidden_is_refused_where_it_would_change_nothing(tmp_path):

@@ -2,11 +2,13 @@
 of JSONL and Parquet records, each made once, streaming, and reused until its source changes.
 
 The cache lives in $HTCLI_CACHE_DIR, else $XDG_CACHE_HOME/htcli or ~/.cache/htcli. An entry is named by
-its source's name (its first NAME_BYTES bytes) and a hash of the source's path, size, modification time
-and the way it was made (the options, and FORMAT). A lock file per entry makes concurrent makers wait for
+its source's name (its first NAME_BYTES bytes) and a hash of the source's path, size, modification time,
+change time (which a copy that keeps the modification time, `cp -p` or `rsync -t`, cannot set back) and the
+way it was made (the options, and FORMAT). A lock file per entry makes concurrent makers wait for
 one another: the processes of a torchrun job on one machine make each entry once and share it. The entry's
 bytes appear (atomically) only when whole, after a small JSON file of facts about it (how many records,
-how many skipped). The default cache, or one htcli makes, holds a CACHEDIR.TAG, so that a corpus
+how many skipped, and its size: an entry whose size is not its facts', cut short or emptied, or whose facts
+are lost, is made again). The default cache, or one htcli makes, holds a CACHEDIR.TAG, so that a corpus
 directory holding it skips it (a folder that was there before is not tagged).
 """
 
@@ -61,7 +63,7 @@ def cached(
     of making it (part of the entry's name: a change of options makes another entry)."""
     cache = cache or cache_dir()
     stat = source.stat()
-    identity = f"{source.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{how}|{FORMAT}"
+    identity = f"{source.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ctime_ns}|{how}|{FORMAT}"
     # (fsencode: a path that is not UTF-8 holds surrogates, which str.encode refuses)
     digest = hashlib.sha256(os.fsencode(identity)).hexdigest()[:20]
     target = cache / f"{_cut(source.name, NAME_BYTES)}.{digest}"
@@ -73,16 +75,19 @@ def cached(
         if made or (not os.environ.get("HTCLI_CACHE_DIR") and cache == _default_dir()):
             _tag(cache)
         with _locked(target.with_name(target.name + ".lock")):
-            if not target.exists():
+            facts = _read_facts(facts_file)
+            if not _whole(target, facts):
                 try:
                     with atomic_file(target) as sink:
                         facts = make(sink)
+                        sink.flush()
+                        facts["bytes"] = os.fstat(sink.fileno()).st_size
                         write_json(facts_file, facts)
                 except BaseException:  # (the entry is not made: neither are its facts)
-                    if not target.exists():  # (stopped after the entry was put in place: both stay)
+                    if not _whole(target, _read_facts(facts_file)):  # (stopped once in place: both stay)
                         facts_file.unlink(missing_ok=True)
                     raise
-            return target, _read_facts(facts_file)
+            return target, facts
     except OSError as error:
         if error.errno in (errno.EEXIST, errno.ENOTDIR) and (blocker := _not_a_directory(cache)):
             made = "" if blocker == cache else f" cannot be made: {blocker}"
@@ -129,6 +134,17 @@ def _locked(path: Path) -> Iterator[None]:
 
 def _read_facts(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
+        facts = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
+    return facts if isinstance(facts, dict) else {}
+
+
+def _whole(target: Path, facts: dict) -> bool:
+    """Whether the entry at target is there and of the size its facts give (one cut short or emptied, or
+    whose facts are lost, is made again: its bytes were read as the corpus's)."""
+    try:
+        size = target.stat().st_size if target.is_file() else None
+    except OSError:
+        return False
+    return type(facts.get("bytes")) is int and size == facts["bytes"]

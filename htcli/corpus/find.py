@@ -6,8 +6,9 @@ on its own is always read. Paths under `exclude` (a run's own directory) are nev
 files there that the run does not write, named on their own or matched by a glob pattern whose fixed
 part lies there (`htcli train '*.txt' --out .`); nor are the directories of other htcli runs found
 inside a named directory (their weights and logs are not text to train on; a run directory named itself
-is read), nor caches (directories holding a CACHEDIR.TAG, as htcli's corpus cache does). A directory's
-files come sorted by path; symbolic links to directories are not followed.
+is read), nor caches (directories holding a CACHEDIR.TAG, as htcli's corpus cache does, and htcli's own
+cache where it has none). A directory's files come sorted by path; symbolic links to directories are not
+followed.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from htcli.corpus.cache import cache_dir
 from htcli.errors import HtcliError, unreadable_advice
 from htcli.files import is_cache_directory, is_run_directory, written_by_the_run
 
@@ -222,9 +224,18 @@ def _refuse_unreadable(error: OSError) -> None:
 
 
 def _kept_apart(directory: Path) -> bool:
-    """Whether a directory found below a named one is skipped: an htcli run's (its weights and log) or a
-    cache (CACHEDIR.TAG: htcli's own, made from the corpus's files, would be read twice)."""
-    return is_run_directory(directory) or is_cache_directory(directory)
+    """Whether a directory found below a named one is skipped: an htcli run's (its weights and log), a
+    cache (CACHEDIR.TAG: htcli's own, made from the corpus's files, would be read twice), or htcli's cache
+    untagged (a folder of the user's that HTCLI_CACHE_DIR names: its entries were read as corpus)."""
+    return is_run_directory(directory) or is_cache_directory(directory) or _is_the_cache(directory)
+
+
+def _is_the_cache(directory: Path) -> bool:
+    try:
+        cache, found = os.stat(cache_dir()), os.stat(directory)
+    except (OSError, HtcliError):  # (no cache yet, or no home directory for one)
+        return False
+    return (cache.st_dev, cache.st_ino) == (found.st_dev, found.st_ino)
 
 
 def _walk(root: Path, include_hidden: bool, excluded: list[Path]) -> Iterable[Path]:
