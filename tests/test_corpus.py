@@ -126,14 +126,19 @@ def test_a_cache_inside_a_corpus_directory_is_not_corpus(tmp_path, monkeypatch):
     assert resolve_corpus([data / "**"]) == [data / "c.txt.gz"]
     assert len(resolve_corpus([data / "cache"])) == 4  # (the entry, its facts, its lock, the tag)
     (data / "cache" / "CACHEDIR.TAG").write_bytes(b"not the signature")  # (then not a tagged cache)
-    assert len(resolve_corpus([data])) == 5
+    assert len(resolve_corpus([data])) == 1  # (but htcli's own cache all the same)
+    monkeypatch.setenv("HTCLI_CACHE_DIR", str(tmp_path / "elsewhere"))
+    assert len(resolve_corpus([data])) == 5  # (a folder with a broken tag, not htcli's cache: read)
     # a folder of the user's named as the cache is not tagged (its files would leave walks and backups)
     own = tmp_path / "own"
     write(own / "notes.txt", b"mine")
     monkeypatch.setenv("HTCLI_CACHE_DIR", str(own))
     with ByteCorpus.open([data / "c.txt.gz"]) as corpus:
         assert len(corpus) == len(content)
-    assert not (own / "CACHEDIR.TAG").exists() and own / "notes.txt" in resolve_corpus([tmp_path / "**"])
+    assert not (own / "CACHEDIR.TAG").exists()
+    assert own / "notes.txt" not in resolve_corpus([tmp_path / "**"])  # (a walk skips the cache, untagged)
+    monkeypatch.setenv("HTCLI_CACHE_DIR", str(tmp_path / "elsewhere"))
+    assert own / "notes.txt" in resolve_corpus([tmp_path / "**"])  # (no longer the cache: a folder as any)
 
 
 def test_a_glob_reads_the_directories_it_matches(tmp_path):
