@@ -683,9 +683,10 @@ def test_a_cache_entry_stopped_after_it_is_in_place_keeps_its_facts(tmp_path, mo
     assert entry.read_bytes() == b"abc" and facts == {"skipped": 80, "bytes": 3}
 
 
-def test_a_cache_entry_cut_short_or_without_its_facts_is_made_again(tmp_path):
+def test_a_cache_entry_cut_short_or_without_its_facts_is_made_again(tmp_path, monkeypatch):
     """An entry whose size is not its facts' (truncated, emptied: its bytes were read as the corpus's, exit 0)
     or whose facts are lost (its skipped records were read as 0) is made again, not read."""
+    from htcli.corpus import cache as cache_module
     from htcli.corpus.cache import cached
 
     source, cache = tmp_path / "c.txt", tmp_path / "cache"
@@ -708,8 +709,9 @@ def test_a_cache_entry_cut_short_or_without_its_facts_is_made_again(tmp_path):
         again, facts = cached(source, "copy", copy, cache)
         assert again.read_bytes() == b"abcdef" and facts == {"skipped": 2, "bytes": 6}
     assert len(made) == 5
-    cached(source, "copy", copy, cache)
-    assert len(made) == 5  # (a whole entry is read)
+    # a whole entry is read, without its lock (a read-only cache that holds it said "cannot make")
+    monkeypatch.setattr(cache_module, "_locked", lambda path: pytest.fail("locked"))
+    assert cached(source, "copy", copy, cache)[0].read_bytes() == b"abcdef" and len(made) == 5
 
 
 def test_an_untagged_cache_inside_a_corpus_directory_is_not_read(tmp_path, monkeypatch):

@@ -4,12 +4,13 @@ of JSONL and Parquet records, each made once, streaming, and reused until its so
 The cache lives in $HTCLI_CACHE_DIR, else $XDG_CACHE_HOME/htcli or ~/.cache/htcli. An entry is named by
 its source's name (its first NAME_BYTES bytes) and a hash of the source's path, size, modification time,
 change time (which a copy that keeps the modification time, `cp -p` or `rsync -t`, cannot set back) and the
-way it was made (the options, and FORMAT). A lock file per entry makes concurrent makers wait for
-one another: the processes of a torchrun job on one machine make each entry once and share it. The entry's
-bytes appear (atomically) only when whole, after a small JSON file of facts about it (how many records,
-how many skipped, and its size: an entry whose size is not its facts', cut short or emptied, or whose facts
-are lost, is made again). The default cache, or one htcli makes, holds a CACHEDIR.TAG, so that a corpus
-directory holding it skips it (a folder that was there before is not tagged).
+way it was made (the options, and FORMAT). A lock file per entry, taken only to make one (a whole entry is
+read without it), makes concurrent makers wait for one another: the processes of a torchrun job on one
+machine make each entry once and share it. The entry's bytes appear (atomically) only when whole, after a
+small JSON file of facts about it (how many records, how many skipped, and its size: an entry whose size is
+not its facts', cut short or emptied, or whose facts are lost, is made again). The default cache, or one
+htcli makes, holds a CACHEDIR.TAG, so that a corpus directory holding it skips it (a folder that was there
+before is not tagged; walks skip it as htcli's cache all the same).
 """
 
 from __future__ import annotations
@@ -74,8 +75,13 @@ def cached(
         # (never a folder of the user's that HTCLI_CACHE_DIR names; no home directory looked up for it)
         if made or (not os.environ.get("HTCLI_CACHE_DIR") and cache == _default_dir()):
             _tag(cache)
+        facts = _read_facts(facts_file)
+        if _whole(
+            target, facts
+        ):  # (read without the lock, which is made as a file: a read-only cache serves)
+            return target, facts
         with _locked(target.with_name(target.name + ".lock")):
-            facts = _read_facts(facts_file)
+            facts = _read_facts(facts_file)  # (made meanwhile by another process, or still to make)
             if not _whole(target, facts):
                 try:
                     with atomic_file(target) as sink:
