@@ -731,6 +731,23 @@ def test_an_untagged_cache_inside_a_corpus_directory_is_not_read(tmp_path, monke
     assert not (data / "cache" / "CACHEDIR.TAG").exists()
 
 
+def test_a_making_killed_leaves_no_temporary_file_past_the_next(tmp_path):
+    """A process killed while it made an entry (SIGKILL, out of memory) left its hidden temporary file
+    (167 MB for a large .zst), never removed; the next making of that entry removes it (and no other's)."""
+    from htcli.corpus.cache import cached
+
+    source, cache = tmp_path / "c.txt", tmp_path / "cache"
+    source.write_bytes(b"abcdef")
+    entry, _ = cached(source, "copy", lambda sink: sink.write(b"abcdef") and {}, cache)
+    entry.unlink()
+    left = [cache / f".{entry.name}.99999999.tmp", cache / f".{entry.name}.json.99999999.tmp"]
+    other = cache / ".other.99999999.tmp"
+    for path in (*left, other):
+        path.write_bytes(b"half")
+    cached(source, "copy", lambda sink: sink.write(b"abcdef") and {}, cache)
+    assert not any(path.exists() for path in left) and other.exists()
+
+
 def test_a_source_rewritten_with_its_size_and_time_is_made_again(tmp_path):
     """A source rewritten at the same size, its modification time set back (`cp -p`, `rsync -t`): its old
     bytes were read (the entry was named by path, size and modification time); its change time, which no

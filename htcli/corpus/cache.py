@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import glob
 import hashlib
 import json
 import os
@@ -83,6 +84,7 @@ def cached(
         with _locked(target.with_name(target.name + ".lock")):
             facts = _read_facts(facts_file)  # (made meanwhile by another process, or still to make)
             if not _whole(target, facts):
+                _remove_leftovers(target, facts_file)
                 try:
                     with atomic_file(target) as sink:
                         facts = make(sink)
@@ -136,6 +138,14 @@ def _locked(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _remove_leftovers(*made: Path) -> None:
+    """The temporary files of a making of these that did not end (its process killed: SIGKILL, out of
+    memory), removed: with the entry's lock held, no other process is making them."""
+    for path in made:
+        for leftover in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+            leftover.unlink(missing_ok=True)
 
 
 def _read_facts(path: Path) -> dict:
