@@ -47,10 +47,9 @@ from htcli.files import (
     read_json,
     write_json,
 )
-from htcli.model import LIMITS, HTransformer1D, HTransformerConfig
+from htcli.model import BYTE_TOKENS, LIMITS, HTransformer1D, HTransformerConfig
 
 TOKENIZER = "bytes"
-NUM_TOKENS = 256  # a byte-level model's vocabulary
 # what to do where a run's optimizer state cannot be read (its weights still serve sample and eval)
 NO_OPTIMIZER = "restore it from a copy of the run to resume, or start a new run in another out"
 
@@ -266,9 +265,9 @@ def read_checkpoint_info(path: str | os.PathLike) -> CheckpointInfo:
                 f" cannot read it ({error}): upgrade htcli (pip install -U htcli)"
             ) from None
         raise HtcliError(f"{file} is not an htcli checkpoint (bad metadata: {error})") from None
-    if config.num_tokens != NUM_TOKENS:
+    if config.num_tokens != BYTE_TOKENS:
         raise HtcliError(
-            f"{file} is not an htcli checkpoint: a byte model has {NUM_TOKENS} tokens, "
+            f"{file} is not an htcli checkpoint: a byte model has {BYTE_TOKENS} tokens, "
             f"its config {config.num_tokens}"
         )
     check_weights_header(file, config)

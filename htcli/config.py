@@ -150,10 +150,12 @@ class TrainConfig:
                 " whose predictions must not see the bytes they predict; remove causal = false from the"
                 " config file (a run that trained so cannot be continued)"
             )
-        if self.model.num_tokens != 256:  # (a byte model: sample and eval refuse any other)
+        from htcli.model import BYTE_TOKENS
+
+        if self.model.num_tokens != BYTE_TOKENS:  # (a byte model: sample and eval refuse any other)
             raise HtcliError(
-                f"model.num_tokens is {self.model.num_tokens}: htcli trains byte-level models, of 256 tokens;"
-                " remove num_tokens from the config file"
+                f"model.num_tokens is {self.model.num_tokens}: htcli trains byte-level models, of "
+                f"{BYTE_TOKENS} tokens; remove num_tokens from the config file"
             )
         full, start = self.model.max_seq_len, self.context_warmup_start
         if self.context_warmup and start >= full:  # (was taken as no warm-up, without a word)

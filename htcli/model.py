@@ -43,6 +43,7 @@ FIRST_RECIPE = {
     "zero_init": False,
     "level_decay": 0.0,
 }
+BYTE_TOKENS = 256  # a byte-level model's vocabulary: what htcli trains, samples and scores
 # the largest value of each size field: far beyond any model htcli trains, and small enough that a
 # config read from a file cannot ask for absurd allocations (dim 10**9) before anything is checked
 LIMITS = {
@@ -60,7 +61,7 @@ LIMITS = {
 class HTransformerConfig:
     """The model's shape; the defaults are the `small` preset (4.9M parameters, 8k context)."""
 
-    num_tokens: int = 256  # vocabulary size (256 for bytes)
+    num_tokens: int = BYTE_TOKENS  # vocabulary size
     dim: int = 256  # model width
     depth: int = 6  # number of attention + feed-forward layers
     heads: int = 4  # attention heads

@@ -23,9 +23,8 @@ from htcli.decode_steps import DecodeSteps
 from htcli.device import autocast
 from htcli.display import byte_count
 from htcli.errors import HtcliError
-from htcli.model import HTransformer1D
+from htcli.model import BYTE_TOKENS, HTransformer1D
 
-BYTES = 256  # what a byte-level model draws each position from
 STDIN = "-"  # (as --prompt-file: standard input)
 STDIN_CHUNK = 1 << 20
 
@@ -63,10 +62,10 @@ class SamplingConfig:
             raise HtcliError(
                 f"temperature must be >= 0 (0: greedy), got {self.temperature}", fields=("temperature",)
             )
-        if self.top_k is not None and not 1 <= self.top_k <= BYTES:  # (past 256 it was void, without a word)
+        if self.top_k is not None and not 1 <= self.top_k <= BYTE_TOKENS:  # (past it: void, without a word)
             raise HtcliError(
-                f"top_k must be a positive integer up to {BYTES} (the bytes a sample draws from), got "
-                f"{self.top_k}",
+                f"top_k must be a positive integer up to {BYTE_TOKENS} (the bytes a sample draws from), "
+                f"got {self.top_k}",
                 fields=("top_k",),
             )
         if self.top_p is not None and not 0 < self.top_p <= 1:
