@@ -77,9 +77,8 @@ def cached(
         if made or (not os.environ.get("HTCLI_CACHE_DIR") and cache == _default_dir()):
             _tag(cache)
         facts = _read_facts(facts_file)
-        if _whole(
-            target, facts
-        ):  # (read without the lock, which is made as a file: a read-only cache serves)
+        # a whole entry is read without the lock (a file made in the cache: a read-only cache serves too)
+        if _whole(target, facts):
             return target, facts
         with _locked(target.with_name(target.name + ".lock")):
             facts = _read_facts(facts_file)  # (made meanwhile by another process, or still to make)

@@ -169,6 +169,7 @@ def _glob(pattern: Path, include_hidden: bool) -> Iterable[Path]:
     if not wild or not os.path.isdir(root):
         return
     deepest = None if "**" in wild else len(wild) - 1  # (directories below it cannot match)
+    cache = _cache_identity()
 
     def refuse(error: OSError) -> None:  # (a directory that could hold matches: they were left out)
         if _matches(Path(error.filename).relative_to(root).parts, wild, include_hidden, below=True):
@@ -177,7 +178,7 @@ def _glob(pattern: Path, include_hidden: bool) -> Iterable[Path]:
     for directory, subdirectories, names in os.walk(root, onerror=refuse):
         where = Path(directory).relative_to(root).parts
         # (no run directory or cache below the pattern's fixed part, as a directory's walk)
-        subdirectories[:] = [name for name in subdirectories if not _kept_apart(Path(directory, name))]
+        subdirectories[:] = [name for name in subdirectories if not _kept_apart(Path(directory, name), cache)]
         walked = [
             name
             for name in subdirectories
@@ -223,32 +224,43 @@ def _refuse_unreadable(error: OSError) -> None:
     ) from None
 
 
-def _kept_apart(directory: Path) -> bool:
+def _kept_apart(directory: Path, cache: tuple | None) -> bool:
     """Whether a directory found below a named one is skipped: an htcli run's (its weights and log), a
     cache (CACHEDIR.TAG: htcli's own, made from the corpus's files, would be read twice), or htcli's cache
-    untagged (a folder of the user's that HTCLI_CACHE_DIR names: its entries were read as corpus)."""
-    return is_run_directory(directory) or is_cache_directory(directory) or _is_the_cache(directory)
+    untagged (a folder of the user's that HTCLI_CACHE_DIR names: its entries were read as corpus); cache:
+    _cache_identity(), looked up once per walk."""
+    if is_run_directory(directory) or is_cache_directory(directory):
+        return True
+    return cache is not None and _identity(directory) == cache
 
 
-def _is_the_cache(directory: Path) -> bool:
+def _cache_identity() -> tuple | None:
+    """The device and inode of htcli's corpus cache (None where there is none yet, or no home for one)."""
     try:
-        cache, found = os.stat(cache_dir()), os.stat(directory)
-    except (OSError, HtcliError):  # (no cache yet, or no home directory for one)
-        return False
-    return (cache.st_dev, cache.st_ino) == (found.st_dev, found.st_ino)
+        return _identity(cache_dir())
+    except HtcliError:
+        return None
+
+
+def _identity(path: Path) -> tuple | None:
+    try:
+        found = os.stat(path)
+    except OSError:
+        return None
+    return found.st_dev, found.st_ino
 
 
 def _walk(root: Path, include_hidden: bool, excluded: list[Path]) -> Iterable[Path]:
     """Every regular file below root (hidden ones only with include_hidden), none under excluded or in a
     run directory below root."""
-
+    cache = _cache_identity()
     for directory, subdirectories, names in os.walk(root, onerror=_refuse_unreadable):
         subdirectories[:] = [
             name
             for name in subdirectories
             if (include_hidden or not name.startswith("."))
             and not _under_any(Path(directory, name), excluded)
-            and not _kept_apart(Path(directory, name))
+            and not _kept_apart(Path(directory, name), cache)
         ]
         for name in names:
             if include_hidden or not name.startswith("."):
