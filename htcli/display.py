@@ -38,14 +38,19 @@ def human(count: float) -> str:
     return f"{count:.3g}"
 
 
+def counted(count: int, noun: str) -> str:
+    """1, "byte" -> '1 byte'; 1234 -> '1,234 bytes'."""
+    return f"{count:,} {noun}{'' if count == 1 else 's'}"
+
+
 def byte_count(count: int) -> str:
     """1 -> '1 byte', 1234 -> '1,234 bytes'."""
-    return f"{count:,} byte{'' if count == 1 else 's'}"
+    return counted(count, "byte")
 
 
 def records_left_out(count: int) -> str:
     """What --skip-bad-records left out of a corpus: 1 -> 'left out 1 bad record of the corpus'."""
-    return f"left out {count:,} bad record{'' if count == 1 else 's'} of the corpus"
+    return f"left out {counted(count, 'bad record')} of the corpus"
 
 
 def corpus_changed(start: dict) -> str:
