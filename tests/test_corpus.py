@@ -636,6 +636,30 @@ def test_a_cache_that_is_not_a_directory_is_named(tmp_path, monkeypatch):
     assert not_a_directory.read_text() == "mine"
 
 
+def test_a_cache_named_with_a_tilde_or_as_a_link_to_nothing(tmp_path, monkeypatch):
+    """HTCLI_CACHE_DIR='~/c' (quoted: the shell left the `~`) is the home directory's c, as it would have
+    been unquoted (a folder named `~` was made in the working directory); one that is a link to nothing,
+    or under one, says so (was "File exists; set HTCLI_CACHE_DIR")."""
+    corpus = tmp_path / "c.txt.gz"
+    corpus.write_bytes(gzip.compress(make_text(4000)))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HTCLI_CACHE_DIR", "~/c")
+    with ByteCorpus.open([corpus]) as opened:
+        assert opened.read(0, 10) == make_text(4000)[:10]
+    assert (tmp_path / "home" / "c").is_dir() and not (tmp_path / "~").exists()
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "nowhere")
+    for cache, within in ((link, ""), (link / "sub", f" cannot be made: {link}")):
+        monkeypatch.setenv("HTCLI_CACHE_DIR", str(cache))
+        result = invoke("train", corpus, "--out", tmp_path / "run", *TINY_FLAGS, "--steps", 1)
+        assert_user_error(
+            result,
+            f"the cache {cache}{within} is a link to {tmp_path / 'nowhere'}, which does not exist; make that "
+            "directory or set HTCLI_CACHE_DIR to a",
+        )
+
+
 def test_a_cache_entry_that_fails_at_its_last_step_leaves_no_facts(tmp_path, monkeypatch):
     """An entry whose bytes cannot be put in place (here os.replace fails; a SIGTERM during its fsync
     is the same) leaves neither the bytes nor the small file of facts written before them."""

@@ -39,15 +39,17 @@ NAME_BYTES = 200
 
 
 def cache_dir() -> Path:
-    """Where made corpus bytes go: $HTCLI_CACHE_DIR, else $XDG_CACHE_HOME/htcli or ~/.cache/htcli."""
+    """Where made corpus bytes go: $HTCLI_CACHE_DIR, else $XDG_CACHE_HOME/htcli or ~/.cache/htcli (a
+    leading `~` of either variable is the home directory, as a shell would have made it unquoted: a
+    folder named `~` was made)."""
     if os.environ.get("HTCLI_CACHE_DIR"):
-        return Path(os.environ["HTCLI_CACHE_DIR"])
+        return Path(os.environ["HTCLI_CACHE_DIR"]).expanduser()
     return _default_dir()
 
 
 def _default_dir() -> Path:
     if os.environ.get("XDG_CACHE_HOME"):
-        return Path(os.environ["XDG_CACHE_HOME"]) / "htcli"
+        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "htcli"
     try:
         return Path.home() / ".cache" / "htcli"
     except RuntimeError:  # (no HOME, and a user without a passwd entry: a container's uid)
@@ -96,12 +98,16 @@ def cached(
                     raise
             return target, facts
     except OSError as error:
-        if error.errno in (errno.EEXIST, errno.ENOTDIR) and (blocker := _not_a_directory(cache)):
+        fix = "free some space or " if error.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+        if error.errno == errno.EEXIST and (link := _dangling(cache)):
+            within = "" if link == cache else f" cannot be made: {link}"
+            what = f"the cache {cache}{within} is a link to {os.readlink(link)}, which does not exist"
+            fix = "make that directory or "
+        elif error.errno in (errno.EEXIST, errno.ENOTDIR) and (blocker := _not_a_directory(cache)):
             made = "" if blocker == cache else f" cannot be made: {blocker}"
             what = f"the cache {cache}{made} is not a directory"
         else:
             what = f"cannot make {source}'s bytes in the cache {cache}: {error.strerror or error}"
-        fix = "free some space or " if error.errno in (errno.ENOSPC, errno.EDQUOT) else ""
         raise HtcliError(f"{what}; {fix}set HTCLI_CACHE_DIR to a directory that can take them") from None
 
 
@@ -118,6 +124,14 @@ def _cut(name: str, limit: int) -> str:
     while len(os.fsencode(name)) > limit:
         name = name[:-1]
     return name
+
+
+def _dangling(path: Path) -> Path | None:
+    """path, or the first of its parents, that is a link to nothing (None if there is none)."""
+    for candidate in reversed([path, *path.parents]):
+        if candidate.is_symlink() and not candidate.exists():
+            return candidate
+    return None
 
 
 def _not_a_directory(path: Path) -> Path | None:
