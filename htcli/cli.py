@@ -574,7 +574,7 @@ def _train_with(options: dict, resume: bool | str, print_config: bool, given: se
         return
     if "loggers" in given and resolve_resume(resume, config.out):
         _say_dropped_loggers(config)
-    with process_group(config.device) as launch, TrainDisplay(err_console) as display:
+    with process_group(config.device) as launch, TrainDisplay(err_console, respell) as display:
         result = run_training(config, resume=resume, on_event=display)
     code = STOP_CODES.get(result.stopped_by, 0)
     if launch.main:

@@ -54,19 +54,33 @@ def records_left_out(count: int) -> str:
 
 
 def corpus_changed(start: dict) -> str:
-    """What a resume's start event says of a corpus that changed since the checkpoint (its corpus_was)."""
+    """What a resume's start event says of a corpus that changed since the checkpoint (its corpus_was),
+    and, where its held-out bytes are the corpus's end, of bytes it trained on that the end now holds."""
     train, val = start["corpus_was"]
-    if [train, val] == [start["train_bytes"], start["val_bytes"]]:
+    now = start["train_bytes"]
+    if [train, val] == [now, start["val_bytes"]]:
         what = "its files are others, or in another order, of the same bytes in all"
     else:
         what = (
-            f"{train:,} bytes to train on and {val:,} held out then, {start['train_bytes']:,} and "
-            f"{start['val_bytes']:,} now"
+            f"{train:,} bytes to train on and {val:,} held out then, {now:,} and {start['val_bytes']:,} now"
         )
-    return (
+    said = (
         f"the corpus or its split changed since the checkpoint ({what}): the run goes on, not exactly as an "
         "uninterrupted run would"
     )
+    trained = (
+        min(train, now + start["val_bytes"]) - now
+    )  # (of the held-out bytes, if the files kept their order)
+    if start.get("val_from_corpus") and trained > 0:
+        said += (
+            f"; its held-out bytes, the end of the shorter corpus, hold {trained:,} bytes it trained on: its"
+            " val bpb is no longer held out (give --val files of your own to hold out others)"
+        )
+    elif start.get("val_from_corpus") and "order" in what:
+        said += (
+            "; its held-out bytes, the end of the corpus, may be bytes it trained on (--val holds out files)"
+        )
+    return said
 
 
 def warmup_warning(warmup: int, steps: int) -> str | None:
@@ -102,8 +116,9 @@ class TrainDisplay:
     shows nothing before the run's "start" event, so errors in the inputs print alone.
     """
 
-    def __init__(self, console: Console):
-        self.console = console
+    def __init__(self, console: Console, spell: Callable[[str, list[str]], str] | None = None):
+        """spell: a library line that names config fields (a resume's changes), as the user calls them."""
+        self.console, self.spell = console, spell or (lambda line, fields: line)
         self.progress = Progress(
             TextColumn("[bold]step"),
             MofNCompleteColumn(),
@@ -142,6 +157,9 @@ class TrainDisplay:
                 f"{human(event['train_bytes'])}B to train on, {human(event['val_bytes'])}B held out, "
                 f"{human(event['tokens_per_step'])} bytes per step"
             )
+            for line, fields in event.get("changes", []):
+                shown = escape(self.spell(line, fields))
+                self.console.print(shown.replace("warning:", "[yellow]warning:[/]", 1), soft_wrap=True)
             if event.get("corpus_was"):
                 self.console.print(f"[yellow]{corpus_changed(event)}")
             if event.get("skipped_records"):

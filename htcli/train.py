@@ -67,6 +67,7 @@ from htcli.flops import peak_bf16_flops, train_flops
 from htcli.loggers import check_loggers, close_loggers, open_loggers
 from htcli.model import HTransformer1D
 from htcli.optim import context_length, learning_rate, make_optimizer, newton_schulz_dtype
+from htcli.resume_changes import resume_changes
 from htcli.rundir import check_still_new, open_run, resolve_resume
 from htcli.runlock import RunLock, Whereabouts
 from htcli.runlog import LogError, RunLog, trim_log
@@ -274,6 +275,8 @@ class Run:
                 " the run directory as rank 0 saved it",
                 fields=("out",),
             )
+        # what the resume changes of the run (before config.json takes the new options)
+        self.changes = [] if checkpoint is None else resume_changes(config, checkpoint[0].step)
         if checkpoint is not None:
             self.dtype = self._resumed_dtype(checkpoint[-1])
         self.dtype = _one_precision(self.dtype)
@@ -445,10 +448,12 @@ class Run:
             val_bytes=len(self.val_data), skipped_records=sum(c.skipped_records for c in self.corpora),
             tokens_per_step=config.tokens_per_step * self.world_size,
             world_size=self.world_size, batch_size=config.batch_size, grad_accum=config.grad_accum,
-            seq_len=config.model.max_seq_len, corpus_was=self.corpus_was, warmup=config.warmup,
+            seq_len=config.model.max_seq_len, corpus_was=self.corpus_was, val_from_corpus=not config.val,
+            warmup=config.warmup,
             muon_products=dtype_name(self.products) if config.optimizer == "muon" else None,
             context_warmup=config.context_warmup,  # (with the short length of its last step, which says
             last_context=context_length(config.steps - 1, config),  # whether any trains at seq_len)
+            changes=[[line, list(fields)] for line, fields in self.changes],  # (fields: those the line names)
         )  # fmt: skip
 
     def train_step(self, log: RunLog) -> float:

@@ -387,6 +387,10 @@ def test_resume_says_when_the_corpus_files_changed_at_the_same_size(tmp_path):
     assert moved.exit_code == 0, moved.output
     said = " ".join(moved.stderr.split())
     assert "the corpus or its split changed since the checkpoint (its files are others, or in another" in said
+    assert (
+        "; its held-out bytes, the end of the corpus, may be bytes it trained on (--val holds out files)"
+        in said
+    )
     starts = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if '"start"' in line]
     last = starts[-1]
     assert [e["corpus_was"] for e in starts] == [None, None, [last["train_bytes"], last["val_bytes"]]]
@@ -421,6 +425,18 @@ def test_resume_says_when_the_corpus_changed(tmp_path):
     events = map(json.loads, (out / "log.jsonl").read_text().splitlines())
     starts = [e for e in events if e["event"] == "start"]
     assert [e["corpus_was"] is not None for e in starts] == [False, False, True]
+    assert "trained on" not in said  # (grown at its end: the held-out bytes are new ones)
+    corpus.write_bytes(make_text(15_000))  # (shorter: its end now lies in what it trained on)
+    shorter = invoke("train", corpus, "--out", out, "--resume", "--steps", 5)
+    said = " ".join(shorter.stderr.split())
+    assert (
+        shorter.exit_code == 0
+        and (
+            "; its held-out bytes, the end of the shorter corpus, hold 150 bytes it trained on: its val bpb"
+            " is no longer held out (give --val files of your own to hold out others)"
+        )
+        in said
+    ), shorter.output
 
 
 def test_arguments_that_are_not_utf8_are_bytes(trained):

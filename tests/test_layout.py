@@ -38,7 +38,7 @@ LAYERS = [
     ("presets", "data", "distributed", "runlog", "flops", "decode_steps"),
     ("config", "checkpoint_checks", "evaluate", "runlock", "curves"),
     ("checkpoint", "sample", "optim", "config_file"),
-    ("rundir",),
+    ("rundir", "resume_changes"),
     ("train", "bench"),
     ("bench_report",),
     ("cli",),

@@ -520,6 +520,43 @@ def test_a_stop_that_cannot_be_logged_is_saved_all_the_same():
     assert saved == [7]
 
 
+def test_a_resume_says_what_it_changes_and_what_that_makes_of_the_schedule(corpus, tmp_path):
+    """A resume takes changed options without a word, and a raised --steps stretches the learning rate's
+    decay and the context warm-up over the new total: a finished run's learning rate went back up and a
+    run past its context warm-up trained on short windows again, unsaid. Both are now said (with the
+    --context-warmup that keeps the run's switch), and nothing is said where nothing changes."""
+    out = tmp_path / "run"
+    flags = [*TINY_FLAGS, "--out", out]
+    first = invoke(
+        "train", corpus, *flags, "--steps", 4, "--context-warmup", 0.5, "--context-warmup-start", 32
+    )
+    assert first.exit_code == 0, first.output
+    longer = invoke("train", *flags, "--resume", "--steps", 12)
+    assert longer.exit_code == 0, longer.output
+    said = " ".join(longer.stderr.split())
+    assert "resuming with --steps 12 (the run's: 4)" in said
+    assert re.search(
+        r"warning: --steps 12 stretches the run's schedules: step 5 trains at learning rate [\d.e-]+ "
+        r"\(the run's schedule: [\d.e-]+\), and on windows of 32 bytes again up to step 6 \(--context-warmup "
+        r"0.5 of the new total; --context-warmup 0.166 keeps the run's switch to 64 at step 3\)",
+        said,
+    ), said
+    assert [e["context"] for e in events(out, "step")][4:] == [32, 32, 64, 64, 64, 64, 64, 64]
+    starts = events(out, "start")  # (log.jsonl keeps them, naming the fields)
+    assert starts[0]["changes"] == [] and [fields for _, fields in starts[1]["changes"]][0] == ["steps"]
+    assert said.index("resuming at step 4") < said.index("resuming with")  # (once the run has started)
+    again = invoke("train", *flags, "--resume", "--steps", 14, "--eval-every", 3, "--context-warmup", 0.166)
+    said = " ".join(again.stderr.split())
+    assert (
+        "resuming with --steps 14 (the run's: 12), --context-warmup 0.166 (the run's: 0.5), --eval-every 3"
+        " (the run's: 100) warning: --steps 14 stretches the run's schedules: step 13 trains at learning rate"
+        in said
+    )
+    assert again.exit_code == 0 and "on windows" not in said, again.output
+    same = invoke("train", *flags, "--resume", "--steps", 14)  # (finished: refused, nothing listed)
+    assert same.exit_code == 1 and "resuming with" not in same.stderr, same.output
+
+
 @pytest.mark.parametrize("resume", [False, "auto"])
 def test_a_run_saved_into_a_new_out_while_another_started_is_kept(corpus, tmp_path, monkeypatch, resume):
     """Two new runs into one --out that does not exist yet: the one that made it and saved there first (while

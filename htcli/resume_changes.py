@@ -1,0 +1,92 @@
+"""What a resume changes of its run, said before it goes on: the options that differ from the run's
+config.json, and what they make of the learning rate and the window length at the step it resumes at.
+
+A resume may change the steps and the optimization's options (README, "htcli train"); the schedules are
+functions of them over the whole run, so a raised steps stretches the learning rate's warm-up and decay
+and the context warm-up over the new total: a finished run's learning rate goes back up, and a run past
+its context warm-up trains on short windows again. Both are what the new options mean; neither was said.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+from htcli.config import TrainConfig, saved_config
+from htcli.errors import HtcliError
+from htcli.optim import context_length, learning_rate
+
+# (refused where they differ, said by a resume's own lines, or paths that a moved run changes)
+UNSAID = ("model", "corpus", "val", "out", "loggers", "optimizer", "seed", "val_fraction")
+SCHEDULE = ("steps", "lr", "min_lr", "warmup", "context_warmup", "context_warmup_start")
+
+
+def resume_changes(config: TrainConfig, step: int) -> list[tuple[str, tuple[str, ...]]]:
+    """Lines that say what resuming the run in config.out at step (its checkpoint's) with config changes
+    of it, each with the config fields it names: the options that differ from the run's config.json (read
+    before the resume writes its own), then (a warning) what they make of the step it resumes at, where
+    its learning rate or window length differs from the run's schedule."""
+    try:
+        saved = TrainConfig.from_dict({**saved_config(Path(config.out)), "out": config.out})
+    except HtcliError:  # (a config.json the resume did without: resume auto)
+        return []
+    changed = [
+        field.name
+        for field in dataclasses.fields(TrainConfig)
+        if field.name not in UNSAID and getattr(saved, field.name) != getattr(config, field.name)
+    ]
+    if not changed:
+        return []
+    listed = ", ".join(f"{name} {_shown(getattr(config, name))} (the run's: {_shown(getattr(saved, name))})"
+                       for name in changed)  # fmt: skip
+    lines = [(f"resuming with {listed}", tuple(changed))]
+    effect = _schedule_effect(saved, config, step)
+    if effect:
+        lines.append((f"warning: {effect}", SCHEDULE))
+    return lines
+
+
+def _shown(value: object) -> str:
+    return ("on" if value else "off") if isinstance(value, bool) else str(value)
+
+
+def _schedule_effect(saved: TrainConfig, config: TrainConfig, step: int) -> str | None:
+    """What config's schedules make of step (0-based: the next step trained) that the run's did not."""
+    effects = []
+    then, now = learning_rate(step, saved), learning_rate(step, config)
+    if not math.isclose(then, now, rel_tol=1e-9):
+        effects.append(f"at learning rate {now:.3g} (the run's schedule: {then:.3g})")
+    short_then, short_now = context_length(step, saved), context_length(step, config)
+    if short_now < short_then:
+        until = math.ceil(config.context_warmup * config.steps)
+        effects.append(
+            f"on windows of {short_now} bytes again up to step {until} (context_warmup "
+            f"{config.context_warmup} of the new total{_keeping(saved, config)})"
+        )
+    elif short_now > short_then:
+        effects.append(f"on windows of the full {short_now} bytes (the run's schedule: {short_then})")
+    if not effects:
+        return None
+    cause = ""
+    if saved.steps != config.steps:  # (the schedules span the whole run)
+        how = "stretches" if config.steps > saved.steps else "shrinks"
+        cause = f"steps {config.steps} {how} the run's schedules: "
+    return f"{cause}step {step + 1} trains " + ", and ".join(effects)
+
+
+def _keeping(saved: TrainConfig, config: TrainConfig) -> str:
+    """The context_warmup that keeps the run's switch to full windows where it was, where one does."""
+    switch = math.ceil(saved.context_warmup * saved.steps)  # (the first step on full windows, 0-based)
+    full, exact = config.model.max_seq_len, switch / config.steps
+    for digits in range(3, 18):  # (the shortest fraction that does: rounded, or rounded down)
+        for fraction in (float(f"{exact:.{digits}g}"), math.floor(exact * 10**digits) / 10**digits):
+            try:
+                kept = dataclasses.replace(config, context_warmup=fraction)
+            except HtcliError:
+                continue
+            if context_length(switch, kept) == full and not (
+                switch and context_length(switch - 1, kept) == full
+            ):
+                return f"; context_warmup {fraction} keeps the run's switch to {full} at step {switch + 1}"
+    return ""
