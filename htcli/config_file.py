@@ -3,7 +3,8 @@
 TOML because Python reads it without another package (tomllib) and its values are typed as written
 (`lr = 1e-3` is a number, `"1e-3"` a string; YAML reads `no` as false and `1e3` as a string). A file
 holds the options of `htcli train`, each key spelled as a caller says (the command line: as its flag
-without the dashes, `seq-len`) or as its config field (`max_seq_len`, as config.json has them); a
+without the dashes, `seq-len`) or as its config field (`max_seq_len`, as config.json has them), with
+dashes or underscores between its words; a
 `model` table (as in config.json) holds model fields. `write_toml` writes a config back as TOML that
 `read_options` reads again unchanged.
 """
@@ -57,6 +58,8 @@ def read_options(path: Path, spell: Callable[[str], str]) -> dict[str, object]:
     version = _run_version(path, data.pop(VERSION_KEY, None))
     known = option_fields()
     spellings = {spell(name): name for name in known} | {name: name for name in known}
+    # (either way with dashes or underscores: seq_len and max-seq-len were refused where batch_size was not)
+    loose = {key.replace("-", "_"): name for key, name in spellings.items()}
     model = data.pop("model", {})
     if not isinstance(model, dict):
         raise HtcliError(f"{path}: model must be a table of model options, got {_shown(model)}")
@@ -64,7 +67,7 @@ def read_options(path: Path, spell: Callable[[str], str]) -> dict[str, object]:
     options, keys = {}, {}
     given = [(key, key, value) for key, value in data.items()]
     for key, where, value in given + [(key, f"model.{key}", value) for key, value in model.items()]:
-        name = spellings.get(key)
+        name = loose.get(key.replace("-", "_"))
         if name is None:
             upgrade = f"; htcli {version} wrote this file: upgrade htcli"
             raise HtcliError(

@@ -187,6 +187,21 @@ def test_config_files_that_were_taken_without_a_word(corpus, tmp_path, content, 
     assert_user_error(printed, message)
 
 
+def test_a_key_may_join_its_words_with_dashes_or_underscores(corpus, tmp_path):
+    """batch_size and block_size were read, seq_len and max-seq-len refused ("did you mean seq-len?"): every
+    key is read with dashes or underscores; two spellings of one option still clash."""
+    for key in ("seq-len", "seq_len", "max_seq_len", "max-seq-len"):
+        path = tmp_path / "exp.toml"
+        path.write_text(f"{key} = 128\nlevel_decay = 4.0\ncontext-warmup_start = 64\n")
+        printed = resolved(corpus, "--config", path)
+        assert "seq-len = 128" in printed and "level-decay = 4.0" in printed, key
+        assert "context-warmup-start = 64" in printed, key
+    path.write_text("seq_len = 64\nmax-seq-len = 128\n")
+    assert_user_error(
+        invoke("train", corpus, "--config", path), "exp.toml: seq_len and max-seq-len are the same option"
+    )
+
+
 def test_a_json_key_given_twice_is_an_error(corpus, tmp_path):
     """json.loads keeps the last of two equal keys without a word (TOML refuses them): refused too."""
     path = tmp_path / "exp.json"
