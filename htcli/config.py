@@ -287,7 +287,9 @@ def config_from_options(
     _check_kept_on_resume(saved, given, out)
     if preset is not None:
         _check_preset_of_run(preset, model, saved["model"], out)
-    base = preset if preset is not None else saved.pop("model")
+    # (the saved model's level decay derived again where the attention given is another: it was kept, and
+    # the resume was refused for a level decay never given, not for the model)
+    base = preset if preset is not None else without_derived(saved.pop("model"), model)
     try:
         return TrainConfig.from_dict({**saved, **given, "out": out, "model": model_config(base, **model)})
     except HtcliError as error:

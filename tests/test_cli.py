@@ -620,6 +620,8 @@ def test_unreadable_corpus(run_copy, tmp_path, monkeypatch):
     [
         (["--block-size", "12"], "--seq-len (64) must be a multiple of --block-size (12)"),
         (["--dim", "48"], "the model differs from its checkpoint (--dim 32 in the checkpoint, 48 asked)"),
+        # (was "--level-decay is H-attention's: with --attention exact set it to 0", never given)
+        (["--attention", "exact"], "differs from its checkpoint (--attention h in the checkpoint, exact"),
         (["--preset", "huge"], "unknown --preset 'huge'"),
         (["--lr", "-1"], "--lr must be a positive number"),
         (["--lr", "1e40"], "--lr must be a positive number up to 1000, got 1e+40"),  # (was a traceback)
