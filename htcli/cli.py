@@ -720,7 +720,8 @@ def sample(
         _switch(
             "cache",
             "Decode with the model's cache (H-attention's, constant cost per byte, or an exact model's KV "
-            "cache; the default), or recompute the model over its context for every byte (slow).",
+            "cache; the default), or recompute the model over the same context for every byte (slow; the"
+            " same bytes).",
         ),
     ] = True,
     seed: Seed = 0,

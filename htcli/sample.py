@@ -2,7 +2,7 @@
 
 `generate` gets each next-token distribution from a `Decoder`: by default through the model's
 hierarchical decode cache (prefill once, then O(block_size * dim_head) per layer per byte), or
-by recomputing the model over the last max_seq_len bytes (`cache=False`, for comparison).
+by recomputing the model over the same context for every byte (`cache=False`, for comparison).
 """
 
 from __future__ import annotations
@@ -159,8 +159,9 @@ class Decoder:
     (DecodeSteps: on a CUDA GPU replayed from a CUDA graph). When the context reaches max_seq_len, it
     is cut to its last max_seq_len // 2 bytes and prefilled again, so past the model's context every
     max_seq_len // 2 new bytes cost one prefill; the model never sees more than max_seq_len.
-    Without the cache (or for a model that cannot use it), each byte recomputes the model over
-    the last max_seq_len bytes.
+    Without the cache (or for a model that cannot use it), each byte recomputes the model over the
+    same context (cut the same way: a sliding window of the last max_seq_len bytes gave other bytes
+    than the cache past the model's context, where --no-cache is the cache's check).
     """
 
     def __init__(
@@ -174,6 +175,7 @@ class Decoder:
         prompt = tokens[:, -self.window :]
         self.logits = self._start(prompt, copies)
         self.context = prompt.expand(copies, -1) if copies > 1 else prompt
+        self.seen = prompt.shape[1]  # the bytes the model reads now: since the prompt, or the last cut
 
     def _start(self, tokens: torch.Tensor, copies: int = 1) -> torch.Tensor:
         """Logits of the byte after tokens (b, n), the state to go on from; copies: of one sequence."""
@@ -189,10 +191,10 @@ class Decoder:
         """Append one byte to each sequence; self.logits then predicts the bytes after them."""
         new = self.context.new_tensor(tokens)[:, None]
         self.context = torch.cat([self.context, new], dim=1)[:, -self.window :]
-        if not self.cached:
-            self.logits = self._start(self.context)
-        elif self.state.position >= self.window:
-            self.logits = self._start(self.context[:, -(self.window // 2) :])
+        cut = self.seen == self.window  # (the context is full: cut to its last half, the new byte's)
+        self.seen = self.window // 2 if cut else self.seen + 1
+        if cut or not self.cached:
+            self.logits = self._start(self.context[:, -self.seen :])
         else:
             self.logits = self.steps(new[:, 0])
 

@@ -115,6 +115,26 @@ def test_cache_and_recompute_agree_within_context():
 
 
 @pytest.mark.parametrize("attention", ["h", "exact"])
+def test_cache_and_recompute_agree_past_the_context(attention):
+    """Past max_seq_len recomputation reads the context the cache reads (cut to its last half when full),
+    so that greedy decoding gives the same bytes with and without the cache (a sliding window of the last
+    max_seq_len bytes gave others from the first byte past the context: --no-cache is the cache's check)."""
+    torch.manual_seed(0)
+    model = HTransformer1D(HTransformerConfig(**{**TINY_MODEL, "attention": attention})).eval()
+    tokens = torch.randint(0, 256, (2, 50))
+    with torch.no_grad():
+        cached = Decoder(model, tokens, cache=True, dtype=torch.float32)
+        recomputed = Decoder(model, tokens, cache=False, dtype=torch.float32)
+        for token in torch.randint(0, 256, (150,)).tolist():  # (past 64 three times)
+            assert torch.allclose(cached.logits, recomputed.logits, atol=1e-4)
+            cached.feed([token, 255 - token])
+            recomputed.feed([token, 255 - token])
+        assert torch.allclose(cached.logits, recomputed.logits, atol=1e-4)
+    greedy = SamplingConfig(200, temperature=0)
+    assert list(generate(model, b"hello", greedy)) == list(generate(model, b"hello", greedy, cache=False))
+
+
+@pytest.mark.parametrize("attention", ["h", "exact"])
 def test_cache_reprefills_past_context(attention):
     """At max_seq_len the cached decoder re-prefills the last max_seq_len // 2 bytes, and goes on."""
     torch.manual_seed(0)
