@@ -735,7 +735,7 @@ def sample(
         from htcli.sample import SamplingConfig, generate_batch
 
         _check_sample_options(prompt, prompt_file, num_samples, seed)
-        _check_greedy(temperature, top_k, top_p, num_samples, bool(echo) and json_output)
+        _check_greedy(temperature, num_samples, bool(echo) and json_output)
         configs = [
             SamplingConfig(max_new_tokens, temperature, top_k, top_p, seed + i) for i in range(num_samples)
         ]
@@ -767,17 +767,10 @@ def _prompt_bytes(prompt: str | None, prompt_file: Path | None, context: int) ->
     return given
 
 
-def _check_greedy(
-    temperature: float, top_k: int | None, top_p: float | None, num_samples: int, echo_json: bool
-) -> None:
-    """Options that others make void, refused (they were ignored): --top-k or --top-p with --temperature
-    0, several samples with it (each the same text), --echo with --json (which prints continuations)."""
-    given = [name for name, value in (("--top-k", top_k), ("--top-p", top_p)) if value is not None]
-    if temperature == 0 and given:
-        raise HtcliError(
-            f"--temperature 0 always takes the most likely byte: {' and '.join(given)} would be ignored; "
-            f"drop {'them' if len(given) > 1 else 'it'}, or give a temperature above 0"
-        )
+def _check_greedy(temperature: float, num_samples: int, echo_json: bool) -> None:
+    """Options that others make void, refused (they were ignored): several samples with --temperature 0
+    (each the same text), --echo with --json (which prints continuations); SamplingConfig refuses --top-k
+    or --top-p with it."""
     if temperature == 0 and num_samples > 1:
         raise HtcliError(
             f"--temperature 0 always takes the most likely byte: --num-samples {num_samples} would give "

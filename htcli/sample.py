@@ -74,6 +74,13 @@ class SamplingConfig:
                 f"{self.top_p}",
                 fields=("top_p",),
             )
+        void = [name for name in ("top_k", "top_p") if getattr(self, name) is not None]
+        if self.temperature == 0 and void:  # (greedy: they would be ignored)
+            raise HtcliError(
+                f"temperature 0 always takes the most likely byte: {' and '.join(void)} would be ignored; "
+                f"drop {'them' if len(void) > 1 else 'it'}, or give a temperature above 0",
+                fields=("temperature", *void),
+            )
 
 
 # a row's uniforms are drawn from its generator this many at a time (one tensor operation per row per
@@ -244,6 +251,9 @@ def generate_batch(
         )
     if not prompt:
         raise HtcliError("the prompt is empty: generation needs at least one byte to continue")
+    if isinstance(stop, (str, bytes)) or not all(isinstance(s, (bytes, bytearray)) for s in stop):
+        shown = type(stop).__name__ if isinstance(stop, (str, bytes)) else "a list holding other things"
+        raise HtcliError(f'stop must be a list of bytes (such as [b"\\n\\n"]), got {shown}')
     if any(not s for s in stop):
         raise HtcliError("a stop string is empty: give at least one character", fields=("stop",))
     most = max((config.max_new_tokens for config in configs), default=0)

@@ -173,12 +173,27 @@ def test_utf8_stream_never_splits_a_character():
         (dict(top_p=1.5), "top_p must be above 0 and at most 1"),
         (dict(top_p=0.0), "top_p must be above 0 and at most 1"),
         (dict(max_new_tokens=-1), "max_new_tokens must be >= 0"),
+        # (taken, and ignored, where the CLI refused them)
+        (
+            dict(temperature=0, top_k=3),
+            "temperature 0 always takes the most likely byte: top_k would be ignored",
+        ),
+        (dict(temperature=0, top_k=3, top_p=0.5), "top_k and top_p would be ignored; drop them"),
     ],
 )
 def test_sampling_config_validation(options, message):
     """Impossible sampling options are refused with the field's name."""
     with pytest.raises(HtcliError, match=message):
         SamplingConfig(**options)
+
+
+@pytest.mark.parametrize("stop", ["e", b"e", [b"e", "f"]])
+def test_stop_strings_must_be_a_list_of_bytes(stop):
+    """A str (or one bytes string, not in a list) as stop was a TypeError from bytes.endswith, or each of
+    its bytes taken as a stop string: one line saying what stop takes."""
+    model = tiny_model()
+    with pytest.raises(HtcliError, match=r"stop must be a list of bytes \(such as \[b"):
+        list(generate(model, b"abc", SamplingConfig(5), stop=stop))
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
@@ -189,7 +204,8 @@ def test_samples_decoded_together_equal_samples_decoded_alone(temperature, atten
     four samples of their seeds, past the model's context too (re-prefilled)."""
     torch.manual_seed(0)
     model = HTransformer1D(HTransformerConfig(**{**TINY_MODEL, "attention": attention})).eval()
-    configs = [SamplingConfig(80, temperature=temperature, top_k=50, seed=seed) for seed in range(4)]
+    top_k = 50 if temperature else None  # (greedy refuses it: void)
+    configs = [SamplingConfig(80, temperature=temperature, top_k=top_k, seed=seed) for seed in range(4)]
     together = list(zip(*generate_batch(model, b"the cat " * 25, configs, cache=cache)))
     alone = [list(generate(model, b"the cat " * 25, c, cache=cache)) for c in configs]
     assert [list(row) for row in together] == alone
