@@ -71,14 +71,14 @@ def read_options(path: Path, spell: Callable[[str], str]) -> dict[str, object]:
         if name is None:
             upgrade = f"; htcli {version} wrote this file: upgrade htcli"
             raise HtcliError(
-                f"{path}: {_unknown(key, spellings)}{upgrade if version and is_newer(version) else ''}"
+                f"{path}: {_unknown(key, where, spellings)}{upgrade if version and is_newer(version) else ''}"
             )
         if where != key and name not in model_fields:  # (a model table of train options: misplaced)
             raise HtcliError(
                 f"{path}: {where} is not a model option ({key} is one of htcli train's): move it out of the "
                 "model table"
             )
-        checked = _checked(path, key, value, known[name])
+        checked = _checked(path, where, value, known[name])
         if name in options and options[name] != checked:  # (seq-len and max_seq_len, say)
             raise HtcliError(
                 f"{path}: {keys[name]} and {where} are the same option, given {options[name]!r} and "
@@ -189,9 +189,12 @@ def _load(path: Path) -> dict:
 
 
 def _shown(value: object) -> str:
-    """value as a message shows it: as Python writes it, a TOML date or time as TOML does."""
+    """value as a message shows it: as Python writes it, a TOML date or time as TOML does, true, false and
+    null as the file does (not True, False and None)."""
     if isinstance(value, datetime.date | datetime.time):
         return f"{value.isoformat()} (a date or time)"
+    if value is None or isinstance(value, bool):
+        return json.dumps(value)
     return repr(value)
 
 
@@ -210,13 +213,14 @@ def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
     return data
 
 
-def _unknown(key: str, spellings: dict[str, str]) -> str:
+def _unknown(key: str, where: str, spellings: dict[str, str]) -> str:
+    """What a key that is no option is; where: the key as the file holds it (model.x in a model table)."""
     field = key.replace("-", "_")
     if field in NOT_IN_FILES:
-        return f"{key} is given on the command line, not in a config file"
+        return f"{where} is given on the command line, not in a config file"
     close = difflib.get_close_matches(key, list(spellings), n=1)
-    hint = f" (did you mean {close[0]}?)" if close else ""
-    return f"{key} is not an option of htcli train{hint}"
+    hint = f" (did you mean {where[: -len(key)]}{close[0]}?)" if close else ""
+    return f"{where} is not an option of htcli train{hint}"
 
 
 def _checked(path: Path, key: str, value: object, annotation: str) -> object:

@@ -169,13 +169,19 @@ def _check_model_and_steps(out: Path, config: TrainConfig, info: CheckpointInfo)
         changed = [k for k in ours if ours[k] != theirs[k]]
         filed = _model_in_config_file(out)
         if all(k in filed and filed[k] == ours[k] for k in changed):  # (no option asked for them)
-            differences = ", ".join(f"{k} {ours[k]} there, {theirs[k]} in the checkpoint" for k in changed)
-            back = ", ".join(f"{k} to {theirs[k]}" for k in changed)
+            shown = {
+                k: (json.dumps(ours[k]), json.dumps(theirs[k])) for k in changed
+            }  # (as the file has them)
+            differences = ", ".join(
+                f"{k} {shown[k][0]} there, {shown[k][1]} in the checkpoint" for k in changed
+            )
+            back = ", ".join(f"{k} to {shown[k][1]}" for k in changed)
             raise HtcliError(
                 f"cannot resume {out}: its {CONFIG_FILE} (edited, or another run's?) does not describe its "
                 f"checkpoint's model ({differences}): set {back} in {out / CONFIG_FILE}"
             )
-        differences = ", ".join(f"{k} {theirs[k]} in the checkpoint, {ours[k]} asked" for k in changed)
+        shown = {k: (_switch(ours[k]), _switch(theirs[k])) for k in changed}
+        differences = ", ".join(f"{k} {shown[k][1]} in the checkpoint, {shown[k][0]} asked" for k in changed)
         raise HtcliError(
             f"cannot resume {out}: the model differs from its checkpoint ({differences}); drop those options,"
             " or give the checkpoint's values",
@@ -186,6 +192,11 @@ def _check_model_and_steps(out: Path, config: TrainConfig, info: CheckpointInfo)
             f"{out} is already at step {info.step} of steps {config.steps}: pass a larger steps",
             fields=("steps",),
         )
+
+
+def _switch(value: object) -> object:
+    """A model field's value as a message shows it: a switch on or off (--shift-tokens on, not True)."""
+    return ("on" if value else "off") if isinstance(value, bool) else value
 
 
 def _model_in_config_file(out: Path) -> dict:

@@ -620,6 +620,11 @@ def test_unreadable_corpus(run_copy, tmp_path, monkeypatch):
     [
         (["--block-size", "12"], "--seq-len (64) must be a multiple of --block-size (12)"),
         (["--dim", "48"], "the model differs from its checkpoint (--dim 32 in the checkpoint, 48 asked)"),
+        # (a switch was "True in the checkpoint, False asked")
+        (
+            ["--no-shift-tokens"],
+            "differs from its checkpoint (--shift-tokens on in the checkpoint, off asked)",
+        ),
         # (was "--level-decay is H-attention's: with --attention exact set it to 0", never given)
         (["--attention", "exact"], "differs from its checkpoint (--attention h in the checkpoint, exact"),
         (["--preset", "huge"], "unknown --preset 'huge'"),

@@ -108,9 +108,9 @@ def test_flags_override_the_file_and_the_file_overrides_defaults(corpus, tmp_pat
     [
         ("bath-size = 3", "exp.toml: bath-size is not an option of htcli train (did you mean batch-size?)"),
         ('steps = "ten"', "exp.toml: steps must be an integer, got 'ten'"),
-        ("lr = true", "exp.toml: lr must be a number, got True"),
+        ("lr = true", "exp.toml: lr must be a number, got true"),
         ("corpus = 3", "exp.toml: corpus must be a path or a list of paths, got 3"),
-        ("[model]\ndepth = 1.5", "exp.toml: depth must be an integer, got 1.5"),
+        ("[model]\ndepth = 1.5", "exp.toml: model.depth must be an integer, got 1.5"),
         ("resume = true", "exp.toml: resume is given on the command line, not in a config file"),
         ("steps = ", "exp.toml is not valid TOML"),
         ("steps = " + "[" * 5000, "exp.toml is not "),  # (nested too deep: RecursionError or a depth limit)
@@ -143,6 +143,13 @@ def test_flags_override_the_file_and_the_file_overrides_defaults(corpus, tmp_pat
             "exp.toml: seq-len and model.max_seq_len are the same option, given 64 and 128: keep one",
         ),
         ("batch-size = 2\nbatch_size = 3", "exp.toml: batch-size and batch_size are the same option"),
+        # (a key of a model table was named without its table; true and null as Python wrote them)
+        (
+            "[model]\ndimm = 3",
+            "exp.toml: model.dimm is not an option of htcli train (did you mean model.dim?)",
+        ),
+        ("[model]\ndim = true", "exp.toml: model.dim must be an integer, got true"),
+        ("steps = false", "exp.toml: steps must be an integer, got false"),
         # (a run's config.json of a JSONL corpus over plain text: "leave it out" alone, of a file not theirs)
         ("skip-bad-records = true", "exp.toml: skip-bad-records concerns the records of JSONL and Parquet"),
         ("skip-bad-records = true", "holds none: leave it out (or set skip-bad-records off)"),
