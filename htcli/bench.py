@@ -64,8 +64,10 @@ class BenchConfig:
         for name in ("batch_size", "heads", "dim_head", "repeats"):
             if not 1 <= getattr(self, name) <= MAX_COUNT:
                 raise HtcliError(f"{name} must be 1 to {MAX_COUNT:,}", fields=(name,))
-        if self.warmup is not None and self.warmup < 0:
-            raise HtcliError("warmup must be 0 or more", fields=("warmup",))
+        if (
+            self.warmup is not None and not 0 <= self.warmup <= MAX_COUNT
+        ):  # (more: cut at the deadline unsaid)
+            raise HtcliError(f"warmup must be 0 to {MAX_COUNT:,}", fields=("warmup",))
         if not 0 < self.max_seconds <= 1e6:
             raise HtcliError(
                 f"max_seconds must be a positive number up to 1e6, got {self.max_seconds}",
@@ -317,6 +319,9 @@ def default_warmup(device) -> int:
 # ---------------------------------------------------------------------------
 
 
+OUT_OF_MEMORY = ("out of memory", "can't allocate memory")  # (in a worker's errors, lowercased)
+
+
 def run_isolated(spec: dict, startup_seconds: float = 60.0) -> dict:
     """Run one measurement in a subprocess. Its imports and inputs must be ready within `startup_seconds`,
     its cold forward+backward must end within spec["max_seconds"] from then, the whole run within three
@@ -357,7 +362,8 @@ def run_isolated(spec: dict, startup_seconds: float = 60.0) -> dict:
     results = [line for line in lines if line.startswith("{")]
     if proc.returncode == 0 and results:
         return json.loads(results[-1])
-    if "out of memory" in errors.lower() or proc.returncode in (-9, 137):
+    # (CUDA's and MPS's "out of memory", the CPU allocator's "can't allocate memory", or a kill by the system)
+    if any(words in errors.lower() for words in OUT_OF_MEMORY) or proc.returncode in (-9, 137):
         return {"status": "oom"}
     last = errors.strip().splitlines()[-1:] or [f"exit code {proc.returncode}"]
     return {"status": "error", "error": last[0]}

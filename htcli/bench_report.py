@@ -112,6 +112,16 @@ def _timing_line(rows: list[Row]) -> str:
     return "times: " + "; some ".join(WAYS[way] for way in WAYS if way in ways) if ways else ""
 
 
+def error_lines(rows: list[Row]) -> list[str]:
+    """Why each "error" cell of the table failed (the last line its worker wrote: --json had it alone)."""
+    return [
+        f"{LABELS[method]} at {row.n:,}, {'causal' if row.causal else 'non-causal'}: {result.get('error')}"
+        for row in rows
+        for method, result in row.results.items()
+        if result.get("status") not in ("ok", "timeout", "oom")
+    ]
+
+
 def exponent_lines(rows: list[Row], config: BenchConfig) -> list[str]:
     """'time ~ n^a' per method and mode, when the sweep has two lengths or more."""
     lines = []

@@ -1116,7 +1116,7 @@ def _bench_attention(config, json_output: bool, plot_path: Path | None) -> None:
     from rich.spinner import Spinner
 
     from htcli.bench import correctness, run_bench
-    from htcli.bench_report import bench_table, bench_title, exponent_lines, measured_shape, plot, to_json
+    from htcli.bench_report import bench_title, measured_shape, plot, to_json
     from htcli.device import device_name
     from htcli.plots import check_plot_path
 
@@ -1131,20 +1131,34 @@ def _bench_attention(config, json_output: bool, plot_path: Path | None) -> None:
     title = bench_title(config, name)
     rows, total = [], len(config.seq_lens) * len(config.modes)
     waiting = Spinner("dots", text=f"measuring 1 of {total}")
-    with Live(waiting, console=err_console, transient=True) as live:  # progress: on terminals only
-        for row in run_bench(config):
-            rows.append(row)
-            waiting.text = f"measuring {min(len(rows) + 1, total)} of {total}"
-            live.update(Group(bench_table(rows, config, title), waiting))
+    try:
+        with Live(waiting, console=err_console, transient=True) as live:  # progress: on terminals only
+            for row in run_bench(config):
+                rows.append(row)
+                waiting.text = f"measuring {min(len(rows) + 1, total)} of {total}"
+                live.update(Group(_bench_tables(rows, config, title), waiting))
+    except (KeyboardInterrupt, Terminated):  # (the rows measured are kept: printed before the stop's line)
+        if rows and not json_output:
+            console.print(_bench_tables(rows, config, title))
+        raise
     if json_output:
         print(json.dumps(to_json(rows, config, error, name)))
     else:
-        console.print(bench_table(rows, config, title))
-        for line in exponent_lines(rows, config):
-            console.print(line)
+        console.print(_bench_tables(rows, config, title))
     if plot_path is not None:
         plot(rows, config, plot_path)
         err_console.print(f"plot written to {escape(str(plot_path))}", soft_wrap=True)
+
+
+def _bench_tables(rows, config, title: str):
+    """The attention bench's table, with why a cell says "error" and the fitted exponents under it."""
+    from rich.console import Group
+    from rich.text import Text
+
+    from htcli.bench_report import bench_table, error_lines, exponent_lines
+
+    lines = [Text(line) for line in error_lines(rows) + exponent_lines(rows, config)]  # (not markup)
+    return Group(bench_table(rows, config, title), *lines)
 
 
 def _bench_decode(preset: str, device: str, dtype: str, json_output: bool) -> None:

@@ -7,6 +7,7 @@ import contextlib
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
+from rich import box
 from rich.console import Console, Group
 from rich.live import Live
 from rich.markup import escape
@@ -314,16 +315,25 @@ def decode_table(result: dict, dtype: str) -> Table:
 
 def cache_table(result: dict) -> Table:
     """`htcli bench --decode`'s H-cache against exact attention's KV cache, per context."""
-    table = Table(title=f"decode caches, {result['preset']} preset, {result['device']}", title_justify="left")
     together = f"{result['batch']} at once"
-    for name in ("context", "attention", "first byte", "bytes/s", "ms/byte early", "ms/byte late",
-                 "late/early", f"first byte, {together}", f"bytes/s, {together}"):  # fmt: skip
-        table.add_column(name, justify="right")
+    table = Table(
+        title=f"decode caches, {result['preset']} preset, {result['device']}",
+        title_justify="left",
+        caption="cache: H-attention's or exact attention's KV; ms/byte early, late: near the context's start,"
+        f" near its end; {together}: {result['batch']} samples decoded together",
+        caption_justify="left",
+        box=box.SIMPLE_HEAD,  # (no vertical rules, a space between columns, headers on two lines: the
+        show_edge=False,  # table fits 80 columns, where its long headers were cut to "conte…", "atten…")
+        padding=0,
+    )
+    for name in ("context", "cache", "first\nbyte", "bytes/s", "ms/byte\nearly", "ms/byte\nlate",
+                 "late/\nearly", f"{together}:\nfirst byte", f"{together}:\nbytes/s"):  # fmt: skip
+        table.add_column(name, justify="right", no_wrap=True)
     for row in result["caches"]:
         together = row.get("batch_bytes_per_s")
         table.add_row(
             f"{row['context']:,}",
-            row["attention"],
+            "KV" if row["attention"] == "exact" else row["attention"].upper(),  # (exact attention's KV cache)
             f"{row['first_byte_s']:.2f} s",
             f"{row['bytes_per_s']:.0f}",
             f"{row['token_s_early'] * 1e3:.2f}",

@@ -382,3 +382,57 @@ def test_sigterm_to_bench_stops_its_worker():
     assert process.returncode == 143, stderr
     assert "terminated (SIGTERM)" in stderr and "Traceback" not in stderr
     assert not _bench_workers(marker)
+
+
+def test_an_interrupted_bench_prints_the_rows_it_measured():
+    """Ctrl-C during a sweep printed only the stop's line: the rows already measured were lost. They are
+    printed (stdout) before it; exit 130."""
+    marker = "4224"  # a length no other test measures: it names this test's workers
+    command = [sys.executable, "-m", "htcli", "bench", "--seq-len", f"64,{marker}", "--block-size", "64"]
+    command += ["--causal", "--device", "cpu", "--repeats", "1000", "--max-seconds", "100"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not _bench_workers(f'"n": {marker}') and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _bench_workers(f'"n": {marker}'), "no worker of the second length started"
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert "interrupted" in stderr and "Traceback" not in stderr
+    lines = [line.split() for line in stdout.splitlines()]
+    assert ["64", "causal", "H-attn"] in [line[:3] for line in lines] and marker not in stdout.replace(
+        ",", ""
+    )
+
+
+def test_a_method_out_of_cpu_memory_is_oom_and_an_error_says_why():
+    """The CPU allocator's "can't allocate memory" was an "error" cell with no reason (--json alone had it):
+    it is OOM; any other error's reason is printed under the table."""
+    from htcli.bench import run_isolated
+    from htcli.bench_report import error_lines
+
+    huge = _spec(n=1024, method="sdpa", batch_size=2**20, heads=4, dim_head=64)  # (q alone: 1 TiB)
+    assert run_isolated(huge) == {"status": "oom"}
+    failed = {"status": "error", "error": "RuntimeError: [bold]boom"}
+    rows = [Row(1024, False, {"h": failed, "sdpa": {"status": "oom"}})]
+    assert error_lines(rows) == ["H-attn at 1,024, non-causal: RuntimeError: [bold]boom"]
+    with pytest.raises(HtcliError, match="warmup must be 0 to 1,048,576"):
+        BenchConfig(warmup=10**8, device="cpu")
+
+
+def test_the_decode_caches_table_fits_80_columns():
+    """bench --decode's second table had its headers cut to "conte…", "atten…" and its values wrapped."""
+    from rich.console import Console
+
+    from htcli.display import cache_table
+
+    row = dict(
+        context=32768, attention="exact", first_byte_s=15.46, bytes_per_s=1174.3, token_s_early=0.00157
+    )
+    row |= dict(token_s_late=0.02037, late_over_early=12.94, batch_first_byte_s=13.6, batch_bytes_per_s=7800)
+    alone = {**row, "batch_bytes_per_s": None}  # (the longer contexts decode one sample)
+    result = dict(preset="small", device="cpu", batch=8, caches=[{**row, "batch_speedup": 4.6}, alone])
+    console = Console(width=80, record=True)
+    console.print(cache_table(result))
+    text = console.export_text()
+    assert "…" not in text and "7800 (4.6x)" in text and " 15.46 s " in text
