@@ -720,8 +720,7 @@ def sample(
         _switch(
             "cache",
             "Decode with the model's cache (H-attention's, constant cost per byte, or an exact model's KV "
-            "cache; the default), or recompute the model over the same context for every byte (slow; the"
-            " same bytes).",
+            "cache; the default), or recompute the model over that context for every byte (slow).",
         ),
     ] = True,
     seed: Seed = 0,

@@ -390,7 +390,12 @@ def test_an_interrupted_bench_prints_the_rows_it_measured():
     marker = "4224"  # a length no other test measures: it names this test's workers
     command = [sys.executable, "-m", "htcli", "bench", "--seq-len", f"64,{marker}", "--block-size", "64"]
     command += ["--causal", "--device", "cpu", "--repeats", "1000", "--max-seconds", "100"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # (SIGINT as a shell leaves it to a command it runs: a test run in the background ignores it, and so
+    # would its children)
+    interruptible = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=interruptible
+    )
     deadline = time.monotonic() + 120
     while not _bench_workers(f'"n": {marker}') and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
