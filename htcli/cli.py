@@ -647,10 +647,12 @@ def _with_config_file(options: dict, path: Path | None) -> tuple[dict, set[str]]
     if path is None:
         return options, set()
     from htcli.config import without_derived
-    from htcli.config_file import read_options
+    from htcli.config_file import check_run_home, read_options
 
     given = {k: v for k, v in options.items() if v is not None and v != []}
     from_file = without_derived(read_options(path, _file_key), given)
+    if "out" in from_file and "out" not in given:
+        check_run_home(path, from_file["out"])
     return {**from_file, **given}, set(from_file) - set(given)
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from htcli import __version__, is_newer
 from htcli.config import TrainConfig, finite
 from htcli.errors import HtcliError
-from htcli.files import CONFIG_FILE, LOG_FILE, STATE_FILE
+from htcli.files import CONFIG_FILE, LOG_FILE, STATE_FILE, has_checkpoint
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -250,6 +250,22 @@ def _checked(path: Path, key: str, value: object, annotation: str) -> object:
         shown = str(value) if isinstance(value, float) else f"{str(value)[:20]}..."
         raise HtcliError(f"{path}: {key} must be a finite number, got {shown}")
     return float(value)
+
+
+def check_run_home(path: Path, out: str) -> None:
+    """A run's config.json given as a config file, whose out (not given otherwise) is not the directory
+    that holds it and its checkpoint, refused: the run was moved or copied (or trained from another
+    working directory), and the resume said "no checkpoint" where it had been, resume auto began a new
+    run there, or the original of a copy was resumed instead of the copy."""
+    home = path.parent
+    if path.name != CONFIG_FILE or not has_checkpoint(home) or Path(out).resolve() == home.resolve():
+        return
+    raise HtcliError(
+        f"{path} is the config of the run in {home}, whose out it gives as {out} (the run was moved or "
+        f"copied, or trained from another directory): give out {home} to go on with that run, or another out"
+        " for a new run from its options",
+        fields=("out",),
+    )
 
 
 def write_toml(config: TrainConfig, spell: Callable[[str], str]) -> str:

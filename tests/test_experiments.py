@@ -209,6 +209,26 @@ def test_a_key_may_join_its_words_with_dashes_or_underscores(corpus, tmp_path):
     )
 
 
+def test_a_moved_runs_own_config_json_names_where_the_run_is(corpus, tmp_path):
+    """A run moved (or copied), then given its own config.json as --config without --out: the file's out,
+    where the run had been, was taken: --resume said "no checkpoint at" the old place, --resume auto began
+    a new run there (and a copy's resume went on with the original). Refused, naming the run's directory;
+    with --out it goes on."""
+    first, moved = tmp_path / "first", tmp_path / "moved"
+    assert invoke("train", corpus, *TINY_FLAGS, "--out", first, "--steps", 2).exit_code == 0
+    first.rename(moved)
+    for resume in (["--resume"], ["--resume", "auto"], []):
+        result = invoke("train", *resume, "--config", moved / "config.json", "--steps", 3)
+        assert_user_error(
+            result,
+            f"{moved / 'config.json'} is the config of the run in {moved}, whose --out it gives as {first}"
+            f" (the run was moved or copied, or trained from another directory): give --out {moved} to go on",
+        )
+        assert not first.exists()
+    going_on = invoke("train", "--resume", "--config", moved / "config.json", "--out", moved, "--steps", 3)
+    assert going_on.exit_code == 0, going_on.output
+
+
 def test_a_json_key_given_twice_is_an_error(corpus, tmp_path):
     """json.loads keeps the last of two equal keys without a word (TOML refuses them): refused too."""
     path = tmp_path / "exp.json"
