@@ -30,6 +30,7 @@ from htcli.files import (
     is_cache_directory,
     no_checkpoint,
 )
+from htcli.presets import PRESETS, model_config
 from htcli.runlock import RunLock
 from htcli.runlog import parse_event
 
@@ -184,14 +185,30 @@ def _check_model_and_steps(out: Path, config: TrainConfig, info: CheckpointInfo)
         differences = ", ".join(f"{k} {shown[k][1]} in the checkpoint, {shown[k][0]} asked" for k in changed)
         raise HtcliError(
             f"cannot resume {out}: the model differs from its checkpoint ({differences}); drop those options,"
-            " or give the checkpoint's values",
-            fields=changed,
+            f" or give the checkpoint's values{_preset_of(info.config, config.model)}",
+            fields=[*changed, "preset", "max_seq_len"],
         )
     if info.step >= config.steps:
         raise HtcliError(
             f"{out} is already at step {info.step} of steps {config.steps}: pass a larger steps",
             fields=("steps",),
         )
+
+
+def _preset_of(theirs, ours) -> str:
+    """Which preset's sizes the checkpoint's model has, said where the asked ones are another preset's (a
+    run without its config.json resumed with resume auto takes the default preset)."""
+    sizes = {name for fields in PRESETS.values() for name in fields} - {"max_seq_len"}
+    matches = [
+        [name for name in PRESETS if all(getattr(m, s) == getattr(model_config(name), s) for s in sizes)]
+        for m in (theirs, ours)
+    ]
+    if not all(matches) or matches[0] == matches[1]:
+        return ""
+    name = matches[0][0]
+    length = model_config(name).max_seq_len
+    length = "" if theirs.max_seq_len == length else f" with max_seq_len {theirs.max_seq_len}"
+    return f" (its sizes are preset {name}'s, not preset {matches[1][0]}'s: preset {name}{length} gives them)"
 
 
 def _switch(value: object) -> object:

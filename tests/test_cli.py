@@ -968,6 +968,23 @@ def test_a_lost_config_json_says_how_to_resume(run_copy):
     assert (run / "config.json").exists()
 
 
+def test_a_lost_config_json_resumed_without_the_preset_names_it(corpus, tmp_path):
+    """A run of a preset whose config.json is lost, resumed with --resume auto and no model option: the
+    default preset's sizes were refused with "drop those options", none given. The refusal names the
+    checkpoint's preset (and its length), which then resumes it."""
+    run = tmp_path / "run"
+    flags = ["--seq-len", 64, "--batch-size", 2, "--warmup", 0, "--sample-every", 0, "--device", "cpu"]
+    assert invoke("train", corpus, "--out", run, "--preset", "tiny", *flags, "--steps", 2).exit_code == 0
+    (run / "config.json").unlink()
+    refused = invoke("train", corpus, "--out", run, "--resume", "auto", *flags, "--steps", 4)
+    assert_user_error(refused, "or give the checkpoint's values (its sizes are --preset tiny's, not --preset")
+    assert "small's: --preset tiny with --seq-len 64 gives them)" in " ".join(refused.stderr.split())
+    again = invoke(
+        "train", corpus, "--out", run, "--resume", "auto", *flags, "--steps", 4, "--preset", "tiny"
+    )
+    assert again.exit_code == 0 and "resuming at step 2" in again.stderr, again.output
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 @pytest.mark.parametrize("command", ["train", "sample", "eval"])
 def test_cuda_without_gpu(run_copy, command):
