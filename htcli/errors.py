@@ -26,3 +26,14 @@ def unreadable_advice(error: OSError) -> str:
     if error.errno in (errno.EMFILE, errno.ENFILE):  # (not the path's fault)
         return "raise the limit on open files (ulimit -n) and start again"
     return "give another path, or mend that one"
+
+
+def unwritable_advice(error: OSError) -> str:
+    """What to do about a run directory that could not be written with this error (names the field out)."""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "free some space, or give another out"
+    if error.errno == errno.EROFS:
+        return "give an out on a filesystem that can be written"
+    if isinstance(error, PermissionError):
+        return "give an out you may write, or change its permissions"
+    return "give another out, or mend that one"

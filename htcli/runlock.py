@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import NamedTuple
 
-from htcli.errors import HtcliError
+from htcli.errors import HtcliError, unwritable_advice
 from htcli.files import LOCK_FILE, check_not_special
 
 
@@ -57,7 +57,9 @@ class RunLock:
                 if self.path.exists()
                 else f"the run directory {self.path.parent}"
             )
-            raise HtcliError(f"cannot write {what}: {error.strerror or error}") from None
+            raise HtcliError(
+                f"cannot write {what}: {error.strerror or error}; {unwritable_advice(error)}", fields=("out",)
+            ) from None
         try:
             fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

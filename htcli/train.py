@@ -51,7 +51,7 @@ from htcli.device import (
     resolve_dtype,
     torch_dtype,
 )
-from htcli.errors import HtcliError
+from htcli.errors import HtcliError, unwritable_advice
 from htcli.evaluate import byte_nll, window_nats
 from htcli.files import (
     CONFIG_FILE,
@@ -223,7 +223,10 @@ def _writing(out: Path) -> Iterator[None]:
     try:
         yield
     except OSError as error:
-        raise HtcliError(f"cannot write the run directory {out}: {error.strerror or error}") from None
+        raise HtcliError(
+            f"cannot write the run directory {out}: {error.strerror or error}; {unwritable_advice(error)}",
+            fields=("out",),
+        ) from None
 
 
 def _one_precision(dtype: torch.dtype) -> torch.dtype:

@@ -307,7 +307,8 @@ def test_read_only_out(run, tmp_path):
     process = htcli_without_override("train", corpus, "--out", locked / "run", *TINY_FLAGS)
     assert process.returncode == 1, process.stderr
     assert process.stderr.startswith(
-        f"error: cannot write the run directory {locked / 'run'}: Permission denied"
+        f"error: cannot write the run directory {locked / 'run'}: Permission denied; give an --out you may"
+        " write, or change its permissions"  # (what to do was not said)
     )
     assert len(process.stderr.strip().splitlines()) == 1
     assert list(locked.iterdir()) == []
