@@ -91,12 +91,18 @@ UNIFORMS_AT_ONCE = 64
 def logits_to_probs(
     logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None
 ) -> torch.Tensor:
-    """Next-token probabilities (..., vocab) from logits (..., vocab), sharpened by temperature and cut to
-    top-k / top-p (each row on its own)."""
-    logits = logits.float() / max(temperature, 1e-5)
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+    """Next-token probabilities (..., vocab) from logits (..., vocab), sharpened by temperature (0: all on
+    the most likely) and cut to top-k (exactly k tokens: of tokens tied with the k-th, as many as fit) /
+    top-p (each row on its own)."""
+    logits = logits.float()
+    if temperature == 0:
+        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+    # (the largest first taken away: any temperature above 0 divides without overflow; it was floored at
+    # 1e-5, which a tiny temperature did not sharpen as it says)
+    logits = (logits - logits.amax(-1, keepdim=True)) / temperature
+    if top_k is not None and top_k < logits.shape[-1]:  # (all tied with the k-th were kept: bf16 ties)
+        kept = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, torch.topk(logits, top_k).indices, True)
+        logits = logits.masked_fill(~kept, float("-inf"))
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
         sorted_probs = sorted_logits.softmax(-1)
@@ -132,12 +138,26 @@ class TokenSampler:
         uniform = self.uniforms[self.used]
         self.used += 1
         logits = logits.float().cpu()
+        _check_finite(logits)
         if len(self.groups) == 1:  # (every row: no gathering)
             return _draw(logits, uniform, *self.groups[0][0]).tolist()
         tokens = torch.empty(len(self.generators), dtype=torch.long)
         for options, rows in self.groups:
             tokens[rows] = _draw(logits[rows], uniform[rows], *options)
         return tokens.tolist()
+
+
+def _check_finite(logits: torch.Tensor) -> None:
+    """HtcliError where a row's scores hold NaN or +inf, or are all -inf: no distribution to draw from (a
+    draw gave token 256, which the next step's embedding refused with an IndexError)."""
+    bad = logits.isnan().any(-1) | logits.isposinf().any(-1) | (logits.amax(-1) == float("-inf"))
+    if bad.any():
+        row = int(bad.nonzero()[0]) + 1
+        raise HtcliError(
+            f"the model's next-byte scores are not finite (NaN or infinite) for sample {row}: its weights"
+            " are not, or this precision overflows; try dtype fp32, or another checkpoint",
+            fields=("dtype",),
+        )
 
 
 def _draw(logits: torch.Tensor, uniform: torch.Tensor, temperature: float, top_k, top_p) -> torch.Tensor:
@@ -215,8 +235,8 @@ def generate(
     cache: bool = True,
     stop: list[bytes] = (),
 ) -> Iterator[int]:
-    """Yield up to config.max_new_tokens bytes continuing prompt (at least one byte), ending early after
-    a stop string. Same seed, same bytes."""
+    """Yield up to config.max_new_tokens bytes continuing prompt, ending early after a stop string. Same
+    seed, same bytes."""
     for tokens in generate_batch(model, prompt, [config], dtype=dtype, cache=cache, stop=stop):
         yield tokens[0]
 

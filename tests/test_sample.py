@@ -35,6 +35,31 @@ def test_top_k_and_top_p_cut_the_tail():
     assert (logits_to_probs(logits, top_p=1e-46) > 0).tolist() == [True, False, False, False]
 
 
+def test_top_k_keeps_k_bytes_with_ties_and_a_tiny_temperature_sharpens():
+    """Bytes tied with the k-th were all kept (more than k drawn from: ties are common in bf16 logits); a
+    temperature below 1e-5 was taken as 1e-5, so that it did not make near-ties one byte."""
+    assert int((logits_to_probs(torch.tensor([[1.0, 1.0, 1.0, 0.0]]), top_k=1) > 0).sum()) == 1
+    assert int((logits_to_probs(torch.tensor([[2.0, 1.0, 1.0, 1.0]]), top_k=2) > 0).sum()) == 2
+    sharp = logits_to_probs(torch.tensor([[1.0, 1.00001, 0.0]]), temperature=1e-9)
+    assert sharp.tolist() == [[0.0, 1.0, 0.0]]
+    assert logits_to_probs(torch.tensor([[0.0, 3.0]]), temperature=0).tolist() == [[0.0, 1.0]]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_scores_that_are_not_finite_are_one_line(bad):
+    """A NaN or +inf score made every probability NaN and the draw token 256, which the next step's
+    embedding refused with an IndexError (a model of NaN weights, an fp16 overflow)."""
+    logits = torch.zeros(2, 256)
+    logits[1, 7] = bad
+    with pytest.raises(HtcliError, match=r"scores are not finite \(NaN or infinite\) for sample 2: its"):
+        TokenSampler([SamplingConfig(temperature=1.0, seed=seed) for seed in (0, 1)])(logits)
+    model = tiny_model()
+    with torch.no_grad():
+        next(model.parameters()).fill_(float("nan"))
+    with pytest.raises(HtcliError, match="try dtype fp32, or another checkpoint"):
+        list(generate(model, b"ab", SamplingConfig(3, temperature=1.0)))
+
+
 def test_top_k_and_top_p_cut_each_row_on_its_own():
     logits = torch.log(torch.tensor([[0.5, 0.25, 0.15, 0.1], [0.1, 0.15, 0.25, 0.5]]))
     assert (logits_to_probs(logits, top_k=2) > 0).tolist() == [
