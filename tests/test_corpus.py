@@ -824,3 +824,38 @@ def test_include_hidden_is_refused_where_it_would_change_nothing(tmp_path):
     check_hidden_applies([text], False)
     check_hidden_applies([text, tmp_path], True)
     check_hidden_applies([str(tmp_path / "*.txt")], True)
+
+
+@pytest.mark.parametrize("kind", ["broken link", "link loop", "fifo"])
+def test_a_walk_or_a_glob_that_finds_no_file_says_so(tmp_path, kind):
+    """A broken link, a loop of links or a named pipe inside a corpus directory (or matched by a glob) was
+    skipped without a word (a dataset's links whose targets moved left its bytes out); alone in it, the
+    error pointed at include_hidden. Now one line naming it."""
+    data = tmp_path / "data"
+    write(data / "a.txt", b"some text")
+    odd = data / "b.txt"
+    if kind == "broken link":
+        odd.symlink_to(tmp_path / "moved.txt")
+    elif kind == "link loop":
+        odd.symlink_to(data / "c.txt")
+        (data / "c.txt").symlink_to(odd)
+    else:
+        os.mkfifo(odd)
+    said = "is a link that leads to no file" if "link" in kind else r"is not a regular file \(a pipe"
+    for spec in (data, data / "*.txt", tmp_path / "d*"):
+        with pytest.raises(HtcliError, match=said):
+            resolve_corpus([str(spec)])
+
+
+def test_a_glob_ending_in_a_slash_matches_directories_alone(tmp_path):
+    """'data/*/' read the files of data too (Path drops the slash), where the shell's data/*/ names its
+    directories alone; a file named with a slash is no directory."""
+    write(tmp_path / "data" / "top.txt", b"top")
+    write(tmp_path / "data" / "sub" / "a.txt", b"below")
+    assert resolve_corpus([f"{tmp_path / 'data'}/*/"]) == [tmp_path / "data" / "sub" / "a.txt"]
+    assert resolve_corpus([str(tmp_path / "data" / "*")]) == [
+        tmp_path / "data" / "sub" / "a.txt",
+        tmp_path / "data" / "top.txt",
+    ]
+    with pytest.raises(HtcliError, match="top.txt/ is not a directory but a file: name it without the /"):
+        resolve_corpus([f"{tmp_path / 'data' / 'top.txt'}/"])

@@ -118,10 +118,12 @@ def _files_of(
     if path.exists():
         if not path.is_file():
             raise HtcliError(f"{spec} is not a regular file: give files, directories or glob patterns")
+        if os.fspath(spec).endswith("/"):  # (Path drops the slash, which names a directory)
+            raise HtcliError(f"{spec} is not a directory but a file: name it without the /")
         return [path]
     if has_wildcard(str(spec)):
         inside = _under_any(_fixed_prefix(path), excluded)  # (it names files of the run directory)
-        matches = sorted(_glob(path, include_hidden))
+        matches = sorted(_glob(path, include_hidden, directories_only=os.fspath(spec).endswith("/")))
         found = [p for p in matches if not (_written_by_a_run if inside else _under_any)(p, excluded)]
         if not found:
             aside = " (the run directory's files aside)" if matches else ""
@@ -156,13 +158,14 @@ def _fixed_prefix(pattern: Path) -> Path:
     return Path(*parts) if parts else Path()
 
 
-def _glob(pattern: Path, include_hidden: bool) -> Iterable[Path]:
+def _glob(pattern: Path, include_hidden: bool, directories_only: bool = False) -> Iterable[Path]:
     """The regular files (or links to them) that pattern matches, and the files below the directories it
     matches (walked as a directory named: `'data/*'` reads what the shell's data/* does): `*`, `?`,
     `[...]` within a name, `**` any number of directories; never in a run directory or a cache below the
     pattern's fixed part. The wildcards go through no link to a directory, as a directory's walk does not
     (Python's glob follows them under `**`: a link to a parent repeats the tree dozens of times, two such
-    links exponentially many), and match hidden names only with include_hidden."""
+    links exponentially many), and match hidden names only with include_hidden. directories_only: a
+    pattern that ends in "/" (`'data/*/'`), which matches directories alone, as the shell's does."""
     prefix = _fixed_prefix(pattern)
     wild = pattern.parts[len(prefix.parts) :]
     root = str(prefix) if prefix.parts else os.curdir
@@ -190,11 +193,12 @@ def _glob(pattern: Path, include_hidden: bool) -> Iterable[Path]:
         subdirectories[:] = [name for name in subdirectories if name not in walked]
         if deepest is not None and len(where) >= deepest:
             subdirectories[:] = []
-        for name in names:
+        for name in names if not directories_only else ():
             if _matches((*where, name), wild, include_hidden):
                 match = prefix.joinpath(*where, name)
-                if match.is_file():
-                    yield match
+                if not _is_file(match):
+                    raise _not_a_file(match)
+                yield match
 
 
 def _matches(
@@ -267,6 +271,21 @@ def _walk(root: Path, include_hidden: bool, excluded: list[Path]) -> Iterable[Pa
                 path = Path(directory, name)
                 if _is_file(path):
                     yield path
+                elif not path.is_dir():  # (a link to a directory is not followed, as documented)
+                    raise _not_a_file(path)
+
+
+def _not_a_file(path: Path) -> HtcliError:
+    """The error of an entry a walk or a glob pattern finds that is no file: it was skipped without a word
+    (a dataset's links whose targets moved left its bytes out)."""
+    if path.is_symlink():
+        return HtcliError(
+            f"{path} is a link that leads to no file (its target is missing, or links loop): mend or remove"
+            " it, or name the files to read"
+        )
+    return HtcliError(
+        f"{path} is not a regular file (a pipe, a socket or a device): remove it, or name the files to read"
+    )
 
 
 def _is_file(path: Path) -> bool:
