@@ -339,7 +339,9 @@ def test_another_text_field(tmp_path):
     "line,problem",
     [
         (b"{not json", "not JSON"),
-        (b"[1, 2]", "a JSON list, not an object"),
+        (b"[1, 2]", "an array, not an object"),  # (Python's names were "a JSON list", "a JSON NoneType")
+        (b"null", "null, not an object"),
+        (b'"abc"', "a string, not an object"),
         (b'{"text": 42}', "field 'text' is a number, not a string"),
         (b'{"text": null}', "field 'text' is null, not a string"),
         (b'{"text": [1]}', "field 'text' is an array, not a string"),

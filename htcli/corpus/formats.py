@@ -166,7 +166,7 @@ def _record_text(line: bytes, options: RecordOptions, where: str) -> bytes | Non
     except (RecursionError, ValueError):  # arrays nested thousands deep, a number of thousands of digits
         return _bad(options, where, "not JSON that can be read (nested too deep, or a number too long)")
     if not isinstance(record, dict):
-        return _bad(options, where, f"a JSON {type(record).__name__}, not an object")
+        return _bad(options, where, f"{_json_kind(record)}, not an object")
     if field not in record:
         keys = ", ".join(list(record)[:5]) or "none"
         return _bad(
@@ -174,11 +174,15 @@ def _record_text(line: bytes, options: RecordOptions, where: str) -> bytes | Non
         )
     text = record[field]
     if not isinstance(text, str):
-        names = {None: "null", True: "true", False: "false"}  # (JSON's names, not Python's)
-        kind = {dict: "an object", list: "an array", int: "a number", float: "a number"}.get(type(text), "")
-        said = names[text] if text is None or isinstance(text, bool) else kind
-        return _bad(options, where, f"field {field!r} is {said}, not a string")
+        return _bad(options, where, f"field {field!r} is {_json_kind(text)}, not a string")
     return _without_separator(text, options, where, field)
+
+
+def _json_kind(value: object) -> str:
+    """What a JSON value is, in JSON's names (null, true, an array), not Python's (NoneType, bool, list)."""
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
+    return {dict: "an object", list: "an array", str: "a string"}.get(type(value), "a number")
 
 
 def _without_separator(text: str, options: RecordOptions, where: str, field: str) -> bytes | None:
