@@ -322,7 +322,7 @@ class Run:
         records = RecordOptions(config.text_field, config.skip_bad_records)
         found = dict(include_hidden=config.include_hidden, exclude=[config.out])
         files = resolve_corpus(config.corpus, **found)
-        val_files = resolve_corpus(config.val, **found) if config.val else []
+        val_files = resolve_corpus(config.val, **found, role="held-out corpus (val)") if config.val else []
         # (checked before any file is unpacked into the cache; a run resumed goes on as it began)
         if not self.resumed:
             check_records_apply(files + val_files, records)

@@ -861,3 +861,16 @@ def test_a_glob_ending_in_a_slash_matches_directories_alone(tmp_path):
     ]
     with pytest.raises(HtcliError, match="top.txt/ is not a directory but a file: name it without the /"):
         resolve_corpus([f"{tmp_path / 'data' / 'top.txt'}/"])
+
+
+def test_held_out_files_errors_name_val(tmp_path):
+    """A held-out file named twice, or a link to nothing, said "in the corpus" / "corpus X": --val's."""
+    corpus, held_out = write(tmp_path / "c.txt", make_text(4000)), write(tmp_path / "v.txt", make_text(900))
+    (tmp_path / "gone.txt").symlink_to(tmp_path / "nowhere")
+    flags = ["--out", tmp_path / "run", *TINY_FLAGS, "--steps", 1]
+    twice = invoke("train", corpus, "--val", held_out, "--val", held_out, *flags)
+    assert_user_error(twice, f"{held_out} is named twice in the held-out corpus (--val): name each file once")
+    gone = invoke("train", corpus, "--val", tmp_path / "gone.txt", *flags)
+    assert_user_error(
+        gone, f"held-out corpus (--val) {tmp_path / 'gone.txt'} is a link that leads to no file"
+    )

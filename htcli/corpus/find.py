@@ -42,18 +42,28 @@ def resolve_corpus(
     include_hidden: bool = False,
     exclude: Iterable[str | os.PathLike] = (),
     excluded_as: str | None = None,
+    role: str = "corpus",
 ) -> list[Path]:
     """Files named by specs, in order: a file, a directory's files below it (sorted), a glob's matches.
-    excluded_as: what the directories of exclude are, for a message (default: the run directory, out)."""
+    excluded_as: what the directories of exclude are, for a message (default: the run directory, out);
+    role: what specs are, for a message (the held-out files: "held-out corpus (val)")."""
     check_corpus_given(specs)
     excluded = [Path(path).expanduser().resolve() for path in exclude]
     files: list[Path] = []
     named: dict[tuple, str] = {}  # each file's identity: the spec that named it
-    for spec in specs:
-        found = _files_of(spec, include_hidden, excluded, excluded_as)
-        if len(specs) > 1:  # (one spec names a file once: a walk or a glob lists each path once)
-            _name_once(found, str(spec), named)
-        files += found
+    try:
+        for spec in specs:
+            found = _files_of(spec, include_hidden, excluded, excluded_as)
+            if len(specs) > 1:  # (one spec names a file once: a walk or a glob lists each path once)
+                _name_once(found, str(spec), named)
+            files += found
+    except HtcliError as error:  # (the held-out files' errors said "the corpus")
+        if role == "corpus":
+            raise
+        said = str(error)
+        said = said.replace("in the corpus", f"in the {role}") if "in the corpus" in said else said
+        said = f"{role} {said[len('corpus ') :]}" if said.startswith("corpus ") else said
+        raise HtcliError(said, fields=(*error.fields, "val")) from None
     return files
 
 
