@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import filecmp
 import hashlib
 import math
 import os
@@ -209,6 +210,27 @@ def _check_held_out(corpus: ByteCorpus, val: ByteCorpus) -> None:
             "give val other files (or leave it out: val_fraction holds out the corpus's end)",
             fields=("val", "val_fraction"),
         )
+    copies = _copies(val.files, corpus.files)
+    if copies:  # (a copy under another name: cp data/a.txt held_out.txt)
+        held, twin = copies
+        raise HtcliError(
+            f"{held} (in val) holds the same bytes as {twin} (in the corpus): held-out bytes must not be"
+            " trained on; give val other files (or leave it out: val_fraction holds out the corpus's end)",
+            fields=("val", "val_fraction"),
+        )
+
+
+def _copies(held_out: list[str], trained: list[str]) -> tuple[str, str] | None:
+    """A file of held_out and one of trained with the same bytes (compared where their sizes are equal:
+    a copy is found, a file that merely has a copy's size is read once), or None."""
+    by_size: dict[int, list[str]] = {}
+    for file in trained:
+        by_size.setdefault(os.stat(file).st_size, []).append(file)
+    for held in held_out:
+        for twin in by_size.get(os.stat(held).st_size, []):
+            if filecmp.cmp(held, twin, shallow=False):
+                return held, twin
+    return None
 
 
 def _errno_of(error: OSError) -> int | None:

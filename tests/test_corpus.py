@@ -200,6 +200,14 @@ def test_a_file_named_twice_is_refused(tmp_path, corpus):
     assert_user_error(result, f"{corpus} is both in the corpus and in --val: held-out bytes must not be")
     assert "--val-fraction holds out the corpus's end" in result.stderr  # (the flag, not the field)
     assert not (tmp_path / "run").exists()
+    copy = write(tmp_path / "held" / "copy.txt", corpus.read_bytes())  # (another name, the same bytes)
+    same_size = write(tmp_path / "held" / "other.txt", corpus.read_bytes()[::-1])
+    result = invoke("train", corpus, *TINY_FLAGS, "--val", copy, "--out", tmp_path / "run", "--steps", "2")
+    assert_user_error(result, f"{copy} (in --val) holds the same bytes as {corpus} (in the corpus): held-out")
+    result = invoke(
+        "train", corpus, *TINY_FLAGS, "--val", same_size, "--out", tmp_path / "run", "--steps", "1"
+    )
+    assert result.exit_code == 0, result.output  # (a file of the same size, other bytes: held out)
 
 
 def test_an_empty_path_is_refused_not_read_as_the_current_directory(tmp_path, monkeypatch):
