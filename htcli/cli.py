@@ -94,8 +94,8 @@ DEVICE = typer.Option(
 )
 DTYPE = typer.Option(
     "--dtype",
-    help="Mixed precision: auto (the default: bf16 on a CUDA GPU with bf16, and for training on a CPU with"
-    " AMX; else fp32), fp32, bf16, fp16.",
+    help="Mixed precision: auto (the default: bf16 on a CUDA GPU with bf16, else fp32; train's also bf16 on a"
+    " CPU with AMX), fp32, bf16, fp16.",
     show_default=False,
 )
 SEED = typer.Option("--seed", help="Random seed (default 0): same seed, same result.", show_default=False)
@@ -528,8 +528,9 @@ def train(
 ) -> None:
     """Train a byte-level model on CORPUS, with checkpoints, log.jsonl and config.json in --out.
 
-    Ctrl-C saves a checkpoint and exits; --resume continues from it. On several GPUs or machines, start
-    it with torchrun: `torchrun --nproc-per-node 8 -m htcli train ...`.
+    Ctrl-C saves a checkpoint and exits; --resume continues from it.
+
+    On several GPUs or machines, start it with torchrun: `torchrun --nproc-per-node 8 -m htcli train ...`.
     """
     options = {k: v for k, v in locals().items() if k not in ("resume", "config_file", "print_config")}
     _train(options, resume, config_file, print_config)
@@ -1045,7 +1046,7 @@ def bench(
     json_output: JsonOutput = False,
     plot_path: BenchPlot = None,
     device: Device = "auto",
-    dtype: Annotated[str, typer.Option("--dtype", help="fp32 (default), bf16 or fp16.")] = "fp32",
+    dtype: Annotated[str, typer.Option("--dtype", help="fp32, bf16 or fp16.")] = "fp32",
     impl: Annotated[
         str,
         typer.Option(
