@@ -183,10 +183,14 @@ def _check_model_and_steps(out: Path, config: TrainConfig, info: CheckpointInfo)
             )
         shown = {k: (_switch(ours[k]), _switch(theirs[k])) for k in changed}
         differences = ", ".join(f"{k} {shown[k][1]} in the checkpoint, {shown[k][0]} asked" for k in changed)
+        preset = _preset_of(info.config, config.model)
         raise HtcliError(
             f"cannot resume {out}: the model differs from its checkpoint ({differences}); drop those options,"
-            f" or give the checkpoint's values{_preset_of(info.config, config.model)}",
-            fields=[*changed, "preset", "max_seq_len"],
+            f" or give the checkpoint's values{preset}",
+            fields=[
+                *changed,
+                *(("preset", "max_seq_len") if preset else ()),
+            ],  # (all a config file's: its own)
         )
     if info.step >= config.steps:
         raise HtcliError(
