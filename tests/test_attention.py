@@ -211,6 +211,28 @@ def test_bf16_autocast(causal):
     assert (out.float() - reference).abs().max().item() < 0.05
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_inputs_score_in_fp32(dtype):
+    """The eager path's q.k product in half precision rounded every score to 8 bits (bf16: 13x SDPA's error
+    at unit-scale inputs times 3) and, in fp16, overflowed past 65504 before the scale (NaN at a score of
+    9000); it is taken in fp32, as flash attention keeps its scores: as accurate as SDPA in that precision
+    (16 positions, block 8: every key in reach), gradients too (dP - delta cancels)."""
+    torch.manual_seed(0)
+    q, k = (torch.randn(1, 2, 16, 64, dtype=torch.float64).mul(3).requires_grad_() for _ in range(2))
+    v = torch.randn(1, 2, 16, 64, dtype=torch.float64, requires_grad=True)
+    dense = dense_h_attention(q, k, v, block_size=8, causal=False)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(*(t.detach().to(dtype) for t in (q, k, v)))
+    half = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+    out = h_attention(*half, block_size=8, causal=False)
+    assert (out.double() - dense).abs().max() <= 1.5 * (sdpa.double() - dense).abs().max() + 1e-3
+    exact = torch.autograd.grad(dense.square().sum(), (q, k, v))
+    ours = torch.autograd.grad(out.float().square().sum(), half)
+    for mine, reference in zip(ours, exact, strict=True):
+        assert (mine.double() - reference).abs().max() < 0.03 * reference.abs().max()
+    big = torch.full((1, 1, 8, 64), 12.0, dtype=dtype)  # (q.k = 9216 * 8 = 73,728 before the scale)
+    assert torch.isfinite(h_attention(big, big, big, block_size=4, causal=True)).all()
+
+
 def test_fp64_stays_fp64_under_autocast():
     """Autocast lowers fp32 products only, as torch's own matmul and SDPA do: fp64 inputs came back bf16."""
     q, k, v = _qkv(50)
