@@ -6,6 +6,7 @@ Importing this module does not import torch, so the CLI can show these defaults 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -225,6 +226,13 @@ def without_derived(saved: dict, given: dict) -> dict:
     return saved
 
 
+def _absolute(spec: str | os.PathLike) -> str:
+    """A corpus spec as an absolute path, keeping a trailing "/" (a glob pattern's `'data/*/'` matches
+    directories alone: Path drops the slash, and the pattern read data's files too)."""
+    path = str(Path(spec).expanduser().absolute())
+    return path + "/" if os.fspath(spec).endswith("/") and not path.endswith("/") else path
+
+
 def derived_min_lr(lr: float) -> float:
     """min_lr where it is not given: lr / 10, to 15 digits (0.0003 for 0.003, not 0.00030000000000000003, in
     config.json and --print-config)."""
@@ -275,9 +283,9 @@ def config_from_options(
         if paths:
             check_corpus_given(paths)
     if corpus:
-        given["corpus"] = [str(Path(c).expanduser().absolute()) for c in corpus]
+        given["corpus"] = [_absolute(c) for c in corpus]
     if given.get("val"):
-        given["val"] = [str(Path(c).expanduser().absolute()) for c in given["val"]]
+        given["val"] = [_absolute(c) for c in given["val"]]
     if resume == "auto":  # (as train decides it: a run killed before its first save is begun anew)
         resume = (Path(out) / CONFIG_FILE).exists() and has_checkpoint(Path(out))
     if not resume:

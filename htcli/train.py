@@ -226,6 +226,7 @@ def _copies(held_out: list[str], trained: list[str]) -> tuple[str, str] | None:
     by_size: dict[int, list[str]] = {}
     for file in trained:
         by_size.setdefault(os.stat(file).st_size, []).append(file)
+    by_size.pop(0, None)  # (empty files hold no bytes to train on)
     for held in held_out:
         for twin in by_size.get(os.stat(held).st_size, []):
             if filecmp.cmp(held, twin, shallow=False):

@@ -208,6 +208,18 @@ def test_a_file_named_twice_is_refused(tmp_path, corpus):
         "train", corpus, *TINY_FLAGS, "--val", same_size, "--out", tmp_path / "run", "--steps", "1"
     )
     assert result.exit_code == 0, result.output  # (a file of the same size, other bytes: held out)
+    write(tmp_path / "tree" / "empty.txt", b"")
+    write(tmp_path / "held" / "empty.txt", b"")  # (no bytes: no copy of any)
+    flags = [*TINY_FLAGS, "--out", tmp_path / "run2", "--steps", "1"]
+    empty_ones = [
+        tmp_path / "tree" / "empty.txt",
+        "--val",
+        same_size,
+        "--val",
+        tmp_path / "held" / "empty.txt",
+    ]
+    result = invoke("train", corpus, *empty_ones, *flags)
+    assert result.exit_code == 0, result.output
 
 
 def test_an_empty_path_is_refused_not_read_as_the_current_directory(tmp_path, monkeypatch):
@@ -869,6 +881,10 @@ def test_a_glob_ending_in_a_slash_matches_directories_alone(tmp_path):
     ]
     with pytest.raises(HtcliError, match="top.txt/ is not a directory but a file: name it without the /"):
         resolve_corpus([f"{tmp_path / 'data' / 'top.txt'}/"])
+    printed = invoke("train", f"{tmp_path / 'data'}/*/", *TINY_FLAGS, "--print-config")  # (train made it
+    assert f'corpus = ["{tmp_path / "data"}/*/"]' in printed.stdout, (
+        printed.output
+    )  # absolute, without the /)
 
 
 def test_held_out_files_errors_name_val(tmp_path):
