@@ -52,20 +52,15 @@ def _shown(value: object) -> str:
 
 
 def _schedule_effect(saved: TrainConfig, config: TrainConfig, step: int) -> str | None:
-    """What config's schedules make of step (0-based: the next step trained) that the run's did not."""
+    """What config's schedules make of step (0-based: the next step trained) and after that the run's
+    did not: its learning rate, and its windows' length up to the switch to full windows."""
     effects = []
     then, now = learning_rate(step, saved), learning_rate(step, config)
     if not math.isclose(then, now, rel_tol=1e-9):
         effects.append(f"at learning rate {now:.3g} (the run's schedule: {then:.3g})")
-    short_then, short_now = context_length(step, saved), context_length(step, config)
-    if short_now < short_then:
-        until = math.ceil(config.context_warmup * config.steps)
-        effects.append(
-            f"on windows of {short_now} bytes again up to step {until} (context_warmup "
-            f"{config.context_warmup} of the new total{_keeping(saved, config)})"
-        )
-    elif short_now > short_then:
-        effects.append(f"on windows of the full {short_now} bytes (the run's schedule: {short_then})")
+    windows = _windows(saved, config, step)
+    if windows:
+        effects.append(windows)
     if not effects:
         return None
     cause = ""
@@ -73,6 +68,31 @@ def _schedule_effect(saved: TrainConfig, config: TrainConfig, step: int) -> str 
         how = "stretches" if config.steps > saved.steps else "shrinks"
         cause = f"steps {config.steps} {how} the run's schedules: "
     return f"{cause}step {step + 1} trains " + ", and ".join(effects)
+
+
+def _short(config: TrainConfig) -> tuple[int, int]:
+    """The short windows' length and the first step (0-based) on full windows (0: none short)."""
+    full = config.model.max_seq_len
+    if not config.context_warmup:
+        return full, 0
+    return min(config.context_warmup_start, full), math.ceil(config.context_warmup * config.steps)
+
+
+def _windows(saved: TrainConfig, config: TrainConfig, step: int) -> str | None:
+    """config's windows from step on, where they differ from the run's schedule's."""
+    full = config.model.max_seq_len
+    (short_then, switch_then), (short_now, switch_now) = _short(saved), _short(config)
+    before = f"{short_then} bytes up to step {switch_then}" if step < switch_then else f"the full {full}"
+    if step < switch_now and (short_now, switch_now) != (short_then, switch_then):
+        keep = (
+            _keeping(saved, config)
+            if step >= switch_then > 0 and config.context_warmup == saved.context_warmup
+            else ""
+        )
+        return f"on windows of {short_now} bytes up to step {switch_now} (the run's schedule: {before}{keep})"
+    if step >= switch_now and step < switch_then:
+        return f"on windows of the full {full} bytes (the run's schedule: {before})"
+    return None
 
 
 def _keeping(saved: TrainConfig, config: TrainConfig) -> str:
@@ -88,5 +108,5 @@ def _keeping(saved: TrainConfig, config: TrainConfig) -> str:
             if context_length(switch, kept) == full and not (
                 switch and context_length(switch - 1, kept) == full
             ):
-                return f"; context_warmup {fraction} keeps the run's switch to {full} at step {switch + 1}"
+                return f"; context_warmup {fraction} keeps its switch to {full} at step {switch + 1}"
     return ""

@@ -537,8 +537,8 @@ def test_a_resume_says_what_it_changes_and_what_that_makes_of_the_schedule(corpu
     assert "resuming with --steps 12 (the run's: 4)" in said
     assert re.search(
         r"warning: --steps 12 stretches the run's schedules: step 5 trains at learning rate [\d.e-]+ "
-        r"\(the run's schedule: [\d.e-]+\), and on windows of 32 bytes again up to step 6 \(--context-warmup "
-        r"0.5 of the new total; --context-warmup 0.166 keeps the run's switch to 64 at step 3\)",
+        r"\(the run's schedule: [\d.e-]+\), and on windows of 32 bytes up to step 6 \(the run's schedule: the"
+        r" full 64; --context-warmup 0.166 keeps its switch to 64 at step 3\)",
         said,
     ), said
     assert [e["context"] for e in events(out, "step")][4:] == [32, 32, 64, 64, 64, 64, 64, 64]
@@ -555,6 +555,50 @@ def test_a_resume_says_what_it_changes_and_what_that_makes_of_the_schedule(corpu
     assert again.exit_code == 0 and "on windows" not in said, again.output
     same = invoke("train", *flags, "--resume", "--steps", 14)  # (finished: refused, nothing listed)
     assert same.exit_code == 1 and "resuming with" not in same.stderr, same.output
+
+
+@pytest.mark.parametrize(
+    "run,resumed,step,said",
+    [  # (the run: 20 steps, the first half on 16-byte windows; full windows are 64 bytes)
+        (
+            {},
+            dict(context_warmup_start=32),
+            5,
+            "on windows of 32 bytes up to step 10 (the run's schedule: 16",
+        ),
+        (
+            {},
+            dict(steps=60),
+            5,
+            "on windows of 16 bytes up to step 30 (the run's schedule: 16 bytes up to step 10)",
+        ),
+        (
+            {},
+            dict(context_warmup=0.1),
+            5,
+            "on windows of the full 64 bytes (the run's schedule: 16 bytes up to",
+        ),
+        (
+            {"context_warmup": 0},
+            dict(steps=60, context_warmup=0.5),
+            20,
+            "16 bytes up to step 30 (the run's schedule: the full 64)",
+        ),
+        ({}, dict(eval_every=7), 5, None),
+    ],
+)
+def test_what_a_resume_says_of_its_windows(corpus, tmp_path, run, resumed, step, said):
+    """The windows' part of the warning, where the resume changes the context warm-up before or after the
+    step it resumes at (a raised start was called "the full 32 bytes", a warm-up still running "again", a
+    moved switch inside the warm-up was not said)."""
+    from dataclasses import replace
+
+    from htcli.resume_changes import _schedule_effect
+
+    given = {"steps": 20, "context_warmup": 0.5, "context_warmup_start": 16, **run}
+    saved = replace(tiny_config(corpus, tmp_path), **given)
+    effect = _schedule_effect(saved, replace(saved, **resumed), step) or ""
+    assert (said in effect) if said else "windows" not in effect, effect
 
 
 @pytest.mark.parametrize("resume", [False, "auto"])
