@@ -30,6 +30,7 @@ from htcli.files import (
     is_cache_directory,
     no_checkpoint,
 )
+from htcli.model import DEFAULT_LEVEL_DECAY
 from htcli.presets import PRESETS, model_config
 from htcli.runlock import RunLock
 from htcli.runlog import parse_event
@@ -170,9 +171,7 @@ def _check_model_and_steps(out: Path, config: TrainConfig, info: CheckpointInfo)
         changed = [k for k in ours if ours[k] != theirs[k]]
         filed = _model_in_config_file(out)
         if all(k in filed and filed[k] == ours[k] for k in changed):  # (no option asked for them)
-            shown = {
-                k: (json.dumps(ours[k]), json.dumps(theirs[k])) for k in changed
-            }  # (as the file has them)
+            shown = {k: (json.dumps(ours[k]), json.dumps(theirs[k])) for k in changed}  # (as the file has)
             differences = ", ".join(
                 f"{k} {shown[k][0]} there, {shown[k][1]} in the checkpoint" for k in changed
             )
@@ -181,17 +180,7 @@ def _check_model_and_steps(out: Path, config: TrainConfig, info: CheckpointInfo)
                 f"cannot resume {out}: its {CONFIG_FILE} (edited, or another run's?) does not describe its "
                 f"checkpoint's model ({differences}): set {back} in {out / CONFIG_FILE}"
             )
-        shown = {k: (_switch(ours[k]), _switch(theirs[k])) for k in changed}
-        differences = ", ".join(f"{k} {shown[k][1]} in the checkpoint, {shown[k][0]} asked" for k in changed)
-        preset = _preset_of(info.config, config.model)
-        raise HtcliError(
-            f"cannot resume {out}: the model differs from its checkpoint ({differences}); drop those options,"
-            f" or give the checkpoint's values{preset}",
-            fields=[
-                *changed,
-                *(("preset", "max_seq_len") if preset else ()),
-            ],  # (all a config file's: its own)
-        )
+        raise _model_differs(out, ours, theirs, changed)
     if info.step >= config.steps:
         raise HtcliError(
             f"{out} is already at step {info.step} of steps {config.steps}: pass a larger steps",
@@ -199,20 +188,38 @@ def _check_model_and_steps(out: Path, config: TrainConfig, info: CheckpointInfo)
         )
 
 
-def _preset_of(theirs, ours) -> str:
-    """Which preset's sizes the checkpoint's model has, said where the asked ones are another preset's (a
-    run without its config.json resumed with resume auto takes the default preset)."""
+def _model_differs(out: Path, ours: dict, theirs: dict, changed: list[str]) -> HtcliError:
+    """The refusal of a resume whose model is not its checkpoint's: the fields that differ (a level decay
+    that another attention derived aside: it was named, never given), or, where the asked sizes are one
+    preset's and the checkpoint's another's (a run without its config.json resumed with resume auto takes
+    the default preset, and was told to drop options never given), that preset."""
+    derived = DEFAULT_LEVEL_DECAY if ours["attention"] == "h" else 0.0
+    if "attention" in changed and ours["level_decay"] == derived:
+        changed = [k for k in changed if k != "level_decay"]
+    differences = ", ".join(
+        f"{k} {_switch(theirs[k])} in the checkpoint, {_switch(ours[k])} asked" for k in changed
+    )
+    presets = [_preset_of(sizes) for sizes in (theirs, ours)]
+    if all(presets) and presets[0] != presets[1]:
+        length = model_config(presets[0]).max_seq_len
+        length = "" if theirs["max_seq_len"] == length else f" with max_seq_len {theirs['max_seq_len']}"
+        return HtcliError(
+            f"cannot resume {out}: its checkpoint's sizes are preset {presets[0]}'s, the ones asked preset"
+            f" {presets[1]}'s ({differences}): give preset {presets[0]}{length}",
+            fields=[*changed, "preset", "max_seq_len"],
+        )
+    return HtcliError(
+        f"cannot resume {out}: the model differs from its checkpoint ({differences}); drop those options,"
+        " or give the checkpoint's values",
+        fields=changed,  # (all a config file's: said as its own)
+    )
+
+
+def _preset_of(model: dict) -> str | None:
+    """The preset whose sizes (its context aside) the model config has, if any."""
     sizes = {name for fields in PRESETS.values() for name in fields} - {"max_seq_len"}
-    matches = [
-        [name for name in PRESETS if all(getattr(m, s) == getattr(model_config(name), s) for s in sizes)]
-        for m in (theirs, ours)
-    ]
-    if not all(matches) or matches[0] == matches[1]:
-        return ""
-    name = matches[0][0]
-    length = model_config(name).max_seq_len
-    length = "" if theirs.max_seq_len == length else f" with max_seq_len {theirs.max_seq_len}"
-    return f" (its sizes are preset {name}'s, not preset {matches[1][0]}'s: preset {name}{length} gives them)"
+    found = [name for name in PRESETS if all(model[s] == getattr(model_config(name), s) for s in sizes)]
+    return found[0] if found else None
 
 
 def _switch(value: object) -> object:

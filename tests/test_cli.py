@@ -626,7 +626,7 @@ def test_unreadable_corpus(run_copy, tmp_path, monkeypatch):
             "differs from its checkpoint (--shift-tokens on in the checkpoint, off asked)",
         ),
         # (was "--level-decay is H-attention's: with --attention exact set it to 0", never given)
-        (["--attention", "exact"], "differs from its checkpoint (--attention h in the checkpoint, exact"),
+        (["--attention", "exact"], "checkpoint (--attention h in the checkpoint, exact asked); drop those"),
         (["--preset", "huge"], "unknown --preset 'huge'"),
         (["--lr", "-1"], "--lr must be a positive number"),
         (["--lr", "1e40"], "--lr must be a positive number up to 1000, got 1e+40"),  # (was a traceback)
@@ -977,8 +977,11 @@ def test_a_lost_config_json_resumed_without_the_preset_names_it(corpus, tmp_path
     assert invoke("train", corpus, "--out", run, "--preset", "tiny", *flags, "--steps", 2).exit_code == 0
     (run / "config.json").unlink()
     refused = invoke("train", corpus, "--out", run, "--resume", "auto", *flags, "--steps", 4)
-    assert_user_error(refused, "or give the checkpoint's values (its sizes are --preset tiny's, not --preset")
-    assert "small's: --preset tiny with --seq-len 64 gives them)" in " ".join(refused.stderr.split())
+    assert_user_error(
+        refused, "its checkpoint's sizes are --preset tiny's, the ones asked --preset small's ("
+    )
+    said = " ".join(refused.stderr.split())
+    assert said.endswith("): give --preset tiny with --seq-len 64") and "drop those" not in said, said
     again = invoke(
         "train", corpus, "--out", run, "--resume", "auto", *flags, "--steps", 4, "--preset", "tiny"
     )
