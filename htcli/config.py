@@ -229,6 +229,8 @@ def without_derived(saved: dict, given: dict) -> dict:
 def _absolute(spec: str | os.PathLike) -> str:
     """A corpus spec as an absolute path, keeping a trailing "/" (a glob pattern's `'data/*/'` matches
     directories alone: Path drops the slash, and the pattern read data's files too)."""
+    if os.fspath(spec) == "-":  # (standard input: refused as such, not as a file named - that is missing)
+        return "-"
     path = str(Path(spec).expanduser().absolute())
     return path + "/" if os.fspath(spec).endswith("/") and not path.endswith("/") else path
 

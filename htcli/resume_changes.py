@@ -79,20 +79,27 @@ def _short(config: TrainConfig) -> tuple[int, int]:
 
 
 def _windows(saved: TrainConfig, config: TrainConfig, step: int) -> str | None:
-    """config's windows from step on, where they differ from the run's schedule's."""
-    full = config.model.max_seq_len
+    """config's windows from step on, where they differ from the run's schedule's over the steps to come."""
+    full, last = config.model.max_seq_len, config.steps
     (short_then, switch_then), (short_now, switch_now) = _short(saved), _short(config)
-    before = f"{short_then} bytes up to step {switch_then}" if step < switch_then else f"the full {full}"
-    if step < switch_now and (short_now, switch_now) != (short_then, switch_then):
-        keep = (
-            _keeping(saved, config)
-            if step >= switch_then > 0 and config.context_warmup == saved.context_warmup
-            else ""
+    ends = [
+        min(max(switch, step), last) for switch in (switch_now, switch_then)
+    ]  # (of the short ones to come)
+    if ends[0] == ends[1] and (ends[0] == step or short_now == short_then):
+        return None  # (every step to come on the windows it had)
+    if switch_then >= saved.steps:  # (the run never reached full windows)
+        before = f"{short_then} bytes to its last step"
+    else:
+        before = f"{short_then} bytes up to step {switch_then}" if step < switch_then else f"the full {full}"
+    if step < switch_now:
+        kept = (
+            0 < switch_then <= step
+            and switch_then < saved.steps
+            and config.context_warmup == saved.context_warmup
         )
+        keep = _keeping(saved, config) if kept else ""
         return f"on windows of {short_now} bytes up to step {switch_now} (the run's schedule: {before}{keep})"
-    if step >= switch_now and step < switch_then:
-        return f"on windows of the full {full} bytes (the run's schedule: {before})"
-    return None
+    return f"on windows of the full {full} bytes (the run's schedule: {before})"
 
 
 def _keeping(saved: TrainConfig, config: TrainConfig) -> str:

@@ -898,3 +898,10 @@ def test_held_out_files_errors_name_val(tmp_path):
     assert_user_error(
         gone, f"held-out corpus (--val) {tmp_path / 'gone.txt'} is a link that leads to no file"
     )
+
+
+def test_a_dash_as_train_corpus_is_refused_as_standard_input(tmp_path):
+    """train made every corpus path absolute, so "-" was "corpus /cwd/- does not exist"; it is refused as
+    standard input, as eval refuses it."""
+    result = invoke("train", "-", "--out", tmp_path / "run", *TINY_FLAGS)
+    assert_user_error(result, "a corpus is read from files, not from standard input (-): save it to a file")

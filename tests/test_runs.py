@@ -585,6 +585,14 @@ def test_a_resume_says_what_it_changes_and_what_that_makes_of_the_schedule(corpu
             "16 bytes up to step 30 (the run's schedule: the full 64)",
         ),
         ({}, dict(eval_every=7), 5, None),
+        # (a run that never reached full windows had no switch to keep; fewer steps, the same windows)
+        (
+            {"context_warmup": 1.0},
+            dict(steps=30),
+            20,
+            "16 bytes up to step 30 (the run's schedule: 16 bytes to its last step)",
+        ),
+        ({"context_warmup": 1.0}, dict(steps=15), 5, None),
     ],
 )
 def test_what_a_resume_says_of_its_windows(corpus, tmp_path, run, resumed, step, said):
