@@ -69,9 +69,8 @@ def corpus_changed(start: dict) -> str:
         f"the corpus or its split changed since the checkpoint ({what}): the run goes on, not exactly as an "
         "uninterrupted run would"
     )
-    trained = (
-        min(train, now + start["val_bytes"]) - now
-    )  # (of the held-out bytes, if the files kept their order)
+    # (of the held-out bytes, those it trained on, if the files kept their order)
+    trained = min(train, now + start["val_bytes"]) - now
     if start.get("val_from_corpus") and trained > 0:
         said += (
             f"; its held-out bytes, the end of the shorter corpus, hold {trained:,} bytes it trained on: its"
