@@ -205,15 +205,14 @@ def without_derived(saved: dict, given: dict) -> dict:
     defaults to where given picks another attention. Values set by hand stay (one that equals the derived
     value counts as derived). A preset given replaces the model's sizes that the file holds from a preset
     (a printed config writes them out as dim, depth, ...); sizes of the file's own stay."""
-    from htcli.model import DEFAULT_LEVEL_DECAY
+    from htcli.model import default_level_decay
 
     saved = dict(saved)
     if "preset" in given:
         for name in _preset_sizes(saved):
             del saved[name]
     attention, decay = saved.get("attention", "h"), saved.get("level_decay")
-    derived_decay = DEFAULT_LEVEL_DECAY if attention == "h" else 0.0
-    if "attention" in given and given["attention"] != attention and decay == derived_decay:
+    if "attention" in given and given["attention"] != attention and decay == default_level_decay(attention):
         del saved["level_decay"]
     optimizer, lr = saved.get("optimizer"), saved.get("lr")
     default = DEFAULT_LR.get(optimizer)

@@ -57,6 +57,12 @@ LIMITS = {
 }
 
 
+def default_level_decay(attention: str) -> float:
+    """The level decay a model of this attention takes where none is given (and that a config derives
+    again where another attention is given): DEFAULT_LEVEL_DECAY for H-attention, none for exact."""
+    return DEFAULT_LEVEL_DECAY if attention == "h" else 0.0
+
+
 @dataclass
 class HTransformerConfig:
     """The model's shape; the defaults are the `small` preset (4.9M parameters, 8k context)."""
@@ -109,7 +115,7 @@ class HTransformerConfig:
         if isinstance(cap, bool) or not isinstance(cap, int | float) or not 0 <= cap < math.inf:
             raise ValueError(f"logit_softcap must be a number >= 0 (0: none), got {cap!r}")
         if self.level_decay is None:
-            self.level_decay = DEFAULT_LEVEL_DECAY if self.attention == "h" else 0.0
+            self.level_decay = default_level_decay(self.attention)
         decay = self.level_decay
         if isinstance(decay, bool) or not isinstance(decay, int | float) or not 0 <= decay <= MAX_LEVEL_DECAY:
             raise ValueError(

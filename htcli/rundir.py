@@ -30,7 +30,7 @@ from htcli.files import (
     is_cache_directory,
     no_checkpoint,
 )
-from htcli.model import DEFAULT_LEVEL_DECAY
+from htcli.model import default_level_decay
 from htcli.presets import PRESETS, model_config
 from htcli.runlock import RunLock
 from htcli.runlog import parse_event
@@ -193,8 +193,7 @@ def _model_differs(out: Path, ours: dict, theirs: dict, changed: list[str]) -> H
     that another attention derived aside: it was named, never given), or, where the asked sizes are one
     preset's and the checkpoint's another's (a run without its config.json resumed with resume auto takes
     the default preset, and was told to drop options never given), that preset."""
-    derived = DEFAULT_LEVEL_DECAY if ours["attention"] == "h" else 0.0
-    if "attention" in changed and ours["level_decay"] == derived:
+    if "attention" in changed and ours["level_decay"] == default_level_decay(ours["attention"]):
         changed = [k for k in changed if k != "level_decay"]
     differences = ", ".join(
         f"{k} {_switch(theirs[k])} in the checkpoint, {_switch(ours[k])} asked" for k in changed
