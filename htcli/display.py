@@ -44,6 +44,11 @@ def counted(count: int, noun: str) -> str:
     return f"{count:,} {noun}{'' if count == 1 else 's'}"
 
 
+def on_off(value: object) -> object:
+    """A config value as a message shows it: a switch as on or off (--shift-tokens on, not True)."""
+    return ("on" if value else "off") if isinstance(value, bool) else value
+
+
 def byte_count(count: int) -> str:
     """1 -> '1 byte', 1234 -> '1,234 bytes'."""
     return counted(count, "byte")

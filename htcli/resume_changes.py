@@ -14,6 +14,7 @@ import math
 from pathlib import Path
 
 from htcli.config import TrainConfig, saved_config
+from htcli.display import on_off
 from htcli.errors import HtcliError
 from htcli.optim import context_length, learning_rate
 
@@ -38,17 +39,13 @@ def resume_changes(config: TrainConfig, step: int) -> list[tuple[str, tuple[str,
     ]
     if not changed:
         return []
-    listed = ", ".join(f"{name} {_shown(getattr(config, name))} (the run's: {_shown(getattr(saved, name))})"
+    listed = ", ".join(f"{name} {on_off(getattr(config, name))} (the run's: {on_off(getattr(saved, name))})"
                        for name in changed)  # fmt: skip
     lines = [(f"resuming with {listed}", tuple(changed))]
     effect = _schedule_effect(saved, config, step)
     if effect:
         lines.append((f"warning: {effect}", SCHEDULE))
     return lines
-
-
-def _shown(value: object) -> str:
-    return ("on" if value else "off") if isinstance(value, bool) else str(value)
 
 
 def _schedule_effect(saved: TrainConfig, config: TrainConfig, step: int) -> str | None:

@@ -16,6 +16,7 @@ from pathlib import Path
 from htcli import distributed
 from htcli.checkpoint import CheckpointInfo, commit_pending, load_training_state, read_checkpoint_info
 from htcli.config import TrainConfig, saved_config
+from htcli.display import on_off
 from htcli.errors import HtcliError
 from htcli.files import (
     CONFIG_FILE,
@@ -196,7 +197,7 @@ def _model_differs(out: Path, ours: dict, theirs: dict, changed: list[str]) -> H
     if "attention" in changed and ours["level_decay"] == default_level_decay(ours["attention"]):
         changed = [k for k in changed if k != "level_decay"]
     differences = ", ".join(
-        f"{k} {_switch(theirs[k])} in the checkpoint, {_switch(ours[k])} asked" for k in changed
+        f"{k} {on_off(theirs[k])} in the checkpoint, {on_off(ours[k])} asked" for k in changed
     )
     presets = [_preset_of(sizes) for sizes in (theirs, ours)]
     if all(presets) and presets[0] != presets[1]:
@@ -219,11 +220,6 @@ def _preset_of(model: dict) -> str | None:
     sizes = {name for fields in PRESETS.values() for name in fields} - {"max_seq_len"}
     found = [name for name in PRESETS if all(model[s] == getattr(model_config(name), s) for s in sizes)]
     return found[0] if found else None
-
-
-def _switch(value: object) -> object:
-    """A model field's value as a message shows it: a switch on or off (--shift-tokens on, not True)."""
-    return ("on" if value else "off") if isinstance(value, bool) else value
 
 
 def _model_in_config_file(out: Path) -> dict:

@@ -201,21 +201,20 @@ def due(step: int, every: int, *, last: bool = False) -> bool:
 
 
 def _check_held_out(corpus: ByteCorpus, val: ByteCorpus) -> None:
-    """HtcliError if a file of val is also one of the corpus (its val bpb would be on trained bytes)."""
+    """HtcliError if a file of val is also one of the corpus, or a copy of one (its val bpb would be on
+    trained bytes)."""
     trained = set(map(file_identity, corpus.files))
     shared = sorted(file for file in val.files if file_identity(file) in trained)  # (by a name or a link)
-    if shared:
-        raise HtcliError(
-            f"{shared[0]} is both in the corpus and in val: held-out bytes must not be trained on; "
-            "give val other files (or leave it out: val_fraction holds out the corpus's end)",
-            fields=("val", "val_fraction"),
+    copies = None if shared else _copies(val.files, corpus.files)  # (a copy: cp data/a.txt held_out.txt)
+    if shared or copies:
+        what = (
+            f"{shared[0]} is both in the corpus and in val"
+            if shared
+            else f"{copies[0]} (in val) holds the same bytes as {copies[1]} (in the corpus)"
         )
-    copies = _copies(val.files, corpus.files)
-    if copies:  # (a copy under another name: cp data/a.txt held_out.txt)
-        held, twin = copies
         raise HtcliError(
-            f"{held} (in val) holds the same bytes as {twin} (in the corpus): held-out bytes must not be"
-            " trained on; give val other files (or leave it out: val_fraction holds out the corpus's end)",
+            f"{what}: held-out bytes must not be trained on; give val other files (or leave it out:"
+            " val_fraction holds out the corpus's end)",
             fields=("val", "val_fraction"),
         )
 
