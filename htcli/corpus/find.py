@@ -53,17 +53,14 @@ def resolve_corpus(
     named: dict[tuple, str] = {}  # each file's identity: the spec that named it
     try:
         for spec in specs:
-            found = _files_of(spec, include_hidden, excluded, excluded_as)
+            found = _files_of(spec, include_hidden, excluded, excluded_as, role)
             if len(specs) > 1:  # (one spec names a file once: a walk or a glob lists each path once)
-                _name_once(found, str(spec), named)
+                _name_once(found, str(spec), named, role)
             files += found
-    except HtcliError as error:  # (the held-out files' errors said "the corpus")
+    except HtcliError as error:  # (every error of the held-out files is val's, whose file it may come from)
         if role == "corpus":
             raise
-        said = str(error)
-        said = said.replace("in the corpus", f"in the {role}") if "in the corpus" in said else said
-        said = f"{role} {said[len('corpus ') :]}" if said.startswith("corpus ") else said
-        raise HtcliError(said, fields=(*error.fields, "val")) from None
+        raise HtcliError(str(error), fields=(*error.fields, "val")) from None
     return files
 
 
@@ -96,19 +93,19 @@ def file_identity(path: str | os.PathLike) -> tuple:
     return (found.st_dev, found.st_ino)
 
 
-def _name_once(found: list[Path], spec: str, named: dict[tuple, str]) -> None:
+def _name_once(found: list[Path], spec: str, named: dict[tuple, str], role: str) -> None:
     """HtcliError for a file of found that an earlier spec (or this one) named, by a name or a link (its
     bytes would be trained on twice); else each is added to named (identity: spec)."""
     for file in found:
         where = file_identity(file)
         if where in named:
             by = f" (by {named[where]} and by {spec})" if named[where] != spec else ""
-            raise HtcliError(f"{file} is named twice in the corpus{by}: name each file once")
+            raise HtcliError(f"{file} is named twice in the {role}{by}: name each file once")
         named[where] = spec
 
 
 def _files_of(
-    spec: str | os.PathLike, include_hidden: bool, excluded: list[Path], excluded_as: str | None
+    spec: str | os.PathLike, include_hidden: bool, excluded: list[Path], excluded_as: str | None, role: str
 ) -> list[Path]:
     path = Path(spec).expanduser()
     if path.is_dir() and _under_any(path, excluded) or _written_by_a_run(path, excluded):
@@ -147,10 +144,10 @@ def _files_of(
         )
     if path.is_symlink():  # (exists() follows it: to nothing, or round in a loop)
         raise HtcliError(
-            f"corpus {spec} is a link that leads to no file (its target is missing, or links loop): "
+            f"{role} {spec} is a link that leads to no file (its target is missing, or links loop): "
             "give the file it should point at"
         )
-    raise HtcliError(f"corpus {spec} does not exist: give a file, a directory or a glob pattern")
+    raise HtcliError(f"{role} {spec} does not exist: give a file, a directory or a glob pattern")
 
 
 def has_wildcard(text: str) -> bool:
@@ -245,23 +242,16 @@ def _kept_apart(directory: Path, cache: tuple | None) -> bool:
     _cache_identity(), looked up once per walk."""
     if is_run_directory(directory) or is_cache_directory(directory):
         return True
-    return cache is not None and _identity(directory) == cache
+    return cache is not None and file_identity(directory) == cache
 
 
 def _cache_identity() -> tuple | None:
-    """The device and inode of htcli's corpus cache (None where there is none yet, or no home for one)."""
+    """The identity of htcli's corpus cache (file_identity: its device and inode; None where there is no
+    home for one)."""
     try:
-        return _identity(cache_dir())
+        return file_identity(cache_dir())
     except HtcliError:
         return None
-
-
-def _identity(path: Path) -> tuple | None:
-    try:
-        found = os.stat(path)
-    except OSError:
-        return None
-    return found.st_dev, found.st_ino
 
 
 def _walk(root: Path, include_hidden: bool, excluded: list[Path]) -> Iterable[Path]:
