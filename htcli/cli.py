@@ -25,12 +25,12 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.markup import escape
-from typer.core import TyperCommand
 
 from htcli import __version__
 from htcli.config import MAX_SEED, train_default
 from htcli.environment import check_environment
 from htcli.errors import HtcliError
+from htcli.help_layout import Command
 from htcli.presets import DEFAULT_PRESET, PRESETS
 from htcli.stop import Terminated, started, terminate_unwinds, to_devnull
 
@@ -464,8 +464,18 @@ SplitGlobalBatch = Annotated[
 ]
 
 
-class _TrainCommand(TyperCommand):
+class _TrainCommand(Command):
     """`htcli train`, whose --resume takes an optional value: `--resume` alone, or `--resume auto`."""
+
+    PANELS = {
+        "Corpus": "val val_fraction text_field skip_bad_records include_hidden",
+        "Model": "preset dim depth heads dim_head block_size max_seq_len attention reversible shift_tokens "
+        "norm qk_norm activation logit_softcap zero_init level_decay",
+        "Optimisation": "steps optimizer batch_size grad_accum lr warmup context_warmup context_warmup_start "
+        "min_lr weight_decay clip",
+        "Validation, checkpoints, samples": "eval_every eval_batches save_every sample_every",
+        "Hardware and logging": "device dtype compile seed split_global_batch loggers",
+    }
 
     def parse_args(self, ctx, args: list[str]) -> list[str]:
         given = [
@@ -482,13 +492,13 @@ def train(
     resume: Resume = None,
     config_file: ConfigFile = None,
     print_config: PrintConfig = False,
-    preset: Preset = None,
-    # every parameter below is named like the TrainConfig or HTransformerConfig field it sets
+    # every parameter below but preset is named like the TrainConfig or HTransformerConfig field it sets
     val: Val = None,
     val_fraction: ValFraction = None,
     text_field: TextField = None,
     skip_bad_records: SkipBadRecords = None,
     include_hidden: IncludeHidden = None,
+    preset: Preset = None,
     dim: Dim = None,
     depth: Depth = None,
     heads: Heads = None,
@@ -689,7 +699,7 @@ def _how_to_continue(result, world_size: int) -> None:
         )
 
 
-@app.command()
+@app.command(cls=Command)
 def sample(
     checkpoint: Checkpoint,
     prompt: Annotated[str | None, typer.Option(help="Text to continue (default: a newline).")] = None,
@@ -907,7 +917,7 @@ PositionPlot = Annotated[
 ]
 
 
-@app.command("eval")
+@app.command("eval", cls=Command)
 def eval_(
     checkpoint: Checkpoint,
     corpus: Corpus = None,
@@ -1012,7 +1022,7 @@ BenchRepeats = Annotated[
 ]
 
 
-@app.command()
+@app.command(cls=Command)
 def bench(
     ctx: typer.Context,
     seq_lens: Annotated[
@@ -1181,7 +1191,7 @@ def _bench_decode(preset: str, device: str, dtype: str, json_output: bool) -> No
         console.print(cache_table(result))
 
 
-@app.command()
+@app.command(cls=Command)
 def plot(
     runs: Annotated[
         list[Path],

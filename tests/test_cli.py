@@ -68,6 +68,64 @@ def test_the_command_list_gives_each_command_one_sentence():
         assert "\n" not in first, (command.callback.__name__, first)
 
 
+@pytest.mark.parametrize("command", ["train", "sample", "eval", "bench", "plot"])
+def test_help_reads_at_80_columns(command):
+    """Each command's --help at 80 columns as a real program: every option named whole (train's cut
+    `--no-skip-bad-re…` and squeezed its help to a column of 20 characters), a switch's two names stacked
+    in one column, no `<bool>` type for a switch, a repeated option typed by one value."""
+    environment = {**os.environ, "COLUMNS": "80", "TERM": "dumb"}
+    process = subprocess.run(
+        [sys.executable, "-m", "htcli", command, "--help"], capture_output=True, text=True, env=environment
+    )
+    assert process.returncode == 0, process.stderr
+    lines = process.stdout.splitlines()
+    assert max(map(len, lines)) <= 80 and "…" not in process.stdout
+    options = [line for line in lines if line.strip("│ ").startswith("--")]
+    rows = [line.strip("│ ") for line in options]
+    assert not [row for row in rows if "<bool>" in row or "list[" in row]
+    names = [row.split()[0] for row in rows]
+    for index, name in enumerate(names):
+        if name.startswith("--no-"):
+            assert names[index - 1] == "--" + name.removeprefix("--no-"), name
+    # the help text starts by column 42 (it started at 58 with the switches side by side)
+    starts = [line.index(row.split("  ")[-1].strip()) for line, row in zip(options, rows) if "  " in row]
+    assert starts and max(starts) <= 42, starts
+
+
+def test_train_help_groups_its_options():
+    """train's options in panels, Corpus before Model; every panel names parameters train has (an
+    assertion when the command is built)."""
+    environment = {**os.environ, "COLUMNS": "100", "TERM": "dumb"}
+    process = subprocess.run(
+        [sys.executable, "-m", "htcli", "train", "--help"], capture_output=True, text=True, env=environment
+    )
+    titles = [line.split("─ ")[1].split(" ─")[0] for line in process.stdout.splitlines() if "╭─ " in line]
+    assert titles == [
+        "Arguments",
+        "Options",
+        "Corpus",
+        "Model",
+        "Optimisation",
+        "Validation, checkpoints, samples",
+        "Hardware and logging",
+    ]
+
+
+def test_help_leaves_the_switches_parsing():
+    """The help renames a switch for its layout alone: the same command parses --no-cache after it."""
+    import typer.main
+
+    from htcli.cli import app
+
+    command = typer.main.get_command(app).commands["sample"]
+    context = command.make_context("sample", ["run", "--no-cache"])
+    assert context.params["cache"] is False
+    command.get_help(context)
+    again = command.make_context("sample", ["run", "--no-cache", "--stop", "x"])
+    assert again.params["cache"] is False and again.params["stop"] == ["x"]
+    assert [param.opts for param in command.params if param.name == "cache"] == [["--cache"]]
+
+
 def test_help_gives_every_presets_model_defaults():
     """The model switches' defaults that train --help states are each preset's model config's."""
     from htcli.cli import MODEL_DEFAULTS

@@ -14,6 +14,7 @@ LAYERS = [
         "device",
         "stop",
         "display",
+        "help_layout",
     ),  # run files, devices, Ctrl-C, terminal output
     (
         "attention.geometry",
