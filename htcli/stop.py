@@ -37,12 +37,21 @@ class StopRequest:
     without this (SIGINT: KeyboardInterrupt; SIGTERM: Terminated under `terminate_unwinds`, else the
     process ends), but SIGHUP then only sends output to /dev/null (it comes twice when a terminal closes:
     from the terminal and from its shell). Signal handlers exist only in the main thread: elsewhere it never
-    fires. A SIGHUP that the process ignores (under `nohup`) stays ignored."""
+    fires. A SIGHUP that the process ignores (under `nohup`) stays ignored. In a rank of torchrun's, `poll`
+    records a SIGTERM once torchrun is gone."""
 
     def __init__(self) -> None:
         self.signal: signal.Signals | None = None
         self._previous: dict[int, object] = {}
         self._terminal: list[int] = []
+        self._launcher: int | None = None  # torchrun's process id, in a rank it started
+
+    def poll(self) -> None:
+        """A stop recorded as SIGTERM once torchrun, the launcher of this rank, is gone: killed by a signal
+        it cannot pass on (SIGKILL, the OOM killer), its ranks, handed to another parent, trained on to
+        the last step without a word and held the run's lock."""
+        if self.signal is None and self._launcher is not None and os.getppid() != self._launcher:
+            self.signal = signal.SIGTERM
 
     @property
     def requested(self) -> bool:
@@ -69,6 +78,10 @@ class StopRequest:
         return number == signal.SIGTERM and handler is signal.SIG_DFL and "LOCAL_RANK" in os.environ
 
     def __enter__(self) -> StopRequest:
+        if (
+            "TORCHELASTIC_RUN_ID" in os.environ
+        ):  # (set by torchrun's agent alone, not by ranks started by hand)
+            self._launcher = os.getppid()
         if threading.current_thread() is threading.main_thread():
             self._terminal = _terminal_outputs()
             handlers = {number: signal.getsignal(number) for number in STOPS}

@@ -188,7 +188,9 @@ def _first_missing(path: Path) -> Path | None:
 
 def _agreed_stop(stop: StopRequest, device) -> str | None:
     """The signal that stops every rank at this step: SIGTERM if any rank got one, else SIGHUP, else
-    SIGINT if any did, else None (a collective: all ranks call it every step)."""
+    SIGINT if any did, else None (a collective: all ranks call it every step). A rank whose torchrun is
+    gone counts as one that got SIGTERM."""
+    stop.poll()
     got = stop.signal.name if stop.signal else None
     names = ("SIGTERM", "SIGHUP", "SIGINT")
     counts = distributed.all_sum([got == name for name in names], device)

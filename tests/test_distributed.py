@@ -1,5 +1,6 @@
 """Data-parallel training under torchrun: real processes on the CPU (gloo), 2 ranks, a tiny model."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -15,6 +16,7 @@ from conftest import TINY_FLAGS, TINY_MODEL, assert_user_error, events, invoke, 
 from safetensors.torch import load_file
 
 from htcli.model import HTransformer1D, HTransformerConfig
+from htcli.runlock import RunLock
 
 # a constant learning rate, so that a run stopped at step 3 and resumed to 6 equals one run of 6
 FLAGS = [*TINY_FLAGS, "--lr", "1e-3", "--min-lr", "1e-3", "--eval-every", "3", "--save-every", "3"]
@@ -352,6 +354,37 @@ def test_sigterm_twice_to_every_rank_still_saves(ddp_run, tmp_path):
     assert [process.returncode for process in ranks] == [75, 75], errors
     state = json.loads((run / "state.json").read_text())
     assert state["step"] == events(run, "step")[-1]["step"] == events(run, "interrupt")[0]["step"]
+
+
+def test_ranks_stop_and_save_when_torchrun_is_killed(ddp_run, tmp_path):
+    """torchrun killed by SIGKILL (the OOM killer; a kill -9 of its process group, which its ranks are not
+    in): its ranks save and stop at the same step, the run's lock freed (they trained on to the last
+    step, handed to another parent, and held the lock)."""
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr"]
+    command += ["127.0.0.1", "--master-port", str(free_port()), "-m", "htcli", "train", str(ddp_run[1])]
+    command += ["--out", str(run), *FLAGS, "--steps", "100000", "--eval-every", "0"]
+    launcher = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=environment()
+    )
+    try:
+        wait_for_a_step(run, [launcher])
+        ranks = [int(pid) for pid in subprocess.check_output(["pgrep", "-P", str(launcher.pid)]).split()]
+        assert len(ranks) == 2
+    finally:
+        launcher.kill()
+        launcher.wait()
+    deadline = time.monotonic() + 60
+    while any(os.path.exists(f"/proc/{pid}") for pid in ranks) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for pid in ranks:  # (not left running where the test fails)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    assert time.monotonic() < deadline, "the ranks trained on after torchrun was killed"
+    state = json.loads((run / "state.json").read_text())
+    assert state["step"] == events(run, "step")[-1]["step"] == events(run, "interrupt")[0]["step"] < 100_000
+    assert events(run, "interrupt")[0]["signal"] == "SIGTERM"
+    RunLock(run).acquire().release()  # (free: a resume may go on)
 
 
 OTHER_LR_ON_RANK_1 = """
