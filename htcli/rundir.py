@@ -159,7 +159,13 @@ def _check_fits(out: Path, config: TrainConfig, info, weights, optimizer_state, 
     saved, world_size = state["world_size"], distributed.world_size()
     if saved != world_size:
         how = "without torchrun" if saved == 1 else f"under torchrun with {saved} processes in all"
-        streams = "one data stream" if saved == 1 else "each with its own data stream"
+        streams = (
+            "one data stream"
+            if saved == 1
+            else "each with its slice of one global batch"
+            if config.split_global_batch
+            else "each with its own data stream"
+        )
         raise HtcliError(
             f"cannot resume {out} in {_processes(world_size)}: it was trained in {_processes(saved)}, "
             f"{streams}; resume it {how}"

@@ -555,10 +555,13 @@ class Run:
             self.save(log)
 
     def validate(self) -> tuple[float, float]:
-        """(nats, bits) per byte on the validation windows."""
+        """(nats, bits) per byte on the validation windows: --eval-batches of the batch of one process
+        without --split-global-batch (the default), of the global batch with it (one process training on
+        that batch scores as many windows: the same val bpb)."""
         self.model.eval()
         try:
-            windows = self.config.eval_batches * self.config.batch_size
+            batch = self.config.batch_size * (self.world_size if self.config.split_global_batch else 1)
+            windows = self.config.eval_batches * batch
             return validation_bpb(
                 self.model,
                 self.val_data,

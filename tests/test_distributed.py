@@ -99,7 +99,8 @@ def test_two_ranks_equal_one_process_with_twice_the_batch(ddp_run, tmp_path, opt
     """With --split-global-batch, 2 ranks x batch 2 x 2 micro-batches == 1 process x batch 4: to 1e-5
     with AdamW; Muon's Newton-Schulz iteration magnifies the rounding differences of the summed
     gradients (to ~1e-4 after 4 steps), so to 5e-4 there. In fp32: bf16 (what auto trains in on a CPU
-    with AMX) rounds the two splits' products apart by more than the arithmetic under test."""
+    with AMX) rounds the two splits' products apart by more than the arithmetic under test. Their val
+    bpb too."""
     _, corpus, _ = ddp_run
     flags = [*FLAGS, "--steps", 4, "--grad-accum", 2, "--optimizer", optimizer, "--dtype", "fp32"]
     torchrun(corpus, "--out", tmp_path / "two", *flags, "--split-global-batch")
@@ -111,6 +112,9 @@ def test_two_ranks_equal_one_process_with_twice_the_batch(ddp_run, tmp_path, opt
     assert error < tolerance
     losses = [[e["loss"] for e in events(tmp_path / run, "step")] for run in ("two", "one")]
     assert losses[0] == pytest.approx(losses[1], abs=tolerance)
+    # the same val bpb: as many windows scored (the 2 ranks scored half as many, 7.0450 against 7.0422)
+    vals = [[e["val_bpb"] for e in events(tmp_path / run, "eval")] for run in ("two", "one")]
+    assert len(vals[0]) == 2 and vals[0] == pytest.approx(vals[1], abs=tolerance)
 
 
 def test_resume_under_torchrun_is_exact(ddp_run, tmp_path):
@@ -161,6 +165,11 @@ def test_resume_in_another_number_of_processes_is_refused(ddp_run, tmp_path):
     ranks = start_ranks("--out", single, "--resume", "--steps", 2)
     said = f"cannot resume {single} in 2 processes: it was trained in one process, one data stream; resume"
     every_rank_says(ranks, said + " it without torchrun")
+    # a run of 2 ranks with --split-global-batch drew one global batch, not a stream per rank
+    split = tmp_path / "split"
+    torchrun(ddp_run[1], "--out", split, "--steps", 1, *FLAGS, "--split-global-batch")
+    result = invoke("train", "--out", split, "--resume", "--steps", 2)
+    assert_user_error(result, "trained in 2 processes, each with its slice of one global batch; resume it")
 
 
 @pytest.mark.parametrize(
