@@ -42,6 +42,7 @@ from htcli.files import (
     checkpoint_file,
     fsync_dir,
     has_checkpoint,
+    is_run_directory,
     nothing_at,
     pending_file,
     read_json,
@@ -223,6 +224,11 @@ def model_file(path: str | os.PathLike) -> Path:
 def _read_metadata(file: Path, shown: str | os.PathLike) -> dict[str, str]:
     check_utf8_path(file)
     if not file.exists():
+        if file.parent == Path(shown) and is_run_directory(file.parent) and not has_checkpoint(file.parent):
+            raise HtcliError(  # (a run killed before its first save, or training towards it)
+                f"the run in {shown} has saved no checkpoint yet: wait for its first save (every `htcli "
+                "train --save-every` steps, and when it stops), or give another checkpoint"
+            )
         if file.parent != Path(shown) or not has_checkpoint(file.parent):
             raise HtcliError(f"no checkpoint at {shown}: train one with `htcli train`")
         raise HtcliError(  # (it said "no checkpoint at", where the run's optimizer and state are)
@@ -244,6 +250,10 @@ def read_checkpoint_info(path: str | os.PathLike) -> CheckpointInfo:
     """Check that path holds an htcli checkpoint and read its metadata (no weights)."""
     file = model_file(path)
     metadata = _read_metadata(file, path)
+    if "param_groups" in metadata and "step" in metadata and "htcli_config" not in metadata:
+        raise HtcliError(  # (it said "not an htcli checkpoint")
+            f"{file} is a run's optimizer state, not its weights: give the run directory or its {MODEL_FILE}"
+        )
     if "htcli_config" not in metadata or metadata.get("tokenizer") != TOKENIZER:
         raise HtcliError(
             f"{file} is not an htcli checkpoint (no htcli metadata): give one written by `htcli train`"

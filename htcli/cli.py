@@ -891,7 +891,7 @@ Stride = Annotated[
     int | None,
     typer.Option(
         help="Bytes scored per window after the first (default: half the context; all of it with "
-        "--by-position)."
+        "--by-position, which takes no other)."
     ),
 ]
 ByPosition = Annotated[
@@ -899,14 +899,15 @@ ByPosition = Annotated[
     typer.Option(
         "--by-position",
         help="Also bits per byte by position in the window (doubling buckets): "
-        "does the model use its context?",
+        "does the model use its context? Its windows do not overlap (the stride is the context), so its "
+        "overall bits per byte count less context than the default stride's: higher.",
     ),
 ]
 EvalContext = Annotated[
     int | None,
     typer.Option(
-        help="Windows of this many bytes instead of the model's context: a longer one shows whether "
-        "the model extrapolates past the length it trained on."
+        help="Windows of this many bytes instead of the model's context (a multiple of an H-model's block "
+        "size): a longer one shows whether the model extrapolates past the length it trained on."
     ),
 ]
 PositionPlot = Annotated[
@@ -952,7 +953,7 @@ def eval_(
         torch_device = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, torch_device)
         model, info = load_model(checkpoint, torch_device, context=context)
-        check_options(model, stride, batch_size)  # before a long corpus is opened
+        check_options(model, stride, batch_size, by_position)  # before a long corpus is opened
         with _eval_corpus(corpus or [], records, bool(include_hidden), info.path.parent) as data:
             if data.skipped_records:
                 err_console.print(f"[yellow]{records_left_out(data.skipped_records)}")
@@ -976,8 +977,17 @@ def eval_(
         if plot_path is not None:  # (after the output: a command that fails leaves no new file)
             from htcli.plots import by_position_plot
 
-            by_position_plot({info.path.parent.name or str(info.path): result.by_position}, plot_path)
+            by_position_plot({curve_label(checkpoint): result.by_position}, plot_path)
             err_console.print(f"plot written to {escape(str(plot_path))}", soft_wrap=True)
+
+
+def curve_label(checkpoint: Path) -> str:
+    """A checkpoint's name in a plot's legend: its run directory's, or a loose weights file's own (it was the
+    name of the folder that file lay in)."""
+    from htcli.files import MODEL_FILE
+
+    whole = Path(os.path.abspath(checkpoint))
+    return whole.name if whole.is_dir() else whole.parent.name if whole.name == MODEL_FILE else whole.stem
 
 
 def _eval_corpus(corpus: list[str], records, include_hidden: bool, checkpoint_directory: Path):

@@ -103,9 +103,10 @@ def evaluate(
     doubling buckets. on_progress(bytes scored so far, bytes to score) follows along.
     """
     context = model.config.max_seq_len
+    check_options(model, stride, batch_size, by_position)
     if stride is None:
         stride = context if by_position else context // 2
-    _check_inputs(model, corpus, stride, batch_size)
+    _check_corpus(corpus)
     device = next(model.parameters()).device
     length = min(context, len(corpus) - 1)
     to_score, scored_so_far = len(corpus) - 1, 0
@@ -133,13 +134,15 @@ def evaluate(
         nats_per_byte=nats_per_byte,
         bytes_scored=to_score,
         context=length,
-        stride=length if length < context else stride,  # (one window when the corpus is shorter)
+        stride=length if to_score <= context else stride,  # (one window, where the corpus fills no more)
         seconds=time.perf_counter() - started,
         by_position=_buckets(nats, counts) if by_position else None,
     )
 
 
-def check_options(model: HTransformer1D, stride: int | None, batch_size: int) -> None:
+def check_options(
+    model: HTransformer1D, stride: int | None, batch_size: int, by_position: bool = False
+) -> None:
     """evaluate's checks that need no corpus (a CLI makes them before it opens a long one); stride None:
     evaluate's default."""
     context = model.config.max_seq_len
@@ -152,14 +155,20 @@ def check_options(model: HTransformer1D, stride: int | None, batch_size: int) ->
         raise HtcliError(
             f"stride must be between 1 and the context ({context}), got {stride}", fields=("stride",)
         )
+    if by_position and stride is not None and stride != context:
+        raise HtcliError(  # (the curve's first buckets held the first window's bytes alone)
+            f"by_position scores every position of each window, and stride {stride} scores only a window's "
+            f"last {stride} (the first {context - stride} positions in the first window alone): leave stride "
+            "out",
+            fields=("by_position", "stride"),
+        )
     if not 1 <= batch_size <= 2**53:  # (config.MAX_COUNT, which this module is below)
         raise HtcliError(
             f"batch_size must be a positive integer up to 2**53, got {batch_size}", fields=("batch_size",)
         )
 
 
-def _check_inputs(model: HTransformer1D, corpus: ByteSpan, stride: int, batch_size: int) -> None:
-    check_options(model, stride, batch_size)
+def _check_corpus(corpus: ByteSpan) -> None:
     if not isinstance(corpus, ByteSpan):
         raise HtcliError(
             f"the corpus must be a ByteSpan (htcli.corpus.ByteCorpus.open(paths).span()), got "

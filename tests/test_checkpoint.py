@@ -81,6 +81,14 @@ def test_missing_checkpoint(tmp_path):
         read_checkpoint_info(tmp_path / "nothing")
     with pytest.raises(HtcliError, match="no checkpoint at"):
         read_checkpoint_info(tmp_path)
+    # a run's directory before its first save (killed, or still training): the run is there, its checkpoint
+    # is not yet ("train one" sent users to train a run they had)
+    for name in (".lock", "config.json", "log.jsonl"):
+        (tmp_path / name).write_text("{}")
+    with pytest.raises(
+        HtcliError, match="the run in .* has saved no checkpoint yet: wait for its first save"
+    ):
+        read_checkpoint_info(tmp_path)
 
 
 def test_truncated_and_foreign_files(tmp_path):
@@ -99,6 +107,11 @@ def test_truncated_and_foreign_files(tmp_path):
     save_file({"weight": torch.zeros(2, 2)}, str(foreign), metadata={"format": "pt"})
     with pytest.raises(HtcliError, match="is not an htcli checkpoint"):
         read_checkpoint_info(foreign)
+    # the run's other safetensors file (it was "not an htcli checkpoint")
+    with pytest.raises(
+        HtcliError, match="optimizer.safetensors is a run's optimizer state, not its weights: give"
+    ):
+        read_checkpoint_info(tmp_path / "optimizer.safetensors")
 
 
 def test_crash_while_writing_keeps_the_previous_checkpoint(tmp_path, monkeypatch):

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -1270,6 +1271,17 @@ def test_min_lr_error_names_both_flags(run_copy):
     assert_user_error(result, "--min-lr must be between 0 and --lr (0.006), got 1.0")
 
 
+def test_a_curves_label_names_the_checkpoint(trained, tmp_path):
+    """eval --plot's legend: the run's name for its directory or its weights, a loose file's own name (it
+    was the name of the folder the file lay in)."""
+    from htcli.cli import curve_label
+
+    run, _ = trained
+    loose = shutil.copy(run / "model.safetensors", tmp_path / "step6.safetensors")
+    assert [curve_label(path) for path in (run, run / "model.safetensors", loose)] == ["run", "run", "step6"]
+    assert curve_label(Path(".")) == Path.cwd().name
+
+
 def test_eval_by_position(trained, tmp_path):
     """eval --by-position: buckets in the table and in --json (their bytes add up), a PNG with --plot."""
     run, _ = trained
@@ -1286,6 +1298,9 @@ def test_eval_by_position(trained, tmp_path):
     table = invoke("eval", run, held_out, "--by-position", "--device", "cpu")
     assert "by position" in table.stdout and "0-63" in table.stdout
     assert_user_error(invoke("eval", run, held_out, "--plot", tmp_path / "q.png"), "add --by-position")
+    result = invoke("eval", run, tmp_path / "missing.txt", "--by-position", "--stride", 32, "--device", "cpu")
+    assert_user_error(result, "--by-position scores every position of each window, and --stride 32 scores")
+    assert "leave --stride out" in result.stderr
     # options are checked before the corpus is opened (a long compressed one takes minutes), in one line
     for option, value in (("--stride", 0), ("--stride", 10**6), ("--batch-size", 0), ("--batch-size", 2**63)):
         result = invoke("eval", run, tmp_path / "missing.txt", option, value, "--device", "cpu")

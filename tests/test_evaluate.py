@@ -81,6 +81,9 @@ def test_a_corpus_shorter_than_the_context_reports_what_was_used(model, corpus):
     result = evaluate(model, corpus.span(0, 11), stride=16, dtype=torch.float64)
     assert (result.context, result.stride, result.bytes_scored) == (10, 10, 10)
     assert evaluate(model, corpus.span(0, 11), dtype=torch.float64).stride == 10
+    # a corpus of exactly one window (context + 1 bytes): one window, its 16 bytes (it said stride 8)
+    result = evaluate(model, corpus.span(0, 17), dtype=torch.float64)
+    assert (result.context, result.stride, result.bytes_scored) == (16, 16, 16)
 
 
 def test_validation_bpb_is_the_mean_over_full_windows(model, corpus):
@@ -134,3 +137,9 @@ def test_by_position_equals_direct_computation(model, corpus):
     assert bucket["bytes"] == len(expected) == result.bytes_scored
     assert bucket["bits_per_byte"] == pytest.approx(sum(n for _, n in expected) / len(expected) / math.log(2))
     assert bucket["bits_per_byte"] == pytest.approx(result.bits_per_byte)
+    # a stride below the context leaves the first positions to the first window alone: refused
+    assert evaluate(model, corpus.span(), by_position=True, stride=16, dtype=torch.float64).stride == 16
+    with pytest.raises(
+        HtcliError, match=r"and stride 10 scores only a window's last 10 \(the first 6 positions in"
+    ):
+        evaluate(model, corpus.span(), by_position=True, stride=10)
