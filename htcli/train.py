@@ -542,22 +542,25 @@ class Run:
         )
 
     def after_step(self, log: RunLog, stop: StopRequest | None = None) -> None:
-        """Evaluate, sample and save where due (a sample ends early at a stop request)."""
+        """Evaluate, sample and save where due (a validation or a sample ends early at a stop request)."""
         config, step = self.config, self.step
         last = step == config.steps
         if due(step, config.eval_every, last=last):
-            val_loss, self.val_bpb = self.validate()
-            log("eval", step=step, val_loss=val_loss, val_bpb=self.val_bpb)
+            scores = self.validate(stop)
+            val_loss, self.val_bpb = scores or (None, None)
+            if scores:  # (none logged for one that a stop cut short: the save follows)
+                log("eval", step=step, val_loss=val_loss, val_bpb=self.val_bpb)
         if self.main and due(step, config.sample_every):
             prompt, text, cut = self.sample(stop)
             log("sample", step=step, prompt=prompt, text=text, **({"cut_short": True} if cut else {}))
         if due(step, config.save_every, last=last):
             self.save(log)
 
-    def validate(self) -> tuple[float, float]:
+    def validate(self, stop: StopRequest | None = None) -> tuple[float, float] | None:
         """(nats, bits) per byte on the validation windows: --eval-batches of the batch of one process
         without --split-global-batch (the default), of the global batch with it (one process training on
-        that batch scores as many windows: the same val bpb)."""
+        that batch scores as many windows: the same val bpb). None where a stop request (on any rank) cut
+        it short: the save comes first (a long validation outlasted a scheduler's grace period)."""
         self.model.eval()
         try:
             batch = self.config.batch_size * (self.world_size if self.config.split_global_batch else 1)
@@ -568,6 +571,7 @@ class Run:
                 windows=windows,
                 batch_size=self.config.batch_size,
                 dtype=self.dtype,
+                stopped=None if stop is None else lambda: stop.requested,
             )
         finally:
             self.model.train()
@@ -751,19 +755,30 @@ def _optimizer_step(
 
 @torch.no_grad()
 def validation_bpb(
-    model: HTransformer1D, corpus: ByteSpan, *, windows: int, batch_size: int, dtype: torch.dtype
-) -> tuple[float, float]:
-    """(nats, bits) per byte of up to `windows` full windows spread over corpus: the check in training.
+    model: HTransformer1D,
+    corpus: ByteSpan,
+    *,
+    windows: int,
+    batch_size: int,
+    dtype: torch.dtype,
+    stopped: Callable[[], bool] | None = None,
+) -> tuple[float, float] | None:
+    """(nats, bits) per byte of up to `windows` full windows spread over corpus: the check in training;
+    None where stopped() said yes between two batches (on any rank).
 
     Under a process group each rank scores its share of the windows, and all get the result over all.
     """
     length = model.config.max_seq_len + 1
     starts = evenly_spaced(len(corpus), length, windows)[distributed.rank() :: distributed.world_size()]
     device = next(model.parameters()).device
-    nats = 0.0
+    nats, cut = 0.0, False
     for first in range(0, len(starts), batch_size):
+        if cut := stopped is not None and stopped():
+            break
         batch = corpus.windows(starts[first : first + batch_size], length).to(device)
         nats += window_nats(model, batch, torch.full((len(batch),), length - 1), dtype).sum().item()
-    nats, scored = distributed.all_sum([nats, len(starts) * (length - 1)], device)
+    nats, scored, cuts = distributed.all_sum([nats, len(starts) * (length - 1), cut], device)
+    if cuts:
+        return None
     nats_per_byte = nats / scored
     return nats_per_byte, nats_per_byte / math.log(2)

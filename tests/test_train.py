@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from htcli import device
 from htcli import train as train_module
+from htcli.checkpoint import read_checkpoint_info
 from htcli.config import TrainConfig, config_from_options
 from htcli.device import cpu_multiplies_bf16, resolve_dtype
 from htcli.errors import HtcliError
@@ -207,6 +208,25 @@ def interrupt_at(step: int):
             os.kill(os.getpid(), signal.SIGINT)
 
     return interrupt
+
+
+def test_a_stop_cuts_a_validation_short_and_saves(corpus, tmp_path):
+    """A Ctrl-C at a step whose validation is due: the validation stops at its next batch (it ran to its
+    end, 5 s of 300 batches in a review: longer than a scheduler's grace period on a large model), no eval
+    is logged for that step, and the step is saved with no val bpb; the resumed run equals one whole run."""
+    config = tiny_config(corpus, tmp_path / "split", eval_batches=50, save_every=0)
+    result = train(config, on_event=interrupt_at(3))
+    assert (result.step, result.interrupted, result.val_bpb) == (3, True, None)
+    assert [e["step"] for e in events(tmp_path / "split", "eval")] == []
+    assert events(tmp_path / "split", "checkpoint")[-1]["step"] == 3
+    assert read_checkpoint_info(tmp_path / "split").val_bpb is None
+    train(config, resume=True)
+    train(tiny_config(corpus, tmp_path / "whole", eval_batches=50, save_every=0))
+    assert [e["step"] for e in events(tmp_path / "split", "eval")] == [6]
+    vals = [[e["val_bpb"] for e in events(tmp_path / run, "eval")] for run in ("split", "whole")]
+    assert vals[0] == vals[1][1:]
+    expected, got = weights(tmp_path / "whole"), weights(tmp_path / "split")
+    assert all(torch.equal(expected[name], got[name]) for name in expected)
 
 
 def test_a_run_saved_before_muon_precision_was_recorded_goes_on_in_bf16(corpus, tmp_path, monkeypatch):
