@@ -537,6 +537,30 @@ def test_a_ctrl_c_while_python_exits_after_a_command_is_ignored():
     assert done.stderr.startswith("error: no-such-run"), done.stderr
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_while_python_tears_down_its_modules_keeps_the_commands_code(signum):
+    """A Ctrl-C or SIGTERM once Python tears down its modules (torch's take half a second), where Python has
+    put the handlers back to the system's: it killed the process, exit 130 or 143 without a word, after a
+    command that had finished (a review's `htcli train` that saved its last step). Here one comes from an
+    object that module teardown deletes: ignored, the command's exit code kept."""
+    code = (
+        "import os, signal, sys, time\n"
+        "from htcli.__main__ import main\n"
+        "class Late:\n"
+        f"    def __del__(self):\n        os.kill(os.getpid(), {int(signum)})\n"
+        "        time.sleep(0.2)\n        os.write(2, b'gone\\n')\n"
+        "late = Late()\n"
+        "sys.argv = ['htcli', 'plot', 'no-such-run']\n"
+        "main()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and done.stderr.startswith("error: no-such-run"), (
+        done.returncode,
+        done.stderr,
+    )
+    assert done.stderr.endswith("gone\n"), done.stderr
+
+
 def test_ctrl_c_while_sampling_exits_130_with_one_line(trained):
     """A real SIGINT while a sample streams: exit 130, one line that no file was changed (it said, as
     train does, that a checkpoint saved before is intact); no traceback; the run is untouched. The second
