@@ -17,6 +17,7 @@ import base64
 import contextlib
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -117,6 +118,13 @@ def _check_pending(out: Path) -> None:
         ) from None
 
 
+def _os_error(text: str) -> OSError:
+    """The OSError that safetensors (Rust) describes as "No space left on device (os error 28)", with its
+    number, and its words without Rust's (they reached the user's message)."""
+    found = re.fullmatch(r"(.*?) \(os error (\d+)\)", text.strip(), re.DOTALL)
+    return OSError(int(found.group(2)), found.group(1)) if found else OSError(text)
+
+
 def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     """tensors written to path, through the run directory's saving folder (SAVING_DIR: safetensors' own
     temporary file goes there too, where the next run's start finds what a kill -9 left)."""
@@ -126,7 +134,7 @@ def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: di
     try:
         save_file(tensors, str(written), metadata=metadata)
     except SafetensorError as error:  # how safetensors reports a failed write (a full disk, say)
-        raise OSError(str(error).split("I/O error: ")[-1]) from None
+        raise _os_error(str(error).split("I/O error: ")[-1]) from None
     os.chmod(written, 0o666 & ~_umask())  # safetensors makes files readable by their owner only
     with open(written, "rb") as file:
         os.fsync(file.fileno())

@@ -18,7 +18,6 @@ import filecmp
 import hashlib
 import math
 import os
-import re
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -233,12 +232,6 @@ def _copies(held_out: list[str], trained: list[str]) -> tuple[str, str] | None:
             if filecmp.cmp(held, twin, shallow=False):
                 return held, twin
     return None
-
-
-def _errno_of(error: OSError) -> int | None:
-    """An OSError's number, also where safetensors (Rust) gives it only in its text: "... (os error 28)"."""
-    found = re.search(r"\(os error (\d+)\)", str(error))
-    return error.errno if error.errno is not None or not found else int(found.group(1))
 
 
 @contextlib.contextmanager
@@ -625,7 +618,7 @@ class Run:
                 reason = str(error.strerror or error).replace(str(place), str(self.out))
                 raise HtcliError(
                     f"cannot save the checkpoint of step {self.step} in {self.out}: {reason}"
-                    f" ({self.kept()}); {self.advice(_errno_of(error))}"
+                    f" ({self.kept()}); {self.advice(error.errno)}"
                 ) from None
             self.saved_step = self.step  # (before the log says so, which may fail)
             log("checkpoint", step=self.step, path=str(self.out))

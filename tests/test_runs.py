@@ -483,6 +483,7 @@ def test_full_disk_while_saving(corpus, tmp_path):
     assert process.returncode == 1, process.stderr
     line = process.stderr.strip().splitlines()[-1]
     assert line.startswith("error: cannot save the checkpoint of step 3 in") and "File too large" in line
+    assert "os error" not in line and "raise the limit on file sizes (ulimit -f)" in line
     assert "the checkpoint of step 2 is intact" in line and "Traceback" not in process.stderr
     after = snapshot(out)
     assert {k: v for k, v in after.items() if k.endswith(".safetensors") or k == "state.json"} == {
@@ -493,12 +494,13 @@ def test_full_disk_while_saving(corpus, tmp_path):
 
 def test_the_number_of_an_os_error_from_safetensors():
     """safetensors (Rust) gives a failed write's errno only in its text: a full disk is still told to free
-    space, another failure (a permission) is not."""
-    from htcli.train import _errno_of
+    space, another failure (a permission) is not; the words are the system's, without Rust's "(os error
+    27)", which reached the user's message."""
+    from htcli.checkpoint import _os_error
 
-    assert _errno_of(OSError("No space left on device (os error 28)")) == 28
-    assert _errno_of(OSError(13, "Permission denied")) == 13
-    assert _errno_of(OSError("something else")) is None
+    full = _os_error("No space left on device (os error 28)")
+    assert (full.errno, full.strerror) == (28, "No space left on device")
+    assert _os_error("something else").errno is None and str(_os_error("something else")) == "something else"
 
 
 def test_a_stop_that_cannot_be_logged_is_saved_all_the_same():
