@@ -234,8 +234,9 @@ def _read_metadata(file: Path, shown: str | os.PathLike) -> dict[str, str]:
     if not file.exists():
         if file.parent == Path(shown) and is_run_directory(file.parent) and not has_checkpoint(file.parent):
             raise HtcliError(  # (a run killed before its first save, or training towards it)
-                f"the run in {shown} has saved no checkpoint yet: wait for its first save (every `htcli "
-                "train --save-every` steps, and when it stops), or give another checkpoint"
+                f"the run in {shown} has saved no checkpoint yet: wait for its first save (every save_every "
+                "steps of its training, and when it stops), or give another checkpoint",
+                fields=("save_every",),
             )
         if file.parent != Path(shown) or not has_checkpoint(file.parent):
             raise HtcliError(f"no checkpoint at {shown}: train one with `htcli train`")
