@@ -1167,6 +1167,11 @@ def _bench_attention(config, json_output: bool, plot_path: Path | None) -> None:
         print(json.dumps(to_json(rows, config, error, name)))
     else:
         console.print(_bench_tables(rows, config, title))
+    if not any(result.get("status") == "ok" for row in rows for result in row.results.values()):
+        raise HtcliError(  # (it exited 0: a script took the run for a measurement)
+            "nothing was measured: every method failed at every length (the table says how: OOM, timeout, "
+            "error); give a shorter --seq-len or --batch-size, or more --max-seconds"
+        )
     if plot_path is not None:
         plot(rows, config, plot_path)
         err_console.print(f"plot written to {escape(str(plot_path))}", soft_wrap=True)

@@ -425,6 +425,18 @@ def test_a_method_out_of_cpu_memory_is_oom_and_an_error_says_why():
         BenchConfig(warmup=10**8, device="cpu")
 
 
+def test_a_bench_that_measured_nothing_exits_1(tmp_path):
+    """Every cell OOM (a batch whose q alone is 1 TiB): the table, then one line saying nothing was measured,
+    exit 1, no plot (it exited 0, and a script took the run for a measurement)."""
+    command = [sys.executable, "-m", "htcli", "bench", "--seq-len", "1024", "--batch-size", str(2**20)]
+    command += ["--device", "cpu", "--non-causal", "--plot", str(tmp_path / "b.png")]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=environment)
+    assert done.returncode == 1, done.stderr
+    assert "OOM" in done.stdout and done.stderr.splitlines()[-1].startswith("error: nothing was measured")
+    assert not (tmp_path / "b.png").exists()
+
+
 def test_the_decode_caches_table_fits_80_columns():
     """bench --decode's second table had its headers cut to "conte…", "atten…" and its values wrapped."""
     from rich.console import Console
