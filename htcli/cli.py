@@ -135,7 +135,7 @@ Corpus = Annotated[
 def _option(help: str, field: str | None = None, **kwargs) -> typer.Option:
     """A train option, None when not given (a resumed run keeps its saved value)."""
     names = [flag(field)] if field else []
-    return typer.Option(*names, help=help + (_default(field) if field else ""), **kwargs)
+    return typer.Option(*names, help=help + (_default(field) + "." if field else ""), **kwargs)
 
 
 def _switch(name: str, help: str) -> typer.Option:
@@ -439,7 +439,7 @@ ContextWarmupStart = Annotated[
     int | None, _option("Window length that --context-warmup starts from", "context_warmup_start")
 ]
 MinLr = Annotated[
-    float | None, _option("Learning rate at the last step, after cosine decay (default --lr / 10)")
+    float | None, _option("Learning rate at the last step, after cosine decay (default --lr / 10).")
 ]
 WeightDecay = Annotated[
     float | None,

@@ -1,7 +1,8 @@
 """How htcli's commands lay out their --help so that it reads at 80 columns: a switch's two names stacked
 in one column (side by side they took the width of the help text), no type for a switch (`<bool>` read
 as a value to give), a repeated option typed by one value (`<list[str]>` read as a list given at once),
-and a command's options in named panels."""
+a command's options in named panels, and defaults written in the help's sentence, `(default 8)`, as
+train's are (typer's `[default: 8]` took a line of its own)."""
 
 import contextlib
 from collections.abc import Iterator
@@ -31,10 +32,14 @@ class Command(TyperCommand):
 @contextlib.contextmanager
 def _help_names(params: list) -> Iterator[None]:
     """Params renamed and typed for the help alone (parsing reads the names), put back after it."""
-    saved = [(param, param.opts, param.secondary_opts, param.metavar) for param in params]
+    fields = ("opts", "secondary_opts", "metavar", "help", "show_default")
+    saved = [(param, {name: getattr(param, name, None) for name in fields}) for param in params]
     try:
         for param in params:
-            if getattr(param, "is_flag", False) and param.metavar is None:
+            flag = getattr(param, "is_flag", False)
+            if getattr(param, "show_default", None) is True and not flag and param.default not in (None, ""):
+                param.help, param.show_default = _with_default(param.help or "", param.default), False
+            if flag and param.metavar is None:
                 param.metavar = ""
             elif getattr(param, "multiple", False) and param.metavar is None:
                 param.metavar = "<str>"
@@ -43,5 +48,13 @@ def _help_names(params: list) -> Iterator[None]:
                 param.secondary_opts = []
         yield
     finally:
-        for param, opts, secondary_opts, metavar in saved:
-            param.opts, param.secondary_opts, param.metavar = opts, secondary_opts, metavar
+        for param, values in saved:
+            for name, value in values.items():
+                if hasattr(param, name):
+                    setattr(param, name, value)
+
+
+def _with_default(help: str, default: object) -> str:
+    """A help sentence with its default said before its full stop: "Windows per pass (default 8)."."""
+    body, stop = (help[:-1], ".") if help.endswith(".") else (help, "")
+    return f"{body} (default {default}){stop}".lstrip()

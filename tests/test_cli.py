@@ -73,7 +73,8 @@ def test_the_command_list_gives_each_command_one_sentence():
 def test_help_reads_at_80_columns(command):
     """Each command's --help at 80 columns as a real program: every option named whole (train's cut
     `--no-skip-bad-re…` and squeezed its help to a column of 20 characters), a switch's two names stacked
-    in one column, no `<bool>` type for a switch, a repeated option typed by one value."""
+    in one column, no `<bool>` type for a switch, a repeated option typed by one value, defaults said as
+    train's are."""
     environment = {**os.environ, "COLUMNS": "80", "TERM": "dumb"}
     process = subprocess.run(
         [sys.executable, "-m", "htcli", command, "--help"], capture_output=True, text=True, env=environment
@@ -84,6 +85,7 @@ def test_help_reads_at_80_columns(command):
     options = [line for line in lines if line.strip("│ ").startswith("--")]
     rows = [line.strip("│ ") for line in options]
     assert not [row for row in rows if "<bool>" in row or "list[" in row]
+    assert "[default:" not in process.stdout  # (typer's, on a line of its own; htcli's say "(default 8)")
     names = [row.split()[0] for row in rows]
     for index, name in enumerate(names):
         if name.startswith("--no-"):
