@@ -86,18 +86,30 @@ def read_curves(run: Path, name: str | None = None) -> Curves:
         point = _point(event, session)
         done = {"bytes": point.bytes, "seconds": point.seconds}
         if event["event"] == "step":
-            curves.train.append(_with(point, event["loss"] / math.log(2)))
+            curves.train.append(_with(point, _value(event, "loss") / math.log(2)))
         elif event["event"] == "eval":
-            curves.val.append(_with(point, event["val_bpb"]))
+            curves.val.append(_with(point, _value(event, "val_bpb")))
     return curves
 
 
+VALUES = {"step": "loss", "eval": "val_bpb"}  # the value a curve takes from an event of that kind
+
+
 def _usable(event: dict) -> bool:
-    """Whether an event (of any kind) holds the numbers that the curves read from it."""
-    needs = {"start": ("tokens_per_step",), "step": ("loss",), "eval": ("val_bpb",)}
-    return isinstance(event.get("event"), str) and _numbers(
-        event, "time", "step", *needs.get(event["event"], ())
-    )
+    """Whether an event (of any kind) holds the numbers that the curves read from it; a value of null is
+    one (a NaN, which the log writes null as strict JSON: a gap in the curve; it was a line "not an htcli
+    event")."""
+    kind = event.get("event")
+    if not isinstance(kind, str) or not _numbers(
+        event, "time", "step", *(("tokens_per_step",) * (kind == "start"))
+    ):
+        return False
+    value = VALUES.get(kind)
+    return value is None or (value in event and event[value] is None) or _numbers(event, value)
+
+
+def _value(event: dict, key: str) -> float:
+    return math.nan if event[key] is None else event[key]
 
 
 def _numbers(event: dict, *keys: str) -> bool:

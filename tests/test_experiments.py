@@ -756,6 +756,29 @@ def test_plot_says_which_lines_it_skipped(corpus, tmp_path):
     assert result.stderr.splitlines()[0] == f"warning: {log}: 3 lines are not htcli events (skipped)"
 
 
+def test_a_diverged_value_is_a_gap_not_a_skipped_line(corpus, tmp_path):
+    """A NaN loss or val bpb, which log.jsonl writes as null (strict JSON): a point of NaN, a gap in the
+    curve, and no warning (plot said "a line is not an htcli event" and dropped the evaluation)."""
+    from htcli.curves import read_curves
+
+    run = tmp_path / "run"
+    assert invoke("train", corpus, *TINY_FLAGS, "--steps", 4, "--eval-every", 2, "--out", run).exit_code == 0
+    log = run / "log.jsonl"
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    for record in records:
+        if record["event"] == "eval" and record["step"] == 2:
+            record["val_bpb"] = record["val_loss"] = None
+        if record["event"] == "step" and record["step"] == 3:
+            record["loss"] = None
+    log.write_text("".join(json.dumps(r, allow_nan=False) + "\n" for r in records))
+    curves = read_curves(run)
+    assert curves.skipped == 0
+    assert [(p.step, math.isnan(p.value)) for p in curves.val] == [(2, True), (4, False)]
+    assert [p.step for p in curves.train if math.isnan(p.value)] == [3] and len(curves.train) == 4
+    result = invoke("plot", run, "-o", tmp_path / "a.png")
+    assert result.exit_code == 0 and "warning" not in result.stderr, result.stderr
+
+
 def test_a_figure_cut_short_leaves_the_file_as_it_was(tmp_path, monkeypatch):
     """A Ctrl-C while matplotlib writes a figure (plot -o, eval --plot, bench --plot wrote straight onto the
     path), or a full disk (a traceback): the earlier figure stays whole, no temporary file is left, and a
