@@ -62,6 +62,8 @@ def open_loggers(
     follows it where it is moved (/proc/self/fd/N), for TensorBoard, which writes from this process and
     opens its event file again by path at every write."""
     makers = {"tensorboard": functools.partial(TensorBoardLogger, moving=moving), "wandb": WandbLogger}
+    if "tensorboard" not in names and (out / TENSORBOARD_DIR).is_dir():
+        purge_tensorboard(out / TENSORBOARD_DIR, step)
     loggers = []
     try:
         for name in names:
@@ -75,6 +77,18 @@ def open_loggers(
 def close_loggers(loggers: list) -> None:
     for logger in loggers:
         logger.close()
+
+
+def purge_tensorboard(where: Path, step: int) -> None:
+    """The run's TensorBoard events past step dropped when read (a marker that a writer leaves there), for a
+    session without TensorBoard: a crash's steps past the checkpoint, which it redoes, stayed there with their
+    old values (a later session with TensorBoard dropped only those past its own first step)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # (no TensorBoard now: nothing can read the files here either)
+        return
+    _quiet_writer_threads()
+    SummaryWriter(str(where), purge_step=step + 1).close()
 
 
 class TensorBoardLogger:

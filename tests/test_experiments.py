@@ -554,6 +554,32 @@ def test_tensorboard_curves_continue_after_a_crash_without_duplicate_steps(corpu
     assert [step for step, _ in scalars(run, "val/bpb")] == [1, 2, 3, 4]
 
 
+def test_a_session_without_tensorboard_drops_a_crashs_steps_there(corpus, tmp_path, monkeypatch):
+    """A crash's steps 3 and 4 in TensorBoard, then a resume from step 2 without TensorBoard (it redoes them),
+    then one with it from step 4: TensorBoard held the crash's values of steps 3 and 4 (its purge dropped
+    only what lay past the later session's start); now none, and every value it shows is the log's."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run, saved = tmp_path / "run", tmp_path / "saved"
+    flags = [*TINY_FLAGS, "--out", run, "--eval-every", "1"]
+    assert invoke("train", corpus, *flags, "--steps", "2", "--logger", "tensorboard").exit_code == 0
+    saved.mkdir()
+    for name in ("model.safetensors", "optimizer.safetensors", "state.json"):
+        shutil.copy(run / name, saved / name)
+    assert invoke("train", *flags, "--resume", "--steps", "4").exit_code == 0
+    for name in ("model.safetensors", "optimizer.safetensors", "state.json"):  # the crash: back to step 2
+        shutil.copy(saved / name, run / name)
+    # (each session's event file a second after the last: TensorBoard reads them in the order of their
+    # names, which hold the second they were made and then a count of this process's writers, 10 before 9)
+    time.sleep(1.1)
+    assert invoke("train", *flags, "--resume", "--steps", "4", "--logger", "wandb").exit_code == 0
+    time.sleep(1.1)
+    assert invoke("train", *flags, "--resume", "--steps", "6", "--logger", "tensorboard").exit_code == 0
+    logged = {e["step"]: e["loss"] for e in events(run, "step")}
+    shown = scalars(run, "train/loss")
+    assert [step for step, _ in shown] == [1, 2, 5, 6]
+    assert all(value == pytest.approx(logged[step]) for step, value in shown)
+
+
 def wandb_history(path) -> list[dict]:
     """The history rows of a W&B run file (.wandb: LevelDB-log records of protobuf Records)."""
     from wandb.proto import wandb_internal_pb2
