@@ -537,18 +537,25 @@ def test_tensorboard_on_a_full_disk_is_one_line(corpus, tmp_path, monkeypatch):
     assert "Traceback" not in result.stderr and "Exception in thread" not in result.stderr
 
 
-def test_tensorboard_curves_continue_after_a_crash_without_duplicate_steps(corpus, tmp_path):
-    """Steps 3 and 4 logged, then a crash before their checkpoint: the resume from step 2 redoes them,
-    and TensorBoard shows each step once."""
-    run, saved = tmp_path / "run", tmp_path / "saved"
-    flags = [*TINY_FLAGS, "--out", run, "--logger", "tensorboard", "--eval-every", "1"]
+def crash_after_step_4(corpus, run, flags: list) -> None:
+    """A run of 2 steps resumed to 4 with flags, its checkpoint then put back to step 2: the run as a crash
+    before the checkpoint of step 4 leaves it (steps 3 and 4 logged)."""
+    saved = run.parent / f"{run.name}-saved"
     assert invoke("train", corpus, *flags, "--steps", "2").exit_code == 0
     saved.mkdir()
     for name in ("model.safetensors", "optimizer.safetensors", "state.json"):
         shutil.copy(run / name, saved / name)
     assert invoke("train", *flags, "--resume", "--steps", "4").exit_code == 0
-    for name in ("model.safetensors", "optimizer.safetensors", "state.json"):  # the crash: back to step 2
+    for name in ("model.safetensors", "optimizer.safetensors", "state.json"):
         shutil.copy(saved / name, run / name)
+
+
+def test_tensorboard_curves_continue_after_a_crash_without_duplicate_steps(corpus, tmp_path):
+    """Steps 3 and 4 logged, then a crash before their checkpoint: the resume from step 2 redoes them,
+    and TensorBoard shows each step once."""
+    run = tmp_path / "run"
+    flags = [*TINY_FLAGS, "--out", run, "--logger", "tensorboard", "--eval-every", "1"]
+    crash_after_step_4(corpus, run, flags)
     assert invoke("train", *flags, "--resume", "--steps", "4").exit_code == 0
     assert [step for step, _ in scalars(run, "train/loss")] == [1, 2, 3, 4]
     assert [step for step, _ in scalars(run, "val/bpb")] == [1, 2, 3, 4]
@@ -559,15 +566,9 @@ def test_a_session_without_tensorboard_drops_a_crashs_steps_there(corpus, tmp_pa
     then one with it from step 4: TensorBoard held the crash's values of steps 3 and 4 (its purge dropped
     only what lay past the later session's start); now none, and every value it shows is the log's."""
     monkeypatch.setenv("WANDB_MODE", "offline")
-    run, saved = tmp_path / "run", tmp_path / "saved"
+    run = tmp_path / "run"
     flags = [*TINY_FLAGS, "--out", run, "--eval-every", "1"]
-    assert invoke("train", corpus, *flags, "--steps", "2", "--logger", "tensorboard").exit_code == 0
-    saved.mkdir()
-    for name in ("model.safetensors", "optimizer.safetensors", "state.json"):
-        shutil.copy(run / name, saved / name)
-    assert invoke("train", *flags, "--resume", "--steps", "4").exit_code == 0
-    for name in ("model.safetensors", "optimizer.safetensors", "state.json"):  # the crash: back to step 2
-        shutil.copy(saved / name, run / name)
+    crash_after_step_4(corpus, run, [*flags, "--logger", "tensorboard"])
     # (each session's event file a second after the last: TensorBoard reads them in the order of their
     # names, which hold the second they were made and then a count of this process's writers, 10 before 9)
     time.sleep(1.1)
