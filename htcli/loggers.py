@@ -137,6 +137,18 @@ def _quiet_writer_threads() -> None:
 WANDB_MODES = ("online", "offline", "shared", "disabled", "dryrun", "run")  # what W&B's settings accept
 
 
+def _wandb_advice(reason: str) -> str:
+    """What to do about W&B's reason for not starting (every reason was told to log in)."""
+    said = reason.lower()
+    if "project" in said:
+        return f"set WANDB_PROJECT to a project name W&B takes (unset: {WANDB_PROJECT})"
+    if any(word in said for word in ("timed out", "timeout", "deadline", "connect", "network", "resolve")):
+        return (
+            "W&B's server could not be reached: check the network, or set WANDB_MODE=offline to log on disk"
+        )
+    return "run `wandb login` or set WANDB_API_KEY, or WANDB_MODE=offline to log on disk"
+
+
 class WandbLogger:
     """A W&B run (project WANDB_PROJECT, default htcli; named after the run directory; files in
     OUT/wandb). WANDB_MODE=offline keeps it on disk for `wandb sync`."""
@@ -161,9 +173,7 @@ class WandbLogger:
         except Exception as error:  # (wandb's own: no login, no network, a bad project name, ...)
             reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise HtcliError(
-                f"loggers wandb could not start ({reason}): run `wandb login` or set WANDB_API_KEY, or "
-                "WANDB_MODE=offline to log on disk",
-                fields=("loggers",),
+                f"loggers wandb could not start ({reason}): {_wandb_advice(reason)}", fields=("loggers",)
             ) from None
         if made:  # (kept once W&B has started: a start that failed leaves the run directory as it was)
             with atomic_file(out / WANDB_ID_FILE, "w") as file:

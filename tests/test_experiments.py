@@ -681,6 +681,17 @@ def test_a_logger_that_cannot_start_is_one_line_and_leaves_the_run_as_it_was(cor
     assert invoke("train", *new).exit_code == 0
 
 
+def test_a_bad_wandb_project_is_not_told_to_log_in(corpus, tmp_path):
+    """W&B's reason decides the advice: a project name W&B refuses (offline too) was told to log in."""
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_PROJECT": "bad/name", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "htcli", "train", str(corpus), *TINY_FLAGS, "--logger", "wandb"]
+    command += ["--out", str(tmp_path / "run")]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 1 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "Invalid project name 'bad/name'" in done.stderr
+    assert done.stderr.strip().endswith("set WANDB_PROJECT to a project name W&B takes (unset: htcli)")
+
+
 @pytest.mark.parametrize(("logger", "package"), [("wandb", "wandb"), ("tensorboard", "tensorboard")])
 def test_missing_logger_package_names_the_install_command(corpus, tmp_path, logger, package):
     """In a process where the package cannot be imported: a one-line error, nothing written."""
