@@ -1,8 +1,9 @@
 """Train a tiny byte-level model through the library API (what `htcli train` does, minus the display).
 
-    python examples/train_tiny.py runs/tiny htcli/ --steps 300
+    python examples/train_tiny.py runs/tiny 'htcli/**/*.py' --steps 300
 
-trains on htcli's own source and prints each evaluation as it happens.
+trains on htcli's own source (its .py files: the directory holds __pycache__ bytecode too) and prints each
+evaluation as it happens.
 """
 
 import argparse

@@ -266,17 +266,26 @@ class DecodingState:
             layer.attention.cache.t += 1
 
 
-def _token_ids(tokens: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """tokens (b, n) as the embedding takes them (int64 or int32; uint8 bytes and other integers as int64);
-    ValueError for another shape or dtype, or a mask of another shape (torch said "Sizes of tensors must
-    match" from deep inside)."""
-    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2:
+def _token_ids(
+    tokens: torch.Tensor, mask: torch.Tensor | None, num_tokens: int, *, dims: int = 2
+) -> torch.Tensor:
+    """tokens (b, n), or (b,) with dims 1, as the embedding takes them (int64 or int32; uint8 bytes and
+    other integers as int64); ValueError for another shape or dtype, a mask of another shape (torch said
+    "Sizes of tensors must match" from deep inside), or, on the CPU, an id outside 0..num_tokens - 1 (the
+    embedding's IndexError; on a GPU the check would wait for the device at every call: its assert says
+    it)."""
+    if not isinstance(tokens, torch.Tensor) or tokens.dim() != dims:
         shape = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
-        raise ValueError(f"tokens must be a tensor of shape (batch, n), got {shape}")
+        wanted = "(batch, n)" if dims == 2 else "(batch,)"
+        raise ValueError(f"tokens must be a tensor of shape {wanted}, got {shape}")
     if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
         raise ValueError(f"tokens must be integers (token ids), got {tokens.dtype}")
     if mask is not None and tuple(mask.shape) != tuple(tokens.shape):
         raise ValueError(f"mask must have the tokens' shape {tuple(tokens.shape)}, got {tuple(mask.shape)}")
+    if tokens.device.type == "cpu" and tokens.numel() and not torch.compiler.is_compiling():
+        low, high = int(tokens.min()), int(tokens.max())
+        if low < 0 or high >= num_tokens:
+            raise ValueError(f"token ids must be 0 to {num_tokens - 1}, got {low if low < 0 else high}")
     return tokens if tokens.dtype in (torch.int64, torch.int32) else tokens.long()
 
 
@@ -606,7 +615,7 @@ class HTransformer1D(nn.Module):
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (b, n) of an integer dtype (bytes as uint8 too), mask (b, n) bool True = real token ->
         logits (b, n, num_tokens)."""
-        return self.forward_embeddings(self.token_emb(_token_ids(tokens, mask)), mask)
+        return self.forward_embeddings(self.token_emb(_token_ids(tokens, mask, self.config.num_tokens)), mask)
 
     @property
     def supports_decode_cache(self) -> bool:
@@ -620,7 +629,7 @@ class HTransformer1D(nn.Module):
         (several samples of one prompt; the forward runs once), and the logits of each (copies, n)."""
         if not self.supports_decode_cache:
             raise ValueError("incremental decoding needs a causal model")
-        tokens = _token_ids(tokens, None)
+        tokens = _token_ids(tokens, None, self.config.num_tokens)
         b, n = tokens.shape
         if not 1 <= n <= self.config.max_seq_len:
             raise ValueError(f"prefill takes 1 to max_seq_len ({self.config.max_seq_len}) tokens, got {n}")
@@ -648,7 +657,9 @@ class HTransformer1D(nn.Module):
         """Logits (b, num_tokens) for the position after token (b,), fed at state.position; updates state.
         plan (H-attention models): the step with the same operations at every position, from
         plan.position, which it advances; the caller then counts the step (state.count_step())."""
-        _check_step(token, state, plan)
+        if isinstance(token, torch.Tensor):  # (its shape against the state's first: "one token per sequence")
+            _check_step(token, state, plan)
+        token = _token_ids(token, None, self.config.num_tokens, dims=1)
         if plan is not None:
             plan.update()
         x = self.layers.step(self.token_emb(token), state.layers, plan)

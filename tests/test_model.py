@@ -153,6 +153,23 @@ def test_tokens_of_another_shape_or_dtype():
     with torch.no_grad():
         assert torch.equal(model(tokens.to(torch.uint8)), model(tokens))
         assert torch.equal(model.prefill(tokens[:1].to(torch.uint8))[0], model.prefill(tokens[:1])[0])
+    # ids the embedding has no row for (its IndexError from inside torch), in each way in
+    for bad in (256, -1):
+        with pytest.raises(ValueError, match=f"token ids must be 0 to 255, got {bad}"):
+            model(torch.tensor([[1, bad]]))
+        with pytest.raises(ValueError, match=f"token ids must be 0 to 255, got {bad}"):
+            model.prefill(torch.tensor([[bad]]))
+    # decode_step checks its token as forward does (an int was an AttributeError, uint8 a RuntimeError)
+    _, state = model.prefill(tokens[:1])
+    for bad, said in (
+        (5, r"tokens must be a tensor of shape \(batch,\), got int"),
+        (torch.tensor([1.0]), "tokens must be integers"),
+        (torch.tensor([300]), "token ids must be 0 to 255, got 300"),
+    ):
+        with pytest.raises(ValueError, match=said):
+            model.decode_step(bad, state)
+    step = model.decode_step(torch.tensor([7], dtype=torch.uint8), state)
+    assert step.shape == (1, 256)
 
 
 @pytest.mark.parametrize("reversible", [False, True])
