@@ -12,14 +12,16 @@ of device kernels (CUDA) or torch operations.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 from htcli.device import autocast, resolve_device, resolve_dtype
+from htcli.errors import HtcliError
 from htcli.model import HTransformer1D
-from htcli.presets import model_config
+from htcli.presets import PRESETS, model_config
 
 
 def _sync(device) -> None:
@@ -35,6 +37,15 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
+    if args.preset not in PRESETS:
+        parser.error(f"--preset: one of {', '.join(PRESETS)}")
+    context = model_config(args.preset).max_seq_len
+    if not 1 <= args.prompt_len < context:
+        parser.error(
+            f"--prompt-len must be 1 to {context - 1} (the {args.preset} preset's context: {context})"
+        )
+    if args.batch < 1 or args.steps < 1 or args.prompt_len + 8 + args.steps > context:
+        parser.error(f"--batch and --steps must be 1 or more, --prompt-len + 8 + --steps at most {context}")
     device = resolve_device(args.device)
     dtype = resolve_dtype("auto", device)
     torch.manual_seed(0)
@@ -82,4 +93,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except HtcliError as error:  # (bad input: its one line, not a traceback)
+        sys.exit(f"error: {error}")

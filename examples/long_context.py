@@ -20,6 +20,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from htcli.errors import HtcliError
+
 BYTES_PER_STEP = 16 * 1024
 MODEL = ["--dim", "128", "--depth", "4", "--heads", "4", "--dim-head", "32", "--block-size", "32"]
 # the recipe these runs were measured with (htcli 0.1's: AdamW, LayerNorm, GELU, no QK-norm), pinned so
@@ -247,4 +249,7 @@ if __name__ == "__main__":
         sys.exit(print(__doc__))
     if len(sys.argv) < 4:
         sys.exit(f"usage: python {__doc__.split('python ')[1].splitlines()[0]}")
-    main(*sys.argv[1:])
+    try:
+        main(*sys.argv[1:])
+    except HtcliError as error:  # (bad input: its one line, not a traceback)
+        sys.exit(f"error: {error}")

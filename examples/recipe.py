@@ -17,6 +17,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from htcli.errors import HtcliError
+
 MODEL = ["--dim", "128", "--depth", "4", "--heads", "4", "--dim-head", "32", "--block-size", "32"]
 BUDGET = ["--seq-len", "1024", "--batch-size", "8", "--steps", "400", "--device", "cpu"]
 # the recipe of htcli 0.1 (GPT-2 of 2019): what `htcli train` did before the recipe options (fp32 on a
@@ -144,4 +146,7 @@ if __name__ == "__main__":
         sys.exit(print(__doc__))
     if len(sys.argv) < 3:
         sys.exit(f"usage: python {__doc__.split('python ')[1].splitlines()[0]}")
-    main(*sys.argv[1:])
+    try:
+        main(*sys.argv[1:])
+    except HtcliError as error:  # (bad input: its one line, not a traceback)
+        sys.exit(f"error: {error}")

@@ -61,6 +61,10 @@ def main() -> None:
         "--only", action="append", help="a variant to time (repeatable; first is always timed)"
     )
     args = parser.parse_args()
+    if args.rounds < 1 or args.warmup < 0:
+        parser.error("--rounds must be 1 or more, --warmup 0 or more")
+    if args.seq_len < 1 or args.seq_len % MODEL["block_size"]:
+        parser.error(f"--seq-len must be a positive multiple of the block size ({MODEL['block_size']})")
     chosen = ["first", *args.only] if args.only else list(VARIANTS)
     unknown = [name for name in chosen if name not in VARIANTS]
     if unknown:

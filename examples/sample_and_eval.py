@@ -10,6 +10,7 @@ import torch
 
 from htcli.checkpoint import load_model
 from htcli.corpus import ByteCorpus
+from htcli.errors import HtcliError
 from htcli.evaluate import evaluate
 from htcli.sample import SamplingConfig, Utf8Stream, generate
 
@@ -36,4 +37,7 @@ if __name__ == "__main__":
         sys.exit(print(__doc__))
     if len(sys.argv) != 4:
         sys.exit("usage: python examples/sample_and_eval.py CHECKPOINT PROMPT CORPUS")
-    main(*sys.argv[1:4])
+    try:
+        main(*sys.argv[1:4])
+    except HtcliError as error:  # (bad input: its one line, not a traceback)
+        sys.exit(f"error: {error}")

@@ -7,8 +7,10 @@ evaluation as it happens.
 """
 
 import argparse
+import sys
 
 from htcli.config import TrainConfig
+from htcli.errors import HtcliError
 from htcli.presets import model_config
 from htcli.train import train
 
@@ -44,4 +46,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except HtcliError as error:  # (bad input: its one line, not a traceback)
+        sys.exit(f"error: {error}")

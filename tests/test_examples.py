@@ -14,6 +14,12 @@ from conftest import make_text
 EXAMPLES = Path(__file__).parent.parent / "examples"
 
 
+def torch_sees_a_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def test_library_examples(tmp_path):
     """train_tiny.py writes a checkpoint that sample_and_eval.py samples from and evaluates."""
     corpus = tmp_path / "corpus.txt"
@@ -28,6 +34,45 @@ def test_library_examples(tmp_path):
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     assert used.stdout.startswith("step 3 model") and "bits per byte over 9,999 bytes" in used.stdout
+
+
+@pytest.mark.parametrize(
+    "args,said",
+    [
+        (
+            ["train_tiny.py", "{tmp}/run", "{tmp}/missing.txt"],
+            "error: corpus {tmp}/missing.txt does not exist",
+        ),
+        (["sample_and_eval.py", "{tmp}/none", "a", "{tmp}/c.txt"], "error: {tmp}/none does not exist"),
+        (
+            ["recipe.py", "{tmp}/missing.txt", "{tmp}/runs", "first"],
+            "error: corpus {tmp}/missing.txt does not",
+        ),
+        (
+            ["decode_profile.py", "--preset", "tiny"],
+            "error: --prompt-len must be 1 to 255 (the tiny preset's",
+        ),
+        (["recipe_parts.py", "--rounds", "0"], "error: --rounds must be 1 or more"),
+    ],
+)
+def test_examples_refuse_bad_input_in_one_line(tmp_path, args, said):
+    """An example given what it cannot take ends with one line (each was a traceback)."""
+    command = [sys.executable, EXAMPLES / args[0], *(arg.format(tmp=tmp_path) for arg in args[1:])]
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode in (1, 2) and "Traceback" not in done.stderr, done.stderr
+    assert said.format(tmp=tmp_path) in done.stderr.strip().splitlines()[-1], done.stderr
+
+
+@pytest.mark.skipif(torch_sees_a_gpu(), reason="checks the machine without a GPU")
+def test_gpu_check_stops_at_once_without_a_gpu(tmp_path):
+    """gpu_check.sh on a machine without a GPU: one line (it ran every step to its failure)."""
+    environment = {**os.environ, "PYTHON": sys.executable}
+    done = subprocess.run(
+        ["bash", EXAMPLES / "gpu_check.sh", tmp_path], capture_output=True, text=True, env=environment
+    )
+    assert done.returncode == 1 and done.stdout == "", done.stdout
+    said = f"error: gpu_check.sh needs a CUDA GPU, and torch ({sys.executable}) sees none: run it on a GPU"
+    assert done.stderr.strip().splitlines() == [said + " machine"]
 
 
 def test_decode_profile_runs_on_the_cpu():
