@@ -98,7 +98,14 @@ class TrainConfig:
     def _check_types(self) -> None:
         """Each field holds what it should (a config.json may come from anywhere)."""
         from htcli.corpus import check_corpus_given
+        from htcli.model import HTransformerConfig
 
+        if not isinstance(self.model, HTransformerConfig):  # (None was an AttributeError)
+            raise HtcliError(
+                "model must be an HTransformerConfig (htcli.presets.model_config(preset), or a dict of its "
+                f"fields), got {type(self.model).__name__}",
+                fields=("model",),
+            )
         for name in ("corpus", "val", "loggers"):
             value = getattr(self, name)
             if not isinstance(value, list) or not all(isinstance(item, str) for item in value):

@@ -162,7 +162,8 @@ def check_options(
             "out",
             fields=("by_position", "stride"),
         )
-    if not 1 <= batch_size <= 2**53:  # (config.MAX_COUNT, which this module is below)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 1 <= batch_size <= 2**53:
+        # (config.MAX_COUNT, which this module is below; 1.5 was an error of itertools.islice)
         raise HtcliError(
             f"batch_size must be a positive integer up to 2**53, got {batch_size}", fields=("batch_size",)
         )

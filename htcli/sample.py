@@ -235,10 +235,11 @@ def generate(
     cache: bool = True,
     stop: list[bytes] = (),
 ) -> Iterator[int]:
-    """Yield up to config.max_new_tokens bytes continuing prompt, ending early after a stop string. Same
-    seed, same bytes."""
-    for tokens in generate_batch(model, prompt, [config], dtype=dtype, cache=cache, stop=stop):
-        yield tokens[0]
+    """Up to config.max_new_tokens bytes continuing prompt, yielded one by one, ending early after a stop
+    string. Same seed, same bytes. Its arguments are checked when it is called (an HtcliError), not at
+    the first byte asked for."""
+    steps = generate_batch(model, prompt, [config], dtype=dtype, cache=cache, stop=stop)
+    return (tokens[0] for tokens in steps)
 
 
 def generate_batch(
@@ -263,12 +264,13 @@ def generate_batch(
         )
     if not isinstance(prompt, (bytes, bytearray)):
         raise HtcliError(f"the prompt must be bytes (text.encode()), got {type(prompt).__name__}")
-    wrong = next((c for c in configs if not isinstance(c, SamplingConfig)), None)
-    if wrong is not None:  # (a dict of its fields said "'dict' object has no attribute 'max_new_tokens'")
+    wrong = [type(c).__name__ for c in configs if not isinstance(c, SamplingConfig)]
+    if wrong:  # (a dict of its fields said "'dict' object has no attribute 'max_new_tokens'"; None, too)
         raise HtcliError(
-            "sampling options must be a SamplingConfig (SamplingConfig(**options)), got "
-            + type(wrong).__name__
+            "sampling options must be a SamplingConfig (SamplingConfig(**options)), got " + wrong[0]
         )
+    if not configs:  # (the model's "copies of a prompt need ... copies >= 1")
+        raise HtcliError("no SamplingConfig given: give one per sample to draw")
     if not prompt:
         raise HtcliError("the prompt is empty: generation needs at least one byte to continue")
     if isinstance(stop, (str, bytes)) or not all(isinstance(s, (bytes, bytearray)) for s in stop):

@@ -108,6 +108,8 @@ def train(
     while it trains. The first Ctrl-C, SIGTERM or SIGHUP saves and stops. Inside a process group, every rank
     calls it.
     """
+    if on_event is not None and not callable(on_event):  # (a TypeError once the run directory was made)
+        raise HtcliError(f"on_event must be a function of one event (a dict), got {type(on_event).__name__}")
     run = Run(config, resolve_resume(resume, Path(config.out)))
     try:
         loggers = _start_writing(run)

@@ -101,6 +101,8 @@ def test_bad_stride_and_tiny_corpus(model, corpus):
         evaluate(model, corpus.span(), stride=17)
     with pytest.raises(HtcliError, match="the corpus is 1 byte long: it must be at least 2 bytes"):
         evaluate(model, corpus.span(0, 1))
+    with pytest.raises(HtcliError, match="batch_size must be a positive integer"):  # (islice's ValueError)
+        evaluate(model, corpus.span(), batch_size=1.5)
 
 
 def test_a_corpus_that_is_no_span_is_refused(model, corpus):

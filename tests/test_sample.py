@@ -268,6 +268,12 @@ def test_wrong_types_are_refused_by_the_library():
         HtcliError, match=r"must be a SamplingConfig \(SamplingConfig\(\*\*options\)\), got dict"
     ):
         list(generate(model, b"hi", {"max_new_tokens": 3}))  # (an AttributeError)
+    # None (an AttributeError: the check took None for "none wrong"), when generate is called (it waited
+    # for the first byte asked for); no config at all (the model's "copies ... >= 1")
+    with pytest.raises(HtcliError, match=r"must be a SamplingConfig .*, got NoneType"):
+        generate(model, b"hi", None)
+    with pytest.raises(HtcliError, match="no SamplingConfig given: give one per sample"):
+        generate_batch(model, b"hi", [])
     for field, value in (("top_k", 2.5), ("max_new_tokens", 2.5), ("seed", 1.5), ("max_new_tokens", True)):
         with pytest.raises(HtcliError, match=f"{field} must be a whole number, got {value}"):
             SamplingConfig(**{field: value})

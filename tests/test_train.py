@@ -43,6 +43,7 @@ def test_learning_rate_schedule():
         (dict(val_fraction=1.5), "val_fraction must be above 0 and below 1"),
         (dict(device="tpu"), "unknown device 'tpu'"),
         (dict(corpus=[]), "no corpus given"),
+        (dict(model=None), "model must be an HTransformerConfig .*got NoneType"),  # (an AttributeError)
     ],
 )
 def test_config_validation(options, message):
@@ -50,6 +51,14 @@ def test_config_validation(options, message):
     with pytest.raises(HtcliError, match=message) as raised:
         TrainConfig(**{"corpus": ["x"], **options})
     assert set(raised.value.fields) <= set(TrainConfig.__dataclass_fields__)
+
+
+def test_an_on_event_that_is_not_a_function_is_refused_before_anything_is_written(corpus, tmp_path):
+    """train(on_event=5) was a TypeError after the run directory, its lock, config.json and log.jsonl were
+    made."""
+    with pytest.raises(HtcliError, match="on_event must be a function of one event .a dict., got int"):
+        train(tiny_config(corpus, tmp_path / "run"), on_event=5)
+    assert not (tmp_path / "run").exists()
 
 
 def test_impossible_model_options_name_the_fields(tmp_path):
