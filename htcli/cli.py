@@ -583,10 +583,15 @@ def _train_with(options: dict, resume: bool | str, print_config: bool, given: se
         if launch_from_env().main:  # (under torchrun, once: every rank printed it)
             print(write_toml(config, _file_key), end="")
         return
-    if "loggers" in given and resolve_resume(resume, config.out):
-        _say_dropped_loggers(config)
+    dropped = _dropped_loggers(config) if "loggers" in given and resolve_resume(resume, config.out) else ""
     with process_group(config.device) as launch, TrainDisplay(err_console, respell) as display:
-        result = run_training(config, resume=resume, on_event=display)
+
+        def on_event(event: dict) -> None:
+            if dropped and event["event"] == "start":  # (once the resume is taken: not before its refusal)
+                err_console.print(dropped, soft_wrap=True)
+            display(event)
+
+        result = run_training(config, resume=resume, on_event=on_event)
     code = STOP_CODES.get(result.stopped_by, 0)
     if launch.main:
         try:
@@ -600,19 +605,19 @@ def _train_with(options: dict, resume: bool | str, print_config: bool, given: se
         raise typer.Exit(code)
 
 
-def _say_dropped_loggers(config) -> None:
-    """A warning where a resume's --logger leaves out a logger of the run (its curves end there)."""
+def _dropped_loggers(config) -> str:
+    """The warning where a resume's --logger leaves out a logger of the run (its curves end there); ""."""
     from htcli.config import dropped_loggers
     from htcli.distributed import launch_from_env
 
     dropped = dropped_loggers(config)
-    if dropped and launch_from_env().main:
-        names = " ".join(f"--logger {name}" for name in dropped)
-        err_console.print(
-            f"[yellow]warning:[/] --logger replaces the run's loggers: {', '.join(dropped)} gets no more of"
-            f" this run; give {names} too to keep it",
-            soft_wrap=True,
-        )
+    if not dropped or not launch_from_env().main:
+        return ""
+    names = " ".join(f"--logger {name}" for name in dropped)
+    return (
+        f"[yellow]warning:[/] --logger replaces the run's loggers: {', '.join(dropped)} gets no more of"
+        f" this run; give {names} too to keep it"
+    )
 
 
 def _check_ignored(config, given: set[str]) -> None:

@@ -511,6 +511,9 @@ def test_a_resume_whose_logger_leaves_out_the_runs_says_so(corpus, tmp_path, mon
     said = " ".join(only.stderr.split())
     assert "warning: --logger replaces the run's loggers: tensorboard gets no more of this run; give" in said
     assert [step for step, _ in scalars(run, "train/loss")] == [1, 2]
+    # a resume refused: its error alone (the warning came first, of a run that did not go on)
+    refused = invoke("train", *flags, "--resume", "--steps", 2, "--logger", "tensorboard")  # (drops wandb)
+    assert refused.exit_code == 1 and "warning" not in refused.stderr, (refused.stderr, refused.output)
 
 
 def test_tensorboard_on_a_full_disk_is_one_line(corpus, tmp_path, monkeypatch):
