@@ -44,8 +44,11 @@ def main() -> None:
         parser.error(
             f"--prompt-len must be 1 to {context - 1} (the {args.preset} preset's context: {context})"
         )
-    if args.batch < 1 or args.steps < 1 or args.prompt_len + 8 + args.steps > context:
-        parser.error(f"--batch and --steps must be 1 or more, --prompt-len + 8 + --steps at most {context}")
+    if args.batch < 1 or args.steps < 1 or args.prompt_len + 8 + 3 * args.steps > context:
+        # (8 warm-up steps, then --steps timed, --steps for the host's time, --steps profiled)
+        parser.error(
+            f"--batch and --steps must be 1 or more, --prompt-len + 8 + 3 * --steps at most {context}"
+        )
     device = resolve_device(args.device)
     dtype = resolve_dtype("auto", device)
     torch.manual_seed(0)

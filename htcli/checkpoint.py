@@ -50,6 +50,7 @@ from htcli.files import (
     write_json,
 )
 from htcli.model import BYTE_TOKENS, LIMITS, HTransformer1D, HTransformerConfig
+from htcli.runlock import in_training
 
 TOKENIZER = "bytes"
 # what to do where a run's optimizer state cannot be read (its weights still serve sample and eval)
@@ -233,7 +234,12 @@ def _read_metadata(file: Path, shown: str | os.PathLike) -> dict[str, str]:
     check_utf8_path(file)
     if not file.exists():
         if file.parent == Path(shown) and is_run_directory(file.parent) and not has_checkpoint(file.parent):
-            raise HtcliError(  # (a run killed before its first save, or training towards it)
+            if in_training(file.parent) is False:  # (a run stopped before its first save: it never will)
+                raise HtcliError(
+                    f"the run in {shown} stopped before its first save, so it has no checkpoint: train it "
+                    "again, or give another checkpoint"
+                )
+            raise HtcliError(  # (a run training towards its first save)
                 f"the run in {shown} has saved no checkpoint yet: wait for its first save (every save_every "
                 "steps of its training, and when it stops), or give another checkpoint",
                 fields=("save_every",),

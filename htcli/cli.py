@@ -30,7 +30,7 @@ from htcli import __version__
 from htcli.config import MAX_SEED, train_default
 from htcli.environment import check_environment
 from htcli.errors import HtcliError
-from htcli.help_layout import Command
+from htcli.help_layout import Command, with_default
 from htcli.presets import DEFAULT_PRESET, PRESETS
 from htcli.stop import Terminated, started, terminate_unwinds, to_devnull
 
@@ -82,10 +82,6 @@ def respell(message: str, fields: Iterable[str], spell: Callable[[str], str] | N
     return message
 
 
-def _default(name: str) -> str:
-    return f" (default {train_default(name)})"
-
-
 # options every command spells the same way (train's are None when not given, for --resume)
 DEVICE = typer.Option(
     "--device",
@@ -135,7 +131,7 @@ Corpus = Annotated[
 def _option(help: str, field: str | None = None, **kwargs) -> typer.Option:
     """A train option, None when not given (a resumed run keeps its saved value)."""
     names = [flag(field)] if field else []
-    return typer.Option(*names, help=help + (_default(field) + "." if field else ""), **kwargs)
+    return typer.Option(*names, help=with_default(help, train_default(field)) if field else help, **kwargs)
 
 
 def _switch(name: str, help: str) -> typer.Option:
@@ -380,31 +376,31 @@ MODEL_DEFAULTS = dict(
 )
 
 
-def _model_default(name: str) -> str:
-    return f" (default {MODEL_DEFAULTS[name]})."
+def _model_help(help: str, name: str) -> str:
+    return with_default(help, MODEL_DEFAULTS[name])
 
 
 Reversible = Annotated[
     bool | None,
-    _switch("reversible", "Reversible layers: less activation memory" + _model_default("reversible")),
+    _switch("reversible", _model_help("Reversible layers: less activation memory", "reversible")),
 ]
 Norm = Annotated[
-    str | None, _option("Normalisation: rms (RMSNorm) or layer (LayerNorm)" + _model_default("norm"))
+    str | None, _option(_model_help("Normalisation: rms (RMSNorm) or layer (LayerNorm)", "norm"))
 ]
 QkNorm = Annotated[
-    bool | None, _switch("qk-norm", "RMSNorm of each head's queries and keys" + _model_default("qk_norm"))
+    bool | None, _switch("qk-norm", _model_help("RMSNorm of each head's queries and keys", "qk_norm"))
 ]
 Activation = Annotated[
     str | None,
-    _option("Feed-forward activation: relu2 (ReLU squared) or gelu" + _model_default("activation")),
+    _option(_model_help("Feed-forward activation: relu2 (ReLU squared) or gelu", "activation")),
 ]
 LogitSoftcap = Annotated[
     float | None,
-    _option("Soft-cap the logits at this value (c * tanh(x / c)); 0: none" + _model_default("logit_softcap")),
+    _option(_model_help("Soft-cap the logits at this value (c * tanh(x / c)); 0: none", "logit_softcap")),
 ]
 ZeroInit = Annotated[
     bool | None,
-    _switch("zero-init", "Residual output projections start at zero" + _model_default("zero_init")),
+    _switch("zero-init", _model_help("Residual output projections start at zero", "zero_init")),
 ]
 LevelDecay = Annotated[
     float | None,
@@ -1172,10 +1168,14 @@ def _bench_attention(config, json_output: bool, plot_path: Path | None) -> None:
         print(json.dumps(to_json(rows, config, error, name)))
     else:
         console.print(_bench_tables(rows, config, title))
-    if not any(result.get("status") == "ok" for row in rows for result in row.results.values()):
-        raise HtcliError(  # (it exited 0: a script took the run for a measurement)
-            "nothing was measured: every method failed at every length (the table says how: OOM, timeout, "
-            "error); give a shorter --seq-len or --batch-size, or more --max-seconds"
+    statuses = {result.get("status") for row in rows for result in row.results.values()}
+    if "ok" not in statuses:  # (it exited 0: a script took the run for a measurement)
+        advice = {"oom": "a shorter --seq-len or --batch-size", "timeout": "more --max-seconds"}
+        ways = [way for status, way in advice.items() if status in statuses]
+        raise HtcliError(
+            "nothing was measured: every method failed at every length (the table says how)"
+            + (f"; give {' or '.join(ways)}" if ways else "")
+            + ("; the errors' reasons are under the table" if statuses - {"oom", "timeout"} else "")
         )
     if plot_path is not None:
         plot(rows, config, plot_path)

@@ -38,7 +38,7 @@ def _help_names(params: list) -> Iterator[None]:
         for param in params:
             flag = getattr(param, "is_flag", False)
             if getattr(param, "show_default", None) is True and not flag and param.default not in (None, ""):
-                param.help, param.show_default = _with_default(param.help or "", param.default), False
+                param.help, param.show_default = with_default(param.help or "", param.default), False
             if flag and param.metavar is None:
                 param.metavar = ""
             elif getattr(param, "multiple", False) and param.metavar is None:
@@ -54,7 +54,9 @@ def _help_names(params: list) -> Iterator[None]:
                     setattr(param, name, value)
 
 
-def _with_default(help: str, default: object) -> str:
-    """A help sentence with its default said before its full stop: "Windows per pass (default 8)."."""
-    body, stop = (help[:-1], ".") if help.endswith(".") else (help, "")
-    return f"{body} (default {default}){stop}".lstrip()
+def with_default(help: str, default: object) -> str:
+    """A help sentence ending with its default: "Windows per pass (default 8).", "... (RMSNorm),
+    default layer."."""
+    body = help.removesuffix(".")
+    said = f", default {default}" if body.endswith(")") else f" (default {default})"  # (not "(...) (...)")
+    return f"{body}{said}.".lstrip()

@@ -140,7 +140,7 @@ WANDB_MODES = ("online", "offline", "shared", "disabled", "dryrun", "run")  # wh
 def _wandb_advice(reason: str) -> str:
     """What to do about W&B's reason for not starting (every reason was told to log in)."""
     said = reason.lower()
-    if "project" in said:
+    if "project name" in said:  # (not a 403's "reach out to the project owner": a login's matter)
         return f"set WANDB_PROJECT to a project name W&B takes (unset: {WANDB_PROJECT})"
     if any(word in said for word in ("timed out", "timeout", "deadline", "connect", "network", "resolve")):
         return (

@@ -282,11 +282,12 @@ def _token_ids(
         raise ValueError(f"tokens must be integers (token ids), got {tokens.dtype}")
     if mask is not None and tuple(mask.shape) != tuple(tokens.shape):
         raise ValueError(f"mask must have the tokens' shape {tuple(tokens.shape)}, got {tuple(mask.shape)}")
+    tokens = tokens if tokens.dtype in (torch.int64, torch.int32) else tokens.long()
     if tokens.device.type == "cpu" and tokens.numel() and not torch.compiler.is_compiling():
-        low, high = int(tokens.min()), int(tokens.max())
+        low, high = int(tokens.min()), int(tokens.max())  # (of int64 or int32: uint16 has no min on the CPU)
         if low < 0 or high >= num_tokens:
             raise ValueError(f"token ids must be 0 to {num_tokens - 1}, got {low if low < 0 else high}")
-    return tokens if tokens.dtype in (torch.int64, torch.int32) else tokens.long()
+    return tokens
 
 
 def _check_step(token: torch.Tensor, state: DecodingState, plan: StepPlan | None) -> None:

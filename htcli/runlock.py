@@ -130,6 +130,17 @@ class RunLock:
             self._folder = None
 
 
+def in_training(out: Path) -> bool | None:
+    """Whether a process trains into out now (holds its lock), where the system says (/proc/locks: Linux):
+    None where it cannot tell. Reads, takes nothing (a lock taken to probe could refuse a run starting)."""
+    try:
+        inode = os.stat(Path(out) / LOCK_FILE).st_ino
+        readable = os.access("/proc/locks", os.R_OK)
+    except OSError:
+        return None
+    return _holder(inode) is not None if readable else None
+
+
 def _holder(inode: int) -> int | None:
     """The id of the process holding a flock on the file with this inode, where /proc/locks tells."""
     try:

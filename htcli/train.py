@@ -541,9 +541,10 @@ class Run:
         config, step = self.config, self.step
         last = step == config.steps
         if due(step, config.eval_every, last=last):
-            scores = self.validate(stop)
-            val_loss, self.val_bpb = scores or (None, None)
-            if scores:  # (none logged for one that a stop cut short: the save follows)
+            # (the last one is the run's result: a stop there is not acted on, and resuming cannot redo it)
+            scores = self.validate(None if last else stop)
+            if scores:  # (none for one that a stop cut short: the save follows; the last val bpb stands)
+                val_loss, self.val_bpb = scores
                 log("eval", step=step, val_loss=val_loss, val_bpb=self.val_bpb)
         if self.main and due(step, config.sample_every):
             prompt, text, cut = self.sample(stop)

@@ -12,6 +12,7 @@ from htcli.checkpoint import load_model, load_training_state, read_checkpoint_in
 from htcli.errors import HtcliError
 from htcli.files import atomic_file
 from htcli.model import HTransformer1D, HTransformerConfig
+from htcli.runlock import RunLock
 
 
 def training_state(marker: int) -> dict:
@@ -81,14 +82,22 @@ def test_missing_checkpoint(tmp_path):
         read_checkpoint_info(tmp_path / "nothing")
     with pytest.raises(HtcliError, match="no checkpoint at"):
         read_checkpoint_info(tmp_path)
-    # a run's directory before its first save (killed, or still training): the run is there, its checkpoint
-    # is not yet ("train one" sent users to train a run they had)
+    # a run's directory before its first save: the run is there, its checkpoint is not ("train one" sent
+    # users to train a run they had); still training (its lock held), it will save; stopped, it never will
     for name in (".lock", "config.json", "log.jsonl"):
         (tmp_path / name).write_text("{}")
     with pytest.raises(
-        HtcliError, match="the run in .* has saved no checkpoint yet: wait for its first save"
+        HtcliError, match="the run in .* stopped before its first save, so it has no checkpoint"
     ):
         read_checkpoint_info(tmp_path)
+    lock = RunLock(tmp_path).acquire()
+    try:
+        with pytest.raises(
+            HtcliError, match="the run in .* has saved no checkpoint yet: wait for its first save"
+        ):
+            read_checkpoint_info(tmp_path)
+    finally:
+        lock.release()
 
 
 def test_truncated_and_foreign_files(tmp_path):

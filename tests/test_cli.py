@@ -86,6 +86,7 @@ def test_help_reads_at_80_columns(command):
     rows = [line.strip("│ ") for line in options]
     assert not [row for row in rows if "<bool>" in row or "list[" in row]
     assert "[default:" not in process.stdout  # (typer's, on a line of its own; htcli's say "(default 8)")
+    assert ") (default" not in " ".join(process.stdout.split())  # (after a parenthesis: ", default ...")
     names = [row.split()[0] for row in rows]
     for index, name in enumerate(names):
         if name.startswith("--no-"):

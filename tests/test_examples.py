@@ -52,6 +52,7 @@ def test_library_examples(tmp_path):
             ["decode_profile.py", "--preset", "tiny"],
             "error: --prompt-len must be 1 to 255 (the tiny preset's",
         ),
+        (["decode_profile.py", "--preset", "tiny", "--prompt-len", "100", "--steps", "50"], "3 * --steps at"),
         (["recipe_parts.py", "--rounds", "0"], "error: --rounds must be 1 or more"),
     ],
 )

@@ -153,6 +153,8 @@ def test_tokens_of_another_shape_or_dtype():
     with torch.no_grad():
         assert torch.equal(model(tokens.to(torch.uint8)), model(tokens))
         assert torch.equal(model.prefill(tokens[:1].to(torch.uint8))[0], model.prefill(tokens[:1])[0])
+    for dtype in (torch.uint16, torch.uint32, torch.int16):  # (uint16 has no min on the CPU)
+        assert torch.equal(model(tokens.to(dtype)), model(tokens))
     # ids the embedding has no row for (its IndexError from inside torch), in each way in
     for bad in (256, -1):
         with pytest.raises(ValueError, match=f"token ids must be 0 to 255, got {bad}"):

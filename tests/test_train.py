@@ -238,6 +238,20 @@ def test_a_stop_cuts_a_validation_short_and_saves(corpus, tmp_path):
     assert all(torch.equal(expected[name], got[name]) for name in expected)
 
 
+def test_a_stop_keeps_the_last_val_bpb_and_the_last_validation(corpus, tmp_path):
+    """A stop that cuts a validation short leaves the last val bpb as it was (it became None: the summary,
+    the end event and the checkpoint lost it); one at the last step leaves that validation whole: it is
+    the run's result, which no resume could redo (the run is at its last step)."""
+    config = tiny_config(corpus, tmp_path / "run", steps=9, eval_every=3, save_every=0)
+    result = train(config, on_event=interrupt_at(6))
+    evals = events(tmp_path / "run", "eval")
+    assert [e["step"] for e in evals] == [3] and result.val_bpb == evals[0]["val_bpb"] is not None
+    assert read_checkpoint_info(tmp_path / "run").val_bpb == evals[0]["val_bpb"]
+    last = train(config, resume=True, on_event=interrupt_at(9))
+    assert [e["step"] for e in events(tmp_path / "run", "eval")] == [3, 9] and last.step == 9
+    assert last.val_bpb == events(tmp_path / "run", "eval")[-1]["val_bpb"]
+
+
 def test_a_run_saved_before_muon_precision_was_recorded_goes_on_in_bf16(corpus, tmp_path, monkeypatch):
     """Runs saved before state.json named Muon's precision made its products in bf16 on every device:
     resumed, one goes on in bf16, bitwise as one run, also where a new run would take fp32."""
