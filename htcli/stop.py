@@ -55,6 +55,9 @@ class StopRequest:
 
     @property
     def requested(self) -> bool:
+        """Whether a stop was asked for (torchrun gone too: asked between a validation's batches and a
+        sample's bytes, not only at the steps' agreement)."""
+        self.poll()
         return self.signal is not None
 
     def _handle(self, signum, frame) -> None:

@@ -161,6 +161,27 @@ def test_a_stop_request_puts_the_handlers_back(signum, monkeypatch):
             signal.signal(number, handler)
 
 
+@pytest.mark.parametrize("torchrun", [True, False])
+def test_a_rank_whose_torchrun_is_gone_asks_to_stop(torchrun, monkeypatch):
+    """In a rank that torchrun's agent started, a parent that is no longer torchrun (it was SIGKILLed) is a
+    stop as SIGTERM, asked wherever a stop is looked for (between a validation's batches too, not only at
+    the steps' agreement); a process not started by torchrun (ranks started by hand, whose shell may end)
+    never takes its parent's end for one."""
+    from htcli import stop as stop_module
+    from htcli.stop import StopRequest
+
+    monkeypatch.setattr(stop_module, "_terminal_outputs", list)
+    if torchrun:
+        monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    else:
+        monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    with StopRequest() as stop:
+        assert not stop.requested
+        monkeypatch.setattr(os, "getppid", lambda: 1)  # (handed to init)
+        assert stop.requested is torchrun
+        assert stop.signal == (signal.SIGTERM if torchrun else None)
+
+
 def test_a_ranks_sigterm_with_its_ctrl_c_is_ignored_without_a_word(monkeypatch):
     """In a rank of torchrun's, a SIGTERM that arrives with the first stop (a group Ctrl-C, and torchrun's
     SIGTERM after it) is ignored, as later ones are; it was printed as "OSError: Signal 15 ignored due to
