@@ -57,16 +57,17 @@ app = typer.Typer(
 )
 
 
-class _Stdout(Console):
-    """stdout's console: a pipe closed early (`| head`) is an OSError the commands handle (rich's own answer,
-    SystemExit(1) at once, lost a stopped run's exit code 75 and its line on how to continue)."""
+class _Console(Console):
+    """A console whose pipe closed early (`| head`) is an OSError the commands handle (rich's own answer,
+    SystemExit(1) at once after sending stdout to /dev/null, lost a stopped run's exit code 75 and its line
+    on how to continue; on stderr's console it ended a training run unsaved, without a word)."""
 
     def on_broken_pipe(self) -> None:
         raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
 
 
-console = _Stdout()
-err_console = Console(stderr=True)
+console = _Console()
+err_console = _Console(stderr=True)
 
 
 def flag(field: str) -> str:
@@ -580,12 +581,19 @@ def _train_with(options: dict, resume: bool | str, print_config: bool, given: se
             print(write_toml(config, _file_key), end="")
         return
     dropped = _dropped_loggers(config) if "loggers" in given and resolve_resume(resume, config.out) else ""
+    shown = [True]  # (a list: the display's state, which on_event turns off)
     with process_group(config.device) as launch, TrainDisplay(err_console, respell) as display:
 
         def on_event(event: dict) -> None:
-            if dropped and event["event"] == "start":  # (once the resume is taken: not before its refusal)
-                err_console.print(dropped, soft_wrap=True)
-            display(event)
+            if not shown[0]:
+                return
+            try:
+                if dropped and event["event"] == "start":  # (once the resume is taken, not before a refusal)
+                    err_console.print(dropped, soft_wrap=True)
+                display(event)
+            except OSError:  # (stderr that takes no more: a closed pipe, a full disk): the run goes on unseen
+                shown[0] = False  # (it stopped the run unsaved, without a word: its error line failed too)
+                to_devnull([2])
 
         result = run_training(config, resume=resume, on_event=on_event)
     code = STOP_CODES.get(result.stopped_by, 0)

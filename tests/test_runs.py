@@ -231,6 +231,25 @@ def test_a_run_that_ignores_sighup_goes_on(corpus, tmp_path):
     assert events(out, "interrupt")[0]["signal"] == "SIGTERM"
 
 
+@pytest.mark.parametrize("errors", ["full disk", "closed pipe"])
+def test_a_run_whose_stderr_fails_trains_on_unseen(corpus, tmp_path, errors):
+    """Progress on a stderr that takes no more (a full disk; `2>&1 | head`, the pipe closed): the run goes on
+    to its last step and saves, exit 0, its summary on stdout. It ended at once, unsaved and without a
+    word: rich's answer to a closed pipe was SystemExit(1) (after sending stdout to /dev/null), a full
+    disk's OSError the command's error, whose own line failed too."""
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "htcli", "train", corpus, "--out", out, *TINY_FLAGS, "--steps", 30]
+    command += ["--eval-every", 5, "--save-every", 0]
+    with open("/dev/full", "w") as full:
+        stderr = full if errors == "full disk" else subprocess.PIPE
+        process = subprocess.Popen(list(map(str, command)), stdout=subprocess.PIPE, stderr=stderr, text=True)
+    if errors == "closed pipe":
+        process.stderr.close()
+    stdout, _ = process.communicate(timeout=120)
+    assert process.returncode == 0 and "training run" in stdout, stdout
+    assert json.loads((out / "state.json").read_text())["step"] == 30
+
+
 @pytest.mark.parametrize(
     "output,buffered,said",
     [
