@@ -78,7 +78,7 @@ def bench_table(rows: list[Row], config: BenchConfig, title: str) -> Table:
         collapse_padding=True,
     )
     for name in ("n", "mode", "method", "fwd", step, "tok/s", "peak", "speedup", "mem"):
-        table.add_column(name, justify="left" if name in ("mode", "method") else "right", no_wrap=True)
+        table.add_column(name, justify="left" if name in ("mode", "method") else "right", overflow="fold")
     for row in rows:
         for method in METHODS:
             result = row.results[method]

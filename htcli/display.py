@@ -4,6 +4,7 @@ result tables of eval and bench --decode. Formatting only: nothing here computes
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
@@ -28,6 +29,15 @@ if TYPE_CHECKING:
     from htcli.train import TrainResult
 
 SMOOTHING = 0.9  # exponential moving average of tokens/s, so the number does not flicker
+
+
+CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # all but tab and newline: a terminal acts on them
+
+
+def visible(text: str) -> str:
+    """Text with its control characters shown as \\x1b, not sent to the terminal (a corpus's or a young
+    model's escape sequences changed the title, cleared the screen, left colours on)."""
+    return CONTROLS.sub(lambda found: f"\\x{ord(found.group()):02x}", text)
 
 
 def human(count: float) -> str:
@@ -160,7 +170,8 @@ class TrainDisplay:
             self.console.print(
                 f"{verb}: {human(event['params'])} parameters on {event['device']} ({event['dtype']}), "
                 f"{human(event['train_bytes'])}B to train on, {human(event['val_bytes'])}B held out, "
-                f"{human(event['tokens_per_step'])} bytes per step"
+                f"{human(event['tokens_per_step'])} bytes per step",
+                soft_wrap=True,
             )
             for line, fields in event.get("changes", []):
                 shown = escape(self.spell(line, fields))
@@ -188,20 +199,23 @@ class TrainDisplay:
         elif kind == "eval":
             self.val_bpb = event["val_bpb"]
             self.console.print(f"step {event['step']:>6}  loss {self.loss:.4f}  val bpb {self.val_bpb:.4f}")
-        elif kind == "sample":
-            text = Text(event["prompt"], style="dim") + Text(event["text"])
+        elif kind == "sample":  # (the prompt dim, the model's bytes not: Text + Text made both dim)
+            text = Text.assemble((visible(event["prompt"]), "dim"), visible(event["text"]))
             title = f"sample at step {event['step']}"
             if event.get("cut_short"):
                 title += " (cut short by the stop)"
             self.sample = Panel(text, title=title, title_align="left")
             self.live.update(self._view())
         elif kind == "interrupt":
-            self.console.print(f"[yellow]interrupted at step {event['step']}: saving and stopping")
+            self.console.print(
+                f"[yellow]interrupted at step {event['step']}: saving and stopping", soft_wrap=True
+            )
         elif kind == "moved":
             moved = f"[yellow]the run directory was moved to {escape(event['path'])}: saving there"
             self.console.print(moved, soft_wrap=True)
         elif kind == "checkpoint":
-            self.console.print(f"[dim]saved checkpoint of step {event['step']} in {escape(event['path'])}")
+            saved = f"[dim]saved checkpoint of step {event['step']} in {escape(event['path'])}"
+            self.console.print(saved, soft_wrap=True)  # (a path cut over lines defeats grep and copying)
         self.stats.plain = self._stats_line()
 
     def _stats_line(self) -> str:
@@ -332,7 +346,7 @@ def cache_table(result: dict) -> Table:
     )
     for name in ("context", "cache", "first\nbyte", "bytes/s", "ms/byte\nearly", "ms/byte\nlate",
                  "late/\nearly", f"{together}:\nfirst byte", f"{together}:\nbytes/s"):  # fmt: skip
-        table.add_column(name, justify="right", no_wrap=True)
+        table.add_column(name, justify="right", overflow="fold")
     for row in result["caches"]:
         together = row.get("batch_bytes_per_s")
         table.add_row(
@@ -354,7 +368,7 @@ def runs_table(runs: list) -> Table:
     last and best validation bits per byte."""
     table = Table(title="runs", title_justify="left")
     for name in ("run", "step", "bytes", "time", "last val bpb", "best val bpb (step)"):
-        table.add_column(name, justify="left" if name == "run" else "right")
+        table.add_column(name, justify="left" if name == "run" else "right", overflow="fold")
     for run in runs:
         last, best = run.last, run.best_val
         final = run.val[-1] if run.val else None

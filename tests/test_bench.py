@@ -308,6 +308,10 @@ def test_bench_table_fits_80_columns():
     assert "…" not in text
     for header in ("n", "mode", "method", "fwd", "step", "tok/s", "peak", "speedup", "mem", "timeout"):
         assert header in text
+    # narrower, a number is folded onto the next line, never cut ("7…" read as a value of its own)
+    console = Console(width=40, record=True)
+    console.print(bench_table(rows, BenchConfig(model=True, modes=[True]), "a title"))
+    assert "…" not in console.export_text()
 
 
 def test_bench_plot_writes_a_png(tmp_path):

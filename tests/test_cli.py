@@ -130,6 +130,27 @@ def test_help_leaves_the_switches_parsing():
     assert [param.opts for param in command.params if param.name == "cache"] == [["--cache"]]
 
 
+def test_a_sample_in_trains_display_shows_control_bytes_and_is_not_all_dim():
+    """train's sample panel: the corpus's and the model's control bytes shown as \\x1b (an escape sequence
+    changed the terminal's title, cleared its screen, left colours on), the prompt dim and the model's
+    bytes not (both were dim); its lines not cut where stderr is a file (a path over three lines)."""
+    from rich.console import Console
+
+    from htcli.display import TrainDisplay
+
+    console = Console(record=True, width=60, force_terminal=False)
+    with TrainDisplay(console) as display:
+        display({"event": "sample", "step": 1, "prompt": "a\x1b]0;pwned\x07b", "text": "c\x1b[2Jd\x9b"})
+        spans = display.sample.renderable.spans
+        console.print(display.sample)  # (the live view's panel, drawn here: the console is no terminal)
+        display({"event": "checkpoint", "step": 1, "path": "/tmp/" + "a" * 80 + "/run"})
+    text = console.export_text()
+    assert "\x1b" not in text and "\x07" not in text and "\x9b" not in text
+    assert "a\\x1b]0;pwned\\x07b" in text and "c\\x1b[2Jd\\x9b" in text
+    assert [(span.start, span.end, span.style) for span in spans] == [(0, len("a\\x1b]0;pwned\\x07b"), "dim")]
+    assert "/tmp/" + "a" * 80 + "/run" in text  # (one line: soft wrap)
+
+
 def test_help_gives_every_presets_model_defaults():
     """The model switches' defaults that train --help states are each preset's model config's."""
     from htcli.cli import MODEL_DEFAULTS
