@@ -30,7 +30,7 @@ from htcli import __version__
 from htcli.config import MAX_SEED, train_default
 from htcli.environment import check_environment
 from htcli.errors import HtcliError
-from htcli.help_layout import Command, with_default
+from htcli.help_layout import Command, Group, with_default
 from htcli.presets import DEFAULT_PRESET, PRESETS
 from htcli.stop import Terminated, started, terminate_unwinds, to_devnull
 
@@ -49,6 +49,7 @@ FLAGS = {
 }
 
 app = typer.Typer(
+    cls=Group,
     name="htcli",
     help="Train, sample, evaluate and benchmark long-context H-Transformer-1D byte-level language models.",
     no_args_is_help=True,

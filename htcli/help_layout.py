@@ -7,7 +7,7 @@ train's are (typer's `[default: 8]` took a line of its own)."""
 import contextlib
 from collections.abc import Iterator
 
-from typer.core import TyperCommand
+from typer.core import TyperCommand, TyperGroup
 
 
 class Command(TyperCommand):
@@ -23,6 +23,14 @@ class Command(TyperCommand):
         assert not unknown, f"panels name parameters {self.name} lacks: {sorted(unknown)}"
         for param in self.params:
             param.rich_help_panel = panel_of.get(param.name, param.rich_help_panel)
+
+    def format_help(self, ctx, formatter) -> None:
+        with _help_names(self.get_params(ctx)):
+            super().format_help(ctx, formatter)
+
+
+class Group(TyperGroup):
+    """The command group (`htcli --help`) with htcli's help layout (its --version and --help are switches)."""
 
     def format_help(self, ctx, formatter) -> None:
         with _help_names(self.get_params(ctx)):

@@ -69,15 +69,18 @@ def test_the_command_list_gives_each_command_one_sentence():
         assert "\n" not in first, (command.callback.__name__, first)
 
 
-@pytest.mark.parametrize("command", ["train", "sample", "eval", "bench", "plot"])
+@pytest.mark.parametrize("command", ["train", "sample", "eval", "bench", "plot", None])
 def test_help_reads_at_80_columns(command):
-    """Each command's --help at 80 columns as a real program: every option named whole (train's cut
-    `--no-skip-bad-re…` and squeezed its help to a column of 20 characters), a switch's two names stacked
-    in one column, no `<bool>` type for a switch, a repeated option typed by one value, defaults said as
-    train's are."""
+    """Each command's --help (and htcli's, None) at 80 columns as a real program: every option named whole
+    (train's cut `--no-skip-bad-re…` and squeezed its help to a column of 20 characters), a switch's two
+    names stacked in one column, no `<bool>` type for a switch, a repeated option typed by one value,
+    defaults said as train's are."""
     environment = {**os.environ, "COLUMNS": "80", "TERM": "dumb"}
     process = subprocess.run(
-        [sys.executable, "-m", "htcli", command, "--help"], capture_output=True, text=True, env=environment
+        [sys.executable, "-m", "htcli", *([command] if command else []), "--help"],
+        capture_output=True,
+        text=True,
+        env=environment,
     )
     assert process.returncode == 0, process.stderr
     lines = process.stdout.splitlines()
