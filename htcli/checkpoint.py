@@ -235,9 +235,11 @@ def _read_metadata(file: Path, shown: str | os.PathLike) -> dict[str, str]:
     if not file.exists():
         if file.parent == Path(shown) and is_run_directory(file.parent) and not has_checkpoint(file.parent):
             if in_training(file.parent) is False:  # (a run stopped before its first save: it never will)
-                raise HtcliError(
-                    f"the run in {shown} stopped before its first save, so it has no checkpoint: train it "
-                    "again, or give another checkpoint"
+                raise HtcliError(  # (a process in another container or on another machine does not show)
+                    f"the run in {shown} has no checkpoint, and no process here trains it (it stopped before "
+                    "its first save): train it again, or give another checkpoint (a run training elsewhere "
+                    "saves every save_every steps)",
+                    fields=("save_every",),
                 )
             raise HtcliError(  # (a run training towards its first save)
                 f"the run in {shown} has saved no checkpoint yet: wait for its first save (every save_every "

@@ -597,6 +597,8 @@ def _train_with(options: dict, resume: bool | str, print_config: bool, given: se
                 to_devnull([2])
 
         result = run_training(config, resume=resume, on_event=on_event)
+    if display.failed:  # (its last frame: what follows on stderr goes to /dev/null, the exit code kept)
+        to_devnull([2])
     code = STOP_CODES.get(result.stopped_by, 0)
     if launch.main:
         try:

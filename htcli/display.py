@@ -37,7 +37,7 @@ CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # all but tab and newlin
 def visible(text: str) -> str:
     """Text with its control characters shown as \\x1b, not sent to the terminal (a corpus's or a young
     model's escape sequences changed the title, cleared the screen, left colours on)."""
-    return CONTROLS.sub(lambda found: f"\\x{ord(found.group()):02x}", text)
+    return CONTROLS.sub(lambda found: f"\\x{ord(found.group()):02x}", text.replace("\r\n", "\n"))
 
 
 def human(count: float) -> str:
@@ -148,6 +148,7 @@ class TrainDisplay:
         self.sample: Panel | None = None
         self.loss = self.val_bpb = self.lr = self.tokens_per_s = None
         self.live = Live(self._view(), console=console, refresh_per_second=4)
+        self.failed = False  # (its console took no more: the caller may send that output away)
 
     def _view(self) -> Group:
         return Group(self.progress, self.stats, *([self.sample] if self.sample else []))
@@ -156,10 +157,15 @@ class TrainDisplay:
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.live.is_started:
-            self.live.stop()
-            if not self.console.is_terminal:  # Live ends its last line only on terminals
-                self.console.line()
+        """The view's last frame drawn; `failed` where its console takes no more (the run is over: not an
+        error of the run's, which would lose a stopped run's exit code)."""
+        try:
+            if self.live.is_started:
+                self.live.stop()
+                if not self.console.is_terminal:  # Live ends its last line only on terminals
+                    self.console.line()
+        except OSError:
+            self.failed = True
 
     def __call__(self, event: dict) -> None:
         kind = event["event"]

@@ -143,15 +143,39 @@ def test_a_sample_in_trains_display_shows_control_bytes_and_is_not_all_dim():
 
     console = Console(record=True, width=60, force_terminal=False)
     with TrainDisplay(console) as display:
-        display({"event": "sample", "step": 1, "prompt": "a\x1b]0;pwned\x07b", "text": "c\x1b[2Jd\x9b"})
+        display({"event": "sample", "step": 1, "prompt": "a\x1b]0;pwned\x07b", "text": "c\x1b[2Jd\x9b\r\ne"})
         spans = display.sample.renderable.spans
         console.print(display.sample)  # (the live view's panel, drawn here: the console is no terminal)
         display({"event": "checkpoint", "step": 1, "path": "/tmp/" + "a" * 80 + "/run"})
     text = console.export_text()
     assert "\x1b" not in text and "\x07" not in text and "\x9b" not in text
-    assert "a\\x1b]0;pwned\\x07b" in text and "c\\x1b[2Jd\\x9b" in text
+    assert "a\\x1b]0;pwned\\x07b" in text and "c\\x1b[2Jd\\x9b" in text and "x0d" not in text  # (CRLF's CR)
     assert [(span.start, span.end, span.style) for span in spans] == [(0, len("a\\x1b]0;pwned\\x07b"), "dim")]
     assert "/tmp/" + "a" * 80 + "/run" in text  # (one line: soft wrap)
+
+
+def test_a_display_whose_stderr_fails_at_its_end_says_so_and_raises_nothing():
+    """The live view's last frame on a stderr that takes no more (a pipe closed as a stopped run ends): its
+    OSError ended the command with exit 1, a saved run stopped by SIGTERM lost its 75."""
+    import io
+
+    from rich.console import Console
+
+    from htcli.display import TrainDisplay
+
+    class Failing(io.StringIO):
+        def write(self, text):
+            raise OSError(
+                28, "No space left on device"
+            )  # (a full disk; a closed pipe as htcli's console says it)
+
+    console = Console(file=io.StringIO(), force_terminal=False)
+    display = TrainDisplay(console)
+    with display:
+        display({"event": "step", "step": 1, "loss": 1.0, "lr": 1e-3, "tokens_per_s": 1.0})
+        display.live.start()
+        console.file = Failing()
+    assert display.failed
 
 
 def test_help_gives_every_presets_model_defaults():
