@@ -60,10 +60,17 @@ def _schedule_effect(saved: TrainConfig, config: TrainConfig, step: int) -> str 
         effects.append(windows)
     if not effects:
         return None
+    moved = [name for name in SCHEDULE if getattr(saved, name) != getattr(config, name)]
     cause = ""
-    if saved.steps != config.steps:  # (the schedules span the whole run)
+    if moved == ["steps"]:  # (the schedules span the whole run)
         how = "stretches" if config.steps > saved.steps else "shrinks"
         cause = f"steps {config.steps} {how} the run's schedules: "
+    elif moved:  # (not steps' alone: a new lr moved the rate too, where steps was said to stretch it)
+        named = [f"{name} {getattr(config, name)}" for name in moved]
+        listed = (
+            f"{', '.join(named[:-1])} and {named[-1]} change" if len(named) > 1 else f"{named[0]} changes"
+        )
+        cause = f"{listed} the run's schedules: "
     return f"{cause}step {step + 1} trains " + ", and ".join(effects)
 
 

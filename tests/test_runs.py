@@ -591,11 +591,16 @@ def test_a_resume_says_what_it_changes_and_what_that_makes_of_the_schedule(corpu
     said = " ".join(again.stderr.split())
     assert (
         "resuming with --steps 14 (the run's: 12), --context-warmup 0.166 (the run's: 0.5), --eval-every 3"
-        " (the run's: 100) warning: --steps 14 stretches the run's schedules: step 13 trains at learning rate"
-        in said
+        " (the run's: 100) warning: --steps 14 and --context-warmup 0.166 change the run's schedules: step 13"
+        " trains at learning rate" in said
     )
     assert again.exit_code == 0 and "on windows" not in said, again.output
-    same = invoke("train", *flags, "--resume", "--steps", 14)  # (finished: refused, nothing listed)
+    # a new --lr moves the rate too: not --steps' stretch alone (it was said to be)
+    lr = invoke("train", *flags, "--resume", "--steps", 16, "--lr", "0.01", "--eval-every", 3)
+    said = " ".join(lr.stderr.split())
+    assert lr.exit_code == 0, lr.output
+    assert "warning: --steps 16, --lr 0.01 and --min-lr 0.001 change the run's schedules: step 15" in said
+    same = invoke("train", *flags, "--resume", "--steps", 16)  # (finished: refused, nothing listed)
     assert same.exit_code == 1 and "resuming with" not in same.stderr, same.output
 
 
