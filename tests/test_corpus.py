@@ -705,6 +705,24 @@ def test_a_cache_entry_that_fails_at_its_last_step_leaves_no_facts(tmp_path, mon
     assert [p.name for p in (tmp_path / "cache").iterdir() if not p.name.endswith((".lock", ".TAG"))] == []
 
 
+def test_a_source_changed_while_its_entry_is_made_is_refused(tmp_path):
+    """A compressed or record file rewritten while it is unpacked (a copy over it): the entry was made of
+    what had been read by then, cut short or mixed, and trained on; now an error, and no entry."""
+    from htcli.corpus.cache import cached
+
+    source = tmp_path / "data.jsonl"
+    source.write_bytes(b'{"text": "old"}\n' * 100)
+
+    def rewritten_meanwhile(sink):
+        sink.write(b"old" * 10)
+        source.write_bytes(b'{"text": "new"}\n' * 50)  # (in place: the same file, another size)
+        return {"records": 10}
+
+    with pytest.raises(HtcliError, match="data.jsonl changed while it was being unpacked: run again once"):
+        cached(source, "copy", rewritten_meanwhile, tmp_path / "cache")
+    assert [p.name for p in (tmp_path / "cache").iterdir() if not p.name.endswith((".lock", ".TAG"))] == []
+
+
 def test_a_cache_entry_stopped_after_it_is_in_place_keeps_its_facts(tmp_path, monkeypatch):
     """A stop (Ctrl-C, SIGTERM) after the entry's bytes are in place, in the directory's fsync: the
     entry stays whole, with its facts (the next run read its skipped records as 0)."""
@@ -758,6 +776,30 @@ def test_a_cache_entry_cut_short_or_without_its_facts_is_made_again(tmp_path, mo
     # a whole entry is read, without its lock (a read-only cache that holds it said "cannot make")
     monkeypatch.setattr(cache_module, "_locked", lambda path: pytest.fail("locked"))
     assert cached(source, "copy", copy, cache)[0].read_bytes() == b"abcdef" and len(made) == 5
+
+
+def test_a_read_only_default_cache_without_its_tag_serves_its_entries(tmp_path, monkeypatch):
+    """The default cache on read-only storage, its tag gone (copied without it): the tag that could not be
+    written stopped the read of a whole entry ("cannot make ...: Read-only file system")."""
+    from htcli.corpus import cache as cache_module
+    from htcli.corpus.cache import cached
+
+    monkeypatch.delenv("HTCLI_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    source = tmp_path / "a.txt.gz"
+    source.write_bytes(b"abcdef")
+    entry, _ = cached(source, "copy", lambda sink: sink.write(source.read_bytes()) and {})
+    (tmp_path / "xdg" / "htcli" / "CACHEDIR.TAG").unlink()
+    real = cache_module.atomic_file
+
+    def read_only(path, *args, **kwargs):
+        if str(path).endswith("CACHEDIR.TAG"):
+            raise OSError(30, "Read-only file system")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(cache_module, "atomic_file", read_only)
+    again, _ = cached(source, "copy", lambda sink: pytest.fail("made again"))
+    assert again == entry and again.read_bytes() == b"abcdef"
 
 
 def test_an_untagged_cache_inside_a_corpus_directory_is_not_read(tmp_path, monkeypatch):

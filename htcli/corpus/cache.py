@@ -77,7 +77,8 @@ def cached(
         cache.mkdir(parents=True, exist_ok=True)
         # (never a folder of the user's that HTCLI_CACHE_DIR names; no home directory looked up for it)
         if made or (not os.environ.get("HTCLI_CACHE_DIR") and cache == _default_dir()):
-            _tag(cache)
+            with contextlib.suppress(OSError):  # (a read-only cache still serves the entries it holds)
+                _tag(cache)
         facts = _read_facts(facts_file)
         # a whole entry is read without the lock (a file made in the cache: a read-only cache serves too)
         if _whole(target, facts):
@@ -89,6 +90,7 @@ def cached(
                 try:
                     with atomic_file(target) as sink:
                         facts = make(sink)
+                        _check_unchanged(source, stat)
                         sink.flush()
                         facts["bytes"] = os.fstat(sink.fileno()).st_size
                         write_json(facts_file, facts)
@@ -109,6 +111,18 @@ def cached(
         else:
             what = f"cannot make {source}'s bytes in the cache {cache}: {error.strerror or error}"
         raise HtcliError(f"{what}; {fix}set HTCLI_CACHE_DIR to a directory that can take them") from None
+
+
+def _check_unchanged(source: Path, before: os.stat_result) -> None:
+    """HtcliError where source changed while its entry was made (rewritten, replaced): the entry would hold
+    part of the old text, or of both (a file copied over a JSONL was cut at 43% of its records and
+    trained on, where a plain file read while it changes is an error)."""
+    now = source.stat()
+    if any(
+        getattr(now, key) != getattr(before, key)
+        for key in ("st_ino", "st_size", "st_mtime_ns", "st_ctime_ns")
+    ):
+        raise HtcliError(f"{source} changed while it was being unpacked: run again once it is whole")
 
 
 def _tag(cache: Path) -> None:
