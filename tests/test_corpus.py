@@ -3,6 +3,7 @@
 import gzip
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -73,6 +74,22 @@ def test_open_files_stay_bounded(tree):
         assert len(corpus._open) <= reader.MAX_OPEN
         descriptors = len(os.listdir("/proc/self/fd")) if os.path.exists("/proc/self/fd") else 0
     assert descriptors < 100
+
+
+def test_a_cache_entry_removed_while_in_use_is_named(tmp_path, monkeypatch):
+    """More compressed files than stay open, their cache removed while the corpus is in use: the error named
+    the corpus file, which was there, as missing ("give another path")."""
+    monkeypatch.setenv("HTCLI_CACHE_DIR", str(tmp_path / "cache"))
+    for index in range(reader.MAX_OPEN + 2):
+        with gzip.open(tmp_path / f"f{index:02d}.txt.gz", "wb") as packed:
+            packed.write(b"abcdef" * 10)
+    with ByteCorpus.open([tmp_path / "*.gz"]) as corpus:
+        assert corpus.read(0, len(corpus)) == b"abcdef" * 10 * (reader.MAX_OPEN + 2)  # (the first one closed)
+        shutil.rmtree(tmp_path / "cache")
+        with pytest.raises(
+            HtcliError, match=r"the cache entry of .*f00.txt.gz \(.*\) was removed while in use"
+        ):
+            corpus.read(0, 6)
 
 
 def test_hidden_files_are_skipped_unless_asked(tmp_path):

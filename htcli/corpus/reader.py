@@ -125,6 +125,11 @@ class ByteCorpus:
         try:
             file = open(self._paths[index], "rb", buffering=0)
         except OSError as error:
+            if index in self._sources and isinstance(error, FileNotFoundError):  # (its bytes in the cache)
+                raise HtcliError(  # (it said the corpus file was missing, which was there)
+                    f"the cache entry of {self._source(index)} ({self._paths[index]}) was removed while in "
+                    "use: run again (it is made again)"
+                ) from None
             raise HtcliError(
                 f"cannot read {self._source(index)}: {error.strerror or error}: {unreadable_advice(error)}"
             ) from None
