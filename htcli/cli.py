@@ -582,18 +582,19 @@ def _train_with(options: dict, resume: bool | str, print_config: bool, given: se
             print(write_toml(config, _file_key), end="")
         return
     dropped = _dropped_loggers(config) if "loggers" in given and resolve_resume(resume, config.out) else ""
-    shown = [True]  # (a list: the display's state, which on_event turns off)
+    shown = True  # (until stderr takes no more)
     with process_group(config.device) as launch, TrainDisplay(err_console, respell) as display:
 
         def on_event(event: dict) -> None:
-            if not shown[0]:
+            nonlocal shown
+            if not shown:
                 return
             try:
                 if dropped and event["event"] == "start":  # (once the resume is taken, not before a refusal)
                     err_console.print(dropped, soft_wrap=True)
                 display(event)
             except OSError:  # (stderr that takes no more: a closed pipe, a full disk): the run goes on unseen
-                shown[0] = False  # (it stopped the run unsaved, without a word: its error line failed too)
+                shown = False  # (it stopped the run unsaved, without a word: its error line failed too)
                 to_devnull([2])
 
         result = run_training(config, resume=resume, on_event=on_event)

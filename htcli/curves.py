@@ -100,9 +100,8 @@ def _usable(event: dict) -> bool:
     one (a NaN, which the log writes null as strict JSON: a gap in the curve; it was a line "not an htcli
     event")."""
     kind = event.get("event")
-    if not isinstance(kind, str) or not _numbers(
-        event, "time", "step", *(("tokens_per_step",) * (kind == "start"))
-    ):
+    needs = ("tokens_per_step",) if kind == "start" else ()
+    if not isinstance(kind, str) or not _numbers(event, "time", "step", *needs):
         return False
     value = VALUES.get(kind)
     return value is None or (value in event and event[value] is None) or _numbers(event, value)

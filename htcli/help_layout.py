@@ -10,7 +10,15 @@ from collections.abc import Iterator
 from typer.core import TyperCommand, TyperGroup
 
 
-class Command(TyperCommand):
+class _Layout:
+    """htcli's help layout for a typer command or group (mixed in before it)."""
+
+    def format_help(self, ctx, formatter) -> None:
+        with _help_names(self.get_params(ctx)):
+            super().format_help(ctx, formatter)
+
+
+class Command(_Layout, TyperCommand):
     """A command with htcli's help layout; PANELS: a panel's title -> its parameters' names (separated
     by spaces), in the order printed after the Options panel, which holds the rest."""
 
@@ -24,17 +32,9 @@ class Command(TyperCommand):
         for param in self.params:
             param.rich_help_panel = panel_of.get(param.name, param.rich_help_panel)
 
-    def format_help(self, ctx, formatter) -> None:
-        with _help_names(self.get_params(ctx)):
-            super().format_help(ctx, formatter)
 
-
-class Group(TyperGroup):
+class Group(_Layout, TyperGroup):
     """The command group (`htcli --help`) with htcli's help layout (its --version and --help are switches)."""
-
-    def format_help(self, ctx, formatter) -> None:
-        with _help_names(self.get_params(ctx)):
-            super().format_help(ctx, formatter)
 
 
 @contextlib.contextmanager

@@ -81,9 +81,8 @@ class StopRequest:
         return number == signal.SIGTERM and handler is signal.SIG_DFL and "LOCAL_RANK" in os.environ
 
     def __enter__(self) -> StopRequest:
-        if (
-            "TORCHELASTIC_RUN_ID" in os.environ
-        ):  # (set by torchrun's agent alone, not by ranks started by hand)
+        # (TORCHELASTIC_RUN_ID: set by torchrun's agent alone, not by ranks started by hand)
+        if "TORCHELASTIC_RUN_ID" in os.environ:
             self._launcher = os.getppid()
         if threading.current_thread() is threading.main_thread():
             self._terminal = _terminal_outputs()
