@@ -1,8 +1,8 @@
 """How htcli's commands lay out their --help so that it reads at 80 columns: a switch's two names stacked
 in one column (side by side they took the width of the help text), no type for a switch (`<bool>` read
-as a value to give), a repeated option typed by one value (`<list[str]>` read as a list given at once),
-a command's options in named panels, and defaults written in the help's sentence, `(default 8)`, as
-train's are (typer's `[default: 8]` took a line of its own)."""
+as a value to give), a repeated option or argument typed by one value (`<list[str]>` read as a list
+given at once), a command's options in named panels, and defaults written in the help's sentence,
+`(default 8)`, as train's are (typer's `[default: 8]` took a line of its own)."""
 
 import contextlib
 from collections.abc import Iterator
@@ -14,7 +14,7 @@ class _Layout:
     """htcli's help layout for a typer command or group (mixed in before it)."""
 
     def format_help(self, ctx, formatter) -> None:
-        with _help_names(self.get_params(ctx)):
+        with _help_names(self.get_params(ctx), ctx):
             super().format_help(ctx, formatter)
 
 
@@ -38,7 +38,7 @@ class Group(_Layout, TyperGroup):
 
 
 @contextlib.contextmanager
-def _help_names(params: list) -> Iterator[None]:
+def _help_names(params: list, ctx) -> Iterator[None]:
     """Params renamed and typed for the help alone (parsing reads the names), put back after it."""
     fields = ("opts", "secondary_opts", "metavar", "help", "show_default")
     saved = [(param, {name: getattr(param, name, None) for name in fields}) for param in params]
@@ -51,12 +51,16 @@ def _help_names(params: list) -> Iterator[None]:
                 param.metavar = ""
             elif getattr(param, "multiple", False) and param.metavar is None:
                 param.metavar = "<str>"
+            elif param.nargs != 1 and param.metavar is None:  # an argument of many values (`corpus...`)
+                one = param.display_type_rich(ctx).replace("<list[", "<").replace("]>", ">")
+                param.display_type_rich = lambda ctx, one=one: one
             if param.secondary_opts and len(param.opts) == 1:
                 param.opts = [f"{param.opts[0]}\n{' '.join(param.secondary_opts)}"]
                 param.secondary_opts = []
         yield
     finally:
         for param, values in saved:
+            vars(param).pop("display_type_rich", None)
             for name, value in values.items():
                 if hasattr(param, name):
                     setattr(param, name, value)

@@ -73,8 +73,8 @@ def test_the_command_list_gives_each_command_one_sentence():
 def test_help_reads_at_80_columns(command):
     """Each command's --help (and htcli's, None) at 80 columns as a real program: every option named whole
     (train's cut `--no-skip-bad-re…` and squeezed its help to a column of 20 characters), a switch's two
-    names stacked in one column, no `<bool>` type for a switch, a repeated option typed by one value,
-    defaults said as train's are."""
+    names stacked in one column, no `<bool>` type for a switch, a repeated option or argument typed by one
+    value (`corpus...  <str>`, not `<list[str]>`), defaults said as train's are."""
     environment = {**os.environ, "COLUMNS": "80", "TERM": "dumb"}
     process = subprocess.run(
         [sys.executable, "-m", "htcli", *([command] if command else []), "--help"],
@@ -88,6 +88,7 @@ def test_help_reads_at_80_columns(command):
     options = [line for line in lines if line.strip("│ ").startswith("--")]
     rows = [line.strip("│ ") for line in options]
     assert not [row for row in rows if "<bool>" in row or "list[" in row]
+    assert "list[" not in process.stdout  # (nor an argument's: eval's corpus..., plot's runs...)
     assert "[default:" not in process.stdout  # (typer's, on a line of its own; htcli's say "(default 8)")
     assert ") (default" not in " ".join(process.stdout.split())  # (after a parenthesis: ", default ...")
     names = [row.split()[0] for row in rows]
