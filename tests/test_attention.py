@@ -83,6 +83,17 @@ def test_level_decay_equals_oracle(n, block, causal):
         assert (results[0][0] - plain).abs().max().item() > 1e-3
 
 
+def test_level_decay_keeps_its_precision():
+    """A decay given as Python floats is used at the inputs' precision: in float64, 0.7 as a list gives
+    what 0.7 as a float64 tensor gives (it went through float32 first: 7e-9 off; review)."""
+    q, k, v = _qkv(64, h=3, d=4)
+    decay = [0.7, 1.3, 0.1]
+    for fn in (h_attention, dense_h_attention):
+        listed = fn(q, k, v, block_size=4, causal=True, level_decay=decay)
+        exact = fn(q, k, v, block_size=4, causal=True, level_decay=torch.tensor(decay, dtype=torch.float64))
+        assert (listed - exact).abs().max().item() < 1e-14
+
+
 def test_level_decay_follows_rows_through_row_groups(monkeypatch):
     """The eager path works through rows a few at a time: each row keeps its own head's decay."""
     from htcli.attention import eager

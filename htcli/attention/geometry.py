@@ -49,12 +49,20 @@ def check_level_decay(level_decay, heads: int) -> None:
         raise ValueError(f"level_decay must be one number >= 0 per head ({heads}), got {got!r}")
 
 
+def decay_tensor(level_decay, dtype: torch.dtype, device) -> torch.Tensor:
+    """The per-head decay as a tensor of dtype on device; Python numbers go through float64 on the host
+    (float32, as_tensor's choice, put 0.7 7e-9 off in float64; MPS has no float64)."""
+    if not isinstance(level_decay, torch.Tensor):
+        level_decay = torch.tensor(level_decay, dtype=torch.float64)
+    return level_decay.to(device=device, dtype=dtype)
+
+
 def decay_rows(level_decay, batch: int, dtype: torch.dtype, device) -> torch.Tensor | None:
     """Each row's level decay, (batch * heads,) in dtype, rows ordered as h_attention's (batch, heads)
     with heads inner; None without decay. A tensor already on device is not copied from the host."""
     if level_decay is None:
         return None
-    per_head = torch.as_tensor(level_decay, device=device).to(dtype)
+    per_head = decay_tensor(level_decay, dtype, device)
     return repeat(per_head, "h -> (b h)", b=batch)
 
 

@@ -15,6 +15,7 @@ from htcli.attention.geometry import (
     check_inputs,
     check_level_decay,
     decay_bias,
+    decay_tensor,
     num_levels,
     pair_levels,
 )
@@ -42,7 +43,7 @@ def dense_h_attention(
     check_inputs(q, k, v, block_size, key_padding_mask)
     b, h, n, d = q.shape
     check_level_decay(level_decay, h)
-    decay = None if level_decay is None else torch.as_tensor(level_decay, device=q.device).to(q.dtype)
+    decay = None if level_decay is None else decay_tensor(level_decay, q.dtype, q.device)
     levels = num_levels(n, block_size)
     length = block_size * 2**levels
     pad = length - n
