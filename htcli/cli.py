@@ -570,17 +570,11 @@ def _train_with(options: dict, resume: bool | str, print_config: bool, given: se
         resume=resume, preset=options.pop("preset", None), **options,
     )  # fmt: skip
     _check_ignored(config, given)
-    from htcli.rundir import check_resumable, resolve_resume
+    from htcli.rundir import resolve_resume
 
     _check_corpus_options(config, given, printed_new=print_config and not resolve_resume(resume, config.out))
     if print_config:
-        from htcli.config_file import write_toml
-        from htcli.distributed import launch_from_env
-
-        check_resumable(config, resume)  # (what a resume would refuse of its checkpoint)
-        if launch_from_env().main:  # (under torchrun, once: every rank printed it)
-            print(write_toml(config, _file_key), end="")
-        return
+        return _print_config(config, resume)
     dropped = _dropped_loggers(config) if "loggers" in given and resolve_resume(resume, config.out) else ""
     shown = True  # (until stderr takes no more)
     with process_group(config.device) as launch, TrainDisplay(err_console, respell) as display:
@@ -611,6 +605,25 @@ def _train_with(options: dict, resume: bool | str, print_config: bool, given: se
         _how_to_continue(result, launch.world_size)
     if code:
         raise typer.Exit(code)
+
+
+def _print_config(config, resume: bool | str) -> None:
+    """config as TOML on stdout, after what train would refuse before training (a dry run) and its warning
+    on the warm-up."""
+    from htcli.config_file import write_toml
+    from htcli.display import warmup_warning
+    from htcli.distributed import launch_from_env
+    from htcli.rundir import check_resumable
+    from htcli.train import check_start
+
+    check_resumable(config, resume)  # (what a resume would refuse of its checkpoint; a new run, of out)
+    check_start(config)
+    if not launch_from_env().main:  # (under torchrun, once: every rank printed it)
+        return
+    warning = warmup_warning(config.warmup, config.steps)
+    if warning:
+        err_console.print(f"[yellow]warning: {warning}", soft_wrap=True)
+    print(write_toml(config, _file_key), end="")
 
 
 def _dropped_loggers(config) -> str:

@@ -106,9 +106,10 @@ def warmup_warning(warmup: int, steps: int) -> str | None:
             "without its decay to --min-lr; give a --warmup below --steps"
         )
     if 0 < warmup == steps - 1:  # (the one step after the warm-up is the decay's first: at the peak)
+        lower = "--warmup 0" if warmup == 1 else f"a --warmup below {warmup}"
         return (
             f"--warmup ({warmup}) leaves one step of --steps ({steps}) after it, which runs at the peak "
-            f"learning rate: no decay to --min-lr; give a --warmup below {warmup}"
+            f"learning rate: no decay to --min-lr; give {lower}"
         )
     return None
 

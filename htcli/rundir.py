@@ -63,12 +63,7 @@ def open_run(out: Path, config: TrainConfig, resume: bool, lock: RunLock, *, mai
             failure = error
     distributed.raise_together(failure)
     if not resume:
-        if has_checkpoint(out):
-            check_complete_checkpoint(out)
-            raise HtcliError(
-                f"{out} already holds a checkpoint: pass resume to continue it, or choose another out",
-                fields=("resume", "out"),
-            )
+        _check_no_checkpoint(out)
         return None
     _check_checkpoint_there(out)
     checkpoint = load_training_state(out, commit=False)
@@ -90,13 +85,25 @@ def check_still_new(out: Path) -> None:
 
 
 def check_resumable(config: TrainConfig, resume: bool | str) -> None:
-    """Where config resumes a run (resume as train takes it), what open_run checks of its checkpoint
-    before training, from the checkpoint's metadata alone: one is there, complete, of config's model,
-    with steps left (for a config printed and not run)."""
+    """What open_run checks of out before training, from the checkpoint's metadata alone, for a config
+    printed and not run: where config resumes a run (resume as train takes it), a checkpoint there,
+    complete, of config's model, with steps left; for a new run, none there."""
     out = Path(config.out)
     if resolve_resume(resume, out):
         _check_checkpoint_there(out)
         _check_model_and_steps(out, config, read_checkpoint_info(checkpoint_file(out, MODEL_FILE)))
+    else:
+        _check_no_checkpoint(out)
+
+
+def _check_no_checkpoint(out: Path) -> None:
+    """A new run's out holds no checkpoint (a damaged one is said as such)."""
+    if has_checkpoint(out):
+        check_complete_checkpoint(out)
+        raise HtcliError(
+            f"{out} already holds a checkpoint: pass resume to continue it, or choose another out",
+            fields=("resume", "out"),
+        )
 
 
 def _check_checkpoint_there(out: Path) -> None:

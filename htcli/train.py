@@ -136,6 +136,21 @@ def train(
                        run.params, stopped_by, run.step_seconds)  # fmt: skip
 
 
+def check_start(config: TrainConfig) -> None:
+    """What train checks of config before it trains that needs no run (for a config printed and not run):
+    the device and precision, the loggers, and the corpus's files (where given) there."""
+    device = resolve_device(config.device)
+    resolve_dtype(config.dtype, device, training=True)
+    if config.model.attention == "h":
+        check_device(device.type)
+    check_loggers(config.loggers)
+    found = dict(include_hidden=config.include_hidden, exclude=[config.out])
+    if config.corpus:
+        resolve_corpus(config.corpus, **found)
+    if config.val:
+        resolve_corpus(config.val, **found, role="held-out corpus (val)")
+
+
 def _save_at_stop(run: Run, log: RunLog, signal_name: str) -> None:
     """The stop logged, and the steps since the last save saved: also where the log cannot take the stop
     (a full disk; its error is raised after the save), not where a second Ctrl-C comes (quit at once)."""

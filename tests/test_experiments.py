@@ -412,6 +412,27 @@ def test_resume_takes_the_saved_config_then_the_file_then_flags(corpus, tmp_path
     assert "steps = 5" in resolved(corpus, "--resume", "auto", "--out", tmp_path / "new", "--steps", "5")
 
 
+def test_print_config_refuses_what_a_new_run_would(corpus, tmp_path):
+    """--print-config is a dry run: what train refuses before training is refused there too (it printed a
+    config and exited 0 for fp16 on a CPU, a corpus that does not exist, an out that holds a run; review),
+    and its warning on the warm-up is said."""
+    run = tmp_path / "run"
+    assert invoke("train", corpus, *TINY_FLAGS, "--steps", "2", "--out", run).exit_code == 0
+    new = ["--out", tmp_path / "new", "--print-config"]
+    assert_user_error(
+        invoke("train", corpus, *TINY_FLAGS, "--dtype", "fp16", *new), "--dtype fp16 needs a CUDA"
+    )
+    missing = tmp_path / "nope.txt"
+    assert_user_error(invoke("train", missing, *TINY_FLAGS, *new), f"corpus {missing} does not exist")
+    assert_user_error(invoke("train", corpus, *TINY_FLAGS, "--val", missing, *new), "does not exist")
+    refused = invoke("train", corpus, *TINY_FLAGS, "--out", run, "--print-config")
+    assert_user_error(refused, f"{run} already holds a checkpoint: pass --resume to continue it")
+    printed = invoke("train", corpus, *TINY_FLAGS, "--steps", "2", "--warmup", "1", *new)
+    assert printed.exit_code == 0 and "steps = 2" in printed.stdout
+    assert "warning: --warmup (1) leaves one step" in printed.stderr and "give --warmup 0" in printed.stderr
+    assert not (tmp_path / "new").exists()
+
+
 # model FLOPs
 
 
