@@ -369,6 +369,19 @@ def run_isolated(spec: dict, startup_seconds: float = 60.0) -> dict:
     return {"status": "error", "error": last[0]}
 
 
+def padded_lengths(config: BenchConfig) -> list[tuple[int, int]]:
+    """The lengths of config that H-attention computes padded, each with its padded length (its block size
+    times a power of two, two blocks at least: 3,000 is 4,096 at block 128), where exact attention computes
+    the length itself; none for --model, whose lengths are the model's."""
+    from htcli.attention.geometry import num_levels
+
+    if config.model:
+        return []
+    block = config.block_size
+    padded = [(n, block * 2 ** num_levels(n, block)) for n in config.seq_lens]
+    return [(n, length) for n, length in padded if length != n]
+
+
 def correctness(device_name: str, dtype_name: str, block_size: int, impl: str | None = None) -> float:
     """Max |h_attention - dense oracle| at a small size, causal and not, with padding, on the
     bench's device and dtype (the oracle in fp64)."""

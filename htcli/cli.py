@@ -1163,7 +1163,7 @@ def _bench_attention(config, json_output: bool, plot_path: Path | None) -> None:
     from rich.live import Live
     from rich.spinner import Spinner
 
-    from htcli.bench import correctness, run_bench
+    from htcli.bench import correctness, padded_lengths, run_bench
     from htcli.bench_report import bench_title, measured_shape, plot, to_json
     from htcli.device import device_name
     from htcli.plots import check_plot_path
@@ -1176,6 +1176,13 @@ def _bench_attention(config, json_output: bool, plot_path: Path | None) -> None:
     err_console.print(
         f"correctness: max |h_attention - dense oracle| = {error:.2e} (block {block}, {config.dtype}, {name})"
     )
+    if padded := padded_lengths(config):
+        said = ", ".join(f"{n:,} as {length:,}" for n, length in padded)
+        err_console.print(
+            f"note: H-attention computes {said} (its block size, {config.block_size}, times a power of two),"
+            " padded; SDPA computes each length as it is",
+            soft_wrap=True,
+        )
     title = bench_title(config, name)
     rows, total = [], len(config.seq_lens) * len(config.modes)
     waiting = Spinner("dots", text=f"measuring 1 of {total}")
@@ -1186,11 +1193,13 @@ def _bench_attention(config, json_output: bool, plot_path: Path | None) -> None:
                 waiting.text = f"measuring {min(len(rows) + 1, total)} of {total}"
                 live.update(Group(_bench_tables(rows, config, title), waiting))
     except (KeyboardInterrupt, Terminated):  # (the rows measured are kept: printed before the stop's line)
-        if rows and not json_output:
+        if rows and json_output:
+            print(json.dumps({**to_json(rows, config, error, name), "interrupted": True}))
+        elif rows:
             console.print(_bench_tables(rows, config, title))
         raise
     if json_output:
-        print(json.dumps(to_json(rows, config, error, name)))
+        print(json.dumps({**to_json(rows, config, error, name), "interrupted": False}))
     else:
         console.print(_bench_tables(rows, config, title))
     statuses = {result.get("status") for row in rows for result in row.results.values()}

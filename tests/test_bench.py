@@ -205,8 +205,26 @@ def test_bench_cli(tmp_path):
     result = CliRunner().invoke(app, [*args, "--json"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
-    assert [r["n"] for r in data["rows"]] == [128, 256]
+    assert [r["n"] for r in data["rows"]] == [128, 256] and data["interrupted"] is False
     assert data["exponents"]["h/causal"] is not None
+    assert "note:" not in result.stderr  # (lengths H-attention computes as they are)
+
+
+def test_bench_says_which_lengths_h_attention_pads():
+    """A length that is not the block size times a power of two is computed padded by H-attention (3,000
+    as 4,096 at block 128), by SDPA as it is: a note says so (the table showed both without a word;
+    review); --model's lengths are the model's."""
+    from htcli.bench import padded_lengths
+
+    config = BenchConfig(seq_lens=[100, 512, 3000], block_size=128, device="cpu")
+    assert padded_lengths(config) == [(100, 256), (3000, 4096)]
+    assert padded_lengths(BenchConfig(seq_lens=[192], model=True, modes=[True], device="cpu")) == []
+    args = ["bench", "--seq-len", "48", "--heads", "1", "--dim-head", "16", "--block-size", "16",
+            "--causal", "--repeats", "1", "--warmup", "0", "--device", "cpu"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.stderr.split())
+    assert "note: H-attention computes 48 as 64 (its block size, 16, times a power of two), padded" in said
 
 
 def test_bench_cli_bad_impl():
@@ -388,12 +406,15 @@ def test_sigterm_to_bench_stops_its_worker():
     assert not _bench_workers(marker)
 
 
-def test_an_interrupted_bench_prints_the_rows_it_measured():
+@pytest.mark.parametrize("json_output", [False, True])
+def test_an_interrupted_bench_prints_the_rows_it_measured(json_output):
     """Ctrl-C during a sweep printed only the stop's line: the rows already measured were lost. They are
-    printed (stdout) before it; exit 130."""
-    marker = "4224"  # a length no other test measures: it names this test's workers
+    printed (stdout) before it, as a table or with --json as JSON that says it was interrupted (it printed
+    nothing; review); exit 130."""
+    marker = "4288" if json_output else "4224"  # a length no other test measures: it names its workers
     command = [sys.executable, "-m", "htcli", "bench", "--seq-len", f"64,{marker}", "--block-size", "64"]
     command += ["--causal", "--device", "cpu", "--repeats", "1000", "--max-seconds", "100"]
+    command += ["--json"] if json_output else []
     # (SIGINT as a shell leaves it to a command it runs: a test run in the background ignores it, and so
     # would its children)
     interruptible = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
@@ -408,6 +429,11 @@ def test_an_interrupted_bench_prints_the_rows_it_measured():
     stdout, stderr = process.communicate(timeout=60)
     assert process.returncode == 130, stderr
     assert "interrupted" in stderr and "Traceback" not in stderr
+    if json_output:
+        report = json.loads(stdout)
+        assert report["interrupted"] is True and [row["n"] for row in report["rows"]] == [64]
+        assert report["rows"][0]["results"]["h"]["status"] == "ok"
+        return
     lines = [line.split() for line in stdout.splitlines()]
     assert ["64", "causal", "H-attn"] in [line[:3] for line in lines] and marker not in stdout.replace(
         ",", ""
