@@ -866,12 +866,21 @@ def _print_samples(
     except BaseException as error:
         with contextlib.suppress(OSError, ValueError):
             show(stream.flush() + "\n")
-            if isinstance(error, KeyboardInterrupt | Terminated) and any(samples):
+            # (with --json a line per sample, those stopped before their first byte too)
+            if isinstance(error, KeyboardInterrupt | Terminated) and (any(samples) or json_output):
                 _print_the_rest(configs, samples, prompt if echo else None, json_output, stops, True)
+                _print_speed(samples, time.perf_counter() - started)
         raise
     seconds = time.perf_counter() - started
     show(stream.flush() + "\n")
     _print_the_rest(configs, samples, prompt if echo else None, json_output, stops, False)
+    _print_speed(samples, seconds)
+
+
+def _print_speed(samples: list, seconds: float) -> None:
+    """The bytes sampled, in how long, on stderr."""
+    from htcli.display import byte_count
+
     count = sum(map(len, samples))
     rate = count / seconds if seconds > 0 else 0.0
     err_console.print(f"[dim]{byte_count(count)} in {seconds:.2f} s ({rate:.1f} bytes/s)")

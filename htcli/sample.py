@@ -98,8 +98,9 @@ def logits_to_probs(
     if temperature == 0:
         return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
     # (the largest first taken away: any temperature above 0 divides without overflow; it was floored at
-    # 1e-5, which a tiny temperature did not sharpen as it says)
-    logits = (logits - logits.amax(-1, keepdim=True)) / temperature
+    # 1e-5, which a tiny temperature did not sharpen as it says. One below fp32's smallest normal number
+    # divides as that number: it became 0 in fp32, and 0 / 0 a NaN that drew token 256)
+    logits = (logits - logits.amax(-1, keepdim=True)) / max(temperature, torch.finfo(torch.float32).tiny)
     if top_k is not None and top_k < logits.shape[-1]:  # (all tied with the k-th were kept: bf16 ties)
         kept = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, torch.topk(logits, top_k).indices, True)
         logits = logits.masked_fill(~kept, float("-inf"))
@@ -315,20 +316,27 @@ def read_prompt(path: Path, context: int) -> bytes:
     those are read. Anything but a regular file (a FIFO, /dev/zero) is refused, so nothing hangs. The
     path - is standard input, read to its end (its last `context` bytes kept)."""
     if os.fspath(path) == STDIN:
-        return _read_stdin(context)
+        return _not_empty(_read_stdin(context), "standard input (prompt file -)")
     try:
         with open(path, "rb", opener=_opener_without_blocking) as file:
             facts = os.fstat(file.fileno())
             if not stat.S_ISREG(facts.st_mode):
                 raise HtcliError(f"prompt file {path} is not a regular file: give a file of text")
             file.seek(max(0, facts.st_size - context))
-            return file.read(context)
+            return _not_empty(file.read(context), f"prompt file {path}")
     except FileNotFoundError:
         raise HtcliError(f"prompt file {path} does not exist") from None
     except IsADirectoryError:
         raise HtcliError(f"prompt file {path} is a directory: give a file of text") from None
     except OSError as error:
         raise HtcliError(f"cannot read prompt file {path}: {error.strerror or error}") from None
+
+
+def _not_empty(prompt: bytes, source: str) -> bytes:
+    """prompt, refused where its source gave no byte (it was "the prompt is empty", source unnamed)."""
+    if not prompt:
+        raise HtcliError(f"{source} is empty: generation needs at least one byte to continue; give some text")
+    return prompt
 
 
 def _read_stdin(context: int) -> bytes:

@@ -42,6 +42,12 @@ def test_top_k_keeps_k_bytes_with_ties_and_a_tiny_temperature_sharpens():
     assert int((logits_to_probs(torch.tensor([[2.0, 1.0, 1.0, 1.0]]), top_k=2) > 0).sum()) == 2
     sharp = logits_to_probs(torch.tensor([[1.0, 1.00001, 0.0]]), temperature=1e-9)
     assert sharp.tolist() == [[0.0, 1.0, 0.0]]
+    for tiny in (1e-40, 1e-50, 5e-324):  # (below fp32's smallest: 0 / 0 was NaN, and token 256 drawn; review)
+        assert (
+            logits_to_probs(torch.tensor([[1.0, 1.00001, 0.0]]), temperature=tiny).tolist() == sharp.tolist()
+        )
+        sampler = TokenSampler([SamplingConfig(temperature=tiny, top_p=0.5, seed=0)])
+        assert list(sampler(torch.tensor([[1.0, 1.00001, 0.0]]))) == [1]
     assert logits_to_probs(torch.tensor([[0.0, 3.0]]), temperature=0).tolist() == [[0.0, 1.0]]
 
 
