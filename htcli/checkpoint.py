@@ -33,6 +33,8 @@ from htcli.device import usable_device
 from htcli.errors import HtcliError, unreadable_advice
 from htcli.files import (
     CHECKPOINT_FILES,
+    CONFIG_FILE,
+    LOG_FILE,
     MODEL_FILE,
     OPTIMIZER_FILE,
     SAVING_DIR,
@@ -230,6 +232,19 @@ def model_file(path: str | os.PathLike) -> Path:
     return path / MODEL_FILE if (path / MODEL_FILE).exists() else checkpoint_file(path, MODEL_FILE)
 
 
+def _runs_below(folder: Path, shown: str | os.PathLike) -> str:
+    """What to do where folder holds no checkpoint: give a run it holds (a folder of runs, `runs`), where it
+    holds any, else train one."""
+    try:
+        runs = sorted(e.name for e in os.scandir(folder) if e.is_dir() and has_checkpoint(Path(e.path)))
+    except OSError:
+        runs = []
+    if not runs:
+        return "train one with `htcli train`"
+    named = ", ".join(str(Path(shown) / name) for name in runs[:3]) + (", ..." if len(runs) > 3 else "")
+    return f"it holds runs: give one of them ({named})"
+
+
 def _read_metadata(file: Path, shown: str | os.PathLike) -> dict[str, str]:
     check_utf8_path(file)
     if not file.exists():
@@ -247,7 +262,7 @@ def _read_metadata(file: Path, shown: str | os.PathLike) -> dict[str, str]:
                 fields=("save_every",),
             )
         if file.parent != Path(shown) or not has_checkpoint(file.parent):
-            raise HtcliError(f"no checkpoint at {shown}: train one with `htcli train`")
+            raise HtcliError(f"no checkpoint at {shown}: {_runs_below(file.parent, shown)}")
         raise HtcliError(  # (it said "no checkpoint at", where the run's optimizer and state are)
             f"{shown} holds a checkpoint without its {MODEL_FILE}, which holds the weights (deleted?): "
             "give another checkpoint"
@@ -260,6 +275,13 @@ def _read_metadata(file: Path, shown: str | os.PathLike) -> dict[str, str]:
     except PermissionError as error:
         raise HtcliError(f"cannot read {file}: {error.strerror}: {unreadable_advice(error)}") from None
     except (SafetensorError, OSError, ValueError):
+        if file.name in (CONFIG_FILE, STATE_FILE, LOG_FILE) and has_checkpoint(
+            file.parent
+        ):  # (not "corrupt?")
+            raise HtcliError(
+                f"{file} is a file of the run in {file.parent}, not its weights: give the run directory or"
+                f" its {MODEL_FILE}"
+            ) from None
         raise HtcliError(f"{file} is not a readable safetensors file (truncated or corrupt?)") from None
 
 

@@ -1,6 +1,7 @@
 """Checkpoints: round trips, validation of foreign or damaged files, saves that survive a crash."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -82,6 +83,17 @@ def test_missing_checkpoint(tmp_path):
         read_checkpoint_info(tmp_path / "nothing")
     with pytest.raises(HtcliError, match="no checkpoint at"):
         read_checkpoint_info(tmp_path)
+    # a folder of runs (`runs`): its runs named (it said to train one; review)
+    for name in ("b", "a", "c", "d"):
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        make_run(tmp_path / "runs" / name)
+    (tmp_path / "runs" / "notes").mkdir()
+    runs = tmp_path / "runs"
+    named = f"{runs}/a, {runs}/b, {runs}/c, ..."
+    with pytest.raises(
+        HtcliError, match=re.escape(f"no checkpoint at {runs}: it holds runs: give one of them ({named})")
+    ):
+        read_checkpoint_info(runs)
     # a run's directory before its first save: the run is there, its checkpoint is not ("train one" sent
     # users to train a run they had); still training (its lock held), it will save; stopped, it never will
     for name in (".lock", "config.json", "log.jsonl"):
@@ -120,6 +132,13 @@ def test_truncated_and_foreign_files(tmp_path):
         HtcliError, match="optimizer.safetensors is a run's optimizer state, not its weights: give"
     ):
         read_checkpoint_info(tmp_path / "optimizer.safetensors")
+    # a run's config.json, state.json or log.jsonl (it was "not a readable safetensors file (... corrupt?)")
+    for name in ("config.json", "state.json", "log.jsonl"):
+        (tmp_path / name).touch()
+        with pytest.raises(
+            HtcliError, match=f"{name} is a file of the run in {tmp_path}, not its weights: give"
+        ):
+            read_checkpoint_info(tmp_path / name)
 
 
 def test_crash_while_writing_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
