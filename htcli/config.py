@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from htcli.device import DEVICES, DTYPES, check_choice
+from htcli.device import DTYPES, check_choice, check_device_name
 from htcli.errors import HtcliError
 from htcli.files import (
     CONFIG_FILE,
@@ -186,7 +186,7 @@ class TrainConfig:
             check_choice("loggers", logger, LOGGERS)
         self.loggers = list(dict.fromkeys(self.loggers))
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
-        check_choice("device", self.device, DEVICES)
+        check_device_name(self.device)
         check_choice("dtype", self.dtype, DTYPES)
 
     @property

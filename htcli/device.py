@@ -7,6 +7,7 @@ while `htcli --help` stays instant); the functions that need torch import it.
 from __future__ import annotations
 
 import contextlib
+import re
 from typing import TYPE_CHECKING
 
 from htcli.errors import HtcliError
@@ -46,11 +47,23 @@ def _mps_available() -> bool:
     return hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
 
 
+def check_device_name(name: str) -> None:
+    """HtcliError unless name is one of DEVICES; one GPU of several (`cuda:1`) is chosen with
+    CUDA_VISIBLE_DEVICES, which every command and torchrun's ranks read."""
+    if re.fullmatch(r"cuda:\d+", name):
+        raise HtcliError(
+            f"unknown device {name!r}: give device cuda, and choose the GPU with CUDA_VISIBLE_DEVICES="
+            f"{name.split(':')[1]} in the command's environment",
+            fields=("device",),
+        )
+    check_choice("device", name, DEVICES)
+
+
 def resolve_device(name: str) -> torch.device:
     """`auto` picks CUDA, then MPS, then the CPU; an explicit device that is absent is an error."""
     import torch
 
-    check_choice("device", name, DEVICES)
+    check_device_name(name)
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if _mps_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():

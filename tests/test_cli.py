@@ -777,6 +777,11 @@ def test_unreadable_corpus(run_copy, tmp_path, monkeypatch):
         (["--lr", "1e40"], "--lr must be a positive number up to 1000, got 1e+40"),  # (was a traceback)
         (["--val-fraction", "0"], "--val-fraction must be above 0 and below 1, got 0.0"),
         (["--dtype", "fp8"], "unknown --dtype 'fp8'"),
+        # (one GPU of several: "unknown --device 'cuda:1': use one of auto, cpu, cuda, mps"; review)
+        (
+            ["--device", "cuda:1"],
+            "'cuda:1': give --device cuda, and choose the GPU with CUDA_VISIBLE_DEVICES=1",
+        ),
         (["--steps", "6"], "already at step 6 of --steps 6"),
         # (config.json took the new seed, which changed nothing else: a rerun from it would not reproduce)
         (["--seed", "5"], "a resumed run goes on with the random state of its checkpoint (--seed 0 at its"),
