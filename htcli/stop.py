@@ -144,7 +144,10 @@ def signals_held() -> Iterator[None]:
         yield
         return
     caught: list[int] = []
-    previous = {signum: signal.signal(signum, lambda signum, _: caught.append(signum)) for signum in STOPS}
+    # (one this process ignores stays ignored, so that the child inherits it so: a background job's worker
+    # died of a Ctrl-C that its parent, ignoring it, did not stop on; the bench went on without it)
+    held = [signum for signum in STOPS if signal.getsignal(signum) is not signal.SIG_IGN]
+    previous = {signum: signal.signal(signum, lambda signum, _: caught.append(signum)) for signum in held}
     try:
         yield
     finally:
