@@ -17,7 +17,8 @@ from htcli.sample import SamplingConfig, Utf8Stream, generate
 
 def main(checkpoint: str, prompt: str, corpus: str) -> None:
     model, info = load_model(checkpoint, device="cpu")
-    print(f"step {info.step} model, {sum(p.numel() for p in model.parameters()):,} parameters")
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)  # (not rotary's frequencies)
+    print(f"step {info.step} model, {trained:,} parameters")
 
     stream = Utf8Stream()  # bytes in, whole characters out
     print(prompt, end="")

@@ -320,7 +320,7 @@ class Run:
         self.train_data, self.val_data = self._open_data()
         torch.manual_seed(config.seed)
         self.model = HTransformer1D(config.model).to(self.device)
-        self.params = sum(p.numel() for p in self.model.parameters())
+        self.params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)  # (not rotary freqs)
         self.products = self._muon_products(None if checkpoint is None else checkpoint[-1])
         self.optimizer = make_optimizer(self.model, config, self.products)
         self.sampler = rank_sampler(len(self.train_data), self.window, config, self.rank, self.world_size)

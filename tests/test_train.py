@@ -15,6 +15,7 @@ from htcli.checkpoint import read_checkpoint_info
 from htcli.config import TrainConfig, config_from_options
 from htcli.device import cpu_multiplies_bf16, resolve_dtype
 from htcli.errors import HtcliError
+from htcli.model import HTransformer1D
 from htcli.optim import learning_rate
 from htcli.train import train
 
@@ -164,6 +165,11 @@ def test_log_and_config_files(corpus, tmp_path):
     saved = json.loads((run / "config.json").read_text())
     assert TrainConfig.from_dict({k: v for k, v in saved.items() if k != "htcli_version"}) == config
     assert saved["min_lr"] == pytest.approx(config.lr / 10)
+    # the parameters counted are those trained (rotary's frequencies, a frozen parameter, were counted)
+    model = HTransformer1D(config.model)
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert trained < sum(p.numel() for p in model.parameters())
+    assert [e["params"] for e in events if e["event"] == "start"] == [trained]
 
 
 @pytest.mark.parametrize("amx", [True, False])
