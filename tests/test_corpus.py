@@ -208,6 +208,13 @@ def test_a_file_named_twice_is_refused(tmp_path, corpus):
     ):
         with pytest.raises(HtcliError, match=r"is named twice in the corpus \(by "):
             resolve_corpus(specs)
+    # a link within one directory is read as the file it is, as where that directory is the only spec: also
+    # beside another spec (it was "named twice", by nobody, once another file was given; review)
+    (tree / "c.txt").symlink_to("a.txt")
+    alone = resolve_corpus([tree])
+    assert alone == [tree / "a.txt", tree / "b.txt", tree / "c.txt"]
+    assert resolve_corpus([tree, corpus]) == [*alone, corpus]
+    assert resolve_corpus([f"{tree}/*", corpus]) == [*alone, corpus]
     (tmp_path / "corpus-link.txt").symlink_to(corpus)
     result = invoke(
         "train", corpus, *TINY_FLAGS, "--val", tmp_path / "corpus-link.txt", "--out", tmp_path / "r2"

@@ -50,12 +50,12 @@ def resolve_corpus(
     check_corpus_given(specs)
     excluded = [Path(path).expanduser().resolve() for path in exclude]
     files: list[Path] = []
-    named: dict[tuple, str] = {}  # each file's identity: the spec that named it
+    named: dict[tuple, tuple] = {}  # each file's identity: the spec that named it (its index, as given)
     try:
-        for spec in specs:
+        for index, spec in enumerate(specs):
             found = _files_of(spec, include_hidden, excluded, excluded_as, role)
             if len(specs) > 1:  # (one spec names a file once: a walk or a glob lists each path once)
-                _name_once(found, str(spec), named, role)
+                _name_once(found, (index, str(spec)), named, role)
             files += found
     except HtcliError as error:  # (every error of the held-out files is val's, whose file it may come from)
         if role == "corpus":
@@ -93,15 +93,16 @@ def file_identity(path: str | os.PathLike) -> tuple:
     return (found.st_dev, found.st_ino)
 
 
-def _name_once(found: list[Path], spec: str, named: dict[tuple, str], role: str) -> None:
-    """HtcliError for a file of found that an earlier spec (or this one) named, by a name or a link (its
-    bytes would be trained on twice); else each is added to named (identity: spec)."""
+def _name_once(found: list[Path], spec: tuple[int, str], named: dict[tuple, tuple], role: str) -> None:
+    """HtcliError for a file of found that an earlier spec (index, as given) named, by a name or a link (its
+    bytes would be trained on twice); else each is added to named (identity: spec). Links within one spec
+    are read as the files they are, as where it is the only one (they were refused beside another spec)."""
     for file in found:
         where = file_identity(file)
-        if where in named:
-            by = f" (by {named[where]} and by {spec})" if named[where] != spec else ""
+        first = named.setdefault(where, spec)
+        if first != spec:
+            by = f" (by {first[1]} and by {spec[1]})" if first[1] != spec[1] else ""
             raise HtcliError(f"{file} is named twice in the {role}{by}: name each file once")
-        named[where] = spec
 
 
 def _files_of(
