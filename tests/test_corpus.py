@@ -475,6 +475,13 @@ def test_parquet_records(tmp_path):
     pq.write_table(pa.table({"text": ["a", "c\x00d"]}), nulls)
     with pytest.raises(HtcliError, match="nulls.parquet row 2: field 'text' holds a NUL character"):
         ByteCorpus.open([nulls])
+    # two columns of the name (a KeyError's traceback; review)
+    twice = tmp_path / "twice.parquet"
+    pq.write_table(pa.Table.from_arrays([pa.array(["a"]), pa.array(["b"])], names=["text", "text"]), twice)
+    with pytest.raises(
+        HtcliError, match="twice.parquet has 2 columns named 'text': which one holds the text"
+    ):
+        ByteCorpus.open([twice])
 
 
 def test_parquet_text_as_dictionary_or_string_view(tmp_path):

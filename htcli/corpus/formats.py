@@ -215,6 +215,12 @@ def parquet_texts(source: Path, options: RecordOptions) -> Iterator[bytes | None
             "text_field names the one to read",
             fields=("text_field",),
         )
+    if schema.names.count(field) > 1:  # (schema.field raised a KeyError: a traceback)
+        raise HtcliError(
+            f"{source} has {schema.names.count(field)} columns named {field!r}: which one holds the text is "
+            "not known; write the file with one such column, or name another with text_field",
+            fields=("text_field",),
+        )
     column_type = schema.field(field).type
     if not _holds_text(pa, column_type):
         raise HtcliError(
