@@ -162,7 +162,8 @@ def _record_text(line: bytes, options: RecordOptions, where: str) -> bytes | Non
     except UnicodeDecodeError:
         return _bad(options, where, "not UTF-8 text")
     except json.JSONDecodeError as error:
-        return _bad(options, where, f"not JSON ({error.msg})")
+        said = error.msg.removesuffix(" at")  # ("Invalid control character at": the position is ours to say)
+        return _bad(options, where, f"not JSON ({said}, at character {error.colno})")
     except (RecursionError, ValueError):  # arrays nested thousands deep, a number of thousands of digits
         return _bad(options, where, "not JSON that can be read (nested too deep, or a number too long)")
     if not isinstance(record, dict):
