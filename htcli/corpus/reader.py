@@ -126,10 +126,7 @@ class ByteCorpus:
             file = open(self._paths[index], "rb", buffering=0)
         except OSError as error:
             if index in self._sources and isinstance(error, FileNotFoundError):  # (its bytes in the cache)
-                raise HtcliError(  # (it said the corpus file was missing, which was there)
-                    f"the cache entry of {self._source(index)} ({self._paths[index]}) was removed while in "
-                    "use: run again (it is made again)"
-                ) from None
+                self._cache_entry_lost(index)  # (it said the corpus file was missing, which was there)
             raise HtcliError(
                 f"cannot read {self._source(index)}: {error.strerror or error}: {unreadable_advice(error)}"
             ) from None
@@ -148,6 +145,23 @@ class ByteCorpus:
         for index, file in self._open.items():
             if not self._as_indexed(index, file):
                 self._changed(index, "it was modified")
+            if not self._still_named(index):  # (the open file is read on as it was: a rename went unseen)
+                if index in self._sources:
+                    self._cache_entry_lost(index)
+                self._changed(index, "it was replaced or removed")
+
+    def _still_named(self, index: int) -> bool:
+        """Whether part `index`'s path still names the file indexed (not another, put in its place)."""
+        try:
+            return os.stat(self._paths[index]).st_ino == self._inodes[index]
+        except OSError:
+            return False
+
+    def _cache_entry_lost(self, index: int) -> None:
+        raise HtcliError(
+            f"the cache entry of {self._source(index)} ({self._paths[index]}) was removed while in use: run "
+            "again (it is made again)"
+        ) from None
 
     def _as_indexed(self, index: int, file: BinaryIO) -> bool:
         """Whether the open file is part `index` as indexed: the same inode, size and modification time."""
