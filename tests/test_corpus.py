@@ -605,6 +605,17 @@ def test_training_stops_when_the_corpus_is_rewritten_in_place(tmp_path):
     assert json.loads((tmp_path / "run" / "state.json").read_text())["step"] == 2
 
 
+def test_a_corpus_of_relative_paths_reads_on_after_a_chdir(tmp_path, monkeypatch):
+    """Files named relative to the working directory are read (and checked) where they were when the corpus
+    was opened: after a chdir the check took them for removed (review)."""
+    write(tmp_path / "a.txt", make_text(3000))
+    monkeypatch.chdir(tmp_path)
+    with ByteCorpus.open(["a.txt"]) as corpus:
+        first = corpus.span().windows([0], 8)
+        monkeypatch.chdir("/")
+        assert corpus.span().windows([0], 8).tolist() == first.tolist()
+
+
 @pytest.mark.parametrize("how", ["replaced", "removed"])
 def test_training_stops_when_an_open_corpus_file_is_replaced_or_removed(tmp_path, how):
     """A file replaced by rename (or removed) while open: its old bytes were read on to the end of the run
