@@ -608,22 +608,35 @@ def _train_with(options: dict, resume: bool | str, print_config: bool, given: se
 
 
 def _print_config(config, resume: bool | str) -> None:
-    """config as TOML on stdout, after what train would refuse before training (a dry run) and its warning
-    on the warm-up."""
+    """config as TOML on stdout (a dry run): refused where the config contradicts itself or its checkpoint;
+    what a run would refuse on this machine (which the config may be meant for another: a GPU it lacks, a
+    corpus elsewhere), and the warm-up's warning, said on stderr."""
     from htcli.config_file import write_toml
+    from htcli.device import resolve_dtype
     from htcli.display import warmup_warning
     from htcli.distributed import launch_from_env
-    from htcli.rundir import check_resumable
-    from htcli.train import check_start
+    from htcli.rundir import check_resumable, resolve_resume
+    from htcli.train import start_refusal
 
-    check_resumable(config, resume)  # (what a resume would refuse of its checkpoint; a new run, of out)
-    check_start(config)
+    check_resumable(config, resume)  # (what a resume would refuse of its checkpoint)
+    if config.device == "cpu":  # (fp16 on a CPU: on any machine)
+        resolve_dtype(config.dtype, _cpu(), training=True)
     if not launch_from_env().main:  # (under torchrun, once: every rank printed it)
         return
-    warning = warmup_warning(config.warmup, config.steps)
-    if warning:
-        err_console.print(f"[yellow]warning: {warning}", soft_wrap=True)
+    refused = start_refusal(config, resolve_resume(resume, config.out))
+    warnings = [warmup_warning(config.warmup, config.steps)]
+    warnings += [
+        f"a run on this machine would stop: {respell(str(refused), refused.fields)}" if refused else None
+    ]
+    for warning in filter(None, warnings):
+        err_console.print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True)
     print(write_toml(config, _file_key), end="")
+
+
+def _cpu():
+    import torch
+
+    return torch.device("cpu")
 
 
 def _dropped_loggers(config) -> str:

@@ -85,14 +85,22 @@ def check_still_new(out: Path) -> None:
 
 
 def check_resumable(config: TrainConfig, resume: bool | str) -> None:
-    """What open_run checks of out before training, from the checkpoint's metadata alone, for a config
-    printed and not run: where config resumes a run (resume as train takes it), a checkpoint there,
-    complete, of config's model, with steps left; for a new run, none there."""
+    """Where config resumes a run (resume as train takes it), what open_run checks of its checkpoint
+    before training, from the checkpoint's metadata alone: one is there, complete, of config's model,
+    with steps left (for a config printed and not run)."""
     out = Path(config.out)
     if resolve_resume(resume, out):
         _check_checkpoint_there(out)
         _check_model_and_steps(out, config, read_checkpoint_info(checkpoint_file(out, MODEL_FILE)))
-    else:
+
+
+def check_new_out(out: Path) -> None:
+    """What open_run checks of a new run's out, without locking or making it (for a config printed and not
+    run): a directory or the path of one, holding no checkpoint and nothing but a run's files."""
+    check_out_path(out)
+    if out.is_dir():
+        if not has_checkpoint(out):
+            check_only_run_files(out)
         _check_no_checkpoint(out)
 
 

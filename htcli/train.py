@@ -68,7 +68,7 @@ from htcli.loggers import check_loggers, close_loggers, open_loggers
 from htcli.model import HTransformer1D
 from htcli.optim import context_length, learning_rate, make_optimizer, newton_schulz_dtype
 from htcli.resume_changes import resume_changes
-from htcli.rundir import check_still_new, open_run, resolve_resume
+from htcli.rundir import check_new_out, check_still_new, open_run, resolve_resume
 from htcli.runlock import RunLock, Whereabouts
 from htcli.runlog import LogError, RunLog, trim_log
 from htcli.sample import SamplingConfig, generate
@@ -136,19 +136,26 @@ def train(
                        run.params, stopped_by, run.step_seconds)  # fmt: skip
 
 
-def check_start(config: TrainConfig) -> None:
-    """What train checks of config before it trains that needs no run (for a config printed and not run):
-    the device and precision, the loggers, and the corpus's files (where given) there."""
-    device = resolve_device(config.device)
-    resolve_dtype(config.dtype, device, training=True)
-    if config.model.attention == "h":
-        check_device(device.type)
-    check_loggers(config.loggers)
-    found = dict(include_hidden=config.include_hidden, exclude=[config.out])
-    if config.corpus:
-        resolve_corpus(config.corpus, **found)
-    if config.val:
-        resolve_corpus(config.val, **found, role="held-out corpus (val)")
+def start_refusal(config: TrainConfig, resume: bool) -> HtcliError | None:
+    """What train would refuse before training on this machine, for a config printed and not run (which may
+    be meant for another): the device and precision, the loggers, the corpus's files (where given) and a
+    new run's out; None where none of these is refused."""
+    try:
+        device = resolve_device(config.device)
+        resolve_dtype(config.dtype, device, training=True)
+        if config.model.attention == "h":
+            check_device(device.type)
+        check_loggers(config.loggers)
+        found = dict(include_hidden=config.include_hidden, exclude=[config.out])
+        if config.corpus:
+            resolve_corpus(config.corpus, **found)
+        if config.val:
+            resolve_corpus(config.val, **found, role="held-out corpus (val)")
+        if not resume:
+            check_new_out(Path(config.out))
+    except HtcliError as error:
+        return error
+    return None
 
 
 def _save_at_stop(run: Run, log: RunLog, signal_name: str) -> None:

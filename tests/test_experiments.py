@@ -412,24 +412,43 @@ def test_resume_takes_the_saved_config_then_the_file_then_flags(corpus, tmp_path
     assert "steps = 5" in resolved(corpus, "--resume", "auto", "--out", tmp_path / "new", "--steps", "5")
 
 
-def test_print_config_refuses_what_a_new_run_would(corpus, tmp_path):
-    """--print-config is a dry run: what train refuses before training is refused there too (it printed a
-    config and exited 0 for fp16 on a CPU, a corpus that does not exist, an out that holds a run; review),
-    and its warning on the warm-up is said."""
+def test_print_config_is_a_dry_run(corpus, tmp_path):
+    """--print-config refuses a config that contradicts itself (fp16 on a CPU), and says on stderr what a
+    run on this machine would refuse before training, printing the config all the same (it may be meant for
+    another machine: a GPU, a corpus there); it said nothing of a corpus that does not exist, an out that
+    holds a run or a file, a device missing here (review), nor of the warm-up."""
     run = tmp_path / "run"
     assert invoke("train", corpus, *TINY_FLAGS, "--steps", "2", "--out", run).exit_code == 0
     new = ["--out", tmp_path / "new", "--print-config"]
     assert_user_error(
         invoke("train", corpus, *TINY_FLAGS, "--dtype", "fp16", *new), "--dtype fp16 needs a CUDA"
     )
+
+    def warned(*args) -> str:
+        printed = invoke("train", *args)
+        assert printed.exit_code == 0 and "steps = " in printed.stdout, printed.output
+        return " ".join(printed.stderr.split())
+
     missing = tmp_path / "nope.txt"
-    assert_user_error(invoke("train", missing, *TINY_FLAGS, *new), f"corpus {missing} does not exist")
-    assert_user_error(invoke("train", corpus, *TINY_FLAGS, "--val", missing, *new), "does not exist")
-    refused = invoke("train", corpus, *TINY_FLAGS, "--out", run, "--print-config")
-    assert_user_error(refused, f"{run} already holds a checkpoint: pass --resume to continue it")
-    printed = invoke("train", corpus, *TINY_FLAGS, "--steps", "2", "--warmup", "1", *new)
-    assert printed.exit_code == 0 and "steps = 2" in printed.stdout
-    assert "warning: --warmup (1) leaves one step" in printed.stderr and "give --warmup 0" in printed.stderr
+    stop = "warning: a run on this machine would stop:"
+    assert f"{stop} corpus {missing} does not exist" in warned(missing, *TINY_FLAGS, *new)
+    assert "does not exist" in warned(corpus, *TINY_FLAGS, "--val", missing, *new)
+    said = warned(corpus, *TINY_FLAGS, "--out", run, "--print-config")
+    assert f"{stop} {run} already holds a checkpoint: pass --resume to continue it" in said
+    assert f"{stop} the run directory (--out) {corpus} is a file" in warned(
+        corpus, *TINY_FLAGS, "--out", corpus, "--print-config"
+    )
+    junk = tmp_path / "junk"
+    (junk / "notes").mkdir(parents=True)
+    assert "holds what is not an htcli run's" in warned(corpus, *TINY_FLAGS, "--out", junk, "--print-config")
+    flags = list(TINY_FLAGS)
+    flags[flags.index("--device") + 1] = "cuda"
+    assert (
+        f"{stop} CUDA was requested but no GPU is available" in warned(corpus, *flags, *new)
+        or torch.cuda.is_available()
+    )
+    said = warned(corpus, *TINY_FLAGS, "--steps", "2", "--warmup", "1", *new)
+    assert "warning: --warmup (1) leaves one step" in said and "give --warmup 0" in said and stop not in said
     assert not (tmp_path / "new").exists()
 
 
