@@ -7,6 +7,7 @@ while `htcli --help` stays instant); the functions that need torch import it.
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 from typing import TYPE_CHECKING
 
@@ -50,10 +51,13 @@ def _mps_available() -> bool:
 def check_device_name(name: str) -> None:
     """HtcliError unless name is one of DEVICES; one GPU of several (`cuda:1`) is chosen with
     CUDA_VISIBLE_DEVICES, which every command and torchrun's ranks read."""
-    if re.fullmatch(r"cuda:\d+", name):
+    if re.fullmatch(r"cuda:[0-9]+", name):
+        index, visible = int(name.split(":")[1]), os.environ.get("CUDA_VISIBLE_DEVICES")
+        shown = visible.split(",") if visible else []  # (cuda:1 is the second GPU it shows, where set)
+        which = shown[index].strip() if index < len(shown) else str(index)
         raise HtcliError(
             f"unknown device {name!r}: give device cuda, and choose the GPU with CUDA_VISIBLE_DEVICES="
-            f"{name.split(':')[1]} in the command's environment",
+            f"{which} in the command's environment",
             fields=("device",),
         )
     check_choice("device", name, DEVICES)

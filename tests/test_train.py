@@ -54,6 +54,22 @@ def test_config_validation(options, message):
     assert set(raised.value.fields) <= set(TrainConfig.__dataclass_fields__)
 
 
+@pytest.mark.parametrize(
+    "visible,advice", [(None, "CUDA_VISIBLE_DEVICES=1"), ("2,3", "CUDA_VISIBLE_DEVICES=3"), ("0", "=1 in")]
+)
+def test_one_gpu_of_several_is_chosen_by_cuda_visible_devices(monkeypatch, visible, advice):
+    """device cuda:1 (torch's name of the second GPU it sees) is refused with the CUDA_VISIBLE_DEVICES that
+    shows that GPU alone: where it is set, its entry (cuda:1 with 2,3 set is GPU 3; review)."""
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    with pytest.raises(HtcliError, match=f"unknown device 'cuda:1': give device cuda, .*{advice}"):
+        TrainConfig(corpus=["x"], device="cuda:1")
+    with pytest.raises(HtcliError, match="unknown device 'cuda:١': use one of"):  # (digits of another script)
+        TrainConfig(corpus=["x"], device="cuda:١")
+
+
 def test_an_on_event_that_is_not_a_function_is_refused_before_anything_is_written(corpus, tmp_path):
     """train(on_event=5) was a TypeError after the run directory, its lock, config.json and log.jsonl were
     made."""
