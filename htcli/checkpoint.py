@@ -275,9 +275,8 @@ def _read_metadata(file: Path, shown: str | os.PathLike) -> dict[str, str]:
     except PermissionError as error:
         raise HtcliError(f"cannot read {file}: {error.strerror}: {unreadable_advice(error)}") from None
     except (SafetensorError, OSError, ValueError):
-        if file.name in (CONFIG_FILE, STATE_FILE, LOG_FILE) and has_checkpoint(
-            file.parent
-        ):  # (not "corrupt?")
+        run = has_checkpoint(file.parent) or is_run_directory(file.parent)  # (one that never saved too)
+        if file.name in (CONFIG_FILE, STATE_FILE, LOG_FILE) and run:  # (it said "truncated or corrupt?")
             raise HtcliError(
                 f"{file} is a file of the run in {file.parent}, not its weights: give the run directory or"
                 f" its {MODEL_FILE}"

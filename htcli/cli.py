@@ -880,8 +880,9 @@ def _print_samples(
         with contextlib.suppress(OSError, ValueError):
             show(stream.flush() + "\n")
             # (with --json a line per sample, those stopped before their first byte too)
-            if isinstance(error, KeyboardInterrupt | Terminated) and (any(samples) or json_output):
-                _print_the_rest(configs, samples, prompt if echo else None, json_output, stops, True)
+            if isinstance(error, KeyboardInterrupt | Terminated):
+                if any(samples) or json_output:
+                    _print_the_rest(configs, samples, prompt if echo else None, json_output, stops, True)
                 _print_speed(samples, time.perf_counter() - started)
         raise
     seconds = time.perf_counter() - started
@@ -1215,7 +1216,7 @@ def _bench_attention(config, json_output: bool, plot_path: Path | None) -> None:
                 waiting.text = f"measuring {min(len(rows) + 1, total)} of {total}"
                 live.update(Group(_bench_tables(rows, config, title), waiting))
     except (KeyboardInterrupt, Terminated):  # (the rows measured are kept: printed before the stop's line)
-        if rows and json_output:
+        if json_output:  # (none too: a JSON reader gets its object)
             print(json.dumps({**to_json(rows, config, error, name), "interrupted": True}))
         elif rows:
             console.print(_bench_tables(rows, config, title))

@@ -426,13 +426,13 @@ def test_sigterm_to_bench_stops_its_worker():
     assert not _bench_workers(marker)
 
 
-@pytest.mark.parametrize("json_output", [False, True])
-def test_an_interrupted_bench_prints_the_rows_it_measured(json_output):
+@pytest.mark.parametrize("json_output,first", [(False, "64,"), (True, "64,"), (True, "")])
+def test_an_interrupted_bench_prints_the_rows_it_measured(json_output, first):
     """Ctrl-C during a sweep printed only the stop's line: the rows already measured were lost. They are
     printed (stdout) before it, as a table or with --json as JSON that says it was interrupted (it printed
-    nothing; review); exit 130."""
-    marker = "4288" if json_output else "4224"  # a length no other test measures: it names its workers
-    command = [sys.executable, "-m", "htcli", "bench", "--seq-len", f"64,{marker}", "--block-size", "64"]
+    nothing; review), with no row where none was measured; exit 130."""
+    marker = {(False, "64,"): "4224", (True, "64,"): "4288", (True, ""): "4352"}[json_output, first]
+    command = [sys.executable, "-m", "htcli", "bench", "--seq-len", f"{first}{marker}", "--block-size", "64"]
     command += ["--causal", "--device", "cpu", "--repeats", "1000", "--max-seconds", "100"]
     command += ["--json"] if json_output else []
     # (SIGINT as a shell leaves it to a command it runs: a test run in the background ignores it, and so
@@ -451,8 +451,8 @@ def test_an_interrupted_bench_prints_the_rows_it_measured(json_output):
     assert "interrupted" in stderr and "Traceback" not in stderr
     if json_output:
         report = json.loads(stdout)
-        assert report["interrupted"] is True and [row["n"] for row in report["rows"]] == [64]
-        assert report["rows"][0]["results"]["h"]["status"] == "ok"
+        assert report["interrupted"] is True and [row["n"] for row in report["rows"]] == [64] * bool(first)
+        assert not first or report["rows"][0]["results"]["h"]["status"] == "ok"
         return
     lines = [line.split() for line in stdout.splitlines()]
     assert ["64", "causal", "H-attn"] in [line[:3] for line in lines] and marker not in stdout.replace(

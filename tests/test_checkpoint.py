@@ -139,6 +139,12 @@ def test_truncated_and_foreign_files(tmp_path):
             HtcliError, match=f"{name} is a file of the run in {tmp_path}, not its weights: give"
         ):
             read_checkpoint_info(tmp_path / name)
+    unsaved = tmp_path / "unsaved"  # (a run before its first save: it was "truncated or corrupt?")
+    for name in (".lock", "config.json", "log.jsonl"):
+        (unsaved / name).parent.mkdir(exist_ok=True)
+        (unsaved / name).write_text("{}\n")
+    with pytest.raises(HtcliError, match=f"config.json is a file of the run in {unsaved}, not its weights"):
+        read_checkpoint_info(unsaved / "config.json")
 
 
 def test_crash_while_writing_keeps_the_previous_checkpoint(tmp_path, monkeypatch):

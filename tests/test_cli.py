@@ -389,8 +389,8 @@ def test_several_samples_at_once_as_json_lines_equal_each_seed_alone(trained):
 @pytest.mark.parametrize("json_output", [True, False])
 def test_samples_interrupted_are_printed_as_far_as_they_came(trained, monkeypatch, json_output):
     """Ctrl-C during several samples (--json: during any) printed nothing of those not streamed: with
-    --json every sample's line comes, marked interrupted (also before the first byte, as while the prompt is
-    read: it printed none; review), then the bytes/s line and the usual one line, exit 130."""
+    --json every sample's line comes, marked interrupted (also before the first byte, while the model
+    reads the prompt: it printed none; review), then the bytes/s line (there too) and the one line; 130."""
     from htcli import sample
 
     def interrupted_after_five(*args, **kwargs):
@@ -418,6 +418,9 @@ def test_samples_interrupted_are_printed_as_far_as_they_came(trained, monkeypatc
     else:
         assert "sample 3 of 3 (seed 2), interrupted" in result.stderr
         assert [len(line.encode()) >= 5 for line in result.stdout.split("\n")] == [True] * 3 + [False]
+        bytes_before = 0  # (stopped while the model reads the prompt: no text, the bytes/s line all the same)
+        result = invoke(*args)
+        assert result.exit_code == 130 and "0 bytes in" in result.stderr and not result.stdout.strip()
 
 
 def test_stop_ends_a_sample_with_the_stop_string(trained):
