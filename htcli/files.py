@@ -215,12 +215,12 @@ def printable(path: str | os.PathLike) -> str:
 
 
 def check_utf8_path(path: str | os.PathLike, *, run_directory: bool = False) -> None:
-    """HtcliError if path's name is not UTF-8 (bytes Python holds as surrogates): safetensors, written in
+    """HtcliError if path's bytes are not UTF-8 (Python holds them as surrogates): safetensors, written in
     Rust, cannot open such a path, so a checkpoint there could be written by nothing and read by nothing.
     run_directory: path is the run directory (out), which the message names as such."""
-    try:
-        os.fspath(path).encode("utf-8")
-    except UnicodeEncodeError:
+    try:  # (its bytes: in a locale that is not UTF-8, Python holds a UTF-8 name's bytes as surrogates too)
+        os.fsencode(path).decode("utf-8")
+    except UnicodeError:
         given = "the run directory (out) " if run_directory else ""
         raise HtcliError(
             f"{given}{printable(path)} is not a UTF-8 name, which safetensors cannot open: use another name",

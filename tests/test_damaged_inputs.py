@@ -541,6 +541,19 @@ def test_a_run_whose_name_is_not_utf8(trained, tmp_path):
     assert result.exit_code == 0 and "run\\xfe" in result.stdout, result.output
 
 
+def test_a_utf8_named_run_in_a_locale_that_is_not_utf8(trained, tmp_path):
+    """A run named in UTF-8 (rün), used where the locale is ASCII (Python then holds the name's bytes as
+    surrogates): it was refused as "not a UTF-8 name", which it is (review); safetensors opens it."""
+    out, _ = trained
+    shutil.copytree(out, tmp_path / "rün")
+    ascii_locale = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    command = [sys.executable, "-m", "htcli", "sample", "rün", "--max-new-tokens", "3", "--json"]
+    done = subprocess.run(
+        [*command, "--device", "cpu"], cwd=tmp_path, env=ascii_locale, capture_output=True, timeout=120
+    )
+    assert done.returncode == 0 and json.loads(done.stdout)["bytes"] == 3, done.stderr
+
+
 @pytest.mark.parametrize("name", ["model.safetensors", "config.json"])
 def test_a_run_file_one_may_not_read_is_named_so(run, name):
     """A checkpoint or config.json without read permission was called corrupt ("truncated or corrupt?")."""
