@@ -67,6 +67,11 @@ class _Console(Console):
         raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
 
 
+# a width or height of 0 (some CI systems and editors' shells export COLUMNS=0) made rich print nothing, the
+# errors' lines and typer's help too: taken as unset (the terminal's size, else 80 columns)
+for _size in ("COLUMNS", "LINES"):
+    if os.environ.get(_size, "").strip().isdigit() and int(os.environ[_size]) == 0:
+        del os.environ[_size]
 console = _Console()
 err_console = _Console(stderr=True)
 
@@ -241,6 +246,10 @@ def run(args: list[str] | None = None) -> None:
             "[red]error:[/] stdout is closed: send it to a file or to /dev/null", soft_wrap=True
         )
         sys.exit(1)
+    if getattr(sys.stdout, "errors", None) == "strict" and hasattr(sys.stdout, "reconfigure"):
+        # (a name stdout's encoding lacks, a run rün's in a table on an ASCII stdout, was a traceback after
+        # the command had done its work: shown as r\xfcn, as stderr shows it)
+        sys.stdout.reconfigure(errors="backslashreplace")
     try:
         code = app(args, prog_name="htcli", standalone_mode=False)
     except _CLICK_ERROR as error:
@@ -920,11 +929,8 @@ def _print_the_rest(
 def _write(text: str) -> None:
     """text to stdout, its characters that stdout's encoding lacks (not UTF-8: latin-1, ascii) as ?."""
     if text:
-        try:
-            sys.stdout.write(text)
-        except UnicodeEncodeError:
-            encoding = sys.stdout.encoding
-            sys.stdout.write(text.encode(encoding, "replace").decode(encoding))
+        encoding = sys.stdout.encoding or "ascii"
+        sys.stdout.write(text if _utf8_stdout() else text.encode(encoding, "replace").decode(encoding))
         sys.stdout.flush()
 
 

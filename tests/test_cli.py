@@ -280,6 +280,33 @@ def test_sample_to_a_stdout_of_another_encoding(trained):
         assert as_json.stdout.isascii() and json.loads(as_json.stdout)["text"] == text
 
 
+def test_tables_naming_a_run_on_an_ascii_stdout(trained, tmp_path):
+    """eval's and plot's tables name the run; a run named rün on an ASCII stdout was a UnicodeEncodeError's
+    traceback and exit 1 after the work was done (train's summary alike; review): shown as r\\xfcn."""
+    run, corpus = trained
+    shutil.copytree(run, tmp_path / "rün")
+    env = {**os.environ, "PYTHONIOENCODING": "ascii"}
+    base = [sys.executable, "-m", "htcli"]
+    for args in (["eval", "rün", str(corpus), "--device", "cpu"], ["plot", "rün", "-o", "p.png"]):
+        done = subprocess.run([*base, *args], cwd=tmp_path, capture_output=True, env=env, timeout=120)
+        assert done.returncode == 0 and b"r\\xfcn" in done.stdout, done.stderr
+
+
+def test_a_terminal_width_of_0_is_taken_as_unset(tmp_path):
+    """COLUMNS=0 (exported by some CI systems and editors' shells) made rich print nothing: no error line,
+    no help (review)."""
+    env = {**os.environ, "COLUMNS": "0"}
+    missing = str(tmp_path / "nope.txt")
+    done = subprocess.run(
+        [sys.executable, "-m", "htcli", "train", missing], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert done.returncode == 1 and f"error: corpus {missing} does not exist" in done.stderr, done.stderr
+    helped = subprocess.run(
+        [sys.executable, "-m", "htcli", "--help"], capture_output=True, text=True, env=env
+    )
+    assert "Usage: htcli" in helped.stdout
+
+
 def test_sample_from_a_file_and_several_samples(trained, tmp_path):
     """--prompt-file continues a file's bytes; --num-samples prints that many continuations."""
     run, _ = trained
