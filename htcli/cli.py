@@ -188,6 +188,7 @@ def _user_errors(*, start: bool = True, saves: bool = False, smaller: str = "mod
 _CLICK_ERROR = next(cls for cls in typer.BadParameter.__mro__ if cls.__name__ == "ClickException")
 
 
+CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f]")  # (a terminal acts on them)
 # what writing to stdout fails with: a full disk or quota, a closed pipe, a failed device, a file too large
 OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EPIPE, errno.EIO, errno.EFBIG}
 
@@ -203,6 +204,8 @@ def _os_error(error: OSError) -> str:
     said = error.strerror or str(error)
     if isinstance(error, PermissionError) and error.filename is not None:
         return f"{error.filename}: {said}: give a path you may read (and write, for a run), or change that"
+    if error.errno == errno.ENAMETOOLONG and error.filename is not None:
+        return f"{error.filename}: {said}: give a shorter name or path"
     if error.filename is not None:
         return f"{error.filename}: {said}"
     return f"cannot write the output: {said}" if _output_error(error) else str(error)
@@ -220,10 +223,13 @@ def _report_os_error(error: OSError, said_too: str = "", *, output: bool = False
 
 def _print_error(message: str) -> None:
     """The one red line of an error on stderr; bytes of a name that are not UTF-8 (Python holds them as
-    surrogates) shown as \\xe9, as plot and the checkpoint's checks show them (they came out as \\udce9)."""
+    surrogates) shown as \\xe9, as plot and the checkpoint's checks show them (they came out as \\udce9),
+    and control characters as \\x1b (a name's newline broke the line, its escape sequences reached the
+    terminal)."""
     from htcli.files import printable
 
-    err_console.print(f"[red]error:[/] {escape(printable(message))}", soft_wrap=True)
+    shown = CONTROLS.sub(lambda found: f"\\x{ord(found.group()):02x}", printable(message))
+    err_console.print(f"[red]error:[/] {escape(shown)}", soft_wrap=True)
 
 
 def _end_output(code: int) -> None:

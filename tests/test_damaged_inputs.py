@@ -541,6 +541,23 @@ def test_a_run_whose_name_is_not_utf8(trained, tmp_path):
     assert result.exit_code == 0 and "run\\xfe" in result.stdout, result.output
 
 
+def test_an_error_naming_a_path_of_control_characters_is_one_line(trained, tmp_path):
+    """A corpus name holding an escape sequence and a newline: the error line sent the escape to the
+    terminal and broke in two (review); they are shown as \\x1b and \\x0a."""
+    out, _ = trained
+    name = tmp_path / "no\x1b[31mred\nx.txt"
+    result = invoke("eval", out, name, "--device", "cpu")
+    assert_user_error(result, "no\\x1b[31mred\\x0ax.txt")
+    assert "\x1b" not in result.stderr
+
+
+def test_a_run_name_too_long_says_to_shorten_it(corpus, tmp_path):
+    """An --out of 300 bytes (past the filesystem's 255 a name): the system's words and what to do (it
+    said only "File name too long"; review)."""
+    result = invoke("train", corpus, *TINY_FLAGS, "--out", tmp_path / ("b" * 300))
+    assert_user_error(result, "File name too long: give a shorter name or path")
+
+
 def test_a_utf8_named_run_in_a_locale_that_is_not_utf8(trained, tmp_path):
     """A run named in UTF-8 (rün), used where the locale is ASCII (Python then holds the name's bytes as
     surrogates): it was refused as "not a UTF-8 name", which it is (review); safetensors opens it."""
