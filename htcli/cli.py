@@ -18,7 +18,7 @@ import re
 import shlex
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Annotated
 
@@ -58,20 +58,43 @@ app = typer.Typer(
 )
 
 
+SIZES = ("COLUMNS", "LINES")  # the terminal's size, as the environment may say it
+
+
+def _usable(size: str) -> bool:
+    """Whether an environment's COLUMNS or LINES is a size: a whole number above 0."""
+    return size.strip().isdecimal() and int(size) > 0
+
+
+class _SizedEnviron(Mapping):
+    """os.environ as it is at each read, without a COLUMNS or LINES that is not a size."""
+
+    def __getitem__(self, name: str) -> str:
+        value = os.environ[name]
+        if name in SIZES and not _usable(value):
+            raise KeyError(name)
+        return value
+
+    def __iter__(self) -> Iterator[str]:
+        return (name for name in os.environ if name in self)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
 class _Console(Console):
     """A console whose pipe closed early (`| head`) is an OSError the commands handle (rich's own answer,
     SystemExit(1) at once after sending stdout to /dev/null, lost a stopped run's exit code 75 and its line
     on how to continue; on stderr's console it ended a training run unsaved, without a word)."""
 
+    def __init__(self, **kwargs) -> None:
+        # (COLUMNS=0: rich printed nothing, errors' lines too; COLUMNS=²: a ValueError on import, in rich)
+        super().__init__(_environ=_SizedEnviron(), **kwargs)
+
     def on_broken_pipe(self) -> None:
         raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
 
 
-# a width or height of 0 (some CI systems and editors' shells export COLUMNS=0) made rich print nothing, the
-# errors' lines and typer's help too: taken as unset (the terminal's size, else 80 columns)
-for _size in ("COLUMNS", "LINES"):
-    if os.environ.get(_size, "").strip().isdigit() and int(os.environ[_size]) == 0:
-        del os.environ[_size]
 console = _Console()
 err_console = _Console(stderr=True)
 
@@ -243,6 +266,15 @@ def _end_output(code: int) -> None:
         sys.exit(code or 1)
 
 
+def _no_zero_sizes() -> None:
+    """COLUMNS or LINES that is not a size (0, as some CI systems and editors' shells export, made rich print
+    nothing, typer's help and the errors' lines too) taken as unset: the terminal's size, else 80 columns
+    (for typer's console, made later, and the processes this one starts; htcli's own skip it)."""
+    for name in SIZES:
+        if not _usable(os.environ.get(name, "1")):
+            del os.environ[name]
+
+
 def run(args: list[str] | None = None) -> None:
     """The command line as the `htcli` script runs it (args: sys.argv[1:] when None), with click's own
     errors (an unknown option or command, a value of the wrong type, a missing argument) as one line on
@@ -252,7 +284,10 @@ def run(args: list[str] | None = None) -> None:
             "[red]error:[/] stdout is closed: send it to a file or to /dev/null", soft_wrap=True
         )
         sys.exit(1)
-    if getattr(sys.stdout, "errors", None) == "strict" and hasattr(sys.stdout, "reconfigure"):
+    _no_zero_sizes()
+    if getattr(sys.stdout, "errors", None) in ("strict", "surrogateescape") and hasattr(
+        sys.stdout, "reconfigure"
+    ):
         # (a name stdout's encoding lacks, a run rün's in a table on an ASCII stdout, was a traceback after
         # the command had done its work: shown as r\xfcn, as stderr shows it)
         sys.stdout.reconfigure(errors="backslashreplace")

@@ -290,12 +290,24 @@ def test_tables_naming_a_run_on_an_ascii_stdout(trained, tmp_path):
     for args in (["eval", "rün", str(corpus), "--device", "cpu"], ["plot", "rün", "-o", "p.png"]):
         done = subprocess.run([*base, *args], cwd=tmp_path, capture_output=True, env=env, timeout=120)
         assert done.returncode == 0 and b"r\\xfcn" in done.stdout, done.stderr
+    # an ASCII locale's stdout (surrogateescape errors: it was the same traceback)
+    ascii_locale = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    ascii_locale.pop("PYTHONIOENCODING", None)
+    done = subprocess.run(
+        [*base, "plot", "rün", "-o", "p.png"],
+        cwd=tmp_path,
+        capture_output=True,
+        env=ascii_locale,
+        timeout=120,
+    )
+    assert done.returncode == 0 and b"r\\xfcn" in done.stdout, done.stderr
 
 
-def test_a_terminal_width_of_0_is_taken_as_unset(tmp_path):
+@pytest.mark.parametrize("columns", ["0", "²"])
+def test_a_terminal_width_of_0_is_taken_as_unset(tmp_path, columns):
     """COLUMNS=0 (exported by some CI systems and editors' shells) made rich print nothing: no error line,
-    no help (review)."""
-    env = {**os.environ, "COLUMNS": "0"}
+    no help (review); COLUMNS=² was a ValueError's traceback at import (rich's int of a digit)."""
+    env = {**os.environ, "COLUMNS": columns}
     missing = str(tmp_path / "nope.txt")
     done = subprocess.run(
         [sys.executable, "-m", "htcli", "train", missing], capture_output=True, text=True, env=env, timeout=60
