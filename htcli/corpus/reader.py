@@ -48,7 +48,8 @@ class ByteCorpus:
             if stat.st_size:
                 if prepared.path != prepared.source:
                     self._sources[len(self._paths)] = str(prepared.source)
-                self._paths.append(os.path.abspath(prepared.path))  # (opened, and checked, after a chdir too)
+                # (opened, and checked, after a chdir too; not normalised: a/link/../x is not a/x)
+                self._paths.append(os.path.join(os.getcwd(), prepared.path))
                 self._offsets.append(self._size)
                 self._inodes.append(stat.st_ino)
                 self._mtimes.append(stat.st_mtime_ns)
