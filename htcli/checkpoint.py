@@ -275,11 +275,15 @@ def _read_metadata(file: Path, shown: str | os.PathLike) -> dict[str, str]:
     except PermissionError as error:
         raise HtcliError(f"cannot read {file}: {error.strerror}: {unreadable_advice(error)}") from None
     except (SafetensorError, OSError, ValueError):
-        run = has_checkpoint(file.parent) or is_run_directory(file.parent)  # (one that never saved too)
-        if file.name in (CONFIG_FILE, STATE_FILE, LOG_FILE) and run:  # (it said "truncated or corrupt?")
-            raise HtcliError(
-                f"{file} is a file of the run in {file.parent}, not its weights: give the run directory or"
-                f" its {MODEL_FILE}"
+        saved = has_checkpoint(file.parent)
+        if file.name in (CONFIG_FILE, STATE_FILE, LOG_FILE) and (saved or is_run_directory(file.parent)):
+            give = (
+                f"give the run directory or its {MODEL_FILE}"
+                if saved
+                else "give the run directory once it saved"
+            )
+            raise HtcliError(  # (it said "truncated or corrupt?"; a run that never saved has no weights yet)
+                f"{file} is a file of the run in {file.parent}, not its weights: {give}"
             ) from None
         raise HtcliError(f"{file} is not a readable safetensors file (truncated or corrupt?)") from None
 

@@ -53,11 +53,16 @@ def check_device_name(name: str) -> None:
     CUDA_VISIBLE_DEVICES, which every command and torchrun's ranks read."""
     if re.fullmatch(r"cuda:[0-9]+", name):
         index, visible = int(name.split(":")[1]), os.environ.get("CUDA_VISIBLE_DEVICES")
-        shown = visible.split(",") if visible else []  # (cuda:1 is the second GPU it shows, where set)
-        which = shown[index].strip() if index < len(shown) else str(index)
+        shown = [entry.strip() for entry in visible.split(",")] if visible is not None else []
+        if visible is None:
+            which = f"={index}"
+        elif index < len(shown) and all(shown[: index + 1]) and not shown[index].startswith("-"):
+            which = f"={shown[index]}"  # (cuda:1 is the second GPU it shows; CUDA reads up to a bad entry)
+        else:
+            which = f" (it is {visible!r} here)"
         raise HtcliError(
-            f"unknown device {name!r}: give device cuda, and choose the GPU with CUDA_VISIBLE_DEVICES="
-            f"{which} in the command's environment",
+            f"unknown device {name!r}: give device cuda, and choose the GPU with CUDA_VISIBLE_DEVICES{which}"
+            " in the command's environment",
             fields=("device",),
         )
     check_choice("device", name, DEVICES)

@@ -141,6 +141,8 @@ def start_refusal(config: TrainConfig, resume: bool) -> HtcliError | None:
     be meant for another): the device and precision, the loggers, the corpus's files (where given) and a
     new run's out; None where none of these is refused."""
     try:
+        if not resume:  # (first, as train: an out in a loop of links was a traceback in the corpus's check)
+            check_new_out(Path(config.out))
         device = resolve_device(config.device)
         resolve_dtype(config.dtype, device, training=True)
         if config.model.attention == "h":
@@ -151,10 +153,11 @@ def start_refusal(config: TrainConfig, resume: bool) -> HtcliError | None:
             resolve_corpus(config.corpus, **found)
         if config.val:
             resolve_corpus(config.val, **found, role="held-out corpus (val)")
-        if not resume:
-            check_new_out(Path(config.out))
     except HtcliError as error:
         return error
+    except OSError as error:  # (a name too long, a folder it may not read: said as train's error says it)
+        said = error.strerror or str(error)
+        return HtcliError(f"{error.filename}: {said}" if error.filename is not None else said)
     return None
 
 

@@ -143,7 +143,10 @@ def test_truncated_and_foreign_files(tmp_path):
     for name in (".lock", "config.json", "log.jsonl"):
         (unsaved / name).parent.mkdir(exist_ok=True)
         (unsaved / name).write_text("{}\n")
-    with pytest.raises(HtcliError, match=f"config.json is a file of the run in {unsaved}, not its weights"):
+    with pytest.raises(
+        HtcliError,
+        match=f"config.json is a file of the run in {unsaved}, not its weights: give the run directory once",
+    ):
         read_checkpoint_info(unsaved / "config.json")
 
 

@@ -438,6 +438,10 @@ def test_print_config_is_a_dry_run(corpus, tmp_path):
     assert f"{stop} the run directory (--out) {corpus} is a file" in warned(
         corpus, *TINY_FLAGS, "--out", corpus, "--print-config"
     )
+    (tmp_path / "loop1").symlink_to(tmp_path / "loop2")  # (a traceback in the corpus's check; review)
+    (tmp_path / "loop2").symlink_to(tmp_path / "loop1")
+    said = warned(corpus, *TINY_FLAGS, "--out", tmp_path / "loop1", "--print-config")
+    assert f"{stop} the run directory (--out) {tmp_path / 'loop1'} is a link in a loop of links" in said
     junk = tmp_path / "junk"
     (junk / "notes").mkdir(parents=True)
     assert "holds what is not an htcli run's" in warned(corpus, *TINY_FLAGS, "--out", junk, "--print-config")

@@ -55,7 +55,14 @@ def test_config_validation(options, message):
 
 
 @pytest.mark.parametrize(
-    "visible,advice", [(None, "CUDA_VISIBLE_DEVICES=1"), ("2,3", "CUDA_VISIBLE_DEVICES=3"), ("0", "=1 in")]
+    "visible,advice",
+    [
+        (None, "CUDA_VISIBLE_DEVICES=1"),
+        ("2,3", "CUDA_VISIBLE_DEVICES=3"),
+        # (not a GPU to name: past the list, after an empty entry, where CUDA stops reading it; review)
+        ("0", r"CUDA_VISIBLE_DEVICES \(it is '0' here\) in"),
+        ("2,,3", r"CUDA_VISIBLE_DEVICES \(it is '2,,3' here\) in"),
+    ],
 )
 def test_one_gpu_of_several_is_chosen_by_cuda_visible_devices(monkeypatch, visible, advice):
     """device cuda:1 (torch's name of the second GPU it sees) is refused with the CUDA_VISIBLE_DEVICES that
