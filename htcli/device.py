@@ -151,7 +151,8 @@ def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractCon
     """Mixed precision in bf16 or fp16; a no-op for full precision (fp32, or fp64 in tests)."""
     import torch
 
-    if not isinstance(dtype, torch.dtype):  # ("bf16" was taken as full precision, without a word)
+    floats = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+    if not isinstance(dtype, torch.dtype) or dtype not in floats:  # ("bf16", torch.int64: taken as fp32)
         raise HtcliError(
             f"dtype must be a torch.dtype (torch.float32, torch.bfloat16, torch.float16), got {dtype!r}: "
             "htcli.device.resolve_dtype turns a name (fp32, bf16, fp16, auto) into one"

@@ -151,6 +151,8 @@ def check_options(
             "the model is bidirectional (causal false): its predictions see the bytes they predict, so bits "
             "per byte mean nothing; evaluate a causal model"
         )
+    if stride is not None and (not isinstance(stride, int) or isinstance(stride, bool)):  # (1.5: a TypeError)
+        raise HtcliError(f"stride must be a whole number of bytes, got {stride!r}", fields=("stride",))
     if stride is not None and not 1 <= stride <= context:
         raise HtcliError(
             f"stride must be between 1 and the context ({context}), got {stride}", fields=("stride",)

@@ -634,6 +634,10 @@ class HTransformer1D(nn.Module):
         b, n = tokens.shape
         if not 1 <= n <= self.config.max_seq_len:
             raise ValueError(f"prefill takes 1 to max_seq_len ({self.config.max_seq_len}) tokens, got {n}")
+        if b < 1:  # (a reshape's error deep inside)
+            raise ValueError("prefill takes at least one sequence, got a batch of 0")
+        if not isinstance(copies, int) or isinstance(copies, bool):  # (2.5: an error of repeat())
+            raise ValueError(f"copies must be a whole number >= 1, got {copies!r}")
         if copies < 1 or copies > 1 and b != 1:
             raise ValueError(
                 f"copies of a prompt need a prompt of one sequence and copies >= 1, got {b}, {copies}"
@@ -660,6 +664,11 @@ class HTransformer1D(nn.Module):
         plan.position, which it advances; the caller then counts the step (state.count_step())."""
         if isinstance(token, torch.Tensor):  # (its shape against the state's first: "one token per sequence")
             _check_step(token, state, plan)
+        if plan is None and state.position >= self.config.max_seq_len:  # (a cache's room can be more)
+            raise ValueError(
+                f"the context is full: {state.position} positions of max_seq_len {self.config.max_seq_len};"
+                " prefill a shorter context to go on (the model reads no more than max_seq_len)"
+            )
         token = _token_ids(token, None, self.config.num_tokens, dims=1)
         if plan is not None:
             plan.update()

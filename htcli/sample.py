@@ -265,6 +265,8 @@ def generate_batch(
         )
     if not isinstance(prompt, (bytes, bytearray)):
         raise HtcliError(f"the prompt must be bytes (text.encode()), got {type(prompt).__name__}")
+    if isinstance(configs, SamplingConfig):  # ("'SamplingConfig' object is not iterable")
+        raise HtcliError("configs is one SamplingConfig per sample: give a list, [config] for one sample")
     wrong = [type(c).__name__ for c in configs if not isinstance(c, SamplingConfig)]
     if wrong:  # (a dict of its fields said "'dict' object has no attribute 'max_new_tokens'"; None, too)
         raise HtcliError(
@@ -287,6 +289,7 @@ def generate_batch(
             " raise max_new_tokens, or shorten or drop that stop",
             fields=("stop", "max_new_tokens"),
         )
+    autocast(next(model.parameters()).device, dtype)  # (its check of dtype, now: torch.int64 ran as fp32)
     return _decode(model, prompt, configs, dtype, cache, stop)
 
 

@@ -93,6 +93,29 @@ def test_cache_refuses_past_capacity(static):
             model.decode_step(tokens[:, 0], states, plan)
 
 
+def test_a_step_past_max_seq_len_is_refused_where_the_cache_has_room():
+    """A context of 48 at block 4: the cache's levels serve 64 positions, and steps 49 to 64 were taken
+    without a word (the model's context is 48; forward refuses 49 tokens; review)."""
+    model = _model(max_seq_len=48, block_size=4)
+    tokens = torch.randint(0, 256, (1, 48))
+    _, state = model.prefill(tokens)
+    with pytest.raises(ValueError, match="the context is full: 48 positions of max_seq_len 48; prefill a"):
+        model.decode_step(tokens[:, 0], state)
+    _, state = model.prefill(tokens[:, :47])
+    assert model.decode_step(tokens[:, 0], state).shape == (1, 256)  # (the 48th: still in the context)
+
+
+def test_prefill_checks_its_batch_and_copies():
+    """An empty batch was a reshape's error, copies=2.5 one of repeat(), copies=True one copy (review)."""
+    model = _model()
+    tokens = torch.randint(0, 256, (1, 8))
+    with pytest.raises(ValueError, match="prefill takes at least one sequence, got a batch of 0"):
+        model.prefill(tokens[:0])
+    for copies in (2.5, "2", True):
+        with pytest.raises(ValueError, match="copies must be a whole number >= 1, got"):
+            model.prefill(tokens, copies=copies)
+
+
 @pytest.mark.parametrize("attention", ["h", "exact"])
 def test_a_step_takes_one_token_per_sequence(attention):
     """A token for one sequence given to a state of two is refused, not broadcast to both."""

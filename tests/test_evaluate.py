@@ -103,6 +103,9 @@ def test_bad_stride_and_tiny_corpus(model, corpus):
         evaluate(model, corpus.span(0, 1))
     with pytest.raises(HtcliError, match="batch_size must be a positive integer"):  # (islice's ValueError)
         evaluate(model, corpus.span(), batch_size=1.5)
+    for stride in (1.5, True):  # (a TypeError of range(); True was taken as 1; review)
+        with pytest.raises(HtcliError, match=f"stride must be a whole number of bytes, got {stride}"):
+            evaluate(model, corpus.span(), stride=stride)
 
 
 def test_a_corpus_that_is_no_span_is_refused(model, corpus):

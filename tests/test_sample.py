@@ -280,6 +280,13 @@ def test_wrong_types_are_refused_by_the_library():
         generate(model, b"hi", None)
     with pytest.raises(HtcliError, match="no SamplingConfig given: give one per sample"):
         generate_batch(model, b"hi", [])
+    # one config to generate_batch ("not iterable"), an integer dtype (it ran in fp32, when called; review)
+    with pytest.raises(
+        HtcliError, match=r"configs is one SamplingConfig per sample: give a list, \[config\]"
+    ):
+        generate_batch(model, b"hi", SamplingConfig(3))
+    with pytest.raises(HtcliError, match="dtype must be a torch.dtype"):
+        generate(model, b"hi", SamplingConfig(3), dtype=torch.int64)
     for field, value in (("top_k", 2.5), ("max_new_tokens", 2.5), ("seed", 1.5), ("max_new_tokens", True)):
         with pytest.raises(HtcliError, match=f"{field} must be a whole number, got {value}"):
             SamplingConfig(**{field: value})
