@@ -667,7 +667,7 @@ class HTransformer1D(nn.Module):
         if plan is None and state.position >= self.config.max_seq_len:  # (a cache's room can be more)
             raise ValueError(
                 f"the context is full: {state.position} positions of max_seq_len {self.config.max_seq_len};"
-                " prefill a shorter context to go on (the model reads no more than max_seq_len)"
+                " re-prefill a shorter context to go on (the model reads no more than max_seq_len)"
             )
         token = _token_ids(token, None, self.config.num_tokens, dims=1)
         if plan is not None:

@@ -99,7 +99,7 @@ def test_a_step_past_max_seq_len_is_refused_where_the_cache_has_room():
     model = _model(max_seq_len=48, block_size=4)
     tokens = torch.randint(0, 256, (1, 48))
     _, state = model.prefill(tokens)
-    with pytest.raises(ValueError, match="the context is full: 48 positions of max_seq_len 48; prefill a"):
+    with pytest.raises(ValueError, match="the context is full: 48 positions of max_seq_len 48; re-prefill a"):
         model.decode_step(tokens[:, 0], state)
     _, state = model.prefill(tokens[:, :47])
     assert model.decode_step(tokens[:, 0], state).shape == (1, 256)  # (the 48th: still in the context)
