@@ -622,6 +622,13 @@ def test_a_corpus_of_relative_paths_reads_on_after_a_chdir(tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path)
     with ByteCorpus.open(["link/../x.txt"]) as corpus:
         assert corpus.span().windows([0], 8).tolist() == first.tolist()
+    # absolute paths from a working directory that was removed (os.getcwd() raises there)
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+    with ByteCorpus.open([tmp_path / "a.txt"]) as corpus:
+        assert corpus.span().windows([0], 8).tolist() == first.tolist()
 
 
 @pytest.mark.parametrize("how", ["replaced", "removed"])

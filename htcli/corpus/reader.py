@@ -26,6 +26,12 @@ from htcli.errors import HtcliError, unreadable_advice
 MAX_OPEN = 16  # open files per corpus at the most
 
 
+def _absolute(path: Path) -> str:
+    """path from the root, so that it opens (and is checked) after a chdir too; not normalised (a/link/../x
+    is not a/x), and an absolute one as it is (the working directory may be gone)."""
+    return str(path) if Path(path).is_absolute() else os.path.join(os.getcwd(), path)
+
+
 class ByteCorpus:
     """Files read as one concatenated byte string. Empty files contribute nothing."""
 
@@ -48,8 +54,7 @@ class ByteCorpus:
             if stat.st_size:
                 if prepared.path != prepared.source:
                     self._sources[len(self._paths)] = str(prepared.source)
-                # (opened, and checked, after a chdir too; not normalised: a/link/../x is not a/x)
-                self._paths.append(os.path.join(os.getcwd(), prepared.path))
+                self._paths.append(_absolute(prepared.path))
                 self._offsets.append(self._size)
                 self._inodes.append(stat.st_ino)
                 self._mtimes.append(stat.st_mtime_ns)
