@@ -280,7 +280,7 @@ def _read_metadata(file: Path, shown: str | os.PathLike) -> dict[str, str]:
             give = (
                 f"give the run directory or its {MODEL_FILE}"
                 if saved
-                else "give the run directory once it saved"
+                else "give the run directory once it has saved"
             )
             raise HtcliError(  # (it said "truncated or corrupt?"; a run that never saved has no weights yet)
                 f"{file} is a file of the run in {file.parent}, not its weights: {give}"

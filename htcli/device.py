@@ -56,7 +56,7 @@ def check_device_name(name: str) -> None:
         shown = [entry.strip() for entry in visible.split(",")] if visible is not None else []
         if visible is None:
             which = f"={index}"
-        elif index < len(shown) and all(shown[: index + 1]) and not shown[index].startswith("-"):
+        elif index < len(shown) and all(entry and not entry.startswith("-") for entry in shown[: index + 1]):
             which = f"={shown[index]}"  # (cuda:1 is the second GPU it shows; CUDA reads up to a bad entry)
         else:
             which = f" (it is {visible!r} here)"
@@ -154,8 +154,8 @@ def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractCon
     floats = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
     if not isinstance(dtype, torch.dtype) or dtype not in floats:  # ("bf16", torch.int64: taken as fp32)
         raise HtcliError(
-            f"dtype must be a torch.dtype (torch.float32, torch.bfloat16, torch.float16), got {dtype!r}: "
-            "htcli.device.resolve_dtype turns a name (fp32, bf16, fp16, auto) into one"
+            f"dtype must be a torch float dtype (torch.float32, torch.bfloat16, torch.float16), got "
+            f"{dtype!r}: htcli.device.resolve_dtype turns a name (fp32, bf16, fp16, auto) into one"
         )
     if dtype not in (torch.bfloat16, torch.float16):
         return contextlib.nullcontext()

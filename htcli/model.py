@@ -10,6 +10,7 @@ einops legend: b batch, n positions, h heads, d dim_head, e model dim.
 from __future__ import annotations
 
 import math
+import operator
 import time
 from dataclasses import asdict, dataclass, field, fields
 
@@ -303,6 +304,16 @@ def _check_step(token: torch.Tensor, state: DecodingState, plan: StepPlan | None
     if not isinstance(cache, HAttentionCache):
         raise ValueError("a StepPlan steps H-attention caches; an exact-attention model takes ordinary steps")
     cache.check_room()
+
+
+def _whole(value, name: str) -> int:
+    """value as an int where it is an integer (numpy's and 0-d tensors' too, not a bool); ValueError else."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        return operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be an integer, got {value!r}") from None
 
 
 class TokenShift(nn.Module):
@@ -636,8 +647,7 @@ class HTransformer1D(nn.Module):
             raise ValueError(f"prefill takes 1 to max_seq_len ({self.config.max_seq_len}) tokens, got {n}")
         if b < 1:  # (a reshape's error deep inside)
             raise ValueError("prefill takes at least one sequence, got a batch of 0")
-        if not isinstance(copies, int) or isinstance(copies, bool):  # (2.5: an error of repeat())
-            raise ValueError(f"copies must be a whole number >= 1, got {copies!r}")
+        copies = _whole(copies, "copies")  # (2.5: an error of repeat(); numpy's integers are taken)
         if copies < 1 or copies > 1 and b != 1:
             raise ValueError(
                 f"copies of a prompt need a prompt of one sequence and copies >= 1, got {b}, {copies}"

@@ -112,8 +112,12 @@ def test_prefill_checks_its_batch_and_copies():
     with pytest.raises(ValueError, match="prefill takes at least one sequence, got a batch of 0"):
         model.prefill(tokens[:0])
     for copies in (2.5, "2", True):
-        with pytest.raises(ValueError, match="copies must be a whole number >= 1, got"):
+        with pytest.raises(ValueError, match="copies must be an integer, got"):
             model.prefill(tokens, copies=copies)
+    import numpy
+
+    for copies in (numpy.int64(2), torch.tensor(2)):  # (integers of numpy and torch are integers)
+        assert model.prefill(tokens, copies=copies)[0].shape == (2, 8, 256)
 
 
 @pytest.mark.parametrize("attention", ["h", "exact"])

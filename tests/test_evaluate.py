@@ -104,8 +104,11 @@ def test_bad_stride_and_tiny_corpus(model, corpus):
     with pytest.raises(HtcliError, match="batch_size must be a positive integer"):  # (islice's ValueError)
         evaluate(model, corpus.span(), batch_size=1.5)
     for stride in (1.5, True):  # (a TypeError of range(); True was taken as 1; review)
-        with pytest.raises(HtcliError, match=f"stride must be a whole number of bytes, got {stride}"):
+        with pytest.raises(HtcliError, match=f"stride must be an integer number of bytes, got {stride}"):
             evaluate(model, corpus.span(), stride=stride)
+    import numpy
+
+    assert evaluate(model, corpus.span(), stride=numpy.int64(8)).stride == 8  # (numpy's integers taken)
 
 
 def test_a_corpus_that_is_no_span_is_refused(model, corpus):

@@ -261,7 +261,7 @@ def test_stop_strings_end_each_sample_on_its_own():
 def test_a_dtype_by_name_is_refused_by_the_library(dtype):
     """generate (evaluate, train: one autocast) given "bf16", the CLI's name, ran in fp32 without a word."""
     model = HTransformer1D(HTransformerConfig(**TINY_MODEL)).eval()
-    with pytest.raises(HtcliError, match=r"dtype must be a torch.dtype .*resolve_dtype turns a name"):
+    with pytest.raises(HtcliError, match=r"dtype must be a torch float dtype .*resolve_dtype turns a name"):
         list(generate(model, b"hi", SamplingConfig(3), dtype=dtype))
 
 
@@ -285,8 +285,9 @@ def test_wrong_types_are_refused_by_the_library():
         HtcliError, match=r"configs is one SamplingConfig per sample: give a list, \[config\]"
     ):
         generate_batch(model, b"hi", SamplingConfig(3))
-    with pytest.raises(HtcliError, match="dtype must be a torch.dtype"):
-        generate(model, b"hi", SamplingConfig(3), dtype=torch.int64)
+    for dtype in (torch.int64, torch.complex64):
+        with pytest.raises(HtcliError, match=f"dtype must be a torch float dtype .*, got {dtype}"):
+            generate(model, b"hi", SamplingConfig(3), dtype=dtype)
     for field, value in (("top_k", 2.5), ("max_new_tokens", 2.5), ("seed", 1.5), ("max_new_tokens", True)):
         with pytest.raises(HtcliError, match=f"{field} must be a whole number, got {value}"):
             SamplingConfig(**{field: value})

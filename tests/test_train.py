@@ -62,6 +62,7 @@ def test_config_validation(options, message):
         # (not a GPU to name: past the list, after an empty entry, where CUDA stops reading it; review)
         ("0", r"CUDA_VISIBLE_DEVICES \(it is '0' here\) in"),
         ("2,,3", r"CUDA_VISIBLE_DEVICES \(it is '2,,3' here\) in"),
+        ("-1,2", r"CUDA_VISIBLE_DEVICES \(it is '-1,2' here\) in"),
     ],
 )
 def test_one_gpu_of_several_is_chosen_by_cuda_visible_devices(monkeypatch, visible, advice):
