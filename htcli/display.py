@@ -238,14 +238,20 @@ def train_summary(result: TrainResult) -> Table:
     """The end-of-run table; its tokens/s is the training steps' own, as the live view's (validation,
     samples and saves left out: they are in its time)."""
     in_steps = human(result.tokens / result.step_seconds) if result.step_seconds else "-"
+    # (resumed: the steps are the run's, the time and bytes this session's; said so, they read as the run's)
+    resumed = result.resumed_at is not None
+    session = (
+        f" ({result.step - result.resumed_at} this session, from step {result.resumed_at})" if resumed else ""
+    )
+    this = " this session" if resumed else ""
     return _two_columns(
         "interrupted run (saved)" if result.interrupted else "training run",
         [
             ("run directory", str(result.out)),
-            ("steps", f"{result.step} of {result.steps}"),
+            ("steps", f"{result.step} of {result.steps}{session}"),
             ("parameters", human(result.params)),
-            ("time", f"{result.seconds:.1f} s ({result.step_seconds:.1f} s in training steps)"),
-            ("bytes trained on", human(result.tokens)),
+            (f"time{this}", f"{result.seconds:.1f} s ({result.step_seconds:.1f} s in training steps)"),
+            (f"bytes trained on{this}", human(result.tokens)),
             ("tokens/s in training steps", in_steps),
             ("train loss (nats/byte)", "-" if result.train_loss is None else f"{result.train_loss:.4f}"),
             ("val bits per byte", "-" if result.val_bpb is None else f"{result.val_bpb:.4f}"),

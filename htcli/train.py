@@ -92,6 +92,7 @@ class TrainResult:
     params: int
     stopped_by: str | None = None  # "SIGINT", "SIGTERM" or "SIGHUP" when interrupted (on any rank)
     step_seconds: float = 0.0  # the part of `seconds` in training steps (not validating, sampling, saving)
+    resumed_at: int | None = None  # the step this invocation resumed from (None: a new run)
 
 
 def train(
@@ -133,7 +134,7 @@ def train(
     finally:
         run.close()
     return TrainResult(run.out, run.step, config.steps, loss, run.val_bpb, bool(stopped_by), seconds, tokens,
-                       run.params, stopped_by, run.step_seconds)  # fmt: skip
+                       run.params, stopped_by, run.step_seconds, run.resumed_at)  # fmt: skip
 
 
 def start_refusal(config: TrainConfig, resume: bool) -> HtcliError | None:

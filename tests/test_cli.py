@@ -219,6 +219,12 @@ def test_resume_from_the_command_line_is_exact(corpus, tmp_path):
     resumed = invoke("train", "--out", tmp_path / "two", "--resume", "--steps", 8)
     assert resumed.exit_code == 0, resumed.output
     assert "resuming at step 4" in resumed.stderr
+    # the summary's steps are the run's, its time and bytes this session's: said so (they read as the run's)
+    summary = " ".join(resumed.stdout.split())
+    assert (
+        "steps │ 8 of 8 (4 this session, from step 4)" in summary
+        and "bytes trained on this session" in summary
+    )
     one, two = (
         load_file(str(tmp_path / "one/model.safetensors")),
         load_file(str(tmp_path / "two/model.safetensors")),
