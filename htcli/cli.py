@@ -82,12 +82,23 @@ class _SizedEnviron(Mapping):
         return sum(1 for _ in self)
 
 
+def _isatty(stream) -> bool:
+    try:
+        return stream is not None and stream.isatty()
+    except (OSError, ValueError):  # (a closed stream)
+        return False
+
+
 class _Console(Console):
     """A console whose pipe closed early (`| head`) is an OSError the commands handle (rich's own answer,
     SystemExit(1) at once after sending stdout to /dev/null, lost a stopped run's exit code 75 and its line
     on how to continue; on stderr's console it ended a training run unsaved, without a word)."""
 
     def __init__(self, **kwargs) -> None:
+        stream = sys.stderr if kwargs.get("stderr") else sys.stdout
+        if os.environ.get("FORCE_COLOR") and not _isatty(stream):  # colours asked for, into a file or pipe:
+            # (rich took FORCE_COLOR for a terminal: spinners and cursor moves went into the log too)
+            kwargs |= {"force_terminal": False, "color_system": "256"}
         # (COLUMNS=0: rich printed nothing, errors' lines too; COLUMNS=²: a ValueError on import, in rich)
         super().__init__(_environ=_SizedEnviron(), **kwargs)
 

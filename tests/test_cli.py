@@ -309,6 +309,21 @@ def test_tables_naming_a_run_on_an_ascii_stdout(trained, tmp_path):
     assert done.returncode == 0 and b"r\\xfcn" in done.stdout, done.stderr
 
 
+def test_force_color_into_a_pipe_gives_colours_without_live_displays(trained):
+    """FORCE_COLOR=1 with stdout and stderr piped (a CI log that keeps colours): rich took it for a terminal,
+    and the spinners' frames and cursor moves went into the log (review); colours alone now."""
+    run, corpus = trained
+    env = {**os.environ, "FORCE_COLOR": "1"}
+    env.pop("NO_COLOR", None)
+    done = subprocess.run(
+        [sys.executable, "-m", "htcli", "eval", str(run), str(corpus), "--device", "cpu"],
+        capture_output=True, text=True, env=env, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "\x1b[" in done.stdout  # (colours, as asked)
+    assert "\x1b[?25" not in done.stderr + done.stdout and "\x1b[1A" not in done.stderr  # (no cursor moves)
+
+
 @pytest.mark.parametrize("columns", ["0", "²"])
 def test_a_terminal_width_of_0_is_taken_as_unset(tmp_path, columns):
     """COLUMNS=0 (exported by some CI systems and editors' shells) made rich print nothing: no error line,
