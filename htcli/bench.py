@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
-from htcli.attention import IMPLEMENTATION_VARIABLE, check_block_size, resolve_implementation
+from htcli.attention import IMPLEMENTATION_VARIABLE, check_block_size, check_device, resolve_implementation
 from htcli.device import PRECISIONS, check_choice, resolve_device, resolve_dtype
 from htcli.errors import HtcliError
 from htcli.presets import PRESETS, model_config
@@ -96,6 +96,8 @@ class BenchConfig:
                 "model times the causal language model's training step: non-causal modes are not measured",
                 fields=("model",),
             )
+        if not self.impl:  # (HTCLI_ATTENTION=triton on a CPU: named, as train and sample name it)
+            check_device(device.type)
         # auto resolved here: the title names what ran, and every worker runs the same
         self.impl = resolve_implementation(self.impl, device.type)
 

@@ -235,6 +235,20 @@ def test_bench_cli_bad_impl():
     assert "Traceback" not in result.output
 
 
+def test_bench_names_htcli_attention_triton_on_a_cpu():
+    """HTCLI_ATTENTION=triton with a CPU: the variable is named, as train and sample name it (bench said
+    "the triton attention needs CUDA tensors", once the correctness check had run; review)."""
+    env = {**os.environ, "HTCLI_ATTENTION": "triton"}
+    env.pop("TRITON_INTERPRET", None)  # (Triton's interpreter runs on a CPU)
+    done = subprocess.run(
+        [sys.executable, "-m", "htcli", "bench", "--seq-len", "256", "--device", "cpu"],
+        capture_output=True, text=True, env=env, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 1 and done.stderr.strip() == (
+        "error: HTCLI_ATTENTION=triton needs a CUDA GPU, not cpu: use --device cuda, or HTCLI_ATTENTION=auto"
+    ), done.stderr
+
+
 @pytest.mark.parametrize("given", [["8k"], ["100,,"], ["100,", "200"], [","]])
 def test_bench_cli_bad_seq_len(given):
     """A malformed --seq-len (an empty item of a comma list included: a typo, not "no length") is one
