@@ -158,6 +158,7 @@ def start_refusal(config: TrainConfig, resume: bool) -> HtcliError | None:
         return error
     except OSError as error:  # (a name too long, a folder it may not read: said as train's error says it)
         said = error.strerror or str(error)
+        said += ": give a shorter name or path" if error.errno == errno.ENAMETOOLONG else ""
         return HtcliError(f"{error.filename}: {said}" if error.filename is not None else said)
     return None
 

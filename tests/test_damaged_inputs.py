@@ -556,6 +556,8 @@ def test_a_run_name_too_long_says_to_shorten_it(corpus, tmp_path):
     said only "File name too long"; review)."""
     result = invoke("train", corpus, *TINY_FLAGS, "--out", tmp_path / ("b" * 300))
     assert_user_error(result, "File name too long: give a shorter name or path")
+    printed = invoke("train", corpus, *TINY_FLAGS, "--out", tmp_path / ("b" * 300), "--print-config")
+    assert printed.exit_code == 0 and "File name too long: give a shorter name or path" in printed.stderr
 
 
 def test_a_utf8_named_run_in_a_locale_that_is_not_utf8(trained, tmp_path):
