@@ -4,6 +4,7 @@ result tables of eval and bench --decode. Formatting only: nothing here computes
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
@@ -117,6 +118,13 @@ def warmup_warning(warmup: int, steps: int) -> str | None:
 def context_warning(start: dict) -> str | None:
     """What a start event's context warm-up leaves of training at the whole context, where it leaves none."""
     last, full = start.get("last_context"), start.get("seq_len")
+    fraction, steps = start.get("context_warmup") or 0, start["steps"]
+    short = math.ceil(fraction * steps)  # (the steps on short windows: whole ones)
+    if last == full and fraction and short >= 2 * fraction * steps:  # (0.01 of 4 steps: one, a quarter)
+        return (
+            f"--context-warmup ({fraction:g}) of --steps ({steps}) rounds up to {short} step(s) on short"
+            f" windows, {short / steps:.0%} of the run (the warm-up counts whole steps)"
+        )
     if last is None or last == full:
         return None
     return (

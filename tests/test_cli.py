@@ -1590,6 +1590,13 @@ def test_a_context_warmup_as_long_as_the_run_is_warned_of(corpus, tmp_path):
         "train", corpus, *flags, "--out", tmp_path / "r5", "--steps", 5, "--context-warmup", 0.8
     )
     assert one_left.exit_code == 0 and "context-warmup" not in one_left.stderr, one_left.output
+    # a tiny fraction rounds up to a whole step: 0.01 of 4 steps is one, a quarter of the run (review)
+    tiny = invoke("train", corpus, *flags, "--out", tmp_path / "r6", "--steps", 4, "--context-warmup", 0.01)
+    said = " ".join(tiny.stderr.split())
+    assert tiny.exit_code == 0 and (
+        "warning: --context-warmup (0.01) of --steps (4) rounds up to 1 step(s) on short windows, 25% of"
+        in said
+    )
 
 
 def test_a_warmup_as_long_as_the_run_is_warned_of(corpus, tmp_path):
