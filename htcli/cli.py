@@ -96,7 +96,8 @@ class _Console(Console):
 
     def __init__(self, **kwargs) -> None:
         stream = sys.stderr if kwargs.get("stderr") else sys.stdout
-        if os.environ.get("FORCE_COLOR") and not _isatty(stream):  # colours asked for, into a file or pipe:
+        piped = not _isatty(stream) and os.environ.get("TTY_COMPATIBLE") != "1"  # (rich's: a log that moves)
+        if os.environ.get("FORCE_COLOR") and piped:  # colours asked for, into a file or pipe:
             # (rich took FORCE_COLOR for a terminal: spinners and cursor moves went into the log too)
             kwargs |= {"force_terminal": False, "color_system": "256"}
         # (COLUMNS=0: rich printed nothing, errors' lines too; COLUMNS=²: a ValueError on import, in rich)

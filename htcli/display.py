@@ -120,7 +120,8 @@ def context_warning(start: dict) -> str | None:
     last, full = start.get("last_context"), start.get("seq_len")
     fraction, steps = start.get("context_warmup") or 0, start["steps"]
     short = math.ceil(fraction * steps)  # (the steps on short windows: whole ones)
-    if last == full and fraction and short >= 2 * fraction * steps:  # (0.01 of 4 steps: one, a quarter)
+    before = start.get("step", 0) < short  # (a resumed run past its short steps: done, not to be warned of)
+    if last == full and fraction and before and short >= 2 * fraction * steps:  # (0.01 of 4: one, a quarter)
         return (
             f"--context-warmup ({fraction:g}) of --steps ({steps}) rounds up to {short} step(s) on short"
             f" windows, {short / steps:.0%} of the run (the warm-up counts whole steps)"
