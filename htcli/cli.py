@@ -223,7 +223,6 @@ def _user_errors(*, start: bool = True, saves: bool = False, smaller: str = "mod
 _CLICK_ERROR = next(cls for cls in typer.BadParameter.__mro__ if cls.__name__ == "ClickException")
 
 
-CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f]")  # (a terminal acts on them)
 # what writing to stdout fails with: a full disk or quota, a closed pipe, a failed device, a file too large
 OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EPIPE, errno.EIO, errno.EFBIG}
 
@@ -261,10 +260,10 @@ def _print_error(message: str) -> None:
     surrogates) shown as \\xe9, as plot and the checkpoint's checks show them (they came out as \\udce9),
     and control characters as \\x1b (a name's newline broke the line, its escape sequences reached the
     terminal)."""
+    from htcli.display import one_line
     from htcli.files import printable
 
-    shown = CONTROLS.sub(lambda found: f"\\x{ord(found.group()):02x}", printable(message))
-    err_console.print(f"[red]error:[/] {escape(shown)}", soft_wrap=True)
+    err_console.print(f"[red]error:[/] {escape(one_line(printable(message)))}", soft_wrap=True)
 
 
 def _end_output(code: int) -> None:

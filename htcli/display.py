@@ -33,12 +33,23 @@ SMOOTHING = 0.9  # exponential moving average of tokens/s, so the number does no
 
 
 CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # all but tab and newline: a terminal acts on them
+ALL_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f]")
 
 
 def visible(text: str) -> str:
     """Text with its control characters shown as \\x1b, not sent to the terminal (a corpus's or a young
     model's escape sequences changed the title, cleared the screen, left colours on)."""
-    return CONTROLS.sub(lambda found: f"\\x{ord(found.group()):02x}", text.replace("\r\n", "\n"))
+    return _escaped(text.replace("\r\n", "\n"), CONTROLS)
+
+
+def one_line(text: str) -> str:
+    """Text with every control character shown as \\x1b, newline and tab too: a line of its own (an error
+    naming a file whose name holds a newline broke in two)."""
+    return _escaped(text, ALL_CONTROLS)
+
+
+def _escaped(text: str, controls: re.Pattern) -> str:
+    return controls.sub(lambda found: f"\\x{ord(found.group()):02x}", text)
 
 
 def human(count: float) -> str:
