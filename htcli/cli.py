@@ -673,7 +673,7 @@ def _print_config(config, resume: bool | str) -> None:
     what a run would refuse on this machine (which the config may be meant for another: a GPU it lacks, a
     corpus elsewhere), and the warm-up's warning, said on stderr."""
     from htcli.config_file import write_toml
-    from htcli.device import resolve_dtype
+    from htcli.device import resolve_device, resolve_dtype
     from htcli.display import warmup_warning
     from htcli.distributed import launch_from_env
     from htcli.rundir import check_resumable, resolve_resume
@@ -681,10 +681,12 @@ def _print_config(config, resume: bool | str) -> None:
 
     check_resumable(config, resume)  # (what a resume would refuse of its checkpoint)
     if config.device == "cpu":  # (fp16 on a CPU: on any machine)
-        resolve_dtype(config.dtype, _cpu(), training=True)
+        resolve_dtype(config.dtype, resolve_device("cpu"), training=True)
     if not launch_from_env().main:  # (under torchrun, once: every rank printed it)
         return
     refused = start_refusal(config, resolve_resume(resume, config.out))
+    if isinstance(refused, OSError):  # (said as train's error says it)
+        refused = HtcliError(_os_error(refused))
     warnings = [warmup_warning(config.warmup, config.steps)]
     warnings += [
         f"a run on this machine would stop: {respell(str(refused), refused.fields)}" if refused else None
@@ -692,12 +694,6 @@ def _print_config(config, resume: bool | str) -> None:
     for warning in filter(None, warnings):
         err_console.print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True)
     print(write_toml(config, _file_key), end="")
-
-
-def _cpu():
-    import torch
-
-    return torch.device("cpu")
 
 
 def _dropped_loggers(config) -> str:

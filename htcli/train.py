@@ -137,10 +137,10 @@ def train(
                        run.params, stopped_by, run.step_seconds, run.resumed_at)  # fmt: skip
 
 
-def start_refusal(config: TrainConfig, resume: bool) -> HtcliError | None:
+def start_refusal(config: TrainConfig, resume: bool) -> HtcliError | OSError | None:
     """What train would refuse before training on this machine, for a config printed and not run (which may
     be meant for another): the device and precision, the loggers, the corpus's files (where given) and a
-    new run's out; None where none of these is refused."""
+    new run's out (an OSError, a name too long, as train would meet it); None where none is refused."""
     try:
         if not resume:  # (first, as train: an out in a loop of links was a traceback in the corpus's check)
             check_new_out(Path(config.out))
@@ -154,12 +154,8 @@ def start_refusal(config: TrainConfig, resume: bool) -> HtcliError | None:
             resolve_corpus(config.corpus, **found)
         if config.val:
             resolve_corpus(config.val, **found, role="held-out corpus (val)")
-    except HtcliError as error:
+    except (HtcliError, OSError) as error:
         return error
-    except OSError as error:  # (a name too long, a folder it may not read: said as train's error says it)
-        said = error.strerror or str(error)
-        said += ": give a shorter name or path" if error.errno == errno.ENAMETOOLONG else ""
-        return HtcliError(f"{error.filename}: {said}" if error.filename is not None else said)
     return None
 
 
