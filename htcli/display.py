@@ -4,7 +4,6 @@ result tables of eval and bench --decode. Formatting only: nothing here computes
 from __future__ import annotations
 
 import contextlib
-import math
 import re
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
@@ -129,8 +128,7 @@ def warmup_warning(warmup: int, steps: int) -> str | None:
 def context_warning(start: dict) -> str | None:
     """What a start event's context warm-up leaves of training at the whole context, where it leaves none."""
     last, full = start.get("last_context"), start.get("seq_len")
-    fraction, steps = start.get("context_warmup") or 0, start["steps"]
-    short = math.ceil(fraction * steps)  # (the steps on short windows: whole ones)
+    fraction, steps, short = start.get("context_warmup") or 0, start["steps"], start.get("short_steps", 0)
     before = start.get("step", 0) < short  # (a resumed run past its short steps: done, not to be warned of)
     if last == full and fraction and before and short >= 2 * fraction * steps:  # (0.01 of 4: one, a quarter)
         return (

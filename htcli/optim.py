@@ -18,6 +18,12 @@ def learning_rate(step: int, config: TrainConfig) -> float:
     return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def short_steps(config: TrainConfig) -> int:
+    """How many steps (the first ones) context_length gives short windows: the context warm-up counts whole
+    steps, so a fraction of the steps rounds up (0.01 of 4 steps is one)."""
+    return math.ceil(config.context_warmup * config.steps) if config.context_warmup else 0
+
+
 def context_length(step: int, config: TrainConfig) -> int:
     """The training window's length at a step. With context_warmup, the first that fraction of the steps
     train on windows of context_warmup_start bytes, as many more of them per step (the bytes per step

@@ -16,7 +16,7 @@ from pathlib import Path
 from htcli.config import TrainConfig, saved_config
 from htcli.display import on_off
 from htcli.errors import HtcliError
-from htcli.optim import context_length, learning_rate
+from htcli.optim import context_length, learning_rate, short_steps
 
 # (refused where they differ, said by a resume's own lines, or paths that a moved run changes)
 UNSAID = ("model", "corpus", "val", "out", "loggers", "optimizer", "seed", "val_fraction")
@@ -79,7 +79,7 @@ def _short(config: TrainConfig) -> tuple[int, int]:
     full = config.model.max_seq_len
     if not config.context_warmup:
         return full, 0
-    return min(config.context_warmup_start, full), math.ceil(config.context_warmup * config.steps)
+    return min(config.context_warmup_start, full), short_steps(config)
 
 
 def _windows(saved: TrainConfig, config: TrainConfig, step: int) -> str | None:
@@ -108,7 +108,7 @@ def _windows(saved: TrainConfig, config: TrainConfig, step: int) -> str | None:
 
 def _keeping(saved: TrainConfig, config: TrainConfig) -> str:
     """The context_warmup that keeps the run's switch to full windows where it was, where one does."""
-    switch = math.ceil(saved.context_warmup * saved.steps)  # (the first step on full windows, 0-based)
+    switch = short_steps(saved)  # (the first step on full windows, 0-based)
     full, exact = config.model.max_seq_len, switch / config.steps
     for digits in range(3, 18):  # (the shortest fraction that does: rounded, or rounded down)
         for fraction in (float(f"{exact:.{digits}g}"), math.floor(exact * 10**digits) / 10**digits):
