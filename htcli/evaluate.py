@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import operator
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -24,7 +23,7 @@ from htcli.corpus import ByteSpan
 from htcli.device import autocast
 from htcli.display import byte_count
 from htcli.errors import HtcliError
-from htcli.model import HTransformer1D
+from htcli.model import HTransformer1D, is_integer
 
 
 @dataclass
@@ -152,7 +151,7 @@ def check_options(
             "the model is bidirectional (causal false): its predictions see the bytes they predict, so bits "
             "per byte mean nothing; evaluate a causal model"
         )
-    if stride is not None and not _is_integer(stride):  # (1.5: a TypeError of range(); True taken as 1)
+    if stride is not None and not is_integer(stride):  # (1.5: a TypeError of range(); True taken as 1)
         raise HtcliError(f"stride must be an integer number of bytes, got {stride!r}", fields=("stride",))
     if stride is not None and not 1 <= stride <= context:
         raise HtcliError(
@@ -191,12 +190,3 @@ def _buckets(nats: torch.Tensor, counts: torch.Tensor) -> list[dict]:
         bits = nats[first : last + 1].sum().item() / scored / math.log(2) if scored else None
         rows.append({"first": first, "last": last, "bytes": scored, "bits_per_byte": bits})
     return rows
-
-
-def _is_integer(value) -> bool:
-    """Whether value is an integer (numpy's and 0-d tensors' too), not a bool."""
-    try:
-        operator.index(value)
-    except TypeError:
-        return False
-    return not isinstance(value, bool)

@@ -306,14 +306,20 @@ def _check_step(token: torch.Tensor, state: DecodingState, plan: StepPlan | None
     cache.check_room()
 
 
-def _whole(value, name: str) -> int:
-    """value as an int where it is an integer (numpy's and 0-d tensors' too, not a bool); ValueError else."""
+def is_integer(value) -> bool:
+    """Whether value is an integer (numpy's and 0-d tensors' too), not a bool."""
     try:
-        if isinstance(value, bool):
-            raise TypeError
-        return operator.index(value)
+        operator.index(value)
     except TypeError:
-        raise ValueError(f"{name} must be an integer, got {value!r}") from None
+        return False
+    return not isinstance(value, bool)
+
+
+def _whole(value, name: str) -> int:
+    """value as an int where it is an integer (see is_integer); ValueError else."""
+    if not is_integer(value):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    return operator.index(value)
 
 
 class TokenShift(nn.Module):
