@@ -85,12 +85,31 @@ def read_options(path: Path, spell: Callable[[str], str]) -> dict[str, object]:
                 f"{checked!r}: keep one"
             )
         options[name], keys[name] = checked, where
+    _check_byte_model(path, options, keys)
     if version is not None:  # a run's config.json: its model as that run built it
         from htcli.model import FIRST_RECIPE
 
         for name, value in FIRST_RECIPE.items():  # (fields added since: as such a model was built)
             options.setdefault(name, value)
     return options
+
+
+def _check_byte_model(path: Path, options: dict, keys: dict) -> None:
+    """HtcliError, naming the file and its key, for a vocabulary other than bytes or a bidirectional model
+    (TrainConfig refuses them too, but cannot say which file gave them)."""
+    from htcli.model import BYTE_TOKENS
+
+    if options.get("num_tokens", BYTE_TOKENS) != BYTE_TOKENS:
+        raise HtcliError(
+            f"{path}: {keys['num_tokens']} is {options['num_tokens']}: htcli trains byte-level models, of "
+            f"{BYTE_TOKENS} tokens; remove {keys['num_tokens']} from this file"
+        )
+    if options.get("causal", True) is not True:
+        raise HtcliError(
+            f"{path}: {keys['causal']} = false makes the model bidirectional: htcli trains next-byte language"
+            f" models, whose predictions must not see the bytes they predict; remove {keys['causal']} from"
+            " this file (a run that trained so cannot be continued)"
+        )
 
 
 MAX_CONFIG_BYTES = 2**20  # a config is a few hundred bytes; a stream that never ends is not one

@@ -127,7 +127,7 @@ def test_a_bidirectional_model_is_not_evaluated_sampled_or_trained(run, tmp_path
     config = tmp_path / "bidirectional.toml"
     config.write_text("[model]\ncausal = false\n")
     made = invoke("train", corpus, "--out", tmp_path / "new", "--config", config, *TINY_FLAGS)
-    assert_user_error(made, "the model is bidirectional (model.causal false): htcli trains next-byte")
+    assert_user_error(made, f"{config}: model.causal = false makes the model bidirectional: htcli trains")
     assert not (tmp_path / "new").exists()
 
 

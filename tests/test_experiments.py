@@ -157,8 +157,12 @@ def test_flags_override_the_file_and_the_file_overrides_defaults(corpus, tmp_pat
         # (100 tokens: an IndexError traceback at the first step; 300: trained, then refused by sample)
         (
             "[model]\nnum_tokens = 100",
-            "model.num_tokens is 100: htcli trains byte-level models, of 256 tokens",
+            "exp.toml: model.num_tokens is 100: htcli trains byte-level models, of 256 tokens; remove "
+            "model.num_tokens from this file",
         ),
+        # (the file that gave them was not named)
+        ("num-tokens = 300", "exp.toml: num-tokens is 300: htcli trains byte-level models, of 256 tokens"),
+        ("causal = false", "exp.toml: causal = false makes the model bidirectional: htcli trains next-byte"),
     ],
 )
 def test_bad_config_files_are_one_line_errors_naming_the_key(corpus, tmp_path, content, message):
