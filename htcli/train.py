@@ -20,7 +20,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -150,10 +150,9 @@ def start_refusal(config: TrainConfig, resume: bool) -> HtcliError | OSError | N
             check_device(device.type)
         check_loggers(config.loggers)
         found = dict(include_hidden=config.include_hidden, exclude=[config.out])
-        if config.corpus:
-            resolve_corpus(config.corpus, **found)
+        files = resolve_corpus(config.corpus, **found) if config.corpus else []
         if config.val:
-            resolve_corpus(config.val, **found, role="held-out corpus (val)")
+            _check_held_out(files, resolve_corpus(config.val, **found, role="held-out corpus (val)"))
     except (HtcliError, OSError) as error:
         return error
     return None
@@ -226,12 +225,12 @@ def due(step: int, every: int, *, last: bool = False) -> bool:
     return last or (every > 0 and step % every == 0)
 
 
-def _check_held_out(corpus: ByteCorpus, val: ByteCorpus) -> None:
-    """HtcliError if a file of val is also one of the corpus, or a copy of one (its val bpb would be on
-    trained bytes)."""
-    trained = set(map(file_identity, corpus.files))
-    shared = sorted(file for file in val.files if file_identity(file) in trained)  # (by a name or a link)
-    copies = None if shared else _copies(val.files, corpus.files)  # (a copy: cp data/a.txt held_out.txt)
+def _check_held_out(corpus: Sequence[str | Path], val: Sequence[str | Path]) -> None:
+    """HtcliError if a file of val is also one of the corpus's files, or a copy of one (its val bpb would be
+    on trained bytes)."""
+    trained = set(map(file_identity, corpus))
+    shared = sorted(str(file) for file in val if file_identity(file) in trained)  # (by a name or a link)
+    copies = None if shared else _copies(val, corpus)  # (a copy: cp data/a.txt held_out.txt)
     if shared or copies:
         what = (
             f"{shared[0]} is both in the corpus and in val"
@@ -245,10 +244,10 @@ def _check_held_out(corpus: ByteCorpus, val: ByteCorpus) -> None:
         )
 
 
-def _copies(held_out: list[str], trained: list[str]) -> tuple[str, str] | None:
+def _copies(held_out: Sequence[str | Path], trained: Sequence[str | Path]) -> tuple[str | Path, ...] | None:
     """A file of held_out and one of trained with the same bytes (compared where their sizes are equal:
     a copy is found, a file that merely has a copy's size is read once), or None."""
-    by_size: dict[int, list[str]] = {}
+    by_size: dict[int, list[str | Path]] = {}
     for file in trained:
         by_size.setdefault(os.stat(file).st_size, []).append(file)
     by_size.pop(0, None)  # (empty files hold no bytes to train on)
@@ -374,7 +373,7 @@ class Run:
         val = ByteCorpus.open(config.val, records=records, files=val_files) if config.val else None
         self.corpora += [val] if val else []
         if val:
-            _check_held_out(corpus, val)
+            _check_held_out(corpus.files, val.files)
         return split(corpus, val, config.val_fraction, self.window)
 
     def _resumed_dtype(self, state: dict) -> torch.dtype:

@@ -420,7 +420,8 @@ def test_print_config_is_a_dry_run(corpus, tmp_path):
     """--print-config refuses a config that contradicts itself (fp16 on a CPU), and says on stderr what a
     run on this machine would refuse before training, printing the config all the same (it may be meant for
     another machine: a GPU, a corpus there); it said nothing of a corpus that does not exist, an out that
-    holds a run or a file, a device missing here (review), nor of the warm-up."""
+    holds a run or a file, a device missing here (review), the corpus given as --val too, nor of the
+    warm-up."""
     run = tmp_path / "run"
     assert invoke("train", corpus, *TINY_FLAGS, "--steps", "2", "--out", run).exit_code == 0
     new = ["--out", tmp_path / "new", "--print-config"]
@@ -437,6 +438,8 @@ def test_print_config_is_a_dry_run(corpus, tmp_path):
     stop = "warning: a run on this machine would stop:"
     assert f"{stop} corpus {missing} does not exist" in warned(missing, *TINY_FLAGS, *new)
     assert "does not exist" in warned(corpus, *TINY_FLAGS, "--val", missing, *new)
+    said = warned(corpus, *TINY_FLAGS, "--val", corpus, *new)  # (train refused it, the dry run said nothing)
+    assert f"{stop} {os.path.realpath(corpus)} is both in the corpus and in --val" in said
     said = warned(corpus, *TINY_FLAGS, "--out", run, "--print-config")
     assert f"{stop} {run} already holds a checkpoint: pass --resume to continue it" in said
     assert f"{stop} the run directory (--out) {corpus} is a file" in warned(
