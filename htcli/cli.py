@@ -181,13 +181,17 @@ def _switch(name: str, help: str) -> typer.Option:
 
 
 @contextlib.contextmanager
-def _user_errors(*, start: bool = True, saves: bool = False, smaller: str = "model") -> Iterator[None]:
+def _user_errors(
+    *, start: bool = True, saves: bool = False, smaller: str = "model", streams: bool = False
+) -> Iterator[None]:
     """An HtcliError becomes one red line on stderr and exit code 1; a second Ctrl-C exits 130, a SIGTERM
     outside a training loop's save-and-stop 143 (128 + 15, as the signal's default action), both after
     removing what they left half written. start: the command starts here (until then, from the process's
     first moment, a signal ends it at once: htcli.__main__); the callback that runs before every command
     does not start it. saves: the command writes checkpoints (train), and its messages say what is kept.
-    smaller: what out of memory says to make smaller (the command's options)."""
+    smaller: what out of memory says to make smaller (the command's options). streams: the command's output
+    is a stream that its reader may close when it has enough (`htcli sample ... | head -c 100`): a closed pipe
+    then ends the command without a word, exit code 141 (128 + SIGPIPE's 13, as `yes | head` ends `yes`)."""
     if start:
         started()
     kept = (
@@ -210,6 +214,10 @@ def _user_errors(*, start: bool = True, saves: bool = False, smaller: str = "mod
         err_console.print(f"[yellow]terminated (SIGTERM): {kept}", soft_wrap=True)
         raise typer.Exit(143) from None
     except OSError as error:  # (the library's own are HtcliErrors: a path it cannot reach, full stdout)
+        if streams and error.errno == errno.EPIPE and error.filename is None:
+            with contextlib.suppress(OSError, ValueError):  # (its unwritten bytes would fail again at exit)
+                to_devnull([sys.stdout.fileno(), sys.stderr.fileno()])
+            raise typer.Exit(CLOSED_PIPE) from None
         _report_os_error(error, kept_too)
         raise typer.Exit(1) from None
     except (MemoryError, RuntimeError) as error:
@@ -221,6 +229,9 @@ def _user_errors(*, start: bool = True, saves: bool = False, smaller: str = "mod
 
 # click's errors, from typer's own click (typer 0.24 and later vendor one) or the click package
 _CLICK_ERROR = next(cls for cls in typer.BadParameter.__mro__ if cls.__name__ == "ClickException")
+
+
+CLOSED_PIPE = 128 + 13  # the exit code of a stream's command whose reader closed the pipe (SIGPIPE's)
 
 
 # what writing to stdout fails with: a full disk or quota, a closed pipe, a failed device, a file too large
@@ -837,7 +848,7 @@ def sample(
     dtype: Dtype = "auto",
 ) -> None:
     """Generate text from a checkpoint, streamed to stdout; timing and bytes/s go to stderr."""
-    with _user_errors(smaller="--num-samples or model"):
+    with _user_errors(smaller="--num-samples or model", streams=True):
         from htcli.checkpoint import load_model
         from htcli.device import resolve_device, resolve_dtype
         from htcli.sample import SamplingConfig, generate_batch

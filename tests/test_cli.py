@@ -286,6 +286,26 @@ def test_sample_to_a_stdout_of_another_encoding(trained):
         assert as_json.stdout.isascii() and json.loads(as_json.stdout)["text"] == text
 
 
+@pytest.mark.parametrize("json_output", [False, True])
+def test_sample_into_a_pipe_its_reader_closes_ends_quietly(trained, json_output):
+    """`htcli sample RUN | head -c 100`: the sample ends at the closed pipe without a word, exit code 141 as
+    for `yes | head` (it said "error: cannot write the output: Broken pipe", exit 1)."""
+    run, _ = trained
+    length = 300 if json_output else 1_000_000  # (--json writes at the end: into the pipe closed before)
+    command = [sys.executable, "-m", "htcli", "sample", run, "--max-new-tokens", length, "--device", "cpu"]
+    command += ["--json", "--num-samples", 2] if json_output else []
+    process = subprocess.Popen(list(map(str, command)), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        if not json_output:
+            assert len(process.stdout.read(100)) == 100
+        process.stdout.close()
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 141, stderr
+    assert b"error" not in stderr and b"Traceback" not in stderr, stderr
+
+
 def test_tables_naming_a_run_on_an_ascii_stdout(trained, tmp_path):
     """eval's and plot's tables name the run; a run named rün on an ASCII stdout was a UnicodeEncodeError's
     traceback and exit 1 after the work was done (train's summary alike; review): shown as r\\xfcn."""
