@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import torch
 
@@ -20,8 +21,11 @@ def learning_rate(step: int, config: TrainConfig) -> float:
 
 def short_steps(config: TrainConfig) -> int:
     """How many steps (the first ones) context_length gives short windows: the context warm-up counts whole
-    steps, so a fraction of the steps rounds up (0.01 of 4 steps is one)."""
-    return math.ceil(config.context_warmup * config.steps) if config.context_warmup else 0
+    steps, so a fraction of the steps rounds up (0.01 of 4 steps is one). The fraction as its decimal is
+    written (0.07 of 100 steps is 7: as binary floats the product is 7.000000000000001, which made it 8)."""
+    if not config.context_warmup:
+        return 0
+    return math.ceil(Fraction(repr(float(config.context_warmup))) * config.steps)
 
 
 def context_length(step: int, config: TrainConfig) -> int:
@@ -31,7 +35,7 @@ def context_length(step: int, config: TrainConfig) -> int:
     (Doubling the length in stages instead did worse: see README, "Long context".)"""
     full = config.model.max_seq_len
     start = min(config.context_warmup_start, full)
-    if step < config.context_warmup * config.steps:  # (the config checks that start divides full)
+    if step < short_steps(config):  # (the config checks that start divides full)
         return start
     return full
 

@@ -413,6 +413,20 @@ def test_context_warmup_schedule():
     assert {context_length(step, plain) for step in range(300)} == {8192}
 
 
+@pytest.mark.parametrize(
+    ("fraction", "steps", "short"),
+    [(0.07, 100, 7), (0.14, 100, 14), (0.01, 4, 1), (0.29, 100, 29), (1.0, 7, 7)],
+)
+def test_context_warmup_counts_the_steps_of_the_fraction_as_written(fraction, steps, short):
+    """0.07 of 100 steps is 7 short ones (as floats 0.07 x 100 is 7.000000000000001: 8 were short, and the
+    warning and the resume's check counted 8); a fraction that is not whole steps still rounds up."""
+    from htcli.optim import context_length, short_steps
+
+    config = TrainConfig(corpus=["x"], steps=steps, context_warmup=fraction, context_warmup_start=256)
+    lengths = [context_length(step, config) for step in range(steps)]
+    assert lengths.count(256) == short_steps(config) == short and lengths[:short] == [256] * short
+
+
 def test_context_warmup_trains_on_short_windows_and_resumes_exactly(corpus, tmp_path):
     """A warmed-up run logs its window lengths, keeps the bytes per step, and resumes bitwise."""
     options = dict(steps=6, save_every=0, eval_every=0, context_warmup=0.5, context_warmup_start=16)
