@@ -633,9 +633,6 @@ def _train_with(options: dict, resume: bool | str, print_config: bool, given: se
     """train with these options (the command line's, named in given, over the config file's): its config
     printed, or the run, its summary and the exit code of a stop that saved."""
     from htcli.config import config_from_options
-    from htcli.display import TrainDisplay, train_summary
-    from htcli.distributed import process_group
-    from htcli.train import train as run_training
 
     config = config_from_options(
         options.pop("corpus", None) or [], out=_given(options.pop("out", None), DEFAULT_OUT),
@@ -648,6 +645,38 @@ def _train_with(options: dict, resume: bool | str, print_config: bool, given: se
     if print_config:
         return _print_config(config, resume)
     dropped = _dropped_loggers(config) if "loggers" in given and resolve_resume(resume, config.out) else ""
+    with _finished_is_done(resume):
+        _train_and_report(config, resume, dropped)
+
+
+@contextlib.contextmanager
+def _finished_is_done(resume: bool | str) -> Iterator[None]:
+    """With --resume auto, a run that has trained all its steps is a note and exit code 0 (a job requeued
+    after its run finished: it was an error and exit 1); with --resume, still the error."""
+    from htcli.distributed import launch_from_env
+    from htcli.rundir import RunFinished
+
+    try:
+        yield
+    except RunFinished as finished:
+        if resume != "auto":
+            raise
+        if launch_from_env().main:
+            err_console.print(f"{escape(_finished(finished))}", soft_wrap=True)
+
+
+def _finished(finished: Exception) -> str:
+    """The note of a run that has trained all its steps, from RunFinished's error."""
+    said = respell(str(finished), getattr(finished, "fields", ())).split(": pass a larger")[0]
+    return f"{said}: finished, nothing to train (a larger --steps trains on)"
+
+
+def _train_and_report(config, resume: bool | str, dropped: str) -> None:
+    """The run, shown as it trains, then its summary and the exit code of a stop that saved."""
+    from htcli.display import TrainDisplay, train_summary
+    from htcli.distributed import process_group
+    from htcli.train import train as run_training
+
     shown = True  # (until stderr takes no more)
     with process_group(config.device) as launch, TrainDisplay(err_console, respell) as display:
 
@@ -687,10 +716,16 @@ def _print_config(config, resume: bool | str) -> None:
     from htcli.device import resolve_device, resolve_dtype
     from htcli.display import warmup_warning
     from htcli.distributed import launch_from_env
-    from htcli.rundir import check_resumable, resolve_resume
+    from htcli.rundir import RunFinished, check_resumable, resolve_resume
     from htcli.train import start_refusal
 
-    check_resumable(config, resume)  # (what a resume would refuse of its checkpoint)
+    finished = None
+    try:
+        check_resumable(config, resume)  # (what a resume would refuse of its checkpoint)
+    except RunFinished as error:
+        if resume != "auto":
+            raise
+        finished = error
     if config.device == "cpu":  # (fp16 on a CPU: on any machine)
         resolve_dtype(config.dtype, resolve_device("cpu"), training=True)
     if not launch_from_env().main:  # (under torchrun, once: every rank printed it)
@@ -698,7 +733,7 @@ def _print_config(config, resume: bool | str) -> None:
     refused = start_refusal(config, resolve_resume(resume, config.out))
     if isinstance(refused, OSError):  # (said as train's error says it)
         refused = HtcliError(_os_error(refused))
-    warnings = [warmup_warning(config.warmup, config.steps)]
+    warnings = [warmup_warning(config.warmup, config.steps), finished and _finished(finished)]
     warnings += [
         f"a run on this machine would stop: {respell(str(refused), refused.fields)}" if refused else None
     ]

@@ -37,6 +37,11 @@ from htcli.runlock import RunLock
 from htcli.runlog import parse_event
 
 
+class RunFinished(HtcliError):
+    """A resume of a run that has trained all its steps: with resume "auto" (a job requeued after its run
+    finished, killed after its last save), there is nothing to do, not an error."""
+
+
 def resolve_resume(resume: bool | str, out: Path) -> bool:
     """resume as asked: True, False, or "auto" (True exactly when out holds a checkpoint)."""
     if resume == "auto":
@@ -204,7 +209,7 @@ def _check_model_and_steps(out: Path, config: TrainConfig, info: CheckpointInfo)
             )
         raise _model_differs(out, ours, theirs, changed)
     if info.step >= config.steps:
-        raise HtcliError(
+        raise (RunFinished if info.step == config.steps else HtcliError)(
             f"{out} is already at step {info.step} of steps {config.steps}: pass a larger steps",
             fields=("steps",),
         )

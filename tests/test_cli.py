@@ -887,6 +887,26 @@ def test_impossible_options(run_copy, flags, message):
     assert snapshot(run) == before
 
 
+def test_resume_auto_of_a_finished_run_is_done(run_copy):
+    """A job requeued after its run finished (killed after the last save): --resume auto says the run is
+    finished and exits 0 (it was the error, exit 1: a scheduler took the job for failed), the run untouched;
+    --print-config says so and prints; plain --resume, and fewer --steps, stay errors (review)."""
+    run, corpus = run_copy
+    before = snapshot(run)
+    done = invoke("train", corpus, "--out", run, "--resume", "auto", "--steps", 6)
+    assert done.exit_code == 0, done.output
+    said = f"{run} is already at step 6 of --steps 6: finished, nothing to train (a larger --steps trains on)"
+    assert said in " ".join(done.stderr.split()) and "error" not in done.stderr
+    printed = invoke("train", corpus, "--out", run, "--resume", "auto", "--steps", 6, "--print-config")
+    assert printed.exit_code == 0 and "steps = 6" in printed.stdout and said in printed.stderr
+    assert_user_error(
+        invoke("train", corpus, "--out", run, "--resume", "--steps", 6), "pass a larger --steps"
+    )
+    fewer = invoke("train", corpus, "--out", run, "--resume", "auto", "--steps", 5)
+    assert_user_error(fewer, "already at step 6 of --steps 5: pass a larger --steps")
+    assert snapshot(run) == before
+
+
 def test_a_config_json_edited_by_hand_is_named_on_resume(run_copy):
     """A run's config.json whose model no longer matches its checkpoint (edited, or copied from another
     run): the resume blamed an option never given ("--dim 32 in the checkpoint, 48 asked; drop those
