@@ -221,6 +221,10 @@ def main(train_corpus: str, held_out: str, out: str, *names: str) -> None:
     ]
     if unknown:
         sys.exit(f"unknown variant {', '.join(unknown)}: choose from {', '.join(VARIANTS)} (or new-NAME)")
+    from htcli.corpus import ByteCorpus
+
+    for corpus in (train_corpus, held_out):  # (before any training: a held-out corpus missing was said after)
+        ByteCorpus.open([corpus]).close()
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = []

@@ -99,8 +99,9 @@ def split(corpus: str, out: Path) -> tuple[Path, Path]:
     if not held_out.exists():
         from htcli.corpus import ByteCorpus
 
-        with ByteCorpus.open([corpus]) as data:
+        with ByteCorpus.open([corpus]) as data:  # (before out is made: a corpus missing left it, empty)
             everything = data.read(0, len(data))
+        out.mkdir(parents=True, exist_ok=True)
         cut = len(everything) * 9 // 10
         train.write_bytes(everything[:cut])
         held_out.write_bytes(everything[cut:])
@@ -121,7 +122,6 @@ def main(corpus: str, out: str, *names: str) -> None:
     if unknown:  # (before any work: the corpus was split first)
         sys.exit(f"unknown variant {'; '.join(unknown)}: choose from {'; '.join(VARIANTS)}")
     out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
     train, held_out = split(corpus, out_dir)
     print(f"{corpus}: {train.stat().st_size:,} bytes to train on, {held_out.stat().st_size:,} held out")
     rows = []

@@ -16,6 +16,11 @@ from htcli.sample import SamplingConfig, Utf8Stream, generate
 
 
 def main(checkpoint: str, prompt: str, corpus: str) -> None:
+    with ByteCorpus.open([corpus]) as data:  # (first: a corpus missing or empty is said before any work)
+        sample_and_eval(checkpoint, prompt, corpus, data)
+
+
+def sample_and_eval(checkpoint: str, prompt: str, corpus: str, data: ByteCorpus) -> None:
     model, info = load_model(checkpoint, device="cpu")
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)  # (not rotary's frequencies)
     print(f"step {info.step} model, {trained:,} parameters")
@@ -28,8 +33,7 @@ def main(checkpoint: str, prompt: str, corpus: str) -> None:
         print(stream.feed(token), end="", flush=True)
     print(stream.flush())
 
-    with ByteCorpus.open([corpus]) as data:
-        result = evaluate(model, data.span(), dtype=torch.float32)
+    result = evaluate(model, data.span(), dtype=torch.float32)
     print(f"{corpus}: {result.bits_per_byte:.3f} bits per byte over {result.bytes_scored:,} bytes")
 
 

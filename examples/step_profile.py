@@ -23,6 +23,7 @@ from torch.profiler import ProfilerActivity, profile
 from htcli.bench import model_step, timed
 from htcli.device import resolve_device
 from htcli.errors import HtcliError
+from htcli.presets import model_config
 
 
 def _sync(device) -> None:
@@ -55,8 +56,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--rows", type=int, default=20, help="operations in each table (0: no profile)")
     args = parser.parse_args()
+    if min(args.seq_len, args.batch_size, args.repeats) < 1 or args.rows < 0:
+        parser.error("--seq-len, --batch-size and --repeats must be 1 or more, --rows 0 or more")
     try:
         device = resolve_device(args.device)
+        model_config(args.preset, max_seq_len=args.seq_len)  # (a preset or length it cannot take: said first)
     except HtcliError as error:
         parser.error(str(error))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

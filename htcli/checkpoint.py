@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import errno
 import json
 import os
 import re
@@ -274,18 +275,39 @@ def _read_metadata(file: Path, shown: str | os.PathLike) -> dict[str, str]:
             return opened.metadata() or {}
     except PermissionError as error:
         raise HtcliError(f"cannot read {file}: {error.strerror}: {unreadable_advice(error)}") from None
-    except (SafetensorError, OSError, ValueError):
-        saved = has_checkpoint(file.parent)
-        if file.name in (CONFIG_FILE, STATE_FILE, LOG_FILE) and (saved or is_run_directory(file.parent)):
-            give = (
-                f"give the run directory or its {MODEL_FILE}"
-                if saved
-                else "give the run directory once it has saved"
-            )
-            raise HtcliError(  # (it said "truncated or corrupt?"; a run that never saved has no weights yet)
-                f"{file} is a file of the run in {file.parent}, not its weights: {give}"
-            ) from None
-        raise HtcliError(f"{file} is not a readable safetensors file (truncated or corrupt?)") from None
+    except RuntimeError as error:  # (torch's map of the file, for safetensors' "pt": an OSError in words)
+        raise _mapping_error(error, file) from None
+    except OSError as error:
+        if error.errno in (errno.EMFILE, errno.ENFILE):  # (the process's limit, not the file: said as it is)
+            raise
+        raise _unreadable(file) from None
+    except (SafetensorError, ValueError):
+        raise _unreadable(file) from None
+
+
+def _mapping_error(error: RuntimeError, file: Path) -> OSError | HtcliError:
+    """torch's RuntimeError of a file it could not map ("unable to open file <f> in read-only mode: Too
+    many open files (24)") as the OSError it describes (a traceback, at a save's check of its files under
+    a low `ulimit -n`); any other as the file's HtcliError."""
+    found = re.search(r": ([^:]*) \((\d+)\)$", str(error).strip())
+    if found is None:
+        return HtcliError(f"cannot read {file}: {error}")
+    return OSError(int(found.group(2)), found.group(1), str(file))
+
+
+def _unreadable(file: Path) -> HtcliError:
+    """The HtcliError of a checkpoint file that is not readable safetensors (or a run's other file)."""
+    saved = has_checkpoint(file.parent)
+    if file.name in (CONFIG_FILE, STATE_FILE, LOG_FILE) and (saved or is_run_directory(file.parent)):
+        give = (
+            f"give the run directory or its {MODEL_FILE}"
+            if saved
+            else "give the run directory once it has saved"
+        )
+        return HtcliError(  # (it said "truncated or corrupt?"; a run that never saved has no weights yet)
+            f"{file} is a file of the run in {file.parent}, not its weights: {give}"
+        )
+    return HtcliError(f"{file} is not a readable safetensors file (truncated or corrupt?)")
 
 
 def read_checkpoint_info(path: str | os.PathLike) -> CheckpointInfo:

@@ -29,7 +29,7 @@ from rich.markup import escape
 from htcli import __version__
 from htcli.config import MAX_SEED, train_default
 from htcli.environment import check_environment
-from htcli.errors import HtcliError
+from htcli.errors import HtcliError, unreadable_advice
 from htcli.help_layout import Command, Group, with_default
 from htcli.presets import DEFAULT_PRESET, PRESETS
 from htcli.stop import Terminated, started, terminate_unwinds, to_devnull
@@ -251,6 +251,8 @@ def _os_error(error: OSError) -> str:
         return f"{error.filename}: {said}: give a path you may read (and write, for a run), or change that"
     if error.errno == errno.ENAMETOOLONG and error.filename is not None:
         return f"{error.filename}: {said}: give a shorter name or path"
+    if error.errno in (errno.EMFILE, errno.ENFILE):  # (any file: a module's, a checkpoint's; not its fault)
+        return f"{error.filename or 'a file'}: {said}: {unreadable_advice(error)}"
     if error.filename is not None:
         return f"{error.filename}: {said}"
     return f"cannot write the output: {said}" if _output_error(error) else str(error)

@@ -714,6 +714,8 @@ class Run:
         mend = "free some space" if number in (errno.ENOSPC, errno.EDQUOT) else "mend that"
         if number == errno.EFBIG:  # (a limit on file sizes: ulimit -f, a quota's)
             mend = "raise the limit on file sizes (ulimit -f)"
+        if number in (errno.EMFILE, errno.ENFILE):  # (the process's limit: ulimit -n)
+            mend = "raise the limit on open files (ulimit -n)"
         return f"{mend}, then {'start the run again' if self.saved_step is None else 'resume'}"
 
     def _rank_state(self) -> dict:

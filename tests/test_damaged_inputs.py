@@ -616,3 +616,40 @@ def test_a_damaged_save_cut_short_is_refused_before_it_replaces_anything(run, da
     assert_user_error(result, f"a save cut short cannot be finished; remove the .pending files in {out}")
     assert {name: (out / name).read_bytes() for name in before} == before
     assert json.loads((out / "state.json").read_text())["step"] == 2
+
+
+LOW_LIMIT = """
+import errno, os, resource, sys, types
+from htcli.checkpoint import read_checkpoint_info
+from htcli.cli import _os_error
+from htcli.train import Run
+
+taken = {int(fd) for fd in os.listdir("/proc/self/fd")}
+free = min(fd for fd in range(max(taken) + 2) if fd not in taken)
+resource.setrlimit(resource.RLIMIT_NOFILE, (free, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+try:  # (no descriptor left)
+    read_checkpoint_info(sys.argv[1])
+except OSError as error:
+    unsaved = types.SimpleNamespace(saved_step=None)
+    print(error.errno == errno.EMFILE, _os_error(error), Run.advice(unsaved, error.errno), sep="\\n")
+"""
+
+
+def test_a_checkpoint_read_under_a_low_limit_on_open_files(run, tmp_path):
+    """A checkpoint's metadata read with no descriptor left (a save's check of its files, under a low
+    `ulimit -n`) said "not a readable safetensors file (truncated or corrupt?)", and torch's map of the file
+    failing so was a RuntimeError's traceback: both are the OSError, said with the advice to raise the limit,
+    as a save's failure is."""
+    from htcli.checkpoint import _mapping_error
+
+    out, _ = run
+    done = subprocess.run([sys.executable, "-c", LOW_LIMIT, str(out)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    emfile, said, advice = done.stdout.splitlines()
+    assert emfile == "True" and said.endswith("Too many open files: raise the limit on open files (ulimit -n)"
+                                              " and start again")  # fmt: skip
+    assert str(out / "model.safetensors") in said and advice.startswith("raise the limit on open files")
+    with pytest.raises(RuntimeError) as mapping:  # (torch's own words for a file it cannot map)
+        torch.UntypedStorage.from_file(str(tmp_path / "gone"), shared=False, nbytes=8)
+    error = _mapping_error(mapping.value, tmp_path / "gone")
+    assert isinstance(error, FileNotFoundError) and error.filename == str(tmp_path / "gone")

@@ -54,14 +54,35 @@ def test_library_examples(tmp_path):
         ),
         (["decode_profile.py", "--preset", "tiny", "--prompt-len", "100", "--steps", "50"], "3 * --steps at"),
         (["recipe_parts.py", "--rounds", "0"], "error: --rounds must be 1 or more"),
+        # (the review's: the corpus checked before any work; OUT not made, nothing sampled or trained first)
+        (
+            ["sample_and_eval.py", "{tmp}/none", "a", "{tmp}/empty.txt"],
+            "error: corpus {tmp}/empty.txt is empty",
+        ),
+        (
+            ["long_context.py", "{tmp}/c.txt", "{tmp}/missing.txt", "{tmp}/out", "h-256"],
+            "error: corpus {tmp}/missing.txt does not exist",
+        ),
+        (["measure_start.py", "{tmp}/c.txt", "{tmp}/out", "5"], "NOFILE must be 64 or more"),
+        (["step_profile.py", "--preset", "bogus", "--device", "cpu"], "error: unknown preset 'bogus'"),
+        (
+            ["step_profile.py", "--preset", "tiny", "--seq-len", "100", "--device", "cpu"],
+            "must be a multiple of block_size (16)",
+        ),
+        (["step_profile.py", "--batch-size", "0"], "--batch-size and --repeats must be 1 or more"),
+        (["step_profile.py", "--repeats", "0"], "--batch-size and --repeats must be 1 or more"),
     ],
 )
 def test_examples_refuse_bad_input_in_one_line(tmp_path, args, said):
-    """An example given what it cannot take ends with one line (each was a traceback)."""
+    """An example given what it cannot take ends with one line (each was a traceback), before any work and
+    leaving no file (recipe.py made OUT, long_context.py trained before it read its held-out corpus)."""
+    (tmp_path / "c.txt").write_bytes(make_text(2_000))
+    (tmp_path / "empty.txt").write_bytes(b"")
     command = [sys.executable, EXAMPLES / args[0], *(arg.format(tmp=tmp_path) for arg in args[1:])]
     done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode in (1, 2) and "Traceback" not in done.stderr, done.stderr
     assert said.format(tmp=tmp_path) in done.stderr.strip().splitlines()[-1], done.stderr
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["c.txt", "empty.txt"] and not done.stdout
 
 
 @pytest.mark.skipif(torch_sees_a_gpu(), reason="checks the machine without a GPU")
