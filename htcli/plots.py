@@ -7,6 +7,7 @@ it is, so that a path matplotlib cannot write is refused before minutes of evalu
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -64,11 +65,17 @@ def check_plot_path(path: Path, option: str) -> None:
 def save_figure(fig, path: Path) -> None:
     """fig written to path whole or not at all (a Ctrl-C while matplotlib writes it leaves the file as it
     was), in the format its extension names; HtcliError where it cannot be written (a full disk)."""
+    # (PostScript draws the grid's and lines' transparency opaque, and matplotlib's log said so on stderr)
+    postscript = logging.getLogger("matplotlib.backends.backend_ps")
+    level = postscript.level
+    postscript.setLevel(logging.ERROR)
     try:
         with atomic_file(path) as file:
             fig.savefig(file, dpi=120, format=Path(path).suffix.lstrip(".").lower())
     except OSError as error:
         raise HtcliError(f"cannot write the figure {path}: {error.strerror or error}") from None
+    finally:
+        postscript.setLevel(level)
 
 
 def by_position_plot(curves: dict[str, list[dict]], path: Path) -> None:

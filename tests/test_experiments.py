@@ -784,6 +784,11 @@ def test_plot_draws_runs_and_tables_them(corpus, tmp_path):
     row = next(line for line in lines if "fast" in line)
     assert "4" in row and f"{fast[-1]['val_bpb']:.4f}" in row and "512" in row  # step, val bpb, bytes
     assert any("slow" in line for line in lines)
+    # PostScript: matplotlib's log said on stderr that it draws transparency opaque (review)
+    command = [sys.executable, "-m", "htcli", "plot", tmp_path / "fast", "-o", tmp_path / "c.eps"]
+    eps = subprocess.run(list(map(str, command)), capture_output=True, text=True)
+    assert eps.returncode == 0 and eps.stderr == f"plot written to {tmp_path / 'c.eps'}\n"
+    assert (tmp_path / "c.eps").read_bytes().startswith(b"%!PS")
     # stdout that cannot be written (a full disk): one line, and no figure (it was written, unsaid)
     with open("/dev/full", "w") as full:
         command = [sys.executable, "-m", "htcli", "plot", tmp_path / "fast", "-o", tmp_path / "f.png"]
