@@ -59,8 +59,8 @@ def main() -> None:
     if min(args.seq_len, args.batch_size, args.repeats) < 1 or args.rows < 0:
         parser.error("--seq-len, --batch-size and --repeats must be 1 or more, --rows 0 or more")
     try:
-        device = resolve_device(args.device)
         model_config(args.preset, max_seq_len=args.seq_len)  # (a preset or length it cannot take: said first)
+        device = resolve_device(args.device)
     except HtcliError as error:
         parser.error(str(error))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
