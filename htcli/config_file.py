@@ -173,7 +173,9 @@ def _load(path: Path) -> dict:
         if len(raw) > MAX_CONFIG_BYTES:
             raise HtcliError(f"config file {path} is over {MAX_CONFIG_BYTES // 2**20} MiB: not a config")
     except FileNotFoundError:
-        raise HtcliError(f"config file {path} does not exist") from None
+        raise HtcliError(
+            f"config file {path} does not exist: give a .toml file or a run's config.json"
+        ) from None
     except IsADirectoryError:
         raise HtcliError(f"config file {path} is a directory: give a .toml or config.json file") from None
     except OSError as error:

@@ -328,7 +328,9 @@ def read_prompt(path: Path, context: int) -> bytes:
             file.seek(max(0, facts.st_size - context))
             return _not_empty(file.read(context), f"prompt file {path}")
     except FileNotFoundError:
-        raise HtcliError(f"prompt file {path} does not exist") from None
+        raise HtcliError(
+            f"prompt file {path} does not exist: give a file of text, or - for standard input"
+        ) from None
     except IsADirectoryError:
         raise HtcliError(f"prompt file {path} is a directory: give a file of text") from None
     except OSError as error:

@@ -560,7 +560,10 @@ def test_errors_show_bytes_of_names_that_are_not_utf8_as_plot_does(trained, tmp_
     missing = os.fsdecode(bytes(tmp_path) + b"/no\xe9.txt")
     shown = f"{tmp_path}/no\\xe9.txt"
     assert_user_error(invoke("eval", run, missing), f"corpus {shown} does not exist")
-    assert_user_error(invoke("sample", run, "--prompt-file", missing), f"prompt file {shown} does not exist")
+    assert_user_error(
+        invoke("sample", run, "--prompt-file", missing),
+        f"prompt file {shown} does not exist: give a file of text, or - for standard input",
+    )
 
 
 def test_ctrl_c_saves_and_exits_zero(corpus, tmp_path):

@@ -248,7 +248,7 @@ def test_a_json_key_given_twice_is_an_error(corpus, tmp_path):
 
 def test_missing_config_file_is_an_error(corpus, tmp_path):
     result = invoke("train", corpus, "--config", tmp_path / "none.toml")
-    assert_user_error(result, "none.toml does not exist")
+    assert_user_error(result, "none.toml does not exist: give a .toml file or a run's config.json")
 
 
 @pytest.mark.parametrize("device", ["/dev/zero", "/dev/null"])
