@@ -179,6 +179,28 @@ def test_a_display_whose_stderr_fails_at_its_end_says_so_and_raises_nothing():
     assert display.failed
 
 
+def test_the_live_tokens_per_second_is_tokens_over_time():
+    """The live view's tokens/s is the recent steps' tokens over their time, as the summary's is the
+    session's: after a slow first step (10 s for 1,000 tokens) and five fast ones (1 s each), 400, where an
+    average of rates smoothed 0.9 said 469 (a run's live 11.6k beside its summary's 12.6k; review); the
+    first step leaves it after RATE_STEPS more."""
+    import io
+
+    from rich.console import Console
+
+    from htcli.display import RATE_STEPS, TrainDisplay
+
+    display = TrainDisplay(Console(file=io.StringIO(), force_terminal=False))
+    step = {"event": "step", "loss": 1.0, "lr": 1e-3}
+    display({**step, "step": 1, "tokens_per_s": 100.0, "step_seconds": 10.0})
+    for number in range(2, 7):
+        display({**step, "step": number, "tokens_per_s": 1000.0, "step_seconds": 1.0})
+    assert display.tokens_per_s == 400.0 and "400 tok/s" in display._stats_line()
+    for number in range(7, 7 + RATE_STEPS):
+        display({**step, "step": number, "tokens_per_s": 1000.0, "step_seconds": 1.0})
+    assert display.tokens_per_s == 1000.0
+
+
 def test_help_gives_every_presets_model_defaults():
     """The model switches' defaults that train --help states are each preset's model config's."""
     from htcli.cli import MODEL_DEFAULTS
