@@ -19,6 +19,7 @@ import hashlib
 import math
 import os
 import shutil
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -131,10 +132,24 @@ def train(
             log("end", step=run.step, **end)
     except LogError as error:  # (a full disk: the log's file or a logger's)
         raise HtcliError(f"{error}; stopped ({run.kept()}): {run.advice(error.errno)}") from None
+    except RuntimeError as error:
+        if not _compile_failed(error):
+            raise
+        said = str(error).strip().splitlines()[0]  # (then dynamo's advice to set its variables)
+        raise HtcliError(
+            f"compile failed ({said}); stopped ({run.kept()}): train without compile", fields=("compile",)
+        ) from None
     finally:
         run.close()
     return TrainResult(run.out, run.step, config.steps, loss, run.val_bpb, bool(stopped_by), seconds, tokens,
                        run.params, stopped_by, run.step_seconds, run.resumed_at)  # fmt: skip
+
+
+def _compile_failed(error: RuntimeError) -> bool:
+    """Whether error is torch.compile's failure to compile (no working C++ compiler for inductor on a CPU,
+    say: it came as a traceback at the first step)."""
+    dynamo = sys.modules.get("torch._dynamo.exc")  # (not imported: nothing was compiled)
+    return dynamo is not None and isinstance(error, dynamo.BackendCompilerFailed)
 
 
 def start_refusal(config: TrainConfig, resume: bool) -> HtcliError | OSError | None:

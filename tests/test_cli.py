@@ -179,6 +179,25 @@ def test_a_display_whose_stderr_fails_at_its_end_says_so_and_raises_nothing():
     assert display.failed
 
 
+def test_compile_without_a_cxx_compiler_is_one_line(corpus, tmp_path):
+    """--compile on a CPU where no C++ compiler works (inductor's InvalidCxxCompiler at the first step) was
+    a traceback of 135 lines; one line says to train without --compile (review)."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    for name in ("g++", "gcc", "cc", "c++", "clang", "clang++"):
+        (fake / name).write_text("#!/bin/sh\nexit 1\n")
+        (fake / name).chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "CXX": str(fake / "g++"),
+           "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache")}  # fmt: skip
+    command = [sys.executable, "-m", "htcli", "train", corpus, "--out", tmp_path / "run", *TINY_FLAGS]
+    done = subprocess.run([*map(str, command), "--steps", "2", "--compile"], capture_output=True, text=True,
+                          env=env, timeout=300)  # fmt: skip
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    said = done.stderr.strip().splitlines()[-1]
+    assert said.startswith("error: --compile failed (InvalidCxxCompiler: No working C++ compiler found")
+    assert said.endswith("stopped (none saved yet): train without --compile")
+
+
 def test_the_live_tokens_per_second_is_tokens_over_time():
     """The live view's tokens/s is the recent steps' tokens over their time, as the summary's is the
     session's: after a slow first step (10 s for 1,000 tokens) and five fast ones (1 s each), 400, where an
