@@ -716,8 +716,9 @@ def _print_config(config, resume: bool | str) -> None:
     corpus elsewhere), and the warm-up's warning, said on stderr."""
     from htcli.config_file import write_toml
     from htcli.device import resolve_device, resolve_dtype
-    from htcli.display import warmup_warning
+    from htcli.display import context_warning, warmup_warning
     from htcli.distributed import launch_from_env
+    from htcli.optim import context_schedule
     from htcli.rundir import RunFinished, check_resumable, resolve_resume
     from htcli.train import start_refusal
 
@@ -736,6 +737,9 @@ def _print_config(config, resume: bool | str) -> None:
     if isinstance(refused, OSError):  # (said as train's error says it)
         refused = HtcliError(_os_error(refused))
     warnings = [warmup_warning(config.warmup, config.steps), finished and _finished(finished)]
+    if not resolve_resume(resume, config.out):  # (a resumed run's is said from its step, when it starts)
+        start = dict(context_schedule(config), seq_len=config.model.max_seq_len, steps=config.steps, step=0)
+        warnings.append(context_warning(start))
     warnings += [
         f"a run on this machine would stop: {respell(str(refused), refused.fields)}" if refused else None
     ]

@@ -28,6 +28,17 @@ def short_steps(config: TrainConfig) -> int:
     return math.ceil(Fraction(repr(float(config.context_warmup))) * config.steps)
 
 
+def context_schedule(config: TrainConfig) -> dict:
+    """The context warm-up as a run's start event carries it (and display.context_warning reads it, with the
+    event's seq_len, steps and step): its fraction, the length of the last step (whether any step trains at
+    the whole context) and the number of short steps."""
+    return dict(
+        context_warmup=config.context_warmup,
+        last_context=context_length(config.steps - 1, config),
+        short_steps=short_steps(config),
+    )
+
+
 def context_length(step: int, config: TrainConfig) -> int:
     """The training window's length at a step. With context_warmup, the first that fraction of the steps
     train on windows of context_warmup_start bytes, as many more of them per step (the bytes per step

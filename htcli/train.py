@@ -67,7 +67,7 @@ from htcli.files import (
 from htcli.flops import peak_bf16_flops, train_flops
 from htcli.loggers import check_loggers, close_loggers, open_loggers
 from htcli.model import HTransformer1D
-from htcli.optim import context_length, learning_rate, make_optimizer, newton_schulz_dtype, short_steps
+from htcli.optim import context_length, context_schedule, learning_rate, make_optimizer, newton_schulz_dtype
 from htcli.resume_changes import resume_changes
 from htcli.rundir import check_new_out, check_still_new, open_run, resolve_resume
 from htcli.runlock import RunLock, Whereabouts
@@ -510,9 +510,7 @@ class Run:
             seq_len=config.model.max_seq_len, corpus_was=self.corpus_was, val_from_corpus=not config.val,
             warmup=config.warmup,
             muon_products=dtype_name(self.products) if config.optimizer == "muon" else None,
-            context_warmup=config.context_warmup,  # (with the short length of its last step, which says
-            last_context=context_length(config.steps - 1, config),  # whether any trains at seq_len)
-            short_steps=short_steps(config),  # (the steps on short windows: whole ones)
+            **context_schedule(config),
             changes=[[line, list(fields)] for line, fields in self.changes],  # (fields: those the line names)
         )  # fmt: skip
 

@@ -460,6 +460,12 @@ def test_print_config_is_a_dry_run(corpus, tmp_path):
     )
     said = warned(corpus, *TINY_FLAGS, "--steps", "2", "--warmup", "1", *new)
     assert "warning: --warmup (1) leaves one step" in said and "give --warmup 0" in said and stop not in said
+    # (the context warm-up's warnings, as train says them at its start; review)
+    flags = [*TINY_FLAGS, "--context-warmup-start", "32", *new]
+    said = warned(corpus, *flags, "--steps", "1", "--context-warmup", "0.5")
+    assert "warning: --context-warmup (0.5) leaves no step of --steps (1) at --seq-len (64)" in said
+    said = warned(corpus, *flags, "--steps", "4", "--context-warmup", "0.01")
+    assert "warning: --context-warmup (0.01) of --steps (4) rounds up to 1 step(s) on short windows" in said
     assert not (tmp_path / "new").exists()
 
 
