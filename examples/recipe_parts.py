@@ -7,7 +7,8 @@ The recipe benchmark's model (dim 128, depth 4, 4 heads x 32, block 32, 8 window
 variant below, with its optimizer, stepped in turn on random bytes (forward, backward, clipping, the
 optimizer's step) for --rounds rounds after --warmup (3) untimed steps; prints each variant's median ms
 per step. Turns take the machine's drift in common, which separate runs do not. In fp32 (no autocast): the
-recipe's parts compared in one precision (`htcli train` trains in bf16 on a CPU with AMX).
+recipe's parts compared in one precision; "default, bf16" is the default under bf16 autocast, Muon's
+products in bf16, as `htcli train` trains on a CPU with AMX or AVX-512 BF16.
 """
 
 from __future__ import annotations
@@ -37,15 +38,17 @@ VARIANTS = {
     "default, GELU": ({"activation": "gelu"}, "muon"),
     "first, Muon": (FIRST, "muon"),
     "default, no token shift": ({"shift_tokens": False}, "muon"),
+    "default, bf16": ({}, "muon"),
 }
+BF16 = {"default, bf16"}  # (under bf16 autocast, Muon's products in bf16)
 
 
-def optimizer_for(model: HTransformer1D, name: str):
+def optimizer_for(model: HTransformer1D, name: str, products: torch.dtype = torch.float32):
     """The optimizer `htcli train --optimizer name` makes; "torch-muon": muon's, with torch.optim.Muon
     itself (every matrix orthogonalised alone, in bf16 always) in place of htcli's Muon (same-shaped ones
     together, in fp32 on a CPU without AMX)."""
     config = TrainConfig(corpus=["-"], model=model.config, optimizer="muon" if name == "torch-muon" else name)
-    optimizer = make_optimizer(model, config)
+    optimizer = make_optimizer(model, config, products=products)
     if name == "torch-muon":
         ours, adamw = optimizer.parts
         optimizer.parts = (torch.optim.Muon(ours.param_groups[0]["params"], **ours.defaults), adamw)
@@ -76,23 +79,26 @@ def main() -> None:
         fields, optimizer = VARIANTS[name]
         torch.manual_seed(0)
         model = HTransformer1D(HTransformerConfig(**MODEL, max_seq_len=args.seq_len, **fields))
-        runs[name] = (model, optimizer_for(model, optimizer))
+        precision = torch.bfloat16 if name in BF16 else torch.float32
+        runs[name] = (model, optimizer_for(model, optimizer, precision), precision)
 
-    def step(model, optimizer) -> None:
-        byte_nll(model(data[:, :-1]), data[:, 1:]).backward()
+    def step(model, optimizer, precision) -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == torch.bfloat16):
+            loss = byte_nll(model(data[:, :-1]), data[:, 1:])
+        loss.backward()
         params = [p for group in optimizer.param_groups for p in group["params"]]
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    for model, optimizer in runs.values():
+    for run in runs.values():
         for _ in range(args.warmup):
-            step(model, optimizer)
+            step(*run)
     times = {name: [] for name in runs}
     for _ in range(args.rounds):
-        for name, (model, optimizer) in runs.items():
+        for name, run in runs.items():
             started = time.perf_counter()
-            step(model, optimizer)
+            step(*run)
             times[name].append(time.perf_counter() - started)
     first = statistics.median(times["first"])
     for name, seconds in times.items():

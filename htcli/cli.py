@@ -133,7 +133,7 @@ DEVICE = typer.Option(
 DTYPE = typer.Option(
     "--dtype",
     help="Mixed precision: auto (the default: bf16 on a CUDA GPU with bf16, else fp32; train's also bf16 on a"
-    " CPU with AMX), fp32, bf16, fp16.",
+    " CPU with AMX or AVX-512 BF16), fp32, bf16, fp16.",
     show_default=False,
 )
 SEED = typer.Option("--seed", help="Random seed (default 0): same seed, same result.", show_default=False)

@@ -80,9 +80,10 @@ def make_optimizer(
 
 def newton_schulz_dtype(device: torch.device) -> torch.dtype:
     """bf16 (torch's Muon's precision) where device multiplies it in hardware, else fp32: the precision
-    training's dtype auto takes there (a CUDA GPU with bf16, a CPU with AMX). On a CPU without AMX, bf16's
-    emulated products made a step of the recipe's model 1,790 ms against 833 ms for the first recipe, with
-    AdamW (a 2-core AVX2 EPYC, 1,024-byte windows); in fp32 890 ms, and more precise."""
+    training's dtype auto takes there (a CUDA GPU with bf16, a CPU with AMX or AVX-512 BF16). On a CPU
+    without either, bf16's emulated products made a step of the recipe's model 1,790 ms against 833 ms for
+    the first recipe, with AdamW (a 2-core AVX2 EPYC, 1,024-byte windows); in fp32 890 ms, and more
+    precise."""
     return resolve_dtype("auto", device, training=True)
 
 

@@ -287,9 +287,10 @@ def _writing(out: Path) -> Iterator[None]:
 
 def _one_precision(dtype: torch.dtype) -> torch.dtype:
     """dtype where every rank chose it, else fp32 (a collective). dtype auto (and Muon's precision)
-    resolves per machine: bf16 on a CPU with AMX, fp32 on one without or on a GPU without bf16; ranks on
-    unlike machines would otherwise average gradients computed, or make updates, in different precisions.
-    fp32 is what every device computes in at its own speed (bf16 on a CPU without AMX is emulated)."""
+    resolves per machine: bf16 on a CPU with AMX or AVX-512 BF16, fp32 on one without or on a GPU without
+    bf16; ranks on unlike machines would otherwise average gradients computed, or make updates, in different
+    precisions. fp32 is what every device computes in at its own speed (bf16 on a CPU without either is
+    emulated)."""
     names = distributed.all_gather(dtype_name(dtype))  # ([dtype's] in a single process)
     return dtype if len(set(names)) == 1 else torch.float32
 

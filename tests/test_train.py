@@ -196,16 +196,20 @@ def test_log_and_config_files(corpus, tmp_path):
     assert [e["params"] for e in events if e["event"] == "start"] == [trained]
 
 
-@pytest.mark.parametrize("amx", [True, False])
-def test_auto_dtype_trains_in_bf16_on_a_cpu_that_multiplies_it(corpus, tmp_path, monkeypatch, amx):
-    """dtype auto trains under bf16 autocast on a CPU with AMX (7-37% faster steps measured), in fp32 on
-    one without; sampling and evaluation on a CPU stay fp32 either way."""
+@pytest.mark.parametrize(("amx", "avx512_bf16"), [(True, False), (False, True), (False, False)])
+def test_auto_dtype_trains_in_bf16_on_a_cpu_that_multiplies_it(
+    corpus, tmp_path, monkeypatch, amx, avx512_bf16
+):
+    """dtype auto trains under bf16 autocast on a CPU with AMX or AVX-512 BF16 (7-37% faster steps
+    measured), in fp32 on one without; sampling and evaluation on a CPU stay fp32 either way."""
     run = tmp_path / "run"
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
     monkeypatch.setattr(torch.cpu, "_init_amx", lambda: amx)  # (its own check, in C++, on a CPU without AMX)
-    assert cpu_multiplies_bf16() is amx
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    hardware = amx or avx512_bf16
+    assert cpu_multiplies_bf16() is hardware
     train(tiny_config(corpus, run))
-    assert [e["dtype"] for e in events(run, "start")] == ["bf16" if amx else "fp32"]
+    assert [e["dtype"] for e in events(run, "start")] == ["bf16" if hardware else "fp32"]
     assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
     assert resolve_dtype("fp32", torch.device("cpu"), training=True) == torch.float32
 
@@ -302,8 +306,10 @@ def test_a_run_saved_before_muon_precision_was_recorded_goes_on_in_bf16(corpus, 
 
 
 def test_cpu_bf16_detection_without_torchs_check(monkeypatch):
-    """A torch without its private AMX check means no AMX (auto stays fp32), not a crash."""
+    """A torch without its private AMX and AVX-512 BF16 checks means neither (auto stays fp32), not a
+    crash."""
     monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
     assert not cpu_multiplies_bf16()
     assert resolve_dtype("auto", torch.device("cpu"), training=True) == torch.float32
 
