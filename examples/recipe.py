@@ -77,10 +77,11 @@ VARIANTS = {
     # token shift (half of each position's features from the previous byte's): the default since it paid
     # on prose and code; before, the default was without it (the variants above were measured so)
     "default, no shift tokens": ["--no-shift-tokens"],
-    # mixed precision on the CPU (bf16 matrix products: AMX on recent Xeons)
+    # mixed precision on the CPU (bf16 matrix products: AMX on recent Xeons, AVX-512 BF16 on AMD Zen 4)
     "default, bf16": ["--dtype", "bf16"],
     "first, bf16": first_recipe(dtype="bf16"),
-    # the default in fp32 (on a CPU with AMX the default trains in bf16; the tables before it, in fp32)
+    # the default in fp32 (on a CPU with AMX or AVX-512 BF16 the default trains in bf16; the tables before it,
+    # in fp32)
     "default, fp32": ["--dtype", "fp32"],
 }
 

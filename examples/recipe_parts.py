@@ -46,7 +46,7 @@ BF16 = {"default, bf16"}  # (under bf16 autocast, Muon's products in bf16)
 def optimizer_for(model: HTransformer1D, name: str, products: torch.dtype = torch.float32):
     """The optimizer `htcli train --optimizer name` makes; "torch-muon": muon's, with torch.optim.Muon
     itself (every matrix orthogonalised alone, in bf16 always) in place of htcli's Muon (same-shaped ones
-    together, in fp32 on a CPU without AMX)."""
+    together, in fp32 on a CPU without AMX or AVX-512 BF16)."""
     config = TrainConfig(corpus=["-"], model=model.config, optimizer="muon" if name == "torch-muon" else name)
     optimizer = make_optimizer(model, config, products=products)
     if name == "torch-muon":

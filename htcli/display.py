@@ -144,6 +144,21 @@ def context_warning(start: dict) -> str | None:
     )
 
 
+def start_line(start: dict) -> str:
+    """The first line of a run's view, from its start event: what trains, where, in what precision (Muon's
+    products named where they are not the dtype: --dtype fp32 on a CPU with AMX), on how many bytes."""
+    verb = f"resuming at step {start['step']}" if start["resumed"] else "training"
+    products = start.get("muon_products")
+    precision = start["dtype"] + (
+        f"; Muon's products {products}" if products not in (None, start["dtype"]) else ""
+    )
+    return (
+        f"{verb}: {human(start['params'])} parameters on {start['device']} ({precision}), "
+        f"{human(start['train_bytes'])}B to train on, {human(start['val_bytes'])}B held out, "
+        f"{human(start['tokens_per_step'])} bytes per step"
+    )
+
+
 class TrainDisplay:
     """Progress bar with ETA, step, loss, validation bits per byte, learning rate, tokens/s, latest sample.
 
@@ -193,13 +208,7 @@ class TrainDisplay:
         if kind == "start":
             self.live.start()
             self.progress.reset(self.task, total=event["steps"], completed=event["step"])
-            verb = f"resuming at step {event['step']}" if event["resumed"] else "training"
-            self.console.print(
-                f"{verb}: {human(event['params'])} parameters on {event['device']} ({event['dtype']}), "
-                f"{human(event['train_bytes'])}B to train on, {human(event['val_bytes'])}B held out, "
-                f"{human(event['tokens_per_step'])} bytes per step",
-                soft_wrap=True,
-            )
+            self.console.print(start_line(event), soft_wrap=True)
             for line, fields in event.get("changes", []):
                 shown = escape(self.spell(line, fields))
                 self.console.print(shown.replace("warning:", "[yellow]warning:[/]", 1), soft_wrap=True)

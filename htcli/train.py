@@ -395,8 +395,8 @@ class Run:
     def _resumed_dtype(self, state: dict) -> torch.dtype:
         """The precision a resumed run goes on in: with dtype auto, the one it trained in (its state.json's;
         before htcli saved it, auto meant fp32 on a CPU), where this device can use it, so that a run
-        started in fp32 (before auto meant bf16 on an AMX CPU, or on a CPU without AMX) goes on exactly
-        as it began; an explicit dtype, as given."""
+        started in fp32 (before auto meant bf16 on a CPU with AMX or AVX-512 BF16, or on one without) goes
+        on exactly as it began; an explicit dtype, as given."""
         saved = state.get("dtype")
         if saved is None and self.device.type == "cpu":
             saved = "fp32"

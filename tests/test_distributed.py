@@ -99,8 +99,8 @@ def test_two_ranks_equal_one_process_with_twice_the_batch(ddp_run, tmp_path, opt
     """With --split-global-batch, 2 ranks x batch 2 x 2 micro-batches == 1 process x batch 4: to 1e-5
     with AdamW; Muon's Newton-Schulz iteration magnifies the rounding differences of the summed
     gradients (to ~1e-4 after 4 steps), so to 5e-4 there. In fp32: bf16 (what auto trains in on a CPU
-    with AMX) rounds the two splits' products apart by more than the arithmetic under test. Their val
-    bpb too."""
+    with AMX or AVX-512 BF16, where Muon's products stay bf16 even so) rounds the two splits' products apart
+    by more than the arithmetic under test. Their val bpb too."""
     _, corpus, _ = ddp_run
     flags = [*FLAGS, "--steps", 4, "--grad-accum", 2, "--optimizer", optimizer, "--dtype", "fp32"]
     torchrun(corpus, "--out", tmp_path / "two", *flags, "--split-global-batch")

@@ -305,6 +305,17 @@ def test_a_run_saved_before_muon_precision_was_recorded_goes_on_in_bf16(corpus, 
     assert all(torch.equal(expected[name], got[name]) for name in expected)
 
 
+def test_the_start_line_names_muons_precision_where_it_is_not_the_dtype(corpus, tmp_path, monkeypatch):
+    """--dtype fp32 on a CPU that multiplies bf16 in hardware: Muon's products stay bf16 (as torch's Muon's),
+    which only log.jsonl said; the start line says so too (review). Where they are the dtype, nothing."""
+    from conftest import TINY_FLAGS, invoke
+
+    monkeypatch.setattr(device, "cpu_multiplies_bf16", lambda: True)
+    for dtype, shown in (("fp32", "(fp32; Muon's products bf16)"), ("bf16", "(bf16),")):
+        run = invoke("train", corpus, *TINY_FLAGS, "--steps", 1, "--dtype", dtype, "--out", tmp_path / dtype)
+        assert run.exit_code == 0 and f"parameters on cpu {shown}" in run.stderr, run.output
+
+
 def test_cpu_bf16_detection_without_torchs_check(monkeypatch):
     """A torch without its private AMX and AVX-512 BF16 checks means neither (auto stays fp32), not a
     crash."""
