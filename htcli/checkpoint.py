@@ -307,7 +307,25 @@ def _unreadable(file: Path) -> HtcliError:
         return HtcliError(  # (it said "truncated or corrupt?"; a run that never saved has no weights yet)
             f"{file} is a file of the run in {file.parent}, not its weights: {give}"
         )
+    if not _safetensors_header(file):  # (a corpus given as the checkpoint: it was "truncated or corrupt?")
+        return HtcliError(
+            f"{file} is not a checkpoint (not a safetensors file): give a run directory (htcli train's out) "
+            "or its model.safetensors"
+        )
     return HtcliError(f"{file} is not a readable safetensors file (truncated or corrupt?)")
+
+
+def _safetensors_header(file: Path) -> bool:
+    """Whether file begins as safetensors do: an 8-byte little-endian length of a header (safetensors takes
+    up to 100 MB; text read so is ~1e18), then the header's "{" (True where it cannot be read: said as
+    before, as where it is too short to tell: an empty file). A checkpoint cut short, in its header too,
+    begins so."""
+    try:
+        with open(file, "rb") as opened:
+            head = opened.read(9)
+    except OSError:
+        return True
+    return len(head) < 9 or head[8:9] == b"{" and int.from_bytes(head[:8], "little") <= 100_000_000
 
 
 def read_checkpoint_info(path: str | os.PathLike) -> CheckpointInfo:

@@ -121,7 +121,7 @@ def test_truncated_and_foreign_files(tmp_path):
         read_checkpoint_info(truncated)
     text = tmp_path / "notes.safetensors"
     text.write_text("just some notes, not tensors")
-    with pytest.raises(HtcliError, match="not a readable safetensors file"):
+    with pytest.raises(HtcliError, match=r"notes.safetensors is not a checkpoint \(not a safetensors file\)"):
         read_checkpoint_info(text)
     foreign = tmp_path / "foreign.safetensors"
     save_file({"weight": torch.zeros(2, 2)}, str(foreign), metadata={"format": "pt"})

@@ -1323,6 +1323,11 @@ def _write_foreign(p):
         (_write_truncated, "is not a readable safetensors file (truncated or corrupt?)"),
         (lambda p: file_with(p / "x.safetensors", b"hello"), "not a readable safetensors"),
         (_write_foreign, "is not an htcli checkpoint"),
+        # (a corpus given as the checkpoint, or eval's two arguments swapped: it said "truncated or corrupt?")
+        (
+            lambda p: file_with(p / "my.txt", b"First Citizen:\nBefore we proceed"),
+            "my.txt is not a checkpoint (not a safetensors file): give a run directory",
+        ),
     ],
 )
 def test_bad_checkpoint(trained, tmp_path, command, make_checkpoint, message):
