@@ -159,6 +159,29 @@ def start_line(start: dict) -> str:
     )
 
 
+SLOW_RUN_SECONDS = 3600  # a session whose first step says it takes longer than this is told so at once
+
+
+def slow_run_note(start: dict, step: dict) -> str | None:
+    """What a session's first step says of its length where the steps left would take more than an hour at
+    its pace (the small preset on 2 CPU cores: ~40 s a step, 11 h; nothing said it, and its first eval
+    came after an hour), with advice on a CPU; None otherwise. The first step may be slower than the rest
+    (compiling, caches): about."""
+    seconds, left = step.get("step_seconds"), start.get("steps", 0) - step["step"]
+    if not seconds or seconds * left < SLOW_RUN_SECONDS:
+        return None
+    hours = seconds * left / 3600
+    advice = (
+        ": a smaller --preset, a shorter --seq-len or fewer --steps train sooner"
+        if start.get("device") == "cpu"
+        else ""
+    )
+    return (
+        f"the first step took {seconds:.0f} s: at that pace the {left:,} steps left take about "
+        f"{hours:.{0 if hours >= 10 else 1}f} h{advice}"
+    )
+
+
 class TrainDisplay:
     """Progress bar with ETA, step, loss, validation bits per byte, learning rate, tokens/s, latest sample.
 
@@ -177,12 +200,14 @@ class TrainDisplay:
             TextColumn("eta"),
             TimeRemainingColumn(),
             console=console,
+            speed_estimate_period=3600,  # (rich's 30 s held no two steps of a slow run: no eta, ever)
         )
         self.task = self.progress.add_task("train", total=None)
         self.stats = Text()
         self.sample: Panel | None = None
         self.loss = self.val_bpb = self.lr = self.tokens_per_s = None
         self.recent: collections.deque = collections.deque(maxlen=RATE_STEPS)  # (tokens, seconds) a step
+        self.start: dict = {}  # (the start event: its steps and device, for the first step's note)
         self.live = Live(self._view(), console=console, refresh_per_second=4)
         self.failed = False  # (its console took no more: the caller may send that output away)
 
@@ -207,6 +232,7 @@ class TrainDisplay:
         kind = event["event"]
         if kind == "start":
             self.live.start()
+            self.start = event
             self.progress.reset(self.task, total=event["steps"], completed=event["step"])
             self.console.print(start_line(event), soft_wrap=True)
             for line, fields in event.get("changes", []):
@@ -233,6 +259,8 @@ class TrainDisplay:
             seconds = event.get("step_seconds") or 1.0
             self.recent.append((event["tokens_per_s"] * seconds, seconds))
             self.tokens_per_s = sum(t for t, _ in self.recent) / sum(s for _, s in self.recent)
+            if len(self.recent) == 1 and (note := slow_run_note(self.start, event)):
+                self.console.print(f"[yellow]note:[/] {note}", soft_wrap=True)
         elif kind == "eval":
             self.val_bpb = event["val_bpb"]
             self.console.print(f"step {event['step']:>6}  loss {self.loss:.4f}  val bpb {self.val_bpb:.4f}")

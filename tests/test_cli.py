@@ -179,6 +179,47 @@ def test_a_display_whose_stderr_fails_at_its_end_says_so_and_raises_nothing():
     assert display.failed
 
 
+def test_a_slow_run_says_how_long_it_will_take_at_its_first_step():
+    """Plain `htcli train data.txt` on 2 CPU cores (the small preset, ~40 s a step) showed no eta (rich
+    estimated its speed over 30 s, which held no two steps) and nothing of its 11 hours until its first
+    eval, an hour in (review): its first step says the pace and the hours left, with advice on a CPU, and
+    the eta's speed is estimated over an hour."""
+    import io
+
+    from rich.console import Console
+
+    from htcli.display import TrainDisplay
+
+    for device, seconds, said in (
+        (
+            "cpu",
+            40.0,
+            "note: the first step took 40 s: at that pace the 999 steps left take about 11 h: a smaller",
+        ),
+        ("cuda", 4.0, "note: the first step took 4 s: at that pace the 999 steps left take about 1.1 h\n"),
+        ("cpu", 1.0, None),
+    ):
+        out = io.StringIO()
+        display = TrainDisplay(Console(file=out, force_terminal=False, width=200))
+        start = dict(event="start", steps=1000, step=0, resumed=False, params=1, device=device, dtype="fp32",
+                     train_bytes=1, val_bytes=1, tokens_per_step=1)  # fmt: skip
+        display(start)
+        step = {
+            "event": "step",
+            "step": 1,
+            "loss": 1.0,
+            "lr": 1e-3,
+            "tokens_per_s": 1.0,
+            "step_seconds": seconds,
+        }
+        display(step)
+        display({**step, "step": 2})  # (said once, at the session's first step)
+        assert out.getvalue().count("note:") == (said is not None) and (
+            said is None or said in out.getvalue()
+        )
+    assert display.progress.speed_estimate_period >= 3600
+
+
 def test_compile_without_a_cxx_compiler_is_one_line(corpus, tmp_path):
     """--compile on a CPU where no C++ compiler works (inductor's InvalidCxxCompiler at the first step) was
     a traceback of 135 lines; one line says to train without --compile (review)."""
