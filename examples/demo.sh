@@ -20,3 +20,6 @@ htcli sample "$OUT" --prompt "def " --max-new-tokens 300 --temperature 0.7 --see
 
 echo "== htcli eval: the json package, held out from training"
 htcli eval "$OUT" "$STDLIB/json/*.py" --device cpu
+
+echo "== next: htcli sample $OUT --prompt 'import ' (more text), htcli plot $OUT (its curves, with"
+echo "   pip install 'htcli[plot]'), htcli train DATA --out runs/mine --preset tiny (your own corpus)"
