@@ -74,9 +74,7 @@ class TrainConfig:
     sample_every: int = 500  # steps between generated samples; 0: never
     sample_length: int = 200  # bytes generated per periodic sample
     device: str = "auto"  # auto | cpu | cuda | mps
-    dtype: str = (
-        "auto"  # auto | fp32 | bf16 | fp16 (autocast; auto: bf16 on CUDA or a CPU with AMX or AVX-512 BF16)
-    )
+    dtype: str = "auto"  # auto | fp32 | bf16 | fp16 (autocast; auto: see htcli.device.resolve_dtype)
     compile: bool = False  # torch.compile the model
     seed: int = 0  # model initialisation and data order
     # several processes (torchrun): False: each rank draws its own windows (seeded by rank); True: each
