@@ -912,19 +912,26 @@ def sample(
 
 def _prompt_bytes(prompt: str | None, prompt_file: Path | None, context: int) -> bytes:
     """The prompt: a file's last context bytes (all the model sees, and what is echoed), or --prompt's
-    bytes, echoed whole: one longer than the context gets a note that the model sees only its end."""
-    from htcli.sample import read_prompt
+    bytes, echoed whole: one longer than the context gets a note that the model sees only its end (a
+    file too, where its size is known: it was kept short without a word)."""
+    from htcli.sample import STDIN, read_prompt
 
     if prompt_file:
-        return read_prompt(prompt_file, context)
-    given = os.fsencode(prompt or "\n")  # (fsencode: arguments not UTF-8 byte for byte)
-    if len(given) > context:
+        read = read_prompt(prompt_file, context)
+        size = 0
+        with contextlib.suppress(OSError):
+            size = os.stat(prompt_file).st_size if os.fspath(prompt_file) != STDIN else 0
+        what, echoed = f"the prompt file {prompt_file}", ", and only those are echoed"
+    else:
+        read = os.fsencode(prompt or "\n")  # (fsencode: arguments not UTF-8 byte for byte)
+        size, what, echoed = len(read), "the prompt", ""
+    if size > context:
         err_console.print(
-            f"[dim]note: the prompt is {len(given):,} bytes; the model continues from its last {context:,}"
-            " (its context)",
+            f"[dim]note: {escape(what)} is {size:,} bytes; the model continues from its last {context:,}"
+            f" (its context){echoed}",
             soft_wrap=True,
         )
-    return given
+    return read
 
 
 def _check_greedy(temperature: float, num_samples: int, echo_json: bool) -> None:

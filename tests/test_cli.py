@@ -470,6 +470,13 @@ def test_a_prompt_longer_than_the_context_is_said_to_be(trained, tmp_path):
     assert long.exit_code == 0 and long.stdout.startswith(text), long.output
     assert "note: the prompt is 300 bytes; the model continues from its last 64 (its context)" in long.stderr
     assert "note:" not in end.stderr and long.stdout[len(text) :] == end.stdout[64:]
+    # a prompt file longer than the context: its end is read (and echoed), now with a note (review)
+    (tmp_path / "long.txt").write_text(text)
+    (tmp_path / "short.txt").write_text(text[-64:])
+    from_file = invoke(*args, "--prompt-file", tmp_path / "long.txt")
+    said = f"note: the prompt file {tmp_path / 'long.txt'} is 300 bytes; the model continues from its last 64"
+    assert said in " ".join(from_file.stderr.split()) and from_file.stdout == end.stdout
+    assert "note:" not in invoke(*args, "--prompt-file", tmp_path / "short.txt").stderr
 
 
 def test_a_prompt_from_standard_input(trained, tmp_path):
