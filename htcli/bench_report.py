@@ -68,6 +68,7 @@ def bench_table(rows: list[Row], config: BenchConfig, title: str) -> Table:
     """One line per (length, mode, method), with the SDPA/H ratios on the H-attention line."""
     step = "step" if config.model else "fwd+bwd"
     caption = [f"speedup: SDPA {step} time / H-attn's; mem: H-attn peak / SDPA's", _timing_line(rows)]
+    caption += [_slower_line(rows)]
     table = Table(
         title=title,
         title_justify="left",
@@ -103,6 +104,19 @@ WAYS = {  # bench.Timing's ways
     "back to back": "the mean of calls queued back to back",
     "alone": "one call timed alone",
 }
+
+
+def _slower_line(rows: list[Row]) -> str:
+    """Where H-attention was slower than SDPA, why that is no surprise at short lengths ("" where it never
+    was): a newcomer's `bench --seq-len 1024` showed 0.80x without a word."""
+    slower = sorted({row.n for row in rows if (ratio := row.ratio("forward_backward_s")) and ratio < 1})
+    if not slower:
+        return ""
+    lengths = ", ".join(f"{n:,}" for n in slower)
+    return (
+        f"H-attn is slower at {lengths}: SDPA's cost grows as n², H-attn's as n, so H-attn wins at longer "
+        "sequences (try --seq-len 8192 or more)"
+    )
 
 
 def _timing_line(rows: list[Row]) -> str:

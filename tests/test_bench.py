@@ -326,6 +326,27 @@ def test_bench_measures_each_length_once():
     assert BenchConfig(seq_lens=[64, 64, 32], device="cpu").seq_lens == [64, 32]
 
 
+def test_bench_table_says_why_h_attention_is_slower_at_short_lengths():
+    """`htcli bench --seq-len 1024` on a CPU showed H-attention 0.80x of SDPA without a word (review): the
+    caption names the lengths where it was slower and why (n against n²); none where it never was."""
+    from rich.console import Console
+
+    from htcli.bench_report import bench_table
+
+    def row(n: int, h_seconds: float) -> Row:
+        ok = {"status": "ok", "forward_s": 1e-3, "peak_bytes": 1}
+        return Row(
+            n, True, {"h": {**ok, "forward_backward_s": h_seconds}, "sdpa": {**ok, "forward_backward_s": 1.0}}
+        )
+
+    slower = "H-attn is slower at 1,024: SDPA's cost grows as n²"
+    for rows, said in (([row(1024, 1.25), row(8192, 0.2)], slower), ([row(8192, 0.2)], None)):
+        console = Console(width=80, record=True)
+        console.print(bench_table(rows, BenchConfig(), "title"))
+        text = " ".join(console.export_text().split())
+        assert (said in text and "8,192:" not in text) if said else "is slower" not in text
+
+
 def test_bench_table_fits_80_columns():
     """The bench table, long lengths and timeouts included, is whole in an 80-column terminal."""
     from rich.console import Console
