@@ -112,10 +112,11 @@ def _slower_line(rows: list[Row]) -> str:
     slower = sorted({row.n for row in rows if (ratio := row.ratio("forward_backward_s")) and ratio < 1})
     if not slower:
         return ""
-    lengths = ", ".join(f"{n:,}" for n in slower)
+    lengths, longest = ", ".join(f"{n:,}" for n in slower), max(row.n for row in rows)
+    advice = f" (try --seq-len {max(8192, 4 * longest)})" if longest in slower else ""  # (none past a win)
     return (
         f"H-attn is slower at {lengths}: SDPA's cost grows as n², H-attn's as n, so H-attn wins at longer "
-        "sequences (try --seq-len 8192 or more)"
+        f"sequences{advice}"
     )
 
 

@@ -176,9 +176,10 @@ def slow_run_note(start: dict, step: dict) -> str | None:
         if start.get("device") == "cpu"
         else ""
     )
+    took = f"{seconds:.0f} s" if seconds >= 10 else f"{seconds:.2g} s"  # (0.4 s read "0 s")
     return (
-        f"the first step took {seconds:.0f} s: at that pace the {left:,} steps left take about "
-        f"{hours:.{0 if hours >= 10 else 1}f} h{advice}"
+        f"the first step took {took}: at that pace (a first step is often the slowest) the {left:,} steps "
+        f"left take about {hours:.{0 if hours >= 10 else 1}f} h{advice}"
     )
 
 

@@ -339,12 +339,21 @@ def test_bench_table_says_why_h_attention_is_slower_at_short_lengths():
             n, True, {"h": {**ok, "forward_backward_s": h_seconds}, "sdpa": {**ok, "forward_backward_s": 1.0}}
         )
 
-    slower = "H-attn is slower at 1,024: SDPA's cost grows as n²"
-    for rows, said in (([row(1024, 1.25), row(8192, 0.2)], slower), ([row(8192, 0.2)], None)):
+    slower = "H-attn is slower at 1,024: SDPA's cost grows as n², H-attn's as n, so H-attn wins at longer"
+    cases = [
+        ([row(1024, 1.25), row(8192, 0.2)], None),  # (no advice: a longer length was run, and won)
+        ([row(1024, 1.25)], "(try --seq-len 8192)"),
+        ([row(8192, 0.2)], ""),
+    ]
+    for rows, advice in cases:
         console = Console(width=80, record=True)
         console.print(bench_table(rows, BenchConfig(), "title"))
         text = " ".join(console.export_text().split())
-        assert (said in text and "8,192:" not in text) if said else "is slower" not in text
+        if advice == "":
+            assert "is slower" not in text
+        else:
+            assert slower in text and "8,192:" not in text and ("(try" in text) == bool(advice)
+            assert advice is None or text.endswith(f"sequences {advice}")
 
 
 def test_bench_table_fits_80_columns():

@@ -190,13 +190,20 @@ def test_a_slow_run_says_how_long_it_will_take_at_its_first_step():
 
     from htcli.display import TrainDisplay
 
-    for device, seconds, said in (
+    for device, seconds, said in (  # fmt: skip
         (
             "cpu",
             40.0,
-            "note: the first step took 40 s: at that pace the 999 steps left take about 11 h: a smaller",
+            "note: the first step took 40 s: at that pace (a first step is often the slowest) the 999"
+            " steps left take about 11 h: a smaller",
         ),
-        ("cuda", 4.0, "note: the first step took 4 s: at that pace the 999 steps left take about 1.1 h\n"),
+        (
+            "cuda",
+            4.0,
+            "note: the first step took 4 s: at that pace (a first step is often the slowest) the 999"
+            " steps left take about 1.1 h\n",
+        ),
+        ("cuda", 4.4, "note: the first step took 4.4 s: at that pace"),
         ("cpu", 1.0, None),
     ):
         out = io.StringIO()
