@@ -914,14 +914,12 @@ def _prompt_bytes(prompt: str | None, prompt_file: Path | None, context: int) ->
     """The prompt: a file's last context bytes (all the model sees, and what is echoed), or --prompt's
     bytes, echoed whole: one longer than the context gets a note that the model sees only its end (a
     file too, where its size is known: it was kept short without a word)."""
-    from htcli.sample import STDIN, read_prompt
+    from htcli.sample import STDIN, read_prompt_sized
 
     if prompt_file:
-        read = read_prompt(prompt_file, context)
-        size = 0
-        with contextlib.suppress(OSError):
-            size = os.stat(prompt_file).st_size if os.fspath(prompt_file) != STDIN else 0
-        what, echoed = f"the prompt file {prompt_file}", ", and only those are echoed"
+        read, size = read_prompt_sized(prompt_file, context)
+        shown = "standard input" if os.fspath(prompt_file) == STDIN else f"the prompt file {prompt_file}"
+        what, echoed = shown, ", and only those are echoed"
     else:
         read = os.fsencode(prompt or "\n")  # (fsencode: arguments not UTF-8 byte for byte)
         size, what, echoed = len(read), "the prompt", ""

@@ -318,15 +318,22 @@ def read_prompt(path: Path, context: int) -> bytes:
     """The last `context` bytes of a regular file (all a model of that context sees of a prompt): only
     those are read. Anything but a regular file (a FIFO, /dev/zero) is refused, so nothing hangs. The
     path - is standard input, read to its end (its last `context` bytes kept)."""
+    return read_prompt_sized(path, context)[0]
+
+
+def read_prompt_sized(path: Path, context: int) -> tuple[bytes, int]:
+    """read_prompt's bytes, and how many bytes the file or standard input held (more than context: the
+    model sees only its end, which a caller may say)."""
     if os.fspath(path) == STDIN:
-        return _not_empty(_read_stdin(context), "standard input (prompt file -)")
+        tail, size = _read_stdin(context)
+        return _not_empty(tail, "standard input (prompt file -)"), size
     try:
         with open(path, "rb", opener=_opener_without_blocking) as file:
             facts = os.fstat(file.fileno())
             if not stat.S_ISREG(facts.st_mode):
                 raise HtcliError(f"prompt file {path} is not a regular file: give a file of text")
             file.seek(max(0, facts.st_size - context))
-            return _not_empty(file.read(context), f"prompt file {path}")
+            return _not_empty(file.read(context), f"prompt file {path}"), facts.st_size
     except FileNotFoundError:
         raise HtcliError(
             f"prompt file {path} does not exist: give a file of text, or - for standard input"
@@ -344,18 +351,19 @@ def _not_empty(prompt: bytes, source: str) -> bytes:
     return prompt
 
 
-def _read_stdin(context: int) -> bytes:
-    """The last `context` bytes of standard input, read to its end a chunk at a time."""
+def _read_stdin(context: int) -> tuple[bytes, int]:
+    """The last `context` bytes of standard input, read to its end a chunk at a time, and how many it held."""
     if sys.stdin is None:  # (a process started without one)
         raise HtcliError("the prompt file - is standard input, and this process has none: give a file")
-    tail = bytearray()
+    tail, size = bytearray(), 0
     try:
         while chunk := sys.stdin.buffer.read(STDIN_CHUNK):
             tail += chunk
+            size += len(chunk)
             del tail[:-context]
     except OSError as error:
         raise HtcliError(f"cannot read the prompt from standard input: {error.strerror or error}") from None
-    return bytes(tail)
+    return bytes(tail), size
 
 
 def _opener_without_blocking(path: str, flags: int) -> int:

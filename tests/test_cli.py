@@ -509,6 +509,10 @@ def test_a_prompt_from_standard_input(trained, tmp_path):
         for path in ("-", prompt)
     ]
     assert done[0].returncode == 0 and done[0].stdout == done[1].stdout, done[0].stderr
+    # (both longer than the context: each says so, standard input too; review)
+    said = "is 3,000,000 bytes; the model continues from its last 64 (its context), and only those are echoed"
+    assert b"note: standard input " + said.encode() in b" ".join(done[0].stderr.split())
+    assert f"note: the prompt file {prompt} {said}".encode() in b" ".join(done[1].stderr.split())
     closed = subprocess.run(
         [*command, "-"], stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60
     )
