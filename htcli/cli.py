@@ -667,10 +667,13 @@ def _finished_is_done(resume: bool | str) -> Iterator[None]:
             err_console.print(f"{escape(_finished(finished))}", soft_wrap=True)
 
 
-def _finished(finished: Exception) -> str:
-    """The note of a run that has trained all its steps, from RunFinished's error."""
-    said = respell(str(finished), getattr(finished, "fields", ())).split(": pass a larger")[0]
-    return f"{said}: finished, nothing to train (a larger --steps trains on)"
+def _finished(finished) -> str:
+    """The note of a run that has trained all its steps (a RunFinished), where resume auto asked for it."""
+    out, step = finished.out, finished.step
+    return (
+        f"{out} is already at step {step} of --steps {step}: finished, nothing to train (a larger --steps "
+        "trains on)"
+    )
 
 
 def _train_and_report(config, resume: bool | str, dropped: str) -> None:
@@ -733,11 +736,12 @@ def _print_config(config, resume: bool | str) -> None:
         resolve_dtype(config.dtype, resolve_device("cpu"), training=True)
     if not launch_from_env().main:  # (under torchrun, once: every rank printed it)
         return
-    refused = start_refusal(config, resolve_resume(resume, config.out))
+    resuming = resolve_resume(resume, config.out)
+    refused = start_refusal(config, resuming)
     if isinstance(refused, OSError):  # (said as train's error says it)
         refused = HtcliError(_os_error(refused))
     warnings = [warmup_warning(config.warmup, config.steps), finished and _finished(finished)]
-    if not resolve_resume(resume, config.out):  # (a resumed run's is said from its step, when it starts)
+    if not resuming:  # (a resumed run's is said from its step, when it starts)
         start = dict(context_schedule(config), seq_len=config.model.max_seq_len, steps=config.steps, step=0)
         warnings.append(context_warning(start))
     warnings += [
@@ -918,8 +922,8 @@ def _prompt_bytes(prompt: str | None, prompt_file: Path | None, context: int) ->
 
     if prompt_file:
         read, size = read_prompt_sized(prompt_file, context)
-        shown = "standard input" if os.fspath(prompt_file) == STDIN else f"the prompt file {prompt_file}"
-        what, echoed = shown, ", and only those are echoed"
+        what = "standard input" if os.fspath(prompt_file) == STDIN else f"the prompt file {prompt_file}"
+        echoed = ", and only those are echoed"
     else:
         read = os.fsencode(prompt or "\n")  # (fsencode: arguments not UTF-8 byte for byte)
         size, what, echoed = len(read), "the prompt", ""

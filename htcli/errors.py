@@ -31,7 +31,7 @@ def unreadable_advice(error: OSError) -> str:
 def unwritable_advice(error: OSError) -> str:
     """What to do about a run directory that could not be written with this error (names the field out)."""
     if error.errno in (errno.EMFILE, errno.ENFILE):  # (not the directory's fault: "give another out" misled)
-        return "raise the limit on open files (ulimit -n) and start again"
+        return unreadable_advice(error)
     if error.errno in (errno.ENOSPC, errno.EDQUOT):
         return "free some space, or give another out"
     if error.errno == errno.EROFS:

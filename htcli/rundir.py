@@ -39,7 +39,12 @@ from htcli.runlog import parse_event
 
 class RunFinished(HtcliError):
     """A resume of a run that has trained all its steps: with resume "auto" (a job requeued after its run
-    finished, killed after its last save), there is nothing to do, not an error."""
+    finished, killed after its last save), there is nothing to do, not an error. out and step: the run's,
+    for a front end's note."""
+
+    def __init__(self, message: str, *, out: Path, step: int) -> None:
+        super().__init__(message, fields=("steps",))
+        self.out, self.step = out, step
 
 
 def resolve_resume(resume: bool | str, out: Path) -> bool:
@@ -209,10 +214,10 @@ def _check_model_and_steps(out: Path, config: TrainConfig, info: CheckpointInfo)
             )
         raise _model_differs(out, ours, theirs, changed)
     if info.step >= config.steps:
-        raise (RunFinished if info.step == config.steps else HtcliError)(
-            f"{out} is already at step {info.step} of steps {config.steps}: pass a larger steps",
-            fields=("steps",),
-        )
+        message = f"{out} is already at step {info.step} of steps {config.steps}: pass a larger steps"
+        if info.step == config.steps:
+            raise RunFinished(message, out=out, step=info.step)
+        raise HtcliError(message, fields=("steps",))
 
 
 def _model_differs(out: Path, ours: dict, theirs: dict, changed: list[str]) -> HtcliError:
