@@ -183,6 +183,14 @@ def slow_run_note(start: dict, step: dict) -> str | None:
     )
 
 
+def stopping_notice(signal_name: str) -> str:
+    """What a stop that waits for the step in progress says at once."""
+    said = "saving and stopping once the step in progress ends"
+    if signal_name == "SIGINT":
+        return f"Ctrl-C: {said} (Ctrl-C again quits without saving)"
+    return f"{signal_name}: {said}"
+
+
 class TrainDisplay:
     """Progress bar with ETA, step, loss, validation bits per byte, learning rate, tokens/s, latest sample.
 
@@ -272,6 +280,8 @@ class TrainDisplay:
                 title += " (cut short by the stop)"
             self.sample = Panel(text, title=title, title_align="left")
             self.live.update(self._view())
+        elif kind == "stopping":  # (from another thread, while a slow step goes on)
+            self.console.print(f"[yellow]{stopping_notice(event['signal'])}", soft_wrap=True)
         elif kind == "interrupt":
             self.console.print(
                 f"[yellow]interrupted at step {event['step']}: saving and stopping", soft_wrap=True

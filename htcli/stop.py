@@ -11,10 +11,11 @@ import contextlib
 import os
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 STOPS = (*SIGNALS, signal.SIGHUP)  # what a training loop saves and stops on
+NOTICE_AFTER = 1.0  # seconds a stop may wait unacknowledged before `on_wait` is told of it
 
 
 def _terminal_outputs() -> list[int]:
@@ -38,13 +39,20 @@ class StopRequest:
     process ends), but SIGHUP then only sends output to /dev/null (it comes twice when a terminal closes:
     from the terminal and from its shell). Signal handlers exist only in the main thread: elsewhere it never
     fires. A SIGHUP that the process ignores (under `nohup`) stays ignored. In a rank of torchrun's, `poll`
-    records a SIGTERM once torchrun is gone."""
+    records a SIGTERM once torchrun is gone.
 
-    def __init__(self) -> None:
+    on_wait: called with the signal, from a thread of its own, where a first SIGINT or SIGTERM is not
+    `acknowledge`d within NOTICE_AFTER seconds (a slow step goes on after a Ctrl-C, which looked ignored)."""
+
+    def __init__(self, on_wait: Callable[[signal.Signals], None] | None = None) -> None:
         self.signal: signal.Signals | None = None
         self._previous: dict[int, object] = {}
         self._terminal: list[int] = []
         self._launcher: int | None = None  # torchrun's process id, in a rank it started
+        self._on_wait = on_wait
+        self._answered = threading.Event()  # (acknowledged, or the request's end)
+        self._wake: tuple[int, int] | None = None  # a pipe: the handler writes, the watcher reads
+        self._watcher: threading.Thread | None = None
 
     def poll(self) -> None:
         """A stop recorded as SIGTERM once torchrun, the launcher of this rank, is gone: killed by a signal
@@ -66,6 +74,9 @@ class StopRequest:
         if signum == signal.SIGHUP:
             to_devnull(self._terminal)
         self.signal = signal.Signals(signum)
+        if self._wake is not None and signum != signal.SIGHUP:  # (a write: no lock a handler could meet)
+            with contextlib.suppress(OSError):
+                os.write(self._wake[1], b"s")
         for number, handler in self._previous.items():  # (SIGHUP's set at once: no moment at its default)
             if number == signal.SIGHUP:  # (a shell that loses its terminal sends its own SIGHUP too)
                 handler = lambda *_: to_devnull(self._terminal)  # noqa: E731
@@ -91,11 +102,43 @@ class StopRequest:
             self._previous = {n: h for n, h in handlers.items() if not (ignored and n == signal.SIGHUP)}
             for number in self._previous:
                 signal.signal(number, self._handle)
+            if self._on_wait is not None:
+                self._wake = os.pipe()
+                self._watcher = threading.Thread(target=self._watch, name="htcli-stop-notice", daemon=True)
+                self._watcher.start()
         return self
+
+    def acknowledge(self) -> None:
+        """The stop is being acted on: `on_wait` is not called (or no more waited for)."""
+        self._answered.set()
+
+    def _watch(self) -> None:
+        """Waits for the handler's word, then NOTICE_AFTER seconds for the acknowledgement; a notice that
+        cannot be given (a closed terminal) is left out: it must not end the run."""
+        try:
+            woken = os.read(self._wake[0], 1) == b"s"
+        except OSError:
+            return
+        if woken and not self._answered.wait(NOTICE_AFTER) and self.signal is not None:
+            with contextlib.suppress(Exception):
+                self._on_wait(self.signal)
+
+    def _stop_watching(self) -> None:
+        self._answered.set()
+        wake, self._wake = self._wake, None  # (first: a handler that runs now writes to no closed pipe)
+        if wake is None:
+            return
+        with contextlib.suppress(OSError):
+            os.write(wake[1], b"q")
+        self._watcher.join(timeout=5)  # (a notice being printed finishes first)
+        for fd in wake:
+            os.close(fd)
+        self._watcher = None
 
     def __exit__(self, *exc) -> None:
         """The handlers as they were; after a SIGHUP, SIGHUP stays ignored (the terminal is gone: a late
         one would end the saved run's last words, or a library caller's next run)."""
+        self._stop_watching()
         for number, handler in self._previous.items():
             hung_up = number == signal.SIGHUP and self.signal == signal.SIGHUP
             terminated = self.signal is not None and self._term_ignored(number, handler)

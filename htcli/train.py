@@ -1,7 +1,9 @@
 """Training: `train(config)` runs (or resumes) a run in config.out and returns its summary.
 
 Every event (start, step, eval, sample, checkpoint, end) goes to `on_event` as a dict and, as one JSON
-line, to OUT/log.jsonl. The first Ctrl-C (SIGINT) stops the run after the current step and saves it.
+line, to OUT/log.jsonl. The first Ctrl-C (SIGINT) stops the run after the current step and saves it; where
+the step goes on for over a second after it, `on_event` gets a "stopping" event at once, from another
+thread (not logged: the "interrupt" event follows at the step's end).
 
 Inside a process group (`htcli.distributed.process_group`, under torchrun) the same function trains
 data-parallel: each rank draws its own windows, backward averages the gradients over ranks, evaluation
@@ -117,13 +119,14 @@ def train(
         loggers = _start_writing(run)
         with (
             RunLog(run.out / LOG_FILE, on_event, enabled=run.main, loggers=loggers) as log,
-            StopRequest() as stop,
+            StopRequest(_stop_notice(on_event, run) if run.main else None) as stop,
         ):
             log("start", **run.start_fields())
             started, first_step, loss, stopped_by = time.perf_counter(), run.step, None, None
             while run.step < config.steps and not (stopped_by := _agreed_stop(stop, run.device)):
                 loss = run.train_step(log)
                 run.after_step(log, stop)
+            stop.acknowledge()
             if stopped_by:
                 _save_at_stop(run, log, stopped_by)
             seconds = time.perf_counter() - started
@@ -171,6 +174,14 @@ def start_refusal(config: TrainConfig, resume: bool) -> HtcliError | OSError | N
     except (HtcliError, OSError) as error:
         return error
     return None
+
+
+def _stop_notice(on_event: Callable[[dict], None] | None, run: Run) -> Callable | None:
+    """What tells on_event of a stop that waits for a slow step (a "stopping" event, from another thread and
+    not logged: the "interrupt" event follows when the loop stops)."""
+    if on_event is None:
+        return None
+    return lambda signum: on_event({"event": "stopping", "step": run.step, "signal": signum.name})
 
 
 def _save_at_stop(run: Run, log: RunLog, signal_name: str) -> None:

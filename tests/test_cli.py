@@ -155,6 +155,24 @@ def test_a_sample_in_trains_display_shows_control_bytes_and_is_not_all_dim():
     assert "/tmp/" + "a" * 80 + "/run" in text  # (one line: soft wrap)
 
 
+def test_trains_display_says_at_once_that_a_stop_waits_for_the_step():
+    """The "stopping" event (a Ctrl-C or SIGTERM during a slow step) is one line that says the run saves and
+    stops when the step ends, and, for a Ctrl-C, what a second one does."""
+    from rich.console import Console
+
+    from htcli.display import TrainDisplay
+
+    console = Console(record=True, width=60, force_terminal=False)
+    with TrainDisplay(console) as display:
+        display({"event": "stopping", "step": 3, "signal": "SIGINT"})
+        display({"event": "stopping", "step": 3, "signal": "SIGTERM"})
+    lines = console.export_text().splitlines()
+    assert lines == [
+        "Ctrl-C: saving and stopping once the step in progress ends (Ctrl-C again quits without saving)",
+        "SIGTERM: saving and stopping once the step in progress ends",
+    ]
+
+
 def test_a_display_whose_stderr_fails_at_its_end_says_so_and_raises_nothing():
     """The live view's last frame on a stderr that takes no more (a pipe closed as a stopped run ends): its
     OSError ended the command with exit 1, a saved run stopped by SIGTERM lost its 75."""

@@ -161,6 +161,39 @@ def test_a_stop_request_puts_the_handlers_back(signum, monkeypatch):
             signal.signal(number, handler)
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_a_stop_request_tells_of_a_stop_not_acknowledged_in_time(signum, monkeypatch):
+    """on_wait hears of a first SIGINT or SIGTERM that waits NOTICE_AFTER seconds unacknowledged, once, from
+    another thread (a SIGHUP: never; its terminal is gone); acknowledged in time, never; the watcher thread
+    and its pipe end with the request (no descriptor left open)."""
+    from htcli import stop as stop_module
+    from htcli.stop import StopRequest
+
+    monkeypatch.setattr(stop_module, "_terminal_outputs", list)
+    monkeypatch.setattr(stop_module, "NOTICE_AFTER", 0.1)
+    before = {number: signal.signal(number, lambda *_: None) for number in stop_module.STOPS}
+    descriptors = len(os.listdir("/proc/self/fd"))
+    try:
+        heard = []
+        with StopRequest(lambda got: heard.append((got, threading.current_thread().name))) as stop:
+            os.kill(os.getpid(), signum)
+            time.sleep(0.6)
+            assert stop.signal == signum
+        expected = [] if signum == signal.SIGHUP else [(signum, "htcli-stop-notice")]
+        assert heard == expected
+        with StopRequest(heard.append) as stop:
+            os.kill(os.getpid(), signum)
+            time.sleep(0.01)
+            stop.acknowledge()
+            time.sleep(0.3)
+        assert heard == expected
+        assert len(os.listdir("/proc/self/fd")) == descriptors
+        assert "htcli-stop-notice" not in [thread.name for thread in threading.enumerate()]
+    finally:
+        for number, handler in before.items():
+            signal.signal(number, handler)
+
+
 @pytest.mark.parametrize("torchrun", [True, False])
 def test_a_rank_whose_torchrun_is_gone_asks_to_stop(torchrun, monkeypatch):
     """In a rank that torchrun's agent started, a parent that is no longer torchrun (it was SIGKILLed) is a

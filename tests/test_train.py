@@ -117,6 +117,46 @@ def test_interrupted_and_resumed_run_equals_one_run(corpus, tmp_path, optimizer)
     assert second.train_loss == whole.train_loss
 
 
+def test_a_stop_that_waits_for_a_slow_step_is_said_at_once(corpus, tmp_path, monkeypatch):
+    """A Ctrl-C that the loop cannot take for a while (a slow step: here the step event's handler, 2 s) gets a
+    "stopping" event once it has waited NOTICE_AFTER seconds, from another thread, before the step ends and
+    the "interrupt" event; it is not logged. A Ctrl-C the loop takes at once gets none (nor any SIGHUP)."""
+    import threading
+    import time
+
+    from htcli import stop as stop_module
+
+    monkeypatch.setattr(stop_module, "NOTICE_AFTER", 0.2)
+    seen = []
+
+    def slow_after_a_ctrl_c(event):
+        seen.append((event, threading.current_thread() is threading.main_thread()))
+        if event["event"] == "step" and event["step"] == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(2)
+
+    result = train(tiny_config(corpus, tmp_path / "slow", save_every=0), on_event=slow_after_a_ctrl_c)
+    kinds = [event["event"] for event, _ in seen]
+    assert result.interrupted and result.step == 2
+    assert kinds.count("stopping") == 1
+    assert kinds.index("step") < kinds.index("stopping") < kinds.index("interrupt")
+    stopping, in_main_thread = seen[kinds.index("stopping")]
+    assert stopping == {"event": "stopping", "step": 2, "signal": "SIGINT"} and not in_main_thread
+    assert events(tmp_path / "slow", "stopping") == [] and len(events(tmp_path / "slow", "interrupt")) == 1
+
+    monkeypatch.setattr(stop_module, "NOTICE_AFTER", 1.0)
+    seen.clear()
+
+    def quick_ctrl_c(event):
+        seen.append((event, True))
+        if event["event"] == "step" and event["step"] == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    assert train(tiny_config(corpus, tmp_path / "quick", save_every=0), on_event=quick_ctrl_c).interrupted
+    time.sleep(1.2)  # (a notice would have come by now)
+    assert "stopping" not in [event["event"] for event, _ in seen]
+
+
 def rewrite_optimizer_groups(out, change) -> None:
     """Rewrite out's optimizer.safetensors with change(group) applied to every saved parameter group."""
     from safetensors import safe_open
