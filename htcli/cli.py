@@ -898,7 +898,7 @@ def sample(
         from htcli.device import resolve_device, resolve_dtype
         from htcli.sample import SamplingConfig, generate_batch
 
-        _check_sample_options(prompt, prompt_file, num_samples, seed)
+        _check_sample_options(prompt, prompt_file, num_samples, seed, max_new_tokens)
         _check_greedy(temperature, num_samples, bool(echo) and json_output)
         configs = [
             SamplingConfig(max_new_tokens, temperature, top_k, top_p, seed + i) for i in range(num_samples)
@@ -951,7 +951,9 @@ def _check_greedy(temperature: float, num_samples: int, echo_json: bool) -> None
         )
 
 
-def _check_sample_options(prompt: str | None, prompt_file: Path | None, num_samples: int, seed: int) -> None:
+def _check_sample_options(
+    prompt: str | None, prompt_file: Path | None, num_samples: int, seed: int, max_new_tokens: int
+) -> None:
     if prompt is not None and prompt_file is not None:
         raise HtcliError("give --prompt or --prompt-file, not both")
     # (an empty --prompt started from a newline, as no --prompt does, where an empty --prompt-file is refused)
@@ -965,6 +967,8 @@ def _check_sample_options(prompt: str | None, prompt_file: Path | None, num_samp
             f"--num-samples must be 1 to {MAX_SAMPLES:,} (they decode as one batch), got {num_samples}"
             + (more if num_samples > MAX_SAMPLES else "")
         )
+    if max_new_tokens < 1:  # (0 printed empty samples and "0 bytes in 0.01 s"; generate takes 0)
+        raise HtcliError(f"--max-new-tokens must be at least 1 (the bytes to generate), got {max_new_tokens}")
     if 0 <= seed < MAX_SEED <= seed + num_samples - 1:
         raise HtcliError(
             f"--seed {seed} with --num-samples {num_samples} takes seeds past 2**63 - 1: lower --seed"

@@ -48,7 +48,8 @@ class SamplingConfig:
                 raise HtcliError(f"{name} must be a number, got {getattr(self, name)!r}", fields=(name,))
         if not math.isfinite(self.temperature):
             raise HtcliError(
-                f"temperature must be a number >= 0, got {self.temperature}", fields=("temperature",)
+                f"temperature must be a finite number >= 0 (0: greedy), got {self.temperature}",
+                fields=("temperature",),
             )
         if not 0 <= self.seed < MAX_SEED:
             raise HtcliError(

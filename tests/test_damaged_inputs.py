@@ -336,11 +336,13 @@ def test_directory_entry_that_cannot_be_looked_at(run, tmp_path):
     [
         (["train", "CORPUS", "--seed", str(2**70)], "--seed must be a whole number from 0 to 2**63 - 1"),
         (["sample", "RUN", "--seed", str(2**70)], "--seed must be a whole number from 0 to 2**63 - 1"),
-        (["sample", "RUN", "--temperature", "nan"], "--temperature must be a number >= 0, got nan"),
+        (["sample", "RUN", "--temperature", "nan"], "--temperature must be a finite number >= 0 (0: greedy)"),
+        (["sample", "RUN", "--temperature", "inf"], "--temperature must be a finite number >= 0 (0: greedy)"),
+        (["sample", "RUN", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1 (the bytes to"),
     ],
 )
 def test_impossible_numbers(run, args, message):
-    """A seed beyond 64 bits, a NaN temperature: refused by the flag's name."""
+    """A seed beyond 64 bits, a NaN or infinite temperature, no bytes to make: refused by the flag's name."""
     out, corpus = run
     args = [{"CORPUS": corpus, "RUN": out}.get(arg, arg) for arg in args]
     extra = TINY_FLAGS + ["--out", out.parent / "new"] if args[0] == "train" else ["--device", "cpu"]

@@ -1,5 +1,7 @@
 """Sampling: probability shaping, determinism, the recompute path, UTF-8 streaming."""
 
+import math
+
 import pytest
 import torch
 from conftest import TINY_MODEL
@@ -204,6 +206,7 @@ def test_utf8_stream_never_splits_a_character():
         (dict(top_p=1.5), "top_p must be above 0 and at most 1"),
         (dict(top_p=0.0), "top_p must be above 0 and at most 1"),
         (dict(max_new_tokens=-1), "max_new_tokens must be >= 0"),
+        (dict(temperature=math.inf), r"temperature must be a finite number >= 0 \(0: greedy\), got inf"),
         # (taken, and ignored, where the CLI refused them)
         (
             dict(temperature=0, top_k=3),
