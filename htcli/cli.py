@@ -1030,7 +1030,8 @@ def _print_the_rest(
     cut = ", interrupted" if interrupted else ""
     for index, (config, text) in enumerate(zip(configs, map(bytes, samples))):
         if json_output:
-            ended = next((s.decode("utf-8", "replace") for s in stops if text.endswith(s)), None)
+            ended = max((s for s in stops if text.endswith(s)), key=len, default=None)  # (he, the: the)
+            ended = ended and ended.decode("utf-8", "replace")
             record = {"sample": index + 1, "seed": config.seed, "text": text.decode("utf-8", "replace"),
                       "bytes": len(text), "stop": ended, "interrupted": interrupted}  # fmt: skip
             print(json.dumps(record, ensure_ascii=not _utf8_stdout()), flush=True)

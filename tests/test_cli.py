@@ -638,6 +638,13 @@ def test_stop_ends_a_sample_with_the_stop_string(trained):
     assert record["text"] == free[: free.find(stop) + len(stop)] and record["stop"] == stop
     plain = invoke(*args, "--stop", stop)
     assert plain.stdout == "the " + record["text"] + "\n"
+    # two stops that both end the text (one the other's end): the field names the longer, in either order
+    printable = [i for i, c in enumerate(free) if c.isascii() and c.isprintable()]
+    end = next(i for i in printable if i - 1 in printable and free.find(free[i]) == i)
+    short, longer = free[end], free[end - 1 : end + 1]
+    for stops in (["--stop", short, "--stop", longer], ["--stop", longer, "--stop", short]):
+        both = json.loads(invoke(*args, "--json", *stops).stdout)
+        assert both["text"] == free[: end + 1] and both["stop"] == longer, stops
 
 
 def test_eval_json_matches_the_library(trained, tmp_path):
