@@ -163,8 +163,8 @@ Corpus = Annotated[
     list[str] | None,
     typer.Argument(
         help="Text or binary files, directories (the files below, hidden ones aside), glob patterns; "
-        ".gz and .zst files; JSONL (.jsonl, .jsonl.gz, .jsonl.zst) and Parquet files (a text field per "
-        "record).",
+        ".gz, .zst, .bz2 and .xz files; JSONL (.jsonl, .jsonl.gz, ...) and Parquet files (a text field "
+        "per record).",
         show_default=False,
     ),
 ]

@@ -1,7 +1,9 @@
 """Real corpora: many files, hidden files, JSONL and Parquet records, files that change, the cache."""
 
+import bz2
 import gzip
 import json
+import lzma
 import os
 import shutil
 import subprocess
@@ -351,11 +353,11 @@ def test_a_corpus_given_as_one_string_is_refused(tmp_path):
             ByteCorpus.open(spec)
 
 
-@pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz", ".jsonl.zst"])
+@pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz", ".jsonl.zst", ".jsonl.bz2", ".JSONL.XZ"])
 def test_jsonl_records(tmp_path, suffix):
-    """JSONL (plain, gzip, zstd): each record's text field, followed by the separator; blank lines skipped; a
-    byte-order mark before the first record, as Windows tools write one, taken as none (the first record
-    was refused as not JSON)."""
+    """JSONL (plain, gzip, zstd, bzip2, xz): each record's text field, followed by the separator; blank
+    lines skipped; a byte-order mark before the first record, as Windows tools write one, taken as none
+    (the first record was refused as not JSON)."""
     content = (
         b"\xef\xbb\xbf" + jsonl({"text": "first doc", "id": 1}, {"text": "ünïcode\n"}, {"text": ""}) + b"\n"
     )
@@ -365,6 +367,10 @@ def test_jsonl_records(tmp_path, suffix):
         import zstandard
 
         content = zstandard.ZstdCompressor().compress(content)
+    elif suffix.endswith(".bz2"):
+        content = bz2.compress(content)
+    elif suffix.endswith(".XZ"):
+        content = lzma.compress(content)
     path = write(tmp_path / f"shard{suffix}", content)
     with ByteCorpus.open([path]) as corpus:
         assert corpus.read(0, len(corpus)) == texts("first doc", "ünïcode\n", "")
@@ -548,6 +554,23 @@ def test_zst_files_of_several_frames_read_whole_and_truncated_ones_are_refused(t
     cut = write(tmp_path / "cut.txt.zst", whole[: len(whole) // 2])
     with pytest.raises(HtcliError, match=r"cut.txt.zst is not a readable zstd file \(truncated or corrupt"):
         ByteCorpus.open([cut])
+
+
+@pytest.mark.parametrize("suffix,compress", [(".bz2", bz2.compress), (".xz", lzma.compress)])
+def test_bz2_and_xz_files_are_decompressed_and_broken_ones_refused(tmp_path, suffix, compress):
+    """A .bz2 or .xz file reads as its content, every stream of it (as pbzip2 and xz -T write them): they
+    were read as plain files, the compressed bytes trained on without a word. One cut short, or not in that
+    format, is refused by name."""
+    content = make_text(300_000)
+    path = write(tmp_path / f"c.txt{suffix}", compress(content[:1000]) + compress(content))
+    with ByteCorpus.open([path]) as corpus:
+        assert corpus.read(0, len(corpus)) == content[:1000] + content
+    name = {".bz2": "bzip2", ".xz": "xz"}[suffix]
+    whole = compress(content)
+    for broken in (whole[: len(whole) // 2], make_text(5000)):
+        path = write(tmp_path / f"broken.txt{suffix}", broken)
+        with pytest.raises(HtcliError, match=rf"broken.txt{suffix} is not a readable {name} file \(trunc"):
+            ByteCorpus.open([path])
 
 
 def test_truncated_file_while_reading(tmp_path):

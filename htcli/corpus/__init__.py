@@ -1,6 +1,6 @@
 """Corpora: the files named (find.py), what each kind of file holds (formats.py: plain, .gz, .zst,
-JSONL, Parquet), the cache where compressed and record files are made into bytes once (cache.py), and
-the whole read as one byte string (reader.py)."""
+.bz2, .xz, JSONL, Parquet), the cache where compressed and record files are made into bytes once
+(cache.py), and the whole read as one byte string (reader.py)."""
 
 from htcli.corpus.cache import cache_dir
 from htcli.corpus.find import (

@@ -1,5 +1,5 @@
-"""A machine-wide cache of corpus bytes made from other files: decompressed `.gz`/`.zst` files and the text
-of JSONL and Parquet records, each made once, streaming, and reused until its source changes.
+"""A machine-wide cache of corpus bytes made from other files: decompressed `.gz`/`.zst`/`.bz2`/`.xz` files
+and the text of JSONL and Parquet records, each made once, streaming, and reused until its source changes.
 
 The cache lives in $HTCLI_CACHE_DIR, else $XDG_CACHE_HOME/htcli or ~/.cache/htcli. An entry is named by
 its source's name (its first NAME_BYTES bytes) and a hash of the source's path, size, modification time,
@@ -54,7 +54,7 @@ def _default_dir() -> Path:
         return Path.home() / ".cache" / "htcli"
     except RuntimeError:  # (no HOME, and a user without a passwd entry: a container's uid)
         raise HtcliError(
-            "there is no home directory for the cache of corpus bytes (.gz, .zst, JSONL and Parquet files "
+            "there is no home directory for the cache of corpus bytes (compressed, JSONL and Parquet files "
             "are made into bytes there): set HTCLI_CACHE_DIR to a directory"
         ) from None
 

@@ -1,8 +1,8 @@
 """The kinds of corpus file, by name, and how each becomes bytes to train on.
 
 - plain files (anything not below): their bytes, read in place;
-- `.gz`, `.zst`: their decompressed bytes;
-- JSONL (`.jsonl`, `.jsonl.gz`, `.jsonl.zst`) and Parquet (`.parquet`): the text of one field of
+- `.gz`, `.zst`, `.bz2`, `.xz`: their decompressed bytes;
+- JSONL (`.jsonl`, compressed as above: `.jsonl.gz` ...) and Parquet (`.parquet`): the text of one field of
   each record (`text_field`, default "text"), UTF-8, each record followed by RECORD_SEPARATOR.
 
 Everything but plain files is made once into the cache (htcli.corpus.cache), streaming: a record or
@@ -13,11 +13,13 @@ row); with `skip_bad_records` it is left out and counted instead.
 
 from __future__ import annotations
 
+import bz2
 import codecs
 import contextlib
 import gzip
 import io
 import json
+import lzma
 import shutil
 import zlib
 from collections.abc import Iterator, Sequence
@@ -28,7 +30,7 @@ from typing import IO
 from htcli.corpus.cache import cached
 from htcli.errors import HtcliError, unreadable_advice
 
-COMPRESSIONS = {"gz": "gzip", "zst": "zstd"}
+COMPRESSIONS = {"gz": "gzip", "zst": "zstd", "bz2": "bzip2", "xz": "xz"}
 ZSTD_SLICE = 2048  # compressed bytes fed to the decompressor at a time (its output has no bound)
 RECORD_SEPARATOR = b"\x00"  # after every record's text: a byte text never holds, so the model sees
 # where one document ends and the next begins (a record whose text holds it is a bad record)
@@ -56,16 +58,17 @@ class Prepared:
     skipped: int = 0  # JSONL/Parquet: bad records left out
 
 
+JSONL_KINDS = ("jsonl", *(f"jsonl.{compression}" for compression in COMPRESSIONS))
+RECORD_KINDS = (*JSONL_KINDS, "parquet")
+
+
 def kind(path: Path) -> str:
-    """ "jsonl", "jsonl.gz", "jsonl.zst", "parquet", "gz", "zst" or "plain"."""
+    """ "jsonl", "jsonl.gz" (and each of COMPRESSIONS), "parquet", "gz" (each of COMPRESSIONS) or "plain"."""
     name = path.name.lower()
-    for suffix in ("jsonl.gz", "jsonl.zst", "jsonl", "parquet", "gz", "zst"):
+    for suffix in (*JSONL_KINDS[1:], "jsonl", "parquet", *COMPRESSIONS):
         if name.endswith("." + suffix):
             return suffix
     return "plain"
-
-
-RECORD_KINDS = ("jsonl", "jsonl.gz", "jsonl.zst", "parquet")
 
 
 # the record options' defaults, as check_records_apply says them (a run's config.json holds them all)
@@ -100,7 +103,7 @@ def prepare(source: Path, options: RecordOptions, cache: Path | None = None) -> 
     what = kind(source)
     if what == "plain":
         return Prepared(source, source)
-    if what in ("gz", "zst"):
+    if what in COMPRESSIONS:
         path, _ = cached(source, what, lambda sink: _decompress(source, what, sink), cache)
         return Prepared(source, path)
     how = f"{what}|field={options.text_field}|skip={options.skip_bad_records}|sep={RECORD_SEPARATOR.hex()}"
@@ -113,7 +116,8 @@ def _decompress(source: Path, what: str, sink: IO[bytes]) -> dict:
     with _opened(source, what) as stream:
         try:
             shutil.copyfileobj(stream, sink, 1 << 20)
-        except (EOFError, zlib.error, gzip.BadGzipFile, _zstd_error()):
+        except _corrupt_errors() as error:
+            _raise_io_error(error)
             raise HtcliError(
                 f"{source} is not a readable {COMPRESSIONS[what]} file (truncated or corrupt?)"
             ) from None
@@ -151,7 +155,8 @@ def jsonl_texts(source: Path, what: str, options: RecordOptions) -> Iterator[byt
                     line = line.removeprefix(codecs.BOM_UTF8)
                 if line.strip():
                     yield _record_text(line, options, f"{source} line {number}")
-        except (EOFError, zlib.error, gzip.BadGzipFile, _zstd_error()):
+        except _corrupt_errors() as error:
+            _raise_io_error(error)
             raise HtcliError(f"{source} is not a readable {what} file (truncated or corrupt?)") from None
 
 
@@ -301,6 +306,18 @@ def _zstd():
     return zstandard
 
 
+def _corrupt_errors() -> tuple[type[BaseException], ...]:
+    """What a decompressor raises on a file that is not what its name says, or is cut short: bz2's is an
+    OSError without an errno ("Invalid data stream"), which _raise_io_error tells from a failing disk."""
+    return EOFError, zlib.error, gzip.BadGzipFile, lzma.LZMAError, OSError, _zstd_error()
+
+
+def _raise_io_error(error: BaseException) -> None:
+    """An OSError with an errno (the disk, not the data) raised again as it was."""
+    if isinstance(error, OSError) and error.errno is not None:
+        raise error
+
+
 def _zstd_error() -> type[Exception]:
     """zstandard's error class where it is installed (a class nothing raises where it is not)."""
     try:
@@ -325,6 +342,12 @@ def _opened(source: Path, compression: str) -> Iterator[IO[bytes]]:
                 yield stream
         elif compression == "zst":
             with io.BufferedReader(_ZstdFrames(raw), 1 << 20) as stream:
+                yield stream
+        elif compression == "bz2":
+            with bz2.BZ2File(raw, "rb") as stream:
+                yield stream
+        elif compression == "xz":
+            with lzma.LZMAFile(raw, "rb") as stream:
                 yield stream
         else:
             yield raw
