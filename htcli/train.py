@@ -395,12 +395,12 @@ class Run:
         if not self.resumed:
             check_records_apply(files + val_files, records)
             check_hidden_applies([*config.corpus, *(config.val or [])], config.include_hidden)
+        if val_files:  # (before either is unpacked: a val file's bad record was said first)
+            _check_held_out(files, val_files)
         corpus = ByteCorpus.open(config.corpus, records=records, files=files)
         self.corpora.append(corpus)
         val = ByteCorpus.open(config.val, records=records, files=val_files) if config.val else None
         self.corpora += [val] if val else []
-        if val:
-            _check_held_out(corpus.files, val.files)
         return split(corpus, val, config.val_fraction, self.window)
 
     def _resumed_dtype(self, state: dict) -> torch.dtype:

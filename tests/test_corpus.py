@@ -189,7 +189,7 @@ def test_globs_do_not_follow_links_to_directories(tmp_path):
     assert resolve_corpus([str(tree / "loop" / "*.txt")]) == [tree / "loop" / "a.txt"]
 
 
-def test_a_file_named_twice_is_refused(tmp_path, corpus):
+def test_a_file_named_twice_is_refused(tmp_path, corpus, monkeypatch):
     """A file that two specs name (itself twice, or a directory and a file in it) was read twice, its
     bytes trained on twice; the same file as --val and corpus was scored as held out. Both refused."""
     tree = tmp_path / "tree"
@@ -230,6 +230,14 @@ def test_a_file_named_twice_is_refused(tmp_path, corpus):
     same_size = write(tmp_path / "held" / "other.txt", corpus.read_bytes()[::-1])
     result = invoke("train", corpus, *TINY_FLAGS, "--val", copy, "--out", tmp_path / "run", "--steps", "2")
     assert_user_error(result, f"{copy} (in --val) holds the same bytes as {corpus} (in the corpus): held-out")
+    # said before any file is unpacked: a bad record of a val file beside it was the error, after unpacking
+    write(tmp_path / "held" / "bad.jsonl", b'{"no text": 1}\n')
+    cache = tmp_path / "cache-of-val"
+    monkeypatch.setenv("HTCLI_CACHE_DIR", str(cache))
+    result = invoke("train", corpus, *TINY_FLAGS, "--val", tmp_path / "held", "--out", tmp_path / "run")
+    assert_user_error(result, "(in --val) holds the same bytes as")
+    assert not cache.exists()
+    (tmp_path / "held" / "bad.jsonl").unlink()
     result = invoke(
         "train", corpus, *TINY_FLAGS, "--val", same_size, "--out", tmp_path / "run", "--steps", "1"
     )
