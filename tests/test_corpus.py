@@ -577,7 +577,8 @@ def test_bz2_and_xz_files_are_decompressed_and_broken_ones_refused(tmp_path, suf
     whole = compress(content)
     for broken in (whole[: len(whole) // 2], make_text(5000)):
         path = write(tmp_path / f"broken.txt{suffix}", broken)
-        with pytest.raises(HtcliError, match=rf"broken.txt{suffix} is not a readable {name} file \(trunc"):
+        expected = rf"broken.txt{suffix} is not a readable {name} file \(truncated or corrupt\?\): download"
+        with pytest.raises(HtcliError, match=expected):
             ByteCorpus.open([path])
 
 

@@ -36,6 +36,7 @@ RECORD_SEPARATOR = b"\x00"  # after every record's text: a byte text never holds
 # where one document ends and the next begins (a record whose text holds it is a bad record)
 SEPARATOR_CHARACTER = RECORD_SEPARATOR.decode()
 PARQUET_BATCH_ROWS = 1024
+WHOLE_COPY = "download or compress it again, or leave it out of the corpus"
 
 
 @dataclass(frozen=True)
@@ -119,7 +120,7 @@ def _decompress(source: Path, what: str, sink: IO[bytes]) -> dict:
         except _corrupt_errors() as error:
             _raise_io_error(error)
             raise HtcliError(
-                f"{source} is not a readable {COMPRESSIONS[what]} file (truncated or corrupt?)"
+                f"{source} is not a readable {COMPRESSIONS[what]} file (truncated or corrupt?): {WHOLE_COPY}"
             ) from None
     return {}
 
@@ -157,7 +158,9 @@ def jsonl_texts(source: Path, what: str, options: RecordOptions) -> Iterator[byt
                     yield _record_text(line, options, f"{source} line {number}")
         except _corrupt_errors() as error:
             _raise_io_error(error)
-            raise HtcliError(f"{source} is not a readable {what} file (truncated or corrupt?)") from None
+            raise HtcliError(
+                f"{source} is not a readable {what} file (truncated or corrupt?): {WHOLE_COPY}"
+            ) from None
 
 
 def _record_text(line: bytes, options: RecordOptions, where: str) -> bytes | None:
