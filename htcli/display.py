@@ -183,11 +183,12 @@ def slow_run_note(start: dict, step: dict) -> str | None:
     )
 
 
-def stopping_notice(signal_name: str) -> str:
-    """What a stop that waits for the step in progress says at once."""
+def stopping_notice(signal_name: str, again_quits: bool) -> str:
+    """What a stop that waits for the step in progress says at once (again_quits: whether another of the
+    same signal ends the run unsaved; a Ctrl-C ignored before the run stays ignored)."""
     said = "saving and stopping once the step in progress ends"
     if signal_name == "SIGINT":
-        return f"Ctrl-C: {said} (Ctrl-C again quits without saving)"
+        return f"Ctrl-C: {said}" + (" (Ctrl-C again quits without saving)" if again_quits else "")
     return f"{signal_name}: {said}"
 
 
@@ -281,7 +282,8 @@ class TrainDisplay:
             self.sample = Panel(text, title=title, title_align="left")
             self.live.update(self._view())
         elif kind == "stopping":  # (from another thread, while a slow step goes on)
-            self.console.print(f"[yellow]{stopping_notice(event['signal'])}", soft_wrap=True)
+            said = stopping_notice(event["signal"], event.get("again_quits", False))
+            self.console.print(f"[yellow]{said}", soft_wrap=True)
         elif kind == "interrupt":
             self.console.print(
                 f"[yellow]interrupted at step {event['step']}: saving and stopping", soft_wrap=True

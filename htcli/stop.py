@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 STOPS = (*SIGNALS, signal.SIGHUP)  # what a training loop saves and stops on
 NOTICE_AFTER = 1.0  # seconds a stop may wait unacknowledged before `on_wait` is told of it
+TELL_WAIT = 5.0  # seconds the end of a stop request waits for a notice being given
 
 
 def _terminal_outputs() -> list[int]:
@@ -41,16 +42,18 @@ class StopRequest:
     fires. A SIGHUP that the process ignores (under `nohup`) stays ignored. In a rank of torchrun's, `poll`
     records a SIGTERM once torchrun is gone.
 
-    on_wait: called with the signal, from a thread of its own, where a first SIGINT or SIGTERM is not
-    `acknowledge`d within NOTICE_AFTER seconds (a slow step goes on after a Ctrl-C, which looked ignored)."""
+    on_wait: called with the signal and whether another of it ends the process at once, from a thread of
+    its own, where a first SIGINT or SIGTERM is not `acknowledge`d within NOTICE_AFTER seconds (a slow step
+    went on after a Ctrl-C, which looked ignored); never after `acknowledge` has returned."""
 
-    def __init__(self, on_wait: Callable[[signal.Signals], None] | None = None) -> None:
+    def __init__(self, on_wait: Callable[[signal.Signals, bool], None] | None = None) -> None:
         self.signal: signal.Signals | None = None
         self._previous: dict[int, object] = {}
         self._terminal: list[int] = []
         self._launcher: int | None = None  # torchrun's process id, in a rank it started
         self._on_wait = on_wait
         self._answered = threading.Event()  # (acknowledged, or the request's end)
+        self._telling = threading.Lock()  # (held while on_wait runs: no notice after the acknowledgement)
         self._wake: tuple[int, int] | None = None  # a pipe: the handler writes, the watcher reads
         self._watcher: threading.Thread | None = None
 
@@ -109,8 +112,12 @@ class StopRequest:
         return self
 
     def acknowledge(self) -> None:
-        """The stop is being acted on: `on_wait` is not called (or no more waited for)."""
+        """The stop is being acted on: `on_wait` is not called from now on (one being called finishes first,
+        unless it takes over TELL_WAIT seconds: a stderr that nobody reads)."""
+        got = self._telling.acquire(timeout=TELL_WAIT)
         self._answered.set()
+        if got:
+            self._telling.release()
 
     def _watch(self) -> None:
         """Waits for the handler's word, then NOTICE_AFTER seconds for the acknowledgement; a notice that
@@ -119,18 +126,21 @@ class StopRequest:
             woken = os.read(self._wake[0], 1) == b"s"
         except OSError:
             return
-        if woken and not self._answered.wait(NOTICE_AFTER) and self.signal is not None:
-            with contextlib.suppress(Exception):
-                self._on_wait(self.signal)
+        if not woken or self._answered.wait(NOTICE_AFTER):
+            return
+        with self._telling:
+            if not self._answered.is_set() and self.signal is not None:  # (acknowledged meanwhile: none)
+                with contextlib.suppress(Exception):
+                    self._on_wait(self.signal, _quits(signal.getsignal(self.signal)))
 
     def _stop_watching(self) -> None:
-        self._answered.set()
+        self.acknowledge()
         wake, self._wake = self._wake, None  # (first: a handler that runs now writes to no closed pipe)
         if wake is None:
             return
         with contextlib.suppress(OSError):
             os.write(wake[1], b"q")
-        self._watcher.join(timeout=5)  # (a notice being printed finishes first)
+        self._watcher.join(timeout=TELL_WAIT)  # (a notice being printed finishes first)
         for fd in wake:
             os.close(fd)
         self._watcher = None
@@ -143,6 +153,12 @@ class StopRequest:
             hung_up = number == signal.SIGHUP and self.signal == signal.SIGHUP
             terminated = self.signal is not None and self._term_ignored(number, handler)
             signal.signal(number, signal.SIG_IGN if hung_up else _ignore if terminated else handler)
+
+
+def _quits(handler: object) -> bool:
+    """Whether a signal with this handler ends the process at once (a Ctrl-C ignored before the run, as in
+    a background job, stays so after its first: "Ctrl-C again quits" would not hold)."""
+    return handler in (signal.SIG_DFL, signal.default_int_handler, _raise_terminated)
 
 
 def _ignore(signum, frame) -> None:

@@ -181,7 +181,9 @@ def _stop_notice(on_event: Callable[[dict], None] | None, run: Run) -> Callable 
     not logged: the "interrupt" event follows when the loop stops)."""
     if on_event is None:
         return None
-    return lambda signum: on_event({"event": "stopping", "step": run.step, "signal": signum.name})
+    return lambda signum, quits: on_event(
+        {"event": "stopping", "step": run.step, "signal": signum.name, "again_quits": quits}
+    )
 
 
 def _save_at_stop(run: Run, log: RunLog, signal_name: str) -> None:

@@ -157,18 +157,20 @@ def test_a_sample_in_trains_display_shows_control_bytes_and_is_not_all_dim():
 
 def test_trains_display_says_at_once_that_a_stop_waits_for_the_step():
     """The "stopping" event (a Ctrl-C or SIGTERM during a slow step) is one line that says the run saves and
-    stops when the step ends, and, for a Ctrl-C, what a second one does."""
+    stops when the step ends, and, for a Ctrl-C, what a second one does where it does that."""
     from rich.console import Console
 
     from htcli.display import TrainDisplay
 
     console = Console(record=True, width=60, force_terminal=False)
     with TrainDisplay(console) as display:
-        display({"event": "stopping", "step": 3, "signal": "SIGINT"})
-        display({"event": "stopping", "step": 3, "signal": "SIGTERM"})
+        display({"event": "stopping", "step": 3, "signal": "SIGINT", "again_quits": True})
+        display({"event": "stopping", "step": 3, "signal": "SIGINT", "again_quits": False})
+        display({"event": "stopping", "step": 3, "signal": "SIGTERM", "again_quits": True})
     lines = console.export_text().splitlines()
     assert lines == [
         "Ctrl-C: saving and stopping once the step in progress ends (Ctrl-C again quits without saving)",
+        "Ctrl-C: saving and stopping once the step in progress ends",  # (one ignored before the run)
         "SIGTERM: saving and stopping once the step in progress ends",
     ]
 

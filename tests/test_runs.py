@@ -161,27 +161,37 @@ def test_a_stop_request_puts_the_handlers_back(signum, monkeypatch):
             signal.signal(number, handler)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
-def test_a_stop_request_tells_of_a_stop_not_acknowledged_in_time(signum, monkeypatch):
+@pytest.mark.parametrize(
+    "signum,handler,quits",
+    [
+        (signal.SIGINT, signal.default_int_handler, True),
+        (signal.SIGINT, signal.SIG_IGN, False),  # (a background job's: a second Ctrl-C is ignored too)
+        (signal.SIGTERM, signal.SIG_DFL, True),
+        (signal.SIGHUP, signal.SIG_DFL, None),
+    ],
+)
+def test_a_stop_request_tells_of_a_stop_not_acknowledged_in_time(signum, handler, quits, monkeypatch):
     """on_wait hears of a first SIGINT or SIGTERM that waits NOTICE_AFTER seconds unacknowledged, once, from
-    another thread (a SIGHUP: never; its terminal is gone); acknowledged in time, never; the watcher thread
-    and its pipe end with the request (no descriptor left open)."""
+    another thread, with whether another such signal would end the process (a SIGHUP: never; its terminal
+    is gone); acknowledged in time, never; the watcher thread and its pipe end with the request (no
+    descriptor left open)."""
     from htcli import stop as stop_module
     from htcli.stop import StopRequest
 
     monkeypatch.setattr(stop_module, "_terminal_outputs", list)
     monkeypatch.setattr(stop_module, "NOTICE_AFTER", 0.1)
     before = {number: signal.signal(number, lambda *_: None) for number in stop_module.STOPS}
+    signal.signal(signum, handler)
     descriptors = len(os.listdir("/proc/self/fd"))
     try:
         heard = []
-        with StopRequest(lambda got: heard.append((got, threading.current_thread().name))) as stop:
+        with StopRequest(lambda *got: heard.append((*got, threading.current_thread().name))) as stop:
             os.kill(os.getpid(), signum)
             time.sleep(0.6)
             assert stop.signal == signum
-        expected = [] if signum == signal.SIGHUP else [(signum, "htcli-stop-notice")]
+        expected = [] if signum == signal.SIGHUP else [(signum, quits, "htcli-stop-notice")]
         assert heard == expected
-        with StopRequest(heard.append) as stop:
+        with StopRequest(lambda *got: heard.append(got)) as stop:
             os.kill(os.getpid(), signum)
             time.sleep(0.01)
             stop.acknowledge()
@@ -189,6 +199,34 @@ def test_a_stop_request_tells_of_a_stop_not_acknowledged_in_time(signum, monkeyp
         assert heard == expected
         assert len(os.listdir("/proc/self/fd")) == descriptors
         assert "htcli-stop-notice" not in [thread.name for thread in threading.enumerate()]
+    finally:
+        for number, handler in before.items():
+            signal.signal(number, handler)
+
+
+def test_an_acknowledgement_waits_for_a_notice_being_given(monkeypatch):
+    """A stop acknowledged while its notice is being given returns once the notice is out: the notice came
+    after, or in the middle of, the loop's "interrupted at step N" that follows the acknowledgement."""
+    from htcli import stop as stop_module
+    from htcli.stop import StopRequest
+
+    monkeypatch.setattr(stop_module, "_terminal_outputs", list)
+    monkeypatch.setattr(stop_module, "NOTICE_AFTER", 0.05)
+    before = {number: signal.signal(number, lambda *_: None) for number in stop_module.STOPS}
+    order = []
+
+    def slow_notice(*_):
+        order.append("notice begins")
+        time.sleep(0.5)
+        order.append("notice ends")
+
+    try:
+        with StopRequest(slow_notice) as stop:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.25)  # (the notice is being given)
+            stop.acknowledge()
+            order.append("acknowledged")
+        assert order == ["notice begins", "notice ends", "acknowledged"]
     finally:
         for number, handler in before.items():
             signal.signal(number, handler)

@@ -135,13 +135,18 @@ def test_a_stop_that_waits_for_a_slow_step_is_said_at_once(corpus, tmp_path, mon
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(2)
 
-    result = train(tiny_config(corpus, tmp_path / "slow", save_every=0), on_event=slow_after_a_ctrl_c)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # (a second Ctrl-C would quit)
+    try:
+        result = train(tiny_config(corpus, tmp_path / "slow", save_every=0), on_event=slow_after_a_ctrl_c)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     kinds = [event["event"] for event, _ in seen]
     assert result.interrupted and result.step == 2
     assert kinds.count("stopping") == 1
     assert kinds.index("step") < kinds.index("stopping") < kinds.index("interrupt")
     stopping, in_main_thread = seen[kinds.index("stopping")]
-    assert stopping == {"event": "stopping", "step": 2, "signal": "SIGINT"} and not in_main_thread
+    assert stopping == {"event": "stopping", "step": 2, "signal": "SIGINT", "again_quits": True}
+    assert not in_main_thread
     assert events(tmp_path / "slow", "stopping") == [] and len(events(tmp_path / "slow", "interrupt")) == 1
 
     monkeypatch.setattr(stop_module, "NOTICE_AFTER", 1.0)
