@@ -9,6 +9,9 @@
 A save writes all three as hidden `.pending` files first (state.json's last, so its presence means the
 others are complete), then renames them over the old ones. A crash before that leaves the previous
 checkpoint; a crash during the renames is finished by the next load (`commit_pending`).
+
+    OUT/best.safetensors       the weights of the lowest validation bits per byte so far, as
+                               model.safetensors (written at an eval that beats it: `save_best`)
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import base64
 import contextlib
 import errno
 import json
+import math
 import os
 import re
 import shutil
@@ -33,6 +37,7 @@ from htcli.checkpoint_checks import check_finite, check_state, check_weights_hea
 from htcli.device import usable_device
 from htcli.errors import HtcliError, unreadable_advice
 from htcli.files import (
+    BEST_FILE,
     CHECKPOINT_FILES,
     CONFIG_FILE,
     LOG_FILE,
@@ -179,20 +184,56 @@ def _write_pending(out: Path, model, optimizer, state: dict, *, step: int, val_b
         check_saving_folder(out / SAVING_DIR)
     except HtcliError as error:  # (as a failed write: the save's caller says which save failed)
         raise OSError(str(error)) from None
-    model_metadata = {
-        "htcli_config": json.dumps(model.config.to_dict()),
-        "htcli_version": __version__,
-        "step": str(step),
-        "tokenizer": TOKENIZER,
-        "val_bpb": json.dumps(val_bpb),
-    }
-    _save_safetensors(model.state_dict(), pending_file(out, MODEL_FILE), model_metadata)
+    _save_safetensors(
+        model.state_dict(), pending_file(out, MODEL_FILE), _model_metadata(model, step, val_bpb)
+    )
     tensors, groups = _flatten_optimizer(optimizer.state_dict())
     _save_safetensors(tensors, pending_file(out, OPTIMIZER_FILE), {"step": str(step), "param_groups": groups})
     write_json(
         pending_file(out, STATE_FILE),
         {**state, "step": step, "val_bpb": val_bpb, "htcli_version": __version__},
     )
+
+
+def _model_metadata(model: HTransformer1D, step: int, val_bpb: float | None) -> dict[str, str]:
+    return {
+        "htcli_config": json.dumps(model.config.to_dict()),
+        "htcli_version": __version__,
+        "step": str(step),
+        "tokenizer": TOKENIZER,
+        "val_bpb": json.dumps(val_bpb),
+    }
+
+
+def save_best(out: Path, model: HTransformer1D, *, step: int, val_bpb: float) -> None:
+    """The weights as out's BEST_FILE (atomically: the old one stays whole until the new one is), with a
+    checkpoint's metadata, so that sample and eval take it as they take model.safetensors."""
+    out = Path(out)
+    try:
+        check_saving_folder(out / SAVING_DIR)
+    except HtcliError as error:  # (as a failed write: the caller says which save failed)
+        raise OSError(str(error)) from None
+    try:
+        _save_safetensors(model.state_dict(), out / BEST_FILE, _model_metadata(model, step, val_bpb))
+    finally:
+        shutil.rmtree(out / SAVING_DIR, ignore_errors=True)
+
+
+def best_so_far(out: Path, resumed: bool) -> tuple[int, float] | None:
+    """The (step, val bpb) of out's BEST_FILE for a resumed run, also one of a step past the checkpoint (a
+    crash after it and before the next save: the weights are kept, and the redone steps must beat them);
+    None where there is none, and the file removed where it is unreadable or a new run starts (a run
+    killed before its first save left it)."""
+    file = Path(out) / BEST_FILE
+    if not file.exists():
+        return None
+    if resumed:
+        with contextlib.suppress(HtcliError, OSError):
+            info = read_checkpoint_info(file)
+            if isinstance(info.val_bpb, float) and math.isfinite(info.val_bpb):
+                return info.step, info.val_bpb
+    file.unlink(missing_ok=True)
+    return None
 
 
 def _flatten_optimizer(state_dict: dict) -> tuple[dict[str, torch.Tensor], str]:

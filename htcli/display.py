@@ -272,8 +272,9 @@ class TrainDisplay:
             if len(self.recent) == 1 and (note := slow_run_note(self.start, event)):
                 self.console.print(f"[yellow]note:[/] {note}", soft_wrap=True)
         elif kind == "eval":
-            self.val_bpb = event["val_bpb"]
-            self.console.print(f"step {event['step']:>6}  loss {self.loss:.4f}  val bpb {self.val_bpb:.4f}")
+            self.val_bpb, best = event["val_bpb"], "  [dim](best so far)" if event.get("best") else ""
+            said = f"step {event['step']:>6}  loss {self.loss:.4f}  val bpb {self.val_bpb:.4f}{best}"
+            self.console.print(said, soft_wrap=True)
         elif kind == "sample":  # (the prompt dim, the model's bytes not: Text + Text made both dim)
             text = Text.assemble((visible(event["prompt"]), "dim"), visible(event["text"]))
             title = f"sample at step {event['step']}"
@@ -327,8 +328,17 @@ def train_summary(result: TrainResult) -> Table:
             ("tokens/s in training steps", in_steps),
             ("train loss (nats/byte)", "-" if result.train_loss is None else f"{result.train_loss:.4f}"),
             ("val bits per byte", "-" if result.val_bpb is None else f"{result.val_bpb:.4f}"),
+            *_best_row(result),
         ],
     )
+
+
+def _best_row(result: TrainResult) -> list[tuple[str, str]]:
+    """Where the run's lowest val bits per byte is not its last: what and where best.safetensors is."""
+    if result.best is None or result.best[0] == result.step:
+        return []
+    step, bpb = result.best
+    return [("best val bits per byte", f"{bpb:.4f} (step {step}: best.safetensors)")]
 
 
 @contextlib.contextmanager

@@ -31,7 +31,7 @@ import torch
 
 from htcli import __version__, distributed
 from htcli.attention import check_device
-from htcli.checkpoint import load_weights, rng_from_text, rng_to_text, save_checkpoint
+from htcli.checkpoint import best_so_far, load_weights, rng_from_text, rng_to_text, save_best, save_checkpoint
 from htcli.checkpoint_checks import check_optimizer_state
 from htcli.config import TrainConfig
 from htcli.corpus import (
@@ -96,6 +96,7 @@ class TrainResult:
     stopped_by: str | None = None  # "SIGINT", "SIGTERM" or "SIGHUP" when interrupted (on any rank)
     step_seconds: float = 0.0  # the part of `seconds` in training steps (not validating, sampling, saving)
     resumed_at: int | None = None  # the step this invocation resumed from (None: a new run)
+    best: tuple[int, float] | None = None  # (step, val bpb) of the run's lowest val bpb: OUT/best.safetensors
 
 
 def train(
@@ -145,7 +146,7 @@ def train(
     finally:
         run.close()
     return TrainResult(run.out, run.step, config.steps, loss, run.val_bpb, bool(stopped_by), seconds, tokens,
-                       run.params, stopped_by, run.step_seconds, run.resumed_at)  # fmt: skip
+                       run.params, stopped_by, run.step_seconds, run.resumed_at, run.best)  # fmt: skip
 
 
 def _compile_failed(error: RuntimeError) -> bool:
@@ -362,6 +363,7 @@ class Run:
         self.sampler = rank_sampler(len(self.train_data), self.window, config, self.rank, self.world_size)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.step, self.val_bpb, self.saved_step, self.resumed_at = 0, None, None, None
+        self.best: tuple[int, float] | None = None  # (step, val bpb) of best.safetensors (rank 0)
         self.step_seconds = 0.0  # this invocation's time in train_step
         self.made: Path | None = None  # the first folder of out that claim_directory made
         self.corpus_was = None  # [train, val] bytes at the checkpoint, where a resume finds others
@@ -491,6 +493,7 @@ class Run:
                     self.made = made  # (not before: a directory another run made and used meanwhile is kept)
                 remove_write_leftovers(self.out)
                 trim_log(self.out / LOG_FILE, self.step, then="resume" if self.resumed else "run again")
+                self.best = best_so_far(self.out, self.resumed)
 
     def unmake_directory(self) -> None:
         """Where a new run's start failed (a logger that cannot start) in a directory it made: that directory
@@ -595,7 +598,20 @@ class Run:
             scores = self.validate(None if last else stop)
             if scores:  # (none for one that a stop cut short: the save follows; the last val bpb stands)
                 val_loss, self.val_bpb = scores
-                log("eval", step=step, val_loss=val_loss, val_bpb=self.val_bpb)
+                best = (
+                    self.main
+                    and math.isfinite(self.val_bpb)
+                    and (not self.best or self.val_bpb < self.best[1])
+                )
+                if best:
+                    self.save_best(log)
+                log(
+                    "eval",
+                    step=step,
+                    val_loss=val_loss,
+                    val_bpb=self.val_bpb,
+                    **({"best": True} if best else {}),
+                )
         if self.main and due(step, config.sample_every):
             prompt, text, cut = self.sample(stop)
             log("sample", step=step, prompt=prompt, text=text, **({"cut_short": True} if cut else {}))
@@ -677,6 +693,22 @@ class Run:
             log("checkpoint", step=self.step, path=str(self.out))
         distributed.barrier(self.device)  # nobody goes on (or exits) before the checkpoint is written
         self.saved_step = self.step
+
+    def save_best(self, log: RunLog) -> None:
+        """This step's weights as best.safetensors (rank 0, at an eval that beats the run's best)."""
+        self.follow_directory(log)
+        place = self.lock.moving_path() or self.out  # (a move during the save: the file goes with it)
+        try:
+            save_best(place, self.model, step=self.step, val_bpb=self.val_bpb)
+        except OSError as error:
+            if not self.lock.in_place():
+                self.follow_directory(log)
+            reason = str(error.strerror or error).replace(str(place), str(self.out))
+            raise HtcliError(
+                f"cannot save the best weights (step {self.step}) in {self.out}: {reason} ({self.kept()});"
+                f" {self.advice(error.errno)}"
+            ) from None
+        self.best = (self.step, self.val_bpb)
 
     def follow_directory(self, log: RunLog | None = None) -> None:
         """Saves go where the run directory is (rank 0): where it was moved since this process locked it

@@ -15,6 +15,7 @@ import torch
 from conftest import TINY_FLAGS, TINY_MODEL, assert_user_error, events, invoke, make_text
 from safetensors.torch import load_file
 
+from htcli.checkpoint import read_checkpoint_info
 from htcli.model import HTransformer1D, HTransformerConfig
 from htcli.runlock import RunLock
 
@@ -67,8 +68,10 @@ def test_torchrun_trains_and_writes_one_checkpoint(ddp_run):
     """2 ranks train, exit 0; rank 0 alone prints, logs (TensorBoard too) and saves; each rank drew its
     own data."""
     run, _, process = ddp_run
-    assert {p.name for p in run.iterdir()} == RUN_FILES | {"tensorboard"}
+    assert {p.name for p in run.iterdir()} == RUN_FILES | {"tensorboard", "best.safetensors"}
     assert len(list((run / "tensorboard").iterdir())) == 1  # one writer: rank 0
+    best = min(events(run, "eval"), key=lambda event: event["val_bpb"])  # (rank 0 wrote it)
+    assert read_checkpoint_info(run / "best.safetensors").step == best["step"] and best["best"]
     assert "global batch: 2 ranks x 2 x 1 accum = 4 windows of 64 bytes" in process.stderr
     assert process.stdout.count("training run") == 1 and "6 of 6" in process.stdout
     assert [e["step"] for e in events(run, "step")] == [1, 2, 3, 4, 5, 6]

@@ -1,0 +1,119 @@
+"""best.safetensors: the weights of a run's lowest validation bits per byte, kept across resumes."""
+
+import errno
+import json
+import os
+import signal
+
+import torch
+from conftest import TINY_FLAGS, events, invoke, tiny_config
+from safetensors.torch import load_file
+
+from htcli import checkpoint
+from htcli.checkpoint import load_model, read_checkpoint_info, save_best
+from htcli.train import train
+
+# AdamW at a learning rate this high: the val bpb falls, then rises (the best is not the last)
+RISING = dict(steps=8, eval_every=1, optimizer="adamw", lr=0.3, warmup=0)
+
+
+def test_best_weights_are_those_of_the_lowest_val_bpb(corpus, tmp_path):
+    """best.safetensors holds the weights of the eval with the lowest val bpb (those of its step's checkpoint,
+    bit for bit), with its step and val bpb; an eval that beats every earlier one says so (`best`); eval and
+    sample take the file as they take model.safetensors."""
+    out, at_step = tmp_path / "run", {}
+
+    def keep_weights(event):
+        if event["event"] == "checkpoint":
+            at_step[event["step"]] = load_file(str(out / "model.safetensors"))
+
+    result = train(tiny_config(corpus, out, save_every=1, **RISING), on_event=keep_weights)
+    scores = [(event["step"], event["val_bpb"], event.get("best", False)) for event in events(out, "eval")]
+    lowest = min(scores, key=lambda score: score[1])
+    assert lowest[0] < result.step, scores  # (a run whose last eval is not its best)
+    assert [best for *_, best in scores] == [bpb < min([s[1] for s in scores[:i]], default=9e9)
+                                             for i, (_, bpb, _) in enumerate(scores)]  # fmt: skip
+    info = read_checkpoint_info(out / "best.safetensors")
+    assert (info.step, info.val_bpb) == lowest[:2] == result.best
+    best = load_file(str(out / "best.safetensors"))
+    assert all(torch.equal(best[name], at_step[lowest[0]][name]) for name in best)
+    assert load_model(out / "best.safetensors")[1].step == lowest[0]
+    assert invoke("eval", out / "best.safetensors", corpus, "--device", "cpu").exit_code == 0
+    sampled = invoke("sample", out / "best.safetensors", "--max-new-tokens", 5, "--device", "cpu")
+    assert sampled.exit_code == 0, sampled.output
+
+
+def test_the_summary_and_the_eval_lines_say_the_best(corpus, tmp_path):
+    flags = [*TINY_FLAGS, "--steps", 8, "--eval-every", 1, "--optimizer", "adamw", "--lr", 0.3]
+    result = invoke("train", corpus, *flags, "--out", tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    best = read_checkpoint_info(tmp_path / "run" / "best.safetensors")
+    assert f"{best.val_bpb:.4f} (step {best.step}: best.safetensors)" in result.stdout
+    lines = [line for line in result.stderr.splitlines() if "val bpb" in line and line.startswith("step")]
+    assert lines[0].endswith("(best so far)") and not lines[-1].endswith("(best so far)"), lines
+
+
+def test_a_resumed_run_keeps_its_best_as_a_straight_run_does(corpus, tmp_path):
+    """Interrupted after its best and resumed: the same best.safetensors as a straight run's, bit for bit."""
+    straight = train(tiny_config(corpus, tmp_path / "straight", save_every=3, **RISING))
+
+    def interrupt_at_step_4(event):
+        if event["event"] == "step" and event["step"] == 4:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    config = tiny_config(corpus, tmp_path / "split", save_every=3, **RISING)
+    assert train(config, on_event=interrupt_at_step_4).step == 4
+    resumed = train(config, resume=True)
+    assert resumed.best == straight.best
+    expected, got = (load_file(str(tmp_path / name / "best.safetensors")) for name in ("straight", "split"))
+    assert all(torch.equal(expected[name], got[name]) for name in expected)
+
+
+def test_a_best_of_steps_past_the_checkpoint_is_kept_and_another_runs_is_not(corpus, tmp_path):
+    """A best.safetensors of a step after the checkpoint resumed (a crash before the next save: those steps
+    are redone) is kept, and the redone steps must beat it (a resume with a lower lr after a divergence kept
+    the weights before it); one that a new run finds (a run killed before its first save left it) is not."""
+    straight = train(tiny_config(corpus, tmp_path / "straight", save_every=3, **RISING))
+    config = tiny_config(corpus, tmp_path / "split", save_every=3, **RISING)
+
+    def interrupt_at_step_3(event):
+        if event["event"] == "step" and event["step"] == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    assert train(config, on_event=interrupt_at_step_3).step == 3
+    model, _ = load_model(tmp_path / "split")
+    save_best(tmp_path / "split", model, step=4, val_bpb=0.5)  # (of a later step, and unbeatable)
+    written = (tmp_path / "split" / "best.safetensors").read_bytes()
+    assert train(config, resume=True).best == (4, 0.5)
+    assert (tmp_path / "split" / "best.safetensors").read_bytes() == written
+    assert not any(event.get("best") for event in events(tmp_path / "split", "eval") if event["step"] > 3)
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    save_best(fresh, model, step=1, val_bpb=0.5)
+    assert train(tiny_config(corpus, fresh, save_every=3, **RISING)).best == straight.best
+
+
+def test_a_best_that_cannot_be_saved_stops_the_run_in_one_line(corpus, tmp_path, monkeypatch):
+    """A full disk at the best weights' save: one line naming it, what is kept and what to do; no file left
+    half written (the last checkpoint and the earlier best.safetensors whole)."""
+    real, calls = checkpoint.save_file, []
+
+    def full_at_the_second_best(tensors, path, metadata=None):
+        if path.endswith("best.safetensors"):
+            calls.append(path)
+            if len(calls) == 2:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        real(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(checkpoint, "save_file", full_at_the_second_best)
+    out = tmp_path / "run"
+    flags = [*TINY_FLAGS, "--steps", 4, "--eval-every", 1, "--optimizer", "adamw", "--lr", 0.01]
+    result = invoke("train", corpus, *flags, "--out", out, "--save-every", 1)  # (better at every eval)
+    said = f"error: cannot save the best weights (step 2) in {out}: No space left on device"
+    assert result.exit_code == 1 and result.stderr.strip().splitlines()[-1].startswith(said), result.stderr
+    assert read_checkpoint_info(out / "best.safetensors").step == 1
+    assert json.loads((out / "state.json").read_text())["step"] == 1
+    assert sorted(os.listdir(out)) == sorted(
+        ["best.safetensors", "config.json", "log.jsonl", "model.safetensors", "optimizer.safetensors",
+         "state.json", ".lock"]
+    )  # fmt: skip
