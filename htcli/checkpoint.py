@@ -11,7 +11,8 @@ others are complete), then renames them over the old ones. A crash before that l
 checkpoint; a crash during the renames is finished by the next load (`commit_pending`).
 
     OUT/best.safetensors       the weights of the lowest validation bits per byte so far, as
-                               model.safetensors (written at an eval that beats it: `save_best`)
+                               model.safetensors (written at an eval that beats it, as a hidden
+                               `.best.safetensors.next` that the next save renames: `save_best`)
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import base64
 import contextlib
 import errno
 import json
-import math
 import os
 import re
 import shutil
@@ -38,6 +38,7 @@ from htcli.device import usable_device
 from htcli.errors import HtcliError, unreadable_advice
 from htcli.files import (
     BEST_FILE,
+    BEST_NEXT,
     CHECKPOINT_FILES,
     CONFIG_FILE,
     LOG_FILE,
@@ -177,6 +178,7 @@ def save_checkpoint(
     finally:
         shutil.rmtree(out / SAVING_DIR, ignore_errors=True)
     commit_pending(out)
+    commit_best(out, step)
 
 
 def _write_pending(out: Path, model, optimizer, state: dict, *, step: int, val_bpb: float | None) -> None:
@@ -206,34 +208,48 @@ def _model_metadata(model: HTransformer1D, step: int, val_bpb: float | None) -> 
 
 
 def save_best(out: Path, model: HTransformer1D, *, step: int, val_bpb: float) -> None:
-    """The weights as out's BEST_FILE (atomically: the old one stays whole until the new one is), with a
-    checkpoint's metadata, so that sample and eval take it as they take model.safetensors."""
+    """The weights, with a checkpoint's metadata, as out's BEST_NEXT (whole or not at all), which the next
+    checkpoint's save makes out's BEST_FILE (`commit_best`): so that best.safetensors is always of a step
+    the checkpoint has passed, one the log keeps (a crash before that save drops the steps after it, and
+    the redone steps make it again)."""
     out = Path(out)
     try:
         check_saving_folder(out / SAVING_DIR)
     except HtcliError as error:  # (as a failed write: the caller says which save failed)
         raise OSError(str(error)) from None
     try:
-        _save_safetensors(model.state_dict(), out / BEST_FILE, _model_metadata(model, step, val_bpb))
+        _save_safetensors(model.state_dict(), out / BEST_NEXT, _model_metadata(model, step, val_bpb))
     finally:
         shutil.rmtree(out / SAVING_DIR, ignore_errors=True)
 
 
-def best_so_far(out: Path, resumed: bool) -> tuple[int, float] | None:
-    """The (step, val bpb) of out's BEST_FILE for a resumed run, also one of a step past the checkpoint (a
-    crash after it and before the next save: the weights are kept, and the redone steps must beat them);
-    None where there is none, and the file removed where it is unreadable or a new run starts (a run
-    killed before its first save left it)."""
+def best_step(out: Path) -> int | None:
+    """The step of out's BEST_FILE (None where there is none, or it cannot be read)."""
     file = Path(out) / BEST_FILE
-    if not file.exists():
+    try:
+        return int(_read_metadata(file, file).get("step", "")) if file.exists() else None
+    except (HtcliError, OSError, ValueError):
         return None
-    if resumed:
-        with contextlib.suppress(HtcliError, OSError):
-            info = read_checkpoint_info(file)
-            if isinstance(info.val_bpb, float) and math.isfinite(info.val_bpb):
-                return info.step, info.val_bpb
-    file.unlink(missing_ok=True)
-    return None
+
+
+def commit_best(out: Path, step: int | None) -> None:
+    """BEST_NEXT made out's BEST_FILE where it is of `step` (the checkpoint's) or before; dropped where it
+    is of a later step, unreadable, or where a new run starts (step None: BEST_FILE too, a run killed before
+    its first save left them)."""
+    out, upcoming = Path(out), Path(out) / BEST_NEXT
+    if step is None:
+        (out / BEST_FILE).unlink(missing_ok=True)
+    if not upcoming.exists():
+        return
+    try:
+        of = int(_read_metadata(upcoming, upcoming).get("step", ""))
+    except (HtcliError, OSError, ValueError):  # (one cut short: its write was atomic, so damaged by hand)
+        of = None
+    if step is None or of is None or of > step:
+        upcoming.unlink(missing_ok=True)
+        return
+    os.replace(upcoming, out / BEST_FILE)
+    fsync_dir(out)
 
 
 def _flatten_optimizer(state_dict: dict) -> tuple[dict[str, torch.Tensor], str]:

@@ -25,6 +25,7 @@ OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "state.json"
 CHECKPOINT_FILES = (MODEL_FILE, OPTIMIZER_FILE, STATE_FILE)
 BEST_FILE = "best.safetensors"  # the weights of the run's lowest validation bits per byte (not a checkpoint)
+BEST_NEXT = ".best.safetensors.next"  # a new best's weights until the next checkpoint commits them
 TENSORBOARD_DIR = "tensorboard"  # event files, under the run directory
 WANDB_DIR = "wandb"  # W&B's own files, which it makes under the run directory (its dir)
 WANDB_ID_FILE = "wandb-id"  # the W&B run id of a run directory, so that a resume continues that run

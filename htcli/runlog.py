@@ -80,13 +80,13 @@ class RunLog:
                     self.file.close()
 
 
-def trim_log(path: Path, step: int, *, then: str = "resume") -> None:
+def trim_log(path: Path, step: int, *, then: str = "resume") -> list[dict]:
     """Before a resume from `step` (0: a new run): drop the metric events of later steps, which a crash left
     and the run redoes, so that each step is logged once. A last line that a crash cut short is dropped
     too; any other line that is not an event (not UTF-8, not a JSON object) is an error (then: what it says
-    to do after the repair), and the file is left as it was."""
+    to do after the repair), and the file is left as it was. Returns the events kept."""
     if not path.exists():
-        return
+        return []
     check_not_special(path)
     try:
         lines = path.read_bytes().split(b"\n")
@@ -107,12 +107,26 @@ def trim_log(path: Path, step: int, *, then: str = "resume") -> None:
     if parse_event(last) is not None:
         events.append(parse_event(last))
     kept = [
-        json_line(record)
+        record
         for record in events
         if not (record.get("event") in METRIC_EVENTS and _after(record.get("step"), step))
     ]
     with atomic_file(path, "w") as file:
-        file.writelines(kept)
+        file.writelines(map(json_line, kept))
+    return kept
+
+
+def lowest_val(events: list[dict]) -> tuple[int, float] | None:
+    """The (step, val bpb) of the eval event with the lowest finite val bpb (the first of equals), or None."""
+    scores = [
+        (event["step"], event["val_bpb"])
+        for event in events
+        if event.get("event") == "eval"
+        and isinstance(event.get("step"), int)
+        and isinstance(event.get("val_bpb"), float)
+        and math.isfinite(event["val_bpb"])
+    ]
+    return min(scores, key=lambda score: score[1], default=None)
 
 
 def json_line(record: dict) -> str:

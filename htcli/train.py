@@ -31,7 +31,15 @@ import torch
 
 from htcli import __version__, distributed
 from htcli.attention import check_device
-from htcli.checkpoint import best_so_far, load_weights, rng_from_text, rng_to_text, save_best, save_checkpoint
+from htcli.checkpoint import (
+    best_step,
+    commit_best,
+    load_weights,
+    rng_from_text,
+    rng_to_text,
+    save_best,
+    save_checkpoint,
+)
 from htcli.checkpoint_checks import check_optimizer_state
 from htcli.config import TrainConfig
 from htcli.corpus import (
@@ -73,7 +81,7 @@ from htcli.optim import context_length, context_schedule, learning_rate, make_op
 from htcli.resume_changes import resume_changes
 from htcli.rundir import check_new_out, check_still_new, open_run, resolve_resume
 from htcli.runlock import RunLock, Whereabouts
-from htcli.runlog import LogError, RunLog, trim_log
+from htcli.runlog import LogError, RunLog, lowest_val, trim_log
 from htcli.sample import SamplingConfig, generate
 from htcli.stop import StopRequest
 
@@ -145,8 +153,9 @@ def train(
         ) from None
     finally:
         run.close()
+    best = run.best if run.best and best_step(run.out) == run.best[0] else None  # (what the file holds)
     return TrainResult(run.out, run.step, config.steps, loss, run.val_bpb, bool(stopped_by), seconds, tokens,
-                       run.params, stopped_by, run.step_seconds, run.resumed_at, run.best)  # fmt: skip
+                       run.params, stopped_by, run.step_seconds, run.resumed_at, best)  # fmt: skip
 
 
 def _compile_failed(error: RuntimeError) -> bool:
@@ -492,8 +501,12 @@ class Run:
                     check_still_new(self.out)
                     self.made = made  # (not before: a directory another run made and used meanwhile is kept)
                 remove_write_leftovers(self.out)
-                trim_log(self.out / LOG_FILE, self.step, then="resume" if self.resumed else "run again")
-                self.best = best_so_far(self.out, self.resumed)
+                kept = trim_log(
+                    self.out / LOG_FILE, self.step, then="resume" if self.resumed else "run again"
+                )
+                commit_best(self.out, self.step if self.resumed else None)  # (a save's, cut short: finished)
+                # (the best of the run's logged evals; none where the corpus changed: the scores may differ)
+                self.best = lowest_val(kept) if self.resumed and self.corpus_was is None else None
 
     def unmake_directory(self) -> None:
         """Where a new run's start failed (a logger that cannot start) in a directory it made: that directory
@@ -695,7 +708,8 @@ class Run:
         self.saved_step = self.step
 
     def save_best(self, log: RunLog) -> None:
-        """This step's weights as best.safetensors (rank 0, at an eval that beats the run's best)."""
+        """This step's weights for best.safetensors, which the next save puts in place (rank 0, at an eval
+        that beats the run's best)."""
         self.follow_directory(log)
         place = self.lock.moving_path() or self.out  # (a move during the save: the file goes with it)
         try:

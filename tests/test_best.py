@@ -69,10 +69,11 @@ def test_a_resumed_run_keeps_its_best_as_a_straight_run_does(corpus, tmp_path):
     assert all(torch.equal(expected[name], got[name]) for name in expected)
 
 
-def test_a_best_of_steps_past_the_checkpoint_is_kept_and_another_runs_is_not(corpus, tmp_path):
-    """A best.safetensors of a step after the checkpoint resumed (a crash before the next save: those steps
-    are redone) is kept, and the redone steps must beat it (a resume with a lower lr after a divergence kept
-    the weights before it); one that a new run finds (a run killed before its first save left it) is not."""
+def test_a_best_of_steps_past_the_checkpoint_is_dropped_and_another_runs_too(corpus, tmp_path):
+    """The weights of a new best wait as a hidden file for the next save, which puts them in place: a crash
+    before it (those steps are redone, their log lines dropped) leaves best.safetensors of a step the
+    checkpoint has passed, and the redone run's best, log and flags are a straight run's. One that a new
+    run finds (a run killed before its first save left it) is removed."""
     straight = train(tiny_config(corpus, tmp_path / "straight", save_every=3, **RISING))
     config = tiny_config(corpus, tmp_path / "split", save_every=3, **RISING)
 
@@ -82,15 +83,42 @@ def test_a_best_of_steps_past_the_checkpoint_is_kept_and_another_runs_is_not(cor
 
     assert train(config, on_event=interrupt_at_step_3).step == 3
     model, _ = load_model(tmp_path / "split")
-    save_best(tmp_path / "split", model, step=4, val_bpb=0.5)  # (of a later step, and unbeatable)
-    written = (tmp_path / "split" / "best.safetensors").read_bytes()
-    assert train(config, resume=True).best == (4, 0.5)
-    assert (tmp_path / "split" / "best.safetensors").read_bytes() == written
-    assert not any(event.get("best") for event in events(tmp_path / "split", "eval") if event["step"] > 3)
+    save_best(tmp_path / "split", model, step=4, val_bpb=0.5)  # (as a crash after step 4's eval leaves it)
+    assert (tmp_path / "split" / ".best.safetensors.next").exists()
+    assert train(config, resume=True).best == straight.best
+    assert not (tmp_path / "split" / ".best.safetensors.next").exists()
+    flags = [
+        {e["step"]: e.get("best") for e in events(tmp_path / name, "eval")} for name in ("straight", "split")
+    ]
+    assert flags[1] == {step: flag for step, flag in flags[0].items() if step != 3}  # (the stop cut step 3's)
     fresh = tmp_path / "fresh"
     fresh.mkdir()
     save_best(fresh, model, step=1, val_bpb=0.5)
+    (fresh / ".best.safetensors.next").rename(fresh / "best.safetensors")
+    save_best(fresh, model, step=2, val_bpb=0.4)
     assert train(tiny_config(corpus, fresh, save_every=3, **RISING)).best == straight.best
+
+
+def test_a_resume_takes_the_best_from_the_log_and_starts_anew_on_another_corpus(corpus, tmp_path):
+    """A resume compares its evals with the best logged one, also where best.safetensors is gone (a run of
+    an htcli before it, a file removed): a worse eval is not called the best; where the corpus changed
+    (another --val: scores that may not compare), the best starts anew."""
+    out = tmp_path / "run"
+    first = train(tiny_config(corpus, out, save_every=4, **RISING))
+    assert first.best is not None and first.best[0] < first.step
+    (out / "best.safetensors").unlink()
+    resumed = train(tiny_config(corpus, out, save_every=4, **{**RISING, "steps": 10}), resume=True)
+    assert resumed.best is None and not (out / "best.safetensors").exists()
+    assert not any(event.get("best") for event in events(out, "eval") if event["step"] > 8)
+    held_out = tmp_path / "held.txt"
+    held_out.write_bytes(corpus.read_bytes()[:5000])
+    other = tiny_config(corpus, out, save_every=4, val=[str(held_out)], **{**RISING, "steps": 12})
+    again = train(other, resume=True)
+    scores = {event["step"]: event for event in events(out, "eval") if event["step"] > 10}
+    assert scores[11]["best"] and again.best == min(
+        ((s, e["val_bpb"]) for s, e in scores.items()), key=lambda x: x[1]
+    )
+    assert read_checkpoint_info(out / "best.safetensors").step == again.best[0]
 
 
 def test_a_best_that_cannot_be_saved_stops_the_run_in_one_line(corpus, tmp_path, monkeypatch):
@@ -99,7 +127,7 @@ def test_a_best_that_cannot_be_saved_stops_the_run_in_one_line(corpus, tmp_path,
     real, calls = checkpoint.save_file, []
 
     def full_at_the_second_best(tensors, path, metadata=None):
-        if path.endswith("best.safetensors"):
+        if path.endswith(".best.safetensors.next"):
             calls.append(path)
             if len(calls) == 2:
                 raise OSError(errno.ENOSPC, "No space left on device")
