@@ -234,11 +234,9 @@ def best_step(out: Path) -> int | None:
 
 def commit_best(out: Path, step: int | None) -> None:
     """BEST_NEXT made out's BEST_FILE where it is of `step` (the checkpoint's) or before; dropped where it
-    is of a later step, unreadable, or where a new run starts (step None: BEST_FILE too, a run killed before
-    its first save left them)."""
+    is of a later step, unreadable, or where a new run starts (step None: a run killed before its first save
+    left it)."""
     out, upcoming = Path(out), Path(out) / BEST_NEXT
-    if step is None:
-        (out / BEST_FILE).unlink(missing_ok=True)
     if not upcoming.exists():
         return
     try:

@@ -38,6 +38,8 @@ SAVING_DIR = ".saving"
 # what a run writes in its directory (and the pending files of a save)
 RUN_ENTRIES = (
     *CHECKPOINT_FILES,
+    BEST_FILE,
+    BEST_NEXT,
     CONFIG_FILE,
     LOG_FILE,
     LOCK_FILE,

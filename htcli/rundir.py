@@ -19,6 +19,7 @@ from htcli.config import TrainConfig, saved_config
 from htcli.display import on_off
 from htcli.errors import HtcliError
 from htcli.files import (
+    BEST_FILE,
     CONFIG_FILE,
     LOG_FILE,
     MODEL_FILE,
@@ -134,8 +135,8 @@ def check_only_run_files(out: Path) -> None:
     """A new run's directory that exists (and holds no checkpoint) holds nothing that the run would
     overwrite or add to: its config.json, log.jsonl and loggers' files, where present, are an htcli run's
     (one that never saved), and it has no folders but the loggers' and a cache of corpus bytes (as
-    HTCLI_CACHE_DIR=out/cache makes it) (`--out .` in a project, `--out /`). Other files (a
-    `tee run/train.log`, a scheduler's output) and hidden ones may be there."""
+    HTCLI_CACHE_DIR=out/cache makes it) (`--out .` in a project, `--out /`), and no best.safetensors. Other
+    files (a `tee run/train.log`, a scheduler's output) and hidden ones may be there."""
     entries = list(os.scandir(out))
     kept = (TENSORBOARD_DIR, WANDB_DIR)
     folders = [
@@ -147,6 +148,12 @@ def check_only_run_files(out: Path) -> None:
         others.insert(0, CONFIG_FILE)
     if LOG_FILE in names and not _is_htcli_log(out / LOG_FILE):
         others.insert(0, LOG_FILE)
+    if BEST_FILE in names and not others:  # (a run saves it with a checkpoint: one without was put there)
+        raise HtcliError(
+            f"{out} holds a {BEST_FILE} but no checkpoint (another run's weights, or this run's whose"
+            " checkpoint was removed), which a new run would overwrite: move it away, or choose another out",
+            fields=("out",),
+        )
     if others:
         shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
         raise HtcliError(

@@ -103,13 +103,26 @@ class StopRequest:
             handlers = {number: signal.getsignal(number) for number in STOPS}
             ignored = handlers[signal.SIGHUP] in (signal.SIG_IGN, None)  # (under nohup: stays so)
             self._previous = {n: h for n, h in handlers.items() if not (ignored and n == signal.SIGHUP)}
+            if self._on_wait is not None:  # (first: no handler left installed where it fails)
+                self._start_watching()
             for number in self._previous:
                 signal.signal(number, self._handle)
-            if self._on_wait is not None:
-                self._wake = os.pipe()
-                self._watcher = threading.Thread(target=self._watch, name="htcli-stop-notice", daemon=True)
-                self._watcher.start()
         return self
+
+    def _start_watching(self) -> None:
+        """The watcher thread and its pipe; none (and no notice) where the process has no descriptor or thread
+        left for them (`ulimit -n`)."""
+        try:
+            self._wake = os.pipe()
+        except OSError:
+            return
+        self._watcher = threading.Thread(target=self._watch, name="htcli-stop-notice", daemon=True)
+        try:
+            self._watcher.start()
+        except RuntimeError:
+            for fd in self._wake:
+                os.close(fd)
+            self._wake = self._watcher = None
 
     def acknowledge(self) -> None:
         """The stop is being acted on: `on_wait` is not called from now on (one being called finishes first,

@@ -308,6 +308,19 @@ def _writing(out: Path) -> Iterator[None]:
         ) from None
 
 
+MISSING = object()  # (a state.json of an htcli before it kept the run's best)
+
+
+def _best_in_state(state: dict) -> tuple[int, float] | None | object:
+    """state.json's best (step, val bpb), None where the run has none yet, MISSING where it has no such field
+    or one that is not a step and a finite number (a state of an older htcli, or damaged)."""
+    best = state.get("best", MISSING)
+    if best is None:
+        return None
+    valid = isinstance(best, list) and len(best) == 2 and type(best[0]) is int and type(best[1]) is float
+    return (best[0], best[1]) if valid and math.isfinite(best[1]) else MISSING
+
+
 def _one_precision(dtype: torch.dtype) -> torch.dtype:
     """dtype where every rank chose it, else fp32 (a collective). dtype auto (and Muon's precision)
     resolves per machine: bf16 on a CPU with AMX or AVX-512 BF16, fp32 on one without or on a GPU without
@@ -373,6 +386,7 @@ class Run:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.step, self.val_bpb, self.saved_step, self.resumed_at = 0, None, None, None
         self.best: tuple[int, float] | None = None  # (step, val bpb) of best.safetensors (rank 0)
+        self.saved_best: tuple[int, float] | None | object = MISSING  # (the checkpoint's: see _resumed_best)
         self.step_seconds = 0.0  # this invocation's time in train_step
         self.made: Path | None = None  # the first folder of out that claim_directory made
         self.corpus_was = None  # [train, val] bytes at the checkpoint, where a resume finds others
@@ -465,6 +479,7 @@ class Run:
             group.update(own, params=params)
         check_optimizer_state(self.optimizer, info.step, not state["grad_scaler"], optimizer_file)
         self.step, self.val_bpb, self.saved_step = info.step, state.get("val_bpb"), info.step
+        self.saved_best = _best_in_state(state)
         self.resumed_at = info.step
         now, then = [len(self.train_data), len(self.val_data)], state.get("corpus_bytes")
         known = isinstance(then, list) and len(then) == 2 and all(type(n) is int for n in then)
@@ -505,8 +520,16 @@ class Run:
                     self.out / LOG_FILE, self.step, then="resume" if self.resumed else "run again"
                 )
                 commit_best(self.out, self.step if self.resumed else None)  # (a save's, cut short: finished)
-                # (the best of the run's logged evals; none where the corpus changed: the scores may differ)
-                self.best = lowest_val(kept) if self.resumed and self.corpus_was is None else None
+                self.best = self._resumed_best(kept) if self.resumed else None
+
+    def _resumed_best(self, kept: list[dict]) -> tuple[int, float] | None:
+        """The run's best (step, val bpb) at its checkpoint (its state.json's; before htcli kept it there, the
+        lowest of its logged evals); none where the corpus changed since (the scores may not compare)."""
+        if self.corpus_was is not None:
+            return None
+        if self.saved_best is not MISSING:
+            return self.saved_best
+        return lowest_val(kept)
 
     def unmake_directory(self) -> None:
         """Where a new run's start failed (a logger that cannot start) in a directory it made: that directory
@@ -684,6 +707,7 @@ class Run:
             state["corpus_layout"] = self._corpus_layout()  # (and this: the files' sizes, in order)
             state["dtype"] = dtype_name(self.dtype)  # (a resume with dtype auto keeps it)
             state["muon_products"] = dtype_name(self.products)  # (a resume keeps it)
+            state["best"] = list(self.best) if self.best else None  # (of best.safetensors, this save commits)
             self.follow_directory(log)
             place = self.lock.moving_path() or self.out  # (a move during the save: the files go with it)
             try:

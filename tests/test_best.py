@@ -6,7 +6,7 @@ import os
 import signal
 
 import torch
-from conftest import TINY_FLAGS, events, invoke, tiny_config
+from conftest import TINY_FLAGS, assert_user_error, events, invoke, tiny_config
 from safetensors.torch import load_file
 
 from htcli import checkpoint
@@ -93,10 +93,13 @@ def test_a_best_of_steps_past_the_checkpoint_is_dropped_and_another_runs_too(cor
     assert flags[1] == {step: flag for step, flag in flags[0].items() if step != 3}  # (the stop cut step 3's)
     fresh = tmp_path / "fresh"
     fresh.mkdir()
-    save_best(fresh, model, step=1, val_bpb=0.5)
-    (fresh / ".best.safetensors.next").rename(fresh / "best.safetensors")
     save_best(fresh, model, step=2, val_bpb=0.4)
     assert train(tiny_config(corpus, fresh, save_every=3, **RISING)).best == straight.best
+    # a best.safetensors without a checkpoint is not a run's (a run saves it with one): a copy put there
+    (tmp_path / "copy").mkdir()
+    (tmp_path / "copy" / "best.safetensors").write_bytes((fresh / "best.safetensors").read_bytes())
+    result = invoke("train", corpus, *TINY_FLAGS, "--out", tmp_path / "copy")
+    assert_user_error(result, "holds a best.safetensors but no checkpoint (another run's weights, or this")
 
 
 def test_a_resume_takes_the_best_from_the_log_and_starts_anew_on_another_corpus(corpus, tmp_path):
@@ -106,10 +109,15 @@ def test_a_resume_takes_the_best_from_the_log_and_starts_anew_on_another_corpus(
     out = tmp_path / "run"
     first = train(tiny_config(corpus, out, save_every=4, **RISING))
     assert first.best is not None and first.best[0] < first.step
+    assert json.loads((out / "state.json").read_text())["best"] == list(first.best)
     (out / "best.safetensors").unlink()
+    state = json.loads((out / "state.json").read_text())
+    del state["best"]  # (a checkpoint of an htcli before the field: the best of the log)
+    (out / "state.json").write_text(json.dumps(state))
     resumed = train(tiny_config(corpus, out, save_every=4, **{**RISING, "steps": 10}), resume=True)
     assert resumed.best is None and not (out / "best.safetensors").exists()
     assert not any(event.get("best") for event in events(out, "eval") if event["step"] > 8)
+    assert json.loads((out / "state.json").read_text())["best"] == list(first.best)
     held_out = tmp_path / "held.txt"
     held_out.write_bytes(corpus.read_bytes()[:5000])
     other = tiny_config(corpus, out, save_every=4, val=[str(held_out)], **{**RISING, "steps": 12})
@@ -119,6 +127,12 @@ def test_a_resume_takes_the_best_from_the_log_and_starts_anew_on_another_corpus(
         ((s, e["val_bpb"]) for s, e in scores.items()), key=lambda x: x[1]
     )
     assert read_checkpoint_info(out / "best.safetensors").step == again.best[0]
+    # and the resume after it goes on from that best (not from the old corpus's, which the log holds too)
+    then = train(
+        tiny_config(corpus, out, save_every=4, val=[str(held_out)], **{**RISING, "steps": 14}), resume=True
+    )
+    scores = {event["step"]: event["val_bpb"] for event in events(out, "eval") if event["step"] > 10}
+    assert then.best == min(scores.items(), key=lambda score: score[1])
 
 
 def test_a_best_that_cannot_be_saved_stops_the_run_in_one_line(corpus, tmp_path, monkeypatch):

@@ -303,12 +303,14 @@ def test_help_gives_every_presets_model_defaults():
 
 
 def test_train_writes_a_run(corpus, tmp_path):
-    """`htcli train` writes weights, optimizer, state, config and log, and prints a summary."""
+    """`htcli train` writes weights, optimizer, state, config and log, the best weights, and prints a
+    summary."""
     result = invoke("train", corpus, "--out", tmp_path / "run", "--steps", 4, "--eval-every", 2, *TINY_FLAGS)
     assert result.exit_code == 0, result.output
     names = {p.name for p in (tmp_path / "run").iterdir()}
     assert names == {
         "model.safetensors",
+        "best.safetensors",
         "optimizer.safetensors",
         "state.json",
         "config.json",
@@ -1201,7 +1203,7 @@ def test_a_new_run_into_a_directory_of_other_files_is_refused(corpus, tmp_path, 
     (tmp_path / "empty" / "train.log").write_bytes(b"tee's")
     assert invoke("train", corpus, "--out", tmp_path / "empty", *TINY_FLAGS, "--steps", 1).exit_code == 0
     never_saved = tmp_path / "empty"
-    for name in ("model.safetensors", "optimizer.safetensors", "state.json"):
+    for name in ("model.safetensors", "optimizer.safetensors", "state.json", "best.safetensors"):
         (never_saved / name).unlink()
     assert invoke("train", corpus, "--out", never_saved, *TINY_FLAGS, "--steps", 1).exit_code == 0
 
@@ -1273,8 +1275,8 @@ def test_a_first_save_cut_short_while_writing_is_no_checkpoint(run_copy):
     directory held an incomplete checkpoint)."""
     run, corpus = run_copy
     (run / "model.safetensors").rename(run / ".model.safetensors.pending")
-    for name in ("optimizer.safetensors", "state.json"):
-        (run / name).unlink()
+    for name in ("optimizer.safetensors", "state.json", "best.safetensors"):  # (a first save commits it)
+        (run / name).unlink(missing_ok=True)
     assert_user_error(
         invoke("train", "--out", run, "--resume", "--steps", 8), f"no checkpoint at {run}: start"
     )

@@ -120,7 +120,8 @@ def test_runs_inside_a_corpus_directory_are_not_corpus(tmp_path):
     train(tiny_config(text, data / "run1", steps=2))
     run_files = sorted(p for p in (data / "run1").iterdir() if not p.name.startswith("."))
     assert [p.name for p in run_files] == [
-        "config.json", "log.jsonl", "model.safetensors", "optimizer.safetensors", "state.json"
+        "best.safetensors", "config.json", "log.jsonl", "model.safetensors", "optimizer.safetensors",
+        "state.json",
     ]  # fmt: skip
     assert resolve_corpus([data]) == [text]
     assert resolve_corpus([data / "**"]) == [text]  # (a glob read run1's files too, as text to train on)

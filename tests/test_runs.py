@@ -191,14 +191,41 @@ def test_a_stop_request_tells_of_a_stop_not_acknowledged_in_time(signum, handler
             assert stop.signal == signum
         expected = [] if signum == signal.SIGHUP else [(signum, quits, "htcli-stop-notice")]
         assert heard == expected
+        monkeypatch.setattr(stop_module, "NOTICE_AFTER", 1.0)  # (acknowledged well within it, loaded or not)
         with StopRequest(lambda *got: heard.append(got)) as stop:
             os.kill(os.getpid(), signum)
             time.sleep(0.01)
             stop.acknowledge()
-            time.sleep(0.3)
+            time.sleep(1.2)
         assert heard == expected
         assert len(os.listdir("/proc/self/fd")) == descriptors
         assert "htcli-stop-notice" not in [thread.name for thread in threading.enumerate()]
+    finally:
+        for number, handler in before.items():
+            signal.signal(number, handler)
+
+
+def test_a_stop_request_without_a_descriptor_left_gives_no_notice_and_puts_the_handlers_back(monkeypatch):
+    """Where the notice's pipe cannot be made (no descriptor left: `ulimit -n`), a stop is still recorded,
+    no notice is given, and the handlers are put back (installed before the pipe failed, they were left)."""
+    from htcli import stop as stop_module
+    from htcli.stop import StopRequest
+
+    def no_descriptor():
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(stop_module, "_terminal_outputs", list)
+    monkeypatch.setattr(stop_module, "NOTICE_AFTER", 0.05)
+    monkeypatch.setattr(os, "pipe", no_descriptor)
+    before = {number: signal.signal(number, lambda *_: None) for number in stop_module.STOPS}
+    try:
+        heard = []
+        with StopRequest(lambda *got: heard.append(got)) as stop:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.3)
+            assert stop.signal == signal.SIGINT
+        assert heard == []
+        assert all(signal.getsignal(number) != stop._handle for number in stop_module.STOPS)
     finally:
         for number, handler in before.items():
             signal.signal(number, handler)

@@ -316,8 +316,11 @@ def _corrupt_errors() -> tuple[type[BaseException], ...]:
 
 
 def _raise_io_error(error: BaseException) -> None:
-    """An OSError with an errno (the disk, not the data) raised again as it was."""
-    if isinstance(error, OSError) and error.errno is not None:
+    """An OSError with an errno (the disk, not the data), or of another kind than the decompressors raise
+    (io.UnsupportedOperation), raised again as it was."""
+    if isinstance(error, OSError) and (
+        error.errno is not None or type(error) not in (OSError, gzip.BadGzipFile)
+    ):
         raise error
 
 
