@@ -116,7 +116,10 @@ class StopRequest:
             self._wake = os.pipe()
         except OSError:
             return
-        self._watcher = threading.Thread(target=self._watch, name="htcli-stop-notice", daemon=True)
+        # (its end of the pipe as an argument: a thread that starts late must not find _wake gone)
+        self._watcher = threading.Thread(
+            target=self._watch, args=(self._wake[0],), name="htcli-stop-notice", daemon=True
+        )
         try:
             self._watcher.start()
         except RuntimeError:
@@ -132,11 +135,11 @@ class StopRequest:
         if got:
             self._telling.release()
 
-    def _watch(self) -> None:
-        """Waits for the handler's word, then NOTICE_AFTER seconds for the acknowledgement; a notice that
-        cannot be given (a closed terminal) is left out: it must not end the run."""
+    def _watch(self, wake: int) -> None:
+        """Waits for the handler's word on `wake`, then NOTICE_AFTER seconds for the acknowledgement; a notice
+        that cannot be given (a closed terminal) is left out: it must not end the run."""
         try:
-            woken = os.read(self._wake[0], 1) == b"s"
+            woken = os.read(wake, 1) == b"s"
         except OSError:
             return
         if not woken or self._answered.wait(NOTICE_AFTER):

@@ -231,6 +231,33 @@ def test_a_stop_request_without_a_descriptor_left_gives_no_notice_and_puts_the_h
             signal.signal(number, handler)
 
 
+def test_a_stop_request_that_ends_before_its_watcher_starts_leaves_no_error(monkeypatch):
+    """A request that ends before its watcher thread has run its first line (a run that fails at once, a
+    loaded machine): the thread read the pipe through the request, whose pipe was gone by then (a
+    TypeError printed as "Exception in thread htcli-stop-notice")."""
+    from htcli import stop as stop_module
+    from htcli.stop import StopRequest
+
+    errors, real_watch = [], StopRequest._watch
+
+    def late(self, *args):
+        time.sleep(0.3)
+        return real_watch(self, *args)
+
+    monkeypatch.setattr(stop_module, "_terminal_outputs", list)
+    monkeypatch.setattr(StopRequest, "_watch", late)
+    monkeypatch.setattr(threading, "excepthook", lambda args: errors.append(args.exc_type))
+    before = {number: signal.signal(number, lambda *_: None) for number in stop_module.STOPS}
+    try:
+        with StopRequest(lambda *got: None):
+            pass
+        time.sleep(0.5)
+        assert errors == []
+    finally:
+        for number, handler in before.items():
+            signal.signal(number, handler)
+
+
 def test_an_acknowledgement_waits_for_a_notice_being_given(monkeypatch):
     """A stop acknowledged while its notice is being given returns once the notice is out: the notice came
     after, or in the middle of, the loop's "interrupted at step N" that follows the acknowledgement."""
