@@ -117,15 +117,19 @@ def trim_log(path: Path, step: int, *, then: str = "resume") -> list[dict]:
 
 
 def lowest_val(events: list[dict]) -> tuple[int, float] | None:
-    """The (step, val bpb) of the eval event with the lowest finite val bpb (the first of equals), or None."""
-    scores = [
-        (event["step"], event["val_bpb"])
-        for event in events
-        if event.get("event") == "eval"
-        and isinstance(event.get("step"), int)
-        and isinstance(event.get("val_bpb"), float)
-        and math.isfinite(event["val_bpb"])
-    ]
+    """The (step, val bpb) of the eval event with the lowest finite val bpb (the first of equals) since the
+    corpus last changed (a start event with `corpus_was`: scores before it may not compare), or None."""
+    scores: list[tuple[int, float]] = []
+    for event in events:
+        if event.get("event") == "start" and event.get("corpus_was"):
+            scores = []
+        elif (
+            event.get("event") == "eval"
+            and isinstance(event.get("step"), int)
+            and isinstance(event.get("val_bpb"), float)
+            and math.isfinite(event["val_bpb"])
+        ):
+            scores.append((event["step"], event["val_bpb"]))
     return min(scores, key=lambda score: score[1], default=None)
 
 
