@@ -858,7 +858,7 @@ def sample(
     prompt_file: Annotated[
         Path | None, typer.Option(parser=_path, help="Continue this file's bytes instead (-: stdin).")
     ] = None,
-    max_new_tokens: Annotated[int, typer.Option(help="Bytes to generate per sample.")] = 500,
+    max_new_tokens: Annotated[int, typer.Option(help="Bytes to generate per sample (at least 1).")] = 500,
     temperature: Annotated[
         float, typer.Option(help="Sampling temperature; 0: always the most likely byte.")
     ] = 0.8,

@@ -583,6 +583,25 @@ def test_bz2_and_xz_files_are_decompressed_and_broken_ones_refused(tmp_path, suf
             ByteCorpus.open([path])
 
 
+def test_a_python_without_lzma_or_bz2_reads_other_corpora_and_says_what_xz_needs(tmp_path, monkeypatch):
+    """Python built without _lzma (pyenv's, where liblzma's headers were missing): htcli imported bz2 and lzma
+    for every command, so none ran; other corpora read as before, and an .xz file says what it needs."""
+    text = write(tmp_path / "c.txt", make_text(2000))
+    script = (
+        "import sys; sys.modules['lzma'] = sys.modules['bz2'] = None; import htcli.corpus.formats, htcli.cli"
+    )
+    imported = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert imported.returncode == 0, imported.stderr
+    monkeypatch.setitem(sys.modules, "lzma", None)
+    with ByteCorpus.open([text]) as corpus:
+        assert len(corpus) == 2000
+    packed = write(tmp_path / "c.txt.xz", lzma.compress(make_text(2000)))
+    with pytest.raises(
+        HtcliError, match=r"\.xz corpora need Python's lzma module, which this Python was built"
+    ):
+        ByteCorpus.open([packed])
+
+
 def test_truncated_file_while_reading(tmp_path):
     """A corpus file cut short after the corpus was opened is an error naming it, not a crash."""
     path = write(tmp_path / "c.txt", make_text(5000))

@@ -13,13 +13,12 @@ row); with `skip_bad_records` it is left out and counted instead.
 
 from __future__ import annotations
 
-import bz2
 import codecs
 import contextlib
 import gzip
+import importlib
 import io
 import json
-import lzma
 import shutil
 import zlib
 from collections.abc import Iterator, Sequence
@@ -312,7 +311,28 @@ def _zstd():
 def _corrupt_errors() -> tuple[type[BaseException], ...]:
     """What a decompressor raises on a file that is not what its name says, or is cut short: bz2's is an
     OSError without an errno ("Invalid data stream"), which _raise_io_error tells from a failing disk."""
-    return EOFError, zlib.error, gzip.BadGzipFile, lzma.LZMAError, OSError, _zstd_error()
+    lzma_error = _standard("lzma", "xz").LZMAError if _has("lzma") else type("NoLzma", (Exception,), {})
+    return EOFError, zlib.error, gzip.BadGzipFile, lzma_error, OSError, _zstd_error()
+
+
+def _has(module: str) -> bool:
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
+
+
+def _standard(module: str, kind: str):
+    """A decompression module of Python's standard library, imported when a corpus needs it: a Python built
+    without it (pyenv's, where liblzma's headers were missing) reads the other kinds of corpus as before."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise HtcliError(
+            f".{kind} corpora need Python's {module} module, which this Python was built without: decompress"
+            " the file first, or use a Python built with it"
+        ) from None
 
 
 def _raise_io_error(error: BaseException) -> None:
@@ -350,10 +370,10 @@ def _opened(source: Path, compression: str) -> Iterator[IO[bytes]]:
             with io.BufferedReader(_ZstdFrames(raw), 1 << 20) as stream:
                 yield stream
         elif compression == "bz2":
-            with bz2.BZ2File(raw, "rb") as stream:
+            with _standard("bz2", "bz2").BZ2File(raw, "rb") as stream:
                 yield stream
         elif compression == "xz":
-            with lzma.LZMAFile(raw, "rb") as stream:
+            with _standard("lzma", "xz").LZMAFile(raw, "rb") as stream:
                 yield stream
         else:
             yield raw
