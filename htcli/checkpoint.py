@@ -24,6 +24,7 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -170,22 +171,31 @@ def save_checkpoint(
     out = Path(out)
     commit_pending(out)
     try:
-        _write_pending(out, model, optimizer, state, step=step, val_bpb=val_bpb)
+        with _through_saving_folder(out):
+            _write_pending(out, model, optimizer, state, step=step, val_bpb=val_bpb)
     except BaseException:
         for name in CHECKPOINT_FILES:  # a save cut short (a full disk, a Ctrl-C) leaves no half files
             pending_file(out, name).unlink(missing_ok=True)
         raise
-    finally:
-        shutil.rmtree(out / SAVING_DIR, ignore_errors=True)
     commit_pending(out)
     commit_best(out, step)
 
 
-def _write_pending(out: Path, model, optimizer, state: dict, *, step: int, val_bpb: float | None) -> None:
+@contextlib.contextmanager
+def _through_saving_folder(out: Path) -> Iterator[None]:
+    """A block that writes safetensors files through out's saving folder (_save_safetensors), checked first
+    (a failure as a failed write: the save's caller says which save failed) and removed after."""
     try:
         check_saving_folder(out / SAVING_DIR)
-    except HtcliError as error:  # (as a failed write: the save's caller says which save failed)
+    except HtcliError as error:
         raise OSError(str(error)) from None
+    try:
+        yield
+    finally:
+        shutil.rmtree(out / SAVING_DIR, ignore_errors=True)
+
+
+def _write_pending(out: Path, model, optimizer, state: dict, *, step: int, val_bpb: float | None) -> None:
     _save_safetensors(
         model.state_dict(), pending_file(out, MODEL_FILE), _model_metadata(model, step, val_bpb)
     )
@@ -213,21 +223,21 @@ def save_best(out: Path, model: HTransformer1D, *, step: int, val_bpb: float) ->
     the checkpoint has passed, one the log keeps (a crash before that save drops the steps after it, and
     the redone steps make it again)."""
     out = Path(out)
-    try:
-        check_saving_folder(out / SAVING_DIR)
-    except HtcliError as error:  # (as a failed write: the caller says which save failed)
-        raise OSError(str(error)) from None
-    try:
+    with _through_saving_folder(out):
         _save_safetensors(model.state_dict(), out / BEST_NEXT, _model_metadata(model, step, val_bpb))
-    finally:
-        shutil.rmtree(out / SAVING_DIR, ignore_errors=True)
 
 
 def best_step(out: Path) -> int | None:
     """The step of out's BEST_FILE (None where there is none, or it cannot be read)."""
     file = Path(out) / BEST_FILE
+    return _step_of(file) if file.exists() else None
+
+
+def _step_of(file: Path) -> int | None:
+    """The step in a weights file's metadata (None where it cannot be read: damaged by hand, as its write
+    was atomic)."""
     try:
-        return int(_read_metadata(file, file).get("step", "")) if file.exists() else None
+        return int(_read_metadata(file, file).get("step", ""))
     except (HtcliError, OSError, ValueError):
         return None
 
@@ -239,10 +249,7 @@ def commit_best(out: Path, step: int | None) -> None:
     out, upcoming = Path(out), Path(out) / BEST_NEXT
     if not upcoming.exists():
         return
-    try:
-        of = int(_read_metadata(upcoming, upcoming).get("step", ""))
-    except (HtcliError, OSError, ValueError):  # (one cut short: its write was atomic, so damaged by hand)
-        of = None
+    of = _step_of(upcoming)
     if step is None or of is None or of > step:
         upcoming.unlink(missing_ok=True)
         return

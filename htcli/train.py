@@ -708,24 +708,13 @@ class Run:
             state["dtype"] = dtype_name(self.dtype)  # (a resume with dtype auto keeps it)
             state["muon_products"] = dtype_name(self.products)  # (a resume keeps it)
             state["best"] = list(self.best) if self.best else None  # (of best.safetensors, this save commits)
-            self.follow_directory(log)
-            place = self.lock.moving_path() or self.out  # (a move during the save: the files go with it)
-            try:
-                save_checkpoint(
+            self._write_where_it_is(
+                log,
+                f"the checkpoint of step {self.step}",
+                lambda place: save_checkpoint(
                     place, self.model, self.optimizer, state, step=self.step, val_bpb=self.val_bpb
-                )
-            except (OSError, HtcliError) as error:
-                if not self.lock.in_place():  # (deleted meanwhile: that is what to say; moved: name it)
-                    self.follow_directory(log)
-                if isinstance(error, HtcliError):
-                    raise HtcliError(
-                        str(error).replace(str(place), str(self.out)), fields=error.fields
-                    ) from None
-                reason = str(error.strerror or error).replace(str(place), str(self.out))
-                raise HtcliError(
-                    f"cannot save the checkpoint of step {self.step} in {self.out}: {reason}"
-                    f" ({self.kept()}); {self.advice(error.errno)}"
-                ) from None
+                ),
+            )
             self.saved_step = self.step  # (before the log says so, which may fail)
             log("checkpoint", step=self.step, path=str(self.out))
         distributed.barrier(self.device)  # nobody goes on (or exits) before the checkpoint is written
@@ -734,19 +723,29 @@ class Run:
     def save_best(self, log: RunLog) -> None:
         """This step's weights for best.safetensors, which the next save puts in place (rank 0, at an eval
         that beats the run's best)."""
+        self._write_where_it_is(
+            log,
+            f"the best weights (step {self.step})",
+            lambda place: save_best(place, self.model, step=self.step, val_bpb=self.val_bpb),
+        )
+        self.best = (self.step, self.val_bpb)
+
+    def _write_where_it_is(self, log: RunLog, what: str, write: Callable[[Path], None]) -> None:
+        """write(place) into the run directory where it is (a move during the write: the files go with it);
+        a failure one line that names `what` and the run directory, what is kept and what to do (rank 0)."""
         self.follow_directory(log)
-        place = self.lock.moving_path() or self.out  # (a move during the save: the file goes with it)
+        place = self.lock.moving_path() or self.out
         try:
-            save_best(place, self.model, step=self.step, val_bpb=self.val_bpb)
-        except OSError as error:
-            if not self.lock.in_place():
+            write(place)
+        except (OSError, HtcliError) as error:
+            if not self.lock.in_place():  # (deleted meanwhile: that is what to say; moved: name it)
                 self.follow_directory(log)
+            if isinstance(error, HtcliError):
+                raise HtcliError(str(error).replace(str(place), str(self.out)), fields=error.fields) from None
             reason = str(error.strerror or error).replace(str(place), str(self.out))
             raise HtcliError(
-                f"cannot save the best weights (step {self.step}) in {self.out}: {reason} ({self.kept()});"
-                f" {self.advice(error.errno)}"
+                f"cannot save {what} in {self.out}: {reason} ({self.kept()}); {self.advice(error.errno)}"
             ) from None
-        self.best = (self.step, self.val_bpb)
 
     def follow_directory(self, log: RunLog | None = None) -> None:
         """Saves go where the run directory is (rank 0): where it was moved since this process locked it

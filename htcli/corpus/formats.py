@@ -311,16 +311,16 @@ def _zstd():
 def _corrupt_errors() -> tuple[type[BaseException], ...]:
     """What a decompressor raises on a file that is not what its name says, or is cut short: bz2's is an
     OSError without an errno ("Invalid data stream"), which _raise_io_error tells from a failing disk."""
-    lzma_error = _standard("lzma", "xz").LZMAError if _has("lzma") else type("NoLzma", (Exception,), {})
-    return EOFError, zlib.error, gzip.BadGzipFile, lzma_error, OSError, _zstd_error()
+    lzma_error, zstd_error = _error_class("lzma", "LZMAError"), _error_class("zstandard", "ZstdError")
+    return EOFError, zlib.error, gzip.BadGzipFile, lzma_error, OSError, zstd_error
 
 
-def _has(module: str) -> bool:
+def _error_class(module: str, name: str) -> type[Exception]:
+    """module's error class `name` where the module can be imported (a class nothing raises where not)."""
     try:
-        importlib.import_module(module)
+        return getattr(importlib.import_module(module), name)
     except ImportError:
-        return False
-    return True
+        return type(f"No{name}", (Exception,), {})
 
 
 def _standard(module: str, kind: str):
@@ -342,15 +342,6 @@ def _raise_io_error(error: BaseException) -> None:
         error.errno is not None or type(error) not in (OSError, gzip.BadGzipFile)
     ):
         raise error
-
-
-def _zstd_error() -> type[Exception]:
-    """zstandard's error class where it is installed (a class nothing raises where it is not)."""
-    try:
-        import zstandard
-    except ImportError:
-        return type("NoZstandard", (Exception,), {})
-    return zstandard.ZstdError
 
 
 @contextlib.contextmanager
