@@ -315,16 +315,12 @@ def _decode(model, prompt: bytes, configs: list[SamplingConfig], dtype, cache: b
         decoder.feed([token if token is not None else 0 for token in step])
 
 
-def read_prompt(path: Path, context: int) -> bytes:
+def read_prompt_sized(path: Path, context: int) -> tuple[bytes, int]:
     """The last `context` bytes of a regular file (all a model of that context sees of a prompt): only
     those are read. Anything but a regular file (a FIFO, /dev/zero) is refused, so nothing hangs. The
-    path - is standard input, read to its end (its last `context` bytes kept)."""
-    return read_prompt_sized(path, context)[0]
-
-
-def read_prompt_sized(path: Path, context: int) -> tuple[bytes, int]:
-    """read_prompt's bytes, and how many bytes the file or standard input held (more than context: the
-    model sees only its end, which a caller may say)."""
+    path - is standard input, read to its end (its last `context` bytes kept). With them, how many bytes
+    the file or standard input held (more than context: the model sees only its end, which a caller may
+    say)."""
     if os.fspath(path) == STDIN:
         tail, size = _read_stdin(context)
         return _not_empty(tail, "standard input (prompt file -)"), size
