@@ -853,7 +853,11 @@ def test_ctrl_c_while_sampling_exits_130_with_one_line(trained):
     command = [sys.executable, "-m", "htcli", "sample", str(run), "--prompt", "a", "--device", "cpu"]
     command += ["--max-new-tokens", "10000000", "--num-samples", "2", "--top-k", "1"]
     process = start_interruptible(command)
-    begun = process.stdout.read(3)  # the prompt and two bytes of the first sample (and so of the second)
+    # the prompt and two bytes of the first sample (and so of the second), read from the pipe itself:
+    # process.stdout.read(3) kept what else had come in its buffer, which communicate() then left out
+    begun = b""
+    while len(begun) < 3 and (chunk := os.read(process.stdout.fileno(), 3 - len(begun))):
+        begun += chunk
     process.send_signal(signal.SIGINT)
     stdout, stderr = process.communicate(timeout=60)
     stdout = begun + stdout
