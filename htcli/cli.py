@@ -723,7 +723,7 @@ def _print_config(config, resume: bool | str) -> None:
     from htcli.distributed import launch_from_env
     from htcli.optim import context_schedule
     from htcli.rundir import RunFinished, check_resumable, resolve_resume
-    from htcli.train import start_refusal
+    from htcli.train_checks import start_refusal
 
     finished = None
     try:

@@ -5,7 +5,7 @@
 predicted from bytes 0..i-1; each later window moves `stride` bytes on and scores only its last
 `stride` predictions, each seeing at least L - stride earlier bytes; the last window ends at the last
 byte and scores what is left. The first byte is not scored: a byte model has no beginning-of-text token
-to predict it from. (Training's cheaper estimate is `htcli.train.validation_bpb`.)
+to predict it from. (Training's cheaper estimate is `htcli.train_step.validation_bpb`.)
 """
 
 from __future__ import annotations

@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import filecmp
 import hashlib
 import math
 import os
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,13 +47,11 @@ from htcli.corpus import (
     RecordOptions,
     check_hidden_applies,
     check_records_apply,
-    file_identity,
     resolve_corpus,
 )
-from htcli.data import WindowSampler, evenly_spaced, split
+from htcli.data import split
 from htcli.device import (
     PRECISIONS,
-    autocast,
     dtype_name,
     keep_freed_memory,
     peak_memory,
@@ -63,7 +60,6 @@ from htcli.device import (
     torch_dtype,
 )
 from htcli.errors import HtcliError, unwritable_advice
-from htcli.evaluate import byte_nll, window_nats
 from htcli.files import (
     CONFIG_FILE,
     LOCK_FILE,
@@ -79,15 +75,16 @@ from htcli.loggers import check_loggers, close_loggers, open_loggers
 from htcli.model import HTransformer1D
 from htcli.optim import context_length, context_schedule, learning_rate, make_optimizer, newton_schulz_dtype
 from htcli.resume_changes import resume_changes
-from htcli.rundir import check_new_out, check_still_new, open_run, resolve_resume
+from htcli.rundir import check_still_new, open_run, resolve_resume
 from htcli.runlock import RunLock, Whereabouts
 from htcli.runlog import LogError, RunLog, lowest_val, trim_log
 from htcli.sample import SamplingConfig, generate
 from htcli.stop import StopRequest
+from htcli.train_checks import check_held_out
+from htcli.train_step import optimizer_step, rank_sampler, validation_bpb
 
 SAMPLE_PROMPT_BYTES = 64  # periodic samples continue the validation data's first bytes
 SAMPLE_TEMPERATURE = 0.8
-RANK_SEED_STRIDE = 1_000_003  # rank r draws data with seed + r * this
 
 
 @dataclass
@@ -165,27 +162,6 @@ def _compile_failed(error: RuntimeError) -> bool:
     return dynamo is not None and isinstance(error, dynamo.BackendCompilerFailed)
 
 
-def start_refusal(config: TrainConfig, resume: bool) -> HtcliError | OSError | None:
-    """What train would refuse before training on this machine, for a config printed and not run (which may
-    be meant for another): the device and precision, the loggers, the corpus's files (where given) and a
-    new run's out (an OSError, a name too long, as train would meet it); None where none is refused."""
-    try:
-        if not resume:  # (first, as train: an out in a loop of links was a traceback in the corpus's check)
-            check_new_out(Path(config.out))
-        device = resolve_device(config.device)
-        resolve_dtype(config.dtype, device, training=True)
-        if config.model.attention == "h":
-            check_device(device.type)
-        check_loggers(config.loggers)
-        found = dict(include_hidden=config.include_hidden, exclude=[config.out])
-        files = resolve_corpus(config.corpus, **found) if config.corpus else []
-        if config.val:
-            _check_held_out(files, resolve_corpus(config.val, **found, role="held-out corpus (val)"))
-    except (HtcliError, OSError) as error:
-        return error
-    return None
-
-
 def _stop_notice(on_event: Callable[[dict], None] | None, run: Run) -> Callable | None:
     """What tells on_event of a stop that waits for a slow step (a "stopping" event, from another thread and
     not logged: the "interrupt" event follows when the loop stops)."""
@@ -261,39 +237,6 @@ def _agreed_stop(stop: StopRequest, device) -> str | None:
 def due(step: int, every: int, *, last: bool = False) -> bool:
     """Whether something done every `every` steps (0: never) is due after `step`; always when `last`."""
     return last or (every > 0 and step % every == 0)
-
-
-def _check_held_out(corpus: Sequence[str | Path], val: Sequence[str | Path]) -> None:
-    """HtcliError if a file of val is also one of the corpus's files, or a copy of one (its val bpb would be
-    on trained bytes)."""
-    trained = set(map(file_identity, corpus))
-    shared = sorted(str(file) for file in val if file_identity(file) in trained)  # (by a name or a link)
-    copies = None if shared else _copies(val, corpus)  # (a copy: cp data/a.txt held_out.txt)
-    if shared or copies:
-        what = (
-            f"{shared[0]} is both in the corpus and in val"
-            if shared
-            else f"{copies[0]} (in val) holds the same bytes as {copies[1]} (in the corpus)"
-        )
-        raise HtcliError(
-            f"{what}: held-out bytes must not be trained on; give val other files (or leave it out:"
-            " val_fraction holds out the corpus's end)",
-            fields=("val", "val_fraction"),
-        )
-
-
-def _copies(held_out: Sequence[str | Path], trained: Sequence[str | Path]) -> tuple[str | Path, ...] | None:
-    """A file of held_out and one of trained with the same bytes (compared where their sizes are equal:
-    a copy is found, a file that merely has a copy's size is read once), or None."""
-    by_size: dict[int, list[str | Path]] = {}
-    for file in trained:
-        by_size.setdefault(os.stat(file).st_size, []).append(file)
-    by_size.pop(0, None)  # (empty files hold no bytes to train on)
-    for held in held_out:
-        for twin in by_size.get(os.stat(held).st_size, []):
-            if filecmp.cmp(held, twin, shallow=False):
-                return held, twin
-    return None
 
 
 @contextlib.contextmanager
@@ -423,7 +366,7 @@ class Run:
             check_records_apply(files + val_files, records)
             check_hidden_applies([*config.corpus, *(config.val or [])], config.include_hidden)
         if val_files:  # (before either is unpacked: a val file's bad record was said first)
-            _check_held_out(files, val_files)
+            check_held_out(files, val_files)
         corpus = ByteCorpus.open(config.corpus, records=records, files=files)
         self.corpora.append(corpus)
         val = ByteCorpus.open(config.val, records=records, files=val_files) if config.val else None
@@ -581,7 +524,7 @@ class Run:
             for _ in range(config.grad_accum)
         ]
         no_sync = self.parallel.no_sync if self.parallel is not self.model else contextlib.nullcontext
-        loss, grad_norm = _optimizer_step(
+        loss, grad_norm = optimizer_step(
             self.forward, self.optimizer, self.scaler, batches, config.clip, self.device, self.dtype, no_sync
         )
         # NaN on every rank if it is NaN on one (the gradient norm, of the averaged gradients, is the same)
@@ -827,75 +770,3 @@ class Run:
         for corpus in self.corpora:
             corpus.close()
         self.lock.release()
-
-
-def rank_sampler(
-    num_bytes: int, window: int, config: TrainConfig, rank: int, world_size: int
-) -> WindowSampler:
-    """Rank r's windows: its own stream (seed + r * RANK_SEED_STRIDE) or its slice of one global batch."""
-    if config.split_global_batch:
-        return WindowSampler(num_bytes, window, config.batch_size, config.seed, shard=(rank, world_size))
-    return WindowSampler(num_bytes, window, config.batch_size, config.seed + RANK_SEED_STRIDE * rank)
-
-
-def _optimizer_step(
-    forward: Callable,
-    optimizer,
-    scaler,
-    batches: list[torch.Tensor],
-    clip: float,
-    device,
-    dtype,
-    no_sync: Callable = contextlib.nullcontext,
-) -> tuple[float, float]:
-    """Forward and backward over the micro-batches, clip, update: (mean loss, gradient norm).
-
-    Gradients are averaged over ranks once, in the last micro-batch's backward (no_sync before it).
-    """
-    total = torch.zeros((), device=device)
-    for index, batch in enumerate(batches):
-        batch = batch.to(device, non_blocking=True)
-        with no_sync() if index < len(batches) - 1 else contextlib.nullcontext():
-            with autocast(device, dtype):
-                logits = forward(batch[:, :-1])
-            loss = byte_nll(logits, batch[:, 1:])
-            scaler.scale(loss / len(batches)).backward()
-        total += loss.detach()
-    scaler.unscale_(optimizer)
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    return (total / len(batches)).item(), grad_norm.item()
-
-
-@torch.no_grad()
-def validation_bpb(
-    model: HTransformer1D,
-    corpus: ByteSpan,
-    *,
-    windows: int,
-    batch_size: int,
-    dtype: torch.dtype,
-    stopped: Callable[[], bool] | None = None,
-) -> tuple[float, float] | None:
-    """(nats, bits) per byte of up to `windows` full windows spread over corpus: the check in training;
-    None where stopped() said yes between two batches (on any rank).
-
-    Under a process group each rank scores its share of the windows, and all get the result over all.
-    """
-    length = model.config.max_seq_len + 1
-    starts = evenly_spaced(len(corpus), length, windows)[distributed.rank() :: distributed.world_size()]
-    device = next(model.parameters()).device
-    nats, cut = 0.0, False
-    for first in range(0, len(starts), batch_size):
-        if cut := stopped is not None and stopped():
-            break
-        batch = corpus.windows(starts[first : first + batch_size], length).to(device)
-        nats += window_nats(model, batch, torch.full((len(batch),), length - 1), dtype).sum().item()
-    nats, scored, cuts = distributed.all_sum([nats, len(starts) * (length - 1), cut], device)
-    if cuts:
-        return None
-    nats_per_byte = nats / scored
-    return nats_per_byte, nats_per_byte / math.log(2)

@@ -77,14 +77,14 @@ def nan_loss_at_step(monkeypatch, step: int) -> None:
     """The training loss of optimizer step `step` (counted from 1 in this process) reads NaN: a divergence."""
     from htcli import train as train_module
 
-    real_step, calls = train_module._optimizer_step, []
+    real_step, calls = train_module.optimizer_step, []
 
     def nan_at_that_step(*args, **kwargs):
         calls.append(1)
         loss, norm = real_step(*args, **kwargs)
         return (float("nan") if len(calls) == step else loss), norm
 
-    monkeypatch.setattr(train_module, "_optimizer_step", nan_at_that_step)
+    monkeypatch.setattr(train_module, "optimizer_step", nan_at_that_step)
 
 
 def invoke(*args):

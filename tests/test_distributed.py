@@ -243,14 +243,14 @@ import os
 from htcli import train
 from htcli.cli import app
 
-real_step, calls = train._optimizer_step, []
+real_step, calls = train.optimizer_step, []
 
 def nan_on_rank_1_at_step_5(*args, **kwargs):
     calls.append(1)
     loss, norm = real_step(*args, **kwargs)
     return (float("nan") if os.environ["RANK"] == "1" and len(calls) == 5 else loss), norm
 
-train._optimizer_step = nan_on_rank_1_at_step_5
+train.optimizer_step = nan_on_rank_1_at_step_5
 app(prog_name="htcli")
 """
 

@@ -10,7 +10,7 @@ from htcli.corpus import ByteCorpus
 from htcli.errors import HtcliError
 from htcli.evaluate import evaluate, plan_windows, position_buckets
 from htcli.model import HTransformer1D, HTransformerConfig
-from htcli.train import validation_bpb
+from htcli.train_step import validation_bpb
 
 
 @pytest.fixture(scope="module")

@@ -401,10 +401,8 @@ def test_a_checkpoint_of_step_0_is_named_as_kept(corpus, tmp_path, monkeypatch):
 
     assert train(tiny_config(corpus, run), on_event=stop_at_start).step == 0
     assert json.loads((run / "state.json").read_text())["step"] == 0
-    real_step = train_module._optimizer_step
-    monkeypatch.setattr(
-        train_module, "_optimizer_step", lambda *a, **k: (float("nan"), real_step(*a, **k)[1])
-    )
+    real_step = train_module.optimizer_step
+    monkeypatch.setattr(train_module, "optimizer_step", lambda *a, **k: (float("nan"), real_step(*a, **k)[1]))
     with pytest.raises(
         HtcliError, match=r"diverged at step 1 .*\(the checkpoint of step 0 in .* is intact\)"
     ) as error:
