@@ -18,7 +18,7 @@ def _ignore_stops() -> None:
 
 
 def main() -> None:
-    quit_until_started()  # until a command starts: cli._user_errors calls stop.started()
+    quit_until_started()  # until a command starts: cli.common.user_errors calls stop.started()
     atexit.register(_ignore_stops)  # (first registered: the last to run)
     from htcli.cli import run
 

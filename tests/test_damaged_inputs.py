@@ -623,7 +623,7 @@ def test_a_damaged_save_cut_short_is_refused_before_it_replaces_anything(run, da
 LOW_LIMIT = """
 import errno, os, resource, sys, types
 from htcli.checkpoint import read_checkpoint_info
-from htcli.cli import _os_error
+from htcli.cli import os_error_line
 from htcli.train import Run
 
 taken = {int(fd) for fd in os.listdir("/proc/self/fd")}
@@ -633,7 +633,7 @@ try:  # (no descriptor left)
     read_checkpoint_info(sys.argv[1])
 except OSError as error:
     unsaved = types.SimpleNamespace(saved_step=None)
-    print(error.errno == errno.EMFILE, _os_error(error), Run.advice(unsaved, error.errno), sep="\\n")
+    print(error.errno == errno.EMFILE, os_error_line(error), Run.advice(unsaved, error.errno), sep="\\n")
 """
 
 
