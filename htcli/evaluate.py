@@ -99,7 +99,8 @@ def evaluate(
     """Bits and nats per byte over every byte of corpus after the first (see the module docstring).
 
     stride defaults to half the context (by_position: the whole context, so that every position of a
-    window is scored as often); by_position also gives bits per byte by position in the window, in
+    window is scored as often, but for the last window, which ends at the corpus's end and scores only
+    its last positions); by_position also gives bits per byte by position in the window, in
     doubling buckets. on_progress(bytes scored so far, bytes to score) follows along.
     """
     context = model.config.max_seq_len

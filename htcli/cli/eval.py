@@ -40,8 +40,9 @@ ByPosition = Annotated[
     typer.Option(
         "--by-position",
         help="Also bits per byte by position in the window (doubling buckets): "
-        "does the model use its context? Its windows do not overlap (the stride is the context), so its "
-        "overall bits per byte count less context than the default stride's: higher.",
+        "does the model use its context? Its windows do not overlap (the stride is the context; the last "
+        "ends at the corpus's end and scores only what the others left), so its overall bits per byte "
+        "count less context than the default stride's: higher.",
     ),
 ]
 EvalContext = Annotated[
