@@ -506,6 +506,57 @@ def _with_context(config: HTransformerConfig, context: int | None) -> HTransform
         raise HtcliError(str(error).replace("max_seq_len", "context"), fields=("context",)) from None
 
 
+@contextlib.contextmanager
+def _as_init_from(path: str | os.PathLike) -> Iterator[None]:
+    """An HtcliError inside said as one of init_from (a checkpoint a new run starts from)."""
+    if nothing_at(path):
+        raise HtcliError(
+            f"init_from {path} does not exist: give a run directory (htcli train's out) or a .safetensors"
+            " file",
+            fields=("init_from",),
+        )
+    try:
+        yield
+    except HtcliError as error:
+        raise HtcliError(f"init_from: {error}", fields=("init_from", *error.fields)) from None
+
+
+def model_fields(path: str | os.PathLike) -> dict:
+    """The model config (a dict of its fields) of the checkpoint at path: a new run's that starts from it."""
+    return start_info(path).config.to_dict()
+
+
+def start_weights(model: HTransformer1D, path: str | os.PathLike) -> CheckpointInfo:
+    """model's weights from the checkpoint at path (a run directory or a .safetensors file): a new run's
+    init_from. Its model config must be model's, max_seq_len aside (no weight depends on it)."""
+    with _as_init_from(path):
+        info, _, tensors = _read_model(path, "cpu", None)
+        check_finite(tensors, info.path)
+    check_start_model(info, model.config)
+    load_weights(model, tensors, info.path)
+    return info
+
+
+def check_start_model(info: CheckpointInfo, config: HTransformerConfig) -> None:
+    """HtcliError where the checkpoint a new run starts from (init_from) holds another model than config's
+    (max_seq_len aside)."""
+    ours, theirs = config.to_dict(), info.config.to_dict()
+    differ = [name for name in ours if name != "max_seq_len" and ours[name] != theirs[name]]
+    if differ:
+        shown = ", ".join(f"{name} {theirs[name]} (this run's: {ours[name]})" for name in differ[:4])
+        raise HtcliError(
+            f"init_from {info.name} holds a model of {shown}: a run that starts from it keeps its model, all"
+            f" but max_seq_len; drop {', '.join(differ[:4])} (or start from random weights)",
+            fields=("init_from", "max_seq_len", *differ),
+        )
+
+
+def start_info(path: str | os.PathLike) -> CheckpointInfo:
+    """The info of the checkpoint at path that a new run starts from (init_from), its errors naming that."""
+    with _as_init_from(path):
+        return read_checkpoint_info(path)
+
+
 def load_weights(model: HTransformer1D, tensors: dict[str, torch.Tensor], file: Path) -> None:
     try:
         model.load_state_dict(tensors)

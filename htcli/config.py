@@ -25,6 +25,8 @@ from htcli.files import (
 from htcli.presets import DEFAULT_PRESET, PRESETS, model_config
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from htcli.model import HTransformerConfig
 
 MAX_COUNT = 2**53  # steps, batch sizes, intervals: whole numbers a float holds exactly (schedules divide)
@@ -77,6 +79,10 @@ class TrainConfig:
     dtype: str = "auto"  # auto | fp32 | bf16 | fp16 (autocast; auto: see htcli.device.resolve_dtype)
     compile: bool = False  # torch.compile the model
     seed: int = 0  # model initialisation and data order
+    # a new run starts from this checkpoint's weights (a run directory or a .safetensors file) instead of
+    # random ones, with a fresh optimizer and schedule; its model must be the checkpoint's (the context
+    # aside: no weight depends on it). A resumed run goes on from its own checkpoint. None: random
+    init_from: str | None = None
     # several processes (torchrun): False: each rank draws its own windows (seeded by rank); True: each
     # takes its slice of one global batch drawn from `seed`, the windows of one process with the whole batch
     split_global_batch: bool = False
@@ -126,6 +132,12 @@ class TrainConfig:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < MAX_SEED:
             raise HtcliError(
                 f"seed must be a whole number from 0 to 2**63 - 1, got {self.seed!r}", fields=("seed",)
+            )
+        if self.init_from is not None and (not isinstance(self.init_from, str) or not self.init_from.strip()):
+            raise HtcliError(
+                f"init_from must name a checkpoint (a run directory or a .safetensors file), got"
+                f" {self.init_from!r}",
+                fields=("init_from",),
             )
         if not isinstance(self.text_field, str) or not self.text_field:
             raise HtcliError(f"text_field must name a field, got {self.text_field!r}", fields=("text_field",))
@@ -271,12 +283,15 @@ def config_from_options(
     out: str,
     resume: bool | str = False,
     preset: str | None = None,
+    read_model: Callable[[str], dict] | None = None,
     **options,
 ) -> TrainConfig:
     """A run's config from options named like the fields of TrainConfig and of its model config
     (HTransformerConfig), where None means "not given".
 
-    A new run: TrainConfig's defaults, the preset (default small) with the model options, the options.
+    A new run: TrainConfig's defaults, the preset (default small) with the model options, the options;
+    with init_from, the model is read_model(init_from)'s (htcli.checkpoint.model_fields) with the
+    model options on top, and a preset is refused.
     Resuming: the run's saved config.json with the given options on top. resume "auto": resuming when
     out holds a run's config.json and a checkpoint, else a new run.
     """
@@ -294,10 +309,12 @@ def config_from_options(
         given["corpus"] = [_absolute(c) for c in corpus]
     if given.get("val"):
         given["val"] = [_absolute(c) for c in given["val"]]
+    if isinstance(given.get("init_from"), str) and given["init_from"].strip():
+        given["init_from"] = _absolute(given["init_from"])
     if resume == "auto":  # (as train decides it: a run killed before its first save is begun anew)
         resume = (Path(out) / CONFIG_FILE).exists() and has_checkpoint(Path(out))
     if not resume:
-        base_model = model_config(DEFAULT_PRESET if preset is None else preset, **model)
+        base_model = _new_model(preset, model, given, read_model)
         return TrainConfig(**{"corpus": [], **given, "out": out, "model": base_model})
     saved = without_derived(saved_config(Path(out)), given)
     _check_kept_on_resume(saved, given, out)
@@ -318,6 +335,22 @@ def config_from_options(
         ) from None
 
 
+def _new_model(
+    preset: str | None, model: dict, given: dict, read_model: Callable[[str], dict] | None
+) -> HTransformerConfig:
+    """A new run's model: the preset's with the model options given, or init_from's with them."""
+    start = given.get("init_from")
+    if not (start and read_model):
+        return model_config(DEFAULT_PRESET if preset is None else preset, **model)
+    if preset is not None:
+        raise HtcliError(
+            f"a run that starts from init_from takes its model ({start}'s): drop preset",
+            fields=("preset", "init_from"),
+        )
+    # (its values derived from an option given anew derived again: exact attention's level decay)
+    return model_config(without_derived(read_model(start), model), **model)
+
+
 def _check_kept_on_resume(saved: dict, given: dict, out: str) -> None:
     """Options a resume cannot change (the optimizer, the seed) or paths of the run that are gone, said."""
     if given.get("optimizer", saved["optimizer"]) != saved["optimizer"]:
@@ -332,6 +365,12 @@ def _check_kept_on_resume(saved: dict, given: dict, out: str) -> None:
             f"a resumed run goes on with the random state of its checkpoint (seed {seed} at its"
             " start): drop seed",
             fields=("seed",),
+        )
+    if has_checkpoint(Path(out)) and given.get("init_from", saved.get("init_from")) != saved.get("init_from"):
+        raise HtcliError(
+            "a resumed run goes on from its own checkpoint's weights (init_from was"
+            f" {saved.get('init_from')} at its start): drop init_from",
+            fields=("init_from",),
         )
     fraction, asked = saved.get("val_fraction"), given.get("val_fraction")
     valid = isinstance(asked, float | int) and 0 < asked < 1  # (TrainConfig says what is wrong with others)

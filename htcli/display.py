@@ -148,6 +148,8 @@ def start_line(start: dict) -> str:
     """The first line of a run's view, from its start event: what trains, where, in what precision (Muon's
     products named where they are not the dtype: --dtype fp32 on a CPU with AMX), on how many bytes."""
     verb = f"resuming at step {start['step']}" if start["resumed"] else "training"
+    if start.get("init_from"):  # (a new run that starts from another checkpoint's weights)
+        verb = f"training from {start['init_from']} (its step {start['init_step']})"
     products = start.get("muon_products")
     precision = start["dtype"] + (
         f"; Muon's products {products}" if products not in (None, start["dtype"]) else ""

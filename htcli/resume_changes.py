@@ -19,7 +19,7 @@ from htcli.errors import HtcliError
 from htcli.optim import context_length, learning_rate, short_steps
 
 # (refused where they differ, said by a resume's own lines, or paths that a moved run changes)
-UNSAID = ("model", "corpus", "val", "out", "loggers", "optimizer", "seed", "val_fraction")
+UNSAID = ("model", "corpus", "val", "out", "loggers", "optimizer", "seed", "val_fraction", "init_from")
 SCHEDULE = ("steps", "lr", "min_lr", "warmup", "context_warmup", "context_warmup_start")
 
 

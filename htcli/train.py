@@ -38,6 +38,7 @@ from htcli.checkpoint import (
     rng_to_text,
     save_best,
     save_checkpoint,
+    start_weights,
 )
 from htcli.checkpoint_checks import check_optimizer_state
 from htcli.config import TrainConfig
@@ -322,6 +323,10 @@ class Run:
         self.train_data, self.val_data = self._open_data()
         torch.manual_seed(config.seed)
         self.model = HTransformer1D(config.model).to(self.device)
+        # (a new run that starts from another checkpoint's weights: that checkpoint's info)
+        self.started_from = (
+            start_weights(self.model, config.init_from) if config.init_from and not checkpoint else None
+        )
         self.params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)  # (not rotary freqs)
         self.products = self._muon_products(None if checkpoint is None else checkpoint[-1])
         self.optimizer = make_optimizer(self.model, config, self.products)
@@ -508,7 +513,14 @@ class Run:
             muon_products=dtype_name(self.products) if config.optimizer == "muon" else None,
             **context_schedule(config),
             changes=[[line, list(fields)] for line, fields in self.changes],  # (fields: those the line names)
+            **self._start_weights_fields(),
         )  # fmt: skip
+
+    def _start_weights_fields(self) -> dict:
+        """Where a new run's weights came from: the checkpoint it starts from and its step (none: random)."""
+        if self.started_from is None:
+            return {}
+        return {"init_from": str(self.started_from.name), "init_step": self.started_from.step}
 
     def train_step(self, log: RunLog) -> float:
         """One optimizer step on fresh windows; logs it and returns its loss (the mean over ranks)."""

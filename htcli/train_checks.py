@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from htcli.attention import check_device
+from htcli.checkpoint import check_start_model, start_info
 from htcli.config import TrainConfig
 from htcli.corpus import file_identity, resolve_corpus
 from htcli.device import resolve_device, resolve_dtype
@@ -19,8 +20,9 @@ from htcli.rundir import check_new_out
 
 def start_refusal(config: TrainConfig, resume: bool) -> HtcliError | OSError | None:
     """What train would refuse before training on this machine, for a config printed and not run (which may
-    be meant for another): the device and precision, the loggers, the corpus's files (where given) and a
-    new run's out (an OSError, a name too long, as train would meet it); None where none is refused."""
+    be meant for another): the device and precision, the loggers, the checkpoint a new run starts from, the
+    corpus's files (where given) and a new run's out (an OSError, a name too long, as train would meet it);
+    None where none is refused."""
     try:
         if not resume:  # (first, as train: an out in a loop of links was a traceback in the corpus's check)
             check_new_out(Path(config.out))
@@ -29,6 +31,8 @@ def start_refusal(config: TrainConfig, resume: bool) -> HtcliError | OSError | N
         if config.model.attention == "h":
             check_device(device.type)
         check_loggers(config.loggers)
+        if config.init_from and not resume:
+            check_start_model(start_info(config.init_from), config.model)
         found = dict(include_hidden=config.include_hidden, exclude=[config.out])
         files = resolve_corpus(config.corpus, **found) if config.corpus else []
         if config.val:

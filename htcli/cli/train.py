@@ -83,6 +83,15 @@ Resume = Annotated[
 Preset = Annotated[
     str | None, typer.Option(help=f"Model size: {', '.join(PRESETS)} (default {DEFAULT_PRESET}).")
 ]
+InitFrom = Annotated[
+    str | None,
+    typer.Option(
+        help="Start a new run from this checkpoint's weights (a run directory, or a .safetensors file such "
+        "as its best.safetensors) and its model, with a fresh optimizer and schedule: to fine-tune on "
+        "another corpus, or to go on at another --seq-len (the one model option that may change).",
+        show_default=False,
+    ),
+]
 Val = Annotated[
     list[str] | None, train_option("Validation corpus (repeat for several); default: the end of CORPUS.")
 ]
@@ -203,8 +212,8 @@ class _TrainCommand(Command):
 
     PANELS = {
         "Corpus": "val val_fraction text_field skip_bad_records include_hidden",
-        "Model": "preset dim depth heads dim_head block_size max_seq_len attention reversible shift_tokens "
-        "norm qk_norm activation logit_softcap zero_init level_decay",
+        "Model": "preset init_from dim depth heads dim_head block_size max_seq_len attention reversible "
+        "shift_tokens norm qk_norm activation logit_softcap zero_init level_decay",
         "Optimisation": "steps optimizer batch_size grad_accum lr warmup context_warmup context_warmup_start "
         "min_lr weight_decay clip",
         "Validation, checkpoints, samples": "eval_every eval_batches save_every sample_every",
@@ -233,6 +242,7 @@ def train(
     skip_bad_records: SkipBadRecords = None,
     include_hidden: IncludeHidden = None,
     preset: Preset = None,
+    init_from: InitFrom = None,
     dim: Dim = None,
     depth: Depth = None,
     heads: Heads = None,
@@ -296,11 +306,12 @@ def _train(options: dict, resume: str | None, config_file: Path | None, print_co
 def _train_with(options: dict, resume: bool | str, print_config: bool, given: set[str]) -> None:
     """train with these options (the command line's, named in given, over the config file's): its config
     printed, or the run, its summary and the exit code of a stop that saved."""
+    from htcli.checkpoint import model_fields
     from htcli.config import config_from_options
 
     config = config_from_options(
         options.pop("corpus", None) or [], out=_given(options.pop("out", None), DEFAULT_OUT),
-        resume=resume, preset=options.pop("preset", None), **options,
+        resume=resume, preset=options.pop("preset", None), read_model=model_fields, **options,
     )  # fmt: skip
     _check_ignored(config, given)
     from htcli.rundir import resolve_resume
