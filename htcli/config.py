@@ -309,8 +309,8 @@ def config_from_options(
         given["corpus"] = [_absolute(c) for c in corpus]
     if given.get("val"):
         given["val"] = [_absolute(c) for c in given["val"]]
-    if isinstance(given.get("init_from"), str) and given["init_from"].strip():
-        given["init_from"] = _absolute(given["init_from"])
+    if isinstance(given.get("init_from"), str) and given["init_from"].strip():  # (as a path, normalised)
+        given["init_from"] = os.path.abspath(os.path.expanduser(given["init_from"]))
     if resume == "auto":  # (as train decides it: a run killed before its first save is begun anew)
         resume = (Path(out) / CONFIG_FILE).exists() and has_checkpoint(Path(out))
     if not resume:
@@ -340,7 +340,7 @@ def _new_model(
 ) -> HTransformerConfig:
     """A new run's model: the preset's with the model options given, or init_from's with them."""
     start = given.get("init_from")
-    if not (start and read_model):
+    if not (isinstance(start, str) and start.strip() and read_model):  # (TrainConfig says what else is wrong)
         return model_config(DEFAULT_PRESET if preset is None else preset, **model)
     if preset is not None:
         raise HtcliError(
@@ -366,7 +366,7 @@ def _check_kept_on_resume(saved: dict, given: dict, out: str) -> None:
             " start): drop seed",
             fields=("seed",),
         )
-    if has_checkpoint(Path(out)) and given.get("init_from", saved.get("init_from")) != saved.get("init_from"):
+    if has_checkpoint(Path(out)) and not _same_path(given.get("init_from"), saved.get("init_from")):
         raise HtcliError(
             "a resumed run goes on from its own checkpoint's weights (init_from was"
             f" {saved.get('init_from')} at its start): drop init_from",
@@ -381,6 +381,16 @@ def _check_kept_on_resume(saved: dict, given: dict, out: str) -> None:
             fields=("val_fraction",),
         )
     _check_saved_paths_exist(saved, given, out)
+
+
+def _same_path(given: object, saved: object) -> bool:
+    """Whether a path given to a resume (None: not given) names what the run's saved one names: by another
+    spelling too (src/, ../here/src, a link to it), where both are paths."""
+    if given is None or given == saved:
+        return True
+    if not (isinstance(given, str) and isinstance(saved, str)):
+        return False
+    return os.path.realpath(given) == os.path.realpath(saved)
 
 
 def _check_preset_of_run(preset: str, model: dict, saved_model: dict, out: str) -> None:

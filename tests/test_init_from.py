@@ -110,3 +110,19 @@ def test_what_a_run_started_from_a_checkpoint_refuses(source, tmp_path):
     result = invoke("train", "--out", out, "--resume", "--steps", 4, "--init-from", tmp_path / "source2")
     assert_user_error(result, "a resumed run goes on from its own checkpoint's weights (--init-from was")
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
+def test_a_requeue_may_spell_the_checkpoints_path_another_way(source, tmp_path):
+    """`--resume auto` run again with the path as src/, through .., or through a link: the same checkpoint,
+    resumed (it said "drop --init-from"); a blank path is said to name no checkpoint."""
+    run_dir, other = source
+    (tmp_path / "link").symlink_to(run_dir)
+    out = tmp_path / "new"
+    spellings = [f"{run_dir}/", run_dir, tmp_path / "x" / ".." / "source", tmp_path / "link"]
+    for steps, spelling in enumerate(spellings, start=1):
+        result = invoke("train", other, "--init-from", spelling, "--resume", "auto", "--out", out, *FLAGS,
+                        "--steps", steps)  # fmt: skip
+        assert result.exit_code == 0, result.output
+    assert [e["step"] for e in events(out, "start")] == [0, 1, 2, 3]
+    result = invoke("train", other, "--init-from", "  ", "--out", tmp_path / "blank", *FLAGS)
+    assert_user_error(result, "--init-from must name a checkpoint (a run directory or a .safetensors file)")
