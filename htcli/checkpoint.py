@@ -24,9 +24,10 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -59,12 +60,14 @@ from htcli.files import (
     read_json,
     write_json,
 )
-from htcli.model import BYTE_TOKENS, LIMITS, HTransformer1D, HTransformerConfig
+from htcli.model import BYTE_TOKENS, LIMITS, HTransformer1D, HTransformerConfig, default_level_decay
 from htcli.runlock import in_training
 
 TOKENIZER = "bytes"
 # what to do where a run's optimizer state cannot be read (its weights still serve sample and eval)
 NO_OPTIMIZER = "restore it from a copy of the run to resume, or start a new run in another out"
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -466,15 +469,20 @@ def load_model(
 
 
 def _read_model(path: str | os.PathLike, device, context: int | None) -> tuple:
-    """The checkpoint's info, its model config (for context: load_model's) and tensors, read once more where
-    they were read from a pending weights file that a run's save renamed into place meanwhile."""
+    """The checkpoint's info, its model config (for context: load_model's) and tensors."""
+    return _once_more_if_moved(path, lambda: _read_model_once(path, device, context))
+
+
+def _once_more_if_moved(path: str | os.PathLike, read: Callable[[], T]) -> T:
+    """read(), once more where it failed on a pending weights file that a run's save renamed into place
+    meanwhile."""
     file = model_file(path)
     try:
-        return _read_model_once(path, device, context)
+        return read()
     except HtcliError:
         if model_file(path) == file:
             raise
-    return _read_model_once(path, device, context)
+    return read()
 
 
 def _read_model_once(path: str | os.PathLike, device, context: int | None) -> tuple:
@@ -542,6 +550,8 @@ def check_start_model(info: CheckpointInfo, config: HTransformerConfig) -> None:
     (max_seq_len aside)."""
     ours, theirs = config.to_dict(), info.config.to_dict()
     differ = [name for name in ours if name != "max_seq_len" and ours[name] != theirs[name]]
+    if "attention" in differ and ours["level_decay"] == default_level_decay(ours["attention"]):
+        differ.remove("level_decay")  # (derived from the attention asked: never given)
     if differ:
         shown = ", ".join(f"{name} {theirs[name]} (this run's: {ours[name]})" for name in differ[:4])
         raise HtcliError(
@@ -554,7 +564,7 @@ def check_start_model(info: CheckpointInfo, config: HTransformerConfig) -> None:
 def start_info(path: str | os.PathLike) -> CheckpointInfo:
     """The info of the checkpoint at path that a new run starts from (init_from), its errors naming that."""
     with _as_init_from(path):
-        return read_checkpoint_info(path)
+        return _once_more_if_moved(path, lambda: read_checkpoint_info(path))
 
 
 def load_weights(model: HTransformer1D, tensors: dict[str, torch.Tensor], file: Path) -> None:

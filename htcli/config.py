@@ -366,10 +366,11 @@ def _check_kept_on_resume(saved: dict, given: dict, out: str) -> None:
             " start): drop seed",
             fields=("seed",),
         )
-    if has_checkpoint(Path(out)) and not _same_path(given.get("init_from"), saved.get("init_from")):
+    asked, began = given.get("init_from"), saved.get("init_from")
+    if has_checkpoint(Path(out)) and _a_path(asked) and not (_a_path(began) and _same_path(asked, began)):
+        began = f"init_from was {began}" if _a_path(began) else "it began with random ones"
         raise HtcliError(
-            "a resumed run goes on from its own checkpoint's weights (init_from was"
-            f" {saved.get('init_from')} at its start): drop init_from",
+            f"a resumed run goes on from its own checkpoint's weights ({began}): drop init_from",
             fields=("init_from",),
         )
     fraction, asked = saved.get("val_fraction"), given.get("val_fraction")
@@ -383,14 +384,14 @@ def _check_kept_on_resume(saved: dict, given: dict, out: str) -> None:
     _check_saved_paths_exist(saved, given, out)
 
 
-def _same_path(given: object, saved: object) -> bool:
-    """Whether a path given to a resume (None: not given) names what the run's saved one names: by another
-    spelling too (src/, ../here/src, a link to it), where both are paths."""
-    if given is None or given == saved:
-        return True
-    if not (isinstance(given, str) and isinstance(saved, str)):
-        return False
-    return os.path.realpath(given) == os.path.realpath(saved)
+def _a_path(value: object) -> bool:
+    """Whether value is a path (a string that is not blank; TrainConfig says what is wrong with others)."""
+    return isinstance(value, str) and bool(value.strip())
+
+
+def _same_path(given: str, saved: str) -> bool:
+    """Whether two paths name the same thing: by another spelling too (src/, ../here/src, a link to it)."""
+    return given == saved or os.path.realpath(given) == os.path.realpath(saved)
 
 
 def _check_preset_of_run(preset: str, model: dict, saved_model: dict, out: str) -> None:

@@ -246,7 +246,7 @@ class TrainDisplay:
             self.live.start()
             self.start = event
             self.progress.reset(self.task, total=event["steps"], completed=event["step"])
-            self.console.print(start_line(event), soft_wrap=True)
+            self.console.print(escape(one_line(start_line(event))), soft_wrap=True)  # (paths: init_from)
             for line, fields in event.get("changes", []):
                 shown = escape(self.spell(line, fields))
                 self.console.print(shown.replace("warning:", "[yellow]warning:[/]", 1), soft_wrap=True)

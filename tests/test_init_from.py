@@ -2,6 +2,7 @@
 at another context length), with a fresh optimizer and schedule."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -126,3 +127,21 @@ def test_a_requeue_may_spell_the_checkpoints_path_another_way(source, tmp_path):
     assert [e["step"] for e in events(out, "start")] == [0, 1, 2, 3]
     result = invoke("train", other, "--init-from", "  ", "--out", tmp_path / "blank", *FLAGS)
     assert_user_error(result, "--init-from must name a checkpoint (a run directory or a .safetensors file)")
+
+
+def test_what_the_messages_of_a_run_started_from_a_checkpoint_name(source, tmp_path):
+    """A checkpoint in a folder named like rich's markup (sweep[lr=3e-3], [/x]) is named as it is on the start
+    line (the first lost its brackets, the second was a traceback); exact attention asked of an H-model's
+    checkpoint names the attention, not the level decay it derives; another init_from given to the resume
+    of a run that began from random weights says so (it said "init_from was None")."""
+    run_dir, other = source
+    for name in ("sweep[lr=3e-3]", "odd[/x]"):
+        moved = shutil.copytree(run_dir, tmp_path / name)
+        result = invoke("train", other, "--init-from", moved, "--out", tmp_path / f"from-{len(name)}", *FLAGS,
+                        "--steps", 1)  # fmt: skip
+        assert result.exit_code == 0, result.output
+        assert f"training from {moved / 'model.safetensors'} (its step 3)" in result.stderr
+    result = invoke("train", other, "--init-from", run_dir, "--out", tmp_path / "x", "--attention", "exact")
+    assert_user_error(result, "holds a model of --attention h (this run's: exact): a run that starts")
+    result = invoke("train", "--out", run_dir, "--resume", "--steps", 9, "--init-from", tmp_path / "y")
+    assert_user_error(result, "own checkpoint's weights (it began with random ones): drop --init-from")
