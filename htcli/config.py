@@ -36,7 +36,7 @@ POSITIVE = ("steps", "batch_size", "grad_accum", "eval_batches", "context_warmup
 LOGGERS = ("tensorboard", "wandb")  # where a run's metrics go besides log.jsonl
 OPTIMIZERS = ("muon", "adamw")  # Muon for the layers' matrices (AdamW for the rest), or AdamW for all
 DEFAULT_LR = {"muon": 6e-3, "adamw": 3e-3}  # the best of each on README's recipe benchmark
-NON_NEGATIVE = ("warmup", "eval_every", "save_every", "sample_every", "sample_length")
+NON_NEGATIVE = ("warmup", "eval_every", "save_every", "sample_every", "sample_length", "patience")
 
 
 def finite(value: int | float) -> bool:
@@ -72,6 +72,9 @@ class TrainConfig:
     clip: float = 1.0  # clip the gradient norm to this; 0: no clipping
     eval_every: int = 100  # steps between validation evaluations (and at the last step); 0: last only
     eval_batches: int = 8  # validation batches per evaluation
+    # stop (saving) once this many evals in a row have not beaten the run's best val bpb, whose weights
+    # best.safetensors holds (early stopping); 0: never
+    patience: int = 0
     save_every: int = 500  # steps between checkpoints (and at the last step); 0: last only
     sample_every: int = 500  # steps between generated samples; 0: never
     sample_length: int = 200  # bytes generated per periodic sample
@@ -190,6 +193,7 @@ class TrainConfig:
                 " is trained as that many short ones",
                 fields=("context_warmup_start", "max_seq_len"),
             )
+        self._check_patience()
         if not 0 < self.val_fraction < 1:
             raise HtcliError(
                 f"val_fraction must be above 0 and below 1, got {self.val_fraction}", fields=("val_fraction",)
@@ -200,6 +204,14 @@ class TrainConfig:
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
         check_device_name(self.device)
         check_choice("dtype", self.dtype, DTYPES)
+
+    def _check_patience(self) -> None:
+        if self.patience and not self.eval_every:
+            raise HtcliError(
+                "patience counts the evals that do not beat the best, and eval_every 0 evaluates at the last"
+                " step only: give eval_every, or drop patience",
+                fields=("patience", "eval_every"),
+            )
 
     @property
     def tokens_per_step(self) -> int:

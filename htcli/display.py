@@ -291,6 +291,8 @@ class TrainDisplay:
             self.console.print(
                 f"[yellow]interrupted at step {event['step']}: saving and stopping", soft_wrap=True
             )
+        elif kind == "early_stop":
+            self.console.print(f"[yellow]{early_stop_line(event)}", soft_wrap=True)
         elif kind == "moved":
             moved = f"[yellow]the run directory was moved to {escape(event['path'])}: saving there"
             self.console.print(moved, soft_wrap=True)
@@ -308,6 +310,17 @@ class TrainDisplay:
         return "  ".join(parts)
 
 
+def early_stop_line(event: dict) -> str:
+    """What an early_stop event says: how many evals did not beat which best, and that the run stops."""
+    evals = event["evals_since_best"]
+    best = (
+        f"the best, {event['best_val_bpb']:.4f} at step {event['best_step']} (best.safetensors)"
+        if event.get("best_step") is not None
+        else "the best"
+    )
+    return f"{evals} evals in a row have not beaten {best}: stopping early at step {event['step']} (patience)"
+
+
 def train_summary(result: TrainResult) -> Table:
     """The end-of-run table; its tokens/s is the training steps' own, this session's tokens over their time
     (validation, samples and saves left out: they are in its time; the live view's is the last RATE_STEPS
@@ -320,7 +333,11 @@ def train_summary(result: TrainResult) -> Table:
     )
     this = " this session" if resumed else ""
     return _two_columns(
-        "interrupted run (saved)" if result.interrupted else "training run",
+        "interrupted run (saved)"
+        if result.interrupted
+        else "training run, stopped early (patience)"
+        if result.stopped_early
+        else "training run",
         [
             ("run directory", str(result.out)),
             ("steps", f"{result.step} of {result.steps}{session}"),

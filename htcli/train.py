@@ -103,6 +103,7 @@ class TrainResult:
     step_seconds: float = 0.0  # the part of `seconds` in training steps (not validating, sampling, saving)
     resumed_at: int | None = None  # the step this invocation resumed from (None: a new run)
     best: tuple[int, float] | None = None  # (step, val bpb) of the run's lowest val bpb: OUT/best.safetensors
+    stopped_early: bool = False  # stopped (and saved) after `patience` evals that did not beat the best
 
 
 def train(
@@ -129,17 +130,25 @@ def train(
             StopRequest(_stop_notice(on_event, run) if run.main else None) as stop,
         ):
             log("start", **run.start_fields())
+            if run.stopped_early:  # (a run resumed after it stopped early, its patience unchanged)
+                run.log_early_stop(log)
             started, first_step, loss, stopped_by = time.perf_counter(), run.step, None, None
-            while run.step < config.steps and not (stopped_by := _agreed_stop(stop, run.device)):
+            while (
+                run.step < config.steps
+                and not run.stopped_early
+                and not (stopped_by := _agreed_stop(stop, run.device))
+            ):
                 loss = run.train_step(log)
                 run.after_step(log, stop)
             stop.acknowledge()
             if stopped_by:
                 _save_at_stop(run, log, stopped_by)
+            elif run.stopped_early and run.saved_step != run.step:
+                run.save(log)
             seconds = time.perf_counter() - started
             tokens = (run.step - first_step) * config.tokens_per_step * run.world_size
             end = dict(interrupted=bool(stopped_by), seconds=seconds, val_bpb=run.val_bpb, train_loss=loss)
-            log("end", step=run.step, **end)
+            log("end", step=run.step, **end, **({"stopped_early": True} if run.stopped_early else {}))
     except LogError as error:  # (a full disk: the log's file or a logger's)
         raise HtcliError(f"{error}; stopped ({run.kept()}): {run.advice(error.errno)}") from None
     except RuntimeError as error:
@@ -153,7 +162,8 @@ def train(
         run.close()
     best = run.best if run.best and best_step(run.out) == run.best[0] else None  # (what the file holds)
     return TrainResult(run.out, run.step, config.steps, loss, run.val_bpb, bool(stopped_by), seconds, tokens,
-                       run.params, stopped_by, run.step_seconds, run.resumed_at, best)  # fmt: skip
+                       run.params, stopped_by, run.step_seconds, run.resumed_at, best,
+                       run.stopped_early)  # fmt: skip
 
 
 def _compile_failed(error: RuntimeError) -> bool:
@@ -336,6 +346,8 @@ class Run:
         self.best: tuple[int, float] | None = None  # (step, val bpb) of best.safetensors (rank 0)
         self.saved_best: tuple[int, float] | None | object = MISSING  # (the checkpoint's: see _resumed_best)
         self.step_seconds = 0.0  # this invocation's time in train_step
+        self.evals_since_best = 0  # evals in a row that did not beat the run's best (rank 0 counts)
+        self.stopped_early = False  # patience spent (every rank agrees)
         self.made: Path | None = None  # the first folder of out that claim_directory made
         self.corpus_was = None  # [train, val] bytes at the checkpoint, where a resume finds others
         if checkpoint is not None:
@@ -434,6 +446,9 @@ class Run:
         moved = state.get("corpus_layout", self._corpus_layout()) != self._corpus_layout()
         if known and (then != now or moved):  # (older checkpoints: not known)
             self.corpus_was = then
+        count = state.get("evals_since_best", 0)  # (a corpus changed: its best anew, and the count)
+        self.evals_since_best = count if type(count) is int and count >= 0 and self.corpus_was is None else 0
+        self.stopped_early = 0 < self.config.patience <= self.evals_since_best  # (all ranks read the state)
         mine = state["ranks"][self.rank]
         try:
             torch.set_rng_state(rng_from_text(mine["torch_rng"]))
@@ -603,11 +618,28 @@ class Run:
                     val_bpb=self.val_bpb,
                     **({"best": True} if best else {}),
                 )
+                self._count_patience(log, best, last)
         if self.main and due(step, config.sample_every):
             prompt, text, cut = self.sample(stop)
             log("sample", step=step, prompt=prompt, text=text, **({"cut_short": True} if cut else {}))
         if due(step, config.save_every, last=last):
             self.save(log)
+
+    def _count_patience(self, log: RunLog, best: bool, last: bool) -> None:
+        """After an eval: the evals in a row that did not beat the best counted (rank 0), and, with patience,
+        whether they are that many: then the run stops early (every rank, at this step: rank 0 decides)."""
+        self.evals_since_best = 0 if best else self.evals_since_best + 1
+        patience = self.config.patience
+        if patience and not last:
+            spent = self.main and self.evals_since_best >= patience
+            self.stopped_early = bool(distributed.all_sum([spent], self.device)[0])
+            if self.stopped_early:
+                self.log_early_stop(log)
+
+    def log_early_stop(self, log: RunLog) -> None:
+        best_step, best_bpb = self.best if self.best else (None, None)  # (rank 0's: the others do not log)
+        log("early_stop", step=self.step, patience=self.config.patience,
+            evals_since_best=self.evals_since_best, best_step=best_step, best_val_bpb=best_bpb)  # fmt: skip
 
     def validate(self, stop: StopRequest | None = None) -> tuple[float, float] | None:
         """(nats, bits) per byte on the validation windows: --eval-batches of the batch of one process
@@ -663,6 +695,7 @@ class Run:
             state["dtype"] = dtype_name(self.dtype)  # (a resume with dtype auto keeps it)
             state["muon_products"] = dtype_name(self.products)  # (a resume keeps it)
             state["best"] = list(self.best) if self.best else None  # (of best.safetensors, this save commits)
+            state["evals_since_best"] = self.evals_since_best  # (a resume goes on counting)
             self._write_where_it_is(
                 log,
                 f"the checkpoint of step {self.step}",

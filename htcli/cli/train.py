@@ -193,6 +193,14 @@ WeightDecay = Annotated[
 ]
 Clip = Annotated[float | None, train_option("Gradient norm clip, 0 for none", "clip")]
 EvalEvery = Annotated[int | None, train_option("Steps between validations, 0: last only", "eval_every")]
+Patience = Annotated[
+    int | None,
+    train_option(
+        "Stop (saving) once this many validations in a row have not beaten the run's best val bpb "
+        "(best.safetensors holds its weights); 0: never",
+        "patience",
+    ),
+]
 EvalBatches = Annotated[int | None, train_option("Batches per validation", "eval_batches")]
 SaveEvery = Annotated[int | None, train_option("Steps between checkpoints, 0: last only", "save_every")]
 SampleEvery = Annotated[int | None, train_option("Steps between shown samples, 0: never", "sample_every")]
@@ -216,7 +224,7 @@ class _TrainCommand(Command):
         "shift_tokens norm qk_norm activation logit_softcap zero_init level_decay",
         "Optimisation": "steps optimizer batch_size grad_accum lr warmup context_warmup context_warmup_start "
         "min_lr weight_decay clip",
-        "Validation, checkpoints, samples": "eval_every eval_batches save_every sample_every",
+        "Validation, checkpoints, samples": "eval_every eval_batches patience save_every sample_every",
         "Hardware and logging": "device dtype compile seed split_global_batch loggers",
     }
 
@@ -271,6 +279,7 @@ def train(
     clip: Clip = None,
     eval_every: EvalEvery = None,
     eval_batches: EvalBatches = None,
+    patience: Patience = None,
     save_every: SaveEvery = None,
     sample_every: SampleEvery = None,
     device: Annotated[str | None, DEVICE] = None,
@@ -514,7 +523,13 @@ def _resume_as(resume: str | None) -> bool | str:
 
 
 def _how_to_continue(result, world_size: int) -> None:
-    """After a stop on request: the command that continues the run."""
+    """After a stop on request, or an early stop: the command that continues the run."""
+    if result.stopped_early and not result.interrupted:
+        err_console.print(
+            f"stopped early at step {result.step}; to train on: htcli train --resume --out "
+            f"{escape(shlex.quote(str(result.out)))} --patience 0 (or a larger one)",
+            soft_wrap=True,
+        )
     if result.interrupted:
         again = "torchrun ... -m htcli train" if world_size > 1 else "htcli train"
         err_console.print(
