@@ -13,7 +13,12 @@ from pathlib import Path
 from htcli.errors import HtcliError, unreadable_advice
 from htcli.files import atomic_file, check_not_special
 
-METRIC_EVENTS = ("step", "eval", "sample")  # events of one step, redone when a run resumes before it
+METRIC_EVENTS = (
+    "step",
+    "eval",
+    "sample",
+    "early_stop",
+)  # events of one step, redone when a run resumes before it
 
 
 class LogError(HtcliError):

@@ -79,3 +79,15 @@ def test_the_command_line_of_patience(corpus, tmp_path):
     result = invoke("train", corpus, *flags, "--patience", 2, "--eval-every", 0, "--out", tmp_path / "no")
     assert_user_error(result, "--patience counts the evals that do not beat the best, and --eval-every 0")
     assert not (tmp_path / "no").exists()
+
+
+def test_an_early_stop_a_crash_left_past_the_checkpoint_is_dropped_at_the_resume(corpus, tmp_path):
+    """The early_stop event is logged before the save it makes: one that a crash left after the checkpoint
+    is dropped with that step's other events when the run resumes (it is redone, or not)."""
+    out = tmp_path / "run"
+    train(tiny_config(corpus, out, steps=4, patience=5, **RISING))
+    with (out / "log.jsonl").open("a") as log:
+        for event in ({"event": "step", "step": 5}, {"event": "early_stop", "step": 5}):
+            log.write(json.dumps(event) + "\n")
+    train(tiny_config(corpus, out, steps=5, patience=5, **RISING), resume=True)
+    assert events(out, "early_stop") == [] and [e["step"] for e in events(out, "step")] == [1, 2, 3, 4, 5]
