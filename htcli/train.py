@@ -448,7 +448,10 @@ class Run:
             self.corpus_was = then
         count = state.get("evals_since_best", 0)  # (a corpus changed: its best anew, and the count)
         self.evals_since_best = count if type(count) is int and count >= 0 and self.corpus_was is None else 0
-        self.stopped_early = 0 < self.config.patience <= self.evals_since_best  # (all ranks read the state)
+        # (a run that stopped early, its patience not raised; not one that ended at its steps: it trains on,
+        # its count going on; every rank reads the state)
+        stopped = state.get("stopped_early") is True
+        self.stopped_early = stopped and 0 < self.config.patience <= self.evals_since_best
         mine = state["ranks"][self.rank]
         try:
             torch.set_rng_state(rng_from_text(mine["torch_rng"]))
@@ -696,6 +699,7 @@ class Run:
             state["muon_products"] = dtype_name(self.products)  # (a resume keeps it)
             state["best"] = list(self.best) if self.best else None  # (of best.safetensors, this save commits)
             state["evals_since_best"] = self.evals_since_best  # (a resume goes on counting)
+            state["stopped_early"] = self.stopped_early
             self._write_where_it_is(
                 log,
                 f"the checkpoint of step {self.step}",

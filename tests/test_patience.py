@@ -91,3 +91,15 @@ def test_an_early_stop_a_crash_left_past_the_checkpoint_is_dropped_at_the_resume
             log.write(json.dumps(event) + "\n")
     train(tiny_config(corpus, out, steps=5, patience=5, **RISING), resume=True)
     assert events(out, "early_stop") == [] and [e["step"] for e in events(out, "step")] == [1, 2, 3, 4, 5]
+
+
+def test_a_run_that_ended_at_its_steps_trains_on_when_given_more(corpus, tmp_path):
+    """A run whose last evals did not beat its best but which ended at its steps (the last step does not stop
+    early) is resumed with more steps: it trains on, its count going on, and stops at its next eval (it said
+    it had stopped early and trained nothing)."""
+    straight = train(tiny_config(corpus, tmp_path / "straight", steps=40, patience=2, **RISING))
+    out = tmp_path / "run"
+    ended = train(tiny_config(corpus, out, steps=straight.step, patience=2, **RISING))
+    assert not ended.stopped_early
+    resumed = train(tiny_config(corpus, out, steps=40, patience=2, **RISING), resume=True)
+    assert resumed.stopped_early and resumed.step == straight.step + 1

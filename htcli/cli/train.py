@@ -524,14 +524,14 @@ def _resume_as(resume: str | None) -> bool | str:
 
 def _how_to_continue(result, world_size: int) -> None:
     """After a stop on request, or an early stop: the command that continues the run."""
+    again = "torchrun ... -m htcli train" if world_size > 1 else "htcli train"
     if result.stopped_early and not result.interrupted:
         err_console.print(
-            f"stopped early at step {result.step}; to train on: htcli train --resume --out "
+            f"stopped early at step {result.step}; to train on: {again} --resume --out "
             f"{escape(shlex.quote(str(result.out)))} --patience 0 (or a larger one)",
             soft_wrap=True,
         )
     if result.interrupted:
-        again = "torchrun ... -m htcli train" if world_size > 1 else "htcli train"
         err_console.print(
             f"stopped at step {result.step} by {result.stopped_by}; continue with: "
             f"{again} --resume --out {escape(shlex.quote(str(result.out)))}",
