@@ -481,3 +481,18 @@ def test_a_hung_rank_stops_the_others_after_the_timeout(ddp_run, tmp_path):
         .startswith("error: rank 0 lost contact with the other processes (Timed out waiting 3000ms")
     )
     assert 2 < waited < 30
+
+
+def test_early_stopping_stops_every_rank_at_the_same_step(ddp_run, tmp_path):
+    """--patience under torchrun: rank 0 decides, every rank stops after the same step (one that went on would
+    wait in its next collective until the timeout), exit 0, one early_stop event; the hint to train on names
+    torchrun; resumed with a larger patience, the ranks go on and stop together again."""
+    _, corpus, _ = ddp_run
+    rising = ["--eval-every", 1, "--optimizer", "adamw", "--lr", 0.3, "--min-lr", 0.3, "--steps", 40]
+    run = tmp_path / "run"
+    done = torchrun(corpus, "--out", run, *FLAGS, *rising, "--patience", 2)
+    stop = events(run, "early_stop")
+    assert len(stop) == 1 and json.loads((run / "state.json").read_text())["step"] == stop[0]["step"] < 40
+    assert f"to train on: torchrun ... -m htcli train --resume --out {run}" in done.stderr
+    torchrun("--out", run, "--resume", "--patience", 3)
+    assert [e["step"] for e in events(run, "early_stop")][-1] > stop[0]["step"]
