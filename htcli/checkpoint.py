@@ -557,7 +557,7 @@ def check_start_model(info: CheckpointInfo, config: HTransformerConfig) -> None:
         raise HtcliError(
             f"init_from {info.name} holds a model of {shown}: a run that starts from it keeps its model, all"
             f" but max_seq_len; drop {', '.join(differ[:4])} (or start from random weights)",
-            fields=("init_from", "max_seq_len", *differ),
+            fields=("init_from", "max_seq_len", *differ[:4]),  # (those it names)
         )
 
 

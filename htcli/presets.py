@@ -38,6 +38,10 @@ def model_config(base: str | dict, **overrides) -> HTransformerConfig:
 
     if isinstance(base, str):
         check_choice("preset", base, tuple(PRESETS))
+    known = [f.name for f in fields(HTransformerConfig)]
+    unknown = [name for name in overrides if name not in known]
+    if unknown:  # (it was Python's "unexpected keyword argument" for the config's constructor)
+        raise HtcliError(f"{unknown[0]} is not a model option: the model's are {', '.join(known)}")
     try:
         # a saved config (dict) from before a recipe field: that field as such a model was built
         values = {**(PRESETS[base] if isinstance(base, str) else complete(base))}

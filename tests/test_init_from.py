@@ -9,6 +9,7 @@ import torch
 from conftest import TINY_MODEL, assert_user_error, events, invoke, make_text, tiny_config
 from safetensors.torch import load_file
 
+from htcli.errors import HtcliError
 from htcli.presets import model_config
 from htcli.train import Run, train
 
@@ -145,3 +146,23 @@ def test_what_the_messages_of_a_run_started_from_a_checkpoint_name(source, tmp_p
     assert_user_error(result, "holds a model of --attention h (this run's: exact): a run that starts")
     result = invoke("train", "--out", run_dir, "--resume", "--steps", 9, "--init-from", tmp_path / "y")
     assert_user_error(result, "own checkpoint's weights (it began with random ones): drop --init-from")
+
+
+def test_the_library_errors_name_what_they_say(source, tmp_path):
+    """A model that differs from the checkpoint's in more fields than the message shows lists as fields only
+    those it names (it listed block_size too, unnamed); a model option model_config does not know is said so,
+    with the known ones (it was Python's "unexpected keyword argument")."""
+    run_dir, other = source
+    model = model_config(
+        "tiny", **{**TINY_MODEL, "dim": 64, "depth": 2, "heads": 4, "dim_head": 8, "block_size": 16}
+    )
+    with pytest.raises(HtcliError) as refused:
+        Run(tiny_config(other, tmp_path / "new", model=model, init_from=str(run_dir)), resume=False)
+    named = [field for field in refused.value.fields if field not in ("init_from", "max_seq_len")]
+    assert named == ["dim", "depth", "heads", "dim_head"] and all(
+        name in str(refused.value) for name in named
+    )
+    with pytest.raises(
+        HtcliError, match="dimm is not a model option: the model's are num_tokens, dim, depth"
+    ):
+        model_config("tiny", dimm=3)
