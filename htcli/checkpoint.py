@@ -60,7 +60,7 @@ from htcli.files import (
     read_json,
     write_json,
 )
-from htcli.model import BYTE_TOKENS, LIMITS, HTransformer1D, HTransformerConfig, default_level_decay
+from htcli.model import BYTE_TOKENS, LIMITS, HTransformer1D, HTransformerConfig, given_differences
 from htcli.runlock import in_training
 
 TOKENIZER = "bytes"
@@ -456,16 +456,23 @@ def load_model(
     """The model stored at path (a run directory or a .safetensors file), in eval mode on device.
     context: the longest input it takes, instead of the one it trained with (no weight depends on it;
     whether the model extrapolates to a longer one is what evaluating it there shows)."""
-    if nothing_at(path):  # (a mistyped name: "no checkpoint at" sent users looking for a lost one)
-        raise HtcliError(
-            f"{path} does not exist: give a run directory (htcli train's out) or a .safetensors file"
-        )
+    _check_there(path)
     device = usable_device(device)
     info, config, tensors = _read_model(path, device, context)
     check_finite(tensors, info.path)
     model = HTransformer1D(config)
     load_weights(model, tensors, info.path)
     return model.to(device).eval(), info
+
+
+def _check_there(path: str | os.PathLike, named: str = "", fields: tuple[str, ...] = ()) -> None:
+    """HtcliError where nothing is at path (a mistyped name: "no checkpoint at" sent users looking for a lost
+    one), the path said after named."""
+    if nothing_at(path):
+        raise HtcliError(
+            f"{named}{path} does not exist: give a run directory (htcli train's out) or a .safetensors file",
+            fields=fields,
+        )
 
 
 def _read_model(path: str | os.PathLike, device, context: int | None) -> tuple:
@@ -517,12 +524,7 @@ def _with_context(config: HTransformerConfig, context: int | None) -> HTransform
 @contextlib.contextmanager
 def _as_init_from(path: str | os.PathLike) -> Iterator[None]:
     """An HtcliError inside said as one of init_from (a checkpoint a new run starts from)."""
-    if nothing_at(path):
-        raise HtcliError(
-            f"init_from {path} does not exist: give a run directory (htcli train's out) or a .safetensors"
-            " file",
-            fields=("init_from",),
-        )
+    _check_there(path, "init_from ", fields=("init_from",))
     try:
         yield
     except HtcliError as error:
@@ -549,9 +551,9 @@ def check_start_model(info: CheckpointInfo, config: HTransformerConfig) -> None:
     """HtcliError where the checkpoint a new run starts from (init_from) holds another model than config's
     (max_seq_len aside)."""
     ours, theirs = config.to_dict(), info.config.to_dict()
-    differ = [name for name in ours if name != "max_seq_len" and ours[name] != theirs[name]]
-    if "attention" in differ and ours["level_decay"] == default_level_decay(ours["attention"]):
-        differ.remove("level_decay")  # (derived from the attention asked: never given)
+    differ = given_differences(
+        [name for name in ours if name != "max_seq_len" and ours[name] != theirs[name]], ours
+    )
     if differ:
         shown = ", ".join(f"{name} {theirs[name]} (this run's: {ours[name]})" for name in differ[:4])
         raise HtcliError(

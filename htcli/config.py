@@ -136,7 +136,7 @@ class TrainConfig:
             raise HtcliError(
                 f"seed must be a whole number from 0 to 2**63 - 1, got {self.seed!r}", fields=("seed",)
             )
-        if self.init_from is not None and (not isinstance(self.init_from, str) or not self.init_from.strip()):
+        if self.init_from is not None and not _a_path(self.init_from):
             raise HtcliError(
                 f"init_from must name a checkpoint (a run directory or a .safetensors file), got"
                 f" {self.init_from!r}",
@@ -321,7 +321,7 @@ def config_from_options(
         given["corpus"] = [_absolute(c) for c in corpus]
     if given.get("val"):
         given["val"] = [_absolute(c) for c in given["val"]]
-    if isinstance(given.get("init_from"), str) and given["init_from"].strip():  # (as a path, normalised)
+    if _a_path(given.get("init_from")):  # (as a path, normalised)
         given["init_from"] = os.path.abspath(os.path.expanduser(given["init_from"]))
     if resume == "auto":  # (as train decides it: a run killed before its first save is begun anew)
         resume = (Path(out) / CONFIG_FILE).exists() and has_checkpoint(Path(out))
@@ -352,7 +352,7 @@ def _new_model(
 ) -> HTransformerConfig:
     """A new run's model: the preset's with the model options given, or init_from's with them."""
     start = given.get("init_from")
-    if not (isinstance(start, str) and start.strip() and read_model):  # (TrainConfig says what else is wrong)
+    if not (_a_path(start) and read_model):  # (TrainConfig says what else is wrong)
         return model_config(DEFAULT_PRESET if preset is None else preset, **model)
     if preset is not None:
         raise HtcliError(

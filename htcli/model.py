@@ -64,6 +64,14 @@ def default_level_decay(attention: str) -> float:
     return DEFAULT_LEVEL_DECAY if attention == "h" else 0.0
 
 
+def given_differences(changed: list[str], asked: dict) -> list[str]:
+    """The model fields in changed (those where the model asked differs from another) without a level decay
+    that the attention asked derived (it was never given, and naming it sent users to drop it)."""
+    if "attention" in changed and asked["level_decay"] == default_level_decay(asked["attention"]):
+        return [name for name in changed if name != "level_decay"]
+    return changed
+
+
 @dataclass
 class HTransformerConfig:
     """The model's shape; the defaults are the `small` preset (4.9M parameters, 8k context)."""

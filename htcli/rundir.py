@@ -32,7 +32,7 @@ from htcli.files import (
     is_cache_directory,
     no_checkpoint,
 )
-from htcli.model import default_level_decay
+from htcli.model import given_differences
 from htcli.presets import PRESETS, model_config
 from htcli.runlock import RunLock
 from htcli.runlog import parse_event
@@ -232,8 +232,7 @@ def _model_differs(out: Path, ours: dict, theirs: dict, changed: list[str]) -> H
     that another attention derived aside: it was named, never given), or, where the asked sizes are one
     preset's and the checkpoint's another's (a run without its config.json resumed with resume auto takes
     the default preset, and was told to drop options never given), that preset."""
-    if "attention" in changed and ours["level_decay"] == default_level_decay(ours["attention"]):
-        changed = [k for k in changed if k != "level_decay"]
+    changed = given_differences(changed, ours)
     differences = ", ".join(
         f"{k} {on_off(theirs[k])} in the checkpoint, {on_off(ours[k])} asked" for k in changed
     )

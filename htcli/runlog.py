@@ -13,12 +13,8 @@ from pathlib import Path
 from htcli.errors import HtcliError, unreadable_advice
 from htcli.files import atomic_file, check_not_special
 
-METRIC_EVENTS = (
-    "step",
-    "eval",
-    "sample",
-    "early_stop",
-)  # events of one step, redone when a run resumes before it
+# events of one step, redone when a run resumes before it
+METRIC_EVENTS = ("step", "eval", "sample", "early_stop")
 
 
 class LogError(HtcliError):
