@@ -1,14 +1,17 @@
 """Where a training step's time goes: the H-attention model's against the exact-attention model's.
 
     python examples/step_profile.py [--preset small] [--seq-len 8192] [--batch-size 4] [--device cuda]
-        [--repeats 10] [--rows 20]
+        [--repeats 10] [--rows 20] [--compile default|reduce-overhead|...]
 
 Each model (the preset's causal language model) is built and stepped as `htcli bench --model` does it
 (forward, backward, AdamW), with bf16 autocast on CUDA (as `bench --dtype bf16`) and fp32 on a CPU, and
 the attention implementation of $HTCLI_ATTENTION, else auto (Triton on CUDA). Prints each model's step
 time, timed alone (a synchronisation after each) and back to back, the host's time to issue a step,
 and the profiler's table of operations by their own device time (CUDA) or CPU time, so that a missed
-training-step target can be traced to the operations that take the difference.
+training-step target can be traced to the operations that take the difference. --compile MODE steps both
+models through torch.compile with that mode ("default" is what `htcli train --compile` and `htcli bench
+--model --compile` run; "reduce-overhead" also replays each compiled graph from a CUDA graph, which
+removes the host's launch time where a step is bound by it).
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--rows", type=int, default=20, help="operations in each table (0: no profile)")
+    parser.add_argument("--compile", default="", help="torch.compile's mode for both models (default: none)")
     args = parser.parse_args()
     if min(args.seq_len, args.batch_size, args.repeats) < 1 or args.rows < 0:
         parser.error("--seq-len, --batch-size and --repeats must be 1 or more, --rows 0 or more")
@@ -64,13 +68,15 @@ def main() -> None:
     except HtcliError as error:
         parser.error(str(error))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    print(f"{args.preset} preset, causal, batch {args.batch_size} x {args.seq_len}, {device.type}, {dtype}")
+    shape = f"batch {args.batch_size} x {args.seq_len}, {device.type}, {dtype}"
+    print(f"{args.preset} preset, causal, {shape}" + (f", compiled ({args.compile})" if args.compile else ""))
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     for method, label in (("h", "H-attention model"), ("sdpa", "exact-attention model")):
         spec = dict(method=method, preset=args.preset, n=args.seq_len, batch_size=args.batch_size)
+        spec["compile"] = args.compile
         step = model_step({**spec, "causal": True}, device, dtype)[1]
-        for _ in range(3):  # (the second call captures the attention's CUDA graphs)
+        for _ in range(3):  # (the second call captures the attention's CUDA graphs; the first compiles)
             step()
         _sync(device)
         alone, queued, host = _timings(step, device, args.repeats)

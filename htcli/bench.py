@@ -54,6 +54,7 @@ class BenchConfig:
     model: bool = False  # benchmark a full training step of the model instead
     preset: str = "small"  # the model's preset, with `model`
     impl: str = ""  # H-attention implementation, auto, eager or triton; "": $HTCLI_ATTENTION, else auto
+    compile: bool = False  # with `model`: torch.compile both models, as `htcli train --compile` does
 
     def __post_init__(self) -> None:
         if not self.seq_lens or any(not 1 <= n <= MAX_LENGTH for n in self.seq_lens):
@@ -91,6 +92,12 @@ class BenchConfig:
         resolve_dtype(self.dtype, device)  # (fp16 needs a CUDA GPU, as for sample and eval)
         if self.warmup is None:
             self.warmup = default_warmup(device)
+        if self.compile and not self.model:
+            raise HtcliError(
+                "compile times a compiled training step: it needs model (the attention alone is one opaque "
+                "op to the compiler, and SDPA's kernel is the same compiled or not)",
+                fields=("compile", "model"),
+            )
         if self.model and False in self.modes:
             raise HtcliError(
                 "model times the causal language model's training step: non-causal modes are not measured",
@@ -246,7 +253,7 @@ def _model_config(spec: dict):
 
 def model_step(spec: dict, device, dtype):
     """(forward, training step) callables: the step is forward, backward and AdamW of the spec's preset
-    with the spec's attention and length (the forward alone under no_grad)."""
+    with the spec's attention and length (the forward alone under no_grad, returning the logits)."""
     import torch
 
     from htcli.model import HTransformer1D
@@ -256,14 +263,18 @@ def model_step(spec: dict, device, dtype):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     tokens = torch.randint(0, 256, (spec["batch_size"], spec["n"] + 1), device=device)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    # compiled for this one shape (the worker's first, smaller model is another), as training compiles it;
+    # a string is torch.compile's mode (examples/step_profile.py tries "reduce-overhead")
+    mode = spec.get("compile")
+    run = torch.compile(model, dynamic=False, mode=mode if isinstance(mode, str) else None) if mode else model
 
     def forward():
         with torch.no_grad(), autocast:
-            model(tokens[:, :-1])
+            return run(tokens[:, :-1])
 
     def step():
         with autocast:
-            logits = model(tokens[:, :-1])
+            logits = run(tokens[:, :-1])
             loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -284,7 +295,7 @@ def run_worker(spec: dict) -> dict:
     build = model_step if spec.get("model") else _attention_step
     # a first call at a small size loads code and starts threads, which the peak should not count
     small = 2 * spec["block_size"] if not spec.get("model") else spec["block_size"]
-    build({**spec, "n": small}, device, dtype)[1]()
+    build({**spec, "n": small, "compile": False}, device, dtype)[1]()  # (compiling: in the cold run)
     forward, forward_backward = build(spec, device, dtype)
     # peak memory of a first, cold forward+backward: nothing cached from earlier runs
     print(COLD_START, flush=True)  # the parent's time limit for the cold run starts here

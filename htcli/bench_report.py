@@ -58,6 +58,7 @@ def bench_title(config: BenchConfig, device: str) -> str:
     """What was measured, where."""
     if config.model:  # the preset's own block size, not the attention bench's
         what = f"training step, {config.preset} preset, block {measured_shape(config)['block_size']}"
+        what += ", compiled" if config.compile else ""
     else:
         what = f"batch {config.batch_size}, {config.heads} heads, dim_head {config.dim_head}"
         what += f", block {config.block_size}"

@@ -48,6 +48,27 @@ def test_model_step_worker():
         assert result["status"] == "ok", result
 
 
+def test_a_compiled_model_step_computes_what_the_uncompiled_one_does():
+    """--model --compile times torch.compile of each model (what `train --compile` runs): the compiled
+    forward gives the uncompiled one's logits, and its step runs."""
+    import torch
+
+    from htcli.bench import model_step
+
+    spec = _spec(model=True, n=32, batch_size=2)
+    plain = model_step(spec, torch.device("cpu"), torch.float32)
+    compiled = model_step({**spec, "compile": True}, torch.device("cpu"), torch.float32)
+    from torch._dynamo.utils import counters
+
+    before = counters["stats"]["unique_graphs"]
+    expected, got = plain[0](), compiled[0]()
+    assert counters["stats"]["unique_graphs"] > before  # (compiled: the uncompiled call adds none)
+    assert got.shape == (2, 32, 256)
+    assert ((got - expected).norm() / expected.norm()).item() < 1e-5
+    compiled[1]()
+    assert not torch.equal(compiled[0](), got)  # (the step changed the weights)
+
+
 def test_the_model_bench_times_the_causal_model_only():
     """A bidirectional language model would see the bytes it predicts (train refuses one): --model
     times causal steps, its non-causal rows are refused (they timed the causal model until a later
@@ -309,6 +330,8 @@ def test_bench_decode_names_the_presets_whose_context_fits():
         (["--decode", "--dtype", "fp16"], "--dtype fp16 needs a CUDA GPU (device is cpu)"),
         (["--max-seconds", "-1"], "--max-seconds must be a positive number"),
         (["--max-seconds", "nan"], "--max-seconds must be a positive number"),
+        (["--compile"], "--compile times a compiled training step: it needs --model"),
+        (["--decode", "--compile"], "--decode times sampling, not attention: drop --compile"),
     ],
 )
 def test_bench_refuses_impossible_options(args, message):

@@ -17,7 +17,7 @@ from htcli.stop import Terminated
 
 ATTENTION_BENCH_OPTIONS = (
     "seq_lens", "batch_size", "heads", "dim_head", "block_size", "causal", "both", "warmup", "repeats",
-    "max_seconds", "model", "plot_path", "impl",
+    "max_seconds", "model", "plot_path", "impl", "compile",
 )  # fmt: skip
 
 
@@ -39,6 +39,24 @@ BenchRepeats = Annotated[
     ),  # fmt: skip
 ]
 
+BenchMaxSeconds = Annotated[
+    float,
+    typer.Option(
+        help="Seconds per method and length: a first forward+backward slower than this is "
+        "reported as a timeout; repeats stop once it is spent.",
+    ),
+]
+BenchModel = Annotated[
+    bool, typer.Option("--model", help="Time a full training step of the model (H vs exact attention).")
+]
+BenchCompile = Annotated[
+    bool,
+    typer.Option(
+        "--compile",
+        help="With --model: torch.compile both models (as train --compile); compiling is not timed.",
+    ),
+]
+
 
 @app.command(cls=Command)
 def bench(
@@ -57,16 +75,9 @@ def bench(
     both: Annotated[bool, typer.Option("--both", help="Measure both modes (the default).")] = False,
     warmup: BenchWarmup = None,
     repeats: BenchRepeats = 5,
-    max_seconds: Annotated[
-        float,
-        typer.Option(
-            help="Seconds per method and length: a first forward+backward slower than this is "
-            "reported as a timeout; repeats stop once it is spent.",
-        ),
-    ] = 120.0,
-    model: Annotated[
-        bool, typer.Option("--model", help="Time a full training step of the model (H vs exact attention).")
-    ] = False,
+    max_seconds: BenchMaxSeconds = 120.0,
+    model: BenchModel = False,
+    compile: BenchCompile = False,
     preset: Annotated[str, typer.Option(help="Model preset for --model and --decode.")] = "small",
     decode: Annotated[
         bool, typer.Option("--decode", help="Sampling speed: decode cache vs recomputing the forward pass.")
@@ -97,7 +108,7 @@ def bench(
             seq_lens=_int_list(seq_lens or ["8192"]), batch_size=batch_size, heads=heads, dim_head=dim_head,
             block_size=block_size, modes=modes, device=device,
             dtype=dtype, warmup=warmup, repeats=repeats, max_seconds=max_seconds, model=model, preset=preset,
-            impl=impl,
+            impl=impl, compile=compile,
         )  # fmt: skip
         _bench_attention(config, json_output, plot_path)
 
