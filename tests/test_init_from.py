@@ -148,6 +148,20 @@ def test_what_the_messages_of_a_run_started_from_a_checkpoint_name(source, tmp_p
     assert_user_error(result, "own checkpoint's weights (it began with random ones): drop --init-from")
 
 
+def test_a_model_field_train_has_no_flag_for_is_named_as_the_config_file_key(source, tmp_path):
+    """ff_mult is set only in a --config file: the refusal named it `--ff-mult`, a flag train does not have;
+    it is named as the file's key, the flags beside it as flags."""
+    run_dir, other = source
+    config = tmp_path / "run.toml"
+    config.write_text("ff-mult = 2\n")
+    result = invoke(
+        "train", other, "--init-from", run_dir, "--out", tmp_path / "x", "--config", config, *FLAGS
+    )
+    assert_user_error(result, "--init-from ")
+    assert "holds a model of ff-mult 4 (this run's: 2)" in result.stderr and "drop ff-mult" in result.stderr
+    assert "--ff-mult" not in result.stderr
+
+
 def test_the_library_errors_name_what_they_say(source, tmp_path):
     """A model that differs from the checkpoint's in more fields than the message shows lists as fields only
     those it names (it listed block_size too, unnamed); a model option model_config does not know is said so,

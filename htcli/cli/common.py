@@ -174,7 +174,12 @@ def switch(name: str, help: str) -> typer.Option:
 
 @contextlib.contextmanager
 def user_errors(
-    *, start: bool = True, saves: bool = False, smaller: str = "model", streams: bool = False
+    *,
+    start: bool = True,
+    saves: bool = False,
+    smaller: str = "model",
+    streams: bool = False,
+    spell: Callable[[str], str] = flag,
 ) -> Iterator[None]:
     """An HtcliError becomes one red line on stderr and exit code 1; a second Ctrl-C exits 130, a SIGTERM
     outside a training loop's save-and-stop 143 (128 + 15, as the signal's default action), both after
@@ -183,7 +188,8 @@ def user_errors(
     does not start it. saves: the command writes checkpoints (train), and its messages say what is kept.
     smaller: what out of memory says to make smaller (the command's options). streams: the command's output
     is a stream that its reader may close when it has enough (`htcli sample ... | head -c 100`): a closed pipe
-    then ends the command without a word, exit code 141 (128 + SIGPIPE's 13, as `yes | head` ends `yes`)."""
+    then ends the command without a word, exit code 141 (128 + SIGPIPE's 13, as `yes | head` ends `yes`).
+    spell: how a message names the fields it is about (the command's flags)."""
     if start:
         started()
     kept = (
@@ -196,7 +202,7 @@ def user_errors(
         with terminate_unwinds():
             yield
     except HtcliError as error:
-        message = respell(str(error), error.fields)
+        message = respell(str(error), error.fields, spell)
         _print_error(message)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import shlex
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +15,7 @@ from rich.markup import escape
 from htcli.cli.common import (
     DEVICE,
     DTYPE,
+    FLAGS,
     SEED,
     Corpus,
     IncludeHidden,
@@ -301,7 +303,9 @@ def train(
 
 def _train(options: dict, resume: str | None, config_file: Path | None, print_config: bool) -> None:
     with user_errors(
-        saves=True, smaller="--batch-size (with --grad-accum to keep the bytes per step), --seq-len or model"
+        saves=True,
+        smaller="--batch-size (with --grad-accum to keep the bytes per step), --seq-len or model",
+        spell=_train_flag,
     ):
         resume_as = _resume_as(resume)
         given = {name for name, value in options.items() if value is not None and value != []}
@@ -427,7 +431,9 @@ def _print_config(config, resume: bool | str) -> None:
         start = dict(context_schedule(config), seq_len=config.model.max_seq_len, steps=config.steps, step=0)
         warnings.append(context_warning(start))
     warnings += [
-        f"a run on this machine would stop: {respell(str(refused), refused.fields)}" if refused else None
+        f"a run on this machine would stop: {respell(str(refused), refused.fields, _train_flag)}"
+        if refused
+        else None
     ]
     for warning in filter(None, warnings):
         err_console.print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True)
@@ -504,6 +510,12 @@ def _with_config_file(options: dict, path: Path | None) -> tuple[dict, set[str]]
 def _file_key(field: str) -> str:
     """How a config file (and --print-config) spells a field: its flag without the dashes."""
     return flag(field)[2:]
+
+
+def _train_flag(field: str) -> str:
+    """How train's errors name a field: its flag, or, for a field train has no flag for (ff_mult, rotary:
+    set only in a --config file), the file's key (it said --ff-mult, a flag train does not have)."""
+    return flag(field) if field in FLAGS or field in inspect.signature(train).parameters else _file_key(field)
 
 
 def _in_file(error: HtcliError, from_file: set[str], path: Path | None) -> HtcliError:
