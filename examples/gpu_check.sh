@@ -55,10 +55,11 @@ nvidia-smi -L
 xdist=()
 "$PYTHON" -c 'import xdist' 2>/dev/null && xdist=(-n 8)
 step 180 "$PYTHON" -m pytest -q "${xdist[@]}" tests/test_cuda.py tests/test_attention_triton.py
-# what one call of a 15-minute lease holds (GPU_CHECK_SECONDS=470: about 7 minutes on an H200, some
-# of it skipped): the tables, the training step compiled (the target still missed: the step is
-# bound by the host's launches, 2026-11-29), every command with Triton (CUDA's default), the decode bench
-# (each measurement in a fresh process: ~40-60 s each on an H200 VM with Triton's cache empty)
+# what one call of a 15-minute lease holds (GPU_CHECK_SECONDS=470: about 7 minutes on an H200): about the
+# issue's tables and the training step compiled (the target still missed: the step is bound by the host's
+# launches, 2026-11-29); the commands with Triton (CUDA's default) and the decode bench after them ran on
+# 2026-11-29 and are likely skipped (each measurement in a fresh process: ~40-60 s on an H200 VM with
+# Triton's cache empty)
 bench 100 --heads 8 --seq-len 8192 --repeats 10 --impl triton
 bench 100 --model --preset small --seq-len 8192 --repeats 10 --impl triton
 bench 200 --model --preset small --seq-len 8192 --repeats 10 --impl triton --compile --max-seconds 180
