@@ -44,6 +44,8 @@ def main() -> None:
     parser.add_argument("--causal", action=argparse.BooleanOptionalAction, default=False)
     parser.add_argument("--rows", type=int, default=25, help="kernels in the table (0: no profile)")
     args = parser.parse_args()
+    if min(args.seq_len, args.batch, args.heads, args.dim_head, args.block_size) < 1 or args.rows < 0:
+        parser.error("--seq-len, --batch, --heads, --dim-head and --block-size must be positive, --rows >= 0")
     if not torch.cuda.is_available():
         raise SystemExit("error: this profile needs a CUDA GPU")
     shape = (args.batch, args.heads, args.seq_len, args.dim_head)

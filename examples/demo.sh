@@ -2,7 +2,8 @@
 # The htcli demo: train a small byte-level model on the Python standard library's own source files
 # (every machine with Python has them) for a few minutes on a CPU, then sample from it and measure it
 # on a part of the library it never saw (the json package).
-# Usage: bash examples/demo.sh [extra `htcli train` options]; OUT=dir and PYTHON=interpreter override.
+# Usage: bash examples/demo.sh [extra `htcli train` options]; OUT=dir (default runs/demo: a run there is
+# replaced; a folder holding anything else is refused) and PYTHON=interpreter override.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
@@ -11,6 +12,10 @@ STDLIB=$("$PYTHON" -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])'
 htcli() { "$PYTHON" -m htcli "$@"; }
 
 echo "== htcli train: the standard library's top-level modules ($STDLIB/*.py)"
+if [[ -e $OUT && ! -f $OUT/config.json ]]; then  # (it starts anew: only an htcli run is removed)
+    echo "error: $OUT exists and holds no htcli run: give another OUT=dir" >&2
+    exit 1
+fi
 rm -rf "$OUT"
 htcli train "$STDLIB/*.py" --out "$OUT" --preset tiny --steps 1200 --batch-size 16 --warmup 50 \
     --eval-every 200 --save-every 400 --sample-every 400 --device cpu "$@"

@@ -14,8 +14,9 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 WORK=${1:-$(mktemp -d)}
 BUDGET=${GPU_CHECK_SECONDS:-100000}
-if ! "$PYTHON" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; then
-    echo "error: gpu_check.sh needs a CUDA GPU, and torch ($PYTHON) sees none: run it on a GPU machine" >&2
+if ! "$PYTHON" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())' 2>/dev/null; then
+    echo "error: gpu_check.sh needs a CUDA GPU, and torch ($PYTHON) sees none (or $PYTHON has no torch: give" \
+        "PYTHON=.venv/bin/python): run it on a GPU machine" >&2
     exit 1  # (it ran every step to its failure, the test suite on 8 workers first)
 fi
 STDLIB=$("$PYTHON" -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')

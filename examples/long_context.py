@@ -220,7 +220,10 @@ def main(train_corpus: str, held_out: str, out: str, *names: str) -> None:
         and not re.fullmatch(r"[0-9]{1,18}", name.partition("@")[2])
     ]
     if unknown:
-        sys.exit(f"unknown variant {', '.join(unknown)}: choose from {', '.join(VARIANTS)} (or new-NAME)")
+        sys.exit(
+            f"error: unknown variant {', '.join(unknown)}: choose from {', '.join(VARIANTS)} (or new-NAME or"
+            " new0-NAME, each with @SEED to train another seed)"
+        )
     from htcli.corpus import ByteCorpus
 
     for corpus in (train_corpus, held_out):  # (before any training: a held-out corpus missing was said after)

@@ -60,6 +60,9 @@ if __name__ == "__main__":
         sys.exit(print(__doc__))
     if len(sys.argv) not in (3, 4) or not all(arg.isdigit() for arg in sys.argv[3:]):
         sys.exit(f"usage: python {__doc__.split('python ')[1].splitlines()[0]}")
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]  # (a soft limit above it is refused by the system)
     if sys.argv[3:] and int(sys.argv[3]) < 64:  # (under it, Python cannot even load its libraries)
-        sys.exit("NOFILE must be 64 or more")
+        sys.exit("error: NOFILE must be 64 or more")
+    if sys.argv[3:] and hard != resource.RLIM_INFINITY and int(sys.argv[3]) > hard:
+        sys.exit(f"error: NOFILE must be at most the hard limit, {hard} (ulimit -Hn)")
     main(sys.argv[1], sys.argv[2], *map(int, sys.argv[3:4]))

@@ -95,18 +95,22 @@ def htcli(*args: str) -> subprocess.CompletedProcess:
 
 
 def split(corpus: str, out: Path) -> tuple[Path, Path]:
-    """The corpus's first 90% and last 10% as two files in out (made once)."""
-    train, held_out = out / "train.bin", out / "held_out.bin"
-    if not held_out.exists():
-        from htcli.corpus import ByteCorpus
+    """The corpus's first 90% and last 10% as two files in out (made once; out holding another corpus's
+    split, and the variants trained on it, is refused: it was used and named as the new corpus's)."""
+    from htcli.corpus import ByteCorpus
 
-        with ByteCorpus.open([corpus]) as data:  # (before out is made: a corpus missing left it, empty)
-            everything = data.read(0, len(data))
+    with ByteCorpus.open([corpus]) as data:  # (before out is made: a corpus missing left it, empty)
+        everything = data.read(0, len(data))
+    cut = len(everything) * 9 // 10
+    parts = {out / "train.bin": everything[:cut], out / "held_out.bin": everything[cut:]}
+    if all(path.exists() for path in parts):
+        if any(path.read_bytes() != part for path, part in parts.items()):
+            raise HtcliError(f"{out} holds the split of another corpus, and its variants: give another OUT")
+    else:
         out.mkdir(parents=True, exist_ok=True)
-        cut = len(everything) * 9 // 10
-        train.write_bytes(everything[:cut])
-        held_out.write_bytes(everything[cut:])
-    return train, held_out
+        for path, part in parts.items():
+            path.write_bytes(part)
+    return tuple(parts)
 
 
 def run_variant(name: str, train: Path, held_out: Path, out: Path) -> dict:
@@ -121,7 +125,7 @@ def run_variant(name: str, train: Path, held_out: Path, out: Path) -> dict:
 def main(corpus: str, out: str, *names: str) -> None:
     unknown = [name for name in names if name not in VARIANTS]
     if unknown:  # (before any work: the corpus was split first)
-        sys.exit(f"unknown variant {'; '.join(unknown)}: choose from {'; '.join(VARIANTS)}")
+        sys.exit(f"error: unknown variant {'; '.join(unknown)}: choose from {'; '.join(VARIANTS)}")
     out_dir = Path(out)
     train, held_out = split(corpus, out_dir)
     print(f"{corpus}: {train.stat().st_size:,} bytes to train on, {held_out.stat().st_size:,} held out")

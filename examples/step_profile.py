@@ -58,7 +58,12 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--rows", type=int, default=20, help="operations in each table (0: no profile)")
-    parser.add_argument("--compile", default="", help="torch.compile's mode for both models (default: none)")
+    parser.add_argument(
+        "--compile",
+        default="",
+        choices=("", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+        help="torch.compile's mode for both models (default: not compiled)",
+    )
     args = parser.parse_args()
     if min(args.seq_len, args.batch_size, args.repeats) < 1 or args.rows < 0:
         parser.error("--seq-len, --batch-size and --repeats must be 1 or more, --rows 0 or more")

@@ -130,17 +130,24 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=128)
     parser.add_argument("--repeat-shape", default="4,8,8192", help="batch,heads,length ('' to skip)")
     args = parser.parse_args()
+    try:  # (bad values were tracebacks, a bad --repeat-shape only after the first part had run)
+        args.lengths = [int(x) for x in args.lengths.split(",") if x]
+        args.repeat_shape = [int(x) for x in args.repeat_shape.split(",") if x]
+    except ValueError:
+        parser.error("--lengths and --repeat-shape take whole numbers, e.g. 2048,65536 and 4,8,8192")
+    args.dtypes = [x for x in args.dtypes.split(",") if x]
+    if min([*args.lengths, *args.repeat_shape, args.dim_head, args.block_size], default=1) < 1:
+        parser.error("--lengths, --repeat-shape, --dim-head and --block-size must be positive")
+    if len(args.repeat_shape) not in (0, 3) or set(args.dtypes) - {"fp32", "fp16", "bf16"}:
+        parser.error("--repeat-shape is batch,heads,length (or ''); --dtypes a list of fp32, fp16, bf16")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("no CUDA GPU here: run it on one, or with TRITON_INTERPRET=1 and --device cpu")
     if args.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         parser.error("--device cpu runs the kernels in Triton's interpreter: set TRITON_INTERPRET=1")
-    args.lengths = [int(x) for x in args.lengths.split(",") if x]
-    args.dtypes = [x for x in args.dtypes.split(",") if x]
     if args.device == "cuda":
         print(torch.cuda.get_device_name(), "torch", torch.__version__, flush=True)
     closeness(args)
     if args.repeat_shape:
-        args.repeat_shape = [int(x) for x in args.repeat_shape.split(",")]
         repetition(args)
 
 

@@ -1,11 +1,15 @@
-"""Check and tune the Triton H-attention kernels on a CUDA GPU: for tile, warp and pipelining variants
-of each kernel, whether it is deterministic and as accurate as eager attention, and its time; a
-table, SDPA's time beside, and the fastest good setting as HTCLI_TRITON_TUNING JSON.
+"""Check and tune the Triton H-attention kernels (tiles, warps, pipelining) on a CUDA GPU.
+
+For each kernel's variants: whether it is deterministic and as accurate as eager attention, and its
+time; a table, SDPA's time beside, and the fastest good setting as HTCLI_TRITON_TUNING JSON. Exits 1
+where a kernel has no good variant (nothing written).
 
     python examples/triton_sweep.py [--seq-len 8192] [--out tuning.json]
 
-(`TRITON_INTERPRET=1 python examples/triton_sweep.py --device cpu` runs it through Triton's interpreter, as a
-smoke test; without the variable set, `--device cpu` is refused.)
+(`TRITON_INTERPRET=1 python examples/triton_sweep.py --device cpu --dtype fp16 --seq-len 128 --batch-size 1
+--heads 1 --dim-head 16 --block-size 16 --variants 1` runs it through Triton's interpreter, as a smoke test:
+the interpreter's bf16 is not bf16, so every variant would be inaccurate; without the variable set,
+`--device cpu` is refused.)
 
 One kernel at a time, the others at their best so far: the forward kernel by forward time, then the
 dq and dk/dv kernels by forward+backward time, each summed over non-causal and causal (`--mode` one
@@ -19,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 
 import torch
@@ -129,6 +134,12 @@ def main() -> None:
     parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp16"), help="fp16 in the interpreter")
     parser.add_argument("--mode", default="both", choices=("both", "causal", "non-causal"))
     args = parser.parse_args()
+    sizes = (args.seq_len, args.batch_size, args.heads, args.dim_head, args.block_size, args.variants or 1)
+    if min(sizes) < 1 or not args.max_seconds > 0:
+        parser.error(
+            "--seq-len, --batch-size, --heads, --dim-head, --block-size, --variants and --max-seconds must be"
+            " positive"
+        )
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("no CUDA GPU here: run it on one, or with TRITON_INTERPRET=1 and --device cpu")
     if args.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -171,8 +182,7 @@ def main() -> None:
             times[variant] = ms = _milliseconds(tensors, args, backward)
             print(f"{label} {ms:9.3f} {sdpa[backward] / ms:6.2f}x", flush=True)
         if not times:
-            print(f"no good setting for the {kind} kernel: nothing written")
-            return
+            sys.exit(f"error: no good setting for the {kind} kernel: nothing written")
         best[kind] = min(times, key=times.get)
         _set(kind, best[kind])
     setting = {kind: list(v) for kind, v in best.items()}  # stages 0: Triton's default

@@ -4,6 +4,7 @@ import ast
 import importlib.util
 import json
 import os
+import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -63,7 +64,7 @@ def test_library_examples(tmp_path):
             ["long_context.py", "{tmp}/c.txt", "{tmp}/missing.txt", "{tmp}/out", "h-256"],
             "error: corpus {tmp}/missing.txt does not exist",
         ),
-        (["measure_start.py", "{tmp}/c.txt", "{tmp}/out", "5"], "NOFILE must be 64 or more"),
+        (["measure_start.py", "{tmp}/c.txt", "{tmp}/out", "5"], "error: NOFILE must be 64 or more"),
         (["step_profile.py", "--preset", "bogus", "--device", "cpu"], "error: unknown preset 'bogus'"),
         (
             ["step_profile.py", "--preset", "tiny", "--seq-len", "100", "--device", "cpu"],
@@ -71,6 +72,21 @@ def test_library_examples(tmp_path):
         ),
         (["step_profile.py", "--batch-size", "0"], "--batch-size and --repeats must be 1 or more"),
         (["step_profile.py", "--repeats", "0"], "--batch-size and --repeats must be 1 or more"),
+        # (the review's of 2026-11-29: each was a traceback, or a wrong run)
+        (
+            ["measure_start.py", "{tmp}/c.txt", "{tmp}/out", "{over}"],
+            "error: NOFILE must be at most the hard",
+        ),
+        (["step_profile.py", "--compile", "bogus"], "argument --compile: invalid choice: 'bogus'"),
+        (["triton_precision.py", "--dtypes", "fp8"], "--dtypes a list of fp32, fp16, bf16"),
+        (["triton_precision.py", "--lengths", "abc"], "--lengths and --repeat-shape take whole numbers"),
+        (["triton_precision.py", "--lengths", "-5"], "must be positive"),
+        (["triton_precision.py", "--repeat-shape", "1,1"], "--repeat-shape is batch,heads,length"),
+        (
+            ["triton_sweep.py", "--seq-len", "-5"],
+            "--block-size, --variants and --max-seconds must be positive",
+        ),
+        (["attention_profile.py", "--seq-len", "0"], "--block-size must be positive, --rows >= 0"),
     ],
 )
 def test_examples_refuse_bad_input_in_one_line(tmp_path, args, said):
@@ -78,7 +94,11 @@ def test_examples_refuse_bad_input_in_one_line(tmp_path, args, said):
     leaving no file (recipe.py made OUT, long_context.py trained before it read its held-out corpus)."""
     (tmp_path / "c.txt").write_bytes(make_text(2_000))
     (tmp_path / "empty.txt").write_bytes(b"")
-    command = [sys.executable, EXAMPLES / args[0], *(arg.format(tmp=tmp_path) for arg in args[1:])]
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if "{over}" in args and hard == resource.RLIM_INFINITY:
+        pytest.skip("no hard limit on descriptors here to go over")
+    over = hard + 1
+    command = [sys.executable, EXAMPLES / args[0], *(arg.format(tmp=tmp_path, over=over) for arg in args[1:])]
     done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode in (1, 2) and "Traceback" not in done.stderr, done.stderr
     assert said.format(tmp=tmp_path) in done.stderr.strip().splitlines()[-1], done.stderr
@@ -86,6 +106,39 @@ def test_examples_refuse_bad_input_in_one_line(tmp_path, args, said):
 
 
 @pytest.mark.skipif(torch_sees_a_gpu(), reason="checks the machine without a GPU")
+def test_recipe_refuses_an_out_that_holds_another_corpus(tmp_path):
+    """recipe.py's OUT keeps its corpus's split and the variants trained on it: run again with another
+    corpus it scored the old split under the new name (review); the same corpus again reuses it."""
+    spec = importlib.util.spec_from_file_location("recipe", EXAMPLES / "recipe.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    (tmp_path / "a.txt").write_bytes(make_text(2_000))
+    (tmp_path / "b.txt").write_bytes(make_text(3_000, seed=1))
+    train, held_out = recipe.split(str(tmp_path / "a.txt"), tmp_path / "out")
+    assert len(train.read_bytes()) == 1_800 and len(held_out.read_bytes()) == 200
+    assert recipe.split(str(tmp_path / "a.txt"), tmp_path / "out") == (train, held_out)
+    from htcli.errors import HtcliError
+
+    with pytest.raises(
+        HtcliError, match="out holds the split of another corpus, and its variants: give another"
+    ):
+        recipe.split(str(tmp_path / "b.txt"), tmp_path / "out")
+    assert len(train.read_bytes()) == 1_800
+
+
+def test_demo_replaces_only_a_run(tmp_path):
+    """demo.sh starts anew by removing OUT: a folder that holds no htcli run is refused, untouched."""
+    (tmp_path / "notes.txt").write_text("mine")
+    environment = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path)}
+    done = subprocess.run(["bash", EXAMPLES / "demo.sh"], capture_output=True, text=True, env=environment)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert (
+        done.stderr.strip().splitlines()[-1]
+        == f"error: {tmp_path} exists and holds no htcli run: give another OUT=dir"
+    )
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
 def test_gpu_check_stops_at_once_without_a_gpu(tmp_path):
     """gpu_check.sh on a machine without a GPU: one line (it ran every step to its failure)."""
     environment = {**os.environ, "PYTHON": sys.executable}
@@ -93,8 +146,10 @@ def test_gpu_check_stops_at_once_without_a_gpu(tmp_path):
         ["bash", EXAMPLES / "gpu_check.sh", tmp_path], capture_output=True, text=True, env=environment
     )
     assert done.returncode == 1 and done.stdout == "", done.stdout
-    said = f"error: gpu_check.sh needs a CUDA GPU, and torch ({sys.executable}) sees none: run it on a GPU"
-    assert done.stderr.strip().splitlines() == [said + " machine"]
+    said = f"error: gpu_check.sh needs a CUDA GPU, and torch ({sys.executable}) sees none (or"
+    assert done.stderr.strip().splitlines() == [
+        f"{said} {sys.executable} has no torch: give PYTHON=.venv/bin/python): run it on a GPU machine"
+    ]
 
 
 def test_decode_profile_runs_on_the_cpu():
@@ -210,7 +265,7 @@ def test_long_context_names_its_recipes_and_refuses_unknown_variants(tmp_path):
         (["recipe.py"], "usage: python examples/recipe.py CORPUS OUT [VARIANT ...]"),
         (["measure_start.py", "a"], "usage: python examples/measure_start.py CORPUS OUT [NOFILE]"),
         (["sample_and_eval.py", "run"], "usage: python examples/sample_and_eval.py CHECKPOINT PROMPT CORPUS"),
-        (["recipe.py", "CORPUS", "OUT", "nosuch"], "unknown variant nosuch: choose from first; "),
+        (["recipe.py", "CORPUS", "OUT", "nosuch"], "error: unknown variant nosuch: choose from first; "),
     ],
 )
 def test_examples_given_too_little_say_their_usage(tmp_path, args, said):
