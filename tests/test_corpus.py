@@ -462,6 +462,31 @@ def test_bad_record_through_the_cli(tmp_path):
     assert "left out 1 bad record of the corpus" in result.stderr  # (eval says it too)
 
 
+def test_a_damaged_parquet_file_and_a_glob_of_hidden_files_say_what_to_do(tmp_path):
+    """A Parquet file cut short quoted pyarrow alone; a glob matching only hidden files said "no files match",
+    where a directory of them names include_hidden (review)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    whole = tmp_path / "whole.parquet"
+    pq.write_table(pa.table({"text": [f"row {i}" for i in range(100)]}), whole)
+    cut = tmp_path / "cut.parquet"
+    cut.write_bytes(whole.read_bytes()[:-10])
+    with pytest.raises(
+        HtcliError, match=r"cut.parquet is not a readable Parquet file \(.*\): write it again, or"
+    ):
+        ByteCorpus.open([cut]).close()
+    (tmp_path / "hidden").mkdir()
+    (tmp_path / "hidden" / ".a.txt").write_bytes(b"hidden text")
+    with pytest.raises(HtcliError, match=r"hidden/\* but hidden ones \(include_hidden reads them\): check"):
+        resolve_corpus([tmp_path / "hidden" / "*"])
+    assert resolve_corpus([tmp_path / "hidden" / "*"], include_hidden=True) == [
+        tmp_path / "hidden" / ".a.txt"
+    ]
+    with pytest.raises(HtcliError, match=r"no files match .*\*\.nothing: check"):  # (no hidden ones either)
+        resolve_corpus([tmp_path / "hidden" / "*.nothing"])
+
+
 def test_parquet_records(tmp_path):
     """Parquet: the text column of every row, across row groups; nulls and a missing column are errors."""
     import pyarrow as pa

@@ -482,6 +482,25 @@ def test_a_path_in_a_directory_one_may_not_enter_is_one_line(trained, tmp_path):
         closed.chmod(0o755)
 
 
+def test_a_held_out_file_one_may_not_read_beside_a_corpus_file_of_its_size(trained, tmp_path):
+    """--val of an unreadable file the size of a corpus file (compared byte by byte, to refuse a copy) said
+    "give a path you may read (and write, for a run) ... any checkpoint saved before is intact" before any
+    run began (review): it names the file as an unreadable corpus file is named."""
+    _, corpus = trained
+    held_out = tmp_path / "held_out.txt"
+    held_out.write_bytes(make_text(len(corpus.read_bytes()), seed=3))
+    held_out.chmod(0)
+    try:
+        done = htcli_without_override("train", corpus, "--val", held_out, "--out", tmp_path / "r", "--preset",
+                                      "tiny", "--steps", "1", "--device", "cpu")  # fmt: skip
+    finally:
+        held_out.chmod(0o644)
+    said = f"error: cannot read {held_out}: Permission denied: give a path you may read, or change its"
+    said += " permissions"
+    assert done.returncode == 1 and done.stderr.strip().splitlines() == [said], done.stderr
+    assert not (tmp_path / "r").exists()
+
+
 # resolve_corpus of each pattern in argv[1:], printed as what it gives or the error it raises
 RESOLVE_EACH = """
 import sys

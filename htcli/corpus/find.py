@@ -135,8 +135,11 @@ def _files_of(
         found = [p for p in matches if not (_written_by_a_run if inside else _under_any)(p, excluded)]
         if not found:
             aside = " (the run directory's files aside)" if matches else ""
+            if not matches and not include_hidden and any(_glob(path, True, os.fspath(spec).endswith("/"))):
+                aside = " but hidden ones (include_hidden reads them)"
             raise HtcliError(
-                f"no files match {spec}{aside}: check the pattern (quote it so the shell leaves it)"
+                f"no files match {spec}{aside}: check the pattern (quote it so the shell leaves it)",
+                fields=("include_hidden",),
             )
         return found
     if os.fspath(spec) == "-":

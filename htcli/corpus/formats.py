@@ -208,13 +208,21 @@ def _without_separator(text: str, options: RecordOptions, where: str, field: str
         return _bad(options, where, f"field {field!r} holds a lone surrogate ({lone}), which is not text")
 
 
+def _unreadable_parquet(source: Path, error: BaseException) -> HtcliError:
+    """A Parquet file that pyarrow cannot read (cut short, damaged), said with what to do."""
+    return HtcliError(
+        f"{source} is not a readable Parquet file ({_first_line(error)}): write it again, or leave it out of"
+        " the corpus"
+    )
+
+
 def parquet_texts(source: Path, options: RecordOptions) -> Iterator[bytes | None]:
     """The text_field of each row of a Parquet file, in UTF-8, a batch of rows at a time."""
     pq, pa = _pyarrow()
     try:
         table = pq.ParquetFile(source)
     except (pa.ArrowException, OSError) as error:
-        raise HtcliError(f"{source} is not a readable Parquet file ({_first_line(error)})") from None
+        raise _unreadable_parquet(source, error) from None
     field = options.text_field
     schema = table.schema_arrow
     if field not in schema.names:
@@ -242,7 +250,7 @@ def parquet_texts(source: Path, options: RecordOptions) -> Iterator[bytes | None
                 row += 1
                 yield _row_text(text, options, f"{source} row {row}", field)
     except (pa.ArrowException, OSError) as error:
-        raise HtcliError(f"{source} is not a readable Parquet file ({_first_line(error)})") from None
+        raise _unreadable_parquet(source, error) from None
 
 
 NOT_UTF8 = object()  # a row of _batch_texts whose bytes are not UTF-8
