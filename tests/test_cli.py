@@ -508,6 +508,21 @@ def test_a_prompt_longer_than_the_context_is_said_to_be(trained, tmp_path):
     assert "note:" not in invoke(*args, "--prompt-file", tmp_path / "short.txt").stderr
 
 
+def test_eval_with_its_arguments_swapped_says_so(trained):
+    """`htcli eval data.txt runs/x` said only that data.txt is not a checkpoint (review): with a run
+    directory among the corpus, the line says the arguments look swapped; a wrong checkpoint alone does
+    not."""
+    run, corpus = trained
+    result = invoke("eval", corpus, run, "--device", "cpu")
+    assert_user_error(result, f"{corpus} is not a checkpoint")
+    assert result.stderr.strip().endswith(
+        "the arguments look swapped: htcli eval CHECKPOINT CORPUS... (the run first)"
+    )
+    result = invoke("eval", corpus, corpus, "--device", "cpu")
+    assert_user_error(result, f"{corpus} is not a checkpoint")
+    assert "swapped" not in result.stderr
+
+
 def test_a_prompt_from_standard_input(trained, tmp_path):
     """--prompt-file - reads standard input to its end (3 MB here: chunks, the last context's worth kept)
     and continues it as the same bytes in a file; without a standard input, or as a corpus, one line."""
@@ -535,6 +550,10 @@ def test_a_prompt_from_standard_input(trained, tmp_path):
     said = "is 3,000,000 bytes; the model continues from its last 64 (its context), and only those are echoed"
     assert b"note: standard input " + said.encode() in b" ".join(done[0].stderr.split())
     assert f"note: the prompt file {prompt} {said}".encode() in b" ".join(done[1].stderr.split())
+    quiet = subprocess.run([*command, str(prompt), "--no-echo"], capture_output=True, timeout=60)
+    said = said.removesuffix(", and only those are echoed")  # (nothing is echoed: review)
+    assert f"{prompt} {said}".encode() in b" ".join(quiet.stderr.split())
+    assert b"echoed" not in quiet.stderr, quiet.stderr
     closed = subprocess.run(
         [*command, "-"], stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60
     )

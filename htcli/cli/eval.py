@@ -78,7 +78,6 @@ def eval_(
 ) -> None:
     """Bits (and nats) per byte of a checkpoint over every byte of CORPUS after the first."""
     with user_errors(smaller="--batch-size or --context"):
-        from htcli.checkpoint import load_model
         from htcli.corpus import RecordOptions
         from htcli.device import dtype_name, resolve_device, resolve_dtype
         from htcli.display import by_position_table, eval_table, progress_bar, records_left_out
@@ -94,7 +93,7 @@ def eval_(
         records = RecordOptions("text" if text_field is None else text_field, bool(skip_bad_records))
         torch_device = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, torch_device)
-        model, info = load_model(checkpoint, torch_device, context=context)
+        model, info = _load_or_say_swapped(checkpoint, corpus or [], torch_device, context)
         check_options(model, stride, batch_size, by_position)  # before a long corpus is opened
         with _eval_corpus(corpus or [], records, bool(include_hidden), info.path.parent) as data:
             if data.skipped_records:
@@ -121,6 +120,23 @@ def eval_(
 
             by_position_plot({curve_label(checkpoint): result.by_position}, plot_path)
             err_console.print(f"plot written to {escape(str(plot_path))}", soft_wrap=True)
+
+
+def _load_or_say_swapped(checkpoint: Path, corpus: list[Path], device, context: int | None):
+    """load_model's (model, info), its error naming the swap where CHECKPOINT is none and the corpus is a
+    run directory (`htcli eval data.txt runs/x`: it said only that data.txt is not a checkpoint)."""
+    from htcli.checkpoint import load_model
+    from htcli.files import is_run_directory
+
+    try:
+        return load_model(checkpoint, device, context=context)
+    except HtcliError as error:
+        if not any(is_run_directory(Path(item)) for item in corpus):
+            raise
+        raise HtcliError(
+            f"{error}; the arguments look swapped: htcli eval CHECKPOINT CORPUS... (the run first)",
+            fields=error.fields,
+        ) from None
 
 
 def curve_label(checkpoint: Path) -> str:

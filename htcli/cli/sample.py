@@ -90,32 +90,32 @@ def sample(
         ]
         torch_device = resolve_device(device)
         model, _ = load_model(checkpoint, torch_device)
-        context = model.config.max_seq_len
-        prompt_bytes = _prompt_bytes(prompt, prompt_file, context)
+        echo = echo is not False and not json_output
+        prompt_bytes = _prompt_bytes(prompt, prompt_file, model.config.max_seq_len, echoed=echo)
         stops = [os.fsencode(s) for s in stop or []]  # (fsencode: arguments not UTF-8 byte for byte)
         precision = resolve_dtype(dtype, torch_device)
         steps = generate_batch(model, prompt_bytes, configs, dtype=precision, cache=cache, stop=stops)
-        echo = echo is not False and not json_output
         _print_samples(steps, prompt_bytes, configs, echo=echo, json_output=json_output, stops=stops)
 
 
-def _prompt_bytes(prompt: str | None, prompt_file: Path | None, context: int) -> bytes:
+def _prompt_bytes(prompt: str | None, prompt_file: Path | None, context: int, echoed: bool) -> bytes:
     """The prompt: a file's last context bytes (all the model sees, and what is echoed), or --prompt's
     bytes, echoed whole: one longer than the context gets a note that the model sees only its end (a
-    file too, where its size is known: it was kept short without a word)."""
+    file too, where its size is known: it was kept short without a word). echoed: the prompt is echoed
+    (the note then says which bytes)."""
     from htcli.sample import STDIN, read_prompt_sized
 
     if prompt_file:
         read, size = read_prompt_sized(prompt_file, context)
         what = "standard input" if os.fspath(prompt_file) == STDIN else f"the prompt file {prompt_file}"
-        echoed = ", and only those are echoed"
+        said = ", and only those are echoed" if echoed else ""
     else:
         read = os.fsencode(prompt or "\n")  # (fsencode: arguments not UTF-8 byte for byte)
-        size, what, echoed = len(read), "the prompt", ""
+        size, what, said = len(read), "the prompt", ""
     if size > context:
         err_console.print(
             f"[dim]note: {escape(what)} is {size:,} bytes; the model continues from its last {context:,}"
-            f" (its context){echoed}",
+            f" (its context){said}",
             soft_wrap=True,
         )
     return read
