@@ -2,7 +2,7 @@
 
 import re
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 
 def is_newer(version: str) -> bool:

@@ -19,7 +19,7 @@ import torch
 from conftest import TINY_FLAGS, assert_user_error, events, invoke, make_text, tiny_config, wait_for_a_step
 from safetensors.torch import load_file, save_file
 
-from htcli import checkpoint
+from htcli import __version__, checkpoint
 from htcli.checkpoint import load_model
 from htcli.corpus import ByteCorpus, reader
 from htcli.evaluate import evaluate
@@ -1867,7 +1867,7 @@ def test_config_files_in_other_encodings_or_of_a_run_that_are_not_its_config(tra
     said = f"{newer}: new is not an option of htcli train; htcli 9.0 wrote this file: upgrade htcli"
     assert_user_error(invoke("train", "--config", newer, "--out", tmp_path / "r"), said)
     odd = file_with(tmp_path / "odd.json", json.dumps({**saved, "htcli_version": 5}).encode())
-    said = f'{odd}: htcli_version must be a version such as "0.1.0", got 5'
+    said = f'{odd}: htcli_version must be a version such as "{__version__}", got 5'
     assert_user_error(invoke("train", "--config", odd, "--out", tmp_path / "r"), said)
 
 
