@@ -1534,6 +1534,11 @@ EMPTY_PATH = "an empty path was given (an unset shell variable?): name a file or
         (["sampel"], "error: No such command 'sampel'. Did you mean 'sample'?", "htcli"),
         (["sample"], "error: Missing argument 'checkpoint'.", "htcli sample"),
         (["sample", "run", "--stop"], "error: Option '--stop' requires an argument.", "htcli sample"),
+        (  # (a prompt without --prompt: said how to give one; review)
+            ["sample", "run", "ROMEO:"],
+            "error: Got unexpected extra argument(s) (ROMEO:); a prompt is given with --prompt TEXT (or",
+            "htcli sample",
+        ),
         (["--stop"], "error: No such option: --stop", "htcli"),
         # an empty path ("$RUN" unset) was the current directory: "no checkpoint at ."
         (["sample", ""], f"error: Invalid value for 'checkpoint': {EMPTY_PATH}", "htcli sample"),

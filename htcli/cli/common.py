@@ -321,6 +321,10 @@ def run(args: list[str] | None = None) -> None:
         context = getattr(error, "ctx", None)
         help_command = f"{context.command_path if context else _command_path(args)} --help"
         message = " ".join(error.format_message().split())
+        if help_command == "htcli sample --help" and message.startswith("Got unexpected extra argument"):
+            message += (
+                "; a prompt is given with --prompt TEXT (or --prompt-file)"  # (`htcli sample run "Hi"`)
+            )
         _print_error(f"{message} (see {help_command})")
         sys.exit(error.exit_code)
     except typer.Abort:
