@@ -37,7 +37,7 @@ from htcli import __version__, is_newer
 from htcli.attention import check_device
 from htcli.checkpoint_checks import check_finite, check_state, check_weights_header
 from htcli.device import usable_device
-from htcli.errors import HtcliError, unreadable_advice
+from htcli.errors import HtcliError, unreadable
 from htcli.files import (
     BEST_FILE,
     BEST_NEXT,
@@ -339,7 +339,7 @@ def _read_metadata(file: Path, shown: str | os.PathLike) -> dict[str, str]:
         with safe_open(str(file), framework="pt") as opened:
             return opened.metadata() or {}
     except PermissionError as error:
-        raise HtcliError(f"cannot read {file}: {error.strerror}: {unreadable_advice(error)}") from None
+        raise unreadable(file, error) from None
     except RuntimeError as error:  # (torch's map of the file, for safetensors' "pt": an OSError in words)
         raise _mapping_error(error, file) from None
     except OSError as error:

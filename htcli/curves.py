@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from htcli.errors import HtcliError, unreadable_advice
+from htcli.errors import HtcliError, unreadable
 from htcli.files import LOG_FILE, check_not_special, nothing_at, printable
 from htcli.runlog import parse_event
 
@@ -59,9 +59,7 @@ def read_curves(run: Path, name: str | None = None) -> Curves:
         what = "does not exist" if nothing_at(run) else f"has no {LOG_FILE}"
         raise HtcliError(f"{run} {what}: give run directories written by htcli train") from None
     except OSError as error:
-        raise HtcliError(
-            f"cannot read {path}: {error.strerror or error}: {unreadable_advice(error)}"
-        ) from None
+        raise unreadable(path, error) from None
     curves = Curves(name or run.name)
     session = {"step": 0, "bytes": 0, "seconds": 0.0, "time": None, "per_step": 0}
     done = {"bytes": 0, "seconds": 0.0}

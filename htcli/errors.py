@@ -28,6 +28,11 @@ def unreadable_advice(error: OSError) -> str:
     return "give another path, or mend that one"
 
 
+def unreadable(path, error: OSError) -> HtcliError:
+    """A file (a corpus's, a run's) that could not be read with this error, said with what to do."""
+    return HtcliError(f"cannot read {path}: {error.strerror or error}: {unreadable_advice(error)}")
+
+
 def unwritable_advice(error: OSError) -> str:
     """What to do about a run directory that could not be written with this error (names the field out)."""
     if error.errno in (errno.EMFILE, errno.ENFILE):  # (not the directory's fault: "give another out" misled)

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from htcli.errors import HtcliError, unreadable_advice
+from htcli.errors import HtcliError, unreadable
 
 CONFIG_FILE = "config.json"  # the resolved config of a run
 LOG_FILE = "log.jsonl"  # its events, one JSON object a line (htcli.runlog)
@@ -251,7 +251,7 @@ def read_json(path: Path, *, missing: HtcliError) -> Any:
     except FileNotFoundError:
         raise missing from None
     except PermissionError as error:
-        raise HtcliError(f"cannot read {path}: {error.strerror}: {unreadable_advice(error)}") from None
+        raise unreadable(path, error) from None
     except (OSError, ValueError):
         raise HtcliError(f"{path} is not readable JSON (truncated or corrupt?)") from None
 

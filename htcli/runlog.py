@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from htcli.errors import HtcliError, unreadable_advice
+from htcli.errors import HtcliError, unreadable
 from htcli.files import atomic_file, check_not_special
 
 # events of one step, redone when a run resumes before it
@@ -92,9 +92,7 @@ def trim_log(path: Path, step: int, *, then: str = "resume") -> list[dict]:
     try:
         lines = path.read_bytes().split(b"\n")
     except OSError as error:
-        raise HtcliError(
-            f"cannot read {path}: {error.strerror or error}: {unreadable_advice(error)}"
-        ) from None
+        raise unreadable(path, error) from None
     last = lines.pop()  # after the last newline: nothing, or a line cut short (kept if whole)
     events = []
     for number, line in enumerate(lines, 1):

@@ -13,7 +13,7 @@ from htcli.checkpoint import check_start_model, start_info
 from htcli.config import TrainConfig
 from htcli.corpus import file_identity, resolve_corpus
 from htcli.device import resolve_device, resolve_dtype
-from htcli.errors import HtcliError, unreadable_advice
+from htcli.errors import HtcliError, unreadable
 from htcli.loggers import check_loggers
 from htcli.rundir import check_new_out
 
@@ -74,8 +74,5 @@ def _copies(held_out: Sequence[str | Path], trained: Sequence[str | Path]) -> tu
                 if filecmp.cmp(held, twin, shallow=False):
                     return held, twin
             except OSError as error:  # (said as a run's error, "any checkpoint saved before is intact")
-                where = error.filename or f"{held} or {twin}"
-                raise HtcliError(
-                    f"cannot read {where}: {error.strerror or error}: {unreadable_advice(error)}"
-                ) from None
+                raise unreadable(error.filename or f"{held} or {twin}", error) from None
     return None

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from htcli.corpus.cache import cache_dir
-from htcli.errors import HtcliError, unreadable_advice
+from htcli.errors import HtcliError, unreadable, unreadable_advice
 from htcli.files import is_cache_directory, is_run_directory, written_by_the_run
 
 GLOB_CHARACTERS = "*?["
@@ -297,9 +297,7 @@ def _is_file(path: Path) -> bool:
     try:
         return path.is_file()
     except OSError as error:
-        raise HtcliError(
-            f"cannot read {path}: {error.strerror or error}: {unreadable_advice(error)}"
-        ) from None
+        raise unreadable(path, error) from None
 
 
 def _written_by_a_run(path: Path, outs: list[Path]) -> bool:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import IO
 
 from htcli.corpus.cache import cached
-from htcli.errors import HtcliError, unreadable_advice
+from htcli.errors import HtcliError, unreadable
 
 COMPRESSIONS = {"gz": "gzip", "zst": "zstd", "bz2": "bzip2", "xz": "xz"}
 ZSTD_SLICE = 2048  # compressed bytes fed to the decompressor at a time (its output has no bound)
@@ -358,9 +358,7 @@ def _opened(source: Path, compression: str) -> Iterator[IO[bytes]]:
     try:
         raw = open(source, "rb")
     except OSError as error:
-        raise HtcliError(
-            f"cannot read {source}: {error.strerror or error}: {unreadable_advice(error)}"
-        ) from None
+        raise unreadable(source, error) from None
     with raw:
         if compression == "gz":
             with gzip.GzipFile(fileobj=raw, mode="rb") as stream:

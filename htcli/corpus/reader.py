@@ -21,7 +21,7 @@ import torch
 
 from htcli.corpus.find import resolve_corpus
 from htcli.corpus.formats import Prepared, RecordOptions, prepare
-from htcli.errors import HtcliError, unreadable_advice
+from htcli.errors import HtcliError, unreadable
 
 MAX_OPEN = 16  # open files per corpus at the most
 
@@ -133,9 +133,7 @@ class ByteCorpus:
         except OSError as error:
             if index in self._sources and isinstance(error, FileNotFoundError):  # (its bytes in the cache)
                 self._cache_entry_lost(index)  # (it said the corpus file was missing, which was there)
-            raise HtcliError(
-                f"cannot read {self._source(index)}: {error.strerror or error}: {unreadable_advice(error)}"
-            ) from None
+            raise unreadable(self._source(index), error) from None
         if not self._as_indexed(index, file):
             file.close()
             self._changed(index, "it was replaced or modified")
@@ -212,9 +210,7 @@ def _readable(prepared: Prepared) -> os.stat_result:
         with open(prepared.path, "rb", buffering=0) as file:
             return os.fstat(file.fileno())
     except OSError as error:
-        raise HtcliError(
-            f"cannot read {prepared.source}: {error.strerror or error}: {unreadable_advice(error)}"
-        ) from None
+        raise unreadable(prepared.source, error) from None
 
 
 class ByteSpan:
