@@ -131,11 +131,12 @@ def _files_of(
         return [path]
     if has_wildcard(str(spec)):
         inside = _under_any(_fixed_prefix(path), excluded)  # (it names files of the run directory)
-        matches = sorted(_glob(path, include_hidden, directories_only=os.fspath(spec).endswith("/")))
+        directories_only = os.fspath(spec).endswith("/")
+        matches = sorted(_glob(path, include_hidden, directories_only))
         found = [p for p in matches if not (_written_by_a_run if inside else _under_any)(p, excluded)]
         if not found:
             aside = " (the run directory's files aside)" if matches else ""
-            if not matches and not include_hidden and any(_glob(path, True, os.fspath(spec).endswith("/"))):
+            if not matches and not include_hidden and any(_glob(path, True, directories_only)):
                 aside = " but hidden ones (include_hidden reads them)"
             raise HtcliError(
                 f"no files match {spec}{aside}: check the pattern (quote it so the shell leaves it)",
