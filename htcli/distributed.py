@@ -153,6 +153,7 @@ def process_group(device_name: str = "auto") -> Iterator[Launch]:
         torch.cuda.set_device(launch.local_rank)
     address = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
     others = "the other process" if launch.world_size == 2 else f"the other {launch.world_size - 1} processes"
+    _import_dynamo()
     try:
         with _native_stderr_held():
             dist.init_process_group(
@@ -180,6 +181,14 @@ def process_group(device_name: str = "auto") -> Iterator[Launch]:
         # teardown can abort the process ("terminate called without an active exception")
         gc.collect()
         dist.destroy_process_group()
+
+
+def _import_dynamo() -> None:
+    """torch._dynamo imported before the group exists (DistributedDataParallel imports it): imported after,
+    it keeps a reference to the default group that destroy_process_group does not drop, so gloo's threads
+    outlive the group and the interpreter's exit can abort ("terminate called without an active
+    exception", seen as a rare rank failure at the end of a run that had saved)."""
+    import torch._dynamo  # noqa: F401
 
 
 def _first_sentence(error: BaseException) -> str:

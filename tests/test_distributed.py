@@ -34,15 +34,30 @@ def free_port() -> int:
 def environment(**variables) -> dict:
     """This environment without launcher variables, one thread per process, and `variables`. Python's
     fault handler on: a rank that aborts (gloo's rare teardown abort, "terminate called without an active
-    exception") prints every thread's Python stack, for the failure's message."""
+    exception", should it come back) prints every thread's Python stack, for the failure's message."""
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH}
     return {**env, "OMP_NUM_THREADS": "1", "HTCLI_DIST_TIMEOUT": "60", "PYTHONFAULTHANDLER": "1", **variables}
 
 
-def torchrun(*args) -> subprocess.CompletedProcess:
-    """`torchrun --nproc-per-node 2 -m htcli train ARGS` on this machine, waited for."""
+# htcli run by a rank that says, as the last thing its interpreter does before exiting, which of gloo's
+# threads still run (none should: a group left alive can abort the exit)
+THREADS_AT_EXIT = """
+import atexit, os, runpy, sys
+def threads():
+    names = [open(f"/proc/self/task/{task}/comm").read().strip() for task in os.listdir("/proc/self/task")]
+    print(f"gloo threads at exit: {sorted(name for name in names if 'gloo' in name)}", file=sys.stderr)
+atexit.register(threads)  # (the first registered: the last to run)
+sys.argv[0] = "htcli"
+runpy.run_module("htcli", run_name="__main__")
+"""
+
+
+def torchrun(*args, script=None) -> subprocess.CompletedProcess:
+    """`torchrun --nproc-per-node 2 -m htcli train ARGS` on this machine (or `script` in place of
+    `-m htcli`), waited for."""
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
-    command += ["--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "htcli", "train"]
+    command += ["--master-addr", "127.0.0.1", "--master-port", str(free_port())]
+    command += [str(script), "train"] if script else ["-m", "htcli", "train"]
     process = subprocess.run(
         [*command, *map(str, args)], capture_output=True, text=True, env=environment(), timeout=120
     )
@@ -60,8 +75,10 @@ def ddp_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
     corpus = root / "corpus.txt"
     corpus.write_bytes(make_text(20_000))
-    process = torchrun(corpus, "--out", root / "run", "--steps", 6, *FLAGS, "--logger", "tensorboard")
-    return root / "run", corpus, process
+    script = root / "rank.py"
+    script.write_text(THREADS_AT_EXIT)
+    args = (corpus, "--out", root / "run", "--steps", 6, *FLAGS, "--logger", "tensorboard")
+    return root / "run", corpus, torchrun(*args, script=script)
 
 
 def test_torchrun_trains_and_writes_one_checkpoint(ddp_run):
@@ -83,6 +100,13 @@ def test_torchrun_trains_and_writes_one_checkpoint(ddp_run):
     assert first != second
     plain = HTransformer1D(HTransformerConfig(**TINY_MODEL)).state_dict()
     assert set(weights(run)) == set(plain)  # the model's own names, no DDP "module." prefix
+
+
+def test_ranks_end_the_group_before_their_interpreter_exits(ddp_run):
+    """No rank has gloo's threads left when its interpreter exits: a process group that outlived
+    destroy_process_group (torch._dynamo imported after the group began kept it) made a rank abort at
+    exit now and then ("terminate called without an active exception"), failing a run that had saved."""
+    assert ddp_run[2].stderr.count("gloo threads at exit: []") == 2, ddp_run[2].stderr
 
 
 def test_distributed_checkpoint_samples_and_evaluates_in_one_process(ddp_run):
