@@ -8,6 +8,7 @@ from rich import box
 from rich.table import Table
 
 from htcli.bench import METHODS, BenchConfig, Row, scaling_exponent
+from htcli.device import resolve_device
 from htcli.display import human
 from htcli.plots import pyplot, save_figure
 
@@ -69,7 +70,7 @@ def bench_table(rows: list[Row], config: BenchConfig, title: str) -> Table:
     """One line per (length, mode, method), with the SDPA/H ratios on the H-attention line."""
     step = "step" if config.model else "fwd+bwd"
     caption = [f"speedup: SDPA {step} time / H-attn's; mem: H-attn peak / SDPA's", _timing_line(rows)]
-    caption += [_slower_line(rows)]
+    caption += [_slower_line(rows), _coarse_memory_line(rows, config)]
     table = Table(
         title=title,
         title_justify="left",
@@ -94,10 +95,37 @@ def bench_table(rows: list[Row], config: BenchConfig, title: str) -> Table:
                 _tokens_per_s(result, row, config),
                 _memory(result),
                 _ratio(row.ratio("forward_backward_s")) if is_h else "",
-                _ratio(row.memory_ratio()) if is_h else "",
+                _ratio(_memory_ratio(row, config)) if is_h else "",
                 end_section=not is_h,
             )
     return table
+
+
+# on a CPU a peak is the process's resident memory, counted in pages and moved by the allocator's caching:
+# two peaks under this differed 1.6x-9x between runs of one command (review), so their ratio is not shown
+COARSE_CPU_PEAK = 8 * 2**20
+
+
+def _coarse(row: Row, config: BenchConfig) -> bool:
+    """Whether a CPU row's peaks are too small to compare (one is under COARSE_CPU_PEAK)."""
+    peaks = [result.get("peak_bytes") or 0 for result in row.results.values()]
+    return resolve_device(config.device).type == "cpu" and min(peaks) < COARSE_CPU_PEAK
+
+
+def _memory_ratio(row: Row, config: BenchConfig) -> float | None:
+    """The mem column: H-attention's peak over SDPA's, None where the peaks are too coarse to compare."""
+    return None if _coarse(row, config) else row.memory_ratio()
+
+
+def _coarse_memory_line(rows: list[Row], config: BenchConfig) -> str:
+    """Why some mem cells say "-" ("" where none does for that reason)."""
+    coarse = [f"{row.n:,}" for row in rows if _coarse(row, config) and row.memory_ratio() is not None]
+    if not coarse:
+        return ""
+    return (
+        f"mem at {', '.join(dict.fromkeys(coarse))}: not compared, a peak under "
+        f"{COARSE_CPU_PEAK // 2**20} MiB of a CPU process's memory is too coarse (--json has the figures)"
+    )
 
 
 WAYS = {  # bench.Timing's ways

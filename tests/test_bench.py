@@ -365,7 +365,7 @@ def test_bench_table_says_why_h_attention_is_slower_at_short_lengths():
     from htcli.bench_report import bench_table
 
     def row(n: int, h_seconds: float) -> Row:
-        ok = {"status": "ok", "forward_s": 1e-3, "peak_bytes": 1}
+        ok = {"status": "ok", "forward_s": 1e-3, "peak_bytes": 2**30}
         return Row(
             n, True, {"h": {**ok, "forward_backward_s": h_seconds}, "sdpa": {**ok, "forward_backward_s": 1.0}}
         )
@@ -385,6 +385,34 @@ def test_bench_table_says_why_h_attention_is_slower_at_short_lengths():
         else:
             assert slower in text and "8,192:" not in text and ("(try" in text) == bool(advice)
             assert advice is None or text.endswith(f"sequences {advice}")
+
+
+def test_bench_table_does_not_compare_coarse_cpu_peaks():
+    """On a CPU two peaks of a few MiB (the process's memory, in pages) gave mem ratios of 1.6x-9x in runs
+    of one command (review): under 8 MiB the cell says "-" and a line says why; larger peaks, and a GPU's
+    small ones, keep their ratio; --json keeps every figure."""
+    import torch
+    from rich.console import Console
+
+    from htcli.bench_report import bench_table
+
+    def row(n: int, h_mib: float, sdpa_mib: float) -> Row:
+        ok = {"status": "ok", "forward_s": 1e-3, "forward_backward_s": 1e-3}
+        h, sdpa = ({**ok, "peak_bytes": int(mib * 2**20)} for mib in (h_mib, sdpa_mib))
+        return Row(n, True, {"h": h, "sdpa": sdpa})
+
+    rows = [row(256, 4.83, 1.26), row(4096, 41.9, 20.9)]
+    console = Console(width=200, record=True)
+    console.print(bench_table(rows, BenchConfig(device="cpu"), "title"))
+    lines = console.export_text().splitlines()
+    assert [line.split()[-1] for line in lines if "H-attn" in line and "MiB" in line] == ["-", "2.00x"]
+    text = " ".join(" ".join(lines).split())
+    assert "mem at 256: not compared, a peak under 8 MiB of a CPU process's memory is too coarse" in text
+    assert to_json(rows, BenchConfig(device="cpu"), 0.0, "cpu")["rows"][0]["memory_ratio_h_over_sdpa"] > 3
+    if torch.cuda.is_available():  # (an allocator's count: exact at any size)
+        console = Console(width=200, record=True)
+        console.print(bench_table(rows, BenchConfig(device="cuda"), "title"))
+        assert "not compared" not in console.export_text()
 
 
 def test_bench_table_fits_80_columns():
@@ -533,6 +561,23 @@ def test_an_interrupted_bench_prints_the_rows_it_measured(json_output, first):
     assert ["64", "causal", "H-attn"] in [line[:3] for line in lines] and marker not in stdout.replace(
         ",", ""
     )
+
+
+def test_an_interrupted_decode_bench_with_json_prints_its_object():
+    """--decode --json stopped by Ctrl-C printed nothing on stdout (the attention bench prints its object,
+    review): a JSON object that says it was interrupted; exit 130."""
+    command = [sys.executable, "-m", "htcli", "bench", "--decode", "--device", "cpu", "--json"]
+    interruptible = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=interruptible
+    )
+    assert process.stderr.readline().startswith("decode bench: small preset")  # (then it measures)
+    time.sleep(0.5)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert json.loads(stdout) == {"preset": "small", "device": "cpu", "dtype": "fp32", "interrupted": True}
+    assert "interrupted" in stderr and "Traceback" not in stderr
 
 
 def test_a_method_out_of_cpu_memory_is_oom_and_an_error_says_why():

@@ -72,7 +72,9 @@ def bench(
     causal: Annotated[
         bool | None, typer.Option("--causal/--non-causal", help="Measure only causal or only non-causal.")
     ] = None,
-    both: Annotated[bool, typer.Option("--both", help="Measure both modes (the default).")] = False,
+    both: Annotated[
+        bool, typer.Option("--both", help="Measure both modes (the default; --model: causal only).")
+    ] = False,
     warmup: BenchWarmup = None,
     repeats: BenchRepeats = 5,
     max_seconds: BenchMaxSeconds = 120.0,
@@ -229,10 +231,15 @@ def _bench_decode(preset: str, device: str, dtype: str, json_output: bool) -> No
     resolve_dtype(dtype, resolve_device(device))  # (before the header: fp16 needs a CUDA GPU)
     check_decode_preset(preset)  # (before the header: an unknown preset, or one too short)
     err_console.print(f"decode bench: {preset} preset, random weights, greedy, {dtype} ...")
-    with err_console.status("measuring", spinner="dots"):
-        result = decode_bench(preset, device_name=device, dtype_name=dtype, contexts=DECODE_CONTEXTS)
+    try:
+        with err_console.status("measuring", spinner="dots"):
+            result = decode_bench(preset, device_name=device, dtype_name=dtype, contexts=DECODE_CONTEXTS)
+    except (KeyboardInterrupt, Terminated):  # (a JSON reader gets its object, as from the attention bench)
+        if json_output:
+            print(json.dumps({"preset": preset, "device": device, "dtype": dtype, "interrupted": True}))
+        raise
     if json_output:
-        print(json.dumps(result))
+        print(json.dumps({**result, "interrupted": False}))
     else:
         console.print(decode_table(result, dtype))
         console.print(cache_table(result))
