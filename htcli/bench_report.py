@@ -70,7 +70,7 @@ def bench_table(rows: list[Row], config: BenchConfig, title: str) -> Table:
     """One line per (length, mode, method), with the SDPA/H ratios on the H-attention line."""
     step = "step" if config.model else "fwd+bwd"
     caption = [f"speedup: SDPA {step} time / H-attn's; mem: H-attn peak / SDPA's", _timing_line(rows)]
-    caption += [_slower_line(rows), _coarse_memory_line(rows, config)]
+    caption += [_slower_line(rows, config), _coarse_memory_line(rows, config)]
     table = Table(
         title=title,
         title_justify="left",
@@ -135,14 +135,15 @@ WAYS = {  # bench.Timing's ways
 }
 
 
-def _slower_line(rows: list[Row]) -> str:
+def _slower_line(rows: list[Row], config: BenchConfig) -> str:
     """Where H-attention was slower than SDPA, why that is no surprise at short lengths ("" where it never
-    was): a newcomer's `bench --seq-len 1024` showed 0.80x without a word."""
+    was): a newcomer's `bench --seq-len 1024` showed 0.80x without a word. The advice of a longer length
+    only where the longest asked for was slower (not past a win, nor where a Ctrl-C cut the sweep short)."""
     slower = sorted({row.n for row in rows if (ratio := row.ratio("forward_backward_s")) and ratio < 1})
     if not slower:
         return ""
-    lengths, longest = ", ".join(f"{n:,}" for n in slower), max(row.n for row in rows)
-    advice = f" (try --seq-len {max(8192, 4 * longest)})" if longest in slower else ""  # (none past a win)
+    lengths, longest = ", ".join(f"{n:,}" for n in slower), max(config.seq_lens)
+    advice = f" (try --seq-len {max(8192, 4 * longest)})" if longest in slower else ""
     return (
         f"H-attn is slower at {lengths}: SDPA's cost grows as n², H-attn's as n, so H-attn wins at longer "
         f"sequences{advice}"

@@ -378,13 +378,18 @@ def test_bench_table_says_why_h_attention_is_slower_at_short_lengths():
     ]
     for rows, advice in cases:
         console = Console(width=80, record=True)
-        console.print(bench_table(rows, BenchConfig(), "title"))
+        console.print(bench_table(rows, BenchConfig(seq_lens=[row.n for row in rows]), "title"))
         text = " ".join(console.export_text().split())
         if advice == "":
             assert "is slower" not in text
         else:
             assert slower in text and "8,192:" not in text and ("(try" in text) == bool(advice)
             assert advice is None or text.endswith(f"sequences {advice}")
+    # a sweep of 1,024 and 8,192 stopped by Ctrl-C after 1,024: no advice to try what it was measuring
+    console = Console(width=80, record=True)
+    console.print(bench_table([row(1024, 1.25)], BenchConfig(seq_lens=[1024, 8192]), "title"))
+    text = " ".join(console.export_text().split())
+    assert slower in text and "(try" not in text
 
 
 def test_bench_table_does_not_compare_coarse_cpu_peaks():
