@@ -253,12 +253,17 @@ def all_gather(value: object) -> list:
     return values
 
 
-def raise_together(error: HtcliError | None) -> None:
-    """Raise on every rank the first rank's error, if any rank has one (a collective: all ranks call it)."""
+def raise_together(error: HtcliError | None, *, own_first: bool = False) -> None:
+    """Raise on every rank the first rank's error, if any rank has one (a collective: all ranks call it).
+    own_first, for errors each rank meets on its own machine (a corpus missing there): a rank that has one
+    raises its own, the others the first rank's, naming that rank."""
     errors = all_gather(None if error is None else (str(error), error.fields))
-    for found in errors:
+    if own_first and error is not None:
+        raise error
+    for index, found in enumerate(errors):
         if found is not None:
-            raise HtcliError(found[0], fields=found[1])
+            said = f"rank {index}: {found[0]}" if own_first else found[0]
+            raise HtcliError(said, fields=found[1])
 
 
 def barrier(device: torch.device) -> None:

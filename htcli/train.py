@@ -330,13 +330,14 @@ class Run:
         if checkpoint is not None:
             self.dtype = self._resumed_dtype(checkpoint[-1])
         self.dtype = _one_precision(self.dtype)
-        self.train_data, self.val_data = self._open_data()
-        torch.manual_seed(config.seed)
-        self.model = HTransformer1D(config.model).to(self.device)
-        # (a new run that starts from another checkpoint's weights: that checkpoint's info)
-        self.started_from = (
-            start_weights(self.model, config.init_from) if config.init_from and not checkpoint else None
-        )
+        failure = None
+        try:
+            self._open_inputs(fresh=checkpoint is None)
+        except HtcliError as error:  # (its machine's files: the other ranks stopped later, "lost contact")
+            if not distributed.is_distributed():
+                raise
+            failure = error
+        distributed.raise_together(failure, own_first=True)
         self.params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)  # (not rotary freqs)
         self.products = self._muon_products(None if checkpoint is None else checkpoint[-1])
         self.optimizer = make_optimizer(self.model, config, self.products)
@@ -354,6 +355,16 @@ class Run:
             self._restore(*checkpoint)
         self.parallel = distributed.data_parallel(self.model, self.device)
         self.forward = torch.compile(self.parallel) if config.compile else self.parallel
+
+    def _open_inputs(self, fresh: bool) -> None:
+        """The data opened, the model built, and where a new run starts from another checkpoint's weights
+        (--init-from), those loaded (that checkpoint's info kept)."""
+        config = self.config
+        self.train_data, self.val_data = self._open_data()
+        torch.manual_seed(config.seed)
+        self.model = HTransformer1D(config.model).to(self.device)
+        starts_from = config.init_from if fresh else None
+        self.started_from = start_weights(self.model, starts_from) if starts_from else None
 
     def _check_same_options(self) -> None:
         """Every rank's options are rank 0's (out aside: rank 0 alone writes): ranks started with others (by

@@ -442,6 +442,31 @@ def test_ranks_started_with_different_options_are_refused(ddp_run, tmp_path):
     assert not run.exists()
 
 
+# each rank in a folder of its own (RANK_DIRS/0, RANK_DIRS/1), as on two machines
+IN_A_FOLDER_OF_ITS_OWN = """
+import os, runpy, sys
+os.chdir(os.path.join(os.environ["RANK_DIRS"], os.environ["RANK"]))
+sys.argv[0] = "htcli"
+runpy.run_module("htcli", run_name="__main__")
+"""
+
+
+def test_a_corpus_missing_on_one_machine_is_said_by_every_rank(ddp_run, tmp_path):
+    """A corpus path that exists on rank 0's machine only: rank 1 said so, and rank 0 only that it had lost
+    contact with the others (review). Rank 0 names rank 1 and its error; each exits 1, nothing written."""
+    for rank in (0, 1):
+        (tmp_path / str(rank)).mkdir()
+    shutil.copy(ddp_run[1], tmp_path / "0" / "corpus.txt")
+    run = tmp_path / "run"
+    ranks = start_ranks("/proc/self/cwd/corpus.txt", "--out", run, *FLAGS, "--steps", 2,
+                        program=("-c", IN_A_FOLDER_OF_ITS_OWN), RANK_DIRS=str(tmp_path))  # fmt: skip
+    errors = finish(ranks)
+    assert [process.returncode for process in ranks] == [1, 1], errors
+    assert errors[1].startswith("error: corpus /proc/self/cwd/corpus.txt does not exist"), errors
+    assert errors[1].count("\n") == 1 and errors[0] == errors[1].replace("error: ", "error: rank 1: ")
+    assert not run.exists()
+
+
 def test_nan_on_one_rank_stops_every_rank(ddp_run, tmp_path):
     """A NaN loss on rank 1 alone stops both ranks at that step with the divergence error; step 3 stays."""
     run = tmp_path / "run"
