@@ -534,6 +534,7 @@ def decode_bench(
         "batch": batch,
         "preset": preset,
         "device": str(device),
+        "dtype": dtype_name,
         "prompt_len": prompt_len,
         "new_tokens": new_tokens,
         "cached_tokens_per_s": 1 / cached_s,

@@ -333,7 +333,7 @@ class Run:
         failure = None
         try:
             self._open_inputs(fresh=checkpoint is None)
-        except HtcliError as error:  # (its machine's files: the other ranks stopped later, "lost contact")
+        except Exception as error:  # a file missing on this machine alone: said by every rank (they waited)
             if not distributed.is_distributed():
                 raise
             failure = error

@@ -199,6 +199,7 @@ def test_decode_bench_figures():
     result = decode_bench("tiny", prompt_len=100, new_tokens=70, recompute_tokens=2, device_name="cpu",
                           contexts=(128, 256), batch=4)  # fmt: skip
     assert result["speedup"] > 0 and result["prefill_s"] > 0 and result["steps"] == "ordinary"
+    assert (result["device"], result["dtype"]) == ("cpu", "fp32")  # (as an interrupted one's JSON says)
     caches = result["caches"]
     assert [(c["context"], c["attention"]) for c in caches] == [
         (128, "h"),
@@ -571,11 +572,11 @@ def test_an_interrupted_bench_prints_the_rows_it_measured(json_output, first):
 def test_an_interrupted_decode_bench_with_json_prints_its_object():
     """--decode --json stopped by Ctrl-C printed nothing on stdout (the attention bench prints its object,
     review): a JSON object that says it was interrupted; exit 130."""
-    command = [sys.executable, "-m", "htcli", "bench", "--decode", "--device", "cpu", "--json"]
+    command = [sys.executable, "-m", "htcli", "bench", "--decode", "--json"]  # (device auto: said "cpu")
     interruptible = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
-    process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=interruptible
-    )
+    no_gpu = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(command, **pipes, preexec_fn=interruptible, env=no_gpu)
     assert process.stderr.readline().startswith("decode bench: small preset")  # (then it measures)
     time.sleep(0.5)
     process.send_signal(signal.SIGINT)

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +23,7 @@ from htcli.runlock import RunLock
 # a constant learning rate, so that a run stopped at step 3 and resumed to 6 equals one run of 6
 FLAGS = [*TINY_FLAGS, "--lr", "1e-3", "--min-lr", "1e-3", "--eval-every", "3", "--save-every", "3"]
 RUN_FILES = {"model.safetensors", "optimizer.safetensors", "state.json", "config.json", "log.jsonl", ".lock"}
+ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -34,9 +36,12 @@ def free_port() -> int:
 def environment(**variables) -> dict:
     """This environment without launcher variables, one thread per process, and `variables`. Python's
     fault handler on: a rank that aborts (gloo's rare teardown abort, "terminate called without an active
-    exception", should it come back) prints every thread's Python stack, for the failure's message."""
+    exception", should it come back) prints every thread's Python stack, for the failure's message. This
+    tree's htcli first on the path (not an install of another), also for scripts run from elsewhere."""
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH}
-    return {**env, "OMP_NUM_THREADS": "1", "HTCLI_DIST_TIMEOUT": "60", "PYTHONFAULTHANDLER": "1", **variables}
+    path = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    common = {"OMP_NUM_THREADS": "1", "HTCLI_DIST_TIMEOUT": "60", "PYTHONFAULTHANDLER": "1"}
+    return {**env, **common, "PYTHONPATH": path, **variables}
 
 
 # htcli run by a rank that says, as the last thing its interpreter does before exiting, which of gloo's
@@ -465,6 +470,35 @@ def test_a_corpus_missing_on_one_machine_is_said_by_every_rank(ddp_run, tmp_path
     assert errors[1].startswith("error: corpus /proc/self/cwd/corpus.txt does not exist"), errors
     assert errors[1].count("\n") == 1 and errors[0] == errors[1].replace("error: ", "error: rank 1: ")
     assert not run.exists()
+
+
+FAILING_DATA_ON_RANK_1 = """
+import os
+from htcli import train
+from htcli.cli import app
+
+real_open = train.Run._open_data
+
+def failing_on_rank_1(self):
+    if os.environ["RANK"] == "1":
+        raise OSError("the disk went away")
+    return real_open(self)
+
+train.Run._open_data = failing_on_rank_1
+app(prog_name="htcli")
+"""
+
+
+def test_an_unforeseen_error_of_one_rank_is_named_by_the_others(ddp_run, tmp_path):
+    """An error that is not htcli's own (an OSError while rank 1 opens its data) reached rank 0 only as
+    "lost contact" after the timeout: rank 0 names rank 1 and the error at once."""
+    run = tmp_path / "run"
+    program = ("-c", FAILING_DATA_ON_RANK_1)
+    ranks = start_ranks(ddp_run[1], "--out", run, *FLAGS, "--steps", 2, program=program)
+    errors = finish(ranks)
+    assert ranks[0].returncode == 1 and ranks[1].returncode != 0, errors
+    assert errors[0] == "error: rank 1: OSError: the disk went away\n", errors
+    assert "the disk went away" in errors[1] and not run.exists()
 
 
 def test_nan_on_one_rank_stops_every_rank(ddp_run, tmp_path):

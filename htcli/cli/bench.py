@@ -236,7 +236,8 @@ def _bench_decode(preset: str, device: str, dtype: str, json_output: bool) -> No
             result = decode_bench(preset, device_name=device, dtype_name=dtype, contexts=DECODE_CONTEXTS)
     except (KeyboardInterrupt, Terminated):  # (a JSON reader gets its object, as from the attention bench)
         if json_output:
-            print(json.dumps({"preset": preset, "device": device, "dtype": dtype, "interrupted": True}))
+            where = str(resolve_device(device))  # (as the figures say it: "cpu", not "auto")
+            print(json.dumps({"preset": preset, "device": where, "dtype": dtype, "interrupted": True}))
         raise
     if json_output:
         print(json.dumps({**result, "interrupted": False}))
