@@ -302,6 +302,26 @@ def test_help_gives_every_presets_model_defaults():
             assert value == default, (preset, name, value)
 
 
+def test_help_gives_every_presets_sizes_and_takes_h():
+    """--preset's help names each preset's width, depth and context (it named the presets alone, and the
+    size options gave no default; review); -h is --help, for every command (it was "No such option")."""
+    from typer.testing import CliRunner
+
+    from htcli.cli import app
+    from htcli.cli.train import PRESET_SIZES
+    from htcli.presets import PRESETS, model_config
+
+    assert set(PRESET_SIZES) == set(PRESETS)
+    for preset, said in PRESET_SIZES.items():
+        config = model_config(preset)
+        assert said.startswith(f"dim {config.dim}, depth {config.depth}, {config.max_seq_len}"), preset
+    for command in ([], ["train"], ["sample"], ["eval"], ["bench"], ["plot"]):
+        shown = CliRunner().invoke(app, [*command, "-h"], env={"COLUMNS": "80"})
+        assert shown.exit_code == 0 and "Usage: htcli" in shown.stdout, (command, shown.output)
+    shown = CliRunner().invoke(app, ["train", "--help"], env={"COLUMNS": "200"}).stdout
+    assert "tiny (dim 64, depth 2, 256-byte context" in " ".join(shown.replace("│", " ").split())
+
+
 def test_train_writes_a_run(corpus, tmp_path):
     """`htcli train` writes weights, optimizer, state, config and log, the best weights, and prints a
     summary."""

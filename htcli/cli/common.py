@@ -47,6 +47,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},  # (every command's: -h was "No such option")
 )
 
 
@@ -124,8 +125,8 @@ DEVICE = typer.Option(
 )
 DTYPE = typer.Option(
     "--dtype",
-    help="Mixed precision: auto (the default: bf16 on a CUDA GPU with bf16, else fp32; train's also bf16 on a"
-    " CPU with AMX or AVX-512 BF16), fp32, bf16, fp16.",
+    help="Mixed precision: auto (the default: bf16 on a CUDA GPU with bf16, else fp32; training also uses"
+    " bf16 on a CPU with AMX or AVX-512 BF16), fp32, bf16, fp16.",
     show_default=False,
 )
 SEED = typer.Option("--seed", help="Random seed (default 0): same seed, same result.", show_default=False)

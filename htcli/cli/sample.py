@@ -36,17 +36,39 @@ from htcli.stop import Terminated
 MAX_SAMPLES = 4096  # sample --num-samples: one batch, one decode cache per sample
 
 
+Temperature = Annotated[
+    float,
+    typer.Option(
+        help="Sampling temperature; 0: always the most likely byte (then no --top-k, --top-p or several "
+        "samples)."
+    ),
+]
+Echo = Annotated[
+    bool | None,
+    switch(
+        "echo", "Print the prompt before its continuation (default on; not with --json, which leaves it out)."
+    ),
+]
+Cache = Annotated[
+    bool,
+    switch(
+        "cache",
+        "Decode with the model's cache (the default: H-attention's, a constant cost per byte, or an exact "
+        "model's KV cache), or with --no-cache run the model over the whole context for every byte (slow).",
+    ),
+]
+
+
 @app.command(cls=Command)
 def sample(
     checkpoint: Checkpoint,
     prompt: Annotated[str | None, typer.Option(help="Text to continue (default: a newline).")] = None,
     prompt_file: Annotated[
-        Path | None, typer.Option(parser=parse_path, help="Continue this file's bytes instead (-: stdin).")
+        Path | None,
+        typer.Option(parser=parse_path, help="Continue this file's bytes (-: stdin), not with --prompt."),
     ] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Bytes to generate per sample (at least 1).")] = 500,
-    temperature: Annotated[
-        float, typer.Option(help="Sampling temperature; 0: always the most likely byte.")
-    ] = 0.8,
+    temperature: Temperature = 0.8,
     top_k: Annotated[int | None, typer.Option(help="Draw only from the k most likely bytes.")] = None,
     top_p: Annotated[
         float | None, typer.Option(help="Draw only from the top bytes holding this probability.")
@@ -61,18 +83,8 @@ def sample(
     json_output: Annotated[
         bool, typer.Option(flag("json_output"), help="One JSON object per sample on stdout (JSON lines).")
     ] = False,
-    echo: Annotated[
-        bool | None,
-        switch("echo", "Print the prompt before its continuation (default on; off with --json)."),
-    ] = None,
-    cache: Annotated[
-        bool,
-        switch(
-            "cache",
-            "Decode with the model's cache (H-attention's, constant cost per byte, or an exact model's KV "
-            "cache; the default), or recompute the model over that context for every byte (slow).",
-        ),
-    ] = True,
+    echo: Echo = None,
+    cache: Cache = True,
     seed: Seed = 0,
     device: Device = "auto",
     dtype: Dtype = "auto",

@@ -82,8 +82,20 @@ Resume = Annotated[
         show_default=False,
     ),
 ]
+# (written out: the small preset's sizes are the model config's defaults, and --help does not import torch;
+# tests/test_cli.py holds them to the presets)
+PRESET_SIZES = {
+    "tiny": "dim 64, depth 2, 256-byte context: minutes on a CPU",
+    "small": "dim 256, depth 6, 8192 bytes",
+    "base": "dim 512, depth 8, 8192 bytes",
+}
 Preset = Annotated[
-    str | None, typer.Option(help=f"Model size: {', '.join(PRESETS)} (default {DEFAULT_PRESET}).")
+    str | None,
+    typer.Option(
+        help="Model size: "
+        + ", ".join(f"{name} ({PRESET_SIZES[name]})" for name in PRESETS)
+        + f"; default {DEFAULT_PRESET}. The size options below override it."
+    ),
 ]
 InitFrom = Annotated[
     str | None,
@@ -98,15 +110,21 @@ Val = Annotated[
     list[str] | None, train_option("Validation corpus (repeat for several); default: the end of CORPUS.")
 ]
 ValFraction = Annotated[
-    float | None, train_option("Without --val, hold out this last fraction of CORPUS", "val_fraction")
+    float | None, train_option("Hold out this last fraction of CORPUS (not with --val)", "val_fraction")
 ]
-Dim = Annotated[int | None, train_option("Model width (overrides the preset).")]
-Depth = Annotated[int | None, train_option("Number of layers.")]
-Heads = Annotated[int | None, train_option("Attention heads.")]
-DimHead = Annotated[int | None, train_option("Width of one head.")]
-BlockSize = Annotated[int | None, train_option("H-attention block size (even, divides --seq-len).")]
+Dim = Annotated[int | None, train_option("Model width (default: the preset's).")]
+Depth = Annotated[int | None, train_option("Number of layers (default: the preset's).")]
+Heads = Annotated[int | None, train_option("Attention heads (default: the preset's).")]
+DimHead = Annotated[int | None, train_option("Width of one head (default: the preset's).")]
+BlockSize = Annotated[
+    int | None,
+    train_option("H-attention block size in bytes (even, divides --seq-len; default: the preset's)."),
+]
 SeqLen = Annotated[
-    int | None, typer.Option(flag("max_seq_len"), help="Context length in bytes: the training window.")
+    int | None,
+    typer.Option(
+        flag("max_seq_len"), help="Context length in bytes: the training window (default: the preset's)."
+    ),
 ]
 AttentionKind = Annotated[
     str | None,
@@ -181,7 +199,8 @@ ContextWarmup = Annotated[
     ),
 ]
 ContextWarmupStart = Annotated[
-    int | None, train_option("Window length that --context-warmup starts from", "context_warmup_start")
+    int | None,
+    train_option("Window length that --context-warmup starts from (needs it)", "context_warmup_start"),
 ]
 MinLr = Annotated[
     float | None, train_option("Learning rate at the last step, after cosine decay (default --lr / 10).")
@@ -199,7 +218,7 @@ Patience = Annotated[
     int | None,
     train_option(
         "Stop (saving) once this many validations in a row have not beaten the run's best val bpb "
-        "(best.safetensors holds its weights); 0: never",
+        "(best.safetensors holds its weights; needs --eval-every above 0); 0: never",
         "patience",
     ),
 ]
