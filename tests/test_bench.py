@@ -569,6 +569,17 @@ def test_an_interrupted_bench_prints_the_rows_it_measured(json_output, first):
     )
 
 
+def test_decode_help_names_the_options_it_takes():
+    """--decode's help says it takes only --preset, --device, --dtype and --json: every other option of
+    bench is one it refuses."""
+    import inspect
+
+    from htcli.cli.bench import ATTENTION_BENCH_OPTIONS, bench
+
+    taken = set(inspect.signature(bench).parameters) - set(ATTENTION_BENCH_OPTIONS) - {"ctx"}
+    assert taken == {"preset", "decode", "device", "dtype", "json_output"}
+
+
 def test_an_interrupted_decode_bench_with_json_prints_its_object():
     """--decode --json stopped by Ctrl-C printed nothing on stdout (the attention bench prints its object,
     review): a JSON object that says it was interrupted; exit 130."""

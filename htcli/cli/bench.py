@@ -47,7 +47,12 @@ BenchMaxSeconds = Annotated[
     ),
 ]
 BenchModel = Annotated[
-    bool, typer.Option("--model", help="Time a full training step of the model (H vs exact attention).")
+    bool,
+    typer.Option(
+        "--model",
+        help="Time a full training step of --preset's model (H vs exact attention; causal; not with --heads, "
+        "--dim-head or --block-size: the preset's).",
+    ),
 ]
 BenchCompile = Annotated[
     bool,
@@ -82,7 +87,12 @@ def bench(
     compile: BenchCompile = False,
     preset: Annotated[str, typer.Option(help="Model preset for --model and --decode.")] = "small",
     decode: Annotated[
-        bool, typer.Option("--decode", help="Sampling speed: decode cache vs recomputing the forward pass.")
+        bool,
+        typer.Option(
+            "--decode",
+            help="Sampling speed of --preset's model: decode cache vs recomputing the forward pass (takes "
+            "only --preset, --device, --dtype and --json).",
+        ),
     ] = False,
     json_output: JsonOutput = False,
     plot_path: BenchPlot = None,

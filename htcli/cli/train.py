@@ -55,8 +55,8 @@ ConfigFile = Annotated[
     typer.Option(
         flag("config_file"),
         parser=parse_path,
-        help="Options from a TOML file (keys spelled like the options: seq-len = 2048) or a run's "
-        "config.json; options given here override it.",
+        help="Options from a TOML file (keys spelled like the options: seq-len = 2048; also ff-mult, rotary "
+        "and sample-length, which have none) or a run's config.json; options given here override it.",
         show_default=False,
     ),
 ]
