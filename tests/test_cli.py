@@ -543,6 +543,32 @@ def test_eval_with_its_arguments_swapped_says_so(trained):
     assert "swapped" not in result.stderr
 
 
+def test_eval_of_another_run_as_corpus_is_refused(trained, run_copy):
+    """`htcli eval runs/a runs/b/model.safetensors held_out.txt` (comparing two runs) scored runs/b's
+    weights as text, 14 bits per byte, exit 0; `runs/a runs/b` stopped on runs/b's log as a bad record
+    (review): one line saying it is a run, not text; the run evaluated as its own corpus is as before."""
+    (run, corpus), copy = trained, run_copy[0]
+    for other, what in [(copy, "an htcli run"), (copy / "model.safetensors", "a file of the htcli run")]:
+        result = invoke("eval", run, other, corpus, "--device", "cpu")
+        assert_user_error(result, f"{other} is {what}")
+        assert "not text to score: htcli eval scores one CHECKPOINT" in " ".join(result.stderr.split())
+    result = invoke("eval", run, run / "model.safetensors", "--device", "cpu")
+    assert result.exit_code == 1 and "the directory of the run evaluated" in result.stderr
+
+
+def test_eval_says_when_its_context_is_longer_than_the_corpus(trained, tmp_path):
+    """--context above the corpus's length was shrunk to one window of the corpus without a word (the
+    JSON's context alone said it; review): a note on stderr; none where the corpus is long enough."""
+    run, corpus = trained
+    short = tmp_path / "short.txt"
+    short.write_bytes(corpus.read_bytes()[:40])
+    result = invoke("eval", run, short, "--context", 64, "--device", "cpu", "--json")
+    assert result.exit_code == 0, result.output
+    said = "note: the corpus is 40 bytes, fewer than --context 64 plus one: scored in one window of 39"
+    assert said in " ".join(result.stderr.split()) and json.loads(result.stdout)["context"] == 39
+    assert "note:" not in invoke("eval", run, corpus, "--context", 64, "--device", "cpu").stderr
+
+
 def test_a_prompt_from_standard_input(trained, tmp_path):
     """--prompt-file - reads standard input to its end (3 MB here: chunks, the last context's worth kept)
     and continues it as the same bytes in a file; without a standard input, or as a corpus, one line."""

@@ -80,7 +80,7 @@ def eval_(
     with user_errors(smaller="--batch-size or --context"):
         from htcli.corpus import RecordOptions
         from htcli.device import dtype_name, resolve_device, resolve_dtype
-        from htcli.display import by_position_table, eval_table, progress_bar, records_left_out
+        from htcli.display import by_position_table, eval_table, progress_bar
         from htcli.evaluate import check_options, evaluate
         from htcli.files import printable
 
@@ -96,8 +96,7 @@ def eval_(
         model, info = _load_or_say_swapped(checkpoint, corpus or [], torch_device, context)
         check_options(model, stride, batch_size, by_position)  # before a long corpus is opened
         with _eval_corpus(corpus or [], records, bool(include_hidden), info.path.parent) as data:
-            if data.skipped_records:
-                err_console.print(f"[yellow]{records_left_out(data.skipped_records)}")
+            _say_what_changes(data, context)
             with progress_bar(err_console, "scoring", len(data) - 1) as advance:
                 result = evaluate(
                     model, data.span(), stride=stride, batch_size=batch_size, dtype=torch_dtype,
@@ -120,6 +119,20 @@ def eval_(
 
             by_position_plot({curve_label(checkpoint): result.by_position}, plot_path)
             err_console.print(f"plot written to {escape(str(plot_path))}", soft_wrap=True)
+
+
+def _say_what_changes(data, context: int | None) -> None:
+    """On stderr, what changes the scoring: records left out, a --context longer than the corpus (one
+    window of the corpus; the JSON's context alone said it)."""
+    from htcli.display import records_left_out
+
+    if data.skipped_records:
+        err_console.print(f"[yellow]{records_left_out(data.skipped_records)}")
+    if context is not None and len(data) - 1 < context:
+        err_console.print(
+            f"[yellow]note: the corpus is {len(data):,} bytes, fewer than --context {context} plus one: "
+            f"scored in one window of {len(data) - 1:,}"
+        )
 
 
 def _load_or_say_swapped(checkpoint: Path, corpus: list[Path], device, context: int | None):
@@ -155,6 +168,7 @@ def _eval_corpus(corpus: list[str], records, include_hidden: bool, checkpoint_di
     from htcli.files import is_run_directory, printable
 
     run = [checkpoint_directory] if is_run_directory(checkpoint_directory) else []
+    _refuse_other_runs(corpus, checkpoint_directory)
     files = resolve_corpus(
         corpus, include_hidden=include_hidden, exclude=run,
         excluded_as=f"the directory of the run evaluated ({printable(checkpoint_directory)})",
@@ -162,6 +176,24 @@ def _eval_corpus(corpus: list[str], records, include_hidden: bool, checkpoint_di
     check_records_apply(files, records)
     check_hidden_applies(corpus, include_hidden)
     return ByteCorpus.open(corpus, records=records, files=files)
+
+
+def _refuse_other_runs(corpus: list[str], checkpoint_directory: Path) -> None:
+    """An HtcliError where a corpus argument is another run, or one of its files: `eval runs/a runs/b
+    held_out.txt`, to compare two runs, scored runs/b's weights as text (14 bits per byte, exit 0) or
+    stopped on its log's records. (The evaluated run's own files are left out by resolve_corpus.)"""
+    from htcli.files import is_run_directory, printable
+
+    for item in corpus:
+        path = Path(item)
+        run = path if path.is_dir() else path.parent
+        if not path.exists() or not is_run_directory(run) or os.path.samefile(run, checkpoint_directory):
+            continue
+        what = "an htcli run" if run == path else f"a file of the htcli run {printable(run)}"
+        raise HtcliError(
+            f"{printable(path)} is {what}, not text to score: htcli eval scores one CHECKPOINT; evaluate "
+            f"{printable(run)} with a command of its own"
+        )
 
 
 # the bench options that time attention, which --decode (sampling speed) does not use
