@@ -8,7 +8,7 @@ from conftest import TINY_FLAGS, assert_user_error, invoke, tiny_config
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from htcli.checkpoint import load_model
+from htcli.checkpoint import CHECKSUM, load_model
 from htcli.device import cpu_multiplies_bf16
 from htcli.model import FIRST_RECIPE, HTransformer1D, HTransformerConfig
 from htcli.optim import Muon, MuonAdamW, make_optimizer, orthogonalise
@@ -128,6 +128,7 @@ def strip_recipe(run) -> None:
         metadata = file.metadata()
         tensors = {name: file.get_tensor(name) for name in file.keys()}
     config = json.loads(metadata["htcli_config"])
+    del metadata[CHECKSUM]  # (htcli 0.1 wrote none)
     metadata["htcli_config"] = json.dumps({k: v for k, v in config.items() if k not in RECIPE_KEYS})
     save_file(tensors, str(path), metadata)
     saved = json.loads((run / "config.json").read_text())

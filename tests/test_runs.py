@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from htcli import checkpoint
 from htcli import train as train_module
-from htcli.checkpoint import commit_pending
+from htcli.checkpoint import CHECKSUM, commit_pending
 from htcli.errors import HtcliError
 from htcli.presets import model_config
 from htcli.train import train
@@ -49,6 +49,7 @@ def replace_optimizer_tensors(run, tensors: dict) -> None:
 
     with safe_open(str(run / "optimizer.safetensors"), "pt") as opened:
         metadata = opened.metadata()
+    del metadata[CHECKSUM]  # (written by hand: with no checksum, as by htcli before it)
     save_file(tensors, str(run / "optimizer.safetensors"), metadata=metadata)
 
 

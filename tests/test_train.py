@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from htcli import device
 from htcli import train as train_module
-from htcli.checkpoint import read_checkpoint_info
+from htcli.checkpoint import CHECKSUM, read_checkpoint_info
 from htcli.config import TrainConfig, config_from_options
 from htcli.device import cpu_multiplies_bf16, resolve_dtype
 from htcli.errors import HtcliError
@@ -170,6 +170,7 @@ def rewrite_optimizer_groups(out, change) -> None:
     with safe_open(str(out / "optimizer.safetensors"), "pt") as opened:
         metadata = opened.metadata()
         tensors = {name: opened.get_tensor(name) for name in opened.keys()}  # noqa: SIM118
+    del metadata[CHECKSUM]  # (written by hand: with no checksum, as by htcli before it)
     groups = json.loads(metadata["param_groups"])
     metadata["param_groups"] = json.dumps([change(group) for group in groups])
     save_file(tensors, str(out / "optimizer.safetensors"), metadata=metadata)
