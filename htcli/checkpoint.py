@@ -451,12 +451,10 @@ def _number_or_null(text: str, name: str) -> float | int | None:
 
 def _checksum(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
     """The CRC-32 of a file's metadata (CHECKSUM's own aside) and tensors (CPU, contiguous), as hex."""
-    crc = 0
-    for key in sorted(set(metadata) - {CHECKSUM}):
-        crc = zlib.crc32(f"{key}={metadata[key]}\0".encode(), crc)
+    crc = zlib.crc32(json.dumps(sorted((k, v) for k, v in metadata.items() if k != CHECKSUM)).encode())
     for name in sorted(tensors):
-        tensor = tensors[name]
-        crc = zlib.crc32(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}\0".encode(), crc)
+        tensor = tensors[name]  # (JSON: no name or value can pass for another's)
+        crc = zlib.crc32(json.dumps([name, str(tensor.dtype), list(tensor.shape)]).encode(), crc)
         crc = zlib.crc32(tensor.reshape(-1).view(torch.uint8).numpy(), crc)
     return f"{crc:08x}"
 
@@ -472,7 +470,7 @@ def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
     if CHECKSUM in metadata and metadata[CHECKSUM] != _checksum(tensors, metadata):
         raise HtcliError(
             f"{file} is damaged: its bytes do not match the checksum saved with them (a byte changed on the "
-            "disk or in a copy): restore it from a copy of the run"
+            "disk or in a copy): use a good copy of it"
         )
     return tensors
 

@@ -173,6 +173,7 @@ def _eval_corpus(corpus: list[str], records, include_hidden: bool, checkpoint_di
         corpus, include_hidden=include_hidden, exclude=run,
         excluded_as=f"the directory of the run evaluated ({printable(checkpoint_directory)})",
     )  # fmt: skip
+    _refuse_files_of_other_runs(files, checkpoint_directory)
     check_records_apply(files, records)
     check_hidden_applies(corpus, include_hidden)
     return ByteCorpus.open(corpus, records=records, files=files)
@@ -190,10 +191,32 @@ def _refuse_other_runs(corpus: list[str], checkpoint_directory: Path) -> None:
         if not path.exists() or not is_run_directory(run) or os.path.samefile(run, checkpoint_directory):
             continue
         what = "an htcli run" if run == path else f"a file of the htcli run {printable(run)}"
-        raise HtcliError(
-            f"{printable(path)} is {what}, not text to score: htcli eval scores one CHECKPOINT; evaluate "
-            f"{printable(run)} with a command of its own"
-        )
+        raise _not_text(f"{printable(path)} is {what}", run)
+
+
+def _not_text(said: str, run: Path) -> HtcliError:
+    """The error of another run among eval's corpus: said, what it is."""
+    from htcli.files import printable
+
+    return HtcliError(
+        f"{said}, not text to score: htcli eval scores one CHECKPOINT; evaluate {printable(run)} with a "
+        "command of its own"
+    )
+
+
+def _refuse_files_of_other_runs(files: list[Path], checkpoint_directory: Path) -> None:
+    """An HtcliError where a corpus file lies in another run (reached by a glob, a symlink, a file deeper
+    in it: `runs/b/*.safetensors` was scored as text; review). Runs below a corpus directory are left out
+    by resolve_corpus, so such a file was named."""
+    from htcli.files import is_run_directory, printable
+
+    own, runs = os.path.realpath(checkpoint_directory), {}
+    for file in files:
+        for folder in Path(os.path.realpath(file)).parents:
+            if str(folder) not in runs:
+                runs[str(folder)] = str(folder) != own and is_run_directory(folder)
+            if runs[str(folder)]:
+                raise _not_text(f"{printable(file)} is a file of the htcli run {printable(folder)}", folder)
 
 
 # the bench options that time attention, which --decode (sampling speed) does not use
