@@ -257,8 +257,11 @@ def raise_together(error: Exception | None, *, own_first: bool = False) -> None:
     """Raise on every rank the first rank's error, if any rank has one (a collective: all ranks call it).
     own_first, for errors each rank meets on its own machine (a corpus missing there): a rank that has one
     raises its own, the others the first rank's, naming that rank (an error not htcli's by its type)."""
-    said = str(error) if isinstance(error, HtcliError) else f"{type(error).__name__}: {error}"
-    errors = all_gather(None if error is None else (said, getattr(error, "fields", ())))
+    mine = None
+    if error is not None:
+        said = str(error) if isinstance(error, HtcliError) else f"{type(error).__name__}: {error}"
+        mine = (said, getattr(error, "fields", ()))
+    errors = all_gather(mine)
     if own_first and error is not None:
         raise error
     for index, found in enumerate(errors):

@@ -238,7 +238,8 @@ def _bench_decode(preset: str, device: str, dtype: str, json_output: bool) -> No
     from htcli.display import cache_table, decode_table
 
     check_choice("dtype", dtype, PRECISIONS)
-    resolve_dtype(dtype, resolve_device(device))  # (before the header: fp16 needs a CUDA GPU)
+    where = resolve_device(device)  # (as the figures name it: "cpu", not "auto")
+    resolve_dtype(dtype, where)  # (before the header: fp16 needs a CUDA GPU)
     check_decode_preset(preset)  # (before the header: an unknown preset, or one too short)
     err_console.print(f"decode bench: {preset} preset, random weights, greedy, {dtype} ...")
     try:
@@ -246,8 +247,7 @@ def _bench_decode(preset: str, device: str, dtype: str, json_output: bool) -> No
             result = decode_bench(preset, device_name=device, dtype_name=dtype, contexts=DECODE_CONTEXTS)
     except (KeyboardInterrupt, Terminated):  # (a JSON reader gets its object, as from the attention bench)
         if json_output:
-            where = str(resolve_device(device))  # (as the figures say it: "cpu", not "auto")
-            print(json.dumps({"preset": preset, "device": where, "dtype": dtype, "interrupted": True}))
+            print(json.dumps({"preset": preset, "device": str(where), "dtype": dtype, "interrupted": True}))
         raise
     if json_output:
         print(json.dumps({**result, "interrupted": False}))

@@ -180,18 +180,14 @@ def _eval_corpus(corpus: list[str], records, include_hidden: bool, checkpoint_di
 
 
 def _refuse_other_runs(corpus: list[str], checkpoint_directory: Path) -> None:
-    """An HtcliError where a corpus argument is another run, or one of its files: `eval runs/a runs/b
-    held_out.txt`, to compare two runs, scored runs/b's weights as text (14 bits per byte, exit 0) or
-    stopped on its log's records. (The evaluated run's own files are left out by resolve_corpus.)"""
+    """An HtcliError where a corpus argument is another run's directory: `eval runs/a runs/b held_out.txt`,
+    to compare two runs, stopped on runs/b's log as a bad record. (Its files, however named, are refused
+    once resolved: _refuse_files_of_other_runs; the evaluated run's own are left out by resolve_corpus.)"""
     from htcli.files import is_run_directory, printable
 
-    for item in corpus:
-        path = Path(item)
-        run = path if path.is_dir() else path.parent
-        if not path.exists() or not is_run_directory(run) or os.path.samefile(run, checkpoint_directory):
-            continue
-        what = "an htcli run" if run == path else f"a file of the htcli run {printable(run)}"
-        raise _not_text(f"{printable(path)} is {what}", run)
+    for path in map(Path, corpus):
+        if path.is_dir() and is_run_directory(path) and not os.path.samefile(path, checkpoint_directory):
+            raise _not_text(f"{printable(path)} is an htcli run", path)
 
 
 def _not_text(said: str, run: Path) -> HtcliError:
