@@ -68,7 +68,7 @@ class TrainConfig:
     context_warmup: float = 0.0
     context_warmup_start: int = 256
     min_lr: float | None = None  # cosine decay ends here at the last step; None: lr / 10
-    weight_decay: float = 0.1  # AdamW decoupled weight decay (matrices only, not norms or biases)
+    weight_decay: float = 0.1  # decoupled weight decay of the matrices and embeddings, not norms or biases
     clip: float = 1.0  # clip the gradient norm to this; 0: no clipping
     eval_every: int = 100  # steps between validation evaluations (and at the last step); 0: last only
     eval_batches: int = 8  # validation batches per evaluation

@@ -41,16 +41,20 @@ def optimizer_step(
 ) -> tuple[float, float]:
     """Forward and backward over the micro-batches, clip, update: (mean loss, gradient norm).
 
-    Gradients are averaged over ranks once, in the last micro-batch's backward (no_sync before it).
+    Every predicted byte weighs alike, however the windows are split (micro-batches of other sizes
+    weighed by their bytes). Gradients are averaged over ranks once, in the last micro-batch's
+    backward (no_sync before it).
     """
     total = torch.zeros((), device=device)
+    scored = sum(batch[:, 1:].numel() for batch in batches)
     for index, batch in enumerate(batches):
         batch = batch.to(device, non_blocking=True)
         with no_sync() if index < len(batches) - 1 else contextlib.nullcontext():
             with autocast(device, dtype):
                 logits = forward(batch[:, :-1])
-            loss = byte_nll(logits, batch[:, 1:])
-            scaler.scale(loss / len(batches)).backward()
+            # (its share: / n exactly where all are alike, as scored / bytes is then n)
+            loss = byte_nll(logits, batch[:, 1:]) / (scored / batch[:, 1:].numel())
+            scaler.scale(loss).backward()
         total += loss.detach()
     scaler.unscale_(optimizer)
     params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -58,7 +62,7 @@ def optimizer_step(
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return (total / len(batches)).item(), grad_norm.item()
+    return total.item(), grad_norm.item()
 
 
 @torch.no_grad()

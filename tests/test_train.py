@@ -17,7 +17,9 @@ from htcli.device import cpu_multiplies_bf16, resolve_dtype
 from htcli.errors import HtcliError
 from htcli.model import HTransformer1D
 from htcli.optim import learning_rate
+from htcli.presets import model_config
 from htcli.train import train
+from htcli.train_step import optimizer_step
 
 
 def weights(out) -> dict[str, torch.Tensor]:
@@ -32,6 +34,29 @@ def test_learning_rate_schedule():
     assert rates[-1] == pytest.approx(0.1)
     assert rates[6] == pytest.approx(0.55)
     assert all(a >= b for a, b in zip(rates[1:], rates[2:]))
+
+
+@pytest.mark.parametrize("sizes", [[4, 4], [6, 2], [1, 4, 3]])
+def test_micro_batches_update_as_one_batch(sizes):
+    """Every byte weighs alike however a step's windows are split into micro-batches (a split of 6 and 2
+    weighed each half alike: an update 65% off one batch's)."""
+    torch.manual_seed(0)
+    model = HTransformer1D(model_config("tiny", max_seq_len=64))
+    windows = torch.randint(0, 256, (8, 65))
+
+    def update(batches):
+        copy = HTransformer1D(model.config)
+        copy.load_state_dict(model.state_dict())
+        optimizer = torch.optim.SGD(copy.parameters(), lr=1.0)
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        loss, _ = optimizer_step(copy, optimizer, scaler, batches, 0.0, torch.device("cpu"), torch.float32)
+        pairs = zip(copy.parameters(), model.parameters())
+        return loss, torch.cat([(new - old).flatten() for new, old in pairs])
+
+    whole_loss, whole = update([windows])
+    loss, split = update(list(windows.split(sizes)))
+    assert loss == pytest.approx(whole_loss, abs=1e-6)
+    assert torch.allclose(split, whole, rtol=1e-4, atol=1e-7)
 
 
 @pytest.mark.parametrize(
