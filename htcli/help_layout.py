@@ -20,9 +20,11 @@ class _Layout:
 
 class Command(_Layout, TyperCommand):
     """A command with htcli's help layout; PANELS: a panel's title -> its parameters' names (separated
-    by spaces), in the order printed after the Options panel, which holds the rest."""
+    by spaces), in the order printed after the Options panel, which holds the rest; NEEDED: arguments
+    optional to the parser that the command asks for (its own error), written as required in its usage."""
 
     PANELS: dict[str, str] = {}
+    NEEDED: frozenset[str] = frozenset()
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -31,6 +33,17 @@ class Command(_Layout, TyperCommand):
         assert not unknown, f"panels name parameters {self.name} lacks: {sorted(unknown)}"
         for param in self.params:
             param.rich_help_panel = panel_of.get(param.name, param.rich_help_panel)
+
+    def collect_usage_pieces(self, ctx) -> list[str]:
+        """The usage line's arguments as click writes them, whatever typer's version: `CHECKPOINT`,
+        `CORPUS...`, `[CORPUS]...` (typer 0.29 wrote `{checkpoint}` and `[corpus]...`)."""
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if param.param_type_name == "argument":
+                name = (param.metavar or param.name).upper()
+                name = name if param.required or param.name in self.NEEDED else f"[{name}]"
+                pieces.append(name + ("..." if param.nargs != 1 else ""))
+        return pieces
 
 
 class Group(_Layout, TyperGroup):

@@ -302,9 +302,10 @@ def test_help_gives_every_presets_model_defaults():
             assert value == default, (preset, name, value)
 
 
-def test_help_gives_every_presets_sizes_and_takes_h():
+def test_help_gives_every_presets_sizes_usage_lines_and_takes_h():
     """--preset's help names each preset's width, depth and context (it named the presets alone, and the
-    size options gave no default; review); -h is --help, for every command (it was "No such option")."""
+    size options gave no default; review); -h is --help, for every command (it was "No such option");
+    usage lines name arguments as click does, eval's corpus as needed."""
     from typer.testing import CliRunner
 
     from htcli.cli import app
@@ -315,9 +316,18 @@ def test_help_gives_every_presets_sizes_and_takes_h():
     for preset, said in PRESET_SIZES.items():
         config = model_config(preset)
         assert said.startswith(f"dim {config.dim}, depth {config.depth}, {config.max_seq_len}"), preset
-    for command in ([], ["train"], ["sample"], ["eval"], ["bench"], ["plot"]):
-        shown = CliRunner().invoke(app, [*command, "-h"], env={"COLUMNS": "80"})
-        assert shown.exit_code == 0 and "Usage: htcli" in shown.stdout, (command, shown.output)
+    usages = {  # (typer 0.29 wrote {checkpoint} and eval's [corpus]..., which it asks for)
+        "": "[OPTIONS] COMMAND [ARGS]...",
+        "train": "[OPTIONS] [CORPUS]...",
+        "sample": "[OPTIONS] CHECKPOINT",
+        "eval": "[OPTIONS] CHECKPOINT CORPUS...",
+        "bench": "[OPTIONS]",
+        "plot": "[OPTIONS] RUNS...",
+    }
+    for command, usage in usages.items():
+        shown = CliRunner().invoke(app, [*command.split(), "-h"], env={"COLUMNS": "80"})
+        assert shown.exit_code == 0, (command, shown.output)
+        assert f"Usage: {' '.join(['htcli', *command.split(), usage])}" in shown.stdout, shown.stdout
     shown = CliRunner().invoke(app, ["train", "--help"], env={"COLUMNS": "200"}).stdout
     assert "tiny (dim 64, depth 2, 256-byte context" in " ".join(shown.replace("│", " ").split())
 

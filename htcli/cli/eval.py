@@ -60,7 +60,11 @@ PositionPlot = Annotated[
 ]
 
 
-@app.command("eval", cls=Command)
+class _EvalCommand(Command):
+    NEEDED = frozenset({"corpus"})  # (optional to the parser: its own message says what to give)
+
+
+@app.command("eval", cls=_EvalCommand)
 def eval_(
     checkpoint: Checkpoint,
     corpus: Corpus = None,

@@ -69,9 +69,12 @@ def sample(
     ] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Bytes to generate per sample (at least 1).")] = 500,
     temperature: Temperature = 0.8,
-    top_k: Annotated[int | None, typer.Option(help="Draw only from the k most likely bytes.")] = None,
+    top_k: Annotated[
+        int | None, typer.Option(help="Draw only from the k most likely bytes (1 to 256).")
+    ] = None,
     top_p: Annotated[
-        float | None, typer.Option(help="Draw only from the top bytes holding this probability.")
+        float | None,
+        typer.Option(help="Draw only from the top bytes holding this probability (above 0, at most 1)."),
     ] = None,
     num_samples: Annotated[
         int, typer.Option(help="Independent samples (seeds --seed, --seed + 1, ...), decoded together.")
