@@ -34,12 +34,22 @@ RATE_STEPS = 20  # the live tokens/s: the last this many steps' tokens over thei
 
 CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # all but tab and newline: a terminal acts on them
 ALL_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f]")
+# all but tab, newline and carriage return: the characters that change a terminal's state (escape
+# sequences, the shift to line drawing, the bell) where a carriage return only moves to the line's start
+STATE_CONTROLS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 
 
 def visible(text: str) -> str:
     """Text with its control characters shown as \\x1b, not sent to the terminal (a corpus's or a young
     model's escape sequences changed the title, cleared the screen, left colours on)."""
     return _escaped(text.replace("\r\n", "\n"), CONTROLS)
+
+
+def for_terminal(text: str) -> str:
+    """Text streamed to a terminal with the control characters that would change its state shown as
+    \\x1b (a model of binary data sent ESC and SO: colours, line-drawing characters until a reset);
+    tabs, newlines and carriage returns as they are, as a stream cannot see \\r\\n whole."""
+    return _escaped(text, STATE_CONTROLS)
 
 
 def one_line(text: str) -> str:

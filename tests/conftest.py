@@ -1,8 +1,14 @@
 """Shared helpers: a tiny model and training setup, a small corpus, and a CLI runner."""
 
+import contextlib
+import fcntl
 import json
 import os
+import pty
 import random
+import struct
+import subprocess
+import termios
 import time
 
 import pytest
@@ -110,3 +116,26 @@ def wait_for_a_step(out, process) -> None:
             process.kill()
             pytest.fail(f"training did not start: {process.communicate()[1]}")
         time.sleep(0.05)
+
+
+def on_a_terminal(
+    command, *, rows: int = 24, columns: int = 100, stdout=None, stderr=None, env=None
+) -> tuple[int, bytes]:
+    """Run command with stdout and stderr (each unless given) on a terminal of its own, rows x columns: its
+    exit code and what the terminal was sent."""
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
+    env = {key: value for key, value in (env or os.environ).items() if key not in ("COLUMNS", "LINES")}
+    process = subprocess.Popen(
+        list(map(str, command)),
+        stdout=follower if stdout is None else stdout,
+        stderr=follower if stderr is None else stderr,
+        env={**env, "TERM": "xterm"},
+    )  # fmt: skip
+    os.close(follower)
+    shown = b""
+    with contextlib.suppress(OSError):  # (the process closed the terminal)
+        while chunk := os.read(leader, 65536):
+            shown += chunk
+    os.close(leader)
+    return process.wait(timeout=120), shown

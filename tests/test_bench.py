@@ -2,12 +2,14 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 
 import pytest
+from conftest import on_a_terminal
 from typer.testing import CliRunner
 
 from htcli.bench import BenchConfig, Row, correctness, decode_bench, run_isolated, scaling_exponent
@@ -238,6 +240,20 @@ def test_bench_cli(tmp_path):
     assert [r["n"] for r in data["rows"]] == [128, 256] and data["interrupted"] is False
     assert data["exponents"]["h/causal"] is not None
     assert "note:" not in result.stderr  # (lengths H-attention computes as they are)
+
+
+def test_a_bench_taller_than_its_terminal_leaves_no_frame_behind():
+    """On a terminal of 5 rows, the live table (taller) was drawn whole as its last frame and then erased
+    as far as the screen reached: its top stayed above the table printed after it (review). Every erase
+    now moves up fewer lines than the terminal has."""
+    rows = 5
+    command = [sys.executable, "-m", "htcli", "bench", "--seq-len", "128", "--heads", "1", "--dim-head",
+               "16", "--block-size", "16", "--repeats", "1", "--warmup", "0", "--device", "cpu"]  # fmt: skip
+    code, shown = on_a_terminal(command, rows=rows, columns=60, stdout=subprocess.DEVNULL)
+    assert code == 0, shown
+    up = b"\x1b[1A\x1b[2K"  # (rich erases a frame a line at a time, from its last line up)
+    erased = [len(run.group()) // len(up) for run in re.finditer(b"(?:" + re.escape(up) + b")+", shown)]
+    assert erased and max(erased) < rows, erased
 
 
 def test_bench_says_which_lengths_h_attention_pads():

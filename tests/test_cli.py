@@ -1,11 +1,9 @@
 """The command line end to end (train, sample, eval) and every bad input it must refuse cleanly."""
 
-import contextlib
 import gzip
 import itertools
 import json
 import os
-import pty
 import shlex
 import shutil
 import signal
@@ -16,7 +14,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_FLAGS, assert_user_error, events, invoke, make_text, tiny_config, wait_for_a_step
+from conftest import (
+    TINY_FLAGS,
+    assert_user_error,
+    events,
+    invoke,
+    make_text,
+    on_a_terminal,
+    tiny_config,
+    wait_for_a_step,
+)
 from safetensors.torch import load_file, save_file
 
 from htcli import __version__, checkpoint
@@ -392,20 +399,28 @@ def test_sample_on_a_terminal_echoes_the_whole_prompt(trained):
     before the prompt is echoed (it was drawn on the line of a prompt that does not end in a newline, and
     erasing it erased that line)."""
     run, _ = trained
-    leader, follower = pty.openpty()
     command = [sys.executable, "-m", "htcli", "sample", run, "--prompt", "class Foo:\n    def __init__(self",
                "--max-new-tokens", 5, "--device", "cpu"]  # fmt: skip
-    env = {**os.environ, "COLUMNS": "100", "TERM": "xterm"}
-    process = subprocess.Popen(list(map(str, command)), stdout=follower, stderr=follower, env=env)
-    os.close(follower)
-    shown = b""
-    with contextlib.suppress(OSError):  # (the process closed the terminal)
-        while chunk := os.read(leader, 4096):
-            shown += chunk
-    os.close(leader)
-    assert process.wait(timeout=60) == 0, shown
+    code, shown = on_a_terminal(command)
+    assert code == 0, shown
     assert b"reading the prompt" in shown  # (the spinner was drawn: a terminal)
     assert shown.rindex(b"reading the prompt") < shown.index(b"    def __init__(self"), shown
+
+
+def test_sample_shows_control_characters_on_a_terminal_and_sends_them_to_a_file(trained, tmp_path):
+    """A prompt (or a model of binary data) with ESC and SO: on a terminal they are shown as \\x1b (sent
+    raw, they turned the text red and the rest into line-drawing characters; review), tabs, newlines and
+    carriage returns as they are; a pipe gets the bytes as they are."""
+    run, _ = trained
+    (tmp_path / "p.txt").write_bytes(b"\x1b[31mred\x1b[0m\x0e\tx\r\n")
+    command = [sys.executable, "-m", "htcli", "sample", run, "--prompt-file", tmp_path / "p.txt",
+               "--max-new-tokens", 1, "--device", "cpu", "--temperature", 0]  # fmt: skip
+    code, shown = on_a_terminal(command, stderr=subprocess.DEVNULL)
+    assert code == 0, shown
+    assert shown.startswith(b"\\x1b[31mred\\x1b[0m\\x0e\tx\r"), shown
+    assert b"\x1b" not in shown and b"\x0e" not in shown, shown
+    piped = subprocess.run(list(map(str, command)), capture_output=True, timeout=60)
+    assert piped.returncode == 0 and piped.stdout.startswith(b"\x1b[31mred\x1b[0m\x0e\tx\r\n"), piped
 
 
 def test_sample_to_a_stdout_of_another_encoding(trained):
@@ -489,6 +504,12 @@ def test_force_color_into_a_pipe_gives_colours_without_live_displays(trained):
         capture_output=True, text=True, env={**env, "TTY_COMPATIBLE": "1"}, timeout=120,
     )  # fmt: skip
     assert done.returncode == 0 and "\x1b[?25" in done.stderr, done.stderr
+    # numbers are not coloured on their own (rich's highlighting coloured "1." of 1.1MB, "(" but not ")")
+    done = subprocess.run(
+        [sys.executable, "-m", "htcli", "sample", str(run), "--max-new-tokens", "5", "--device", "cpu"],
+        capture_output=True, text=True, env=env, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0 and "\x1b[2m5 bytes in " in done.stderr, done.stderr
 
 
 @pytest.mark.parametrize("columns", ["0", "²"])

@@ -193,10 +193,13 @@ def _bench_attention(config, json_output: bool, plot_path: Path | None) -> None:
     waiting = Spinner("dots", text=f"measuring 1 of {total}")
     try:
         with Live(waiting, console=err_console, transient=True) as live:  # progress: on terminals only
-            for row in run_bench(config):
-                rows.append(row)
-                waiting.text = f"measuring {min(len(rows) + 1, total)} of {total}"
-                live.update(Group(_bench_tables(rows, config, title), waiting))
+            try:
+                for row in run_bench(config):
+                    rows.append(row)
+                    waiting.text = f"measuring {min(len(rows) + 1, total)} of {total}"
+                    live.update(Group(_bench_tables(rows, config, title), waiting))
+            finally:  # (rich draws the last frame whole before erasing it: taller than the terminal, its
+                live.update("")  # top stayed on the screen above the table printed after it)
     except (KeyboardInterrupt, Terminated):  # (the rows measured are kept: printed before the stop's line)
         if json_output:  # (none too: a JSON reader gets its object)
             print(json.dumps({**to_json(rows, config, error, name), "interrupted": True}))

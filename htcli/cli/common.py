@@ -94,7 +94,8 @@ class _Console(Console):
             # (rich took FORCE_COLOR for a terminal: spinners and cursor moves went into the log too)
             kwargs |= {"force_terminal": False, "color_system": "256"}
         # (COLUMNS=0: rich printed nothing, errors' lines too; COLUMNS=²: a ValueError on import, in rich)
-        super().__init__(_environ=_SizedEnviron(), **kwargs)
+        # (highlight: rich's colouring of what looks like numbers coloured "1." of 1.1MB and "3", ",", "000")
+        super().__init__(_environ=_SizedEnviron(), **{"highlight": False, **kwargs})
 
     def on_broken_pipe(self) -> None:
         raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))

@@ -241,8 +241,13 @@ def _print_the_rest(
 
 
 def _write(text: str) -> None:
-    """text to stdout, its characters that stdout's encoding lacks (not UTF-8: latin-1, ascii) as ?."""
+    """text to stdout, its characters that stdout's encoding lacks (not UTF-8: latin-1, ascii) as ?, and
+    on a terminal its control characters that would change the terminal's state as \\x1b (a file or a
+    pipe gets them as they are)."""
     if text:
+        from htcli.display import for_terminal
+
+        text = for_terminal(text) if sys.stdout.isatty() else text
         encoding = sys.stdout.encoding or "ascii"
         sys.stdout.write(text if _utf8_stdout() else text.encode(encoding, "replace").decode(encoding))
         sys.stdout.flush()
