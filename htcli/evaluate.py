@@ -25,6 +25,8 @@ from htcli.display import byte_count
 from htcli.errors import HtcliError
 from htcli.model import HTransformer1D, is_integer
 
+NLL_POSITIONS = 4096  # positions of a batch whose log-likelihoods are computed at once
+
 
 @dataclass
 class EvalResult:
@@ -65,7 +67,10 @@ def position_nats(
     prediction at position p of a window (b, n+1) sees its first p + 1 bytes."""
     with autocast(windows.device, dtype):
         logits = model(windows[:, :-1])
-    nll = byte_nll(logits, windows[:, 1:], reduction="none")  # (b, n)
+    # (b, n), a slice of positions at a time: the log-softmax of all of them at once doubled the memory of
+    # a long context's logits (6.8 GB at 262,144 bytes x 8 windows; review)
+    pieces = zip(logits.split(NLL_POSITIONS, 1), windows[:, 1:].split(NLL_POSITIONS, 1))
+    nll = torch.cat([byte_nll(piece, targets, reduction="none") for piece, targets in pieces], 1)
     n = nll.shape[1]
     kept = torch.arange(n, device=nll.device) >= (n - scored.to(nll.device))[:, None]
     return nll.double() * kept

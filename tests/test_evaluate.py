@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import make_text
 
+from htcli import evaluate as evaluate_module
 from htcli.corpus import ByteCorpus
 from htcli.errors import HtcliError
 from htcli.evaluate import evaluate, plan_windows, position_buckets
@@ -60,8 +61,11 @@ def test_stride_one_equals_direct_computation(model, corpus):
     assert result.nats_per_byte == pytest.approx(expected * math.log(2), rel=1e-6)
 
 
-def test_any_stride_equals_direct_computation(model, corpus):
-    """With stride 5, each byte's context starts where the documented window that scores it starts."""
+@pytest.mark.parametrize("positions", [4096, 3])
+def test_any_stride_equals_direct_computation(model, corpus, monkeypatch, positions):
+    """With stride 5, each byte's context starts where the documented window that scores it starts; the
+    same where a window's log-likelihoods are computed a few positions at a time (as long contexts are)."""
+    monkeypatch.setattr(evaluate_module, "NLL_POSITIONS", positions)
     data = corpus.read(0, len(corpus))
 
     def window_start(t: int) -> int:
