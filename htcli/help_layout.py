@@ -40,7 +40,10 @@ class Command(_Layout, TyperCommand):
         pieces = [self.options_metavar] if self.options_metavar else []
         for param in self.get_params(ctx):
             if param.param_type_name == "argument":
-                name = (param.metavar or param.name).upper()
+                if param.metavar:  # (as given, as click writes it)
+                    pieces.append(param.metavar)
+                    continue
+                name = param.name.upper()
                 name = name if param.required or param.name in self.NEEDED else f"[{name}]"
                 pieces.append(name + ("..." if param.nargs != 1 else ""))
         return pieces

@@ -309,6 +309,26 @@ def test_help_gives_every_presets_model_defaults():
             assert value == default, (preset, name, value)
 
 
+def test_an_arguments_own_metavar_is_its_usage():
+    """A metavar given to an argument is written as it is, as click writes it (review: upper-cased, in
+    brackets)."""
+    from typing import Annotated
+
+    import typer
+    from typer.testing import CliRunner
+
+    from htcli.help_layout import Command
+
+    one = typer.Typer()
+
+    @one.command(cls=Command)
+    def main(path: Annotated[str, typer.Argument(metavar="<file>")]) -> None:
+        """A command."""
+
+    shown = CliRunner().invoke(one, ["--help"], env={"COLUMNS": "80"})
+    assert "Usage: main [OPTIONS] <file>" in shown.stdout, shown.stdout
+
+
 def test_help_gives_every_presets_sizes_usage_lines_and_takes_h():
     """--preset's help names each preset's width, depth and context (it named the presets alone, and the
     size options gave no default; review); -h is --help, for every command (it was "No such option");
