@@ -139,8 +139,9 @@ def _check_pending(out: Path) -> None:
 
 def _os_error(text: str) -> OSError:
     """The OSError that safetensors (Rust) describes as "No space left on device (os error 28)", with its
-    number, and its words without Rust's (they reached the user's message)."""
-    found = re.fullmatch(r"(.*?) \(os error (\d+)\)", text.strip(), re.DOTALL)
+    number, and its words without Rust's (they reached the user's message), nor the temporary file it
+    names after them (` at path "..."`: gone by then)."""
+    found = re.fullmatch(r"(.*?) \(os error (\d+)\)(?: at path .*)?", text.strip(), re.DOTALL)
     return OSError(int(found.group(2)), found.group(1)) if found else OSError(text)
 
 

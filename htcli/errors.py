@@ -33,10 +33,15 @@ def unreadable(path, error: OSError) -> HtcliError:
     return HtcliError(f"cannot read {path}: {error.strerror or error}: {unreadable_advice(error)}")
 
 
-def unwritable_advice(error: OSError) -> str:
-    """What to do about a run directory that could not be written with this error (names the field out)."""
+def unwritable_advice(error: OSError, *, resuming: bool = False) -> str:
+    """What to do about a run directory that could not be written with this error (names the field out);
+    resuming: a run to resume, which stays where it is ("give another out" does not resume it)."""
     if error.errno in (errno.EMFILE, errno.ENFILE):  # (not the directory's fault: "give another out" misled)
         return unreadable_advice(error)
+    if resuming:
+        mend = "free some space" if error.errno in (errno.ENOSPC, errno.EDQUOT) else "mend that"
+        mend = "make its filesystem writable" if error.errno == errno.EROFS else mend
+        return f"{'change its permissions' if isinstance(error, PermissionError) else mend}, then resume"
     if error.errno in (errno.ENOSPC, errno.EDQUOT):
         return "free some space, or give another out"
     if error.errno == errno.EROFS:

@@ -7,6 +7,7 @@ it is, so that a path matplotlib cannot write is refused before minutes of evalu
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import tempfile
@@ -14,6 +15,8 @@ from pathlib import Path
 
 from htcli.errors import HtcliError
 from htcli.files import atomic_file
+
+PROBE_BYTES = 64 * 1024  # written where a figure goes, before the work (a figure: some 30-150 kB)
 
 
 def pyplot():
@@ -45,13 +48,16 @@ def check_plot_path(path: Path, option: str) -> None:
         raise HtcliError(f"{option} {path}: {folder} is a file, not a directory: give a file in a directory")
     if not folder.is_dir():
         raise HtcliError(f"{option} {path}: the directory {folder} does not exist (create it first)")
-    try:  # (a file made and removed there: os.access says yes to root on /proc, or a read-only mount)
-        with tempfile.TemporaryFile(dir=folder, prefix=".htcli-plot-"):
-            pass
+    try:  # (a file made and removed there: os.access says yes to root on /proc, or a read-only mount; with
+        # a figure's bytes: a full disk took an empty file, and the figure failed after the work)
+        with tempfile.TemporaryFile(dir=folder, prefix=".htcli-plot-") as probe:
+            probe.write(bytes(PROBE_BYTES))
+            probe.flush()
     except OSError as error:
+        mend = _mend(error)
         raise HtcliError(
-            f"{option} {path}: cannot write in the directory {folder} ({error.strerror or error}): give "
-            "a writable one"
+            f"{option} {path}: cannot write in the directory {folder} ({error.strerror or error}): {mend}, or"
+            " give another directory"
         ) from None
     formats = plt.figure().canvas.get_supported_filetypes()
     plt.close("all")
@@ -60,6 +66,13 @@ def check_plot_path(path: Path, option: str) -> None:
             f"{option} {path}: give a file name ending in .png, .pdf or .svg "
             f"(the extension chooses the format; {path.suffix or 'none'} is not one matplotlib writes)"
         )
+
+
+def _mend(error: OSError) -> str:
+    """What to do where a figure's bytes could not be written with this error."""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "free some space"
+    return "raise the limit on file sizes (ulimit -f)" if error.errno == errno.EFBIG else "mend that"
 
 
 def save_figure(fig, path: Path) -> None:
@@ -73,7 +86,10 @@ def save_figure(fig, path: Path) -> None:
         with atomic_file(path) as file:
             fig.savefig(file, dpi=120, format=Path(path).suffix.lstrip(".").lower())
     except OSError as error:
-        raise HtcliError(f"cannot write the figure {path}: {error.strerror or error}") from None
+        mend = _mend(error)
+        raise HtcliError(
+            f"cannot write the figure {path}: {error.strerror or error}: {mend}, or give another path"
+        ) from None
     finally:
         postscript.setLevel(level)
 

@@ -67,7 +67,7 @@ def open_run(out: Path, config: TrainConfig, resume: bool, lock: RunLock, *, mai
         try:
             if not resume and not has_checkpoint(out):
                 check_only_run_files(out)
-            lock.acquire()
+            lock.acquire(resuming=resume)
             if resume:
                 commit_pending(out)
         except HtcliError as error:

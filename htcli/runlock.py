@@ -34,8 +34,9 @@ class RunLock:
         self._file = None
         self._folder: int | None = None  # a descriptor of the run directory, which follows it where it moves
 
-    def acquire(self) -> RunLock:
-        """Take the lock, or raise an HtcliError naming the process that holds it."""
+    def acquire(self, *, resuming: bool = False) -> RunLock:
+        """Take the lock, or raise an HtcliError naming the process that holds it (resuming: the advice where
+        the lock cannot be written is for a run to resume)."""
         if self._file is not None:
             return self
         check_not_special(self.path)  # (opening a FIFO waits for a reader for ever)
@@ -57,9 +58,8 @@ class RunLock:
                 if self.path.exists()
                 else f"the run directory {self.path.parent}"
             )
-            raise HtcliError(
-                f"cannot write {what}: {error.strerror or error}; {unwritable_advice(error)}", fields=("out",)
-            ) from None
+            said = f"{error.strerror or error}; {unwritable_advice(error, resuming=resuming)}"
+            raise HtcliError(f"cannot write {what}: {said}", fields=("out",)) from None
         try:
             fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -85,6 +85,17 @@ class RunLock:
         """Whether OUT/.lock is still the file this process locked: False where the run directory was moved
         or deleted since (and another, maybe another run's, may stand at its name now), or the lock file."""
         return self._holds(self.path)
+
+    def denied(self) -> str | None:
+        """The system's words where this process may no longer look into the run directory (its permissions
+        taken away), else None."""
+        try:
+            os.stat(self.path)
+        except PermissionError as error:
+            return error.strerror
+        except OSError:
+            pass
+        return None
 
     def _holds(self, path: Path) -> bool:
         held = os.fstat(self._file.fileno())

@@ -251,14 +251,14 @@ def due(step: int, every: int, *, last: bool = False) -> bool:
 
 
 @contextlib.contextmanager
-def _writing(out: Path) -> Iterator[None]:
-    """An OSError inside as HtcliError naming the run directory."""
+def _writing(out: Path, *, resuming: bool) -> Iterator[None]:
+    """An OSError inside as HtcliError naming the run directory (resuming: advice for a run to resume)."""
     try:
         yield
     except OSError as error:
+        advice = unwritable_advice(error, resuming=resuming)
         raise HtcliError(
-            f"cannot write the run directory {out}: {error.strerror or error}; {unwritable_advice(error)}",
-            fields=("out",),
+            f"cannot write the run directory {out}: {error.strerror or error}; {advice}", fields=("out",)
         ) from None
 
 
@@ -483,7 +483,7 @@ class Run:
         new run: all those of a run that never saved; a damaged log stops the run before anything is
         written)."""
         if self.main:
-            with _writing(self.out):
+            with _writing(self.out, resuming=self.resumed):
                 if self.lock.held:  # (open_run found the directory and locked it)
                     self.follow_directory()
                 else:
@@ -526,7 +526,7 @@ class Run:
     def write_config(self) -> None:
         """config.json (rank 0), in the claimed run directory."""
         if self.main:
-            with _writing(self.out):
+            with _writing(self.out, resuming=self.resumed):
                 write_json(self.out / CONFIG_FILE, {"htcli_version": __version__, **self.config.to_dict()})
 
     def start_fields(self) -> dict:
@@ -755,9 +755,16 @@ class Run:
         (renamed, or an --out link pointed elsewhere), there, logged as `moved`, never to whatever stands at
         its old name (another run's directory, maybe). HtcliError where it was deleted or its lock file
         deleted or replaced (no lock then keeps other runs out), where the system does not say where it is,
-        and where it moved before training (no log: nothing to lose)."""
+        where it moved before training (no log: nothing to lose), and where its permissions were taken
+        away."""
         if self.lock.in_place():
             return
+        if (denied := self.lock.denied()) is not None:  # (its lock unseen: not "moved, deleted or replaced")
+            again = "start the run again" if self.saved_step is None else "resume"
+            raise HtcliError(
+                f"cannot reach the run directory {printable(self.out)} any more: {denied} ({self.kept()});"
+                f" give it back its permissions, then {again}"
+            )
         now = self.lock.where_now()
         if now is not None and now.ours and log is not None:
             self.out = now.path

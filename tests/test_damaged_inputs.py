@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 import torch
@@ -353,6 +354,45 @@ def test_read_only_out(run, tmp_path):
     assert list(locked.iterdir()) == []
 
 
+def test_a_run_directory_whose_permissions_are_taken_while_it_trains(run, tmp_path):
+    """chmod 000 of the run directory mid-run was told as its lock file "moved, deleted or replaced ...
+    (another run may train there now)" (review): the permissions are named, the last checkpoint kept."""
+    _, corpus = run
+    out = tmp_path / "mine"
+    command = [*without_root_override(), sys.executable, "-m", "htcli", "train", corpus, "--out", out,
+               *TINY_FLAGS, "--steps", 100_000, "--save-every", 1, "--eval-every", 0]  # fmt: skip
+    process = subprocess.Popen(list(map(str, command)), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not (out / "state.json").exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    out.chmod(0)
+    try:
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        out.chmod(0o755)
+    said = stderr.decode().strip().splitlines()[-1]
+    assert process.returncode == 1 and "Traceback" not in stderr.decode(), stderr
+    reach = f"error: cannot reach the run directory {out} any more: Permission denied (the checkpoint of "
+    assert said.startswith(reach), said
+    assert said.endswith("is intact); give it back its permissions, then resume"), said
+    assert invoke("sample", out, "--max-new-tokens", 2, "--device", "cpu").exit_code == 0
+
+
+def test_a_resume_that_cannot_write_is_told_to_mend_and_resume(run):
+    """A run to resume whose directory cannot be written was told to "give an --out you may write" (review):
+    a resume stays where its run is: mend it, then resume."""
+    out, corpus = run
+    owned_by_nobody(out, 0o555)
+    try:
+        process = htcli_without_override("train", corpus, "--out", out, *TINY_FLAGS, "--resume", "--steps", 4)
+    finally:
+        out.chmod(0o755)
+    said = process.stderr.strip().splitlines()
+    assert process.returncode == 1 and len(said) == 1, process.stderr
+    assert said[0].startswith(f"error: cannot write the run directory {out}: Permission denied;"), said
+    assert said[0].endswith("; change its permissions, then resume"), said
+
+
 def test_directory_entry_that_cannot_be_looked_at(run, tmp_path):
     """A corpus directory whose entries cannot be stat'ed (readable, not searchable): one line naming it."""
     _, corpus = run
@@ -479,7 +519,8 @@ def test_output_that_cannot_be_written_is_one_line(trained, tmp_path):
     closed (an AttributeError): one line, exit 1; eval's --plot is not written then (it was, before the
     output failed)."""
     out, corpus = trained
-    full_disk = "error: cannot write the output: No space left on device"
+    full_disk = "error: cannot write the output: No space left on device: free some space, or send the output"
+    full_disk += " elsewhere"
     sample = ["sample", out, "--max-new-tokens", "2", "--device", "cpu"]
     plot = ["--by-position", "--plot", tmp_path / "p.png"]
     with open("/dev/full", "w") as full:

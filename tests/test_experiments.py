@@ -799,10 +799,8 @@ def test_plot_draws_runs_and_tables_them(corpus, tmp_path):
     with open("/dev/full", "w") as full:
         command = [sys.executable, "-m", "htcli", "plot", tmp_path / "fast", "-o", tmp_path / "f.png"]
         failed = subprocess.run(command, stdout=full, stderr=subprocess.PIPE, text=True)
-    assert (
-        failed.returncode == 1
-        and failed.stderr == "error: cannot write the output: No space left on device\n"
-    )
+    said = "error: cannot write the output: No space left on device: free some space, or send the output"
+    assert failed.returncode == 1 and failed.stderr == said + " elsewhere\n"
     assert not (tmp_path / "f.png").exists()
 
 
@@ -882,6 +880,24 @@ def test_a_diverged_value_is_a_gap_not_a_skipped_line(corpus, tmp_path):
     assert result.exit_code == 0 and "warning" not in result.stderr, result.stderr
 
 
+def test_a_figure_without_room_is_refused_before_the_work(tmp_path):
+    """A directory that takes an empty file but not a figure's bytes (a full disk; here a limit on file
+    sizes) passed the check made before the work, so the evaluation ran and its figure failed after it
+    (review): the check writes a figure's worth of bytes."""
+    code = (
+        "import resource, signal, sys; from pathlib import Path; from htcli.errors import HtcliError;"
+        " from htcli.plots import check_plot_path; signal.signal(signal.SIGXFSZ, signal.SIG_IGN);"
+        " resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))\n"
+        "try:\n    check_plot_path(Path(sys.argv[1]), '--plot')\n"
+        "except HtcliError as error:\n    print(error)"
+    )
+    done = subprocess.run([sys.executable, "-c", code, tmp_path / "p.png"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    said = f"--plot {tmp_path / 'p.png'}: cannot write in the directory {tmp_path} (File too large): raise"
+    assert done.stdout.strip() == f"{said} the limit on file sizes (ulimit -f), or give another directory"
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_figure_cut_short_leaves_the_file_as_it_was(tmp_path, monkeypatch):
     """A Ctrl-C while matplotlib writes a figure (plot -o, eval --plot, bench --plot wrote straight onto the
     path), or a full disk (a traceback): the earlier figure stays whole, no temporary file is left, and a
@@ -907,7 +923,7 @@ def test_a_figure_cut_short_leaves_the_file_as_it_was(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         save_figure(fig, path)
     monkeypatch.setattr(Figure, "savefig", full)
-    with pytest.raises(HtcliError, match=f"cannot write the figure {path}: No space left on device"):
+    with pytest.raises(HtcliError, match=f"cannot write the figure {path}: No space left on device: free"):
         save_figure(fig, path)
     monkeypatch.undo()
     assert path.read_bytes() == b"an earlier figure" and [p.name for p in tmp_path.iterdir()] == [path.name]

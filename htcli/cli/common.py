@@ -255,7 +255,12 @@ def os_error_line(error: OSError) -> str:
         return f"{error.filename or 'a file'}: {said}: {unreadable_advice(error)}"
     if error.filename is not None:
         return f"{error.filename}: {said}"
-    return f"cannot write the output: {said}" if _output_error(error) else str(error)
+    if not _output_error(error):
+        return str(error)
+    advice = {errno.ENOSPC: "free some space", errno.EDQUOT: "free some space", errno.EIO: "check the device"}
+    advice[errno.EFBIG] = "raise the limit on file sizes (ulimit -f)"
+    mend = advice.get(error.errno)  # (a closed pipe: its reader ended, nothing to mend)
+    return f"cannot write the output: {said}" + (f": {mend}, or send the output elsewhere" if mend else "")
 
 
 def report_os_error(error: OSError, said_too: str = "", *, output: bool = False) -> None:
