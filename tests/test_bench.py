@@ -247,8 +247,9 @@ def test_a_bench_taller_than_its_terminal_leaves_no_frame_behind():
     as far as the screen reached: its top stayed above the table printed after it (review). Every erase
     now moves up fewer lines than the terminal has."""
     rows = 5
-    command = [sys.executable, "-m", "htcli", "bench", "--seq-len", "128", "--heads", "1", "--dim-head",
-               "16", "--block-size", "16", "--repeats", "1", "--warmup", "0", "--device", "cpu"]  # fmt: skip
+    command = [sys.executable, "-m", "htcli", "bench", "--seq-len", "128", "--heads", "1", "--dim-head", "16",
+               "--block-size", "16", "--repeats", "1", "--warmup", "0", "--device", "cpu"]  # fmt: skip
+    command.append("--causal")  # (one mode: half the time)
     code, shown = on_a_terminal(command, rows=rows, columns=60, stdout=subprocess.DEVNULL)
     assert code == 0, shown
     up = b"\x1b[1A\x1b[2K"  # (rich erases a frame a line at a time, from its last line up)
