@@ -86,15 +86,16 @@ class RunLock:
         or deleted since (and another, maybe another run's, may stand at its name now), or the lock file."""
         return self._holds(self.path)
 
-    def denied(self) -> str | None:
-        """The system's words where this process may no longer look into the run directory (its permissions
-        taken away), else None."""
-        try:
-            os.stat(self.path)
-        except PermissionError as error:
-            return error.strerror
-        except OSError:
-            pass
+    def denied(self, now: Path | None = None) -> str | None:
+        """The system's words where this process may no longer look into the run directory (its permissions,
+        or a parent's, taken away), at its path or where it is `now`, else None."""
+        for path in (self.path, *([] if now is None else [Path(now) / LOCK_FILE])):
+            try:
+                os.stat(path)
+            except PermissionError as error:
+                return error.strerror
+            except OSError:
+                pass
         return None
 
     def _holds(self, path: Path) -> bool:

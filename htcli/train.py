@@ -759,18 +759,19 @@ class Run:
         away."""
         if self.lock.in_place():
             return
-        if (denied := self.lock.denied()) is not None:  # (its lock unseen: not "moved, deleted or replaced")
-            again = "start the run again" if self.saved_step is None else "resume"
-            raise HtcliError(
-                f"cannot reach the run directory {printable(self.out)} any more: {denied} ({self.kept()});"
-                f" give it back its permissions, then {again}"
-            )
         now = self.lock.where_now()
         if now is not None and now.ours and log is not None:
             self.out = now.path
             self.lock.follow(self.out)
             log("moved", step=self.step, path=str(self.out))
             return
+        denied = None if now is not None and (now.deleted or now.ours) else self.lock.denied(now and now.path)
+        if denied is not None:  # (its lock unseen for its permissions: not "moved, deleted or replaced")
+            again = "start the run again" if self.saved_step is None else "resume"
+            raise HtcliError(
+                f"cannot reach the run directory {printable(self.out)} any more: {denied} ({self.kept()});"
+                f" restore its permissions (and its parents'), then {again}"
+            )
         raise HtcliError(self._lost_directory(now, started=log is None))
 
     def where_now(self) -> Path:
@@ -822,6 +823,8 @@ class Run:
             mend = "raise the limit on file sizes (ulimit -f)"
         if number in (errno.EMFILE, errno.ENFILE):  # (the process's limit: ulimit -n)
             mend = "raise the limit on open files (ulimit -n)"
+        if number in (errno.EACCES, errno.EPERM):  # (a chmod of the run directory while it trained)
+            mend = "restore its permissions"
         return f"{mend}, then {'start the run again' if self.saved_step is None else 'resume'}"
 
     def _rank_state(self) -> dict:

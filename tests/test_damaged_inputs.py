@@ -374,7 +374,7 @@ def test_a_run_directory_whose_permissions_are_taken_while_it_trains(run, tmp_pa
     assert process.returncode == 1 and "Traceback" not in stderr.decode(), stderr
     reach = f"error: cannot reach the run directory {out} any more: Permission denied (the checkpoint of "
     assert said.startswith(reach), said
-    assert said.endswith("is intact); give it back its permissions, then resume"), said
+    assert said.endswith("is intact); restore its permissions (and its parents'), then resume"), said
     assert invoke("sample", out, "--max-new-tokens", 2, "--device", "cpu").exit_code == 0
 
 

@@ -843,6 +843,30 @@ def test_a_run_whose_directory_moves_saves_where_it_went(corpus, tmp_path, how):
     assert train(tiny_config(corpus, moved, steps=9, save_every=3), resume=True).step == 9
 
 
+@pytest.mark.parametrize("then", ["moved", "deleted"])
+def test_a_run_directory_moved_or_deleted_is_not_taken_for_one_without_permissions(
+    corpus, tmp_path, monkeypatch, then
+):
+    """Where the directory's old path cannot be looked into (its parent's permissions taken after a move, or
+    after it was deleted), the move is still followed and the deletion still said (review: both were told
+    to restore the permissions, as the permissions were checked first)."""
+    from htcli.runlock import RunLock
+
+    monkeypatch.setattr(RunLock, "denied", lambda self, now=None: "Permission denied")
+    out, moved = tmp_path / "run", tmp_path / "moved"
+
+    def at_step_4(event):
+        if event["event"] == "step" and event["step"] == 4:
+            out.rename(moved) if then == "moved" else shutil.rmtree(out)
+
+    config = tiny_config(corpus, out, steps=8, save_every=3)
+    if then == "moved":
+        assert train(config, on_event=at_step_4).out == moved
+    else:
+        with pytest.raises(HtcliError, match="was deleted"):
+            train(config, on_event=at_step_4)
+
+
 @pytest.mark.parametrize("moved_while", ["writing", "renaming"])
 def test_a_run_directory_moved_during_a_save_gets_the_whole_save(corpus, tmp_path, monkeypatch, moved_while):
     """A run directory renamed while a save writes its files (or renames them into place), and another
