@@ -318,7 +318,8 @@ def _runs_below(folder: Path, shown: str | os.PathLike) -> str:
     return f"it holds runs: give one of them ({named})"
 
 
-def _read_metadata(file: Path, shown: str | os.PathLike) -> dict[str, str]:
+def _read_metadata(file: Path, shown: str | os.PathLike, source: Path | None = None) -> dict[str, str]:
+    """file's metadata, read from source where given (the same file, pinned: _pinned)."""
     check_utf8_path(file)
     if not file.exists():
         if file.parent == Path(shown) and is_run_directory(file.parent) and not has_checkpoint(file.parent):
@@ -342,8 +343,8 @@ def _read_metadata(file: Path, shown: str | os.PathLike) -> dict[str, str]:
         )
     check_not_special(file)
     try:
-        open(file, "rb").close()  # (safetensors says a file it may not read is corrupt: this says why)
-        with safe_open(str(file), framework="pt") as opened:
+        open(source or file, "rb").close()  # (safetensors says a file it may not read is corrupt: here why)
+        with safe_open(str(source or file), framework="pt") as opened:
             return opened.metadata() or {}
     except PermissionError as error:
         raise unreadable(file, error) from None
@@ -400,10 +401,11 @@ def _safetensors_header(file: Path) -> bool:
     return len(head) < 9 or head[8:9] == b"{" and int.from_bytes(head[:8], "little") <= 100_000_000
 
 
-def read_checkpoint_info(path: str | os.PathLike) -> CheckpointInfo:
-    """Check that path holds an htcli checkpoint and read its metadata (no weights)."""
+def read_checkpoint_info(path: str | os.PathLike, *, source: Path | None = None) -> CheckpointInfo:
+    """Check that path holds an htcli checkpoint and read its metadata (no weights); source: the weights
+    file to read, pinned (_pinned), where given."""
     file = model_file(path)
-    metadata = _read_metadata(file, path)
+    metadata = _read_metadata(file, path, source)
     if "param_groups" in metadata and "step" in metadata and "htcli_config" not in metadata:
         raise HtcliError(  # (it said "not an htcli checkpoint")
             f"{file} is a run's optimizer state, not its weights: give the run directory or its {MODEL_FILE}"
@@ -434,7 +436,7 @@ def read_checkpoint_info(path: str | os.PathLike) -> CheckpointInfo:
             f"{file} is not an htcli checkpoint: a byte model has {BYTE_TOKENS} tokens, "
             f"its config {config.num_tokens}"
         )
-    check_weights_header(file, config)
+    check_weights_header(source or file, config, shown=file)
     return CheckpointInfo(file, config, step, val_bpb, metadata.get("htcli_version", "?"))
 
 
@@ -460,20 +462,39 @@ def _checksum(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str
     return f"{crc:08x}"
 
 
-def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
-    """file's tensors (CPU), checked against its checksum where it has one."""
+def _load_tensors(file: Path, shown: Path | None = None) -> dict[str, torch.Tensor]:
+    """file's tensors (CPU), checked against its checksum where it has one (shown: its name in messages,
+    where file is a pinned one's)."""
+    shown = shown or file
     try:
         with safe_open(str(file), framework="pt") as opened:
             metadata = opened.metadata() or {}
             tensors = {name: opened.get_tensor(name) for name in opened.keys()}  # noqa: SIM118
     except (SafetensorError, OSError, ValueError):
-        raise HtcliError(f"{file} is not a readable safetensors file (truncated or corrupt?)") from None
+        raise HtcliError(f"{shown} is not a readable safetensors file (truncated or corrupt?)") from None
     if CHECKSUM in metadata and metadata[CHECKSUM] != _checksum(tensors, metadata):
         raise HtcliError(
-            f"{file} is damaged: its bytes do not match the checksum saved with them (a byte changed on the "
+            f"{shown} is damaged: its bytes do not match the checksum saved with them (a byte changed on the "
             "disk or in a copy): use a good copy of it"
         )
     return tensors
+
+
+@contextlib.contextmanager
+def _pinned(file: Path) -> Iterator[Path | None]:
+    """A name of file as it is now, whatever a run's save renames over it while it is read (its metadata,
+    its header's check, its tensors: safetensors opens a file again by name to read its bytes), on a system
+    that has one (Linux: /proc/self/fd/N of the file opened here); else None (read it by its name)."""
+    try:
+        descriptor = os.open(file, os.O_RDONLY | os.O_NONBLOCK)  # (a FIFO's open would wait: checked later)
+    except OSError:  # (the reads by name say what is wrong)
+        descriptor = None
+    try:
+        pinned = None if descriptor is None else Path(f"/proc/self/fd/{descriptor}")
+        yield pinned if pinned is not None and pinned.exists() else None
+    finally:
+        if descriptor is not None:
+            os.close(descriptor)
 
 
 def load_model(
@@ -519,11 +540,12 @@ def _once_more_if_moved(path: str | os.PathLike, read: Callable[[], T]) -> T:
 
 
 def _read_model_once(path: str | os.PathLike, device, context: int | None) -> tuple:
-    info = read_checkpoint_info(path)
-    config = _with_context(info.config, context)
-    if config.attention == "h":
-        check_device(torch.device(device).type)
-    return info, config, _load_tensors(info.path)
+    with _pinned(model_file(path)) as source:  # (a run saving meanwhile: metadata and weights of one save)
+        info = read_checkpoint_info(path, source=source)
+        config = _with_context(info.config, context)
+        if config.attention == "h":
+            check_device(torch.device(device).type)
+        return info, config, _load_tensors(source or info.path, info.path)
 
 
 def _with_context(config: HTransformerConfig, context: int | None) -> HTransformerConfig:

@@ -33,19 +33,21 @@ def model_shapes(config: HTransformerConfig) -> dict[str, tuple[int, ...]]:
     return {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
 
 
-def check_weights_header(file: Path, config: HTransformerConfig) -> None:
-    """The file holds exactly the model's tensors, by name and shape (read from its header only)."""
+def check_weights_header(file: Path, config: HTransformerConfig, *, shown: Path | None = None) -> None:
+    """The file holds exactly the model's tensors, by name and shape (read from its header only); shown: its
+    name in messages, where file is another name of it."""
+    file, shown = Path(file), Path(shown or file)
     try:
         with safe_open(str(file), framework="pt") as opened:
             slices = {name: opened.get_slice(name) for name in opened.keys()}  # noqa: SIM118
             found = {name: tuple(part.get_shape()) for name, part in slices.items()}
             kinds = {name: part.get_dtype() for name, part in slices.items()}
     except (SafetensorError, OSError, ValueError):
-        raise HtcliError(f"{file} is not a readable safetensors file (truncated or corrupt?)") from None
+        raise HtcliError(f"{shown} is not a readable safetensors file (truncated or corrupt?)") from None
     not_float = sorted(name for name, kind in kinds.items() if kind not in FLOAT_KINDS)
     if not_float:
         raise HtcliError(
-            f"{file} is not an htcli checkpoint: its tensor {not_float[0]} holds {kinds[not_float[0]]}"
+            f"{shown} is not an htcli checkpoint: its tensor {not_float[0]} holds {kinds[not_float[0]]}"
             " values, where a model's weights are floating-point numbers"
         )
     expected = model_shapes(config)
@@ -61,7 +63,9 @@ def check_weights_header(file: Path, config: HTransformerConfig) -> None:
         if missing
         else f"an unknown tensor {extra[0]}"
     )
-    raise HtcliError(f"{file} is not an htcli checkpoint: its tensors do not match its model config ({what})")
+    raise HtcliError(
+        f"{shown} is not an htcli checkpoint: its tensors do not match its model config ({what})"
+    )
 
 
 def check_finite(tensors: dict[str, torch.Tensor], file: Path, what: str = "weights") -> None:

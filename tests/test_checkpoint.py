@@ -186,6 +186,32 @@ def test_crash_while_renaming_is_finished_on_load(tmp_path, monkeypatch):
     assert not list(tmp_path.glob(".*pending"))
 
 
+@pytest.mark.parametrize("hook", ["_with_context", "safe_open"])
+def test_a_save_landing_while_a_checkpoint_is_read_is_not_mixed_in(tmp_path, monkeypatch, hook):
+    """A run saving while another process reads its checkpoint (eval, sample, --init-from of a run that
+    trains): a save that landed after the metadata was read gave weights of one step under the step and
+    val_bpb of the other (10% of loads of a run saving every step; review), and one that landed inside
+    safetensors' read (it opens the file again by name for the bytes) gave a good file's bytes under the
+    other's header: "damaged". The file opened first is the one read, whatever is renamed over its name.
+    (hook: where the save lands: between the two reads, or as the weights' file is opened.)"""
+    run, later = tmp_path / "run", tmp_path / "later"
+    run.mkdir(), later.mkdir()
+    model, _ = make_run(run, step=5)
+    make_run(later, step=6, seed=1)
+    real, calls = getattr(checkpoint, hook), []
+
+    def save_lands(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == (1 if hook == "_with_context" else 2):  # (safe_open's first: the metadata)
+            checkpoint.os.replace(later / "model.safetensors", run / "model.safetensors")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, hook, save_lands)
+    loaded, info = load_model(run)
+    assert read_checkpoint_info(run).step == 6 and info.step == 5  # (the save landed; the step read: 5's)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+
+
 def test_atomic_file_keeps_old_content_on_error(tmp_path):
     """An error while writing leaves the old file as it was and no temp file."""
     path = tmp_path / "f.txt"
