@@ -351,8 +351,8 @@ def _read_metadata(file: Path, shown: str | os.PathLike, source: Path | None = N
     except RuntimeError as error:  # (torch's map of the file, for safetensors' "pt": an OSError in words)
         raise _mapping_error(error, file) from None
     except OSError as error:
-        if error.errno in (errno.EMFILE, errno.ENFILE):  # (the process's limit, not the file: said as it is)
-            raise
+        if error.errno in (errno.EMFILE, errno.ENFILE):  # (the process's limit, not the file: said as it is,
+            raise OSError(error.errno, error.strerror, str(file)) from None  # named as the user named it)
         raise _unreadable(file) from None
     except (SafetensorError, ValueError):
         raise _unreadable(file) from None
@@ -545,7 +545,12 @@ def _read_model_once(path: str | os.PathLike, device, context: int | None) -> tu
         config = _with_context(info.config, context)
         if config.attention == "h":
             check_device(torch.device(device).type)
-        return info, config, _load_tensors(source or info.path, info.path)
+        tensors = _load_tensors(source or info.path, info.path)
+        now = model_file(path)  # (a first save's pending file, renamed into place meanwhile: its name now)
+        with contextlib.suppress(OSError):
+            if source is not None and now != info.path and os.path.samefile(source, now):
+                info = replace(info, path=now)
+        return info, config, tensors
 
 
 def _with_context(config: HTransformerConfig, context: int | None) -> HTransformerConfig:

@@ -1463,10 +1463,10 @@ def test_a_model_read_while_its_save_is_renamed_into_place(run_copy, monkeypatch
         (run / name).rename(run / f".{name}.pending")
     read = getattr(checkpoint, when)
 
-    def renamed_first(file):
+    def renamed_first(*args):
         monkeypatch.setattr(checkpoint, when, read)
         checkpoint.commit_pending(run)  # (what the run's save does next)
-        return read(file)
+        return read(*args)
 
     monkeypatch.setattr(checkpoint, when, renamed_first)
     model, info = checkpoint.load_model(run)
