@@ -33,6 +33,14 @@ def unreadable(path, error: OSError) -> HtcliError:
     return HtcliError(f"cannot read {path}: {error.strerror or error}: {unreadable_advice(error)}")
 
 
+def room_advice(number: int | None) -> str | None:
+    """What to do where a write failed for want of room (a full disk or quota, a limit on file sizes),
+    else None."""
+    if number in (errno.ENOSPC, errno.EDQUOT):
+        return "free some space"
+    return "raise the limit on file sizes (ulimit -f)" if number == errno.EFBIG else None
+
+
 def unwritable_advice(error: OSError, *, resuming: bool = False) -> str:
     """What to do about a run directory that could not be written with this error (names the field out);
     resuming: a run to resume, which stays where it is ("give another out" does not resume it)."""

@@ -7,13 +7,12 @@ it is, so that a path matplotlib cannot write is refused before minutes of evalu
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import tempfile
 from pathlib import Path
 
-from htcli.errors import HtcliError
+from htcli.errors import HtcliError, room_advice
 from htcli.files import atomic_file
 
 PROBE_BYTES = 64 * 1024  # written where a figure goes, before the work (a figure: some 30-150 kB)
@@ -54,7 +53,7 @@ def check_plot_path(path: Path, option: str) -> None:
             probe.write(bytes(PROBE_BYTES))
             probe.flush()
     except OSError as error:
-        mend = _mend(error)
+        mend = room_advice(error.errno) or "mend that"
         raise HtcliError(
             f"{option} {path}: cannot write in the directory {folder} ({error.strerror or error}): {mend}, or"
             " give another directory"
@@ -68,13 +67,6 @@ def check_plot_path(path: Path, option: str) -> None:
         )
 
 
-def _mend(error: OSError) -> str:
-    """What to do where a figure's bytes could not be written with this error."""
-    if error.errno in (errno.ENOSPC, errno.EDQUOT):
-        return "free some space"
-    return "raise the limit on file sizes (ulimit -f)" if error.errno == errno.EFBIG else "mend that"
-
-
 def save_figure(fig, path: Path) -> None:
     """fig written to path whole or not at all (a Ctrl-C while matplotlib writes it leaves the file as it
     was), in the format its extension names; HtcliError where it cannot be written (a full disk)."""
@@ -86,7 +78,7 @@ def save_figure(fig, path: Path) -> None:
         with atomic_file(path) as file:
             fig.savefig(file, dpi=120, format=Path(path).suffix.lstrip(".").lower())
     except OSError as error:
-        mend = _mend(error)
+        mend = room_advice(error.errno) or "mend that"
         raise HtcliError(
             f"cannot write the figure {path}: {error.strerror or error}: {mend}, or give another path"
         ) from None

@@ -60,7 +60,7 @@ from htcli.device import (
     resolve_dtype,
     torch_dtype,
 )
-from htcli.errors import HtcliError, unwritable_advice
+from htcli.errors import HtcliError, room_advice, unwritable_advice
 from htcli.files import (
     CONFIG_FILE,
     LOCK_FILE,
@@ -818,9 +818,7 @@ class Run:
 
     def advice(self, number: int | None) -> str:
         """What to do after a write failed with this errno: free space where it ran out, then go on."""
-        mend = "free some space" if number in (errno.ENOSPC, errno.EDQUOT) else "mend that"
-        if number == errno.EFBIG:  # (a limit on file sizes: ulimit -f, a quota's)
-            mend = "raise the limit on file sizes (ulimit -f)"
+        mend = room_advice(number) or "mend that"
         if number in (errno.EMFILE, errno.ENFILE):  # (the process's limit: ulimit -n)
             mend = "raise the limit on open files (ulimit -n)"
         if number in (errno.EACCES, errno.EPERM):  # (a chmod of the run directory while it trained)

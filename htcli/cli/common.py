@@ -26,7 +26,7 @@ from rich.markup import escape
 from htcli import __version__
 from htcli.config import train_default
 from htcli.environment import check_environment
-from htcli.errors import HtcliError, unreadable_advice
+from htcli.errors import HtcliError, room_advice, unreadable_advice
 from htcli.help_layout import Group, with_default
 from htcli.stop import Terminated, started, terminate_unwinds, to_devnull
 
@@ -257,9 +257,8 @@ def os_error_line(error: OSError) -> str:
         return f"{error.filename}: {said}"
     if not _output_error(error):
         return str(error)
-    advice = {errno.ENOSPC: "free some space", errno.EDQUOT: "free some space", errno.EIO: "check the device"}
-    advice[errno.EFBIG] = "raise the limit on file sizes (ulimit -f)"
-    mend = advice.get(error.errno)  # (a closed pipe: its reader ended, nothing to mend)
+    # (a closed pipe: its reader ended, nothing to mend)
+    mend = room_advice(error.errno) or ("check the device" if error.errno == errno.EIO else None)
     return f"cannot write the output: {said}" + (f": {mend}, or send the output elsewhere" if mend else "")
 
 
