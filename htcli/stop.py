@@ -188,6 +188,27 @@ class Terminated(BaseException):
     `except Exception` takes it for an error to handle)."""
 
 
+def stop_within(error: BaseException) -> BaseException | None:
+    """The KeyboardInterrupt or Terminated that error is, or was raised from (None if neither): Python 3.11
+    turns one raised while a class is made (an attribute's __set_name__, as in a dataclass, many of which
+    torch's lazy imports make) into RuntimeError("Error calling __set_name__ ...") from it."""
+    while error is not None and not isinstance(error, KeyboardInterrupt | Terminated):
+        error = error.__cause__
+    return error
+
+
+@contextlib.contextmanager
+def stops_unwrapped() -> Iterator[None]:
+    """An exception raised from a Ctrl-C or SIGTERM (see stop_within) leaves the block as that stop."""
+    try:
+        yield
+    except Exception as error:
+        stop = stop_within(error)
+        if stop is None:
+            raise
+        raise stop from None
+
+
 def _raise_terminated(signum, frame) -> None:
     raise Terminated
 

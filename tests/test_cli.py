@@ -1995,3 +1995,36 @@ def test_a_preset_given_to_a_resume_is_named_where_it_differs_from_the_run(run_c
     said = f"{path}: cannot resume {run} with preset small: it gives dim 256"
     assert_user_error(invoke("train", "--resume", "--out", run, "--config", path, "--steps", 9), said)
     assert snapshot(run) == before
+
+
+
+INTERRUPTED_IN = """
+import sys
+import htcli.bench
+from htcli.__main__ import main
+# a Ctrl-C that lands while Python runs code made from a string (dataclasses make their __init__ so, and
+# torch makes many in the imports a command's first operations start), or while a class is made
+class Named:
+    def __set_name__(self, owner, name):
+        raise KeyboardInterrupt
+ways = {"exec": lambda: exec("raise KeyboardInterrupt"), "class": lambda: type("Made", (), {"field": Named()})}
+way = ways[sys.argv.pop(1)]
+htcli.bench.decode_bench = lambda *args, **kwargs: way()
+main()
+"""
+
+
+@pytest.mark.parametrize("way", ["exec", "class"])
+def test_a_ctrl_c_inside_a_class_or_code_made_from_a_string_exits_130(tmp_path, way):
+    """Ctrl-C at two places where Python hid it (one run in four of an interrupted decode bench, as torch
+    imported its compiler). Inside code that exec() runs from a string (a dataclass's __init__), Python
+    marks it "unhandled" however it is answered, and ends the process by SIGINT as it exits: exit -2, not
+    130, after the command's line (CPython gh-128130; as `python -m`). Inside a class being made (a
+    dataclass field's __set_name__), Python 3.11 raises RuntimeError from it: a traceback, exit 1."""
+    (tmp_path / "interrupted_in.py").write_text(INTERRUPTED_IN)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, "-m", "interrupted_in", way, "bench", "--decode", "--json", "--device", "cpu"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path)
+    said = done.stderr.splitlines()
+    assert (done.returncode, said[1:]) == (130, ["interrupted: stopped; no file was changed"]), said
+    assert json.loads(done.stdout)["interrupted"] is True

@@ -13,7 +13,7 @@ from rich.markup import escape
 from htcli.cli.common import Device, JsonOutput, app, console, err_console, flag, user_errors
 from htcli.errors import HtcliError
 from htcli.help_layout import Command
-from htcli.stop import Terminated
+from htcli.stop import Terminated, stops_unwrapped
 
 ATTENTION_BENCH_OPTIONS = (
     "seq_lens", "batch_size", "heads", "dim_head", "block_size", "causal", "both", "warmup", "repeats",
@@ -192,7 +192,8 @@ def _bench_attention(config, json_output: bool, plot_path: Path | None) -> None:
     rows, total = [], len(config.seq_lens) * len(config.modes)
     waiting = Spinner("dots", text=f"measuring 1 of {total}")
     try:
-        with Live(waiting, console=err_console, transient=True) as live:  # progress: on terminals only
+        # (Live's progress: on terminals only)
+        with stops_unwrapped(), Live(waiting, console=err_console, transient=True) as live:
             try:
                 for row in run_bench(config):
                     rows.append(row)
@@ -246,7 +247,7 @@ def _bench_decode(preset: str, device: str, dtype: str, json_output: bool) -> No
     check_decode_preset(preset)  # (before the header: an unknown preset, or one too short)
     err_console.print(f"decode bench: {preset} preset, random weights, greedy, {dtype} ...")
     try:
-        with err_console.status("measuring", spinner="dots"):
+        with err_console.status("measuring", spinner="dots"), stops_unwrapped():
             result = decode_bench(preset, device_name=device, dtype_name=dtype, contexts=DECODE_CONTEXTS)
     except (KeyboardInterrupt, Terminated):  # (a JSON reader gets its object, as from the attention bench)
         if json_output:

@@ -28,7 +28,7 @@ from htcli.config import train_default
 from htcli.environment import check_environment
 from htcli.errors import HtcliError, room_advice, unreadable_advice
 from htcli.help_layout import Group, with_default
-from htcli.stop import Terminated, started, terminate_unwinds, to_devnull
+from htcli.stop import Terminated, started, stops_unwrapped, terminate_unwinds, to_devnull
 
 # the fields whose flag is not `--` + the field's name with dashes (`batch_size` -> `--batch-size`)
 FLAGS = {
@@ -201,7 +201,7 @@ def user_errors(
     )
     kept_too = "; any checkpoint saved before is intact" if saves else ""  # (after an error's own words)
     try:
-        with terminate_unwinds():
+        with terminate_unwinds(), stops_unwrapped():
             yield
     except HtcliError as error:
         message = respell(str(error), error.fields, spell)

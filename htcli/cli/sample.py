@@ -31,7 +31,7 @@ from htcli.cli.common import (
 from htcli.config import MAX_SEED
 from htcli.errors import HtcliError
 from htcli.help_layout import Command
-from htcli.stop import Terminated
+from htcli.stop import stop_within
 
 MAX_SAMPLES = 4096  # sample --num-samples: one batch, one decode cache per sample
 
@@ -202,7 +202,7 @@ def _print_samples(
         with contextlib.suppress(OSError, ValueError):
             show(stream.flush() + "\n")
             # (with --json a line per sample, those stopped before their first byte too)
-            if isinstance(error, KeyboardInterrupt | Terminated):
+            if stop_within(error) is not None:  # (a Ctrl-C or SIGTERM)
                 if any(samples) or json_output:
                     _print_the_rest(configs, samples, prompt if echo else None, json_output, stops, True)
                 _print_speed(samples, time.perf_counter() - started)
