@@ -9,6 +9,7 @@ resident set size (VmHWM, reset through /proc/self/clear_refs) above what the in
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import os
@@ -131,6 +132,16 @@ def _rss_kb(field_name: str) -> int:
         return int(re.search(rf"{field_name}:\s+(\d+)", status.read()).group(1))
 
 
+def _trim_heap() -> None:
+    """Give the heap's free pages back to the system (glibc's malloc_trim), so that a call reusing
+    memory freed before it raises the RSS it is measured by (without this, a small step that fitted in
+    freed pages measured a peak of 0); nothing where there is no glibc."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class PeakMemory:
     """Peak memory above the level at entry: CUDA allocator, or the process's RSS on a CPU."""
 
@@ -145,6 +156,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self.base = torch.cuda.memory_allocated()
         else:
+            _trim_heap()
             self.base = _rss_kb("VmRSS") * 1024
             with open("/proc/self/clear_refs", "w") as refs:
                 refs.write("5")  # resets VmHWM to the current RSS
