@@ -1997,7 +1997,6 @@ def test_a_preset_given_to_a_resume_is_named_where_it_differs_from_the_run(run_c
     assert snapshot(run) == before
 
 
-
 INTERRUPTED_IN = """
 import sys
 import htcli.bench
@@ -2007,7 +2006,10 @@ from htcli.__main__ import main
 class Named:
     def __set_name__(self, owner, name):
         raise KeyboardInterrupt
-ways = {"exec": lambda: exec("raise KeyboardInterrupt"), "class": lambda: type("Made", (), {"field": Named()})}
+ways = {
+    "exec": lambda: exec("raise KeyboardInterrupt"),
+    "class": lambda: type("Made", (), {"field": Named()}),
+}
 way = ways[sys.argv.pop(1)]
 htcli.bench.decode_bench = lambda *args, **kwargs: way()
 main()
