@@ -220,7 +220,8 @@ def parquet_texts(source: Path, options: RecordOptions) -> Iterator[bytes | None
     """The text_field of each row of a Parquet file, in UTF-8, a batch of rows at a time."""
     pq, pa = _pyarrow()
     try:
-        table = pq.ParquetFile(source)
+        # (read as it goes: pre-buffered, pyarrow kept every column chunk it had read, the whole file's)
+        table = pq.ParquetFile(source, pre_buffer=False)
     except (pa.ArrowException, OSError) as error:
         raise _unreadable_parquet(source, error) from None
     field = options.text_field
