@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import re
+import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
@@ -370,17 +371,47 @@ def _best_row(result: TrainResult) -> list[tuple[str, str]]:
     return [("best val bits per byte", f"{bpb:.4f} (step {step}: best.safetensors)")]
 
 
+PLAIN_PROGRESS_SECONDS = 60.0  # off a terminal: a progress line this often, the first after as long
+
+
 @contextlib.contextmanager
 def progress_bar(console: Console, label: str, total: int) -> Iterator[Callable[[int, int], None]]:
-    """A transient progress bar with ETA on a terminal (elsewhere nothing: rich's bar left an empty line,
-    so that an error after it was two lines); yields the callback (done, total) that moves it."""
+    """A transient progress bar with ETA on a terminal; elsewhere (a log file, a pipe) a plain line every
+    PLAIN_PROGRESS_SECONDS, none for shorter work (rich's bar there left an empty line, so that an error
+    after it was two lines; and with nothing, an eval of 2 GB said nothing for hours: review); yields the
+    callback (done, total) that moves it."""
     if not console.is_terminal:
-        yield lambda done, _total: None
+        yield _plain_progress(console, label, total)
         return
     columns = (TextColumn(label), BarColumn(), TaskProgressColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=True) as progress:
         task = progress.add_task(label, total=max(1, total))
         yield lambda done, _total: progress.update(task, completed=done)
+
+
+def _plain_progress(console: Console, label: str, total: int) -> Callable[[int, int], None]:
+    """progress_bar's callback off a terminal: "scoring: 12% (1,234 of 10,000), about 3 h 10 min left"."""
+    started = time.monotonic()
+    due = [started + PLAIN_PROGRESS_SECONDS]
+
+    def advance(done: int, _total: int) -> None:
+        now = time.monotonic()
+        if now < due[0] or done <= 0:
+            return
+        due[0] = now + PLAIN_PROGRESS_SECONDS
+        left = (now - started) * max(0, total - done) / done
+        share = f"{done / max(1, total):.0%} ({done:,} of {total:,})"
+        console.print(f"{label}: {share}, about {_duration(left)} left", soft_wrap=True, highlight=False)
+
+    return advance
+
+
+def _duration(seconds: float) -> str:
+    """45 s, 12 min, 3 h 10 min."""
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    minutes = round(seconds / 60)
+    return f"{minutes} min" if minutes < 60 else f"{minutes // 60} h {minutes % 60} min"
 
 
 def _two_columns(title: str, rows: list[tuple[str, str]]) -> Table:

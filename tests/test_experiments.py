@@ -7,6 +7,7 @@ import json
 import math
 import os
 import pty
+import re
 import shutil
 import struct
 import subprocess
@@ -1005,3 +1006,24 @@ def test_progress_shows_on_terminals_and_not_in_pipes(corpus, tmp_path):
             [sys.executable, "-m", "htcli", *map(str, args)], capture_output=True, text=True
         )
         assert "reading the prompt" not in piped.stderr and "scoring" not in piped.stderr
+
+
+def test_a_long_eval_off_a_terminal_says_how_far_it_is(corpus, tmp_path, monkeypatch):
+    """Off a terminal eval showed no progress at all: an eval of 2 GB in a log file said nothing for hours
+    (review). It prints a plain line every PLAIN_PROGRESS_SECONDS (here 0: at every batch), none for work
+    shorter than that (the test above)."""
+    from htcli import display
+
+    run = tmp_path / "run"
+    assert invoke("train", corpus, *TINY_FLAGS, "--steps", "1", "--out", run).exit_code == 0
+    monkeypatch.setattr(display, "PLAIN_PROGRESS_SECONDS", 0.0)
+    result = invoke("eval", run, corpus, "--device", "cpu", "--json")
+    assert result.exit_code == 0, result.output
+    lines = result.stderr.splitlines()
+    assert lines and all(
+        re.fullmatch(r"scoring: \d+% \([\d,]+ of [\d,]+\), about \d+ s left", x) for x in lines
+    )
+    assert lines[-1].startswith("scoring: 100% ") and json.loads(result.stdout)["bits_per_byte"] > 0
+    assert [display._duration(s) for s in (5, 59.4, 61, 3540, 3600, 11400)] == [
+        "5 s", "59 s", "1 min", "59 min", "1 h 0 min", "3 h 10 min"
+    ]  # fmt: skip
