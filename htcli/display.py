@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import re
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
@@ -85,6 +86,36 @@ def on_off(value: object) -> object:
 def byte_count(count: int) -> str:
     """1 -> '1 byte', 1234 -> '1,234 bytes'."""
     return counted(count, "byte")
+
+
+SLOW_SECONDS = 2.0  # work said_if_slow says it does when it takes longer
+
+
+@contextlib.contextmanager
+def said_if_slow(console: Console, line: str) -> Iterator[None]:
+    """line printed (from a timer's thread) once the block has taken SLOW_SECONDS (at once where that is 0
+    or less), none for quicker work (an error in it is then its one line)."""
+    say = lambda: console.print(escape(line), soft_wrap=True, highlight=False)  # noqa: E731
+    if SLOW_SECONDS <= 0:
+        say()
+        yield
+        return
+    timer = threading.Timer(SLOW_SECONDS, say)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
+def unpacking_line(file: str) -> str:
+    """What is said before a compressed or record file is unpacked into the corpus cache (a line of its own,
+    whatever the file's name)."""
+    from htcli.files import printable
+
+    said = f"unpacking {printable(file)} into the corpus cache (its first use: later runs read it from there)"
+    return one_line(said + " ...")
 
 
 def records_left_out(count: int) -> str:
@@ -295,6 +326,12 @@ class TrainDisplay:
                 title += " (cut short by the stop)"
             self.sample = Panel(text, title=title, title_align="left")
             self.live.update(self._view())
+        elif kind == "unpacking":  # (before the start: the live view is not drawn yet)
+            if event["done"]:
+                self.unpacking.__exit__(None, None, None)
+            else:
+                self.unpacking = said_if_slow(self.console, unpacking_line(event["file"]))
+                self.unpacking.__enter__()
         elif kind == "stopping":  # (from another thread, while a slow step goes on)
             said = stopping_notice(event["signal"], event.get("again_quits", False))
             self.console.print(f"[yellow]{said}", soft_wrap=True)

@@ -3,7 +3,9 @@
 Every event (start, step, eval, sample, checkpoint, end) goes to `on_event` as a dict and, as one JSON
 line, to OUT/log.jsonl. The first Ctrl-C (SIGINT) stops the run after the current step and saves it; where
 the step goes on for over a second after it, `on_event` gets a "stopping" event at once, from another
-thread (not logged: the "interrupt" event follows at the step's end).
+thread (not logged: the "interrupt" event follows at the step's end); before and after a corpus file is
+unpacked into the cache (its first use), an "unpacking" event (not logged: they come before the log is
+opened; "done" false, then true).
 
 Inside a process group (`htcli.distributed.process_group`, under torchrun) the same function trains
 data-parallel: each rank draws its own windows, backward averages the gradients over ranks, evaluation
@@ -122,7 +124,7 @@ def train(
     """
     if on_event is not None and not callable(on_event):  # (a TypeError once the run directory was made)
         raise HtcliError(f"on_event must be a function of one event (a dict), got {type(on_event).__name__}")
-    run = Run(config, resolve_resume(resume, Path(config.out)))
+    run = Run(config, resolve_resume(resume, Path(config.out)), on_event)
     try:
         loggers = _start_writing(run)
         with (
@@ -288,8 +290,10 @@ def _one_precision(dtype: torch.dtype) -> torch.dtype:
 class Run:
     """A run being trained: its data, model, optimizer and position, and the steps of training it."""
 
-    def __init__(self, config: TrainConfig, resume: bool):
-        self.config, self.resumed = config, resume
+    def __init__(self, config: TrainConfig, resume: bool, on_event: Callable[[dict], None] | None = None):
+        """on_event: told of "unpacking" events (not logged) before and after a corpus file is unpacked into
+        the cache, on rank 0."""
+        self.config, self.resumed, self.on_event = config, resume, on_event
         self.rank, self.world_size = distributed.rank(), distributed.world_size()
         self.main = self.rank == 0  # rank 0 alone logs, samples and saves
         self.out = Path(config.out)
@@ -395,11 +399,25 @@ class Run:
             check_hidden_applies([*config.corpus, *(config.val or [])], config.include_hidden)
         if val_files:  # (before either is unpacked: a val file's bad record was said first)
             check_held_out(files, val_files)
-        corpus = ByteCorpus.open(config.corpus, records=records, files=files)
+        unpacking = self._unpacking if self.main and self.on_event is not None else None
+        corpus = ByteCorpus.open(config.corpus, records=records, files=files, on_unpack=unpacking)
         self.corpora.append(corpus)
-        val = ByteCorpus.open(config.val, records=records, files=val_files) if config.val else None
+        val = (
+            ByteCorpus.open(config.val, records=records, files=val_files, on_unpack=unpacking)
+            if config.val
+            else None
+        )
         self.corpora += [val] if val else []
         return split(corpus, val, config.val_fraction, self.window)
+
+    @contextlib.contextmanager
+    def _unpacking(self, file: Path) -> Iterator[None]:
+        """While a corpus file is unpacked into the cache: "unpacking" events, done False, then True."""
+        self.on_event({"event": "unpacking", "file": str(file), "done": False})
+        try:
+            yield
+        finally:
+            self.on_event({"event": "unpacking", "file": str(file), "done": True})
 
     def _resumed_dtype(self, state: dict) -> torch.dtype:
         """The precision a resumed run goes on in: with dtype auto, the one it trained in (its state.json's;

@@ -1,6 +1,7 @@
 """Real corpora: many files, hidden files, JSONL and Parquet records, files that change, the cache."""
 
 import bz2
+import contextlib
 import gzip
 import json
 import lzma
@@ -583,6 +584,49 @@ def test_parquet_without_pyarrow_names_the_install(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
     result = invoke("train", path, "--out", tmp_path / "run", *TINY_FLAGS)
     assert_user_error(result, "Parquet corpora need pyarrow: pip install 'htcli[parquet]'")
+
+
+def test_unpacking_into_the_cache_is_said_once(tmp_path, monkeypatch):
+    """A compressed or record file's first use unpacks it into the cache, seconds a GB with nothing said
+    until the start line (review: minutes for real corpora): train and eval say it where it takes over
+    display.SLOW_SECONDS (here 0), once; later runs read the entry without a word. The library's
+    ByteCorpus enters its on_unpack while it unpacks."""
+    from htcli import display
+
+    monkeypatch.setattr(display, "SLOW_SECONDS", 0.0)
+    text = make_text(4000)
+    packed = tmp_path / "data.txt.gz"
+    packed.write_bytes(gzip.compress(text))
+    records = write(tmp_path / "held.jsonl", jsonl({"text": "held out " * 20}, {"text": "text " * 20}))
+    run = tmp_path / "run"
+    first = invoke("train", packed, *TINY_FLAGS, "--steps", "1", "--val", records, "--out", run)
+    assert first.exit_code == 0, first.output
+    said = [line for line in first.stderr.splitlines() if line.startswith("unpacking")]
+    assert said == [
+        f"unpacking {file} into the corpus cache (its first use: later runs read it from there) ..."
+        for file in (packed, records)
+    ]
+    again = invoke("train", packed, *TINY_FLAGS, "--steps", "1", "--val", records, "--out", tmp_path / "two")
+    assert again.exit_code == 0 and "\nunpacking" not in "\n" + again.stderr, again.stderr
+    other = tmp_path / "other.jsonl"
+    other.write_bytes(records.read_bytes())
+    scored = invoke("eval", run, other, "--device", "cpu", "--json")
+    assert scored.exit_code == 0, scored.output
+    assert scored.stderr.startswith(f"unpacking {other} into the corpus cache"), scored.stderr
+    told = []
+    noted = lambda file: told.append(file) or contextlib.nullcontext()  # noqa: E731
+    with ByteCorpus.open([other, packed], on_unpack=noted) as corpus:
+        assert len(corpus) > len(text) and told == []  # (both in the cache now)
+    packed.write_bytes(gzip.compress(text + b"more"))
+    with ByteCorpus.open([other, packed], on_unpack=noted):
+        assert told == [packed]
+
+
+def test_quick_unpacking_is_not_said(tmp_path):
+    """Unpacking that takes under display.SLOW_SECONDS says nothing: a bad record's error is one line."""
+    bad = write(tmp_path / "c.jsonl", jsonl({"text": "a" * 200}) + b"{oops\n")
+    result = invoke("train", bad, *TINY_FLAGS, "--out", tmp_path / "run")
+    assert_user_error(result, "c.jsonl line 2: not JSON")
 
 
 def test_zst_file_is_decompressed(tmp_path):

@@ -180,7 +180,10 @@ def _eval_corpus(corpus: list[str], records, include_hidden: bool, checkpoint_di
     _refuse_files_of_other_runs(files, checkpoint_directory)
     check_records_apply(files, records)
     check_hidden_applies(corpus, include_hidden)
-    return ByteCorpus.open(corpus, records=records, files=files)
+    from htcli.display import said_if_slow, unpacking_line
+
+    unpacking = lambda file: said_if_slow(err_console, unpacking_line(str(file)))  # noqa: E731
+    return ByteCorpus.open(corpus, records=records, files=files, on_unpack=unpacking)
 
 
 def _refuse_other_runs(corpus: list[str], checkpoint_directory: Path) -> None:

@@ -59,12 +59,35 @@ def _default_dir() -> Path:
         ) from None
 
 
+def _make(
+    source: Path, stat: os.stat_result, make: Callable[[IO[bytes]], dict], target: Path, facts_file: Path
+) -> dict:
+    """cached's entry made: its bytes, then its facts."""
+    try:
+        with atomic_file(target) as sink:
+            facts = make(sink)
+            _check_unchanged(source, stat)
+            sink.flush()
+            facts["bytes"] = os.fstat(sink.fileno()).st_size
+            write_json(facts_file, facts)
+    except BaseException:  # (the entry is not made: neither are its facts)
+        if not _whole(target, _read_facts(facts_file)):  # (stopped once in place: both stay)
+            facts_file.unlink(missing_ok=True)
+        raise
+    return facts
+
+
 def cached(
-    source: Path, how: str, make: Callable[[IO[bytes]], dict], cache: Path | None = None
+    source: Path,
+    how: str,
+    make: Callable[[IO[bytes]], dict],
+    cache: Path | None = None,
+    making: Callable[[], contextlib.AbstractContextManager] | None = None,
 ) -> tuple[Path, dict]:
     """The cache entry made from source by `make` (which writes the bytes to the file it is given and
     returns facts about them), made now if there is none: (its path, the facts). `how` names the way
-    of making it (part of the entry's name: a change of options makes another entry)."""
+    of making it (part of the entry's name: a change of options makes another entry). making(): a context
+    manager entered while the entry is made (seconds a GB)."""
     cache = cache or cache_dir()
     stat = source.stat()
     identity = f"{source.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ctime_ns}|{how}|{FORMAT}"
@@ -87,17 +110,8 @@ def cached(
             facts = _read_facts(facts_file)  # (made meanwhile by another process, or still to make)
             if not _whole(target, facts):
                 _remove_leftovers(target, facts_file)
-                try:
-                    with atomic_file(target) as sink:
-                        facts = make(sink)
-                        _check_unchanged(source, stat)
-                        sink.flush()
-                        facts["bytes"] = os.fstat(sink.fileno()).st_size
-                        write_json(facts_file, facts)
-                except BaseException:  # (the entry is not made: neither are its facts)
-                    if not _whole(target, _read_facts(facts_file)):  # (stopped once in place: both stay)
-                        facts_file.unlink(missing_ok=True)
-                    raise
+                with contextlib.nullcontext() if making is None else making():
+                    facts = _make(source, stat, make, target, facts_file)
             return target, facts
     except OSError as error:
         fix = "free some space or " if error.errno in (errno.ENOSPC, errno.EDQUOT) else ""

@@ -21,7 +21,7 @@ import io
 import json
 import shutil
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -98,17 +98,24 @@ def check_records_apply(files: Sequence[str | Path], options: RecordOptions) -> 
         )
 
 
-def prepare(source: Path, options: RecordOptions, cache: Path | None = None) -> Prepared:
-    """The file to read source's bytes from, made into the cache first where it must be."""
+def prepare(
+    source: Path,
+    options: RecordOptions,
+    cache: Path | None = None,
+    on_unpack: Callable[[Path], contextlib.AbstractContextManager] | None = None,
+) -> Prepared:
+    """The file to read source's bytes from, made into the cache first where it must be (inside
+    on_unpack(source), a context manager)."""
     what = kind(source)
     if what == "plain":
         return Prepared(source, source)
+    making = None if on_unpack is None else lambda: on_unpack(source)
     if what in COMPRESSIONS:
-        path, _ = cached(source, what, lambda sink: _decompress(source, what, sink), cache)
+        path, _ = cached(source, what, lambda sink: _decompress(source, what, sink), cache, making)
         return Prepared(source, path)
     how = f"{what}|field={options.text_field}|skip={options.skip_bad_records}|sep={RECORD_SEPARATOR.hex()}"
     how += "|separator-in-text=bad"  # (entries made before such records were refused are made again)
-    path, facts = cached(source, how, lambda sink: _extract(source, what, options, sink), cache)
+    path, facts = cached(source, how, lambda sink: _extract(source, what, options, sink), cache, making)
     return Prepared(source, path, facts.get("records"), facts.get("skipped", 0))
 
 

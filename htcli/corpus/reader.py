@@ -10,10 +10,11 @@ never a crash or silently different data.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import os
 from array import array
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -36,8 +37,15 @@ class ByteCorpus:
     """Files read as one concatenated byte string. Empty files contribute nothing."""
 
     def __init__(
-        self, files: Sequence[Path], *, cache: Path | None = None, records: RecordOptions | None = None
+        self,
+        files: Sequence[Path],
+        *,
+        cache: Path | None = None,
+        records: RecordOptions | None = None,
+        on_unpack: Callable[[Path], contextlib.AbstractContextManager] | None = None,
     ):
+        """on_unpack(file): a context manager entered while a compressed or record file is unpacked into
+        the cache (its first use: seconds a GB)."""
         self.files = [str(file) for file in files]
         # the non-empty files ("parts"), compactly (a corpus may have millions): the file each part's
         # bytes are read from, where it starts in the concatenation, its inode and modification time
@@ -48,7 +56,7 @@ class ByteCorpus:
         self._open: OrderedDict[int, BinaryIO] = OrderedDict()  # part index -> open file, oldest first
         self.skipped_records = 0  # JSONL and Parquet records left out (skip_bad_records)
         for file in files:
-            prepared = prepare(Path(file), records or RecordOptions(), cache)
+            prepared = prepare(Path(file), records or RecordOptions(), cache, on_unpack)
             stat = _readable(prepared)
             self.skipped_records += prepared.skipped
             if stat.st_size:
@@ -71,14 +79,15 @@ class ByteCorpus:
         include_hidden: bool = False,
         exclude: Iterable[str | os.PathLike] = (),
         files: Sequence[Path] | None = None,
+        on_unpack: Callable[[Path], contextlib.AbstractContextManager] | None = None,
     ) -> ByteCorpus:
-        """Resolve specs (htcli.corpus.find; files: what that gave already) and index every file; an empty
-        corpus is an error."""
+        """Resolve specs (htcli.corpus.find; files: what that gave already) and index every file (on_unpack:
+        as the constructor's); an empty corpus is an error."""
         if isinstance(specs, str | bytes | os.PathLike):  # (a string's characters were taken as paths: "/")
             raise HtcliError(f"the corpus must be a list of paths, got {specs!r}: give [{specs!r}]")
         if files is None:
             files = resolve_corpus(specs, include_hidden=include_hidden, exclude=exclude)
-        corpus = cls(files, cache=cache, records=records)
+        corpus = cls(files, cache=cache, records=records, on_unpack=on_unpack)
         if len(corpus) == 0:
             names = ", ".join(str(s) for s in specs)
             if corpus.skipped_records:
