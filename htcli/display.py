@@ -111,10 +111,8 @@ def said_if_slow(console: Console, line: str) -> Iterator[None]:
 
 def unpacking_line(file: str) -> str:
     """What is said before a compressed or record file is unpacked into the corpus cache (a line of its own,
-    whatever the file's name)."""
-    from htcli.files import printable
-
-    said = f"unpacking {printable(file)} into the corpus cache (its first use: later runs read it from there)"
+    whatever the file's name: a printable one, files.printable)."""
+    said = f"unpacking {file} into the corpus cache (its first use: later runs read it from there)"
     return one_line(said + " ...")
 
 
@@ -265,6 +263,14 @@ class TrainDisplay:
         self.live = Live(self._view(), console=console, refresh_per_second=4)
         self.failed = False  # (its console took no more: the caller may send that output away)
 
+    def _unpacking(self, event: dict) -> None:
+        """A corpus file unpacked into the cache: said once that has taken SLOW_SECONDS."""
+        if event["done"]:
+            self.unpacking.__exit__(None, None, None)
+        else:
+            self.unpacking = said_if_slow(self.console, unpacking_line(event["file"]))
+            self.unpacking.__enter__()
+
     def _view(self) -> Group:
         return Group(self.progress, self.stats, *([self.sample] if self.sample else []))
 
@@ -327,11 +333,7 @@ class TrainDisplay:
             self.sample = Panel(text, title=title, title_align="left")
             self.live.update(self._view())
         elif kind == "unpacking":  # (before the start: the live view is not drawn yet)
-            if event["done"]:
-                self.unpacking.__exit__(None, None, None)
-            else:
-                self.unpacking = said_if_slow(self.console, unpacking_line(event["file"]))
-                self.unpacking.__enter__()
+            self._unpacking(event)
         elif kind == "stopping":  # (from another thread, while a slow step goes on)
             said = stopping_notice(event["signal"], event.get("again_quits", False))
             self.console.print(f"[yellow]{said}", soft_wrap=True)

@@ -413,11 +413,11 @@ class Run:
     @contextlib.contextmanager
     def _unpacking(self, file: Path) -> Iterator[None]:
         """While a corpus file is unpacked into the cache: "unpacking" events, done False, then True."""
-        self.on_event({"event": "unpacking", "file": str(file), "done": False})
+        self.on_event({"event": "unpacking", "file": printable(file), "done": False})
         try:
             yield
         finally:
-            self.on_event({"event": "unpacking", "file": str(file), "done": True})
+            self.on_event({"event": "unpacking", "file": printable(file), "done": True})
 
     def _resumed_dtype(self, state: dict) -> torch.dtype:
         """The precision a resumed run goes on in: with dtype auto, the one it trained in (its state.json's;

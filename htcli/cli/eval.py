@@ -182,7 +182,7 @@ def _eval_corpus(corpus: list[str], records, include_hidden: bool, checkpoint_di
     check_hidden_applies(corpus, include_hidden)
     from htcli.display import said_if_slow, unpacking_line
 
-    unpacking = lambda file: said_if_slow(err_console, unpacking_line(str(file)))  # noqa: E731
+    unpacking = lambda file: said_if_slow(err_console, unpacking_line(printable(file)))  # noqa: E731
     return ByteCorpus.open(corpus, records=records, files=files, on_unpack=unpacking)
 
 
