@@ -263,6 +263,29 @@ class TrainDisplay:
         self.live = Live(self._view(), console=console, refresh_per_second=4)
         self.failed = False  # (its console took no more: the caller may send that output away)
 
+    def _started(self, event: dict) -> None:
+        """The start event: the live view begins, after the start line, changes, notes and warnings."""
+        self.live.start()
+        self.start = event
+        self.progress.reset(self.task, total=event["steps"], completed=event["step"])
+        self.console.print(escape(one_line(start_line(event))), soft_wrap=True)  # (paths: init_from)
+        for line, fields in event.get("changes", []):
+            shown = escape(self.spell(line, fields))
+            self.console.print(shown.replace("warning:", "[yellow]warning:[/]", 1), soft_wrap=True)
+        if event.get("corpus_was"):
+            self.console.print(f"[yellow]{corpus_changed(event)}")
+        if event.get("skipped_records"):
+            self.console.print(f"[yellow]{records_left_out(event['skipped_records'])}")
+        for warning in (warmup_warning(event.get("warmup", 0), event["steps"]), context_warning(event)):
+            if warning:
+                self.console.print(f"[yellow]warning: {warning}", soft_wrap=True)
+        if event.get("world_size", 1) > 1:
+            ranks, batch, accum = event["world_size"], event["batch_size"], event["grad_accum"]
+            self.console.print(
+                f"global batch: {ranks} ranks x {batch} x {accum} accum = "
+                f"{ranks * batch * accum} windows of {event['seq_len']} bytes"
+            )
+
     def _unpacking(self, event: dict) -> None:
         """A corpus file unpacked into the cache: said once that has taken SLOW_SECONDS."""
         if event["done"]:
@@ -291,26 +314,7 @@ class TrainDisplay:
     def __call__(self, event: dict) -> None:
         kind = event["event"]
         if kind == "start":
-            self.live.start()
-            self.start = event
-            self.progress.reset(self.task, total=event["steps"], completed=event["step"])
-            self.console.print(escape(one_line(start_line(event))), soft_wrap=True)  # (paths: init_from)
-            for line, fields in event.get("changes", []):
-                shown = escape(self.spell(line, fields))
-                self.console.print(shown.replace("warning:", "[yellow]warning:[/]", 1), soft_wrap=True)
-            if event.get("corpus_was"):
-                self.console.print(f"[yellow]{corpus_changed(event)}")
-            if event.get("skipped_records"):
-                self.console.print(f"[yellow]{records_left_out(event['skipped_records'])}")
-            for warning in (warmup_warning(event.get("warmup", 0), event["steps"]), context_warning(event)):
-                if warning:
-                    self.console.print(f"[yellow]warning: {warning}", soft_wrap=True)
-            if event.get("world_size", 1) > 1:
-                ranks, batch, accum = event["world_size"], event["batch_size"], event["grad_accum"]
-                self.console.print(
-                    f"global batch: {ranks} ranks x {batch} x {accum} accum = "
-                    f"{ranks * batch * accum} windows of {event['seq_len']} bytes"
-                )
+            self._started(event)
         elif kind == "step":
             self.progress.update(self.task, completed=event["step"])
             self.loss, self.lr = event["loss"], event["lr"]
