@@ -9,7 +9,7 @@ import sys
 import time
 
 import pytest
-from conftest import on_a_terminal
+from conftest import invoke, on_a_terminal
 from typer.testing import CliRunner
 
 from htcli.bench import BenchConfig, Row, correctness, decode_bench, run_isolated, scaling_exponent
@@ -584,6 +584,25 @@ def test_an_interrupted_bench_prints_the_rows_it_measured(json_output, first):
     assert ["64", "causal", "H-attn"] in [line[:3] for line in lines] and marker not in stdout.replace(
         ",", ""
     )
+
+
+@pytest.mark.parametrize("decode", [False, True])
+def test_a_bench_stopped_before_it_measures_prints_its_json(monkeypatch, decode):
+    """--json promises its object with "interrupted": true wherever a Ctrl-C stops the bench: one during the
+    correctness check (or, --decode, the checks before its header) printed none (review)."""
+    import htcli.bench
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(htcli.bench, "check_decode_preset" if decode else "correctness", stopped)
+    args = ["--decode"] if decode else ["--seq-len", "128", "--block-size", "32"]
+    result = invoke("bench", *args, "--device", "cpu", "--json")
+    assert result.exit_code == 130 and "Traceback" not in result.output, result.output
+    assert result.stderr.splitlines()[-1] == "interrupted: stopped; no file was changed"
+    report = json.loads(result.stdout)
+    assert report["interrupted"] is True and report["device"] == "cpu"
+    assert decode or (report["rows"], report["oracle_max_error"]) == ([], None)
 
 
 def test_decode_help_names_the_options_it_takes():

@@ -168,39 +168,28 @@ def _bench_attention(config, json_output: bool, plot_path: Path | None) -> None:
     from rich.live import Live
     from rich.spinner import Spinner
 
-    from htcli.bench import correctness, padded_lengths, run_bench
-    from htcli.bench_report import bench_title, measured_shape, plot, to_json
+    from htcli.bench import run_bench
+    from htcli.bench_report import bench_title, plot, to_json
     from htcli.device import device_name
     from htcli.plots import check_plot_path
 
     if plot_path is not None:
         check_plot_path(plot_path, "--plot")  # before minutes of measuring
     name = device_name(config.device)
-    block = measured_shape(config)["block_size"]
-    error = correctness(config.device, config.dtype, block, config.impl)
-    err_console.print(
-        f"correctness: max |h_attention - dense oracle| = {error:.2e} (block {block}, {config.dtype}, {name})"
-    )
-    if padded := padded_lengths(config):
-        said = ", ".join(f"{n:,} as {length:,}" for n, length in padded)
-        err_console.print(
-            f"note: H-attention computes {said} (its block size, {config.block_size}, times a power of two),"
-            " padded; SDPA computes each length as it is",
-            soft_wrap=True,
-        )
     title = bench_title(config, name)
-    rows, total = [], len(config.seq_lens) * len(config.modes)
+    rows, total, error = [], len(config.seq_lens) * len(config.modes), None
     waiting = Spinner("dots", text=f"measuring 1 of {total}")
-    try:
-        # (Live's progress: on terminals only)
-        with stops_unwrapped(), Live(waiting, console=err_console, transient=True) as live:
-            try:
-                for row in run_bench(config):
-                    rows.append(row)
-                    waiting.text = f"measuring {min(len(rows) + 1, total)} of {total}"
-                    live.update(Group(_bench_tables(rows, config, title), waiting))
-            finally:  # (rich draws the last frame whole before erasing it: taller than the terminal, its
-                live.update("")  # top stayed on the screen above the table printed after it)
+    try:  # (a stop from here on, the correctness check's too: a JSON reader gets its object)
+        with stops_unwrapped():
+            error = _correctness_said(config, name)
+            with Live(waiting, console=err_console, transient=True) as live:  # (progress: terminals only)
+                try:
+                    for row in run_bench(config):
+                        rows.append(row)
+                        waiting.text = f"measuring {min(len(rows) + 1, total)} of {total}"
+                        live.update(Group(_bench_tables(rows, config, title), waiting))
+                finally:  # (rich draws the last frame whole before erasing it: taller than the terminal,
+                    live.update("")  # its top stayed on the screen above the table printed after it)
     except (KeyboardInterrupt, Terminated):  # (the rows measured are kept: printed before the stop's line)
         if json_output:  # (none too: a JSON reader gets its object)
             print(json.dumps({**to_json(rows, config, error, name), "interrupted": True}))
@@ -236,20 +225,43 @@ def _bench_tables(rows, config, title: str):
     return Group(bench_table(rows, config, title), *lines)
 
 
+def _correctness_said(config, name: str) -> float:
+    """H-attention against the dense oracle at the bench's shape (the error, said), and the lengths that it
+    computes padded."""
+    from htcli.bench import correctness, padded_lengths
+    from htcli.bench_report import measured_shape
+
+    block = measured_shape(config)["block_size"]
+    error = correctness(config.device, config.dtype, block, config.impl)
+    err_console.print(
+        f"correctness: max |h_attention - dense oracle| = {error:.2e} (block {block}, {config.dtype}, {name})"
+    )
+    if padded := padded_lengths(config):
+        said = ", ".join(f"{n:,} as {length:,}" for n, length in padded)
+        err_console.print(
+            f"note: H-attention computes {said} (its block size, {config.block_size}, times a power of two),"
+            " padded; SDPA computes each length as it is",
+            soft_wrap=True,
+        )
+    return error
+
+
 def _bench_decode(preset: str, device: str, dtype: str, json_output: bool) -> None:
     from htcli.bench import DECODE_CONTEXTS, check_decode_preset, decode_bench
     from htcli.device import PRECISIONS, check_choice, resolve_device, resolve_dtype
     from htcli.display import cache_table, decode_table
 
-    check_choice("dtype", dtype, PRECISIONS)
-    where = resolve_device(device)  # (as the figures name it: "cpu", not "auto")
-    resolve_dtype(dtype, where)  # (before the header: fp16 needs a CUDA GPU)
-    check_decode_preset(preset)  # (before the header: an unknown preset, or one too short)
-    err_console.print(f"decode bench: {preset} preset, random weights, greedy, {dtype} ...")
-    try:
-        with err_console.status("measuring", spinner="dots"), stops_unwrapped():
-            result = decode_bench(preset, device_name=device, dtype_name=dtype, contexts=DECODE_CONTEXTS)
-    except (KeyboardInterrupt, Terminated):  # (a JSON reader gets its object, as from the attention bench)
+    where = device  # (as given until it is resolved)
+    try:  # (a stop from here on: a JSON reader gets its object, as from the attention bench)
+        with stops_unwrapped():
+            check_choice("dtype", dtype, PRECISIONS)
+            where = resolve_device(device)  # (as the figures name it: "cpu", not "auto")
+            resolve_dtype(dtype, where)  # (before the header: fp16 needs a CUDA GPU)
+            check_decode_preset(preset)  # (before the header: an unknown preset, or one too short)
+            err_console.print(f"decode bench: {preset} preset, random weights, greedy, {dtype} ...")
+            with err_console.status("measuring", spinner="dots"):
+                result = decode_bench(preset, device_name=device, dtype_name=dtype, contexts=DECODE_CONTEXTS)
+    except (KeyboardInterrupt, Terminated):
         if json_output:
             print(json.dumps({"preset": preset, "device": str(where), "dtype": dtype, "interrupted": True}))
         raise
