@@ -14,6 +14,7 @@ from pathlib import Path
 
 from htcli.errors import HtcliError, room_advice
 from htcli.files import atomic_file
+from htcli.stop import import_whole
 
 PROBE_BYTES = 64 * 1024  # written where a figure goes, before the work (a figure: some 30-150 kB)
 
@@ -21,9 +22,11 @@ PROBE_BYTES = 64 * 1024  # written where a figure goes, before the work (a figur
 def pyplot():
     """matplotlib.pyplot, drawing to files."""
     try:
+        import_whole("matplotlib")  # (a Ctrl-C inside it came out as an ImportError: "needs matplotlib")
         import matplotlib
 
         matplotlib.use("Agg")
+        import_whole("matplotlib.pyplot")
         import matplotlib.pyplot as plt
     except ImportError:
         raise HtcliError(

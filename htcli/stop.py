@@ -8,6 +8,7 @@ parsing, where nothing is written), either signal ends the process at once with 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import signal
 import threading
@@ -186,6 +187,17 @@ def _ignore(signum, frame) -> None:
 class Terminated(BaseException):
     """Raised by SIGTERM under `terminate_unwinds` (a BaseException, as KeyboardInterrupt is, so that no
     `except Exception` takes it for an error to handle)."""
+
+
+def import_whole(*modules: str) -> None:
+    """Import modules (torch, matplotlib) with Ctrl-C, SIGTERM and SIGHUP held until they are in, then
+    taken: one raised inside an extension's import broke it. torch's C initialisation imports numpy and
+    swallows what that raises, so a Ctrl-C there was lost (the command ran on), or left numpy half made
+    (a RecursionError or "numpy has no attribute multiply" later); a SIGTERM raised through its C++ aborted
+    the process (SIGABRT, no line); matplotlib's turned into an ImportError (review)."""
+    with signals_held():
+        for name in modules:
+            importlib.import_module(name)
 
 
 def stop_within(error: BaseException) -> BaseException | None:

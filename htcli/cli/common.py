@@ -28,7 +28,7 @@ from htcli.config import train_default
 from htcli.environment import check_environment
 from htcli.errors import HtcliError, room_advice, unreadable_advice
 from htcli.help_layout import Group, with_default
-from htcli.stop import Terminated, started, stops_unwrapped, terminate_unwinds, to_devnull
+from htcli.stop import Terminated, import_whole, started, stops_unwrapped, terminate_unwinds, to_devnull
 
 # the fields whose flag is not `--` + the field's name with dashes (`batch_size` -> `--batch-size`)
 FLAGS = {
@@ -182,6 +182,7 @@ def user_errors(
     smaller: str = "model",
     streams: bool = False,
     spell: Callable[[str], str] = flag,
+    needs: tuple[str, ...] = ("torch",),
 ) -> Iterator[None]:
     """An HtcliError becomes one red line on stderr and exit code 1; a second Ctrl-C exits 130, a SIGTERM
     outside a training loop's save-and-stop 143 (128 + 15, as the signal's default action), both after
@@ -191,7 +192,8 @@ def user_errors(
     smaller: what out of memory says to make smaller (the command's options). streams: the command's output
     is a stream that its reader may close when it has enough (`htcli sample ... | head -c 100`): a closed pipe
     then ends the command without a word, exit code 141 (128 + SIGPIPE's 13, as `yes | head` ends `yes`).
-    spell: how a message names the fields it is about (the command's flags)."""
+    spell: how a message names the fields it is about (the command's flags). needs: the modules the command
+    imports first, whole (stop.import_whole: a Ctrl-C inside torch's import was lost or broke numpy)."""
     if start:
         started()
     kept = (
@@ -202,6 +204,8 @@ def user_errors(
     kept_too = "; any checkpoint saved before is intact" if saves else ""  # (after an error's own words)
     try:
         with terminate_unwinds(), stops_unwrapped():
+            if start:
+                import_whole(*needs)
             yield
     except HtcliError as error:
         message = respell(str(error), error.fields, spell)

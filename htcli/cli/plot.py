@@ -32,7 +32,7 @@ def plot(
     """Validation bits per byte and training loss of runs (finished, running or crashed) on one figure.
 
     From each run's log.jsonl; a table of where each run is goes to stdout."""
-    with user_errors():
+    with user_errors(needs=()):  # (matplotlib, imported whole where a figure is drawn: plots.pyplot)
         from htcli.curves import X_AXES, read_curves, run_names
         from htcli.device import check_choice
         from htcli.display import runs_table

@@ -36,7 +36,7 @@ from htcli.cli.common import (
 from htcli.errors import HtcliError
 from htcli.help_layout import Command, with_default
 from htcli.presets import DEFAULT_PRESET, PRESETS
-from htcli.stop import to_devnull
+from htcli.stop import Terminated, to_devnull
 
 PREEMPTED = 75  # exit code of a run stopped (and saved) by SIGTERM: EX_TEMPFAIL, "try again later"
 HUNG_UP = 129  # exit code of a run stopped (and saved) by SIGHUP: 128 + 1, as the signal's default action
@@ -388,34 +388,63 @@ def _train_and_report(config, resume: bool | str, dropped: str) -> None:
     from htcli.train import train as run_training
 
     shown = True  # (until stderr takes no more)
-    with process_group(config.device) as launch, TrainDisplay(err_console, respell) as display:
+    ended: dict = {}  # the run's "interrupt" and "end" events, once logged
+    code = 0  # (the run's, where a stop after its end leaves _late_stop_ignored)
+    with _late_stop_ignored(ended), process_group(config.device) as launch:
+        with TrainDisplay(err_console, respell) as display:
 
-        def on_event(event: dict) -> None:
-            nonlocal shown
-            if not shown:
-                return
+            def on_event(event: dict) -> None:
+                nonlocal shown
+                if event["event"] in ("interrupt", "end"):
+                    ended[event["event"]] = event
+                if not shown:
+                    return
+                try:
+                    if (
+                        dropped and event["event"] == "start"
+                    ):  # (once the resume is taken, not before a refusal)
+                        err_console.print(dropped, soft_wrap=True)
+                    display(event)
+                except (
+                    OSError
+                ):  # (stderr that takes no more: a closed pipe, a full disk): the run goes on unseen
+                    shown = False  # (it stopped the run unsaved, without a word: its error line failed too)
+                    to_devnull([2])
+
+            result = run_training(config, resume=resume, on_event=on_event)
+        if display.failed:  # (its last frame: what follows on stderr goes to /dev/null, the exit code kept)
+            to_devnull([2])
+        code = STOP_CODES.get(result.stopped_by, 0)
+        if launch.main:
             try:
-                if dropped and event["event"] == "start":  # (once the resume is taken, not before a refusal)
-                    err_console.print(dropped, soft_wrap=True)
-                display(event)
-            except OSError:  # (stderr that takes no more: a closed pipe, a full disk): the run goes on unseen
-                shown = False  # (it stopped the run unsaved, without a word: its error line failed too)
-                to_devnull([2])
-
-        result = run_training(config, resume=resume, on_event=on_event)
-    if display.failed:  # (its last frame: what follows on stderr goes to /dev/null, the exit code kept)
-        to_devnull([2])
-    code = STOP_CODES.get(result.stopped_by, 0)
-    if launch.main:
-        try:
-            console.print(train_summary(result))
-        except OSError as error:  # (the run saved: a scheduler still learns why it stopped)
-            if not code:
-                raise
-            report_os_error(error, "; the run is saved")
-        _how_to_continue(result, launch.world_size)
+                console.print(train_summary(result))
+            except OSError as error:  # (the run saved: a scheduler still learns why it stopped)
+                if not code:
+                    raise
+                report_os_error(error, "; the run is saved")
+            _how_to_continue(result, launch.world_size)
     if code:
         raise typer.Exit(code)
+
+
+@contextlib.contextmanager
+def _late_stop_ignored(ended: dict) -> Iterator[None]:
+    """A Ctrl-C or SIGTERM that comes once the run has logged its end (its last checkpoint saved: while it
+    closes, or its summary prints) changes nothing: a note, and the run's own exit code (it said "stopped
+    without saving", 130 or 143, and a scheduler took a finished run as failed; review)."""
+    try:
+        yield
+    except (KeyboardInterrupt, Terminated) as stop:
+        if "end" not in ended:
+            raise
+        what = "the Ctrl-C" if isinstance(stop, KeyboardInterrupt) else "the SIGTERM"
+        step = ended["end"]["step"]
+        err_console.print(
+            f"[yellow]{what} came after the run had ended at step {step}, saved: nothing changed"
+        )
+        code = STOP_CODES.get(ended.get("interrupt", {}).get("signal"), 0)
+        if code:
+            raise typer.Exit(code) from None
 
 
 def _print_config(config, resume: bool | str) -> None:
