@@ -756,6 +756,22 @@ def test_samples_interrupted_are_printed_as_far_as_they_came(trained, monkeypatc
         assert result.exit_code == 130 and "0 bytes in" in result.stderr and not result.stdout.strip()
 
 
+def test_samples_stopped_while_the_model_loads_have_their_json_lines(trained, monkeypatch):
+    """--json stopped while the model loaded (before it read the prompt) printed no line (review): every
+    sample's, empty, "interrupted": true, as once the prompt is being read; exit 130."""
+    import htcli.checkpoint
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(htcli.checkpoint, "load_model", stopped)
+    run, _ = trained
+    result = invoke("sample", run, "--device", "cpu", "--num-samples", 2, "--json")
+    assert result.exit_code == 130 and result.stderr == "interrupted: stopped; no file was changed\n"
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [(r["sample"], r["text"], r["interrupted"]) for r in records] == [(1, "", True), (2, "", True)]
+
+
 def test_stop_ends_a_sample_with_the_stop_string(trained):
     run, _ = trained
     args = ["sample", run, "--prompt", "the ", "--max-new-tokens", 60, "--seed", 1, "--device", "cpu"]

@@ -31,7 +31,7 @@ from htcli.cli.common import (
 from htcli.config import MAX_SEED
 from htcli.errors import HtcliError
 from htcli.help_layout import Command
-from htcli.stop import stop_within
+from htcli.stop import Terminated, stop_within, stops_unwrapped
 
 MAX_SAMPLES = 4096  # sample --num-samples: one batch, one decode cache per sample
 
@@ -103,14 +103,29 @@ def sample(
         configs = [
             SamplingConfig(max_new_tokens, temperature, top_k, top_p, seed + i) for i in range(num_samples)
         ]
-        torch_device = resolve_device(device)
-        model, _ = load_model(checkpoint, torch_device)
-        echo = echo is not False and not json_output
-        prompt_bytes = _prompt_bytes(prompt, prompt_file, model.config.max_seq_len, echoed=echo)
         stops = [os.fsencode(s) for s in stop or []]  # (fsencode: arguments not UTF-8 byte for byte)
-        precision = resolve_dtype(dtype, torch_device)
+        echo = echo is not False and not json_output
+        with _lines_if_stopped(configs, json_output, stops):  # (while the model loads, before the prompt)
+            torch_device = resolve_device(device)
+            model, _ = load_model(checkpoint, torch_device)
+            prompt_bytes = _prompt_bytes(prompt, prompt_file, model.config.max_seq_len, echoed=echo)
+            precision = resolve_dtype(dtype, torch_device)
         steps = generate_batch(model, prompt_bytes, configs, dtype=precision, cache=cache, stop=stops)
         _print_samples(steps, prompt_bytes, configs, echo=echo, json_output=json_output, stops=stops)
+
+
+@contextlib.contextmanager
+def _lines_if_stopped(configs: list, json_output: bool, stops: list[bytes]) -> Iterator[None]:
+    """With --json, a Ctrl-C or SIGTERM in the block prints every sample's line, empty, "interrupted":
+    true, as one later does (it printed none: review)."""
+    try:
+        with stops_unwrapped():
+            yield
+    except (KeyboardInterrupt, Terminated):
+        if json_output:
+            with contextlib.suppress(OSError, ValueError):
+                _print_the_rest(configs, [b""] * len(configs), None, json_output, stops, True)
+        raise
 
 
 def _prompt_bytes(prompt: str | None, prompt_file: Path | None, context: int, echoed: bool) -> bytes:
