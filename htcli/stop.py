@@ -194,8 +194,9 @@ def import_whole(*modules: str) -> None:
     taken: one raised inside an extension's import broke it. torch's C initialisation imports numpy and
     swallows what that raises, so a Ctrl-C there was lost (the command ran on), or left numpy half made
     (a RecursionError or "numpy has no attribute multiply" later); a SIGTERM raised through its C++ aborted
-    the process (SIGABRT, no line); matplotlib's turned into an ImportError (review)."""
-    with signals_held():
+    the process (SIGABRT, no line); matplotlib's turned into an ImportError (review). A second one quits at
+    once (an import that hangs: a filesystem that does not answer)."""
+    with signals_held(quits=f"stopped while importing {', '.join(modules)}; nothing was written"):
         for name in modules:
             importlib.import_module(name)
 
@@ -244,18 +245,29 @@ def terminate_unwinds() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def signals_held() -> Iterator[None]:
+def signals_held(quits: str | None = None) -> Iterator[None]:
     """Ctrl-C, SIGTERM and SIGHUP that come inside the block are delivered when it ends, to the handlers in
     place then: so that starting a child process (subprocess.Popen) is not cut between its fork and the
-    caller holding it, which would leave the child running on its own. Main thread only (else a no-op)."""
+    caller holding it, which would leave the child running on its own. Main thread only (else a no-op).
+    quits: where the block may take long (an import from a slow filesystem), a second Ctrl-C or SIGTERM in
+    it ends the process at once with this line ("interrupted: " + quits), exit 130 or 143."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     caught: list[int] = []
+
+    def hold(signum, frame) -> None:
+        if quits is not None and signum in caught and signum in SIGNALS:
+            what = "interrupted" if signum == signal.SIGINT else "terminated (SIGTERM)"
+            with contextlib.suppress(OSError):
+                os.write(2, f"{what}: {quits}\n".encode())
+            os._exit(128 + signum)
+        caught.append(signum)
+
     # (one this process ignores stays ignored, so that the child inherits it so: a background job's worker
     # died of a Ctrl-C that its parent, ignoring it, did not stop on; the bench went on without it)
     held = [signum for signum in STOPS if signal.getsignal(signum) is not signal.SIG_IGN]
-    previous = {signum: signal.signal(signum, lambda signum, _: caught.append(signum)) for signum in held}
+    previous = {signum: signal.signal(signum, hold) for signum in held}
     try:
         yield
     finally:

@@ -82,7 +82,7 @@ from htcli.rundir import check_still_new, open_run, resolve_resume
 from htcli.runlock import RunLock, Whereabouts
 from htcli.runlog import LogError, RunLog, lowest_val, trim_log
 from htcli.sample import SamplingConfig, generate
-from htcli.stop import StopRequest
+from htcli.stop import StopRequest, signals_held
 from htcli.train_checks import check_held_out
 from htcli.train_step import optimizer_step, rank_sampler, validation_bpb
 
@@ -127,9 +127,10 @@ def train(
     run = Run(config, resolve_resume(resume, Path(config.out)), on_event)
     try:
         loggers = _start_writing(run)
+        # (the stop request outlives the log: a Ctrl-C as the loggers close is recorded, cuts none short)
         with (
-            RunLog(run.out / LOG_FILE, on_event, enabled=run.main, loggers=loggers) as log,
             StopRequest(_stop_notice(on_event, run) if run.main else None) as stop,
+            RunLog(run.out / LOG_FILE, on_event, enabled=run.main, loggers=loggers) as log,
         ):
             log("start", **run.start_fields())
             if run.stopped_early:  # (a run resumed after it stopped early, its patience unchanged)
@@ -161,7 +162,8 @@ def train(
             f"compile failed ({said}); stopped ({run.kept()}): train without compile", fields=("compile",)
         ) from None
     finally:
-        run.close()
+        with signals_held():  # (one now is taken after: the lock let go of, the corpora closed)
+            run.close()
     best = run.best if run.best and best_step(run.out) == run.best[0] else None  # (what the file holds)
     return TrainResult(run.out, run.step, config.steps, loss, run.val_bpb, bool(stopped_by), seconds, tokens,
                        run.params, stopped_by, run.step_seconds, run.resumed_at, best,

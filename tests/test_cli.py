@@ -856,9 +856,32 @@ def test_a_stop_after_the_run_ended_changes_nothing(corpus, tmp_path, monkeypatc
     assert result.exit_code == 0, result.output
     assert (
         result.stderr.splitlines()[-1]
-        == f"{said} came after the run had ended at step 2, saved: nothing changed"
+        == f"{said} came after the run had ended at step 2, saved: its exit code kept"
     )
     assert checkpoint.read_checkpoint_info(tmp_path / "run").step == 2
+
+
+def test_a_ctrl_c_while_the_loggers_close_cuts_none_short(corpus, tmp_path, monkeypatch):
+    """After the run's end, its loggers close (W&B's for seconds): a Ctrl-C then raised inside the close,
+    cutting the logger short, and said "stopped without saving", exit 130 (review). It is the training
+    loop's first stop, recorded: the logger closes, the run ends as it would, exit 0 and its summary."""
+    from htcli.loggers import TensorBoardLogger
+
+    close = TensorBoardLogger.close
+    closed = []
+
+    def interrupted_then_closed(self):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.2)  # (the handler runs)
+        close(self)
+        closed.append(True)
+
+    monkeypatch.setattr(TensorBoardLogger, "close", interrupted_then_closed)
+    result = invoke(
+        "train", corpus, *TINY_FLAGS, "--steps", "2", "--logger", "tensorboard", "--out", tmp_path / "r"
+    )
+    assert result.exit_code == 0 and closed == [True], result.output
+    assert "interrupted" not in result.stderr and "2 of 2" in result.stdout
 
 
 def test_ctrl_c_saves_and_exits_zero(corpus, tmp_path):
@@ -1096,6 +1119,30 @@ def test_a_signal_while_the_command_line_starts_ends_with_one_line(
         process.kill()
     assert process.returncode == code, stderr
     assert stderr == f"{what}: {said}\n"
+
+
+def test_a_second_ctrl_c_quits_an_import_that_hangs(tmp_path):
+    """Stops are held while a command imports torch (above): one that hangs (a filesystem that does not
+    answer) could not be stopped but by SIGKILL (review). A second Ctrl-C quits at once, with one line."""
+    marker = tmp_path / "importing"
+    env = {name: value for name, value in os.environ.items() if name not in ("FORCE_COLOR", "PYTHONWARNINGS")}
+    command = [sys.executable, "-c", SLOW_IMPORT, str(marker), "numpy", "eval", "run", "a.txt"]  # (60 s)
+    process = start_interruptible(command, text=True, env=env, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 60
+        while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        process.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        assert process.poll() is None  # (the first is held)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=10)
+    finally:
+        process.kill()
+    assert (process.returncode, stderr) == (
+        130,
+        "interrupted: stopped while importing torch; nothing was written\n",
+    )
 
 
 def test_the_htcli_command_starts_where_signals_are_answered():

@@ -36,7 +36,7 @@ from htcli.cli.common import (
 from htcli.errors import HtcliError
 from htcli.help_layout import Command, with_default
 from htcli.presets import DEFAULT_PRESET, PRESETS
-from htcli.stop import Terminated, to_devnull
+from htcli.stop import Terminated, signals_held, to_devnull
 
 PREEMPTED = 75  # exit code of a run stopped (and saved) by SIGTERM: EX_TEMPFAIL, "try again later"
 HUNG_UP = 129  # exit code of a run stopped (and saved) by SIGHUP: 128 + 1, as the signal's default action
@@ -416,13 +416,14 @@ def _train_and_report(config, resume: bool | str, dropped: str) -> None:
             to_devnull([2])
         code = STOP_CODES.get(result.stopped_by, 0)
         if launch.main:
-            try:
-                console.print(train_summary(result))
-            except OSError as error:  # (the run saved: a scheduler still learns why it stopped)
-                if not code:
-                    raise
-                report_os_error(error, "; the run is saved")
-            _how_to_continue(result, launch.world_size)
+            with signals_held():  # (a stop now is taken after the summary: _late_stop_ignored)
+                try:
+                    console.print(train_summary(result))
+                except OSError as error:  # (the run saved: a scheduler still learns why it stopped)
+                    if not code:
+                        raise
+                    report_os_error(error, "; the run is saved")
+                _how_to_continue(result, launch.world_size)
     if code:
         raise typer.Exit(code)
 
@@ -430,8 +431,9 @@ def _train_and_report(config, resume: bool | str, dropped: str) -> None:
 @contextlib.contextmanager
 def _late_stop_ignored(ended: dict) -> Iterator[None]:
     """A Ctrl-C or SIGTERM that comes once the run has logged its end (its last checkpoint saved: while it
-    closes, or its summary prints) changes nothing: a note, and the run's own exit code (it said "stopped
-    without saving", 130 or 143, and a scheduler took a finished run as failed; review)."""
+    lets go of its lock, or after its summary) keeps the run's exit code, with a note (it said "stopped
+    without saving", 130 or 143, and a scheduler took a finished run as failed; review). (While the loggers
+    close, a first one is the training loop's stop request's, recorded and left: train.py.)"""
     try:
         yield
     except (KeyboardInterrupt, Terminated) as stop:
@@ -440,7 +442,7 @@ def _late_stop_ignored(ended: dict) -> Iterator[None]:
         what = "the Ctrl-C" if isinstance(stop, KeyboardInterrupt) else "the SIGTERM"
         step = ended["end"]["step"]
         err_console.print(
-            f"[yellow]{what} came after the run had ended at step {step}, saved: nothing changed"
+            f"[yellow]{what} came after the run had ended at step {step}, saved: its exit code kept"
         )
         code = STOP_CODES.get(ended.get("interrupt", {}).get("signal"), 0)
         if code:
