@@ -94,19 +94,28 @@ SLOW_SECONDS = 2.0  # work said_if_slow says it does when it takes longer
 @contextlib.contextmanager
 def said_if_slow(console: Console, line: str) -> Iterator[None]:
     """line printed (from a timer's thread) once the block has taken SLOW_SECONDS (at once where that is 0
-    or less), none for quicker work (an error in it is then its one line)."""
-    say = lambda: console.print(escape(line), soft_wrap=True, highlight=False)  # noqa: E731
+    or less), none for quicker work (an error in it is then its one line), and never after the block (a
+    timer that fired as it ended printed after its error line: review)."""
+    done, lock = [False], threading.Lock()
+
+    def say() -> None:
+        # (stderr gone, an OSError or rich's SystemExit for a closed pipe: the block's own output says so)
+        with lock, contextlib.suppress(OSError, SystemExit):
+            if not done[0]:
+                console.print(escape(line), soft_wrap=True, highlight=False)
+
     if SLOW_SECONDS <= 0:
         say()
-        yield
-        return
-    timer = threading.Timer(SLOW_SECONDS, say)
+    timer = threading.Timer(max(SLOW_SECONDS, 0.0), say)
     timer.daemon = True
-    timer.start()
+    if SLOW_SECONDS > 0:
+        timer.start()
     try:
         yield
     finally:
         timer.cancel()
+        with lock:  # (a line being printed is printed whole, before what follows)
+            done[0] = True
 
 
 def unpacking_line(file: str) -> str:
@@ -444,14 +453,15 @@ def _plain_progress(console: Console, label: str, total: int) -> Callable[[int, 
         due[0] = now + PLAIN_PROGRESS_SECONDS
         left = (now - started) * max(0, total - done) / done
         share = f"{done / max(1, total):.0%} ({done:,} of {total:,})"
-        console.print(f"{label}: {share}, about {_duration(left)} left", soft_wrap=True, highlight=False)
+        said = f"{label}: {share}" + (f", about {_duration(left)} left" if done < total else "")
+        console.print(said, soft_wrap=True, highlight=False)
 
     return advance
 
 
 def _duration(seconds: float) -> str:
     """45 s, 12 min, 3 h 10 min."""
-    if seconds < 60:
+    if seconds < 59.5:
         return f"{seconds:.0f} s"
     minutes = round(seconds / 60)
     return f"{minutes} min" if minutes < 60 else f"{minutes // 60} h {minutes % 60} min"

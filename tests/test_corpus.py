@@ -622,6 +622,32 @@ def test_unpacking_into_the_cache_is_said_once(tmp_path, monkeypatch):
         assert told == [packed]
 
 
+def test_waiting_for_another_unpacking_is_told_too(tmp_path, monkeypatch):
+    """A process that waits for another to unpack the same file (under torchrun, rank 0 for another rank)
+    waited without a word (review): its on_unpack is entered for the wait too."""
+    import threading
+
+    from htcli.corpus import formats
+
+    packed = tmp_path / "data.txt.gz"
+    packed.write_bytes(gzip.compress(make_text(4000)))
+    making, decompress = threading.Event(), formats._decompress
+
+    def slowly(*args):
+        making.set()
+        time.sleep(0.5)
+        return decompress(*args)
+
+    monkeypatch.setattr(formats, "_decompress", slowly)
+    other = threading.Thread(target=lambda: ByteCorpus.open([packed]).close())
+    other.start()
+    assert making.wait(30)
+    told = []
+    with ByteCorpus.open([packed], on_unpack=lambda file: told.append(file) or contextlib.nullcontext()):
+        assert told == [packed]
+    other.join()
+
+
 def test_quick_unpacking_is_not_said(tmp_path):
     """Unpacking that takes under display.SLOW_SECONDS says nothing: a bad record's error is one line."""
     bad = write(tmp_path / "c.jsonl", jsonl({"text": "a" * 200}) + b"{oops\n")

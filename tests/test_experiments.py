@@ -1021,9 +1021,38 @@ def test_a_long_eval_off_a_terminal_says_how_far_it_is(corpus, tmp_path, monkeyp
     assert result.exit_code == 0, result.output
     lines = result.stderr.splitlines()
     assert lines and all(
-        re.fullmatch(r"scoring: \d+% \([\d,]+ of [\d,]+\), about \d+ s left", x) for x in lines
+        re.fullmatch(r"scoring: \d+% \([\d,]+ of [\d,]+\), about \d+ s left", x) for x in lines[:-1]
     )
-    assert lines[-1].startswith("scoring: 100% ") and json.loads(result.stdout)["bits_per_byte"] > 0
-    assert [display._duration(s) for s in (5, 59.4, 61, 3540, 3600, 11400)] == [
-        "5 s", "59 s", "1 min", "59 min", "1 h 0 min", "3 h 10 min"
+    assert re.fullmatch(r"scoring: 100% \(([\d,]+) of \1\)", lines[-1]), lines[-1]  # (no "0 s left")
+    assert json.loads(result.stdout)["bits_per_byte"] > 0
+    assert [display._duration(s) for s in (5, 59.4, 59.6, 61, 3540, 3600, 11400)] == [
+        "5 s", "59 s", "1 min", "1 min", "59 min", "1 h 0 min", "3 h 10 min"
     ]  # fmt: skip
+
+
+def test_a_slow_work_notice_comes_once_during_the_work_only(monkeypatch):
+    """display.said_if_slow: its line once the work has taken SLOW_SECONDS, none for quicker work, never
+    after the work ended (a timer that fired as it ended printed after its error line), and no traceback
+    from its thread where stderr is gone (review)."""
+    import io
+
+    from rich.console import Console
+
+    from htcli import display
+
+    class Gone(io.StringIO):
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    failures = []
+    monkeypatch.setattr(threading, "excepthook", failures.append)
+    monkeypatch.setattr(display, "SLOW_SECONDS", 0.05)
+    for slow in (False, True):
+        out = io.StringIO()
+        with display.said_if_slow(Console(file=out, width=200), "unpacking x ..."):
+            time.sleep(0.3 if slow else 0.0)
+        time.sleep(0.2)  # (a timer, had one been left, would print now)
+        assert out.getvalue() == ("unpacking x ...\n" if slow else "")
+    with display.said_if_slow(Console(file=Gone(), width=200), "unpacking x ..."):
+        time.sleep(0.3)
+    assert failures == []

@@ -87,7 +87,7 @@ def cached(
     """The cache entry made from source by `make` (which writes the bytes to the file it is given and
     returns facts about them), made now if there is none: (its path, the facts). `how` names the way
     of making it (part of the entry's name: a change of options makes another entry). making(): a context
-    manager entered while the entry is made (seconds a GB)."""
+    manager entered while the entry is made, or waited for (seconds a GB)."""
     cache = cache or cache_dir()
     stat = source.stat()
     identity = f"{source.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ctime_ns}|{how}|{FORMAT}"
@@ -106,13 +106,14 @@ def cached(
         # a whole entry is read without the lock (a file made in the cache: a read-only cache serves too)
         if _whole(target, facts):
             return target, facts
-        with _locked(target.with_name(target.name + ".lock")):
-            facts = _read_facts(facts_file)  # (made meanwhile by another process, or still to make)
-            if not _whole(target, facts):
-                _remove_leftovers(target, facts_file)
-                with contextlib.nullcontext() if making is None else making():
+        # (making: the wait for another process making the entry too, under torchrun another rank's)
+        with contextlib.nullcontext() if making is None else making():
+            with _locked(target.with_name(target.name + ".lock")):
+                facts = _read_facts(facts_file)  # (made meanwhile by another process, or still to make)
+                if not _whole(target, facts):
+                    _remove_leftovers(target, facts_file)
                     facts = _make(source, stat, make, target, facts_file)
-            return target, facts
+        return target, facts
     except OSError as error:
         fix = "free some space or " if error.errno in (errno.ENOSPC, errno.EDQUOT) else ""
         if error.errno == errno.EEXIST and (link := _dangling(cache)):
