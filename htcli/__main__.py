@@ -6,7 +6,7 @@ import os
 import signal
 import sys
 
-from htcli.stop import SIGNALS, quit_until_started
+from htcli.stop import AFTER_COMMAND, SIGNALS, quit_until_started
 
 INTERRUPTED = 128 + signal.SIGINT  # the exit code of a command that a Ctrl-C stopped
 _ending = [None]  # the command's exit code, once it is over
@@ -32,9 +32,18 @@ def _last_of_exit() -> None:
         os._exit(INTERRUPTED)
 
 
+def _stops_change_nothing() -> None:
+    """Once a command's work is over (cli.common.user_errors' end), Ctrl-C and SIGTERM change nothing until
+    main's end sets how they end the process: one in between, as typer returned, killed a process whose
+    run had finished (SIGTERM: -15) or raised into Python's exit (Ctrl-C: a traceback, -2; review)."""
+    for number in SIGNALS:
+        signal.signal(number, lambda *_: None)
+
+
 def main() -> None:
     quit_until_started()  # until a command starts: cli.common.user_errors calls stop.started()
     atexit.register(_last_of_exit)  # (first registered: the last to run)
+    AFTER_COMMAND.append(_stops_change_nothing)
     from htcli.cli import run
 
     code = 1

@@ -15,6 +15,9 @@ import threading
 from collections.abc import Callable, Iterator
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# what the command line's process does as a command's work ends, its error said or not (htcli.__main__: stops
+# from then on keep the command's exit code); empty where htcli runs inside another program
+AFTER_COMMAND: list[Callable[[], None]] = []
 STOPS = (*SIGNALS, signal.SIGHUP)  # what a training loop saves and stops on
 NOTICE_AFTER = 1.0  # seconds a stop may wait unacknowledged before `on_wait` is told of it
 TELL_WAIT = 5.0  # seconds the end of a stop request waits for a notice being given
@@ -241,7 +244,8 @@ def terminate_unwinds() -> Iterator[None]:
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if signal.getsignal(signal.SIGTERM) is _raise_terminated:  # (not where AFTER_COMMAND changed it)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 @contextlib.contextmanager

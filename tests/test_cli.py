@@ -1033,6 +1033,31 @@ def test_a_stop_while_python_tears_down_its_modules_keeps_the_commands_code(sign
     assert done.stderr.endswith("gone\n"), done.stderr
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_as_the_command_returns_keeps_its_code(signum):
+    """A Ctrl-C or SIGTERM after a command's work, as typer returned (before main's end sets how they end
+    the process): SIGTERM killed the process (-15), Ctrl-C raised a traceback (-2), after a run that had
+    finished (review). They change nothing: the command's exit code and its one line."""
+    code = (
+        "import os, signal, sys, time\n"
+        "import htcli.cli.common as common\n"
+        "from htcli.__main__ import main\n"
+        "command = common.app\n"
+        "def app(*args, **kwargs):\n"
+        "    try:\n"
+        "        return command(*args, **kwargs)\n"
+        "    finally:\n"
+        f"        os.kill(os.getpid(), {int(signum)})\n"
+        "        time.sleep(0.3)\n"
+        "common.app = app\n"
+        "sys.argv = ['htcli', 'bench', '--decode', '--preset', 'nosuch']\n"
+        "main()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and len(done.stderr.splitlines()) == 1, (done.returncode, done.stderr)
+    assert done.stderr.startswith("error: ") and "preset" in done.stderr
+
+
 def test_ctrl_c_while_sampling_exits_130_with_one_line(trained):
     """A real SIGINT while a sample streams: exit 130, one line that no file was changed (it said, as
     train does, that a checkpoint saved before is intact); no traceback; the run is untouched. The second

@@ -28,7 +28,15 @@ from htcli.config import train_default
 from htcli.environment import check_environment
 from htcli.errors import HtcliError, room_advice, unreadable_advice
 from htcli.help_layout import Group, with_default
-from htcli.stop import Terminated, import_whole, started, stops_unwrapped, terminate_unwinds, to_devnull
+from htcli.stop import (
+    AFTER_COMMAND,
+    Terminated,
+    import_whole,
+    started,
+    stops_unwrapped,
+    terminate_unwinds,
+    to_devnull,
+)
 
 # the fields whose flag is not `--` + the field's name with dashes (`batch_size` -> `--batch-size`)
 FLAGS = {
@@ -204,9 +212,13 @@ def user_errors(
     kept_too = "; any checkpoint saved before is intact" if saves else ""  # (after an error's own words)
     try:
         with terminate_unwinds(), stops_unwrapped():
-            if start:
-                import_whole(*needs)
-            yield
+            try:
+                if start:
+                    import_whole(*needs)
+                yield
+            finally:
+                for hook in AFTER_COMMAND if start else []:  # (the command line's process: its code kept)
+                    hook()
     except HtcliError as error:
         message = respell(str(error), error.fields, spell)
         _print_error(message)
