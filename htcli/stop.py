@@ -18,6 +18,14 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # what the command line's process does as a command's work ends, its error said or not (htcli.__main__: stops
 # from then on keep the command's exit code); empty where htcli runs inside another program
 AFTER_COMMAND: list[Callable[[], None]] = []
+
+
+def command_over() -> None:
+    """A command's work is over, its exit code known: AFTER_COMMAND's hooks run."""
+    for hook in AFTER_COMMAND:
+        hook()
+
+
 STOPS = (*SIGNALS, signal.SIGHUP)  # what a training loop saves and stops on
 NOTICE_AFTER = 1.0  # seconds a stop may wait unacknowledged before `on_wait` is told of it
 TELL_WAIT = 5.0  # seconds the end of a stop request waits for a notice being given

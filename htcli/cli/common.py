@@ -29,8 +29,8 @@ from htcli.environment import check_environment
 from htcli.errors import HtcliError, room_advice, unreadable_advice
 from htcli.help_layout import Group, with_default
 from htcli.stop import (
-    AFTER_COMMAND,
     Terminated,
+    command_over,
     import_whole,
     started,
     stops_unwrapped,
@@ -217,8 +217,8 @@ def user_errors(
                     import_whole(*needs)
                 yield
             finally:
-                for hook in AFTER_COMMAND if start else []:  # (the command line's process: its code kept)
-                    hook()
+                if start:  # (the command line's process: stops from here on keep its exit code)
+                    command_over()
     except HtcliError as error:
         message = respell(str(error), error.fields, spell)
         _print_error(message)

@@ -36,7 +36,7 @@ from htcli.cli.common import (
 from htcli.errors import HtcliError
 from htcli.help_layout import Command, with_default
 from htcli.presets import DEFAULT_PRESET, PRESETS
-from htcli.stop import Terminated, signals_held, to_devnull
+from htcli.stop import Terminated, command_over, signals_held, to_devnull
 
 PREEMPTED = 75  # exit code of a run stopped (and saved) by SIGTERM: EX_TEMPFAIL, "try again later"
 HUNG_UP = 129  # exit code of a run stopped (and saved) by SIGHUP: 128 + 1, as the signal's default action
@@ -447,6 +447,9 @@ def _late_stop_ignored(ended: dict) -> Iterator[None]:
         code = STOP_CODES.get(ended.get("interrupt", {}).get("signal"), 0)
         if code:
             raise typer.Exit(code) from None
+    finally:
+        if "end" in ended:  # (the run is over, and so is the command's work: stops from now on keep its code)
+            command_over()
 
 
 def _print_config(config, resume: bool | str) -> None:
