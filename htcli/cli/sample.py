@@ -9,6 +9,7 @@ import json
 import os
 import sys
 import time
+import types
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
@@ -31,7 +32,7 @@ from htcli.cli.common import (
 from htcli.config import MAX_SEED
 from htcli.errors import HtcliError
 from htcli.help_layout import Command
-from htcli.stop import Terminated, stop_within, stops_unwrapped
+from htcli.stop import Terminated, import_whole, stop_within, stops_unwrapped
 
 MAX_SAMPLES = 4096  # sample --num-samples: one batch, one decode cache per sample
 
@@ -93,19 +94,19 @@ def sample(
     dtype: Dtype = "auto",
 ) -> None:
     """Generate text from a checkpoint, streamed to stdout; timing and bytes/s go to stderr."""
-    with user_errors(smaller="--num-samples or model", streams=True):
-        from htcli.checkpoint import load_model
-        from htcli.device import resolve_device, resolve_dtype
-        from htcli.sample import SamplingConfig, generate_batch
-
+    with user_errors(smaller="--num-samples or model", streams=True, needs=()):  # (torch: below)
         _check_sample_options(prompt, prompt_file, num_samples, seed, max_new_tokens)
         _check_greedy(temperature, num_samples, bool(echo) and json_output)
-        configs = [
-            SamplingConfig(max_new_tokens, temperature, top_k, top_p, seed + i) for i in range(num_samples)
-        ]
+        seeds = [seed + i for i in range(num_samples)]
         stops = [os.fsencode(s) for s in stop or []]  # (fsencode: arguments not UTF-8 byte for byte)
         echo = echo is not False and not json_output
-        with _lines_if_stopped(configs, json_output, stops):  # (while the model loads, before the prompt)
+        with _lines_if_stopped(seeds, json_output, stops):  # (from torch's import to the prompt's reading)
+            import_whole("torch")
+            from htcli.checkpoint import load_model
+            from htcli.device import resolve_device, resolve_dtype
+            from htcli.sample import SamplingConfig, generate_batch
+
+            configs = [SamplingConfig(max_new_tokens, temperature, top_k, top_p, each) for each in seeds]
             torch_device = resolve_device(device)
             model, _ = load_model(checkpoint, torch_device)
             prompt_bytes = _prompt_bytes(prompt, prompt_file, model.config.max_seq_len, echoed=echo)
@@ -115,7 +116,7 @@ def sample(
 
 
 @contextlib.contextmanager
-def _lines_if_stopped(configs: list, json_output: bool, stops: list[bytes]) -> Iterator[None]:
+def _lines_if_stopped(seeds: list[int], json_output: bool, stops: list[bytes]) -> Iterator[None]:
     """With --json, a Ctrl-C or SIGTERM in the block prints every sample's line, empty, "interrupted":
     true, as one later does (it printed none: review)."""
     try:
@@ -124,7 +125,8 @@ def _lines_if_stopped(configs: list, json_output: bool, stops: list[bytes]) -> I
     except (KeyboardInterrupt, Terminated):
         if json_output:
             with contextlib.suppress(OSError, ValueError):
-                _print_the_rest(configs, [b""] * len(configs), None, json_output, stops, True)
+                configs = [types.SimpleNamespace(seed=each) for each in seeds]  # (the lines need their seeds)
+                _print_the_rest(configs, [b""] * len(seeds), None, json_output, stops, True)
         raise
 
 
