@@ -1140,6 +1140,7 @@ INSIDE_TRAIN = "stopped without saving; any checkpoint saved before is intact"
         ("torch", ["train", "a.txt", "--out", "run"], INSIDE_TRAIN),
         ("numpy", ["eval", "run", "a.txt"], INSIDE_A_COMMAND),
         ("numpy", ["sample", "run", "--json", "--num-samples", "2"], INSIDE_A_COMMAND),
+        ("numpy", ["bench", "--decode", "--json", "--device", "cpu"], INSIDE_A_COMMAND),
     ],
 )
 @pytest.mark.parametrize(
@@ -1153,7 +1154,8 @@ def test_a_signal_while_the_command_line_starts_ends_with_one_line(
     no traceback (Python's own Ctrl-C would print one; SIGTERM would end it without a word). numpy: torch's
     C initialisation imports it and swallows what that raises, so a Ctrl-C there was lost (the command ran on,
     to its error about the run) or left numpy half made, and a SIGTERM raised through its C++ aborted the
-    process (review): held until torch is in, they are taken then (sample --json: its lines printed)."""
+    process (review): held until torch is in, they are taken then (sample and bench --decode with --json:
+    their JSON printed)."""
     marker = tmp_path / "importing"
     env = {name: value for name, value in os.environ.items() if name not in ("FORCE_COLOR", "PYTHONWARNINGS")}
     env["SLOW_IMPORT_SECONDS"] = "2"
@@ -1169,8 +1171,9 @@ def test_a_signal_while_the_command_line_starts_ends_with_one_line(
         process.kill()
     assert process.returncode == code, stderr
     assert stderr == f"{what}: {said}\n"
-    if "--json" in args:  # (sample's lines: every sample's, empty, interrupted)
-        assert [json.loads(line)["interrupted"] for line in stdout.splitlines()] == [True, True]
+    if "--json" in args:  # (sample's lines, every sample's, empty; the decode bench's object: interrupted)
+        expected = [True, True] if args[0] == "sample" else [True]
+        assert [json.loads(line)["interrupted"] for line in stdout.splitlines()] == expected
 
 
 def test_a_second_ctrl_c_quits_an_import_that_hangs(tmp_path):

@@ -13,7 +13,7 @@ from rich.markup import escape
 from htcli.cli.common import Device, JsonOutput, app, console, err_console, flag, user_errors
 from htcli.errors import HtcliError
 from htcli.help_layout import Command
-from htcli.stop import Terminated, stops_unwrapped
+from htcli.stop import Terminated, import_whole, stops_unwrapped
 
 ATTENTION_BENCH_OPTIONS = (
     "seq_lens", "batch_size", "heads", "dim_head", "block_size", "causal", "both", "warmup", "repeats",
@@ -107,13 +107,14 @@ def bench(
     ] = "",
 ) -> None:
     """H-attention against exact attention (SDPA): speed and peak memory, side by side in one run."""
-    with user_errors(smaller="--seq-len or --batch-size"):
-        from htcli.bench import BenchConfig
-
+    with user_errors(smaller="--seq-len or --batch-size", needs=()):  # (torch: imported whole below)
         if decode:
             _refuse_attention_options(ctx)
             _bench_decode(preset, device, dtype, json_output)
             return
+        import_whole("torch")
+        from htcli.bench import BenchConfig
+
         _check_bench_options(ctx, model, preset, both, causal)
         modes = [True] if model else [False, True] if both or causal is None else [causal]
         config = BenchConfig(
@@ -247,13 +248,13 @@ def _correctness_said(config, name: str) -> float:
 
 
 def _bench_decode(preset: str, device: str, dtype: str, json_output: bool) -> None:
-    from htcli.bench import DECODE_CONTEXTS, check_decode_preset, decode_bench
-    from htcli.device import PRECISIONS, check_choice, resolve_device, resolve_dtype
-    from htcli.display import cache_table, decode_table
-
     where = device  # (as given until it is resolved)
-    try:  # (a stop from here on: a JSON reader gets its object, as from the attention bench)
+    try:  # (a stop from here on, in torch's import too: a JSON reader gets its object, as from bench's)
         with stops_unwrapped():
+            import_whole("torch")
+            from htcli.bench import DECODE_CONTEXTS, check_decode_preset, decode_bench
+            from htcli.device import PRECISIONS, check_choice, resolve_device, resolve_dtype
+
             check_choice("dtype", dtype, PRECISIONS)
             where = resolve_device(device)  # (as the figures name it: "cpu", not "auto")
             resolve_dtype(dtype, where)  # (before the header: fp16 needs a CUDA GPU)
@@ -268,5 +269,7 @@ def _bench_decode(preset: str, device: str, dtype: str, json_output: bool) -> No
     if json_output:
         print(json.dumps({**result, "interrupted": False}))
     else:
+        from htcli.display import cache_table, decode_table
+
         console.print(decode_table(result, dtype))
         console.print(cache_table(result))
