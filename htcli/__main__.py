@@ -6,7 +6,7 @@ import os
 import signal
 import sys
 
-from htcli.stop import AFTER_COMMAND, SIGNALS, quit_until_started
+from htcli.stop import AFTER_COMMAND, SIGNALS, ignore_signal, quit_until_started
 
 INTERRUPTED = 128 + signal.SIGINT  # the exit code of a command that a Ctrl-C stopped
 _ending = [None]  # the command's exit code, once it is over
@@ -37,7 +37,7 @@ def _stops_change_nothing() -> None:
     main's end sets how they end the process: one in between, as typer returned, killed a process whose
     run had finished (SIGTERM: -15) or raised into Python's exit (Ctrl-C: a traceback, -2; review)."""
     for number in SIGNALS:
-        signal.signal(number, lambda *_: None)
+        signal.signal(number, ignore_signal)
 
 
 def main() -> None:

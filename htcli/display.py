@@ -104,12 +104,12 @@ def said_if_slow(console: Console, line: str) -> Iterator[None]:
             if not done[0]:
                 console.print(escape(line), soft_wrap=True, highlight=False)
 
-    if SLOW_SECONDS <= 0:
-        say()
-    timer = threading.Timer(max(SLOW_SECONDS, 0.0), say)
+    timer = threading.Timer(SLOW_SECONDS, say)
     timer.daemon = True
     if SLOW_SECONDS > 0:
         timer.start()
+    else:
+        say()
     try:
         yield
     finally:

@@ -15,6 +15,9 @@ import threading
 from collections.abc import Callable, Iterator
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
+STOPS = (*SIGNALS, signal.SIGHUP)  # what a training loop saves and stops on
+NOTICE_AFTER = 1.0  # seconds a stop may wait unacknowledged before `on_wait` is told of it
+TELL_WAIT = 5.0  # seconds the end of a stop request waits for a notice being given
 # what the command line's process does as a command's work ends, its error said or not (htcli.__main__: stops
 # from then on keep the command's exit code); empty where htcli runs inside another program
 AFTER_COMMAND: list[Callable[[], None]] = []
@@ -24,11 +27,6 @@ def command_over() -> None:
     """A command's work is over, its exit code known: AFTER_COMMAND's hooks run."""
     for hook in AFTER_COMMAND:
         hook()
-
-
-STOPS = (*SIGNALS, signal.SIGHUP)  # what a training loop saves and stops on
-NOTICE_AFTER = 1.0  # seconds a stop may wait unacknowledged before `on_wait` is told of it
-TELL_WAIT = 5.0  # seconds the end of a stop request waits for a notice being given
 
 
 def _terminal_outputs() -> list[int]:
@@ -96,7 +94,7 @@ class StopRequest:
             if number == signal.SIGHUP:  # (a shell that loses its terminal sends its own SIGHUP too)
                 handler = lambda *_: to_devnull(self._terminal)  # noqa: E731
             elif self._term_ignored(number, handler):
-                handler = _ignore
+                handler = ignore_signal
             signal.signal(number, handler)
 
     def _term_ignored(self, number: int, handler) -> bool:
@@ -180,7 +178,7 @@ class StopRequest:
         for number, handler in self._previous.items():
             hung_up = number == signal.SIGHUP and self.signal == signal.SIGHUP
             terminated = self.signal is not None and self._term_ignored(number, handler)
-            signal.signal(number, signal.SIG_IGN if hung_up else _ignore if terminated else handler)
+            signal.signal(number, signal.SIG_IGN if hung_up else ignore_signal if terminated else handler)
 
 
 def _quits(handler: object) -> bool:
@@ -189,7 +187,7 @@ def _quits(handler: object) -> bool:
     return handler in (signal.SIG_DFL, signal.default_int_handler, _raise_terminated)
 
 
-def _ignore(signum, frame) -> None:
+def ignore_signal(signum, frame) -> None:
     """A signal ignored by a Python handler, not SIG_IGN: one that had arrived when its handler became SIG_IGN
     (a rank's SIGTERM with the Ctrl-C that torchrun passes on) was printed as "OSError: Signal 15 ignored
     due to race condition" with a traceback of whatever ran then."""
@@ -270,10 +268,7 @@ def signals_held(quits: str | None = None) -> Iterator[None]:
 
     def hold(signum, frame) -> None:
         if quits is not None and signum in caught and signum in SIGNALS:
-            what = "interrupted" if signum == signal.SIGINT else "terminated (SIGTERM)"
-            with contextlib.suppress(OSError):
-                os.write(2, f"{what}: {quits}\n".encode())
-            os._exit(128 + signum)
+            _end_at_once(signum, quits)
         caught.append(signum)
 
     # (one this process ignores stays ignored, so that the child inherits it so: a background job's worker
@@ -292,13 +287,19 @@ def signals_held(quits: str | None = None) -> Iterator[None]:
 _BEFORE_START: dict[int, object] = {}  # the handlers quit_until_started replaced
 
 
-def _quit_before_start(signum, frame) -> None:
+def _end_at_once(signum: int, said: str) -> None:
+    """The process ended now by SIGINT or SIGTERM, with one line ("interrupted: " + said) and exit code 128
+    + the signal's number: from a handler, where nothing is half written."""
     what = "interrupted" if signum == signal.SIGINT else "terminated (SIGTERM)"
     try:
-        os.write(2, f"{what}: stopped before starting; nothing was written\n".encode())
+        os.write(2, f"{what}: {said}\n".encode())
     except OSError:  # (stderr closed, or a pipe nobody reads: end all the same)
         pass
     os._exit(128 + signum)
+
+
+def _quit_before_start(signum, frame) -> None:
+    _end_at_once(signum, "stopped before starting; nothing was written")
 
 
 def quit_until_started() -> None:

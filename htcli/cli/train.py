@@ -400,14 +400,12 @@ def _train_and_report(config, resume: bool | str, dropped: str) -> None:
                 if not shown:
                     return
                 try:
-                    if (
-                        dropped and event["event"] == "start"
-                    ):  # (once the resume is taken, not before a refusal)
+                    # (once the resume is taken, not before a refusal)
+                    if dropped and event["event"] == "start":
                         err_console.print(dropped, soft_wrap=True)
                     display(event)
-                except (
-                    OSError
-                ):  # (stderr that takes no more: a closed pipe, a full disk): the run goes on unseen
+                # (stderr that takes no more: a closed pipe, a full disk): the run goes on unseen
+                except OSError:
                     shown = False  # (it stopped the run unsaved, without a word: its error line failed too)
                     to_devnull([2])
 
